@@ -1,0 +1,50 @@
+# Shoal: `make up` runs a target on this machine; `make test` runs the test suite.
+# Both set up everything on a fresh Debian machine: the Debian packages the tests
+# use as real peers, and the Python environment in .venv.
+
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+# Real peers and tools the tests drive (see tests/README.md for which test uses which).
+DEB_PACKAGES := libiscsi-bin qemu-utils qemu-block-extra tgt qemu-system-x86 busybox-static \
+	open-iscsi e2fsprogs kmod cpio iproute2 util-linux
+PYTEST_ARGS ?=
+UP_LISTEN ?= 127.0.0.1:3260
+UP_IQN ?= iqn.2026-11.io.shoal:up
+UP_SIZE ?= 1G
+
+.PHONY: up test deps venv bench clean lint
+
+deps:
+	@missing=$$(for p in $(DEB_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q 'install ok installed' || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+		echo "installing Debian packages: $$missing"; \
+		export DEBIAN_FRONTEND=noninteractive; \
+		apt-get update -qq && apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	fi
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+venv: $(STAMP)
+
+test: deps venv
+	$(PY) -m pytest tests $(PYTEST_ARGS)
+
+up: deps venv
+	@mkdir -p .shoal
+	@echo "shoal target: $(UP_IQN) on $(UP_LISTEN), LUN 0 = .shoal/disk0.img ($(UP_SIZE), sparse)"
+	@echo "  try: iscsi-ls -s iscsi://$(UP_LISTEN)/   or   iscsi-inq iscsi://$(UP_LISTEN)/$(UP_IQN)/0"
+	@echo "  stop with Ctrl-C"
+	$(VENV)/bin/shoal target --listen $(UP_LISTEN) --iqn $(UP_IQN) --lun .shoal/disk0.img:$(UP_SIZE)
+
+bench: deps venv
+	$(PY) tests/perf/bench_targets.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis build *.egg-info

@@ -1,0 +1,1 @@
+"""Shoal node agent: SCSI device model, iSCSI target and initiator, host attach."""

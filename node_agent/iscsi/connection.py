@@ -1,0 +1,635 @@
+"""One iSCSI connection, target side, without I/O (RFC 7143).
+
+``TargetConnection`` consumes the bytes an initiator sends (``receive``) and
+queues the bytes to send back (``take_output``); the asyncio transport in
+``server.py`` only moves those bytes.  Inside: PDU framing with digests, the
+login phase (delegated to ``login.TargetLogin``), and in full feature phase
+the CmdSN window, SCSI commands with immediate, unsolicited and solicited
+(R2T) Data-Out, Data-In with phase-collapsed status, NOP-Out/NOP-In both ways,
+Text (SendTargets), task management and Logout.  SCSI commands run inline
+through the target's ``LunMap`` as soon as their data is complete.
+
+Errors follow RFC 7143 §7 for ErrorRecoveryLevel 0: a PDU that can be framed
+but is wrong gets a Reject (§11.17) and the connection goes on; one whose
+header cannot be trusted (header digest error, a length past the negotiated
+limit, a PDU in the wrong phase) ends the connection.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from node_agent.iscsi import pdu as P
+from node_agent.iscsi.keys import SessionParams, TargetSettings, encode_text, parse_text
+from node_agent.iscsi.login import FULL_FEATURE, LoginReply, LoginStatus, TargetLogin
+from node_agent.iscsi.pdu import Opcode, RejectReason, TmfFunction, TmfResponse
+from node_agent.iscsi.serial import in_window, sn_add
+from node_agent.iscsi.target import Session, TargetRegistry
+from node_agent.scsi.device import FileRange, decode_lun
+
+log = logging.getLogger("shoal.iscsi.connection")
+
+GOOD = 0x00
+CHECK_CONDITION = 0x02
+LOGIN_MAX_DATA = 65536  # bound on a login PDU's data segment before negotiation (RFC default is 8192)
+
+
+@dataclass
+class ConnectionSettings:
+    """Timers and limits of one connection."""
+
+    nop_interval: float = 10.0
+    """Seconds of silence after which the target pings the initiator with a NOP-In."""
+    nop_timeout: float = 30.0
+    """Seconds a ping may stay unanswered before the connection is dropped."""
+    login_timeout: float = 15.0
+    """Seconds a connection may spend in the login phase (an idle login holds no resources for long)."""
+    max_write_buffer: int = 64 * 1024 * 1024
+    """Largest Expected Data Transfer Length accepted for one write (bounds memory per command)."""
+
+
+@dataclass
+class WriteTask:
+    """A write command collecting its Data-Out (RFC 7143 §4.2.5.2, §11.8)."""
+
+    itt: int
+    lun_field: bytes
+    lun: int
+    cdb: bytes
+    edtl: int
+    buffer: bytearray
+    received: int = 0
+    unsolicited_end: int = 0  # end offset of the unsolicited (first burst) data
+    unsolicited_datasn: int = 0
+    next_offset: int = 0  # first offset not yet covered by an R2T
+    r2tsn: int = 0
+    r2ts: dict[int, list[int]] = field(default_factory=dict)  # TTT -> [offset, length, next DataSN, got]
+    read: bool = False
+
+
+class TargetConnection:
+    """Target side of one TCP connection; see the module docstring."""
+
+    def __init__(self, registry: TargetRegistry, settings: TargetSettings, *,
+                 local_address: tuple[str, int] = ("127.0.0.1", 3260), peer: str = "?",
+                 config: ConnectionSettings | None = None, clock: Callable[[], float] = time.monotonic):
+        self.registry = registry
+        self.settings = settings
+        self.config = config or ConnectionSettings()
+        self.local_address = local_address
+        self.peer = peer
+        self.clock = clock
+        self.cid = 0
+        self.session: Session | None = None
+        self.params: SessionParams | None = None
+        self.login = TargetLogin(registry, settings, self)
+        self.statsn = 0
+        self.header_digest = False
+        self.data_digest = False
+        self.max_recv = LOGIN_MAX_DATA
+        self.max_xmit = 8192
+        self.closing = False
+        self.close_reason = ""
+        self.wakeup: Callable[[], None] = lambda: None
+        self._inbuf = bytearray()
+        self._out: list[Any] = []
+        self._tasks: dict[int, WriteTask] = {}
+        self._dead_itts: set[int] = set()
+        self._ttt = 0
+        self._text_more: dict[int, bytes] = {}
+        self._started = clock()
+        self._last_rx = self._started
+        self._ping: tuple[int, float] | None = None
+
+    # ------------------------------------------------------------------ I/O interface
+    def receive(self, data: bytes | bytearray | memoryview) -> None:
+        """Bytes from the initiator, any amount at a time."""
+        if self.closing:
+            return
+        self._last_rx = self.clock()
+        self._inbuf += data
+        self._process()
+
+    def take_output(self) -> list[Any]:
+        """Queued output: bytes-like buffers and ``FileRange`` pieces, in order."""
+        out, self._out = self._out, []
+        return out
+
+    def has_output(self) -> bool:
+        return bool(self._out)
+
+    def tick(self, now: float | None = None) -> None:
+        """Timers: login timeout, NOP-In pings to an idle initiator and their timeout."""
+        now = self.clock() if now is None else now
+        if self.closing:
+            return
+        if self.session is None:
+            if now - self._started > self.config.login_timeout:
+                self.close("login timed out")
+            return
+        if self._ping is not None:
+            if now - self._ping[1] > self.config.nop_timeout:
+                self.close("initiator did not answer NOP-In ping")
+            return
+        if self.config.nop_interval and now - self._last_rx > self.config.nop_interval:
+            ttt = self._next_ttt()
+            self._ping = (ttt, now)
+            self._send(Opcode.NOP_IN, final=True, lun=bytes(8), itt=P.RESERVED_TAG, ttt=ttt,
+                       statsn=self.statsn, **self._window())
+            self.wakeup()
+
+    def connection_lost(self) -> None:
+        """The transport's socket is gone: release the session (ErrorRecoveryLevel 0)."""
+        self.closing = True
+        self._tasks.clear()
+        if self.session is not None:
+            self.registry.detach_connection(self.session, self)
+
+    def close(self, reason: str) -> None:
+        """End this connection (called by the core itself or by the registry)."""
+        if not self.closing:
+            log.info("closing connection from %s: %s", self.peer, reason)
+            self.closing = True
+            self.close_reason = reason
+            self.wakeup()
+
+    # ------------------------------------------------------------------ framing
+    def _process(self) -> None:
+        buf = self._inbuf
+        pos = 0
+        end = len(buf)
+        view = memoryview(buf)
+        try:
+            while end - pos >= P.BHS_LENGTH and not self.closing:
+                ahs_len, dsl = P.bhs_lengths(view[pos:pos + P.BHS_LENGTH])
+                if dsl > self.max_recv:
+                    self._reject_raw(bytes(view[pos:pos + P.BHS_LENGTH]), RejectReason.PROTOCOL_ERROR)
+                    self.close(f"data segment of {dsl} bytes exceeds MaxRecvDataSegmentLength {self.max_recv}")
+                    break
+                hd, dd = self.header_digest, self.data_digest
+                total = P.BHS_LENGTH + ahs_len + P.pad4(dsl) + (4 if hd else 0) + (4 if dd and dsl else 0)
+                if end - pos < total:
+                    break
+                self._one_pdu(view, pos, ahs_len, dsl, hd, dd)
+                pos += total
+        finally:
+            view.release()
+        if pos:
+            try:
+                del buf[:pos]
+            except BufferError:  # a slice of it is still referenced somewhere: start a new buffer
+                self._inbuf = bytearray(buf[pos:])
+
+    def _one_pdu(self, view: memoryview, pos: int, ahs_len: int, dsl: int, hd: bool, dd: bool) -> None:
+        bhs = view[pos:pos + P.BHS_LENGTH]
+        cursor = pos + P.BHS_LENGTH + ahs_len
+        if hd:
+            expected = P.digest_bytes(view[pos:cursor])
+            if view[cursor:cursor + 4] != expected:
+                self.close("header digest error")  # RFC 7143 §7.8: the header cannot be trusted
+                return
+            cursor += 4
+        data = view[cursor:cursor + dsl]
+        if dd and dsl:
+            padded_end = cursor + P.pad4(dsl)
+            if view[padded_end:padded_end + 4] != P.digest_bytes(view[cursor:padded_end]):
+                self._reject_raw(bytes(bhs), RejectReason.DATA_DIGEST_ERROR)
+                return
+        try:
+            opcode, header = P.decode_header(bhs)
+        except P.PduError:
+            if self.session is None:
+                self.close("unknown opcode during login")
+            else:
+                self._reject_raw(bytes(bhs), RejectReason.COMMAND_NOT_SUPPORTED)
+            return
+        if self.session is None:
+            if opcode != Opcode.LOGIN_REQUEST:
+                self.close(f"{Opcode(opcode).name} before login completed")
+                return
+            self._login(header, bytes(data))
+            return
+        self._full_feature(opcode, header, data, bytes(bhs))
+
+    # ------------------------------------------------------------------ login phase
+    def _login(self, header: Any, data: bytes) -> None:
+        if not self.login.first and header.cid != self.cid:
+            self.close("CID changed during login")
+            return
+        self.cid = header.cid
+        reply = self.login.handle(header, data)
+        if reply is None:  # continued request: an empty response asks for the rest (§6.5)
+            reply = LoginReply(False, header.csg, 0, b"", header.tsih)
+        self._send_login_response(header, reply)
+        if reply.status is not LoginStatus.SUCCESS:
+            self.close(f"login refused {reply.status.name}")
+        elif reply.session is not None:
+            self._enter_full_feature(reply.session)
+
+    def _send_login_response(self, header: Any, reply: LoginReply) -> None:
+        session = reply.session
+        expcmdsn = session.expcmdsn if session else header.cmdsn
+        status_class, status_detail = reply.status.value
+        if self.login.first and not self.statsn:
+            self.statsn = header.expstatsn  # an initiator may start at any StatSN; follow it
+        self._send(Opcode.LOGIN_RESPONSE, reply.text, transit=reply.transit, csg=reply.csg, nsg=reply.nsg,
+                   version_max=0, version_active=0, isid=header.isid, tsih=reply.tsih, itt=header.itt,
+                   statsn=self._advance_statsn(), expcmdsn=expcmdsn,
+                   maxcmdsn=sn_add(expcmdsn, self.registry.command_window - 1),
+                   status_class=status_class, status_detail=status_detail, digests=False)
+
+    def _enter_full_feature(self, session: Session) -> None:
+        self.session = session
+        params = self.login.negotiator.params()  # type: ignore[union-attr]
+        self.params = params
+        self.header_digest = params.header_digest
+        self.data_digest = params.data_digest
+        self.max_recv = params.max_recv_data_segment_length
+        self.max_xmit = params.max_xmit_data_segment_length
+
+    # ------------------------------------------------------------------ full feature phase
+    def _full_feature(self, opcode: int, header: Any, data: memoryview, raw: bytes) -> None:
+        if opcode == Opcode.DATA_OUT:
+            self._data_out(header, data, raw)
+            return
+        if opcode == Opcode.SCSI_COMMAND and header.write and not header.immediate:
+            pass  # handled below like every sequenced command
+        handler = _SEQUENCED.get(opcode)
+        if handler is None:
+            reason = RejectReason.PROTOCOL_ERROR if opcode in (Opcode.LOGIN_REQUEST, Opcode.SNACK_REQUEST) \
+                else RejectReason.COMMAND_NOT_SUPPORTED
+            self._reject_raw(raw, reason)
+            return
+        session = self.session
+        assert session is not None
+        if header.immediate:
+            handler(self, header, bytes(data), raw)
+            return
+        cmdsn = header.cmdsn
+        if cmdsn == session.expcmdsn:
+            session.expcmdsn = sn_add(cmdsn, 1)
+            handler(self, header, bytes(data), raw)
+            self._drain_pending()
+        elif in_window(cmdsn, session.expcmdsn, session.maxcmdsn) and cmdsn not in session.pending:
+            session.pending[cmdsn] = (self, handler, header, bytes(data), raw)
+        else:
+            # RFC 7143 §4.2.2.1: outside the window, or a duplicate: silently ignored.
+            log.debug("dropping CmdSN %d outside [%d, %d]", cmdsn, session.expcmdsn, session.maxcmdsn)
+
+    def _drain_pending(self) -> None:
+        session = self.session
+        assert session is not None
+        while session.pending:
+            item = session.pending.pop(session.expcmdsn, None)
+            if item is None:
+                return
+            conn, handler, header, data, raw = item
+            session.expcmdsn = sn_add(session.expcmdsn, 1)
+            handler(conn, header, data, raw)
+
+    # -- SCSI commands -------------------------------------------------------------
+    def _scsi_command(self, header: Any, data: bytes, raw: bytes) -> None:
+        session = self.session
+        assert session is not None and self.params is not None
+        if session.discovery:
+            self._reject_raw(raw, RejectReason.PROTOCOL_ERROR)
+            return
+        itt = header.itt
+        if itt in self._tasks:
+            self._reject_raw(raw, RejectReason.TASK_IN_PROGRESS)
+            return
+        edtl = header.expected_data_transfer_length
+        params = self.params
+        if data and (not header.write or not params.immediate_data or len(data) > edtl
+                     or len(data) > params.first_burst_length):
+            self._reject_raw(raw, RejectReason.PROTOCOL_ERROR)
+            return
+        lun = _lun_number(header.lun)
+        if not header.write or len(data) == edtl:
+            self._execute(itt, header.lun, lun, header.cdb, data if header.write else None, edtl, header.read)
+            return
+        if edtl > self.config.max_write_buffer:
+            self._dead_itts.add(itt)
+            self._respond(itt, CHECK_CONDITION, _sense_invalid_field_in_cdb(), 0, edtl, 0)
+            return
+        task = WriteTask(itt, header.lun, lun, header.cdb, edtl, bytearray(edtl), read=header.read)
+        task.buffer[:len(data)] = data
+        task.received = len(data)
+        task.unsolicited_end = len(data) if params.initial_r2t else min(params.first_burst_length, edtl)
+        task.next_offset = task.unsolicited_end
+        self._tasks[itt] = task
+        self._send_r2ts(task)
+
+    def _send_r2ts(self, task: WriteTask) -> None:
+        params = self.params
+        assert params is not None
+        while task.next_offset < task.edtl and len(task.r2ts) < params.max_outstanding_r2t:
+            length = min(params.max_burst_length, task.edtl - task.next_offset)
+            ttt = self._next_ttt()
+            task.r2ts[ttt] = [task.next_offset, length, 0, 0]
+            self._send(Opcode.R2T, final=True, lun=task.lun_field, itt=task.itt, ttt=ttt, statsn=self.statsn,
+                       **self._window(), r2tsn=task.r2tsn, buffer_offset=task.next_offset,
+                       desired_data_transfer_length=length)
+            task.r2tsn += 1
+            task.next_offset += length
+
+    def _data_out(self, header: Any, data: memoryview, raw: bytes) -> None:
+        task = self._tasks.get(header.itt)
+        if task is None:
+            if header.itt in self._dead_itts:
+                if header.final:
+                    self._dead_itts.discard(header.itt)
+                return
+            self._reject_raw(raw, RejectReason.INVALID_PDU_FIELD)
+            return
+        offset, length = header.buffer_offset, len(data)
+        if header.ttt == P.RESERVED_TAG:
+            ok = offset + length <= task.unsolicited_end and header.datasn == task.unsolicited_datasn
+            if ok:
+                task.unsolicited_datasn += 1
+        else:
+            r2t = task.r2ts.get(header.ttt)
+            ok = (r2t is not None and r2t[0] <= offset and offset + length <= r2t[0] + r2t[1]
+                  and header.datasn == r2t[2])
+            if ok:
+                r2t[2] += 1
+                r2t[3] += length
+        if not ok:
+            self._reject_raw(raw, RejectReason.PROTOCOL_ERROR)
+            return
+        task.buffer[offset:offset + length] = data
+        task.received += length
+        if header.ttt != P.RESERVED_TAG and header.final:
+            r2t = task.r2ts.pop(header.ttt)
+            if r2t[3] != r2t[1]:
+                log.warning("R2T %d of ITT %#x answered with %d of %d bytes", header.ttt, task.itt, r2t[3], r2t[1])
+        if task.received >= task.edtl and not task.r2ts:
+            del self._tasks[task.itt]
+            self._execute(task.itt, task.lun_field, task.lun, task.cdb, task.buffer, task.edtl, task.read)
+        elif header.ttt != P.RESERVED_TAG and header.final:
+            self._send_r2ts(task)
+
+    def _execute(self, itt: int, lun_field: bytes, lun: int, cdb: bytes, data_out, edtl: int, read: bool) -> None:
+        session = self.session
+        assert session is not None and session.target is not None
+        result = session.target.luns.execute(session.nexus, lun, cdb, data_out, edtl)
+        data = result.data
+        if data is not None and read and edtl and _length(data):
+            self._data_in(itt, lun_field, data, result.status, result.sense, edtl)
+            return
+        datalen = _length(data) if read else (len(data_out) if data_out is not None else 0)
+        self._respond(itt, result.status, result.sense, 0, edtl, datalen if read else edtl)
+
+    def _data_in(self, itt: int, lun_field: bytes, data, status: int, sense: bytes, edtl: int) -> None:
+        params = self.params
+        assert params is not None
+        total = _length(data)
+        send = min(total, edtl)
+        if isinstance(data, FileRange) and self.data_digest:
+            data = os.pread(data.fd, send, data.offset)
+        collapse = status == GOOD and not sense
+        datasn = 0
+        offset = 0
+        burst_left = params.max_burst_length
+        segment = self.max_xmit
+        while offset < send:
+            length = min(segment, send - offset, burst_left)
+            burst_left -= length
+            last = offset + length == send
+            final = last or burst_left == 0
+            if burst_left == 0:
+                burst_left = params.max_burst_length
+            fields = dict(final=final, lun=lun_field, itt=itt, ttt=P.RESERVED_TAG, datasn=datasn,
+                          buffer_offset=offset, **self._window())
+            if last and collapse:
+                fields.update(status_present=True, status=status, statsn=self._advance_statsn(),
+                              **_residual(total, edtl))
+            if isinstance(data, FileRange):
+                self._send_file(Opcode.DATA_IN, FileRange(data.fd, data.offset + offset, length), fields)
+            else:
+                self._send(Opcode.DATA_IN, memoryview(data)[offset:offset + length], **fields)
+            offset += length
+            datasn += 1
+        if not collapse:
+            self._respond(itt, status, sense, datasn, edtl, total)
+
+    def _respond(self, itt: int, status: int, sense: bytes, expdatasn: int, edtl: int, datalen: int) -> None:
+        payload = len(sense).to_bytes(2, "big") + sense if sense else b""
+        self._send(Opcode.SCSI_RESPONSE, payload, final=True, response=0, status=status, itt=itt,
+                   statsn=self._advance_statsn(), **self._window(), expdatasn=expdatasn,
+                   **_residual(datalen, edtl))
+
+    # -- other requests --------------------------------------------------------------
+    def _nop_out(self, header: Any, data: bytes, raw: bytes) -> None:
+        if header.itt == P.RESERVED_TAG:
+            if header.ttt != P.RESERVED_TAG:
+                if self._ping is not None and self._ping[0] == header.ttt:
+                    self._ping = None
+                # else: an answer to a ping we no longer wait for; nothing to do
+            return
+        if header.ttt != P.RESERVED_TAG:
+            self._reject_raw(raw, RejectReason.PROTOCOL_ERROR)  # §11.18.2: TTT must be reserved with a valid ITT
+            return
+        self._send(Opcode.NOP_IN, data, final=True, lun=header.lun, itt=header.itt, ttt=P.RESERVED_TAG,
+                   statsn=self._advance_statsn(), **self._window())
+
+    def _text(self, header: Any, data: bytes, raw: bytes) -> None:
+        if header.ttt != P.RESERVED_TAG:
+            rest = self._text_more.pop(header.ttt, None)
+            if rest is None:
+                self._reject_raw(raw, RejectReason.INVALID_PDU_FIELD)
+                return
+            self._send_text(header, rest)
+            return
+        try:
+            pairs = parse_text(data)
+        except ValueError:
+            self._reject_raw(raw, RejectReason.PROTOCOL_ERROR)
+            return
+        answer: list[tuple[str, str]] = []
+        for key, value in pairs:
+            if key == "SendTargets":
+                answer += self._send_targets(value)
+            else:
+                answer.append((key, "NotUnderstood"))
+        self._send_text(header, encode_text(answer))
+
+    def _send_text(self, header: Any, text: bytes) -> None:
+        chunk, rest = text[: self.max_xmit], text[self.max_xmit:]
+        ttt = P.RESERVED_TAG
+        if rest:
+            ttt = self._next_ttt()
+            self._text_more = {ttt: rest}
+        self._send(Opcode.TEXT_RESPONSE, chunk, final=not rest, cont=bool(rest), lun=header.lun, itt=header.itt,
+                   ttt=ttt, statsn=self._advance_statsn(), **self._window())
+
+    def _send_targets(self, value: str) -> list[tuple[str, str]]:
+        session = self.session
+        assert session is not None
+        if value == "All":
+            if not session.discovery:
+                return [("SendTargets", "Reject")]  # RFC 7143 §13.? only in discovery sessions
+            targets = self.registry.visible_targets(session.initiator_name)
+        elif value == "" and session.target is not None:
+            targets = [session.target]
+        else:
+            target = self.registry.targets.get(value)
+            targets = [target] if target and target.admits(session.initiator_name) else []
+        host, port = self.local_address
+        shown = f"[{host}]" if ":" in host else host
+        answer: list[tuple[str, str]] = []
+        for target in targets:
+            answer.append(("TargetName", target.iqn))
+            answer.append(("TargetAddress", f"{shown}:{port},{target.portal_group_tag}"))
+        return answer
+
+    def _logout(self, header: Any, data: bytes, raw: bytes) -> None:
+        session = self.session
+        assert session is not None
+        response = 0
+        if header.reason == 0:
+            targets = [c for c in session.connections.values() if c is not self]
+            for conn in targets:
+                conn.close("session logout")
+        elif header.reason == 1:
+            other = session.connections.get(header.cid)
+            if other is None:
+                response = 1  # CID not found
+            elif other is not self:
+                other.close("connection logout")
+        else:
+            response = 2  # connection recovery is not supported (ErrorRecoveryLevel 0)
+        self._send(Opcode.LOGOUT_RESPONSE, final=True, response=response, itt=header.itt,
+                   statsn=self._advance_statsn(), **self._window(), time2wait=0, time2retain=0)
+        if response == 0 and (header.reason == 0 or header.cid == self.cid):
+            log.info("logout: %s tsih %d", session.initiator_name, session.tsih)
+            if header.reason == 0:
+                self.registry.close_session(session, "logout")
+            self.close("logout")
+
+    def _task_management(self, header: Any, data: bytes, raw: bytes) -> None:
+        session = self.session
+        assert session is not None
+        function = header.function
+        response = TmfResponse.FUNCTION_COMPLETE
+        luns = session.target.luns if session.target else None
+        lun = _lun_number(header.lun)
+        if luns is None:
+            response = TmfResponse.REJECTED
+        elif function == TmfFunction.ABORT_TASK:
+            task = self._tasks.pop(header.referenced_task_tag, None)
+            if task is None and not in_window(header.refcmdsn, sn_add(session.expcmdsn, -session.command_window),
+                                              session.expcmdsn):
+                response = TmfResponse.TASK_DOES_NOT_EXIST
+        elif function in (TmfFunction.ABORT_TASK_SET, TmfFunction.CLEAR_TASK_SET):
+            self._abort_where(lambda t: t.lun == lun)
+        elif function == TmfFunction.LOGICAL_UNIT_RESET:
+            if not luns.has_lun(lun):
+                response = TmfResponse.LUN_DOES_NOT_EXIST
+            else:
+                self._abort_where(lambda t: t.lun == lun)
+                luns.reset_lun(lun)
+        elif function in (TmfFunction.TARGET_WARM_RESET, TmfFunction.TARGET_COLD_RESET):
+            self._abort_where(lambda t: True)
+            luns.reset_target()
+        elif function == TmfFunction.TASK_REASSIGN:
+            response = TmfResponse.REASSIGNMENT_NOT_SUPPORTED
+        else:
+            response = TmfResponse.NOT_SUPPORTED
+        self._send(Opcode.TASK_MGMT_RESPONSE, final=True, response=int(response), itt=header.itt,
+                   statsn=self._advance_statsn(), **self._window())
+        if function == TmfFunction.TARGET_COLD_RESET and response == TmfResponse.FUNCTION_COMPLETE:
+            self.registry.close_all("target cold reset")
+
+    def _abort_where(self, predicate: Callable[[WriteTask], bool]) -> None:
+        for itt, task in list(self._tasks.items()):
+            if predicate(task):
+                del self._tasks[itt]
+
+    # ------------------------------------------------------------------ output helpers
+    def _window(self) -> dict[str, int]:
+        session = self.session
+        if session is None:
+            return {"expcmdsn": 0, "maxcmdsn": 0}
+        return {"expcmdsn": session.expcmdsn, "maxcmdsn": session.maxcmdsn}
+
+    def _advance_statsn(self) -> int:
+        statsn = self.statsn
+        self.statsn = sn_add(statsn, 1)
+        return statsn
+
+    def _next_ttt(self) -> int:
+        self._ttt = (self._ttt + 1) & 0x7FFFFFFF or 1
+        return self._ttt
+
+    def _send(self, opcode: Opcode, data=b"", *, digests: bool = True, **fields: Any) -> None:
+        header = P.encode_header(opcode, data_segment_length=len(data), **fields)
+        self._out += P.frame(header, data, header_digest=self.header_digest and digests,
+                             data_digest=self.data_digest and digests)
+
+    def _send_file(self, opcode: Opcode, piece: FileRange, fields: dict[str, Any]) -> None:
+        header = P.encode_header(opcode, data_segment_length=piece.length, **fields)
+        self._out.append(header)
+        if self.header_digest:
+            self._out.append(P.digest_bytes(header))
+        self._out.append(piece)
+        padding = P.pad4(piece.length) - piece.length
+        if padding:
+            self._out.append(bytes(padding))
+
+    def _reject_raw(self, raw_bhs: bytes, reason: RejectReason) -> None:
+        log.info("reject (%s) %s from %s", reason.name, _opcode_name(raw_bhs[0] & 0x3F), self.peer)
+        self._send(Opcode.REJECT, raw_bhs, final=True, reason=int(reason), itt=P.RESERVED_TAG,
+                   statsn=self._advance_statsn(), **self._window(), datasn=0,
+                   digests=self.session is not None)
+
+
+_SEQUENCED: dict[int, Callable[..., None]] = {
+    Opcode.NOP_OUT: TargetConnection._nop_out,
+    Opcode.SCSI_COMMAND: TargetConnection._scsi_command,
+    Opcode.TASK_MGMT_REQUEST: TargetConnection._task_management,
+    Opcode.TEXT_REQUEST: TargetConnection._text,
+    Opcode.LOGOUT_REQUEST: TargetConnection._logout,
+}
+
+
+def _lun_number(lun_field: bytes) -> int:
+    try:
+        return decode_lun(lun_field)
+    except ValueError:
+        return -1  # an addressing method we do not support: treated as an absent LUN
+
+
+def _length(data) -> int:
+    if data is None:
+        return 0
+    if isinstance(data, FileRange):
+        return data.length
+    return len(data)
+
+
+def _residual(datalen: int, edtl: int) -> dict[str, Any]:
+    """Residual flags and count of RFC 7143 §11.4.5."""
+    if datalen > edtl:
+        return {"overflow": True, "residual_count": datalen - edtl}
+    if datalen < edtl:
+        return {"underflow": True, "residual_count": edtl - datalen}
+    return {}
+
+
+def _sense_invalid_field_in_cdb() -> bytes:
+    # Fixed-format sense: ILLEGAL REQUEST / INVALID FIELD IN CDB (SPC-4 §4.5.3).
+    sense = bytearray(18)
+    sense[0], sense[2], sense[7], sense[12] = 0x70, 0x05, 10, 0x24
+    return bytes(sense)
+
+
+def _opcode_name(opcode: int) -> str:
+    try:
+        return Opcode(opcode).name
+    except ValueError:
+        return f"opcode {opcode:#04x}"

@@ -1,0 +1,172 @@
+"""The target's configuration tree and its live sessions (RFC 7143 §4.4, §6.3.5).
+
+``TargetNode`` is one iSCSI target: a name, its LUN map, CHAP credentials and
+an initiator ACL.  ``TargetRegistry`` holds the targets a portal group serves
+and the sessions logged in to them, and is the one place where a session is
+created, reinstated (same initiator name and ISID, ErrorRecoveryLevel 0) or
+closed.  It has no I/O; connections reach their transport through the
+``close()`` method of the connection object they registered.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
+
+from node_agent.iscsi.serial import sn_add
+from node_agent.scsi.device import LunMap, Nexus
+
+if TYPE_CHECKING:
+    from node_agent.iscsi.keys import SessionParams
+
+log = logging.getLogger("shoal.iscsi.target")
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """A CHAP user name and secret; the secret never appears in repr or logs."""
+
+    user: str
+    secret: str = field(repr=False)
+
+    def __post_init__(self) -> None:
+        if not self.user or not self.secret:
+            raise ValueError("CHAP credentials need a user name and a secret")
+
+    @classmethod
+    def parse(cls, text: str) -> "Credentials":
+        """``USER:SECRET`` as the command line takes it."""
+        user, sep, secret = text.partition(":")
+        if not sep:
+            raise ValueError("CHAP credentials are USER:SECRET")
+        return cls(user, secret)
+
+
+@dataclass
+class TargetNode:
+    """One target: what it serves and who may log in."""
+
+    iqn: str
+    luns: LunMap
+    alias: str = ""
+    chap: Credentials | None = None  # initiators must authenticate with this (one-way CHAP)
+    mutual_chap: Credentials | None = None  # the target proves itself with this (mutual CHAP)
+    allowed_initiators: frozenset[str] | None = None  # None admits every initiator name
+    portal_group_tag: int = 1
+
+    def admits(self, initiator_name: str) -> bool:
+        return self.allowed_initiators is None or initiator_name in self.allowed_initiators
+
+
+class ConnectionHandle(Protocol):
+    cid: int
+
+    def close(self, reason: str) -> None: ...
+
+
+class Session:
+    """A logged-in session: its sequence numbers, connections and I_T nexus."""
+
+    def __init__(self, tsih: int, initiator_name: str, isid: int, target: TargetNode | None,
+                 params: "SessionParams", initial_cmdsn: int, command_window: int):
+        self.tsih = tsih
+        self.initiator_name = initiator_name
+        self.isid = isid
+        self.target = target
+        self.params = params
+        self.discovery = target is None
+        self.expcmdsn = initial_cmdsn
+        self.command_window = command_window
+        self.connections: dict[int, ConnectionHandle] = {}
+        self.pending: dict[int, Any] = {}  # CmdSN -> deferred command (arrived ahead of a gap)
+        self.closed = False
+        self.nexus: Nexus | None = None
+        if target is not None:
+            self.nexus = Nexus(
+                initiator_port=f"{initiator_name},i,0x{isid:012x}",
+                target_port=f"{target.iqn},t,0x{target.portal_group_tag:04x}",
+            )
+
+    @property
+    def maxcmdsn(self) -> int:
+        return sn_add(self.expcmdsn, self.command_window - 1)
+
+    def __repr__(self) -> str:
+        kind = "discovery" if self.discovery else self.target.iqn  # type: ignore[union-attr]
+        return f"<Session tsih={self.tsih} {self.initiator_name} isid=0x{self.isid:012x} {kind}>"
+
+
+class TargetRegistry:
+    """Targets served by one portal group, and the sessions logged in to them."""
+
+    def __init__(self, targets: list[TargetNode] | None = None, command_window: int = 128):
+        self.targets: dict[str, TargetNode] = {}
+        self.sessions: dict[int, Session] = {}
+        self.command_window = command_window
+        self._tsih = itertools.count(1)
+        for target in targets or []:
+            self.add_target(target)
+
+    def add_target(self, target: TargetNode) -> TargetNode:
+        existing = self.targets.get(target.iqn)
+        if existing is not None:
+            return existing
+        self.targets[target.iqn] = target
+        return target
+
+    def visible_targets(self, initiator_name: str) -> list[TargetNode]:
+        """Targets SendTargets may reveal to this initiator (its ACL admits it)."""
+        return [t for t in self.targets.values() if t.admits(initiator_name)]
+
+    def find_session(self, initiator_name: str, isid: int, tsih: int | None = None) -> Session | None:
+        for session in self.sessions.values():
+            if session.initiator_name == initiator_name and session.isid == isid and not session.closed:
+                if tsih is None or session.tsih == tsih:
+                    return session
+        return None
+
+    def _next_tsih(self) -> int:
+        while True:
+            tsih = next(self._tsih) & 0xFFFF
+            if tsih and tsih not in self.sessions:
+                return tsih
+
+    def open_session(self, initiator_name: str, isid: int, target: TargetNode | None,
+                     params: "SessionParams", initial_cmdsn: int, conn: ConnectionHandle) -> Session:
+        """Create a session; an existing one with the same I_T nexus is reinstated (closed first)."""
+        old = self.find_session(initiator_name, isid)
+        if old is not None and old.target is target:
+            log.info("session reinstatement: %s replaces tsih %d", initiator_name, old.tsih)
+            self.close_session(old, "session reinstatement")
+        session = Session(self._next_tsih(), initiator_name, isid, target, params, initial_cmdsn,
+                          self.command_window)
+        session.connections[conn.cid] = conn
+        self.sessions[session.tsih] = session
+        if target is not None and session.nexus is not None:
+            target.luns.add_nexus(session.nexus)
+        return session
+
+    def detach_connection(self, session: Session, conn: ConnectionHandle) -> None:
+        """A connection ended; with ErrorRecoveryLevel 0 its session ends with its last connection."""
+        if session.connections.get(conn.cid) is conn:
+            del session.connections[conn.cid]
+        if not session.connections:
+            self.close_session(session, "last connection closed")
+
+    def close_session(self, session: Session, reason: str) -> None:
+        if session.closed:
+            return
+        session.closed = True
+        self.sessions.pop(session.tsih, None)
+        for conn in list(session.connections.values()):
+            conn.close(reason)
+        session.connections.clear()
+        session.pending.clear()
+        if session.target is not None and session.nexus is not None:
+            session.target.luns.remove_nexus(session.nexus)
+
+    def close_all(self, reason: str) -> None:
+        for session in list(self.sessions.values()):
+            self.close_session(session, reason)

@@ -1,0 +1,114 @@
+"""Run ``shoal target`` as a real process for tests and benchmarks.
+
+The process is started with an argument list (never a shell string), waited
+for through its ``--port-file``, and stopped by PID on exit — SIGTERM first,
+then SIGKILL — also when the test fails.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import quote
+
+REPO = Path(__file__).resolve().parents[2]
+DEFAULT_IQN = "iqn.2026-11.io.shoal.test:target"
+LIBISCSI_INITIATORS = (
+    "iqn.2007-10.com.github:sahlberg:libiscsi:iscsi-test",
+    "iqn.2007-10.com.github:sahlberg:libiscsi:iscsi-test-2",
+)
+
+
+@dataclass
+class ShoalTarget:
+    host: str
+    port: int
+    iqn: str
+    pid: int
+    lun_paths: list[Path]
+    process: subprocess.Popen = field(repr=False)
+    log_path: Path = field(repr=False)
+
+    def url(self, lun: int = 0, user: str | None = None, secret: str | None = None,
+            target_user: str | None = None, target_secret: str | None = None) -> str:
+        """A libiscsi/QEMU URL: ``iscsi://[user%secret@]host:port/iqn/lun[?target_user=..&target_password=..]``."""
+        auth = f"{quote(user, safe='')}%{quote(secret or '', safe='')}@" if user else ""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        url = f"iscsi://{auth}{host}:{self.port}/{self.iqn}/{lun}"
+        if target_user:
+            url += f"?target_user={quote(target_user, safe='')}&target_password={quote(target_secret or '', safe='')}"
+        return url
+
+    @property
+    def portal(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+def shoal_command() -> list[str]:
+    return [sys.executable, "-m", "node_agent.cli"]
+
+
+@contextlib.contextmanager
+def running_shoal_target(tmp_path: Path, luns=(("disk0", 64 * 2**20),), *, iqn: str = DEFAULT_IQN,
+                         chap: tuple[str, str] | None = None, mutual_chap: tuple[str, str] | None = None,
+                         allow: list[str] | None = None, netns: str | None = None,
+                         listen: str = "127.0.0.1:0", extra_args: list[str] | None = None,
+                         timeout: float = 20.0):
+    """Start ``shoal target`` serving ``luns`` ((name or path, size) pairs) and yield a ``ShoalTarget``."""
+    tmp_path = Path(tmp_path)
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    port_file = tmp_path / f"shoal-target-{os.getpid()}-{time.monotonic_ns()}.port"
+    log_path = port_file.with_suffix(".log")
+    lun_paths = []
+    args = shoal_command() + ["target", "--listen", listen, "--iqn", iqn, "--port-file", str(port_file)]
+    for name, size in luns:
+        path = Path(name) if os.path.isabs(str(name)) else tmp_path / f"{name}.img"
+        lun_paths.append(path)
+        args += ["--lun", f"{path}:{size}" if size else str(path)]
+    if chap:
+        args += ["--chap", f"{chap[0]}:{chap[1]}"]
+    if mutual_chap:
+        args += ["--mutual-chap", f"{mutual_chap[0]}:{mutual_chap[1]}"]
+    for name in allow or []:
+        args += ["--allow", name]
+    args += extra_args or []
+    if netns:
+        args = ["ip", "netns", "exec", netns] + args
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    with open(log_path, "wb") as log_file:
+        process = subprocess.Popen(args, stdout=log_file, stderr=subprocess.STDOUT, env=env, cwd=REPO)
+    try:
+        deadline = time.monotonic() + timeout
+        while not port_file.exists():
+            if process.poll() is not None:
+                raise RuntimeError(f"shoal target exited with {process.returncode}:\n{log_path.read_text()}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"shoal target did not listen within {timeout}s:\n{log_path.read_text()}")
+            time.sleep(0.02)
+        host, _, port = port_file.read_text().strip().rpartition(":")
+        yield ShoalTarget(host, int(port), iqn, process.pid, lun_paths, process, log_path)
+    finally:
+        stop_process(process)
+
+
+def stop_process(process: subprocess.Popen, grace: float = 10.0) -> int | None:
+    """SIGTERM, wait, then SIGKILL: every process a test starts is stopped by its PID."""
+    if process.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(process.pid, signal.SIGTERM)
+        try:
+            process.wait(grace)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(process.pid, signal.SIGKILL)
+            process.wait(5)
+    return process.returncode
