@@ -92,7 +92,7 @@ def open_lun(spec: LunSpec, iqn: str) -> LogicalUnit:
     real = os.path.realpath(spec.path)
     backing = FileBackingStore(real, size=spec.size)
     volume_id = spec.volume_id or str(uuid.uuid5(_LUN_NAMESPACE, real))
-    identity = LunIdentity.for_volume(volume_id)
+    identity = LunIdentity(volume_id=volume_id)
     return LogicalUnit(backing, identity, target_name=iqn)
 
 

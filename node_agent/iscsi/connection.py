@@ -381,8 +381,13 @@ class TargetConnection:
         if data is not None and read and edtl and _length(data):
             self._data_in(itt, lun_field, data, result.status, result.sense, edtl)
             return
-        datalen = _length(data) if read else (len(data_out) if data_out is not None else 0)
-        self._respond(itt, result.status, result.sense, 0, edtl, datalen if read else edtl)
+        if read:
+            datalen = _length(data)
+        elif result.data_out_length is not None:
+            datalen = result.data_out_length  # what the CDB asked to transfer (residuals, §11.4.5.1)
+        else:
+            datalen = edtl
+        self._respond(itt, result.status, result.sense, 0, edtl, datalen)
 
     def _data_in(self, itt: int, lun_field: bytes, data, status: int, sense: bytes, edtl: int) -> None:
         params = self.params
@@ -528,14 +533,16 @@ class TargetConnection:
         elif function in (TmfFunction.ABORT_TASK_SET, TmfFunction.CLEAR_TASK_SET):
             self._abort_where(lambda t: t.lun == lun)
         elif function == TmfFunction.LOGICAL_UNIT_RESET:
-            if not luns.has_lun(lun):
+            unit = luns.luns.get(lun)
+            if unit is None:
                 response = TmfResponse.LUN_DOES_NOT_EXIST
             else:
                 self._abort_where(lambda t: t.lun == lun)
-                luns.reset_lun(lun)
+                unit.reset("lun")
         elif function in (TmfFunction.TARGET_WARM_RESET, TmfFunction.TARGET_COLD_RESET):
             self._abort_where(lambda t: True)
-            luns.reset_target()
+            for unit in luns.luns.values():
+                unit.reset("target")
         elif function == TmfFunction.TASK_REASSIGN:
             response = TmfResponse.REASSIGNMENT_NOT_SUPPORTED
         else:

@@ -142,7 +142,6 @@ class TargetLogin:
             raise LoginFailed(LoginStatus.UNSUPPORTED_VERSION, "only iSCSI version 0 is supported")
         self.isid, self.tsih, self.cid = header.isid, header.tsih, header.cid
         self.initial_cmdsn = header.cmdsn
-        self.stage = header.csg
 
     def _identify(self, pairs: list[tuple[str, str]]) -> None:
         keys = dict(pairs)
@@ -274,7 +273,7 @@ _IDENTITY_KEYS = frozenset({"InitiatorName", "TargetName", "SessionType", "Initi
 
 
 def _status_of(exc: NegotiationError) -> LoginStatus:
-    pair = (getattr(exc, "status_class", 0x02), getattr(exc, "status_detail", 0x00))
+    pair = tuple(exc.status)
     for status in LoginStatus:
         if status.value == pair:
             return status

@@ -1,0 +1,311 @@
+"""Conversations with the sans-I/O target core, fed 1-10 bytes at a time (RFC 7143)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from node_agent.iscsi import pdu as P
+from node_agent.iscsi.pdu import Opcode, RejectReason
+from tests.protocol.conftest import (INITIATOR, TARGET, chap_response, keys_of, make_registry)
+
+READ10 = 0x28
+WRITE10 = 0x2A
+
+
+def rw10(opcode: int, lba: int, blocks: int, fua: bool = False) -> bytes:
+    return bytes([opcode, 0x08 if fua else 0]) + lba.to_bytes(4, "big") + b"\0" + blocks.to_bytes(2, "big") + b"\0"
+
+
+def status_of(replies):
+    """Status of the last reply that carries one (SCSI Response or Data-In with S)."""
+    for reply in reversed(replies):
+        if reply.opcode == Opcode.SCSI_RESPONSE:
+            return reply.header.status
+        if reply.opcode == Opcode.DATA_IN and reply.header.status_present:
+            return reply.header.status
+    raise AssertionError(f"no status in {replies}")
+
+
+def test_login_without_auth_reaches_full_feature(make_initiator):
+    """§6.3: one Login Request in the operational stage with T=1 NSG=3."""
+    ini = make_initiator()
+    reply = ini.login_normal()
+    assert reply.header.transit and reply.header.nsg == 3 and reply.header.tsih != 0
+    keys = keys_of(reply)
+    assert keys["TargetPortalGroupTag"] == "1"
+    assert keys["MaxRecvDataSegmentLength"] == "262144"
+    assert ini.conn.session is not None
+
+
+def test_unknown_target_is_not_found(make_initiator):
+    ini = make_initiator()
+    reply = ini.login([("InitiatorName", INITIATOR), ("TargetName", "iqn.2026-11.io.shoal.test:nope")])
+    assert (reply.header.status_class, reply.header.status_detail) == (2, 3)
+    assert ini.conn.closing
+
+
+def test_missing_initiator_name(make_initiator):
+    ini = make_initiator()
+    reply = ini.login([("TargetName", TARGET)])
+    assert (reply.header.status_class, reply.header.status_detail) == (2, 7)
+
+
+def test_acl_refuses_other_initiators(make_initiator):
+    ini = make_initiator(make_registry(allow=frozenset({"iqn.2026-11.io.shoal.test:someone-else"})))
+    reply = ini.login([("InitiatorName", INITIATOR), ("TargetName", TARGET)])
+    assert (reply.header.status_class, reply.header.status_detail) == (2, 2)
+
+
+def test_scsi_command_before_login_drops_connection(make_initiator):
+    """RFC 7143 §6: only Login Requests before the login phase completes."""
+    ini = make_initiator()
+    ini.command(bytes(6), read=0)
+    assert ini.conn.closing and ini.receive() == []
+
+
+def _chap_login(ini, secret: str, mutual=None):
+    base = [("InitiatorName", INITIATOR), ("TargetName", TARGET)]
+    reply = ini.login(base + [("AuthMethod", "CHAP,None")], csg=0, nsg=1, transit=False)
+    assert keys_of(reply)["AuthMethod"] == "CHAP"
+    reply = ini.login([("CHAP_A", "5")], csg=0, nsg=1, transit=False)
+    keys = keys_of(reply)
+    assert keys["CHAP_A"] == "5"
+    answer = [("CHAP_N", "alice"), ("CHAP_R", chap_response(int(keys["CHAP_I"]), secret, keys["CHAP_C"]))]
+    if mutual:
+        answer += [("CHAP_I", "77"), ("CHAP_C", "0x" + os.urandom(16).hex())]
+    return ini.login(answer, csg=0, nsg=1, transit=True), answer
+
+
+def test_chap_login_succeeds_with_the_right_secret(make_initiator):
+    ini = make_initiator(make_registry(chap=("alice", "correct-horse-battery")))
+    reply, _ = _chap_login(ini, "correct-horse-battery")
+    assert (reply.header.status_class, reply.header.status_detail) == (0, 0)
+    assert reply.header.transit and reply.header.nsg == 1
+    reply = ini.login([("ImmediateData", "Yes")], csg=1, nsg=3)
+    if not reply.header.transit:  # the target offered keys of its own (§6.2): answer them
+        offered = keys_of(reply)
+        answers = [(k, v) for k, v in offered.items() if k not in ("ImmediateData", "MaxRecvDataSegmentLength",
+                                                                       "TargetPortalGroupTag")]
+        reply = ini.login(answers, csg=1, nsg=3)
+    assert reply.header.transit and reply.header.nsg == 3, keys_of(reply)
+
+
+def test_chap_login_fails_with_a_wrong_secret(make_initiator):
+    ini = make_initiator(make_registry(chap=("alice", "correct-horse-battery")))
+    reply, _ = _chap_login(ini, "wrong-secret-entirely")
+    assert (reply.header.status_class, reply.header.status_detail) == (2, 1)
+    assert ini.conn.closing
+
+
+def test_chap_required_refuses_auth_none(make_initiator):
+    ini = make_initiator(make_registry(chap=("alice", "correct-horse-battery")))
+    reply = ini.login([("InitiatorName", INITIATOR), ("TargetName", TARGET), ("AuthMethod", "None")],
+                      csg=0, nsg=1)
+    assert (reply.header.status_class, reply.header.status_detail) == (2, 1)
+
+
+def test_chap_required_refuses_skipping_security(make_initiator):
+    ini = make_initiator(make_registry(chap=("alice", "correct-horse-battery")))
+    reply = ini.login([("InitiatorName", INITIATOR), ("TargetName", TARGET)], csg=1, nsg=3)
+    assert (reply.header.status_class, reply.header.status_detail) == (2, 1)
+
+
+def test_mutual_chap_target_proves_itself(make_initiator):
+    ini = make_initiator(make_registry(chap=("alice", "correct-horse-battery"), mutual=("target", "target-secret-123")))
+    reply, answer = _chap_login(ini, "correct-horse-battery", mutual=True)
+    keys = keys_of(reply)
+    assert keys["CHAP_N"] == "target"
+    assert keys["CHAP_R"].lower() == chap_response(77, "target-secret-123", dict(answer)["CHAP_C"]).lower()
+
+
+def test_discovery_send_targets(make_initiator):
+    ini = make_initiator()
+    reply = ini.login([("InitiatorName", INITIATOR), ("SessionType", "Discovery")])
+    assert reply.header.status_class == 0 and reply.header.transit
+    ini.send(Opcode.TEXT_REQUEST, b"SendTargets=All\0", final=True, itt=ini.next_itt(), ttt=P.RESERVED_TAG,
+             cmdsn=ini.cmdsn, expstatsn=0)
+    [text] = ini.receive()
+    assert text.opcode == Opcode.TEXT_RESPONSE
+    assert keys_of(text) == {"TargetName": TARGET, "TargetAddress": "127.0.0.1:3260,1"}
+
+
+def test_write_immediate_then_read_back(make_initiator):
+    ini = make_initiator()
+    ini.login_normal()
+    payload = os.urandom(4096)
+    ini.command(rw10(WRITE10, 8, 8), write=payload)
+    assert status_of(ini.receive()) == 0
+    ini.command(rw10(READ10, 8, 8), read=4096)
+    replies = ini.receive()
+    assert replies[-1].header.status_present and replies[-1].header.status == 0  # phase collapse
+    assert b"".join(r.data for r in replies if r.opcode == Opcode.DATA_IN) == payload
+
+
+def test_large_write_uses_r2t_and_large_read_is_segmented(make_initiator):
+    """§11.8 R2T after FirstBurstLength; Data-In split at the peer's MaxRecvDataSegmentLength."""
+    ini = make_initiator()
+    ini.login_normal()
+    payload = os.urandom(512 * 1024)
+    itt = ini.command(rw10(WRITE10, 0, 1024), write=payload, immediate_bytes=8192)
+    # unsolicited Data-Out for the rest of the first burst (InitialR2T=No, FirstBurstLength 262144)
+    offset, datasn = 8192, 0
+    while offset < 262144:
+        chunk = payload[offset:offset + 65536][: 262144 - offset]
+        ini.send(Opcode.DATA_OUT, chunk, final=offset + len(chunk) == 262144, lun=bytes(8), itt=itt,
+                 ttt=P.RESERVED_TAG, expstatsn=0, datasn=datasn, buffer_offset=offset)
+        offset += len(chunk)
+        datasn += 1
+    [r2t] = ini.receive()
+    assert r2t.opcode == Opcode.R2T
+    assert r2t.header.buffer_offset == 262144 and r2t.header.desired_data_transfer_length == 262144
+    ini.send(Opcode.DATA_OUT, payload[262144:], final=True, lun=bytes(8), itt=itt, ttt=r2t.header.ttt,
+             expstatsn=0, datasn=0, buffer_offset=262144)
+    assert status_of(ini.receive()) == 0
+    ini.command(rw10(READ10, 0, 1024), read=len(payload))
+    replies = ini.receive()
+    data_in = [r for r in replies if r.opcode == Opcode.DATA_IN]
+    assert len(data_in) == 2 and all(len(r.data) <= 262144 for r in data_in)
+    assert b"".join(r.data for r in data_in) == payload
+
+
+def test_digests_round_trip_and_bad_data_digest_is_rejected(make_initiator):
+    ini = make_initiator(header_digest=True, data_digest=True)
+    ini.login_normal()
+    assert ini.conn.header_digest and ini.conn.data_digest
+    payload = os.urandom(512)
+    ini.command(rw10(WRITE10, 0, 1), write=payload)
+    assert status_of(ini.receive()) == 0
+    before = ini.conn.session.target.luns  # noqa: F841 - stored data checked by reading back below
+    pieces = P.encode_pdu(Opcode.SCSI_COMMAND, os.urandom(512), header_digest=True, data_digest=True,
+                          final=True, write=True, attr=1, lun=bytes(8), itt=ini.next_itt(),
+                          expected_data_transfer_length=512, cmdsn=ini.cmdsn, expstatsn=0,
+                          cdb=rw10(WRITE10, 0, 1).ljust(16, b"\0"))
+    raw = bytearray(b"".join(bytes(p) for p in pieces))
+    raw[-1] ^= 0xFF  # corrupt the data digest
+    ini.feed(bytes(raw))
+    [reject] = ini.receive()
+    assert reject.opcode == Opcode.REJECT and reject.header.reason == RejectReason.DATA_DIGEST_ERROR
+    ini.command(rw10(READ10, 0, 1), read=512, cmdsn=ini.cmdsn)
+    replies = ini.receive()
+    assert b"".join(r.data for r in replies if r.opcode == Opcode.DATA_IN) == payload
+
+
+def test_header_digest_error_drops_the_connection(make_initiator):
+    ini = make_initiator(header_digest=True)
+    ini.login_normal()
+    pieces = P.encode_pdu(Opcode.NOP_OUT, header_digest=True, final=True, immediate=True, itt=5,
+                          ttt=P.RESERVED_TAG, cmdsn=ini.cmdsn)
+    raw = bytearray(b"".join(bytes(p) for p in pieces))
+    raw[49] ^= 1
+    ini.feed(bytes(raw))
+    assert ini.conn.closing
+
+
+def test_unknown_opcode_is_rejected_and_service_continues(make_initiator):
+    ini = make_initiator()
+    ini.login_normal()
+    ini.feed(bytes([0x1C, 0x80]) + bytes(46))
+    [reject] = ini.receive()
+    assert reject.opcode == Opcode.REJECT and reject.header.reason == RejectReason.COMMAND_NOT_SUPPORTED
+    assert reject.data[:2] == bytes([0x1C, 0x80])
+    ini.send(Opcode.NOP_OUT, b"ping", final=True, immediate=True, itt=9, ttt=P.RESERVED_TAG, cmdsn=ini.cmdsn)
+    [nop_in] = ini.receive()
+    assert nop_in.opcode == Opcode.NOP_IN and nop_in.data == b"ping"
+
+
+def test_data_out_for_unknown_task_is_rejected(make_initiator):
+    ini = make_initiator()
+    ini.login_normal()
+    ini.send(Opcode.DATA_OUT, bytes(512), final=True, itt=0xABC, ttt=P.RESERVED_TAG, datasn=0, buffer_offset=0)
+    [reject] = ini.receive()
+    assert reject.opcode == Opcode.REJECT and reject.header.reason == RejectReason.INVALID_PDU_FIELD
+
+
+def test_data_segment_past_the_negotiated_limit_drops_connection(make_initiator):
+    ini = make_initiator()
+    ini.login_normal()
+    ini.send(Opcode.NOP_OUT, bytes(262148), final=True, immediate=True, itt=9, ttt=P.RESERVED_TAG,
+             cmdsn=ini.cmdsn)
+    replies = ini.receive()
+    assert replies and replies[0].opcode == Opcode.REJECT
+    assert ini.conn.closing
+
+
+def test_cmdsn_outside_window_is_ignored_and_gaps_are_ordered(make_initiator):
+    """§4.2.2.1: outside the window silently ignored; within it, executed in CmdSN order."""
+    ini = make_initiator()
+    ini.login_normal()
+    start = ini.cmdsn
+    ini.command(rw10(WRITE10, 0, 1), write=b"A" * 512, cmdsn=start + 1000)  # outside: ignored
+    assert ini.receive() == []
+    ini.command(rw10(WRITE10, 0, 1), write=b"C" * 512, cmdsn=start + 1)  # ahead: held
+    assert ini.receive() == []
+    ini.command(rw10(WRITE10, 0, 1), write=b"B" * 512, cmdsn=start)  # fills the gap: both run, in order
+    assert len(ini.receive()) == 2
+    ini.cmdsn = start + 2
+    ini.command(rw10(READ10, 0, 1), read=512)
+    assert b"".join(r.data for r in ini.receive() if r.opcode == Opcode.DATA_IN) == b"C" * 512
+
+
+def test_target_pings_idle_initiator_and_drops_silent_one(make_initiator, clock):
+    ini = make_initiator()
+    ini.login_normal()
+    clock.now += 11
+    ini.conn.tick()
+    [ping] = ini.receive()
+    assert ping.opcode == Opcode.NOP_IN and ping.header.itt == P.RESERVED_TAG and ping.header.ttt != P.RESERVED_TAG
+    ini.send(Opcode.NOP_OUT, final=True, immediate=True, itt=P.RESERVED_TAG, ttt=ping.header.ttt, cmdsn=ini.cmdsn)
+    assert ini.receive() == []
+    clock.now += 11
+    ini.conn.tick()
+    assert ini.receive()[0].opcode == Opcode.NOP_IN
+    clock.now += 31
+    ini.conn.tick()
+    assert ini.conn.closing
+
+
+def test_logout_closes_session(make_initiator):
+    ini = make_initiator()
+    ini.login_normal()
+    registry = ini.conn.registry
+    ini.send(Opcode.LOGOUT_REQUEST, final=True, immediate=True, reason=0, itt=ini.next_itt(), cid=0,
+             cmdsn=ini.cmdsn)
+    [reply] = ini.receive()
+    assert reply.opcode == Opcode.LOGOUT_RESPONSE and reply.header.response == 0
+    assert ini.conn.closing and not registry.sessions
+
+
+def test_session_reinstatement_replaces_old_session(make_initiator):
+    """§6.3.5: a leading login with the same InitiatorName and ISID closes the old session."""
+    registry = make_registry()
+    first = make_initiator(registry)
+    first.login_normal()
+    second = make_initiator(registry)
+    second.login_normal()
+    assert first.conn.closing and not second.conn.closing
+    assert len(registry.sessions) == 1
+
+
+def test_abort_task_of_write_waiting_for_data(make_initiator):
+    ini = make_initiator()
+    ini.login_normal()
+    itt = ini.command(rw10(WRITE10, 0, 1024), write=os.urandom(512 * 1024), immediate_bytes=0)
+    ini.receive()
+    ini.send(Opcode.TASK_MGMT_REQUEST, final=True, immediate=True, function=1, lun=bytes(8), itt=ini.next_itt(),
+             referenced_task_tag=itt, cmdsn=ini.cmdsn, refcmdsn=ini.cmdsn - 1)
+    [reply] = ini.receive()
+    assert reply.opcode == Opcode.TASK_MGMT_RESPONSE and reply.header.response == 0
+    ini.send(Opcode.DATA_OUT, bytes(512), final=True, itt=itt, ttt=P.RESERVED_TAG, datasn=0, buffer_offset=0)
+    assert ini.receive()[0].opcode == Opcode.REJECT
+
+
+@pytest.mark.parametrize("cdb", [bytes([0xFF]) + bytes(15), rw10(READ10, 2**31, 1)])
+def test_bad_cdbs_get_check_condition(make_initiator, cdb):
+    ini = make_initiator()
+    ini.login_normal()
+    ini.command(cdb, read=512)
+    [reply] = ini.receive()
+    assert reply.opcode == Opcode.SCSI_RESPONSE and reply.header.status == 2
+    assert len(reply.data) > 2 and reply.data[2] & 0x7F in (0x70, 0x72)
