@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 from node_agent.iscsi.connection import ConnectionSettings
 from node_agent.iscsi.keys import TargetSettings
+from node_agent.iscsi.names import check_iqn
 from node_agent.iscsi.server import PortalServer
 from node_agent.iscsi.target import Credentials, TargetNode, TargetRegistry
 from node_agent.scsi.device import LogicalUnit, LunIdentity, LunMap
@@ -24,7 +25,6 @@ log = logging.getLogger("shoal.target")
 
 # Namespace of the volume ids derived for LUNs given only as files.
 _LUN_NAMESPACE = uuid.UUID("6f2d4c1e-3b8a-4f7e-9d15-5a0c2e7b9f31")
-_IQN = re.compile(r"^(iqn\.\d{4}-\d{2}\.[a-z0-9.-]+(:.+)?|eui\.[0-9A-Fa-f]{16}|naa\.[0-9A-Fa-f]{16,32})$")
 _SIZE = re.compile(r"^(\d+)([KMGTP]?)(i?B)?$", re.IGNORECASE)
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40, "P": 1 << 50}
 
@@ -38,13 +38,6 @@ def parse_size(text: str) -> int:
     if size <= 0:
         raise ValueError(f"bad size {text!r}: must be positive")
     return size
-
-
-def check_iqn(name: str) -> str:
-    """An iSCSI name of RFC 7143 §4.2.7 (iqn., eui. or naa. form)."""
-    if not _IQN.match(name) or len(name.encode()) > 223:
-        raise ValueError(f"{name!r} is not an iSCSI name (iqn.YYYY-MM.reversed.domain[:id], eui.… or naa.…)")
-    return name
 
 
 @dataclass
@@ -84,6 +77,9 @@ class TargetConfig:
             raise ValueError("a target needs at least one LUN")
         if self.mutual_chap is not None and self.chap is None:
             raise ValueError("mutual CHAP needs one-way CHAP credentials too")
+        if self.mutual_chap is not None and self.chap is not None and self.mutual_chap.secret == self.chap.secret:
+            # RFC 7143 §9.2.1: a secret that authenticates initiators must not authenticate the target.
+            raise ValueError("the mutual CHAP secret must differ from the initiator's CHAP secret")
         for name in self.allowed_initiators or []:
             check_iqn(name)
 

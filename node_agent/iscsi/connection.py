@@ -27,7 +27,8 @@ from node_agent.iscsi import pdu as P
 from node_agent.iscsi.keys import SessionParams, TargetSettings, encode_text, parse_text
 from node_agent.iscsi.login import FULL_FEATURE, LoginReply, LoginStatus, TargetLogin
 from node_agent.iscsi.pdu import Opcode, RejectReason, TmfFunction, TmfResponse
-from node_agent.iscsi.serial import in_window, sn_add
+from node_agent.iscsi.serial import in_window, sn_add, sn_lt
+from node_agent.iscsi.names import check_iqn
 from node_agent.iscsi.target import Session, TargetRegistry
 from node_agent.scsi.device import FileRange, decode_lun
 
@@ -476,14 +477,18 @@ class TargetConnection:
         session = self.session
         assert session is not None
         if value == "All":
-            if not session.discovery:
-                return [("SendTargets", "Reject")]  # RFC 7143 §13.? only in discovery sessions
             targets = self.registry.visible_targets(session.initiator_name)
         elif value == "" and session.target is not None:
-            targets = [session.target]
+            targets = [session.target]  # §12.3? an empty value names the session's own target
+        elif value in self.registry.targets:
+            target = self.registry.targets[value]
+            targets = [target] if target.admits(session.initiator_name) else []
         else:
-            target = self.registry.targets.get(value)
-            targets = [target] if target and target.admits(session.initiator_name) else []
+            try:
+                check_iqn(value)
+            except ValueError:
+                return [("SendTargets", "Reject")]  # neither All nor an iSCSI name
+            targets = []
         host, port = self.local_address
         shown = f"[{host}]" if ":" in host else host
         answer: list[tuple[str, str]] = []
@@ -526,9 +531,7 @@ class TargetConnection:
         if luns is None:
             response = TmfResponse.REJECTED
         elif function == TmfFunction.ABORT_TASK:
-            task = self._tasks.pop(header.referenced_task_tag, None)
-            if task is None and not in_window(header.refcmdsn, sn_add(session.expcmdsn, -session.command_window),
-                                              session.expcmdsn):
+            if not self._abort_task(header):
                 response = TmfResponse.TASK_DOES_NOT_EXIST
         elif function in (TmfFunction.ABORT_TASK_SET, TmfFunction.CLEAR_TASK_SET):
             self._abort_where(lambda t: t.lun == lun)
@@ -551,6 +554,21 @@ class TargetConnection:
                    statsn=self._advance_statsn(), **self._window())
         if function == TmfFunction.TARGET_COLD_RESET and response == TmfResponse.FUNCTION_COMPLETE:
             self.registry.close_all("target cold reset")
+
+    def _abort_task(self, header: Any) -> bool:
+        """ABORT TASK (RFC 7143 §11.5.1): True when the task is gone or may be considered received."""
+        session = self.session
+        assert session is not None
+        if self._tasks.pop(header.referenced_task_tag, None) is not None:
+            return True
+        for cmdsn, item in list(session.pending.items()):
+            if item[0] is self and item[2].itt == header.referenced_task_tag:
+                del session.pending[cmdsn]  # held behind a CmdSN gap: it will never run
+                return True
+        # Not received yet: consider it received (and so aborted). A task that
+        # already completed has a RefCmdSN below ExpCmdSN: "task does not exist".
+        return in_window(header.refcmdsn, session.expcmdsn, session.maxcmdsn) and \
+            sn_lt(header.refcmdsn, header.cmdsn)
 
     def _abort_where(self, predicate: Callable[[WriteTask], bool]) -> None:
         for itt, task in list(self._tasks.items()):

@@ -226,7 +226,8 @@ class TargetLogin:
         pairs = [(k, v) for k, v in pairs if k not in _IDENTITY_KEYS]
         response = self.negotiator.operational(pairs) if pairs else []
         offers = self.negotiator.pending_offers()
-        return response + offers, not offers
+        # Transit only once the initiator answered every key we offered (RFC 7143 §6.2).
+        return response + offers, self.negotiator.ready
 
     # -- the response --------------------------------------------------------------------
     def _reply(self, header: Any, response: list[tuple[str, str]], ready: bool) -> LoginReply:
@@ -237,7 +238,7 @@ class TargetLogin:
             # Operational keys never negotiated: the target may still need to declare its own.
             assert self.negotiator is not None
             offers = self.negotiator.pending_offers()
-            if offers:
+            if offers or not self.negotiator.ready:
                 response += offers
                 nsg = OPERATIONAL
         text = encode_text(response)

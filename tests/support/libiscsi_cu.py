@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 
 _SUITE = re.compile(r"^Suite: (\S+)")
 _TEST = re.compile(r"^  Test: (\S+) \.\.\.")
-_END = re.compile(r"(passed|FAILED)\s*$")
+# The verdict CUnit prints after "Test: Name ..."; "[FAILED] ..." lines inside a test are messages.
+_END = re.compile(r"(?<!\[)\b(passed|FAILED)\b(?!\])")
 
 
 @dataclass
@@ -61,9 +62,9 @@ def parse(output: str) -> dict[str, str]:
             line = line[match.end():]
         if current is None:
             continue
-        if "[SKIPPED]" in line:
-            skipped = True
         end = _END.search(line)
+        if "[SKIPPED]" in (line[: end.start()] if end else line):
+            skipped = True
         if end:
             outcomes[current] = "failed" if end.group(1) == "FAILED" else ("skipped" if skipped else "passed")
             current = None

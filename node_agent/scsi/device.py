@@ -1,0 +1,300 @@
+"""The SCSI logical unit (SAM-5 §4.6) seen by the iSCSI target: one dispatcher, no sockets.
+
+``LogicalUnit.execute(nexus, cdb, data_out, expected_length)`` runs one
+command against a ``BackingStore`` and returns a ``ScsiResult``; it never
+raises.  The command table (``commands.py``) says which handler runs, how the
+CDB is laid out and which of its bits are reserved; handlers raise
+``CheckCondition`` and this module turns that into status and sense data.
+Unit attention conditions are kept per I_T nexus (SPC-4 §5.14).
+
+Transfer lengths versus the iSCSI Expected Data Transfer Length (EDTL): a
+Data-In result carries what the command would transfer (already cut to the
+CDB's allocation length); the transport sends at most EDTL of it and sets the
+residual from the difference (RFC 7143 §11.4.5).  A Data-Out command writes
+only whole blocks it actually received (libiscsi's iSCSIResiduals tests: EDTL
+smaller than the CDB's transfer length writes EDTL's worth, larger writes the
+CDB's), and reports the bytes its CDB asked for in ``data_out_length`` so the
+transport can set the residual.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from node_agent.scsi import sense as S
+from node_agent.scsi.commands import COMMANDS_BY_OPCODE, Command
+from node_agent.scsi.lun import decode_lun, encode_lun  # noqa: F401  (re-exported)
+from node_agent.scsi.modepages import ModeState
+from node_agent.scsi.result import FileRange, Nexus, ScsiResult  # noqa: F401  (re-exported)
+from node_agent.scsi.sense import CheckCondition, SenseCode, build_sense
+from node_agent.scsi.vpd import LunIdentity  # noqa: F401  (re-exported)
+from node_agent.storage.backing import ALLOCATION_UNIT, BackingStore
+
+log = logging.getLogger("shoal.scsi")
+
+GOOD = S.GOOD
+CHECK_CONDITION = S.CHECK_CONDITION
+RESERVATION_CONFLICT = S.RESERVATION_CONFLICT
+
+
+@dataclass(frozen=True)
+class LunSettings:
+    """Limits and behaviour of one logical unit (reported in the Block Limits VPD page, SBC-3 §6.6.4)."""
+
+    max_transfer_bytes: int = 8 << 20
+    """Largest READ/WRITE: bigger ones get INVALID FIELD IN CDB.  8 MiB is far above
+    the 1 MiB that Linux and QEMU send, and bounds the memory one command can pin."""
+    optimal_transfer_bytes: int = 1 << 20
+    """What initiators should send for streaming I/O (Linux uses it for max_sectors hints)."""
+    max_unmap_lba_count: int = 1 << 20
+    """Blocks one UNMAP may deallocate; libiscsi considers more than 2^20 insane."""
+    max_unmap_descriptors: int = 256
+    """UNMAP block descriptors per command."""
+    max_write_same_bytes: int = 8 << 20
+    """Largest WRITE SAME range.  libiscsi writes MAXIMUM WRITE SAME LENGTH blocks with one
+    WRITE(16) before unmapping them, so it must not exceed ``max_transfer_bytes``."""
+    max_compare_and_write_blocks: int = 16
+    """COMPARE AND WRITE limit (its data is buffered whole)."""
+    file_range_threshold: int = 64 << 10
+    """Reads of at least this size come back as a ``FileRange`` for sendfile."""
+    thin_provisioning: bool = True
+    """Report LBPME and support UNMAP / WRITE SAME unmap (SBC-3 §4.7)."""
+    read_only: bool = False
+    """Write-protect the medium: writes end with DATA PROTECT / WRITE PROTECTED."""
+    max_unit_attentions: int = 8
+    """Pending unit attentions kept per I_T nexus; older ones are dropped first."""
+
+
+class LogicalUnit:
+    """A direct-access block device (SBC-3) over a backing store."""
+
+    def __init__(self, backing: BackingStore, identity: LunIdentity, *, target_name: str,
+                 settings: LunSettings = LunSettings()):
+        self.backing = backing
+        self.identity = identity
+        self.target_name = target_name
+        self.settings = settings
+        self.block_size = backing.block_size
+        self.num_blocks = backing.size // backing.block_size
+        self.read_only = settings.read_only or getattr(backing, "read_only", False)
+        self.mode = ModeState()
+        # One logical block per physical block (LBPPBE=0): libiscsi's GetLBAStatus.UnmapSingle
+        # only holds for that.  The allocation unit shows up as the optimal granularities instead.
+        self.lbppbe = 0
+        self.granularity = max(1, ALLOCATION_UNIT // self.block_size)
+        self.max_transfer_blocks = max(1, settings.max_transfer_bytes // self.block_size)
+        self.max_write_same_blocks = max(1, settings.max_write_same_bytes // self.block_size)
+        self.report_luns = lambda: [0]  # replaced by LunMap with the target's inventory
+        self._ua: dict[Nexus, list[SenseCode]] = {}
+        self._ua_pending = 0  # how many nexuses have a unit attention queued (fast-path test)
+        self._fua_always = False  # WCE=0 in the caching mode page
+        self._range_threshold = settings.file_range_threshold
+
+    # -- the dispatcher --------------------------------------------------------
+    def execute(self, nexus: Nexus, cdb, data_out, expected_length: int) -> ScsiResult:
+        try:
+            if self._ua_pending and cdb[0] not in _UA_EXEMPT:
+                ua = self._take_ua(nexus)
+                if ua is not None:
+                    return ScsiResult(CHECK_CONDITION, sense=build_sense(ua, descriptor=self.mode.d_sense))
+            cmd = _lookup(cdb)
+            rec = _validate(cmd, cdb)
+            if cmd.writes and self.read_only:
+                raise CheckCondition(S.WRITE_PROTECTED)
+            out = cmd.handler(self, nexus, rec, data_out, expected_length)
+            if out is None:
+                return ScsiResult(GOOD)
+            if out.__class__ is ScsiResult:
+                return out
+            if cmd.alloc_field is not None:
+                alloc = getattr(rec, cmd.alloc_field)
+                if len(out) > alloc:
+                    out = out[:alloc]
+            return ScsiResult(GOOD, out)
+        except CheckCondition as cc:
+            return ScsiResult(CHECK_CONDITION, sense=cc.sense(self.mode.d_sense))
+        except Exception:  # a bug or an I/O error: never leak it to the transport
+            log.exception("SCSI command %s failed", bytes(cdb[:16]).hex())
+            return ScsiResult(CHECK_CONDITION, sense=build_sense(S.INTERNAL_TARGET_FAILURE,
+                                                                 descriptor=self.mode.d_sense))
+
+    # -- helpers for handlers ----------------------------------------------------
+    def check_range(self, lba: int, count: int) -> None:
+        """LOGICAL BLOCK ADDRESS OUT OF RANGE unless ``[lba, lba+count)`` is on the medium (SBC-3 §4.5)."""
+        if lba + count > self.num_blocks:
+            raise CheckCondition(S.LBA_OUT_OF_RANGE)
+
+    def write_is_fua(self, fua: bool) -> bool:
+        return fua or self._fua_always
+
+    def mode_changed(self, by: Nexus) -> None:
+        self._fua_always = not self.mode.wce
+        self.establish_ua(S.MODE_PARAMETERS_CHANGED, except_nexus=by)
+
+    # -- unit attentions (SPC-4 §5.14) ---------------------------------------------
+    def add_nexus(self, nexus: Nexus) -> None:
+        """A new I_T nexus sees POWER ON, RESET, OR BUS DEVICE RESET OCCURRED first."""
+        self._ua[nexus] = []
+        self._queue_ua(nexus, S.POWER_ON_RESET)
+
+    def remove_nexus(self, nexus: Nexus) -> None:
+        queue = self._ua.pop(nexus, None)
+        if queue:
+            self._ua_pending -= 1
+
+    def reset(self, kind: str) -> None:
+        """LOGICAL UNIT RESET ("lun": 29h/03h) or a target reset ("target": 29h/00h), SAM-5 §6.3."""
+        code = S.BUS_DEVICE_RESET_FUNCTION_OCCURRED if kind == "lun" else S.POWER_ON_RESET
+        self.establish_ua(code)
+
+    def capacity_changed(self) -> None:
+        self.num_blocks = self.backing.size // self.block_size
+        self.establish_ua(S.CAPACITY_DATA_HAS_CHANGED)
+
+    def resize(self, new_bytes: int) -> None:
+        self.backing.resize(new_bytes)
+        self.capacity_changed()
+
+    def reported_luns_changed(self) -> None:
+        self.establish_ua(S.REPORTED_LUNS_DATA_HAS_CHANGED)
+
+    def establish_ua(self, code: SenseCode, except_nexus: Nexus | None = None) -> None:
+        for nexus in self._ua:
+            if nexus != except_nexus:
+                self._queue_ua(nexus, code)
+
+    def pending_unit_attention(self, nexus: Nexus) -> SenseCode | None:
+        queue = self._ua.get(nexus)
+        return queue[0] if queue else None
+
+    def _queue_ua(self, nexus: Nexus, code: SenseCode) -> None:
+        queue = self._ua.setdefault(nexus, [])
+        if code in queue:
+            return
+        if code.asc == 0x29:  # a reset supersedes every older condition (SPC-4 §5.14)
+            if queue:
+                self._ua_pending -= 1
+            queue.clear()
+        if not queue:
+            self._ua_pending += 1
+        queue.append(code)
+        del queue[: -self.settings.max_unit_attentions]
+
+    def _take_ua(self, nexus: Nexus) -> SenseCode | None:
+        queue = self._ua.get(nexus)
+        if not queue:
+            return None
+        code = queue.pop(0)
+        if not queue:
+            self._ua_pending -= 1
+        return code
+
+    def take_unit_attention(self, nexus: Nexus) -> SenseCode | None:
+        """REQUEST SENSE reports and clears the oldest unit attention."""
+        return self._take_ua(nexus)
+
+    def close(self) -> None:
+        self.backing.close()
+
+
+_UA_EXEMPT = frozenset((0x12, 0xA0, 0x03))  # INQUIRY, REPORT LUNS, REQUEST SENSE (SPC-4 §5.14)
+
+
+def _lookup(cdb) -> Command:
+    cmd = COMMANDS_BY_OPCODE.get(cdb[0])
+    if cmd is None:
+        raise CheckCondition(S.INVALID_COMMAND_OPERATION_CODE, field_pointer=0)
+    if cmd.__class__ is dict:
+        sa = cdb[1] & 0x1F if len(cdb) > 1 else 0
+        found = cmd.get(sa)
+        if found is None:
+            raise CheckCondition(S.INVALID_FIELD_IN_CDB, field_pointer=1, bit_pointer=4)
+        return found
+    return cmd
+
+
+def _validate(cmd: Command, cdb):
+    """Decode the CDB; reserved bits or NACA/LINK set → INVALID FIELD IN CDB with a field pointer."""
+    if len(cdb) < cmd.layout.size:
+        raise CheckCondition(S.INVALID_FIELD_IN_CDB, field_pointer=len(cdb))
+    for index, mask in cmd.reserved:
+        bad = cdb[index] & mask
+        if bad:
+            raise CheckCondition(S.INVALID_FIELD_IN_CDB, field_pointer=index, bit_pointer=bad.bit_length() - 1)
+    return cmd.layout.decode(cdb)
+
+
+def sense_for_absent_lun(descriptor: bool = False) -> bytes:
+    return build_sense(S.LOGICAL_UNIT_NOT_SUPPORTED, descriptor=descriptor)
+
+
+
+
+class LunMap:
+    """The target's logical units as one I_T nexus addresses them (SAM-5 §4.7, SPC-4 §6.33).
+
+    REPORT LUNS is answered here for any LUN (including an absent LUN 0);
+    INQUIRY to an absent LUN returns peripheral qualifier 011b; REQUEST SENSE
+    to it returns LOGICAL UNIT NOT SUPPORTED as sense data; anything else to
+    it ends with CHECK CONDITION, LOGICAL UNIT NOT SUPPORTED.
+    """
+
+    def __init__(self, luns: dict[int, LogicalUnit]):
+        self.luns = dict(luns)
+        for lu in self.luns.values():
+            lu.report_luns = self.lun_numbers
+
+    def lun_numbers(self) -> list[int]:
+        return sorted(self.luns)
+
+    def add(self, lun: int, unit: LogicalUnit) -> None:
+        self.luns[lun] = unit
+        unit.report_luns = self.lun_numbers
+        for other in self.luns.values():
+            other.reported_luns_changed()
+
+    def remove(self, lun: int) -> LogicalUnit | None:
+        unit = self.luns.pop(lun, None)
+        for other in self.luns.values():
+            other.reported_luns_changed()
+        return unit
+
+    def execute(self, nexus: Nexus, lun: int, cdb, data_out, expected_length: int) -> ScsiResult:
+        unit = self.luns.get(lun)
+        if unit is not None:
+            return unit.execute(nexus, cdb, data_out, expected_length)
+        return self._absent(nexus, cdb)
+
+    def add_nexus(self, nexus: Nexus) -> None:
+        for unit in self.luns.values():
+            unit.add_nexus(nexus)
+
+    def remove_nexus(self, nexus: Nexus) -> None:
+        for unit in self.luns.values():
+            unit.remove_nexus(nexus)
+
+    def _absent(self, nexus: Nexus, cdb) -> ScsiResult:
+        from node_agent.scsi import spc
+
+        try:
+            op = cdb[0] if len(cdb) else None
+            if op == 0xA0:
+                cmd = _lookup(cdb)
+                rec = _validate(cmd, cdb)
+                return ScsiResult(GOOD, spc.report_luns_data(self.lun_numbers(), rec)[: rec.allocation_length])
+            if op == 0x12:
+                cmd = _lookup(cdb)
+                rec = _validate(cmd, cdb)
+                return ScsiResult(GOOD, spc.absent_lun_inquiry(rec)[: rec.allocation_length])
+            if op == 0x03:
+                cmd = _lookup(cdb)
+                rec = _validate(cmd, cdb)
+                data = sense_for_absent_lun(descriptor=rec.desc)
+                return ScsiResult(GOOD, data[: rec.allocation_length])
+            raise CheckCondition(S.LOGICAL_UNIT_NOT_SUPPORTED)
+        except CheckCondition as cc:
+            return ScsiResult(CHECK_CONDITION, sense=cc.sense())
+        except Exception:
+            log.exception("SCSI command to an absent LUN failed")
+            return ScsiResult(CHECK_CONDITION, sense=build_sense(S.INTERNAL_TARGET_FAILURE))

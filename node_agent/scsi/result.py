@@ -1,0 +1,39 @@
+"""Values that cross the boundary between the iSCSI target and the SCSI device model."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+
+@dataclass(frozen=True)
+class Nexus:
+    """An I_T nexus (SAM-5 §4.8): initiator port and target port names (RFC 7143 §10.1.1)."""
+
+    initiator_port: str  # "iqn...,i,0x" + 12 hex digits of the ISID
+    target_port: str  # "iqn...,t,0x" + 4 hex digits of the TPGT
+    relative_target_port: int = 1
+
+
+class FileRange(NamedTuple):
+    """Data-In the transport may send with ``os.sendfile`` (or ``os.pread``)."""
+
+    fd: int
+    offset: int
+    length: int
+
+
+@dataclass(slots=True)
+class ScsiResult:
+    """Outcome of one command: status, Data-In, sense, and the Data-Out length the CDB wanted.
+
+    ``data`` is what the command would transfer, already cut to the CDB's
+    allocation length; the transport sends at most EDTL bytes of it and sets
+    the residual from the difference.  ``data_out_length`` is set by Data-Out
+    commands: the bytes their CDB asked for (RFC 7143 §11.4.5.2 residuals).
+    """
+
+    status: int
+    data: bytes | bytearray | memoryview | FileRange | None = None
+    sense: bytes = b""
+    data_out_length: int | None = None

@@ -1,0 +1,319 @@
+"""Block commands (SBC-3 §5) over the logical unit's backing store.
+
+Every handler validates all of its CDB and parameter data before touching the
+medium, so a command that fails leaves no partial state.  READ and WRITE are
+the hot path: one decoded CDB, one range check, one ``pread``/``pwrite`` on
+the caller's buffer.
+"""
+
+from __future__ import annotations
+
+from node_agent.scsi import sense as S
+from node_agent.scsi.cdb import (
+    LBA_STATUS_DESCRIPTOR,
+    LBA_STATUS_HEADER,
+    READ_CAPACITY_10_DATA,
+    READ_CAPACITY_16_DATA,
+    UNMAP_BLOCK_DESCRIPTOR,
+    UNMAP_PARAMETER_LIST_HEADER,
+    offset_of,
+)
+from node_agent.scsi.result import FileRange, ScsiResult
+from node_agent.scsi.sense import CheckCondition
+
+PROVISIONING_MAPPED, PROVISIONING_DEALLOCATED = 0x0, 0x1
+
+
+def _no_protection(value: int) -> None:
+    """RDPROTECT/WRPROTECT/VRPROTECT: no protection information, so only 000b is valid (SBC-3 §5.8)."""
+    if value:
+        raise CheckCondition(S.INVALID_FIELD_IN_CDB, field_pointer=1, bit_pointer=7)
+
+
+def _transfer(lu, lba: int, count: int, length_pointer: int) -> None:
+    lu.check_range(lba, count)
+    if count > lu.max_transfer_blocks:
+        raise CheckCondition(S.INVALID_FIELD_IN_CDB, field_pointer=length_pointer)
+
+
+# -- READ ----------------------------------------------------------------------------
+def _read(lu, lba: int, count: int):
+    bs = lu.block_size
+    length = count * bs
+    fd = lu.backing.fd
+    if length >= lu._range_threshold and fd is not None:
+        return FileRange(fd, lba * bs, length)
+    return lu.backing.read(lba * bs, length)
+
+
+def read_6(lu, nexus, cdb, data_out, edtl):
+    """READ(6) (SBC-3 §5.7): a transfer length of 0 means 256 blocks."""
+    count = cdb.transfer_length or 256
+    _transfer(lu, cdb.lba, count, 4)
+    return _read(lu, cdb.lba, count)
+
+
+def read(lu, nexus, cdb, data_out, edtl):
+    """READ(10/12/16) (SBC-3 §5.8-5.10); DPO/FUA need nothing: reads come from the page cache or disk."""
+    if cdb.rdprotect:
+        _no_protection(cdb.rdprotect)
+    lba, count = cdb.lba, cdb.transfer_length
+    if lba + count > lu.num_blocks or count > lu.max_transfer_blocks:
+        _transfer(lu, lba, count, offset_of(cdb, "transfer_length"))
+    if count == 0:
+        return b""
+    return _read(lu, lba, count)
+
+
+# -- WRITE ---------------------------------------------------------------------------
+def _write(lu, lba: int, count: int, data_out, fua: bool):
+    """Write the whole blocks of ``data_out`` (at most ``count``); report ``count`` blocks as wanted."""
+    bs = lu.block_size
+    want = count * bs
+    got = 0 if data_out is None else len(data_out)
+    if got != want:
+        usable = min(got, want) // bs * bs
+        data_out = memoryview(data_out)[:usable] if usable else None
+    if data_out is not None:
+        lu.backing.write(lba * bs, data_out, fua or lu._fua_always)
+    return want
+
+
+def write_6(lu, nexus, cdb, data_out, edtl):
+    """WRITE(6) (SBC-3 §5.32)."""
+    count = cdb.transfer_length or 256
+    _transfer(lu, cdb.lba, count, 4)
+    return ScsiResult(S.GOOD, data_out_length=_write(lu, cdb.lba, count, data_out, False))
+
+
+def write(lu, nexus, cdb, data_out, edtl):
+    """WRITE(10/12/16) (SBC-3 §5.33-5.35); FUA → stable before GOOD."""
+    if cdb.wrprotect:
+        _no_protection(cdb.wrprotect)
+    lba, count = cdb.lba, cdb.transfer_length
+    if lba + count > lu.num_blocks or count > lu.max_transfer_blocks:
+        _transfer(lu, lba, count, offset_of(cdb, "transfer_length"))
+    return ScsiResult(S.GOOD, data_out_length=_write(lu, lba, count, data_out, cdb.fua))
+
+
+def write_and_verify(lu, nexus, cdb, data_out, edtl):
+    """WRITE AND VERIFY(10/12/16) (SBC-3 §5.37-5.39): write, stable; the verify is then trivially true."""
+    _no_protection(cdb.wrprotect)
+    _transfer(lu, cdb.lba, cdb.transfer_length, offset_of(cdb, "transfer_length"))
+    return ScsiResult(S.GOOD, data_out_length=_write(lu, cdb.lba, cdb.transfer_length, data_out, True))
+
+
+def orwrite(lu, nexus, cdb, data_out, edtl):
+    """ORWRITE(16) (SBC-3 §5.6): OR the Data-Out into the stored blocks."""
+    _no_protection(cdb.orprotect)
+    _transfer(lu, cdb.lba, cdb.transfer_length, 10)
+    bs = lu.block_size
+    want = cdb.transfer_length * bs
+    if data_out is not None and want:
+        n = min(len(data_out), want) // bs * bs
+        if n:
+            old = int.from_bytes(lu.backing.read(cdb.lba * bs, n), "big")
+            new = (old | int.from_bytes(bytes(data_out[:n]), "big")).to_bytes(n, "big")
+            lu.backing.write(cdb.lba * bs, new, lu.write_is_fua(cdb.fua))
+    return ScsiResult(S.GOOD, data_out_length=want)
+
+
+def compare_and_write(lu, nexus, cdb, data_out, edtl):
+    """COMPARE AND WRITE (SBC-3 §5.2): atomic here because commands run one at a time per LU."""
+    _no_protection(cdb.wrprotect)
+    count = cdb.number_of_logical_blocks
+    lu.check_range(cdb.lba, count)
+    if count > lu.settings.max_compare_and_write_blocks:
+        raise CheckCondition(S.INVALID_FIELD_IN_CDB, field_pointer=13)
+    bs = lu.block_size
+    want = 2 * count * bs
+    if count == 0:
+        if data_out:  # libiscsi sends 256 blocks as NLB=0 with the data: refuse rather than ignore
+            raise CheckCondition(S.INVALID_FIELD_IN_CDB, field_pointer=13)
+        return ScsiResult(S.GOOD, data_out_length=0)
+    if data_out is None or len(data_out) != want:
+        raise CheckCondition(S.INVALID_FIELD_IN_COMMAND_INFORMATION_UNIT)
+    verify, new = bytes(data_out[: count * bs]), data_out[count * bs:]
+    stored = lu.backing.read(cdb.lba * bs, count * bs)
+    if stored != verify:
+        raise CheckCondition(S.MISCOMPARE_DURING_VERIFY, info=_first_difference(stored, verify))
+    lu.backing.write(cdb.lba * bs, new, lu.write_is_fua(cdb.fua))
+    return ScsiResult(S.GOOD, data_out_length=want)
+
+
+# -- VERIFY --------------------------------------------------------------------------
+def verify(lu, nexus, cdb, data_out, edtl):
+    """VERIFY(10/12/16) (SBC-3 §5.24-5.26): BYTCHK 00b medium check, 01b compare, 11b compare one block."""
+    _no_protection(cdb.vrprotect)
+    lba, count = cdb.lba, cdb.transfer_length
+    _transfer(lu, lba, count, 7)
+    if cdb.bytchk == 0b10:
+        raise CheckCondition(S.INVALID_FIELD_IN_CDB, field_pointer=1, bit_pointer=2)
+    if cdb.bytchk == 0 or count == 0:
+        return None
+    bs = lu.block_size
+    want = bs if cdb.bytchk == 0b11 else count * bs
+    if data_out is None or len(data_out) < want:
+        raise CheckCondition(S.INVALID_FIELD_IN_COMMAND_INFORMATION_UNIT)
+    expected = bytes(data_out[:want])
+    if cdb.bytchk == 0b11:
+        expected *= count
+    stored = lu.backing.read(lba * bs, count * bs)
+    if stored != expected:
+        raise CheckCondition(S.MISCOMPARE_DURING_VERIFY, info=_first_difference(stored, expected))
+    return ScsiResult(S.GOOD, data_out_length=want)
+
+
+def _first_difference(a: bytes, b: bytes) -> int:
+    for i, (x, y) in enumerate(zip(a, b)):
+        if x != y:
+            return i
+    return min(len(a), len(b))
+
+
+# -- cache and medium ------------------------------------------------------------------
+def synchronize_cache(lu, nexus, cdb, data_out, edtl):
+    """SYNCHRONIZE CACHE(10/16) (SBC-3 §5.22): fdatasync; GOOD means stable (even with IMMED)."""
+    count = cdb.number_of_blocks
+    if cdb.lba > lu.num_blocks or (count and cdb.lba + count > lu.num_blocks):
+        raise CheckCondition(S.LBA_OUT_OF_RANGE)
+    lu.backing.flush()
+    return None
+
+
+def pre_fetch(lu, nexus, cdb, data_out, edtl):
+    """PRE-FETCH(10/16) (SBC-3 §5.3): GOOD (SBC-3: "no cache room" is GOOD, not CONDITION MET)."""
+    count = cdb.prefetch_length
+    if cdb.lba > lu.num_blocks or cdb.lba + count > lu.num_blocks:
+        raise CheckCondition(S.LBA_OUT_OF_RANGE)
+    return None
+
+
+def start_stop_unit(lu, nexus, cdb, data_out, edtl):
+    """START STOP UNIT (SBC-3 §5.20): a fixed medium cannot be ejected; stopping flushes."""
+    if cdb.loej:
+        raise CheckCondition(S.INVALID_FIELD_IN_CDB, field_pointer=4, bit_pointer=1)
+    if not cdb.start and not cdb.no_flush and cdb.power_condition == 0:
+        lu.backing.flush()
+    return None
+
+
+# -- capacity ----------------------------------------------------------------------------
+def read_capacity_10(lu, nexus, cdb, data_out, edtl):
+    """READ CAPACITY(10) (SBC-3 §5.15): FFFFFFFFh says "use READ CAPACITY(16)"."""
+    if not cdb.pmi and cdb.lba:
+        raise CheckCondition(S.INVALID_FIELD_IN_CDB, field_pointer=2)
+    return bytes(READ_CAPACITY_10_DATA.encode(returned_lba=min(lu.num_blocks - 1, 0xFFFFFFFF),
+                                              block_length=lu.block_size))
+
+
+def read_capacity_16(lu, nexus, cdb, data_out, edtl):
+    """READ CAPACITY(16) (SBC-3 §5.16) with LBPME/LBPRZ for thin provisioning."""
+    if not cdb.pmi and cdb.lba:
+        raise CheckCondition(S.INVALID_FIELD_IN_CDB, field_pointer=2)
+    thin = lu.settings.thin_provisioning
+    return bytes(READ_CAPACITY_16_DATA.encode(returned_lba=lu.num_blocks - 1, block_length=lu.block_size,
+                                              lbppbe=lu.lbppbe, lbpme=thin, lbprz=thin))
+
+
+# -- thin provisioning -----------------------------------------------------------------
+def _require_thin(lu) -> None:
+    if not lu.settings.thin_provisioning:
+        raise CheckCondition(S.INVALID_COMMAND_OPERATION_CODE, field_pointer=0)
+
+
+def unmap(lu, nexus, cdb, data_out, edtl):
+    """UNMAP (SBC-3 §5.28): validate every descriptor, then punch them all."""
+    _require_thin(lu)
+    if cdb.anchor:
+        raise CheckCondition(S.INVALID_FIELD_IN_CDB, field_pointer=1, bit_pointer=0)
+    length = cdb.parameter_list_length
+    if length == 0:
+        return None
+    if length < UNMAP_PARAMETER_LIST_HEADER.size:
+        raise CheckCondition(S.PARAMETER_LIST_LENGTH_ERROR)
+    data = bytes(data_out[:length]) if data_out is not None else b""
+    if len(data) < length:
+        raise CheckCondition(S.PARAMETER_LIST_LENGTH_ERROR)
+    header = UNMAP_PARAMETER_LIST_HEADER.decode(data)
+    available = min(header.block_descriptor_data_length, length - UNMAP_PARAMETER_LIST_HEADER.size)
+    count = available // UNMAP_BLOCK_DESCRIPTOR.size  # a partial last descriptor is ignored
+    if count > lu.settings.max_unmap_descriptors:
+        raise CheckCondition(S.INVALID_FIELD_IN_PARAMETER_LIST, field_pointer=2, in_cdb=False)
+    ranges = []
+    for i in range(count):
+        pos = UNMAP_PARAMETER_LIST_HEADER.size + i * UNMAP_BLOCK_DESCRIPTOR.size
+        d = UNMAP_BLOCK_DESCRIPTOR.decode(data, pos)
+        if d.lba + d.number_of_blocks > lu.num_blocks:
+            raise CheckCondition(S.LBA_OUT_OF_RANGE)
+        if d.number_of_blocks > lu.settings.max_unmap_lba_count:
+            raise CheckCondition(S.INVALID_FIELD_IN_PARAMETER_LIST, field_pointer=pos + 8, in_cdb=False)
+        if d.number_of_blocks:
+            ranges.append((d.lba, d.number_of_blocks))
+    bs = lu.block_size
+    for lba, n in ranges:
+        lu.backing.punch(lba * bs, n * bs)
+    if ranges and lu._fua_always:
+        lu.backing.flush()
+    return None
+
+
+def write_same(lu, nexus, cdb, data_out, edtl):
+    """WRITE SAME(10/16) (SBC-3 §5.41-5.42): UNMAP bit or an all-zero block → punch (LBPRZ); else replicate."""
+    _no_protection(cdb.wrprotect)
+    ndob = getattr(cdb, "ndob", False)
+    if cdb.anchor or cdb.pbdata or cdb.lbdata:
+        raise CheckCondition(S.INVALID_FIELD_IN_CDB, field_pointer=1, bit_pointer=4 if cdb.anchor else 2)
+    if cdb.unmap and not lu.settings.thin_provisioning:
+        raise CheckCondition(S.INVALID_FIELD_IN_CDB, field_pointer=1, bit_pointer=3)
+    lba, count = cdb.lba, cdb.number_of_blocks
+    length_pointer = offset_of(cdb, "number_of_blocks")
+    lu.check_range(lba, count)
+    if count == 0 or count > lu.max_write_same_blocks:  # WSNZ=1 in the Block Limits page
+        raise CheckCondition(S.INVALID_FIELD_IN_CDB, field_pointer=length_pointer)
+    bs = lu.block_size
+    if ndob:
+        block = None
+    else:
+        if data_out is None or len(data_out) != bs:
+            raise CheckCondition(S.INVALID_FIELD_IN_COMMAND_INFORMATION_UNIT)
+        block = bytes(data_out)
+    if block is None or (lu.settings.thin_provisioning and not any(block)):
+        lu.backing.punch(lba * bs, count * bs)
+        if lu._fua_always:
+            lu.backing.flush()
+    else:
+        _replicate(lu, lba, count, block)
+    return ScsiResult(S.GOOD, data_out_length=0 if ndob else bs)
+
+
+def _replicate(lu, lba: int, count: int, block: bytes) -> None:
+    bs = lu.block_size
+    per_chunk = max(1, (1 << 20) // bs)
+    chunk = block * min(count, per_chunk)
+    done = 0
+    fua = lu._fua_always
+    while done < count:
+        n = min(per_chunk, count - done)
+        lu.backing.write((lba + done) * bs, chunk if n * bs == len(chunk) else chunk[: n * bs], fua)
+        done += n
+
+
+def get_lba_status(lu, nexus, cdb, data_out, edtl):
+    """GET LBA STATUS (SBC-3 §5.5): mapped/deallocated extents from SEEK_DATA/SEEK_HOLE."""
+    _require_thin(lu)
+    lba = cdb.lba
+    if lba >= lu.num_blocks:
+        raise CheckCondition(S.LBA_OUT_OF_RANGE)
+    bs = lu.block_size
+    room = max(1, (min(cdb.allocation_length, 1 << 16) - LBA_STATUS_HEADER.size) // LBA_STATUS_DESCRIPTOR.size)
+    out = bytearray()
+    while lba < lu.num_blocks and len(out) // LBA_STATUS_DESCRIPTOR.size < room:
+        mapped, run = lu.backing.extent(lba * bs, min(lu.num_blocks - lba, 0xFFFFFFFF) * bs)
+        blocks = max(1, -(-run // bs))
+        out += LBA_STATUS_DESCRIPTOR.encode(
+            lba=lba, number_of_blocks=blocks,
+            provisioning_status=PROVISIONING_MAPPED if mapped else PROVISIONING_DEALLOCATED)
+        lba += blocks
+    header = LBA_STATUS_HEADER.encode(parameter_data_length=len(out) + 4)
+    return bytes(header) + out

@@ -1,0 +1,190 @@
+"""Sense data (SPC-4 §4.5): named sense codes, ``CheckCondition`` and the two formats.
+
+Handlers raise ``CheckCondition(INVALID_FIELD_IN_CDB, field_pointer=2)``; the
+dispatcher in ``device.py`` turns it into CHECK CONDITION status and sense
+bytes, fixed format (response code 70h, §4.5.3) or descriptor format (72h,
+§4.5.2) as the control mode page's D_SENSE bit says.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+from node_agent.wire import Field, Layout
+
+# -- status codes (SAM-5 §5.3.1) ---------------------------------------------
+GOOD = 0x00
+CHECK_CONDITION = 0x02
+CONDITION_MET = 0x04
+BUSY = 0x08
+RESERVATION_CONFLICT = 0x18
+TASK_SET_FULL = 0x28
+ACA_ACTIVE = 0x30
+TASK_ABORTED = 0x40
+
+# -- sense keys (SPC-4 table 45) ---------------------------------------------
+NO_SENSE = 0x0
+RECOVERED_ERROR = 0x1
+NOT_READY = 0x2
+MEDIUM_ERROR = 0x3
+HARDWARE_ERROR = 0x4
+ILLEGAL_REQUEST = 0x5
+UNIT_ATTENTION = 0x6
+DATA_PROTECT = 0x7
+ABORTED_COMMAND = 0xB
+MISCOMPARE = 0xE
+
+
+class SenseCode(NamedTuple):
+    """A sense key with its additional sense code and qualifier (SPC-4 table 47)."""
+
+    key: int
+    asc: int
+    ascq: int
+
+
+NO_ADDITIONAL_SENSE = SenseCode(NO_SENSE, 0x00, 0x00)
+LOGICAL_UNIT_NOT_READY_INIT_REQUIRED = SenseCode(NOT_READY, 0x04, 0x02)
+MEDIUM_NOT_PRESENT = SenseCode(NOT_READY, 0x3A, 0x00)
+WRITE_ERROR = SenseCode(MEDIUM_ERROR, 0x0C, 0x00)
+UNRECOVERED_READ_ERROR = SenseCode(MEDIUM_ERROR, 0x11, 0x00)
+INTERNAL_TARGET_FAILURE = SenseCode(HARDWARE_ERROR, 0x44, 0x00)
+PARAMETER_LIST_LENGTH_ERROR = SenseCode(ILLEGAL_REQUEST, 0x1A, 0x00)
+INVALID_COMMAND_OPERATION_CODE = SenseCode(ILLEGAL_REQUEST, 0x20, 0x00)
+LBA_OUT_OF_RANGE = SenseCode(ILLEGAL_REQUEST, 0x21, 0x00)
+INVALID_FIELD_IN_CDB = SenseCode(ILLEGAL_REQUEST, 0x24, 0x00)
+LOGICAL_UNIT_NOT_SUPPORTED = SenseCode(ILLEGAL_REQUEST, 0x25, 0x00)
+INVALID_FIELD_IN_PARAMETER_LIST = SenseCode(ILLEGAL_REQUEST, 0x26, 0x00)
+SAVING_PARAMETERS_NOT_SUPPORTED = SenseCode(ILLEGAL_REQUEST, 0x39, 0x00)
+INVALID_FIELD_IN_COMMAND_INFORMATION_UNIT = SenseCode(ILLEGAL_REQUEST, 0x0E, 0x03)
+MEDIUM_REMOVAL_PREVENTED = SenseCode(ILLEGAL_REQUEST, 0x53, 0x02)
+POWER_ON_RESET = SenseCode(UNIT_ATTENTION, 0x29, 0x00)
+POWER_ON_OCCURRED = SenseCode(UNIT_ATTENTION, 0x29, 0x01)
+BUS_DEVICE_RESET_FUNCTION_OCCURRED = SenseCode(UNIT_ATTENTION, 0x29, 0x03)
+I_T_NEXUS_LOSS_OCCURRED = SenseCode(UNIT_ATTENTION, 0x29, 0x07)
+MODE_PARAMETERS_CHANGED = SenseCode(UNIT_ATTENTION, 0x2A, 0x01)
+CAPACITY_DATA_HAS_CHANGED = SenseCode(UNIT_ATTENTION, 0x2A, 0x09)
+REPORTED_LUNS_DATA_HAS_CHANGED = SenseCode(UNIT_ATTENTION, 0x3F, 0x0E)
+WRITE_PROTECTED = SenseCode(DATA_PROTECT, 0x27, 0x00)
+MISCOMPARE_DURING_VERIFY = SenseCode(MISCOMPARE, 0x1D, 0x00)
+
+
+class CheckCondition(Exception):
+    """Raised by a handler: the command ends with CHECK CONDITION and this sense.
+
+    ``CheckCondition(INVALID_FIELD_IN_CDB, field_pointer=2, bit_pointer=1)`` or
+    ``CheckCondition(key, asc, ascq)``.  ``field_pointer`` fills the
+    sense-key specific field (SPC-4 §4.5.2.4.2): the byte of the CDB
+    (``in_cdb=True``, C/D=1) or of the parameter list (C/D=0) that is wrong.
+    ``info`` fills the INFORMATION field (e.g. the miscompare offset).
+    """
+
+    def __init__(self, key, asc: int | None = None, ascq: int | None = None, *, info: int | None = None,
+                 field_pointer: int | None = None, bit_pointer: int | None = None, in_cdb: bool = True):
+        if isinstance(key, SenseCode):
+            code = key
+        else:
+            code = SenseCode(key, asc or 0, ascq or 0)
+        super().__init__(code)
+        self.code = code
+        self.info = info
+        self.field_pointer = field_pointer
+        self.bit_pointer = bit_pointer
+        self.in_cdb = in_cdb
+
+    def sense(self, descriptor: bool = False) -> bytes:
+        return build_sense(self.code, descriptor=descriptor, info=self.info, field_pointer=self.field_pointer,
+                           bit_pointer=self.bit_pointer, in_cdb=self.in_cdb)
+
+
+# -- layouts --------------------------------------------------------------------
+FIXED_SENSE = Layout("fixed format sense data", 18, (  # SPC-4 §4.5.3 table 48
+    Field("valid", 0, 0x80),
+    Field("response_code", 0, 0x7F),
+    Field("filemark", 2, 0x80),
+    Field("eom", 2, 0x40),
+    Field("ili", 2, 0x20),
+    Field("sense_key", 2, 0x0F),
+    Field("information", 3, 0xFFFFFFFF),
+    Field("additional_sense_length", 7, 0xFF),
+    Field("command_specific_information", 8, 0xFFFFFFFF),
+    Field("asc", 12, 0xFF),
+    Field("ascq", 13, 0xFF),
+    Field("fru_code", 14, 0xFF),
+    Field("sksv", 15, 0x80),
+    Field("sense_key_specific", 15, 0x7FFFFF),
+))
+
+DESCRIPTOR_SENSE = Layout("descriptor format sense data", 8, (  # SPC-4 §4.5.2.1 table 25
+    Field("response_code", 0, 0x7F),
+    Field("sense_key", 1, 0x0F),
+    Field("asc", 2, 0xFF),
+    Field("ascq", 3, 0xFF),
+    Field("sdat_ovfl", 4, 0x80),
+    Field("additional_sense_length", 7, 0xFF),
+))
+
+INFORMATION_DESCRIPTOR = Layout("information sense data descriptor", 12, (  # SPC-4 §4.5.2.2
+    Field("descriptor_type", 0, 0xFF),
+    Field("additional_length", 1, 0xFF),
+    Field("valid", 2, 0x80),
+    Field("information", 4, 0xFFFFFFFFFFFFFFFF),
+))
+
+SENSE_KEY_SPECIFIC_DESCRIPTOR = Layout("sense key specific sense data descriptor", 8, (  # SPC-4 §4.5.2.3
+    Field("descriptor_type", 0, 0xFF),
+    Field("additional_length", 1, 0xFF),
+    Field("sksv", 4, 0x80),
+    Field("sense_key_specific", 4, 0x7FFFFF),
+))
+
+FIELD_POINTER = Layout("field pointer sense key specific data", 3, (  # SPC-4 §4.5.2.4.2 table 31
+    Field("sksv", 0, 0x80),
+    Field("cd", 0, 0x40),
+    Field("bpv", 0, 0x08),
+    Field("bit_pointer", 0, 0x07),
+    Field("field_pointer", 1, 0xFFFF),
+))
+
+FIXED_CURRENT = 0x70
+DESCRIPTOR_CURRENT = 0x72
+
+
+def _sense_key_specific(field_pointer, bit_pointer, in_cdb) -> int | None:
+    if field_pointer is None:
+        return None
+    raw = FIELD_POINTER.encode(sksv=True, cd=in_cdb, bpv=bit_pointer is not None,
+                               bit_pointer=bit_pointer or 0, field_pointer=field_pointer & 0xFFFF)
+    return int.from_bytes(raw, "big") & 0x7FFFFF
+
+
+def build_sense(code: SenseCode, *, descriptor: bool = False, info: int | None = None,
+                field_pointer: int | None = None, bit_pointer: int | None = None, in_cdb: bool = True) -> bytes:
+    """Sense data bytes for ``code``, fixed (70h) or descriptor (72h) format."""
+    sks = _sense_key_specific(field_pointer, bit_pointer, in_cdb)
+    if not descriptor:
+        return bytes(FIXED_SENSE.encode(
+            valid=info is not None and info <= 0xFFFFFFFF, response_code=FIXED_CURRENT, sense_key=code.key,
+            information=(info or 0) & 0xFFFFFFFF, additional_sense_length=10, asc=code.asc, ascq=code.ascq,
+            sksv=sks is not None, sense_key_specific=sks or 0))
+    tail = bytearray()
+    if info is not None:
+        tail += INFORMATION_DESCRIPTOR.encode(descriptor_type=0x00, additional_length=0x0A, valid=True,
+                                              information=info & 0xFFFFFFFFFFFFFFFF)
+    if sks is not None:
+        tail += SENSE_KEY_SPECIFIC_DESCRIPTOR.encode(descriptor_type=0x02, additional_length=0x06, sksv=True,
+                                                     sense_key_specific=sks)
+    head = DESCRIPTOR_SENSE.encode(response_code=DESCRIPTOR_CURRENT, sense_key=code.key, asc=code.asc,
+                                   ascq=code.ascq, additional_sense_length=len(tail))
+    return bytes(head + tail)
+
+
+def parse_sense(data: bytes) -> SenseCode:
+    """The sense key/ASC/ASCQ of fixed or descriptor sense data (for tests and logs)."""
+    if len(data) < 4:
+        raise ValueError("sense data too short")
+    if data[0] & 0x7F in (0x72, 0x73):
+        r = DESCRIPTOR_SENSE.decode(data)
+        return SenseCode(r.sense_key, r.asc, r.ascq)
+    r = FIXED_SENSE.decode(data.ljust(18, b"\0"))
+    return SenseCode(r.sense_key, r.asc, r.ascq)

@@ -1,0 +1,281 @@
+"""Backing stores: where a logical unit's blocks live.
+
+The SCSI device model (``node_agent.scsi``) sees storage only through the
+``BackingStore`` protocol below, so it stays free of I/O policy.  Two
+implementations: ``FileBackingStore`` (a sparse file or a block device, with
+``os.pread``/``os.pwrite`` on the page cache, ``RWF_DSYNC`` for FUA, hole
+punching for UNMAP) and ``MemoryBackingStore`` for fast unit tests.
+
+Durability contract (SBC-3 §4.12 write caching): ``write(..., fua=True)``
+returns only once the data is on stable storage; ``flush()`` makes every
+earlier write stable.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import os
+import stat
+from typing import Protocol, runtime_checkable
+
+#: Granularity at which filesystems allocate and punch (page size on tmpfs,
+#: block size on ext4/xfs): the "physical block" we report (READ CAPACITY(16)
+#: LBPPBE) so that UNMAP of aligned physical blocks really deallocates.
+ALLOCATION_UNIT = 4096
+
+_FALLOC_FL_KEEP_SIZE = 0x01
+_FALLOC_FL_PUNCH_HOLE = 0x02
+
+
+class StorageError(OSError):
+    """A backing store that cannot be opened or used as asked (permanent)."""
+
+
+@runtime_checkable
+class BackingStore(Protocol):
+    """What a logical unit needs from its storage (offsets and lengths in bytes)."""
+
+    size: int
+    block_size: int
+    fd: int | None  # a file descriptor the transport may sendfile() from, or None
+
+    def read(self, offset: int, length: int) -> bytes: ...
+    def write(self, offset: int, data, fua: bool = False) -> None: ...
+    def flush(self) -> None: ...
+    def punch(self, offset: int, length: int) -> None: ...
+    def extent(self, offset: int, limit: int) -> tuple[bool, int]: ...
+    def resize(self, new_size: int) -> None: ...
+    def close(self) -> None: ...
+
+
+def _load_fallocate():
+    libc_name = ctypes.util.find_library("c")
+    if not libc_name:
+        return None
+    libc = ctypes.CDLL(libc_name, use_errno=True)
+    fn = getattr(libc, "fallocate64", None) or getattr(libc, "fallocate", None)
+    if fn is None:
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_fallocate = _load_fallocate()
+
+
+class FileBackingStore:
+    """A sparse regular file (or a block device) used as a logical unit's medium.
+
+    ``size=None`` takes the existing file's size.  A missing file is created
+    sparse at ``size`` when ``create`` is true.  An existing file larger than
+    ``size`` is refused (shrinking would silently lose data); a smaller one is
+    extended.
+    """
+
+    def __init__(self, path: str | os.PathLike, size: int | None = None, *, create: bool = True,
+                 block_size: int = 512, read_only: bool = False):
+        if block_size not in (512, 1024, 2048, 4096):
+            raise StorageError(errno.EINVAL, f"unsupported block size {block_size}")
+        self.path = os.fspath(path)
+        self.block_size = block_size
+        self.read_only = read_only
+        flags = os.O_RDONLY if read_only else os.O_RDWR
+        if create and not read_only:
+            flags |= os.O_CREAT
+        self.fd: int | None = os.open(self.path, flags | os.O_CLOEXEC, 0o600)
+        try:
+            self.size = self._settle_size(size)
+        except BaseException:
+            os.close(self.fd)
+            self.fd = None
+            raise
+        self.fua_writes = 0  # writes done with RWF_DSYNC (observable by tests)
+        self.flushes = 0
+        self._punch_supported = _fallocate is not None
+
+    def _settle_size(self, size: int | None) -> int:
+        st = os.fstat(self.fd)
+        if stat.S_ISBLK(st.st_mode):
+            current = os.lseek(self.fd, 0, os.SEEK_END)
+            if size is not None and size != current:
+                raise StorageError(errno.EINVAL, f"{self.path}: block device is {current} bytes, not {size}")
+            return current - current % self.block_size
+        current = st.st_size
+        if size is None:
+            if current == 0:
+                raise StorageError(errno.EINVAL, f"{self.path}: empty file and no size given")
+            size = current
+        if size % self.block_size:
+            raise StorageError(errno.EINVAL, f"{self.path}: size {size} is not a multiple of {self.block_size}")
+        if current > size:
+            raise StorageError(errno.EEXIST, f"{self.path}: existing file is {current} bytes, larger than {size}")
+        if current < size:
+            if self.read_only:
+                raise StorageError(errno.EROFS, f"{self.path}: read-only file smaller than {size}")
+            os.ftruncate(self.fd, size)
+        return size
+
+    # -- data path -----------------------------------------------------------
+    def read(self, offset: int, length: int) -> bytes:
+        data = os.pread(self.fd, length, offset)
+        if len(data) != length:  # short read: a file shrunk under us, or EOF of a device
+            data += bytes(length - len(data))
+        return data
+
+    def readinto(self, offset: int, buf) -> int:
+        return os.preadv(self.fd, [buf], offset)
+
+    def write(self, offset: int, data, fua: bool = False) -> None:
+        if fua:
+            done = os.pwritev(self.fd, [data], offset, os.RWF_DSYNC)
+            self.fua_writes += 1
+        else:
+            done = os.pwrite(self.fd, data, offset)
+        if done != len(data):  # rare (signals, full disk): finish the write
+            self._write_rest(offset, memoryview(data), done, fua)
+
+    def _write_rest(self, offset: int, view: memoryview, done: int, fua: bool) -> None:
+        while done < len(view):
+            n = os.pwrite(self.fd, view[done:], offset + done)
+            if n <= 0:
+                raise OSError(errno.EIO, "short write")
+            done += n
+        if fua:
+            os.fdatasync(self.fd)
+
+    def flush(self) -> None:
+        os.fdatasync(self.fd)
+        self.flushes += 1
+
+    def punch(self, offset: int, length: int) -> None:
+        """Deallocate ``[offset, offset+length)``; it reads back as zeros afterwards."""
+        if length <= 0:
+            return
+        if self._punch_supported:
+            rc = _fallocate(self.fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length)
+            if rc == 0:
+                return
+            err = ctypes.get_errno()
+            if err not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL, errno.ENODEV):
+                raise OSError(err, os.strerror(err))
+            self._punch_supported = False
+        self._write_zeros(offset, length)
+
+    def _write_zeros(self, offset: int, length: int) -> None:
+        chunk = bytes(min(length, 1 << 20))
+        end = offset + length
+        while offset < end:
+            n = min(len(chunk), end - offset)
+            os.pwrite(self.fd, chunk[:n] if n != len(chunk) else chunk, offset)
+            offset += n
+
+    def extent(self, offset: int, limit: int) -> tuple[bool, int]:
+        """Whether ``offset`` is mapped, and how many bytes from it (at most ``limit``) share that state.
+
+        Uses ``SEEK_DATA``/``SEEK_HOLE`` (for GET LBA STATUS, SBC-3 §5.6).
+        Without them every byte counts as mapped.
+        """
+        end = min(offset + limit, self.size)
+        if offset >= end:
+            return True, 0
+        try:
+            data = os.lseek(self.fd, offset, os.SEEK_DATA)
+        except OSError as e:
+            if e.errno == errno.ENXIO:  # no data after offset: a hole up to EOF
+                return False, end - offset
+            return True, end - offset
+        if data > offset:
+            return False, min(data, end) - offset
+        hole = os.lseek(self.fd, offset, os.SEEK_HOLE)
+        return True, min(hole, end) - offset
+
+    def is_mapped(self, offset: int, length: int) -> bool:
+        mapped, run = self.extent(offset, length)
+        return mapped or run < length
+
+    def resize(self, new_size: int) -> None:
+        if new_size % self.block_size or new_size < self.size:
+            raise StorageError(errno.EINVAL, f"cannot resize {self.size} -> {new_size}")
+        os.ftruncate(self.fd, new_size)
+        self.size = new_size
+
+    def close(self) -> None:
+        if self.fd is not None:
+            try:
+                if not self.read_only:
+                    os.fdatasync(self.fd)
+            finally:
+                os.close(self.fd)
+                self.fd = None
+
+
+class MemoryBackingStore:
+    """An in-memory medium for unit tests; tracks mapping per ``ALLOCATION_UNIT``."""
+
+    fd = None
+
+    def __init__(self, size: int, block_size: int = 512, *, read_only: bool = False):
+        if size % block_size:
+            raise StorageError(errno.EINVAL, "size is not a multiple of the block size")
+        self.size = size
+        self.block_size = block_size
+        self.read_only = read_only
+        self.buf = bytearray(size)
+        self.mapped = bytearray((size + ALLOCATION_UNIT - 1) // ALLOCATION_UNIT)
+        self.fua_writes = 0
+        self.flushes = 0
+        self.closed = False
+
+    def read(self, offset: int, length: int) -> bytes:
+        return bytes(self.buf[offset : offset + length])
+
+    def write(self, offset: int, data, fua: bool = False) -> None:
+        n = len(data)
+        if offset + n > self.size:
+            raise OSError(errno.ENOSPC, "write past the end")
+        self.buf[offset : offset + n] = data
+        first, last = offset // ALLOCATION_UNIT, (offset + n - 1) // ALLOCATION_UNIT
+        if n:
+            self.mapped[first : last + 1] = b"\x01" * (last - first + 1)
+        if fua:
+            self.fua_writes += 1
+
+    def flush(self) -> None:
+        self.flushes += 1
+
+    def punch(self, offset: int, length: int) -> None:
+        if length <= 0:
+            return
+        self.buf[offset : offset + length] = bytes(length)
+        first = -(-offset // ALLOCATION_UNIT)
+        last = (offset + length) // ALLOCATION_UNIT  # exclusive: only whole units are freed
+        if last > first:
+            self.mapped[first:last] = bytes(last - first)
+
+    def extent(self, offset: int, limit: int) -> tuple[bool, int]:
+        end = min(offset + limit, self.size)
+        if offset >= end:
+            return True, 0
+        unit = offset // ALLOCATION_UNIT
+        state = self.mapped[unit]
+        pos = (unit + 1) * ALLOCATION_UNIT
+        while pos < end and self.mapped[pos // ALLOCATION_UNIT] == state:
+            pos += ALLOCATION_UNIT
+        return bool(state), min(pos, end) - offset
+
+    def is_mapped(self, offset: int, length: int) -> bool:
+        mapped, run = self.extent(offset, length)
+        return mapped or run < length
+
+    def resize(self, new_size: int) -> None:
+        if new_size % self.block_size or new_size < self.size:
+            raise StorageError(errno.EINVAL, f"cannot resize {self.size} -> {new_size}")
+        self.buf.extend(bytes(new_size - self.size))
+        self.mapped.extend(bytes((new_size + ALLOCATION_UNIT - 1) // ALLOCATION_UNIT - len(self.mapped)))
+        self.size = new_size
+
+    def close(self) -> None:
+        self.closed = True
