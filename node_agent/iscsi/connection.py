@@ -332,9 +332,11 @@ class TargetConnection:
             length = min(params.max_burst_length, task.edtl - task.next_offset)
             ttt = self._next_ttt()
             task.r2ts[ttt] = [task.next_offset, length, 0, 0]
-            self._send(Opcode.R2T, final=True, lun=task.lun_field, itt=task.itt, ttt=ttt, statsn=self.statsn,
-                       **self._window(), r2tsn=task.r2tsn, buffer_offset=task.next_offset,
-                       desired_data_transfer_length=length)
+            session = self.session
+            assert session is not None
+            header = P.pack_r2t(task.lun_field, task.itt, ttt, self.statsn, session.expcmdsn, session.maxcmdsn,
+                                task.r2tsn, task.next_offset, length)
+            self._out += P.frame(header, header_digest=self.header_digest, data_digest=False)
             task.r2tsn += 1
             task.next_offset += length
 
@@ -391,43 +393,65 @@ class TargetConnection:
         self._respond(itt, result.status, result.sense, 0, edtl, datalen)
 
     def _data_in(self, itt: int, lun_field: bytes, data, status: int, sense: bytes, edtl: int) -> None:
+        """Data-In PDUs (§11.7): segments of the peer's MaxRecvDataSegmentLength, F at each burst's end."""
         params = self.params
-        assert params is not None
+        session = self.session
+        assert params is not None and session is not None
         total = _length(data)
         send = min(total, edtl)
-        if isinstance(data, FileRange) and self.data_digest:
+        is_file = isinstance(data, FileRange)
+        if is_file and self.data_digest:
             data = os.pread(data.fd, send, data.offset)
+            is_file = False
+        view = data if is_file else memoryview(data)
         collapse = status == GOOD and not sense
-        datasn = 0
-        offset = 0
-        burst_left = params.max_burst_length
-        segment = self.max_xmit
+        expcmdsn, maxcmdsn = session.expcmdsn, session.maxcmdsn
+        out = self._out
+        hd, dd = self.header_digest, self.data_digest
+        max_burst = params.max_burst_length
+        segment = min(self.max_xmit, max_burst)
+        datasn = offset = 0
         while offset < send:
-            length = min(segment, send - offset, burst_left)
-            burst_left -= length
-            last = offset + length == send
-            final = last or burst_left == 0
-            if burst_left == 0:
-                burst_left = params.max_burst_length
-            fields = dict(final=final, lun=lun_field, itt=itt, ttt=P.RESERVED_TAG, datasn=datasn,
-                          buffer_offset=offset, **self._window())
-            if last and collapse:
-                fields.update(status_present=True, status=status, statsn=self._advance_statsn(),
-                              **_residual(total, edtl))
-            if isinstance(data, FileRange):
-                self._send_file(Opcode.DATA_IN, FileRange(data.fd, data.offset + offset, length), fields)
+            burst_end = min(send, (offset // max_burst + 1) * max_burst)
+            length = min(segment, burst_end - offset)
+            end = offset + length
+            flags = 0x80 if end == burst_end else 0
+            statsn = residual = 0
+            if end == send and collapse:
+                flags |= 0x01 | _residual_flags(total, edtl)
+                residual = abs(total - edtl)
+                statsn = self.statsn
+                self.statsn = (statsn + 1) & 0xFFFFFFFF
+            header = P.pack_data_in(flags, status if flags & 0x01 else 0, length, lun_field, itt, P.RESERVED_TAG,
+                                    statsn, expcmdsn, maxcmdsn, datasn, offset, residual)
+            out.append(header)
+            if hd:
+                out.append(P.digest_bytes(header))
+            if is_file:
+                out.append(FileRange(data.fd, data.offset + offset, length))
             else:
-                self._send(Opcode.DATA_IN, memoryview(data)[offset:offset + length], **fields)
-            offset += length
+                piece = view[offset:end]
+                out.append(piece)
+            pad = -length & 3
+            if pad:
+                out.append(bytes(pad))
+            if dd:
+                out.append(P.digest_bytes(piece, bytes(pad)) if pad else P.digest_bytes(piece))
+            offset = end
             datasn += 1
         if not collapse:
             self._respond(itt, status, sense, datasn, edtl, total)
 
     def _respond(self, itt: int, status: int, sense: bytes, expdatasn: int, edtl: int, datalen: int) -> None:
+        """SCSI Response (§11.4), sense data prefixed with its length (§11.4.7)."""
+        session = self.session
+        assert session is not None
         payload = len(sense).to_bytes(2, "big") + sense if sense else b""
-        self._send(Opcode.SCSI_RESPONSE, payload, final=True, response=0, status=status, itt=itt,
-                   statsn=self._advance_statsn(), **self._window(), expdatasn=expdatasn,
-                   **_residual(datalen, edtl))
+        statsn = self.statsn
+        self.statsn = (statsn + 1) & 0xFFFFFFFF
+        header = P.pack_scsi_response(0x80 | _residual_flags(datalen, edtl), 0, status, len(payload), itt, statsn,
+                                      session.expcmdsn, session.maxcmdsn, expdatasn, abs(datalen - edtl))
+        self._out += P.frame(header, payload, header_digest=self.header_digest, data_digest=self.data_digest)
 
     # -- other requests --------------------------------------------------------------
     def _nop_out(self, header: Any, data: bytes, raw: bytes) -> None:
@@ -637,13 +661,13 @@ def _length(data) -> int:
     return len(data)
 
 
-def _residual(datalen: int, edtl: int) -> dict[str, Any]:
-    """Residual flags and count of RFC 7143 §11.4.5."""
+def _residual_flags(datalen: int, edtl: int) -> int:
+    """The O (0x04, overflow) or U (0x02, underflow) bit of RFC 7143 §11.4.5.1; the count is the difference."""
     if datalen > edtl:
-        return {"overflow": True, "residual_count": datalen - edtl}
+        return 0x04
     if datalen < edtl:
-        return {"underflow": True, "residual_count": edtl - datalen}
-    return {}
+        return 0x02
+    return 0
 
 
 def _sense_invalid_field_in_cdb() -> bytes:

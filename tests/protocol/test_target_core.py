@@ -309,3 +309,28 @@ def test_bad_cdbs_get_check_condition(make_initiator, cdb):
     [reply] = ini.receive()
     assert reply.opcode == Opcode.SCSI_RESPONSE and reply.header.status == 2
     assert len(reply.data) > 2 and reply.data[2] & 0x7F in (0x70, 0x72)
+
+
+@pytest.mark.parametrize("function, asc_ascq", [(5, (0x29, 0x03)), (6, (0x29, 0x00))])
+def test_lun_and_target_reset_raise_unit_attention(make_initiator, function, asc_ascq):
+    """LOGICAL UNIT RESET / TARGET WARM RESET (§11.5.1) answer Function complete; the next command sees the UA."""
+    ini = make_initiator()
+    ini.login_normal()
+    ini.send(Opcode.TASK_MGMT_REQUEST, final=True, immediate=True, function=function, lun=bytes(8),
+             itt=ini.next_itt(), referenced_task_tag=P.RESERVED_TAG, cmdsn=ini.cmdsn, refcmdsn=0)
+    [reply] = ini.receive()
+    assert reply.opcode == Opcode.TASK_MGMT_RESPONSE and reply.header.response == 0
+    ini.command(bytes(6))  # TEST UNIT READY
+    [status] = ini.receive()
+    assert status.header.status == 2
+    sense = status.data[2:]
+    assert (sense[12], sense[13]) == asc_ascq
+
+
+def test_lun_reset_of_absent_lun(make_initiator):
+    ini = make_initiator()
+    ini.login_normal()
+    ini.send(Opcode.TASK_MGMT_REQUEST, final=True, immediate=True, function=5, lun=bytes([0, 9]) + bytes(6),
+             itt=ini.next_itt(), referenced_task_tag=P.RESERVED_TAG, cmdsn=ini.cmdsn, refcmdsn=0)
+    [reply] = ini.receive()
+    assert reply.header.response == 2  # LUN does not exist

@@ -76,3 +76,19 @@ def test_fuzz_decode_header(bhs):
         return
     again = P.LAYOUTS[opcode].decode(P.LAYOUTS[opcode].encode(header))
     assert again == header
+
+
+def test_fast_encoders_agree_with_the_layouts():
+    """The struct-packed hot-path headers are byte-identical to the field-table encoding."""
+    lun = bytes([0, 3]) + bytes(6)
+    assert P.pack_data_in(0x80 | 0x02 | 0x01, 0, 4096, lun, 7, 0xFFFFFFFF, 9, 10, 41, 2, 8192, 512) == bytes(
+        P.encode_header(Opcode.DATA_IN, final=True, underflow=True, status_present=True, status=0,
+                        data_segment_length=4096, lun=lun, itt=7, ttt=0xFFFFFFFF, statsn=9, expcmdsn=10,
+                        maxcmdsn=41, datasn=2, buffer_offset=8192, residual_count=512))
+    assert P.pack_scsi_response(0x80 | 0x04, 0, 2, 20, 7, 9, 10, 41, 3, 100) == bytes(
+        P.encode_header(Opcode.SCSI_RESPONSE, final=True, overflow=True, response=0, status=2,
+                        data_segment_length=20, itt=7, statsn=9, expcmdsn=10, maxcmdsn=41, expdatasn=3,
+                        residual_count=100))
+    assert P.pack_r2t(lun, 7, 5, 9, 10, 41, 1, 262144, 65536) == bytes(
+        P.encode_header(Opcode.R2T, final=True, lun=lun, itt=7, ttt=5, statsn=9, expcmdsn=10, maxcmdsn=41,
+                        r2tsn=1, buffer_offset=262144, desired_data_transfer_length=65536))
