@@ -484,8 +484,15 @@ class TargetConnection:
         for key, value in pairs:
             if key == "SendTargets":
                 answer += self._send_targets(value)
-            else:
-                answer.append((key, "NotUnderstood"))
+        negotiator = self.login.negotiator
+        if negotiator is not None and any(key != "SendTargets" for key, _ in pairs):
+            try:
+                answer += negotiator.full_feature_text(pairs)
+            except ValueError:
+                self._reject_raw(raw, RejectReason.PROTOCOL_ERROR)
+                return
+            # A declarative key (MaxRecvDataSegmentLength) may change what we may send (§13.12).
+            self.max_xmit = negotiator.params().max_xmit_data_segment_length
         self._send_text(header, encode_text(answer))
 
     def _send_text(self, header: Any, text: bytes) -> None:

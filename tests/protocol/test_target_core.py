@@ -334,3 +334,23 @@ def test_lun_reset_of_absent_lun(make_initiator):
              itt=ini.next_itt(), referenced_task_tag=P.RESERVED_TAG, cmdsn=ini.cmdsn, refcmdsn=0)
     [reply] = ini.receive()
     assert reply.header.response == 2  # LUN does not exist
+
+
+def test_login_request_in_full_feature_phase_is_rejected(make_initiator):
+    ini = make_initiator()
+    ini.login_normal()
+    ini.send(Opcode.LOGIN_REQUEST, b"InitiatorName=x\0", immediate=True, transit=True, csg=1, nsg=3,
+             isid=ini.isid, tsih=ini.tsih, itt=ini.next_itt(), cmdsn=ini.cmdsn)
+    [reject] = ini.receive()
+    assert reject.opcode == Opcode.REJECT and reject.header.reason == RejectReason.PROTOCOL_ERROR
+
+
+def test_text_in_full_feature_phase_answers_unknown_keys(make_initiator):
+    ini = make_initiator()
+    ini.login_normal()
+    ini.send(Opcode.TEXT_REQUEST, b"X-com.example.Foo=1\0MaxRecvDataSegmentLength=65536\0", final=True,
+             itt=ini.next_itt(), ttt=P.RESERVED_TAG, cmdsn=ini.cmdsn, expstatsn=0)
+    ini.cmdsn += 1
+    [text] = ini.receive()
+    assert keys_of(text) == {"X-com.example.Foo": "NotUnderstood"}
+    assert ini.conn.max_xmit == 65536
