@@ -30,7 +30,7 @@ def _typed(parse):
     def convert(text: str):
         try:
             return parse(text)
-        except ValueError as exc:
+        except (ValueError, OSError) as exc:
             raise argparse.ArgumentTypeError(str(exc)) from None
     convert.__name__ = parse.__name__
     return convert
@@ -48,9 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
     target.add_argument("--lun", type=_typed(LunSpec.parse), action="append", required=True, metavar="PATH[:SIZE]",
                         help="backing file; a sparse file of SIZE (e.g. 1G) is created when it does not exist")
     target.add_argument("--chap", type=_typed(Credentials.parse), metavar="USER:SECRET",
-                        help="initiators must authenticate with CHAP as USER with SECRET")
+                        help="initiators must authenticate with CHAP as USER with SECRET "
+                             "(@FILE reads USER:SECRET from FILE, keeping it out of the process list)")
     target.add_argument("--mutual-chap", type=_typed(Credentials.parse), metavar="USER:SECRET",
-                        help="the target authenticates itself to initiators (needs --chap)")
+                        help="the target authenticates itself to initiators (needs --chap; @FILE as for --chap)")
     target.add_argument("--allow", type=_typed(check_iqn), action="append", metavar="IQN",
                         help="admit only these initiator names (repeatable; default: any)")
     target.add_argument("--port-file", metavar="FILE", help="write HOST:PORT here once listening")
@@ -97,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error("--mutual-chap needs --chap")
         try:
             return asyncio.run(_run_target(args))
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError) as exc:  # a busy port, a bad LUN file: say so, no traceback
             print(f"shoal target: {exc}", file=sys.stderr)
             return 1
     parser.error(f"unknown command {args.command}")

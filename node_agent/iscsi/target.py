@@ -37,7 +37,10 @@ class Credentials:
 
     @classmethod
     def parse(cls, text: str) -> "Credentials":
-        """``USER:SECRET`` as the command line takes it."""
+        """``USER:SECRET``, or ``@FILE`` holding that line (keeps the secret out of the process list)."""
+        if text.startswith("@"):
+            with open(text[1:], encoding="utf-8") as handle:
+                text = handle.readline().strip()
         user, sep, secret = text.partition(":")
         if not sep:
             raise ValueError("CHAP credentials are USER:SECRET")
