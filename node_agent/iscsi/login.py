@@ -265,8 +265,10 @@ class TargetLogin:
             return session
         session = self.registry.open_session(self.initiator_name, self.isid, self.target, params,
                                              self.initial_cmdsn, self.connection)
-        log.info("login: %s isid=0x%012x to %s (tsih %d, %s)", self.initiator_name, self.isid,
-                 self.target.iqn if self.target else "discovery", session.tsih, self.session_type)
+        log.info("login: %s isid=0x%012x to %s (tsih %d, %s, HeaderDigest=%s DataDigest=%s)",
+                 self.initiator_name, self.isid, self.target.iqn if self.target else "discovery", session.tsih,
+                 self.session_type, "CRC32C" if params.header_digest else "None",
+                 "CRC32C" if params.data_digest else "None")
         return session
 
 

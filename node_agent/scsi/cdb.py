@@ -74,6 +74,29 @@ REPORT_SUPPORTED_OPERATION_CODES = _cdb("REPORT SUPPORTED OPERATION CODES", 12, 
 PREVENT_ALLOW_MEDIUM_REMOVAL = _cdb("PREVENT ALLOW MEDIUM REMOVAL", 6,  # SPC-4 §6.13
     Field("prevent", 4, 0x03))
 
+PERSISTENT_RESERVE_IN = _cdb("PERSISTENT RESERVE IN", 10,  # SPC-4 §6.15.1 table 169
+    _sa(),
+    Field("allocation_length", 7, 0xFFFF))
+PERSISTENT_RESERVE_OUT = _cdb("PERSISTENT RESERVE OUT", 10,  # SPC-4 §6.16.1 table 199
+    _sa(),
+    Field("scope", 2, 0xF0),
+    Field("type", 2, 0x0F),
+    Field("parameter_list_length", 5, 0xFFFFFFFF))
+# SPC-2 §7.21/§7.17 RESERVE/RELEASE(6): bytes 1-4 are obsolete (third-party and extent
+# reservations), which we refuse by treating them as reserved.
+RESERVE_6 = _cdb("RESERVE(6)", 6)
+RELEASE_6 = _cdb("RELEASE(6)", 6)
+RESERVE_10 = _cdb("RESERVE(10)", 10,  # SPC-2 §7.22
+    Field("thirdpty", 1, 0x10),
+    Field("longid", 1, 0x02),
+    Field("third_party_device_id", 3, 0xFF),
+    Field("parameter_list_length", 7, 0xFFFF))
+RELEASE_10 = _cdb("RELEASE(10)", 10,  # SPC-2 §7.18
+    Field("thirdpty", 1, 0x10),
+    Field("longid", 1, 0x02),
+    Field("third_party_device_id", 3, 0xFF),
+    Field("parameter_list_length", 7, 0xFFFF))
+
 # -- SBC-3 -------------------------------------------------------------------
 READ_6 = _cdb("READ(6)", 6,  # SBC-3 §5.7
     Field("lba", 1, 0x1FFFFF),
@@ -176,6 +199,26 @@ START_STOP_UNIT = _cdb("START STOP UNIT", 6,  # SBC-3 §5.20
     Field("power_condition", 4, 0xF0), Field("no_flush", 4, 0x04), Field("loej", 4, 0x02),
     Field("start", 4, 0x01))
 
+WRITE_ATOMIC_16 = _cdb("WRITE ATOMIC(16)", 16,  # SBC-4 §5.48
+    Field("wrprotect", 1, 0xE0), Field("dpo", 1, 0x10), Field("fua", 1, 0x08),
+    Field("lba", 2, 0xFFFFFFFFFFFFFFFF), Field("atomic_boundary", 10, 0xFFFF),
+    Field("transfer_length", 12, 0xFFFF), Field("group_number", 14, 0x1F))
+
+
+def _defect_flags(offset: int) -> tuple[Field, ...]:
+    """REQ_PLIST, REQ_GLIST and DEFECT LIST FORMAT of READ DEFECT DATA (SBC-3 §5.13)."""
+    return (Field("req_plist", offset, 0x10), Field("req_glist", offset, 0x08),
+            Field("defect_list_format", offset, 0x07))
+
+
+READ_DEFECT_DATA_10 = _cdb("READ DEFECT DATA(10)", 10,  # SBC-3 §5.13
+    *_defect_flags(2),
+    Field("allocation_length", 7, 0xFFFF))
+READ_DEFECT_DATA_12 = _cdb("READ DEFECT DATA(12)", 12,  # SBC-3 §5.14 (SBC-4: ADDRESS DESCRIPTOR INDEX)
+    *_defect_flags(1),
+    Field("address_descriptor_index", 2, 0xFFFFFFFF),
+    Field("allocation_length", 6, 0xFFFFFFFF))
+
 # -- parameter data -------------------------------------------------------------
 UNMAP_PARAMETER_LIST_HEADER = Layout("UNMAP parameter list header", 8, (  # SBC-3 §5.28.2 table 95
     Field("unmap_data_length", 0, 0xFFFF),
@@ -211,4 +254,16 @@ LBA_STATUS_DESCRIPTOR = Layout("LBA status descriptor", 16, (  # SBC-3 table 38
 ))
 REPORT_LUNS_HEADER = Layout("REPORT LUNS parameter data header", 8, (  # SPC-4 table 170
     Field("lun_list_length", 0, 0xFFFFFFFF),
+))
+DEFECT_DATA_10_HEADER = Layout("READ DEFECT DATA(10) parameter data header", 4, (  # SBC-3 table 60
+    Field("plistv", 1, 0x10),
+    Field("glistv", 1, 0x08),
+    Field("defect_list_format", 1, 0x07),
+    Field("defect_list_length", 2, 0xFFFF),
+))
+DEFECT_DATA_12_HEADER = Layout("READ DEFECT DATA(12) parameter data header", 8, (  # SBC-3 table 62
+    Field("plistv", 1, 0x10),
+    Field("glistv", 1, 0x08),
+    Field("defect_list_format", 1, 0x07),
+    Field("defect_list_length", 4, 0xFFFFFFFF),
 ))

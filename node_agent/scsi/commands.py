@@ -1,9 +1,10 @@
 """The command table: one row per (operation code, service action) (SPC-4 §4.2.5, SBC-3 §5).
 
 Each row names the CDB layout, the handler, the data direction, the field
-that bounds Data-In (allocation length), whether it writes the medium, and how
-persistent reservations treat it (SPC-4 §5.12.9 table 66; reservations are
-enforced by a later module).  Reserved CDB bits are derived from the layout:
+that bounds Data-In (allocation length), whether it writes the medium, how
+persistent reservations treat it (``pr``: SPC-4 §5.13.1 table 66, SBC-3 §4.16
+table 13) and whether it runs while another I_T nexus holds an SPC-2
+reservation (``spc2_allowed``: SPC-2 §5.5.1); ``reservations.py`` enforces both.  Reserved CDB bits are derived from the layout:
 every bit no field claims must be zero.  REPORT SUPPORTED OPERATION CODES
 (§6.35) answers from this same table.
 """
@@ -14,17 +15,15 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from node_agent.scsi import cdb as C
+from node_agent.scsi import reservations as R
 from node_agent.scsi import sbc, spc
 from node_agent.scsi import sense as S
 from node_agent.scsi.sense import CheckCondition
 from node_agent.wire import Field, Layout
 
-NONE, IN, OUT = "none", "in", "out"
+from node_agent.scsi.reservations import PR_ALLOWED, PR_READ, PR_WRITE  # noqa: F401  (the ``pr`` column)
 
-# How a command fares under a persistent reservation held by another I_T nexus
-# (SPC-4 table 66): ALLOWED always runs; READ conflicts only with the
-# Exclusive Access types; WRITE conflicts with every type.
-PR_ALLOWED, PR_READ, PR_WRITE = "allowed", "read", "write"
+NONE, IN, OUT = "none", "in", "out"
 
 CONTROL_RESERVED = 0x3D  # NACA, LINK and reserved bits 5-3 of the CONTROL byte (SAM-5 §5.2)
 
@@ -42,6 +41,7 @@ class Command:
     alloc_field: str | None = None
     writes: bool = False
     timeout_s: int = 30  # nominal command timeout reported with RCTD=1
+    spc2_allowed: bool = False  # runs despite another I_T nexus's RESERVE(6)/(10)
     reserved: tuple[tuple[int, int], ...] = field(init=False, repr=False)
 
     def __post_init__(self):
@@ -80,8 +80,8 @@ def reserved_bits(layout: Layout) -> tuple[tuple[int, int], ...]:
     return tuple(out)
 
 
-def _c(opcode, layout, handler, direction, pr, *, sa=None, alloc=None, writes=False, timeout=30):
-    return Command(opcode, sa, layout, handler, direction, pr, alloc, writes, timeout)
+def _c(opcode, layout, handler, direction, pr, *, sa=None, alloc=None, writes=False, timeout=30, spc2=False):
+    return Command(opcode, sa, layout, handler, direction, pr, alloc, writes, timeout, spc2)
 
 
 def report_supported_operation_codes(lu, nexus, cdb, data_out, edtl):
@@ -152,15 +152,30 @@ MAINTENANCE_IN = 0xA3
 ALL_COMMANDS: tuple[Command, ...] = (
     # SPC-4
     _c(0x00, C.TEST_UNIT_READY, spc.test_unit_ready, NONE, PR_ALLOWED),
-    _c(0x03, C.REQUEST_SENSE, spc.request_sense, IN, PR_ALLOWED, alloc="allocation_length"),
-    _c(0x12, C.INQUIRY, spc.inquiry, IN, PR_ALLOWED, alloc="allocation_length"),
+    _c(0x03, C.REQUEST_SENSE, spc.request_sense, IN, PR_ALLOWED, alloc="allocation_length", spc2=True),
+    _c(0x12, C.INQUIRY, spc.inquiry, IN, PR_ALLOWED, alloc="allocation_length", spc2=True),
     _c(0x15, C.MODE_SELECT_6, spc.mode_select_6, OUT, PR_WRITE),
+    _c(0x16, C.RESERVE_6, R.spc2_reserve, NONE, PR_ALLOWED),
+    _c(0x17, C.RELEASE_6, R.spc2_release, NONE, PR_ALLOWED, spc2=True),
     _c(0x1A, C.MODE_SENSE_6, spc.mode_sense_6, IN, PR_READ, alloc="allocation_length"),
     _c(0x1E, C.PREVENT_ALLOW_MEDIUM_REMOVAL, spc.prevent_allow_medium_removal, NONE, PR_READ),
     _c(0x55, C.MODE_SELECT_10, spc.mode_select_10, OUT, PR_WRITE),
+    _c(0x56, C.RESERVE_10, R.spc2_reserve, NONE, PR_ALLOWED),
+    _c(0x57, C.RELEASE_10, R.spc2_release, NONE, PR_ALLOWED, spc2=True),
     _c(0x5A, C.MODE_SENSE_10, spc.mode_sense_10, IN, PR_READ, alloc="allocation_length"),
-    _c(0xA0, C.REPORT_LUNS, spc.report_luns, IN, PR_ALLOWED, alloc="allocation_length"),
-    _c(MAINTENANCE_IN, C.REPORT_SUPPORTED_OPERATION_CODES, report_supported_operation_codes, IN, PR_ALLOWED,
+    _c(0x5E, C.PERSISTENT_RESERVE_IN, R.read_keys, IN, PR_ALLOWED, sa=0x00, alloc="allocation_length"),
+    _c(0x5E, C.PERSISTENT_RESERVE_IN, R.read_reservation, IN, PR_ALLOWED, sa=0x01, alloc="allocation_length"),
+    _c(0x5E, C.PERSISTENT_RESERVE_IN, R.report_capabilities, IN, PR_ALLOWED, sa=0x02, alloc="allocation_length"),
+    _c(0x5E, C.PERSISTENT_RESERVE_IN, R.read_full_status, IN, PR_ALLOWED, sa=0x03, alloc="allocation_length"),
+    _c(0x5F, C.PERSISTENT_RESERVE_OUT, R.register, OUT, PR_ALLOWED, sa=0x00),
+    _c(0x5F, C.PERSISTENT_RESERVE_OUT, R.reserve, OUT, PR_ALLOWED, sa=0x01),
+    _c(0x5F, C.PERSISTENT_RESERVE_OUT, R.release, OUT, PR_ALLOWED, sa=0x02),
+    _c(0x5F, C.PERSISTENT_RESERVE_OUT, R.clear, OUT, PR_ALLOWED, sa=0x03),
+    _c(0x5F, C.PERSISTENT_RESERVE_OUT, R.preempt, OUT, PR_ALLOWED, sa=0x04),
+    _c(0x5F, C.PERSISTENT_RESERVE_OUT, R.preempt_and_abort, OUT, PR_ALLOWED, sa=0x05),
+    _c(0x5F, C.PERSISTENT_RESERVE_OUT, R.register_and_ignore_existing_key, OUT, PR_ALLOWED, sa=0x06),
+    _c(0xA0, C.REPORT_LUNS, spc.report_luns, IN, PR_ALLOWED, alloc="allocation_length", spc2=True),
+    _c(MAINTENANCE_IN, C.REPORT_SUPPORTED_OPERATION_CODES, report_supported_operation_codes, IN, PR_READ,
        sa=0x0C, alloc="allocation_length"),
     # SBC-3
     _c(0x08, C.READ_6, sbc.read_6, IN, PR_READ),
@@ -173,6 +188,7 @@ ALL_COMMANDS: tuple[Command, ...] = (
     _c(0x2F, C.VERIFY_10, sbc.verify, OUT, PR_READ),
     _c(0x34, C.PRE_FETCH_10, sbc.pre_fetch, NONE, PR_READ),
     _c(0x35, C.SYNCHRONIZE_CACHE_10, sbc.synchronize_cache, NONE, PR_WRITE),
+    _c(0x37, C.READ_DEFECT_DATA_10, sbc.read_defect_data_10, IN, PR_READ, alloc="allocation_length"),
     _c(0x41, C.WRITE_SAME_10, sbc.write_same, OUT, PR_WRITE, writes=True),
     _c(0x42, C.UNMAP, sbc.unmap, OUT, PR_WRITE, writes=True),
     _c(0x88, C.READ_16, sbc.read, IN, PR_READ),
@@ -184,6 +200,7 @@ ALL_COMMANDS: tuple[Command, ...] = (
     _c(0x90, C.PRE_FETCH_16, sbc.pre_fetch, NONE, PR_READ),
     _c(0x91, C.SYNCHRONIZE_CACHE_16, sbc.synchronize_cache, NONE, PR_WRITE),
     _c(0x93, C.WRITE_SAME_16, sbc.write_same, OUT, PR_WRITE, writes=True),
+    _c(0x9C, C.WRITE_ATOMIC_16, sbc.write_atomic_16, OUT, PR_WRITE, writes=True),
     _c(SERVICE_ACTION_IN_16, C.READ_CAPACITY_16, sbc.read_capacity_16, IN, PR_ALLOWED, sa=0x10,
        alloc="allocation_length"),
     _c(SERVICE_ACTION_IN_16, C.GET_LBA_STATUS, sbc.get_lba_status, IN, PR_READ, sa=0x12,
@@ -192,6 +209,7 @@ ALL_COMMANDS: tuple[Command, ...] = (
     _c(0xAA, C.WRITE_12, sbc.write, OUT, PR_WRITE, writes=True),
     _c(0xAE, C.WRITE_AND_VERIFY_12, sbc.write_and_verify, OUT, PR_WRITE, writes=True),
     _c(0xAF, C.VERIFY_12, sbc.verify, OUT, PR_READ),
+    _c(0xB7, C.READ_DEFECT_DATA_12, sbc.read_defect_data_12, IN, PR_READ, alloc="allocation_length"),
 )
 
 

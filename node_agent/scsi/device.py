@@ -5,7 +5,9 @@ command against a ``BackingStore`` and returns a ``ScsiResult``; it never
 raises.  The command table (``commands.py``) says which handler runs, how the
 CDB is laid out and which of its bits are reserved; handlers raise
 ``CheckCondition`` and this module turns that into status and sense data.
-Unit attention conditions are kept per I_T nexus (SPC-4 §5.14).
+Unit attention conditions are kept per I_T nexus (SPC-4 §5.14).  Reservations
+(``reservations.py``) are checked after unit attentions: a command the
+reservation holder's rules forbid ends with RESERVATION CONFLICT status.
 
 Transfer lengths versus the iSCSI Expected Data Transfer Length (EDTL): a
 Data-In result carries what the command would transfer (already cut to the
@@ -26,6 +28,7 @@ from node_agent.scsi import sense as S
 from node_agent.scsi.commands import COMMANDS_BY_OPCODE, Command
 from node_agent.scsi.lun import decode_lun, encode_lun  # noqa: F401  (re-exported)
 from node_agent.scsi.modepages import ModeState
+from node_agent.scsi.reservations import ReservationConflict, Reservations
 from node_agent.scsi.result import FileRange, Nexus, ScsiResult  # noqa: F401  (re-exported)
 from node_agent.scsi.sense import CheckCondition, SenseCode, build_sense
 from node_agent.scsi.vpd import LunIdentity  # noqa: F401  (re-exported)
@@ -56,6 +59,12 @@ class LunSettings:
     WRITE(16) before unmapping them, so it must not exceed ``max_transfer_bytes``."""
     max_compare_and_write_blocks: int = 16
     """COMPARE AND WRITE limit (its data is buffered whole)."""
+    max_atomic_transfer_bytes: int = 1 << 20
+    """Largest WRITE ATOMIC(16) (SBC-4 §4.29); 0 withdraws the command.  One ``pwrite`` per
+    command and one command at a time per logical unit make it atomic against every other
+    command and against a crash of the target process.  NOT against a power loss or kernel crash
+    of this host: the page cache writes back (and the disk persists) in pages, so a range that
+    was not yet stable may come back torn.  Set 0 where that guarantee is needed."""
     file_range_threshold: int = 64 << 10
     """Reads of at least this size come back as a ``FileRange`` for sendfile."""
     thin_provisioning: bool = True
@@ -79,12 +88,14 @@ class LogicalUnit:
         self.num_blocks = backing.size // backing.block_size
         self.read_only = settings.read_only or getattr(backing, "read_only", False)
         self.mode = ModeState()
+        self.reservations = Reservations()
         # One logical block per physical block (LBPPBE=0): libiscsi's GetLBAStatus.UnmapSingle
         # only holds for that.  The allocation unit shows up as the optimal granularities instead.
         self.lbppbe = 0
         self.granularity = max(1, ALLOCATION_UNIT // self.block_size)
         self.max_transfer_blocks = max(1, settings.max_transfer_bytes // self.block_size)
         self.max_write_same_blocks = max(1, settings.max_write_same_bytes // self.block_size)
+        self.max_atomic_blocks = min(settings.max_atomic_transfer_bytes // self.block_size, self.max_transfer_blocks)
         self.report_luns = lambda: [0]  # replaced by LunMap with the target's inventory
         self._ua: dict[Nexus, list[SenseCode]] = {}
         self._ua_pending = 0  # how many nexuses have a unit attention queued (fast-path test)
@@ -99,6 +110,8 @@ class LogicalUnit:
                 if ua is not None:
                     return ScsiResult(CHECK_CONDITION, sense=build_sense(ua, descriptor=self.mode.d_sense))
             cmd = _lookup(cdb)
+            if self.reservations.engaged and self.reservations.conflicts(cmd, nexus):
+                return ScsiResult(RESERVATION_CONFLICT)
             rec = _validate(cmd, cdb)
             if cmd.writes and self.read_only:
                 raise CheckCondition(S.WRITE_PROTECTED)
@@ -114,6 +127,8 @@ class LogicalUnit:
             return ScsiResult(GOOD, out)
         except CheckCondition as cc:
             return ScsiResult(CHECK_CONDITION, sense=cc.sense(self.mode.d_sense))
+        except ReservationConflict:
+            return ScsiResult(RESERVATION_CONFLICT)
         except Exception:  # a bug or an I/O error: never leak it to the transport
             log.exception("SCSI command %s failed", bytes(cdb[:16]).hex())
             return ScsiResult(CHECK_CONDITION, sense=build_sense(S.INTERNAL_TARGET_FAILURE,
@@ -139,13 +154,19 @@ class LogicalUnit:
         self._queue_ua(nexus, S.POWER_ON_RESET)
 
     def remove_nexus(self, nexus: Nexus) -> None:
+        """I_T nexus loss: its unit attentions go, and its SPC-2 reservation (SPC-2 §5.5.1)."""
         queue = self._ua.pop(nexus, None)
         if queue:
             self._ua_pending -= 1
+        if self.reservations.spc2_holder == nexus:
+            self.reservations.spc2_reserve(None)
 
     def reset(self, kind: str) -> None:
-        """LOGICAL UNIT RESET ("lun": 29h/03h) or a target reset ("target": 29h/00h), SAM-5 §6.3."""
+        """LOGICAL UNIT RESET ("lun": 29h/03h) or a target reset ("target": 29h/00h), SAM-5 §6.3.
+
+        Either releases an SPC-2 reservation; persistent reservations survive (SPC-4 §5.13.1)."""
         code = S.BUS_DEVICE_RESET_FUNCTION_OCCURRED if kind == "lun" else S.POWER_ON_RESET
+        self.reservations.spc2_reserve(None)
         self.establish_ua(code)
 
     def capacity_changed(self) -> None:
@@ -163,6 +184,11 @@ class LogicalUnit:
         for nexus in self._ua:
             if nexus != except_nexus:
                 self._queue_ua(nexus, code)
+
+    def unit_attention(self, nexus: Nexus, code: SenseCode) -> None:
+        """Queue ``code`` for one I_T nexus, if it is logged in (reservation changes, SPC-4 §5.13)."""
+        if nexus in self._ua:
+            self._queue_ua(nexus, code)
 
     def pending_unit_attention(self, nexus: Nexus) -> SenseCode | None:
         queue = self._ua.get(nexus)

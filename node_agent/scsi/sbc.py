@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from node_agent.scsi import sense as S
 from node_agent.scsi.cdb import (
+    DEFECT_DATA_10_HEADER,
+    DEFECT_DATA_12_HEADER,
     LBA_STATUS_DESCRIPTOR,
     LBA_STATUS_HEADER,
     READ_CAPACITY_10_DATA,
@@ -96,6 +98,32 @@ def write(lu, nexus, cdb, data_out, edtl):
     return ScsiResult(S.GOOD, data_out_length=_write(lu, lba, count, data_out, cdb.fua))
 
 
+def write_atomic_16(lu, nexus, cdb, data_out, edtl):
+    """WRITE ATOMIC(16) (SBC-4 §5.48): all blocks in one ``pwrite``, within MAXIMUM ATOMIC TRANSFER LENGTH.
+
+    We report no atomic alignment, granularity or boundary (Block Limits VPD), so
+    a non-zero ATOMIC BOUNDARY is refused and the whole transfer is one atomic
+    write operation (SBC-4 §4.29).  A short Data-Out writes nothing: a partial
+    atomic write is exactly what the command must never do.
+    """
+    if not lu.max_atomic_blocks:
+        raise CheckCondition(S.INVALID_COMMAND_OPERATION_CODE, field_pointer=0)
+    if cdb.wrprotect:
+        _no_protection(cdb.wrprotect)
+    lba, count = cdb.lba, cdb.transfer_length
+    lu.check_range(lba, count)
+    if cdb.atomic_boundary:
+        raise CheckCondition(S.INVALID_FIELD_IN_CDB, field_pointer=10)
+    if count > lu.max_atomic_blocks:
+        raise CheckCondition(S.INVALID_FIELD_IN_CDB, field_pointer=12)
+    want = count * lu.block_size
+    if want and (data_out is None or len(data_out) < want):
+        raise CheckCondition(S.INVALID_FIELD_IN_COMMAND_INFORMATION_UNIT)
+    if want:
+        lu.backing.write(lba * lu.block_size, memoryview(data_out)[:want], lu.write_is_fua(cdb.fua))
+    return ScsiResult(S.GOOD, data_out_length=want)
+
+
 def write_and_verify(lu, nexus, cdb, data_out, edtl):
     """WRITE AND VERIFY(10/12/16) (SBC-3 §5.37-5.39): write, stable; the verify is then trivially true."""
     _no_protection(cdb.wrprotect)
@@ -169,6 +197,33 @@ def _first_difference(a: bytes, b: bytes) -> int:
         if x != y:
             return i
     return min(len(a), len(b))
+
+
+# -- defects ---------------------------------------------------------------------------
+#: DEFECT LIST FORMAT values of SBC-3 table 28 / SBC-4 (short block, extended bytes from index,
+#: extended physical sector, long block, bytes from index, physical sector): an empty list can be
+#: given in any of them.  Vendor specific (110b) and reserved (111b) get the default format.
+_DEFECT_LIST_FORMATS = frozenset((0b000, 0b001, 0b010, 0b011, 0b100, 0b101))
+_DEFAULT_DEFECT_LIST_FORMAT = 0b101  # physical sector format
+
+
+def _defect_header(layout, cdb) -> bytes:
+    """A defect list header with no address descriptors: a file has no medium defects to report."""
+    fmt = cdb.defect_list_format
+    if fmt not in _DEFECT_LIST_FORMATS:
+        fmt = _DEFAULT_DEFECT_LIST_FORMAT  # SBC-3 §5.13.1: reply in the default format instead
+    return bytes(layout.encode(plistv=cdb.req_plist, glistv=cdb.req_glist, defect_list_format=fmt,
+                               defect_list_length=0))
+
+
+def read_defect_data_10(lu, nexus, cdb, data_out, edtl):
+    """READ DEFECT DATA(10) (SBC-3 §5.13): the requested lists, both empty."""
+    return _defect_header(DEFECT_DATA_10_HEADER, cdb)
+
+
+def read_defect_data_12(lu, nexus, cdb, data_out, edtl):
+    """READ DEFECT DATA(12) (SBC-3 §5.14): as the 10-byte form; every ADDRESS DESCRIPTOR INDEX is past the end."""
+    return _defect_header(DEFECT_DATA_12_HEADER, cdb)
 
 
 # -- cache and medium ------------------------------------------------------------------

@@ -66,6 +66,7 @@ def _block_limits(lu, nexus) -> bytes:
         ugavalid=thin,
         unmap_granularity_alignment=0,
         maximum_write_same_length=lu.max_write_same_blocks,
+        maximum_atomic_transfer_length=lu.max_atomic_blocks,  # no alignment, granularity or boundaries
     )
     return bytes(page[4:])
 

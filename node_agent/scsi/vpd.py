@@ -90,6 +90,11 @@ BLOCK_LIMITS = Layout("Block Limits VPD page", 64, (  # SBC-3 §6.6.4 table 176
     Field("ugavalid", 32, 0x80),
     Field("unmap_granularity_alignment", 32, 0x7FFFFFFF),
     Field("maximum_write_same_length", 36, 0xFFFFFFFFFFFFFFFF),
+    Field("maximum_atomic_transfer_length", 44, 0xFFFFFFFF),  # SBC-4 §6.6.4
+    Field("atomic_alignment", 48, 0xFFFFFFFF),
+    Field("atomic_transfer_length_granularity", 52, 0xFFFFFFFF),
+    Field("maximum_atomic_transfer_length_with_atomic_boundary", 56, 0xFFFFFFFF),
+    Field("maximum_atomic_boundary_size", 60, 0xFFFFFFFF),
 ))
 BLOCK_DEVICE_CHARACTERISTICS = Layout("Block Device Characteristics VPD page", 64, (  # SBC-3 §6.6.2 table 173
     Field("peripheral_device_type", 0, 0x1F),
