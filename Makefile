@@ -18,6 +18,8 @@ UP_SIZE ?= 1G
 .PHONY: up test deps venv bench clean lint
 
 deps:
+	@# The kernel-initiator test fetches Debian's kernel with apt-get download: it needs package lists.
+	@ls /var/lib/apt/lists/*_Packages >/dev/null 2>&1 || apt-get update -qq
 	@missing=$$(for p in $(DEB_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q 'install ok installed' || echo $$p; done); \
 	if [ -n "$$missing" ]; then \
 		echo "installing Debian packages: $$missing"; \

@@ -28,6 +28,7 @@ the single source of truth.
 from __future__ import annotations
 
 import collections
+import struct
 from dataclasses import dataclass
 from typing import Any
 
@@ -75,6 +76,7 @@ class Layout:
         self.record = collections.namedtuple(
             _class_name(name), names, defaults=[_default(f) for f in self.fields]
         )
+        self._raw_spans: set[tuple[int, int]] = set()
         self.decode = self._compile_decode()
         self._encode_into = self._compile_encode()
 
@@ -92,10 +94,18 @@ class Layout:
         lines = ["def decode(buf, offset=0):"]
         lines.append(f"    if len(buf) - offset < {self.size}: raise WireError('{self.name}: need {self.size} bytes, got %d' % (len(buf) - offset))")
         args = []
+        units = self._struct_units()
+        if units:
+            # One struct.unpack_from for every byte-aligned unit the fields live in.
+            lines.append("    u = _unpack(buf, offset)")
         for f in self.fields:
             start = f"offset+{f.offset}"
             end = f"offset+{f.offset + f.width}"
-            if f.raw:
+            index = units.get((f.offset, f.width)) if units else None
+            if index is not None:
+                as_bytes = (f.offset, f.width) in self._raw_spans or self._unit_code(f.width) == "s"
+                expr = f"u[{index}]" if (f.raw or not as_bytes) else f"_int(u[{index}], 'big')"
+            elif f.raw:
                 expr = f"bytes(buf[{start}:{end}])"
             elif f.width == 1:
                 expr = f"buf[{start}]"
@@ -110,9 +120,31 @@ class Layout:
                 expr = f"bool({expr})"
             args.append(expr)
         lines.append(f"    return _new(_record, ({', '.join(args)},))")
-        namespace = {"_int": int.from_bytes, "_record": self.record, "_new": tuple.__new__, "WireError": WireError}
+        namespace = {"_int": int.from_bytes, "_record": self.record, "_new": tuple.__new__, "WireError": WireError,
+                     "_unpack": self._struct.unpack_from if units else None}
         exec("\n".join(lines), namespace)  # noqa: S102 - source generated from the field table above
         return namespace["decode"]
+
+    @staticmethod
+    def _unit_code(width: int) -> str:
+        return {1: "B", 2: "H", 4: "I", 8: "Q"}.get(width, "s")
+
+    def _struct_units(self) -> dict[tuple[int, int], int]:
+        """Byte ranges the fields occupy, in offset order, as struct items; {} when ranges overlap."""
+        spans = sorted({(f.offset, f.width) for f in self.fields})
+        self._raw_spans = {(f.offset, f.width) for f in self.fields if f.raw}
+        fmt, pos, index = [">"], 0, {}
+        for offset, width in spans:
+            if offset < pos:
+                return {}  # two fields share bytes with different widths: keep the slicing decoder
+            if offset > pos:
+                fmt.append(f"{offset - pos}x")
+            code = "s" if (offset, width) in self._raw_spans else self._unit_code(width)
+            fmt.append(f"{width}s" if code == "s" else code)
+            index[(offset, width)] = len(index)
+            pos = offset + width
+        self._struct = struct.Struct("".join(fmt))
+        return index
 
     def _compile_encode(self):
         lines = ["def encode_into(buf, offset, values):"]

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import os
+import struct
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -33,6 +34,7 @@ from node_agent.iscsi.target import Session, TargetRegistry
 from node_agent.scsi.device import FileRange, decode_lun
 
 log = logging.getLogger("shoal.iscsi.connection")
+_U32 = struct.Struct(">I").unpack_from
 
 GOOD = 0x00
 CHECK_CONDITION = 0x02
@@ -166,7 +168,8 @@ class TargetConnection:
         view = memoryview(buf)
         try:
             while end - pos >= P.BHS_LENGTH and not self.closing:
-                ahs_len, dsl = P.bhs_lengths(view[pos:pos + P.BHS_LENGTH])
+                lengths = _U32(buf, pos + 4)[0]  # TotalAHSLength (words) and DataSegmentLength, §11.2.1
+                ahs_len, dsl = (lengths >> 24) * 4, lengths & 0xFFFFFF
                 if dsl > self.max_recv:
                     self._reject_raw(bytes(view[pos:pos + P.BHS_LENGTH]), RejectReason.PROTOCOL_ERROR)
                     self.close(f"data segment of {dsl} bytes exceeds MaxRecvDataSegmentLength {self.max_recv}")
@@ -200,8 +203,12 @@ class TargetConnection:
             if view[padded_end:padded_end + 4] != P.digest_bytes(view[cursor:padded_end]):
                 self._reject_raw(bytes(bhs), RejectReason.DATA_DIGEST_ERROR)
                 return
+        opcode = view[pos] & 0x3F
+        layout = P.LAYOUTS.get(opcode)  # type: ignore[call-overload]
         try:
-            opcode, header = P.decode_header(bhs)
+            if layout is None:
+                raise P.PduError(f"unknown opcode {opcode:#04x}")
+            header = layout.decode(view, pos)
         except P.PduError:
             if self.session is None:
                 self.close("unknown opcode during login")
@@ -214,7 +221,7 @@ class TargetConnection:
                 return
             self._login(header, bytes(data))
             return
-        self._full_feature(opcode, header, data, bytes(bhs))
+        self._full_feature(opcode, header, data if dsl else b"", bytes(bhs))
 
     # ------------------------------------------------------------------ login phase
     def _login(self, header: Any, data: bytes) -> None:
@@ -260,6 +267,8 @@ class TargetConnection:
         if opcode == Opcode.SCSI_COMMAND and header.write and not header.immediate:
             pass  # handled below like every sequenced command
         handler = _SEQUENCED.get(opcode)
+        if data:
+            data = bytes(data)  # the receive buffer is reused; commands may be held for CmdSN order
         if handler is None:
             reason = RejectReason.PROTOCOL_ERROR if opcode in (Opcode.LOGIN_REQUEST, Opcode.SNACK_REQUEST) \
                 else RejectReason.COMMAND_NOT_SUPPORTED
@@ -268,15 +277,16 @@ class TargetConnection:
         session = self.session
         assert session is not None
         if header.immediate:
-            handler(self, header, bytes(data), raw)
+            handler(self, header, data, raw)
             return
         cmdsn = header.cmdsn
         if cmdsn == session.expcmdsn:
-            session.expcmdsn = sn_add(cmdsn, 1)
-            handler(self, header, bytes(data), raw)
-            self._drain_pending()
+            session.expcmdsn = (cmdsn + 1) & 0xFFFFFFFF
+            handler(self, header, data, raw)
+            if session.pending:
+                self._drain_pending()
         elif in_window(cmdsn, session.expcmdsn, session.maxcmdsn) and cmdsn not in session.pending:
-            session.pending[cmdsn] = (self, handler, header, bytes(data), raw)
+            session.pending[cmdsn] = (self, handler, header, data, raw)
         else:
             # RFC 7143 §4.2.2.1: outside the window, or a duplicate: silently ignored.
             log.debug("dropping CmdSN %d outside [%d, %d]", cmdsn, session.expcmdsn, session.maxcmdsn)
@@ -403,8 +413,20 @@ class TargetConnection:
         if is_file and self.data_digest:
             data = os.pread(data.fd, send, data.offset)
             is_file = False
-        view = data if is_file else memoryview(data)
         collapse = status == GOOD and not sense
+        if send <= self.max_xmit and collapse and not is_file and not self.data_digest and send & 3 == 0:
+            # The common case of one Data-In PDU carrying the status (phase collapse, §11.7.4).
+            statsn = self.statsn
+            self.statsn = (statsn + 1) & 0xFFFFFFFF
+            header = P.pack_data_in(0x81 | _residual_flags(total, edtl), status, send, lun_field, itt,
+                                    P.RESERVED_TAG, statsn, session.expcmdsn, session.maxcmdsn, 0, 0,
+                                    abs(total - edtl))
+            if self.header_digest:
+                self._out += (header, P.digest_bytes(header), data if send == total else memoryview(data)[:send])
+            else:
+                self._out += (header, data if send == total else memoryview(data)[:send])
+            return
+        view = data if is_file else memoryview(data)
         expcmdsn, maxcmdsn = session.expcmdsn, session.maxcmdsn
         out = self._out
         hd, dd = self.header_digest, self.data_digest
@@ -653,11 +675,20 @@ _SEQUENCED: dict[int, Callable[..., None]] = {
 }
 
 
+_LUN_CACHE: dict[bytes, int] = {}
+
+
 def _lun_number(lun_field: bytes) -> int:
-    try:
-        return decode_lun(lun_field)
-    except ValueError:
-        return -1  # an addressing method we do not support: treated as an absent LUN
+    """SAM-5 LUN field to a number (cached: a session uses few LUNs); -1 for unsupported addressing."""
+    lun = _LUN_CACHE.get(lun_field)
+    if lun is None:
+        try:
+            lun = decode_lun(lun_field)
+        except ValueError:
+            lun = -1  # an addressing method we do not support: treated as an absent LUN
+        if len(_LUN_CACHE) < 4096:
+            _LUN_CACHE[lun_field] = lun
+    return lun
 
 
 def _length(data) -> int:
