@@ -71,6 +71,7 @@ class WriteTask:
     next_offset: int = 0  # first offset not yet covered by an R2T
     r2tsn: int = 0
     r2ts: dict[int, list[int]] = field(default_factory=dict)  # TTT -> [offset, length, next DataSN, got]
+    gaps: list[tuple[int, int]] = field(default_factory=list)  # ranges to solicit before next_offset
     read: bool = False
 
 
@@ -330,7 +331,9 @@ class TargetConnection:
         task = WriteTask(itt, header.lun, lun, header.cdb, edtl, bytearray(edtl), read=header.read)
         task.buffer[:len(data)] = data
         task.received = len(data)
-        task.unsolicited_end = len(data) if params.initial_r2t else min(params.first_burst_length, edtl)
+        # F=1 on the command: no unsolicited Data-Out follows (§11.3.1); otherwise up to FirstBurstLength does.
+        unsolicited = not params.initial_r2t and not header.final
+        task.unsolicited_end = min(params.first_burst_length, edtl) if unsolicited else len(data)
         task.next_offset = task.unsolicited_end
         self._tasks[itt] = task
         self._send_r2ts(task)
@@ -338,17 +341,20 @@ class TargetConnection:
     def _send_r2ts(self, task: WriteTask) -> None:
         params = self.params
         assert params is not None
-        while task.next_offset < task.edtl and len(task.r2ts) < params.max_outstanding_r2t:
-            length = min(params.max_burst_length, task.edtl - task.next_offset)
+        session = self.session
+        assert session is not None
+        while (task.gaps or task.next_offset < task.edtl) and len(task.r2ts) < params.max_outstanding_r2t:
+            if task.gaps:
+                offset, length = task.gaps.pop(0)
+            else:
+                offset, length = task.next_offset, min(params.max_burst_length, task.edtl - task.next_offset)
+                task.next_offset += length
             ttt = self._next_ttt()
-            task.r2ts[ttt] = [task.next_offset, length, 0, 0]
-            session = self.session
-            assert session is not None
+            task.r2ts[ttt] = [offset, length, 0, 0]
             header = P.pack_r2t(task.lun_field, task.itt, ttt, self.statsn, session.expcmdsn, session.maxcmdsn,
-                                task.r2tsn, task.next_offset, length)
+                                task.r2tsn, offset, length)
             self._out += P.frame(header, header_digest=self.header_digest, data_digest=False)
             task.r2tsn += 1
-            task.next_offset += length
 
     def _data_out(self, header: Any, data: memoryview, raw: bytes) -> None:
         task = self._tasks.get(header.itt)
@@ -364,6 +370,10 @@ class TargetConnection:
             ok = offset + length <= task.unsolicited_end and header.datasn == task.unsolicited_datasn
             if ok:
                 task.unsolicited_datasn += 1
+                if header.final and offset + length < task.unsolicited_end:
+                    # The initiator ended its first burst early: solicit the rest of it too.
+                    task.gaps.append((offset + length, task.unsolicited_end - offset - length))
+                    task.unsolicited_end = offset + length
         else:
             r2t = task.r2ts.get(header.ttt)
             ok = (r2t is not None and r2t[0] <= offset and offset + length <= r2t[0] + r2t[1]
@@ -383,7 +393,7 @@ class TargetConnection:
         if task.received >= task.edtl and not task.r2ts:
             del self._tasks[task.itt]
             self._execute(task.itt, task.lun_field, task.lun, task.cdb, task.buffer, task.edtl, task.read)
-        elif header.ttt != P.RESERVED_TAG and header.final:
+        elif header.final:
             self._send_r2ts(task)
 
     def _execute(self, itt: int, lun_field: bytes, lun: int, cdb: bytes, data_out, edtl: int, read: bool) -> None:

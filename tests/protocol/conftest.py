@@ -126,10 +126,10 @@ class Initiator:
         return reply
 
     def command(self, cdb: bytes, *, read: int = 0, write: bytes = b"", immediate_bytes: int | None = None,
-                lun: int = 0, cmdsn: int | None = None) -> int:
+                lun: int = 0, cmdsn: int | None = None, unsolicited_follows: bool = False) -> int:
         itt = self.next_itt()
         immediate = write if immediate_bytes is None else write[:immediate_bytes]
-        self.send(Opcode.SCSI_COMMAND, immediate, final=not (len(immediate) < len(write)) or True,
+        self.send(Opcode.SCSI_COMMAND, immediate, final=not unsolicited_follows,
                   read=bool(read), write=bool(write), attr=1, lun=bytes([0, lun]) + bytes(6), itt=itt,
                   expected_data_transfer_length=read or len(write), cmdsn=self.cmdsn if cmdsn is None else cmdsn,
                   expstatsn=0, cdb=cdb.ljust(16, b"\0"))

@@ -148,7 +148,7 @@ def test_large_write_uses_r2t_and_large_read_is_segmented(make_initiator):
     ini = make_initiator()
     ini.login_normal()
     payload = os.urandom(512 * 1024)
-    itt = ini.command(rw10(WRITE10, 0, 1024), write=payload, immediate_bytes=8192)
+    itt = ini.command(rw10(WRITE10, 0, 1024), write=payload, immediate_bytes=8192, unsolicited_follows=True)
     # unsolicited Data-Out for the rest of the first burst (InitialR2T=No, FirstBurstLength 262144)
     offset, datasn = 8192, 0
     while offset < 262144:
@@ -354,3 +354,39 @@ def test_text_in_full_feature_phase_answers_unknown_keys(make_initiator):
     [text] = ini.receive()
     assert keys_of(text) == {"X-com.example.Foo": "NotUnderstood"}
     assert ini.conn.max_xmit == 65536
+
+
+def test_command_with_final_bit_means_no_unsolicited_data(make_initiator):
+    """§11.3.1: F=1 on the SCSI Command: the next data is solicited right after the immediate data."""
+    ini = make_initiator()
+    ini.login_normal()
+    payload = os.urandom(64 * 1024)
+    itt = ini.command(rw10(WRITE10, 0, 128), write=payload, immediate_bytes=4096)
+    [r2t] = ini.receive()
+    assert r2t.opcode == Opcode.R2T and r2t.header.buffer_offset == 4096
+    assert r2t.header.desired_data_transfer_length == len(payload) - 4096
+    ini.send(Opcode.DATA_OUT, payload[4096:], final=True, lun=bytes(8), itt=itt, ttt=r2t.header.ttt,
+             datasn=0, buffer_offset=4096)
+    assert status_of(ini.receive()) == 0
+
+
+def test_first_burst_ended_early_is_solicited(make_initiator):
+    """An unsolicited sequence ended (F=1) before FirstBurstLength: the gap is asked for with an R2T."""
+    ini = make_initiator()
+    ini.login_normal()
+    payload = os.urandom(512 * 1024)
+    itt = ini.command(rw10(WRITE10, 0, 1024), write=payload, immediate_bytes=4096, unsolicited_follows=True)
+    [first] = ini.receive()  # R2T for what lies beyond the first burst
+    assert first.header.buffer_offset == 262144
+    ini.send(Opcode.DATA_OUT, payload[4096:8192], final=True, lun=bytes(8), itt=itt, ttt=P.RESERVED_TAG,
+             datasn=0, buffer_offset=4096)
+    ini.send(Opcode.DATA_OUT, payload[262144:], final=True, lun=bytes(8), itt=itt, ttt=first.header.ttt,
+             datasn=0, buffer_offset=262144)
+    [gap] = ini.receive()
+    assert gap.opcode == Opcode.R2T and gap.header.buffer_offset == 8192
+    assert gap.header.desired_data_transfer_length == 262144 - 8192
+    ini.send(Opcode.DATA_OUT, payload[8192:262144], final=True, lun=bytes(8), itt=itt, ttt=gap.header.ttt,
+             datasn=0, buffer_offset=8192)
+    assert status_of(ini.receive()) == 0
+    ini.command(rw10(READ10, 0, 1024), read=len(payload))
+    assert b"".join(r.data for r in ini.receive() if r.opcode == Opcode.DATA_IN) == payload
