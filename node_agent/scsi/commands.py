@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from node_agent.scsi import cdb as C
+from node_agent.scsi import persistent_reserve as P
 from node_agent.scsi import reservations as R
 from node_agent.scsi import sbc, spc
 from node_agent.scsi import sense as S
@@ -163,17 +164,17 @@ ALL_COMMANDS: tuple[Command, ...] = (
     _c(0x56, C.RESERVE_10, R.spc2_reserve, NONE, PR_ALLOWED),
     _c(0x57, C.RELEASE_10, R.spc2_release, NONE, PR_ALLOWED, spc2=True),
     _c(0x5A, C.MODE_SENSE_10, spc.mode_sense_10, IN, PR_READ, alloc="allocation_length"),
-    _c(0x5E, C.PERSISTENT_RESERVE_IN, R.read_keys, IN, PR_ALLOWED, sa=0x00, alloc="allocation_length"),
-    _c(0x5E, C.PERSISTENT_RESERVE_IN, R.read_reservation, IN, PR_ALLOWED, sa=0x01, alloc="allocation_length"),
-    _c(0x5E, C.PERSISTENT_RESERVE_IN, R.report_capabilities, IN, PR_ALLOWED, sa=0x02, alloc="allocation_length"),
-    _c(0x5E, C.PERSISTENT_RESERVE_IN, R.read_full_status, IN, PR_ALLOWED, sa=0x03, alloc="allocation_length"),
-    _c(0x5F, C.PERSISTENT_RESERVE_OUT, R.register, OUT, PR_ALLOWED, sa=0x00),
-    _c(0x5F, C.PERSISTENT_RESERVE_OUT, R.reserve, OUT, PR_ALLOWED, sa=0x01),
-    _c(0x5F, C.PERSISTENT_RESERVE_OUT, R.release, OUT, PR_ALLOWED, sa=0x02),
-    _c(0x5F, C.PERSISTENT_RESERVE_OUT, R.clear, OUT, PR_ALLOWED, sa=0x03),
-    _c(0x5F, C.PERSISTENT_RESERVE_OUT, R.preempt, OUT, PR_ALLOWED, sa=0x04),
-    _c(0x5F, C.PERSISTENT_RESERVE_OUT, R.preempt_and_abort, OUT, PR_ALLOWED, sa=0x05),
-    _c(0x5F, C.PERSISTENT_RESERVE_OUT, R.register_and_ignore_existing_key, OUT, PR_ALLOWED, sa=0x06),
+    _c(0x5E, C.PERSISTENT_RESERVE_IN, P.read_keys, IN, PR_ALLOWED, sa=0x00, alloc="allocation_length"),
+    _c(0x5E, C.PERSISTENT_RESERVE_IN, P.read_reservation, IN, PR_ALLOWED, sa=0x01, alloc="allocation_length"),
+    _c(0x5E, C.PERSISTENT_RESERVE_IN, P.report_capabilities, IN, PR_ALLOWED, sa=0x02, alloc="allocation_length"),
+    _c(0x5E, C.PERSISTENT_RESERVE_IN, P.read_full_status, IN, PR_ALLOWED, sa=0x03, alloc="allocation_length"),
+    _c(0x5F, C.PERSISTENT_RESERVE_OUT, P.register, OUT, PR_ALLOWED, sa=0x00),
+    _c(0x5F, C.PERSISTENT_RESERVE_OUT, P.reserve, OUT, PR_ALLOWED, sa=0x01),
+    _c(0x5F, C.PERSISTENT_RESERVE_OUT, P.release, OUT, PR_ALLOWED, sa=0x02),
+    _c(0x5F, C.PERSISTENT_RESERVE_OUT, P.clear, OUT, PR_ALLOWED, sa=0x03),
+    _c(0x5F, C.PERSISTENT_RESERVE_OUT, P.preempt, OUT, PR_ALLOWED, sa=0x04),
+    _c(0x5F, C.PERSISTENT_RESERVE_OUT, P.preempt_and_abort, OUT, PR_ALLOWED, sa=0x05),
+    _c(0x5F, C.PERSISTENT_RESERVE_OUT, P.register_and_ignore_existing_key, OUT, PR_ALLOWED, sa=0x06),
     _c(0xA0, C.REPORT_LUNS, spc.report_luns, IN, PR_ALLOWED, alloc="allocation_length", spc2=True),
     _c(MAINTENANCE_IN, C.REPORT_SUPPORTED_OPERATION_CODES, report_supported_operation_codes, IN, PR_READ,
        sa=0x0C, alloc="allocation_length"),

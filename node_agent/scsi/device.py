@@ -28,6 +28,7 @@ from node_agent.scsi import sense as S
 from node_agent.scsi.commands import COMMANDS_BY_OPCODE, Command
 from node_agent.scsi.lun import decode_lun, encode_lun  # noqa: F401  (re-exported)
 from node_agent.scsi.modepages import ModeState
+from node_agent.scsi.ptpl import PtplStore
 from node_agent.scsi.reservations import ReservationConflict, Reservations
 from node_agent.scsi.result import FileRange, Nexus, ScsiResult  # noqa: F401  (re-exported)
 from node_agent.scsi.sense import CheckCondition, SenseCode, build_sense
@@ -59,12 +60,14 @@ class LunSettings:
     WRITE(16) before unmapping them, so it must not exceed ``max_transfer_bytes``."""
     max_compare_and_write_blocks: int = 16
     """COMPARE AND WRITE limit (its data is buffered whole)."""
-    max_atomic_transfer_bytes: int = 1 << 20
-    """Largest WRITE ATOMIC(16) (SBC-4 §4.29); 0 withdraws the command.  One ``pwrite`` per
-    command and one command at a time per logical unit make it atomic against every other
-    command and against a crash of the target process.  NOT against a power loss or kernel crash
-    of this host: the page cache writes back (and the disk persists) in pages, so a range that
-    was not yet stable may come back torn.  Set 0 where that guarantee is needed."""
+    max_atomic_transfer_bytes: int = 0
+    """Largest WRITE ATOMIC(16) (SBC-4 §4.29); 0 (the default) withdraws the command.  One
+    ``pwrite`` per command and one command at a time per logical unit make it atomic against
+    every other command and against a crash of the target process, but NOT against a power
+    loss or kernel crash of this host: the page cache writes back (and the disk persists) in
+    pages, so a range that was not yet stable may come back torn.  Databases that see atomic
+    write limits may turn off their own torn-page protection, so the command is offered only
+    where an operator opts in knowing that (e.g. a backing store on a battery-backed cache)."""
     file_range_threshold: int = 64 << 10
     """Reads of at least this size come back as a ``FileRange`` for sendfile."""
     thin_provisioning: bool = True
@@ -73,6 +76,8 @@ class LunSettings:
     """Write-protect the medium: writes end with DATA PROTECT / WRITE PROTECTED."""
     max_unit_attentions: int = 8
     """Pending unit attentions kept per I_T nexus; older ones are dropped first."""
+    persist_reservations: bool = True
+    """Offer APTPL (SPC-4 §5.13.5): keep persistent reservations in ``<backing file>.pr``."""
 
 
 class LogicalUnit:
@@ -88,7 +93,7 @@ class LogicalUnit:
         self.num_blocks = backing.size // backing.block_size
         self.read_only = settings.read_only or getattr(backing, "read_only", False)
         self.mode = ModeState()
-        self.reservations = Reservations()
+        self.reservations = Reservations(PtplStore.beside(backing) if settings.persist_reservations else None)
         # One logical block per physical block (LBPPBE=0): libiscsi's GetLBAStatus.UnmapSingle
         # only holds for that.  The allocation unit shows up as the optimal granularities instead.
         self.lbppbe = 0

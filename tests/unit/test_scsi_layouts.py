@@ -51,12 +51,23 @@ STANDARD_OPCODES = {
     "WRITE SAME(16)": 0x93, "READ CAPACITY(16)": (0x9E, 0x10), "GET LBA STATUS": (0x9E, 0x12),
     "REPORT LUNS": 0xA0, "REPORT SUPPORTED OPERATION CODES": (0xA3, 0x0C), "READ(12)": 0xA8,
     "WRITE(12)": 0xAA, "WRITE AND VERIFY(12)": 0xAE, "VERIFY(12)": 0xAF,
+    "RESERVE(6)": 0x16, "RELEASE(6)": 0x17, "RESERVE(10)": 0x56, "RELEASE(10)": 0x57,  # SPC-2 table D.1
+    "READ DEFECT DATA(10)": 0x37, "READ DEFECT DATA(12)": 0xB7, "WRITE ATOMIC(16)": 0x9C,  # SBC-4 table 35
+}
+# Service actions of PERSISTENT RESERVE IN (SPC-4 table 170) and OUT (table 200).
+STANDARD_SERVICE_ACTIONS = {
+    "PERSISTENT RESERVE IN": (0x5E, {0x00, 0x01, 0x02, 0x03}),
+    "PERSISTENT RESERVE OUT": (0x5F, {0x00, 0x01, 0x02, 0x03, 0x04, 0x05, 0x06}),
 }
 
 
 def test_opcode_table_matches_the_standard():
-    table = {c.name: (c.opcode if c.service_action is None else (c.opcode, c.service_action)) for c in ALL_COMMANDS}
+    table = {c.name: (c.opcode if c.service_action is None else (c.opcode, c.service_action)) for c in ALL_COMMANDS
+             if c.name not in STANDARD_SERVICE_ACTIONS}
     assert table == STANDARD_OPCODES
+    for name, (opcode, actions) in STANDARD_SERVICE_ACTIONS.items():
+        rows = [c for c in ALL_COMMANDS if c.name == name]
+        assert {c.opcode for c in rows} == {opcode} and {c.service_action for c in rows} == actions
 
 
 @pytest.mark.parametrize("cmd", ALL_COMMANDS, ids=lambda c: c.name)

@@ -1,0 +1,208 @@
+"""Reservations of one logical unit: persistent (SPC-4 §5.13) and SPC-2 RESERVE/RELEASE.
+
+``Reservations`` holds the state (registrations keyed by I_T nexus, the
+persistent reservation and its holder, the PRgeneration counter, an SPC-2
+reservation) and answers the dispatcher's one question, ``conflicts(cmd,
+nexus)``, from the command table's ``pr`` and ``spc2_allowed`` columns.
+PERSISTENT RESERVE IN/OUT live in ``persistent_reserve.py``; RESERVE and
+RELEASE(6/10) (SPC-2 §7.17-7.22, with the SPC-3 §5.6.3 exceptions: CRH=1) are
+below.  Handlers raise ``ReservationConflict`` for RESERVATION CONFLICT status.
+
+Unit attentions go only to I_T nexuses that are logged in.  Resets and I_T
+nexus loss release an SPC-2 reservation but leave persistent reservations
+alone (SPC-4 §5.13.1).  With APTPL=1 (and a regular backing file) the
+persistent state is saved after every change and restored at start-up
+(``ptpl.py``, SPC-4 §5.13.5).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from node_agent.scsi import sense as S
+from node_agent.scsi.result import Nexus
+from node_agent.scsi.sense import CheckCondition
+
+# How a command fares under a reservation held by another I_T nexus (the command
+# table's ``pr`` column, SPC-4 §5.13.1 table 66 and SBC-3 table 13): ALLOWED always
+# runs; READ conflicts only with the Exclusive Access types; WRITE with every type.
+PR_ALLOWED, PR_READ, PR_WRITE = "allowed", "read", "write"
+
+PERSISTENT_RESERVE_IN = 0x5E
+PERSISTENT_RESERVE_OUT = 0x5F
+LU_SCOPE = 0x0
+
+
+class ReservationConflict(Exception):
+    """Raised by a handler: the command ends with RESERVATION CONFLICT status (SAM-5 §5.3.1)."""
+
+
+@dataclass(frozen=True)
+class PrType:
+    """A persistent reservation type (SPC-4 §6.16.3 table 205)."""
+
+    code: int
+    name: str
+    exclusive_access: bool  # reads conflict too, not only writes
+    registrants: str | None  # None, "only" (registrants only) or "all" (all registrants)
+    mask: int  # its bit in the PERSISTENT RESERVATION TYPE MASK (SPC-4 table 188)
+
+
+PR_TYPES = {t.code: t for t in (
+    PrType(0x1, "Write Exclusive", False, None, 0x0200),
+    PrType(0x3, "Exclusive Access", True, None, 0x0800),
+    PrType(0x5, "Write Exclusive - Registrants Only", False, "only", 0x2000),
+    PrType(0x6, "Exclusive Access - Registrants Only", True, "only", 0x4000),
+    PrType(0x7, "Write Exclusive - All Registrants", False, "all", 0x8000),
+    PrType(0x8, "Exclusive Access - All Registrants", True, "all", 0x0001),
+)}
+
+class Reservations:
+    """Registrations, the persistent reservation and an SPC-2 reservation of one logical unit."""
+
+    def __init__(self, store=None):
+        self.registrations: dict[Nexus, int] = {}  # I_T nexus -> reservation key, in registration order
+        self.generation = 0
+        self.type: PrType | None = None  # the persistent reservation, if any (always LU_SCOPE)
+        self.holder: Nexus | None = None  # its holder, unless the type is an all-registrants one
+        self.spc2_holder: Nexus | None = None
+        self.engaged = False  # some reservation exists: the dispatcher must ask ``conflicts``
+        self.store = store  # a ``PtplStore``, or None: Persist Through Power Loss not offered
+        self.aptpl = False  # APTPL of the last successful REGISTER (SPC-4 §5.13.5)
+        saved = store.load() if store is not None else None
+        if saved is not None:
+            self.restore(saved)
+
+    # -- persistence (SPC-4 §5.13.5) ---------------------------------------------------
+    def dump(self) -> dict:
+        """The persistent state (not the SPC-2 reservation, which a power loss ends)."""
+        nexuses = list(self.registrations)
+        return {
+            "version": 1, "generation": self.generation, "aptpl": self.aptpl,
+            "registrations": [{"initiator_port": n.initiator_port, "target_port": n.target_port,
+                               "relative_target_port": n.relative_target_port, "key": key}
+                              for n, key in self.registrations.items()],
+            "type": self.type.code if self.type else None,
+            "holder": nexuses.index(self.holder) if self.holder in self.registrations else None,
+        }
+
+    def restore(self, state: dict) -> None:
+        if state.get("version") != 1:
+            raise ValueError(f"unknown reservation state version {state.get('version')!r}")
+        nexuses = [Nexus(r["initiator_port"], r["target_port"], r["relative_target_port"])
+                   for r in state["registrations"]]
+        self.registrations = {n: r["key"] for n, r in zip(nexuses, state["registrations"])}
+        self.generation, self.aptpl = state["generation"], state["aptpl"]
+        self.type = PR_TYPES[state["type"]] if state["type"] is not None else None
+        self.holder = nexuses[state["holder"]] if state["holder"] is not None else None
+        self._settle()
+
+    def changed(self) -> None:
+        """Save the state after a PERSISTENT RESERVE OUT changed it, or drop the saved copy if APTPL=0."""
+        if self.store is None:
+            return
+        if self.aptpl:
+            self.store.save(self.dump())
+        else:
+            self.store.remove()
+
+    # -- queries -------------------------------------------------------------------
+    def is_holder(self, nexus: Nexus) -> bool:
+        """SPC-4 §5.13.10: every registrant holds an all-registrants reservation."""
+        if self.type is None:
+            return False
+        if self.type.registrants == "all":
+            return nexus in self.registrations
+        return nexus == self.holder
+
+    def may_access(self, nexus: Nexus) -> bool:
+        """The holder, or a registrant under a registrants-only / all-registrants type."""
+        return self.is_holder(nexus) or (self.type is not None and self.type.registrants is not None
+                                         and nexus in self.registrations)
+
+    def conflicts(self, cmd, nexus: Nexus) -> bool:
+        """Whether ``cmd`` from ``nexus`` ends with RESERVATION CONFLICT (SPC-4 §5.13.1, SPC-2 §5.5.1)."""
+        if self.spc2_holder is not None:
+            if cmd.opcode in (PERSISTENT_RESERVE_IN, PERSISTENT_RESERVE_OUT):
+                return True  # SPC-3 §5.6.3 b): every PR command conflicts with an SPC-2 reservation
+            if nexus != self.spc2_holder and not cmd.spc2_allowed:
+                return True
+        if self.type is None or cmd.pr == PR_ALLOWED or self.may_access(nexus):
+            return False
+        return cmd.pr == PR_WRITE or self.type.exclusive_access
+
+    def reservation_key(self) -> int:
+        """The RESERVATION KEY READ RESERVATION reports: 0 for all-registrants types (SPC-4 §6.15.3)."""
+        if self.type is None or self.type.registrants == "all":
+            return 0
+        return self.registrations.get(self.holder, 0)
+
+    # -- changes -------------------------------------------------------------------
+    def _settle(self) -> None:
+        if self.type is not None and self.type.registrants == "all" and not self.registrations:
+            self.type = None  # the last registrant of an all-registrants reservation left
+        if self.type is None:
+            self.holder = None
+        self.engaged = self.type is not None or self.spc2_holder is not None
+
+    def reserve(self, nexus: Nexus, pr_type: PrType) -> None:
+        self.type = pr_type
+        self.holder = None if pr_type.registrants == "all" else nexus
+        self._settle()
+
+    def release(self) -> PrType | None:
+        released, self.type = self.type, None
+        self._settle()
+        return released
+
+    def unregister(self, nexus: Nexus) -> PrType | None:
+        """Remove ``nexus``'s registration; returns the reservation type that went with it (§5.13.11.2.3)."""
+        before = self.type
+        if before is not None and before.registrants != "all" and self.holder == nexus:
+            self.type = None  # the holder of a single-holder reservation left
+        self.registrations.pop(nexus, None)
+        self._settle()
+        return before if before is not None and self.type is None else None
+
+    def spc2_reserve(self, nexus: Nexus | None) -> None:
+        self.spc2_holder = nexus
+        self._settle()
+
+
+# -- RESERVE / RELEASE (SPC-2 §7.17-7.22, with the SPC-3 §5.6.3 exceptions) ------------------------
+def _no_third_party(cdb) -> None:
+    if getattr(cdb, "thirdpty", False) or getattr(cdb, "longid", False):
+        raise CheckCondition(S.INVALID_FIELD_IN_CDB, field_pointer=1, bit_pointer=4 if cdb.thirdpty else 1)
+
+
+def _spc2_blocked_by_registrations(res: Reservations, nexus: Nexus) -> bool:
+    """SPC-3 §5.6.3 a): with registrations, RESERVE/RELEASE are a GOOD no-op for a nexus the persistent
+    reservation lets through (True) and a RESERVATION CONFLICT for everyone else."""
+    if not res.registrations:
+        return False
+    if res.may_access(nexus):
+        return True
+    raise ReservationConflict()
+
+
+def spc2_reserve(lu, nexus, cdb, data_out, edtl):
+    """RESERVE(6)/(10) (SPC-2 §7.21): the logical unit for this I_T nexus only; the holder may repeat it."""
+    _no_third_party(cdb)
+    res = lu.reservations
+    if _spc2_blocked_by_registrations(res, nexus):
+        return None
+    if res.spc2_holder not in (None, nexus):
+        raise ReservationConflict()
+    res.spc2_reserve(nexus)
+    return None
+
+
+def spc2_release(lu, nexus, cdb, data_out, edtl):
+    """RELEASE(6)/(10) (SPC-2 §7.17): releases our own reservation; from anyone else it is a GOOD no-op."""
+    _no_third_party(cdb)
+    res = lu.reservations
+    if _spc2_blocked_by_registrations(res, nexus):
+        return None
+    if res.spc2_holder == nexus:
+        res.spc2_reserve(None)
+    return None
