@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ipaddress
 import logging
 import os
 import signal
@@ -54,8 +55,17 @@ def build_parser() -> argparse.ArgumentParser:
                         help="the target authenticates itself to initiators (needs --chap; @FILE as for --chap)")
     target.add_argument("--allow", type=_typed(check_iqn), action="append", metavar="IQN",
                         help="admit only these initiator names (repeatable; default: any)")
+    target.add_argument("--allow-anonymous", action="store_true",
+                        help="serve without CHAP on an address other than loopback (refused otherwise)")
     target.add_argument("--port-file", metavar="FILE", help="write HOST:PORT here once listening")
     return parser
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
 
 
 def _write_port_file(path: str, address: tuple[str, int]) -> None:
@@ -96,6 +106,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "target":
         if args.mutual_chap and not args.chap:
             parser.error("--mutual-chap needs --chap")
+        host = args.listen[0]
+        if not args.chap and not args.allow_anonymous and not _is_loopback(host):
+            parser.error(f"refusing to serve without CHAP on {host} (not loopback): give --chap USER:SECRET, "
+                         "or --allow-anonymous to accept that risk")
         try:
             return asyncio.run(_run_target(args))
         except (OSError, ValueError) as exc:  # a busy port, a bad LUN file: say so, no traceback

@@ -80,6 +80,9 @@ def running_shoal_target(tmp_path: Path, luns=(("disk0", 64 * 2**20),), *, iqn: 
         args += ["--mutual-chap", f"{mutual_chap[0]}:{mutual_chap[1]}"]
     for name in allow or []:
         args += ["--allow", name]
+    host = listen.rpartition(":")[0].strip("[]")
+    if not chap and host not in ("127.0.0.1", "::1", "localhost"):
+        args.append("--allow-anonymous")  # tests that serve a namespace address without CHAP say so
     args += extra_args or []
     if netns:
         args = ["ip", "netns", "exec", netns] + args

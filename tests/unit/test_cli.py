@@ -21,6 +21,7 @@ from node_agent.target_service import LunSpec, parse_size
     (["target", "--lun", "x.img", "--allow", "bogus"], "not an iSCSI name"),
     (["target", "--lun", "x.img", "--chap", "@/nonexistent/chap"], "No such file"),
     (["target", "--lun", "x.img", "--mutual-chap", "t:secret-123456"], "--mutual-chap needs --chap"),
+    (["target", "--lun", "x.img", "--listen", "0.0.0.0:3260"], "refusing to serve without CHAP"),
 ])
 def test_bad_arguments_are_refused(args, message, capsys):
     with pytest.raises(SystemExit) as exc:
