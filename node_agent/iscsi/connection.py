@@ -148,6 +148,9 @@ class TargetConnection:
 
     def connection_lost(self) -> None:
         """The transport's socket is gone: release the session (ErrorRecoveryLevel 0)."""
+        if self.session is not None and not self.close_reason:
+            log.info("connection closed by %s (%s, tsih %d) without logout", self.peer,
+                     self.session.initiator_name, self.session.tsih)
         self.closing = True
         self._tasks.clear()
         if self.session is not None:
@@ -156,7 +159,7 @@ class TargetConnection:
     def close(self, reason: str) -> None:
         """End this connection (called by the core itself or by the registry)."""
         if not self.closing:
-            log.info("closing connection from %s: %s", self.peer, reason)
+            (log.debug if reason == "logout" else log.info)("closing connection from %s: %s", self.peer, reason)
             self.closing = True
             self.close_reason = reason
             self.wakeup()

@@ -113,10 +113,12 @@ def running_tgtd(
     backing: Path,
     chap: tuple[str, str] | None = None,
     mutual_chap: tuple[str, str] | None = None,
+    params: dict[str, str] | None = None,
 ) -> Iterator[int]:
     """tgtd inside ``net`` on 10.99.0.1:3260 serving ``backing`` as LUN 1.
 
-    (tgtd reserves LUN 0 for its controller.) Yields tgtd's PID.
+    (tgtd reserves LUN 0 for its controller.) ``params`` are iSCSI keys set
+    on the target (``tgtadm --op update --mode target``). Yields tgtd's PID.
     """
     cport = random.randint(2000, 9000)
     proc = subprocess.Popen(
@@ -135,6 +137,9 @@ def running_tgtd(
         _tgtadm(net, cport, *iscsi, "--op", "new", "--mode", "logicalunit", "--tid", "1", "--lun", "1",
                 "-b", str(backing))
         _tgtadm(net, cport, *iscsi, "--op", "bind", "--mode", "target", "--tid", "1", "-I", "ALL")
+        for key, value in (params or {}).items():
+            _tgtadm(net, cport, *iscsi, "--op", "update", "--mode", "target", "--tid", "1",
+                    "--name", key, "--value", value)
         if chap:
             _tgtadm(net, cport, *iscsi, "--op", "new", "--mode", "account", "--user", chap[0],
                     "--password", chap[1])
@@ -173,6 +178,32 @@ def test_tgtd_harness(guest_image, guest_net, tmp_path, auth):
                                 chap=chap, mutual_chap=mutual)
     _check_backing(backing, result)
     _check_discovery(result, TGT_IQN)
+
+
+DIGESTS = {"header_digest": "CRC32C", "data_digest": "CRC32C"}
+
+
+def _check_digests(result: kernel_guest.InitiatorResult) -> None:
+    """The session ran with CRC32C header and data digests (RFC 7143 §13.1) and saw no digest error.
+
+    ``header_digest``/``data_digest`` are what ``iscsiadm -m session -P 2``
+    printed from the kernel's connection after login; ``digest_errors`` is the
+    connection's ``digest_err`` counter after all the I/O.
+    """
+    got = {key: result.results.get(key) for key in DIGESTS}
+    session = "\n".join(line for line in result.serial_log.splitlines() if "SHOAL-LOG session" in line)
+    assert got == DIGESTS, f"negotiated digests {got}, wanted {DIGESTS}:\n{session}"
+    assert result.results.get("digest_errors") == "0", result.excerpt()
+
+
+def test_tgtd_harness_digests(guest_image, guest_net, tmp_path):
+    """The harness's digest variant against tgtd: the guest really runs with CRC32C digests."""
+    backing = _sparse_file(tmp_path / "lun.img", LUN_SIZE)
+    # tgtd offers HeaderDigest/DataDigest=None unless told otherwise.
+    with running_tgtd(guest_net, backing, params={"HeaderDigest": "CRC32C", "DataDigest": "CRC32C"}):
+        result = _run_and_check(guest_image, guest_net, TGT_IQN, tmp_path, lun=1, **DIGESTS)
+    _check_digests(result)
+    _check_backing(backing, result)
 
 
 def _assert_login_refused(result: kernel_guest.InitiatorResult) -> None:
@@ -239,3 +270,32 @@ def test_shoal_target_refuses_wrong_chap_secret(guest_image, guest_net, tmp_path
             network=guest_net, image=guest_image, log_path=tmp_path / "serial.log",
         )
     _assert_login_refused(result)
+
+
+@pytest.mark.parametrize("auth", ["none", "mutual-chap"])
+def test_shoal_target_kernel_initiator_digests(guest_image, guest_net, tmp_path, auth):
+    """The whole kernel run with CRC32C header and data digests on the session.
+
+    RFC 7143 §13.1 (HeaderDigest, DataDigest), §12.1 (CRC32C), §7.8 (digest
+    errors): both sides must agree, or the first PDU after login is misframed.
+    Checked from the guest (``iscsiadm -m session -P 2``, ``digest_err``) and
+    from the target's login line. SendTargets discovery stays without digests
+    (open-iscsi never offers them for discovery sessions).
+    """
+    running_shoal_target = _shoal_target()
+    chap, mutual = (CHAP, MUTUAL_CHAP) if auth == "mutual-chap" else (None, None)
+    with running_shoal_target(
+        tmp_path, luns=[("disk0", LUN_SIZE)], chap=chap, mutual_chap=mutual,
+        netns=guest_net.netns, listen=guest_net.portal(PORT),
+    ) as target:
+        result = _run_and_check(guest_image, guest_net, target.iqn, tmp_path, lun=0, chap=chap,
+                                mutual_chap=mutual, **DIGESTS)
+        log = target.log()
+    _check_digests(result)
+    logins = [line for line in log.splitlines()
+              if f"login: {kernel_guest.DEFAULT_INITIATOR} " in line and f" to {target.iqn} " in line]
+    assert logins and all("HeaderDigest=CRC32C DataDigest=CRC32C" in line for line in logins), (
+        "the target's login line does not show both digests:\n" + log
+    )
+    _check_backing(Path(target.lun_paths[0]), result)
+    _check_discovery(result, target.iqn)

@@ -19,7 +19,8 @@ namespace:
    (host side 10.99.0.1/24); the target under test listens inside it.
 3. :func:`run_kernel_initiator` boots the guest on that tap. Its init
    configures 10.99.0.2, runs SendTargets discovery, logs in (optionally with
-   CHAP or mutual CHAP, RFC 7143 §12.1.3), writes and reads back a pattern
+   CHAP or mutual CHAP, RFC 7143 §12.1.3, and CRC32C header/data digests,
+   §13.1), writes and reads back a pattern
    with O_DIRECT, runs ``mke2fs -t ext4``, mounts, writes files, unmounts, logs
    out (RFC 7143 §11.14) and powers off. Every step prints
    ``SHOAL-RESULT key=value`` on the serial console; the parsed values come
@@ -85,6 +86,8 @@ GUEST_IP = "10.99.0.2"
 PREFIX_LEN = 24
 TAP_NAME = "tap0"
 DEFAULT_INITIATOR = "iqn.2026-11.dev.shoal:kernel-guest"
+#: Values open-iscsi accepts for ``node.conn[0].iscsi.HeaderDigest``/``DataDigest``.
+DIGEST_VALUES = ("None", "CRC32C", "CRC32C,None", "None,CRC32C")
 
 RESULT_MARKER = "SHOAL-RESULT "
 _RESULT_LINE = re.compile(r"SHOAL-RESULT ([A-Za-z0-9_]+)=(.*)")
@@ -251,19 +254,32 @@ log discovery < /tmp/disc.out
 say discovered "$(grep -c "$SHOAL_IQN" /tmp/disc.out)"
 stamp discovery
 
+set_digest() {  # set_digest KEY VALUE: VALUE is None, CRC32C, "CRC32C,None" or "None,CRC32C"
+    [ -z "$2" ] || iscsiadm -m node -T "$SHOAL_IQN" -p "$SHOAL_PORTAL" -o update -n "node.conn[0].iscsi.$1" -v "$2"
+}
+
 make_node() {
     iscsiadm -m node -T "$SHOAL_IQN" -p "$SHOAL_PORTAL" > /dev/null 2>&1 ||
         iscsiadm -m node -T "$SHOAL_IQN" -p "$SHOAL_PORTAL" -o new || return 1
     if [ -n "$SHOAL_CHAP_USER" ]; then
         set_auth node -m node -T "$SHOAL_IQN" -p "$SHOAL_PORTAL" || return 1
     fi
+    # Digests (RFC 7143 §13.1) are per connection in the node record.
+    # Discovery sessions have none: open-iscsi forces them to None.
+    set_digest HeaderDigest "$SHOAL_HEADER_DIGEST" && set_digest DataDigest "$SHOAL_DATA_DIGEST"
 }
 run node make_node
+say node_header_digest "$(iscsiadm -m node -T "$SHOAL_IQN" -p "$SHOAL_PORTAL" | sed -n 's/^node.conn\[0\].iscsi.HeaderDigest = //p')"
+say node_data_digest "$(iscsiadm -m node -T "$SHOAL_IQN" -p "$SHOAL_PORTAL" | sed -n 's/^node.conn\[0\].iscsi.DataDigest = //p')"
 say node_login_timeout "$(iscsiadm -m node -T "$SHOAL_IQN" -p "$SHOAL_PORTAL" | sed -n 's/^node.conn\[0\].timeo.login_timeout = //p')"
 
 SESSION_UP=1
 run login iscsiadm -m node -T "$SHOAL_IQN" -p "$SHOAL_PORTAL" -l
-iscsiadm -m session -P 2 2>&1 | grep -E 'Target:|Portal|Auth|CHAP|username|HeaderDigest|DataDigest|MaxRecvDataSegmentLength|MaxXmitDataSegmentLength|FirstBurstLength|MaxBurstLength|ImmediateData|InitialR2T|MaxOutstandingR2T' | log session
+iscsiadm -m session -P 2 > /tmp/session.out 2>&1
+grep -E 'Target:|Portal|Auth|CHAP|username|HeaderDigest|DataDigest|MaxRecvDataSegmentLength|MaxXmitDataSegmentLength|FirstBurstLength|MaxBurstLength|ImmediateData|InitialR2T|MaxOutstandingR2T' /tmp/session.out | log session
+# What the kernel's connection really runs with (from sysfs, via iscsiadm).
+say header_digest "$(sed -n 's/^[[:space:]]*HeaderDigest: //p' /tmp/session.out | head -n 1)"
+say data_digest "$(sed -n 's/^[[:space:]]*DataDigest: //p' /tmp/session.out | head -n 1)"
 
 find_disk() {
     i=0
@@ -309,6 +325,10 @@ run file_write write_files
 run umount umount /mnt
 run flush blockdev --flushbufs $DEV
 run pattern_after_mkfs read_pattern
+# Connection statistics: digest errors the kernel saw (RFC 7143 §7.8).
+iscsiadm -m session -s > /tmp/stats.out 2>&1
+grep -iE 'digest|txdata_octets|rxdata_octets|timeout_err' /tmp/stats.out | log stats
+say digest_errors "$(sed -n 's/^[[:space:]]*digest_err: //p' /tmp/stats.out | head -n 1)"
 
 run logout iscsiadm -m node -T "$SHOAL_IQN" -p "$SHOAL_PORTAL" -u
 SESSION_UP=
@@ -754,7 +774,8 @@ class InitiatorResult:
         return "\n".join(self.serial_log.splitlines()[-lines:])
 
     def summary(self) -> str:
-        keys = ("kernel", "discovery", "login", "disk", "disk_bytes", "vendor", "model", "result", "io_errors")
+        keys = ("kernel", "discovery", "login", "header_digest", "data_digest", "disk", "disk_bytes", "vendor",
+                "model", "result", "io_errors", "digest_errors")
         shown = " ".join(f"{k}={self.results[k]}" for k in keys if k in self.results)
         return f"{shown} elapsed={self.elapsed:.1f}s"
 
@@ -815,6 +836,8 @@ def run_kernel_initiator(
     mutual_chap: tuple[str, str] | None = None,
     *,
     network: GuestNetwork,
+    header_digest: str | None = None,
+    data_digest: str | None = None,
     image: GuestImage | None = None,
     initiator_iqn: str = DEFAULT_INITIATOR,
     pattern_offset_mib: int = 40,
@@ -825,7 +848,12 @@ def run_kernel_initiator(
     """Boot the guest once and run the scripted session against the target.
 
     ``chap`` is the initiator's (user, secret) pair; ``mutual_chap`` the
-    pair the target answers with (RFC 7143 §12.1.3). The LUN must be larger
+    pair the target answers with (RFC 7143 §12.1.3). ``header_digest`` and
+    ``data_digest`` go into the node record's ``node.conn[0].iscsi.HeaderDigest``
+    / ``DataDigest`` (``None``, ``CRC32C``, ``CRC32C,None``, ``None,CRC32C``;
+    RFC 7143 §13.1); unset keeps iscsid.conf's default (None). What the
+    session really negotiated comes back as ``header_digest``/``data_digest``
+    in the results. The LUN must be larger
     than ``pattern_offset_mib`` + 1 MiB; the filesystem takes the first
     ``fs_size_mib`` MiB and must end before the pattern.
     """
@@ -850,6 +878,11 @@ def run_kernel_initiator(
         env["SHOAL_CHAP_USER"], env["SHOAL_CHAP_SECRET"] = chap
     if mutual_chap:
         env["SHOAL_MUTUAL_USER"], env["SHOAL_MUTUAL_SECRET"] = mutual_chap
+    for name, value in (("SHOAL_HEADER_DIGEST", header_digest), ("SHOAL_DATA_DIGEST", data_digest)):
+        if value is not None:
+            if value not in DIGEST_VALUES:
+                raise ValueError(f"{name}={value!r}: one of {', '.join(DIGEST_VALUES)}")
+            env[name] = value
     options = " ".join(f"{k}={_check_value(k, v)}" for k, v in env.items())
     append = f"console=ttyS0 quiet panic=-1 mitigations=off {options}"
 
