@@ -13,7 +13,7 @@ namespace:
    writes a busybox-static initramfs holding those modules, ``iscsid``,
    ``iscsiadm`` and e2fsprogs' ``mke2fs`` with their shared libraries. The
    result is cached under ``$SHOAL_TEST_CACHE`` (default
-   ``/work/main/.cache/kernel-guest``), keyed by the kernel version and a hash
+   ``.cache/kernel-guest`` in the repository), keyed by the kernel version and a hash
    of everything that goes into the image, so a second run only boots.
 2. :func:`guest_network` creates a network namespace with a tap device
    (host side 10.99.0.1/24); the target under test listens inside it.
@@ -58,7 +58,7 @@ from pathlib import Path
 #: Part of the image key, with this file's text and the copied host files.
 IMAGE_FORMAT = 1
 
-DEFAULT_CACHE = Path("/work/main/.cache/kernel-guest")
+DEFAULT_CACHE = Path(__file__).resolve().parents[2] / ".cache" / "kernel-guest"
 KERNEL_METAPACKAGE = "linux-image-amd64"
 
 #: Modules the guest loads, dependencies resolved from ``.modinfo``.
