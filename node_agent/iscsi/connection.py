@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from node_agent.iscsi import pdu as P
+from node_agent.iscsi.buffers import BufferPool, ReceiveBuffer
 from node_agent.iscsi.keys import SessionParams, TargetSettings, encode_text, parse_text
 from node_agent.iscsi.login import FULL_FEATURE, LoginReply, LoginStatus, TargetLogin
 from node_agent.iscsi.pdu import Opcode, RejectReason, TmfFunction, TmfResponse
@@ -38,6 +39,7 @@ _U32 = struct.Struct(">I").unpack_from
 
 GOOD = 0x00
 CHECK_CONDITION = 0x02
+_DIRECT_MIN = 16 * 1024  # Data-Out payloads at least this large are received straight into the task buffer
 LOGIN_MAX_DATA = 65536  # bound on a login PDU's data segment before negotiation (RFC default is 8192)
 
 
@@ -99,7 +101,10 @@ class TargetConnection:
         self.closing = False
         self.close_reason = ""
         self.wakeup: Callable[[], None] = lambda: None
-        self._inbuf = bytearray()
+        self._rx = ReceiveBuffer()
+        self._pool: BufferPool = registry.buffers
+        self._sink: memoryview | None = None  # where a large Data-Out payload is being received directly
+        self._trailer: tuple | None = None  # a directly placed Data-Out waiting for its padding/digest
         self._out: list[Any] = []
         self._tasks: dict[int, WriteTask] = {}
         self._dead_itts: set[int] = set()
@@ -111,11 +116,32 @@ class TargetConnection:
 
     # ------------------------------------------------------------------ I/O interface
     def receive(self, data: bytes | bytearray | memoryview) -> None:
-        """Bytes from the initiator, any amount at a time."""
+        """Bytes from the initiator, any amount at a time (copied in; see ``get_buffer`` for zero-copy)."""
+        data = memoryview(data)
+        while data and not self.closing:
+            space = self.get_buffer()
+            count = min(len(space), len(data))
+            space[:count] = data[:count]
+            data = data[count:]
+            self.buffer_updated(count)
+
+    def get_buffer(self) -> memoryview:
+        """Memory the transport should receive into next (``asyncio.BufferedProtocol`` style)."""
+        if self._sink is not None:
+            return self._sink
+        return self._rx.writable()
+
+    def buffer_updated(self, count: int) -> None:
+        """``count`` bytes were received into the last ``get_buffer()``."""
         if self.closing:
             return
         self._last_rx = self.clock()
-        self._inbuf += data
+        if self._sink is not None:
+            self._sink = self._sink[count:] if count < len(self._sink) else None
+            if self._sink is not None:
+                return
+        else:
+            self._rx.filled(count)
         self._process()
 
     def take_output(self) -> list[Any]:
@@ -166,12 +192,16 @@ class TargetConnection:
 
     # ------------------------------------------------------------------ framing
     def _process(self) -> None:
-        buf = self._inbuf
-        pos = 0
-        end = len(buf)
+        rx = self._rx
+        buf = rx.buf
         view = memoryview(buf)
         try:
-            while end - pos >= P.BHS_LENGTH and not self.closing:
+            while not self.closing and self._sink is None:
+                if self._trailer is not None and not self._finish_trailer(view):
+                    break
+                pos, end = rx.start, rx.end
+                if end - pos < P.BHS_LENGTH:
+                    break
                 lengths = _U32(buf, pos + 4)[0]  # TotalAHSLength (words) and DataSegmentLength, §11.2.1
                 ahs_len, dsl = (lengths >> 24) * 4, lengths & 0xFFFFFF
                 if dsl > self.max_recv:
@@ -181,16 +211,56 @@ class TargetConnection:
                 hd, dd = self.header_digest, self.data_digest
                 total = P.BHS_LENGTH + ahs_len + P.pad4(dsl) + (4 if hd else 0) + (4 if dd and dsl else 0)
                 if end - pos < total:
+                    if dsl >= _DIRECT_MIN and buf[pos] & 0x3F == Opcode.DATA_OUT and self.session is not None:
+                        self._start_direct(view, pos, ahs_len, dsl, hd, dd)
                     break
                 self._one_pdu(view, pos, ahs_len, dsl, hd, dd)
-                pos += total
+                rx.consume(total)
         finally:
             view.release()
-        if pos:
-            try:
-                del buf[:pos]
-            except BufferError:  # a slice of it is still referenced somewhere: start a new buffer
-                self._inbuf = bytearray(buf[pos:])
+
+    def _start_direct(self, view: memoryview, pos: int, ahs_len: int, dsl: int, hd: bool, dd: bool) -> None:
+        """Receive the rest of a large Data-Out payload straight into its task's buffer."""
+        rx = self._rx
+        payload = pos + P.BHS_LENGTH + ahs_len + (4 if hd else 0)
+        if rx.end < payload:
+            return  # not even the header yet
+        if hd and view[payload - 4:payload] != P.digest_bytes(view[pos:payload - 4]):
+            self.close("header digest error")
+            return
+        header = P.LAYOUTS[Opcode.DATA_OUT].decode(view, pos)
+        task = self._data_out_task(header, dsl)
+        if task is None:
+            return  # not for a task we know: framed and refused the ordinary way
+        offset = header.buffer_offset
+        have = min(rx.end - payload, dsl)
+        task.buffer[offset:offset + have] = view[payload:payload + have]
+        raw = bytes(view[pos:pos + P.BHS_LENGTH])
+        rx.consume(payload + have - pos)
+        if have < dsl:
+            self._sink = memoryview(task.buffer)[offset + have:offset + dsl]
+        self._trailer = (header, raw, task, dsl, P.pad4(dsl) - dsl, dd)
+
+    def _finish_trailer(self, view: memoryview) -> bool:
+        """Padding and data digest of a directly received Data-Out; False while they are still missing."""
+        header, raw, task, length, pad, dd = self._trailer  # type: ignore[misc]
+        rx = self._rx
+        need = pad + (4 if dd else 0)
+        if len(rx) < need:
+            return False
+        start = rx.start
+        self._trailer = None
+        if dd:
+            offset = header.buffer_offset
+            digest = P.digest_bytes(memoryview(task.buffer)[offset:offset + length], view[start:start + pad])
+            if view[start + pad:start + need] != digest:
+                rx.consume(need)
+                self._reject_raw(raw, RejectReason.DATA_DIGEST_ERROR)
+                return True
+        rx.consume(need)
+        if self._tasks.get(task.itt) is task:  # not aborted meanwhile
+            self._data_out_done(task, header, length)
+        return True
 
     def _one_pdu(self, view: memoryview, pos: int, ahs_len: int, dsl: int, hd: bool, dd: bool) -> None:
         bhs = view[pos:pos + P.BHS_LENGTH]
@@ -331,7 +401,7 @@ class TargetConnection:
             self._dead_itts.add(itt)
             self._respond(itt, CHECK_CONDITION, _sense_invalid_field_in_cdb(), 0, edtl, 0)
             return
-        task = WriteTask(itt, header.lun, lun, header.cdb, edtl, bytearray(edtl), read=header.read)
+        task = WriteTask(itt, header.lun, lun, header.cdb, edtl, self._pool.acquire(edtl), read=header.read)
         task.buffer[:len(data)] = data
         task.received = len(data)
         # F=1 on the command: no unsolicited Data-Out follows (§11.3.1); otherwise up to FirstBurstLength does.
@@ -359,43 +429,60 @@ class TargetConnection:
             self._out += P.frame(header, header_digest=self.header_digest, data_digest=False)
             task.r2tsn += 1
 
-    def _data_out(self, header: Any, data: memoryview, raw: bytes) -> None:
+    def _data_out_task(self, header: Any, length: int) -> WriteTask | None:
+        """The task a Data-Out PDU belongs to, if it fits that task's sequence (§11.7); no side effects."""
         task = self._tasks.get(header.itt)
+        if task is None:
+            return None
+        offset = header.buffer_offset
+        if header.ttt == P.RESERVED_TAG:
+            ok = offset + length <= task.unsolicited_end and header.datasn == task.unsolicited_datasn
+        else:
+            r2t = task.r2ts.get(header.ttt)
+            ok = (r2t is not None and r2t[0] <= offset and offset + length <= r2t[0] + r2t[1]
+                  and header.datasn == r2t[2])
+        return task if ok else None
+
+    def _data_out(self, header: Any, data: memoryview, raw: bytes) -> None:
+        """A Data-Out PDU that arrived whole in the receive buffer."""
+        task = self._data_out_task(header, len(data))
         if task is None:
             if header.itt in self._dead_itts:
                 if header.final:
                     self._dead_itts.discard(header.itt)
                 return
-            self._reject_raw(raw, RejectReason.INVALID_PDU_FIELD)
+            reason = RejectReason.PROTOCOL_ERROR if header.itt in self._tasks else RejectReason.INVALID_PDU_FIELD
+            self._reject_raw(raw, reason)
             return
-        offset, length = header.buffer_offset, len(data)
+        offset = header.buffer_offset
+        task.buffer[offset:offset + len(data)] = data
+        self._data_out_done(task, header, len(data))
+
+    def _data_out_done(self, task: WriteTask, header: Any, length: int) -> None:
+        """Account for a received Data-Out; solicit more, or run the command once all data is in."""
+        offset = header.buffer_offset
         if header.ttt == P.RESERVED_TAG:
-            ok = offset + length <= task.unsolicited_end and header.datasn == task.unsolicited_datasn
-            if ok:
-                task.unsolicited_datasn += 1
-                if header.final and offset + length < task.unsolicited_end:
-                    # The initiator ended its first burst early: solicit the rest of it too.
-                    task.gaps.append((offset + length, task.unsolicited_end - offset - length))
-                    task.unsolicited_end = offset + length
+            task.unsolicited_datasn += 1
+            if header.final and offset + length < task.unsolicited_end:
+                # The initiator ended its first burst early: solicit the rest of it too.
+                task.gaps.append((offset + length, task.unsolicited_end - offset - length))
+                task.unsolicited_end = offset + length
         else:
-            r2t = task.r2ts.get(header.ttt)
-            ok = (r2t is not None and r2t[0] <= offset and offset + length <= r2t[0] + r2t[1]
-                  and header.datasn == r2t[2])
-            if ok:
-                r2t[2] += 1
-                r2t[3] += length
-        if not ok:
-            self._reject_raw(raw, RejectReason.PROTOCOL_ERROR)
-            return
-        task.buffer[offset:offset + length] = data
+            r2t = task.r2ts[header.ttt]
+            r2t[2] += 1
+            r2t[3] += length
+            if header.final:
+                del task.r2ts[header.ttt]
+                if r2t[3] != r2t[1]:
+                    log.warning("R2T %d of ITT %#x answered with %d of %d bytes", header.ttt, task.itt,
+                                r2t[3], r2t[1])
         task.received += length
-        if header.ttt != P.RESERVED_TAG and header.final:
-            r2t = task.r2ts.pop(header.ttt)
-            if r2t[3] != r2t[1]:
-                log.warning("R2T %d of ITT %#x answered with %d of %d bytes", header.ttt, task.itt, r2t[3], r2t[1])
         if task.received >= task.edtl and not task.r2ts:
             del self._tasks[task.itt]
-            self._execute(task.itt, task.lun_field, task.lun, task.cdb, task.buffer, task.edtl, task.read)
+            data_out = memoryview(task.buffer)[:task.edtl]
+            self._execute(task.itt, task.lun_field, task.lun, task.cdb, data_out, task.edtl, task.read)
+            data_out.release()
+            self._pool.release(task.buffer)
         elif header.final:
             self._send_r2ts(task)
 

@@ -2,7 +2,8 @@
 
 The only code of the target that touches sockets.  Each accepted socket gets a
 ``TargetConnection`` (the sans-I/O core) and a ``_Channel`` that moves bytes:
-it reads whatever the socket has, feeds it to the core, then sends everything
+it receives straight into the memory the core hands out (its receive buffer,
+or a write task's buffer for large Data-Out), tells the core, then sends everything
 the core queued with as few system calls as possible — one ``sendmsg`` for a
 run of buffers (headers and data together, never concatenated) and
 ``os.sendfile`` for Data-In that the SCSI layer left in the backing file.
@@ -26,7 +27,6 @@ from node_agent.scsi.device import FileRange
 
 log = logging.getLogger("shoal.iscsi.server")
 
-_RECV_SIZE = 1 << 20
 _MAX_IOV = 512
 _TICK = 1.0
 
@@ -123,8 +123,6 @@ class _Channel:
         self.reading = False
         self.writing = False
         self.closed = False
-        self._rbuf = bytearray(_RECV_SIZE)
-        self._rview = memoryview(self._rbuf)
         self._flush_scheduled = False
         core.wakeup = self._wakeup
         self._read_on()
@@ -158,7 +156,7 @@ class _Channel:
 
     def _on_readable(self) -> None:
         try:
-            n = self.sock.recv_into(self._rbuf)
+            n = self.sock.recv_into(self.core.get_buffer())
         except (BlockingIOError, InterruptedError):
             return
         except OSError as exc:
@@ -169,7 +167,7 @@ class _Channel:
             self.shutdown()
             return
         try:
-            self.core.receive(self._rview[:n])
+            self.core.buffer_updated(n)
         except Exception:
             log.exception("connection from %s: internal error; dropping it", self.core.peer)
             self.core.close("internal error")

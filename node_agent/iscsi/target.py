@@ -15,6 +15,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
+from node_agent.iscsi.buffers import BufferPool
 from node_agent.iscsi.serial import sn_add
 from node_agent.scsi.device import LunMap, Nexus
 
@@ -108,6 +109,7 @@ class TargetRegistry:
         self.targets: dict[str, TargetNode] = {}
         self.sessions: dict[int, Session] = {}
         self.command_window = command_window
+        self.buffers = BufferPool()  # write buffers shared by every connection of this portal group
         self._tsih = itertools.count(1)
         for target in targets or []:
             self.add_target(target)

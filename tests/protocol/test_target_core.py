@@ -390,3 +390,26 @@ def test_first_burst_ended_early_is_solicited(make_initiator):
     assert status_of(ini.receive()) == 0
     ini.command(rw10(READ10, 0, 1024), read=len(payload))
     assert b"".join(r.data for r in ini.receive() if r.opcode == Opcode.DATA_IN) == payload
+
+
+def test_large_data_out_with_digests_placed_directly(make_initiator):
+    """Data-Out payloads of 16 KiB and more are received into the task buffer; digests still checked."""
+    ini = make_initiator(header_digest=True, data_digest=True)
+    ini.login_normal()
+    payload = os.urandom(128 * 1024)
+    itt = ini.command(rw10(WRITE10, 0, 256), write=payload, immediate_bytes=0)
+    [r2t] = ini.receive()
+    bad = bytearray(payload[:65536])
+    pieces = P.encode_pdu(Opcode.DATA_OUT, bytes(bad), header_digest=True, data_digest=True, final=False,
+                          lun=bytes(8), itt=itt, ttt=r2t.header.ttt, datasn=0, buffer_offset=0)
+    raw = bytearray(b"".join(bytes(p) for p in pieces))
+    raw[100] ^= 0x01  # corrupt one payload byte: the data digest no longer matches
+    ini.feed(bytes(raw))
+    [reject] = ini.receive()
+    assert reject.opcode == Opcode.REJECT and reject.header.reason == RejectReason.DATA_DIGEST_ERROR
+    for datasn, offset in enumerate((0, 65536)):
+        ini.send(Opcode.DATA_OUT, payload[offset:offset + 65536], final=offset == 65536, lun=bytes(8), itt=itt,
+                 ttt=r2t.header.ttt, datasn=datasn, buffer_offset=offset)
+    assert status_of(ini.receive()) == 0
+    ini.command(rw10(READ10, 0, 256), read=len(payload))
+    assert b"".join(r.data for r in ini.receive() if r.opcode == Opcode.DATA_IN) == payload
