@@ -164,7 +164,7 @@ def _free_control_port() -> int:
     """A control port whose lock file no tgtd holds (tgtd takes a lockf() lock on socket.N.lock)."""
     IPC_DIR.mkdir(parents=True, exist_ok=True)
     for _ in range(100):
-        candidate = random.randint(10000, 65000)
+        candidate = random.randint(10000, 32000)  # tgtd refuses -C values above 32767 ("out of range")
         lock = IPC_DIR / f"socket.{candidate}.lock"
         if not lock.exists():
             return candidate

@@ -1,0 +1,365 @@
+"""The asyncio adapter of Shoal's initiator: one session over one TCP connection.
+
+``IscsiClient`` connects, logs in and runs SCSI commands (``execute``) with
+many in flight inside the target's CmdSN window.  When the connection drops,
+or the target stops answering NOP-Out pings, it reconnects with exponential
+backoff (tenacity), reinstates the session (same ISID, ErrorRecoveryLevel 0)
+and issues again every command that had no status, so a caller sees a delay
+rather than an error while the target comes back within ``reconnect_timeout``;
+after that every waiting command fails with ``SessionLost``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, replace
+from typing import Any
+
+from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, wait_exponential
+
+from node_agent.iscsi.initiator import core as C
+from node_agent.iscsi.keys import InitiatorSettings
+
+log = logging.getLogger("shoal.iscsi.initiator")
+
+CHECK_CONDITION = 0x02
+UNIT_ATTENTION = 0x06
+
+
+class SessionLost(ConnectionError):
+    """The target did not come back within the reconnect timeout."""
+
+
+class CommandFailed(IOError):
+    """A command ended with a status other than GOOD; ``sense`` holds the sense data."""
+
+    def __init__(self, done: C.TaskDone):
+        key, asc, ascq = sense_code(done.sense)
+        super().__init__(f"SCSI status {done.status:#04x}, sense key {key:#x} ASC/ASCQ {asc:#04x}/{ascq:#04x}")
+        self.done = done
+        self.sense_key, self.asc, self.ascq = key, asc, ascq
+
+
+def sense_code(sense: bytes) -> tuple[int, int, int]:
+    """(sense key, ASC, ASCQ) of fixed (70h/71h) or descriptor (72h/73h) sense data (SPC-4 §4.5)."""
+    if len(sense) < 3:
+        return 0, 0, 0
+    if sense[0] & 0x7F in (0x72, 0x73):
+        return sense[1] & 0x0F, sense[2] if len(sense) > 2 else 0, sense[3] if len(sense) > 3 else 0
+    return sense[2] & 0x0F, sense[12] if len(sense) > 12 else 0, sense[13] if len(sense) > 13 else 0
+
+
+@dataclass
+class ClientSettings:
+    """How an ``IscsiClient`` behaves; every field has a reason."""
+
+    initiator_iqn: str = "iqn.2026-11.io.shoal:initiator"
+    """Our iSCSI name; targets' ACLs admit by it."""
+    queue_depth: int = 32
+    """Commands in flight at once (also bounded by the target's CmdSN window)."""
+    header_digest: tuple[str, ...] = ("None",)
+    data_digest: tuple[str, ...] = ("None",)
+    """Digest preferences, offered in this order (RFC 7143 §13.1)."""
+    max_recv_data_segment_length: int = 262144
+    max_burst_length: int = 1048576
+    first_burst_length: int = 262144
+    immediate_data: bool = True
+    initial_r2t: bool = False
+    login_timeout: float = 15.0
+    """Seconds one login may take."""
+    reconnect_timeout: float = 30.0
+    """How long a lost session is retried before waiting commands fail."""
+    nop_interval: float = 5.0
+    """Idle seconds before we ping the target with a NOP-Out."""
+    nop_timeout: float = 10.0
+    """Seconds a ping may go unanswered before the connection counts as dead."""
+    unit_attention_retries: int = 5
+    """Times a command is retried after UNIT ATTENTION (e.g. the reset a reinstatement causes)."""
+
+
+class _Protocol(asyncio.BufferedProtocol):
+    def __init__(self, client: "IscsiClient", conn: C.InitiatorConnection):
+        self.client = client
+        self.conn = conn
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport) -> None:  # type: ignore[override]
+        self.transport = transport
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self.conn.get_buffer()
+
+    def buffer_updated(self, nbytes: int) -> None:
+        try:
+            self.conn.buffer_updated(nbytes)
+        except C.InitiatorError as exc:
+            self.client._failed(self, exc)
+            return
+        self.client._after_io(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.client._lost(self, exc)
+
+
+class IscsiClient:
+    """One iSCSI session to one target, with reconnection; see the module docstring."""
+
+    def __init__(self, host: str, port: int, target_iqn: str, *, settings: ClientSettings | None = None,
+                 chap: tuple[str, str] | None = None, mutual_chap: tuple[str, str] | None = None,
+                 session_type: str = "Normal", pdu_hook: C.PduHook | None = None):
+        self.host, self.port, self.target_iqn = host, port, target_iqn
+        self.settings = settings or ClientSettings()
+        self.chap, self.mutual_chap = chap, mutual_chap
+        self.session_type = session_type
+        self.pdu_hook = pdu_hook
+        self.isid = C.random_isid()
+        self.conn: C.InitiatorConnection | None = None
+        self.params = None
+        self.unit_attentions: list[tuple[int, int, int]] = []
+        self._proto: _Protocol | None = None
+        self._futures: dict[int, asyncio.Future] = {}
+        self._login: asyncio.Future | None = None
+        self._slots = asyncio.Semaphore(self.settings.queue_depth)
+        self._closing = False
+        self._reconnecting: asyncio.Task | None = None
+        self._pinger: asyncio.Task | None = None
+        self._last_rx = time.monotonic()
+
+    def __repr__(self) -> str:
+        return f"<IscsiClient {self.host}:{self.port} {self.target_iqn}>"
+
+    # ------------------------------------------------------------------ connect / close
+    async def connect(self) -> "IscsiClient":
+        await self._login_once(None)
+        self._pinger = asyncio.get_running_loop().create_task(self._ping_loop())
+        return self
+
+    async def __aenter__(self) -> "IscsiClient":
+        return await self.connect()
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+    def _initiator_settings(self) -> InitiatorSettings:
+        s = self.settings
+        return InitiatorSettings(
+            initiator_name=s.initiator_iqn, target_name=self.target_iqn if self.session_type == "Normal" else None,
+            session_type=self.session_type, max_recv_data_segment_length=s.max_recv_data_segment_length,
+            max_burst_length=s.max_burst_length, first_burst_length=s.first_burst_length,
+            immediate_data=s.immediate_data, initial_r2t=s.initial_r2t, header_digest=s.header_digest,
+            data_digest=s.data_digest)
+
+    async def _login_once(self, previous: C.InitiatorConnection | None) -> None:
+        loop = asyncio.get_running_loop()
+        conn = C.InitiatorConnection(self._initiator_settings(), isid=self.isid, chap=self.chap,
+                                     mutual_chap=self.mutual_chap, pdu_hook=self.pdu_hook,
+                                     initial_cmdsn=previous.cmdsn if previous else 1)
+        self._login = loop.create_future()
+        transport, proto = await asyncio.wait_for(
+            loop.create_connection(lambda: _Protocol(self, conn), self.host, self.port),
+            self.settings.login_timeout)
+        self.conn, self._proto = conn, proto
+        conn.start_login()
+        self._flush(proto)
+        try:
+            await asyncio.wait_for(asyncio.shield(self._login), self.settings.login_timeout)
+        except BaseException:
+            transport.close()
+            raise
+        self._last_rx = time.monotonic()
+        if previous is not None:
+            conn.adopt(previous)
+            self._flush(proto)
+
+    async def close(self) -> None:
+        """Log out (best effort) and close; waiting commands fail with ``SessionLost``."""
+        self._closing = True
+        for task in (self._pinger, self._reconnecting):
+            if task is not None:
+                task.cancel()
+        conn, proto = self.conn, self._proto
+        if conn is not None and proto is not None and proto.transport and not conn.closed and conn.logged_in:
+            itt = conn.logout(0)
+            fut = self._future(itt)
+            self._flush(proto)
+            try:
+                await asyncio.wait_for(fut, 5)
+            except (asyncio.TimeoutError, ConnectionError, C.InitiatorError):
+                pass
+        if proto is not None and proto.transport is not None:
+            proto.transport.close()
+        self._fail_all(SessionLost("session closed"))
+
+    # ------------------------------------------------------------------ commands
+    async def execute(self, cdb: bytes, lun: int = 0, *, data_out: bytes | bytearray | memoryview | None = None,
+                      read_length: int = 0, check: bool = True) -> C.TaskDone:
+        """Run one SCSI command; raises ``CommandFailed`` unless GOOD (with ``check``)."""
+        for attempt in range(self.settings.unit_attention_retries + 1):
+            async with self._slots:
+                done = await self._submit(cdb, lun, data_out, read_length)
+            if done.status == CHECK_CONDITION and sense_code(done.sense)[0] == UNIT_ATTENTION \
+                    and attempt < self.settings.unit_attention_retries:
+                self.unit_attentions.append(sense_code(done.sense))
+                continue
+            break
+        if check and done.status != 0:
+            raise CommandFailed(done)
+        return done
+
+    async def _submit(self, cdb, lun, data_out, read_length) -> C.TaskDone:
+        conn, proto = await self._ready()
+        itt = conn.submit(cdb, lun, data_out=data_out, read_length=read_length)
+        fut = self._future(itt)
+        self._flush(proto)
+        return await fut
+
+    async def nop(self, data: bytes = b"") -> bytes:
+        conn, proto = await self._ready()
+        fut = self._future(conn.nop_out(data))
+        self._flush(proto)
+        return (await fut).data
+
+    async def task_management(self, function: int, lun: int = 0, referenced_itt: int = 0xFFFFFFFF) -> int:
+        conn, proto = await self._ready()
+        fut = self._future(conn.task_management(function, lun, referenced_itt))
+        self._flush(proto)
+        return (await fut).response
+
+    async def text(self, pairs: list[tuple[str, str]]) -> list[tuple[str, str]]:
+        conn, proto = await self._ready()
+        fut = self._future(conn.text(pairs))
+        self._flush(proto)
+        return (await fut).pairs
+
+    async def _ready(self) -> tuple[C.InitiatorConnection, _Protocol]:
+        while True:
+            if self._closing:
+                raise SessionLost("session closed")
+            if self._reconnecting is not None:
+                await asyncio.shield(self._reconnecting)
+                continue
+            assert self.conn is not None and self._proto is not None
+            return self.conn, self._proto
+
+    def _future(self, itt: int) -> asyncio.Future:
+        fut = asyncio.get_running_loop().create_future()
+        self._futures[itt] = fut
+        return fut
+
+    # ------------------------------------------------------------------ I/O plumbing
+    def _flush(self, proto: _Protocol) -> None:
+        conn = proto.conn
+        out = conn.take_output()
+        if out and proto.transport is not None and not proto.transport.is_closing():
+            proto.transport.write(b"".join(out))
+
+    def _after_io(self, proto: _Protocol) -> None:
+        self._last_rx = time.monotonic()
+        for event in proto.conn.take_events():
+            self._event(event)
+        self._flush(proto)
+
+    def _event(self, event: Any) -> None:
+        if isinstance(event, C.LoggedIn):
+            self.params = event.params
+            if self._login is not None and not self._login.done():
+                self._login.set_result(event)
+            return
+        if isinstance(event, C.Redirected):
+            if self._login is not None and not self._login.done():
+                self._login.set_exception(C.LoginError(f"redirected to {event.target_address}", 0x01, 0x01))
+            return
+        if isinstance(event, C.AsyncEvent):
+            log.info("asynchronous event %d from %s", event.event, self.target_iqn)
+            return
+        itt = getattr(event, "itt", None)
+        fut = self._futures.pop(itt, None) if itt is not None else None
+        if fut is None or fut.done():
+            return
+        if isinstance(event, C.TaskRejected):
+            fut.set_exception(C.InitiatorError(f"target rejected the command (reason {event.reason:#04x})"))
+        else:
+            fut.set_result(event)
+
+    def _failed(self, proto: _Protocol, exc: Exception) -> None:
+        if self._login is not None and not self._login.done():
+            self._login.set_exception(exc)
+        if proto.transport is not None:
+            proto.transport.close()
+
+    def _lost(self, proto: _Protocol, exc: Exception | None) -> None:
+        if self._login is not None and not self._login.done():
+            self._login.set_exception(exc or ConnectionResetError("connection closed during login"))
+            return
+        if proto is not self._proto or self._closing or self._reconnecting is not None:
+            return
+        log.warning("connection to %s:%d lost (%s); reconnecting", self.host, self.port, exc or "closed")
+        self._reconnecting = asyncio.get_running_loop().create_task(self._reconnect(proto.conn))
+
+    async def _reconnect(self, previous: C.InitiatorConnection) -> None:
+        try:
+            async for attempt in AsyncRetrying(
+                    stop=stop_after_delay(self.settings.reconnect_timeout),
+                    wait=wait_exponential(multiplier=0.1, max=2.0),
+                    retry=retry_if_exception_type((OSError, asyncio.TimeoutError, C.InitiatorError)),
+                    reraise=True):
+                with attempt:
+                    if self._closing:
+                        return
+                    await self._login_once(previous)
+            log.info("session to %s reinstated; %d command(s) issued again", self.target_iqn,
+                     len(self.conn.outstanding()) if self.conn else 0)
+        except Exception as exc:  # noqa: BLE001 - every failure ends the same way
+            log.error("could not reconnect to %s:%d: %s", self.host, self.port, exc)
+            self._closing = True
+            self._fail_all(SessionLost(f"target {self.target_iqn} unreachable for "
+                                       f"{self.settings.reconnect_timeout:.0f}s: {exc}"))
+        finally:
+            self._reconnecting = None
+
+    def _fail_all(self, exc: Exception) -> None:
+        futures, self._futures = self._futures, {}
+        for fut in futures.values():
+            if not fut.done():
+                fut.set_exception(exc)
+
+    async def _ping_loop(self) -> None:
+        """NOP-Out pings on an idle connection detect a dead target (RFC 7143 §11.18)."""
+        settings = self.settings
+        while not self._closing:
+            await asyncio.sleep(settings.nop_interval / 2)
+            if self._reconnecting is not None or self.conn is None or self._proto is None:
+                continue
+            if time.monotonic() - self._last_rx < settings.nop_interval:
+                continue
+            try:
+                await asyncio.wait_for(self.nop(), settings.nop_timeout)
+            except asyncio.TimeoutError:
+                log.warning("target %s did not answer a NOP-Out for %.0fs", self.target_iqn, settings.nop_timeout)
+                if self._proto is not None and self._proto.transport is not None:
+                    self._proto.transport.abort()
+            except (ConnectionError, C.InitiatorError):
+                continue
+
+
+async def discover(host: str, port: int = 3260, *, settings: ClientSettings | None = None,
+                   chap: tuple[str, str] | None = None,
+                   mutual_chap: tuple[str, str] | None = None) -> list[tuple[str, list[str]]]:
+    """SendTargets discovery (RFC 7143 §13.3): [(target name, [addresses])]."""
+    settings = replace(settings or ClientSettings(), nop_interval=3600)
+    client = IscsiClient(host, port, "", settings=settings, chap=chap, mutual_chap=mutual_chap,
+                         session_type="Discovery")
+    await client.connect()
+    try:
+        pairs = await client.text([("SendTargets", "All")])
+    finally:
+        await client.close()
+    targets: list[tuple[str, list[str]]] = []
+    for key, value in pairs:
+        if key == "TargetName":
+            targets.append((value, []))
+        elif key == "TargetAddress" and targets:
+            targets[-1][1].append(value)
+    return targets
