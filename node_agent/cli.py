@@ -14,6 +14,7 @@ import os
 import signal
 import sys
 
+from node_agent.iscsi.initiator import tools as iscsi_tools
 from node_agent.iscsi.target import Credentials
 from node_agent.target_service import LunSpec, TargetConfig, check_iqn, serve
 
@@ -58,6 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     target.add_argument("--allow-anonymous", action="store_true",
                         help="serve without CHAP on an address other than loopback (refused otherwise)")
     target.add_argument("--port-file", metavar="FILE", help="write HOST:PORT here once listening")
+    iscsi_tools.build_parser(sub)
     return parser
 
 
@@ -129,6 +131,8 @@ def main(argv: list[str] | None = None) -> int:
         except (OSError, ValueError) as exc:  # a busy port, a bad LUN file: say so, no traceback
             print(f"shoal target: {exc}", file=sys.stderr)
             return 1
+    if args.command == "iscsi":
+        return iscsi_tools.run(args)
     parser.error(f"unknown command {args.command}")
     return 2
 

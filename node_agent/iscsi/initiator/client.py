@@ -160,7 +160,6 @@ class IscsiClient:
         transport, proto = await asyncio.wait_for(
             loop.create_connection(lambda: _Protocol(self, conn), self.host, self.port),
             self.settings.login_timeout)
-        self.conn, self._proto = conn, proto
         conn.start_login()
         self._flush(proto)
         try:
@@ -168,6 +167,7 @@ class IscsiClient:
         except BaseException:
             transport.close()
             raise
+        self.conn, self._proto = conn, proto  # only a logged-in connection is reconnected when lost
         self._last_rx = time.monotonic()
         if previous is not None:
             conn.adopt(previous)

@@ -37,6 +37,17 @@ SECURITY, OPERATIONAL, FULL_FEATURE = 0, 1, 3
 ATTR_SIMPLE = 1
 
 
+LOGIN_STATUS_TEXT = {  # RFC 7143 §11.13.5
+    (0x02, 0x00): "initiator error", (0x02, 0x01): "authentication failed",
+    (0x02, 0x02): "not authorized (initiator not in the target's ACL)", (0x02, 0x03): "target not found",
+    (0x02, 0x04): "target removed", (0x02, 0x05): "unsupported iSCSI version",
+    (0x02, 0x06): "too many connections", (0x02, 0x07): "missing parameter",
+    (0x02, 0x08): "cannot include in session", (0x02, 0x09): "session type not supported",
+    (0x02, 0x0A): "session does not exist", (0x02, 0x0B): "invalid request during login",
+    (0x03, 0x00): "target error", (0x03, 0x01): "service unavailable", (0x03, 0x02): "out of resources",
+}
+
+
 class InitiatorError(Exception):
     """A protocol failure of the connection (the session must be recovered)."""
 
@@ -237,8 +248,9 @@ class InitiatorConnection:
                 self.closed = True
                 return
             self.closed = True
-            raise LoginError(f"login refused: status {header.status_class:#04x}/{header.status_detail:#04x}",
-                             header.status_class, header.status_detail)
+            status = (header.status_class, header.status_detail)
+            reason = LOGIN_STATUS_TEXT.get(status, "refused")
+            raise LoginError(f"login failed: {reason} (status {status[0]:#04x}/{status[1]:#04x})", *status)
         self.expstatsn = sn_add(header.statsn, 1)
         self.maxcmdsn = header.maxcmdsn
         self._login_text += data

@@ -1,0 +1,545 @@
+"""One block device exported as one regular file through FUSE, for a loop device to sit on.
+
+``FuseExport(device, mountpoint).start()`` mounts a filesystem holding a single
+file, ``<mountpoint>/disk``, whose bytes are the device's bytes; ``stop()``
+unmounts it and joins the thread that served it.  The userspace connector puts
+``losetup --direct-io=on`` on that file, so the kernel's block layer talks to a
+remote LUN through Shoal's own initiator.
+
+How file operations reach the device (``BlockDevice``, the protocol
+``SyncLun`` implements):
+
+- read/write -> ``pread``/``pwrite`` of whole blocks; unaligned ranges are
+  widened to block boundaries (read-modify-write for writes, serialised per
+  block so two partial writes to one block never lose each other's bytes);
+- a write on a file opened ``O_DSYNC``/``O_SYNC`` -> ``pwrite(fua=True)``;
+- fsync/fdatasync and close (FUSE ``flush``) -> ``flush()`` (SYNCHRONIZE
+  CACHE): the loop device turns REQ_PREFLUSH/REQ_FUA into ``vfs_fsync`` on its
+  backing file, so a filesystem barrier on ``/dev/loopN`` reaches the LUN;
+- fallocate ``PUNCH_HOLE`` (the loop device's discard and write-zeroes) ->
+  ``discard()`` of whole blocks, zeros written to partial blocks;
+  ``ZERO_RANGE`` (write-zeroes with NOUNMAP) -> zeros written.
+
+Any exception a device raises becomes ``EIO`` for the caller, never a crash of
+the FUSE thread (a Python exception escaping a ctypes callback would be
+printed and reported to the kernel as success).
+
+The FUSE session is driven with libfuse3's low-level lifecycle calls
+(``fuse_new``/``fuse_mount``/``fuse_loop_mt``/``fuse_unmount``/``fuse_destroy``)
+rather than ``fuse_main``: ``fuse_main`` would fork unless told not to, parse
+a command line, and take over the process's SIGTERM/SIGHUP handlers for the
+lifetime of the mount — wrong for an agent that serves many volumes from one
+process.  The ABI structures (``fuse_operations``, ``stat``, ``fuse_file_info``)
+come from ``mfusepy``, a maintained ctypes binding of libfuse 3.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import logging
+import os
+import stat
+import threading
+import time
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+log = logging.getLogger(__name__)
+
+DISK_NAME = "disk"
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+FALLOC_FL_ZERO_RANGE = 0x10
+MNT_DETACH = 2
+ZERO_CHUNK = 1 << 20  # zeros are written in pieces of this size
+
+
+class FuseUnavailable(RuntimeError):
+    """libfuse 3 (Debian ``libfuse3-3``/``fuse3``) or ``/dev/fuse`` is missing."""
+
+
+class ExportBusy(RuntimeError):
+    """The export cannot be unmounted: its file is still open (a loop device on it?)."""
+
+
+def _load_libraries():
+    """libfuse3 and mfusepy's ABI types, loaded on first use (importing this module needs neither)."""
+    path = ctypes.util.find_library("fuse3")
+    if path is None:
+        raise FuseUnavailable("libfuse3 not found (install Debian's fuse3)")
+    # mfusepy prefers libfuse 2 when both are installed; its struct layouts must
+    # match the library we call, so point it at libfuse 3 unless told otherwise.
+    os.environ.setdefault("FUSE_LIBRARY_NAME", "fuse3")
+    try:
+        import mfusepy
+    except (ImportError, OSError) as exc:
+        raise FuseUnavailable(f"mfusepy cannot be loaded: {exc}") from exc
+    if mfusepy.fuse_version_major != 3 or mfusepy.fuse_version_minor < 12:
+        raise FuseUnavailable(f"mfusepy loaded libfuse {mfusepy.fuse_version_major}.{mfusepy.fuse_version_minor};"
+                              " libfuse >= 3.12 is required (set FUSE_LIBRARY_NAME=fuse3)")
+    lib = ctypes.CDLL(path, use_errno=True)
+    lib.fuse_new.restype = ctypes.c_void_p  # default symbol version: fuse_new_31
+    lib.fuse_new.argtypes = [ctypes.POINTER(_FuseArgs), ctypes.POINTER(mfusepy.fuse_operations),
+                             ctypes.c_size_t, ctypes.c_void_p]
+    lib.fuse_mount.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
+    lib.fuse_loop_cfg_create.restype = ctypes.c_void_p
+    lib.fuse_loop_cfg_set_max_threads.argtypes = [ctypes.c_void_p, ctypes.c_uint]
+    lib.fuse_loop_cfg_set_idle_threads.argtypes = [ctypes.c_void_p, ctypes.c_uint]
+    lib.fuse_loop_cfg_destroy.argtypes = [ctypes.c_void_p]
+    lib.fuse_loop_mt_312.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
+    for name in ("fuse_unmount", "fuse_destroy", "fuse_exit"):
+        getattr(lib, name).argtypes = [ctypes.c_void_p]
+        getattr(lib, name).restype = None
+    lib.fuse_opt_free_args.argtypes = [ctypes.POINTER(_FuseArgs)]
+    return lib, mfusepy
+
+
+class _FuseArgs(ctypes.Structure):
+    _fields_ = [("argc", ctypes.c_int), ("argv", ctypes.POINTER(ctypes.c_char_p)), ("allocated", ctypes.c_int)]
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
+
+
+def unmount(path: str, *, lazy: bool = False) -> bool:
+    """umount2(2) ``path``; True if something was unmounted, False if nothing was mounted there.
+
+    Raises ``ExportBusy`` on EBUSY (without ``lazy``) and ``OSError`` otherwise.
+    """
+    if _libc.umount2(os.fsencode(path), MNT_DETACH if lazy else 0) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err == errno.EINVAL:  # not a mount point
+        return False
+    if err == errno.ENOENT:
+        return False
+    if err == errno.EBUSY:
+        raise ExportBusy(f"{path} is busy")
+    raise OSError(err, os.strerror(err), path)
+
+
+def is_mountpoint(path: str) -> bool:
+    """True if ``path`` is a mount point in /proc/self/mountinfo (works for a dead FUSE mount too)."""
+    real = os.path.realpath(path)
+    with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as fh:
+        for line in fh:
+            fields = line.split()
+            mount_point = fields[4].encode().decode("unicode_escape")  # \040 etc.
+            if mount_point == real:
+                return True
+    return False
+
+
+# --------------------------------------------------------------------------- devices
+
+@runtime_checkable
+class BlockDevice(Protocol):
+    """What the export needs of a device; ``node_agent.iscsi.initiator.blockdev.SyncLun`` is one.
+
+    Offsets and lengths the export passes are whole blocks.  Every method may
+    be called from many threads at once.
+    """
+
+    size: int
+    """Capacity in bytes."""
+    block_size: int
+    """Logical block size in bytes."""
+
+    def pread(self, offset: int, length: int) -> bytes: ...
+    def pwrite(self, offset: int, data: bytes, fua: bool = False) -> None: ...
+    def flush(self) -> None: ...
+    def discard(self, offset: int, length: int) -> None: ...
+    def identity(self) -> tuple[str, str]: ...
+    def close(self) -> None: ...
+
+
+class FileBlockDevice:
+    """A ``BlockDevice`` over a local file: for tests of the export and for local volumes.
+
+    It insists on block-aligned requests (``ValueError`` otherwise), so a test
+    through it also proves the export widens unaligned ranges.
+    """
+
+    def __init__(self, path: str, *, block_size: int = 512, naa: str = "", serial: str = ""):
+        self.path = path
+        self.block_size = block_size
+        self._fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        self.size = os.fstat(self._fd).st_size // block_size * block_size
+        self._identity = (naa, serial)
+
+    def _check(self, offset: int, length: int) -> None:
+        if offset % self.block_size or length % self.block_size:
+            raise ValueError(f"unaligned request: offset {offset}, length {length}, block {self.block_size}")
+        if offset < 0 or offset + length > self.size:
+            raise ValueError(f"request beyond the end: offset {offset}, length {length}, size {self.size}")
+
+    def pread(self, offset: int, length: int) -> bytes:
+        self._check(offset, length)
+        return os.pread(self._fd, length, offset)
+
+    def pwrite(self, offset: int, data: bytes, fua: bool = False) -> None:
+        self._check(offset, len(data))
+        view = memoryview(data)
+        while view:
+            done = os.pwrite(self._fd, view, offset)
+            view, offset = view[done:], offset + done
+        if fua:
+            os.fdatasync(self._fd)
+
+    def flush(self) -> None:
+        os.fsync(self._fd)
+
+    def discard(self, offset: int, length: int) -> None:
+        self._check(offset, length)
+        zeros = bytes(min(length, ZERO_CHUNK))
+        for start in range(offset, offset + length, ZERO_CHUNK):
+            os.pwrite(self._fd, zeros[:min(ZERO_CHUNK, offset + length - start)], start)
+
+    def identity(self) -> tuple[str, str]:
+        return self._identity
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+# --------------------------------------------------------------------------- the file's semantics
+
+class _FsError(Exception):
+    """A filesystem answer of our own (ENOENT, EPERM...), returned as is; anything else is EIO."""
+
+    def __init__(self, code: int):
+        super().__init__(os.strerror(code))
+        self.code = code
+
+
+@dataclass(frozen=True)
+class ExportSettings:
+    """How an export behaves."""
+
+    max_threads: int = 8
+    """FUSE worker threads: requests served at once (the loop device queues up to its depth)."""
+    direct_io: bool = True
+    """FUSE ``direct_io``: no page cache for the file, every read/write reaches the device.  The
+    loop device above already caches (or uses O_DIRECT); a second cache would only double memory
+    and delay writes past the loop device's flushes."""
+    discard_zeroes: bool = True
+    """The device's discard leaves zeros (SBC-3 LBPRZ; Shoal's thin LUNs do).  When False a punched
+    range is written with zeros instead, since a punched file range must read back as zeros."""
+    fsname: str = "shoal"
+    """Mount source shown in /proc/mounts; the connector puts the volume id in it."""
+    lock_stripes: int = 64
+    """Locks guarding read-modify-write of partial blocks, by block number modulo this."""
+
+
+class BlockFile:
+    """The operations on ``/disk`` in terms of a ``BlockDevice`` (no FUSE here: unit-testable)."""
+
+    def __init__(self, device: BlockDevice, settings: ExportSettings):
+        self.device = device
+        self.settings = settings
+        self.size = int(device.size)
+        self.block = int(device.block_size)
+        self._stripes = [threading.Lock() for _ in range(settings.lock_stripes)]
+
+    def read(self, offset: int, length: int) -> bytes:
+        if offset >= self.size or length <= 0:
+            return b""
+        length = min(length, self.size - offset)
+        first = offset - offset % self.block
+        end = -(-(offset + length) // self.block) * self.block
+        data = self.device.pread(first, end - first)
+        if len(data) != end - first:
+            raise OSError(errno.EIO, f"device returned {len(data)} of {end - first} bytes")
+        return data[offset - first: offset - first + length]
+
+    def write(self, offset: int, data: bytes, *, fua: bool = False) -> int:
+        if offset >= self.size:
+            raise _FsError(errno.ENOSPC)
+        data = data[:self.size - offset]  # a write across the end is short, as on a block device
+        end = offset + len(data)
+        first = offset - offset % self.block
+        last = -(-end // self.block) * self.block
+        if first == offset and last == end:
+            self.device.pwrite(offset, data, fua)
+            return len(data)
+        edges = sorted({first // self.block, (last - 1) // self.block})
+        n = len(self._stripes)
+        locks = [self._stripes[i] for i in sorted({b % n for b in edges})]  # one order: no deadlock
+        for lock in locks:
+            lock.acquire()
+        try:
+            merged = bytearray(last - first)
+            if offset != first:
+                merged[:self.block] = self._block_at(first)
+            tail = last - self.block
+            if end != last and not (offset != first and tail == first):
+                merged[tail - first:] = self._block_at(tail)
+            merged[offset - first:end - first] = data
+            self.device.pwrite(first, bytes(merged), fua)
+        finally:
+            for lock in reversed(locks):
+                lock.release()
+        return len(data)
+
+    def _block_at(self, offset: int) -> bytes:
+        block = self.device.pread(offset, self.block)
+        if len(block) != self.block:
+            raise OSError(errno.EIO, "short block read")
+        return block
+
+    def flush(self) -> None:
+        self.device.flush()
+
+    def fallocate(self, mode: int, offset: int, length: int) -> None:
+        if offset < 0 or length <= 0:
+            raise _FsError(errno.EINVAL)
+        if mode & (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE) == 0:
+            # Plain allocation: every byte of the device exists already; growing is impossible.
+            if mode & ~FALLOC_FL_KEEP_SIZE:
+                raise _FsError(errno.EOPNOTSUPP)
+            if offset + length > self.size and not mode & FALLOC_FL_KEEP_SIZE:
+                raise _FsError(errno.ENOSPC)
+            return
+        if mode & ~(FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE):
+            raise _FsError(errno.EOPNOTSUPP)
+        if mode & FALLOC_FL_PUNCH_HOLE and not mode & FALLOC_FL_KEEP_SIZE:
+            raise _FsError(errno.EOPNOTSUPP)  # fallocate(2): PUNCH_HOLE must be ORed with KEEP_SIZE
+        if offset >= self.size:
+            return
+        end = min(offset + length, self.size)
+        inner_first = -(-offset // self.block) * self.block
+        inner_end = end - end % self.block
+        punch = bool(mode & FALLOC_FL_PUNCH_HOLE) and self.settings.discard_zeroes
+        if punch and inner_end > inner_first:
+            self.device.discard(inner_first, inner_end - inner_first)
+            self._zero(offset, min(inner_first, end))
+            self._zero(max(inner_end, offset), end)
+        else:
+            self._zero(offset, end)
+
+    def _zero(self, start: int, end: int) -> None:
+        """Write zeros over [start, end); partial blocks by read-modify-write."""
+        while start < end:
+            n = min(end - start, ZERO_CHUNK)
+            self.write(start, bytes(n))
+            start += n
+
+
+# --------------------------------------------------------------------------- the FUSE session
+
+class FuseExport:
+    """Serve ``device`` as ``<mountpoint>/disk`` from a thread of this process.
+
+    ``start()`` returns once the filesystem is mounted; ``stop()`` unmounts
+    (raising ``ExportBusy`` while the file is open, unless ``lazy``) and joins.
+    """
+
+    def __init__(self, device: BlockDevice, mountpoint: str, settings: ExportSettings | None = None):
+        self.device = device
+        self.mountpoint = os.path.abspath(mountpoint)
+        self.settings = settings or ExportSettings()
+        self.file = BlockFile(device, self.settings)
+        self._fuse = None
+        self._thread: threading.Thread | None = None
+        self._loop_result: int | None = None
+        self._callbacks: list = []  # ctypes callbacks must outlive the session
+        self._started_at = time.time()
+
+    @property
+    def path(self) -> str:
+        """The exported file."""
+        return os.path.join(self.mountpoint, DISK_NAME)
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def __enter__(self) -> "FuseExport":
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop(lazy=True)
+
+    def start(self) -> None:
+        if self._fuse is not None:
+            raise RuntimeError("export already started")
+        lib, mf = _load_libraries()
+        if not os.path.exists("/dev/fuse"):
+            raise FuseUnavailable("/dev/fuse is missing")
+        os.makedirs(self.mountpoint, exist_ok=True)
+        ops = self._operations(mf)
+        options = [f"fsname={_option_value(self.settings.fsname)}", "subtype=shoal",
+                   "attr_timeout=3600", "entry_timeout=3600"]
+        argv = [b"shoal-fuse", b"-o", ",".join(options).encode()]
+        args = _FuseArgs(len(argv), (ctypes.c_char_p * (len(argv) + 1))(*argv, None), 0)
+        fuse = lib.fuse_new(ctypes.byref(args), ctypes.byref(ops), ctypes.sizeof(ops), None)
+        lib.fuse_opt_free_args(ctypes.byref(args))
+        if not fuse:
+            raise FuseUnavailable(f"fuse_new failed for {self.mountpoint} (options {options})")
+        if lib.fuse_mount(fuse, os.fsencode(self.mountpoint)) != 0:
+            lib.fuse_destroy(fuse)
+            raise OSError(errno.EIO, f"cannot mount FUSE at {self.mountpoint} (see stderr)")
+        self._lib, self._fuse, self._ops = lib, fuse, ops
+        self._thread = threading.Thread(target=self._serve, name=f"fuse-{os.path.basename(self.mountpoint)}",
+                                        daemon=True)
+        self._thread.start()
+        log.info("FUSE export of %d bytes at %s", self.file.size, self.path)
+
+    def _serve(self) -> None:
+        lib = self._lib
+        cfg = lib.fuse_loop_cfg_create()
+        try:
+            lib.fuse_loop_cfg_set_max_threads(cfg, self.settings.max_threads)
+            lib.fuse_loop_cfg_set_idle_threads(cfg, min(4, self.settings.max_threads))
+            self._loop_result = lib.fuse_loop_mt_312(self._fuse, cfg)
+        finally:
+            lib.fuse_loop_cfg_destroy(cfg)
+            lib.fuse_unmount(self._fuse)
+            lib.fuse_destroy(self._fuse)
+
+    def stop(self, *, lazy: bool = False, timeout: float = 30.0) -> None:
+        """Unmount and join the serving thread; idempotent.
+
+        ``lazy`` detaches the mount even while the file is open (MNT_DETACH):
+        the session then ends when the last user closes it.
+        """
+        if self._thread is None:
+            return
+        try:
+            unmount(self.mountpoint)
+        except ExportBusy:
+            if not lazy:
+                raise
+            unmount(self.mountpoint, lazy=True)
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            raise ExportBusy(f"FUSE session at {self.mountpoint} did not end within {timeout:g} s")
+        self._thread = None
+        if self._loop_result not in (0, None):
+            log.debug("FUSE loop at %s ended with %s", self.mountpoint, self._loop_result)
+
+    # ------------------------------------------------------------------ callbacks
+
+    def _operations(self, mf):
+        ops = mf.fuse_operations()
+        types = {name: proto for name, proto, *_ in mf.fuse_operations._fields_}
+        handlers = {
+            "getattr": self._getattr, "open": self._open, "read": self._read, "write": self._write,
+            "flush": self._flush, "release": self._release, "fsync": self._fsync, "readdir": self._readdir,
+            "truncate": self._truncate, "fallocate": self._fallocate, "statfs": self._statfs,
+        }
+        self._mf = mf
+        for name, handler in handlers.items():
+            callback = types[name](_guarded(name, handler))
+            self._callbacks.append(callback)
+            setattr(ops, name, callback)
+        ops.init = types["init"](self._init)
+        self._callbacks.append(ops.init)
+        return ops
+
+    def _init(self, conn, cfg):
+        """Set ``fuse_config`` (libfuse 3 takes ``direct_io`` here, not as a mount option); returns NULL."""
+        try:
+            if cfg:
+                cfg.contents.direct_io = int(self.settings.direct_io)
+        except BaseException:  # noqa: BLE001 - nothing may escape into libfuse
+            log.exception("FUSE init failed")
+        return None
+
+    def _getattr(self, path, buf, fip) -> int:
+        st = buf.contents
+        ctypes.memset(buf, 0, ctypes.sizeof(st))
+        if path == b"/":
+            st.st_mode, st.st_nlink = stat.S_IFDIR | 0o755, 2
+        elif path == b"/" + DISK_NAME.encode():
+            st.st_mode, st.st_nlink = stat.S_IFREG | 0o600, 1
+            st.st_size = self.file.size
+            st.st_blksize = max(self.file.block, 4096)
+            st.st_blocks = -(-self.file.size // 512)
+        else:
+            raise _FsError(errno.ENOENT)
+        st.st_uid, st.st_gid = os.getuid(), os.getgid()
+        for name in ("st_atimespec", "st_mtimespec", "st_ctimespec"):
+            ts = getattr(st, name)
+            ts.tv_sec = int(self._started_at)
+        return 0
+
+    def _check_file(self, path) -> None:
+        if path not in (None, b"/" + DISK_NAME.encode()):
+            raise _FsError(errno.EISDIR if path == b"/" else errno.ENOENT)
+
+    def _open(self, path, fip) -> int:
+        self._check_file(path)
+        if fip.contents.flags & os.O_TRUNC:
+            raise _FsError(errno.EPERM)  # never let "> disk" empty a volume
+        return 0
+
+    def _read(self, path, buf, size, offset, fip) -> int:
+        data = self.file.read(offset, size)
+        ctypes.memmove(buf, data, len(data))
+        return len(data)
+
+    def _write(self, path, buf, size, offset, fip) -> int:
+        fua = bool(fip and fip.contents.flags & (os.O_DSYNC | os.O_SYNC))
+        return self.file.write(offset, ctypes.string_at(buf, size), fua=fua)
+
+    def _flush(self, path, fip) -> int:
+        self.file.flush()
+        return 0
+
+    def _fsync(self, path, datasync, fip) -> int:
+        self.file.flush()
+        return 0
+
+    def _release(self, path, fip) -> int:
+        return 0
+
+    def _truncate(self, path, length, fip) -> int:
+        self._check_file(path)
+        if length != self.file.size:
+            raise _FsError(errno.EPERM)
+        return 0
+
+    def _fallocate(self, path, mode, offset, length, fip) -> int:
+        self.file.fallocate(mode, offset, length)
+        return 0
+
+    def _statfs(self, path, buf) -> int:
+        sv = buf.contents
+        sv.f_bsize = sv.f_frsize = self.file.block
+        sv.f_blocks = self.file.size // self.file.block
+        sv.f_files, sv.f_namemax = 1, 255
+        return 0
+
+    def _readdir(self, path, buf, filler, offset, fip, flags) -> int:
+        if path != b"/":
+            raise _FsError(errno.ENOTDIR)
+        for name in (b".", b"..", DISK_NAME.encode()):
+            filler(buf, name, None, 0, 0)
+        return 0
+
+
+def _guarded(name: str, handler):
+    """Wrap a callback: our own ``_FsError`` returns its errno, any other exception ``-EIO``."""
+
+    def call(*args):
+        try:
+            return handler(*args)
+        except _FsError as exc:
+            return -exc.code
+        except BaseException:  # noqa: BLE001 - nothing may escape into libfuse
+            log.exception("FUSE %s failed; answering EIO", name)
+            return -errno.EIO
+
+    return call
+
+
+def _option_value(text: str) -> str:
+    """A value safe inside a comma-separated FUSE option list."""
+    return "".join(c if c.isalnum() or c in "-_.:@" else "_" for c in text)

@@ -1,0 +1,314 @@
+"""The userspace connector: a remote LUN as ``/dev/loopN`` without the kernel's iSCSI initiator.
+
+Attach, under the target's lock:
+
+1. clear what a crashed predecessor left for this volume (a loop device on a
+   dead FUSE file, the dead FUSE mount itself);
+2. log in with Shoal's initiator (``SyncLun``) and check the LUN's VPD 83h NAA
+   designator and 80h serial against the volume **before anything is
+   exported** — a mismatch closes the session and raises ``IdentityMismatch``;
+3. export the LUN as ``<state_dir>/volumes/<volume>/mnt/disk`` through FUSE
+   (``fuse_export``), served by threads of this process;
+4. ``losetup --find --show --direct-io=on --sector-size <block>`` on that file
+   and check the kernel's ``backing_file`` is ours.
+
+Attaching an attached volume returns the same device and counts one more
+user; ``detach`` counts down and tears down at zero: refuse while the device
+is mounted or held exclusively, ``blockdev --flushbufs``, ``losetup -d``,
+SYNCHRONIZE CACHE, unmount the FUSE file, log out.  Detaching what is not
+attached cleans up stale state and succeeds.
+
+Sessions: ``SyncLun`` logs in once per LUN, so two volumes of one target hold
+two sessions; ``SessionRegistry`` still tracks the target's LUNs so a shared
+session can be dropped in behind ``open_lun`` without changing the count.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import json
+import logging
+import os
+import re
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from node_agent.host.connector import (
+    AttachedDevice,
+    Connector,
+    ConnectorError,
+    IdentityMismatch,
+    PermanentConnectorError,
+    ReportedIdentity,
+    SessionRegistry,
+    TargetLocks,
+    TemporaryConnectorError,
+    VolumeTarget,
+    check_identity,
+)
+from node_agent.host.fuse_export import BlockDevice, ExportBusy, ExportSettings, FuseExport, is_mountpoint, unmount
+from node_agent.host.runner import CommandFailed, Runner, SubprocessRunner
+
+log = logging.getLogger(__name__)
+
+LunOpener = Callable[[VolumeTarget, str], BlockDevice]
+
+
+def open_sync_lun(target: VolumeTarget, initiator_iqn: str) -> BlockDevice:
+    """Log in with Shoal's initiator (the default ``LunOpener``)."""
+    from node_agent.iscsi.initiator.blockdev import SyncLun  # the initiator is only needed to attach
+
+    return SyncLun.open(target, initiator_iqn=initiator_iqn)
+
+
+@dataclass(frozen=True)
+class UserspaceSettings:
+    """Where and how the userspace connector works."""
+
+    state_dir: str
+    """Holds ``volumes/<volume>/mnt`` (the FUSE mount) and ``locks/``; one per agent."""
+    initiator_iqn: str = "iqn.2026-11.io.shoal:initiator"
+    """The name this host logs in with; the target's ACL admits it."""
+    loop_direct_io: bool = True
+    """``losetup --direct-io=on``: the loop device reads and writes the FUSE file with O_DIRECT,
+    so no page cache sits between the filesystem on /dev/loopN and the LUN (one cache, not two)."""
+    export: ExportSettings = field(default_factory=ExportSettings)
+    """FUSE export settings; ``fsname`` is set per volume."""
+    release_timeout: float = 10.0
+    """Seconds to wait for the kernel to let go of the FUSE file after ``losetup -d``."""
+
+
+@dataclass
+class _Attachment:
+    device: AttachedDevice
+    lun: BlockDevice
+    export: FuseExport
+    users: int = 1
+
+
+class UserspaceConnector(Connector):
+    """Shoal's initiator + FUSE + a loop device; see the module docstring."""
+
+    def __init__(self, settings: UserspaceSettings, *, runner: Runner | None = None,
+                 open_lun: LunOpener = open_sync_lun, locks: TargetLocks | None = None,
+                 sessions: SessionRegistry | None = None):
+        self.settings = settings
+        self._root = os.path.realpath(settings.state_dir)  # sysfs shows the loop's backing file resolved
+        self.runner = runner or SubprocessRunner(timeout=60.0)
+        self.open_lun = open_lun
+        self.locks = locks or TargetLocks(os.path.join(self._root, "locks"))
+        self.sessions = sessions or SessionRegistry()
+        self._attached: dict[str, _Attachment] = {}
+        self._guard = threading.Lock()
+
+    # ------------------------------------------------------------------ public
+
+    def attach(self, target: VolumeTarget) -> AttachedDevice:
+        with self.locks.hold(target.session_key):
+            with self._guard:
+                current = self._attached.get(target.volume_id)
+            if current is not None:
+                return self._reuse(current, target)
+            self._clean_stale(target.volume_id)
+            return self._attach_new(target)
+
+    def detach(self, target: VolumeTarget) -> None:
+        with self.locks.hold(target.session_key):
+            with self._guard:
+                current = self._attached.get(target.volume_id)
+                if current is not None and current.users > 1:
+                    current.users -= 1
+                    log.info("detach %s: %d user(s) remain on %s", target.volume_id, current.users,
+                             current.device.path)
+                    return
+            if current is None:
+                self._clean_stale(target.volume_id)
+                return
+            self._teardown(current)
+            with self._guard:
+                del self._attached[target.volume_id]
+            self.sessions.release(target.session_key, target.lun)
+            log.info("detached %s from %s", target.volume_id, current.device.path)
+
+    def users(self, volume_id: str) -> int:
+        """How many attaches of ``volume_id`` are outstanding (0 if not attached)."""
+        with self._guard:
+            current = self._attached.get(volume_id)
+            return current.users if current else 0
+
+    def volume_dir(self, volume_id: str) -> str:
+        """``<state_dir>/volumes/<name>``: the id itself when it is a safe file name, else a hashed form."""
+        name = volume_id if re.fullmatch(r"[A-Za-z0-9._-]{1,100}", volume_id) and volume_id not in (".", "..") \
+            else re.sub(r"[^A-Za-z0-9._-]", "_", volume_id)[:60] + "-" + \
+            hashlib.sha256(volume_id.encode()).hexdigest()[:16]
+        return os.path.join(self._root, "volumes", name)
+
+    # ------------------------------------------------------------------ attach
+
+    def _reuse(self, current: _Attachment, target: VolumeTarget) -> AttachedDevice:
+        known = current.device.target
+        if (known.target_iqn, known.portals, known.lun) != (target.target_iqn, target.portals, target.lun):
+            raise PermanentConnectorError(
+                f"volume {target.volume_id} is attached from LUN {known.lun} of {known.target_iqn}, "
+                f"not LUN {target.lun} of {target.target_iqn}")
+        if (known.expected_naa, known.expected_serial) != (target.expected_naa, target.expected_serial):
+            raise IdentityMismatch(f"volume {target.volume_id} is attached with another expected identity")
+        with self._guard:
+            current.users += 1
+        log.info("attach %s: reusing %s (%d users)", target.volume_id, current.device.path, current.users)
+        return current.device
+
+    def _attach_new(self, target: VolumeTarget) -> AttachedDevice:
+        lun = self._login(target)
+        export = None
+        try:
+            naa, serial = self._check(lun, target)
+            mountpoint = os.path.join(self.volume_dir(target.volume_id), "mnt")
+            export_settings = ExportSettings(**{**self.settings.export.__dict__,
+                                                "fsname": f"shoal:{target.volume_id}"})
+            export = FuseExport(lun, mountpoint, export_settings)
+            export.start()
+            loop = self._losetup(export.path, lun.block_size)
+        except BaseException:
+            if export is not None:
+                with contextlib.suppress(Exception):
+                    export.stop(lazy=True)
+            with contextlib.suppress(Exception):
+                lun.close()
+            raise
+        device = AttachedDevice(path=loop, volume_id=target.volume_id, target=target, naa=naa or None,
+                                serial=serial or None, handle=export.path)
+        with self._guard:
+            self._attached[target.volume_id] = _Attachment(device, lun, export)
+        self.sessions.acquire(target.session_key, target.lun)
+        self._write_record(target, device)
+        log.info("attached %s as %s (%d bytes)", target.volume_id, loop, lun.size)
+        return device
+
+    def _login(self, target: VolumeTarget) -> BlockDevice:
+        try:
+            return self.open_lun(target, self.settings.initiator_iqn)
+        except ConnectorError:
+            raise
+        except (OSError, TimeoutError) as exc:
+            raise TemporaryConnectorError(f"cannot reach LUN {target.lun} of {target.target_iqn} "
+                                          f"at {', '.join(target.portals)}: {exc}") from exc
+        except Exception as exc:  # login refused (ACL, CHAP), no such LUN: retrying will not help
+            raise PermanentConnectorError(f"cannot open LUN {target.lun} of {target.target_iqn}: {exc}") from exc
+
+    def _check(self, lun: BlockDevice, target: VolumeTarget) -> tuple[str, str]:
+        """The identity check (SPC-4 §7.8.6, §7.8.15): before anything is exported."""
+        naa, serial = lun.identity()
+        reported = ReportedIdentity((naa.lower(),) if naa else (), serial or None)
+        check_identity(target, reported)
+        return naa, serial
+
+    def _losetup(self, path: str, block_size: int) -> str:
+        argv = ["losetup", "--find", "--show"]
+        if self.settings.loop_direct_io:
+            argv.append("--direct-io=on")
+        argv += ["--sector-size", str(block_size), path]
+        try:
+            loop = self.runner.run(argv).stdout.strip()
+        except CommandFailed as exc:
+            raise TemporaryConnectorError(f"losetup failed: {exc}") from exc
+        if not re.fullmatch(r"/dev/loop\d+", loop):
+            raise ConnectorError(f"losetup printed {loop!r}, not a loop device")
+        backing = _backing_file(loop)
+        if backing != path:  # the device node must be ours before it is handed out
+            self.runner.run(["losetup", "--detach", loop], check=False)
+            raise ConnectorError(f"{loop} is backed by {backing!r}, not {path!r}")
+        return loop
+
+    def _write_record(self, target: VolumeTarget, device: AttachedDevice) -> None:
+        """A note for people and for a restarted agent: which loop device, which LUN (no secrets)."""
+        record = {"volume_id": target.volume_id, "device": device.path, "file": device.handle,
+                  "target_iqn": target.target_iqn, "portals": list(target.portals), "lun": target.lun,
+                  "naa": device.naa, "serial": device.serial, "pid": os.getpid()}
+        path = os.path.join(self.volume_dir(target.volume_id), "attachment.json")
+        tmp = path + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as fh:
+            json.dump(record, fh, indent=1)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+
+    # ------------------------------------------------------------------ detach
+
+    def _teardown(self, current: _Attachment) -> None:
+        loop = current.device.path
+        _refuse_if_busy(loop)
+        self.runner.run(["blockdev", "--flushbufs", loop])
+        self.runner.run(["losetup", "--detach", loop])
+        self._wait_released(loop, current.export.path)
+        current.lun.flush()  # SYNCHRONIZE CACHE before logout, whatever the loop device did
+        try:
+            current.export.stop()
+        except ExportBusy:
+            current.export.stop(lazy=True)
+        current.lun.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(os.path.join(self.volume_dir(current.device.volume_id), "attachment.json"))
+
+    def _wait_released(self, loop: str, path: str) -> None:
+        deadline = time.monotonic() + self.settings.release_timeout
+        while _backing_file(loop) == path:
+            if time.monotonic() > deadline:
+                raise TemporaryConnectorError(f"{loop} still holds {path} after losetup --detach")
+            time.sleep(0.05)
+
+    def _clean_stale(self, volume_id: str) -> None:
+        """Remove a loop device on this volume's FUSE file and the FUSE mount left by a dead agent."""
+        mountpoint = os.path.join(self.volume_dir(volume_id), "mnt")
+        path = os.path.join(mountpoint, "disk")
+        for loop in _loops_backed_by(path):
+            log.warning("removing stale %s on %s", loop, path)
+            _refuse_if_busy(loop)
+            self.runner.run(["losetup", "--detach", loop], check=False)
+            with contextlib.suppress(TemporaryConnectorError):
+                self._wait_released(loop, path)
+        if is_mountpoint(mountpoint):
+            log.warning("unmounting stale FUSE export %s", mountpoint)
+            try:
+                unmount(mountpoint)
+            except ExportBusy:
+                unmount(mountpoint, lazy=True)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(os.path.join(self.volume_dir(volume_id), "attachment.json"))
+
+
+def _backing_file(loop: str) -> str | None:
+    """The loop device's backing file as the kernel sees it (sysfs), or None when unbound."""
+    name = os.path.basename(loop)
+    try:
+        with open(f"/sys/block/{name}/loop/backing_file", encoding="utf-8", errors="replace") as fh:
+            return fh.read().rstrip("\n").removesuffix(" (deleted)")
+    except OSError:
+        return None
+
+
+def _loops_backed_by(path: str) -> list[str]:
+    """Every loop device whose backing file is ``path`` (read from sysfs: works while the FUSE file is dead)."""
+    found = []
+    with contextlib.suppress(FileNotFoundError):
+        for name in sorted(os.listdir("/sys/block")):
+            if name.startswith("loop") and _backing_file(f"/dev/{name}") == path:
+                found.append(f"/dev/{name}")
+    return found
+
+
+def _refuse_if_busy(loop: str) -> None:
+    """Raise while a filesystem (or anyone with O_EXCL) holds the device: detaching must not yank it."""
+    try:
+        fd = os.open(loop, os.O_RDONLY | os.O_EXCL | os.O_CLOEXEC)
+    except OSError as exc:
+        if exc.errno == errno.EBUSY:
+            raise TemporaryConnectorError(f"{loop} is in use (mounted?); unmount it before detaching") from None
+        if exc.errno in (errno.ENOENT, errno.ENXIO):
+            return
+        raise
+    os.close(fd)
