@@ -22,6 +22,7 @@ from __future__ import annotations
 import abc
 import contextlib
 import fcntl
+import ipaddress
 import os
 import re
 import threading
@@ -47,7 +48,6 @@ CTX_CHAP_USER, CTX_CHAP_SECRET = "chap_user", "chap_secret"
 CTX_MUTUAL_CHAP_USER, CTX_MUTUAL_CHAP_SECRET = "mutual_chap_user", "mutual_chap_secret"
 
 _HEX = re.compile(r"^[0-9a-f]+$")
-_HOST = re.compile(r"^[A-Za-z0-9.-]+$")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
@@ -76,23 +76,29 @@ class IdentityMismatch(PermanentConnectorError):
 # --------------------------------------------------------------------------- typed properties
 
 def normalise_portal(text: str) -> str:
-    """``host[:port]`` or ``[v6]:port`` -> ``host:port`` with an explicit port; raises on anything else."""
+    """``ADDR[:port]`` or ``[V6ADDR][:port]`` -> ``ADDR:port``; raises on anything else.
+
+    Addresses must be IP literals: open-iscsi records and reports sessions by
+    address, so a host name could never be matched to its session again (and
+    a name that resolves differently later would reach another machine).
+    """
     text = text.strip()
     if text.startswith("["):
         host, sep, rest = text[1:].partition("]")
-        if not sep or not host or (rest and not rest.startswith(":")):
+        if not sep or (rest and not rest.startswith(":")):
             raise InvalidVolumeTarget(f"portal {text!r}: expected [IPv6]:port")
         port = rest[1:] if rest else str(DEFAULT_ISCSI_PORT)
-        bracketed = f"[{host}]"
     else:
         host, _, port = text.partition(":")
-        if not host or not _HOST.match(host):
-            raise InvalidVolumeTarget(f"portal {text!r}: expected host:port")
         port = port or str(DEFAULT_ISCSI_PORT)
-        bracketed = host
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        raise InvalidVolumeTarget(f"portal {text!r}: expected an IP address and port (IPv6 in brackets)") from None
     if not port.isdigit() or not 0 < int(port) < 65536:
         raise InvalidVolumeTarget(f"portal {text!r}: port must be 1-65535")
-    return f"{bracketed}:{int(port)}"
+    shown = f"[{address.compressed}]" if address.version == 6 else str(address)
+    return f"{shown}:{int(port)}"
 
 
 def normalise_naa(text: str) -> str:

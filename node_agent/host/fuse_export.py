@@ -246,13 +246,13 @@ class BlockFile:
         self.block = int(device.block_size)
         self._stripes = [threading.Lock() for _ in range(settings.lock_stripes)]
 
-    def read(self, offset: int, length: int) -> bytes:
+    def read(self, offset: int, length: int) -> memoryview:
         if offset >= self.size or length <= 0:
-            return b""
+            return memoryview(b"")
         length = min(length, self.size - offset)
         first = offset - offset % self.block
         end = -(-(offset + length) // self.block) * self.block
-        data = self.device.pread(first, end - first)
+        data = memoryview(self.device.pread(first, end - first)).cast("B")  # any bytes-like answer
         if len(data) != end - first:
             raise OSError(errno.EIO, f"device returned {len(data)} of {end - first} bytes")
         return data[offset - first: offset - first + length]
@@ -482,7 +482,7 @@ class FuseExport:
 
     def _read(self, path, buf, size, offset, fip) -> int:
         data = self.file.read(offset, size)
-        ctypes.memmove(buf, data, len(data))
+        _copy_into(buf, data)
         return len(data)
 
     def _write(self, path, buf, size, offset, fip) -> int:
@@ -538,6 +538,16 @@ def _guarded(name: str, handler):
             return -errno.EIO
 
     return call
+
+
+def _copy_into(buf, data: memoryview) -> None:
+    """Copy a byte view into a C buffer with one memmove (no copy of its own when avoidable)."""
+    if not data.readonly:
+        ctypes.memmove(buf, (ctypes.c_char * len(data)).from_buffer(data), len(data))
+    elif isinstance(data.obj, bytes) and len(data) == len(data.obj):
+        ctypes.memmove(buf, data.obj, len(data))
+    else:
+        ctypes.memmove(buf, data.tobytes(), len(data))
 
 
 def _option_value(text: str) -> str:

@@ -35,6 +35,7 @@ connector runs inside minimal host images.
 
 from __future__ import annotations
 
+import glob
 import logging
 import os
 import re
@@ -147,7 +148,7 @@ def parse_sessions(text: str) -> list[Session]:
         if m := _TARGET.match(line):
             target, portal = m.group(1), None
         elif m := _CURRENT_PORTAL.match(line):
-            portal = portal or m.group(1)
+            portal = m.group(1)  # a second session to the same portal prints no portal lines
         elif m := _PORTAL.match(line):
             portal = m.group(1)
         elif m := _SID.match(line):
@@ -339,12 +340,16 @@ class KernelConnector(Connector):
                                    f"of session {session.sid} is {disk}")
 
     def _wait_for_disk(self, target: VolumeTarget, session: Session) -> str:
+        # iscsi_tcp gives each session its own SCSI host with channel 0 and
+        # target id 0; the glob accepts any, the LUN must be ours.
+        pattern = self._sys("class", "iscsi_session", f"session{session.sid}", "device",
+                            f"target{session.host}:*:*", f"{session.host}:*:*:{target.lun}", "block", "*")
         address = f"{session.host}:0:0:{target.lun}"
-        block = self._sys("class", "iscsi_session", f"session{session.sid}", "device",
-                          f"target{session.host}:0:0", address, "block")
         deadline = self.settings.clock() + self.settings.device_timeout
         while True:
-            names = sorted(os.listdir(block)) if os.path.isdir(block) else []
+            names = sorted(os.path.basename(p) for p in glob.glob(pattern))
+            if len(names) > 1:
+                raise PermanentConnectorError(f"LUN {target.lun} of session {session.sid} has several disks: {names}")
             if names and os.path.exists(self._dev(names[0])):
                 return names[0]
             if self.settings.clock() >= deadline:

@@ -337,3 +337,12 @@ def pack_r2t(lun: bytes, itt: int, ttt: int, statsn: int, expcmdsn: int, maxcmds
     """Ready To Transfer BHS (§11.8)."""
     return _HOT.pack(Opcode.R2T, 0x80, 0, 0, 0, lun, itt, ttt, statsn, expcmdsn, maxcmdsn, r2tsn,
                      buffer_offset, length)
+
+
+_COMMAND = struct.Struct(">BBHI8sIIII16s")
+
+
+def pack_scsi_command(flags: int, dsl: int, lun: bytes, itt: int, edtl: int, cmdsn: int, expstatsn: int,
+                      cdb: bytes) -> bytearray:
+    """SCSI Command BHS (§11.3); ``flags`` = F 0x80, R 0x40, W 0x20, ATTR 0x07 (mutable: the PDU hook may edit)."""
+    return bytearray(_COMMAND.pack(Opcode.SCSI_COMMAND, flags, 0, dsl, lun, itt, edtl, cmdsn, expstatsn, cdb))

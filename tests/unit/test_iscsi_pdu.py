@@ -92,3 +92,11 @@ def test_fast_encoders_agree_with_the_layouts():
     assert P.pack_r2t(lun, 7, 5, 9, 10, 41, 1, 262144, 65536) == bytes(
         P.encode_header(Opcode.R2T, final=True, lun=lun, itt=7, ttt=5, statsn=9, expcmdsn=10, maxcmdsn=41,
                         r2tsn=1, buffer_offset=262144, desired_data_transfer_length=65536))
+
+
+def test_fast_scsi_command_encoder_agrees_with_the_layout():
+    lun = bytes([0, 2]) + bytes(6)
+    cdb = bytes([0x28, 0, 0, 0, 0, 8, 0, 0, 8, 0]).ljust(16, b"\0")
+    assert P.pack_scsi_command(0x80 | 0x40 | 1, 0, lun, 9, 4096, 77, 78, cdb) == P.encode_header(
+        Opcode.SCSI_COMMAND, final=True, read=True, attr=1, lun=lun, itt=9,
+        expected_data_transfer_length=4096, cmdsn=77, expstatsn=78, cdb=cdb)

@@ -54,8 +54,11 @@ class LunDevice:
     async def _geometry(self) -> Capacity:
         return self.capacity or await self.read_capacity()
 
-    async def read_blocks(self, lba: int, count: int) -> bytes:
+    async def read_blocks(self, lba: int, count: int) -> bytes | memoryview:
         cap = await self._geometry()
+        if count <= MAX_IO_BLOCKS:
+            cdb = struct.pack(">BBQIBB", READ_16, 0, lba, count, 0, 0)
+            return (await self.client.execute(cdb, self.lun, read_length=count * cap.block_size)).data
         parts = []
         while count:
             n = min(count, MAX_IO_BLOCKS)

@@ -123,6 +123,7 @@ class IscsiClient:
         self._login: asyncio.Future | None = None
         self._slots = asyncio.Semaphore(self.settings.queue_depth)
         self._closing = False
+        self._flush_scheduled = False
         self._reconnecting: asyncio.Task | None = None
         self._pinger: asyncio.Task | None = None
         self._last_rx = time.monotonic()
@@ -250,8 +251,14 @@ class IscsiClient:
 
     # ------------------------------------------------------------------ I/O plumbing
     def _flush(self, proto: _Protocol) -> None:
-        conn = proto.conn
-        out = conn.take_output()
+        """Send what the core queued, once per event-loop pass: commands submitted together share one send."""
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush_now, proto)
+
+    def _flush_now(self, proto: _Protocol) -> None:
+        self._flush_scheduled = False
+        out = proto.conn.take_output()
         if out and proto.transport is not None and not proto.transport.is_closing():
             proto.transport.write(b"".join(out))
 

@@ -408,10 +408,10 @@ class InitiatorConnection:
                 immediate = data[:min(first_burst, self.max_xmit)]
             unsolicited_end = len(immediate) if params.initial_r2t else first_burst
         final = unsolicited_end <= len(immediate)
-        header = P.encode_header(Opcode.SCSI_COMMAND, final=final, read=bool(task.read_length),
-                                 write=data is not None and len(data) > 0, attr=ATTR_SIMPLE, lun=task.lun,
-                                 itt=task.itt, expected_data_transfer_length=edtl, cmdsn=task.cmdsn,
-                                 expstatsn=self.expstatsn, cdb=task.cdb.ljust(16, b"\0"))
+        flags = (0x80 if final else 0) | (0x40 if task.read_length else 0) | \
+            (0x20 if data is not None and len(data) else 0) | ATTR_SIMPLE
+        header = P.pack_scsi_command(flags, 0, task.lun, task.itt, edtl, task.cmdsn, self.expstatsn,
+                                     task.cdb.ljust(16, b"\0"))
         self._queue(Opcode.SCSI_COMMAND, header, immediate)
         if not final:
             self._send_data_out(task, len(immediate), unsolicited_end - len(immediate), P.RESERVED_TAG)
