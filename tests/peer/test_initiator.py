@@ -171,3 +171,57 @@ def _restart(kind, t, tmp_path, backing, port):
 def _stop_restarted():
     while _RESTARTED:
         _RESTARTED.pop().__exit__(None, None, None)
+
+
+def test_dead_target_is_detected_and_reported(tmp_path):
+    """A target that stops answering (SIGSTOP): NOP-Out pings time out, reconnects fail, commands get SessionLost."""
+    import signal
+    import time
+
+    from node_agent.iscsi.initiator.client import SessionLost
+
+    with running_shoal_target(tmp_path, luns=(("d", 8 * MiB),)) as t:
+        async def run():
+            client = await IscsiClient(t.host, t.port, t.iqn, settings=settings(
+                nop_interval=0.5, nop_timeout=1.0, reconnect_timeout=2.0, login_timeout=1.0)).connect()
+            device = LunDevice(client, 0)
+            await device.read_capacity()
+            os.kill(t.pid, signal.SIGSTOP)
+            try:
+                started = time.monotonic()
+                with pytest.raises(SessionLost):
+                    await asyncio.wait_for(device.read(0, 4096), 30)
+                assert time.monotonic() - started < 20
+            finally:
+                os.kill(t.pid, signal.SIGCONT)
+                await client.close()
+
+        asyncio.run(run())
+
+
+def test_reservations_through_the_block_api(tmp_path):
+    """Two initiators: one registers and reserves Write Exclusive; the other's writes conflict (SPC-4 §5.13)."""
+    from node_agent.iscsi.initiator.client import CommandFailed
+
+    with running_shoal_target(tmp_path, luns=(("d", 8 * MiB),)) as t:
+        async def run():
+            a = await IscsiClient(t.host, t.port, t.iqn, settings=settings()).connect()
+            b = await IscsiClient(t.host, t.port, t.iqn, settings=ClientSettings(
+                initiator_iqn="iqn.2026-11.io.shoal.test:other")).connect()
+            try:
+                da, db = LunDevice(a, 0), LunDevice(b, 0)
+                await da.register(0xA1)
+                await da.reserve(0xA1, 1)
+                assert await da.read_reservation() == (0xA1, 1)
+                assert (await da.read_keys())[1] == [0xA1]
+                await da.write(0, b"a" * 512)
+                with pytest.raises(CommandFailed) as exc:
+                    await db.write(0, b"b" * 512)
+                assert exc.value.done.status == 0x18  # RESERVATION CONFLICT
+                await da.release(0xA1, 1)
+                await db.write(0, b"b" * 512)
+            finally:
+                await a.close()
+                await b.close()
+
+        asyncio.run(run())

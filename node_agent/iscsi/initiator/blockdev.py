@@ -137,6 +137,43 @@ class LunDevice:
             luns.append(((field[0] & 0x3F) << 8 | field[1]) if field[0] & 0xC0 == 0x40 else field[1])
         return luns
 
+    async def register(self, key: int, *, old_key: int = 0, ignore_existing: bool = False) -> None:
+        """PERSISTENT RESERVE OUT REGISTER / REGISTER AND IGNORE EXISTING KEY (SPC-4 §6.16.2)."""
+        await self._prout(0x06 if ignore_existing else 0x00, 0, old_key, key)
+
+    async def reserve(self, key: int, pr_type: int) -> None:
+        """PERSISTENT RESERVE OUT RESERVE; ``pr_type`` 1 WE, 3 EA, 5 WE-RO, 6 EA-RO, 7 WE-AR, 8 EA-AR."""
+        await self._prout(0x01, pr_type, key, 0)
+
+    async def release(self, key: int, pr_type: int) -> None:
+        await self._prout(0x02, pr_type, key, 0)
+
+    async def preempt(self, key: int, victim: int, pr_type: int) -> None:
+        await self._prout(0x04, pr_type, key, victim)
+
+    async def clear_reservations(self, key: int) -> None:
+        await self._prout(0x03, 0, key, 0)
+
+    async def _prout(self, action: int, pr_type: int, key: int, sa_key: int) -> None:
+        params = struct.pack(">QQ8x", key, sa_key)
+        cdb = bytes([PERSISTENT_RESERVE_OUT, action, pr_type & 0x0F]) + bytes(2) + len(params).to_bytes(4, "big") + b"\0"
+        await self.client.execute(cdb, self.lun, data_out=params)
+
+    async def read_keys(self) -> tuple[int, list[int]]:
+        """PERSISTENT RESERVE IN READ KEYS: (generation, registered keys) (SPC-4 §6.15.2)."""
+        cdb = bytes([PERSISTENT_RESERVE_IN, 0x00]) + bytes(5) + (8192).to_bytes(2, "big") + b"\0"
+        data = bytes((await self.client.execute(cdb, self.lun, read_length=8192)).data)
+        generation, length = struct.unpack_from(">II", data)
+        return generation, [int.from_bytes(data[8 + i:16 + i], "big") for i in range(0, length, 8)]
+
+    async def read_reservation(self) -> tuple[int, int] | None:
+        """PERSISTENT RESERVE IN READ RESERVATION: (holder key, type) or None."""
+        cdb = bytes([PERSISTENT_RESERVE_IN, 0x01]) + bytes(5) + (24).to_bytes(2, "big") + b"\0"
+        data = bytes((await self.client.execute(cdb, self.lun, read_length=24)).data)
+        if int.from_bytes(data[4:8], "big") < 16:
+            return None
+        return int.from_bytes(data[8:16], "big"), data[21] & 0x0F
+
     async def test_unit_ready(self) -> None:
         await self.client.execute(bytes(6), self.lun)
 
