@@ -242,8 +242,11 @@ class UserspaceConnector(Connector):
     def _teardown(self, current: _Attachment) -> None:
         loop = current.device.path
         _refuse_if_busy(loop)
-        self.runner.run(["blockdev", "--flushbufs", loop])
-        self.runner.run(["losetup", "--detach", loop])
+        try:
+            self.runner.run(["blockdev", "--flushbufs", loop])
+            self.runner.run(["losetup", "--detach", loop])
+        except CommandFailed as exc:
+            raise TemporaryConnectorError(f"cannot release {loop}: {exc}") from exc
         self._wait_released(loop, current.export.path)
         current.lun.flush()  # SYNCHRONIZE CACHE before logout, whatever the loop device did
         try:
