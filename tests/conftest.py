@@ -4,7 +4,10 @@ Mocks: none of the tests under tests/ replaces a peer with a mock. Unit tests
 drive our own pure code directly (the SCSI device model against an in-memory
 backing store, which is our own boundary: ``node_agent.storage.backing.MemoryBackingStore``
 implements the same ``BackingStore`` protocol as the file store, so unit tests
-need no disk); protocol tests feed bytes to the sans-I/O iSCSI core; peer tests
+need no disk). The FUSE export's unit tests serve ``FileBlockDevice``, our own
+implementation of the ``BlockDevice`` protocol that ``SyncLun`` (a remote LUN)
+also implements, so the FUSE/loop plumbing is tested without a target; the
+peer tests attach real LUNs. Protocol tests feed bytes to the sans-I/O iSCSI core; peer tests
 run real third-party software (libiscsi, QEMU, tgtd, the Linux kernel in a QEMU
 guest) against real ``shoal target`` processes on 127.0.0.1 or in network
 namespaces the tests create.

@@ -26,6 +26,7 @@ session can be dropped in behind ``open_lun`` without changing the count.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import hashlib
 import json
@@ -168,8 +169,7 @@ class UserspaceConnector(Connector):
         try:
             naa, serial = self._check(lun, target)
             mountpoint = os.path.join(self.volume_dir(target.volume_id), "mnt")
-            export_settings = ExportSettings(**{**self.settings.export.__dict__,
-                                                "fsname": f"shoal:{target.volume_id}"})
+            export_settings = dataclasses.replace(self.settings.export, fsname=f"shoal:{target.volume_id}")
             export = FuseExport(lun, mountpoint, export_settings)
             export.start()
             loop = self._losetup(export.path, lun.block_size)
