@@ -43,6 +43,7 @@ class LunDevice:
         self.client = client
         self.lun = lun
         self.capacity: Capacity | None = None
+        self._rmw = asyncio.Lock()
 
     async def read_capacity(self) -> Capacity:
         cdb = struct.pack(">BBQIBB", SERVICE_ACTION_IN_16, 0x10, 0, 32, 0, 0)
@@ -96,11 +97,14 @@ class LunDevice:
         if offset % bs == 0 and len(data) % bs == 0:
             await self.write_blocks(offset // bs, data, fua=fua)
             return
-        first, last = offset // bs, (offset + len(data) + bs - 1) // bs
-        merged = bytearray(await self.read_blocks(first, last - first))
-        skip = offset - first * bs
-        merged[skip:skip + len(data)] = data
-        await self.write_blocks(first, merged, fua=fua)
+        # Read-modify-write of the edge blocks; serialised so two partial writes to one block
+        # cannot lose each other's bytes (aligned writes never take this path).
+        async with self._rmw:
+            first, last = offset // bs, (offset + len(data) + bs - 1) // bs
+            merged = bytearray(await self.read_blocks(first, last - first))
+            skip = offset - first * bs
+            merged[skip:skip + len(data)] = data
+            await self.write_blocks(first, merged, fua=fua)
 
     async def flush(self) -> None:
         await self.client.execute(struct.pack(">BBQIBB", SYNCHRONIZE_CACHE_16, 0, 0, 0, 0, 0), self.lun)
@@ -217,11 +221,18 @@ class SyncLun:
 
     @classmethod
     def open(cls, target: "VolumeTarget", *, initiator_iqn: str, settings: ClientSettings | None = None) -> "SyncLun":
-        host, _, port = target.portals[0].rpartition(":")
+        """Log in through the first of the target's portals that answers."""
         settings = settings or ClientSettings()
         settings = ClientSettings(**{**settings.__dict__, "initiator_iqn": initiator_iqn})
-        return cls(host.strip("[]"), int(port), target.target_iqn, target.lun, settings=settings,
-                   chap=target.chap, mutual_chap=target.mutual_chap)
+        errors = []
+        for portal in target.portals:
+            host, _, port = portal.rpartition(":")
+            try:
+                return cls(host.strip("[]"), int(port), target.target_iqn, target.lun, settings=settings,
+                           chap=target.chap, mutual_chap=target.mutual_chap)
+            except OSError as exc:  # this portal is unreachable: try the next
+                errors.append(f"{portal}: {exc}")
+        raise ConnectionError(f"no portal of {target.target_iqn} answered: {'; '.join(errors)}")
 
     def _call(self, coro) -> Any:
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
