@@ -35,6 +35,7 @@ connector runs inside minimal host images.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import logging
 import os
@@ -183,7 +184,7 @@ class KernelConnector(Connector):
     # ---- public
 
     def attach(self, target: VolumeTarget) -> AttachedDevice:
-        with self._locks.hold(target.session_key):
+        with self._locks.hold(target.session_key), _system_errors(target):
             sessions = self._sessions(target)
             for session in sessions:
                 disk = session.disk(target.lun)
@@ -193,7 +194,7 @@ class KernelConnector(Connector):
             return self._attach_lun(target, session)
 
     def detach(self, target: VolumeTarget) -> None:
-        with self._locks.hold(target.session_key):
+        with self._locks.hold(target.session_key), _system_errors(target):
             sessions = self._sessions(target)
             for session in sessions:
                 disk = session.disk(target.lun)
@@ -382,6 +383,17 @@ class KernelConnector(Connector):
 def by_path_name(portal: str, target: VolumeTarget) -> str:
     """udev's ``ip-PORTAL-iscsi-IQN-lun-N`` name (udev drops IPv6 brackets)."""
     return f"ip-{portal.replace('[', '').replace(']', '')}-iscsi-{target.target_iqn}-lun-{target.lun}"
+
+
+@contextlib.contextmanager
+def _system_errors(target: VolumeTarget):
+    """A failed command or sysfs write is a temporary connector error (the system may recover)."""
+    try:
+        yield
+    except CommandFailed as exc:
+        raise TemporaryConnectorError(f"{target.target_iqn} LUN {target.lun}: {exc}") from exc
+    except OSError as exc:
+        raise TemporaryConnectorError(f"{target.target_iqn} LUN {target.lun}: {exc}") from exc
 
 
 def _read(path: str) -> bytes | None:

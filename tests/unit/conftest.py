@@ -1,0 +1,11 @@
+"""Unit tests: our own pure code, no peers.
+
+Fakes stand only at our own boundaries: the kernel connector's tests
+(test_host_kernel.py) drive it through ``RecordingRunner`` (our command-runner
+interface, answering as open-iscsi and blockdev would), a temporary sysfs and
+/dev tree (the connector's injectable roots) and ``KernelSettings.write`` (its
+sysfs writer), because open-iscsi cannot run on this host's kernel; the same
+connector runs for real in a Debian guest in tests/peer/test_kernel_connector.py.
+SCSI unit tests use ``MemoryBackingStore`` beside the file store; the FUSE
+export's tests serve ``FileBlockDevice`` (see tests/conftest.py).
+"""
