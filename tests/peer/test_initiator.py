@@ -225,3 +225,20 @@ def test_reservations_through_the_block_api(tmp_path):
                 await b.close()
 
         asyncio.run(run())
+
+
+@pytest.mark.parametrize("kind", ["shoal", "tgtd"])
+def test_header_and_data_digests(kind, tmp_path):
+    """CRC32C header and data digests negotiated and used against both targets (RFC 7143 §12.1)."""
+    extra = {"params": {"HeaderDigest": "CRC32C", "DataDigest": "CRC32C"}} if kind == "tgtd" else {}
+    with target_of(kind, tmp_path, **extra) as (t, lun):
+        async def run():
+            digest = ("CRC32C", "None")
+            async with IscsiClient(t.host, t.port, t.iqn, settings=settings(header_digest=digest,
+                                                                            data_digest=digest)) as client:
+                assert client.params.header_digest and client.params.data_digest
+                device = LunDevice(client, lun)
+                data = os.urandom(4 * MiB)
+                await device.write(0, data)
+                assert bytes(await device.read(0, len(data))) == data
+        asyncio.run(run())

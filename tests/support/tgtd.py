@@ -96,7 +96,7 @@ def tgtadm(control_port: int, *args: str, check: bool = True) -> subprocess.Comp
 def running_tgtd(tmp_path: Path, luns=(("disk0", 64 * 2**20),), *, iqn: str = DEFAULT_IQN,
                  chap: tuple[str, str] | None = None, mutual_chap: tuple[str, str] | None = None,
                  netns: str | None = None, listen: str = "127.0.0.1:0", tuned: bool = True,
-                 timeout: float = 10.0):
+                 params: dict[str, str] | None = None, timeout: float = 10.0):
     """Start tgtd serving ``luns`` ((name or absolute path, size) pairs) as LUNs 1, 2, ... of ``iqn``.
 
     A missing backing file is created sparse with the given size; an existing
@@ -111,7 +111,7 @@ def running_tgtd(tmp_path: Path, luns=(("disk0", 64 * 2**20),), *, iqn: str = DE
     lun_paths = [_backing_file(tmp_path, name, size) for name, size in luns]
     process, port, control_port, log_path = _start(tmp_path, host, int(port_text), netns, timeout)
     try:
-        _configure(control_port, iqn, lun_paths, chap, mutual_chap, tuned)
+        _configure(control_port, iqn, lun_paths, chap, mutual_chap, tuned, params or {})
         yield Tgtd(host, port, iqn, process.pid, control_port, lun_paths, process, log_path)
     finally:
         _stop(process, control_port)
@@ -212,7 +212,8 @@ def _listens(pid: int, port: int) -> bool:
     return False
 
 
-def _configure(control_port: int, iqn: str, lun_paths: list[Path], chap, mutual_chap, tuned: bool) -> None:
+def _configure(control_port: int, iqn: str, lun_paths: list[Path], chap, mutual_chap, tuned: bool,
+               params: dict[str, str]) -> None:
     def adm(*args):
         tgtadm(control_port, *args)
 
@@ -222,6 +223,8 @@ def _configure(control_port: int, iqn: str, lun_paths: list[Path], chap, mutual_
     if tuned:
         for key, value in TUNED_PARAMS.items():
             adm("--op", "update", "--mode", "target", "--tid", "1", "--name", key, "--value", str(value))
+    for key, value in params.items():  # e.g. HeaderDigest=CRC32C: tgtd offers None unless told
+        adm("--op", "update", "--mode", "target", "--tid", "1", "--name", key, "--value", str(value))
     if chap:
         adm("--op", "new", "--mode", "account", "--user", chap[0], "--password", chap[1])
         adm("--op", "bind", "--mode", "account", "--tid", "1", "--user", chap[0])
