@@ -1,0 +1,183 @@
+from protos.shoal.v1 import common_pb2 as _common_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class VolumeInfo(_message.Message):
+    __slots__ = ("volume_id", "size_bytes", "disk", "path", "allocated_bytes")
+    VOLUME_ID_FIELD_NUMBER: _ClassVar[int]
+    SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    DISK_FIELD_NUMBER: _ClassVar[int]
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    ALLOCATED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    volume_id: str
+    size_bytes: int
+    disk: str
+    path: str
+    allocated_bytes: int
+    def __init__(self, volume_id: _Optional[str] = ..., size_bytes: _Optional[int] = ..., disk: _Optional[str] = ..., path: _Optional[str] = ..., allocated_bytes: _Optional[int] = ...) -> None: ...
+
+class CreateVolumeRequest(_message.Message):
+    __slots__ = ("volume_id", "size_bytes", "disk", "thin", "source_volume_id")
+    VOLUME_ID_FIELD_NUMBER: _ClassVar[int]
+    SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    DISK_FIELD_NUMBER: _ClassVar[int]
+    THIN_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_VOLUME_ID_FIELD_NUMBER: _ClassVar[int]
+    volume_id: str
+    size_bytes: int
+    disk: str
+    thin: bool
+    source_volume_id: str
+    def __init__(self, volume_id: _Optional[str] = ..., size_bytes: _Optional[int] = ..., disk: _Optional[str] = ..., thin: _Optional[bool] = ..., source_volume_id: _Optional[str] = ...) -> None: ...
+
+class DeleteVolumeRequest(_message.Message):
+    __slots__ = ("volume_id",)
+    VOLUME_ID_FIELD_NUMBER: _ClassVar[int]
+    volume_id: str
+    def __init__(self, volume_id: _Optional[str] = ...) -> None: ...
+
+class DeleteVolumeResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ExpandVolumeRequest(_message.Message):
+    __slots__ = ("volume_id", "size_bytes")
+    VOLUME_ID_FIELD_NUMBER: _ClassVar[int]
+    SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    volume_id: str
+    size_bytes: int
+    def __init__(self, volume_id: _Optional[str] = ..., size_bytes: _Optional[int] = ...) -> None: ...
+
+class ExportVolumeRequest(_message.Message):
+    __slots__ = ("volume_id", "initiator_iqn", "chap_user", "chap_secret", "mutual_chap_user", "mutual_chap_secret")
+    VOLUME_ID_FIELD_NUMBER: _ClassVar[int]
+    INITIATOR_IQN_FIELD_NUMBER: _ClassVar[int]
+    CHAP_USER_FIELD_NUMBER: _ClassVar[int]
+    CHAP_SECRET_FIELD_NUMBER: _ClassVar[int]
+    MUTUAL_CHAP_USER_FIELD_NUMBER: _ClassVar[int]
+    MUTUAL_CHAP_SECRET_FIELD_NUMBER: _ClassVar[int]
+    volume_id: str
+    initiator_iqn: str
+    chap_user: str
+    chap_secret: str
+    mutual_chap_user: str
+    mutual_chap_secret: str
+    def __init__(self, volume_id: _Optional[str] = ..., initiator_iqn: _Optional[str] = ..., chap_user: _Optional[str] = ..., chap_secret: _Optional[str] = ..., mutual_chap_user: _Optional[str] = ..., mutual_chap_secret: _Optional[str] = ...) -> None: ...
+
+class UnexportVolumeRequest(_message.Message):
+    __slots__ = ("volume_id", "initiator_iqn")
+    VOLUME_ID_FIELD_NUMBER: _ClassVar[int]
+    INITIATOR_IQN_FIELD_NUMBER: _ClassVar[int]
+    volume_id: str
+    initiator_iqn: str
+    def __init__(self, volume_id: _Optional[str] = ..., initiator_iqn: _Optional[str] = ...) -> None: ...
+
+class UnexportVolumeResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class AttachVolumeRequest(_message.Message):
+    __slots__ = ("export", "chap_secret", "mutual_chap_user", "mutual_chap_secret", "mode")
+    EXPORT_FIELD_NUMBER: _ClassVar[int]
+    CHAP_SECRET_FIELD_NUMBER: _ClassVar[int]
+    MUTUAL_CHAP_USER_FIELD_NUMBER: _ClassVar[int]
+    MUTUAL_CHAP_SECRET_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    export: _common_pb2.ExportInfo
+    chap_secret: str
+    mutual_chap_user: str
+    mutual_chap_secret: str
+    mode: str
+    def __init__(self, export: _Optional[_Union[_common_pb2.ExportInfo, _Mapping]] = ..., chap_secret: _Optional[str] = ..., mutual_chap_user: _Optional[str] = ..., mutual_chap_secret: _Optional[str] = ..., mode: _Optional[str] = ...) -> None: ...
+
+class AttachVolumeResponse(_message.Message):
+    __slots__ = ("device_path",)
+    DEVICE_PATH_FIELD_NUMBER: _ClassVar[int]
+    device_path: str
+    def __init__(self, device_path: _Optional[str] = ...) -> None: ...
+
+class DetachVolumeRequest(_message.Message):
+    __slots__ = ("volume_id", "mode")
+    VOLUME_ID_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    volume_id: str
+    mode: str
+    def __init__(self, volume_id: _Optional[str] = ..., mode: _Optional[str] = ...) -> None: ...
+
+class DetachVolumeResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class GetStateRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class Attachment(_message.Message):
+    __slots__ = ("volume_id", "device_path", "mode")
+    VOLUME_ID_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_PATH_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    volume_id: str
+    device_path: str
+    mode: str
+    def __init__(self, volume_id: _Optional[str] = ..., device_path: _Optional[str] = ..., mode: _Optional[str] = ...) -> None: ...
+
+class AgentState(_message.Message):
+    __slots__ = ("node_id", "volumes", "exports", "attachments", "disks")
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    VOLUMES_FIELD_NUMBER: _ClassVar[int]
+    EXPORTS_FIELD_NUMBER: _ClassVar[int]
+    ATTACHMENTS_FIELD_NUMBER: _ClassVar[int]
+    DISKS_FIELD_NUMBER: _ClassVar[int]
+    node_id: str
+    volumes: _containers.RepeatedCompositeFieldContainer[VolumeInfo]
+    exports: _containers.RepeatedCompositeFieldContainer[_common_pb2.ExportInfo]
+    attachments: _containers.RepeatedCompositeFieldContainer[Attachment]
+    disks: _containers.RepeatedCompositeFieldContainer[_common_pb2.Disk]
+    def __init__(self, node_id: _Optional[str] = ..., volumes: _Optional[_Iterable[_Union[VolumeInfo, _Mapping]]] = ..., exports: _Optional[_Iterable[_Union[_common_pb2.ExportInfo, _Mapping]]] = ..., attachments: _Optional[_Iterable[_Union[Attachment, _Mapping]]] = ..., disks: _Optional[_Iterable[_Union[_common_pb2.Disk, _Mapping]]] = ...) -> None: ...
+
+class RegisterRequest(_message.Message):
+    __slots__ = ("node_id", "initiator_iqn", "agent_address", "portals", "labels", "disks")
+    class LabelsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    INITIATOR_IQN_FIELD_NUMBER: _ClassVar[int]
+    AGENT_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    PORTALS_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
+    DISKS_FIELD_NUMBER: _ClassVar[int]
+    node_id: str
+    initiator_iqn: str
+    agent_address: str
+    portals: _containers.RepeatedScalarFieldContainer[str]
+    labels: _containers.ScalarMap[str, str]
+    disks: _containers.RepeatedCompositeFieldContainer[_common_pb2.Disk]
+    def __init__(self, node_id: _Optional[str] = ..., initiator_iqn: _Optional[str] = ..., agent_address: _Optional[str] = ..., portals: _Optional[_Iterable[str]] = ..., labels: _Optional[_Mapping[str, str]] = ..., disks: _Optional[_Iterable[_Union[_common_pb2.Disk, _Mapping]]] = ...) -> None: ...
+
+class RegisterResponse(_message.Message):
+    __slots__ = ("heartbeat_interval_seconds",)
+    HEARTBEAT_INTERVAL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    heartbeat_interval_seconds: float
+    def __init__(self, heartbeat_interval_seconds: _Optional[float] = ...) -> None: ...
+
+class HeartbeatRequest(_message.Message):
+    __slots__ = ("node_id", "disks")
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    DISKS_FIELD_NUMBER: _ClassVar[int]
+    node_id: str
+    disks: _containers.RepeatedCompositeFieldContainer[_common_pb2.Disk]
+    def __init__(self, node_id: _Optional[str] = ..., disks: _Optional[_Iterable[_Union[_common_pb2.Disk, _Mapping]]] = ...) -> None: ...
+
+class HeartbeatResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
