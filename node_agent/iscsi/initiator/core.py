@@ -34,6 +34,7 @@ from node_agent.iscsi.serial import sn_add, sn_le
 
 _U32 = struct.Struct(">I").unpack_from
 SECURITY, OPERATIONAL, FULL_FEATURE = 0, 1, 3
+_DIRECT_MIN = 16 * 1024  # Data-In payloads at least this large go straight into the command's buffer
 ATTR_SIMPLE = 1
 
 
@@ -182,6 +183,8 @@ class InitiatorConnection:
         self.logged_in = False
         self.closed = False
         self._rx = ReceiveBuffer(256 * 1024)
+        self._sink: memoryview | None = None  # where a large Data-In payload is being received directly
+        self._trailer: tuple | None = None  # a directly placed Data-In waiting for padding/digest
         self._out: list[Any] = []
         self._events: list[Any] = []
         self._itt = itertools.count(1)
@@ -197,18 +200,25 @@ class InitiatorConnection:
     def receive(self, data: bytes | bytearray | memoryview) -> None:
         data = memoryview(data)
         while data and not self.closed:
-            space = self._rx.writable()
+            space = self.get_buffer()
             count = min(len(space), len(data))
             space[:count] = data[:count]
             data = data[count:]
-            self._rx.filled(count)
-            self._process()
+            self.buffer_updated(count)
 
     def get_buffer(self) -> memoryview:
+        """Memory to receive into next: a command's buffer during a large Data-In, else the receive buffer."""
+        if self._sink is not None:
+            return self._sink
         return self._rx.writable()
 
     def buffer_updated(self, count: int) -> None:
-        self._rx.filled(count)
+        if self._sink is not None:
+            self._sink = self._sink[count:] if count < len(self._sink) else None
+            if self._sink is not None:
+                return
+        else:
+            self._rx.filled(count)
         self._process()
 
     def take_output(self) -> list[Any]:
@@ -442,7 +452,9 @@ class InitiatorConnection:
         rx = self._rx
         view = memoryview(rx.buf)
         try:
-            while not self.closed:
+            while not self.closed and self._sink is None:
+                if self._trailer is not None and not self._finish_trailer(view):
+                    return
                 pos, end = rx.start, rx.end
                 if end - pos < P.BHS_LENGTH:
                     return
@@ -452,6 +464,8 @@ class InitiatorConnection:
                 dd = self.data_digest and self.logged_in
                 total = P.BHS_LENGTH + ahs + P.pad4(dsl) + (4 if hd else 0) + (4 if dd and dsl else 0)
                 if end - pos < total:
+                    if dsl >= _DIRECT_MIN and rx.buf[pos] & 0x3F == Opcode.DATA_IN and self.logged_in:
+                        self._start_direct(view, pos, ahs, dsl, hd, dd)
                     return
                 cursor = pos + P.BHS_LENGTH + ahs
                 if hd:
@@ -472,7 +486,44 @@ class InitiatorConnection:
         finally:
             view.release()
 
-    def _dispatch(self, opcode: int, header: Any, data: memoryview) -> None:
+    def _start_direct(self, view: memoryview, pos: int, ahs: int, dsl: int, hd: bool, dd: bool) -> None:
+        """Receive the rest of a large Data-In payload straight into its command's buffer."""
+        rx = self._rx
+        payload = pos + P.BHS_LENGTH + ahs + (4 if hd else 0)
+        if rx.end < payload:
+            return
+        if hd and view[payload - 4:payload] != P.digest_bytes(view[pos:payload - 4]):
+            raise InitiatorError("header digest error from the target")
+        header = P.LAYOUTS[Opcode.DATA_IN].decode(view, pos)
+        task = self._tasks.get(header.itt)
+        offset = header.buffer_offset
+        if task is None or task.buffer is None or header.datasn != task.datasn or offset + dsl > len(task.buffer):
+            return  # not a transfer we can place: framed and handled the ordinary way
+        have = min(rx.end - payload, dsl)
+        task.buffer[offset:offset + have] = view[payload:payload + have]
+        rx.consume(payload + have - pos)
+        if have < dsl:
+            self._sink = memoryview(task.buffer)[offset + have:offset + dsl]
+        self._trailer = (header, task, dsl, P.pad4(dsl) - dsl, dd)
+
+    def _finish_trailer(self, view: memoryview) -> bool:
+        header, task, length, pad, dd = self._trailer  # type: ignore[misc]
+        rx = self._rx
+        need = pad + (4 if dd else 0)
+        if len(rx) < need:
+            return False
+        start = rx.start
+        if dd:
+            offset = header.buffer_offset
+            digest = P.digest_bytes(memoryview(task.buffer)[offset:offset + length], view[start:start + pad])
+            if view[start + pad:start + need] != digest:
+                raise InitiatorError("data digest error from the target")
+        rx.consume(need)
+        self._trailer = None
+        self._dispatch(Opcode.DATA_IN, header, None)  # the payload is already in place
+        return True
+
+    def _dispatch(self, opcode: int, header: Any, data: memoryview | None) -> None:
         if opcode == Opcode.LOGIN_RESPONSE:
             if self.logged_in:
                 raise InitiatorError("Login Response in full feature phase")
@@ -505,10 +556,11 @@ class InitiatorConnection:
         if header.datasn != task.datasn:
             raise InitiatorError(f"Data-In DataSN {header.datasn}, expected {task.datasn}")
         task.datasn += 1
-        offset, size = header.buffer_offset, len(data)
-        if task.buffer is None or offset + size > len(task.buffer):
-            raise InitiatorError("Data-In beyond the expected transfer length")
-        task.buffer[offset:offset + size] = data
+        if data is not None:  # None: placed directly by _start_direct
+            offset, size = header.buffer_offset, len(data)
+            if task.buffer is None or offset + size > len(task.buffer):
+                raise InitiatorError("Data-In beyond the expected transfer length")
+            task.buffer[offset:offset + size] = data
         if header.status_present:
             self._complete(task, header.status, b"", header.residual_count, header.overflow, header.underflow)
 
