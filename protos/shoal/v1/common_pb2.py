@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cprotos/shoal/v1/common.proto\x12\x0fshoal.common.v1\"N\n\x04\x44isk\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x16\n\x0e\x63\x61pacity_bytes\x18\x03 \x01(\x04\x12\x12\n\nfree_bytes\x18\x04 \x01(\x04\"\x81\x01\n\nExportInfo\x12\x11\n\tvolume_id\x18\x01 \x01(\t\x12\x12\n\ntarget_iqn\x18\x02 \x01(\t\x12\x0f\n\x07portals\x18\x03 \x03(\t\x12\x0b\n\x03lun\x18\x04 \x01(\r\x12\x0b\n\x03naa\x18\x05 \x01(\t\x12\x0e\n\x06serial\x18\x06 \x01(\t\x12\x11\n\tchap_user\x18\x07 \x01(\tb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cprotos/shoal/v1/common.proto\x12\x0fshoal.common.v1\"N\n\x04\x44isk\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x16\n\x0e\x63\x61pacity_bytes\x18\x03 \x01(\x04\x12\x12\n\nfree_bytes\x18\x04 \x01(\x04\"\x95\x01\n\nExportInfo\x12\x11\n\tvolume_id\x18\x01 \x01(\t\x12\x12\n\ntarget_iqn\x18\x02 \x01(\t\x12\x0f\n\x07portals\x18\x03 \x03(\t\x12\x0b\n\x03lun\x18\x04 \x01(\r\x12\x0b\n\x03naa\x18\x05 \x01(\t\x12\x0e\n\x06serial\x18\x06 \x01(\t\x12\x11\n\tchap_user\x18\x07 \x01(\t\x12\x12\n\ninitiators\x18\x08 \x03(\tb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,5 +34,5 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DISK']._serialized_start=49
   _globals['_DISK']._serialized_end=127
   _globals['_EXPORTINFO']._serialized_start=130
-  _globals['_EXPORTINFO']._serialized_end=259
+  _globals['_EXPORTINFO']._serialized_end=279
 # @@protoc_insertion_point(module_scope)

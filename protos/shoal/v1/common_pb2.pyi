@@ -19,7 +19,7 @@ class Disk(_message.Message):
     def __init__(self, name: _Optional[str] = ..., path: _Optional[str] = ..., capacity_bytes: _Optional[int] = ..., free_bytes: _Optional[int] = ...) -> None: ...
 
 class ExportInfo(_message.Message):
-    __slots__ = ("volume_id", "target_iqn", "portals", "lun", "naa", "serial", "chap_user")
+    __slots__ = ("volume_id", "target_iqn", "portals", "lun", "naa", "serial", "chap_user", "initiators")
     VOLUME_ID_FIELD_NUMBER: _ClassVar[int]
     TARGET_IQN_FIELD_NUMBER: _ClassVar[int]
     PORTALS_FIELD_NUMBER: _ClassVar[int]
@@ -27,6 +27,7 @@ class ExportInfo(_message.Message):
     NAA_FIELD_NUMBER: _ClassVar[int]
     SERIAL_FIELD_NUMBER: _ClassVar[int]
     CHAP_USER_FIELD_NUMBER: _ClassVar[int]
+    INITIATORS_FIELD_NUMBER: _ClassVar[int]
     volume_id: str
     target_iqn: str
     portals: _containers.RepeatedScalarFieldContainer[str]
@@ -34,4 +35,5 @@ class ExportInfo(_message.Message):
     naa: str
     serial: str
     chap_user: str
-    def __init__(self, volume_id: _Optional[str] = ..., target_iqn: _Optional[str] = ..., portals: _Optional[_Iterable[str]] = ..., lun: _Optional[int] = ..., naa: _Optional[str] = ..., serial: _Optional[str] = ..., chap_user: _Optional[str] = ...) -> None: ...
+    initiators: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, volume_id: _Optional[str] = ..., target_iqn: _Optional[str] = ..., portals: _Optional[_Iterable[str]] = ..., lun: _Optional[int] = ..., naa: _Optional[str] = ..., serial: _Optional[str] = ..., chap_user: _Optional[str] = ..., initiators: _Optional[_Iterable[str]] = ...) -> None: ...

@@ -1,0 +1,129 @@
+"""Placement as pure functions: which node disk gets a new volume.
+
+Rules, in order:
+
+1. Candidates are the disks of healthy nodes that belong to the pool (a pool
+   without members has every disk of every node).
+2. Topology: the node's labels must contain every ``constraints`` key with
+   the same value.
+3. Capacity: what the disk's volumes promise (all volumes on it, of any pool,
+   in any state but gone) plus the new size must stay within
+   ``capacity * overcommit_ratio``; a thick volume also needs that much real
+   free space, as the disk last reported it.
+4. Spreading: the disk promising the fewest bytes wins, then the one with the
+   fewest volumes, then node id and disk name, so the choice is deterministic.
+
+When nothing fits, ``ResourceExhausted`` says why: no disks, no healthy
+node, no node with the labels, or the largest room there is.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, Mapping
+
+from controller.domain.errors import ResourceExhausted
+from controller.domain.model import HEALTHY, Disk, Node, Pool, PoolUsage, Volume
+from controller.domain.validation import human_bytes
+
+
+@dataclass(frozen=True)
+class Request:
+    """What the new (or growing) volume needs."""
+
+    size_bytes: int
+    thin: bool = True
+    constraints: Mapping[str, str] | None = None
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A pool disk and what is already promised on it."""
+
+    node_id: str
+    disk: Disk
+    provisioned_bytes: int
+    volumes: int
+
+    def headroom(self, pool: Pool, thin: bool) -> int:
+        """The largest new volume this disk takes."""
+        promised = int(self.disk.capacity_bytes * pool.overcommit_ratio) - self.provisioned_bytes
+        return max(0, promised if thin else min(promised, self.disk.free_bytes))
+
+    @property
+    def key(self) -> tuple[int, int, str, str]:
+        return (self.provisioned_bytes, self.volumes, self.node_id, self.disk.name)
+
+
+def provisioned(volumes: Iterable[Volume]) -> dict[tuple[str, str], tuple[int, int]]:
+    """(node, disk) -> (bytes promised, number of volumes)."""
+    out: dict[tuple[str, str], tuple[int, int]] = {}
+    for volume in volumes:
+        size, n = out.get((volume.owner_node, volume.disk), (0, 0))
+        out[(volume.owner_node, volume.disk)] = (size + volume.size_bytes, n + 1)
+    return out
+
+
+def pool_disks(pool: Pool, nodes: Iterable[Node], *, healthy_only: bool = True) -> list[tuple[Node, Disk]]:
+    return [(node, disk) for node in nodes if node.health == HEALTHY or not healthy_only
+            for disk in node.disks if pool.includes(node.id, disk.name)]
+
+
+def matches(node: Node, constraints: Mapping[str, str] | None) -> bool:
+    return all(node.labels.get(key) == value for key, value in (constraints or {}).items())
+
+
+def candidates(pool: Pool, nodes: Iterable[Node], volumes: Iterable[Volume],
+               constraints: Mapping[str, str] | None = None) -> list[Candidate]:
+    """Rules 1 and 2, with what each disk already holds, best first (rule 4)."""
+    used = provisioned(volumes)
+    out = [Candidate(node.id, disk, *used.get((node.id, disk.name), (0, 0)))
+           for node, disk in pool_disks(pool, nodes) if matches(node, constraints)]
+    return sorted(out, key=lambda c: c.key)
+
+
+def place(request: Request, pool: Pool, nodes: Iterable[Node], volumes: Iterable[Volume]) -> tuple[str, str]:
+    """The (node id, disk name) for a new volume, or ``ResourceExhausted`` saying why there is none."""
+    nodes = list(nodes)
+    options = candidates(pool, nodes, volumes, request.constraints)
+    for candidate in options:
+        if candidate.headroom(pool, request.thin) >= request.size_bytes:
+            return candidate.node_id, candidate.disk.name
+    raise ResourceExhausted(_why_nothing_fits(request, pool, nodes, options))
+
+
+def fits_growth(candidate: Candidate, pool: Pool, thin: bool, extra_bytes: int) -> bool:
+    """Whether a volume already on ``candidate`` may grow by ``extra_bytes``."""
+    return candidate.headroom(pool, thin) >= extra_bytes
+
+
+def usage(pool: Pool, nodes: Iterable[Node], volumes: Iterable[Volume]) -> PoolUsage:
+    """Capacity and free space of every pool disk (healthy or not); bytes its volumes promise."""
+    disks = pool_disks(pool, nodes, healthy_only=False)
+    return PoolUsage(capacity_bytes=sum(d.capacity_bytes for _, d in disks),
+                     free_bytes=sum(d.free_bytes for _, d in disks),
+                     provisioned_bytes=sum(v.size_bytes for v in volumes if v.pool == pool.name))
+
+
+def _why_nothing_fits(request: Request, pool: Pool, nodes: list[Node], options: list[Candidate]) -> str:
+    prefix = f"pool {pool.name}:"
+    if not pool_disks(pool, nodes, healthy_only=False):
+        return (f"{prefix} no disks (no node that has its disks registered){_members(pool)}; "
+                "start an agent or add members to the pool")
+    if not pool_disks(pool, nodes):
+        unhealthy = sorted({n.id for n, _ in pool_disks(pool, nodes, healthy_only=False)})
+        return f"{prefix} no healthy node (unhealthy: {', '.join(unhealthy)}); retry when an agent is back"
+    if not options:
+        wanted = ",".join(f"{k}={v}" for k, v in sorted((request.constraints or {}).items()))
+        return f"{prefix} no healthy node has labels {wanted}"
+    best = max(options, key=lambda c: (c.headroom(pool, request.thin), -c.provisioned_bytes))
+    kind = "" if request.thin else " (thick: real free space)"
+    return (f"{prefix} no healthy node with {human_bytes(request.size_bytes)} free{kind} "
+            f"(largest: {best.node_id}/{best.disk.name} {human_bytes(best.headroom(pool, request.thin))}; "
+            f"overcommit ratio {pool.overcommit_ratio:g})")
+
+
+def _members(pool: Pool) -> str:
+    if not pool.members:
+        return ""
+    return " among its members " + ", ".join(f"{n}/{d}" for n, d in pool.members)

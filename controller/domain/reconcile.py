@@ -1,0 +1,159 @@
+"""One reconcile pass: desired state (the store) against observed state (each agent's GetState).
+
+Repairs, each under the volume's lock and re-checked against the store first:
+
+* a volume row left "creating" (the controller stopped mid-create) is created;
+* a volume row left "deleting" is deleted (exports first);
+  (both only once the owner is healthy; rows in "error" wait for a repeat of
+  create, or a delete, by whoever asked);
+* an attachment left "detaching" is detached;
+* an export that should exist (an attachment in any state) but the owner does
+  not report (its agent restarted without restoring it) is exported again;
+* an export the owner reports that no attachment wants is removed;
+* a volume smaller on its agent than recorded (an expand that failed
+  temporarily) is grown.
+
+Agents that cannot be reached are skipped: the next pass tries again.
+Volumes an agent holds that the controller does not know are only logged, never
+deleted: data is not thrown away on a guess.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+from controller.domain.errors import DomainError
+from controller.domain.model import ATTACHED, AVAILABLE, CREATING, DELETING, DETACHING, HEALTHY, OP_STARTED, Node
+
+if TYPE_CHECKING:
+    from controller.domain.service import ControllerService
+
+log = logging.getLogger("shoal.controller.reconcile")
+
+
+class Reconciler:
+    def __init__(self, service: "ControllerService"):
+        self.service = service
+        self.store = service.store
+        self.repaired: list[str] = []
+
+    def run(self) -> list[str]:
+        self._finish_rows()
+        for node in self.service.list_nodes():
+            if node.health != HEALTHY:
+                continue
+            try:
+                observed = self.service.agents.client(node).get_state()
+            except DomainError as exc:
+                log.warning("reconcile: node %s: %s", node.id, exc)
+                continue
+            self._reconcile_node(node, observed)
+        return self.repaired
+
+    def _try(self, what: str, action) -> None:
+        try:
+            action()
+        except DomainError as exc:
+            log.warning("reconcile: %s failed: %s", what, exc)
+        else:
+            self.repaired.append(what)
+
+    # Rows a failure or a stop left in a transitional state.
+    def _finish_rows(self) -> None:
+        healthy = {n.id for n in self.service.list_nodes() if n.health == HEALTHY}
+        for volume in self.store.list_volumes():
+            if volume.owner_node not in healthy:
+                continue  # the next pass after its heartbeats resume
+            if volume.state == CREATING:
+                self._try(f"created volume {volume.name} on {volume.owner_node}/{volume.disk}",
+                          lambda v=volume: self._create(v.name))
+            elif volume.state == DELETING:
+                self._try(f"deleted volume {volume.name}", lambda v=volume: self._delete(v.name))
+        for attachment in self.store.list_attachments():
+            if attachment.state == DETACHING:
+                self._try(f"detached volume {attachment.volume} from {attachment.node}",
+                          lambda a=attachment: self.service.detach_volume(a.volume, a.node))
+
+    def _create(self, name: str) -> None:
+        with self.service._volume_locks.hold(name):
+            volume = self.store.get_volume(name)
+            if volume is not None and volume.state == CREATING:
+                self.service._finish_create(volume)
+
+    def _delete(self, name: str) -> None:
+        with self.service._volume_locks.hold(name):
+            volume = self.store.get_volume(name)
+            if volume is not None and volume.state == DELETING and not self.store.list_attachments(volume=name):
+                op = self.store.record_operation(self.service._clock(), "delete_volume", name, OP_STARTED,
+                                                 "reconcile")
+                self.service._finish_delete(volume, op)
+
+    # One agent's observed state.
+    def _reconcile_node(self, node: Node, observed: dict[str, Any]) -> None:
+        owned = {v.id: v for v in self.store.list_volumes() if v.owner_node == node.id}
+        seen = {(e["volume_id"], iqn) for e in observed.get("exports", ()) for iqn in _initiators(e)}
+        for key in sorted(self._wanted(owned) - seen):
+            volume = owned[key[0]]
+            self._try(f"re-exported volume {volume.name} to {key[1]}",
+                      lambda v=volume, iqn=key[1]: self._reexport(v.name, iqn))
+        for volume_id, iqn in sorted(seen - self._wanted(owned)):
+            name = owned[volume_id].name if volume_id in owned else f"(unknown id {volume_id})"
+            self._try(f"removed export of volume {name} to {iqn}",
+                      lambda vid=volume_id, iqn=iqn: self._unexport(node, vid, iqn))
+        sizes = {v["volume_id"]: int(v.get("size_bytes", 0)) for v in observed.get("volumes", ())}
+        for volume_id, size in sorted(sizes.items()):
+            volume = owned.get(volume_id)
+            if volume is None:
+                log.warning("reconcile: node %s holds volume id %s that the controller does not know",
+                            node.id, volume_id)
+            elif volume.state in (AVAILABLE, ATTACHED) and size < volume.size_bytes:
+                self._try(f"expanded volume {volume.name} to {volume.size_bytes} bytes",
+                          lambda v=volume: self._expand(v.name))
+        for volume in owned.values():
+            if volume.state in (AVAILABLE, ATTACHED) and volume.id not in sizes:
+                log.error("reconcile: volume %s (%s) is missing on its node %s", volume.name, volume.id, node.id)
+
+    def _wanted(self, owned: dict) -> set[tuple[str, str]]:
+        """(volume id, initiator IQN) the owner should export: every attachment, detaching ones included
+        (the consumer may still be flushing)."""
+        wanted = set()
+        for volume_id, volume in owned.items():
+            for attachment in self.store.list_attachments(volume=volume.name):
+                consumer = self.store.get_node(attachment.node)
+                if consumer is not None:
+                    wanted.add((volume_id, consumer.initiator_iqn))
+        return wanted
+
+    def _reexport(self, name: str, iqn: str) -> None:
+        with self.service._volume_locks.hold(name):
+            volume = self.store.get_volume(name)
+            consumer = next((n for n in self.store.list_nodes() if n.initiator_iqn == iqn), None)
+            if volume is None or consumer is None or self.store.get_attachment(name, consumer.id) is None:
+                return
+            self.service._export(volume, consumer, self.service._chap(volume))
+
+    def _unexport(self, node: Node, volume_id: str, iqn: str) -> None:
+        volume = next((v for v in self.store.list_volumes() if v.id == volume_id), None)
+        if volume is None:
+            self.service.agents.client(node).unexport_volume(volume_id, iqn)
+            return
+        with self.service._volume_locks.hold(volume.name):
+            if (volume_id, iqn) in self._wanted({volume_id: volume}):
+                return  # attached meanwhile
+            self.service.agents.client(node).unexport_volume(volume_id, iqn)
+            self.store.delete_export(volume.name, iqn)
+
+    def _expand(self, name: str) -> None:
+        with self.service._volume_locks.hold(name):
+            volume = self.store.get_volume(name)
+            if volume is not None:
+                self.service._client(volume.owner_node, f"owning volume {name}").expand_volume(
+                    volume.id, volume.size_bytes)
+
+
+def _initiators(export: dict[str, Any]) -> list[str]:
+    """The initiators an observed export admits: ``initiators`` (a list) or ``initiator_iqn`` (one)."""
+    if export.get("initiators"):
+        return list(export["initiators"])
+    return [export["initiator_iqn"]] if export.get("initiator_iqn") else []

@@ -1,0 +1,554 @@
+"""``ControllerService``: the volume lifecycle, idempotent by name.
+
+Every method validates its arguments first (bad input changes nothing), then
+works under the volume's lock: it records the decision in the store (a row in
+a transitional state plus a line in the operations log) *before* calling an
+agent, and records the outcome after.  A failure in between leaves a row that
+says what was being done, so a repeat of the call, or ``reconcile_once``,
+finishes it.
+
+Idempotency, per method (admin.proto says the same per RPC):
+
+* ``create_pool`` / ``create_volume``: the existing object when the
+  parameters match, ``AlreadyExists`` when not; a volume left "creating" or
+  "error" by a failure is finished by the repeat.
+* ``delete_pool`` / ``delete_volume``: deleting what is gone succeeds;
+  refused (``FailedPrecondition``) while the pool has volumes or the volume
+  is attached.
+* ``expand_volume``: the same size again is a no-op on the agent; smaller is
+  ``InvalidArgument`` (volumes only grow).
+* ``attach_volume``: a repeat returns the same attachment.
+* ``detach_volume``: a repeat, or a detach of what is not attached, succeeds.
+
+CHAP secrets are generated here (``secrets.token_urlsafe``), kept in the
+store, passed to agents, and never logged, returned or put in an error.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets as _secrets
+import threading
+import time
+import uuid
+from contextlib import contextmanager
+from dataclasses import replace
+from typing import Any, Callable, Iterable, Iterator, Mapping
+
+from controller.domain import placement
+from controller.domain import validation as check
+from controller.domain.agents import AgentClient, AgentDirectory
+from controller.domain.errors import (AlreadyExists, DomainError, FailedPrecondition, InvalidArgument, NotFound,
+                                      ResourceExhausted, Unavailable)
+from controller.domain.model import (ATTACHED, ATTACHING, AVAILABLE, CREATING, DELETING, DETACHING, ERROR, HEALTHY,
+                                     OP_DONE, OP_FAILED, OP_STARTED, UNHEALTHY, Attachment, ChapCredential, Disk,
+                                     Export, Node, Pool, PoolUsage, Volume)
+from controller.domain.settings import ControllerSettings
+from controller.domain.validation import human_bytes
+from controller.store.base import StateStore
+
+log = logging.getLogger("shoal.controller")
+
+
+class _LockTable:
+    """One lock per name, created on demand and dropped when nobody holds or waits for it."""
+
+    def __init__(self) -> None:
+        self._guard = threading.Lock()
+        self._locks: dict[str, tuple[threading.RLock, int]] = {}
+
+    @contextmanager
+    def hold(self, name: str) -> Iterator[None]:
+        with self._guard:
+            lock, users = self._locks.get(name, (threading.RLock(), 0))
+            self._locks[name] = (lock, users + 1)
+        try:
+            with lock:
+                yield
+        finally:
+            with self._guard:
+                lock, users = self._locks[name]
+                if users == 1:
+                    del self._locks[name]
+                else:
+                    self._locks[name] = (lock, users - 1)
+
+
+class ControllerService:
+    def __init__(self, store: StateStore, agents: AgentDirectory, *,
+                 settings: ControllerSettings | None = None, clock: Callable[[], float] = time.time,
+                 secrets: Any = _secrets):
+        self.store = store
+        self.agents = agents
+        self.settings = settings or ControllerSettings()
+        self._clock = clock
+        self._secrets = secrets
+        self._volume_locks = _LockTable()
+        self._placement_lock = threading.RLock()  # capacity is read, then promised: one decision at a time
+        if self.settings.default_pool and self.store.get_pool(self.settings.default_pool) is None:
+            self.store.put_pool(Pool(self.settings.default_pool, (), 1.0))
+
+    def __repr__(self) -> str:
+        return f"ControllerService({self.store!r})"
+
+    # ---- nodes -------------------------------------------------------------------------------
+
+    def register_node(self, node_id: str, initiator_iqn: str, agent_address: str, portals: Iterable[str],
+                      labels: Mapping[str, str] | None = None, disks: Iterable[Disk] = ()) -> Node:
+        """Add or update a node; it is healthy as of now.  Repeat: updates the record."""
+        node = Node(id=check.node_id(node_id), initiator_iqn=check.iqn(initiator_iqn),
+                    agent_address=check.address(agent_address, "agent address"), portals=check.portals(portals),
+                    labels=check.labels(labels, "node labels"), disks=check.disks(disks), health=HEALTHY,
+                    last_heartbeat=self._clock())
+        with self.store.transaction():
+            clash = next((n for n in self.store.list_nodes()
+                          if n.initiator_iqn == node.initiator_iqn and n.id != node.id), None)
+            if clash is not None:
+                raise AlreadyExists(f"initiator IQN {node.initiator_iqn} is already used by node {clash.id}: "
+                                    "every node needs its own IQN (its ACL entries would be shared)")
+            self.store.put_node(node)
+        log.info("node %s registered (%s, %d disks)", node.id, node.agent_address, len(node.disks))
+        return node
+
+    def heartbeat(self, node_id: str, disks: Iterable[Disk] | None = None) -> Node:
+        """The node is alive; ``disks`` (if given) replaces its disks' capacity and free space."""
+        node_id = check.node_id(node_id)
+        new_disks = check.disks(disks) if disks is not None else None
+        with self.store.transaction():
+            node = self.get_node(node_id)
+            node = replace(node, health=HEALTHY, last_heartbeat=self._clock(),
+                           disks=new_disks if new_disks is not None else node.disks)
+            self.store.put_node(node)
+        return node
+
+    def list_nodes(self) -> list[Node]:
+        return [self._effective(n) for n in self.store.list_nodes()]
+
+    def get_node(self, node_id: str) -> Node:
+        node = self.store.get_node(check.node_id(node_id))
+        if node is None:
+            raise NotFound(f"node {node_id} is not registered (shoalctl node list shows the nodes)")
+        return self._effective(node)
+
+    def mark_unhealthy(self, now: float | None = None) -> list[str]:
+        """Mark nodes silent for longer than ``heartbeat_timeout`` unhealthy; return their ids."""
+        now = self._clock() if now is None else now
+        marked = []
+        with self.store.transaction():
+            for node in self.store.list_nodes():
+                if node.health == HEALTHY and now - node.last_heartbeat > self.settings.heartbeat_timeout:
+                    self.store.put_node(replace(node, health=UNHEALTHY))
+                    marked.append(node.id)
+        for node_id in marked:
+            log.warning("node %s is unhealthy: no heartbeat for more than %g s", node_id,
+                        self.settings.heartbeat_timeout)
+        return marked
+
+    def _effective(self, node: Node) -> Node:
+        """The node as of now: healthy only while heartbeats arrive, even before ``mark_unhealthy`` runs."""
+        if node.health == HEALTHY and self._silence(node) > self.settings.heartbeat_timeout:
+            return replace(node, health=UNHEALTHY)
+        return node
+
+    def _silence(self, node: Node) -> float:
+        return max(0.0, self._clock() - node.last_heartbeat)
+
+    def _unhealthy(self, node: Node) -> str:
+        return f"node {node.id} is unhealthy (no heartbeat for {self._silence(node):.0f} s)"
+
+    # ---- pools -------------------------------------------------------------------------------
+
+    def create_pool(self, name: str, members: Iterable[tuple[str, str]] = (),
+                    overcommit_ratio: float = 1.0) -> Pool:
+        """A pool over ``members`` ((node id, disk) pairs; none: every disk).  Idempotent by name."""
+        name = check.name(name, "pool name")
+        ratio = check.ratio(overcommit_ratio, maximum=self.settings.max_overcommit_ratio)
+        if isinstance(members, (str, bytes)):
+            raise InvalidArgument("pool members must be a list of (node, disk) pairs")
+        wanted = []
+        for member in members:
+            if not isinstance(member, (tuple, list)) or len(member) != 2:
+                raise InvalidArgument(f"pool member {member!r} is not a (node, disk) pair")
+            wanted.append((check.node_id(member[0]), check.disk_name(member[1])))
+        pool = Pool(name, tuple(sorted(set(wanted))), ratio)
+        with self.store.transaction():
+            existing = self.store.get_pool(name)
+            if existing is not None:
+                if existing != pool:
+                    raise AlreadyExists(f"pool {name} already exists with {_describe_pool(existing)}; "
+                                        f"asked for {_describe_pool(pool)}")
+                return existing
+            for node_id, disk in pool.members:
+                node = self.get_node(node_id)
+                if node.disk(disk) is None:
+                    have = ", ".join(d.name for d in node.disks) or "none"
+                    raise NotFound(f"node {node_id} has no disk {disk} (its disks: {have})")
+            self.store.put_pool(pool)
+        log.info("pool %s created (%s)", name, _describe_pool(pool))
+        return pool
+
+    def list_pools(self) -> list[Pool]:
+        return self.store.list_pools()
+
+    def get_pool(self, name: str) -> Pool:
+        pool = self.store.get_pool(check.name(name, "pool name"))
+        if pool is None:
+            known = ", ".join(p.name for p in self.store.list_pools()) or "none"
+            raise NotFound(f"pool {name} does not exist (pools: {known}); create it with shoalctl pool create")
+        return pool
+
+    def pool_usage(self, name: str) -> PoolUsage:
+        pool = self.get_pool(name)
+        return placement.usage(pool, self.store.list_nodes(), self.store.list_volumes())
+
+    def delete_pool(self, name: str) -> None:
+        """Delete a pool without volumes.  Deleting what is gone succeeds."""
+        name = check.name(name, "pool name")
+        with self.store.transaction():
+            volumes = self.store.list_volumes(pool=name)
+            if volumes:
+                raise FailedPrecondition(f"pool {name} still has {len(volumes)} volume(s) "
+                                         f"({_some(v.name for v in volumes)}): delete them first")
+            self.store.delete_pool(name)
+
+    # ---- volumes -----------------------------------------------------------------------------
+
+    def create_volume(self, name: str, size_bytes: int, pool: str = "default", thin: bool = True,
+                      constraints: Mapping[str, str] | None = None) -> Volume:
+        name = check.name(name, "volume name")
+        size = check.size(size_bytes, multiple=self.settings.volume_size_multiple,
+                          maximum=self.settings.max_volume_bytes)
+        pool = check.name(pool, "pool name")
+        if not isinstance(thin, bool):
+            raise InvalidArgument(f"thin must be true or false, not {thin!r}")
+        constraints = check.labels(constraints, "constraints")
+        with self._volume_locks.hold(name):
+            existing = self.store.get_volume(name)
+            if existing is not None:
+                self._check_same_volume(existing, size, pool, thin, constraints)
+                if existing.state in (AVAILABLE, ATTACHED):
+                    return existing
+                if existing.state == DELETING:
+                    raise FailedPrecondition(f"volume {name} is being deleted: delete it again to finish, "
+                                             "then create it")
+                return self._finish_create(existing)  # "creating" or "error": a failure left it half done
+            pool_record = self.get_pool(pool)
+            with self._placement_lock, self.store.transaction():
+                node_id, disk = placement.place(placement.Request(size, thin, constraints), pool_record,
+                                                self.list_nodes(), self.store.list_volumes())
+                volume = Volume(name, self._new_volume_id(), size, pool, node_id, disk, CREATING, thin,
+                                self._clock())
+                op = self._begin("create_volume", name, f"{human_bytes(size)} on {node_id}/{disk}")
+                self.store.put_volume(volume)
+            log.info("volume %s (%s, %s) placed on %s/%s", name, volume.id, human_bytes(size), node_id, disk)
+            return self._finish_create(volume, op)
+
+    def _check_same_volume(self, volume: Volume, size: int, pool: str, thin: bool,
+                           constraints: Mapping[str, str]) -> None:
+        differences = []
+        if volume.size_bytes != size:
+            differences.append(f"size {human_bytes(volume.size_bytes)} ({volume.size_bytes} bytes), "
+                               f"asked {human_bytes(size)} ({size} bytes)")
+        if volume.pool != pool:
+            differences.append(f"pool {volume.pool}, asked {pool}")
+        if volume.thin != thin:
+            differences.append(f"{'thin' if volume.thin else 'thick'}, asked {'thin' if thin else 'thick'}")
+        owner = self.store.get_node(volume.owner_node)
+        if constraints and (owner is None or not placement.matches(owner, constraints)):
+            differences.append(f"its node {volume.owner_node} does not have the labels asked for")
+        if differences:
+            raise AlreadyExists(f"volume {volume.name} already exists with other parameters: "
+                                + "; ".join(differences))
+
+    def _finish_create(self, volume: Volume, op: int | None = None) -> Volume:
+        op = op if op is not None else self._begin("create_volume", volume.name, "retry")
+        try:
+            client = self._client(volume.owner_node, f"owning volume {volume.name}")
+            client.create_volume(volume.id, volume.size_bytes, volume.disk, volume.thin)
+        except Exception as exc:
+            error = _as_domain_error(exc, volume.owner_node, "create_volume")
+            with self.store.transaction():  # a repeat of create finishes it, a delete cleans it up
+                self.store.put_volume(replace(volume, state=ERROR))
+                self._end(op, OP_FAILED, str(error))
+            raise error from None
+        volume = replace(volume, state=AVAILABLE)
+        with self.store.transaction():
+            self.store.put_volume(volume)
+            self._end(op, OP_DONE)
+        return volume
+
+    def list_volumes(self, pool: str | None = None) -> list[Volume]:
+        if pool is not None:
+            pool = check.name(pool, "pool name")
+        return self.store.list_volumes(pool)
+
+    def get_volume(self, name: str) -> Volume:
+        volume = self.store.get_volume(check.name(name, "volume name"))
+        if volume is None:
+            raise NotFound(f"volume {name} does not exist (shoalctl volume list shows the volumes)")
+        return volume
+
+    def expand_volume(self, name: str, size_bytes: int) -> Volume:
+        """Grow a volume online (the target reports CAPACITY DATA HAS CHANGED).  Never shrinks."""
+        name = check.name(name, "volume name")
+        size = check.size(size_bytes, multiple=self.settings.volume_size_multiple,
+                          maximum=self.settings.max_volume_bytes)
+        with self._volume_locks.hold(name):
+            volume = self.get_volume(name)
+            if volume.state not in (AVAILABLE, ATTACHED):
+                raise FailedPrecondition(f"volume {name} is {volume.state}: only an available or attached "
+                                         "volume can grow")
+            if size < volume.size_bytes:
+                raise InvalidArgument(f"volume {name} is {human_bytes(volume.size_bytes)} ({volume.size_bytes} "
+                                      f"bytes); volumes only grow: ask for {volume.size_bytes} bytes or more")
+            old = volume
+            with self._placement_lock, self.store.transaction():
+                if size > volume.size_bytes:
+                    self._check_growth(volume, size - volume.size_bytes)
+                    volume = replace(volume, size_bytes=size)
+                    self.store.put_volume(volume)  # desired size first: reconcile finishes a temporary failure
+                op = self._begin("expand_volume", name, f"{human_bytes(old.size_bytes)} -> {human_bytes(size)}")
+            try:
+                self._client(volume.owner_node, f"owning volume {name}").expand_volume(volume.id, size)
+            except Exception as exc:
+                error = _as_domain_error(exc, volume.owner_node, "expand_volume")
+                with self.store.transaction():
+                    if not error.temporary:
+                        self.store.put_volume(old)
+                    self._end(op, OP_FAILED, str(error))
+                raise error from None
+            self._end(op, OP_DONE)
+            return volume
+
+    def _check_growth(self, volume: Volume, extra: int) -> None:
+        node = self.get_node(volume.owner_node)
+        if node.health != HEALTHY:
+            raise Unavailable(f"{self._unhealthy(node)}; it owns volume {volume.name}: retry when it is back")
+        disk = node.disk(volume.disk)
+        pool = self.get_pool(volume.pool)
+        used, count = placement.provisioned(self.store.list_volumes()).get((node.id, volume.disk), (0, 0))
+        candidate = placement.Candidate(node.id, disk or Disk(volume.disk, "", 0, 0), used, count)
+        if not placement.fits_growth(candidate, pool, volume.thin, extra):
+            raise ResourceExhausted(f"pool {pool.name}: {node.id}/{volume.disk}, which holds volume {volume.name}, "
+                                    f"has room for {human_bytes(candidate.headroom(pool, volume.thin))} more, "
+                                    f"not {human_bytes(extra)}")
+
+    def delete_volume(self, name: str) -> None:
+        """Delete a volume that is not attached.  Deleting what is gone succeeds."""
+        name = check.name(name, "volume name")
+        with self._volume_locks.hold(name):
+            volume = self.store.get_volume(name)
+            if volume is None:
+                return
+            attachments = self.store.list_attachments(volume=name)
+            if attachments:
+                nodes = ", ".join(a.node for a in attachments)
+                raise FailedPrecondition(f"volume {name} is attached to {nodes}: detach it first "
+                                         f"(shoalctl volume detach {name} --node NODE)")
+            with self.store.transaction():
+                op = self._begin("delete_volume", name, f"from {volume.owner_node}/{volume.disk}")
+                volume = replace(volume, state=DELETING)
+                self.store.put_volume(volume)
+            self._finish_delete(volume, op)
+
+    def _finish_delete(self, volume: Volume, op: int) -> None:
+        try:
+            if self.store.get_node(volume.owner_node) is not None:  # a node removed for good holds nothing
+                client = self._client(volume.owner_node, f"owning volume {volume.name}")
+                for export in self.store.list_exports(volume.name):
+                    client.unexport_volume(volume.id, export.initiator_iqn)
+                    self.store.delete_export(volume.name, export.initiator_iqn)
+                client.delete_volume(volume.id)
+        except Exception as exc:
+            error = _as_domain_error(exc, volume.owner_node, "delete_volume")
+            self._end(op, OP_FAILED, str(error))
+            raise error from None
+        with self.store.transaction():
+            for export in self.store.list_exports(volume.name):
+                self.store.delete_export(volume.name, export.initiator_iqn)
+            self.store.delete_chap(volume.name)
+            self.store.delete_volume(volume.name)
+            self._end(op, OP_DONE)
+        log.info("volume %s (%s) deleted", volume.name, volume.id)
+
+    # ---- attachments -------------------------------------------------------------------------
+
+    def list_attachments(self, volume: str | None = None, node: str | None = None) -> list[Attachment]:
+        volume = check.name(volume, "volume name") if volume is not None else None
+        node = check.node_id(node) if node is not None else None
+        return self.store.list_attachments(volume=volume, node=node)
+
+    def attach_volume(self, name: str, node_id: str, mode: str = "userspace") -> Attachment:
+        """Publish a volume to a node: the owner exports it to the node's IQN with CHAP, the node attaches."""
+        name = check.name(name, "volume name")
+        node_id = check.node_id(node_id)
+        mode = check.mode(mode)
+        with self._volume_locks.hold(name):
+            volume = self.get_volume(name)
+            consumer = self.get_node(node_id)
+            existing = self.store.get_attachment(name, node_id)
+            if existing is not None and existing.mode != mode:
+                raise AlreadyExists(f"volume {name} is attached to {node_id} in {existing.mode} mode: detach it "
+                                    f"first to attach it in {mode} mode")
+            if existing is not None and existing.state == ATTACHED:
+                return existing
+            if existing is not None and existing.state == DETACHING:
+                raise FailedPrecondition(f"volume {name} is being detached from {node_id}: detach it again to "
+                                         "finish, then attach")
+            if volume.state not in (AVAILABLE, ATTACHED):
+                raise FailedPrecondition(f"volume {name} is {volume.state}: only an available volume can be "
+                                         "attached")
+            if consumer.health != HEALTHY:
+                raise FailedPrecondition(f"{self._unhealthy(consumer)}: cannot attach volume {name} to it")
+            with self.store.transaction():
+                op = self._begin("attach_volume", name, f"to {node_id} ({mode})")
+                chap = self._chap(volume)
+                self.store.put_attachment(Attachment(name, node_id, mode, ATTACHING))
+            try:
+                export = self._export(volume, consumer, chap)
+                consumer_client = self._client(node_id, f"attaching volume {name}")
+                device = consumer_client.attach_volume(export.to_agent(volume.id), chap.secret, mode)
+            except Exception as exc:
+                error = _as_domain_error(exc, node_id, "attach_volume", secret=chap.secret)
+                self._end(op, OP_FAILED, str(error))
+                raise error from None
+            attachment = Attachment(name, node_id, mode, ATTACHED, device)
+            with self.store.transaction():
+                self.store.put_attachment(attachment)
+                if volume.state == AVAILABLE:
+                    self.store.put_volume(replace(volume, state=ATTACHED))
+                self._end(op, OP_DONE)
+            log.info("volume %s attached to %s at %s", name, node_id, device)
+            return attachment
+
+    def _chap(self, volume: Volume) -> ChapCredential:
+        chap = self.store.get_chap(volume.name)
+        if chap is None:
+            chap = ChapCredential(self.settings.chap_user_prefix + volume.id,
+                                  self._secrets.token_urlsafe(self.settings.chap_secret_bytes))
+            self.store.put_chap(volume.name, chap)
+        return chap
+
+    def _export(self, volume: Volume, consumer: Node, chap: ChapCredential) -> Export:
+        """Ask the owner to export ``volume`` to ``consumer``'s initiator; record what it answered."""
+        owner = self._client(volume.owner_node, f"owning volume {volume.name}")
+        info = owner.export_volume(volume.id, consumer.initiator_iqn, chap.user, chap.secret)
+        export = Export(volume=volume.name, initiator_iqn=consumer.initiator_iqn,
+                        target_iqn=str(info["target_iqn"]), portals=tuple(info.get("portals") or ()),
+                        lun=int(info.get("lun", 0)), naa=str(info.get("naa", "")),
+                        serial=str(info.get("serial", "")), chap_user=chap.user)
+        self.store.put_export(export)
+        return export
+
+    def detach_volume(self, name: str, node_id: str, *, force: bool = False) -> None:
+        """Unpublish: the node detaches, the owner drops the node's initiator.  A repeat succeeds.
+
+        ``force`` skips the consumer node (for a node that is gone for good); the
+        owner's export is removed now, or by reconcile when the owner is back.
+        """
+        name = check.name(name, "volume name")
+        node_id = check.node_id(node_id)
+        with self._volume_locks.hold(name):
+            volume = self.store.get_volume(name)
+            node = self.store.get_node(node_id)
+            if volume is None or node is None:
+                return
+            attachment = self.store.get_attachment(name, node_id)
+            export = self.store.get_export(name, node.initiator_iqn)
+            if attachment is None and export is None:
+                return
+            with self.store.transaction():
+                op = self._begin("detach_volume", name, f"from {node_id}" + (" (forced)" if force else ""))
+                if attachment is not None:
+                    self.store.put_attachment(replace(attachment, state=DETACHING))
+            try:
+                if attachment is not None and not force:
+                    consumer = self._client(node_id, f"detaching volume {name}",
+                                            hint=f"; or detach with force if {node_id} is gone for good")
+                    consumer.detach_volume(volume.id, attachment.mode)
+                self._unexport(volume, node.initiator_iqn)
+            except Exception as exc:
+                error = _as_domain_error(exc, node_id, "detach_volume")
+                self._end(op, OP_FAILED, str(error))
+                raise error from None
+            with self.store.transaction():
+                self.store.delete_export(name, node.initiator_iqn)
+                self.store.delete_attachment(name, node_id)
+                if volume.state == ATTACHED and not self.store.list_attachments(volume=name):
+                    self.store.put_volume(replace(volume, state=AVAILABLE))
+                self._end(op, OP_DONE)
+            log.info("volume %s detached from %s", name, node_id)
+
+    def _unexport(self, volume: Volume, initiator_iqn: str) -> None:
+        owner = self.store.get_node(volume.owner_node)
+        if owner is None or self._effective(owner).health != HEALTHY:
+            # Reconcile removes the export ("nobody should have it") when the owner is back.
+            log.warning("volume %s: owner %s is unhealthy; its export is removed when it is back",
+                        volume.name, volume.owner_node)
+            return
+        self.agents.client(owner).unexport_volume(volume.id, initiator_iqn)
+
+    # ---- status and reconcile ----------------------------------------------------------------
+
+    def status(self) -> dict[str, int]:
+        nodes = self.list_nodes()
+        volumes = self.store.list_volumes()
+        return {"nodes": len(nodes), "healthy_nodes": sum(n.health == HEALTHY for n in nodes),
+                "volumes": len(volumes), "attachments": len(self.store.list_attachments()),
+                "capacity_bytes": sum(d.capacity_bytes for n in nodes for d in n.disks),
+                "free_bytes": sum(d.free_bytes for n in nodes for d in n.disks),
+                "provisioned_bytes": sum(v.size_bytes for v in volumes)}
+
+    def reconcile_once(self) -> list[str]:
+        """Compare desired state with what each healthy agent reports and repair the difference.
+
+        Returns one line per repair (see ``controller.domain.reconcile``).
+        """
+        from controller.domain.reconcile import Reconciler
+        return Reconciler(self).run()
+
+    # ---- helpers -----------------------------------------------------------------------------
+
+    def _client(self, node_id: str, role: str, hint: str = "") -> AgentClient:
+        """The agent of a healthy node, or ``Unavailable`` saying which node and why."""
+        node = self.store.get_node(node_id)
+        if node is None:
+            raise Unavailable(f"node {node_id} ({role}) is not registered; retry when its agent registers")
+        node = self._effective(node)
+        if node.health != HEALTHY:
+            raise Unavailable(f"{self._unhealthy(node)} ({role}); retry when it is back{hint}")
+        return self.agents.client(node)
+
+    def _new_volume_id(self) -> str:
+        return str(uuid.UUID(hex=self._secrets.token_hex(16), version=4))
+
+    def _begin(self, kind: str, subject: str, detail: str = "") -> int:
+        return self.store.record_operation(self._clock(), kind, subject, OP_STARTED, detail)
+
+    def _end(self, op: int, state: str, detail: str = "") -> None:
+        self.store.finish_operation(op, state, detail)
+
+
+def _as_domain_error(exc: Exception, node_id: str, method: str, *, secret: str = "") -> DomainError:
+    """The error to raise after an agent call failed: ours as is, anything else as ``Unavailable``.
+
+    Either way, a secret that got into the message is cut out.
+    """
+    if isinstance(exc, DomainError):
+        error = exc
+    else:
+        error = Unavailable(f"agent of node {node_id} failed on {method}: {type(exc).__name__}: {exc}")
+    if secret and secret in str(error):
+        error = type(error)(str(error).replace(secret, "<secret>"))
+    return error
+
+
+def _describe_pool(pool: Pool) -> str:
+    members = ", ".join(f"{n}/{d}" for n, d in pool.members) or "every disk"
+    return f"members {members}, overcommit ratio {pool.overcommit_ratio:g}"
+
+
+def _some(names: Iterable[str], limit: int = 5) -> str:
+    names = list(names)
+    more = f", and {len(names) - limit} more" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more

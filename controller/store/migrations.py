@@ -1,0 +1,73 @@
+"""The SQLite schema as numbered migrations, applied in order, each once.
+
+``schema_migrations`` records which ran.  Never edit a migration that has
+shipped: add the next number.
+"""
+
+from __future__ import annotations
+
+MIGRATIONS: tuple[tuple[int, str, str], ...] = (
+    (1, "initial schema", """
+        CREATE TABLE nodes (
+            id TEXT PRIMARY KEY,
+            initiator_iqn TEXT NOT NULL,
+            agent_address TEXT NOT NULL,
+            portals TEXT NOT NULL,          -- JSON list of "host:port"
+            labels TEXT NOT NULL,           -- JSON object
+            disks TEXT NOT NULL,            -- JSON list of {name, path, capacity_bytes, free_bytes}
+            health TEXT NOT NULL,
+            last_heartbeat REAL NOT NULL
+        );
+        CREATE TABLE pools (
+            name TEXT PRIMARY KEY,
+            members TEXT NOT NULL,          -- JSON list of [node_id, disk]
+            overcommit_ratio REAL NOT NULL
+        );
+        CREATE TABLE volumes (
+            name TEXT PRIMARY KEY,
+            id TEXT NOT NULL UNIQUE,
+            size_bytes INTEGER NOT NULL CHECK (size_bytes > 0),
+            pool TEXT NOT NULL,
+            owner_node TEXT NOT NULL,
+            disk TEXT NOT NULL,
+            state TEXT NOT NULL,
+            thin INTEGER NOT NULL,
+            created_at REAL NOT NULL,
+            source TEXT NOT NULL DEFAULT ''
+        );
+        CREATE INDEX volumes_pool ON volumes (pool);
+        CREATE TABLE attachments (
+            volume TEXT NOT NULL,
+            node TEXT NOT NULL,
+            mode TEXT NOT NULL,
+            state TEXT NOT NULL,
+            device_path TEXT NOT NULL DEFAULT '',
+            PRIMARY KEY (volume, node)
+        );
+        CREATE TABLE exports (
+            volume TEXT NOT NULL,
+            initiator_iqn TEXT NOT NULL,
+            target_iqn TEXT NOT NULL,
+            portals TEXT NOT NULL,          -- JSON list
+            lun INTEGER NOT NULL,
+            naa TEXT NOT NULL,
+            serial TEXT NOT NULL,
+            chap_user TEXT NOT NULL,
+            PRIMARY KEY (volume, initiator_iqn)
+        );
+        CREATE TABLE chap_secrets (
+            volume TEXT PRIMARY KEY,
+            chap_user TEXT NOT NULL,
+            secret TEXT NOT NULL
+        );
+        CREATE TABLE operations (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            time REAL NOT NULL,
+            kind TEXT NOT NULL,
+            subject TEXT NOT NULL,
+            state TEXT NOT NULL,
+            detail TEXT NOT NULL DEFAULT ''
+        );
+        CREATE INDEX operations_subject ON operations (subject);
+    """),
+)

@@ -1,0 +1,108 @@
+"""reconcile_once (controller/domain/reconcile.py): desired state in the store against FakeAgents' observed state."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+
+from controller.domain.errors import Unavailable
+from controller.domain.model import AVAILABLE, CREATING, DELETING, DETACHING
+from tests.unit.test_controller_service import GiB, env, iqn  # noqa: F401  (env is a fixture)
+
+
+def test_nothing_to_do(env):
+    env.svc.create_volume("vol-1", GiB)
+    env.svc.attach_volume("vol-1", "node-b")
+    assert env.svc.reconcile_once() == []
+
+
+def test_reexports_after_an_agent_restart(env):
+    volume = env.svc.create_volume("vol-1", GiB)
+    env.svc.attach_volume("vol-1", "node-b")
+    secret = env.store.get_chap("vol-1").secret
+    env.agents.restart("node-a")
+    assert env.svc.reconcile_once() == [f"re-exported volume vol-1 to {iqn('node-b')}"]
+    assert list(env.agents.agent("node-a").exports) == [(volume.id, iqn("node-b"))]
+    assert env.agents.secret_for("node-a", volume.id, iqn("node-b")) == secret  # the same CHAP secret
+    assert env.svc.reconcile_once() == []
+
+
+def test_removes_exports_nobody_should_have(env):
+    volume = env.svc.create_volume("vol-1", GiB)
+    owner = env.agents.client(env.store.get_node("node-a"))
+    owner.export_volume(volume.id, iqn("node-c"), "u", "stray-secret-123456")
+    env.agents.agent("node-a").volumes["orphan-id"] = {"volume_id": "orphan-id", "size_bytes": GiB, "disk": "data0"}
+    owner.export_volume("orphan-id", iqn("node-b"), "u", "stray-secret-123456")
+    repaired = env.svc.reconcile_once()
+    assert sorted(repaired) == sorted([f"removed export of volume vol-1 to {iqn('node-c')}",
+                                       f"removed export of volume (unknown id orphan-id) to {iqn('node-b')}"])
+    assert env.agents.agent("node-a").exports == {}
+    assert "orphan-id" in env.agents.agent("node-a").volumes  # unknown data is never deleted on a guess
+
+
+def test_finishes_a_create_the_controller_did_not_finish(env):
+    env.svc.create_volume("vol-0", GiB)
+    row = env.svc.create_volume("vol-1", GiB)
+    # As if the controller stopped after recording the decision, before calling the agent.
+    env.agents.agent(row.owner_node).volumes.pop(row.id)
+    env.store.put_volume(replace(row, state=CREATING))
+    assert env.svc.reconcile_once() == [f"created volume vol-1 on {row.owner_node}/data0"]
+    assert env.store.get_volume("vol-1").state == AVAILABLE
+    assert row.id in env.agents.agent(row.owner_node).volumes
+
+
+def test_finishes_deletes_and_detaches(env):
+    env.svc.create_volume("vol-1", GiB)
+    env.svc.create_volume("vol-2", GiB)
+    env.svc.attach_volume("vol-2", "node-c")
+    env.agents.fail_next("delete_volume")
+    with pytest.raises(Unavailable):
+        env.svc.delete_volume("vol-1")
+    env.agents.fail_next("detach_volume")
+    with pytest.raises(Unavailable):
+        env.svc.detach_volume("vol-2", "node-c")
+    assert env.store.get_volume("vol-1").state == DELETING
+    assert env.store.get_attachment("vol-2", "node-c").state == DETACHING
+    # A detaching attachment keeps its export: the consumer may still be flushing.
+    assert sorted(env.svc.reconcile_once()) == ["deleted volume vol-1", "detached volume vol-2 from node-c"]
+    assert env.store.get_volume("vol-1") is None and env.store.list_attachments() == []
+    assert env.store.get_volume("vol-2").state == AVAILABLE
+    assert all(not a.exports for a in env.agents.agents.values())
+
+
+def test_unreachable_and_unhealthy_agents_are_skipped(env):
+    env.svc.create_volume("vol-1", GiB)
+    env.svc.attach_volume("vol-1", "node-b")
+    env.agents.restart("node-a")
+    env.agents.down.add("node-a")
+    assert env.svc.reconcile_once() == []
+    env.agents.down.clear()
+    env.clock.now += 60
+    env.svc.heartbeat("node-b")
+    env.svc.heartbeat("node-c")
+    calls = env.agents.count("get_state", "node-a")
+    assert env.svc.reconcile_once() == []
+    assert env.agents.count("get_state", "node-a") == calls  # node-a is unhealthy: not asked
+    env.svc.heartbeat("node-a")
+    assert env.svc.reconcile_once() == [f"re-exported volume vol-1 to {iqn('node-b')}"]
+
+
+def test_waits_for_the_owner_before_finishing_rows(env):
+    row = env.svc.create_volume("vol-1", GiB)
+    env.agents.agent("node-a").volumes.pop(row.id)
+    env.store.put_volume(replace(row, state=CREATING))
+    env.clock.now += 60
+    env.svc.heartbeat("node-b")
+    assert env.svc.reconcile_once() == []
+    assert env.store.get_volume("vol-1").state == CREATING
+    env.svc.heartbeat("node-a")
+    assert env.svc.reconcile_once() == ["created volume vol-1 on node-a/data0"]
+
+
+def test_observed_exports_may_list_their_initiators(env):
+    """An agent may report one export per volume with all its initiators (``initiators``)."""
+    from controller.domain.reconcile import _initiators
+    assert _initiators({"volume_id": "v", "initiators": ["iqn.a", "iqn.b"]}) == ["iqn.a", "iqn.b"]
+    assert _initiators({"volume_id": "v", "initiator_iqn": "iqn.a"}) == ["iqn.a"]
+    assert _initiators({"volume_id": "v"}) == []
