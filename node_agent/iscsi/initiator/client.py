@@ -181,7 +181,8 @@ class IscsiClient:
             if task is not None:
                 task.cancel()
         conn, proto = self.conn, self._proto
-        if conn is not None and proto is not None and proto.transport and not conn.closed and conn.logged_in:
+        alive = proto is not None and proto.transport is not None and not proto.transport.is_closing()
+        if conn is not None and alive and not conn.closed and conn.logged_in and self._reconnecting is None:
             itt = conn.logout(0)
             fut = self._future(itt)
             self._flush(proto)
