@@ -1,4 +1,4 @@
-# Shoal: `make up` runs a target on this machine; `make test` runs the test suite.
+# Shoal: `make up` runs a controller and a node agent on this machine; `make test` runs the tests.
 # Both set up everything on a fresh Debian machine: the Debian packages the tests
 # use as real peers, and the Python environment in .venv.
 
@@ -15,7 +15,7 @@ UP_LISTEN ?= 127.0.0.1:3260
 UP_IQN ?= iqn.2026-11.io.shoal:up
 UP_SIZE ?= 1G
 
-.PHONY: up test deps venv bench clean lint
+.PHONY: up target test deps venv bench clean lint
 
 deps:
 	@# The kernel-initiator test fetches Debian's kernel with apt-get download: it needs package lists.
@@ -39,10 +39,11 @@ test: deps venv
 	$(PY) -m pytest tests $(PYTEST_ARGS)
 
 up: deps venv
+	$(VENV)/bin/shoal up
+
+target: deps venv
 	@mkdir -p .shoal
 	@echo "shoal target: $(UP_IQN) on $(UP_LISTEN), LUN 0 = .shoal/disk0.img ($(UP_SIZE), sparse)"
-	@echo "  try: iscsi-ls -s iscsi://$(UP_LISTEN)/   or   iscsi-inq iscsi://$(UP_LISTEN)/$(UP_IQN)/0"
-	@echo "  stop with Ctrl-C"
 	$(VENV)/bin/shoal target --listen $(UP_LISTEN) --iqn $(UP_IQN) --lun .shoal/disk0.img:$(UP_SIZE)
 
 bench: deps venv

@@ -1,7 +1,11 @@
 """``shoal``: the daemons of a Shoal node, one subcommand each.
 
 ``shoal target`` serves backing files as LUNs of one iSCSI target; it is a
-thin shell over ``node_agent.target_service``.
+thin shell over ``node_agent.target_service``.  ``shoal agent`` is the node
+agent (``node_agent.agent``): volumes on this node's disks, their exports,
+attachments here, registration with the controller.  ``shoal controller`` is
+the controller daemon (``controller.daemon``); ``shoal up`` runs a controller
+and one agent on this machine for trying Shoal out (``controller.up``).
 """
 
 from __future__ import annotations
@@ -60,7 +64,97 @@ def build_parser() -> argparse.ArgumentParser:
                         help="serve without CHAP on an address other than loopback (refused otherwise)")
     target.add_argument("--port-file", metavar="FILE", help="write HOST:PORT here once listening")
     iscsi_tools.build_parser(sub)
+    _agent_parser(sub)
+    _controller_parsers(sub)
     return parser
+
+
+def _controller_parsers(sub) -> None:
+    from controller import daemon, up
+
+    daemon.add_parser(sub)
+    up.add_parser(sub)
+
+
+def _agent_parser(sub) -> None:
+    from node_agent.agent.settings import DiskSpec
+
+    agent = sub.add_parser("agent", help="run the node agent (AgentService, iSCSI portal, registration)",
+                           description="Serve this node's disks to the pool: AgentService over gRPC, one iSCSI "
+                                       "target per exported volume, registration with the controller.")
+    agent.add_argument("--node-id", help="this node's id (default: the host name)")
+    agent.add_argument("--data-dir", default="/var/lib/shoal/agent", help="records and state (default %(default)s)")
+    agent.add_argument("--disk", type=_typed(DiskSpec.parse), action="append", metavar="NAME=PATH[:CAPACITY]",
+                       help="a directory offered to pools (repeatable; default: data0 under --data-dir)")
+    agent.add_argument("--listen", default="127.0.0.1:7451", metavar="HOST:PORT",
+                       help="AgentService address (default %(default)s; port 0 picks one)")
+    agent.add_argument("--advertise-address", default="", metavar="HOST:PORT",
+                       help="AgentService address sent to the controller (default: --listen)")
+    agent.add_argument("--portal", default="127.0.0.1:3260", metavar="HOST:PORT",
+                       help="iSCSI portal address (default %(default)s); keep the port fixed across restarts")
+    agent.add_argument("--advertise-portal", action="append", default=[], metavar="IP:PORT",
+                       help="portal address written into exports (repeatable; default: --portal)")
+    agent.add_argument("--controller", default="127.0.0.1:7450", metavar="HOST:PORT",
+                       help="controller address (default %(default)s; '' to run without one)")
+    agent.add_argument("--initiator-iqn", default="", help="initiator name (default iqn.2026-11.io.shoal:node:ID)")
+    agent.add_argument("--target-prefix", default="", help="export IQN prefix (default iqn.2026-11.io.shoal:target:ID)")
+    agent.add_argument("--label", action="append", default=[], metavar="KEY=VALUE", help="topology label (repeatable)")
+    agent.add_argument("--tls-cert", default="", help="PEM certificate for AgentService (enables TLS)")
+    agent.add_argument("--tls-key", default="", help="PEM key for --tls-cert")
+    agent.add_argument("--tls-client-ca", default="", help="require client certificates signed by this CA")
+    agent.add_argument("--controller-ca", default="", help="CA that signed the controller's certificate (TLS)")
+    agent.add_argument("--controller-cert", default="", help="client certificate towards the controller (mTLS)")
+    agent.add_argument("--controller-key", default="", help="key for --controller-cert")
+    agent.add_argument("--ready-file", metavar="FILE",
+                       help="write {\"agent\": HOST:PORT, \"portal\": HOST:PORT} as JSON here once serving")
+
+
+def _agent_settings(args: argparse.Namespace):
+    from node_agent.agent.settings import AgentSettings, TlsFiles
+
+    labels = {}
+    for item in args.label:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"label {item!r}: expected KEY=VALUE")
+        labels[key] = value
+    server_tls = TlsFiles(args.tls_cert, args.tls_key, args.tls_client_ca) if args.tls_cert or args.tls_key else None
+    controller_tls = None
+    if args.controller_ca or args.controller_cert or args.controller_key:
+        controller_tls = TlsFiles(args.controller_cert, args.controller_key, args.controller_ca)
+    extra = {"node_id": args.node_id} if args.node_id else {}
+    return AgentSettings(data_dir=args.data_dir, disks=tuple(args.disk or ()), listen=args.listen,
+                         advertise_address=args.advertise_address, portal_listen=args.portal,
+                         advertise_portals=tuple(args.advertise_portal), controller=args.controller,
+                         initiator_iqn=args.initiator_iqn, target_prefix=args.target_prefix, labels=labels,
+                         server_tls=server_tls, controller_tls=controller_tls, **extra)
+
+
+def _run_agent(args: argparse.Namespace) -> int:
+    import json
+    import threading
+
+    from node_agent.agent.daemon import Agent
+
+    agent = Agent(_agent_settings(args))
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
+    agent.start()
+    try:
+        if args.ready_file:
+            tmp = f"{args.ready_file}.tmp"
+            with open(tmp, "w") as handle:
+                json.dump({"agent": agent.agent_address, "portal": agent.portal_address}, handle)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, args.ready_file)
+        while not stop.wait(1.0):  # a timed wait keeps the main thread responsive to signals
+            pass
+    finally:
+        agent.stop()
+    logging.getLogger("shoal.agent").info("stopped: exports closed, data synced")
+    return 0
 
 
 def _is_loopback(host: str) -> bool:
@@ -133,6 +227,20 @@ def main(argv: list[str] | None = None) -> int:
             return 1
     if args.command == "iscsi":
         return iscsi_tools.run(args)
+    if args.command == "agent":
+        try:
+            return _run_agent(args)
+        except (OSError, ValueError) as exc:  # a busy port, a bad disk: say so, no traceback
+            print(f"shoal agent: {exc}", file=sys.stderr)
+            return 1
+    if args.command in ("controller", "up"):
+        from controller import daemon, up
+
+        try:
+            return (daemon.run if args.command == "controller" else up.run)(args)
+        except (OSError, ValueError) as exc:  # a busy port, an unreadable state file: say so, no traceback
+            print(f"shoal {args.command}: {exc}", file=sys.stderr)
+            return 1
     parser.error(f"unknown command {args.command}")
     return 2
 

@@ -1,7 +1,9 @@
-"""The iSCSI target as a library: LUNs on backing files, one target, one portal.
+"""The iSCSI target as a library: LUNs on backing files, targets on one portal.
 
-``shoal target`` is a thin command over ``TargetService``; the node agent
-embeds the same service.  Nothing here parses command lines.
+``shoal target`` is a thin command over ``TargetService`` with one target; the
+node agent embeds the same service with none at start and adds, changes and
+removes targets (one per exported volume) while it runs.  Nothing here parses
+command lines.
 """
 
 from __future__ import annotations
@@ -92,34 +94,58 @@ def open_lun(spec: LunSpec, iqn: str) -> LogicalUnit:
     return LogicalUnit(backing, identity, target_name=iqn)
 
 
-class TargetService:
-    """A running target: its LUNs, registry and portal."""
+@dataclass
+class PortalConfig:
+    """Where a portal listens and how its connections negotiate (no targets: they come at run time)."""
 
-    def __init__(self, config: TargetConfig):
-        config.validate()
+    host: str = "127.0.0.1"
+    port: int = 3260
+    settings: TargetSettings = field(default_factory=TargetSettings)
+    connection: ConnectionSettings = field(default_factory=ConnectionSettings)
+
+
+class TargetService:
+    """A running portal: its registry, the targets it serves and their LUNs.
+
+    ``TargetService(config)`` serves the one target of ``config`` (``shoal
+    target``); ``TargetService(portal=PortalConfig(...))`` starts with none,
+    and ``add_target``/``remove_target``/``set_allowed_initiators``/``resize_lun``
+    change what it serves while it runs (the node agent's exports).  Those
+    methods must run on the event loop that started the service: the registry
+    and the logical units belong to it.
+    """
+
+    def __init__(self, config: TargetConfig | None = None, *, portal: PortalConfig | None = None):
+        if config is None and portal is None:
+            raise ValueError("TargetService needs a target (config) or a portal")
+        if config is not None:
+            config.validate()
+            portal = portal or PortalConfig(config.host, config.port, config.settings, config.connection)
         self.config = config
-        self.units: list[LogicalUnit] = []
+        self.portal_config: PortalConfig = portal  # type: ignore[assignment]
+        self._units: dict[str, list[LogicalUnit]] = {}
         self.registry: TargetRegistry | None = None
         self.portal: PortalServer | None = None
 
+    @property
+    def units(self) -> list[LogicalUnit]:
+        """Every logical unit of every target served."""
+        return [unit for units in self._units.values() for unit in units]
+
     async def start(self) -> tuple[str, int]:
+        self.registry = TargetRegistry()
         config = self.config
+        if config is not None:
+            self.add_target(config.iqn, config.luns, chap=config.chap, mutual_chap=config.mutual_chap,
+                            allowed_initiators=config.allowed_initiators)
+        pc = self.portal_config
+        self.portal = PortalServer(self.registry, pc.settings, pc.host, pc.port, pc.connection)
         try:
-            for spec in config.luns:
-                self.units.append(open_lun(spec, config.iqn))
+            await self.portal.start()
         except BaseException:
+            self.portal = None
             self._close_units()
             raise
-        node = TargetNode(
-            iqn=config.iqn,
-            luns=LunMap(dict(enumerate(self.units))),
-            chap=config.chap,
-            mutual_chap=config.mutual_chap,
-            allowed_initiators=frozenset(config.allowed_initiators) if config.allowed_initiators else None,
-        )
-        self.registry = TargetRegistry([node])
-        self.portal = PortalServer(self.registry, config.settings, config.host, config.port, config.connection)
-        await self.portal.start()
         return self.portal.address
 
     async def stop(self) -> None:
@@ -129,13 +155,90 @@ class TargetService:
             self.portal = None
         self._close_units()
 
+    # -- run-time changes ------------------------------------------------------------
+    def add_target(self, iqn: str, luns: list[LunSpec], *, chap: Credentials | None = None,
+                   mutual_chap: Credentials | None = None,
+                   allowed_initiators: list[str] | frozenset[str] | None = None) -> TargetNode:
+        """Serve a new target with ``luns`` (0, 1, ...).  A target of that name already served is returned
+        unchanged (its LUNs are not reopened)."""
+        if self.registry is None:
+            self.registry = TargetRegistry()
+        existing = self.registry.targets.get(iqn)
+        if existing is not None:
+            return existing
+        TargetConfig(iqn, list(luns), chap=chap, mutual_chap=mutual_chap,
+                     allowed_initiators=list(allowed_initiators) if allowed_initiators is not None else None
+                     ).validate()
+        units: list[LogicalUnit] = []
+        try:
+            for spec in luns:
+                units.append(open_lun(spec, iqn))
+        except BaseException:
+            _close_all(units)
+            raise
+        node = TargetNode(
+            iqn=iqn,
+            luns=LunMap(dict(enumerate(units))),
+            chap=chap,
+            mutual_chap=mutual_chap,
+            allowed_initiators=frozenset(allowed_initiators) if allowed_initiators else None,
+        )
+        self._units[iqn] = units
+        return self.registry.add_target(node)
+
+    def remove_target(self, iqn: str) -> bool:
+        """Stop serving ``iqn``: close its sessions, then flush and close its LUNs.  False if not served."""
+        node = self.registry.remove_target(iqn) if self.registry is not None else None
+        _close_all(self._units.pop(iqn, []))
+        return node is not None
+
+    def set_allowed_initiators(self, iqn: str, names: list[str] | frozenset[str]) -> None:
+        """Replace the ACL of ``iqn``; sessions of initiators no longer admitted are closed."""
+        node = self._target(iqn)
+        for name in names:
+            check_iqn(name)
+        allowed = frozenset(names)
+        if not allowed:
+            raise ValueError("an ACL needs at least one initiator (remove the target instead)")
+        before = node.allowed_initiators
+        node.allowed_initiators = allowed
+        assert self.registry is not None
+        for gone in (before or frozenset()) - allowed:
+            self.registry.close_initiator_sessions(iqn, gone, "initiator removed from the ACL")
+        if before is None:  # everyone was admitted: close whoever is not now
+            for session in list(self.registry.sessions.values()):
+                if session.target is node and session.initiator_name not in allowed:
+                    self.registry.close_session(session, "initiator removed from the ACL")
+
+    def resize_lun(self, iqn: str, lun: int, new_bytes: int) -> int:
+        """Grow a LUN's medium to ``new_bytes``; logged-in initiators get CAPACITY DATA HAS CHANGED
+        (SBC-3 §4.6).  Returns the new size; the same size is a no-op, a smaller one is refused."""
+        unit = self._target(iqn).luns.luns.get(lun)
+        if unit is None:
+            raise KeyError(f"target {iqn} has no LUN {lun}")
+        if new_bytes != unit.backing.size:
+            unit.resize(new_bytes)
+        return unit.backing.size
+
+    def _target(self, iqn: str) -> TargetNode:
+        node = self.registry.targets.get(iqn) if self.registry is not None else None
+        if node is None:
+            raise KeyError(f"target {iqn} is not served")
+        return node
+
     def _close_units(self) -> None:
-        for unit in self.units:
-            try:
-                unit.close()
-            except OSError as exc:
-                log.error("closing a LUN failed: %s", exc)
-        self.units.clear()
+        for units in self._units.values():
+            _close_all(units)
+        self._units.clear()
+
+
+def _close_all(units: list[LogicalUnit]) -> None:
+    for unit in units:
+        try:
+            unit.close()
+        except OSError as exc:
+            log.error("closing a LUN failed: %s", exc)
+    units.clear()
 
 
 async def serve(config: TargetConfig, ready=None, stop: asyncio.Event | None = None) -> None:

@@ -121,6 +121,24 @@ class TargetRegistry:
         self.targets[target.iqn] = target
         return target
 
+    def remove_target(self, iqn: str) -> TargetNode | None:
+        """Stop serving ``iqn``: every session logged in to it is closed first.  Unknown names: None."""
+        target = self.targets.pop(iqn, None)
+        if target is not None:
+            for session in list(self.sessions.values()):
+                if session.target is target:
+                    self.close_session(session, "target removed")
+        return target
+
+    def close_initiator_sessions(self, iqn: str, initiator_name: str, reason: str) -> int:
+        """Close the sessions of ``initiator_name`` to target ``iqn`` (its ACL entry went); how many."""
+        closed = 0
+        for session in list(self.sessions.values()):
+            if session.target is not None and session.target.iqn == iqn and session.initiator_name == initiator_name:
+                self.close_session(session, reason)
+                closed += 1
+        return closed
+
     def visible_targets(self, initiator_name: str) -> list[TargetNode]:
         """Targets SendTargets may reveal to this initiator (its ACL admits it)."""
         return [t for t in self.targets.values() if t.admits(initiator_name)]

@@ -1,0 +1,224 @@
+"""``AgentClient`` over gRPC: the controller drives node agents through their ``AgentService``.
+
+``GrpcAgentDirectory`` keeps one channel per agent address (a node that
+registers with a new address gets a new channel); ``GrpcAgentClient`` turns
+each ``controller.domain.agents.AgentClient`` call into one RPC with a
+deadline, retried with tenacity (exponential backoff with jitter) while the
+agent answers ``UNAVAILABLE`` or the deadline passes: every AgentService RPC is
+idempotent (agent.proto says what a repeat does), so a repeat is safe.  The
+final status becomes a domain error through ``controller.api.errors`` (the
+one table, read backwards), the message naming the node.  CHAP secrets go
+into requests only: never into a log line, a repr or an error message.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+import tenacity
+
+from controller.api.errors import domain_error
+from controller.domain.model import Node
+from protos.shoal.v1 import agent_pb2, agent_pb2_grpc, common_pb2
+
+log = logging.getLogger("shoal.controller.agents")
+
+RETRY_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
+
+
+@dataclass(frozen=True)
+class AgentTls:
+    """PEM files for the controller's side of AgentService TLS."""
+
+    ca: str = ""
+    """CA that signed the agents' certificates (empty: the system's roots)."""
+    cert: str = ""
+    """The controller's client certificate, for agents that require mutual TLS."""
+    key: str = ""
+    """Its private key."""
+
+    def __post_init__(self) -> None:
+        if bool(self.cert) != bool(self.key):
+            raise ValueError("an agent client certificate needs its key (and the key its certificate)")
+
+
+@dataclass(frozen=True)
+class AgentCallSettings:
+    """Deadlines and retries of calls to node agents."""
+
+    timeout: float = 30.0
+    """Deadline of one quick call (create, delete, expand, export, unexport, get state), seconds.
+    Creating a thick volume writes it out, so this is generous."""
+    attach_timeout: float = 120.0
+    """Deadline of one attach or detach: an iSCSI login, the identity check, FUSE and a loop device
+    (or open-iscsi's own timeouts, which reach 120 s when a portal does not answer)."""
+    attempts: int = 3
+    """Calls made in all while the agent answers UNAVAILABLE / the deadline passes."""
+    initial_backoff: float = 0.2
+    """First wait between attempts; it doubles (with jitter) up to ``max_backoff``."""
+    max_backoff: float = 2.0
+    """Longest wait between attempts: a controller call should fail in seconds, not minutes, when an
+    agent is down; the reconcile loop keeps trying after that."""
+    tls: AgentTls | None = None
+    """TLS towards agents; None: plaintext (loopback, ``shoal up``)."""
+
+    def __post_init__(self) -> None:
+        if self.attempts < 1 or self.timeout <= 0 or self.attach_timeout <= 0:
+            raise ValueError("agent calls need at least one attempt and positive deadlines")
+
+
+def _read(path: str) -> bytes | None:
+    if not path:
+        return None
+    with open(path, "rb") as handle:
+        return handle.read()
+
+
+def open_channel(address: str, tls: AgentTls | None) -> grpc.Channel:
+    if tls is None:
+        return grpc.insecure_channel(address)
+    return grpc.secure_channel(address, grpc.ssl_channel_credentials(
+        root_certificates=_read(tls.ca), private_key=_read(tls.key), certificate_chain=_read(tls.cert)))
+
+
+class GrpcAgentDirectory:
+    """``AgentDirectory``: a ``GrpcAgentClient`` for a node, on a channel shared per agent address."""
+
+    def __init__(self, settings: AgentCallSettings | None = None, *,
+                 channel_factory: Callable[[str, AgentTls | None], grpc.Channel] = open_channel,
+                 sleep: Callable[[float], None] | None = None):
+        self.settings = settings or AgentCallSettings()
+        self._channel_factory = channel_factory
+        self._sleep = sleep
+        self._channels: dict[str, grpc.Channel] = {}
+        self._lock = threading.Lock()
+
+    def client(self, node: Node) -> "GrpcAgentClient":
+        with self._lock:
+            channel = self._channels.get(node.agent_address)
+            if channel is None:
+                channel = self._channels[node.agent_address] = self._channel_factory(node.agent_address,
+                                                                                     self.settings.tls)
+        return GrpcAgentClient(node.id, node.agent_address, agent_pb2_grpc.AgentServiceStub(channel),
+                               self.settings, sleep=self._sleep)
+
+    def close(self) -> None:
+        with self._lock:
+            channels, self._channels = list(self._channels.values()), {}
+        for channel in channels:
+            channel.close()
+
+
+def _export_to_proto(export: dict[str, Any]) -> common_pb2.ExportInfo:
+    return common_pb2.ExportInfo(volume_id=export["volume_id"], target_iqn=export["target_iqn"],
+                                 portals=list(export.get("portals") or ()), lun=int(export.get("lun", 0)),
+                                 naa=export.get("naa", ""), serial=export.get("serial", ""),
+                                 chap_user=export.get("chap_user", ""))
+
+
+def _export_to_dict(export: common_pb2.ExportInfo) -> dict[str, Any]:
+    return {"volume_id": export.volume_id, "target_iqn": export.target_iqn, "portals": list(export.portals),
+            "lun": export.lun, "naa": export.naa, "serial": export.serial, "chap_user": export.chap_user,
+            "initiators": list(export.initiators)}
+
+
+def _disk_to_dict(disk: common_pb2.Disk) -> dict[str, Any]:
+    return {"name": disk.name, "path": disk.path, "capacity_bytes": disk.capacity_bytes,
+            "free_bytes": disk.free_bytes}
+
+
+class GrpcAgentClient:
+    """One node's agent (see the module docstring)."""
+
+    def __init__(self, node_id: str, address: str, stub: agent_pb2_grpc.AgentServiceStub,
+                 settings: AgentCallSettings, *, sleep: Callable[[float], None] | None = None):
+        self.node_id = node_id
+        self.address = address
+        self._stub = stub
+        self._settings = settings
+        self._sleep = sleep
+
+    def __repr__(self) -> str:
+        return f"GrpcAgentClient({self.node_id!r}, {self.address!r})"
+
+    # AgentClient.
+    def create_volume(self, volume_id: str, size_bytes: int, disk: str, thin: bool) -> None:
+        self._call("CreateVolume", agent_pb2.CreateVolumeRequest(volume_id=volume_id, size_bytes=size_bytes,
+                                                                  disk=disk, thin=thin))
+
+    def delete_volume(self, volume_id: str) -> None:
+        self._call("DeleteVolume", agent_pb2.DeleteVolumeRequest(volume_id=volume_id))
+
+    def expand_volume(self, volume_id: str, size_bytes: int) -> None:
+        self._call("ExpandVolume", agent_pb2.ExpandVolumeRequest(volume_id=volume_id, size_bytes=size_bytes))
+
+    def export_volume(self, volume_id: str, initiator_iqn: str, chap_user: str, chap_secret: str) -> dict[str, Any]:
+        request = agent_pb2.ExportVolumeRequest(volume_id=volume_id, initiator_iqn=initiator_iqn,
+                                                chap_user=chap_user, chap_secret=chap_secret)
+        return _export_to_dict(self._call("ExportVolume", request, secret=chap_secret))
+
+    def unexport_volume(self, volume_id: str, initiator_iqn: str) -> None:
+        self._call("UnexportVolume", agent_pb2.UnexportVolumeRequest(volume_id=volume_id,
+                                                                      initiator_iqn=initiator_iqn))
+
+    def attach_volume(self, export: dict[str, Any], chap_secret: str, mode: str) -> str:
+        request = agent_pb2.AttachVolumeRequest(export=_export_to_proto(export), chap_secret=chap_secret, mode=mode)
+        return self._call("AttachVolume", request, secret=chap_secret,
+                          timeout=self._settings.attach_timeout).device_path
+
+    def detach_volume(self, volume_id: str, mode: str) -> None:
+        self._call("DetachVolume", agent_pb2.DetachVolumeRequest(volume_id=volume_id, mode=mode),
+                   timeout=self._settings.attach_timeout)
+
+    def get_state(self) -> dict[str, Any]:
+        state = self._call("GetState", agent_pb2.GetStateRequest())
+        return {"node_id": state.node_id,
+                "volumes": [{"volume_id": v.volume_id, "size_bytes": v.size_bytes, "disk": v.disk, "path": v.path,
+                             "allocated_bytes": v.allocated_bytes} for v in state.volumes],
+                "exports": [_export_to_dict(e) for e in state.exports],
+                "attachments": [{"volume_id": a.volume_id, "device_path": a.device_path, "mode": a.mode}
+                                for a in state.attachments],
+                "disks": [_disk_to_dict(d) for d in state.disks]}
+
+    # One RPC, retried.
+    def _call(self, method: str, request, *, secret: str = "", timeout: float | None = None):
+        settings = self._settings
+        deadline = timeout or settings.timeout
+        kwargs = {"sleep": self._sleep} if self._sleep is not None else {}
+        retrying = tenacity.Retrying(
+            retry=tenacity.retry_if_exception(lambda e: isinstance(e, grpc.RpcError) and e.code() in RETRY_CODES),
+            stop=tenacity.stop_after_attempt(settings.attempts),
+            wait=(tenacity.wait_exponential(multiplier=settings.initial_backoff, max=settings.max_backoff)
+                  + tenacity.wait_random(0, settings.initial_backoff)),  # jitter: agents not hit in step
+            before_sleep=lambda state: self._log_retry(method, state, secret),
+            reraise=True, **kwargs)
+        try:
+            return retrying(getattr(self._stub, method), request, timeout=deadline)
+        except grpc.RpcError as exc:
+            raise self._error(method, exc, secret) from None
+
+    def _error(self, method: str, exc: grpc.RpcError, secret: str):
+        code, details = exc.code(), _scrub(exc.details() or "", secret)
+        if code == grpc.StatusCode.UNAVAILABLE:
+            message = (f"agent of node {self.node_id} at {self.address} is unreachable ({details}); "
+                       "retry when it is back")
+        elif code == grpc.StatusCode.DEADLINE_EXCEEDED:
+            message = f"agent of node {self.node_id} did not answer {method} in time; retry later"
+        else:
+            message = f"agent of node {self.node_id}: {method}: {details}"
+        return domain_error(code, message)
+
+    def _log_retry(self, method: str, state: tenacity.RetryCallState, secret: str) -> None:
+        exc = state.outcome.exception() if state.outcome else None
+        if isinstance(exc, grpc.RpcError):
+            log.info("agent of node %s: %s attempt %d: %s (%s); retrying", self.node_id, method,
+                     state.attempt_number, exc.code().name, _scrub(exc.details() or "", secret))
+
+
+def _scrub(text: str, secret: str) -> str:
+    return text.replace(secret, "<secret>") if secret else text

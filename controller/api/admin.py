@@ -1,0 +1,121 @@
+"""``AdminService`` (protos/shoal/v1/admin.proto) over ``ControllerService``.
+
+Each method: required fields (the ``rpc`` decorator), proto3 defaults made
+explicit (an unset pool is "default", an unset mode "userspace", an unset
+overcommit ratio 1.0), one domain call, the answer.  Idempotency is the
+domain's, as admin.proto writes it per RPC; nothing here keeps state.
+Snapshots and clones answer ``UNIMPLEMENTED`` until the domain has them.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+from controller.api import convert
+from controller.api.decorators import rpc
+from controller.api.errors import Unimplemented
+from controller.domain.service import ControllerService
+from protos.shoal.v1 import admin_pb2, admin_pb2_grpc
+
+DEFAULT_MODE = "userspace"
+
+
+class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
+    def __init__(self, service: ControllerService):
+        self.service = service
+
+    # Nodes.
+    @rpc()
+    def ListNodes(self, request, context):
+        return admin_pb2.ListNodesResponse(nodes=[convert.node_to_proto(n) for n in self.service.list_nodes()])
+
+    @rpc("id")
+    def GetNode(self, request, context):
+        return convert.node_to_proto(self.service.get_node(request.id))
+
+    # Pools.
+    @rpc("name")
+    def CreatePool(self, request, context):
+        pool = self.service.create_pool(request.name, [(m.node_id, m.disk) for m in request.members],
+                                        request.overcommit_ratio or 1.0)
+        return self._pool(pool)
+
+    @rpc()
+    def ListPools(self, request, context):
+        return admin_pb2.ListPoolsResponse(pools=[self._pool(p) for p in self.service.list_pools()])
+
+    @rpc("name")
+    def GetPool(self, request, context):
+        return self._pool(self.service.get_pool(request.name))
+
+    @rpc("name")
+    def DeletePool(self, request, context):
+        self.service.delete_pool(request.name)
+        return admin_pb2.DeletePoolResponse()
+
+    def _pool(self, pool):
+        return convert.pool_to_proto(pool, self.service.pool_usage(pool.name))
+
+    # Volumes.
+    @rpc("name", "size_bytes")
+    def CreateVolume(self, request, context):
+        volume = self.service.create_volume(request.name, request.size_bytes, request.pool or "default",
+                                            thin=not request.thick, constraints=dict(request.constraints))
+        return self._volume(volume)
+
+    @rpc()
+    def ListVolumes(self, request, context):
+        attached = defaultdict(list)
+        for attachment in self.service.list_attachments():
+            attached[attachment.volume].append(attachment.node)
+        volumes = self.service.list_volumes(request.pool or None)
+        return admin_pb2.ListVolumesResponse(volumes=[convert.volume_to_proto(v, attached[v.name]) for v in volumes])
+
+    @rpc("name")
+    def GetVolume(self, request, context):
+        return self._volume(self.service.get_volume(request.name))
+
+    @rpc("name", "size_bytes")
+    def ExpandVolume(self, request, context):
+        return self._volume(self.service.expand_volume(request.name, request.size_bytes))
+
+    @rpc("name")
+    def DeleteVolume(self, request, context):
+        self.service.delete_volume(request.name)
+        return admin_pb2.DeleteVolumeResponse()
+
+    def _volume(self, volume):
+        return convert.volume_to_proto(volume, [a.node for a in self.service.list_attachments(volume=volume.name)])
+
+    # Attachments.
+    @rpc("name", "node")
+    def AttachVolume(self, request, context):
+        attachment = self.service.attach_volume(request.name, request.node, request.mode or DEFAULT_MODE)
+        return convert.attachment_to_proto(attachment)
+
+    @rpc("name", "node")
+    def DetachVolume(self, request, context):
+        self.service.detach_volume(request.name, request.node)
+        return admin_pb2.DetachVolumeResponse()
+
+    # Snapshots and clones: in the API, not yet in the domain.
+    @rpc("name", "volume")
+    def CreateSnapshot(self, request, context):
+        raise Unimplemented("snapshots are not implemented by this controller yet")
+
+    @rpc()
+    def ListSnapshots(self, request, context):
+        raise Unimplemented("snapshots are not implemented by this controller yet")
+
+    @rpc("name")
+    def DeleteSnapshot(self, request, context):
+        raise Unimplemented("snapshots are not implemented by this controller yet")
+
+    @rpc("name", "source")
+    def CloneVolume(self, request, context):
+        raise Unimplemented("clones are not implemented by this controller yet")
+
+    # Status.
+    @rpc()
+    def GetStatus(self, request, context):
+        return admin_pb2.Status(**self.service.status())

@@ -1,0 +1,44 @@
+"""Domain records to admin.proto messages and back: field by field, nothing clever."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from controller.domain.model import Attachment, Disk, Node, Pool, PoolUsage, Volume
+from protos.shoal.v1 import admin_pb2, common_pb2
+
+
+def disk_to_proto(disk: Disk) -> common_pb2.Disk:
+    return common_pb2.Disk(name=disk.name, path=disk.path, capacity_bytes=disk.capacity_bytes,
+                           free_bytes=disk.free_bytes)
+
+
+def disks_from_proto(disks: Iterable[common_pb2.Disk]) -> list[Disk]:
+    return [Disk(d.name, d.path, d.capacity_bytes, d.free_bytes) for d in disks]
+
+
+def node_to_proto(node: Node) -> admin_pb2.Node:
+    return admin_pb2.Node(id=node.id, initiator_iqn=node.initiator_iqn, agent_address=node.agent_address,
+                          portals=list(node.portals), labels=dict(node.labels),
+                          disks=[disk_to_proto(d) for d in node.disks], health=node.health,
+                          last_heartbeat_unix=node.last_heartbeat)
+
+
+def pool_to_proto(pool: Pool, usage: PoolUsage | None = None) -> admin_pb2.Pool:
+    message = admin_pb2.Pool(name=pool.name, overcommit_ratio=pool.overcommit_ratio,
+                             members=[admin_pb2.PoolMember(node_id=n, disk=d) for n, d in pool.members])
+    if usage is not None:
+        message.capacity_bytes = usage.capacity_bytes
+        message.provisioned_bytes = usage.provisioned_bytes
+    return message
+
+
+def volume_to_proto(volume: Volume, attached_nodes: Iterable[str] = ()) -> admin_pb2.Volume:
+    return admin_pb2.Volume(name=volume.name, id=volume.id, size_bytes=volume.size_bytes, pool=volume.pool,
+                            owner_node=volume.owner_node, disk=volume.disk, state=volume.state, thin=volume.thin,
+                            attached_nodes=sorted(attached_nodes), source=volume.source)
+
+
+def attachment_to_proto(attachment: Attachment) -> admin_pb2.Attachment:
+    return admin_pb2.Attachment(volume=attachment.volume, node=attachment.node,
+                                device_path=attachment.device_path, state=attachment.state)

@@ -1,0 +1,31 @@
+"""``RegistrationService`` (protos/shoal/v1/agent.proto): node agents announce themselves and heartbeat.
+
+Register, repeated, updates the node's record (the domain's ``register_node``);
+Heartbeat of a node that never registered is ``NOT_FOUND``, which tells the
+agent to register again (after the controller lost its state, say).  A
+heartbeat without disks keeps the disks the controller knows.
+"""
+
+from __future__ import annotations
+
+from controller.api import convert
+from controller.api.decorators import rpc
+from controller.domain.service import ControllerService
+from protos.shoal.v1 import agent_pb2, agent_pb2_grpc
+
+
+class RegistrationServicer(agent_pb2_grpc.RegistrationServiceServicer):
+    def __init__(self, service: ControllerService):
+        self.service = service
+
+    @rpc("node_id", "initiator_iqn", "agent_address")
+    def Register(self, request, context):
+        self.service.register_node(request.node_id, request.initiator_iqn, request.agent_address,
+                                   list(request.portals), dict(request.labels),
+                                   convert.disks_from_proto(request.disks))
+        return agent_pb2.RegisterResponse(heartbeat_interval_seconds=self.service.settings.heartbeat_interval)
+
+    @rpc("node_id")
+    def Heartbeat(self, request, context):
+        self.service.heartbeat(request.node_id, convert.disks_from_proto(request.disks) if request.disks else None)
+        return agent_pb2.HeartbeatResponse()

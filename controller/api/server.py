@@ -1,0 +1,59 @@
+"""One gRPC server for both controller services, plaintext or TLS (mutual TLS when a client CA is given)."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import grpc
+
+from controller.api.admin import AdminServicer
+from controller.api.registration import RegistrationServicer
+from controller.domain.service import ControllerService
+from protos.shoal.v1 import admin_pb2_grpc, agent_pb2_grpc
+
+
+@dataclass(frozen=True)
+class ServerTls:
+    """PEM files for the controller's port."""
+
+    cert: str
+    """The controller's certificate chain."""
+    key: str
+    """Its private key."""
+    client_ca: str = ""
+    """When set, clients (shoalctl, agents) must present a certificate this CA signed (mutual TLS)."""
+
+    def __post_init__(self) -> None:
+        if not self.cert or not self.key:
+            raise ValueError("TLS needs both a certificate (--tls-cert) and its key (--tls-key)")
+
+
+def _read(path: str) -> bytes:
+    with open(path, "rb") as handle:
+        return handle.read()
+
+
+def server_credentials(tls: ServerTls) -> grpc.ServerCredentials:
+    ca = _read(tls.client_ca) if tls.client_ca else None
+    return grpc.ssl_server_credentials([(_read(tls.key), _read(tls.cert))], root_certificates=ca,
+                                       require_client_auth=ca is not None)
+
+
+def build_server(service: ControllerService, listen: str, *, tls: ServerTls | None = None,
+                 workers: int = 16) -> tuple[grpc.Server, int]:
+    """A started server for AdminService and RegistrationService on ``listen``; returns it and the bound port.
+
+    Raises ``OSError`` when the address cannot be bound (say, a busy port).
+    """
+    server = grpc.server(ThreadPoolExecutor(max_workers=workers, thread_name_prefix="controller-rpc"))
+    admin_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(service), server)
+    agent_pb2_grpc.add_RegistrationServiceServicer_to_server(RegistrationServicer(service), server)
+    try:
+        port = server.add_secure_port(listen, server_credentials(tls)) if tls else server.add_insecure_port(listen)
+    except RuntimeError as exc:  # grpcio raises RuntimeError for a port it cannot bind
+        raise OSError(f"cannot listen on {listen}: {exc}") from None
+    if not port:
+        raise OSError(f"cannot listen on {listen} (address in use?)")
+    server.start()
+    return server, port

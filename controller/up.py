@@ -1,0 +1,184 @@
+"""``shoal up``: a one-machine Shoal for trying it out (``make up``).
+
+Starts two child processes — ``shoal controller`` (state in
+``<data-dir>/controller.db``) and ``shoal agent`` (records and one disk under
+``<data-dir>/agent``) — waits until the agent has registered, writes the
+context file shoalctl reads its controller address from, prints how to use it,
+and stops both by PID on Ctrl-C / SIGTERM (agent first, so its exports close
+while the controller still answers).  The controller creates the pool
+``default`` over every disk, i.e. this agent's disk.  Everything lives under
+the data directory, so running it again picks up the same volumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+
+from controller.cli.context import context_path, write_context
+from controller.daemon import DEFAULT_LISTEN
+from node_agent.agent.settings import default_node_id
+from protos.shoal.v1 import admin_pb2, admin_pb2_grpc
+
+STOP_TIMEOUT = 20.0  # seconds a child gets to exit after SIGTERM before SIGKILL (the agent syncs and logs out)
+
+
+@dataclass
+class Child:
+    name: str
+    process: subprocess.Popen
+    log_path: Path
+
+    def tail(self, lines: int = 15) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+
+def add_parser(sub) -> None:
+    parser = sub.add_parser("up", help="run a controller and one agent on this machine (try Shoal out)",
+                            description="Start a controller and a node agent as child processes, state under "
+                                        "--data-dir, and point shoalctl at them. Ctrl-C stops both.")
+    parser.add_argument("--data-dir", default=".shoal", help="state of both daemons (default ./%(default)s)")
+    parser.add_argument("--node-id", default="", help="the agent's node id (default: the host name)")
+    parser.add_argument("--controller", default=DEFAULT_LISTEN, metavar="HOST:PORT",
+                        help="controller address (default %(default)s)")
+    parser.add_argument("--agent", default="127.0.0.1:7451", metavar="HOST:PORT",
+                        help="AgentService address (default %(default)s)")
+    parser.add_argument("--portal", default="127.0.0.1:3260", metavar="HOST:PORT",
+                        help="the agent's iSCSI portal (default %(default)s)")
+    parser.add_argument("--disk-size", default="", metavar="SIZE",
+                        help="capacity the agent offers (e.g. 20G; default: its filesystem's size)")
+    parser.add_argument("--context", default="", help="context file for shoalctl (default $SHOAL_CONTEXT or "
+                                                      "~/.config/shoal/context.json)")
+    parser.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the daemons to be ready")
+
+
+def _spawn(name: str, argv: list[str], log_path: Path) -> Child:
+    log_file = open(log_path, "ab")
+    try:
+        # Their own session: a terminal's Ctrl-C reaches us only, and we stop them in order.
+        process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file,
+                                   start_new_session=True)
+    finally:
+        log_file.close()
+    return Child(name, process, log_path)
+
+
+def _stop(child: Child) -> None:
+    if child.process.poll() is not None:
+        return
+    os.kill(child.process.pid, signal.SIGTERM)
+    try:
+        child.process.wait(STOP_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        os.kill(child.process.pid, signal.SIGKILL)
+        child.process.wait()
+
+
+def _wait_file(path: Path, child: Child, deadline: float) -> dict:
+    while time.monotonic() < deadline:
+        if path.exists():
+            return json.loads(path.read_text())
+        if child.process.poll() is not None:
+            raise RuntimeError(f"{child.name} exited with status {child.process.returncode}:\n{child.tail()}")
+        time.sleep(0.1)
+    raise RuntimeError(f"{child.name} was not ready in time; its log ({child.log_path}):\n{child.tail()}")
+
+
+def _wait_registered(address: str, node_id: str, agent: Child, deadline: float) -> None:
+    with grpc.insecure_channel(address) as channel:
+        stub = admin_pb2_grpc.AdminServiceStub(channel)
+        while time.monotonic() < deadline:
+            if agent.process.poll() is not None:
+                raise RuntimeError(f"the agent exited with status {agent.process.returncode}:\n{agent.tail()}")
+            try:
+                node = stub.GetNode(admin_pb2.GetNodeRequest(id=node_id), timeout=2)
+                if node.health == "healthy":
+                    return
+            except grpc.RpcError:
+                pass
+            time.sleep(0.2)
+    raise RuntimeError(f"node {node_id} did not register with the controller in time; see {agent.log_path}")
+
+
+def _interrupt(*_) -> None:
+    raise KeyboardInterrupt
+
+
+def run(args: argparse.Namespace) -> int:
+    data = Path(args.data_dir).resolve()
+    data.mkdir(mode=0o700, parents=True, exist_ok=True)
+    node_id = args.node_id or default_node_id()
+    shoal = [sys.executable, "-m", "node_agent.cli"]
+    ready = {"controller": data / "controller.ready", "agent": data / "agent.ready"}
+    for path in ready.values():
+        path.unlink(missing_ok=True)
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):  # while starting: unwind through ``finally``
+        signal.signal(signum, _interrupt)
+    children: list[Child] = []
+    try:
+        deadline = time.monotonic() + args.timeout
+        controller = _spawn("controller", shoal + [
+            "controller", "--db", str(data / "controller.db"), "--listen", args.controller,
+            "--ready-file", str(ready["controller"])], data / "controller.log")
+        children.append(controller)
+        address = _wait_file(ready["controller"], controller, deadline)["controller"]
+        disk = str(data / "agent" / "disks" / "data0") + (f":{args.disk_size}" if args.disk_size else "")
+        agent = _spawn("agent", shoal + [
+            "agent", "--node-id", node_id, "--data-dir", str(data / "agent"), "--disk", f"data0={disk}",
+            "--listen", args.agent, "--portal", args.portal, "--controller", address,
+            "--ready-file", str(ready["agent"])], data / "agent.log")
+        children.append(agent)
+        _wait_file(ready["agent"], agent, deadline)
+        _wait_registered(address, node_id, agent, deadline)
+        context = Path(args.context) if args.context else context_path()
+        write_context(context, {"controller": address, "node": node_id, "data_dir": str(data)})
+        _print_usage(address, node_id, data, context)
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, lambda *_: stop.set())
+        while not stop.wait(0.5):
+            dead = next((c for c in children if c.process.poll() is not None), None)
+            if dead is not None:
+                print(f"shoal up: the {dead.name} exited with status {dead.process.returncode}; stopping.\n"
+                      f"{dead.tail()}", file=sys.stderr)
+                return 1
+        print("\nshoal up: stopping the agent and the controller…", file=sys.stderr)
+        return 0
+    except RuntimeError as exc:
+        print(f"shoal up: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("\nshoal up: interrupted while starting; stopping what started.", file=sys.stderr)
+        return 130
+    finally:
+        for signum in (signal.SIGINT, signal.SIGTERM):  # a second Ctrl-C does not cut the stopping short
+            signal.signal(signum, lambda *_: stop.set())
+        for child in reversed(children):  # the agent first: it closes exports while the controller answers
+            _stop(child)
+
+
+def _print_usage(address: str, node_id: str, data: Path, context: Path) -> None:
+    print(f"""Shoal is up: controller on {address}, node {node_id} (its disk and pool "default"), state in {data}.
+shoalctl talks to it through {context}. Try:
+
+  shoalctl status
+  shoalctl volume create demo --size 1GiB
+  shoalctl volume attach demo --node {node_id}      # prints the device, e.g. /dev/loop0
+  mkfs.ext4 /dev/loopN && mount /dev/loopN /mnt     # (as root)
+  umount /mnt && shoalctl volume detach demo --node {node_id}
+
+Logs: {data / 'controller.log'}, {data / 'agent.log'}.  Ctrl-C stops both; run it again to pick up the same state.""",
+          flush=True)

@@ -1,0 +1,185 @@
+"""The node agent put together: disks, portal, exports, attachments, AgentService, registration.
+
+Start order matters for consumers: the portal starts and the recorded exports
+are served again *before* the gRPC server opens or the controller hears from
+us, so initiators logged in before a restart get back in without waiting for
+anyone.  Stop order is the reverse: no more RPCs, no more heartbeats, then the
+userspace attachments (they cannot outlive this process) and the portal.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import os
+import socket
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+
+from node_agent.agent.attachments import KERNEL, USERSPACE, AttachmentManager
+from node_agent.agent.exports import ExportManager, ExportSettings
+from node_agent.agent.portal import PortalThread
+from node_agent.agent.registration import NodeAnnouncement, Registrar
+from node_agent.agent.servicer import AgentServicer
+from node_agent.agent.settings import AgentSettings, TlsFiles
+from node_agent.agent.volumes import VolumeManager
+from node_agent.host.connector import Connector
+from node_agent.target_service import PortalConfig
+from protos.shoal.v1 import agent_pb2_grpc
+
+log = logging.getLogger("shoal.agent")
+
+
+def split_host_port(text: str) -> tuple[str, int]:
+    """``HOST:PORT`` or ``[V6]:PORT`` -> (host, port)."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"{text!r}: expected HOST:PORT")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+def join_host_port(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _is_wildcard(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_unspecified
+    except ValueError:
+        return False
+
+
+def _read(path: str) -> bytes | None:
+    if not path:
+        return None
+    with open(path, "rb") as handle:
+        return handle.read()
+
+
+def server_credentials(tls: TlsFiles) -> grpc.ServerCredentials:
+    """TLS for AgentService; with a CA, clients must present a certificate it signed (mutual TLS)."""
+    ca = _read(tls.ca)
+    return grpc.ssl_server_credentials([(_read(tls.key), _read(tls.cert))], root_certificates=ca,
+                                       require_client_auth=ca is not None)
+
+
+def controller_channel(address: str, tls: TlsFiles | None) -> grpc.Channel:
+    if tls is None:
+        return grpc.insecure_channel(address)
+    credentials = grpc.ssl_channel_credentials(root_certificates=_read(tls.ca), private_key=_read(tls.key),
+                                               certificate_chain=_read(tls.cert))
+    return grpc.secure_channel(address, credentials)
+
+
+def default_connectors(settings: AgentSettings) -> dict[str, Callable[[], Connector]]:
+    """The host connectors, built on first use (the kernel one needs open-iscsi, the userspace one FUSE)."""
+    def userspace() -> Connector:
+        from node_agent.host.userspace import UserspaceConnector, UserspaceSettings
+
+        return UserspaceConnector(UserspaceSettings(state_dir=os.path.join(settings.data_dir, "userspace"),
+                                                    initiator_iqn=settings.initiator_iqn))
+
+    def kernel() -> Connector:
+        from node_agent.host.kernel import KernelConnector, KernelSettings
+
+        return KernelConnector(settings=KernelSettings(lock_dir=os.path.join(settings.data_dir, "locks")))
+
+    return {USERSPACE: userspace, KERNEL: kernel}
+
+
+class Agent:
+    """One node agent; ``start()`` then ``stop()``."""
+
+    def __init__(self, settings: AgentSettings, *,
+                 connectors: Mapping[str, Callable[[], Connector]] | None = None,
+                 channel_factory: Callable[[str, TlsFiles | None], grpc.Channel] = controller_channel):
+        self.settings = settings
+        self.connectors = connectors if connectors is not None else default_connectors(settings)
+        self.channel_factory = channel_factory
+        self.volumes: VolumeManager | None = None
+        self.portal: PortalThread | None = None
+        self.exports: ExportManager | None = None
+        self.attachments: AttachmentManager | None = None
+        self.server: grpc.Server | None = None
+        self.registrar: Registrar | None = None
+        self.agent_address = ""
+        self.portal_address = ""
+
+    def start(self) -> None:
+        s = self.settings
+        os.makedirs(s.data_dir, mode=0o700, exist_ok=True)
+        self.volumes = VolumeManager(s.effective_disks())
+        host, port = split_host_port(s.portal_listen)
+        self.portal = PortalThread(PortalConfig(host, port))
+        try:
+            bound = self.portal.start()
+            self.portal_address = join_host_port(bound[0], bound[1])
+            portals = s.advertise_portals or (self._advertised_portal(bound),)
+            self.exports = ExportManager(ExportSettings(s.data_dir, s.target_prefix, tuple(portals)),
+                                         self.volumes, self.portal)
+            self.exports.restore()
+            self.attachments = AttachmentManager(s.data_dir, self.connectors)
+            self.attachments.restore()
+            self._serve()
+            self._register(tuple(portals))
+        except BaseException:
+            self.stop()
+            raise
+        log.info("node agent %s: AgentService on %s, iSCSI portal on %s", s.node_id, self.agent_address,
+                 self.portal_address)
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.stop(grace=5).wait(10)
+            self.server = None
+        if self.registrar is not None:
+            self.registrar.stop()
+            self.registrar = None
+        if self.attachments is not None:
+            self.attachments.close()
+        if self.portal is not None:
+            self.portal.stop()
+            self.portal = None
+
+    def _advertised_portal(self, bound: tuple[str, int]) -> str:
+        if _is_wildcard(bound[0]):
+            raise ValueError(f"the portal listens on {self.settings.portal_listen}: give the address consumers "
+                             "reach it at (advertise_portals / --advertise-portal IP:PORT)")
+        return join_host_port(bound[0], bound[1])
+
+    def _serve(self) -> None:
+        s = self.settings
+        assert self.volumes and self.exports and self.attachments
+        server = grpc.server(ThreadPoolExecutor(max_workers=s.grpc_workers, thread_name_prefix="agent-rpc"))
+        agent_pb2_grpc.add_AgentServiceServicer_to_server(
+            AgentServicer(s.node_id, self.volumes, self.exports, self.attachments), server)
+        host, port = split_host_port(s.listen)
+        address = join_host_port(host, port)
+        if s.server_tls is not None:
+            bound = server.add_secure_port(address, server_credentials(s.server_tls))
+        else:
+            bound = server.add_insecure_port(address)
+        if not bound:
+            raise OSError(f"cannot listen on {s.listen} for AgentService")
+        server.start()
+        self.server = server
+        self.agent_address = join_host_port(host, bound)
+
+    def _register(self, portals: tuple[str, ...]) -> None:
+        s = self.settings
+        if not s.controller:
+            log.info("no controller address: not registering")
+            return
+        advertised = s.advertise_address
+        if not advertised:
+            host, port = split_host_port(self.agent_address)
+            advertised = join_host_port(socket.getfqdn() if _is_wildcard(host) else host, port)
+        assert self.volumes is not None
+        self.registrar = Registrar(
+            NodeAnnouncement(s.node_id, s.initiator_iqn, advertised, portals, dict(s.labels)),
+            self.volumes.disks, self.channel_factory(s.controller, s.controller_tls),
+            timeout=s.register_timeout, max_backoff=s.max_register_backoff,
+            default_interval=s.default_heartbeat_interval)
+        self.registrar.start()

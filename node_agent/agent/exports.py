@@ -1,0 +1,276 @@
+"""Exports: one iSCSI target per exported volume, its ACL and CHAP, and the record that outlives us.
+
+Volume ``ID`` is exported as LUN 0 of target ``<prefix>:ID``; the target's
+ACL (``allowed_initiators``) lists the initiator IQNs it is exported to and
+every login must pass CHAP with the volume's credentials (the controller's,
+one pair per volume).  The LUN's identity is ``LunIdentity(volume_id=ID)``, so
+VPD 0x80 carries the id and VPD 0x83 the NAA derived from it: the ExportInfo
+says both and the consumer checks them before using the device.
+
+The record: ``exports.json`` (volume, initiators, CHAP user names) and
+``export-secrets.json`` (mode 0600: the secrets), both under the data
+directory, saved by write-temp, fsync, rename *before* the portal changes.
+``restore()`` serves them again at start, before the gRPC server opens, so
+consumers keep working across an agent restart without the controller.
+
+Idempotency (agent.proto): exporting to an initiator already admitted with
+the same credentials returns the same ExportInfo; other credentials for an
+exported volume are ``AlreadyExists``; unexporting what is not exported
+succeeds; the target goes with its last initiator.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import os
+import threading
+from dataclasses import dataclass, replace
+from typing import Protocol
+
+from node_agent.agent.errors import AlreadyExists, FailedPrecondition, InvalidArgument
+from node_agent.agent.records import read_json, write_json
+from node_agent.agent.volumes import VolumeManager, check_volume_id
+from node_agent.iscsi.names import check_iqn
+from node_agent.iscsi.target import Credentials, TargetNode
+from node_agent.scsi.vpd import LunIdentity
+from node_agent.target_service import LunSpec
+
+log = logging.getLogger("shoal.agent.exports")
+
+LUN = 0
+RECORD_FILE = "exports.json"
+SECRETS_FILE = "export-secrets.json"
+
+
+@dataclass(frozen=True)
+class ExportInfo:
+    """Where and how an exported volume is reached (common.proto ExportInfo); no secret in it."""
+
+    volume_id: str
+    target_iqn: str
+    portals: tuple[str, ...]
+    lun: int
+    naa: str
+    serial: str
+    chap_user: str
+
+    def publish_context(self) -> dict[str, str]:
+        """The keys ``VolumeTarget.from_publish_context`` reads (secrets go in a separate map)."""
+        return {"volume_id": self.volume_id, "target_iqn": self.target_iqn, "portals": ",".join(self.portals),
+                "lun": str(self.lun), "naa": self.naa, "serial": self.serial, "chap_user": self.chap_user}
+
+
+@dataclass(frozen=True)
+class ExportRecord:
+    """What is exported to whom; the secrets are kept apart (``_Secrets``)."""
+
+    volume_id: str
+    initiators: tuple[str, ...]
+    chap_user: str
+    mutual_chap_user: str = ""
+
+
+@dataclass(frozen=True, repr=False)
+class _Secrets:
+    chap: str
+    mutual_chap: str = ""
+
+    def __repr__(self) -> str:
+        return "<secrets>"
+
+
+@dataclass(frozen=True)
+class ExportSettings:
+    data_dir: str
+    """Holds ``exports.json`` and ``export-secrets.json``."""
+    target_prefix: str
+    """Targets are ``<prefix>:<volume_id>``."""
+    portals: tuple[str, ...]
+    """``IP:PORT`` of this node's portal(s), as consumers reach them."""
+
+
+class TargetHost(Protocol):
+    """What exports need from the portal (``PortalThread``)."""
+
+    def add_target(self, iqn: str, spec: LunSpec, *, chap: Credentials | None, mutual_chap: Credentials | None,
+                   allowed_initiators: list[str]) -> TargetNode: ...
+    def remove_target(self, iqn: str) -> bool: ...
+    def set_allowed_initiators(self, iqn: str, names: list[str]) -> None: ...
+    def resize_lun(self, iqn: str, lun: int, size: int) -> int: ...
+
+
+class ExportManager:
+    """The exports of this node's volumes; see the module docstring."""
+
+    def __init__(self, settings: ExportSettings, volumes: VolumeManager, host: TargetHost):
+        if not settings.portals:
+            raise ValueError("exports need at least one portal address")
+        self.settings = settings
+        self.volumes = volumes
+        self.host = host
+        self._records: dict[str, ExportRecord] = {}
+        self._secrets: dict[str, _Secrets] = {}
+        self._lock = threading.RLock()
+
+    # ------------------------------------------------------------------ queries
+
+    def target_iqn(self, volume_id: str) -> str:
+        return f"{self.settings.target_prefix}:{volume_id}"
+
+    def info(self, volume_id: str, chap_user: str) -> ExportInfo:
+        identity = LunIdentity(volume_id=volume_id)
+        return ExportInfo(volume_id, self.target_iqn(volume_id), self.settings.portals, LUN, identity.naa.hex(),
+                          identity.serial, chap_user)
+
+    def is_exported(self, volume_id: str) -> bool:
+        with self._lock:
+            return volume_id in self._records
+
+    def records(self) -> list[ExportRecord]:
+        with self._lock:
+            return sorted(self._records.values(), key=lambda r: r.volume_id)
+
+    def list(self) -> list[ExportInfo]:
+        return [self.info(r.volume_id, r.chap_user) for r in self.records()]
+
+    # ------------------------------------------------------------------ changes
+
+    def export(self, volume_id: str, initiator_iqn: str, chap: Credentials,
+               mutual_chap: Credentials | None = None) -> ExportInfo:
+        check_volume_id(volume_id)
+        try:
+            check_iqn(initiator_iqn)
+        except ValueError as exc:
+            raise InvalidArgument(f"initiator_iqn: {exc}") from None
+        with self._lock:
+            volume = self.volumes.require(volume_id)
+            record = self._records.get(volume_id)
+            secrets = _Secrets(chap.secret, mutual_chap.secret if mutual_chap else "")
+            if record is None:
+                return self._export_new(volume.path, ExportRecord(
+                    volume_id, (initiator_iqn,), chap.user, mutual_chap.user if mutual_chap else ""), secrets)
+            self._check_same_credentials(record, chap, mutual_chap)
+            if initiator_iqn not in record.initiators:
+                updated = replace(record, initiators=record.initiators + (initiator_iqn,))
+                self._commit(updated, self._secrets[volume_id])
+                self.host.set_allowed_initiators(self.target_iqn(volume_id), list(updated.initiators))
+                log.info("volume %s: export extended to %s", volume_id, initiator_iqn)
+            return self.info(volume_id, record.chap_user)
+
+    def unexport(self, volume_id: str, initiator_iqn: str) -> bool:
+        """Remove ``initiator_iqn`` from the volume's ACL (closing its sessions); the target goes with the
+        last one.  False when it was not exported to that initiator."""
+        check_volume_id(volume_id)
+        with self._lock:
+            record = self._records.get(volume_id)
+            if record is None or initiator_iqn not in record.initiators:
+                return False
+            remaining = tuple(name for name in record.initiators if name != initiator_iqn)
+            iqn = self.target_iqn(volume_id)
+            if remaining:
+                self._commit(replace(record, initiators=remaining), self._secrets[volume_id])
+                self.host.set_allowed_initiators(iqn, list(remaining))
+                log.info("volume %s: export to %s removed", volume_id, initiator_iqn)
+            else:
+                self._forget(volume_id)
+                self.host.remove_target(iqn)
+                log.info("volume %s: no longer exported (target %s removed)", volume_id, iqn)
+            return True
+
+    def unexport_all(self, volume_id: str) -> None:
+        with self._lock:
+            if volume_id in self._records:
+                self._forget(volume_id)
+                self.host.remove_target(self.target_iqn(volume_id))
+
+    def capacity_changed(self, volume_id: str, size: int) -> None:
+        """An exported volume grew: its LUN reports the new capacity (and CAPACITY DATA HAS CHANGED)."""
+        with self._lock:
+            if volume_id in self._records:
+                self.host.resize_lun(self.target_iqn(volume_id), LUN, size)
+
+    def restore(self) -> list[str]:
+        """Serve what the record says was exported; volumes that are gone are dropped from it."""
+        data = read_json(self._path(RECORD_FILE), {})
+        secrets = read_json(self._path(SECRETS_FILE), {})
+        restored = []
+        with self._lock:
+            for volume_id, entry in sorted(data.get("exports", {}).items()):
+                record = ExportRecord(volume_id, tuple(entry["initiators"]), entry["chap_user"],
+                                      entry.get("mutual_chap_user", ""))
+                secret = secrets.get("secrets", {}).get(volume_id)
+                volume = self.volumes.get(volume_id)
+                if volume is None or secret is None:
+                    log.warning("export of volume %s not restored: %s", volume_id,
+                                "its volume is gone" if volume is None else "its CHAP secret is missing")
+                    continue
+                self._records[volume_id] = record
+                self._secrets[volume_id] = _Secrets(secret["chap"], secret.get("mutual_chap", ""))
+                try:
+                    self._serve(volume.path, record, self._secrets[volume_id])
+                except Exception as exc:
+                    log.error("export of volume %s not restored: %s", volume_id, exc)
+                    del self._records[volume_id], self._secrets[volume_id]
+                    continue
+                restored.append(volume_id)
+            self._save()
+        if restored:
+            log.info("restored %d export(s): %s", len(restored), ", ".join(restored))
+        return restored
+
+    # ------------------------------------------------------------------ helpers
+
+    def _export_new(self, path: str, record: ExportRecord, secrets: _Secrets) -> ExportInfo:
+        self._commit(record, secrets)
+        try:
+            self._serve(path, record, secrets)
+        except BaseException:
+            self._forget(record.volume_id)
+            raise
+        log.info("volume %s exported as %s to %s", record.volume_id, self.target_iqn(record.volume_id),
+                 record.initiators[0])
+        return self.info(record.volume_id, record.chap_user)
+
+    def _serve(self, path: str, record: ExportRecord, secrets: _Secrets) -> None:
+        chap = Credentials(record.chap_user, secrets.chap)
+        mutual = Credentials(record.mutual_chap_user, secrets.mutual_chap) if record.mutual_chap_user else None
+        self.host.add_target(self.target_iqn(record.volume_id), LunSpec(path, volume_id=record.volume_id),
+                             chap=chap, mutual_chap=mutual, allowed_initiators=list(record.initiators))
+
+    def _check_same_credentials(self, record: ExportRecord, chap: Credentials,
+                                mutual_chap: Credentials | None) -> None:
+        known = self._secrets[record.volume_id]
+        same = (record.chap_user == chap.user and hmac.compare_digest(known.chap.encode(), chap.secret.encode())
+                and record.mutual_chap_user == (mutual_chap.user if mutual_chap else "")
+                and hmac.compare_digest(known.mutual_chap.encode(),
+                                        (mutual_chap.secret if mutual_chap else "").encode()))
+        if not same:
+            raise AlreadyExists(f"volume {record.volume_id} is exported with other CHAP credentials "
+                                f"(user {record.chap_user!r}); unexport it from every initiator first")
+
+    def _commit(self, record: ExportRecord, secrets: _Secrets) -> None:
+        self._records[record.volume_id] = record
+        self._secrets[record.volume_id] = secrets
+        self._save()
+
+    def _forget(self, volume_id: str) -> None:
+        self._records.pop(volume_id, None)
+        self._secrets.pop(volume_id, None)
+        self._save()
+
+    def _save(self) -> None:
+        # Secrets first: a record never names credentials the secrets file lacks.
+        write_json(self._path(SECRETS_FILE), {"secrets": {
+            vid: {"chap": s.chap, "mutual_chap": s.mutual_chap} for vid, s in self._secrets.items()}}, mode=0o600)
+        write_json(self._path(RECORD_FILE), {"exports": {
+            vid: {"initiators": list(r.initiators), "chap_user": r.chap_user, "mutual_chap_user": r.mutual_chap_user}
+            for vid, r in self._records.items()}})
+
+    def _path(self, name: str) -> str:
+        return os.path.join(self.settings.data_dir, name)
+
+
+def refuse_if_exported(exports: ExportManager, volume_id: str) -> None:
+    if exports.is_exported(volume_id):
+        raise FailedPrecondition(f"volume {volume_id} is exported; unexport it before deleting it")

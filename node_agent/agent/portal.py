@@ -1,0 +1,112 @@
+"""The agent's iSCSI portal on an event loop of its own thread, with a blocking façade.
+
+gRPC calls run on worker threads; the portal's registry and logical units
+belong to its event loop.  ``PortalThread.call`` runs a change (add or remove
+a target, change an ACL, resize a LUN) on that loop and waits for it, so the
+registry is only ever touched by the loop's thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import os
+import threading
+from typing import Any, Callable
+
+from node_agent.iscsi.target import Credentials, TargetNode
+from node_agent.target_service import LunSpec, PortalConfig, TargetService
+
+log = logging.getLogger("shoal.agent.portal")
+
+
+def _new_loop() -> asyncio.AbstractEventLoop:
+    """uvloop where installed (as ``shoal target``), unless ``SHOAL_EVENT_LOOP=asyncio``."""
+    if os.environ.get("SHOAL_EVENT_LOOP", "auto") != "asyncio":
+        try:
+            import uvloop
+        except ImportError:
+            pass
+        else:
+            return uvloop.new_event_loop()
+    return asyncio.new_event_loop()
+
+
+class PortalThread:
+    """A ``TargetService`` without initial targets, served from a background thread."""
+
+    def __init__(self, config: PortalConfig):
+        self.service = TargetService(portal=config)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self.address: tuple[str, int] | None = None
+
+    def start(self) -> tuple[str, int]:
+        loop = _new_loop()
+        self._loop = loop
+        self._thread = threading.Thread(target=loop.run_forever, name="iscsi-portal", daemon=True)
+        self._thread.start()
+        try:
+            self.address = self._await(self.service.start())
+        except BaseException:
+            self._halt()
+            raise
+        return self.address
+
+    def stop(self) -> None:
+        """Close every session, flush and close every LUN, end the thread."""
+        if self._loop is None:
+            return
+        try:
+            self._await(self.service.stop(), timeout=30)
+        finally:
+            self._halt()
+
+    # -- the changes, run on the loop -------------------------------------------------
+    def add_target(self, iqn: str, spec: LunSpec, *, chap: Credentials | None,
+                   mutual_chap: Credentials | None, allowed_initiators: list[str]) -> TargetNode:
+        return self.call(self.service.add_target, iqn, [spec], chap=chap, mutual_chap=mutual_chap,
+                         allowed_initiators=allowed_initiators)
+
+    def remove_target(self, iqn: str) -> bool:
+        return self.call(self.service.remove_target, iqn)
+
+    def set_allowed_initiators(self, iqn: str, names: list[str]) -> None:
+        self.call(self.service.set_allowed_initiators, iqn, names)
+
+    def resize_lun(self, iqn: str, lun: int, size: int) -> int:
+        return self.call(self.service.resize_lun, iqn, lun, size)
+
+    def served(self) -> set[str]:
+        return self.call(lambda: set(self.service.registry.targets) if self.service.registry else set())
+
+    def call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """Run ``fn(*args, **kwargs)`` on the portal's loop and return (or raise) its result."""
+        if self._loop is None or self._thread is None or not self._thread.is_alive():
+            raise RuntimeError("the iSCSI portal is not running")
+        future: concurrent.futures.Future = concurrent.futures.Future()
+
+        def run() -> None:
+            try:
+                future.set_result(fn(*args, **kwargs))
+            except BaseException as exc:  # handed to the caller's thread
+                future.set_exception(exc)
+
+        self._loop.call_soon_threadsafe(run)
+        return future.result(timeout=60)
+
+    def _await(self, coro, timeout: float = 60) -> Any:
+        assert self._loop is not None
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
+
+    def _halt(self) -> None:
+        loop, thread = self._loop, self._thread
+        self._loop = self._thread = None
+        if loop is None:
+            return
+        loop.call_soon_threadsafe(loop.stop)
+        if thread is not None:
+            thread.join(10)
+        if not loop.is_running():
+            loop.close()

@@ -1,0 +1,136 @@
+"""What an operator configures on a node agent (``shoal agent`` flags map onto these fields)."""
+
+from __future__ import annotations
+
+import re
+import socket
+from dataclasses import dataclass, field
+
+from node_agent.iscsi.names import check_iqn
+
+IQN_PREFIX = "iqn.2026-11.io.shoal"
+_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
+
+
+def default_node_id() -> str:
+    """The host name, lowercased and cut to what an IQN and a disk name accept."""
+    name = re.sub(r"[^a-z0-9.-]", "-", socket.gethostname().lower()).strip(".-")
+    return name[:63] or "node"
+
+
+def check_name(what: str, value: str) -> str:
+    """Ids that end up in IQNs and file names: lowercase letters, digits, ``.``, ``_``, ``-``; up to 63."""
+    if not _NAME.match(value):
+        raise ValueError(f"{what} {value!r}: use 1-63 lowercase letters, digits, '.', '_' or '-', "
+                         "starting with a letter or digit")
+    return value
+
+
+@dataclass(frozen=True)
+class DiskSpec:
+    """A disk offered to pools: a directory that holds the volumes' backing files."""
+
+    name: str
+    """Unique on this node (``data0``); the controller's pools name it."""
+    path: str
+    """The directory; created when missing."""
+    capacity: int | None = None
+    """Bytes this disk offers; None takes the filesystem's size (statvfs).  Set it when several
+    disks share a filesystem, or to give Shoal only part of one."""
+
+    def __post_init__(self):
+        check_name("disk name", self.name)
+        if not self.path:
+            raise ValueError(f"disk {self.name}: a path is required")
+        if self.capacity is not None and self.capacity <= 0:
+            raise ValueError(f"disk {self.name}: capacity must be positive")
+
+    @classmethod
+    def parse(cls, text: str) -> "DiskSpec":
+        """``NAME=PATH[:CAPACITY]`` (capacity with units, e.g. ``data0=/srv/shoal:100G``)."""
+        from node_agent.target_service import parse_size
+
+        name, sep, rest = text.partition("=")
+        if not sep:
+            raise ValueError(f"disk {text!r}: expected NAME=PATH[:CAPACITY]")
+        path, colon, size = rest.rpartition(":")
+        if colon and size and re.fullmatch(r"\d+[KMGTP]?(i?B)?", size, re.IGNORECASE):
+            return cls(name, path, parse_size(size))
+        return cls(name, rest)
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    """PEM files for gRPC TLS."""
+
+    cert: str = ""
+    """This side's certificate chain (a server needs it; a client gives it for mutual TLS)."""
+    key: str = ""
+    """Its private key (kept 0600 by whoever deploys it)."""
+    ca: str = ""
+    """CA bundle: a server then requires client certificates signed by it (mutual TLS); a client
+    checks the server with it (empty: the system's roots)."""
+
+    def __post_init__(self):
+        if bool(self.cert) != bool(self.key):
+            raise ValueError("TLS needs both a certificate and its key")
+
+
+@dataclass
+class AgentSettings:
+    """Everything a node agent needs; the defaults run a single node on loopback."""
+
+    node_id: str = field(default_factory=default_node_id)
+    """This node's id at the controller; defaults to the host name."""
+    data_dir: str = "/var/lib/shoal/agent"
+    """The agent's own records (exports, attachments, secrets 0600) and the userspace connector's state."""
+    disks: tuple[DiskSpec, ...] = ()
+    """Disks offered to pools; none given means one disk ``data0`` under ``<data_dir>/disks/data0``."""
+    listen: str = "127.0.0.1:7451"
+    """Where AgentService listens (``HOST:PORT``; port 0 picks a free one)."""
+    advertise_address: str = ""
+    """The AgentService address the controller dials; empty: ``listen`` (with the bound port)."""
+    portal_listen: str = "127.0.0.1:3260"
+    """The iSCSI portal (``HOST:PORT``).  Keep the port fixed: exports name it, consumers reconnect to it."""
+    advertise_portals: tuple[str, ...] = ()
+    """Portals written into ExportInfo (``IP:PORT``); empty: ``portal_listen`` (needs a specific IP)."""
+    controller: str = "127.0.0.1:7450"
+    """The controller's RegistrationService (``HOST:PORT``); empty: do not register (tests, standalone)."""
+    initiator_iqn: str = ""
+    """The name this node's userspace initiator logs in with; empty: ``iqn.2026-11.io.shoal:node:<node_id>``.
+    (The kernel connector logs in with open-iscsi's own name from /etc/iscsi/initiatorname.iscsi.)"""
+    target_prefix: str = ""
+    """Exports are targets ``<prefix>:<volume_id>``; empty: ``iqn.2026-11.io.shoal:target:<node_id>``."""
+    labels: dict[str, str] = field(default_factory=dict)
+    """Topology labels sent at registration (``zone=a``)."""
+    server_tls: TlsFiles | None = None
+    """TLS for AgentService; None serves plaintext (loopback / ``shoal up`` only)."""
+    controller_tls: TlsFiles | None = None
+    """TLS towards the controller (``ca`` checks it; ``cert``/``key`` for mutual TLS); None: plaintext."""
+    register_timeout: float = 10.0
+    """Deadline of one Register/Heartbeat call, seconds."""
+    max_register_backoff: float = 30.0
+    """Longest wait between registration attempts while the controller is unreachable."""
+    default_heartbeat_interval: float = 10.0
+    """Heartbeat interval when the controller's answer gives none."""
+    grpc_workers: int = 16
+    """Threads serving AgentService calls (attach/detach block on logins)."""
+
+    def __post_init__(self):
+        check_name("node id", self.node_id)
+        if not self.initiator_iqn:
+            self.initiator_iqn = f"{IQN_PREFIX}:node:{self.node_id}"
+        if not self.target_prefix:
+            self.target_prefix = f"{IQN_PREFIX}:target:{self.node_id}"
+        check_iqn(self.initiator_iqn)
+        check_iqn(f"{self.target_prefix}:volume")
+        if self.server_tls is not None and not self.server_tls.cert:
+            raise ValueError("server TLS needs a certificate and key")
+        names = [d.name for d in self.disks]
+        if len(set(names)) != len(names):
+            raise ValueError(f"disk names must be unique: {names}")
+
+    def effective_disks(self) -> tuple[DiskSpec, ...]:
+        import os
+
+        return self.disks or (DiskSpec("data0", os.path.join(self.data_dir, "disks", "data0")),)

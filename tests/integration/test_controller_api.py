@@ -1,0 +1,475 @@
+"""The controller's gRPC surface: servicers, the error table, TLS, the agent client, the daemon process.
+
+Three layers, each over real gRPC on 127.0.0.1:
+
+* AdminService and RegistrationService (controller/api) served in this
+  process over ``ControllerService`` with ``MemoryStore`` and ``FakeAgents``
+  (the domain's boundary fake for agents, controller/domain/agents.py):
+  status codes from the one table, required fields, idempotency as
+  admin.proto writes it, bugs answered INTERNAL without details, TLS and
+  mutual TLS with certificates made by ``openssl``.
+* ``GrpcAgentClient`` (controller/agents_grpc.py) against ``FlakyAgent``, a
+  boundary fake of AgentService that fails on demand: retries on
+  UNAVAILABLE, statuses turned back into domain errors, secrets scrubbed.
+  The real agents answer it in tests/integration/test_pool_e2e.py.
+* ``shoal controller`` as a process: agents register, a restart keeps the
+  state, a busy port is a clear error; ``shoal up`` (a controller and an
+  agent as its children) serves shoalctl through the context file, stops
+  both on Ctrl-C and finds its volumes again when restarted.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import pytest
+
+from controller.agents_grpc import AgentCallSettings, AgentTls, GrpcAgentDirectory
+from controller.api.errors import GRPC_CODES, Unimplemented, domain_error, grpc_status
+from controller.api.server import ServerTls, build_server
+from controller.domain import errors
+from controller.domain.agents import FakeAgents
+from controller.domain.model import Node
+from controller.domain.service import ControllerService
+from controller.domain.settings import ControllerSettings
+from controller.store import MemoryStore
+from protos.shoal.v1 import admin_pb2, admin_pb2_grpc, agent_pb2, agent_pb2_grpc, common_pb2
+from tests.support.controller_process import running, start_controller
+from tests.support.shoal_target import REPO, stop_process
+
+GiB = 1 << 30
+SECRET_MARK = "TOPSECRET-0123456789"
+
+
+class Clock:
+    def __init__(self, now: float = 1000.0):
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class Secrets:
+    """Known CHAP secrets (each contains SECRET_MARK) and volume ids."""
+
+    def __init__(self):
+        self.n = 0
+
+    def token_urlsafe(self, nbytes: int) -> str:
+        self.n += 1
+        return f"{SECRET_MARK}-{self.n}"
+
+    def token_hex(self, nbytes: int) -> str:
+        self.n += 1
+        return f"{self.n:0{2 * nbytes}x}"
+
+
+class Served:
+    def __init__(self, tls: ServerTls | None = None):
+        self.clock = Clock()
+        self.agents = FakeAgents()
+        self.service = ControllerService(MemoryStore(), self.agents, settings=ControllerSettings(),
+                                         clock=self.clock, secrets=Secrets())
+        self.server, port = build_server(self.service, "127.0.0.1:0", tls=tls, workers=4)
+        self.address = f"127.0.0.1:{port}"
+
+
+@pytest.fixture
+def served():
+    s = Served()
+    yield s
+    s.server.stop(None)
+
+
+@pytest.fixture
+def stubs(served):
+    with grpc.insecure_channel(served.address) as channel:
+        yield admin_pb2_grpc.AdminServiceStub(channel), agent_pb2_grpc.RegistrationServiceStub(channel)
+
+
+def register(registration, node_id: str, port: int = 7451):
+    return registration.Register(agent_pb2.RegisterRequest(
+        node_id=node_id, initiator_iqn=f"iqn.2026-11.io.shoal:node:{node_id}", agent_address=f"127.0.0.1:{port}",
+        portals=[f"127.0.0.1:{port + 1000}"], labels={"zone": "a"},
+        disks=[common_pb2.Disk(name="data0", path="/srv/d0", capacity_bytes=100 * GiB, free_bytes=100 * GiB)]))
+
+
+def code_of(call, request) -> tuple[grpc.StatusCode, str]:
+    with pytest.raises(grpc.RpcError) as caught:
+        call(request)
+    return caught.value.code(), caught.value.details()
+
+
+# ---- the one table
+
+@pytest.mark.parametrize("cls, code", GRPC_CODES)
+def test_error_table_both_ways(cls, code):
+    assert grpc_status(cls("what to do")) == (code, "what to do")
+    assert type(domain_error(code, "x")) is cls
+
+
+def test_every_domain_error_class_has_a_code():
+    classes = [c for c in vars(errors).values() if isinstance(c, type) and issubclass(c, errors.DomainError)]
+    assert all(grpc_status(c("m")) for c in classes if c is not errors.DomainError)
+    assert grpc_status(RuntimeError("bug")) is None
+    assert isinstance(domain_error(grpc.StatusCode.DEADLINE_EXCEEDED, "slow"), errors.Unavailable)
+    assert isinstance(domain_error(grpc.StatusCode.INTERNAL, "bug"), errors.Unavailable)
+
+
+# ---- servicers over MemoryStore + FakeAgents
+
+def test_registration_and_heartbeat(served, stubs):
+    admin, registration = stubs
+    answer = register(registration, "node-a")
+    assert answer.heartbeat_interval_seconds == ControllerSettings().heartbeat_interval
+    register(registration, "node-a")  # a repeat updates the record
+    node = admin.GetNode(admin_pb2.GetNodeRequest(id="node-a"))
+    assert (node.health, dict(node.labels), node.disks[0].capacity_bytes) == ("healthy", {"zone": "a"}, 100 * GiB)
+    registration.Heartbeat(agent_pb2.HeartbeatRequest(node_id="node-a", disks=[
+        common_pb2.Disk(name="data0", path="/srv/d0", capacity_bytes=100 * GiB, free_bytes=40 * GiB)]))
+    assert admin.GetNode(admin_pb2.GetNodeRequest(id="node-a")).disks[0].free_bytes == 40 * GiB
+    registration.Heartbeat(agent_pb2.HeartbeatRequest(node_id="node-a"))  # no disks: keeps them
+    assert admin.GetNode(admin_pb2.GetNodeRequest(id="node-a")).disks[0].free_bytes == 40 * GiB
+    code, details = code_of(registration.Heartbeat, agent_pb2.HeartbeatRequest(node_id="node-z"))
+    assert code == grpc.StatusCode.NOT_FOUND and "node-z" in details
+    code, details = code_of(registration.Register, agent_pb2.RegisterRequest(initiator_iqn="iqn.2026-11.x:y"))
+    assert (code, details) == (grpc.StatusCode.INVALID_ARGUMENT, "node_id is required")
+    code, details = code_of(registration.Register, agent_pb2.RegisterRequest(
+        node_id="node-b", initiator_iqn="iqn.2026-11.io.shoal:node:node-a", agent_address="127.0.0.1:1",
+        portals=["127.0.0.1:2"]))
+    assert code == grpc.StatusCode.ALREADY_EXISTS and "already used by node node-a" in details
+
+
+def test_volume_life_and_idempotency(served, stubs, caplog):
+    admin, registration = stubs
+    register(registration, "node-a")
+    register(registration, "node-b", 7461)
+    create = admin_pb2.CreateVolumeRequest(name="vol1", size_bytes=GiB)
+    volume = admin.CreateVolume(create)
+    assert (volume.pool, volume.thin, volume.state, volume.size_bytes) == ("default", True, "available", GiB)
+    assert admin.CreateVolume(create).id == volume.id  # a repeat: the same volume
+    code, details = code_of(admin.CreateVolume, admin_pb2.CreateVolumeRequest(name="vol1", size_bytes=2 * GiB))
+    assert code == grpc.StatusCode.ALREADY_EXISTS and "already exists with other parameters" in details
+
+    with caplog.at_level(logging.DEBUG):
+        attachment = admin.AttachVolume(admin_pb2.AttachVolumeRequest(name="vol1", node="node-b"))
+        assert admin.AttachVolume(admin_pb2.AttachVolumeRequest(name="vol1", node="node-b")) == attachment
+    assert attachment.state == "attached" and attachment.device_path
+    assert list(admin.GetVolume(admin_pb2.GetVolumeRequest(name="vol1")).attached_nodes) == ["node-b"]
+    assert [list(v.attached_nodes) for v in admin.ListVolumes(admin_pb2.ListVolumesRequest()).volumes] == [["node-b"]]
+    code, details = code_of(admin.DeleteVolume, admin_pb2.DeleteVolumeRequest(name="vol1"))
+    assert code == grpc.StatusCode.FAILED_PRECONDITION and "detach it first" in details
+    status = admin.GetStatus(admin_pb2.GetStatusRequest())
+    assert (status.nodes, status.volumes, status.attachments, status.provisioned_bytes) == (2, 1, 1, GiB)
+    pool = admin.GetPool(admin_pb2.GetPoolRequest(name="default"))
+    assert (pool.capacity_bytes, pool.provisioned_bytes) == (200 * GiB, GiB)
+
+    admin.DetachVolume(admin_pb2.DetachVolumeRequest(name="vol1", node="node-b"))
+    admin.DetachVolume(admin_pb2.DetachVolumeRequest(name="vol1", node="node-b"))  # a repeat: OK
+    admin.DeleteVolume(admin_pb2.DeleteVolumeRequest(name="vol1"))
+    admin.DeleteVolume(admin_pb2.DeleteVolumeRequest(name="vol1"))  # deleting what is gone: OK
+    assert not admin.ListVolumes(admin_pb2.ListVolumesRequest()).volumes
+    assert SECRET_MARK not in caplog.text
+
+
+@pytest.mark.parametrize("request_, field", [
+    (admin_pb2.CreateVolumeRequest(size_bytes=GiB), "name"),
+    (admin_pb2.CreateVolumeRequest(name="v"), "size_bytes"),
+    (admin_pb2.AttachVolumeRequest(name="v"), "node"),
+])
+def test_required_fields(served, stubs, request_, field):
+    admin, _ = stubs
+    method = {"CreateVolumeRequest": admin.CreateVolume, "AttachVolumeRequest": admin.AttachVolume}
+    code, details = code_of(method[type(request_).__name__], request_)
+    assert (code, details) == (grpc.StatusCode.INVALID_ARGUMENT, f"{field} is required")
+    assert not served.service.list_volumes()
+
+
+def test_bad_input_changes_nothing(served, stubs):
+    admin, registration = stubs
+    register(registration, "node-a")
+    for request, code in [
+        (admin_pb2.CreateVolumeRequest(name="Bad_Name", size_bytes=GiB), grpc.StatusCode.INVALID_ARGUMENT),
+        (admin_pb2.CreateVolumeRequest(name="v", size_bytes=1000), grpc.StatusCode.INVALID_ARGUMENT),
+        (admin_pb2.CreateVolumeRequest(name="v", size_bytes=(1 << 64) - 512), grpc.StatusCode.INVALID_ARGUMENT),
+        (admin_pb2.CreateVolumeRequest(name="v", size_bytes=GiB, pool="nope"), grpc.StatusCode.NOT_FOUND),
+        (admin_pb2.CreateVolumeRequest(name="v", size_bytes=1 << 40), grpc.StatusCode.RESOURCE_EXHAUSTED),
+    ]:
+        assert code_of(admin.CreateVolume, request)[0] == code, request
+    code, _ = code_of(admin.CreatePool, admin_pb2.CreatePoolRequest(name="p", overcommit_ratio=0.5))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    assert not served.service.list_volumes() and [p.name for p in served.service.list_pools()] == ["default"]
+
+
+def test_attach_to_an_unhealthy_node_is_refused(served, stubs):
+    admin, registration = stubs
+    register(registration, "node-a")
+    register(registration, "node-b", 7461)
+    admin.CreateVolume(admin_pb2.CreateVolumeRequest(name="vol1", size_bytes=GiB))
+    served.clock.now += ControllerSettings().heartbeat_timeout + 1
+    registration.Heartbeat(agent_pb2.HeartbeatRequest(node_id="node-a"))
+    code, details = code_of(admin.AttachVolume, admin_pb2.AttachVolumeRequest(name="vol1", node="node-b"))
+    assert code == grpc.StatusCode.FAILED_PRECONDITION and "node node-b is unhealthy" in details
+    assert admin.GetNode(admin_pb2.GetNodeRequest(id="node-b")).health == "unhealthy"
+
+
+def test_snapshots_unimplemented_and_bugs_internal(served, stubs, monkeypatch, caplog):
+    admin, _ = stubs
+    code, details = code_of(admin.ListSnapshots, admin_pb2.ListSnapshotsRequest())
+    assert code == grpc.StatusCode.UNIMPLEMENTED and "not implemented" in details
+    assert grpc_status(Unimplemented("x"))[0] == grpc.StatusCode.UNIMPLEMENTED
+
+    def broken(*_):
+        raise RuntimeError("internal detail /etc/shoal")
+    monkeypatch.setattr(served.service, "list_nodes", broken)
+    code, details = code_of(admin.ListNodes, admin_pb2.ListNodesRequest())
+    assert code == grpc.StatusCode.INTERNAL and "/etc/shoal" not in details and "see its log" in details
+    assert "internal detail /etc/shoal" in caplog.text  # the traceback is in the controller's log
+
+
+# ---- TLS
+
+def _openssl(*args: str, cwd) -> None:
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory):
+    """A CA, a server certificate for 127.0.0.1 and a client certificate, made by openssl."""
+    if shutil.which("openssl") is None:
+        pytest.skip("needs openssl")
+    d = tmp_path_factory.mktemp("pki")
+    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem", "-days", "1",
+             "-subj", "/CN=shoal-test-ca", cwd=d)
+    for name, extra in (("server", "subjectAltName=IP:127.0.0.1,DNS:localhost"), ("client", "")):
+        _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr",
+                 "-subj", f"/CN=shoal-{name}", cwd=d)
+        (d / f"{name}.ext").write_text(extra + "\n" if extra else "basicConstraints=CA:FALSE\n")
+        _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+                 "-out", f"{name}.pem", "-days", "1", "-extfile", f"{name}.ext", cwd=d)
+    return d
+
+
+def _creds(pki, client: bool) -> grpc.ChannelCredentials:
+    read = lambda name: (pki / name).read_bytes()  # noqa: E731
+    if client:
+        return grpc.ssl_channel_credentials(read("ca.pem"), read("client.key"), read("client.pem"))
+    return grpc.ssl_channel_credentials(read("ca.pem"))
+
+
+@pytest.mark.parametrize("mutual", [False, True])
+def test_tls_and_mutual_tls(pki, mutual):
+    tls = ServerTls(str(pki / "server.pem"), str(pki / "server.key"), str(pki / "ca.pem") if mutual else "")
+    s = Served(tls)
+    try:
+        with grpc.secure_channel(s.address, _creds(pki, client=True)) as channel:
+            assert admin_pb2_grpc.AdminServiceStub(channel).GetStatus(admin_pb2.GetStatusRequest(), timeout=10)
+        with grpc.insecure_channel(s.address) as channel:  # plaintext to a TLS port fails
+            assert code_of(lambda r: admin_pb2_grpc.AdminServiceStub(channel).GetStatus(r, timeout=5),
+                           admin_pb2.GetStatusRequest())[0] == grpc.StatusCode.UNAVAILABLE
+        if mutual:  # no client certificate: refused
+            with grpc.secure_channel(s.address, _creds(pki, client=False)) as channel:
+                assert code_of(lambda r: admin_pb2_grpc.AdminServiceStub(channel).GetStatus(r, timeout=5),
+                               admin_pb2.GetStatusRequest())[0] == grpc.StatusCode.UNAVAILABLE
+    finally:
+        s.server.stop(None)
+
+
+def test_tls_needs_cert_and_key():
+    with pytest.raises(ValueError, match="certificate"):
+        ServerTls("", "key.pem")
+    with pytest.raises(ValueError, match="needs its key"):
+        AgentTls(cert="c.pem")
+
+
+# ---- the agent client against a boundary fake of AgentService
+
+class FlakyAgent(agent_pb2_grpc.AgentServiceServicer):
+    """Fails the next ``failures`` calls with ``code``, then answers; echoes a secret into one error."""
+
+    def __init__(self):
+        self.failures: list[grpc.StatusCode] = []
+        self.calls: list[str] = []
+        self.secrets: list[str] = []
+
+    def _enter(self, name, context):
+        self.calls.append(name)
+        if self.failures:
+            context.abort(self.failures.pop(0), f"{name} failed on purpose")
+
+    def CreateVolume(self, request, context):
+        self._enter("CreateVolume", context)
+        return agent_pb2.VolumeInfo(volume_id=request.volume_id, size_bytes=request.size_bytes, disk=request.disk)
+
+    def ExportVolume(self, request, context):
+        self.calls.append("ExportVolume")
+        self.secrets.append(request.chap_secret)
+        context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"bad secret {request.chap_secret}")
+
+    def AttachVolume(self, request, context):
+        self._enter("AttachVolume", context)
+        self.secrets.append(request.chap_secret)
+        assert request.export.target_iqn and request.mode == "userspace"
+        return agent_pb2.AttachVolumeResponse(device_path="/dev/loop9")
+
+    def GetState(self, request, context):
+        self._enter("GetState", context)
+        return agent_pb2.AgentState(node_id="node-a", volumes=[agent_pb2.VolumeInfo(volume_id="v", size_bytes=512)],
+                                    exports=[common_pb2.ExportInfo(volume_id="v", target_iqn="iqn.2026-11.x:t",
+                                                                   initiators=["iqn.2026-11.x:i"])])
+
+
+@pytest.fixture
+def flaky():
+    servicer = FlakyAgent()
+    server = grpc.server(ThreadPoolExecutor(max_workers=2))
+    agent_pb2_grpc.add_AgentServiceServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    node = Node("node-a", "iqn.2026-11.x:a", f"127.0.0.1:{port}", ("127.0.0.1:3260",), {}, (), "healthy", 0.0)
+    directory = GrpcAgentDirectory(AgentCallSettings(timeout=5, attempts=3, initial_backoff=0.01, max_backoff=0.02))
+    yield servicer, directory.client(node)
+    directory.close()
+    server.stop(None)
+
+
+def test_agent_client_retries_unavailable_then_succeeds(flaky):
+    agent, client = flaky
+    agent.failures = [grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNAVAILABLE]
+    client.create_volume("v", GiB, "data0", True)
+    assert agent.calls == ["CreateVolume"] * 3
+
+
+def test_agent_client_gives_up_with_a_domain_error_naming_the_node(flaky):
+    agent, client = flaky
+    agent.failures = [grpc.StatusCode.UNAVAILABLE] * 3
+    with pytest.raises(errors.Unavailable, match="agent of node node-a .* is unreachable"):
+        client.create_volume("v", GiB, "data0", True)
+    agent.failures = [grpc.StatusCode.RESOURCE_EXHAUSTED]
+    with pytest.raises(errors.ResourceExhausted, match="agent of node node-a: CreateVolume"):
+        client.create_volume("v", GiB, "data0", True)
+    assert agent.calls.count("CreateVolume") == 4  # permanent errors are not retried
+
+
+def test_agent_client_keeps_secrets_out_of_errors(flaky):
+    agent, client = flaky
+    with pytest.raises(errors.InvalidArgument) as caught:
+        client.export_volume("v", "iqn.2026-11.x:i", "user", SECRET_MARK)
+    assert agent.secrets == [SECRET_MARK] and SECRET_MARK not in str(caught.value)
+    assert "<secret>" in str(caught.value) and SECRET_MARK not in repr(client)
+
+
+def test_agent_client_attach_and_state(flaky):
+    agent, client = flaky
+    export = {"volume_id": "v", "target_iqn": "iqn.2026-11.x:t", "portals": ["127.0.0.1:3260"], "lun": 0,
+              "naa": "6abc", "serial": "v", "chap_user": "u"}
+    assert client.attach_volume(export, SECRET_MARK, "userspace") == "/dev/loop9"
+    state = client.get_state()
+    assert state["volumes"][0]["size_bytes"] == 512 and state["exports"][0]["initiators"] == ["iqn.2026-11.x:i"]
+
+
+def test_agent_client_unreachable_agent(tmp_path):
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+        node = Node("node-z", "iqn.2026-11.x:z", f"127.0.0.1:{port}", ("127.0.0.1:1",), {}, (), "healthy", 0.0)
+        directory = GrpcAgentDirectory(AgentCallSettings(timeout=2, attempts=2, initial_backoff=0.01))
+        try:
+            with pytest.raises(errors.Unavailable, match="node-z"):
+                directory.client(node).get_state()
+        finally:
+            directory.close()
+
+
+# ---- shoal controller as a process
+
+@pytest.mark.slow
+def test_controller_process_keeps_state_across_a_restart(tmp_path):
+    with running(start_controller(tmp_path)) as controller:
+        with grpc.insecure_channel(controller.address) as channel:
+            register(agent_pb2_grpc.RegistrationServiceStub(channel), "node-a")
+            admin = admin_pb2_grpc.AdminServiceStub(channel)
+            admin.CreatePool(admin_pb2.CreatePoolRequest(name="fast", members=[
+                admin_pb2.PoolMember(node_id="node-a", disk="data0")], overcommit_ratio=2))
+    assert controller.process.returncode == 0 and "controller stopped" in controller.log()
+    with running(start_controller(tmp_path)) as controller:
+        with grpc.insecure_channel(controller.address) as channel:
+            admin = admin_pb2_grpc.AdminServiceStub(channel)
+            assert [n.id for n in admin.ListNodes(admin_pb2.ListNodesRequest()).nodes] == ["node-a"]
+            assert admin.GetPool(admin_pb2.GetPoolRequest(name="fast")).overcommit_ratio == 2
+
+
+def test_controller_busy_port_is_a_clear_error(tmp_path):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = subprocess.run([sys.executable, "-m", "node_agent.cli", "controller", "--db",
+                                 str(tmp_path / "c.db"), "--listen", f"127.0.0.1:{port}"],
+                                capture_output=True, text=True, timeout=30, cwd=REPO)
+    assert result.returncode == 1 and f"cannot listen on 127.0.0.1:{port}" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+# ---- shoal up
+
+def _start_up(tmp_path, context):
+    env = dict(os.environ, SHOAL_CONTEXT=str(context), PYTHONPATH=str(REPO))
+    env.pop("SHOAL_CONTROLLER", None)
+    args = [sys.executable, "-m", "node_agent.cli", "up", "--data-dir", str(tmp_path / "state"), "--node-id", "solo",
+            "--controller", "127.0.0.1:0", "--agent", "127.0.0.1:0", "--portal", "127.0.0.1:0"]
+    process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path)
+    deadline = time.monotonic() + 60
+    while not context.exists():
+        if process.poll() is not None or time.monotonic() > deadline:
+            stop_process(process)
+            raise AssertionError(f"shoal up did not start:\n{process.stderr.read()}")
+        time.sleep(0.1)
+    return process, env
+
+
+def _ctl(env, *args):
+    return subprocess.run([sys.executable, "-m", "controller.cli", *args], capture_output=True, text=True,
+                          env=env, cwd=REPO, timeout=60)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_shoal_up_runs_a_pool_and_a_restart_keeps_it(tmp_path):
+    context = tmp_path / "context.json"
+    process, env = _start_up(tmp_path, context)
+    try:
+        status = json.loads(_ctl(env, "status", "-o", "json").stdout)  # found through the context file
+        assert (status["nodes"], status["healthy_nodes"]) == (1, 1)
+        assert [p["name"] for p in json.loads(_ctl(env, "pool", "list", "-o", "json").stdout)["pools"]] == ["default"]
+        created = _ctl(env, "volume", "create", "demo", "--size", "64MiB")
+        assert created.returncode == 0 and "on solo/data0" in created.stdout
+        controller_pid = json.loads((tmp_path / "state" / "controller.ready").read_text())["pid"]
+        os.kill(process.pid, signal.SIGINT)  # Ctrl-C
+        out, err = process.communicate(timeout=60)
+        assert process.returncode == 0, err
+        assert "shoalctl status" in out and "stopping" in err
+        with pytest.raises(ProcessLookupError):
+            os.kill(controller_pid, 0)  # the children went with it
+    finally:
+        stop_process(process)
+    context.unlink()
+    process, env = _start_up(tmp_path, context)
+    try:
+        volumes = json.loads(_ctl(env, "volume", "list", "-o", "json").stdout)["volumes"]
+        assert [(v["name"], v["size_bytes"], v["owner_node"]) for v in volumes] == [("demo", 64 << 20, "solo")]
+        os.kill(process.pid, signal.SIGTERM)
+        process.communicate(timeout=60)
+        assert process.returncode == 0
+    finally:
+        stop_process(process)

@@ -1,0 +1,114 @@
+"""The agent assembled in-process (``Agent``): TLS on AgentService, registration with advertised addresses.
+
+Certificates are made by ``openssl`` for the test (skipped without it); the
+controller is a recording RegistrationService over real gRPC on 127.0.0.1;
+connectors are never built (no attach happens here).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import pytest
+
+from node_agent.agent.daemon import Agent
+from node_agent.agent.settings import AgentSettings, TlsFiles
+from protos.shoal.v1 import agent_pb2, agent_pb2_grpc
+from tests.conftest import require_tools
+
+
+def make_certificates(tmp_path):
+    require_tools("openssl")
+
+    def openssl(*args):
+        subprocess.run(["openssl", *args], check=True, capture_output=True, timeout=60)
+
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    openssl("req", "-x509", *ec, "-keyout", str(tmp_path / "ca.key"), "-out", str(tmp_path / "ca.pem"),
+            "-days", "1", "-subj", "/CN=shoal-test-ca")
+    (tmp_path / "san.ext").write_text("subjectAltName=IP:127.0.0.1\n")
+    for name in ("server", "client"):
+        openssl("req", *ec, "-keyout", str(tmp_path / f"{name}.key"), "-out", str(tmp_path / f"{name}.csr"),
+                "-subj", f"/CN={name}")
+        openssl("x509", "-req", "-in", str(tmp_path / f"{name}.csr"), "-CA", str(tmp_path / "ca.pem"),
+                "-CAkey", str(tmp_path / "ca.key"), "-CAcreateserial", "-out", str(tmp_path / f"{name}.pem"),
+                "-days", "1", "-extfile", str(tmp_path / "san.ext"))
+    return {name: (tmp_path / name).read_bytes() for name in
+            ("ca.pem", "server.pem", "server.key", "client.pem", "client.key")}
+
+
+def settings(tmp_path, **kw) -> AgentSettings:
+    fields = dict(node_id="n1", data_dir=str(tmp_path / "data"), listen="127.0.0.1:0",
+                  portal_listen="127.0.0.1:0", controller="")
+    fields.update(kw)
+    return AgentSettings(**fields)
+
+
+def test_agent_service_with_mutual_tls(tmp_path):
+    pem = make_certificates(tmp_path)
+    tls = TlsFiles(str(tmp_path / "server.pem"), str(tmp_path / "server.key"), str(tmp_path / "ca.pem"))
+    agent = Agent(settings(tmp_path, server_tls=tls), connectors={})
+    agent.start()
+    try:
+        good = grpc.ssl_channel_credentials(pem["ca.pem"], pem["client.key"], pem["client.pem"])
+        with grpc.secure_channel(agent.agent_address, good) as channel:
+            state = agent_pb2_grpc.AgentServiceStub(channel).GetState(agent_pb2.GetStateRequest(), timeout=10)
+            assert state.node_id == "n1" and [d.name for d in state.disks] == ["data0"]
+        no_client_cert = grpc.ssl_channel_credentials(pem["ca.pem"])
+        for channel in (grpc.secure_channel(agent.agent_address, no_client_cert),
+                        grpc.insecure_channel(agent.agent_address)):
+            with channel, pytest.raises(grpc.RpcError):
+                agent_pb2_grpc.AgentServiceStub(channel).GetState(agent_pb2.GetStateRequest(), timeout=5)
+    finally:
+        agent.stop()
+
+
+class Controller(agent_pb2_grpc.RegistrationServiceServicer):
+    def __init__(self):
+        self.registers = []
+
+    def Register(self, request, context):
+        self.registers.append(request)
+        return agent_pb2.RegisterResponse(heartbeat_interval_seconds=60)
+
+    def Heartbeat(self, request, context):
+        return agent_pb2.HeartbeatResponse()
+
+
+def test_agent_registers_its_advertised_addresses(tmp_path):
+    controller = Controller()
+    server = grpc.server(ThreadPoolExecutor(2))
+    agent_pb2_grpc.add_RegistrationServiceServicer_to_server(controller, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    agent = Agent(settings(tmp_path, controller=f"127.0.0.1:{port}", labels={"zone": "b"}), connectors={})
+    agent.start()
+    try:
+        assert agent.registrar.registered.wait(10)
+        request = controller.registers[0]
+        assert request.agent_address == agent.agent_address
+        assert list(request.portals) == [agent.portal_address]
+        assert request.initiator_iqn == "iqn.2026-11.io.shoal:node:n1"
+        assert dict(request.labels) == {"zone": "b"} and request.disks[0].name == "data0"
+    finally:
+        agent.stop()
+        server.stop(None)
+
+
+def test_a_wildcard_portal_needs_an_advertised_address(tmp_path):
+    agent = Agent(settings(tmp_path, portal_listen="0.0.0.0:0"), connectors={})
+    with pytest.raises(ValueError, match="advertise"):
+        agent.start()
+    assert agent.portal is None  # what started was stopped again
+    started = time.monotonic()
+    agent = Agent(settings(tmp_path, portal_listen="0.0.0.0:0", advertise_portals=("192.0.2.7:3260",)),
+                  connectors={})
+    agent.start()
+    try:
+        assert agent.exports.settings.portals == ("192.0.2.7:3260",)
+    finally:
+        agent.stop()
+    assert time.monotonic() - started < 20

@@ -1,0 +1,160 @@
+"""ExportManager against a real portal (``PortalThread``) and Shoal's initiator on 127.0.0.1.
+
+One target per volume, LUN 0, ACL of the initiators it is exported to, CHAP;
+VPD 0x80/0x83 carry the volume id (SPC-4 §7.8.6, §7.8.15); the record survives
+a restart and keeps the secrets in a 0600 file, out of the main record.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+
+import pytest
+
+from node_agent.agent.errors import AlreadyExists, InvalidArgument, NotFound
+from node_agent.agent.exports import RECORD_FILE, SECRETS_FILE, ExportManager, ExportSettings
+from node_agent.agent.portal import PortalThread
+from node_agent.agent.settings import DiskSpec
+from node_agent.agent.volumes import VolumeManager
+from node_agent.iscsi.initiator.blockdev import SyncLun
+from node_agent.iscsi.initiator.client import ClientSettings
+from node_agent.iscsi.target import Credentials
+from node_agent.scsi.vpd import LunIdentity
+from node_agent.target_service import PortalConfig
+
+MiB = 1 << 20
+PREFIX = "iqn.2026-11.io.shoal.test:target:n1"
+X, Y = "iqn.2026-11.io.shoal.test:node-x", "iqn.2026-11.io.shoal.test:node-y"
+CHAP = Credentials("vol-user", "s3cret-s3cret-1")
+OTHER = Credentials("vol-user", "another-secret-2")
+
+
+class Node:
+    """A volume manager, a portal and an export manager over one data directory."""
+
+    def __init__(self, tmp_path, port: int = 0):
+        self.tmp_path = tmp_path
+        self.volumes = VolumeManager([DiskSpec("data0", str(tmp_path / "disk"))])
+        self.portal = PortalThread(PortalConfig("127.0.0.1", port))
+        self.host, self.port = self.portal.start()
+        self.exports = ExportManager(ExportSettings(str(tmp_path / "data"), PREFIX, (f"127.0.0.1:{self.port}",)),
+                                     self.volumes, self.portal)
+
+    def login(self, volume_id: str, initiator: str, chap: Credentials | None = CHAP) -> SyncLun:
+        settings = ClientSettings(initiator_iqn=initiator, login_timeout=5, reconnect_timeout=1)
+        return SyncLun(self.host, self.port, f"{PREFIX}:{volume_id}", 0, settings=settings,
+                       chap=(chap.user, chap.secret) if chap else None)
+
+    def stop(self):
+        self.portal.stop()
+
+
+@pytest.fixture
+def node(tmp_path):
+    node = Node(tmp_path)
+    node.volumes.create("vol-1", 8 * MiB)
+    yield node
+    node.stop()
+
+
+def test_export_serves_the_volume_with_its_identity_to_the_admitted_initiator(node):
+    info = node.exports.export("vol-1", X, CHAP)
+    identity = LunIdentity(volume_id="vol-1")
+    assert info.target_iqn == f"{PREFIX}:vol-1"
+    assert (info.lun, info.naa, info.serial, info.chap_user) == (0, identity.naa.hex(), "vol-1", "vol-user")
+    assert info.portals == (f"127.0.0.1:{node.port}",)
+    lun = node.login("vol-1", X)
+    try:
+        assert lun.identity() == (info.naa, "vol-1")
+        assert lun.size == 8 * MiB
+        lun.pwrite(0, b"A" * 512)
+        assert lun.pread(0, 512) == b"A" * 512
+    finally:
+        lun.close()
+
+
+@pytest.mark.parametrize("initiator, chap", [(Y, CHAP), (X, OTHER), (X, None)])
+def test_other_initiators_and_wrong_credentials_are_refused(node, initiator, chap):
+    node.exports.export("vol-1", X, CHAP)
+    with pytest.raises(Exception):
+        node.login("vol-1", initiator, chap).close()
+
+
+def test_repeat_export_returns_the_same_info_and_other_credentials_are_refused(node):
+    first = node.exports.export("vol-1", X, CHAP)
+    assert node.exports.export("vol-1", X, Credentials(CHAP.user, CHAP.secret)) == first
+    with pytest.raises(AlreadyExists, match="other CHAP credentials") as caught:
+        node.exports.export("vol-1", Y, OTHER)
+    assert OTHER.secret not in str(caught.value) and CHAP.secret not in str(caught.value)
+
+
+def test_export_errors(node):
+    with pytest.raises(NotFound):
+        node.exports.export("vol-2", X, CHAP)
+    with pytest.raises(InvalidArgument, match="initiator_iqn"):
+        node.exports.export("vol-1", "not-an-iqn", CHAP)
+    assert node.exports.list() == []
+
+
+def test_unexport_removes_one_initiator_then_the_target(node):
+    node.exports.export("vol-1", X, CHAP)
+    node.exports.export("vol-1", Y, CHAP)
+    held = node.login("vol-1", X)
+    node.login("vol-1", Y).close()
+    try:
+        assert node.exports.unexport("vol-1", X) is True
+        with pytest.raises(Exception):  # X's session was closed with its ACL entry
+            held.pread(0, 512)
+    finally:
+        held.close()
+    with pytest.raises(Exception):
+        node.login("vol-1", X).close()
+    node.login("vol-1", Y).close()
+    assert node.exports.unexport("vol-1", Y) is True
+    assert node.portal.served() == set()
+    assert node.exports.unexport("vol-1", Y) is False  # repeat: OK
+    assert node.exports.list() == []
+
+
+def test_capacity_change_reaches_the_lun(node):
+    node.exports.export("vol-1", X, CHAP)
+    node.volumes.expand("vol-1", 16 * MiB)
+    node.exports.capacity_changed("vol-1", 16 * MiB)
+    lun = node.login("vol-1", X)
+    try:
+        assert lun.size == 16 * MiB
+    finally:
+        lun.close()
+
+
+def test_the_record_keeps_secrets_apart_and_restores_after_a_restart(tmp_path):
+    node = Node(tmp_path)
+    node.volumes.create("vol-1", 8 * MiB)
+    node.volumes.create("vol-gone", 8 * MiB)
+    node.exports.export("vol-1", X, CHAP)
+    node.exports.export("vol-gone", X, CHAP)
+    lun = node.login("vol-1", X)
+    lun.pwrite(4096, b"kept" * 128)
+    lun.close()
+    port = node.port
+    node.stop()
+    data = tmp_path / "data"
+    assert CHAP.secret not in (data / RECORD_FILE).read_text()
+    assert stat.S_IMODE(os.stat(data / SECRETS_FILE).st_mode) == 0o600
+    assert json.loads((data / RECORD_FILE).read_text())["exports"]["vol-1"]["initiators"] == [X]
+
+    again = Node(tmp_path, port)
+    again.volumes.delete("vol-gone")  # gone while the agent was down: dropped from the record
+    try:
+        assert again.exports.restore() == ["vol-1"]
+        lun = again.login("vol-1", X)
+        try:
+            assert lun.pread(4096, 512) == b"kept" * 128
+        finally:
+            lun.close()
+        assert [e.volume_id for e in again.exports.list()] == ["vol-1"]
+        assert again.exports.export("vol-1", X, CHAP).volume_id == "vol-1"  # the controller's repeat: same export
+    finally:
+        again.stop()

@@ -1,0 +1,70 @@
+"""AgentSettings, DiskSpec and the ``shoal agent`` command line."""
+
+from __future__ import annotations
+
+import pytest
+
+from node_agent.agent.settings import AgentSettings, DiskSpec, TlsFiles
+from node_agent.cli import _agent_settings, build_parser
+
+
+def test_defaults_derive_names_from_the_node_id():
+    settings = AgentSettings(node_id="n1", data_dir="/tmp/x")
+    assert settings.initiator_iqn == "iqn.2026-11.io.shoal:node:n1"
+    assert settings.target_prefix == "iqn.2026-11.io.shoal:target:n1"
+    assert [(d.name, d.path) for d in settings.effective_disks()] == [("data0", "/tmp/x/disks/data0")]
+
+
+def test_the_default_node_id_is_a_valid_name():
+    assert AgentSettings().node_id
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(node_id="Node 1"), "node id"),
+    (dict(node_id="n1", initiator_iqn="nope"), "not an iSCSI name"),
+    (dict(node_id="n1", disks=(DiskSpec("d", "/a"), DiskSpec("d", "/b"))), "unique"),
+    (dict(node_id="n1", server_tls=TlsFiles(ca="/ca.pem")), "certificate"),
+])
+def test_bad_settings_are_refused(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        AgentSettings(**kwargs)
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("data0=/srv/shoal", DiskSpec("data0", "/srv/shoal")),
+    ("data0=/srv/shoal:100G", DiskSpec("data0", "/srv/shoal", 100 << 30)),
+    ("d1=/mnt/a:b", DiskSpec("d1", "/mnt/a:b")),
+])
+def test_disk_spec_parse(text, expected):
+    assert DiskSpec.parse(text) == expected
+
+
+@pytest.mark.parametrize("text", ["/srv/shoal", "BAD=/x", "d=", "d=/x:0"])
+def test_bad_disk_specs(text):
+    with pytest.raises(ValueError):
+        DiskSpec.parse(text)
+
+
+def test_tls_needs_a_certificate_and_its_key():
+    with pytest.raises(ValueError, match="both"):
+        TlsFiles(cert="/c.pem")
+
+
+def test_the_agent_command_line_builds_settings():
+    args = build_parser().parse_args([
+        "agent", "--node-id", "n2", "--data-dir", "/var/tmp/a", "--disk", "data0=/srv/d0:1G", "--disk", "data1=/srv/d1",
+        "--listen", "0.0.0.0:7071", "--advertise-address", "10.0.0.2:7071", "--portal", "0.0.0.0:3260",
+        "--advertise-portal", "10.0.0.2:3260", "--controller", "10.0.0.1:7070", "--label", "zone=a",
+        "--tls-cert", "/c.pem", "--tls-key", "/k.pem", "--controller-ca", "/ca.pem"])
+    settings = _agent_settings(args)
+    assert settings.node_id == "n2" and settings.labels == {"zone": "a"}
+    assert settings.disks == (DiskSpec("data0", "/srv/d0", 1 << 30), DiskSpec("data1", "/srv/d1"))
+    assert settings.advertise_portals == ("10.0.0.2:3260",)
+    assert settings.server_tls == TlsFiles("/c.pem", "/k.pem", "")
+    assert settings.controller_tls == TlsFiles("", "", "/ca.pem")
+
+
+def test_a_bad_label_is_refused():
+    args = build_parser().parse_args(["agent", "--node-id", "n2", "--label", "zone"])
+    with pytest.raises(ValueError, match="KEY=VALUE"):
+        _agent_settings(args)
