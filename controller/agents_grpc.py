@@ -79,11 +79,18 @@ def _read(path: str) -> bytes | None:
         return handle.read()
 
 
+#: gRPC's own reconnect backoff grows to 120 s while a peer is down, and calls fail at once meanwhile:
+#: an agent back from a restart would stay "unreachable" for up to two minutes.  Capped at 1 s, the
+#: channel finds it again within about a second of its return (the controller calls only a few agents).
+CHANNEL_OPTIONS = (("grpc.initial_reconnect_backoff_ms", 200), ("grpc.max_reconnect_backoff_ms", 1000))
+
+
 def open_channel(address: str, tls: AgentTls | None) -> grpc.Channel:
     if tls is None:
-        return grpc.insecure_channel(address)
+        return grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
     return grpc.secure_channel(address, grpc.ssl_channel_credentials(
-        root_certificates=_read(tls.ca), private_key=_read(tls.key), certificate_chain=_read(tls.cert)))
+        root_certificates=_read(tls.ca), private_key=_read(tls.key), certificate_chain=_read(tls.cert)),
+        options=CHANNEL_OPTIONS)
 
 
 class GrpcAgentDirectory:
@@ -91,10 +98,12 @@ class GrpcAgentDirectory:
 
     def __init__(self, settings: AgentCallSettings | None = None, *,
                  channel_factory: Callable[[str, AgentTls | None], grpc.Channel] = open_channel,
-                 sleep: Callable[[float], None] | None = None):
+                 sleep: Callable[[float], None] | None = None,
+                 on_error: Callable[[str, str, grpc.StatusCode], None] | None = None):
         self.settings = settings or AgentCallSettings()
         self._channel_factory = channel_factory
         self._sleep = sleep
+        self._on_error = on_error  # (node id, method, code) of each call that failed for good: metrics
         self._channels: dict[str, grpc.Channel] = {}
         self._lock = threading.Lock()
 
@@ -105,7 +114,7 @@ class GrpcAgentDirectory:
                 channel = self._channels[node.agent_address] = self._channel_factory(node.agent_address,
                                                                                      self.settings.tls)
         return GrpcAgentClient(node.id, node.agent_address, agent_pb2_grpc.AgentServiceStub(channel),
-                               self.settings, sleep=self._sleep)
+                               self.settings, sleep=self._sleep, on_error=self._on_error)
 
     def close(self) -> None:
         with self._lock:
@@ -132,16 +141,30 @@ def _disk_to_dict(disk: common_pb2.Disk) -> dict[str, Any]:
             "free_bytes": disk.free_bytes}
 
 
+def _volume_to_dict(volume: agent_pb2.VolumeInfo) -> dict[str, Any]:
+    return {"volume_id": volume.volume_id, "size_bytes": volume.size_bytes, "disk": volume.disk,
+            "path": volume.path, "allocated_bytes": volume.allocated_bytes, "state": volume.state or "ready",
+            "progress": volume.progress, "message": volume.message}
+
+
+def _snapshot_to_dict(snapshot: agent_pb2.SnapshotInfo) -> dict[str, Any]:
+    return {"snapshot_id": snapshot.snapshot_id, "volume_id": snapshot.volume_id, "size_bytes": snapshot.size_bytes,
+            "disk": snapshot.disk, "state": snapshot.state or "ready", "progress": snapshot.progress,
+            "message": snapshot.message, "method": snapshot.method}
+
+
 class GrpcAgentClient:
     """One node's agent (see the module docstring)."""
 
     def __init__(self, node_id: str, address: str, stub: agent_pb2_grpc.AgentServiceStub,
-                 settings: AgentCallSettings, *, sleep: Callable[[float], None] | None = None):
+                 settings: AgentCallSettings, *, sleep: Callable[[float], None] | None = None,
+                 on_error: Callable[[str, str, grpc.StatusCode], None] | None = None):
         self.node_id = node_id
         self.address = address
         self._stub = stub
         self._settings = settings
         self._sleep = sleep
+        self._on_error = on_error
 
     def __repr__(self) -> str:
         return f"GrpcAgentClient({self.node_id!r}, {self.address!r})"
@@ -183,7 +206,28 @@ class GrpcAgentClient:
                 "exports": [_export_to_dict(e) for e in state.exports],
                 "attachments": [{"volume_id": a.volume_id, "device_path": a.device_path, "mode": a.mode}
                                 for a in state.attachments],
-                "disks": [_disk_to_dict(d) for d in state.disks]}
+                "disks": [_disk_to_dict(d) for d in state.disks],
+                "snapshots": [_snapshot_to_dict(s) for s in state.snapshots]}
+
+    def clone_volume(self, volume_id: str, size_bytes: int, disk: str, thin: bool, *, source_volume_id: str = "",
+                     source_snapshot_id: str = "") -> dict[str, Any]:
+        request = agent_pb2.CreateVolumeRequest(volume_id=volume_id, size_bytes=size_bytes, disk=disk, thin=thin,
+                                                source_volume_id=source_volume_id,
+                                                source_snapshot_id=source_snapshot_id)
+        return _volume_to_dict(self._call("CreateVolume", request))
+
+    def get_volume(self, volume_id: str) -> dict[str, Any]:
+        return _volume_to_dict(self._call("GetVolume", agent_pb2.GetVolumeRequest(volume_id=volume_id)))
+
+    def create_snapshot(self, snapshot_id: str, volume_id: str) -> dict[str, Any]:
+        request = agent_pb2.CreateSnapshotRequest(snapshot_id=snapshot_id, volume_id=volume_id)
+        return _snapshot_to_dict(self._call("CreateSnapshot", request))
+
+    def get_snapshot(self, snapshot_id: str) -> dict[str, Any]:
+        return _snapshot_to_dict(self._call("GetSnapshot", agent_pb2.GetSnapshotRequest(snapshot_id=snapshot_id)))
+
+    def delete_snapshot(self, snapshot_id: str) -> None:
+        self._call("DeleteSnapshot", agent_pb2.DeleteSnapshotRequest(snapshot_id=snapshot_id))
 
     # One RPC, retried.
     def _call(self, method: str, request, *, secret: str = "", timeout: float | None = None):
@@ -200,6 +244,8 @@ class GrpcAgentClient:
         try:
             return retrying(getattr(self._stub, method), request, timeout=deadline)
         except grpc.RpcError as exc:
+            if self._on_error is not None:
+                self._on_error(self.node_id, method, exc.code())
             raise self._error(method, exc, secret) from None
 
     def _error(self, method: str, exc: grpc.RpcError, secret: str):

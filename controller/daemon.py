@@ -24,7 +24,9 @@ from controller.agents_grpc import AgentCallSettings, AgentTls, GrpcAgentDirecto
 from controller.api.server import ServerTls, build_server
 from controller.domain.service import ControllerService
 from controller.domain.settings import ControllerSettings
+from controller.metrics import ControllerMetrics
 from controller.store.sqlite import SqliteStore
+from node_agent.metrics_server import MetricsServer, new_registry
 
 log = logging.getLogger("shoal.controller")
 
@@ -48,6 +50,9 @@ class DaemonSettings:
     """Threads serving RPCs (attach and detach block on agents for seconds)."""
     tls: ServerTls | None = None
     """TLS on the controller's port; None: plaintext (loopback, ``shoal up``)."""
+    metrics_listen: str = ""
+    """Where ``/metrics`` is served over plain HTTP (Prometheus); empty: not served.  Off by default:
+    the page names pools and nodes, so an operator picks the address (``shoal up`` uses loopback)."""
     agents: AgentCallSettings = field(default_factory=AgentCallSettings)
     """Deadlines, retries and TLS of calls to node agents."""
 
@@ -63,6 +68,9 @@ class ControllerDaemon:
         self.service: ControllerService | None = None
         self.server = None
         self.address = ""
+        self.metrics = ControllerMetrics(new_registry())
+        self.metrics_server: MetricsServer | None = None
+        self.metrics_address = ""
         self._stop = threading.Event()
         self._loop: threading.Thread | None = None
 
@@ -75,13 +83,18 @@ class ControllerDaemon:
                 self.store = SqliteStore(s.db_path)
             except sqlite3.Error as exc:  # not a database, locked, a newer schema: say which file
                 raise OSError(f"cannot open the state file {s.db_path}: {exc}") from None
-            self.agents = GrpcAgentDirectory(s.agents)
+            self.agents = GrpcAgentDirectory(s.agents, on_error=self.metrics.agent_error)
             self.service = ControllerService(self.store, self.agents, settings=self.controller_settings)
-            self.server, port = build_server(self.service, s.listen, tls=s.tls, workers=s.workers)
+            self.metrics.watch(self.service)
+            self.server, port = build_server(self.service, s.listen, tls=s.tls, workers=s.workers,
+                                             metrics=self.metrics)
             host = s.listen.rpartition(":")[0]
             self.address = f"{host}:{port}"
             self._loop = threading.Thread(target=self._run_loop, name="controller-loop", daemon=True)
             self._loop.start()
+            if s.metrics_listen:
+                self.metrics_server = MetricsServer(s.metrics_listen, self.metrics.registry)
+                self.metrics_address = self.metrics_server.start()
         except BaseException:
             self.stop()
             raise
@@ -95,6 +108,9 @@ class ControllerDaemon:
         if self._loop is not None:
             self._loop.join(self.settings.agents.timeout + 10)
             self._loop = None
+        if self.metrics_server is not None:  # before the store closes: a scrape reads it
+            self.metrics_server.stop()
+            self.metrics_server = None
         if self.agents is not None:
             self.agents.close()
             self.agents = None
@@ -144,7 +160,10 @@ def add_parser(sub) -> None:
     parser.add_argument("--agent-ca", default="", help="CA that signed the agents' certificates (agent TLS)")
     parser.add_argument("--agent-cert", default="", help="client certificate towards agents (mTLS)")
     parser.add_argument("--agent-key", default="", help="key for --agent-cert")
-    parser.add_argument("--ready-file", metavar="FILE", help='write {"controller": HOST:PORT} as JSON here once serving')
+    parser.add_argument("--metrics-listen", default=defaults.metrics_listen, metavar="HOST:PORT",
+                        help="serve Prometheus /metrics over HTTP here (default: off; e.g. 127.0.0.1:9450)")
+    parser.add_argument("--ready-file", metavar="FILE",
+                        help='write {"controller": HOST:PORT, "metrics": HOST:PORT} as JSON here once serving')
 
 
 def settings_from_args(args: argparse.Namespace) -> tuple[DaemonSettings, ControllerSettings]:
@@ -157,7 +176,7 @@ def settings_from_args(args: argparse.Namespace) -> tuple[DaemonSettings, Contro
     if args.loop_interval <= 0:
         raise ValueError("--loop-interval must be positive")
     daemon = DaemonSettings(db_path=args.db, listen=args.listen, loop_interval=args.loop_interval, tls=tls,
-                            agents=AgentCallSettings(tls=agent_tls))
+                            agents=AgentCallSettings(tls=agent_tls), metrics_listen=args.metrics_listen)
     return daemon, ControllerSettings(heartbeat_interval=args.heartbeat_interval,
                                       heartbeat_timeout=args.heartbeat_timeout)
 
@@ -180,7 +199,8 @@ def run(args: argparse.Namespace) -> int:
     daemon.start()
     try:
         if args.ready_file:
-            _write_json(args.ready_file, {"controller": daemon.address, "pid": os.getpid(), "time": time.time()})
+            _write_json(args.ready_file, {"controller": daemon.address, "metrics": daemon.metrics_address,
+                                          "pid": os.getpid(), "time": time.time()})
         while not stop.wait(1.0):  # a timed wait keeps the main thread responsive to signals
             pass
     finally:

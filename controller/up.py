@@ -7,7 +7,9 @@ context file shoalctl reads its controller address from, prints how to use it,
 and stops both by PID on Ctrl-C / SIGTERM (agent first, so its exports close
 while the controller still answers).  The controller creates the pool
 ``default`` over every disk, i.e. this agent's disk.  Everything lives under
-the data directory, so running it again picks up the same volumes.
+the data directory, so running it again picks up the same volumes.  Both
+serve Prometheus ``/metrics`` on loopback (``--controller-metrics``,
+``--agent-metrics``; '' turns one off).
 """
 
 from __future__ import annotations
@@ -58,6 +60,10 @@ def add_parser(sub) -> None:
                         help="AgentService address (default %(default)s)")
     parser.add_argument("--portal", default="127.0.0.1:3260", metavar="HOST:PORT",
                         help="the agent's iSCSI portal (default %(default)s)")
+    parser.add_argument("--controller-metrics", default="127.0.0.1:9450", metavar="HOST:PORT",
+                        help="the controller's Prometheus /metrics (default %(default)s; '' turns it off)")
+    parser.add_argument("--agent-metrics", default="127.0.0.1:9451", metavar="HOST:PORT",
+                        help="the agent's Prometheus /metrics (default %(default)s; '' turns it off)")
     parser.add_argument("--disk-size", default="", metavar="SIZE",
                         help="capacity the agent offers (e.g. 20G; default: its filesystem's size)")
     parser.add_argument("--context", default="", help="context file for shoalctl (default $SHOAL_CONTEXT or "
@@ -133,20 +139,23 @@ def run(args: argparse.Namespace) -> int:
         deadline = time.monotonic() + args.timeout
         controller = _spawn("controller", shoal + [
             "controller", "--db", str(data / "controller.db"), "--listen", args.controller,
-            "--ready-file", str(ready["controller"])], data / "controller.log")
+            "--metrics-listen", args.controller_metrics, "--ready-file", str(ready["controller"])],
+            data / "controller.log")
         children.append(controller)
-        address = _wait_file(ready["controller"], controller, deadline)["controller"]
+        controller_ready = _wait_file(ready["controller"], controller, deadline)
+        address = controller_ready["controller"]
         disk = str(data / "agent" / "disks" / "data0") + (f":{args.disk_size}" if args.disk_size else "")
         agent = _spawn("agent", shoal + [
             "agent", "--node-id", node_id, "--data-dir", str(data / "agent"), "--disk", f"data0={disk}",
             "--listen", args.agent, "--portal", args.portal, "--controller", address,
-            "--ready-file", str(ready["agent"])], data / "agent.log")
+            "--metrics-listen", args.agent_metrics, "--ready-file", str(ready["agent"])], data / "agent.log")
         children.append(agent)
-        _wait_file(ready["agent"], agent, deadline)
+        agent_ready = _wait_file(ready["agent"], agent, deadline)
         _wait_registered(address, node_id, agent, deadline)
         context = Path(args.context) if args.context else context_path()
         write_context(context, {"controller": address, "node": node_id, "data_dir": str(data)})
-        _print_usage(address, node_id, data, context)
+        _print_usage(address, node_id, data, context,
+                     {"controller": controller_ready.get("metrics", ""), "agent": agent_ready.get("metrics", "")})
         for signum in (signal.SIGINT, signal.SIGTERM):
             signal.signal(signum, lambda *_: stop.set())
         while not stop.wait(0.5):
@@ -170,7 +179,8 @@ def run(args: argparse.Namespace) -> int:
             _stop(child)
 
 
-def _print_usage(address: str, node_id: str, data: Path, context: Path) -> None:
+def _print_usage(address: str, node_id: str, data: Path, context: Path, metrics: dict[str, str]) -> None:
+    urls = [f"{name} http://{where}/metrics" for name, where in metrics.items() if where]
     print(f"""Shoal is up: controller on {address}, node {node_id} (its disk and pool "default"), state in {data}.
 shoalctl talks to it through {context}. Try:
 
@@ -180,5 +190,5 @@ shoalctl talks to it through {context}. Try:
   mkfs.ext4 /dev/loopN && mount /dev/loopN /mnt     # (as root)
   umount /mnt && shoalctl volume detach demo --node {node_id}
 
-Logs: {data / 'controller.log'}, {data / 'agent.log'}.  Ctrl-C stops both; run it again to pick up the same state.""",
-          flush=True)
+Logs: {data / 'controller.log'}, {data / 'agent.log'}.  Ctrl-C stops both; run it again to pick up the same state."""
+          + (f"\nPrometheus metrics: {', '.join(urls)}." if urls else ""), flush=True)

@@ -105,8 +105,11 @@ def _agent_parser(sub) -> None:
     agent.add_argument("--controller-ca", default="", help="CA that signed the controller's certificate (TLS)")
     agent.add_argument("--controller-cert", default="", help="client certificate towards the controller (mTLS)")
     agent.add_argument("--controller-key", default="", help="key for --controller-cert")
+    agent.add_argument("--metrics-listen", default="", metavar="HOST:PORT",
+                       help="serve Prometheus /metrics over HTTP here (default: off; e.g. 127.0.0.1:9451)")
     agent.add_argument("--ready-file", metavar="FILE",
-                       help="write {\"agent\": HOST:PORT, \"portal\": HOST:PORT} as JSON here once serving")
+                       help="write {\"agent\": HOST:PORT, \"portal\": HOST:PORT, \"metrics\": HOST:PORT} as JSON "
+                            "here once serving")
 
 
 def _agent_settings(args: argparse.Namespace):
@@ -127,7 +130,8 @@ def _agent_settings(args: argparse.Namespace):
                          advertise_address=args.advertise_address, portal_listen=args.portal,
                          advertise_portals=tuple(args.advertise_portal), controller=args.controller,
                          initiator_iqn=args.initiator_iqn, target_prefix=args.target_prefix, labels=labels,
-                         server_tls=server_tls, controller_tls=controller_tls, **extra)
+                         server_tls=server_tls, controller_tls=controller_tls, metrics_listen=args.metrics_listen,
+                         **extra)
 
 
 def _run_agent(args: argparse.Namespace) -> int:
@@ -145,7 +149,8 @@ def _run_agent(args: argparse.Namespace) -> int:
         if args.ready_file:
             tmp = f"{args.ready_file}.tmp"
             with open(tmp, "w") as handle:
-                json.dump({"agent": agent.agent_address, "portal": agent.portal_address}, handle)
+                json.dump({"agent": agent.agent_address, "portal": agent.portal_address,
+                           "metrics": agent.metrics_address}, handle)
                 handle.flush()
                 os.fsync(handle.fileno())
             os.replace(tmp, args.ready_file)

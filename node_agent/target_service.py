@@ -13,6 +13,7 @@ import logging
 import os
 import re
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from node_agent.iscsi.connection import ConnectionSettings
@@ -21,7 +22,7 @@ from node_agent.iscsi.names import check_iqn
 from node_agent.iscsi.server import PortalServer
 from node_agent.iscsi.target import Credentials, TargetNode, TargetRegistry
 from node_agent.scsi.device import LogicalUnit, LunIdentity, LunMap
-from node_agent.storage.backing import FileBackingStore
+from node_agent.storage.backing import BackingStore, FileBackingStore
 
 log = logging.getLogger("shoal.target")
 
@@ -49,6 +50,9 @@ class LunSpec:
     path: str
     size: int | None = None
     volume_id: str | None = None  # stable identity reported in VPD 0x80/0x83; derived from the path if None
+    # A decorator around the opened backing store (the node agent's copy-before-write guard while a snapshot
+    # of the volume is being copied); None: the store as opened.
+    wrap: Callable[[BackingStore], BackingStore] | None = field(default=None, compare=False, repr=False)
 
     @classmethod
     def parse(cls, text: str) -> "LunSpec":
@@ -88,7 +92,9 @@ class TargetConfig:
 
 def open_lun(spec: LunSpec, iqn: str) -> LogicalUnit:
     real = os.path.realpath(spec.path)
-    backing = FileBackingStore(real, size=spec.size)
+    backing: BackingStore = FileBackingStore(real, size=spec.size)
+    if spec.wrap is not None:
+        backing = spec.wrap(backing)
     volume_id = spec.volume_id or str(uuid.uuid5(_LUN_NAMESPACE, real))
     identity = LunIdentity(volume_id=volume_id)
     return LogicalUnit(backing, identity, target_name=iqn)

@@ -4,7 +4,6 @@ Each method: required fields (the ``rpc`` decorator), proto3 defaults made
 explicit (an unset pool is "default", an unset mode "userspace", an unset
 overcommit ratio 1.0), one domain call, the answer.  Idempotency is the
 domain's, as admin.proto writes it per RPC; nothing here keeps state.
-Snapshots and clones answer ``UNIMPLEMENTED`` until the domain has them.
 """
 
 from __future__ import annotations
@@ -13,16 +12,17 @@ from collections import defaultdict
 
 from controller.api import convert
 from controller.api.decorators import rpc
-from controller.api.errors import Unimplemented
 from controller.domain.service import ControllerService
+from controller.metrics import ControllerMetrics
 from protos.shoal.v1 import admin_pb2, admin_pb2_grpc
 
 DEFAULT_MODE = "userspace"
 
 
 class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
-    def __init__(self, service: ControllerService):
+    def __init__(self, service: ControllerService, metrics: ControllerMetrics | None = None):
         self.service = service
+        self.metrics = metrics if metrics is not None else ControllerMetrics()
 
     # Nodes.
     @rpc()
@@ -69,11 +69,12 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         for attachment in self.service.list_attachments():
             attached[attachment.volume].append(attachment.node)
         volumes = self.service.list_volumes(request.pool or None)
-        return admin_pb2.ListVolumesResponse(volumes=[convert.volume_to_proto(v, attached[v.name]) for v in volumes])
+        return admin_pb2.ListVolumesResponse(volumes=[
+            convert.volume_to_proto(v, attached[v.name], self.service.clone_progress(v)) for v in volumes])
 
     @rpc("name")
     def GetVolume(self, request, context):
-        return self._volume(self.service.get_volume(request.name))
+        return self._volume(self.service.observe_volume(request.name))  # a clone's copy: as it is now
 
     @rpc("name", "size_bytes")
     def ExpandVolume(self, request, context):
@@ -85,12 +86,15 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         return admin_pb2.DeleteVolumeResponse()
 
     def _volume(self, volume):
-        return convert.volume_to_proto(volume, [a.node for a in self.service.list_attachments(volume=volume.name)])
+        return convert.volume_to_proto(volume, [a.node for a in self.service.list_attachments(volume=volume.name)],
+                                       self.service.clone_progress(volume))
 
     # Attachments.
     @rpc("name", "node")
     def AttachVolume(self, request, context):
-        attachment = self.service.attach_volume(request.name, request.node, request.mode or DEFAULT_MODE)
+        mode = request.mode or DEFAULT_MODE
+        with self.metrics.time_attach(mode):
+            attachment = self.service.attach_volume(request.name, request.node, mode)
         return convert.attachment_to_proto(attachment)
 
     @rpc("name", "node")
@@ -98,22 +102,28 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         self.service.detach_volume(request.name, request.node)
         return admin_pb2.DetachVolumeResponse()
 
-    # Snapshots and clones: in the API, not yet in the domain.
+    # Snapshots and clones.
     @rpc("name", "volume")
     def CreateSnapshot(self, request, context):
-        raise Unimplemented("snapshots are not implemented by this controller yet")
+        return convert.snapshot_to_proto(self.service.create_snapshot(request.name, request.volume))
+
+    @rpc("name")
+    def GetSnapshot(self, request, context):
+        return convert.snapshot_to_proto(self.service.get_snapshot(request.name))
 
     @rpc()
     def ListSnapshots(self, request, context):
-        raise Unimplemented("snapshots are not implemented by this controller yet")
+        snapshots = self.service.list_snapshots(request.volume or None)
+        return admin_pb2.ListSnapshotsResponse(snapshots=[convert.snapshot_to_proto(s) for s in snapshots])
 
     @rpc("name")
     def DeleteSnapshot(self, request, context):
-        raise Unimplemented("snapshots are not implemented by this controller yet")
+        self.service.delete_snapshot(request.name)
+        return admin_pb2.DeleteSnapshotResponse()
 
     @rpc("name", "source")
     def CloneVolume(self, request, context):
-        raise Unimplemented("clones are not implemented by this controller yet")
+        return self._volume(self.service.clone_volume(request.name, request.source, request.pool or None))
 
     # Status.
     @rpc()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from controller.domain.model import Attachment, Disk, Node, Pool, PoolUsage, Volume
+from controller.domain.model import Attachment, Disk, Node, Pool, PoolUsage, Snapshot, Volume
 from protos.shoal.v1 import admin_pb2, common_pb2
 
 
@@ -33,10 +33,16 @@ def pool_to_proto(pool: Pool, usage: PoolUsage | None = None) -> admin_pb2.Pool:
     return message
 
 
-def volume_to_proto(volume: Volume, attached_nodes: Iterable[str] = ()) -> admin_pb2.Volume:
+def volume_to_proto(volume: Volume, attached_nodes: Iterable[str] = (), progress: float = 0.0) -> admin_pb2.Volume:
     return admin_pb2.Volume(name=volume.name, id=volume.id, size_bytes=volume.size_bytes, pool=volume.pool,
                             owner_node=volume.owner_node, disk=volume.disk, state=volume.state, thin=volume.thin,
-                            attached_nodes=sorted(attached_nodes), source=volume.source)
+                            attached_nodes=sorted(attached_nodes), source=volume.source, progress=progress)
+
+
+def snapshot_to_proto(snapshot: Snapshot) -> admin_pb2.Snapshot:
+    return admin_pb2.Snapshot(name=snapshot.name, volume=snapshot.volume, size_bytes=snapshot.size_bytes,
+                              state=snapshot.state, progress=snapshot.progress, id=snapshot.id,
+                              owner_node=snapshot.owner_node, disk=snapshot.disk, message=snapshot.message)
 
 
 def attachment_to_proto(attachment: Attachment) -> admin_pb2.Attachment:

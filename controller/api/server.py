@@ -10,6 +10,7 @@ import grpc
 from controller.api.admin import AdminServicer
 from controller.api.registration import RegistrationServicer
 from controller.domain.service import ControllerService
+from controller.metrics import ControllerMetrics
 from protos.shoal.v1 import admin_pb2_grpc, agent_pb2_grpc
 
 
@@ -41,13 +42,15 @@ def server_credentials(tls: ServerTls) -> grpc.ServerCredentials:
 
 
 def build_server(service: ControllerService, listen: str, *, tls: ServerTls | None = None,
-                 workers: int = 16) -> tuple[grpc.Server, int]:
+                 workers: int = 16, metrics: ControllerMetrics | None = None) -> tuple[grpc.Server, int]:
     """A started server for AdminService and RegistrationService on ``listen``; returns it and the bound port.
+
+    ``metrics`` gets AdminService's observations (attach latency); None: a private, unserved registry.
 
     Raises ``OSError`` when the address cannot be bound (say, a busy port).
     """
     server = grpc.server(ThreadPoolExecutor(max_workers=workers, thread_name_prefix="controller-rpc"))
-    admin_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(service), server)
+    admin_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(service, metrics), server)
     agent_pb2_grpc.add_RegistrationServiceServicer_to_server(RegistrationServicer(service), server)
     try:
         port = server.add_secure_port(listen, server_credentials(tls)) if tls else server.add_insecure_port(listen)

@@ -1,10 +1,10 @@
-"""``shoalctl volume create|list|show|expand|delete|attach|detach``."""
+"""``shoalctl volume create|list|show|expand|delete|attach|detach|snapshot|clone``."""
 
 from __future__ import annotations
 
 import argparse
 
-from controller.cli import output
+from controller.cli import output, snapshot
 from controller.cli.output import Column
 from controller.cli.sizes import parse_size
 from protos.shoal.v1 import admin_pb2
@@ -17,14 +17,15 @@ SHOW = (Column("Name", "name"), Column("ID", "id"), Column("Size", "size_bytes",
         Column("Bytes", "size_bytes"), Column("Pool", "pool"), Column("State", "state"),
         Column("Node", "owner_node"), Column("Disk", "disk"),
         Column("Provisioning", "thin", lambda thin: "thin" if thin else "thick"),
-        Column("Attached to", "attached_nodes", output.joined), Column("Source", "source", lambda s: s or "-"))
+        Column("Attached to", "attached_nodes", output.joined), Column("Source", "source", lambda s: s or "-"),
+        Column("Copied", "progress", lambda p: f"{p * 100:.0f}%" if p else "-"))
 MODES = ("userspace", "kernel")
 
 
 def to_dict(volume: admin_pb2.Volume) -> dict:
     return {"name": volume.name, "id": volume.id, "size_bytes": volume.size_bytes, "pool": volume.pool,
             "owner_node": volume.owner_node, "disk": volume.disk, "state": volume.state, "thin": volume.thin,
-            "attached_nodes": list(volume.attached_nodes), "source": volume.source}
+            "attached_nodes": list(volume.attached_nodes), "source": volume.source, "progress": volume.progress}
 
 
 def attachment_dict(attachment: admin_pb2.Attachment) -> dict:
@@ -84,6 +85,7 @@ def register(sub) -> None:
     verb.add_argument("name")
     verb.add_argument("--node", required=True)
     verb.set_defaults(func=detach_volume)
+    snapshot.register_volume_verbs(noun)
 
 
 def create_volume(api, args) -> None:

@@ -20,8 +20,14 @@ Shapes (plain dicts, so this module does not depend on generated code):
 * ``export_volume`` returns an ExportInfo-like dict: ``volume_id``,
   ``target_iqn``, ``portals`` (list of "host:port"), ``lun``, ``naa``,
   ``serial``, ``chap_user``.
+* ``clone_volume`` and ``get_volume`` return a VolumeInfo-like dict:
+  ``volume_id``, ``size_bytes``, ``disk``, ``state`` ("ready", "copying" or
+  "error"), ``progress`` (0..1), ``message``; ``create_snapshot`` and
+  ``get_snapshot`` a SnapshotInfo-like one: ``snapshot_id``, ``volume_id``,
+  ``size_bytes``, ``disk``, ``state``, ``progress``, ``message``, ``method``.
 * ``get_state`` returns ``{"node_id": str, "volumes": [{"volume_id",
-  "size_bytes", "disk"}], "exports": [ExportInfo-like dict plus the
+  "size_bytes", "disk"}], "snapshots": [SnapshotInfo-like dicts],
+  "exports": [ExportInfo-like dict plus the
   initiators it admits, as "initiators" (a list, one entry per volume) or
   "initiator_iqn" (one entry per volume and initiator)], "attachments":
   [{"volume_id", "device_path", "mode"}], "disks": [...]}``.
@@ -57,6 +63,18 @@ class AgentClient(Protocol):
 
     def get_state(self) -> dict[str, Any]: ...
 
+    # Snapshots and clones: reflinked at once, or copied in the background ("copying", with a progress).
+    def clone_volume(self, volume_id: str, size_bytes: int, disk: str, thin: bool, *, source_volume_id: str = "",
+                     source_snapshot_id: str = "") -> dict[str, Any]: ...
+
+    def get_volume(self, volume_id: str) -> dict[str, Any]: ...
+
+    def create_snapshot(self, snapshot_id: str, volume_id: str) -> dict[str, Any]: ...
+
+    def get_snapshot(self, snapshot_id: str) -> dict[str, Any]: ...
+
+    def delete_snapshot(self, snapshot_id: str) -> None: ...
+
 
 class AgentDirectory(Protocol):
     """Finds the agent of a node (by its registered ``agent_address``)."""
@@ -87,6 +105,7 @@ class FakeAgentState:
     secrets: dict[tuple[str, str], _Hidden] = field(default_factory=dict)  # (volume_id, iqn) -> CHAP secret
     attachments: dict[str, dict[str, Any]] = field(default_factory=dict)   # volume_id -> attachment
     luns: dict[str, int] = field(default_factory=dict)                      # volume_id -> LUN number
+    snapshots: dict[str, dict[str, Any]] = field(default_factory=dict)      # snapshot_id -> info
 
 
 class FakeAgents:
@@ -98,6 +117,7 @@ class FakeAgents:
         self.failures: list[tuple[str | None, str, DomainError]] = []
         self.calls: list[tuple[str, str, str]] = []  # (node, method, volume_id or "")
         self.before_call: Callable[[str, str, str], None] | None = None  # sees (node, method, volume_id) first
+        self.copy_steps = 0  # > 0: snapshots and clones copy in the background, done after that many looks
 
     # Test controls.
     def agent(self, node_id: str) -> FakeAgentState:
@@ -116,6 +136,12 @@ class FakeAgents:
 
     def secret_for(self, node_id: str, volume_id: str, iqn: str) -> str:
         return self.agent(node_id).secrets[(volume_id, iqn)].value
+
+    def fail_copy(self, node_id: str, item_id: str, message: str = "copy failed: Input/output error") -> None:
+        """A background copy (of snapshot or clone ``item_id``) on ``node_id`` fails."""
+        state = self.agent(node_id)
+        item = state.snapshots.get(item_id) or state.volumes[item_id]
+        item.update(state="error", message=message, progress=0.0)
 
     def count(self, method: str, node: str | None = None) -> int:
         return sum(1 for n, m, _ in self.calls if m == method and node in (None, n))
@@ -201,6 +227,79 @@ class FakeAgentClient:
         self._agents._enter(self._state.node_id, "detach_volume", volume_id)
         self._state.attachments.pop(volume_id, None)
 
+    def clone_volume(self, volume_id: str, size_bytes: int, disk: str, thin: bool, *, source_volume_id: str = "",
+                     source_snapshot_id: str = "") -> dict[str, Any]:
+        self._agents._enter(self._state.node_id, "clone_volume", volume_id)
+        source = ("snapshot:" + source_snapshot_id) if source_snapshot_id else source_volume_id
+        if source_snapshot_id and self._state.snapshots.get(source_snapshot_id, {}).get("state") != "ready":
+            raise NotFound(f"snapshot {source_snapshot_id} not found (or not ready)")
+        if source_volume_id and source_volume_id not in self._state.volumes:
+            raise NotFound(f"volume {source_volume_id} not found")
+        have = self._state.volumes.get(volume_id)
+        if have is not None:
+            if (have["size_bytes"], have["disk"], have.get("source")) != (size_bytes, disk, source):
+                raise AlreadyExists(f"volume {volume_id} exists with other parameters")
+            if have["state"] == "error":
+                self._start_copy(have)
+            return self._look(have)
+        have = {"volume_id": volume_id, "size_bytes": size_bytes, "disk": disk, "thin": thin, "source": source}
+        self._start_copy(have)
+        self._state.volumes[volume_id] = have
+        return dict(have)
+
+    def get_volume(self, volume_id: str) -> dict[str, Any]:
+        self._agents._enter(self._state.node_id, "get_volume", volume_id)
+        have = self._state.volumes.get(volume_id)
+        if have is None:
+            raise NotFound(f"volume {volume_id} not found")
+        return self._look(have)
+
+    def create_snapshot(self, snapshot_id: str, volume_id: str) -> dict[str, Any]:
+        self._agents._enter(self._state.node_id, "create_snapshot", volume_id)
+        have = self._state.snapshots.get(snapshot_id)
+        if have is not None:
+            if have["volume_id"] != volume_id:
+                raise AlreadyExists(f"snapshot {snapshot_id} is of another volume")
+            return self._look(have)
+        volume = self._state.volumes.get(volume_id)
+        if volume is None:
+            raise NotFound(f"volume {volume_id} not found")
+        have = {"snapshot_id": snapshot_id, "volume_id": volume_id, "size_bytes": volume["size_bytes"],
+                "disk": volume["disk"]}
+        self._start_copy(have)
+        self._state.snapshots[snapshot_id] = have
+        return dict(have)
+
+    def get_snapshot(self, snapshot_id: str) -> dict[str, Any]:
+        self._agents._enter(self._state.node_id, "get_snapshot", snapshot_id)
+        have = self._state.snapshots.get(snapshot_id)
+        if have is None:
+            raise NotFound(f"snapshot {snapshot_id} not found")
+        return self._look(have)
+
+    def delete_snapshot(self, snapshot_id: str) -> None:
+        self._agents._enter(self._state.node_id, "delete_snapshot", snapshot_id)
+        if any(v.get("source") == "snapshot:" + snapshot_id and v.get("state") == "copying"
+               for v in self._state.volumes.values()):
+            raise FailedPrecondition(f"snapshot {snapshot_id} is being cloned")
+        self._state.snapshots.pop(snapshot_id, None)
+
+    def _start_copy(self, item: dict[str, Any]) -> None:
+        steps = self._agents.copy_steps
+        item.update(state="copying" if steps else "ready", progress=0.0 if steps else 1.0, message="",
+                    steps_left=steps, method="copy" if steps else "reflink")
+
+    def _look(self, item: dict[str, Any]) -> dict[str, Any]:
+        """One look at a copy: it moves on a step (the fake's clock is being looked at)."""
+        if item.get("state") == "copying":
+            item["steps_left"] -= 1
+            total = self._agents.copy_steps or 1
+            if item["steps_left"] <= 0:
+                item.update(state="ready", progress=1.0)
+            else:
+                item["progress"] = 1 - item["steps_left"] / total
+        return {k: v for k, v in item.items() if k != "steps_left"}
+
     def get_state(self) -> dict[str, Any]:
         self._agents._enter(self._state.node_id, "get_state")
         exports = [dict(info, initiator_iqn=iqn) for (_, iqn), info in self._state.exports.items()]
@@ -208,4 +307,6 @@ class FakeAgentClient:
                 "volumes": [dict(v) for v in self._state.volumes.values()],
                 "exports": exports,
                 "attachments": [dict(a) for a in self._state.attachments.values()],
+                "snapshots": [{k: v for k, v in s.items() if k != "steps_left"}
+                              for s in self._state.snapshots.values()],
                 "disks": []}

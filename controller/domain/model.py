@@ -95,6 +95,28 @@ class Volume:
     source: str = ""
 
 
+# Snapshot states (admin.proto Snapshot.state); "creating" while a full copy runs, with its progress.
+READY = "ready"
+SNAPSHOT_STATES = (CREATING, READY, DELETING, ERROR)
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """A read-only point-in-time copy of a volume, kept on the volume's node and disk (clones of it go there)."""
+
+    name: str
+    id: str
+    volume: str
+    volume_id: str
+    size_bytes: int
+    owner_node: str
+    disk: str
+    state: str
+    created_at: float
+    progress: float = 0.0
+    message: str = ""
+
+
 @dataclass(frozen=True)
 class Attachment:
     """A volume published to a consumer node."""

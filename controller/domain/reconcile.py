@@ -11,7 +11,10 @@ Repairs, each under the volume's lock and re-checked against the store first:
   not report (its agent restarted without restoring it) is exported again;
 * an export the owner reports that no attachment wants is removed;
 * a volume smaller on its agent than recorded (an expand that failed
-  temporarily) is grown.
+  temporarily) is grown;
+* snapshots and clones still being copied are looked at (progress, and the
+  end of the copy), snapshots left "deleting" are deleted
+  (``Snapshots.reconcile``).
 
 Agents that cannot be reached are skipped: the next pass tries again.
 Volumes an agent holds that the controller does not know are only logged, never
@@ -52,12 +55,14 @@ class Reconciler:
         return self.repaired
 
     def _try(self, what: str, action) -> None:
+        """Run one repair; it counts unless it fails or returns False (someone else finished it meanwhile)."""
         try:
-            action()
+            done = action()
         except DomainError as exc:
             log.warning("reconcile: %s failed: %s", what, exc)
         else:
-            self.repaired.append(what)
+            if done is not False:
+                self.repaired.append(what)
 
     # Rows a failure or a stop left in a transitional state.
     def _finish_rows(self) -> None:
@@ -65,29 +70,36 @@ class Reconciler:
         for volume in self.store.list_volumes():
             if volume.owner_node not in healthy:
                 continue  # the next pass after its heartbeats resume
+            if volume.state == CREATING and volume.source:
+                continue  # a clone: its copy is looked at below (snapshots.reconcile)
             if volume.state == CREATING:
                 self._try(f"created volume {volume.name} on {volume.owner_node}/{volume.disk}",
                           lambda v=volume: self._create(v.name))
             elif volume.state == DELETING:
                 self._try(f"deleted volume {volume.name}", lambda v=volume: self._delete(v.name))
+        self.repaired.extend(self.service._snapshots.reconcile())
         for attachment in self.store.list_attachments():
             if attachment.state == DETACHING:
                 self._try(f"detached volume {attachment.volume} from {attachment.node}",
                           lambda a=attachment: self.service.detach_volume(a.volume, a.node))
 
-    def _create(self, name: str) -> None:
-        with self.service._volume_locks.hold(name):
+    def _create(self, name: str) -> bool:
+        with self.service._volume_locks.hold(name):  # a create in flight holds it: wait, then look again
             volume = self.store.get_volume(name)
-            if volume is not None and volume.state == CREATING:
-                self.service._finish_create(volume)
+            if volume is None or volume.state != CREATING:
+                return False
+            self.service._finish_create(volume)
+            return True
 
-    def _delete(self, name: str) -> None:
+    def _delete(self, name: str) -> bool:
         with self.service._volume_locks.hold(name):
             volume = self.store.get_volume(name)
-            if volume is not None and volume.state == DELETING and not self.store.list_attachments(volume=name):
-                op = self.store.record_operation(self.service._clock(), "delete_volume", name, OP_STARTED,
-                                                 "reconcile")
-                self.service._finish_delete(volume, op)
+            if volume is None or volume.state != DELETING or self.store.list_attachments(volume=name):
+                return False
+            op = self.store.record_operation(self.service._clock(), "delete_volume", name, OP_STARTED,
+                                             "reconcile")
+            self.service._finish_delete(volume, op)
+            return True
 
     # One agent's observed state.
     def _reconcile_node(self, node: Node, observed: dict[str, Any]) -> None:

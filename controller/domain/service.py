@@ -19,6 +19,8 @@ Idempotency, per method (admin.proto says the same per RPC):
   ``InvalidArgument`` (volumes only grow).
 * ``attach_volume``: a repeat returns the same attachment.
 * ``detach_volume``: a repeat, or a detach of what is not attached, succeeds.
+* snapshots and clones: see ``controller.domain.snapshots``; ``delete_volume``
+  is refused while the volume has snapshots or is being cloned.
 
 CHAP secrets are generated here (``secrets.token_urlsafe``), kept in the
 store, passed to agents, and never logged, returned or put in an error.
@@ -42,8 +44,9 @@ from controller.domain.errors import (AlreadyExists, DomainError, FailedPrecondi
                                       ResourceExhausted, Unavailable)
 from controller.domain.model import (ATTACHED, ATTACHING, AVAILABLE, CREATING, DELETING, DETACHING, ERROR, HEALTHY,
                                      OP_DONE, OP_FAILED, OP_STARTED, UNHEALTHY, Attachment, ChapCredential, Disk,
-                                     Export, Node, Pool, PoolUsage, Volume)
+                                     Export, Node, Pool, PoolUsage, Snapshot, Volume)
 from controller.domain.settings import ControllerSettings
+from controller.domain.snapshots import Snapshots
 from controller.domain.validation import human_bytes
 from controller.store.base import StateStore
 
@@ -85,6 +88,7 @@ class ControllerService:
         self._secrets = secrets
         self._volume_locks = _LockTable()
         self._placement_lock = threading.RLock()  # capacity is read, then promised: one decision at a time
+        self._snapshots = Snapshots(self)
         if self.settings.default_pool and self.store.get_pool(self.settings.default_pool) is None:
             self.store.put_pool(Pool(self.settings.default_pool, (), 1.0))
 
@@ -261,6 +265,8 @@ class ControllerService:
                                 + "; ".join(differences))
 
     def _finish_create(self, volume: Volume, op: int | None = None) -> Volume:
+        if volume.source:  # a clone: made from its source, maybe copied in the background
+            return self._snapshots.finish_clone(volume, op)
         op = op if op is not None else self._begin("create_volume", volume.name, "retry")
         try:
             client = self._client(volume.owner_node, f"owning volume {volume.name}")
@@ -345,6 +351,7 @@ class ControllerService:
                 nodes = ", ".join(a.node for a in attachments)
                 raise FailedPrecondition(f"volume {name} is attached to {nodes}: detach it first "
                                          f"(shoalctl volume detach {name} --node NODE)")
+            self._snapshots.check_volume_deletable(volume)
             with self.store.transaction():
                 op = self._begin("delete_volume", name, f"from {volume.owner_node}/{volume.disk}")
                 volume = replace(volume, state=DELETING)
@@ -487,6 +494,42 @@ class ControllerService:
                         volume.name, volume.owner_node)
             return
         self.agents.client(owner).unexport_volume(volume.id, initiator_iqn)
+
+    # ---- snapshots and clones (controller.domain.snapshots says how, and what a repeat does) ---
+
+    def create_snapshot(self, name: str, volume: str) -> Snapshot:
+        return self._snapshots.create(name, volume)
+
+    def get_snapshot(self, name: str) -> Snapshot:
+        return self._snapshots.get(name)
+
+    def list_snapshots(self, volume: str | None = None) -> list[Snapshot]:
+        return self._snapshots.list(volume)
+
+    def delete_snapshot(self, name: str) -> None:
+        self._snapshots.delete(name)
+
+    def clone_volume(self, name: str, source: str, pool: str | None = None) -> Volume:
+        """A new volume from a snapshot or a volume, on the source's node and disk."""
+        return self._snapshots.clone(name, source, pool)
+
+    def observe_volume(self, name: str) -> Volume:
+        """``get_volume``, with a clone still being copied looked up on its agent (best effort)."""
+        volume = self.get_volume(name)
+        if volume.state == CREATING and volume.source:
+            with self._volume_locks.hold(volume.name):
+                current = self.get_volume(name)
+                if current.state == CREATING:
+                    try:
+                        return self._snapshots.observe_clone(current)
+                    except DomainError:
+                        return self.get_volume(name)
+                return current
+        return volume
+
+    def clone_progress(self, volume: Volume) -> float:
+        """0..1 for a clone still being copied in the background (as last seen), else 0."""
+        return self._snapshots.clone_progress(volume)
 
     # ---- status and reconcile ----------------------------------------------------------------
 

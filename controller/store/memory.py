@@ -12,9 +12,9 @@ from contextlib import contextmanager
 from dataclasses import replace
 from typing import Iterator
 
-from controller.domain.model import Attachment, ChapCredential, Export, Node, Operation, Pool, Volume
+from controller.domain.model import Attachment, ChapCredential, Export, Node, Operation, Pool, Snapshot, Volume
 
-_TABLES = ("nodes", "pools", "volumes", "attachments", "exports", "chap", "operations")
+_TABLES = ("nodes", "pools", "volumes", "snapshots", "attachments", "exports", "chap", "operations")
 
 
 class MemoryStore:
@@ -24,6 +24,7 @@ class MemoryStore:
         self.nodes: dict[str, Node] = {}
         self.pools: dict[str, Pool] = {}
         self.volumes: dict[str, Volume] = {}
+        self.snapshots: dict[str, Snapshot] = {}
         self.attachments: dict[tuple[str, str], Attachment] = {}
         self.exports: dict[tuple[str, str], Export] = {}
         self.chap: dict[str, ChapCredential] = {}
@@ -100,6 +101,27 @@ class MemoryStore:
     def delete_volume(self, name: str) -> None:
         with self.transaction():
             self.volumes.pop(name, None)
+
+    # Snapshots.
+    def put_snapshot(self, snapshot: Snapshot) -> None:
+        with self.transaction():
+            clash = next((s for s in self.snapshots.values() if s.id == snapshot.id and s.name != snapshot.name),
+                         None)
+            if clash is not None:
+                raise ValueError(f"snapshot id {snapshot.id} is already used by snapshot {clash.name}")
+            self.snapshots[snapshot.name] = snapshot
+
+    def get_snapshot(self, name: str) -> Snapshot | None:
+        with self._lock:
+            return self.snapshots.get(name)
+
+    def list_snapshots(self, volume: str | None = None) -> list[Snapshot]:
+        with self._lock:
+            return [self.snapshots[k] for k in sorted(self.snapshots) if volume in (None, self.snapshots[k].volume)]
+
+    def delete_snapshot(self, name: str) -> None:
+        with self.transaction():
+            self.snapshots.pop(name, None)
 
     # Attachments.
     def put_attachment(self, attachment: Attachment) -> None:

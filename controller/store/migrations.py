@@ -70,4 +70,20 @@ MIGRATIONS: tuple[tuple[int, str, str], ...] = (
         );
         CREATE INDEX operations_subject ON operations (subject);
     """),
+    (2, "snapshots", """
+        CREATE TABLE snapshots (
+            name TEXT PRIMARY KEY,
+            id TEXT NOT NULL UNIQUE,
+            volume TEXT NOT NULL,
+            volume_id TEXT NOT NULL,
+            size_bytes INTEGER NOT NULL CHECK (size_bytes > 0),
+            owner_node TEXT NOT NULL,
+            disk TEXT NOT NULL,
+            state TEXT NOT NULL,
+            created_at REAL NOT NULL,
+            progress REAL NOT NULL DEFAULT 0,
+            message TEXT NOT NULL DEFAULT ''
+        );
+        CREATE INDEX snapshots_volume ON snapshots (volume);
+    """),
 )

@@ -22,7 +22,8 @@ import time
 from contextlib import contextmanager
 from typing import Any, Iterator
 
-from controller.domain.model import Attachment, ChapCredential, Disk, Export, Node, Operation, Pool, Volume
+from controller.domain.model import (Attachment, ChapCredential, Disk, Export, Node, Operation, Pool, Snapshot,
+                                     Volume)
 from controller.store.migrations import MIGRATIONS
 
 
@@ -152,6 +153,28 @@ class SqliteStore:
     def delete_volume(self, name: str) -> None:
         self._write("DELETE FROM volumes WHERE name = ?", (name,))
 
+    # Snapshots.
+    def put_snapshot(self, s: Snapshot) -> None:
+        self._write("INSERT INTO snapshots VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (name) DO UPDATE SET "
+                    "id = excluded.id, volume = excluded.volume, volume_id = excluded.volume_id, "
+                    "size_bytes = excluded.size_bytes, owner_node = excluded.owner_node, disk = excluded.disk, "
+                    "state = excluded.state, created_at = excluded.created_at, progress = excluded.progress, "
+                    "message = excluded.message",
+                    (s.name, s.id, s.volume, s.volume_id, s.size_bytes, s.owner_node, s.disk, s.state, s.created_at,
+                     s.progress, s.message))
+
+    def get_snapshot(self, name: str) -> Snapshot | None:
+        rows = self._rows(f"SELECT {_SNAPSHOT_COLUMNS} FROM snapshots WHERE name = ?", (name,))
+        return Snapshot(*rows[0]) if rows else None
+
+    def list_snapshots(self, volume: str | None = None) -> list[Snapshot]:
+        rows = self._rows(f"SELECT {_SNAPSHOT_COLUMNS} FROM snapshots WHERE (?1 IS NULL OR volume = ?1) "
+                          "ORDER BY name", (volume,))
+        return [Snapshot(*r) for r in rows]
+
+    def delete_snapshot(self, name: str) -> None:
+        self._write("DELETE FROM snapshots WHERE name = ?", (name,))
+
     # Attachments.
     def put_attachment(self, a: Attachment) -> None:
         self._write("INSERT OR REPLACE INTO attachments VALUES (?, ?, ?, ?, ?)",
@@ -212,6 +235,10 @@ class SqliteStore:
         rows = self._rows("SELECT * FROM (SELECT * FROM operations WHERE (?1 IS NULL OR subject = ?1) "
                           "ORDER BY id DESC LIMIT ?2) ORDER BY id", (subject, max(0, limit)))
         return [Operation(*r) for r in rows]
+
+
+# Named, so a later migration that adds a column does not shift what ``Snapshot(*row)`` gets.
+_SNAPSHOT_COLUMNS = "name, id, volume, volume_id, size_bytes, owner_node, disk, state, created_at, progress, message"
 
 
 def _statements(script: str) -> list[str]:

@@ -20,12 +20,15 @@ import grpc
 
 from node_agent.agent.attachments import KERNEL, USERSPACE, AttachmentManager
 from node_agent.agent.exports import ExportManager, ExportSettings
+from node_agent.agent.metrics import AgentCollector
 from node_agent.agent.portal import PortalThread
 from node_agent.agent.registration import NodeAnnouncement, Registrar
 from node_agent.agent.servicer import AgentServicer
 from node_agent.agent.settings import AgentSettings, TlsFiles
+from node_agent.agent.snapshots import SnapshotManager
 from node_agent.agent.volumes import VolumeManager
 from node_agent.host.connector import Connector
+from node_agent.metrics_server import MetricsServer, new_registry
 from node_agent.target_service import PortalConfig
 from protos.shoal.v1 import agent_pb2_grpc
 
@@ -65,12 +68,18 @@ def server_credentials(tls: TlsFiles) -> grpc.ServerCredentials:
                                        require_client_auth=ca is not None)
 
 
+#: gRPC's reconnect backoff grows to 120 s while the controller is down (heartbeats fail at once
+#: meanwhile), so after a controller restart this node would look unhealthy for up to two minutes.
+#: Capped at 1 s, heartbeats resume within about a second of the controller's return.
+CONTROLLER_CHANNEL_OPTIONS = (("grpc.initial_reconnect_backoff_ms", 200), ("grpc.max_reconnect_backoff_ms", 1000))
+
+
 def controller_channel(address: str, tls: TlsFiles | None) -> grpc.Channel:
     if tls is None:
-        return grpc.insecure_channel(address)
+        return grpc.insecure_channel(address, options=CONTROLLER_CHANNEL_OPTIONS)
     credentials = grpc.ssl_channel_credentials(root_certificates=_read(tls.ca), private_key=_read(tls.key),
                                                certificate_chain=_read(tls.cert))
-    return grpc.secure_channel(address, credentials)
+    return grpc.secure_channel(address, credentials, options=CONTROLLER_CHANNEL_OPTIONS)
 
 
 def default_connectors(settings: AgentSettings) -> dict[str, Callable[[], Connector]]:
@@ -99,6 +108,7 @@ class Agent:
         self.connectors = connectors if connectors is not None else default_connectors(settings)
         self.channel_factory = channel_factory
         self.volumes: VolumeManager | None = None
+        self.snapshots: SnapshotManager | None = None
         self.portal: PortalThread | None = None
         self.exports: ExportManager | None = None
         self.attachments: AttachmentManager | None = None
@@ -106,11 +116,16 @@ class Agent:
         self.registrar: Registrar | None = None
         self.agent_address = ""
         self.portal_address = ""
+        self.metrics_registry = new_registry()
+        self.metrics_registry.register(AgentCollector(self))
+        self.metrics_server: MetricsServer | None = None
+        self.metrics_address = ""
 
     def start(self) -> None:
         s = self.settings
         os.makedirs(s.data_dir, mode=0o700, exist_ok=True)
-        self.volumes = VolumeManager(s.effective_disks())
+        self.volumes = VolumeManager(s.effective_disks(), background_copies=True)
+        self.snapshots = SnapshotManager(self.volumes)
         host, port = split_host_port(s.portal_listen)
         self.portal = PortalThread(PortalConfig(host, port))
         try:
@@ -119,10 +134,14 @@ class Agent:
             portals = s.advertise_portals or (self._advertised_portal(bound),)
             self.exports = ExportManager(ExportSettings(s.data_dir, s.target_prefix, tuple(portals)),
                                          self.volumes, self.portal)
+            self.volumes.quiesce = self.exports.quiesced  # copies start with an exported LUN held still
             self.exports.restore()
             self.attachments = AttachmentManager(s.data_dir, self.connectors)
             self.attachments.restore()
             self._serve()
+            if s.metrics_listen:
+                self.metrics_server = MetricsServer(s.metrics_listen, self.metrics_registry)
+                self.metrics_address = self.metrics_server.start()
             self._register(tuple(portals))
         except BaseException:
             self.stop()
@@ -134,11 +153,18 @@ class Agent:
         if self.server is not None:
             self.server.stop(grace=5).wait(10)
             self.server = None
+        if self.metrics_server is not None:
+            self.metrics_server.stop()
+            self.metrics_server = None
         if self.registrar is not None:
             self.registrar.stop()
             self.registrar = None
         if self.attachments is not None:
             self.attachments.close()
+        if self.snapshots is not None:
+            self.snapshots.close()  # background copies stop; a restart records them as interrupted
+        if self.volumes is not None:
+            self.volumes.close()
         if self.portal is not None:
             self.portal.stop()
             self.portal = None
@@ -154,7 +180,7 @@ class Agent:
         assert self.volumes and self.exports and self.attachments
         server = grpc.server(ThreadPoolExecutor(max_workers=s.grpc_workers, thread_name_prefix="agent-rpc"))
         agent_pb2_grpc.add_AgentServiceServicer_to_server(
-            AgentServicer(s.node_id, self.volumes, self.exports, self.attachments), server)
+            AgentServicer(s.node_id, self.volumes, self.exports, self.attachments, self.snapshots), server)
         host, port = split_host_port(s.listen)
         address = join_host_port(host, port)
         if s.server_tls is not None:

@@ -25,9 +25,11 @@ import hmac
 import logging
 import os
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Protocol
+from typing import Any, Protocol, TypeVar
 
+from node_agent.agent.copies import GuardedBacking
 from node_agent.agent.errors import AlreadyExists, FailedPrecondition, InvalidArgument
 from node_agent.agent.records import read_json, write_json
 from node_agent.agent.volumes import VolumeManager, check_volume_id
@@ -41,6 +43,7 @@ log = logging.getLogger("shoal.agent.exports")
 LUN = 0
 RECORD_FILE = "exports.json"
 SECRETS_FILE = "export-secrets.json"
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -98,6 +101,7 @@ class TargetHost(Protocol):
     def remove_target(self, iqn: str) -> bool: ...
     def set_allowed_initiators(self, iqn: str, names: list[str]) -> None: ...
     def resize_lun(self, iqn: str, lun: int, size: int) -> int: ...
+    def call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any: ...
 
 
 class ExportManager:
@@ -190,6 +194,15 @@ class ExportManager:
             if volume_id in self._records:
                 self.host.resize_lun(self.target_iqn(volume_id), LUN, size)
 
+    def quiesced(self, volume_id: str, fn: Callable[[], T]) -> T:
+        """Run ``fn`` while no SCSI command runs on the volume's LUN (on the portal's loop, which executes
+        them) when the volume is exported; right here otherwise.  ``fn`` must be short: every LUN of the
+        portal waits for it."""
+        with self._lock:  # an export cannot start meanwhile
+            if volume_id in self._records:
+                return self.host.call(fn)
+            return fn()
+
     def restore(self) -> list[str]:
         """Serve what the record says was exported; volumes that are gone are dropped from it."""
         data = read_json(self._path(RECORD_FILE), {})
@@ -235,8 +248,12 @@ class ExportManager:
     def _serve(self, path: str, record: ExportRecord, secrets: _Secrets) -> None:
         chap = Credentials(record.chap_user, secrets.chap)
         mutual = Credentials(record.mutual_chap_user, secrets.mutual_chap) if record.mutual_chap_user else None
-        self.host.add_target(self.target_iqn(record.volume_id), LunSpec(path, volume_id=record.volume_id),
-                             chap=chap, mutual_chap=mutual, allowed_initiators=list(record.initiators))
+        # Every LUN is guarded: a snapshot or clone of the volume copied in the background (copies.py) saves
+        # the chunks a write is about to change, also when the copy began before this export.
+        guards, volume_id = self.volumes.guards, record.volume_id
+        spec = LunSpec(path, volume_id=volume_id, wrap=lambda backing: GuardedBacking(backing, volume_id, guards))
+        self.host.add_target(self.target_iqn(volume_id), spec, chap=chap, mutual_chap=mutual,
+                             allowed_initiators=list(record.initiators))
 
     def _check_same_credentials(self, record: ExportRecord, chap: Credentials,
                                 mutual_chap: Credentials | None) -> None:

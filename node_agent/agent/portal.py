@@ -83,6 +83,10 @@ class PortalThread:
 
     def call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """Run ``fn(*args, **kwargs)`` on the portal's loop and return (or raise) its result."""
+        return self.call_within(60, fn, *args, **kwargs)
+
+    def call_within(self, timeout: float, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """``call`` that waits at most ``timeout`` seconds (``TimeoutError`` after; ``fn`` may still run)."""
         if self._loop is None or self._thread is None or not self._thread.is_alive():
             raise RuntimeError("the iSCSI portal is not running")
         future: concurrent.futures.Future = concurrent.futures.Future()
@@ -94,7 +98,7 @@ class PortalThread:
                 future.set_exception(exc)
 
         self._loop.call_soon_threadsafe(run)
-        return future.result(timeout=60)
+        return future.result(timeout=timeout)
 
     def _await(self, coro, timeout: float = 60) -> Any:
         assert self._loop is not None

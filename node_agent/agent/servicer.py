@@ -1,7 +1,7 @@
 """``AgentService`` (protos/shoal/v1/agent.proto): validate, call a manager, build the answer.
 
 Each method checks its arguments (``INVALID_ARGUMENT`` naming the field, and
-nothing changed), then calls ``volumes``/``exports``/``attachments``, whose
+nothing changed), then calls ``volumes``/``snapshots``/``exports``/``attachments``, whose
 docstrings say what a repeat does.  The ``rpc`` decorator serialises calls per
 volume, logs (never a secret) and maps errors with the one table of
 ``errors.GRPC_CODES``; anything else is a bug, logged with its traceback and
@@ -20,9 +20,10 @@ from collections.abc import Callable, Iterator
 import grpc
 
 from node_agent.agent.attachments import AttachmentManager, check_mode
-from node_agent.agent.errors import InvalidArgument, grpc_status
+from node_agent.agent.errors import InvalidArgument, NotFound, grpc_status
 from node_agent.agent.exports import ExportInfo, ExportManager, refuse_if_exported
 from node_agent.agent.settings import check_name
+from node_agent.agent.snapshots import SnapshotInfo, SnapshotManager, check_snapshot_id
 from node_agent.agent.volumes import VolumeInfo, VolumeManager, check_size, check_volume_id
 from node_agent.iscsi.names import check_iqn
 from node_agent.iscsi.target import Credentials
@@ -120,9 +121,25 @@ def _credentials(user: str, secret: str, what: str, *, required: bool) -> Creden
     return Credentials(user, secret)
 
 
+def _snapshot_id(value: str, field: str = "snapshot_id") -> str:
+    if not value:
+        raise InvalidArgument(f"{field} is required")
+    try:
+        return check_snapshot_id(value)
+    except InvalidArgument as exc:
+        raise InvalidArgument(str(exc).replace("snapshot_id", field, 1)) from None
+
+
 def _volume_proto(info: VolumeInfo) -> agent_pb2.VolumeInfo:
     return agent_pb2.VolumeInfo(volume_id=info.volume_id, size_bytes=info.size, disk=info.disk, path=info.path,
-                                allocated_bytes=info.allocated)
+                                allocated_bytes=info.allocated, state=info.state, progress=info.progress,
+                                message=info.message)
+
+
+def _snapshot_proto(info: SnapshotInfo) -> agent_pb2.SnapshotInfo:
+    return agent_pb2.SnapshotInfo(snapshot_id=info.snapshot_id, volume_id=info.volume_id, size_bytes=info.size,
+                                  disk=info.disk, path=info.path, allocated_bytes=info.allocated, state=info.state,
+                                  progress=info.progress, message=info.message, method=info.method)
 
 
 def _export_proto(info: ExportInfo, initiators: tuple[str, ...] = ()) -> common_pb2.ExportInfo:
@@ -142,11 +159,12 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
     """Thin: see the module docstring; idempotency rules are in agent.proto and the managers."""
 
     def __init__(self, node_id: str, volumes: VolumeManager, exports: ExportManager,
-                 attachments: AttachmentManager):
+                 attachments: AttachmentManager, snapshots: SnapshotManager | None = None):
         self.node_id = node_id
         self.volumes = volumes
         self.exports = exports
         self.attachments = attachments
+        self.snapshots = snapshots if snapshots is not None else SnapshotManager(volumes)
         self.locks = KeyedLocks()
 
     @rpc(lambda r: r.volume_id)
@@ -155,7 +173,11 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
         source = _volume_id(request.source_volume_id, "source_volume_id") if request.source_volume_id else ""
         if source == volume_id:
             raise InvalidArgument("source_volume_id must name another volume")
-        if request.size_bytes or not source:
+        snapshot = (_snapshot_id(request.source_snapshot_id, "source_snapshot_id")
+                    if request.source_snapshot_id else "")
+        if source and snapshot:
+            raise InvalidArgument("give source_volume_id or source_snapshot_id, not both")
+        if request.size_bytes or not (source or snapshot):
             check_size(request.size_bytes)
         if request.disk:
             try:
@@ -164,8 +186,32 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
                 raise InvalidArgument(str(exc)) from None
         # proto3 bool: an unset ``thin`` reads False; the proto says sparse is the default, but the field
         # cannot tell "unset" from "thick", so False means fully allocated as written.
-        info = self.volumes.create(volume_id, request.size_bytes, request.disk, request.thin, source)
+        origin = self.snapshots.source(snapshot) if snapshot else source
+        info = self.volumes.create(volume_id, request.size_bytes, request.disk, request.thin, origin)
         return _volume_proto(info)
+
+    @rpc()
+    def GetVolume(self, request, context):
+        volume_id = _volume_id(request.volume_id)
+        info = self.volumes.lookup(volume_id)
+        if info is None:
+            raise NotFound(f"volume {volume_id} does not exist on this node")
+        return _volume_proto(info)
+
+    @rpc(lambda r: r.volume_id)  # the volume's lock: no export, unexport or delete of it meanwhile
+    def CreateSnapshot(self, request, context):
+        snapshot_id = _snapshot_id(request.snapshot_id)
+        volume_id = _volume_id(request.volume_id)
+        return _snapshot_proto(self.snapshots.create(snapshot_id, volume_id))
+
+    @rpc(lambda r: f"snapshot:{r.snapshot_id}")
+    def DeleteSnapshot(self, request, context):
+        self.snapshots.delete(_snapshot_id(request.snapshot_id))
+        return agent_pb2.DeleteSnapshotResponse()
+
+    @rpc()
+    def GetSnapshot(self, request, context):
+        return _snapshot_proto(self.snapshots.require(_snapshot_id(request.snapshot_id)))
 
     @rpc(lambda r: r.volume_id)
     def DeleteVolume(self, request, context):
@@ -226,4 +272,5 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
                          for a in self.attachments.list()],
             disks=[common_pb2.Disk(name=d.name, path=d.path, capacity_bytes=d.capacity, free_bytes=d.free)
                    for d in self.volumes.disks()],
+            snapshots=[_snapshot_proto(s) for s in self.snapshots.list()],
         )

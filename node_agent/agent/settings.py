@@ -115,6 +115,9 @@ class AgentSettings:
     """Heartbeat interval when the controller's answer gives none."""
     grpc_workers: int = 16
     """Threads serving AgentService calls (attach/detach block on logins)."""
+    metrics_listen: str = ""
+    """Where ``/metrics`` is served over plain HTTP for Prometheus (``HOST:PORT``); empty: not served.
+    Off by default, like the controller's: the page names volumes (``shoal up`` serves it on loopback)."""
 
     def __post_init__(self):
         check_name("node id", self.node_id)

@@ -8,31 +8,43 @@ restarted agent finds its volumes by listing the disks.  A new image is built
 under a temporary name and renamed into place when complete, so a crash never
 leaves a half-made volume behind under its real name.
 
+A clone (of a volume, or of a snapshot: ``copies.Source``) is a reflink where
+the filesystem shares extents; otherwise, with ``background_copies``, a
+``copies.CopyJob`` fills the temporary file while the volume shows state
+"copying" with its progress, and the rename happens when the copy is done.  A
+clone interrupted by a restart is gone (its temporary file is removed at
+start); the controller's repeat of the create starts it again.
+
 Idempotency (agent.proto): create returns the existing volume when size and
-disk match and raises ``AlreadyExists`` otherwise; delete of an unknown id
-succeeds; expand to a size not above the current one returns the volume as it is.
+disk match (a clone still copying, or failed, is returned as it is: a repeat
+after a failure starts the copy again) and raises ``AlreadyExists`` otherwise;
+delete of an unknown id succeeds, and stops a clone still copying; expand to a
+size not above the current one returns the volume as it is.
 """
 
 from __future__ import annotations
 
 import errno
-import fcntl
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Any
 
-from node_agent.agent.errors import AlreadyExists, InvalidArgument, NotFound, ResourceExhausted
+from node_agent.agent.copies import (COPYING, FAILED, FICLONE, READY, CopyJob, Source, WriteGuards, copy_extents,
+                                     reflink, start_copy)
+from node_agent.agent.errors import (AlreadyExists, FailedPrecondition, InvalidArgument, NotFound,
+                                     ResourceExhausted)
 from node_agent.agent.records import fsync_dir, read_json, write_json
 from node_agent.agent.settings import DiskSpec, check_name
 
 log = logging.getLogger("shoal.agent.volumes")
 
 BLOCK_SIZE = 512  # the LUN's logical block size: volume sizes are whole blocks
-FICLONE = 0x40049409  # _IOW(0x94, 9, int), linux/fs.h: share all extents of another file (reflink)
-_NO_REFLINK = (errno.EOPNOTSUPP, errno.ENOTTY, errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EPERM)
-_COPY_CHUNK = 64 << 20
+__all__ = ["BLOCK_SIZE", "FICLONE", "Disk", "VolumeInfo", "VolumeManager", "check_size", "check_volume_id",
+           "copy_sparse", "reflink"]
 
 
 @dataclass(frozen=True)
@@ -56,6 +68,9 @@ class VolumeInfo:
     allocated: int
     thin: bool = True
     source: str = ""
+    state: str = READY
+    progress: float = 1.0
+    message: str = ""
 
 
 def check_volume_id(volume_id: str) -> str:
@@ -74,52 +89,48 @@ def check_size(size: int) -> int:
     return size
 
 
-def reflink(src_fd: int, dst_fd: int) -> bool:
-    """Make ``dst`` share ``src``'s extents (btrfs, XFS with reflink, bcachefs); False where unsupported."""
-    try:
-        fcntl.ioctl(dst_fd, FICLONE, src_fd)
-        return True
-    except OSError as exc:
-        if exc.errno in _NO_REFLINK:
-            return False
-        raise
-
-
 def copy_sparse(src_fd: int, dst_fd: int, length: int) -> None:
     """Copy the data extents of ``src`` (SEEK_DATA/SEEK_HOLE), leaving holes as holes."""
-    offset = 0
-    while offset < length:
-        try:
-            data = os.lseek(src_fd, offset, os.SEEK_DATA)
-        except OSError as exc:
-            if exc.errno == errno.ENXIO:  # only a hole remains
-                return
-            data = offset  # no SEEK_DATA: copy everything
-        if data >= length:
-            return
-        try:
-            hole = min(os.lseek(src_fd, data, os.SEEK_HOLE), length)
-        except OSError:
-            hole = length
-        pos = data
-        while pos < hole:
-            n = os.copy_file_range(src_fd, dst_fd, min(_COPY_CHUNK, hole - pos), pos, pos)
-            if n <= 0:
-                raise OSError(errno.EIO, "copy_file_range made no progress")
-            pos += n
-        offset = hole
+    copy_extents(src_fd, dst_fd, 0, length)
+
+
+def _run_now(volume_id: str, fn: Callable[[], Any]) -> Any:
+    return fn()
+
+
+@dataclass
+class _Clone:
+    """A clone whose background copy runs (or failed): not a volume until its image is renamed into place."""
+
+    info: VolumeInfo
+    tmp: str
+    job: CopyJob | None = None
 
 
 class VolumeManager:
     """The volumes on this node's disks."""
 
     def __init__(self, disks: Sequence[DiskSpec], *, statvfs: Callable[[str], os.statvfs_result] = os.statvfs,
-                 clock: Callable[[], float] = time.time):
+                 clock: Callable[[], float] = time.time, guards: WriteGuards | None = None,
+                 background_copies: bool = False, use_reflink: bool = True,
+                 reflink_fn: Callable[[int, int], bool] = reflink, copy_pace: Callable[[], None] | None = None):
         if not disks:
             raise ValueError("a node agent needs at least one disk")
         self.specs = {spec.name: spec for spec in disks}
         self.statvfs = statvfs
         self.clock = clock
+        self.guards = guards or WriteGuards()
+        self.background_copies = background_copies
+        """False: a clone's full copy finishes inside ``create`` (tests, tools); True: it runs in the background."""
+        self.use_reflink = use_reflink
+        self.reflink_fn = reflink_fn
+        self.copy_pace = copy_pace
+        """Called by a background copy before each chunk (a throttle); None: full speed."""
+        # Runs a copy's start while nothing writes the source volume; the exports (built on these volumes)
+        # put in ``ExportManager.quiesced`` so an exported volume's LUN is held still meanwhile.
+        self.quiesce: Callable[[str, Callable[[], Any]], Any] = _run_now
+        self._clones: dict[str, _Clone] = {}
+        self._lock = threading.RLock()
         for spec in disks:
             os.makedirs(self._dir(spec), exist_ok=True)
             self._clean_partial(spec)
@@ -130,71 +141,121 @@ class VolumeManager:
         return [self._disk(spec) for spec in self.specs.values()]
 
     def get(self, volume_id: str) -> VolumeInfo | None:
+        """A volume that is ready (its image in place), or None."""
         for spec in self.specs.values():
             info = self._info(spec, volume_id)
             if info is not None:
                 return info
         return None
 
+    def lookup(self, volume_id: str) -> VolumeInfo | None:
+        """A ready volume, or a clone still copying (or failed), or None."""
+        with self._lock:
+            clone = self._clones.get(volume_id)
+            if clone is not None:
+                return self._clone_info(clone)
+        return self.get(volume_id)
+
     def require(self, volume_id: str) -> VolumeInfo:
+        """A ready volume; ``FailedPrecondition`` for a clone still copying, ``NotFound`` when absent."""
         info = self.get(volume_id)
-        if info is None:
-            raise NotFound(f"volume {volume_id} does not exist on this node")
-        return info
+        if info is not None:
+            return info
+        pending = self.lookup(volume_id)
+        if pending is not None:
+            raise FailedPrecondition(f"volume {volume_id} is a clone still being copied ({pending.progress:.0%})"
+                                     if pending.state == COPYING else
+                                     f"volume {volume_id} is a clone whose copy failed ({pending.message}): "
+                                     "delete it, or create it again to retry")
+        raise NotFound(f"volume {volume_id} does not exist on this node")
 
     def list(self) -> list[VolumeInfo]:
-        found = []
+        """Ready volumes and clones being copied (or failed), by id."""
+        found = {}
         for spec in self.specs.values():
             for name in sorted(os.listdir(self._dir(spec))):
                 if name.endswith(".img") and not name.startswith("."):
                     info = self._info(spec, name[:-4])
                     if info is not None:
-                        found.append(info)
-        return found
+                        found[info.volume_id] = info
+        with self._lock:
+            for volume_id, clone in self._clones.items():
+                found.setdefault(volume_id, self._clone_info(clone))
+        return [found[k] for k in sorted(found)]
+
+    def source(self, volume_id: str) -> Source:
+        """A ready volume as the source of a copy (its LUN's writes are guarded while the copy runs)."""
+        info = self.require(volume_id)
+        return Source(volume_id, info.path, info.size, guard=volume_id)
+
+    def copying_from(self, source_name: str) -> list[str]:
+        """Ids of clones whose copy still reads ``source_name`` (a volume id or ``snapshot:ID``)."""
+        with self._lock:
+            return sorted(c.info.volume_id for c in self._clones.values()
+                          if c.info.source == source_name and c.info.state == COPYING)
 
     # ------------------------------------------------------------------ changes
 
     def create(self, volume_id: str, size: int, disk: str = "", thin: bool = True,
-               source: str = "") -> VolumeInfo:
-        """Create the backing file; see the module docstring for what a repeat does."""
+               source: str | Source = "") -> VolumeInfo:
+        """Create the backing file, or a clone of ``source`` (a volume id, or a ``Source``); see the module
+        docstring for what a repeat does."""
         check_volume_id(volume_id)
-        src = self.require(source) if source else None
+        if isinstance(source, str):
+            src = self.source(source) if source else None
+        else:
+            src = source
         if src is not None and size == 0:
             size = src.size
         check_size(size)
         spec = self._spec(disk)
-        existing = self.get(volume_id)
-        if existing is not None:
-            return self._compatible(existing, size, disk, source)
+        source_name = src.name if src is not None else ""
+        with self._lock:
+            existing = self.lookup(volume_id)
+            if existing is not None:
+                self._compatible(existing, size, disk, source_name)
+                if existing.state != FAILED:
+                    return existing
+                self._drop_clone(volume_id)  # a failed copy: start again
+                spec = self.specs[existing.disk]
         if src is not None and size < src.size:
-            raise InvalidArgument(f"a clone of {source} needs at least its {src.size} bytes, not {size}")
+            raise InvalidArgument(f"a clone of {source_name} needs at least its {src.size} bytes, not {size}")
         if not thin:
             free = self._disk(spec).free
             if size > free:
                 raise ResourceExhausted(f"disk {spec.name} has {free} bytes free, volume {volume_id} needs {size}")
         path = self._image(spec, volume_id)
-        tmp = os.path.join(self._dir(spec), f".{volume_id}.img.creating")
+        tmp = self._tmp(spec, volume_id)
         try:
-            self._build(tmp, size, thin, src)
             write_json(self._meta(spec, volume_id),
-                       {"thin": thin, "source": source, "created_at": self.clock()}, mode=0o600)
-            os.replace(tmp, path)
-            fsync_dir(self._dir(spec))
+                       {"thin": thin, "source": source_name, "created_at": self.clock()}, mode=0o600)
+            if src is not None:
+                job = self._start_clone(volume_id, spec, tmp, size, thin, src)
+                if job is not None:
+                    return self._wait_or_report(volume_id, job)
+            else:
+                self._build(tmp, size, thin)
+                os.replace(tmp, path)
+                fsync_dir(self._dir(spec))
         except BaseException as exc:
             _unlink(tmp)
             _unlink(self._meta(spec, volume_id))
-            if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise ResourceExhausted(f"disk {spec.name} ran out of space creating volume {volume_id}") from None
-            if isinstance(exc, OSError) and exc.errno == errno.EFBIG:
-                raise InvalidArgument(f"{size} bytes is too large for disk {spec.name}'s filesystem") from None
-            raise
+            raise _space_error(exc, spec.name, f"creating volume {volume_id}", size) from None
         log.info("created volume %s: %d bytes on disk %s (%s%s)", volume_id, size, spec.name,
-                 "thin" if thin else "allocated", f", clone of {source}" if source else "")
+                 "thin" if thin else "allocated", f", reflinked from {source_name}" if src else "")
         return self.require(volume_id)
 
     def delete(self, volume_id: str) -> bool:
-        """Remove the volume's files; False when there was nothing to remove."""
+        """Remove the volume's files (stopping a clone still copying); False when there was nothing to remove.
+        ``FailedPrecondition`` while a snapshot or clone is being copied from it."""
         check_volume_id(volume_id)
+        readers = self.guards.readers(volume_id)
+        if readers:
+            raise FailedPrecondition(f"volume {volume_id} is being copied ({', '.join(j.key for j in readers)}): "
+                                     "wait for the copy, or delete the snapshot or clone first")
+        if self._drop_clone(volume_id):
+            log.info("deleted volume %s (a clone still copying: its copy stopped)", volume_id)
+            return True
         info = self.get(volume_id)
         if info is None:
             return False
@@ -232,6 +293,107 @@ class VolumeManager:
         log.info("expanded volume %s: %d -> %d bytes", volume_id, info.size, size)
         return self.require(volume_id)
 
+    def close(self) -> None:
+        """Stop every background copy (their clones are gone; the controller starts them again)."""
+        with self._lock:
+            clones = list(self._clones.values())
+        for clone in clones:
+            if clone.job is not None:
+                clone.job.cancel()
+
+    # ------------------------------------------------------------------ clones
+
+    def _start_clone(self, volume_id: str, spec: DiskSpec, tmp: str, size: int, thin: bool,
+                     src: Source) -> CopyJob | None:
+        """Reflink (done: the image is in place, None returned) or start the background copy (its job)."""
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            os.ftruncate(fd, src.size)
+        finally:
+            os.close(fd)
+        info = VolumeInfo(volume_id, size, spec.name, self._image(spec, volume_id), 0, thin, src.name, COPYING, 0.0)
+        clone = _Clone(info, tmp)
+        with self._lock:
+            self._clones[volume_id] = clone
+        try:
+            job = self.quiesce(src.guard, lambda: start_copy(
+                src, tmp, guards=self.guards, key=f"clone {volume_id}", use_reflink=self.use_reflink,
+                reflink_fn=self.reflink_fn, pace=self.copy_pace, on_done=lambda job: self._clone_done(clone, job)))
+        except BaseException:
+            with self._lock:
+                self._clones.pop(volume_id, None)
+            raise
+        if job is None:  # reflinked: finish now
+            with self._lock:
+                self._clones.pop(volume_id, None)
+            self._finish_image(tmp, size, thin, spec, volume_id)
+            return None
+        clone.job = job
+        log.info("clone %s of %s: copying %d bytes in the background (no reflink on disk %s)", volume_id,
+                 src.name, src.size, spec.name)
+        return job
+
+    def _wait_or_report(self, volume_id: str, job: CopyJob) -> VolumeInfo:
+        if not self.background_copies:
+            job.wait()
+            info = self.lookup(volume_id)
+            if info is not None and info.state == FAILED:
+                raise OSError(errno.EIO, info.message)
+        info = self.lookup(volume_id)
+        assert info is not None
+        return info
+
+    def _clone_done(self, clone: _Clone, job: CopyJob) -> None:
+        """On the copy's thread: put the image in place, or record why it failed."""
+        volume_id, spec = clone.info.volume_id, self.specs[clone.info.disk]
+        with self._lock:
+            if self._clones.get(volume_id) is not clone:
+                return  # deleted (or restarted) meanwhile
+            if job.state == READY:
+                try:
+                    self._finish_image(clone.tmp, clone.info.size, clone.info.thin, spec, volume_id)
+                except OSError as exc:
+                    job.state, job.message = FAILED, str(_space_error(exc, spec.name,
+                                                                      f"finishing clone {volume_id}",
+                                                                      clone.info.size))
+                else:
+                    del self._clones[volume_id]
+                    log.info("clone %s of %s: copy done", volume_id, clone.info.source)
+                    return
+            _unlink(clone.tmp)
+            _unlink(self._meta(spec, volume_id))  # kept in memory until a delete, or a repeat starts it again
+            clone.info = replace(clone.info, state=FAILED, message=job.message)
+
+    def _finish_image(self, tmp: str, size: int, thin: bool, spec: DiskSpec, volume_id: str) -> None:
+        fd = os.open(tmp, os.O_RDWR | os.O_CLOEXEC)
+        try:
+            os.ftruncate(fd, size)
+            if not thin:
+                os.posix_fallocate(fd, 0, size)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, self._image(spec, volume_id))
+        fsync_dir(self._dir(spec))
+
+    def _drop_clone(self, volume_id: str) -> bool:
+        with self._lock:
+            clone = self._clones.pop(volume_id, None)
+        if clone is None:
+            return False
+        if clone.job is not None:
+            clone.job.cancel()
+        spec = self.specs[clone.info.disk]
+        _unlink(clone.tmp)
+        _unlink(self._meta(spec, volume_id))
+        return True
+
+    def _clone_info(self, clone: _Clone) -> VolumeInfo:
+        info = clone.info
+        if info.state == COPYING and clone.job is not None:
+            info = replace(info, progress=clone.job.progress)
+        return info
+
     # ------------------------------------------------------------------ helpers
 
     def _compatible(self, existing: VolumeInfo, size: int, disk: str, source: str) -> VolumeInfo:
@@ -242,17 +404,9 @@ class VolumeManager:
                 + f"; asked for {size} bytes on disk {disk or 'any'}: delete it first or use another id")
         return existing
 
-    def _build(self, tmp: str, size: int, thin: bool, src: VolumeInfo | None) -> None:
+    def _build(self, tmp: str, size: int, thin: bool) -> None:
         fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         try:
-            if src is not None:
-                src_fd = os.open(src.path, os.O_RDONLY | os.O_CLOEXEC)
-                try:
-                    if not reflink(src_fd, fd):
-                        os.ftruncate(fd, src.size)
-                        copy_sparse(src_fd, fd, src.size)
-                finally:
-                    os.close(src_fd)
             os.ftruncate(fd, size)
             if not thin:
                 os.posix_fallocate(fd, 0, size)
@@ -287,7 +441,7 @@ class VolumeManager:
                           bool(meta.get("thin", True)), str(meta.get("source", "")))
 
     def _clean_partial(self, spec: DiskSpec) -> None:
-        """Remove what a create interrupted by a crash left (``.ID.img.creating`` and its meta)."""
+        """Remove what a create or clone interrupted by a stop left (``.ID.img.creating`` and its meta)."""
         directory = self._dir(spec)
         for name in os.listdir(directory):
             if name.startswith(".") and name.endswith(".img.creating"):
@@ -304,8 +458,20 @@ class VolumeManager:
     def _image(self, spec: DiskSpec, volume_id: str) -> str:
         return os.path.join(self._dir(spec), f"{volume_id}.img")
 
+    def _tmp(self, spec: DiskSpec, volume_id: str) -> str:
+        return os.path.join(self._dir(spec), f".{volume_id}.img.creating")
+
     def _meta(self, spec: DiskSpec, volume_id: str) -> str:
         return os.path.join(self._dir(spec), f"{volume_id}.json")
+
+
+def _space_error(exc: BaseException, disk: str, doing: str, size: int) -> BaseException:
+    """ENOSPC/EDQUOT as ``ResourceExhausted``, EFBIG as ``InvalidArgument``; anything else as it is."""
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return ResourceExhausted(f"disk {disk} ran out of space {doing}")
+    if isinstance(exc, OSError) and exc.errno == errno.EFBIG:
+        return InvalidArgument(f"{size} bytes is too large for disk {disk}'s filesystem")
+    return exc
 
 
 def _unlink(path: str) -> None:

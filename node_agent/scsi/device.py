@@ -106,6 +106,9 @@ class LogicalUnit:
         self._ua_pending = 0  # how many nexuses have a unit attention queued (fast-path test)
         self._fua_always = False  # WCE=0 in the caching mode page
         self._range_threshold = settings.file_range_threshold
+        # I/O counters (read by the agent's metrics at scrape time): READ and WRITE commands that
+        # reached the medium and the bytes they moved; plain ints bumped on the portal's loop thread.
+        self.read_commands = self.read_bytes = self.write_commands = self.write_bytes = 0
 
     # -- the dispatcher --------------------------------------------------------
     def execute(self, nexus: Nexus, cdb, data_out, expected_length: int) -> ScsiResult:
@@ -138,6 +141,10 @@ class LogicalUnit:
             log.exception("SCSI command %s failed", bytes(cdb[:16]).hex())
             return ScsiResult(CHECK_CONDITION, sense=build_sense(S.INTERNAL_TARGET_FAILURE,
                                                                  descriptor=self.mode.d_sense))
+
+    def io_counters(self) -> tuple[int, int, int, int]:
+        """(read commands, read bytes, write commands, write bytes) since the unit was opened."""
+        return self.read_commands, self.read_bytes, self.write_commands, self.write_bytes
 
     # -- helpers for handlers ----------------------------------------------------
     def check_range(self, lba: int, count: int) -> None:

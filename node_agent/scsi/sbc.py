@@ -42,6 +42,8 @@ def _transfer(lu, lba: int, count: int, length_pointer: int) -> None:
 def _read(lu, lba: int, count: int):
     bs = lu.block_size
     length = count * bs
+    lu.read_commands += 1
+    lu.read_bytes += length
     fd = lu.backing.fd
     if length >= lu._range_threshold and fd is not None:
         return FileRange(fd, lba * bs, length)
@@ -71,13 +73,15 @@ def read(lu, nexus, cdb, data_out, edtl):
 def _write(lu, lba: int, count: int, data_out, fua: bool):
     """Write the whole blocks of ``data_out`` (at most ``count``); report ``count`` blocks as wanted."""
     bs = lu.block_size
-    want = count * bs
+    want = written = count * bs
     got = 0 if data_out is None else len(data_out)
     if got != want:
-        usable = min(got, want) // bs * bs
-        data_out = memoryview(data_out)[:usable] if usable else None
+        written = min(got, want) // bs * bs
+        data_out = memoryview(data_out)[:written] if written else None
     if data_out is not None:
         lu.backing.write(lba * bs, data_out, fua or lu._fua_always)
+    lu.write_commands += 1
+    lu.write_bytes += written
     return want
 
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import socket
@@ -223,10 +224,43 @@ def test_attach_to_an_unhealthy_node_is_refused(served, stubs):
     assert admin.GetNode(admin_pb2.GetNodeRequest(id="node-b")).health == "unhealthy"
 
 
-def test_snapshots_unimplemented_and_bugs_internal(served, stubs, monkeypatch, caplog):
+def test_snapshots_and_clones_over_grpc(served, stubs):
+    """CreateSnapshot/GetSnapshot/ListSnapshots/CloneVolume/DeleteSnapshot: answers, progress, codes."""
+    admin, registration = stubs
+    register(registration, "node-a")
+    admin.CreateVolume(admin_pb2.CreateVolumeRequest(name="vol1", size_bytes=GiB))
+    served.agents.copy_steps = 2  # background copies, done after two looks
+    snap = admin.CreateSnapshot(admin_pb2.CreateSnapshotRequest(name="snap1", volume="vol1"))
+    assert (snap.volume, snap.size_bytes, snap.state, snap.owner_node, snap.disk) == (
+        "vol1", GiB, "creating", "node-a", "data0")
+    assert admin.GetSnapshot(admin_pb2.GetSnapshotRequest(name="snap1")).progress == 0.5
+    listed = admin.ListSnapshots(admin_pb2.ListSnapshotsRequest(volume="vol1")).snapshots
+    assert [(s.name, s.state, s.progress) for s in listed] == [("snap1", "ready", 1.0)]
+    assert admin.ListSnapshots(admin_pb2.ListSnapshotsRequest(volume="vol9")).snapshots == []
+    code, details = code_of(admin.CreateSnapshot, admin_pb2.CreateSnapshotRequest(name="snap1", volume="vol2"))
+    assert code == grpc.StatusCode.ALREADY_EXISTS and "of volume vol1" in details
+    code, details = code_of(admin.CreateSnapshot, admin_pb2.CreateSnapshotRequest(name="snap2"))
+    assert (code, details) == (grpc.StatusCode.INVALID_ARGUMENT, "volume is required")
+
+    clone = admin.CloneVolume(admin_pb2.CloneVolumeRequest(name="vol2", source="snap1"))
+    assert (clone.state, clone.source, clone.owner_node, clone.progress) == (
+        "creating", "snapshot/snap1", "node-a", 0.0)
+    assert admin.GetVolume(admin_pb2.GetVolumeRequest(name="vol2")).progress == 0.5
+    listed = admin.ListVolumes(admin_pb2.ListVolumesRequest()).volumes
+    assert [(v.name, v.progress) for v in listed] == [("vol1", 0.0), ("vol2", 0.5)]
+    code, details = code_of(admin.DeleteSnapshot, admin_pb2.DeleteSnapshotRequest(name="snap1"))
+    assert code == grpc.StatusCode.FAILED_PRECONDITION and "being cloned to vol2" in details
+    assert admin.GetVolume(admin_pb2.GetVolumeRequest(name="vol2")).state == "available"
+    code, details = code_of(admin.DeleteVolume, admin_pb2.DeleteVolumeRequest(name="vol1"))
+    assert code == grpc.StatusCode.FAILED_PRECONDITION and "has snapshots (snap1)" in details
+    admin.DeleteSnapshot(admin_pb2.DeleteSnapshotRequest(name="snap1"))
+    admin.DeleteSnapshot(admin_pb2.DeleteSnapshotRequest(name="snap1"))  # repeat: OK
+    code, _ = code_of(admin.GetSnapshot, admin_pb2.GetSnapshotRequest(name="snap1"))
+    assert code == grpc.StatusCode.NOT_FOUND
+
+
+def test_unimplemented_and_bugs_internal(served, stubs, monkeypatch, caplog):
     admin, _ = stubs
-    code, details = code_of(admin.ListSnapshots, admin_pb2.ListSnapshotsRequest())
-    assert code == grpc.StatusCode.UNIMPLEMENTED and "not implemented" in details
     assert grpc_status(Unimplemented("x"))[0] == grpc.StatusCode.UNIMPLEMENTED
 
     def broken(*_):
@@ -427,7 +461,8 @@ def _start_up(tmp_path, context):
     env = dict(os.environ, SHOAL_CONTEXT=str(context), PYTHONPATH=str(REPO))
     env.pop("SHOAL_CONTROLLER", None)
     args = [sys.executable, "-m", "node_agent.cli", "up", "--data-dir", str(tmp_path / "state"), "--node-id", "solo",
-            "--controller", "127.0.0.1:0", "--agent", "127.0.0.1:0", "--portal", "127.0.0.1:0"]
+            "--controller", "127.0.0.1:0", "--agent", "127.0.0.1:0", "--portal", "127.0.0.1:0",
+            "--controller-metrics", "127.0.0.1:0", "--agent-metrics", "127.0.0.1:0"]
     process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path)
     deadline = time.monotonic() + 60
     while not context.exists():
@@ -459,6 +494,8 @@ def test_shoal_up_runs_a_pool_and_a_restart_keeps_it(tmp_path):
         out, err = process.communicate(timeout=60)
         assert process.returncode == 0, err
         assert "shoalctl status" in out and "stopping" in err
+        assert re.search(r"Prometheus metrics: controller http://127\.0\.0\.1:\d+/metrics, "
+                         r"agent http://127\.0\.0\.1:\d+/metrics", out), out
         with pytest.raises(ProcessLookupError):
             os.kill(controller_pid, 0)  # the children went with it
     finally:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -35,6 +36,12 @@ class Daemon:
 
     def stop(self) -> None:
         stop_process(self.process)
+
+    def kill(self) -> None:
+        """SIGKILL by PID, as a crash: nothing of the process's own shutdown runs."""
+        if self.process.poll() is None:
+            os.kill(self.process.pid, signal.SIGKILL)
+        self.process.wait(10)
 
 
 def _env() -> dict[str, str]:
@@ -67,18 +74,23 @@ def start_controller(workdir: Path, *, listen: str = "127.0.0.1:0", heartbeat_in
                     "--loop-interval", str(loop_interval), *extra_args]
     log_path = workdir / "controller.log"
     process, ready = _start("shoal controller", args, workdir / "controller.ready", log_path, timeout)
-    return Daemon(ready["controller"], process, log_path)
+    return Daemon(ready["controller"], process, log_path, {"metrics": ready.get("metrics", "")})
 
 
-def start_agent(workdir: Path, node_id: str, controller: str, *, timeout: float = 20.0) -> Daemon:
-    """``shoal agent`` with its own data directory, disk, AgentService port and iSCSI portal on 127.0.0.1."""
+def start_agent(workdir: Path, node_id: str, controller: str, *, listen: str = "127.0.0.1:0",
+                portal: str = "127.0.0.1:0", extra_args: list[str] = (), timeout: float = 20.0) -> Daemon:
+    """``shoal agent`` with its own data directory, disk, AgentService port and iSCSI portal on 127.0.0.1.
+
+    Fixed ``listen``/``portal`` ports let a test restart an agent where its consumers and the controller
+    expect it (the same ``workdir`` keeps its data directory and disk)."""
     workdir.mkdir(parents=True, exist_ok=True)
     args = SHOAL + ["-v", "agent", "--node-id", node_id, "--data-dir", str(workdir / "data"),
-                    "--disk", f"data0={workdir / 'disk0'}", "--listen", "127.0.0.1:0", "--portal", "127.0.0.1:0",
-                    "--controller", controller]
+                    "--disk", f"data0={workdir / 'disk0'}", "--listen", listen, "--portal", portal,
+                    "--controller", controller, *extra_args]
     log_path = workdir / "agent.log"
     process, ready = _start(f"shoal agent {node_id}", args, workdir / "agent.ready", log_path, timeout)
-    return Daemon(ready["agent"], process, log_path, {"portal": ready["portal"], "node_id": node_id})
+    return Daemon(ready["agent"], process, log_path, {"portal": ready["portal"], "node_id": node_id,
+                                                      "metrics": ready.get("metrics", "")})
 
 
 @contextlib.contextmanager

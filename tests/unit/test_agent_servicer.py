@@ -211,3 +211,52 @@ def test_every_agent_error_has_a_code():
     assert {code for _, code in GRPC_CODES} >= {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.UNAVAILABLE}
     assert grpc_status(OSError(28, "No space left on device"))[0] == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert grpc_status(KeyError("x")) is None
+
+
+# ---------------------------------------------------------------------------- snapshots and clones
+
+
+def test_snapshot_clone_and_their_rpcs(agent, tmp_path):
+    """CreateSnapshot of an exported volume (its LUN held still on the portal's loop), GetSnapshot, a clone
+    of the snapshot (CreateVolume with source_snapshot_id), GetVolume, GetState, DeleteSnapshot repeats."""
+    agent.CreateVolume(pb.CreateVolumeRequest(volume_id="vol-1", size_bytes=MiB, thin=True))
+    agent.ExportVolume(pb.ExportVolumeRequest(volume_id="vol-1", initiator_iqn=X, chap_user="u", chap_secret=SECRET))
+    snap = agent.CreateSnapshot(pb.CreateSnapshotRequest(snapshot_id="snap-1", volume_id="vol-1"))
+    assert (snap.volume_id, snap.size_bytes, snap.state, snap.progress) == ("vol-1", MiB, "ready", 1.0)
+    assert agent.CreateSnapshot(pb.CreateSnapshotRequest(snapshot_id="snap-1", volume_id="vol-1")) == snap
+    assert agent.GetSnapshot(pb.GetSnapshotRequest(snapshot_id="snap-1")) == snap
+    clone = agent.CreateVolume(pb.CreateVolumeRequest(volume_id="vol-2", source_snapshot_id="snap-1", thin=True))
+    assert (clone.size_bytes, clone.state) == (MiB, "ready")
+    assert agent.GetVolume(pb.GetVolumeRequest(volume_id="vol-2")) == clone
+    got = state(agent)
+    assert [s.snapshot_id for s in got.snapshots] == ["snap-1"]
+    assert [v.volume_id for v in got.volumes] == ["vol-1", "vol-2"]
+    agent.DeleteSnapshot(pb.DeleteSnapshotRequest(snapshot_id="snap-1"))
+    agent.DeleteSnapshot(pb.DeleteSnapshotRequest(snapshot_id="snap-1"))  # repeat: OK
+    assert code_of(agent.GetSnapshot, pb.GetSnapshotRequest(snapshot_id="snap-1"))[0] == grpc.StatusCode.NOT_FOUND
+    assert code_of(agent.GetVolume, pb.GetVolumeRequest(volume_id="vol-9"))[0] == grpc.StatusCode.NOT_FOUND
+
+
+@pytest.mark.parametrize("request_, message", [
+    (pb.CreateSnapshotRequest(volume_id="vol-1"), "snapshot_id is required"),
+    (pb.CreateSnapshotRequest(snapshot_id="snap-1"), "volume_id is required"),
+    (pb.CreateSnapshotRequest(snapshot_id="Snap", volume_id="vol-1"), "snapshot_id 'Snap'"),
+])
+def test_create_snapshot_validation(agent, request_, message):
+    code, details = code_of(agent.CreateSnapshot, request_)
+    assert code == INVALID and message in details
+
+
+def test_snapshot_errors(agent):
+    assert code_of(agent.CreateSnapshot, pb.CreateSnapshotRequest(snapshot_id="s", volume_id="vol-9"))[0] == \
+        grpc.StatusCode.NOT_FOUND
+    agent.CreateVolume(pb.CreateVolumeRequest(volume_id="vol-1", size_bytes=MiB, thin=True))
+    agent.CreateVolume(pb.CreateVolumeRequest(volume_id="vol-3", size_bytes=MiB, thin=True))
+    agent.CreateSnapshot(pb.CreateSnapshotRequest(snapshot_id="s", volume_id="vol-1"))
+    assert code_of(agent.CreateSnapshot, pb.CreateSnapshotRequest(snapshot_id="s", volume_id="vol-3"))[0] == \
+        grpc.StatusCode.ALREADY_EXISTS
+    code, details = code_of(agent.CreateVolume, pb.CreateVolumeRequest(
+        volume_id="vol-2", source_volume_id="vol-1", source_snapshot_id="s"))
+    assert code == INVALID and "not both" in details
+    assert code_of(agent.CreateVolume, pb.CreateVolumeRequest(volume_id="vol-2", source_snapshot_id="nope"))[0] == \
+        grpc.StatusCode.NOT_FOUND

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+import time
 from dataclasses import replace
 
 import pytest
@@ -50,6 +52,24 @@ def test_finishes_a_create_the_controller_did_not_finish(env):
     assert env.svc.reconcile_once() == [f"created volume vol-1 on {row.owner_node}/data0"]
     assert env.store.get_volume("vol-1").state == AVAILABLE
     assert row.id in env.agents.agent(row.owner_node).volumes
+
+
+def test_a_create_finished_meanwhile_is_not_reported(env):
+    """Reconcile waits for the create in flight (the volume's lock), looks again, and claims nothing."""
+    env.svc.create_volume("vol-0", GiB)
+    row = env.svc.create_volume("vol-1", GiB)
+    env.store.put_volume(replace(row, state=CREATING))
+    result = []
+    with env.svc._volume_locks.hold("vol-1"):  # as if a create of vol-1 were in flight
+        worker = threading.Thread(target=lambda: result.append(env.svc.reconcile_once()))
+        worker.start()
+        deadline = time.monotonic() + 10
+        while env.svc._volume_locks._locks["vol-1"][1] < 2 and time.monotonic() < deadline:
+            time.sleep(0.001)  # until reconcile waits for the lock
+        env.store.put_volume(row)  # ...and that create finishes
+    worker.join(10)
+    assert result == [[]]
+    assert env.store.get_volume("vol-1").state == AVAILABLE
 
 
 def test_finishes_deletes_and_detaches(env):

@@ -158,3 +158,39 @@ def test_threads_share_a_store(store):
     for t in threads:
         t.join()
     assert len(store.list_volumes()) == 80 and len(store.list_operations(limit=1000)) == 80
+
+
+def snapshot(name="snap-1", snap_id=None, volume_name="vol-1", **kw):
+    from controller.domain.model import Snapshot
+
+    fields = dict(name=name, id=snap_id or f"sid-{name}", volume=volume_name, volume_id=f"id-{volume_name}",
+                  size_bytes=1 << 30, owner_node="node-a", disk="data0", state=CREATING, created_at=1000.0)
+    fields.update(kw)
+    return Snapshot(**fields)
+
+
+def test_snapshots_round_trip(store):
+    a, b = snapshot("snap-b", volume_name="vol-2"), snapshot("snap-a", progress=0.25, message="")
+    store.put_snapshot(a)
+    store.put_snapshot(b)
+    assert store.get_snapshot("snap-b") == a
+    assert store.list_snapshots() == [b, a]
+    assert store.list_snapshots(volume="vol-1") == [b]
+    done = b.__class__(**{**b.__dict__, "state": "error", "progress": 0.5, "message": "copy failed: EIO"})
+    store.put_snapshot(done)
+    assert store.get_snapshot("snap-a") == done
+    with pytest.raises(ValueError):
+        store.put_snapshot(snapshot("snap-c", snap_id=a.id))  # ids are unique
+    store.delete_snapshot("snap-b")
+    store.delete_snapshot("snap-b")  # missing: no-op
+    assert store.get_snapshot("snap-b") is None and store.list_snapshots() == [done]
+
+
+def test_a_failed_transaction_leaves_snapshots_as_they_were(store):
+    store.put_snapshot(snapshot())
+    with pytest.raises(RuntimeError):
+        with store.transaction():
+            store.delete_snapshot("snap-1")
+            store.put_snapshot(snapshot("snap-2"))
+            raise RuntimeError("boom")
+    assert [s.name for s in store.list_snapshots()] == ["snap-1"]

@@ -59,3 +59,30 @@ def test_two_connections_see_each_others_commits(tmp_path):
     assert two.get_pool("p1") is not None
     one.close()
     two.close()
+
+
+def test_a_database_of_schema_1_gets_the_snapshots_table_and_keeps_its_rows(tmp_path):
+    """Migration 2 (snapshots) on a file written before it: applied once, the volumes still there."""
+    from controller.domain.model import READY, Snapshot
+    from controller.store.sqlite import _statements
+
+    path = str(tmp_path / "old.db")
+    db = sqlite3.connect(path)
+    db.execute("CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY, description TEXT NOT NULL, "
+               "applied_at REAL NOT NULL)")
+    for statement in _statements(MIGRATIONS[0][2]):
+        db.execute(statement)
+    db.execute("INSERT INTO schema_migrations VALUES (1, ?, 0)", (MIGRATIONS[0][1],))
+    db.execute("INSERT INTO volumes VALUES ('vol-1', 'id-1', 4096, 'default', 'node-a', 'data0', 'available', 1, "
+               "1.0, '')")
+    db.commit()
+    db.close()
+    store = SqliteStore(path)
+    try:
+        assert store.schema_version() == MIGRATIONS[-1][0] >= 2
+        assert store.get_volume("vol-1").state == AVAILABLE
+        snap = Snapshot("snap-1", "sid-1", "vol-1", "id-1", 4096, "node-a", "data0", READY, 2.0, 1.0)
+        store.put_snapshot(snap)
+        assert store.list_snapshots("vol-1") == [snap]
+    finally:
+        store.close()

@@ -109,7 +109,7 @@ class DeletePoolResponse(_message.Message):
     def __init__(self) -> None: ...
 
 class Volume(_message.Message):
-    __slots__ = ("name", "id", "size_bytes", "pool", "owner_node", "disk", "state", "thin", "attached_nodes", "source")
+    __slots__ = ("name", "id", "size_bytes", "pool", "owner_node", "disk", "state", "thin", "attached_nodes", "source", "progress")
     NAME_FIELD_NUMBER: _ClassVar[int]
     ID_FIELD_NUMBER: _ClassVar[int]
     SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
@@ -120,6 +120,7 @@ class Volume(_message.Message):
     THIN_FIELD_NUMBER: _ClassVar[int]
     ATTACHED_NODES_FIELD_NUMBER: _ClassVar[int]
     SOURCE_FIELD_NUMBER: _ClassVar[int]
+    PROGRESS_FIELD_NUMBER: _ClassVar[int]
     name: str
     id: str
     size_bytes: int
@@ -130,7 +131,8 @@ class Volume(_message.Message):
     thin: bool
     attached_nodes: _containers.RepeatedScalarFieldContainer[str]
     source: str
-    def __init__(self, name: _Optional[str] = ..., id: _Optional[str] = ..., size_bytes: _Optional[int] = ..., pool: _Optional[str] = ..., owner_node: _Optional[str] = ..., disk: _Optional[str] = ..., state: _Optional[str] = ..., thin: _Optional[bool] = ..., attached_nodes: _Optional[_Iterable[str]] = ..., source: _Optional[str] = ...) -> None: ...
+    progress: float
+    def __init__(self, name: _Optional[str] = ..., id: _Optional[str] = ..., size_bytes: _Optional[int] = ..., pool: _Optional[str] = ..., owner_node: _Optional[str] = ..., disk: _Optional[str] = ..., state: _Optional[str] = ..., thin: _Optional[bool] = ..., attached_nodes: _Optional[_Iterable[str]] = ..., source: _Optional[str] = ..., progress: _Optional[float] = ...) -> None: ...
 
 class CreateVolumeRequest(_message.Message):
     __slots__ = ("name", "size_bytes", "pool", "thick", "constraints")
@@ -224,18 +226,26 @@ class DetachVolumeResponse(_message.Message):
     def __init__(self) -> None: ...
 
 class Snapshot(_message.Message):
-    __slots__ = ("name", "volume", "size_bytes", "state", "progress")
+    __slots__ = ("name", "volume", "size_bytes", "state", "progress", "id", "owner_node", "disk", "message")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VOLUME_FIELD_NUMBER: _ClassVar[int]
     SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     PROGRESS_FIELD_NUMBER: _ClassVar[int]
+    ID_FIELD_NUMBER: _ClassVar[int]
+    OWNER_NODE_FIELD_NUMBER: _ClassVar[int]
+    DISK_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
     name: str
     volume: str
     size_bytes: int
     state: str
     progress: float
-    def __init__(self, name: _Optional[str] = ..., volume: _Optional[str] = ..., size_bytes: _Optional[int] = ..., state: _Optional[str] = ..., progress: _Optional[float] = ...) -> None: ...
+    id: str
+    owner_node: str
+    disk: str
+    message: str
+    def __init__(self, name: _Optional[str] = ..., volume: _Optional[str] = ..., size_bytes: _Optional[int] = ..., state: _Optional[str] = ..., progress: _Optional[float] = ..., id: _Optional[str] = ..., owner_node: _Optional[str] = ..., disk: _Optional[str] = ..., message: _Optional[str] = ...) -> None: ...
 
 class CreateSnapshotRequest(_message.Message):
     __slots__ = ("name", "volume")
@@ -256,6 +266,12 @@ class ListSnapshotsResponse(_message.Message):
     SNAPSHOTS_FIELD_NUMBER: _ClassVar[int]
     snapshots: _containers.RepeatedCompositeFieldContainer[Snapshot]
     def __init__(self, snapshots: _Optional[_Iterable[_Union[Snapshot, _Mapping]]] = ...) -> None: ...
+
+class GetSnapshotRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
 
 class DeleteSnapshotRequest(_message.Message):
     __slots__ = ("name",)

@@ -119,6 +119,11 @@ class AdminServiceStub:
                 request_serializer=protos_dot_shoal_dot_v1_dot_admin__pb2.CloneVolumeRequest.SerializeToString,
                 response_deserializer=protos_dot_shoal_dot_v1_dot_admin__pb2.Volume.FromString,
                 _registered_method=True)
+        self.GetSnapshot = channel.unary_unary(
+                '/shoal.admin.v1.AdminService/GetSnapshot',
+                request_serializer=protos_dot_shoal_dot_v1_dot_admin__pb2.GetSnapshotRequest.SerializeToString,
+                response_deserializer=protos_dot_shoal_dot_v1_dot_admin__pb2.Snapshot.FromString,
+                _registered_method=True)
         self.GetStatus = channel.unary_unary(
                 '/shoal.admin.v1.AdminService/GetStatus',
                 request_serializer=protos_dot_shoal_dot_v1_dot_admin__pb2.GetStatusRequest.SerializeToString,
@@ -235,14 +240,21 @@ class AdminServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def DeleteSnapshot(self, request, context):
-        """repeat: OK
+        """repeat: OK; refused while cloned from
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def CloneVolume(self, request, context):
-        """idempotent by name
+        """idempotent by name; on the source's node
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetSnapshot(self, request, context):
+        """read-only
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -342,6 +354,11 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.CloneVolume,
                     request_deserializer=protos_dot_shoal_dot_v1_dot_admin__pb2.CloneVolumeRequest.FromString,
                     response_serializer=protos_dot_shoal_dot_v1_dot_admin__pb2.Volume.SerializeToString,
+            ),
+            'GetSnapshot': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetSnapshot,
+                    request_deserializer=protos_dot_shoal_dot_v1_dot_admin__pb2.GetSnapshotRequest.FromString,
+                    response_serializer=protos_dot_shoal_dot_v1_dot_admin__pb2.Snapshot.SerializeToString,
             ),
             'GetStatus': grpc.unary_unary_rpc_method_handler(
                     servicer.GetStatus,
@@ -808,6 +825,33 @@ class AdminService:
             '/shoal.admin.v1.AdminService/CloneVolume',
             protos_dot_shoal_dot_v1_dot_admin__pb2.CloneVolumeRequest.SerializeToString,
             protos_dot_shoal_dot_v1_dot_admin__pb2.Volume.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetSnapshot(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/shoal.admin.v1.AdminService/GetSnapshot',
+            protos_dot_shoal_dot_v1_dot_admin__pb2.GetSnapshotRequest.SerializeToString,
+            protos_dot_shoal_dot_v1_dot_admin__pb2.Snapshot.FromString,
             options,
             channel_credentials,
             insecure,

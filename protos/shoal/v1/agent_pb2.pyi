@@ -8,32 +8,94 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class VolumeInfo(_message.Message):
-    __slots__ = ("volume_id", "size_bytes", "disk", "path", "allocated_bytes")
+    __slots__ = ("volume_id", "size_bytes", "disk", "path", "allocated_bytes", "state", "progress", "message")
     VOLUME_ID_FIELD_NUMBER: _ClassVar[int]
     SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
     DISK_FIELD_NUMBER: _ClassVar[int]
     PATH_FIELD_NUMBER: _ClassVar[int]
     ALLOCATED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    PROGRESS_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
     volume_id: str
     size_bytes: int
     disk: str
     path: str
     allocated_bytes: int
-    def __init__(self, volume_id: _Optional[str] = ..., size_bytes: _Optional[int] = ..., disk: _Optional[str] = ..., path: _Optional[str] = ..., allocated_bytes: _Optional[int] = ...) -> None: ...
+    state: str
+    progress: float
+    message: str
+    def __init__(self, volume_id: _Optional[str] = ..., size_bytes: _Optional[int] = ..., disk: _Optional[str] = ..., path: _Optional[str] = ..., allocated_bytes: _Optional[int] = ..., state: _Optional[str] = ..., progress: _Optional[float] = ..., message: _Optional[str] = ...) -> None: ...
+
+class SnapshotInfo(_message.Message):
+    __slots__ = ("snapshot_id", "volume_id", "size_bytes", "disk", "path", "allocated_bytes", "state", "progress", "message", "method")
+    SNAPSHOT_ID_FIELD_NUMBER: _ClassVar[int]
+    VOLUME_ID_FIELD_NUMBER: _ClassVar[int]
+    SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    DISK_FIELD_NUMBER: _ClassVar[int]
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    ALLOCATED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    PROGRESS_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    METHOD_FIELD_NUMBER: _ClassVar[int]
+    snapshot_id: str
+    volume_id: str
+    size_bytes: int
+    disk: str
+    path: str
+    allocated_bytes: int
+    state: str
+    progress: float
+    message: str
+    method: str
+    def __init__(self, snapshot_id: _Optional[str] = ..., volume_id: _Optional[str] = ..., size_bytes: _Optional[int] = ..., disk: _Optional[str] = ..., path: _Optional[str] = ..., allocated_bytes: _Optional[int] = ..., state: _Optional[str] = ..., progress: _Optional[float] = ..., message: _Optional[str] = ..., method: _Optional[str] = ...) -> None: ...
 
 class CreateVolumeRequest(_message.Message):
-    __slots__ = ("volume_id", "size_bytes", "disk", "thin", "source_volume_id")
+    __slots__ = ("volume_id", "size_bytes", "disk", "thin", "source_volume_id", "source_snapshot_id")
     VOLUME_ID_FIELD_NUMBER: _ClassVar[int]
     SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
     DISK_FIELD_NUMBER: _ClassVar[int]
     THIN_FIELD_NUMBER: _ClassVar[int]
     SOURCE_VOLUME_ID_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_SNAPSHOT_ID_FIELD_NUMBER: _ClassVar[int]
     volume_id: str
     size_bytes: int
     disk: str
     thin: bool
     source_volume_id: str
-    def __init__(self, volume_id: _Optional[str] = ..., size_bytes: _Optional[int] = ..., disk: _Optional[str] = ..., thin: _Optional[bool] = ..., source_volume_id: _Optional[str] = ...) -> None: ...
+    source_snapshot_id: str
+    def __init__(self, volume_id: _Optional[str] = ..., size_bytes: _Optional[int] = ..., disk: _Optional[str] = ..., thin: _Optional[bool] = ..., source_volume_id: _Optional[str] = ..., source_snapshot_id: _Optional[str] = ...) -> None: ...
+
+class GetVolumeRequest(_message.Message):
+    __slots__ = ("volume_id",)
+    VOLUME_ID_FIELD_NUMBER: _ClassVar[int]
+    volume_id: str
+    def __init__(self, volume_id: _Optional[str] = ...) -> None: ...
+
+class CreateSnapshotRequest(_message.Message):
+    __slots__ = ("snapshot_id", "volume_id")
+    SNAPSHOT_ID_FIELD_NUMBER: _ClassVar[int]
+    VOLUME_ID_FIELD_NUMBER: _ClassVar[int]
+    snapshot_id: str
+    volume_id: str
+    def __init__(self, snapshot_id: _Optional[str] = ..., volume_id: _Optional[str] = ...) -> None: ...
+
+class DeleteSnapshotRequest(_message.Message):
+    __slots__ = ("snapshot_id",)
+    SNAPSHOT_ID_FIELD_NUMBER: _ClassVar[int]
+    snapshot_id: str
+    def __init__(self, snapshot_id: _Optional[str] = ...) -> None: ...
+
+class DeleteSnapshotResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class GetSnapshotRequest(_message.Message):
+    __slots__ = ("snapshot_id",)
+    SNAPSHOT_ID_FIELD_NUMBER: _ClassVar[int]
+    snapshot_id: str
+    def __init__(self, snapshot_id: _Optional[str] = ...) -> None: ...
 
 class DeleteVolumeRequest(_message.Message):
     __slots__ = ("volume_id",)
@@ -128,18 +190,20 @@ class Attachment(_message.Message):
     def __init__(self, volume_id: _Optional[str] = ..., device_path: _Optional[str] = ..., mode: _Optional[str] = ...) -> None: ...
 
 class AgentState(_message.Message):
-    __slots__ = ("node_id", "volumes", "exports", "attachments", "disks")
+    __slots__ = ("node_id", "volumes", "exports", "attachments", "disks", "snapshots")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     VOLUMES_FIELD_NUMBER: _ClassVar[int]
     EXPORTS_FIELD_NUMBER: _ClassVar[int]
     ATTACHMENTS_FIELD_NUMBER: _ClassVar[int]
     DISKS_FIELD_NUMBER: _ClassVar[int]
+    SNAPSHOTS_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     volumes: _containers.RepeatedCompositeFieldContainer[VolumeInfo]
     exports: _containers.RepeatedCompositeFieldContainer[_common_pb2.ExportInfo]
     attachments: _containers.RepeatedCompositeFieldContainer[Attachment]
     disks: _containers.RepeatedCompositeFieldContainer[_common_pb2.Disk]
-    def __init__(self, node_id: _Optional[str] = ..., volumes: _Optional[_Iterable[_Union[VolumeInfo, _Mapping]]] = ..., exports: _Optional[_Iterable[_Union[_common_pb2.ExportInfo, _Mapping]]] = ..., attachments: _Optional[_Iterable[_Union[Attachment, _Mapping]]] = ..., disks: _Optional[_Iterable[_Union[_common_pb2.Disk, _Mapping]]] = ...) -> None: ...
+    snapshots: _containers.RepeatedCompositeFieldContainer[SnapshotInfo]
+    def __init__(self, node_id: _Optional[str] = ..., volumes: _Optional[_Iterable[_Union[VolumeInfo, _Mapping]]] = ..., exports: _Optional[_Iterable[_Union[_common_pb2.ExportInfo, _Mapping]]] = ..., attachments: _Optional[_Iterable[_Union[Attachment, _Mapping]]] = ..., disks: _Optional[_Iterable[_Union[_common_pb2.Disk, _Mapping]]] = ..., snapshots: _Optional[_Iterable[_Union[SnapshotInfo, _Mapping]]] = ...) -> None: ...
 
 class RegisterRequest(_message.Message):
     __slots__ = ("node_id", "initiator_iqn", "agent_address", "portals", "labels", "disks")

@@ -71,10 +71,30 @@ class AgentServiceStub:
                 request_serializer=protos_dot_shoal_dot_v1_dot_agent__pb2.DetachVolumeRequest.SerializeToString,
                 response_deserializer=protos_dot_shoal_dot_v1_dot_agent__pb2.DetachVolumeResponse.FromString,
                 _registered_method=True)
+        self.GetVolume = channel.unary_unary(
+                '/shoal.agent.v1.AgentService/GetVolume',
+                request_serializer=protos_dot_shoal_dot_v1_dot_agent__pb2.GetVolumeRequest.SerializeToString,
+                response_deserializer=protos_dot_shoal_dot_v1_dot_agent__pb2.VolumeInfo.FromString,
+                _registered_method=True)
         self.GetState = channel.unary_unary(
                 '/shoal.agent.v1.AgentService/GetState',
                 request_serializer=protos_dot_shoal_dot_v1_dot_agent__pb2.GetStateRequest.SerializeToString,
                 response_deserializer=protos_dot_shoal_dot_v1_dot_agent__pb2.AgentState.FromString,
+                _registered_method=True)
+        self.CreateSnapshot = channel.unary_unary(
+                '/shoal.agent.v1.AgentService/CreateSnapshot',
+                request_serializer=protos_dot_shoal_dot_v1_dot_agent__pb2.CreateSnapshotRequest.SerializeToString,
+                response_deserializer=protos_dot_shoal_dot_v1_dot_agent__pb2.SnapshotInfo.FromString,
+                _registered_method=True)
+        self.DeleteSnapshot = channel.unary_unary(
+                '/shoal.agent.v1.AgentService/DeleteSnapshot',
+                request_serializer=protos_dot_shoal_dot_v1_dot_agent__pb2.DeleteSnapshotRequest.SerializeToString,
+                response_deserializer=protos_dot_shoal_dot_v1_dot_agent__pb2.DeleteSnapshotResponse.FromString,
+                _registered_method=True)
+        self.GetSnapshot = channel.unary_unary(
+                '/shoal.agent.v1.AgentService/GetSnapshot',
+                request_serializer=protos_dot_shoal_dot_v1_dot_agent__pb2.GetSnapshotRequest.SerializeToString,
+                response_deserializer=protos_dot_shoal_dot_v1_dot_agent__pb2.SnapshotInfo.FromString,
                 _registered_method=True)
 
 
@@ -136,8 +156,40 @@ class AgentServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetVolume(self, request, context):
+        """One volume, with the progress of a clone still being copied. Read-only; NOT_FOUND when absent.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetState(self, request, context):
-        """What this agent has: volumes, exports, attachments (observed state for reconcile). Read-only.
+        """What this agent has: volumes, snapshots, exports, attachments (observed state for reconcile). Read-only.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CreateSnapshot(self, request, context):
+        """Take a read-only point-in-time copy of a volume, on the volume's disk: a reflink (FICLONE) where the
+        filesystem shares extents, else a full copy in the background (state "copying", with progress).
+        Crash-consistent for an exported volume: no write of its LUN falls between the flush and the copy's
+        point in time.  Repeat with the same volume: the snapshot as it is now; ALREADY_EXISTS for another volume.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteSnapshot(self, request, context):
+        """Delete a snapshot (a copy still running is stopped). Repeat / unknown id: OK.
+        FAILED_PRECONDITION while a clone is being copied from it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetSnapshot(self, request, context):
+        """One snapshot and the progress of its copy. Read-only; NOT_FOUND when absent.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -181,10 +233,30 @@ def add_AgentServiceServicer_to_server(servicer, server):
                     request_deserializer=protos_dot_shoal_dot_v1_dot_agent__pb2.DetachVolumeRequest.FromString,
                     response_serializer=protos_dot_shoal_dot_v1_dot_agent__pb2.DetachVolumeResponse.SerializeToString,
             ),
+            'GetVolume': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetVolume,
+                    request_deserializer=protos_dot_shoal_dot_v1_dot_agent__pb2.GetVolumeRequest.FromString,
+                    response_serializer=protos_dot_shoal_dot_v1_dot_agent__pb2.VolumeInfo.SerializeToString,
+            ),
             'GetState': grpc.unary_unary_rpc_method_handler(
                     servicer.GetState,
                     request_deserializer=protos_dot_shoal_dot_v1_dot_agent__pb2.GetStateRequest.FromString,
                     response_serializer=protos_dot_shoal_dot_v1_dot_agent__pb2.AgentState.SerializeToString,
+            ),
+            'CreateSnapshot': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateSnapshot,
+                    request_deserializer=protos_dot_shoal_dot_v1_dot_agent__pb2.CreateSnapshotRequest.FromString,
+                    response_serializer=protos_dot_shoal_dot_v1_dot_agent__pb2.SnapshotInfo.SerializeToString,
+            ),
+            'DeleteSnapshot': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteSnapshot,
+                    request_deserializer=protos_dot_shoal_dot_v1_dot_agent__pb2.DeleteSnapshotRequest.FromString,
+                    response_serializer=protos_dot_shoal_dot_v1_dot_agent__pb2.DeleteSnapshotResponse.SerializeToString,
+            ),
+            'GetSnapshot': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetSnapshot,
+                    request_deserializer=protos_dot_shoal_dot_v1_dot_agent__pb2.GetSnapshotRequest.FromString,
+                    response_serializer=protos_dot_shoal_dot_v1_dot_agent__pb2.SnapshotInfo.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -388,6 +460,33 @@ class AgentService:
             _registered_method=True)
 
     @staticmethod
+    def GetVolume(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/shoal.agent.v1.AgentService/GetVolume',
+            protos_dot_shoal_dot_v1_dot_agent__pb2.GetVolumeRequest.SerializeToString,
+            protos_dot_shoal_dot_v1_dot_agent__pb2.VolumeInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
     def GetState(request,
             target,
             options=(),
@@ -404,6 +503,87 @@ class AgentService:
             '/shoal.agent.v1.AgentService/GetState',
             protos_dot_shoal_dot_v1_dot_agent__pb2.GetStateRequest.SerializeToString,
             protos_dot_shoal_dot_v1_dot_agent__pb2.AgentState.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateSnapshot(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/shoal.agent.v1.AgentService/CreateSnapshot',
+            protos_dot_shoal_dot_v1_dot_agent__pb2.CreateSnapshotRequest.SerializeToString,
+            protos_dot_shoal_dot_v1_dot_agent__pb2.SnapshotInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteSnapshot(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/shoal.agent.v1.AgentService/DeleteSnapshot',
+            protos_dot_shoal_dot_v1_dot_agent__pb2.DeleteSnapshotRequest.SerializeToString,
+            protos_dot_shoal_dot_v1_dot_agent__pb2.DeleteSnapshotResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetSnapshot(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/shoal.agent.v1.AgentService/GetSnapshot',
+            protos_dot_shoal_dot_v1_dot_agent__pb2.GetSnapshotRequest.SerializeToString,
+            protos_dot_shoal_dot_v1_dot_agent__pb2.SnapshotInfo.FromString,
             options,
             channel_credentials,
             insecure,

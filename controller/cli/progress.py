@@ -1,0 +1,47 @@
+"""Waiting for a background copy (a snapshot or a clone) with a simple text progress bar.
+
+The bar goes to stderr, so ``-o json|yaml`` on stdout stays parseable.  On a
+terminal it is redrawn in place; elsewhere (logs, CI) a line is printed each
+time another tenth of the copy is done.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+WIDTH = 30
+CREATING = "creating"
+
+
+def bar(progress: float, width: int = WIDTH) -> str:
+    """``[###########-------------------]  37%``"""
+    progress = min(1.0, max(0.0, progress))
+    done = int(progress * width)
+    return f"[{'#' * done}{'-' * (width - done)}] {progress * 100:3.0f}%"
+
+
+def wait(fetch: Callable[[], Any], what: str, *, first: Any = None, interval: float = 0.5, out=None,
+         sleep: Callable[[float], None] = time.sleep, show: bool = True) -> Any:
+    """Call ``fetch()`` (a message with ``state`` and ``progress``) until its state is no longer "creating";
+    return the last answer.  ``first``: an answer already in hand (the create's)."""
+    out = out or sys.stderr
+    tty = hasattr(out, "isatty") and out.isatty()
+    shown = -1
+    current = first if first is not None else fetch()
+    while current.state == CREATING:
+        if show:
+            step = int(current.progress * 10)
+            if tty:
+                print(f"\r{what}: {bar(current.progress)}", end="", file=out, flush=True)
+            elif step != shown:
+                print(f"{what}: {bar(current.progress)}", file=out, flush=True)
+            shown = step
+        sleep(interval)
+        current = fetch()
+    if show and shown >= 0:
+        print(f"\r{what}: {bar(1.0 if current.state != 'error' else current.progress)}" if tty else
+              f"{what}: {bar(1.0 if current.state != 'error' else current.progress)}", file=out, flush=True)
+    return current

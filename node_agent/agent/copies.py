@@ -1,0 +1,281 @@
+"""Point-in-time copies of backing files: a reflink where the filesystem shares extents, else a background copy.
+
+A snapshot or a clone starts as ``copy_image(source, tmp)``:
+
+* **reflink** (FICLONE): the new file shares the source's extents at once; done
+  before the call returns.
+* **background copy**: a ``CopyJob`` thread copies the source chunk by chunk
+  (data extents only, holes stay holes) and reports its progress.  The copy is
+  still of the source *as it was when the job started*: while it runs, a
+  write to the source's LUN first copies the chunks it is about to change
+  (copy-before-write, as a device-mapper snapshot does).  ``WriteGuards`` is
+  where the jobs of a volume are found; ``GuardedBacking`` wraps the backing
+  store of every LUN the agent exports and asks the guards before each write,
+  punch (UNMAP, WRITE SAME) or resize.
+
+The point in time is taken by ``start`` while nothing else writes the source:
+the caller runs it on the iSCSI portal's event loop when the volume is exported
+(``ExportManager.quiesced``), so no SCSI command runs between the flush
+(fdatasync) and the reflink or the registration of the job's guard.  That
+makes a snapshot of an attached volume crash-consistent: it holds every write
+acknowledged before it and none after, as a power cut would.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import logging
+import os
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+
+log = logging.getLogger("shoal.agent.copies")
+
+FICLONE = 0x40049409  # _IOW(0x94, 9, int), linux/fs.h: share all extents of another file (reflink)
+_NO_REFLINK = (errno.EOPNOTSUPP, errno.ENOTTY, errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EPERM)
+CHUNK = 1 << 20  # copy-before-write granularity: a write waits for at most a few of these
+_COPY_STEP = 64 << 20
+
+# Copy states (agent.proto VolumeInfo.state / SnapshotInfo.state).
+READY = "ready"
+COPYING = "copying"
+FAILED = "error"
+
+
+def reflink(src_fd: int, dst_fd: int) -> bool:
+    """Make ``dst`` share ``src``'s extents (btrfs, XFS with reflink, bcachefs); False where unsupported."""
+    try:
+        fcntl.ioctl(dst_fd, FICLONE, src_fd)
+        return True
+    except OSError as exc:
+        if exc.errno in _NO_REFLINK:
+            return False
+        raise
+
+
+def copy_extents(src_fd: int, dst_fd: int, start: int, end: int) -> None:
+    """Copy the data extents of ``src`` in ``[start, end)`` to the same offsets of ``dst`` (SEEK_DATA/SEEK_HOLE);
+    holes are left as holes (``dst`` is expected to be sparse there)."""
+    offset = start
+    while offset < end:
+        try:
+            data = os.lseek(src_fd, offset, os.SEEK_DATA)
+        except OSError as exc:
+            if exc.errno == errno.ENXIO:  # only a hole remains
+                return
+            data = offset  # no SEEK_DATA: copy everything
+        if data >= end:
+            return
+        try:
+            hole = min(os.lseek(src_fd, data, os.SEEK_HOLE), end)
+        except OSError:
+            hole = end
+        pos = data
+        while pos < hole:
+            n = os.copy_file_range(src_fd, dst_fd, min(_COPY_STEP, hole - pos), pos, pos)
+            if n <= 0:
+                raise OSError(errno.EIO, "copy_file_range made no progress")
+            pos += n
+        offset = hole
+
+
+@dataclass(frozen=True)
+class Source:
+    """What a copy is made of: a volume (whose LUN may be written meanwhile) or a snapshot (read-only)."""
+
+    name: str
+    """What the copy's record says it came from: a volume id, or ``snapshot:ID``."""
+    path: str
+    size: int
+    guard: str = ""
+    """The volume id whose exported LUN must copy before writing while a background copy runs ("" for a
+    snapshot: nothing writes it)."""
+
+
+class CopyJob:
+    """A background copy of ``src_path`` (its first ``length`` bytes) into ``dst_path``; see the module docstring.
+
+    ``on_done(job)`` runs on the job's thread once it finished, failed or was
+    cancelled (``state`` says which).  ``pace()``, if given, is called before
+    each chunk, outside the lock: a throttle.  Chunks are copied under ``_lock``, by
+    the thread or by ``before_write``; ``_copied`` says which are done.
+    """
+
+    def __init__(self, key: str, src_path: str, dst_path: str, length: int, *,
+                 on_done: Callable[["CopyJob"], None], chunk: int = CHUNK,
+                 pace: Callable[[], None] | None = None):
+        self.key = key
+        self._pace = pace
+        self.length = length
+        self.chunk = chunk
+        self.state = COPYING
+        self.message = ""
+        self._on_done = on_done
+        self._lock = threading.Lock()
+        self._cancel = threading.Event()
+        self._copied = bytearray((length + chunk - 1) // chunk)
+        self._done_chunks = 0
+        self._src = os.open(src_path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            self._dst = os.open(dst_path, os.O_RDWR | os.O_CLOEXEC)
+        except BaseException:
+            os.close(self._src)
+            raise
+        self._thread = threading.Thread(target=self._run, name=f"copy-{key}", daemon=True)
+
+    def __repr__(self) -> str:
+        return f"CopyJob({self.key!r}, {self.state}, {self.progress:.0%})"
+
+    @property
+    def progress(self) -> float:
+        if self.state == READY or not self._copied:
+            return 1.0
+        return self._done_chunks / len(self._copied)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def cancel(self, timeout: float = 30.0) -> None:
+        """Stop the copy (it ends in state ``error``) and wait for the thread."""
+        self._cancel.set()
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join(timeout)
+
+    def wait(self, timeout: float | None = None) -> bool:
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+    def before_write(self, offset: int, length: int) -> None:
+        """The source is about to change ``[offset, offset+length)``: copy those chunks first (old data)."""
+        if self.state != COPYING or length <= 0 or offset >= self.length:
+            return
+        first, last = offset // self.chunk, (min(offset + length, self.length) - 1) // self.chunk
+        for index in range(first, last + 1):
+            if not self._copied[index]:
+                self._copy_chunk(index)
+
+    def _copy_chunk(self, index: int) -> None:
+        with self._lock:
+            if self._copied[index] or self.state != COPYING:
+                return
+            start = index * self.chunk
+            copy_extents(self._src, self._dst, start, min(start + self.chunk, self.length))
+            self._copied[index] = 1
+            self._done_chunks += 1
+
+    def _run(self) -> None:
+        try:
+            for index in range(len(self._copied)):
+                if self._pace is not None:
+                    self._pace()  # outside the lock: a write to the source never waits for it
+                if self._cancel.is_set():
+                    raise InterruptedError("the copy was cancelled")
+                self._copy_chunk(index)
+            os.fsync(self._dst)
+            with self._lock:
+                self.state = READY
+        except BaseException as exc:  # reported through state/message; the thread ends here
+            with self._lock:
+                self.state = FAILED
+                self.message = (f"copy failed: {exc.strerror or exc}" if isinstance(exc, OSError)
+                                and not isinstance(exc, InterruptedError) else str(exc))
+            if not isinstance(exc, InterruptedError):
+                log.error("copy %s failed: %s", self.key, exc)
+        finally:
+            os.close(self._src)
+            os.close(self._dst)
+        try:
+            self._on_done(self)
+        except Exception:
+            log.exception("finishing copy %s failed", self.key)
+
+
+class WriteGuards:
+    """The background copies reading each volume, consulted before its LUN is written."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._jobs: dict[str, tuple[CopyJob, ...]] = {}
+
+    def add(self, volume_id: str, job: CopyJob) -> None:
+        with self._lock:
+            self._jobs[volume_id] = self._jobs.get(volume_id, ()) + (job,)
+
+    def remove(self, volume_id: str, job: CopyJob) -> None:
+        with self._lock:
+            jobs = tuple(j for j in self._jobs.get(volume_id, ()) if j is not job)
+            if jobs:
+                self._jobs[volume_id] = jobs
+            else:
+                self._jobs.pop(volume_id, None)
+
+    def readers(self, volume_id: str) -> tuple[CopyJob, ...]:
+        return self._jobs.get(volume_id, ())
+
+    def before_write(self, volume_id: str, offset: int, length: int) -> None:
+        for job in self._jobs.get(volume_id, ()):  # a tuple: safe to read without the lock
+            job.before_write(offset, length)
+
+
+class GuardedBacking:
+    """A LUN's backing store that lets the volume's background copies save what a write would change.
+
+    Reads and everything else go straight to the wrapped store (a decorator,
+    not a subclass, so it fits any ``BackingStore``).
+    """
+
+    def __init__(self, inner, volume_id: str, guards: WriteGuards):
+        self._inner = inner
+        self._volume_id = volume_id
+        self._guards = guards
+
+    def __getattr__(self, name: str):
+        return getattr(self._inner, name)
+
+    def write(self, offset: int, data, fua: bool = False) -> None:
+        self._guards.before_write(self._volume_id, offset, len(data))
+        self._inner.write(offset, data, fua)
+
+    def punch(self, offset: int, length: int) -> None:
+        self._guards.before_write(self._volume_id, offset, length)
+        self._inner.punch(offset, length)
+
+
+def start_copy(source: Source, dst_path: str, *, guards: WriteGuards, key: str,
+               on_done: Callable[[CopyJob], None], use_reflink: bool = True,
+               reflink_fn: Callable[[int, int], bool] = reflink,
+               pace: Callable[[], None] | None = None) -> CopyJob | None:
+    """Take the point in time of ``source`` into ``dst_path`` (an existing file of ``source.size`` bytes).
+
+    Returns None when a reflink made the copy (complete, flushed), else a
+    started ``CopyJob`` registered with ``guards`` for ``source.guard``.  The
+    source is flushed (fdatasync) first.  Run it where no write to the source
+    can interleave (see the module docstring).
+    """
+    src_fd = os.open(source.path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.fdatasync(src_fd)  # what the LUN acknowledged is in the file, not only in the page cache
+        if use_reflink:
+            dst_fd = os.open(dst_path, os.O_RDWR | os.O_CLOEXEC)
+            try:
+                if reflink_fn(src_fd, dst_fd):
+                    os.ftruncate(dst_fd, source.size)
+                    os.fsync(dst_fd)
+                    return None
+            finally:
+                os.close(dst_fd)
+    finally:
+        os.close(src_fd)
+
+    def finished(job: CopyJob) -> None:
+        if source.guard:
+            guards.remove(source.guard, job)
+        on_done(job)
+
+    job = CopyJob(key, source.path, dst_path, source.size, on_done=finished, pace=pace)
+    if source.guard:
+        guards.add(source.guard, job)
+    job.start()
+    return job

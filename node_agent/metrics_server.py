@@ -1,0 +1,94 @@
+"""``/metrics`` over HTTP for ``shoal controller`` and ``shoal agent`` (Prometheus text format).
+
+Each daemon keeps its own ``CollectorRegistry`` (no module-level state, so
+tests can run several in one process) and serves it with ``MetricsServer``:
+prometheus-client's WSGI app on a threading ``wsgiref`` server in a daemon
+thread, request lines not logged.  The numbers are computed by collectors at
+scrape time; nothing here knows what they are.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+from socketserver import ThreadingMixIn
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+from prometheus_client import CollectorRegistry, make_wsgi_app
+from prometheus_client.process_collector import ProcessCollector
+
+log = logging.getLogger("shoal.metrics")
+
+
+def new_registry() -> CollectorRegistry:
+    """A registry with the process's own metrics (CPU seconds, resident memory, open fds)."""
+    registry = CollectorRegistry(auto_describe=True)
+    ProcessCollector(registry=registry)
+    return registry
+
+
+def split_listen(text: str) -> tuple[str, int]:
+    """``HOST:PORT`` or ``[V6]:PORT`` -> (host, port); port 0 picks a free one."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"metrics address {text!r}: expected HOST:PORT")
+    return host.strip("[]"), int(port)
+
+
+class _Server(ThreadingMixIn, WSGIServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+
+class _Server6(_Server):
+    address_family = socket.AF_INET6
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format, *args):  # noqa: A002 - the base class's signature
+        pass
+
+
+class MetricsServer:
+    """``GET /metrics`` (any path, in fact) answered from ``registry``; ``start()``, then ``stop()``."""
+
+    def __init__(self, listen: str, registry: CollectorRegistry):
+        self.host, self.port = split_listen(listen)
+        self.registry = registry
+        self._httpd: WSGIServer | None = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def address(self) -> str:
+        """``HOST:PORT`` actually bound (the port filled in when 0 was asked)."""
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.address}/metrics"
+
+    def start(self) -> str:
+        """Bind and serve; returns the bound ``HOST:PORT``.  Raises ``OSError`` for a busy port."""
+        server_class = _Server6 if ":" in self.host else _Server
+        try:
+            self._httpd = make_server(self.host, self.port, make_wsgi_app(self.registry), server_class,
+                                      handler_class=_QuietHandler)
+        except OSError as exc:
+            raise OSError(f"cannot serve metrics on {self.host}:{self.port}: {exc.strerror or exc}") from None
+        self.port = self._httpd.server_address[1]
+        self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.2},
+                                        name="metrics-http", daemon=True)
+        self._thread.start()
+        log.info("metrics on %s", self.url)
+        return self.address
+
+    def stop(self) -> None:
+        httpd, self._httpd = self._httpd, None
+        if httpd is None:
+            return
+        httpd.shutdown()
+        httpd.server_close()
+        if self._thread is not None:
+            self._thread.join(5)
+            self._thread = None
