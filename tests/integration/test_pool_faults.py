@@ -104,20 +104,22 @@ def agent_volumes(agent: Daemon) -> dict[str, int]:
 
 @contextlib.contextmanager
 def cleanup_mounts_and_loops(root: Path):
-    """Whatever a failed test leaves under ``root`` (a mount, a loop device on a FUSE file) goes."""
+    """Whatever a failed test leaves under ``root`` (a loop device on a FUSE file, a mount) goes.
+
+    Loop devices first: once the FUSE mount under them is gone their backing file reads ``/disk``."""
     try:
         yield
     finally:
         root = os.path.realpath(root)
-        with open("/proc/self/mounts") as mounts:
-            points = [line.split()[1] for line in mounts if line.split()[1].startswith(root)]
-        for point in sorted(points, reverse=True):
-            subprocess.run(["umount", "-l", point], capture_output=True)
         for name in os.listdir("/sys/block"):
             with contextlib.suppress(OSError):
                 backing = Path(f"/sys/block/{name}/loop/backing_file").read_text().strip()
-                if backing.startswith(root):
+                if backing.startswith(root + os.sep):
                     subprocess.run(["losetup", "-d", f"/dev/{name}"], capture_output=True)
+        with open("/proc/self/mounts") as mounts:
+            points = [line.split()[1] for line in mounts if line.split()[1].startswith(root + os.sep)]
+        for point in sorted(points, reverse=True):
+            subprocess.run(["umount", "-l", point], capture_output=True)
 
 
 # ---------------------------------------------------------------------------------------------- 1
