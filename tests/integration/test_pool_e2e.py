@@ -130,6 +130,15 @@ def test_pool_end_to_end(tmp_path):
         assert ctl.json("volume", "show", "vol1")["attached_nodes"] == ["node-c"]
         ctl("volume", "detach", "vol1", "--node", "node-c")
 
+        # The volume's data never left A's disk: A holds the only 1 GiB file, and the files are in it.
+        def volume_files(root):
+            return [p for p in root.rglob("*") if p.is_file() and not p.is_symlink() and p.stat().st_size == GiB]
+        [backing] = volume_files(tmp_path / "a")
+        assert volume_files(tmp_path / "b") == [] and volume_files(tmp_path / "c") == []
+        name, data = next(iter(files.items()))
+        shown = subprocess.run(["debugfs", "-R", f"cat /{name}", str(backing)], capture_output=True, check=True)
+        assert shown.stdout == data
+
         # The CHAP secret the controller made for vol1: in its store, nowhere else we can see.
         store = SqliteStore(str(tmp_path / "controller" / "controller.db"))
         try:
