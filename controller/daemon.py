@@ -2,7 +2,8 @@
 
 A ``SqliteStore`` (the embedded default), ``ControllerService`` over it with
 ``GrpcAgentDirectory`` to reach agents, AdminService + RegistrationService on
-one gRPC port, and a background loop that marks silent nodes unhealthy and
+one gRPC port, the CSI Identity and Controller services on a unix socket
+when ``csi_endpoint`` is set, and a background loop that marks silent nodes unhealthy and
 runs one reconcile pass every ``loop_interval`` seconds.  Stop order: no more
 RPCs (in-flight ones get ``grace`` seconds), no more reconcile passes, close
 agent channels, close the store.
@@ -22,6 +23,7 @@ from dataclasses import dataclass, field
 
 from controller.agents_grpc import AgentCallSettings, AgentTls, GrpcAgentDirectory
 from controller.api.server import ServerTls, build_server
+from controller.csi.server import build_csi_controller_server, socket_path
 from controller.domain.service import ControllerService
 from controller.domain.settings import ControllerSettings
 from controller.metrics import ControllerMetrics
@@ -55,6 +57,9 @@ class DaemonSettings:
     the page names pools and nodes, so an operator picks the address (``shoal up`` uses loopback)."""
     agents: AgentCallSettings = field(default_factory=AgentCallSettings)
     """Deadlines, retries and TLS of calls to node agents."""
+    csi_endpoint: str = ""
+    """``unix:///path/controller.sock``: serve CSI Identity and Controller there (the CSI sidecars' socket);
+    empty: no CSI."""
 
 
 class ControllerDaemon:
@@ -67,6 +72,7 @@ class ControllerDaemon:
         self.agents: GrpcAgentDirectory | None = None
         self.service: ControllerService | None = None
         self.server = None
+        self.csi_server = None
         self.address = ""
         self.metrics = ControllerMetrics(new_registry())
         self.metrics_server: MetricsServer | None = None
@@ -88,6 +94,8 @@ class ControllerDaemon:
             self.metrics.watch(self.service)
             self.server, port = build_server(self.service, s.listen, tls=s.tls, workers=s.workers,
                                              metrics=self.metrics)
+            if s.csi_endpoint:
+                self.csi_server = build_csi_controller_server(self.service, s.csi_endpoint)
             host = s.listen.rpartition(":")[0]
             self.address = f"{host}:{port}"
             self._loop = threading.Thread(target=self._run_loop, name="controller-loop", daemon=True)
@@ -101,6 +109,13 @@ class ControllerDaemon:
         log.info("controller serving on %s (state in %s%s)", self.address, s.db_path, ", TLS" if s.tls else "")
 
     def stop(self) -> None:
+        if self.csi_server is not None:
+            self.csi_server.stop(grace=self.settings.grace).wait(self.settings.grace + 5)
+            self.csi_server = None
+            try:
+                os.unlink(socket_path(self.settings.csi_endpoint))
+            except FileNotFoundError:
+                pass
         if self.server is not None:
             self.server.stop(grace=self.settings.grace).wait(self.settings.grace + 5)
             self.server = None
@@ -162,6 +177,8 @@ def add_parser(sub) -> None:
     parser.add_argument("--agent-key", default="", help="key for --agent-cert")
     parser.add_argument("--metrics-listen", default=defaults.metrics_listen, metavar="HOST:PORT",
                         help="serve Prometheus /metrics over HTTP here (default: off; e.g. 127.0.0.1:9450)")
+    parser.add_argument("--csi-endpoint", default=defaults.csi_endpoint, metavar="unix:///PATH",
+                        help="serve the CSI Identity and Controller services on this unix socket (default: off)")
     parser.add_argument("--ready-file", metavar="FILE",
                         help='write {"controller": HOST:PORT, "metrics": HOST:PORT} as JSON here once serving')
 
@@ -173,10 +190,13 @@ def settings_from_args(args: argparse.Namespace) -> tuple[DaemonSettings, Contro
     agent_tls = None
     if args.agent_ca or args.agent_cert or args.agent_key:
         agent_tls = AgentTls(args.agent_ca, args.agent_cert, args.agent_key)
+    if args.csi_endpoint:
+        socket_path(args.csi_endpoint)  # ValueError now rather than after the store is open
     if args.loop_interval <= 0:
         raise ValueError("--loop-interval must be positive")
     daemon = DaemonSettings(db_path=args.db, listen=args.listen, loop_interval=args.loop_interval, tls=tls,
-                            agents=AgentCallSettings(tls=agent_tls), metrics_listen=args.metrics_listen)
+                            agents=AgentCallSettings(tls=agent_tls), metrics_listen=args.metrics_listen,
+                            csi_endpoint=args.csi_endpoint)
     return daemon, ControllerSettings(heartbeat_interval=args.heartbeat_interval,
                                       heartbeat_timeout=args.heartbeat_timeout)
 

@@ -18,7 +18,9 @@ PROTOS = sorted((REPO / "protos").rglob("*.proto"))
 def generate(out: Path) -> None:
     from grpc_tools import protoc
 
-    args = ["protoc", f"-I{REPO}", f"--python_out={out}", f"--pyi_out={out}", f"--grpc_python_out={out}"]
+    # the well-known types (descriptor, timestamp, wrappers: csi.proto imports them) come with grpc_tools
+    well_known = Path(protoc.__file__).resolve().parent / "_proto"
+    args = ["protoc", f"-I{REPO}", f"-I{well_known}", f"--python_out={out}", f"--pyi_out={out}", f"--grpc_python_out={out}"]
     args += [str(p.relative_to(REPO)) for p in PROTOS]
     if protoc.main(args) != 0:
         raise SystemExit("protoc failed")
