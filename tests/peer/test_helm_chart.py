@@ -1,0 +1,415 @@
+"""The Helm chart deploy/helm/shoal, checked offline with the real helm (v3.17.1, from npm) and kubernetes-validate.
+
+- ``helm lint --strict`` with the default values and with a variant (TLS from an existing Secret, other images,
+  another driver name, disks and labels);
+- ``helm template`` of both, validated with ``kubernetes-validate --strict -k 1.30.0`` (additional properties are
+  errors). kubernetes-validate knows the built-in kinds and the CustomResourceDefinition object itself, but not the
+  external-snapshotter's ``VolumeSnapshotClass`` (snapshot.storage.k8s.io/v1 is a CRD, not part of Kubernetes): it
+  is the one kind allowed to be reported as unknown, and it is checked field by field here instead. Our own CRDs
+  are validated as CRD objects by kubernetes-validate, and checked here to be structural (every node typed);
+- what the schemas cannot say: no wildcard in any RBAC rule, the node DaemonSet privileged on the host network with
+  Bidirectional propagation on the kubelet directory, one driver name everywhere, the controller's two replicas
+  with every sidecar leader-elected, the TLS Secret wiring, and values.schema.json rejecting bad values.
+
+``helm install`` against a real kube-apiserver is not done here (issue 5's store tests bring the API server).
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+import yaml
+
+from node_agent import cli
+from tests.support.k8s_tools import helm_env, k8s_tools
+
+pytestmark = [pytest.mark.peer, pytest.mark.timeout(600)]
+
+REPO = Path(__file__).resolve().parents[2]
+CHART = REPO / "deploy" / "helm" / "shoal"
+KUBE_VERSION = "1.30.0"
+NAMESPACE = "shoal-system"
+RELEASE = "shoal"
+SIDECARS = ("csi-provisioner", "csi-attacher", "csi-resizer", "csi-snapshotter")
+
+VARIANT = {
+    "driverName": "block.example.org",
+    "image": {"repository": "registry.example.org/storage/shoal", "tag": "1.2.3", "pullPolicy": "Always"},
+    "imagePullSecrets": ["regcred"],
+    "sidecars": {
+        "provisioner": {"image": "mirror.example.org/csi-provisioner:v5.1.0"},
+        "attacher": {"image": "mirror.example.org/csi-attacher:v4.7.0"},
+        "resizer": {"image": "mirror.example.org/csi-resizer:v1.12.0"},
+        "snapshotter": {"image": "mirror.example.org/csi-snapshotter:v8.1.0"},
+        "livenessprobe": {"image": "mirror.example.org/livenessprobe:v2.14.0"},
+        "nodeDriverRegistrar": {"image": "mirror.example.org/csi-node-driver-registrar:v2.12.0"},
+        "pullPolicy": "Always",
+    },
+    "tls": {"enabled": True, "existingSecret": "site-shoal-certs"},
+    "node": {
+        "kubeletDir": "/var/snap/microk8s/common/var/lib/kubelet",
+        "disks": [{"name": "ssd0", "path": "/mnt/ssd0/shoal", "capacity": "500G"}],
+        "labels": {"topology.shoal.io/rack": "r1"},
+        "metricsPort": 0,
+    },
+    "storageClass": {"isDefault": True, "mountOptions": ["noatime"], "parameters": {"pool": "fast", "thin": False}},
+    "volumeSnapshotClass": {"isDefault": True, "deletionPolicy": "Retain"},
+    "commonLabels": {"team": "storage"},
+}
+
+
+@pytest.fixture(scope="module")
+def helm(tmp_path_factory):
+    tools = k8s_tools()
+    env = helm_env(tmp_path_factory.mktemp("helm-home"))
+
+    def run(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+        result = subprocess.run([str(tools.helm), *args], env=env, capture_output=True, text=True, timeout=120,
+                                check=False)
+        if check and result.returncode != 0:
+            raise AssertionError(f"helm {' '.join(args)} failed ({result.returncode}):\n{result.stderr}")
+        return result
+
+    return run
+
+
+@pytest.fixture(scope="module")
+def variant_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("values") / "variant.yaml"
+    path.write_text(yaml.safe_dump(VARIANT))
+    return path
+
+
+def template_args(values: Path | None) -> list[str]:
+    args = ["template", RELEASE, str(CHART), "--namespace", NAMESPACE, "--kube-version", KUBE_VERSION]
+    if values is not None:
+        args += ["--values", str(values)]
+    return args
+
+
+@pytest.fixture(scope="module", params=["default", "variant"])
+def rendered(request, helm, variant_file):
+    """(name, rendered text, its objects) for the default values and for the variant."""
+    values = variant_file if request.param == "variant" else None
+    text = helm(*template_args(values)).stdout
+    objects = [doc for doc in yaml.safe_load_all(text) if doc]
+    return request.param, text, objects
+
+
+def one(objects, kind: str, name_suffix: str = "") -> dict:
+    found = [o for o in objects if o["kind"] == kind and o["metadata"]["name"].endswith(name_suffix)]
+    assert len(found) == 1, f"expected one {kind} *{name_suffix}, found {[o['metadata']['name'] for o in found]}"
+    return found[0]
+
+
+def container(pod_spec: dict, name: str) -> dict:
+    matches = [c for c in pod_spec["containers"] if c["name"] == name]
+    assert len(matches) == 1, f"container {name} missing from {[c['name'] for c in pod_spec['containers']]}"
+    return matches[0]
+
+
+def flag(args: list[str], name: str) -> str:
+    values = [a.split("=", 1)[1] for a in args if a.startswith(name + "=")]
+    assert len(values) == 1, f"{name}= appears {len(values)} times in {args}"
+    return values[0]
+
+
+# --- helm lint, kubernetes-validate ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("use_variant", [False, True], ids=["default", "variant"])
+def test_lint_strict(helm, variant_file, use_variant):
+    args = ["lint", "--strict", str(CHART), "--namespace", NAMESPACE, "--kube-version", KUBE_VERSION]
+    if use_variant:
+        args += ["--values", str(variant_file)]
+    result = helm(*args)
+    assert "0 chart(s) failed" in result.stdout
+
+
+def test_kubernetes_validate_strict(rendered, tmp_path):
+    name, text, objects = rendered
+    manifest = tmp_path / f"{name}.yaml"
+    manifest.write_text(text)
+    validate = Path(sys.executable).with_name("kubernetes-validate")
+    assert validate.exists(), "pip install kubernetes-validate into the venv"
+    result = subprocess.run([str(validate), "--strict", "-k", KUBE_VERSION, str(manifest)],
+                            capture_output=True, text=True, timeout=300, check=False)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    unknown = [line for line in output.splitlines() if "Couldn't find schema" in line]
+    assert all("VolumeSnapshotClass" in line for line in unknown), unknown
+    passed = sum(1 for line in output.splitlines() if line.startswith("INFO") and " passed " in line)
+    assert passed == len(objects) - len(unknown), output
+
+
+def test_volume_snapshot_class_fields(rendered):
+    """The one kind kubernetes-validate has no schema for, checked against snapshot.storage.k8s.io/v1 by hand."""
+    _, _, objects = rendered
+    vsc = one(objects, "VolumeSnapshotClass")
+    assert vsc["apiVersion"] == "snapshot.storage.k8s.io/v1"
+    assert set(vsc) <= {"apiVersion", "kind", "metadata", "driver", "deletionPolicy", "parameters"}
+    assert vsc["deletionPolicy"] in ("Delete", "Retain")
+    assert isinstance(vsc["driver"], str) and vsc["driver"]
+
+
+def _check_structural(schema: dict, path: str) -> None:
+    assert "type" in schema, f"{path}: no type (CRD schemas must be structural)"
+    if schema["type"] == "object":
+        props, extra = schema.get("properties"), schema.get("additionalProperties")
+        assert not (props and extra), f"{path}: both properties and additionalProperties"
+        for key, sub in (props or {}).items():
+            _check_structural(sub, f"{path}.{key}")
+        if isinstance(extra, dict):
+            _check_structural(extra, f"{path}.*")
+    elif schema["type"] == "array":
+        assert "items" in schema, f"{path}: array without items"
+        _check_structural(schema["items"], f"{path}[]")
+
+
+def test_crds_structural(rendered):
+    _, _, objects = rendered
+    crds = [o for o in objects if o["kind"] == "CustomResourceDefinition"]
+    plurals = sorted(c["spec"]["names"]["plural"] for c in crds)
+    assert plurals == ["attachments", "pools", "shoalnodes", "snapshots", "volumes"]
+    for crd in crds:
+        assert crd["spec"]["group"] == "shoal.io"
+        assert crd["metadata"]["name"] == f"{crd['spec']['names']['plural']}.shoal.io"
+        (version,) = crd["spec"]["versions"]
+        assert version["name"] == "v1" and version["served"] and version["storage"]
+        assert version["subresources"] == {"status": {}}
+        schema = version["schema"]["openAPIV3Schema"]
+        _check_structural(schema, crd["metadata"]["name"])
+        assert {"spec", "status"} <= set(schema["properties"])
+
+
+# --- RBAC --------------------------------------------------------------------------------------------------------
+
+def test_rbac_least_privilege(rendered):
+    _, _, objects = rendered
+    roles = [o for o in objects if o["kind"] in ("ClusterRole", "Role")]
+    assert roles
+    for role in roles:
+        for rule in role["rules"]:
+            where = f"{role['kind']}/{role['metadata']['name']} {rule}"
+            for key in ("verbs", "resources", "apiGroups"):
+                assert "*" not in rule.get(key, []), f"wildcard {key}: {where}"
+            assert "nonResourceURLs" not in rule, where
+            assert not {"escalate", "bind", "impersonate"} & set(rule["verbs"]), where
+    # Secrets and Leases only in the release's namespace, never cluster-wide
+    for role in roles:
+        if role["kind"] == "ClusterRole":
+            for rule in role["rules"]:
+                assert not {"secrets", "leases"} & set(rule["resources"]), role["metadata"]["name"]
+    role = one(objects, "Role", "-controller")
+    assert role["metadata"]["namespace"] == NAMESPACE
+    granted = {(g, r) for rule in role["rules"] for g in rule["apiGroups"] for r in rule["resources"]}
+    assert granted == {("coordination.k8s.io", "leases"), ("", "secrets")}
+    # the node agent reads Node objects and nothing else
+    node_role = one(objects, "ClusterRole", "-node")
+    assert node_role["rules"] == [{"apiGroups": [""], "resources": ["nodes"], "verbs": ["get"]}]
+    # every ClusterRole is bound to exactly the ServiceAccount that needs it
+    bindings = {b["roleRef"]["name"]: b for b in objects if b["kind"] in ("ClusterRoleBinding", "RoleBinding")}
+    accounts = {o["metadata"]["name"] for o in objects if o["kind"] == "ServiceAccount"}
+    for role in roles:
+        binding = bindings[role["metadata"]["name"]]
+        (subject,) = binding["subjects"]
+        assert subject["kind"] == "ServiceAccount" and subject["name"] in accounts
+        assert subject["namespace"] == NAMESPACE
+
+
+def test_controller_can_use_its_crds(rendered):
+    _, _, objects = rendered
+    crd_plurals = {o["spec"]["names"]["plural"] for o in objects if o["kind"] == "CustomResourceDefinition"}
+    role = one(objects, "ClusterRole", "-controller")
+    shoal_rules = [r for r in role["rules"] if r["apiGroups"] == ["shoal.io"]]
+    resources = {res for r in shoal_rules for res in r["resources"]}
+    assert crd_plurals <= resources
+    assert {f"{p}/status" for p in crd_plurals} <= resources
+
+
+# --- workloads ---------------------------------------------------------------------------------------------------
+
+def test_node_daemonset_privileged_bidirectional(rendered):
+    name, _, objects = rendered
+    ds = one(objects, "DaemonSet", "-node")
+    spec = ds["spec"]["template"]["spec"]
+    assert spec["hostNetwork"] is True
+    assert spec["dnsPolicy"] == "ClusterFirstWithHostNet"
+    agent = container(spec, "shoal-agent")
+    assert agent["securityContext"]["privileged"] is True
+    kubelet_dir = (VARIANT["node"]["kubeletDir"] if name == "variant" else "/var/lib/kubelet")
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    host_paths = {v["hostPath"]["path"]: n for n, v in volumes.items() if "hostPath" in v}
+    for path in ("/dev", "/sys", "/run/udev", kubelet_dir):
+        assert path in host_paths, f"hostPath {path} missing"
+    mounts = {m["mountPath"]: m for m in agent["volumeMounts"]}
+    assert mounts[kubelet_dir]["name"] == host_paths[kubelet_dir]
+    assert mounts[kubelet_dir]["mountPropagation"] == "Bidirectional"
+    for path in ("/dev", "/sys", "/run/udev"):
+        assert mounts[path]["name"] == host_paths[path]
+    # only the agent is privileged; the sidecars drop everything
+    for other in spec["containers"]:
+        if other["name"] != "shoal-agent":
+            assert not other.get("securityContext", {}).get("privileged"), other["name"]
+            assert all(m.get("mountPropagation") in (None, "None") for m in other["volumeMounts"])
+
+
+def test_agent_flags_exist_in_cli(rendered):
+    """The agent's arguments are flags `shoal agent` has, except the CSI ones issue 5 brings."""
+    sub = next(a for a in cli.build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    known = {opt for action in sub.choices["agent"]._actions for opt in action.option_strings}
+    coming = {"--csi-endpoint", "--csi-driver-name"}
+    _, _, objects = rendered
+    args = container(one(objects, "DaemonSet", "-node")["spec"]["template"]["spec"], "shoal-agent")["args"]
+    assert args[0] == "agent"
+    for arg in args[1:]:
+        name = arg.split("=", 1)[0]
+        assert name in known or name in coming, f"shoal agent has no {name}"
+
+
+def test_controller_flags_exist_in_cli(rendered):
+    """Likewise `shoal controller`: --store and the CSI flags are issue 5's; everything else exists today."""
+    sub = next(a for a in cli.build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    known = {opt for action in sub.choices["controller"]._actions for opt in action.option_strings}
+    coming = {"--store", "--csi-endpoint", "--csi-driver-name"}
+    _, _, objects = rendered
+    args = container(one(objects, "Deployment", "-controller")["spec"]["template"]["spec"], "shoal-controller")["args"]
+    assert args[0] == "controller"
+    for arg in args[1:]:
+        name = arg.split("=", 1)[0]
+        assert name in known or name in coming, f"shoal controller has no {name}"
+
+
+def test_driver_name_everywhere(rendered):
+    name, _, objects = rendered
+    driver = VARIANT["driverName"] if name == "variant" else "csi.shoal.io"
+    assert one(objects, "CSIDriver")["metadata"]["name"] == driver
+    assert one(objects, "StorageClass")["provisioner"] == driver
+    assert one(objects, "VolumeSnapshotClass")["driver"] == driver
+    ds_spec = one(objects, "DaemonSet", "-node")["spec"]["template"]["spec"]
+    registrar = container(ds_spec, "node-driver-registrar")
+    kubelet_dir = VARIANT["node"]["kubeletDir"] if name == "variant" else "/var/lib/kubelet"
+    registration = flag(registrar["args"], "--kubelet-registration-path")
+    assert registration == f"{kubelet_dir}/plugins/{driver}/csi.sock"
+    plugin_dir = next(v for v in ds_spec["volumes"] if v["name"] == "plugin-dir")["hostPath"]["path"]
+    assert plugin_dir == f"{kubelet_dir}/plugins/{driver}"
+    assert flag(container(ds_spec, "shoal-agent")["args"], "--csi-driver-name") == driver
+    deploy_spec = one(objects, "Deployment", "-controller")["spec"]["template"]["spec"]
+    assert flag(container(deploy_spec, "shoal-controller")["args"], "--csi-driver-name") == driver
+    # every CSI sidecar talks to the same socket the Shoal process serves
+    for spec, shoal in ((deploy_spec, "shoal-controller"), (ds_spec, "shoal-agent")):
+        endpoint = flag(container(spec, shoal)["args"], "--csi-endpoint")
+        assert endpoint == "unix:///csi/csi.sock"
+        for c in spec["containers"]:
+            if c["name"] != shoal:
+                assert flag(c["args"], "--csi-address") == "/csi/csi.sock", c["name"]
+
+
+def test_controller_deployment(rendered):
+    name, _, objects = rendered
+    deploy = one(objects, "Deployment", "-controller")
+    assert deploy["spec"]["replicas"] == 2
+    spec = deploy["spec"]["template"]["spec"]
+    shoal = container(spec, "shoal-controller")
+    assert shoal["args"][0] == "controller"
+    assert flag(shoal["args"], "--store") == "kubernetes"
+    images = {c["name"]: c["image"] for c in spec["containers"]}
+    if name == "variant":
+        assert images["shoal-controller"] == "registry.example.org/storage/shoal:1.2.3"
+        assert images["csi-provisioner"] == VARIANT["sidecars"]["provisioner"]["image"]
+        assert images["liveness-probe"] == VARIANT["sidecars"]["livenessprobe"]["image"]
+        assert spec["imagePullSecrets"] == [{"name": "regcred"}]
+    else:
+        assert images["shoal-controller"].startswith("ghcr.io/shoal/shoal:")
+        assert all(images[s].startswith(f"registry.k8s.io/sig-storage/{s}:v") for s in SIDECARS)
+    for sidecar in SIDECARS:
+        args = container(spec, sidecar)["args"]
+        assert "--leader-election" in args, sidecar
+        assert flag(args, "--leader-election-namespace") == "$(POD_NAMESPACE)"
+    service = one(objects, "Service", "-controller")
+    assert service["spec"]["selector"] == deploy["spec"]["selector"]["matchLabels"]
+    agent_args = container(one(objects, "DaemonSet", "-node")["spec"]["template"]["spec"], "shoal-agent")["args"]
+    port = next(p["port"] for p in service["spec"]["ports"] if p["name"] == "grpc")
+    assert flag(agent_args, "--controller") == f"{service['metadata']['name']}.{NAMESPACE}.svc:{port}"
+
+
+# --- TLS ---------------------------------------------------------------------------------------------------------
+
+def test_tls_secret(rendered):
+    name, _, objects = rendered
+    secrets = [o for o in objects if o["kind"] == "Secret"]
+    expected = VARIANT["tls"]["existingSecret"] if name == "variant" else f"{RELEASE}-tls"
+    if name == "variant":
+        assert secrets == [], "an existing Secret is used, none rendered"
+    else:
+        (secret,) = secrets
+        assert secret["metadata"]["name"] == expected
+        assert set(secret["data"]) == {"ca.crt", "controller.crt", "controller.key", "node.crt", "node.key"}
+        _check_certificates(secret["data"])
+    for kind, suffix in (("Deployment", "-controller"), ("DaemonSet", "-node")):
+        spec = one(objects, kind, suffix)["spec"]["template"]["spec"]
+        tls = next(v for v in spec["volumes"] if v["name"] == "tls")
+        assert tls["secret"]["secretName"] == expected
+
+
+def _check_certificates(data: dict) -> None:
+    """With openssl: the CA signed both certificates, and the controller's names its Service's DNS names."""
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        return
+    pem = {key: base64.b64decode(value) for key, value in data.items()}
+    text = subprocess.run([openssl, "x509", "-noout", "-text"], input=pem["controller.crt"], capture_output=True,
+                          check=True, timeout=30).stdout.decode()
+    assert f"DNS:{RELEASE}-controller.{NAMESPACE}.svc" in text
+    for cert in ("controller.crt", "node.crt"):
+        with tempfile.NamedTemporaryFile(suffix=".pem") as ca:
+            ca.write(pem["ca.crt"])
+            ca.flush()
+            verify = subprocess.run([openssl, "verify", "-CAfile", ca.name], input=pem[cert], capture_output=True,
+                                    timeout=30, check=False)
+        assert verify.returncode == 0, (cert, verify.stdout, verify.stderr)
+
+
+def test_tls_disabled(helm):
+    text = helm(*template_args(None), "--set", "tls.enabled=false").stdout
+    objects = [doc for doc in yaml.safe_load_all(text) if doc]
+    assert not [o for o in objects if o["kind"] == "Secret"]
+    shoal = container(one(objects, "Deployment", "-controller")["spec"]["template"]["spec"], "shoal-controller")
+    assert not [a for a in shoal["args"] if a.startswith("--tls-")]
+
+
+# --- values.schema.json ------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("setting, needle", [
+    ("controller.replicas=0", "replicas"),
+    ("driverName=Not_A_DNS_Name", "driverName"),
+    ("image.pullPolicy=Sometimes", "pullPolicy"),
+    ("node.kubeletDir=relative/kubelet", "kubeletDir"),
+    ("storageClass.reclaimPolicy=Recycle", "reclaimPolicy"),
+    ("tls.existingSecret=Bad Secret", "existingSecret"),
+    ("controller.typo=1", "typo"),
+])
+def test_schema_rejects(helm, setting, needle):
+    result = helm(*template_args(None), "--set", setting, check=False)
+    assert result.returncode != 0, f"--set {setting} was accepted"
+    assert "values don't meet the specifications of the schema" in result.stderr, result.stderr
+    assert needle in result.stderr, result.stderr
+
+
+def test_containerfile_matches_chart(rendered):
+    """The chart sets args only; the image's ENTRYPOINT is `shoal`, so args[0] picks the subcommand."""
+    containerfile = (REPO / "deploy" / "Containerfile").read_text()
+    assert 'ENTRYPOINT ["shoal"]' in containerfile
+    for package in ("open-iscsi", "e2fsprogs", "xfsprogs", "util-linux", "kmod", "fuse3"):
+        assert package in containerfile, package
+    _, _, objects = rendered
+    for kind, suffix, name in (("Deployment", "-controller", "shoal-controller"),
+                               ("DaemonSet", "-node", "shoal-agent")):
+        shoal = container(one(objects, kind, suffix)["spec"]["template"]["spec"], name)
+        assert "command" not in shoal
