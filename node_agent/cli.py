@@ -107,6 +107,8 @@ def _agent_parser(sub) -> None:
     agent.add_argument("--controller-key", default="", help="key for --controller-cert")
     agent.add_argument("--metrics-listen", default="", metavar="HOST:PORT",
                        help="serve Prometheus /metrics over HTTP here (default: off; e.g. 127.0.0.1:9451)")
+    agent.add_argument("--csi-endpoint", default="", metavar="unix:///PATH",
+                       help="serve CSI Identity and Node on this unix socket (default: no CSI)")
     agent.add_argument("--ready-file", metavar="FILE",
                        help="write {\"agent\": HOST:PORT, \"portal\": HOST:PORT, \"metrics\": HOST:PORT} as JSON "
                             "here once serving")
@@ -131,7 +133,7 @@ def _agent_settings(args: argparse.Namespace):
                          advertise_portals=tuple(args.advertise_portal), controller=args.controller,
                          initiator_iqn=args.initiator_iqn, target_prefix=args.target_prefix, labels=labels,
                          server_tls=server_tls, controller_tls=controller_tls, metrics_listen=args.metrics_listen,
-                         **extra)
+                         csi_endpoint=args.csi_endpoint, **extra)
 
 
 def _run_agent(args: argparse.Namespace) -> int:

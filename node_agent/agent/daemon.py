@@ -1,5 +1,8 @@
 """The node agent put together: disks, portal, exports, attachments, AgentService, registration.
 
+With ``csi_endpoint`` set it also serves CSI Identity and Node on that unix socket
+(``node_agent.csi``), over the same attachments.
+
 Start order matters for consumers: the portal starts and the recorded exports
 are served again *before* the gRPC server opens or the controller hears from
 us, so initiators logged in before a restart get back in without waiting for
@@ -18,6 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 
+from controller.csi.server import socket_path
 from node_agent.agent.attachments import KERNEL, USERSPACE, AttachmentManager
 from node_agent.agent.exports import ExportManager, ExportSettings
 from node_agent.agent.metrics import AgentCollector
@@ -27,7 +31,12 @@ from node_agent.agent.servicer import AgentServicer
 from node_agent.agent.settings import AgentSettings, TlsFiles
 from node_agent.agent.snapshots import SnapshotManager
 from node_agent.agent.volumes import VolumeManager
+from node_agent.csi.devices import DeviceResolver
+from node_agent.csi.mounts import Mounter
+from node_agent.csi.node import NodeServicer
+from node_agent.csi.server import build_csi_node_server
 from node_agent.host.connector import Connector
+from node_agent.host.runner import SubprocessRunner
 from node_agent.metrics_server import MetricsServer, new_registry
 from node_agent.target_service import PortalConfig
 from protos.shoal.v1 import agent_pb2_grpc
@@ -120,6 +129,7 @@ class Agent:
         self.metrics_registry.register(AgentCollector(self))
         self.metrics_server: MetricsServer | None = None
         self.metrics_address = ""
+        self.csi_server: grpc.Server | None = None
 
     def start(self) -> None:
         s = self.settings
@@ -139,6 +149,8 @@ class Agent:
             self.attachments = AttachmentManager(s.data_dir, self.connectors)
             self.attachments.restore()
             self._serve()
+            if s.csi_endpoint:
+                self._serve_csi()
             if s.metrics_listen:
                 self.metrics_server = MetricsServer(s.metrics_listen, self.metrics_registry)
                 self.metrics_address = self.metrics_server.start()
@@ -150,6 +162,13 @@ class Agent:
                  self.portal_address)
 
     def stop(self) -> None:
+        if self.csi_server is not None:
+            self.csi_server.stop(grace=5).wait(10)
+            self.csi_server = None
+            try:
+                os.unlink(socket_path(self.settings.csi_endpoint))
+            except FileNotFoundError:
+                pass
         if self.server is not None:
             self.server.stop(grace=5).wait(10)
             self.server = None
@@ -192,6 +211,13 @@ class Agent:
         server.start()
         self.server = server
         self.agent_address = join_host_port(host, bound)
+
+    def _serve_csi(self) -> None:
+        """CSI Identity + Node on ``csi_endpoint``, over this agent's attachments and the host's mount tools."""
+        s = self.settings
+        assert self.attachments is not None
+        servicer = NodeServicer(s.node_id, s.labels, DeviceResolver(self.attachments), Mounter(SubprocessRunner()))
+        self.csi_server = build_csi_node_server(servicer, s.csi_endpoint)
 
     def _register(self, portals: tuple[str, ...]) -> None:
         s = self.settings

@@ -118,6 +118,9 @@ class AgentSettings:
     metrics_listen: str = ""
     """Where ``/metrics`` is served over plain HTTP for Prometheus (``HOST:PORT``); empty: not served.
     Off by default, like the controller's: the page names volumes (``shoal up`` serves it on loopback)."""
+    csi_endpoint: str = ""
+    """``unix:///path/node.sock``: serve CSI Identity and Node there (kubelet's and node-driver-registrar's
+    socket); empty: no CSI."""
 
     def __post_init__(self):
         check_name("node id", self.node_id)
@@ -129,6 +132,10 @@ class AgentSettings:
         check_iqn(f"{self.target_prefix}:volume")
         if self.server_tls is not None and not self.server_tls.cert:
             raise ValueError("server TLS needs a certificate and key")
+        if self.csi_endpoint:
+            from controller.csi.server import socket_path
+
+            socket_path(self.csi_endpoint)  # ValueError now for a relative path, not at start()
         names = [d.name for d in self.disks]
         if len(set(names)) != len(names):
             raise ValueError(f"disk names must be unique: {names}")

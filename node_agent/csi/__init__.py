@@ -1,0 +1,1 @@
+"""The CSI Node service of ``shoal agent`` (stage, publish, stats on this host)."""

@@ -1,0 +1,88 @@
+"""What is mounted where (``/proc/self/mountinfo``) and the commands that change it.
+
+Every command is an argument list run through a ``Runner`` (``node_agent.host.runner``),
+so tests check the argv and production never builds a shell string.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+
+from node_agent.host.runner import Runner
+
+MOUNTINFO = "/proc/self/mountinfo"
+_OCTAL = re.compile(r"\\([0-7]{3})")
+
+
+@dataclass(frozen=True)
+class Mount:
+    mount_point: str
+    dev: int
+    """st_dev of the mounted filesystem (os.makedev(major, minor))."""
+    root: str
+    """The path inside that filesystem which is mounted (a bind mount of a file or a subdirectory)."""
+    fs_type: str
+    source: str
+    options: tuple[str, ...]
+
+
+def _unescape(text: str) -> str:
+    return _OCTAL.sub(lambda m: chr(int(m.group(1), 8)), text)
+
+
+def parse_mountinfo(text: str) -> list[Mount]:
+    mounts = []
+    for line in text.splitlines():
+        fields = line.split()
+        if "-" not in fields:
+            continue
+        sep = fields.index("-")
+        major, minor = (int(n) for n in fields[2].split(":"))
+        mounts.append(Mount(mount_point=_unescape(fields[4]), dev=os.makedev(major, minor),
+                            root=_unescape(fields[3]), fs_type=fields[sep + 1],
+                            source=_unescape(fields[sep + 2]) if len(fields) > sep + 2 else "",
+                            options=tuple(fields[5].split(","))))
+    return mounts
+
+
+class Mounter:
+    """mount, umount, mkfs and blkid for the Node service."""
+
+    def __init__(self, runner: Runner, mountinfo: str = MOUNTINFO):
+        self.runner = runner
+        self.mountinfo = mountinfo
+
+    def mounted_at(self, path: str) -> Mount | None:
+        """The topmost mount at ``path`` (None when nothing is mounted there)."""
+        path = os.path.realpath(path)
+        with open(self.mountinfo, encoding="utf-8", errors="surrogateescape") as f:
+            found = [m for m in parse_mountinfo(f.read()) if m.mount_point == path]
+        return found[-1] if found else None
+
+    def fs_type(self, device: str) -> str:
+        """What blkid finds on ``device``; "" for a blank device (blkid exits 2 when it finds nothing)."""
+        result = self.runner.run(["blkid", "-p", "-o", "value", "-s", "TYPE", device], check=False)
+        if result.returncode == 2:
+            return ""
+        if result.returncode != 0:
+            # blkid -p reports other signatures (a partition table, an ambivalent probe) with a non-zero
+            # exit: never format over those
+            return "unknown"
+        return result.stdout.strip() or "unknown"
+
+    def mkfs(self, device: str, fs_type: str) -> None:
+        argv = {"ext4": ["mkfs.ext4", "-q", "-F", device], "xfs": ["mkfs.xfs", "-q", device]}[fs_type]
+        self.runner.run(argv)
+
+    def mount(self, device: str, path: str, fs_type: str, options: list[str]) -> None:
+        self.runner.run(["mount", "-t", fs_type] + (["-o", ",".join(options)] if options else []) + [device, path])
+
+    def bind(self, source: str, path: str, readonly: bool) -> None:
+        self.runner.run(["mount", "--bind", source, path])
+        if readonly:  # a bind mount takes "ro" only on a remount
+            self.runner.run(["mount", "-o", "remount,bind,ro", path])
+
+    def umount(self, path: str) -> None:
+        self.runner.run(["umount", path])
