@@ -64,6 +64,9 @@ def add_parser(sub) -> None:
                         help="the controller's Prometheus /metrics (default %(default)s; '' turns it off)")
     parser.add_argument("--agent-metrics", default="127.0.0.1:9451", metavar="HOST:PORT",
                         help="the agent's Prometheus /metrics (default %(default)s; '' turns it off)")
+    parser.add_argument("--csi-dir", default=None, metavar="DIR",
+                        help="where the CSI sockets go: controller.sock and node.sock (default DATA_DIR/csi; "
+                             "'' turns CSI off)")
     parser.add_argument("--disk-size", default="", metavar="SIZE",
                         help="capacity the agent offers (e.g. 20G; default: its filesystem's size)")
     parser.add_argument("--context", default="", help="context file for shoalctl (default $SHOAL_CONTEXT or "
@@ -137,9 +140,11 @@ def run(args: argparse.Namespace) -> int:
     children: list[Child] = []
     try:
         deadline = time.monotonic() + args.timeout
+        csi = _csi_sockets(data, args.csi_dir)
         controller = _spawn("controller", shoal + [
             "controller", "--db", str(data / "controller.db"), "--listen", args.controller,
-            "--metrics-listen", args.controller_metrics, "--ready-file", str(ready["controller"])],
+            "--metrics-listen", args.controller_metrics, "--ready-file", str(ready["controller"])]
+            + (["--csi-endpoint", f"unix://{csi['controller']}"] if csi else []),
             data / "controller.log")
         children.append(controller)
         controller_ready = _wait_file(ready["controller"], controller, deadline)
@@ -148,7 +153,8 @@ def run(args: argparse.Namespace) -> int:
         agent = _spawn("agent", shoal + [
             "agent", "--node-id", node_id, "--data-dir", str(data / "agent"), "--disk", f"data0={disk}",
             "--listen", args.agent, "--portal", args.portal, "--controller", address,
-            "--metrics-listen", args.agent_metrics, "--ready-file", str(ready["agent"])], data / "agent.log")
+            "--metrics-listen", args.agent_metrics, "--ready-file", str(ready["agent"])]
+            + (["--csi-endpoint", f"unix://{csi['node']}"] if csi else []), data / "agent.log")
         children.append(agent)
         agent_ready = _wait_file(ready["agent"], agent, deadline)
         _wait_registered(address, node_id, agent, deadline)
@@ -156,6 +162,8 @@ def run(args: argparse.Namespace) -> int:
         write_context(context, {"controller": address, "node": node_id, "data_dir": str(data)})
         _print_usage(address, node_id, data, context,
                      {"controller": controller_ready.get("metrics", ""), "agent": agent_ready.get("metrics", "")})
+        if csi:
+            print(f"CSI: controller {csi['controller']}, node {csi['node']}.", flush=True)
         for signum in (signal.SIGINT, signal.SIGTERM):
             signal.signal(signum, lambda *_: stop.set())
         while not stop.wait(0.5):
@@ -177,6 +185,22 @@ def run(args: argparse.Namespace) -> int:
             signal.signal(signum, lambda *_: stop.set())
         for child in reversed(children):  # the agent first: it closes exports while the controller answers
             _stop(child)
+
+
+_SUN_PATH_MAX = 107  # bytes of a unix socket path (sockaddr_un.sun_path, less the NUL)
+
+
+def _csi_sockets(data: Path, csi_dir: str | None) -> dict[str, Path]:
+    """The CSI socket paths (controller, node), or {} when CSI is off or the paths would be too long."""
+    if csi_dir == "":
+        return {}
+    root = (Path(csi_dir) if csi_dir else data / "csi").resolve()
+    sockets = {"controller": root / "controller.sock", "node": root / "node.sock"}
+    if any(len(str(p).encode()) > _SUN_PATH_MAX for p in sockets.values()):
+        print(f"shoal up: {root} is too long for unix socket paths; CSI stays off (use --csi-dir)", file=sys.stderr)
+        return {}
+    root.mkdir(parents=True, exist_ok=True)
+    return sockets
 
 
 def _print_usage(address: str, node_id: str, data: Path, context: Path, metrics: dict[str, str]) -> None:

@@ -21,6 +21,7 @@ Three layers, each over real gRPC on 127.0.0.1:
 from __future__ import annotations
 
 import json
+from pathlib import Path
 import logging
 import os
 import re
@@ -457,12 +458,12 @@ def test_controller_busy_port_is_a_clear_error(tmp_path):
 
 # ---- shoal up
 
-def _start_up(tmp_path, context):
+def _start_up(tmp_path, context, csi_dir=""):
     env = dict(os.environ, SHOAL_CONTEXT=str(context), PYTHONPATH=str(REPO))
     env.pop("SHOAL_CONTROLLER", None)
     args = [sys.executable, "-m", "node_agent.cli", "up", "--data-dir", str(tmp_path / "state"), "--node-id", "solo",
             "--controller", "127.0.0.1:0", "--agent", "127.0.0.1:0", "--portal", "127.0.0.1:0",
-            "--controller-metrics", "127.0.0.1:0", "--agent-metrics", "127.0.0.1:0"]
+            "--controller-metrics", "127.0.0.1:0", "--agent-metrics", "127.0.0.1:0", "--csi-dir", csi_dir]
     process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path)
     deadline = time.monotonic() + 60
     while not context.exists():
@@ -510,3 +511,32 @@ def test_shoal_up_runs_a_pool_and_a_restart_keeps_it(tmp_path):
         assert process.returncode == 0
     finally:
         stop_process(process)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_shoal_up_serves_both_csi_sockets(tmp_path):
+    """`shoal up` serves the CSI Controller and Node services on unix sockets (issue 5), removed on stop."""
+    import tempfile
+
+    import grpc
+
+    from protos.csi.v1 import csi_pb2, csi_pb2_grpc
+
+    with tempfile.TemporaryDirectory(prefix="shoal-csi-", dir="/tmp") as short:  # sun_path is 108 bytes
+        process, _ = _start_up(tmp_path, tmp_path / "context.json", csi_dir=short)
+        try:
+            sockets = {name: Path(short) / f"{name}.sock" for name in ("controller", "node")}
+            for name, path in sockets.items():
+                with grpc.insecure_channel(f"unix://{path}") as channel:
+                    info = csi_pb2_grpc.IdentityStub(channel).GetPluginInfo(csi_pb2.GetPluginInfoRequest(), timeout=10)
+                    assert info.name == "csi.shoal.io", name
+            with grpc.insecure_channel(f"unix://{sockets['node']}") as channel:
+                assert csi_pb2_grpc.NodeStub(channel).NodeGetInfo(csi_pb2.NodeGetInfoRequest(), timeout=10).node_id \
+                    == "solo"
+            os.kill(process.pid, signal.SIGINT)
+            out, _ = process.communicate(timeout=60)
+            assert process.returncode == 0 and f"CSI: controller {sockets['controller']}" in out
+            assert not any(p.exists() for p in sockets.values())
+        finally:
+            stop_process(process)
