@@ -77,3 +77,18 @@ class BufferPool:
             return
         self._free.setdefault(size, []).append(buf)
         self.pooled += size
+
+
+def copy_in(data: bytes | bytearray | memoryview, get_buffer, buffer_updated, stopped) -> None:
+    """Feed ``data`` through a BufferedProtocol-style pair (``get_buffer``/``buffer_updated``).
+
+    Both connection cores take copied bytes this way (tests, and callers without
+    their own socket), so they run exactly the code path the zero-copy transport runs.
+    """
+    data = memoryview(data)
+    while data and not stopped():
+        space = get_buffer()
+        count = min(len(space), len(data))
+        space[:count] = data[:count]
+        data = data[count:]
+        buffer_updated(count)

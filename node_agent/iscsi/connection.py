@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from node_agent.iscsi import pdu as P
-from node_agent.iscsi.buffers import BufferPool, ReceiveBuffer
+from node_agent.iscsi.buffers import BufferPool, ReceiveBuffer, copy_in
 from node_agent.iscsi.keys import SessionParams, TargetSettings, encode_text, parse_text
 from node_agent.iscsi.login import FULL_FEATURE, LoginReply, LoginStatus, TargetLogin
 from node_agent.iscsi.pdu import Opcode, RejectReason, TmfFunction, TmfResponse
@@ -33,6 +33,7 @@ from node_agent.iscsi.serial import in_window, sn_add, sn_lt
 from node_agent.iscsi.names import check_iqn
 from node_agent.iscsi.target import Session, TargetRegistry
 from node_agent.scsi.device import FileRange, decode_lun
+from node_agent.scsi.sense import INVALID_FIELD_IN_CDB, build_sense
 
 log = logging.getLogger("shoal.iscsi.connection")
 _U32 = struct.Struct(">I").unpack_from
@@ -117,13 +118,7 @@ class TargetConnection:
     # ------------------------------------------------------------------ I/O interface
     def receive(self, data: bytes | bytearray | memoryview) -> None:
         """Bytes from the initiator, any amount at a time (copied in; see ``get_buffer`` for zero-copy)."""
-        data = memoryview(data)
-        while data and not self.closing:
-            space = self.get_buffer()
-            count = min(len(space), len(data))
-            space[:count] = data[:count]
-            data = data[count:]
-            self.buffer_updated(count)
+        copy_in(data, self.get_buffer, self.buffer_updated, lambda: self.closing)
 
     def get_buffer(self) -> memoryview:
         """Memory the transport should receive into next (``asyncio.BufferedProtocol`` style)."""
@@ -338,8 +333,6 @@ class TargetConnection:
         if opcode == Opcode.DATA_OUT:
             self._data_out(header, data, raw)
             return
-        if opcode == Opcode.SCSI_COMMAND and header.write and not header.immediate:
-            pass  # handled below like every sequenced command
         handler = _SEQUENCED.get(opcode)
         if data:
             data = bytes(data)  # the receive buffer is reused; commands may be held for CmdSN order
@@ -399,7 +392,7 @@ class TargetConnection:
             return
         if edtl > self.config.max_write_buffer:
             self._dead_itts.add(itt)
-            self._respond(itt, CHECK_CONDITION, _sense_invalid_field_in_cdb(), 0, edtl, 0)
+            self._respond(itt, CHECK_CONDITION, build_sense(INVALID_FIELD_IN_CDB), 0, edtl, 0)
             return
         task = WriteTask(itt, header.lun, lun, header.cdb, edtl, self._pool.acquire(edtl), read=header.read)
         task.buffer[:len(data)] = data
@@ -806,13 +799,6 @@ def _residual_flags(datalen: int, edtl: int) -> int:
     if datalen < edtl:
         return 0x02
     return 0
-
-
-def _sense_invalid_field_in_cdb() -> bytes:
-    # Fixed-format sense: ILLEGAL REQUEST / INVALID FIELD IN CDB (SPC-4 §4.5.3).
-    sense = bytearray(18)
-    sense[0], sense[2], sense[7], sense[12] = 0x70, 0x05, 10, 0x24
-    return bytes(sense)
 
 
 def _opcode_name(opcode: int) -> str:

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from node_agent.iscsi import pdu as P
-from node_agent.iscsi.buffers import ReceiveBuffer
+from node_agent.iscsi.buffers import ReceiveBuffer, copy_in
 from node_agent.iscsi.chap import ChapInitiatorAuth
 from node_agent.iscsi.keys import (InitiatorNegotiator, InitiatorSettings, NegotiationError, SessionParams,
                                    encode_text, parse_text)
@@ -198,13 +198,7 @@ class InitiatorConnection:
 
     # ------------------------------------------------------------------ I/O interface
     def receive(self, data: bytes | bytearray | memoryview) -> None:
-        data = memoryview(data)
-        while data and not self.closed:
-            space = self.get_buffer()
-            count = min(len(space), len(data))
-            space[:count] = data[:count]
-            data = data[count:]
-            self.buffer_updated(count)
+        copy_in(data, self.get_buffer, self.buffer_updated, lambda: self.closed)
 
     def get_buffer(self) -> memoryview:
         """Memory to receive into next: a command's buffer during a large Data-In, else the receive buffer."""
