@@ -9,7 +9,8 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 # Real peers and tools the tests drive (see tests/README.md for which test uses which).
 DEB_PACKAGES := libiscsi-bin qemu-utils qemu-block-extra tgt qemu-system-x86 busybox-static \
-	open-iscsi e2fsprogs kmod cpio iproute2 util-linux mount fuse3 debootstrap openssl
+	open-iscsi e2fsprogs kmod cpio iproute2 util-linux mount fuse3 debootstrap openssl \
+	xfsprogs golang-go rsync etcd-server
 PYTEST_ARGS ?=
 UP_LISTEN ?= 127.0.0.1:3260
 UP_IQN ?= iqn.2026-11.io.shoal:up
