@@ -41,6 +41,10 @@ class AgentTls:
     """The controller's client certificate, for agents that require mutual TLS."""
     key: str = ""
     """Its private key."""
+    server_name: str = ""
+    """Name the agents' certificates carry, checked instead of the address dialled (empty: the address).
+    A cluster whose nodes share one certificate (the Helm chart's generated ``shoal-node``) sets it: the
+    controller dials agents by IP, and a per-IP certificate would have to be made for every node."""
 
     def __post_init__(self) -> None:
         if bool(self.cert) != bool(self.key):
@@ -88,9 +92,12 @@ CHANNEL_OPTIONS = (("grpc.initial_reconnect_backoff_ms", 200), ("grpc.max_reconn
 def open_channel(address: str, tls: AgentTls | None) -> grpc.Channel:
     if tls is None:
         return grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+    options = CHANNEL_OPTIONS
+    if tls.server_name:
+        options += (("grpc.ssl_target_name_override", tls.server_name),)
     return grpc.secure_channel(address, grpc.ssl_channel_credentials(
         root_certificates=_read(tls.ca), private_key=_read(tls.key), certificate_chain=_read(tls.cert)),
-        options=CHANNEL_OPTIONS)
+        options=options)
 
 
 class GrpcAgentDirectory:

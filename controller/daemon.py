@@ -175,6 +175,8 @@ def add_parser(sub) -> None:
     parser.add_argument("--agent-ca", default="", help="CA that signed the agents' certificates (agent TLS)")
     parser.add_argument("--agent-cert", default="", help="client certificate towards agents (mTLS)")
     parser.add_argument("--agent-key", default="", help="key for --agent-cert")
+    parser.add_argument("--agent-server-name", default="", metavar="NAME",
+                        help="name the agents' certificates carry, checked instead of the address dialled")
     parser.add_argument("--metrics-listen", default=defaults.metrics_listen, metavar="HOST:PORT",
                         help="serve Prometheus /metrics over HTTP here (default: off; e.g. 127.0.0.1:9450)")
     parser.add_argument("--csi-endpoint", default=defaults.csi_endpoint, metavar="unix:///PATH",
@@ -188,8 +190,8 @@ def settings_from_args(args: argparse.Namespace) -> tuple[DaemonSettings, Contro
     if args.tls_client_ca and tls is None:
         raise ValueError("--tls-client-ca needs --tls-cert and --tls-key")
     agent_tls = None
-    if args.agent_ca or args.agent_cert or args.agent_key:
-        agent_tls = AgentTls(args.agent_ca, args.agent_cert, args.agent_key)
+    if args.agent_ca or args.agent_cert or args.agent_key or args.agent_server_name:
+        agent_tls = AgentTls(args.agent_ca, args.agent_cert, args.agent_key, args.agent_server_name)
     if args.csi_endpoint:
         socket_path(args.csi_endpoint)  # ValueError now rather than after the store is open
     if args.loop_interval <= 0:

@@ -14,13 +14,14 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import pytest
 
+from controller.agents_grpc import AgentTls, open_channel
 from node_agent.agent.daemon import Agent
 from node_agent.agent.settings import AgentSettings, TlsFiles
 from protos.shoal.v1 import agent_pb2, agent_pb2_grpc
 from tests.conftest import require_tools
 
 
-def make_certificates(tmp_path):
+def make_certificates(tmp_path, san: str = "IP:127.0.0.1"):
     require_tools("openssl")
 
     def openssl(*args):
@@ -29,7 +30,7 @@ def make_certificates(tmp_path):
     ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
     openssl("req", "-x509", *ec, "-keyout", str(tmp_path / "ca.key"), "-out", str(tmp_path / "ca.pem"),
             "-days", "1", "-subj", "/CN=shoal-test-ca")
-    (tmp_path / "san.ext").write_text("subjectAltName=IP:127.0.0.1\n")
+    (tmp_path / "san.ext").write_text(f"subjectAltName={san}\n")
     for name in ("server", "client"):
         openssl("req", *ec, "-keyout", str(tmp_path / f"{name}.key"), "-out", str(tmp_path / f"{name}.csr"),
                 "-subj", f"/CN={name}")
@@ -62,6 +63,25 @@ def test_agent_service_with_mutual_tls(tmp_path):
                         grpc.insecure_channel(agent.agent_address)):
             with channel, pytest.raises(grpc.RpcError):
                 agent_pb2_grpc.AgentServiceStub(channel).GetState(agent_pb2.GetStateRequest(), timeout=5)
+    finally:
+        agent.stop()
+
+
+def test_controller_checks_a_shared_node_certificate_by_name(tmp_path):
+    """The chart gives every node one certificate named ``shoal-node``; the controller dials agents by IP."""
+    make_certificates(tmp_path, san="DNS:shoal-node")
+    tls = TlsFiles(str(tmp_path / "server.pem"), str(tmp_path / "server.key"), str(tmp_path / "ca.pem"))
+    agent = Agent(settings(tmp_path, server_tls=tls), connectors={})
+    agent.start()
+    try:
+        files = dict(ca=str(tmp_path / "ca.pem"), cert=str(tmp_path / "client.pem"), key=str(tmp_path / "client.key"))
+        with open_channel(agent.agent_address, AgentTls(**files, server_name="shoal-node")) as channel:
+            state = agent_pb2_grpc.AgentServiceStub(channel).GetState(agent_pb2.GetStateRequest(), timeout=10)
+            assert state.node_id == "n1"
+        for wrong in (AgentTls(**files), AgentTls(**files, server_name="other-node")):
+            with open_channel(agent.agent_address, wrong) as channel, pytest.raises(grpc.RpcError) as failed:
+                agent_pb2_grpc.AgentServiceStub(channel).GetState(agent_pb2.GetStateRequest(), timeout=5)
+            assert failed.value.code() == grpc.StatusCode.UNAVAILABLE
     finally:
         agent.stop()
 
