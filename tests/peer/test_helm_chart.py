@@ -352,6 +352,9 @@ def test_tls_secret(rendered):
         assert secret["metadata"]["name"] == expected
         assert set(secret["data"]) == {"ca.crt", "controller.crt", "controller.key", "node.crt", "node.key"}
         _check_certificates(secret["data"])
+    # the controller dials agents by IP and checks node.crt by the name the chart gave it
+    shoal = container(one(objects, "Deployment", "-controller")["spec"]["template"]["spec"], "shoal-controller")
+    assert flag(shoal["args"], "--agent-server-name") == "shoal-node"
     for kind, suffix in (("Deployment", "-controller"), ("DaemonSet", "-node")):
         spec = one(objects, kind, suffix)["spec"]["template"]["spec"]
         tls = next(v for v in spec["volumes"] if v["name"] == "tls")
@@ -367,6 +370,9 @@ def _check_certificates(data: dict) -> None:
     text = subprocess.run([openssl, "x509", "-noout", "-text"], input=pem["controller.crt"], capture_output=True,
                           check=True, timeout=30).stdout.decode()
     assert f"DNS:{RELEASE}-controller.{NAMESPACE}.svc" in text
+    node = subprocess.run([openssl, "x509", "-noout", "-text"], input=pem["node.crt"], capture_output=True,
+                          check=True, timeout=30).stdout.decode()
+    assert "DNS:shoal-node" in node
     for cert in ("controller.crt", "node.crt"):
         with tempfile.NamedTemporaryFile(suffix=".pem") as ca:
             ca.write(pem["ca.crt"])
