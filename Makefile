@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 # Real peers and tools the tests drive (see tests/README.md for which test uses which).
 DEB_PACKAGES := libiscsi-bin qemu-utils qemu-block-extra tgt qemu-system-x86 busybox-static \
 	open-iscsi e2fsprogs kmod cpio iproute2 util-linux mount fuse3 debootstrap openssl \
-	xfsprogs golang-go rsync etcd-server
+	xfsprogs golang-go rsync etcd-server istgt iperf3
 PYTEST_ARGS ?=
 UP_LISTEN ?= 127.0.0.1:3260
 UP_IQN ?= iqn.2026-11.io.shoal:up
@@ -50,6 +50,7 @@ target: deps venv
 	$(VENV)/bin/shoal target --listen $(UP_LISTEN) --iqn $(UP_IQN) --lun .shoal/disk0.img:$(UP_SIZE)
 
 bench: deps venv
+	$(PY) -m pip install -q -e '.[bench]'
 	$(PY) tests/perf/bench_targets.py
 
 clean:
