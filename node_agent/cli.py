@@ -32,6 +32,16 @@ def _listen(text: str) -> tuple[str, int]:
     return host.strip("[]") or "0.0.0.0", int(port)
 
 
+class _ListenAction(argparse.Action):
+    """The first ``--listen`` replaces the default portal; each further one adds a portal (``more_listen``)."""
+
+    def __call__(self, parser, namespace, value, option_string=None):
+        if namespace.listen is self.default:
+            namespace.listen = value
+        else:
+            namespace.more_listen = [*namespace.more_listen, value]
+
+
 def _typed(parse):
     def convert(text: str):
         try:
@@ -48,11 +58,17 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     target = sub.add_parser("target", help="serve files as LUNs of an iSCSI target",
                             description="Serve each --lun file as a LUN (0, 1, …) of one iSCSI target.")
-    target.add_argument("--listen", type=_listen, default=("127.0.0.1", 3260), metavar="HOST:PORT",
-                        help="portal address (default 127.0.0.1:3260; port 0 picks a free one)")
+    target.add_argument("--listen", type=_listen, action=_ListenAction, default=("127.0.0.1", 3260), metavar="HOST:PORT",
+                        help="portal address (default 127.0.0.1:3260; port 0 picks a free one); repeat it for "
+                             "more portals of the same portal group (multipath to the same LUNs)")
+    target.set_defaults(more_listen=[])
     target.add_argument("--iqn", type=_typed(check_iqn), default=DEFAULT_IQN, help=f"target name (default {DEFAULT_IQN})")
-    target.add_argument("--lun", type=_typed(LunSpec.parse), action="append", required=True, metavar="PATH[:SIZE]",
-                        help="backing file; a sparse file of SIZE (e.g. 1G) is created when it does not exist")
+    target.add_argument("--lun", type=_typed(LunSpec.parse), action="append", required=True,
+                        metavar="PATH[:SIZE][:ro][:atomic][:removable]",
+                        help="backing file; a sparse file of SIZE (e.g. 1G) is created when it does not exist; "
+                             ":ro serves it write-protected; :removable as a removable medium initiators may eject; "
+                             ":atomic offers WRITE ATOMIC(16) (only where a write to the file cannot tear on "
+                             "power loss, e.g. a battery-backed cache)")
     target.add_argument("--chap", type=_typed(Credentials.parse), metavar="USER:SECRET",
                         help="initiators must authenticate with CHAP as USER with SECRET "
                              "(@FILE reads USER:SECRET from FILE, keeping it out of the process list)")
@@ -62,7 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="admit only these initiator names (repeatable; default: any)")
     target.add_argument("--allow-anonymous", action="store_true",
                         help="serve without CHAP on an address other than loopback (refused otherwise)")
-    target.add_argument("--port-file", metavar="FILE", help="write HOST:PORT here once listening")
+    target.add_argument("--port-file", metavar="FILE",
+                        help="write HOST:PORT of each portal here (one a line, the first --listen first) once listening")
     iscsi_tools.build_parser(sub)
     _agent_parser(sub)
     _controller_parsers(sub)
@@ -171,10 +188,11 @@ def _is_loopback(host: str) -> bool:
         return host == "localhost"
 
 
-def _write_port_file(path: str, address: tuple[str, int]) -> None:
+def _write_port_file(path: str, addresses: list[tuple[str, int]]) -> None:
+    """``HOST:PORT`` of every portal, one a line, the first ``--listen`` first."""
     tmp = f"{path}.tmp"
     with open(tmp, "w") as handle:
-        handle.write(f"{address[0]}:{address[1]}\n")
+        handle.write("".join(f"{host}:{port}\n" for host, port in addresses))
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(tmp, path)
@@ -182,19 +200,19 @@ def _write_port_file(path: str, address: tuple[str, int]) -> None:
 
 async def _run_target(args: argparse.Namespace) -> int:
     host, port = args.listen
-    config = TargetConfig(iqn=args.iqn, luns=args.lun, host=host, port=port, chap=args.chap,
-                          mutual_chap=args.mutual_chap, allowed_initiators=args.allow)
+    config = TargetConfig(iqn=args.iqn, luns=args.lun, host=host, port=port, more_portals=args.more_listen,
+                          chap=args.chap, mutual_chap=args.mutual_chap, allowed_initiators=args.allow)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
 
-    def ready(address: tuple[str, int]) -> None:
+    def ready(addresses: list[tuple[str, int]]) -> None:
         logging.getLogger("shoal.target").info(
-            "serving %s on %s:%d with %d LUN(s)%s", args.iqn, address[0], address[1], len(args.lun),
-            " (CHAP required)" if args.chap else "")
+            "serving %s on %s with %d LUN(s)%s", args.iqn, ", ".join(f"{h}:{p}" for h, p in addresses),
+            len(args.lun), " (CHAP required)" if args.chap else "")
         if args.port_file:
-            _write_port_file(args.port_file, address)
+            _write_port_file(args.port_file, addresses)
 
     await serve(config, ready=ready, stop=stop)
     logging.getLogger("shoal.target").info("stopped: sessions closed, data synced")
@@ -223,7 +241,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "target":
         if args.mutual_chap and not args.chap:
             parser.error("--mutual-chap needs --chap")
-        host = args.listen[0]
+        hosts = [args.listen[0]] + [h for h, _ in args.more_listen]
+        host = next((h for h in hosts if not _is_loopback(h)), hosts[0])
         if not args.chap and not args.allow_anonymous and not _is_loopback(host):
             parser.error(f"refusing to serve without CHAP on {host} (not loopback): give --chap USER:SECRET, "
                          "or --allow-anonymous to accept that risk")

@@ -21,7 +21,7 @@ from node_agent.iscsi.keys import TargetSettings
 from node_agent.iscsi.names import check_iqn
 from node_agent.iscsi.server import PortalServer
 from node_agent.iscsi.target import Credentials, TargetNode, TargetRegistry
-from node_agent.scsi.device import LogicalUnit, LunIdentity, LunMap
+from node_agent.scsi.device import LogicalUnit, LunIdentity, LunMap, LunSettings
 from node_agent.storage.backing import BackingStore, FileBackingStore
 
 log = logging.getLogger("shoal.target")
@@ -43,6 +43,12 @@ def parse_size(text: str) -> int:
     return size
 
 
+#: Options a ``--lun`` may end with, after the path and size (``PATH[:SIZE][:OPTION...]``).
+LUN_OPTIONS = ("ro", "atomic", "removable")
+#: MAXIMUM ATOMIC TRANSFER LENGTH of a LUN given the ``atomic`` option.
+ATOMIC_OPT_IN_BYTES = 1 << 20
+
+
 @dataclass
 class LunSpec:
     """One LUN: a backing file and, when the file is to be created, its size."""
@@ -53,14 +59,32 @@ class LunSpec:
     # A decorator around the opened backing store (the node agent's copy-before-write guard while a snapshot
     # of the volume is being copied); None: the store as opened.
     wrap: Callable[[BackingStore], BackingStore] | None = field(default=None, compare=False, repr=False)
+    settings: LunSettings = field(default_factory=LunSettings)
 
     @classmethod
     def parse(cls, text: str) -> "LunSpec":
-        """``PATH[:SIZE]`` as the command line takes it."""
-        path, sep, size = text.rpartition(":")
+        """``PATH[:SIZE][:ro][:atomic][:removable]`` as the command line takes it.
+
+        ``ro`` serves the medium write-protected (writes end with DATA PROTECT).
+        ``removable`` makes it a removable medium (RMB=1) initiators may eject and load.
+        ``atomic`` offers WRITE ATOMIC(16) up to 1 MiB: only for backing storage
+        whose writes cannot tear on power loss (see ``LunSettings.max_atomic_transfer_bytes``).
+        """
+        rest, options = text, []
+        while True:
+            head, sep, tail = rest.rpartition(":")
+            if not sep or tail not in LUN_OPTIONS:
+                break
+            options.append(tail)
+            rest = head
+        settings = LunSettings(read_only="ro" in options, removable="removable" in options,
+                               max_atomic_transfer_bytes=ATOMIC_OPT_IN_BYTES if "atomic" in options else 0)
+        path, sep, size = rest.rpartition(":")
         if sep and _SIZE.match(size.strip()):
-            return cls(path, parse_size(size))
-        return cls(text)
+            return cls(path, parse_size(size), settings=settings)
+        if not rest:
+            raise ValueError(f"bad LUN {text!r}: expected PATH[:SIZE][:ro][:atomic][:removable]")
+        return cls(rest, settings=settings)
 
 
 @dataclass
@@ -71,6 +95,7 @@ class TargetConfig:
     luns: list[LunSpec]
     host: str = "127.0.0.1"
     port: int = 3260
+    more_portals: list[tuple[str, int]] = field(default_factory=list)  # further portals of the same group
     chap: Credentials | None = None
     mutual_chap: Credentials | None = None
     allowed_initiators: list[str] | None = None
@@ -97,7 +122,7 @@ def open_lun(spec: LunSpec, iqn: str) -> LogicalUnit:
         backing = spec.wrap(backing)
     volume_id = spec.volume_id or str(uuid.uuid5(_LUN_NAMESPACE, real))
     identity = LunIdentity(volume_id=volume_id)
-    return LogicalUnit(backing, identity, target_name=iqn)
+    return LogicalUnit(backing, identity, target_name=iqn, settings=spec.settings)
 
 
 @dataclass
@@ -108,6 +133,9 @@ class PortalConfig:
     port: int = 3260
     settings: TargetSettings = field(default_factory=TargetSettings)
     connection: ConnectionSettings = field(default_factory=ConnectionSettings)
+    # Further addresses of the same portal group (multipath: one target, one set of LUNs and
+    # reservations, reached through several portals).
+    more_portals: list[tuple[str, int]] = field(default_factory=list)
 
 
 class TargetService:
@@ -126,12 +154,14 @@ class TargetService:
             raise ValueError("TargetService needs a target (config) or a portal")
         if config is not None:
             config.validate()
-            portal = portal or PortalConfig(config.host, config.port, config.settings, config.connection)
+            portal = portal or PortalConfig(config.host, config.port, config.settings, config.connection,
+                                            list(config.more_portals))
         self.config = config
         self.portal_config: PortalConfig = portal  # type: ignore[assignment]
         self._units: dict[str, list[LogicalUnit]] = {}
         self.registry: TargetRegistry | None = None
         self.portal: PortalServer | None = None
+        self.more_portals: list[PortalServer] = []
 
     @property
     def units(self) -> list[LogicalUnit]:
@@ -148,17 +178,33 @@ class TargetService:
         self.portal = PortalServer(self.registry, pc.settings, pc.host, pc.port, pc.connection)
         try:
             await self.portal.start()
+            for host, port in pc.more_portals:
+                extra = PortalServer(self.registry, pc.settings, host, port, pc.connection)
+                await extra.start()
+                self.more_portals.append(extra)
         except BaseException:
-            self.portal = None
+            await self._close_portals()
             self._close_units()
             raise
         return self.portal.address
 
-    async def stop(self) -> None:
-        """Close every session, then flush and close the backing stores."""
+    @property
+    def addresses(self) -> list[tuple[str, int]]:
+        """Every listening portal's address, the first one first."""
+        portals = ([self.portal] if self.portal is not None else []) + self.more_portals
+        return [p.address for p in portals]
+
+    async def _close_portals(self) -> None:
+        for extra in self.more_portals:
+            await extra.close()
+        self.more_portals.clear()
         if self.portal is not None:
             await self.portal.close()
             self.portal = None
+
+    async def stop(self) -> None:
+        """Close every session, then flush and close the backing stores."""
+        await self._close_portals()
         self._close_units()
 
     # -- run-time changes ------------------------------------------------------------
@@ -248,13 +294,13 @@ def _close_all(units: list[LogicalUnit]) -> None:
 
 
 async def serve(config: TargetConfig, ready=None, stop: asyncio.Event | None = None) -> None:
-    """Run a target until ``stop`` is set; ``ready(address)`` is called once it listens."""
+    """Run a target until ``stop`` is set; ``ready(addresses)`` is called once every portal listens."""
     service = TargetService(config)
     stop = stop or asyncio.Event()
-    address = await service.start()
+    await service.start()
     try:
         if ready is not None:
-            ready(address)
+            ready(service.addresses)
         await stop.wait()
     finally:
         await service.stop()

@@ -40,6 +40,7 @@ _U32 = struct.Struct(">I").unpack_from
 
 GOOD = 0x00
 CHECK_CONDITION = 0x02
+TASK_ABORTED = 0x40  # SAM-5 §5.3.1
 _DIRECT_MIN = 16 * 1024  # Data-Out payloads at least this large are received straight into the task buffer
 LOGIN_MAX_DATA = 65536  # bound on a login PDU's data segment before negotiation (RFC default is 8192)
 
@@ -715,6 +716,21 @@ class TargetConnection:
         # already completed has a RefCmdSN below ExpCmdSN: "task does not exist".
         return in_window(header.refcmdsn, session.expcmdsn, session.maxcmdsn) and \
             sn_lt(header.refcmdsn, header.cmdsn)
+
+    def abort_tasks(self, lun: int) -> int:
+        """End this connection's commands to ``lun`` still collecting Data-Out with TASK ABORTED.
+
+        Called when another I_T nexus's PREEMPT AND ABORT preempted this one (SPC-4 §5.13.11.5;
+        TAS=1 in the control mode page, so the status is reported: SAM-5 §5.6).  Data-Out still
+        on its way for them is dropped.  The rare path: the READ/WRITE path does not look here."""
+        aborted = [task for task in self._tasks.values() if task.lun == lun]
+        for task in aborted:
+            del self._tasks[task.itt]
+            self._dead_itts.add(task.itt)
+            self._respond(task.itt, TASK_ABORTED, b"", 0, task.edtl, 0)
+        if aborted:
+            self.wakeup()
+        return len(aborted)
 
     def _abort_where(self, predicate: Callable[[WriteTask], bool]) -> None:
         for itt, task in list(self._tasks.items()):

@@ -119,7 +119,20 @@ class TargetRegistry:
         if existing is not None:
             return existing
         self.targets[target.iqn] = target
+        target.luns.on_abort = lambda lun, nexuses: self.abort_tasks(target, lun, nexuses)
         return target
+
+    def abort_tasks(self, target: TargetNode, lun: int, nexuses: list) -> int:
+        """PREEMPT AND ABORT (SPC-4 §5.13.11.5): end the outstanding commands to ``lun`` of ``target``
+        from the sessions of ``nexuses``; how many were aborted."""
+        aborted = 0
+        for session in list(self.sessions.values()):
+            if session.target is target and session.nexus in nexuses:
+                for conn in list(session.connections.values()):
+                    abort = getattr(conn, "abort_tasks", None)
+                    if abort is not None:
+                        aborted += abort(lun)
+        return aborted
 
     def remove_target(self, iqn: str) -> TargetNode | None:
         """Stop serving ``iqn``: every session logged in to it is closed first.  Unknown names: None."""

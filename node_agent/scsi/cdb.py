@@ -71,6 +71,10 @@ REPORT_SUPPORTED_OPERATION_CODES = _cdb("REPORT SUPPORTED OPERATION CODES", 12, 
     Field("requested_operation_code", 3, 0xFF),
     Field("requested_service_action", 4, 0xFFFF),
     Field("allocation_length", 6, 0xFFFFFFFF))
+REPORT_SUPPORTED_TASK_MANAGEMENT_FUNCTIONS = _cdb("REPORT SUPPORTED TASK MANAGEMENT FUNCTIONS", 12,  # SPC-4 §6.40
+    _sa(),
+    Field("reptd", 2, 0x80),
+    Field("allocation_length", 6, 0xFFFFFFFF))
 PREVENT_ALLOW_MEDIUM_REMOVAL = _cdb("PREVENT ALLOW MEDIUM REMOVAL", 6,  # SPC-4 §6.13
     Field("prevent", 4, 0x03))
 
@@ -203,6 +207,14 @@ WRITE_ATOMIC_16 = _cdb("WRITE ATOMIC(16)", 16,  # SBC-4 §5.48
     Field("wrprotect", 1, 0xE0), Field("dpo", 1, 0x10), Field("fua", 1, 0x08),
     Field("lba", 2, 0xFFFFFFFFFFFFFFFF), Field("atomic_boundary", 10, 0xFFFF),
     Field("transfer_length", 12, 0xFFFF), Field("group_number", 14, 0x1F))
+
+
+SANITIZE = _cdb("SANITIZE", 10,  # SBC-4 §5.30
+    Field("immed", 1, 0x80), Field("ause", 1, 0x20), _sa(), Field("parameter_list_length", 7, 0xFFFF))
+EXTENDED_COPY = _cdb("EXTENDED COPY(LID1)", 16,  # SPC-4 §6.4 (THIRD-PARTY COPY OUT, service action 00h)
+    _sa(), Field("parameter_list_length", 10, 0xFFFFFFFF))
+RECEIVE_COPY_RESULTS = _cdb("RECEIVE COPY RESULTS", 16,  # SPC-4 §6.18 (THIRD-PARTY COPY IN)
+    _sa(), Field("list_identifier", 2, 0xFF), Field("allocation_length", 10, 0xFFFFFFFF))
 
 
 def _defect_flags(offset: int) -> tuple[Field, ...]:

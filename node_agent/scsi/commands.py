@@ -18,6 +18,7 @@ from node_agent.scsi import cdb as C
 from node_agent.scsi import persistent_reserve as P
 from node_agent.scsi import reservations as R
 from node_agent.scsi import sbc, spc
+from node_agent.scsi import xcopy as X
 from node_agent.scsi import sense as S
 from node_agent.scsi.sense import CheckCondition
 from node_agent.wire import Field, Layout
@@ -160,6 +161,9 @@ ALL_COMMANDS: tuple[Command, ...] = (
     _c(0x17, C.RELEASE_6, R.spc2_release, NONE, PR_ALLOWED, spc2=True),
     _c(0x1A, C.MODE_SENSE_6, spc.mode_sense_6, IN, PR_READ, alloc="allocation_length"),
     _c(0x1E, C.PREVENT_ALLOW_MEDIUM_REMOVAL, spc.prevent_allow_medium_removal, NONE, PR_READ),
+    _c(0x48, C.SANITIZE, sbc.sanitize_overwrite, OUT, PR_WRITE, sa=0x01, writes=True, timeout=600),
+    _c(0x48, C.SANITIZE, sbc.sanitize_block_erase, NONE, PR_WRITE, sa=0x02, writes=True, timeout=600),
+    _c(0x48, C.SANITIZE, sbc.sanitize_exit_failure_mode, NONE, PR_WRITE, sa=0x1F, writes=True),
     _c(0x55, C.MODE_SELECT_10, spc.mode_select_10, OUT, PR_WRITE),
     _c(0x56, C.RESERVE_10, R.spc2_reserve, NONE, PR_ALLOWED),
     _c(0x57, C.RELEASE_10, R.spc2_release, NONE, PR_ALLOWED, spc2=True),
@@ -176,8 +180,17 @@ ALL_COMMANDS: tuple[Command, ...] = (
     _c(0x5F, C.PERSISTENT_RESERVE_OUT, P.preempt_and_abort, OUT, PR_ALLOWED, sa=0x05),
     _c(0x5F, C.PERSISTENT_RESERVE_OUT, P.register_and_ignore_existing_key, OUT, PR_ALLOWED, sa=0x06),
     _c(0xA0, C.REPORT_LUNS, spc.report_luns, IN, PR_ALLOWED, alloc="allocation_length", spc2=True),
+    _c(X.EXTENDED_COPY_OPCODE, C.EXTENDED_COPY, X.extended_copy, OUT, PR_WRITE, sa=X.SA_EXTENDED_COPY_LID1),
+    _c(X.RECEIVE_COPY_RESULTS_OPCODE, C.RECEIVE_COPY_RESULTS, X.receive_copy_status, IN, PR_ALLOWED,
+       sa=X.SA_COPY_STATUS, alloc="allocation_length"),
+    _c(X.RECEIVE_COPY_RESULTS_OPCODE, C.RECEIVE_COPY_RESULTS, X.receive_operating_parameters, IN, PR_ALLOWED,
+       sa=X.SA_OPERATING_PARAMETERS, alloc="allocation_length"),
+    _c(X.RECEIVE_COPY_RESULTS_OPCODE, C.RECEIVE_COPY_RESULTS, X.receive_failed_segment_details, IN, PR_ALLOWED,
+       sa=X.SA_FAILED_SEGMENT_DETAILS, alloc="allocation_length"),
     _c(MAINTENANCE_IN, C.REPORT_SUPPORTED_OPERATION_CODES, report_supported_operation_codes, IN, PR_READ,
        sa=0x0C, alloc="allocation_length"),
+    _c(MAINTENANCE_IN, C.REPORT_SUPPORTED_TASK_MANAGEMENT_FUNCTIONS, spc.report_supported_task_management_functions,
+       IN, PR_ALLOWED, sa=0x0D, alloc="allocation_length"),
     # SBC-3
     _c(0x08, C.READ_6, sbc.read_6, IN, PR_READ),
     _c(0x0A, C.WRITE_6, sbc.write_6, OUT, PR_WRITE, writes=True),

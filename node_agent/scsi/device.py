@@ -22,6 +22,7 @@ transport can set the residual.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from node_agent.scsi import sense as S
@@ -78,6 +79,10 @@ class LunSettings:
     """Pending unit attentions kept per I_T nexus; older ones are dropped first."""
     persist_reservations: bool = True
     """Offer APTPL (SPC-4 §5.13.5): keep persistent reservations in ``<backing file>.pr``."""
+    removable: bool = False
+    """A removable medium (RMB=1, SBC-3 §4.13): START STOP UNIT with LOEJ ejects and loads it,
+    PREVENT ALLOW MEDIUM REMOVAL holds it in, and while it is out every medium access ends with
+    NOT READY, MEDIUM NOT PRESENT.  The backing file stays open either way."""
 
 
 class LogicalUnit:
@@ -92,6 +97,7 @@ class LogicalUnit:
         self.block_size = backing.block_size
         self.num_blocks = backing.size // backing.block_size
         self.read_only = settings.read_only or getattr(backing, "read_only", False)
+        self._medium_read_only = self.read_only  # without SWP (control mode page), which adds to it
         self.mode = ModeState()
         self.reservations = Reservations(PtplStore.beside(backing) if settings.persist_reservations else None)
         # One logical block per physical block (LBPPBE=0): libiscsi's GetLBAStatus.UnmapSingle
@@ -102,8 +108,16 @@ class LogicalUnit:
         self.max_write_same_blocks = max(1, settings.max_write_same_bytes // self.block_size)
         self.max_atomic_blocks = min(settings.max_atomic_transfer_bytes // self.block_size, self.max_transfer_blocks)
         self.report_luns = lambda: [0]  # replaced by LunMap with the target's inventory
+        # PREEMPT AND ABORT: end these I_T nexuses' outstanding commands to this unit; LunMap routes it
+        # to the transport (``LunMap.on_abort``).  Returns how many were aborted.
+        self.abort_tasks = lambda nexuses: 0
+        self.copy_targets = lambda: [self]  # EXTENDED COPY's reachable logical units; LunMap: the target's
+        self.copy_results: dict = {}  # (nexus, list identifier) -> xcopy.CopyOutcome held for RECEIVE COPY RESULTS
         self._ua: dict[Nexus, list[SenseCode]] = {}
-        self._ua_pending = 0  # how many nexuses have a unit attention queued (fast-path test)
+        self._ua_pending = 0  # how many nexuses have a unit attention queued
+        self.medium_present = True  # False once a removable medium is ejected
+        self.prevent_removal: set[Nexus] = set()  # I_T nexuses with PREVENT=01b (SPC-4 §6.13)
+        self._gate = False  # a unit attention is queued or the medium is out: the one fast-path test
         self._fua_always = False  # WCE=0 in the caching mode page
         self._range_threshold = settings.file_range_threshold
         # I/O counters (read by the agent's metrics at scrape time): READ and WRITE commands that
@@ -113,10 +127,10 @@ class LogicalUnit:
     # -- the dispatcher --------------------------------------------------------
     def execute(self, nexus: Nexus, cdb, data_out, expected_length: int) -> ScsiResult:
         try:
-            if self._ua_pending and cdb[0] not in _UA_EXEMPT:
-                ua = self._take_ua(nexus)
-                if ua is not None:
-                    return ScsiResult(CHECK_CONDITION, sense=build_sense(ua, descriptor=self.mode.d_sense))
+            if self._gate:
+                early = self._gated(nexus, cdb[0])
+                if early is not None:
+                    return early
             cmd = _lookup(cdb)
             if self.reservations.engaged and self.reservations.conflicts(cmd, nexus):
                 return ScsiResult(RESERVATION_CONFLICT)
@@ -142,6 +156,28 @@ class LogicalUnit:
             return ScsiResult(CHECK_CONDITION, sense=build_sense(S.INTERNAL_TARGET_FAILURE,
                                                                  descriptor=self.mode.d_sense))
 
+    def _gated(self, nexus: Nexus, opcode: int) -> ScsiResult | None:
+        """A pending unit attention (SPC-4 §5.14), then an absent medium (SBC-3 §4.13), end the command."""
+        if self._ua_pending and opcode not in _UA_EXEMPT:
+            ua = self._take_ua(nexus)
+            if ua is not None:
+                return ScsiResult(CHECK_CONDITION, sense=build_sense(ua, descriptor=self.mode.d_sense))
+        if not self.medium_present and opcode not in _NO_MEDIUM_EXEMPT:
+            return ScsiResult(CHECK_CONDITION, sense=build_sense(S.MEDIUM_NOT_PRESENT, descriptor=self.mode.d_sense))
+        return None
+
+    def _regate(self) -> None:
+        self._gate = self._ua_pending > 0 or not self.medium_present
+
+    def load_or_eject(self, load: bool) -> None:
+        """START STOP UNIT with LOEJ on a removable medium; refused while an I_T nexus prevents removal."""
+        if self.prevent_removal:
+            raise CheckCondition(S.MEDIUM_REMOVAL_PREVENTED)
+        if not load and self.medium_present:
+            self.backing.flush()
+        self.medium_present = load
+        self._regate()
+
     def io_counters(self) -> tuple[int, int, int, int]:
         """(read commands, read bytes, write commands, write bytes) since the unit was opened."""
         return self.read_commands, self.read_bytes, self.write_commands, self.write_bytes
@@ -157,6 +193,7 @@ class LogicalUnit:
 
     def mode_changed(self, by: Nexus) -> None:
         self._fua_always = not self.mode.wce
+        self.read_only = self._medium_read_only or self.mode.swp  # SWP: software write protect (SPC-4 §7.5.8)
         self.establish_ua(S.MODE_PARAMETERS_CHANGED, except_nexus=by)
 
     # -- unit attentions (SPC-4 §5.14) ---------------------------------------------
@@ -170,6 +207,11 @@ class LogicalUnit:
         queue = self._ua.pop(nexus, None)
         if queue:
             self._ua_pending -= 1
+            self._regate()
+        self.prevent_removal.discard(nexus)
+        if self.copy_results:
+            for key in [k for k in self.copy_results if k[0] == nexus]:
+                del self.copy_results[key]
         if self.reservations.spc2_holder == nexus:
             self.reservations.spc2_reserve(None)
 
@@ -179,6 +221,7 @@ class LogicalUnit:
         Either releases an SPC-2 reservation; persistent reservations survive (SPC-4 §5.13.1)."""
         code = S.BUS_DEVICE_RESET_FUNCTION_OCCURRED if kind == "lun" else S.POWER_ON_RESET
         self.reservations.spc2_reserve(None)
+        self.prevent_removal.clear()  # SPC-4 §6.13: a reset ends every prevention
         self.establish_ua(code)
 
     def capacity_changed(self) -> None:
@@ -216,6 +259,7 @@ class LogicalUnit:
             queue.clear()
         if not queue:
             self._ua_pending += 1
+            self._gate = True
         queue.append(code)
         del queue[: -self.settings.max_unit_attentions]
 
@@ -226,6 +270,7 @@ class LogicalUnit:
         code = queue.pop(0)
         if not queue:
             self._ua_pending -= 1
+            self._regate()
         return code
 
     def take_unit_attention(self, nexus: Nexus) -> SenseCode | None:
@@ -237,6 +282,10 @@ class LogicalUnit:
 
 
 _UA_EXEMPT = frozenset((0x12, 0xA0, 0x03))  # INQUIRY, REPORT LUNS, REQUEST SENSE (SPC-4 §5.14)
+# What runs without a medium: the exempt three, START STOP UNIT and PREVENT ALLOW (to load it),
+# mode pages, reservations, REPORT SUPPORTED OPERATION CODES / TASK MANAGEMENT FUNCTIONS.
+_NO_MEDIUM_EXEMPT = _UA_EXEMPT | frozenset((0x1B, 0x1E, 0x15, 0x1A, 0x55, 0x5A, 0x5E, 0x5F, 0x16, 0x17, 0x56,
+                                            0x57, 0xA3))
 
 
 def _lookup(cdb) -> Command:
@@ -280,15 +329,25 @@ class LunMap:
 
     def __init__(self, luns: dict[int, LogicalUnit]):
         self.luns = dict(luns)
-        for lu in self.luns.values():
-            lu.report_luns = self.lun_numbers
+        # The transport's hook for PREEMPT AND ABORT: (LUN, I_T nexuses) -> commands aborted.
+        self.on_abort: Callable[[int, list[Nexus]], int] | None = None
+        for number, lu in self.luns.items():
+            self._attach(number, lu)
 
     def lun_numbers(self) -> list[int]:
         return sorted(self.luns)
 
+    def units(self) -> list[LogicalUnit]:
+        return list(self.luns.values())
+
+    def _attach(self, number: int, unit: LogicalUnit) -> None:
+        unit.report_luns = self.lun_numbers
+        unit.copy_targets = self.units
+        unit.abort_tasks = lambda nexuses: self.on_abort(number, nexuses) if self.on_abort is not None else 0
+
     def add(self, lun: int, unit: LogicalUnit) -> None:
         self.luns[lun] = unit
-        unit.report_luns = self.lun_numbers
+        self._attach(lun, unit)
         for other in self.luns.values():
             other.reported_luns_changed()
 

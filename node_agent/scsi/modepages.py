@@ -110,7 +110,9 @@ MODE_PAGES: tuple[ModePage, ...] = (
     ModePage(0x08, CACHING_PAGE, {"wce": True}, ("wce",)),
     # D_SENSE selects descriptor sense; QERR=00, TST=000 (one task set).
     # TAS=1: tasks aborted by another I_T nexus end with TASK ABORTED.
-    ModePage(0x0A, CONTROL_PAGE, {"d_sense": False, "tas": True, "queue_algorithm_modifier": 1}, ("d_sense",)),
+    # SWP: an initiator may write-protect the medium for everyone (SPC-4 §7.5.8).
+    ModePage(0x0A, CONTROL_PAGE, {"d_sense": False, "tas": True, "queue_algorithm_modifier": 1},
+             ("d_sense", "swp")),
     ModePage(0x1C, INFORMATIONAL_EXCEPTIONS_CONTROL_PAGE, {"dexcpt": True}, ()),
 )
 PAGES_BY_CODE = {p.code: p for p in MODE_PAGES}
@@ -129,6 +131,10 @@ class ModeState:
     @property
     def wce(self) -> bool:
         return self.current[0x08].wce
+
+    @property
+    def swp(self) -> bool:
+        return self.current[0x0A].swp
 
     def page_bytes(self, page: ModePage, pc: int) -> bytes:
         if pc == PC_CHANGEABLE:

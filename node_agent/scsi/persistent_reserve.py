@@ -4,8 +4,10 @@ Each service action is its own row of the command table.  The state they read
 and change is the logical unit's ``Reservations`` (``reservations.py``); a
 PERSISTENT RESERVE OUT that changed it is saved when APTPL is active
 (``Reservations.changed``).  RESERVATION CONFLICT is raised as
-``ReservationConflict``.  PREEMPT AND ABORT aborts nothing because the device
-server completes each command before it accepts the next.
+``ReservationConflict``.  PREEMPT AND ABORT also ends the preempted I_T
+nexuses' commands to the logical unit that are still outstanding (their
+Data-Out not all in yet) with TASK ABORTED, through ``lu.abort_tasks``; every
+other command completes before the device server accepts the next.
 """
 
 from __future__ import annotations
@@ -244,6 +246,12 @@ def clear(lu, nexus, cdb, data_out, edtl):
 
 def preempt(lu, nexus, cdb, data_out, edtl):
     """PERSISTENT RESERVE OUT PREEMPT (SPC-4 §5.13.11.4)."""
+    _preempt(lu, nexus, cdb, data_out)
+    return None
+
+
+def _preempt(lu, nexus, cdb, data_out) -> list[Nexus]:
+    """PREEMPT's work; the I_T nexuses whose registrations it removed."""
     pr_type = _scope_and_type(cdb)
     p = _parameters(cdb, data_out, registering=False)
     res = lu.reservations
@@ -266,7 +274,7 @@ def preempt(lu, nexus, cdb, data_out, edtl):
         _announce(lu, S.REGISTRATIONS_PREEMPTED, removed, except_nexus=nexus)
     res.generation += 1
     res.changed()
-    return None
+    return removed
 
 
 def _preempt_reservation(lu, res: Reservations, nexus: Nexus, pr_type: PrType, removed: list[Nexus]) -> None:
@@ -280,8 +288,11 @@ def _preempt_reservation(lu, res: Reservations, nexus: Nexus, pr_type: PrType, r
 
 
 def preempt_and_abort(lu, nexus, cdb, data_out, edtl):
-    """PERSISTENT RESERVE OUT PREEMPT AND ABORT (SPC-4 §5.13.11.5): PREEMPT; there is no task set to abort,
-    because the device server completes each command before it accepts the next."""
-    return preempt(lu, nexus, cdb, data_out, edtl)
+    """PERSISTENT RESERVE OUT PREEMPT AND ABORT (SPC-4 §5.13.11.5): PREEMPT, then abort the preempted
+    I_T nexuses' outstanding commands to this logical unit (TASK ABORTED: TAS=1, SAM-5 §5.6)."""
+    removed = _preempt(lu, nexus, cdb, data_out)
+    if removed:
+        lu.abort_tasks(removed)
+    return None
 
 

@@ -249,9 +249,13 @@ def pre_fetch(lu, nexus, cdb, data_out, edtl):
 
 
 def start_stop_unit(lu, nexus, cdb, data_out, edtl):
-    """START STOP UNIT (SBC-3 §5.20): a fixed medium cannot be ejected; stopping flushes."""
+    """START STOP UNIT (SBC-3 §5.20): LOEJ loads/ejects a removable medium; stopping flushes."""
     if cdb.loej:
-        raise CheckCondition(S.INVALID_FIELD_IN_CDB, field_pointer=4, bit_pointer=1)
+        if not lu.settings.removable:
+            raise CheckCondition(S.INVALID_FIELD_IN_CDB, field_pointer=4, bit_pointer=1)
+        if cdb.power_condition == 0:
+            lu.load_or_eject(load=bool(cdb.start))
+        return None
     if not cdb.start and not cdb.no_flush and cdb.power_condition == 0:
         lu.backing.flush()
     return None
@@ -376,3 +380,60 @@ def get_lba_status(lu, nexus, cdb, data_out, edtl):
         lba += blocks
     header = LBA_STATUS_HEADER.encode(parameter_data_length=len(out) + 4)
     return bytes(header) + out
+
+
+# -- SANITIZE (SBC-4 §4.11, §5.30) --------------------------------------------------------
+SANITIZE_OVERWRITE_HEADER = 4  # OVERWRITE parameter list header (SBC-4 table 133) before the pattern
+
+
+def _sanitize_no_parameters(cdb) -> None:
+    if cdb.parameter_list_length:
+        raise CheckCondition(S.INVALID_FIELD_IN_CDB, field_pointer=7)
+
+
+def sanitize_overwrite(lu, nexus, cdb, data_out, edtl):
+    """SANITIZE OVERWRITE: every block rewritten with the initialization pattern, OVERWRITE COUNT times.
+
+    INVERT alternates the pattern and its complement between passes; the last pass
+    writes the pattern itself.  The medium is made stable before GOOD.  The
+    operation completes before the command does (IMMED is honoured by finishing
+    early rather than late), so no command ever sees SANITIZE IN PROGRESS.
+    """
+    bs = lu.block_size
+    length = cdb.parameter_list_length
+    if not SANITIZE_OVERWRITE_HEADER < length <= bs + SANITIZE_OVERWRITE_HEADER:
+        raise CheckCondition(S.INVALID_FIELD_IN_CDB, field_pointer=7)
+    data = bytes(data_out[:length]) if data_out is not None else b""
+    if len(data) < length:
+        raise CheckCondition(S.PARAMETER_LIST_LENGTH_ERROR)
+    invert, test, count = data[0] & 0x80, data[0] & 0x60, data[0] & 0x1F
+    pattern_length = int.from_bytes(data[2:4], "big")
+    if test:
+        raise CheckCondition(S.INVALID_FIELD_IN_PARAMETER_LIST, field_pointer=0, bit_pointer=6, in_cdb=False)
+    if count == 0:
+        raise CheckCondition(S.INVALID_FIELD_IN_PARAMETER_LIST, field_pointer=0, in_cdb=False)
+    if pattern_length == 0 or pattern_length > bs or SANITIZE_OVERWRITE_HEADER + pattern_length > length:
+        raise CheckCondition(S.INVALID_FIELD_IN_PARAMETER_LIST, field_pointer=2, in_cdb=False)
+    pattern = data[SANITIZE_OVERWRITE_HEADER: SANITIZE_OVERWRITE_HEADER + pattern_length]
+    block = (pattern * -(-bs // pattern_length))[:bs]
+    complement = bytes(b ^ 0xFF for b in block)
+    for n in range(count):
+        inverted = invert and (count - 1 - n) % 2 == 1
+        _replicate(lu, 0, lu.num_blocks, complement if inverted else block)
+    lu.backing.flush()
+    return ScsiResult(S.GOOD, data_out_length=length)
+
+
+def sanitize_block_erase(lu, nexus, cdb, data_out, edtl):
+    """SANITIZE BLOCK ERASE: deallocate every block (LBPRZ: they read back as zeros), then flush."""
+    _sanitize_no_parameters(cdb)
+    _require_thin(lu)
+    lu.backing.punch(0, lu.num_blocks * lu.block_size)
+    lu.backing.flush()
+    return None
+
+
+def sanitize_exit_failure_mode(lu, nexus, cdb, data_out, edtl):
+    """SANITIZE EXIT FAILURE MODE: no sanitize here ever leaves the medium in a failed state."""
+    _sanitize_no_parameters(cdb)
+    return None

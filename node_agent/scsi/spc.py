@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from node_agent.scsi import sense as S
 from node_agent.scsi import vpd as V
+from node_agent.scsi import xcopy
 from node_agent.scsi.cdb import REPORT_LUNS_HEADER
 from node_agent.scsi.lun import encode_lun
 from node_agent.scsi.modepages import (
@@ -30,7 +31,7 @@ def inquiry(lu, nexus, cdb, data_out, edtl):
     if not cdb.evpd:
         if cdb.page_code:
             raise CheckCondition(S.INVALID_FIELD_IN_CDB, field_pointer=2)
-        return V.standard_inquiry(lu.identity)
+        return V.standard_inquiry(lu.identity, threepc=True, rmb=lu.settings.removable)
     builder = VPD_PAGES.get(cdb.page_code)
     if builder is None:
         raise CheckCondition(S.INVALID_FIELD_IN_CDB, field_pointer=2)
@@ -72,7 +73,9 @@ def _block_limits(lu, nexus) -> bytes:
 
 
 def _block_device_characteristics(lu, nexus) -> bytes:
-    page = V.BLOCK_DEVICE_CHARACTERISTICS.encode(medium_rotation_rate=V.NON_ROTATING_MEDIUM)
+    # WABEREQ=01b: a read after SANITIZE BLOCK ERASE succeeds (deallocated blocks read as zeros).
+    page = V.BLOCK_DEVICE_CHARACTERISTICS.encode(medium_rotation_rate=V.NON_ROTATING_MEDIUM,
+                                                 wabereq=1 if lu.settings.thin_provisioning else 0)
     return bytes(page[4:])
 
 
@@ -89,6 +92,7 @@ VPD_PAGES = {
     0x00: _supported_vpd_pages,
     0x80: _unit_serial_number,
     0x83: _device_identification,
+    0x8F: xcopy.third_party_copy_vpd,
     0xB0: _block_limits,
     0xB1: _block_device_characteristics,
     0xB2: _logical_block_provisioning,
@@ -173,7 +177,15 @@ def mode_select_10(lu, nexus, cdb, data_out, edtl):
 
 
 def prevent_allow_medium_removal(lu, nexus, cdb, data_out, edtl):
-    """PREVENT ALLOW MEDIUM REMOVAL (SPC-4 §6.13): accepted; there is no medium to remove."""
+    """PREVENT ALLOW MEDIUM REMOVAL (SPC-4 §6.13): per I_T nexus on a removable medium; else accepted."""
+    if not lu.settings.removable:
+        return None  # a fixed medium cannot be removed anyway
+    if cdb.prevent == 0b01:
+        lu.prevent_removal.add(nexus)
+    elif cdb.prevent == 0b00:
+        lu.prevent_removal.discard(nexus)
+    else:  # 10b/11b: medium changer prevention, obsolete for block devices
+        raise CheckCondition(S.INVALID_FIELD_IN_CDB, field_pointer=4, bit_pointer=1)
     return None
 
 
@@ -187,3 +199,15 @@ def absent_lun_inquiry(cdb) -> bytes:
         raise CheckCondition(S.INVALID_FIELD_IN_CDB, field_pointer=2)
     identity = V.LunIdentity(volume_id="none", product="")
     return V.standard_inquiry(identity, qualifier=V.PQ_NOT_CONNECTED, device_type=V.NO_DEVICE_TYPE)
+
+
+def report_supported_task_management_functions(lu, nexus, cdb, data_out, edtl):
+    """REPORT SUPPORTED TASK MANAGEMENT FUNCTIONS (SPC-4 §6.40): what the iSCSI target carries out.
+
+    ABORT TASK, ABORT TASK SET, CLEAR TASK SET, LOGICAL UNIT RESET and TARGET RESET
+    (iSCSI's TARGET WARM/COLD RESET); no CLEAR ACA, QUERY TASK or I_T NEXUS RESET.
+    REPTD=1 adds the extended format with no timeouts reported (TMFTMOV=0)."""
+    head = bytes((0x80 | 0x40 | 0x10 | 0x08 | 0x02, 0x00))  # ATS ATSS CTSS LURS TRS; QUAS QTSS ITNRS clear
+    if cdb.reptd:
+        return head + bytes((0x00, 0x0C)) + bytes(12)
+    return head + bytes(2)

@@ -199,11 +199,12 @@ def vpd_page(page_code: int, body: bytes, device_type: int = DIRECT_ACCESS_BLOCK
 
 
 def standard_inquiry(identity: LunIdentity, *, qualifier: int = 0,
-                     device_type: int = DIRECT_ACCESS_BLOCK_DEVICE) -> bytes:
-    """Standard INQUIRY data (SPC-4 §6.6.2): SPC-4, HISUP, CMDQUE, four version descriptors."""
+                     device_type: int = DIRECT_ACCESS_BLOCK_DEVICE, threepc: bool = False,
+                     rmb: bool = False) -> bytes:
+    """Standard INQUIRY data (SPC-4 §6.6.2): SPC-4, HISUP, CMDQUE, 3PC (copy offload), four version descriptors."""
     head = STANDARD_INQUIRY.encode(
-        peripheral_qualifier=qualifier, peripheral_device_type=device_type, version=0x06, hisup=True,
-        response_data_format=2, additional_length=STANDARD_INQUIRY_LENGTH - 5, cmdque=True,
+        peripheral_qualifier=qualifier, peripheral_device_type=device_type, rmb=rmb, version=0x06, hisup=True,
+        response_data_format=2, additional_length=STANDARD_INQUIRY_LENGTH - 5, cmdque=True, threepc=threepc,
         vendor=ascii_field(identity.vendor, 8), product=ascii_field(identity.product, 16),
         revision=ascii_field(identity.revision, 4),
         version_descriptor_1=VERSION_SAM_5, version_descriptor_2=VERSION_ISCSI,

@@ -413,3 +413,40 @@ def test_large_data_out_with_digests_placed_directly(make_initiator):
     assert status_of(ini.receive()) == 0
     ini.command(rw10(READ10, 0, 256), read=len(payload))
     assert b"".join(r.data for r in ini.receive() if r.opcode == Opcode.DATA_IN) == payload
+
+
+def _prout(sa: int, key: int, sa_key: int, pr_type: int = 0) -> tuple[bytes, bytes]:
+    """PERSISTENT RESERVE OUT CDB and its 24-byte parameter list (SPC-4 §6.16)."""
+    cdb = bytes([0x5F, sa, pr_type, 0, 0]) + (24).to_bytes(4, "big") + b"\0"
+    return cdb, key.to_bytes(8, "big") + sa_key.to_bytes(8, "big") + bytes(8)
+
+
+def test_preempt_and_abort_ends_the_preempted_initiators_outstanding_write(make_initiator):
+    """SPC-4 §5.13.11.5: A holds Write Exclusive; B's WRITE still waiting for Data-Out ends with TASK
+    ABORTED (TAS=1) when A preempts B with PREEMPT AND ABORT; B's late Data-Out is dropped, and B,
+    no longer registered, gets REGISTRATIONS PREEMPTED then RESERVATION CONFLICT."""
+    registry = make_registry()
+    a, b = make_initiator(registry), make_initiator(registry, isid=0x400001370001)
+    a.login_normal(), b.login_normal()
+    for ini, key in ((a, 0xA), (b, 0xB)):
+        cdb, params = _prout(0x00, 0, key)
+        ini.command(cdb, write=params)
+        assert ini.receive()[0].header.status == 0
+    cdb, params = _prout(0x01, 0xA, 0, pr_type=0x01)  # A reserves: Write Exclusive
+    a.command(cdb, write=params)
+    assert a.receive()[0].header.status == 0
+    pending = b.command(rw10(WRITE10, 0, 8), write=bytes(4096), immediate_bytes=0)
+    assert [r.opcode for r in b.receive()] == [Opcode.R2T]
+    cdb, params = _prout(0x05, 0xA, 0xB, pr_type=0x01)  # PREEMPT AND ABORT, Write Exclusive
+    a.command(cdb, write=params)
+    assert a.receive()[0].header.status == 0
+    [aborted] = b.receive()
+    assert aborted.opcode == Opcode.SCSI_RESPONSE and aborted.header.itt == pending
+    assert aborted.header.status == 0x40  # TASK ABORTED
+    b.send(Opcode.DATA_OUT, bytes(4096), final=True, itt=pending, ttt=P.RESERVED_TAG, datasn=0, buffer_offset=0)
+    assert b.receive() == []  # dropped, not run
+    b.command(rw10(WRITE10, 0, 1), write=bytes(512))
+    [ua] = b.receive()
+    assert ua.header.status == 0x02 and ua.data[2 + 12: 2 + 14] == bytes([0x2A, 0x05])  # REGISTRATIONS PREEMPTED
+    b.command(rw10(WRITE10, 0, 1), write=bytes(512))
+    assert b.receive()[-1].header.status == 0x18  # RESERVATION CONFLICT: B is no longer registered

@@ -2,6 +2,12 @@
 
 CUnit counts a skipped test as passed; a test that printed ``[SKIPPED]`` is a
 skip here.  Results are grouped by suite (``ALL.<Suite>.<Test>``).
+
+Some tests need a particular logical unit to run at all (a write-protected
+one, one offering WRITE ATOMIC, a second portal); ``SuiteResults.overlay``
+folds a run of those tests against such a unit into the run of the whole
+suite: a test the whole run skipped takes the focused run's outcome, and a
+failure in either run stays a failure.
 """
 
 from __future__ import annotations
@@ -31,6 +37,15 @@ class SuiteResults:
         for name, outcome in self.outcomes.items():
             table[name.split(".")[0]][outcome] += 1
         return dict(sorted(table.items()))
+
+    def overlay(self, other: "SuiteResults") -> "SuiteResults":
+        """These results with ``other``'s outcomes for the tests skipped here (failures always kept)."""
+        merged = dict(self.outcomes)
+        for name, outcome in other.outcomes.items():
+            mine = merged.get(name)
+            if mine is None or mine == "skipped" or outcome == "failed":
+                merged[name] = outcome
+        return SuiteResults(merged, self.output + other.output, self.returncode or other.returncode)
 
     def failed(self) -> list[str]:
         return sorted(name for name, outcome in self.outcomes.items() if outcome == "failed")
@@ -72,12 +87,15 @@ def parse(output: str) -> dict[str, str]:
 
 
 def run_suite(url: str, test: str = "ALL", *, dataloss: bool = True, timeout: float = 1800,
-              extra: list[str] | None = None) -> SuiteResults:
+              extra: list[str] | None = None, multipath_url: str | None = None) -> SuiteResults:
+    """``iscsi-test-cu --test=TEST [--dataloss] [EXTRA...] URL [MULTIPATH-URL]``; ``test`` may be a glob."""
     args = ["iscsi-test-cu", f"--test={test}"]
     if dataloss:
         args.append("--dataloss")
     args += extra or []
     args.append(url)
+    if multipath_url:
+        args.append(multipath_url)
     proc = subprocess.run(args, capture_output=True, text=True, timeout=timeout, errors="replace")
     output = proc.stdout + proc.stderr
     return SuiteResults(parse(output), output, proc.returncode)

@@ -34,13 +34,17 @@ class ShoalTarget:
     lun_paths: list[Path]
     process: subprocess.Popen = field(repr=False)
     log_path: Path = field(repr=False)
+    more_portals: list[tuple[str, int]] = field(default_factory=list)  # further --listen addresses
 
     def url(self, lun: int = 0, user: str | None = None, secret: str | None = None,
-            target_user: str | None = None, target_secret: str | None = None) -> str:
-        """A libiscsi/QEMU URL: ``iscsi://[user%secret@]host:port/iqn/lun[?target_user=..&target_password=..]``."""
+            target_user: str | None = None, target_secret: str | None = None, portal: int = 0) -> str:
+        """A libiscsi/QEMU URL: ``iscsi://[user%secret@]host:port/iqn/lun[?target_user=..&target_password=..]``.
+
+        ``portal`` 1, 2, ... address the further portals (``listen`` given as a list)."""
         auth = f"{quote(user, safe='')}%{quote(secret or '', safe='')}@" if user else ""
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        url = f"iscsi://{auth}{host}:{self.port}/{self.iqn}/{lun}"
+        address, port = (self.host, self.port) if portal == 0 else self.more_portals[portal - 1]
+        host = f"[{address}]" if ":" in address else address
+        url = f"iscsi://{auth}{host}:{port}/{self.iqn}/{lun}"
         if target_user:
             url += f"?target_user={quote(target_user, safe='')}&target_password={quote(target_secret or '', safe='')}"
         return url
@@ -61,26 +65,33 @@ def shoal_command() -> list[str]:
 def running_shoal_target(tmp_path: Path, luns=(("disk0", 64 * 2**20),), *, iqn: str = DEFAULT_IQN,
                          chap: tuple[str, str] | None = None, mutual_chap: tuple[str, str] | None = None,
                          allow: list[str] | None = None, netns: str | None = None,
-                         listen: str = "127.0.0.1:0", extra_args: list[str] | None = None,
+                         listen: str | list[str] = "127.0.0.1:0", extra_args: list[str] | None = None,
                          timeout: float = 20.0):
-    """Start ``shoal target`` serving ``luns`` ((name or path, size) pairs) and yield a ``ShoalTarget``."""
+    """Start ``shoal target`` serving ``luns`` and yield a ``ShoalTarget``.
+
+    ``luns`` are (name or path, size) pairs, or (name or path, size, options) with options such
+    as ``"ro"`` or ``"atomic"`` (``--lun PATH:SIZE:OPTION``).  ``listen`` may list several
+    addresses: one portal group reached through each (multipath)."""
     tmp_path = Path(tmp_path)
     tmp_path.mkdir(parents=True, exist_ok=True)
     port_file = tmp_path / f"shoal-target-{os.getpid()}-{time.monotonic_ns()}.port"
     log_path = port_file.with_suffix(".log")
     lun_paths = []
-    args = shoal_command() + ["target", "--listen", listen, "--iqn", iqn, "--port-file", str(port_file)]
-    for name, size in luns:
+    listens = [listen] if isinstance(listen, str) else list(listen)
+    args = shoal_command() + ["target", "--iqn", iqn, "--port-file", str(port_file)]
+    for address in listens:
+        args += ["--listen", address]
+    for name, size, *options in luns:
         path = Path(name) if os.path.isabs(str(name)) else tmp_path / f"{name}.img"
         lun_paths.append(path)
-        args += ["--lun", f"{path}:{size}" if size else str(path)]
+        args += ["--lun", ":".join([str(path)] + ([str(size)] if size else []) + list(options))]
     if chap:
         args += ["--chap", f"{chap[0]}:{chap[1]}"]
     if mutual_chap:
         args += ["--mutual-chap", f"{mutual_chap[0]}:{mutual_chap[1]}"]
     for name in allow or []:
         args += ["--allow", name]
-    host = listen.rpartition(":")[0].strip("[]")
+    host = listens[0].rpartition(":")[0].strip("[]")
     if not chap and host not in ("127.0.0.1", "::1", "localhost"):
         args.append("--allow-anonymous")  # tests that serve a namespace address without CHAP say so
     args += extra_args or []
@@ -97,8 +108,9 @@ def running_shoal_target(tmp_path: Path, luns=(("disk0", 64 * 2**20),), *, iqn: 
             if time.monotonic() > deadline:
                 raise TimeoutError(f"shoal target did not listen within {timeout}s:\n{log_path.read_text()}")
             time.sleep(0.02)
-        host, _, port = port_file.read_text().strip().rpartition(":")
-        yield ShoalTarget(host, int(port), iqn, process.pid, lun_paths, process, log_path)
+        addresses = [line.rpartition(":") for line in port_file.read_text().split()]
+        (host, _, port), more = addresses[0], [(h, int(p)) for h, _, p in addresses[1:]]
+        yield ShoalTarget(host, int(port), iqn, process.pid, lun_paths, process, log_path, more)
     finally:
         stop_process(process)
 

@@ -58,7 +58,7 @@ def test_inquiry_standard_and_vpd_pages(lu):
     r = run(lu, bytes([0x12, 0, 0, 0, 255, 0]))
     assert r.data[2] == 6 and r.data[4] == len(r.data) - 5 and r.data[8:13] == b"SHOAL"
     pages = run(lu, bytes([0x12, 1, 0, 0, 255, 0])).data
-    assert list(pages[4:]) == [0x00, 0x80, 0x83, 0xB0, 0xB1, 0xB2]
+    assert list(pages[4:]) == [0x00, 0x80, 0x83, 0x8F, 0xB0, 0xB1, 0xB2]
     for code in pages[4:]:
         page = run(lu, bytes([0x12, 1, code, 0, 255, 0])).data
         assert page[1] == code and int.from_bytes(page[2:4], "big") == len(page) - 4

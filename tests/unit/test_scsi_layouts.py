@@ -58,6 +58,10 @@ STANDARD_OPCODES = {
 STANDARD_SERVICE_ACTIONS = {
     "PERSISTENT RESERVE IN": (0x5E, {0x00, 0x01, 0x02, 0x03}),
     "PERSISTENT RESERVE OUT": (0x5F, {0x00, 0x01, 0x02, 0x03, 0x04, 0x05, 0x06}),
+    "SANITIZE": (0x48, {0x01, 0x02, 0x1F}),  # SBC-4 table 33: OVERWRITE, BLOCK ERASE, EXIT FAILURE MODE
+    "EXTENDED COPY(LID1)": (0x83, {0x00}),
+    "REPORT SUPPORTED TASK MANAGEMENT FUNCTIONS": (0xA3, {0x0D}),  # SPC-4 table 343 (MAINTENANCE IN)  # SPC-4 table 122 (THIRD-PARTY COPY OUT)
+    "RECEIVE COPY RESULTS": (0x84, {0x00, 0x03, 0x04}),  # SPC-4 table 218 (THIRD-PARTY COPY IN)
 }
 
 
@@ -80,7 +84,7 @@ def test_cdb_length_matches_the_group_code(cmd):
 
 def test_service_action_opcodes_are_indexed_by_service_action():
     assert set(COMMANDS_BY_OPCODE[0x9E]) == {0x10, 0x12}
-    assert set(COMMANDS_BY_OPCODE[0xA3]) == {0x0C}
+    assert set(COMMANDS_BY_OPCODE[0xA3]) == {0x0C, 0x0D}
 
 
 def test_golden_read10():
@@ -126,9 +130,9 @@ def test_golden_caching_page_defaults():
     assert page.changeable_bytes() == bytes.fromhex("0812 04") + bytes(17)
 
 
-def test_golden_control_page_changeable_is_d_sense_only():
+def test_golden_control_page_changeable_is_d_sense_and_swp():
     page = modepages.PAGES_BY_CODE[0x0A]
-    assert page.changeable_bytes() == bytes.fromhex("0a0a 04") + bytes(9)
+    assert page.changeable_bytes() == bytes.fromhex("0a0a 04 00 08") + bytes(7)
 
 
 def test_golden_designation_descriptor_naa():

@@ -1,0 +1,308 @@
+"""EXTENDED COPY / RECEIVE COPY RESULTS (SPC-4 §6.4, §6.18), SANITIZE (SBC-4 §5.30) and SWP (SPC-4 §7.5.8)."""
+
+from __future__ import annotations
+
+import pytest
+
+from node_agent.scsi import sense as S
+from node_agent.scsi import xcopy as X
+from node_agent.scsi.device import LogicalUnit, LunMap, LunSettings
+from node_agent.scsi.vpd import LunIdentity
+from node_agent.storage.backing import MemoryBackingStore
+from node_agent.target_service import ATOMIC_OPT_IN_BYTES, LunSpec
+
+from test_scsi_support import BS, NEXUS, OTHER, SIZE, cdb16, make_lu, run, sense_of
+
+NBLOCKS = SIZE // BS
+
+
+def _unit(volume: str, size: int = SIZE, **settings) -> LogicalUnit:
+    return LogicalUnit(MemoryBackingStore(size, BS), LunIdentity(volume), target_name="iqn.2026-01.io.shoal:t",
+                       settings=LunSettings(**settings))
+
+
+@pytest.fixture
+def pair():
+    """Two logical units of one target (LUN 0 and 1), so copies can cross between them."""
+    a, b = _unit("vol-a"), _unit("vol-b")
+    LunMap({0: a, 1: b})
+    for unit in (a, b):
+        unit.add_nexus(NEXUS), unit.add_nexus(OTHER)
+        run(unit, bytes(6)), run(unit, bytes(6), nexus=OTHER)  # clear POWER ON
+    yield a, b
+    a.close(), b.close()
+
+
+def target_descriptor(unit, *, kind=X.IDENTIFICATION_DESCRIPTOR, lu_id_type=0, nul=False,
+                      block_length=BS) -> bytes:
+    desc = bytearray(32)
+    desc[0] = kind
+    desc[1] = lu_id_type << 6 | nul << 5
+    desc[4], desc[5], desc[7] = 0x01, 0x03, len(unit.identity.naa)  # binary, LU association, NAA
+    desc[8: 8 + len(unit.identity.naa)] = unit.identity.naa
+    desc[29:32] = block_length.to_bytes(3, "big")
+    return bytes(desc)
+
+
+def segment(src: int, dst: int, blocks: int, src_lba: int, dst_lba: int, kind=X.BLOCK_TO_BLOCK) -> bytes:
+    desc = bytearray(28)
+    desc[0], desc[2:4] = kind, (24).to_bytes(2, "big")
+    desc[4:6], desc[6:8] = src.to_bytes(2, "big"), dst.to_bytes(2, "big")
+    desc[10:12] = blocks.to_bytes(2, "big")
+    desc[12:20], desc[20:28] = src_lba.to_bytes(8, "big"), dst_lba.to_bytes(8, "big")
+    return bytes(desc)
+
+
+def parameter_list(targets: list[bytes], segments: list[bytes], list_id=1, usage=X.LIST_ID_HOLD) -> bytes:
+    t, s = b"".join(targets), b"".join(segments)
+    head = bytearray(16)
+    head[0], head[1] = list_id, usage << 3
+    head[2:4], head[8:12] = len(t).to_bytes(2, "big"), len(s).to_bytes(4, "big")
+    return bytes(head) + t + s
+
+
+def xcopy(unit, params: bytes, *, length: int | None = None, nexus=NEXUS):
+    cdb = bytes([0x83, 0]) + bytes(8) + (len(params) if length is None else length).to_bytes(4, "big") + bytes(2)
+    return run(unit, cdb, params, nexus=nexus)
+
+
+def copy_results(unit, sa: int, list_id: int = 1, nexus=NEXUS):
+    return run(unit, bytes([0x84, sa, list_id]) + bytes(7) + (1024).to_bytes(4, "big") + bytes(2), nexus=nexus)
+
+
+def test_copy_between_luns_and_copy_status(pair):
+    a, b = pair
+    a.backing.write(10 * BS, b"A" * (8 * BS), False)
+    params = parameter_list([target_descriptor(a), target_descriptor(b)], [segment(0, 1, 8, 10, 100)])
+    assert xcopy(a, params).status == S.GOOD
+    assert b.backing.read(100 * BS, 8 * BS) == b"A" * (8 * BS)
+    status = copy_results(a, X.SA_COPY_STATUS)
+    assert status.status == S.GOOD
+    rec = X.COPY_STATUS.decode(status.data)
+    assert (rec.copy_manager_status, rec.segments_processed, rec.transfer_count) == (X.COPY_COMPLETED, 1, 4)
+    # held per I_T nexus: another initiator sees no such list, and a nexus loss forgets it
+    assert sense_of(copy_results(a, X.SA_COPY_STATUS, nexus=OTHER)) == S.INVALID_FIELD_IN_CDB
+    a.remove_nexus(NEXUS)
+    assert not a.copy_results
+
+
+def test_overlapping_copy_on_one_lun_moves_data_intact(pair):
+    a, _ = pair
+    pattern = bytes(range(256)) * (4096 * BS // 256)
+    a.backing.write(0, pattern, False)
+    params = parameter_list([target_descriptor(a)], [segment(0, 0, 4096, 0, 1024)], usage=X.LIST_ID_DISCARD)
+    assert xcopy(a, params).status == S.GOOD
+    assert a.backing.read(1024 * BS, 4096 * BS) == pattern
+    assert sense_of(copy_results(a, X.SA_COPY_STATUS)) == S.INVALID_FIELD_IN_CDB  # DISCARD: nothing held
+
+
+def test_parameter_list_errors_change_nothing(pair):
+    a, b = pair
+    good = parameter_list([target_descriptor(a), target_descriptor(b)], [segment(0, 1, 8, 0, 0)])
+    assert xcopy(a, b"", length=0).status == S.GOOD
+    assert sense_of(xcopy(a, good[:47], length=47)) == S.PARAMETER_LIST_LENGTH_ERROR
+    assert sense_of(xcopy(a, good, length=len(good) - 1)) == S.PARAMETER_LIST_LENGTH_ERROR
+    too_many = parameter_list([target_descriptor(a)] * (X.MAX_TARGET_DESCRIPTORS + 1), [segment(0, 0, 1, 0, 1)])
+    assert sense_of(xcopy(a, too_many)) == S.TOO_MANY_TARGET_DESCRIPTORS
+    fc = parameter_list([target_descriptor(a, kind=0xE0)], [segment(0, 0, 1, 0, 1)])
+    assert sense_of(xcopy(a, fc)) == S.UNSUPPORTED_TARGET_DESCRIPTOR_TYPE_CODE
+    lu_id_type = parameter_list([target_descriptor(a, lu_id_type=3)], [segment(0, 0, 1, 0, 1)], usage=X.LIST_ID_NONE)
+    assert xcopy(a, lu_id_type).status == S.GOOD  # SPC-4: LU ID TYPE is obsolete and ignored
+    stream = parameter_list([target_descriptor(a)], [segment(0, 0, 1, 0, 1, kind=0x03)])
+    assert sense_of(xcopy(a, stream)) == S.UNSUPPORTED_SEGMENT_DESCRIPTOR_TYPE_CODE
+    assert not any(b.backing.read(0, 8 * BS)) and not a.copy_results
+
+
+def test_unreachable_targets_and_ranges_abort_the_copy(pair):
+    a, b = pair
+    cases = [
+        parameter_list([target_descriptor(a)], [segment(0, 1, 8, 0, 0)]),  # no descriptor 1
+        parameter_list([target_descriptor(a, nul=True)], [segment(0, 0, 8, 0, 100)]),  # NUL
+        parameter_list([target_descriptor(a)], [segment(0, 0, 8, 0, NBLOCKS - 1)]),  # past the end
+        parameter_list([target_descriptor(a, block_length=4096)], [segment(0, 0, 8, 0, 100)]),  # other medium
+    ]
+    for params in cases:
+        r = xcopy(a, params)
+        assert r.status == S.CHECK_CONDITION and sense_of(r).key == S.COPY_ABORTED
+    details = copy_results(a, X.SA_FAILED_SEGMENT_DETAILS)
+    rec = X.FAILED_SEGMENT_DETAILS_HEADER.decode(details.data)
+    assert rec.copy_command_status == S.CHECK_CONDITION
+    assert S.parse_sense(details.data[62:]).key == S.COPY_ABORTED
+
+
+def test_copy_respects_write_protect_and_reservations(pair):
+    a, b = pair
+    params = parameter_list([target_descriptor(a), target_descriptor(b)], [segment(0, 1, 8, 0, 0)])
+    b.read_only = True
+    assert sense_of(xcopy(a, params)) == S.WRITE_PROTECTED
+    b.read_only = False
+    b.reservations.spc2_reserve(OTHER)
+    assert xcopy(a, params).status == S.RESERVATION_CONFLICT
+
+
+def test_operating_parameters_and_third_party_copy_vpd(pair):
+    a, _ = pair
+    rec = X.OPERATING_PARAMETERS.decode(copy_results(a, X.SA_OPERATING_PARAMETERS).data)
+    assert (rec.maximum_target_descriptor_count, rec.maximum_segment_descriptor_count) == (
+        X.MAX_TARGET_DESCRIPTORS, X.MAX_SEGMENT_DESCRIPTORS)
+    page = run(a, bytes([0x12, 1, 0x8F, 4, 0, 0])).data
+    assert page[1] == 0x8F and int.from_bytes(page[2:4], "big") == len(page) - 4
+    assert page[4:6] == b"\x00\x01" and X.RECEIVE_COPY_RESULTS_OPCODE in page  # supported commands
+    assert run(a, bytes([0x12, 0, 0, 0, 96, 0])).data[5] & 0x08  # 3PC in standard INQUIRY
+
+
+# -- SANITIZE ---------------------------------------------------------------------------------
+def sanitize(unit, sa: int, params: bytes = b"", length: int | None = None, nexus=NEXUS):
+    n = len(params) if length is None else length
+    return run(unit, bytes([0x48, sa]) + bytes(5) + n.to_bytes(2, "big") + b"\0", params or None, nexus=nexus)
+
+
+@pytest.fixture(params=["memory", "file"])
+def lu(request, tmp_path):
+    unit = make_lu(request.param, tmp_path)
+    unit.add_nexus(NEXUS), unit.add_nexus(OTHER)
+    run(unit, bytes(6)), run(unit, bytes(6), nexus=OTHER)
+    yield unit
+    unit.close()
+
+
+def test_sanitize_overwrite_replicates_the_pattern(lu):
+    lu.backing.write(0, b"x" * (16 * BS), False)
+    assert sanitize(lu, 0x01, bytes([0x01, 0, 0, 4]) + b"\xde\xad\xbe\xef").status == S.GOOD
+    assert lu.backing.read(0, 16) == b"\xde\xad\xbe\xef" * 4
+    assert lu.backing.read(SIZE - BS, BS) == b"\xde\xad\xbe\xef" * (BS // 4)
+    # INVERT with two passes: the last pass writes the pattern itself
+    assert sanitize(lu, 0x01, bytes([0x82, 0, 0, 1]) + b"\x0f").status == S.GOOD
+    assert lu.backing.read(0, BS) == b"\x0f" * BS
+
+
+@pytest.mark.parametrize("params,length", [
+    (b"", 4), (bytes([1, 0, 0, 1, 0]), BS + 5),  # parameter list length outside 5..block+4: CDB field
+])
+def test_sanitize_overwrite_bad_length_is_invalid_field_in_cdb(lu, params, length):
+    r = sanitize(lu, 0x01, params.ljust(length, b"\0"), length=length)
+    assert sense_of(r) == S.INVALID_FIELD_IN_CDB
+
+
+@pytest.mark.parametrize("header", [bytes([0, 0, 0, 4]), bytes([1, 0, 0, 0]), bytes([1, 0, 2, 4])])
+def test_sanitize_overwrite_bad_parameters_change_nothing(lu, header):
+    lu.backing.write(0, b"k" * BS, False)
+    assert sense_of(sanitize(lu, 0x01, header + b"\0" * 4)) == S.INVALID_FIELD_IN_PARAMETER_LIST
+    assert lu.backing.read(0, BS) == b"k" * BS
+
+
+def test_sanitize_block_erase_deallocates_everything(lu):
+    lu.backing.write(0, b"z" * (64 << 10), False)
+    assert sense_of(sanitize(lu, 0x02, bytes(8))) == S.INVALID_FIELD_IN_CDB
+    assert sanitize(lu, 0x02).status == S.GOOD
+    assert not any(lu.backing.read(0, 64 << 10))
+    status = run(lu, cdb16(0x9E, 0, 4096, byte1=0x12))
+    assert status.data[8 + 12] & 0x0F == 1  # deallocated
+
+
+def test_sanitize_exit_failure_mode_crypto_erase_and_reservations(lu):
+    assert sanitize(lu, 0x1F).status == S.GOOD
+    assert sense_of(sanitize(lu, 0x1F, bytes(8))) == S.INVALID_FIELD_IN_CDB
+    assert sense_of(sanitize(lu, 0x03)) == S.INVALID_FIELD_IN_CDB  # no crypto erase: nothing is encrypted
+    lu.reservations.spc2_reserve(OTHER)
+    assert sanitize(lu, 0x02).status == S.RESERVATION_CONFLICT
+
+
+# -- write protect --------------------------------------------------------------------------
+def mode_select_swp(unit, on: bool, nexus=NEXUS):
+    page = bytearray(run(unit, bytes([0x1A, 0x08, 0x0A, 0, 255, 0]), nexus=nexus).data[4:])
+    page[0] &= 0x3F  # PS is reserved in MODE SELECT
+    page[4] = (page[4] & ~0x08) | (0x08 if on else 0)
+    data = bytes(4) + bytes(page)
+    return run(unit, bytes([0x15, 0x10, 0, 0, len(data), 0]), data, nexus=nexus)
+
+
+def test_swp_write_protects_for_every_nexus_until_cleared(lu):
+    assert mode_select_swp(lu, True, nexus=OTHER).status == S.GOOD
+    assert sense_of(run(lu, bytes(6))) == S.MODE_PARAMETERS_CHANGED
+    w = run(lu, cdb16(0x8A, 0, 1), b"\0" * BS)
+    assert w.status == S.CHECK_CONDITION and sense_of(w).key == S.DATA_PROTECT
+    assert run(lu, bytes([0x1A, 0, 0x3F, 0, 255, 0])).data[2] & 0x80  # WP in the mode parameter header
+    assert mode_select_swp(lu, False, nexus=OTHER).status == S.GOOD
+    run(lu, bytes(6))
+    assert run(lu, cdb16(0x8A, 0, 1), b"\0" * BS).status == S.GOOD
+
+
+def test_read_only_lun_stays_protected_when_swp_is_cleared(tmp_path):
+    unit = make_lu("memory", read_only=True)
+    unit.add_nexus(NEXUS)
+    run(unit, bytes(6))
+    assert mode_select_swp(unit, False).status == S.GOOD
+    assert sense_of(run(unit, cdb16(0x8A, 0, 1), b"\0" * BS)) == S.WRITE_PROTECTED
+
+
+# -- removable medium ---------------------------------------------------------------------------
+def start_stop(unit, *, load: bool, nexus=NEXUS):
+    return run(unit, bytes([0x1B, 0, 0, 0, 0x02 | int(load), 0]), nexus=nexus)
+
+
+def prevent(unit, on: bool, nexus=NEXUS):
+    return run(unit, bytes([0x1E, 0, 0, 0, int(on), 0]), nexus=nexus)
+
+
+def test_removable_medium_eject_load_and_prevent():
+    unit = make_lu("memory", removable=True)
+    for n in (NEXUS, OTHER):
+        unit.add_nexus(n), run(unit, bytes(6), nexus=n)
+    assert run(unit, bytes([0x12, 0, 0, 0, 96, 0])).data[1] & 0x80  # RMB
+    assert prevent(unit, True, nexus=OTHER).status == S.GOOD
+    assert sense_of(start_stop(unit, load=False)) == S.MEDIUM_REMOVAL_PREVENTED  # another nexus prevents it
+    assert prevent(unit, False, nexus=OTHER).status == S.GOOD
+    assert start_stop(unit, load=False).status == S.GOOD
+    for cdb in (bytes(6), cdb16(0x88, 0, 1), cdb16(0x8A, 0, 1)):
+        assert sense_of(run(unit, cdb, b"\0" * BS if cdb[0] == 0x8A else None)) == S.MEDIUM_NOT_PRESENT
+    assert run(unit, bytes([0x12, 0, 0, 0, 96, 0])).status == S.GOOD  # INQUIRY still answers
+    assert start_stop(unit, load=True).status == S.GOOD
+    assert run(unit, bytes(6)).status == S.GOOD
+
+
+@pytest.mark.parametrize("how", ["lun", "target", "nexus loss"])
+def test_resets_and_nexus_loss_end_prevention(how):
+    unit = make_lu("memory", removable=True)
+    unit.add_nexus(NEXUS), run(unit, bytes(6))
+    prevent(unit, True)
+    if how == "nexus loss":
+        unit.remove_nexus(NEXUS)
+        unit.add_nexus(NEXUS)
+    else:
+        unit.reset(how)
+    run(unit, bytes(6))  # the reset's unit attention
+    assert start_stop(unit, load=False).status == S.GOOD
+
+
+def test_fixed_medium_refuses_eject_and_accepts_prevent(lu):
+    assert sense_of(start_stop(lu, load=False)) == S.INVALID_FIELD_IN_CDB
+    assert prevent(lu, True).status == S.GOOD and not lu.prevent_removal
+
+
+# -- LUN options on the command line ------------------------------------------------------------
+@pytest.mark.parametrize("text,path,size,ro,atomic", [
+    ("/d/a.img", "/d/a.img", None, False, 0),
+    ("/d/a.img:64M", "/d/a.img", 64 << 20, False, 0),
+    ("/d/a.img:64M:ro", "/d/a.img", 64 << 20, True, 0),
+    ("/d/a.img:ro", "/d/a.img", None, True, 0),
+    ("/d/a.img:16M:atomic:ro", "/d/a.img", 16 << 20, True, ATOMIC_OPT_IN_BYTES),
+    ("/d/a.img:16M:removable", "/d/a.img", 16 << 20, False, 0),
+])
+def test_lun_spec_options(text, path, size, ro, atomic):
+    spec = LunSpec.parse(text)
+    assert (spec.path, spec.size, spec.settings.read_only, spec.settings.max_atomic_transfer_bytes) == (
+        path, size, ro, atomic)
+
+
+def test_lun_spec_without_a_path_is_refused():
+    with pytest.raises(ValueError):
+        LunSpec.parse(":ro")
+
+
+def test_report_supported_task_management_functions(lu):
+    """SPC-4 §6.40: ATS, ATSS, CTSS, LURS and TRS; the extended format with REPTD=1."""
+    cdb = bytes([0xA3, 0x0D, 0, 0, 0, 0]) + (16).to_bytes(4, "big") + bytes(2)
+    assert run(lu, cdb).data == bytes([0xDA, 0x00, 0x00, 0x00])
+    extended = run(lu, cdb[:2] + b"\x80" + cdb[3:]).data
+    assert len(extended) == 16 and extended[3] == 0x0C
