@@ -7,6 +7,16 @@ when ``csi_endpoint`` is set, and a background loop that marks silent nodes unhe
 runs one reconcile pass every ``loop_interval`` seconds.  Stop order: no more
 RPCs (in-flight ones get ``grace`` seconds), no more reconcile passes, close
 agent channels, close the store.
+
+``--store kubernetes`` (``KubernetesStore``: state in the chart's CustomResources) runs the same controller
+behind leader election (``controller.leader``: a ``coordination.k8s.io`` Lease).  Every replica starts as a
+candidate: it binds the gRPC port with a standby server that answers every call ``UNAVAILABLE`` naming the
+leader, serves ``/readyz`` as 503 and creates no CSI socket.  Only once it holds the Lease does it open the
+store and start what the SQLite controller starts at once (service, gRPC on the same port, the CSI socket, the
+reconcile loop), plus Kubernetes Events for operations (``controller.k8s_events``) and topology labels from the
+Nodes (``controller.k8s_nodes``).  Losing the Lease stops all of that at once and the process exits non-zero
+(like kube-controller-manager): it comes back as a standby.  A clean stop (SIGTERM) stops acting first, then
+releases the Lease so a standby takes over at its next retry.
 """
 
 from __future__ import annotations
@@ -23,16 +33,49 @@ from dataclasses import dataclass, field
 
 from controller.agents_grpc import AgentCallSettings, AgentTls, GrpcAgentDirectory
 from controller.api.server import ServerTls, build_server
+from controller.api.standby import build_standby_server
+from controller.csi.identity import PLUGIN_NAME, check_driver_name
 from controller.csi.server import build_csi_controller_server, socket_path
 from controller.domain.service import ControllerService
 from controller.domain.settings import ControllerSettings
+from controller.health import HealthServer
+from controller.leader import LeaderElector, LeaderSettings
 from controller.metrics import ControllerMetrics
 from controller.store.sqlite import SqliteStore
-from node_agent.metrics_server import MetricsServer, new_registry
+from node_agent.metrics_server import MetricsServer, new_registry, split_listen
 
 log = logging.getLogger("shoal.controller")
 
 DEFAULT_LISTEN = "127.0.0.1:7450"
+SQLITE, KUBERNETES = "sqlite", "kubernetes"
+SERVICE_ACCOUNT_NAMESPACE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
+
+
+def pod_namespace(path: str = SERVICE_ACCOUNT_NAMESPACE) -> str:
+    """The namespace of the pod this runs in (its service account's), else $POD_NAMESPACE, else "default"."""
+    try:
+        with open(path) as handle:
+            namespace = handle.read().strip()
+    except OSError:
+        namespace = ""
+    return namespace or os.environ.get("POD_NAMESPACE", "") or "default"
+
+
+@dataclass(frozen=True)
+class KubernetesSettings:
+    """``--store kubernetes``: where the API server is, the controller's namespace, and the election."""
+
+    kubeconfig: str = ""
+    """A kubeconfig file; empty: the pod's service account (in-cluster config)."""
+    namespace: str = "default"
+    """The controller's namespace: its Lease and the CHAP Secrets live there."""
+    api_group: str = "shoal.io"
+    """The CRDs' API group (the chart's ``apiGroup``)."""
+    leader: LeaderSettings = field(default_factory=LeaderSettings)
+    """The Lease and its timing."""
+    events_namespace: str = "default"
+    """Where Events about the (cluster-scoped) Shoal objects go: the API server accepts no other namespace for
+    them (``controller.k8s_events``)."""
 
 
 @dataclass(frozen=True)
@@ -60,15 +103,40 @@ class DaemonSettings:
     csi_endpoint: str = ""
     """``unix:///path/controller.sock``: serve CSI Identity and Controller there (the CSI sidecars' socket);
     empty: no CSI."""
+    csi_driver_name: str = PLUGIN_NAME
+    """The CSI driver name GetPluginInfo reports: the CSIDriver object's and the StorageClass provisioner's."""
+    store: str = SQLITE
+    """``sqlite``: one controller, state in ``db_path``.  ``kubernetes``: state in the API server, any number of
+    replicas of which the Lease holder acts (``kubernetes`` says where and how)."""
+    kubernetes: KubernetesSettings | None = None
+    """Required with ``store="kubernetes"``."""
+    health_listen: str = ""
+    """Where ``/healthz`` and ``/readyz`` are served over plain HTTP (the chart's probes); empty: not served."""
+
+
+def kubernetes_client(kubeconfig: str = ""):
+    """An ``ApiClient`` from ``kubeconfig``, or from the pod's service account when empty."""
+    from kubernetes import client, config
+
+    configuration = client.Configuration()
+    if kubeconfig:
+        config.load_kube_config(config_file=kubeconfig, client_configuration=configuration)
+    else:
+        config.load_incluster_config(client_configuration=configuration)
+    return client.ApiClient(configuration)
 
 
 class ControllerDaemon:
-    """The controller put together; ``start()``, then ``stop()``."""
+    """The controller put together; ``start()``, then ``stop()``.
+
+    With ``store="kubernetes"``, ``start()`` makes a candidate: ``leading`` is set while it holds the Lease and
+    serves, ``lost`` once it lost the Lease (or failed to start leading); ``run`` exits non-zero then.
+    """
 
     def __init__(self, settings: DaemonSettings, controller_settings: ControllerSettings | None = None):
         self.settings = settings
         self.controller_settings = controller_settings or ControllerSettings()
-        self.store: SqliteStore | None = None
+        self.store = None
         self.agents: GrpcAgentDirectory | None = None
         self.service: ControllerService | None = None
         self.server = None
@@ -77,11 +145,25 @@ class ControllerDaemon:
         self.metrics = ControllerMetrics(new_registry())
         self.metrics_server: MetricsServer | None = None
         self.metrics_address = ""
+        self.health_server: HealthServer | None = None
+        self.health_address = ""
+        self.elector: LeaderElector | None = None
+        self.leading = threading.Event()
+        self.lost = threading.Event()
+        self._standby = None
+        self._recorder = None
+        self._prepared = None
+        self._api_clients: list = []
+        self._phase = threading.Lock()  # becoming leader and stopping to lead, one at a time
+        self._campaign_thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._loop: threading.Thread | None = None
 
     def start(self) -> None:
         s = self.settings
+        if s.store == KUBERNETES:
+            self._start_candidate()
+            return
         directory = os.path.dirname(os.path.abspath(s.db_path))
         os.makedirs(directory, mode=0o700, exist_ok=True)
         try:
@@ -89,40 +171,155 @@ class ControllerDaemon:
                 self.store = SqliteStore(s.db_path)
             except sqlite3.Error as exc:  # not a database, locked, a newer schema: say which file
                 raise OSError(f"cannot open the state file {s.db_path}: {exc}") from None
-            self.agents = GrpcAgentDirectory(s.agents, on_error=self.metrics.agent_error)
-            self.service = ControllerService(self.store, self.agents, settings=self.controller_settings)
-            self.metrics.watch(self.service)
-            self.server, port = build_server(self.service, s.listen, tls=s.tls, workers=s.workers,
-                                             metrics=self.metrics)
-            if s.csi_endpoint:
-                self.csi_server = build_csi_controller_server(self.service, s.csi_endpoint)
-            host = s.listen.rpartition(":")[0]
-            self.address = f"{host}:{port}"
-            self._loop = threading.Thread(target=self._run_loop, name="controller-loop", daemon=True)
-            self._loop.start()
-            if s.metrics_listen:
-                self.metrics_server = MetricsServer(s.metrics_listen, self.metrics.registry)
-                self.metrics_address = self.metrics_server.start()
+            self._serve(s.listen)
+            self._start_http()
         except BaseException:
             self.stop()
             raise
         log.info("controller serving on %s (state in %s%s)", self.address, s.db_path, ", TLS" if s.tls else "")
 
-    def stop(self) -> None:
+    def _serve(self, listen: str, node_labels=None) -> None:
+        """Act on ``self.store``: the service, AdminService + RegistrationService, the CSI socket, the loop."""
+        s = self.settings
+        self.agents = GrpcAgentDirectory(s.agents, on_error=self.metrics.agent_error)
+        self.service = ControllerService(self.store, self.agents, settings=self.controller_settings)
+        self.metrics.watch(self.service)
+        self.server, port = build_server(self.service, listen, tls=s.tls, workers=s.workers,
+                                         metrics=self.metrics, node_labels=node_labels)
+        if s.csi_endpoint:
+            self.csi_server = build_csi_controller_server(self.service, s.csi_endpoint,
+                                                          driver_name=s.csi_driver_name)
+        host = listen.rpartition(":")[0]
+        self.address = f"{host}:{port}"
+        self._loop = threading.Thread(target=self._run_loop, name="controller-loop", daemon=True)
+        self._loop.start()
+
+    def _start_http(self) -> None:
+        s = self.settings
+        if s.metrics_listen:
+            self.metrics_server = MetricsServer(s.metrics_listen, self.metrics.registry)
+            self.metrics_address = self.metrics_server.start()
+        if s.health_listen:
+            self.health_server = HealthServer(s.health_listen, self.readiness)
+            self.health_address = self.health_server.start()
+
+    def readiness(self) -> tuple[bool, str]:
+        """(serving?, why): ``/readyz``'s answer."""
+        if self.settings.store != KUBERNETES:
+            return self.server is not None, "serving" if self.server is not None else "not serving"
+        if self.leading.is_set():
+            return True, f"leader ({self.elector.identity})"
+        leader = self.elector.leader() if self.elector is not None else ""
+        return False, f"standby; the leader is {leader}" if leader else "standby; no leader elected yet"
+
+    # ---- --store kubernetes: candidate, leader, standby ------------------------------------------
+
+    def _start_candidate(self) -> None:
+        s = self.settings
+        k = s.kubernetes
+        if k is None:
+            raise ValueError("store=kubernetes needs KubernetesSettings")
+        try:
+            # The Lease gets a client (a connection pool) of its own: renewals never wait behind store calls.
+            lease_api = kubernetes_client(k.kubeconfig)
+            self._api_clients = [lease_api, kubernetes_client(k.kubeconfig)]
+            self._prepare_leading(self._api_clients[1])
+            self.elector = LeaderElector(lease_api, k.leader, on_started_leading=self._lead,
+                                         on_stopped_leading=self._stop_leading,
+                                         on_new_leader=lambda who: log.info("the leader is now %s",
+                                                                            who or "nobody (released)"))
+            self._standby, port = build_standby_server(s.listen, self.elector.leader, tls=s.tls)
+            self.address = f"{s.listen.rpartition(':')[0]}:{port}"
+            self._start_http()
+            self._campaign_thread = threading.Thread(target=self._campaign, name="leader-election", daemon=True)
+            self._campaign_thread.start()
+        except BaseException:
+            self.stop()
+            raise
+        log.info("controller %s on %s: candidate for lease %s/%s (state in the Kubernetes API)",
+                 k.leader.identity, self.address, k.leader.namespace, k.leader.lease_name)
+
+    def _campaign(self) -> None:
+        if self.elector.run(self._stop):
+            self.lost.set()
+
+    def _prepare_leading(self, api) -> None:
+        """Everything leading needs that writes nothing, made while still a candidate: the Kubernetes client's
+        API classes and their models take seconds to load, and a standby's takeover should not wait for that."""
+        from controller.k8s_events import EventRecorder, EventSettings, OperationEvents
+        from controller.k8s_nodes import KubernetesNodeLabels
+        from controller.store.kubernetes import KubernetesStore, KubernetesStoreSettings, object_name
+
+        k = self.settings.kubernetes
+        store = KubernetesStore(api, KubernetesStoreSettings(namespace=k.namespace, api_group=k.api_group))
+        self._recorder = EventRecorder(api, EventSettings(namespace=k.events_namespace, api_group=k.api_group,
+                                                          instance=k.leader.identity),
+                                       object_name=lambda kind, key: object_name(key))
+        self._prepared = (OperationEvents(store, self._recorder), KubernetesNodeLabels(api))
+
+    def _lead(self) -> None:
+        """The elector's ``on_started_leading`` (a thread of its own): open the store, then serve."""
+        k = self.settings.kubernetes
+        with self._phase:
+            if self._stop.is_set() or self.lost.is_set():
+                return
+            try:
+                self.store, node_labels = self._prepared
+                self._recorder.start()
+                # The same port as the standby server (gRPC binds with SO_REUSEPORT); then the standby goes.
+                self._serve(self.address, node_labels=node_labels)
+                self._standby.stop(0)
+                self._standby = None
+            except Exception:  # noqa: BLE001 - holding the Lease without serving helps nobody: give it up
+                log.exception("cannot start leading: giving the lease up")
+                self.lost.set()
+                return
+            if self._stop.is_set():  # lost (or stopped) while starting: _stop_leading tears it down next
+                return
+            self.leading.set()
+        log.info("controller %s is the leader: serving on %s", k.leader.identity, self.address)
+
+    def _stop_leading(self) -> None:
+        """The elector's ``on_stopped_leading``: stop acting, at once (the lease may be someone else's soon)."""
+        lost = not self._stop.is_set()
+        self._stop.set()  # the reconcile loop; and _lead, if it is still starting, does not open
+        self.leading.clear()
+        with self._phase:
+            self.leading.clear()
+            self._stop_acting(grace=0.0 if lost else self.settings.grace)
+
+    def _stop_acting(self, grace: float) -> None:
         if self.csi_server is not None:
-            self.csi_server.stop(grace=self.settings.grace).wait(self.settings.grace + 5)
+            self.csi_server.stop(grace=grace).wait(grace + 5)
             self.csi_server = None
             try:
                 os.unlink(socket_path(self.settings.csi_endpoint))
             except FileNotFoundError:
                 pass
         if self.server is not None:
-            self.server.stop(grace=self.settings.grace).wait(self.settings.grace + 5)
+            self.server.stop(grace=grace).wait(grace + 5)
             self.server = None
         self._stop.set()
         if self._loop is not None:
             self._loop.join(self.settings.agents.timeout + 10)
             self._loop = None
+        if self._recorder is not None:
+            self._recorder.stop()
+            self._recorder = None
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._campaign_thread is not None:  # stops leading (if it was), then releases the Lease
+            self._campaign_thread.join(self.settings.grace + self.settings.kubernetes.leader.renew_deadline + 10)
+            self._campaign_thread = None
+        with self._phase:
+            self._stop_acting(self.settings.grace)
+        if self._standby is not None:
+            self._standby.stop(0)
+            self._standby = None
+        if self.health_server is not None:
+            self.health_server.stop()
+            self.health_server = None
         if self.metrics_server is not None:  # before the store closes: a scrape reads it
             self.metrics_server.stop()
             self.metrics_server = None
@@ -130,8 +327,13 @@ class ControllerDaemon:
             self.agents.close()
             self.agents = None
         if self.store is not None:
-            self.store.close()
+            close = getattr(self.store, "close", None)
+            if close is not None:
+                close()
             self.store = None
+        for api in self._api_clients:
+            api.close()
+        self._api_clients = []
 
     def _run_loop(self) -> None:
         while not self._stop.wait(self.settings.loop_interval):
@@ -159,7 +361,8 @@ def add_parser(sub) -> None:
     heartbeat = ControllerSettings()
     parser = sub.add_parser("controller", help="run the controller (admin API, agent registration, reconcile)",
                             description="Decide where volumes live and who may use them: AdminService for "
-                                        "shoalctl, RegistrationService for node agents, state in SQLite.")
+                                        "shoalctl, RegistrationService for node agents, state in SQLite (or, "
+                                        "with --store kubernetes, in the Kubernetes API, one leader at a time).")
     parser.add_argument("--db", default=defaults.db_path, help="SQLite state file (default %(default)s)")
     parser.add_argument("--listen", default=defaults.listen, metavar="HOST:PORT",
                         help="gRPC address (default %(default)s; port 0 picks one)")
@@ -181,8 +384,35 @@ def add_parser(sub) -> None:
                         help="serve Prometheus /metrics over HTTP here (default: off; e.g. 127.0.0.1:9450)")
     parser.add_argument("--csi-endpoint", default=defaults.csi_endpoint, metavar="unix:///PATH",
                         help="serve the CSI Identity and Controller services on this unix socket (default: off)")
+    parser.add_argument("--csi-driver-name", default=defaults.csi_driver_name, metavar="NAME",
+                        help="the CSI driver name GetPluginInfo reports (default %(default)s)")
+    parser.add_argument("--health-listen", default=defaults.health_listen, metavar="HOST:PORT",
+                        help="serve /healthz and /readyz (200 only while this replica serves) over HTTP here "
+                             "(default: off)")
     parser.add_argument("--ready-file", metavar="FILE",
-                        help='write {"controller": HOST:PORT, "metrics": HOST:PORT} as JSON here once serving')
+                        help='write {"controller": HOST:PORT, "metrics": HOST:PORT, "health": HOST:PORT} as JSON '
+                             'here once listening (with --store kubernetes: as a candidate, before leading)')
+    k8s = parser.add_argument_group("--store kubernetes (state in the Kubernetes API, leader election)")
+    k8s.add_argument("--store", choices=(SQLITE, KUBERNETES), default=defaults.store,
+                     help="where the state lives (default %(default)s: the --db file)")
+    k8s.add_argument("--kubeconfig", default="", metavar="FILE",
+                     help="kubeconfig for the API server (default: the pod's service account)")
+    k8s.add_argument("--namespace", default=None,
+                     help="the controller's namespace, for its Lease and CHAP Secrets (default: the pod's, from "
+                          "its service account, else $POD_NAMESPACE, else default)")
+    k8s.add_argument("--api-group", default=KubernetesSettings.api_group, metavar="GROUP",
+                     help="API group of Shoal's CustomResources (default %(default)s)")
+    k8s.add_argument("--lease-name", default=os.environ.get("SHOAL_LEASE_NAME") or LeaderSettings.lease_name,
+                     metavar="NAME", help="the Lease the replicas compete for (default: $SHOAL_LEASE_NAME, else "
+                                          "%(default)s)")
+    k8s.add_argument("--lease-duration", type=int, default=LeaderSettings.lease_duration, metavar="SECONDS",
+                     help="a standby takes over after the leader failed to renew for this long "
+                          "(default %(default)s)")
+    k8s.add_argument("--lease-renew-deadline", type=float, default=None, metavar="SECONDS",
+                     help="the leader stops acting when it could not renew for this long "
+                          "(default: 2/3 of --lease-duration)")
+    k8s.add_argument("--lease-retry-period", type=float, default=None, metavar="SECONDS",
+                     help="seconds between renewals and attempts to acquire (default: 2/15 of --lease-duration)")
 
 
 def settings_from_args(args: argparse.Namespace) -> tuple[DaemonSettings, ControllerSettings]:
@@ -194,11 +424,23 @@ def settings_from_args(args: argparse.Namespace) -> tuple[DaemonSettings, Contro
         agent_tls = AgentTls(args.agent_ca, args.agent_cert, args.agent_key, args.agent_server_name)
     if args.csi_endpoint:
         socket_path(args.csi_endpoint)  # ValueError now rather than after the store is open
+    check_driver_name(args.csi_driver_name)
     if args.loop_interval <= 0:
         raise ValueError("--loop-interval must be positive")
+    kubernetes = None
+    if args.store == KUBERNETES:
+        namespace = args.namespace or pod_namespace()
+        leader = LeaderSettings.for_duration(args.lease_duration, renew_deadline=args.lease_renew_deadline,
+                                             retry_period=args.lease_retry_period, lease_name=args.lease_name,
+                                             namespace=namespace)
+        kubernetes = KubernetesSettings(kubeconfig=args.kubeconfig, namespace=namespace, api_group=args.api_group,
+                                        leader=leader)
+    if args.health_listen:
+        split_listen(args.health_listen)
     daemon = DaemonSettings(db_path=args.db, listen=args.listen, loop_interval=args.loop_interval, tls=tls,
                             agents=AgentCallSettings(tls=agent_tls), metrics_listen=args.metrics_listen,
-                            csi_endpoint=args.csi_endpoint)
+                            csi_endpoint=args.csi_endpoint, csi_driver_name=args.csi_driver_name,
+                            store=args.store, kubernetes=kubernetes, health_listen=args.health_listen)
     return daemon, ControllerSettings(heartbeat_interval=args.heartbeat_interval,
                                       heartbeat_timeout=args.heartbeat_timeout)
 
@@ -213,7 +455,7 @@ def _write_json(path: str, data: dict) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Serve until SIGINT or SIGTERM."""
+    """Serve until SIGINT or SIGTERM (0), or until the Lease is lost (1: come back as a standby)."""
     daemon = ControllerDaemon(*settings_from_args(args))
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
@@ -222,10 +464,16 @@ def run(args: argparse.Namespace) -> int:
     try:
         if args.ready_file:
             _write_json(args.ready_file, {"controller": daemon.address, "metrics": daemon.metrics_address,
+                                          "health": daemon.health_address, "store": daemon.settings.store,
+                                          "identity": daemon.elector.identity if daemon.elector else "",
                                           "pid": os.getpid(), "time": time.time()})
-        while not stop.wait(1.0):  # a timed wait keeps the main thread responsive to signals
-            pass
+        while not stop.wait(0.2):  # a timed wait keeps the main thread responsive to signals
+            if daemon.lost.is_set():
+                break
     finally:
         daemon.stop()
+    if daemon.lost.is_set():
+        log.error("controller stopped: it lost the leader lease (a restart comes back as a standby)")
+        return 1
     log.info("controller stopped")
     return 0

@@ -126,6 +126,8 @@ def _agent_parser(sub) -> None:
                        help="serve Prometheus /metrics over HTTP here (default: off; e.g. 127.0.0.1:9451)")
     agent.add_argument("--csi-endpoint", default="", metavar="unix:///PATH",
                        help="serve CSI Identity and Node on this unix socket (default: no CSI)")
+    agent.add_argument("--csi-driver-name", default="csi.shoal.io", metavar="NAME",
+                       help="the CSI driver name GetPluginInfo reports (default %(default)s)")
     agent.add_argument("--ready-file", metavar="FILE",
                        help="write {\"agent\": HOST:PORT, \"portal\": HOST:PORT, \"metrics\": HOST:PORT} as JSON "
                             "here once serving")
@@ -150,7 +152,7 @@ def _agent_settings(args: argparse.Namespace):
                          advertise_portals=tuple(args.advertise_portal), controller=args.controller,
                          initiator_iqn=args.initiator_iqn, target_prefix=args.target_prefix, labels=labels,
                          server_tls=server_tls, controller_tls=controller_tls, metrics_listen=args.metrics_listen,
-                         csi_endpoint=args.csi_endpoint, **extra)
+                         csi_endpoint=args.csi_endpoint, csi_driver_name=args.csi_driver_name, **extra)
 
 
 def _run_agent(args: argparse.Namespace) -> int:

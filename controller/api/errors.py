@@ -7,6 +7,7 @@ import grpc
 
 from controller.domain.errors import (AlreadyExists, DomainError, FailedPrecondition, InvalidArgument, NotFound,
                                       ResourceExhausted, Unavailable)
+from controller.store.base import StoreConflict
 
 
 class Unimplemented(DomainError):
@@ -22,6 +23,8 @@ GRPC_CODES: tuple[tuple[type[DomainError], grpc.StatusCode], ...] = (
     (ResourceExhausted, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (Unavailable, grpc.StatusCode.UNAVAILABLE),
     (Unimplemented, grpc.StatusCode.UNIMPLEMENTED),
+    # the Kubernetes store lost a resourceVersion check (another controller wrote): the caller retries
+    (StoreConflict, grpc.StatusCode.ABORTED),
 )
 
 
@@ -38,9 +41,10 @@ def domain_error(code: grpc.StatusCode, message: str) -> DomainError:
 
     DEADLINE_EXCEEDED is ``Unavailable`` (retry later); codes outside the table
     (INTERNAL, UNKNOWN: a fault inside the agent) are ``Unavailable`` too: the
-    domain treats any failed agent call as worth retrying, and says so.
+    domain treats any failed agent call as worth retrying, and says so. An agent has no state store, so its
+    ABORTED is ``Unavailable`` too, never a ``StoreConflict``.
     """
     for cls, table_code in GRPC_CODES:
-        if code == table_code:
+        if code == table_code and cls is not StoreConflict:
             return cls(message)
     return Unavailable(message)

@@ -4,9 +4,14 @@ Register, repeated, updates the node's record (the domain's ``register_node``);
 Heartbeat of a node that never registered is ``NOT_FOUND``, which tells the
 agent to register again (after the controller lost its state, say).  A
 heartbeat without disks keeps the disks the controller knows.
+
+``node_labels`` (``--store kubernetes``: ``controller.k8s_nodes.KubernetesNodeLabels``) merges the topology
+labels of the Kubernetes Node named like the registering node into the labels the agent sent.
 """
 
 from __future__ import annotations
+
+from typing import Callable, Mapping
 
 from controller.api import convert
 from controller.api.decorators import rpc
@@ -15,14 +20,18 @@ from protos.shoal.v1 import agent_pb2, agent_pb2_grpc
 
 
 class RegistrationServicer(agent_pb2_grpc.RegistrationServiceServicer):
-    def __init__(self, service: ControllerService):
+    def __init__(self, service: ControllerService,
+                 node_labels: Callable[[str, Mapping[str, str]], Mapping[str, str]] | None = None):
         self.service = service
+        self.node_labels = node_labels
 
     @rpc("node_id", "initiator_iqn", "agent_address")
     def Register(self, request, context):
+        labels = dict(request.labels)
+        if self.node_labels is not None:
+            labels = dict(self.node_labels(request.node_id, labels))
         self.service.register_node(request.node_id, request.initiator_iqn, request.agent_address,
-                                   list(request.portals), dict(request.labels),
-                                   convert.disks_from_proto(request.disks))
+                                   list(request.portals), labels, convert.disks_from_proto(request.disks))
         return agent_pb2.RegisterResponse(heartbeat_interval_seconds=self.service.settings.heartbeat_interval)
 
     @rpc("node_id")

@@ -42,16 +42,18 @@ def server_credentials(tls: ServerTls) -> grpc.ServerCredentials:
 
 
 def build_server(service: ControllerService, listen: str, *, tls: ServerTls | None = None,
-                 workers: int = 16, metrics: ControllerMetrics | None = None) -> tuple[grpc.Server, int]:
+                 workers: int = 16, metrics: ControllerMetrics | None = None,
+                 node_labels=None) -> tuple[grpc.Server, int]:
     """A started server for AdminService and RegistrationService on ``listen``; returns it and the bound port.
 
     ``metrics`` gets AdminService's observations (attach latency); None: a private, unserved registry.
+    ``node_labels``: RegistrationService's label merger (``--store kubernetes``); None: the agent's labels as sent.
 
     Raises ``OSError`` when the address cannot be bound (say, a busy port).
     """
     server = grpc.server(ThreadPoolExecutor(max_workers=workers, thread_name_prefix="controller-rpc"))
     admin_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(service, metrics), server)
-    agent_pb2_grpc.add_RegistrationServiceServicer_to_server(RegistrationServicer(service), server)
+    agent_pb2_grpc.add_RegistrationServiceServicer_to_server(RegistrationServicer(service, node_labels), server)
     try:
         port = server.add_secure_port(listen, server_credentials(tls)) if tls else server.add_insecure_port(listen)
     except RuntimeError as exc:  # grpcio raises RuntimeError for a port it cannot bind

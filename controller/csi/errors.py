@@ -4,7 +4,8 @@ The domain's errors map to the same codes as for the admin API
 (``controller.api.errors.GRPC_CODES``); CSI adds two of its own that only the
 CSI layer decides: ``OutOfRange`` (a capacity the plugin cannot give) and
 ``Aborted`` (an operation on the same volume is still under way, or a
-pagination token that is no longer valid: the CO retries).
+pagination token that is no longer valid: the CO retries). A ``StoreConflict`` of the Kubernetes store (another
+controller wrote the object since this one read it) is ABORTED too, through the domain table.
 """
 
 from __future__ import annotations

@@ -15,7 +15,9 @@ Rules every implementation follows (tests/unit/test_store_*.py check both):
 * The operations log is append-then-update: ``record_operation`` before acting,
   ``finish_operation`` after.
 
-A clustered backend (Kubernetes API) implements the same Protocol later.
+A clustered backend (the Kubernetes API, ``controller.store.kubernetes``) implements the same Protocol; its
+writes can fail in two ways the embedded stores cannot: ``StoreConflict`` (another writer changed the object since
+this store read it) and ``StoreUnavailable`` (the API server cannot be reached or refuses the request).
 """
 
 from __future__ import annotations
@@ -23,8 +25,19 @@ from __future__ import annotations
 from contextlib import AbstractContextManager
 from typing import Protocol
 
+from controller.domain.errors import DomainError, Unavailable
 from controller.domain.model import (Attachment, ChapCredential, Export, Node, Operation, Pool, Snapshot,
                                      Volume)
+
+
+class StoreConflict(DomainError):
+    """A write lost an optimistic-concurrency check (resourceVersion): re-read and retry (gRPC/CSI: ABORTED)."""
+
+    temporary = True
+
+
+class StoreUnavailable(Unavailable):
+    """The state backend cannot be reached, or refused the request: retry later (gRPC: UNAVAILABLE)."""
 
 
 class StateStore(Protocol):

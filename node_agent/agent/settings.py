@@ -121,6 +121,8 @@ class AgentSettings:
     csi_endpoint: str = ""
     """``unix:///path/node.sock``: serve CSI Identity and Node there (kubelet's and node-driver-registrar's
     socket); empty: no CSI."""
+    csi_driver_name: str = "csi.shoal.io"
+    """The CSI driver name GetPluginInfo reports; the same as the controller's (``--csi-driver-name``)."""
 
     def __post_init__(self):
         check_name("node id", self.node_id)
@@ -136,6 +138,9 @@ class AgentSettings:
             from controller.csi.server import socket_path
 
             socket_path(self.csi_endpoint)  # ValueError now for a relative path, not at start()
+        from controller.csi.identity import check_driver_name
+
+        check_driver_name(self.csi_driver_name)
         names = [d.name for d in self.disks]
         if len(set(names)) != len(names):
             raise ValueError(f"disk names must be unique: {names}")

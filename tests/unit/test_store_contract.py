@@ -1,4 +1,8 @@
-"""The ``StateStore`` contract (controller/store/base.py), run against every implementation."""
+"""The ``StateStore`` contract (controller/store/base.py), run against every implementation.
+
+Here: memory and SQLite. tests/peer/test_store_kubernetes.py imports every test of this module and runs it with
+its own ``store`` fixture: ``KubernetesStore`` against a real kube-apiserver.
+"""
 
 from __future__ import annotations
 

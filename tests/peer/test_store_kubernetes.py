@@ -1,0 +1,233 @@
+"""``KubernetesStore`` against a real kube-apiserver (1.20.2 + etcd, tests/support/kube_apiserver.py).
+
+- the whole ``StateStore`` contract (every test of tests/unit/test_store_contract.py, imported here) with this
+  module's ``store`` fixture, so the same suite passes on memory, SQLite and the API server;
+- optimistic concurrency: a store writing or deleting from a stale read gets ``StoreConflict``;
+- what the embedded stores do not have: keys that are no Kubernetes name (capitals, two-part keys), a CHAP secret
+  that is in a Secret and in no CustomResource, an object whose name another key maps onto.
+
+The CRDs and the controller's RBAC come from the chart (``helm template``), under their own API group, release and
+namespace, so a ``helm install`` of the chart on the same session API server does not collide with them; the store
+runs as the user ``store`` bound to exactly the chart's controller ClusterRole and Role, so these tests also show
+that the chart grants the store enough. Each test starts from an empty store (every object of the kinds and the
+CHAP Secrets deleted).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from controller.domain.model import AVAILABLE, CREATING, ChapCredential
+from controller.store import KubernetesStore, KubernetesStoreSettings, StoreConflict
+from controller.store.kubernetes import KINDS, NODES, object_name
+from tests.support.k8s_tools import helm_env, k8s_tools
+from tests.support.kube_apiserver import BUILD_TEST_TIMEOUT, kube_apiserver  # noqa: F401 - the session fixture
+from tests.unit.test_store_contract import *  # noqa: F401,F403 - every contract test, run with this module's store
+from tests.unit.test_store_contract import SECRET, node, volume
+
+pytestmark = [pytest.mark.peer, pytest.mark.timeout(BUILD_TEST_TIMEOUT)]
+
+REPO = Path(__file__).resolve().parents[2]
+CHART = REPO / "deploy" / "helm" / "shoal"
+GROUP = "store-test.shoal.io"
+RELEASE = "shoal-store-test"
+NAMESPACE = "shoal-store-test"
+USER = "store"
+
+
+def _render(helm_home: Path, template: str) -> list[dict]:
+    tools = k8s_tools()
+    result = subprocess.run(
+        [str(tools.helm), "template", RELEASE, str(CHART), "--namespace", NAMESPACE, "--kube-version", "1.30.0",
+         "--set", f"apiGroup={GROUP}", "--show-only", template],
+        env=helm_env(helm_home), capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode == 0, result.stderr
+    return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+
+
+@pytest.fixture(scope="module")
+def cluster(kube_apiserver, tmp_path_factory):  # noqa: F811 - the imported fixture, used by name
+    """The chart's CRDs (Established) and the controller's RBAC bound to ``USER``; removed at the end."""
+    from kubernetes import client
+
+    admin = kube_apiserver.client()
+    home = tmp_path_factory.mktemp("helm-home")
+    extensions = client.ApiextensionsV1Api(admin)
+    rbac = client.RbacAuthorizationV1Api(admin)
+    crds = _render(home, "templates/crds.yaml")
+    for crd in crds:
+        extensions.create_custom_resource_definition(crd)
+    client.CoreV1Api(admin).create_namespace({"metadata": {"name": NAMESPACE}})
+    roles = [o for o in _render(home, "templates/rbac-controller.yaml")
+             if o["kind"] in ("ClusterRole", "Role") and o["metadata"]["name"] == f"{RELEASE}-controller"]
+    assert sorted(o["kind"] for o in roles) == ["ClusterRole", "Role"]
+    subject = [{"kind": "User", "name": USER, "apiGroup": "rbac.authorization.k8s.io"}]
+    for role in roles:
+        binding = {"metadata": {"name": f"{RELEASE}-{USER}"}, "subjects": subject,
+                   "roleRef": {"kind": role["kind"], "name": role["metadata"]["name"],
+                               "apiGroup": "rbac.authorization.k8s.io"}}
+        if role["kind"] == "ClusterRole":
+            rbac.create_cluster_role(role)
+            rbac.create_cluster_role_binding(binding)
+        else:
+            rbac.create_namespaced_role(NAMESPACE, role)
+            rbac.create_namespaced_role_binding(NAMESPACE, binding)
+    _wait_established(extensions, [crd["metadata"]["name"] for crd in crds])
+    try:
+        yield kube_apiserver
+    finally:
+        rbac.delete_cluster_role_binding(f"{RELEASE}-{USER}")
+        rbac.delete_cluster_role(f"{RELEASE}-controller")
+        for crd in crds:
+            extensions.delete_custom_resource_definition(crd["metadata"]["name"])
+        admin.close()
+
+
+def _wait_established(extensions, names: list[str], timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        pending = [name for name in names
+                   if not any(c.type == "Established" and c.status == "True"
+                              for c in extensions.read_custom_resource_definition(name).status.conditions or ())]
+        if not pending:
+            return
+        assert time.monotonic() < deadline, f"CRDs not Established after {timeout} s: {pending}"
+        time.sleep(0.1)
+
+
+def _erase(admin) -> None:
+    """Delete every object of the store's kinds and every CHAP Secret: each test starts from an empty store."""
+    from kubernetes import client
+
+    custom = client.CustomObjectsApi(admin)
+    for kind in KINDS:
+        custom.delete_collection_cluster_custom_object(GROUP, "v1", kind.plural)
+    client.CoreV1Api(admin).delete_collection_namespaced_secret(NAMESPACE, label_selector=f"{GROUP}/chap=true")
+
+
+SETTINGS = KubernetesStoreSettings(namespace=NAMESPACE, api_group=GROUP)
+
+
+@pytest.fixture
+def admin(cluster):
+    api = cluster.client()
+    yield api
+    api.close()
+
+
+@pytest.fixture
+def store(cluster, admin):
+    """The contract suite's store: a KubernetesStore as ``USER``, over an empty state."""
+    _erase(admin)
+    api = cluster.client(USER)
+    yield KubernetesStore(api, SETTINGS)
+    api.close()
+
+
+@pytest.fixture
+def second_store(cluster):
+    """Another controller's store on the same API server (the one a deposed leader races with)."""
+    api = cluster.client(USER)
+    yield KubernetesStore(api, SETTINGS)
+    api.close()
+
+
+def _objects(admin, plural: str) -> list[dict]:
+    from kubernetes import client
+
+    return client.CustomObjectsApi(admin).list_cluster_custom_object(GROUP, "v1", plural)["items"]
+
+
+# --- optimistic concurrency ----------------------------------------------------------------------------------------
+
+def test_a_write_from_a_stale_read_is_a_conflict(store, second_store):
+    store.put_volume(volume("vol-1"))
+    assert second_store.get_volume("vol-1").state == CREATING  # the second store reads version 1
+    store.put_volume(volume("vol-1", state=AVAILABLE))  # the first one writes version 2
+    with pytest.raises(StoreConflict, match="changed since this controller read it"):
+        second_store.put_volume(volume("vol-1", size_bytes=5 << 30))  # based on version 1
+    assert store.get_volume("vol-1") == volume("vol-1", state=AVAILABLE)  # nothing was overwritten
+    # after reading again, the write goes through
+    assert second_store.get_volume("vol-1").state == AVAILABLE
+    second_store.put_volume(volume("vol-1", state=AVAILABLE, size_bytes=5 << 30))
+    assert store.get_volume("vol-1").size_bytes == 5 << 30
+
+
+def test_a_delete_from_a_stale_read_is_a_conflict(store, second_store):
+    store.put_node(node("node-a"))
+    assert second_store.get_node("node-a") is not None
+    store.put_node(node("node-a", health="unhealthy"))
+    with pytest.raises(StoreConflict):
+        second_store.delete_node("node-a")
+    assert store.get_node("node-a").health == "unhealthy"
+
+
+def test_creating_what_another_store_created_is_a_conflict(store, second_store):
+    from controller.domain.model import Pool
+
+    assert second_store.get_pool("fast") is None  # the second store saw no pool...
+    store.put_pool(Pool("fast", (), 2.0))  # ...then the first one made it
+    with pytest.raises(StoreConflict):
+        second_store.put_pool(Pool("fast", ()))
+    assert store.get_pool("fast") == Pool("fast", (), 2.0)
+
+
+def test_a_conflict_in_a_transaction_flush_raises(store, second_store):
+    store.put_volume(volume("vol-1"))
+    second_store.get_volume("vol-1")
+    store.put_volume(volume("vol-1", state=AVAILABLE))
+    with pytest.raises(StoreConflict):
+        with second_store.transaction():
+            second_store.put_volume(volume("vol-1", size_bytes=3 << 30))
+            assert second_store.get_volume("vol-1").size_bytes == 3 << 30  # reads see the buffered write
+    assert store.get_volume("vol-1").state == AVAILABLE
+
+
+# --- names, Secrets ------------------------------------------------------------------------------------------------
+
+def test_keys_that_are_no_kubernetes_names(store, admin):
+    upper = node("Node-A.Example.org")
+    store.put_node(upper)
+    store.put_node(node("node-a.example.org"))
+    assert store.get_node("Node-A.Example.org") == upper
+    assert [n.id for n in store.list_nodes()] == ["Node-A.Example.org", "node-a.example.org"]
+    names = sorted(o["metadata"]["name"] for o in _objects(admin, "shoalnodes"))
+    assert names == sorted([object_name("Node-A.Example.org"), "node-a.example.org"])
+    # two-part keys whose parts contain the separator stay apart
+    from controller.domain.model import Attachment
+
+    store.put_attachment(Attachment("vol-1", "a.b", "kernel", "attached"))
+    store.put_attachment(Attachment("vol-1.a", "b", "kernel", "attached"))
+    assert len(_objects(admin, "attachments")) == 2
+    assert store.get_attachment("vol-1", "a.b").node == "a.b"
+
+
+def test_an_object_another_key_maps_onto_is_refused(store, admin):
+    from kubernetes import client
+
+    impostor = node("node-x")
+    body = {"apiVersion": f"{GROUP}/v1", "kind": "ShoalNode", "metadata": {"name": "node-x"},
+            "spec": {**NODES.to_spec(impostor), "id": "Node-X"}}
+    client.CustomObjectsApi(admin).create_cluster_custom_object(GROUP, "v1", "shoalnodes", body)
+    assert store.get_node("node-x") is None  # the object holds another key
+    with pytest.raises(ValueError, match="two keys map to one object name"):
+        store.put_node(impostor)
+
+
+def test_chap_secret_is_in_a_secret_and_in_no_custom_resource(store, admin):
+    from kubernetes import client
+
+    store.put_volume(volume("vol-1"))
+    store.put_chap("vol-1", ChapCredential("shoal-vol-1", SECRET))
+    secrets = client.CoreV1Api(admin).list_namespaced_secret(NAMESPACE, label_selector=f"{GROUP}/chap=true").items
+    assert [s.metadata.name for s in secrets] == ["shoal-chap-vol-1"]
+    for kind in KINDS:
+        assert SECRET not in json.dumps(_objects(admin, kind.plural))
+    store.put_chap("vol-1", ChapCredential("shoal-vol-1", SECRET + "-2"))  # an update, with resourceVersion
+    assert store.get_chap("vol-1").secret == SECRET + "-2"
