@@ -196,8 +196,10 @@ class GrpcAgentClient:
         self._call("UnexportVolume", agent_pb2.UnexportVolumeRequest(volume_id=volume_id,
                                                                       initiator_iqn=initiator_iqn))
 
-    def attach_volume(self, export: dict[str, Any], chap_secret: str, mode: str) -> str:
-        request = agent_pb2.AttachVolumeRequest(export=_export_to_proto(export), chap_secret=chap_secret, mode=mode)
+    def attach_volume(self, export: dict[str, Any], chap_secret: str, mode: str, *,
+                      defer_login: bool = False) -> str:
+        request = agent_pb2.AttachVolumeRequest(export=_export_to_proto(export), chap_secret=chap_secret, mode=mode,
+                                                defer_login=defer_login)
         return self._call("AttachVolume", request, secret=chap_secret,
                           timeout=self._settings.attach_timeout).device_path
 

@@ -67,6 +67,8 @@ def add_parser(sub) -> None:
     parser.add_argument("--csi-dir", default=None, metavar="DIR",
                         help="where the CSI sockets go: controller.sock and node.sock (default DATA_DIR/csi; "
                              "'' turns CSI off)")
+    parser.add_argument("--csi-driver-name", default="csi.shoal.io", metavar="NAME",
+                        help="the CSI driver name both sockets report (default %(default)s)")
     parser.add_argument("--disk-size", default="", metavar="SIZE",
                         help="capacity the agent offers (e.g. 20G; default: its filesystem's size)")
     parser.add_argument("--context", default="", help="context file for shoalctl (default $SHOAL_CONTEXT or "
@@ -127,6 +129,13 @@ def _interrupt(*_) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from controller.csi.identity import check_driver_name
+
+    try:
+        check_driver_name(args.csi_driver_name)
+    except ValueError as exc:
+        print(f"shoal up: {exc}", file=sys.stderr)
+        return 2
     data = Path(args.data_dir).resolve()
     data.mkdir(mode=0o700, parents=True, exist_ok=True)
     node_id = args.node_id or default_node_id()
@@ -144,7 +153,8 @@ def run(args: argparse.Namespace) -> int:
         controller = _spawn("controller", shoal + [
             "controller", "--db", str(data / "controller.db"), "--listen", args.controller,
             "--metrics-listen", args.controller_metrics, "--ready-file", str(ready["controller"])]
-            + (["--csi-endpoint", f"unix://{csi['controller']}"] if csi else []),
+            + (["--csi-endpoint", f"unix://{csi['controller']}", f"--csi-driver-name={args.csi_driver_name}"]
+               if csi else []),
             data / "controller.log")
         children.append(controller)
         controller_ready = _wait_file(ready["controller"], controller, deadline)
@@ -154,7 +164,8 @@ def run(args: argparse.Namespace) -> int:
             "agent", "--node-id", node_id, "--data-dir", str(data / "agent"), "--disk", f"data0={disk}",
             "--listen", args.agent, "--portal", args.portal, "--controller", address,
             "--metrics-listen", args.agent_metrics, "--ready-file", str(ready["agent"])]
-            + (["--csi-endpoint", f"unix://{csi['node']}"] if csi else []), data / "agent.log")
+            + (["--csi-endpoint", f"unix://{csi['node']}", f"--csi-driver-name={args.csi_driver_name}"]
+               if csi else []), data / "agent.log")
         children.append(agent)
         agent_ready = _wait_file(ready["agent"], agent, deadline)
         _wait_registered(address, node_id, agent, deadline)

@@ -4,8 +4,10 @@ Access types: mount (ext4 or xfs; empty means ext4) and raw block.  Access modes
 single-node writer, single-node reader, single-node single/multi writer; and
 MULTI_NODE_MULTI_WRITER for raw block only (live migration of a VM hands the
 device from one node to the other; a filesystem mounted twice would be corrupted).
-Anything else is refused: ``unsupported`` says why, for INVALID_ARGUMENT or for
-ValidateVolumeCapabilities' message.
+Anything else is refused: ``unsupported`` says why, for INVALID_ARGUMENT (Controller
+RPCs), for FAILED_PRECONDITION (the Node's "exceeds capabilities" when the capability is
+well formed, ``malformed`` being INVALID_ARGUMENT there too) or for
+ValidateVolumeCapabilities' message (an empty ``confirmed``, not an error).
 """
 
 from __future__ import annotations
@@ -23,13 +25,22 @@ SINGLE_NODE_MODES = frozenset({Mode.SINGLE_NODE_WRITER, Mode.SINGLE_NODE_READER_
 READ_ONLY_MODES = frozenset({Mode.SINGLE_NODE_READER_ONLY})
 
 
-def unsupported(capability: csi_pb2.VolumeCapability) -> str:
-    """Why Shoal cannot serve ``capability``; "" when it can."""
-    access = capability.WhichOneof("access_type")
-    if access is None:
+def malformed(capability: csi_pb2.VolumeCapability) -> str:
+    """Why ``capability`` is not a complete capability at all (no access type or mode); "" when it is."""
+    if capability.WhichOneof("access_type") is None:
         return "volume capability needs an access type: mount or block"
     if not capability.HasField("access_mode") or capability.access_mode.mode == Mode.UNKNOWN:
         return "volume capability needs an access mode"
+    return ""
+
+
+def unsupported(capability: csi_pb2.VolumeCapability) -> str:
+    """Why Shoal cannot serve ``capability`` (malformed, or a filesystem or mode it does not offer); "" when
+    it can."""
+    reason = malformed(capability)
+    if reason:
+        return reason
+    access = capability.WhichOneof("access_type")
     mode = capability.access_mode.mode
     if access == "mount":
         fs_type = capability.mount.fs_type or DEFAULT_FS_TYPE

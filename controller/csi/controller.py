@@ -13,9 +13,15 @@ Idempotency, per RPC (the spec's rules):
   volume; incompatible -> ALREADY_EXISTS.  A clone still being copied ->
   ABORTED (retry with the same name).
 * DeleteVolume / DeleteSnapshot: an unknown id is OK.
-* ControllerPublishVolume: a repeat for the same node returns the same
-  publish context; a single-node volume published elsewhere -> FAILED_PRECONDITION.
-* ControllerUnpublishVolume: an unknown volume or node, or a repeat, is OK.
+* ControllerPublishVolume: the owner exports the volume to the node's initiator
+  with the volume's CHAP secret, and the node's agent is told the target and the
+  credentials (it logs in at NodeStageVolume, not now).  The publish context
+  names the target, LUN and identity (NAA, serial), never the secret.  A repeat
+  for the same node returns the same publish context; a single-node volume
+  published elsewhere -> FAILED_PRECONDITION.
+* ControllerUnpublishVolume: the node's agent forgets the target (logging out if
+  still logged in), then the owner drops the node's initiator.
+  An unknown volume or node, or a repeat, is OK.
 * ControllerExpandVolume: a size already reached is OK (no call to the agent).
 * CreateSnapshot: same name and source -> the same snapshot; another source -> ALREADY_EXISTS.
 
@@ -55,6 +61,8 @@ CONTROLLER_CAPABILITIES = (
 
 #: Parameters the CO adds on its own (external-provisioner's ``--extra-create-metadata``): accepted, unused.
 _CO_PARAMETER_PREFIX = "csi.storage.k8s.io/"
+#: The node label the agent announces its connector in (node_agent.host.connector.CONNECTOR_LABEL).
+CONNECTOR_LABEL = "shoal.io/connector"
 #: volume_context keys (immutable per volume id).
 CONTEXT_NAME = "shoal.io/volume"
 CONTEXT_POOL = "shoal.io/pool"
@@ -66,8 +74,10 @@ class CsiSettings:
 
     default_size_bytes: int = GiB
     """Size of a volume created without a capacity range (rounded to the volume size multiple)."""
-    attach_mode: str = "userspace"
-    """How ControllerPublishVolume attaches on the node: "userspace" or "kernel" (see the domain's MODES)."""
+    attach_mode: str = "auto"
+    """How the node logs in after ControllerPublishVolume: "userspace", "kernel" (the domain's MODES), or
+    "auto": what the node's agent announced in its ``shoal.io/connector`` label (kernel where ``iscsi_tcp``
+    is there), userspace when it announced nothing."""
     topology_keys: tuple[str, ...] = ("topology.kubernetes.io/region", "topology.kubernetes.io/zone",
                                       "region", "zone")
     """Node labels that make a volume's accessible topology (the owner's values); the Node service's
@@ -76,8 +86,8 @@ class CsiSettings:
     def __post_init__(self) -> None:
         if self.default_size_bytes <= 0:
             raise ValueError("default_size_bytes must be positive")
-        if self.attach_mode not in MODES:
-            raise ValueError(f"attach_mode must be one of {', '.join(MODES)}")
+        if self.attach_mode not in MODES + ("auto",):
+            raise ValueError(f"attach_mode must be auto or one of {', '.join(MODES)}")
 
 
 def domain_name(csi_name: str) -> str:
@@ -246,9 +256,9 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):
                 raise FailedPrecondition(f"volume {volume.id} is published to {', '.join(elsewhere)} with a "
                                          "single-node access mode: unpublish it there first")
         with self.busy.hold(f"publish/{volume.name}/{node.id}", f"volume {volume.id} on node {node.id}"):
-            attachment = self.service.attach_volume(volume.name, node.id, mode=self.settings.attach_mode)
+            attachment = self.service.attach_volume(volume.name, node.id, mode=self._mode(node), login=False)
         export = self.service.store.get_export(volume.name, node.initiator_iqn)
-        context_ = {"mode": attachment.mode, "device_path": attachment.device_path}
+        context_ = {"mode": attachment.mode}
         if export is not None:  # what the node needs to find and check the device; never the CHAP secret
             context_.update(target_iqn=export.target_iqn, portals=",".join(export.portals), lun=str(export.lun),
                             naa=export.naa, serial=export.serial, chap_user=export.chap_user)
@@ -385,6 +395,12 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):
                                              next_token=next_token)
 
     # ---- helpers -------------------------------------------------------------------------------
+
+    def _mode(self, node) -> str:
+        if self.settings.attach_mode != "auto":
+            return self.settings.attach_mode
+        announced = node.labels.get(CONNECTOR_LABEL, "")
+        return announced if announced in MODES else "userspace"
 
     def _find_volume(self, volume_id: str) -> Volume | None:
         return next((v for v in self.service.store.list_volumes() if v.id == volume_id), None)

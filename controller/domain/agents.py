@@ -57,7 +57,10 @@ class AgentClient(Protocol):
 
     def unexport_volume(self, volume_id: str, initiator_iqn: str) -> None: ...
 
-    def attach_volume(self, export: dict[str, Any], chap_secret: str, mode: str) -> str: ...
+    def attach_volume(self, export: dict[str, Any], chap_secret: str, mode: str, *,
+                      defer_login: bool = False) -> str:
+        """The device ("" with ``defer_login``: the agent records the export, its CSI NodeStage logs in)."""
+        ...
 
     def detach_volume(self, volume_id: str, mode: str) -> None: ...
 
@@ -214,13 +217,16 @@ class FakeAgentClient:
         self._state.exports.pop((volume_id, initiator_iqn), None)
         self._state.secrets.pop((volume_id, initiator_iqn), None)
 
-    def attach_volume(self, export: dict[str, Any], chap_secret: str, mode: str) -> str:
+    def attach_volume(self, export: dict[str, Any], chap_secret: str, mode: str, *,
+                      defer_login: bool = False) -> str:
         volume_id = export["volume_id"]
         self._agents._enter(self._state.node_id, "attach_volume", volume_id)
         have = self._state.attachments.get(volume_id)
         if have is None:
-            have = {"volume_id": volume_id, "device_path": f"/dev/fake/{volume_id}", "mode": mode}
+            have = {"volume_id": volume_id, "device_path": "", "mode": mode}
             self._state.attachments[volume_id] = have
+        if not defer_login and not have["device_path"]:
+            have["device_path"] = f"/dev/fake/{volume_id}"
         return have["device_path"]
 
     def detach_volume(self, volume_id: str, mode: str) -> None:

@@ -22,10 +22,12 @@ DELETING = "deleting"
 ERROR = "error"
 VOLUME_STATES = (CREATING, AVAILABLE, ATTACHED, DELETING, ERROR)
 
-# Attachment states (admin.proto Attachment.state).
+# Attachment states (admin.proto Attachment.state).  "published": exported to the node and its agent told the
+# target and credentials (CSI ControllerPublishVolume); the node logs in at NodeStageVolume.
 ATTACHING = "attaching"
+PUBLISHED = "published"
 DETACHING = "detaching"
-ATTACHMENT_STATES = (ATTACHING, ATTACHED, DETACHING)
+ATTACHMENT_STATES = (ATTACHING, PUBLISHED, ATTACHED, DETACHING)
 
 # Attach modes: the consumer agent's connector.
 MODES = ("userspace", "kernel")

@@ -17,7 +17,9 @@ Idempotency, per method (admin.proto says the same per RPC):
   is attached.
 * ``expand_volume``: the same size again is a no-op on the agent; smaller is
   ``InvalidArgument`` (volumes only grow).
-* ``attach_volume``: a repeat returns the same attachment.
+* ``attach_volume``: a repeat returns the same attachment; with ``login=False`` (CSI
+  ControllerPublishVolume) the node's agent only records the target and credentials, the
+  attachment is "published", and the node's CSI NodeStageVolume logs in.
 * ``detach_volume``: a repeat, or a detach of what is not attached, succeeds.
 * snapshots and clones: see ``controller.domain.snapshots``; ``delete_volume``
   is refused while the volume has snapshots or is being cloned.
@@ -43,8 +45,8 @@ from controller.domain.agents import AgentClient, AgentDirectory
 from controller.domain.errors import (AlreadyExists, DomainError, FailedPrecondition, InvalidArgument, NotFound,
                                       ResourceExhausted, Unavailable)
 from controller.domain.model import (ATTACHED, ATTACHING, AVAILABLE, CREATING, DELETING, DETACHING, ERROR, HEALTHY,
-                                     OP_DONE, OP_FAILED, OP_STARTED, UNHEALTHY, Attachment, ChapCredential, Disk,
-                                     Export, Node, Pool, PoolUsage, Snapshot, Volume)
+                                     OP_DONE, OP_FAILED, OP_STARTED, PUBLISHED, UNHEALTHY, Attachment, ChapCredential,
+                                     Disk, Export, Node, Pool, PoolUsage, Snapshot, Volume)
 from controller.domain.settings import ControllerSettings
 from controller.domain.snapshots import Snapshots
 from controller.domain.validation import human_bytes
@@ -385,8 +387,13 @@ class ControllerService:
         node = check.node_id(node) if node is not None else None
         return self.store.list_attachments(volume=volume, node=node)
 
-    def attach_volume(self, name: str, node_id: str, mode: str = "userspace") -> Attachment:
-        """Publish a volume to a node: the owner exports it to the node's IQN with CHAP, the node attaches."""
+    def attach_volume(self, name: str, node_id: str, mode: str = "userspace", *, login: bool = True) -> Attachment:
+        """Publish a volume to a node: the owner exports it to the node's IQN with CHAP, the node attaches.
+
+        ``login=False`` (CSI ControllerPublishVolume): the consumer's agent records the target and the
+        credentials without logging in, and the attachment is "published"; the node's CSI NodeStageVolume
+        logs in.  A repeat returns the same attachment; a plain attach of a published one logs in.
+        """
         name = check.name(name, "volume name")
         node_id = check.node_id(node_id)
         mode = check.mode(mode)
@@ -397,7 +404,7 @@ class ControllerService:
             if existing is not None and existing.mode != mode:
                 raise AlreadyExists(f"volume {name} is attached to {node_id} in {existing.mode} mode: detach it "
                                     f"first to attach it in {mode} mode")
-            if existing is not None and existing.state == ATTACHED:
+            if existing is not None and (existing.state == ATTACHED or (existing.state == PUBLISHED and not login)):
                 return existing
             if existing is not None and existing.state == DETACHING:
                 raise FailedPrecondition(f"volume {name} is being detached from {node_id}: detach it again to "
@@ -408,24 +415,29 @@ class ControllerService:
             if consumer.health != HEALTHY:
                 raise FailedPrecondition(f"{self._unhealthy(consumer)}: cannot attach volume {name} to it")
             with self.store.transaction():
-                op = self._begin("attach_volume", name, f"to {node_id} ({mode})")
+                op = self._begin("attach_volume" if login else "publish_volume", name, f"to {node_id} ({mode})")
                 chap = self._chap(volume)
-                self.store.put_attachment(Attachment(name, node_id, mode, ATTACHING))
+                if existing is None:
+                    self.store.put_attachment(Attachment(name, node_id, mode, ATTACHING))
             try:
                 export = self._export(volume, consumer, chap)
                 consumer_client = self._client(node_id, f"attaching volume {name}")
-                device = consumer_client.attach_volume(export.to_agent(volume.id), chap.secret, mode)
+                device = consumer_client.attach_volume(export.to_agent(volume.id), chap.secret, mode,
+                                                       defer_login=not login)
             except Exception as exc:
                 error = _as_domain_error(exc, node_id, "attach_volume", secret=chap.secret)
                 self._end(op, OP_FAILED, str(error))
                 raise error from None
-            attachment = Attachment(name, node_id, mode, ATTACHED, device)
+            attachment = Attachment(name, node_id, mode, ATTACHED if login else PUBLISHED, device)
             with self.store.transaction():
                 self.store.put_attachment(attachment)
                 if volume.state == AVAILABLE:
                     self.store.put_volume(replace(volume, state=ATTACHED))
                 self._end(op, OP_DONE)
-            log.info("volume %s attached to %s at %s", name, node_id, device)
+            if login:
+                log.info("volume %s attached to %s at %s", name, node_id, device)
+            else:
+                log.info("volume %s published to %s (the node logs in when it stages it)", name, node_id)
             return attachment
 
     def _chap(self, volume: Volume) -> ChapCredential:

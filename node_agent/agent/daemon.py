@@ -1,7 +1,12 @@
 """The node agent put together: disks, portal, exports, attachments, AgentService, registration.
 
 With ``csi_endpoint`` set it also serves CSI Identity and Node on that unix socket
-(``node_agent.csi``), over the same attachments.
+(``node_agent.csi``), over the same attachments: ControllerPublishVolume records a
+target here (AttachVolume with ``defer_login``), NodeStageVolume logs in through
+``AttachmentManager.login`` in this process, NodeUnstageVolume logs out.  The agent
+announces its connector as the node label ``shoal.io/connector`` ("kernel" where
+``iscsi_tcp`` and open-iscsi are there, else "userspace"; a ``--label`` overrides
+it), and the CSI controller publishes in that mode.
 
 Start order matters for consumers: the portal starts and the recorded exports
 are served again *before* the gRPC server opens or the controller hears from
@@ -35,7 +40,7 @@ from node_agent.csi.devices import DeviceResolver
 from node_agent.csi.mounts import Mounter
 from node_agent.csi.node import NodeServicer
 from node_agent.csi.server import build_csi_node_server
-from node_agent.host.connector import Connector
+from node_agent.host.connector import CONNECTOR_LABEL, Connector, preferred_connector
 from node_agent.host.runner import SubprocessRunner
 from node_agent.metrics_server import MetricsServer, new_registry
 from node_agent.target_service import PortalConfig
@@ -146,7 +151,8 @@ class Agent:
                                          self.volumes, self.portal)
             self.volumes.quiesce = self.exports.quiesced  # copies start with an exported LUN held still
             self.exports.restore()
-            self.attachments = AttachmentManager(s.data_dir, self.connectors)
+            self.attachments = AttachmentManager(s.data_dir, self.connectors,
+                                                 in_use=Mounter(SubprocessRunner()).users)
             self.attachments.restore()
             self._serve()
             if s.csi_endpoint:
@@ -217,7 +223,7 @@ class Agent:
         s = self.settings
         assert self.attachments is not None
         servicer = NodeServicer(s.node_id, s.labels, DeviceResolver(self.attachments), Mounter(SubprocessRunner()))
-        self.csi_server = build_csi_node_server(servicer, s.csi_endpoint)
+        self.csi_server = build_csi_node_server(servicer, s.csi_endpoint, driver_name=s.csi_driver_name)
 
     def _register(self, portals: tuple[str, ...]) -> None:
         s = self.settings
@@ -229,8 +235,10 @@ class Agent:
             host, port = split_host_port(self.agent_address)
             advertised = join_host_port(socket.getfqdn() if _is_wildcard(host) else host, port)
         assert self.volumes is not None
+        labels = dict(s.labels)
+        labels.setdefault(CONNECTOR_LABEL, preferred_connector())  # how CSI publishes reach this node
         self.registrar = Registrar(
-            NodeAnnouncement(s.node_id, s.initiator_iqn, advertised, portals, dict(s.labels)),
+            NodeAnnouncement(s.node_id, s.initiator_iqn, advertised, portals, labels),
             self.volumes.disks, self.channel_factory(s.controller, s.controller_tls),
             timeout=s.register_timeout, max_backoff=s.max_register_backoff,
             default_interval=s.default_heartbeat_interval)

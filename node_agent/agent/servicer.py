@@ -252,7 +252,8 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
         _volume_id(request.export.volume_id, "export.volume_id")
         mode = check_mode(request.mode)
         device = self.attachments.attach(_export_from_proto(request.export), request.chap_secret,
-                                         request.mutual_chap_user, request.mutual_chap_secret, mode)
+                                         request.mutual_chap_user, request.mutual_chap_secret, mode,
+                                         defer_login=request.defer_login)
         return agent_pb2.AttachVolumeResponse(device_path=device)
 
     @rpc(lambda r: r.volume_id)
@@ -268,8 +269,8 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
             volumes=[_volume_proto(v) for v in self.volumes.list()],
             exports=[_export_proto(self.exports.info(r.volume_id, r.chap_user), r.initiators)
                      for r in self.exports.records()],
-            attachments=[agent_pb2.Attachment(volume_id=a.volume_id, device_path=a.device_path, mode=a.mode)
-                         for a in self.attachments.list()],
+            attachments=[agent_pb2.Attachment(volume_id=a.volume_id, device_path=a.device_path, mode=a.mode,
+                                              logged_in=a.logged_in) for a in self.attachments.list()],
             disks=[common_pb2.Disk(name=d.name, path=d.path, capacity_bytes=d.capacity, free_bytes=d.free)
                    for d in self.volumes.disks()],
             snapshots=[_snapshot_proto(s) for s in self.snapshots.list()],

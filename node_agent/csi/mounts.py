@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 from dataclasses import dataclass
 
-from node_agent.host.runner import Runner
+from node_agent.host.runner import CommandFailed, Runner
 
 MOUNTINFO = "/proc/self/mountinfo"
 _OCTAL = re.compile(r"\\([0-7]{3})")
@@ -48,7 +49,7 @@ def parse_mountinfo(text: str) -> list[Mount]:
 
 
 class Mounter:
-    """mount, umount, mkfs and blkid for the Node service."""
+    """mount, umount, mkfs, blkid and filesystem growth for the Node service."""
 
     def __init__(self, runner: Runner, mountinfo: str = MOUNTINFO):
         self.runner = runner
@@ -60,6 +61,28 @@ class Mounter:
         with open(self.mountinfo, encoding="utf-8", errors="surrogateescape") as f:
             found = [m for m in parse_mountinfo(f.read()) if m.mount_point == path]
         return found[-1] if found else None
+
+    def users(self, device: str) -> list[str]:
+        """Where ``device`` is in use: mounts of a filesystem on it, and bind mounts of its device file."""
+        try:
+            rdev = os.stat(device).st_rdev
+        except OSError:
+            return []
+        name = os.path.basename(os.path.realpath(device))
+        with open(self.mountinfo, encoding="utf-8", errors="surrogateescape") as f:
+            mounts = parse_mountinfo(f.read())
+        found = []
+        for m in mounts:
+            if m.dev == rdev:
+                found.append(m.mount_point)
+            elif os.path.basename(m.root) == name:  # a device file bind-mounted (block publish)
+                try:
+                    st = os.stat(m.mount_point)
+                except OSError:
+                    continue
+                if stat.S_ISBLK(st.st_mode) and st.st_rdev == rdev:
+                    found.append(m.mount_point)
+        return found
 
     def fs_type(self, device: str) -> str:
         """What blkid finds on ``device``; "" for a blank device (blkid exits 2 when it finds nothing)."""
@@ -86,3 +109,29 @@ class Mounter:
 
     def umount(self, path: str) -> None:
         self.runner.run(["umount", path])
+
+    def ext4_size(self, device: str) -> int:
+        """Bytes the ext4 filesystem on ``device`` spans (its superblock, ``dumpe2fs -h``)."""
+        fields = {}
+        for line in self.runner.run(["dumpe2fs", "-h", device]).stdout.splitlines():
+            key, sep, value = line.partition(":")
+            if sep:
+                fields[key.strip()] = value.strip()
+        return int(fields["Block count"]) * int(fields["Block size"])
+
+    def grow_offline(self, device: str) -> None:
+        """Grow an unmounted ext4 to its device: ``e2fsck -f -p`` first (resize2fs insists on a checked
+        filesystem; exit 1 means it fixed something, fine), then ``resize2fs``."""
+        checked = self.runner.run(["e2fsck", "-f", "-p", device], check=False)
+        if checked.returncode not in (0, 1):
+            raise CommandFailed(checked)
+        self.runner.run(["resize2fs", device])
+
+    def grow(self, device: str, mount_point: str, fs_type: str) -> None:
+        """Grow the mounted filesystem to its device's size, online (a filesystem that fills it: no-op)."""
+        if fs_type == "ext4":
+            self.runner.run(["resize2fs", device])
+        elif fs_type == "xfs":
+            self.runner.run(["xfs_growfs", mount_point])
+        else:
+            raise ValueError(f"cannot grow a {fs_type} filesystem")

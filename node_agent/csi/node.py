@@ -1,9 +1,13 @@
-"""CSI Node service: stage (mkfs only on a blank device, mount), publish (bind mounts), stats.
+"""CSI Node service: stage (log in, mkfs only on a blank device, mount), publish (bind mounts), expand, stats.
 
 Idempotency, RPC by RPC (a repeat of a finished call answers as the first did):
 
-- NodeStageVolume: staging path already mounted from this volume's device -> OK;
-  mounted from something else -> ALREADY_EXISTS.  Block access mounts nothing at stage.
+- NodeStageVolume: logs in to the LUN ControllerPublishVolume recorded with this
+  node's agent (a repeat finds it logged in), through the agent's connector, which
+  checks the LUN's identity before a device exists.  Staging path already mounted
+  from this volume's device -> OK; mounted from something else -> ALREADY_EXISTS.
+  An ext4 smaller than its device (the volume grew meanwhile) is grown before it is
+  mounted.  Block access mounts nothing at stage.
 - NodePublishVolume: target already mounted from the same source -> OK; from something
   else -> ALREADY_EXISTS.  Mount access bind-mounts the staging path; block access
   bind-mounts the device file onto a file at the target path.  ``readonly`` (or a
@@ -11,8 +15,16 @@ Idempotency, RPC by RPC (a repeat of a finished call answers as the first did):
   other CSI drivers do too, and it is advisory: the kernel does not refuse a write through a
   device node on a read-only mount (a read-only block publish is the CO's promise, not ours).
 - NodeUnpublishVolume / NodeUnstageVolume: unmount what is mounted there; a path that
-  is not mounted or does not exist -> OK.  Unpublish removes the target it leaves.
-- NodeGetVolumeStats: NOT_FOUND for a path where nothing is mounted.
+  is not mounted or does not exist -> OK.  Unpublish removes the target it leaves;
+  Unstage then logs out (the agent keeps the record until ControllerUnpublishVolume),
+  and refuses (FAILED_PRECONDITION) while the device is still published somewhere:
+  a device path must not outlive its login.
+- NodeExpandVolume: the device re-reads its capacity (the connector's rescan), then
+  ``resize2fs`` (ext4) or ``xfs_growfs`` (xfs) for mount access, nothing more for
+  block.  A filesystem that already fills the device is left as it is.
+- NodeGetVolumeStats: NOT_FOUND for a path where nothing is mounted; volume_condition
+  is abnormal when the node is not logged in, the device is gone or not the volume's,
+  the session or its FUSE export is down, or I/O errors were seen.
 
 The device comes from ``DeviceResolver`` (the agent's attachment, checked).  A second call
 on a volume while one is under way is ABORTED (``InFlight``).
@@ -29,10 +41,12 @@ from controller.csi.errors import InFlight, csi_rpc
 from controller.domain.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from node_agent.csi.devices import DeviceResolver
 from node_agent.csi.mounts import Mounter
+from node_agent.host.runner import CommandFailed
 from protos.csi.v1 import csi_pb2, csi_pb2_grpc
 
 NodeRPC = csi_pb2.NodeServiceCapability.RPC
-NODE_CAPABILITIES = (NodeRPC.STAGE_UNSTAGE_VOLUME, NodeRPC.GET_VOLUME_STATS, NodeRPC.SINGLE_NODE_MULTI_WRITER)
+NODE_CAPABILITIES = (NodeRPC.STAGE_UNSTAGE_VOLUME, NodeRPC.EXPAND_VOLUME, NodeRPC.GET_VOLUME_STATS,
+                     NodeRPC.VOLUME_CONDITION, NodeRPC.SINGLE_NODE_MULTI_WRITER)
 #: The same keys as the Controller's ``CsiSettings.topology_keys`` (kept equal by a test).
 DEFAULT_TOPOLOGY_KEYS = ("topology.kubernetes.io/region", "topology.kubernetes.io/zone", "region", "zone")
 #: Mount flags that would make ``mount -o`` do something else than mount the volume's filesystem.
@@ -68,7 +82,7 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
     def NodeStageVolume(self, request, context):
         capability = _supported(request.volume_capability)
         with self.busy.hold(request.volume_id, f"volume {request.volume_id}"):
-            device = self.devices.device(request.volume_id, request.publish_context)
+            device = self.devices.stage(request.volume_id, request.publish_context)
             if caps.is_block(capability):
                 return csi_pb2.NodeStageVolumeResponse()
             path = request.staging_target_path
@@ -85,6 +99,10 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
             elif found != fs_type:
                 raise FailedPrecondition(f"volume {request.volume_id} holds {found!r}, not {fs_type!r}: "
                                          "it is never reformatted")
+            elif found == "ext4" and self.mounter.ext4_size(device) < _size(device):
+                # The volume grew while it was not staged (or where online growth is refused): grow it now,
+                # before it is mounted.  xfs grows only mounted: NodeExpandVolume does that.
+                self.mounter.grow_offline(device)
             os.makedirs(path, exist_ok=True)
             options = list(capability.mount.mount_flags)
             if capability.access_mode.mode in caps.READ_ONLY_MODES:
@@ -94,9 +112,16 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
 
     @csi_rpc("volume_id", "staging_target_path")
     def NodeUnstageVolume(self, request, context):
+        staging = os.path.realpath(request.staging_target_path)
         with self.busy.hold(request.volume_id, f"volume {request.volume_id}"):
-            if self.mounter.mounted_at(request.staging_target_path) is not None:
-                self.mounter.umount(request.staging_target_path)
+            device = self.devices.logged_in(request.volume_id)
+            elsewhere = [p for p in self.mounter.users(device) if p != staging] if device else []
+            if elsewhere:  # logging out under a published device would leave its path to whoever comes next
+                raise FailedPrecondition(f"volume {request.volume_id} is still published at "
+                                         f"{', '.join(elsewhere)}: NodeUnpublishVolume first")
+            if self.mounter.mounted_at(staging) is not None:
+                self.mounter.umount(staging)
+            self.devices.unstage(request.volume_id)
         return csi_pb2.NodeUnstageVolumeResponse()
 
     # -- publish ---------------------------------------------------------------------------------------------
@@ -139,33 +164,86 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
             _remove(target)
         return csi_pb2.NodeUnpublishVolumeResponse()
 
+    # -- expand ------------------------------------------------------------------------------------------------
+    @csi_rpc("volume_id", "volume_path")
+    def NodeExpandVolume(self, request, context):
+        if request.HasField("volume_capability"):
+            _supported(request.volume_capability)
+        required, limit = request.capacity_range.required_bytes, request.capacity_range.limit_bytes
+        if required < 0 or limit < 0 or (limit and required > limit):
+            raise InvalidArgument("capacity_range: bytes must not be negative, required_bytes at most limit_bytes")
+        with self.busy.hold(request.volume_id, f"volume {request.volume_id}"):
+            device = self.devices.device(request.volume_id, {})
+            mount = self._filesystem_to_grow(request, device)
+            size = self.devices.rescan(request.volume_id)
+            if required and size < required:
+                raise FailedPrecondition(f"volume {request.volume_id} is {size} bytes on this node, less than "
+                                         f"the {required} bytes asked: ControllerExpandVolume first")
+            if mount is not None:
+                try:
+                    self.mounter.grow(device, request.volume_path, mount.fs_type)
+                except CommandFailed as exc:  # e.g. online ext4 growth without CAP_SYS_RESOURCE: EPERM
+                    raise FailedPrecondition(f"volume {request.volume_id}: growing its {mount.fs_type} at "
+                                             f"{request.volume_path} failed: {exc}") from None
+        return csi_pb2.NodeExpandVolumeResponse(capacity_bytes=size)
+
+    def _filesystem_to_grow(self, request, device: str):
+        """The volume's filesystem mounted at volume_path, or None for block access (the device file there)."""
+        path = request.volume_path
+        if not os.path.exists(path):
+            raise NotFound(f"volume path {path} does not exist")
+        rdev = os.stat(device).st_rdev
+        if _is_device_file_of(path, rdev) or (request.HasField("volume_capability")
+                                              and caps.is_block(request.volume_capability)):
+            return None
+        mount = self.mounter.mounted_at(path)
+        if mount is None or mount.dev != rdev:
+            raise NotFound(f"volume {request.volume_id} is not mounted at {path}")
+        if mount.fs_type not in caps.FS_TYPES:
+            raise FailedPrecondition(f"{path} holds {mount.fs_type}: Shoal grows only {' and '.join(caps.FS_TYPES)}")
+        return mount
+
     # -- stats ------------------------------------------------------------------------------------------------
     @csi_rpc("volume_id", "volume_path")
     def NodeGetVolumeStats(self, request, context):
         path = request.volume_path
         if not os.path.exists(path) or self.mounter.mounted_at(path) is None:
             raise NotFound(f"nothing of volume {request.volume_id} is mounted at {path}")
+        reason = self.devices.condition(request.volume_id)
         Usage = csi_pb2.VolumeUsage
         if stat.S_ISBLK(os.stat(path).st_mode):
-            fd = os.open(path, os.O_RDONLY)
+            usage = [Usage(unit=Usage.BYTES, total=_size(path))]
+        else:
             try:
-                size = os.lseek(fd, 0, os.SEEK_END)
-            finally:
-                os.close(fd)
-            return csi_pb2.NodeGetVolumeStatsResponse(usage=[Usage(unit=Usage.BYTES, total=size)])
-        st = os.statvfs(path)
-        return csi_pb2.NodeGetVolumeStatsResponse(usage=[
-            Usage(unit=Usage.BYTES, total=st.f_blocks * st.f_frsize, available=st.f_bavail * st.f_frsize,
-                  used=(st.f_blocks - st.f_bfree) * st.f_frsize),
-            Usage(unit=Usage.INODES, total=st.f_files, available=st.f_favail, used=st.f_files - st.f_ffree)])
+                st = os.statvfs(path)
+            except OSError as exc:
+                reason, usage = reason or f"the filesystem at {path} fails: {exc.strerror}", []
+            else:
+                usage = [Usage(unit=Usage.BYTES, total=st.f_blocks * st.f_frsize,
+                               available=st.f_bavail * st.f_frsize, used=(st.f_blocks - st.f_bfree) * st.f_frsize),
+                         Usage(unit=Usage.INODES, total=st.f_files, available=st.f_favail,
+                               used=st.f_files - st.f_ffree)]
+        condition = csi_pb2.VolumeCondition(abnormal=bool(reason), message=reason or "healthy")
+        return csi_pb2.NodeGetVolumeStatsResponse(usage=usage, volume_condition=condition)
 
-    # NodeExpandVolume is not offered yet: the generated base class answers UNIMPLEMENTED.
+
+def _size(path: str) -> int:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return os.lseek(fd, 0, os.SEEK_END)
+    finally:
+        os.close(fd)
 
 
 def _supported(capability: csi_pb2.VolumeCapability) -> csi_pb2.VolumeCapability:
-    reason = caps.unsupported(capability)
+    """INVALID_ARGUMENT for a malformed capability or mount flag; FAILED_PRECONDITION for a well-formed one
+    Shoal does not serve (the spec's "Exceeds capabilities" of NodeStageVolume and NodePublishVolume)."""
+    reason = caps.malformed(capability)
     if reason:
         raise InvalidArgument(reason)
+    reason = caps.unsupported(capability)
+    if reason:
+        raise FailedPrecondition(reason)
     if capability.WhichOneof("access_type") == "mount":
         for flag in capability.mount.mount_flags:
             if not flag or "," in flag or flag.split("=", 1)[0] in REFUSED_MOUNT_FLAGS:

@@ -7,14 +7,17 @@ from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 
-from controller.csi.identity import IdentityServicer
+from controller.csi.identity import PLUGIN_NAME, IdentityServicer
 from controller.csi.server import socket_path
 from node_agent.csi.node import NodeServicer
 from protos.csi.v1 import csi_pb2_grpc
 
 
-def build_csi_node_server(servicer: NodeServicer, endpoint: str, *, workers: int = 8) -> grpc.Server:
+def build_csi_node_server(servicer: NodeServicer, endpoint: str, *, workers: int = 8,
+                          driver_name: str = PLUGIN_NAME) -> grpc.Server:
     """A started server on ``endpoint`` (``unix:///path``); a stale socket file is replaced.
+
+    ``driver_name``: what GetPluginInfo answers (the same as the controller's).
 
     Raises ``OSError`` when the socket cannot be bound.
     """
@@ -23,7 +26,7 @@ def build_csi_node_server(servicer: NodeServicer, endpoint: str, *, workers: int
     if os.path.exists(path):  # left by a previous run: the endpoint is owned by this process
         os.unlink(path)
     server = grpc.server(ThreadPoolExecutor(max_workers=workers, thread_name_prefix="csi-node"))
-    csi_pb2_grpc.add_IdentityServicer_to_server(IdentityServicer(controller=False), server)
+    csi_pb2_grpc.add_IdentityServicer_to_server(IdentityServicer(controller=False, name=driver_name), server)
     csi_pb2_grpc.add_NodeServicer_to_server(servicer, server)
     try:
         port = server.add_insecure_port(f"unix://{path}")

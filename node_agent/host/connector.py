@@ -47,8 +47,20 @@ CTX_SERIAL = "serial"
 CTX_CHAP_USER, CTX_CHAP_SECRET = "chap_user", "chap_secret"
 CTX_MUTUAL_CHAP_USER, CTX_MUTUAL_CHAP_SECRET = "mutual_chap_user", "mutual_chap_secret"
 
+#: The node label an agent announces at registration: which connector its CSI NodeStageVolume logs in with.
+CONNECTOR_LABEL = "shoal.io/connector"
+
 _HEX = re.compile(r"^[0-9a-f]+$")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def preferred_connector(sys_module: str = "/sys/module", iscsiadm: str | None = None) -> str:
+    """"kernel" where the kernel's iSCSI initiator can run (``iscsi_tcp`` loaded and open-iscsi's ``iscsiadm``
+    installed), else "userspace" (Shoal's initiator with FUSE and a loop device)."""
+    import shutil
+
+    iscsiadm = iscsiadm if iscsiadm is not None else (shutil.which("iscsiadm") or "")
+    return "kernel" if os.path.isdir(os.path.join(sys_module, "iscsi_tcp")) and iscsiadm else "userspace"
 
 
 # --------------------------------------------------------------------------- errors
@@ -367,3 +379,14 @@ class Connector(abc.ABC):
     @abc.abstractmethod
     def detach(self, target: VolumeTarget) -> None:
         """Flush and remove the device; log out when it was the target's last LUN.  Detaching what is gone succeeds."""
+
+    def rescan(self, target: VolumeTarget) -> int:
+        """Have the attached device show the LUN's current capacity (after the volume grew); its size in bytes.
+
+        Idempotent.  Raises ``PermanentConnectorError`` when the volume is not attached by this connector.
+        """
+        raise PermanentConnectorError(f"{type(self).__name__} cannot rescan volume {target.volume_id}")
+
+    def condition(self, target: VolumeTarget) -> str:
+        """Why the attached device is not healthy ("" when it is): session down, device gone, I/O errors."""
+        return ""

@@ -44,7 +44,7 @@ import stat
 import threading
 import time
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Callable, Protocol, runtime_checkable
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +93,8 @@ def _load_libraries():
         getattr(lib, name).argtypes = [ctypes.c_void_p]
         getattr(lib, name).restype = None
     lib.fuse_opt_free_args.argtypes = [ctypes.POINTER(_FuseArgs)]
+    lib.fuse_invalidate_path.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
+    lib.fuse_invalidate_path.restype = ctypes.c_int
     return lib, mfusepy
 
 
@@ -154,6 +156,11 @@ class BlockDevice(Protocol):
     def discard(self, offset: int, length: int) -> None: ...
     def identity(self) -> tuple[str, str]: ...
     def close(self) -> None: ...
+    def refresh_capacity(self) -> int:
+        """Read the capacity again (the volume grew), update ``size``, return it."""
+        ...
+    session_state: str
+    """"up", or why the device cannot serve now ("reconnecting", "down"): the volume's condition."""
 
 
 class FileBlockDevice:
@@ -200,6 +207,12 @@ class FileBlockDevice:
 
     def identity(self) -> tuple[str, str]:
         return self._identity
+
+    session_state = "up"  # a local file has no session
+
+    def refresh_capacity(self) -> int:
+        self.size = os.fstat(self._fd).st_size // self.block_size * self.block_size
+        return self.size
 
     def close(self) -> None:
         if self._fd >= 0:
@@ -349,6 +362,11 @@ class FuseExport:
         self._loop_result: int | None = None
         self._callbacks: list = []  # ctypes callbacks must outlive the session
         self._started_at = time.time()
+        self.io_errors = 0
+        """Requests answered EIO since the start (the device failed them): the volume's condition."""
+
+    def _count_error(self) -> None:
+        self.io_errors += 1
 
     @property
     def path(self) -> str:
@@ -403,6 +421,15 @@ class FuseExport:
             lib.fuse_unmount(self._fuse)
             lib.fuse_destroy(self._fuse)
 
+    def resize(self, size: int) -> None:
+        """The device grew (or shrank) to ``size`` bytes: serve that, and make the kernel forget the file's
+        cached size (``fuse_invalidate_path``; the attributes are otherwise cached for an hour), then stat it
+        so the inode has the new size before a loop device asks for it."""
+        self.file.size = int(size)
+        if self._fuse is not None:
+            self._lib.fuse_invalidate_path(self._fuse, b"/" + DISK_NAME.encode())
+        os.stat(self.path)
+
     def stop(self, *, lazy: bool = False, timeout: float = 30.0) -> None:
         """Unmount and join the serving thread; idempotent.
 
@@ -436,7 +463,7 @@ class FuseExport:
         }
         self._mf = mf
         for name, handler in handlers.items():
-            callback = types[name](_guarded(name, handler))
+            callback = types[name](_guarded(name, handler, self._count_error))
             self._callbacks.append(callback)
             setattr(ops, name, callback)
         ops.init = types["init"](self._init)
@@ -525,8 +552,8 @@ class FuseExport:
         return 0
 
 
-def _guarded(name: str, handler):
-    """Wrap a callback: our own ``_FsError`` returns its errno, any other exception ``-EIO``."""
+def _guarded(name: str, handler, on_eio: Callable[[], None] = lambda: None):
+    """Wrap a callback: our own ``_FsError`` returns its errno, any other exception ``-EIO`` (counted)."""
 
     def call(*args):
         try:
@@ -535,6 +562,7 @@ def _guarded(name: str, handler):
             return -exc.code
         except BaseException:  # noqa: BLE001 - nothing may escape into libfuse
             log.exception("FUSE %s failed; answering EIO", name)
+            on_eio()
             return -errno.EIO
 
     return call

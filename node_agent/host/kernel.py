@@ -206,6 +206,40 @@ class KernelConnector(Connector):
             if not self.registry.holders(target.session_key):
                 self._logout(target, sessions)
 
+    def rescan(self, target: VolumeTarget) -> int:
+        """The kernel re-reads the LUN's capacity (``/sys/block/sdX/device/rescan``); the disk's size in bytes."""
+        with self._locks.hold(target.session_key), _system_errors(target):
+            disk = self._attached_disk(target)
+            self._check(target, disk)  # never rescan (or report) another volume's disk
+            self.settings.write(self._sys("block", disk, "device", "rescan"), "1")
+            with open(self._sys("block", disk, "size"), encoding="ascii") as f:
+                return int(f.read().strip()) * 512  # sysfs counts 512-byte sectors whatever the block size
+
+    def condition(self, target: VolumeTarget) -> str:
+        """"" while the session shows the LUN's disk and the SCSI layer counted no I/O error on it."""
+        try:
+            with _system_errors(target):
+                disk = self._attached_disk(target)
+        except PermanentConnectorError as exc:
+            return str(exc)
+        except TemporaryConnectorError as exc:
+            return f"cannot read the iSCSI sessions: {exc}"
+        errors = _read(self._sys("block", disk, "device", "ioerr_cnt"))
+        if errors and int(errors.strip() or b"0", 0):
+            return f"{disk}: the SCSI layer counted {int(errors.strip(), 0)} I/O errors"
+        state = _read(self._sys("block", disk, "device", "state"))
+        if state and state.strip() != b"running":
+            return f"{disk}: SCSI device state {state.strip().decode(errors='replace')}"
+        return ""
+
+    def _attached_disk(self, target: VolumeTarget) -> str:
+        for session in self._sessions(target):
+            disk = session.disk(target.lun)
+            if disk:
+                return disk
+        raise PermanentConnectorError(f"LUN {target.lun} of {target.target_iqn} has no disk on this host "
+                                      "(session down or never attached)")
+
     # ---- system state
 
     def _sessions(self, target: VolumeTarget) -> list[Session]:

@@ -135,6 +135,42 @@ class UserspaceConnector(Connector):
             self.sessions.release(target.session_key, target.lun)
             log.info("detached %s from %s", target.volume_id, current.device.path)
 
+    def rescan(self, target: VolumeTarget) -> int:
+        """READ CAPACITY again, grow the FUSE file to it, then ``losetup --set-capacity``; the new size."""
+        with self.locks.hold(target.session_key):
+            with self._guard:
+                current = self._attached.get(target.volume_id)
+            if current is None:
+                raise PermanentConnectorError(f"volume {target.volume_id} is not attached by this connector")
+            try:
+                size = current.lun.refresh_capacity()
+                current.export.resize(size)
+                self.runner.run(["losetup", "--set-capacity", current.device.path])
+            except CommandFailed as exc:
+                raise TemporaryConnectorError(f"losetup --set-capacity {current.device.path}: {exc}") from exc
+            except (OSError, TimeoutError) as exc:
+                raise TemporaryConnectorError(f"cannot read the capacity of {target.volume_id}: {exc}") from exc
+            log.info("rescanned %s: %s is %d bytes", target.volume_id, current.device.path, size)
+            return _device_size(current.device.path)
+
+    def condition(self, target: VolumeTarget) -> str:
+        """"" while the loop device is ours, the FUSE export serves and answered no read or write with EIO."""
+        with self._guard:
+            current = self._attached.get(target.volume_id)
+        if current is None:
+            return f"volume {target.volume_id} is not attached (its userspace session ended)"
+        loop = current.device.path
+        if _backing_file(loop) != current.export.path:
+            return f"{loop} is no longer backed by the volume's FUSE file"
+        session = current.lun.session_state
+        if session != "up":
+            return f"the iSCSI session of {target.volume_id} to {target.target_iqn} is {session}"
+        if not current.export.running:
+            return f"the FUSE export of {target.volume_id} stopped"
+        if current.export.io_errors:
+            return f"{current.export.io_errors} I/O errors answered on {target.volume_id} since it was attached"
+        return ""
+
     def users(self, volume_id: str) -> int:
         """How many attaches of ``volume_id`` are outstanding (0 if not attached)."""
         with self._guard:
@@ -282,6 +318,14 @@ class UserspaceConnector(Connector):
                 unmount(mountpoint, lazy=True)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(os.path.join(self.volume_dir(volume_id), "attachment.json"))
+
+
+def _device_size(path: str) -> int:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return os.lseek(fd, 0, os.SEEK_END)
+    finally:
+        os.close(fd)
 
 
 def _backing_file(loop: str) -> str | None:

@@ -257,7 +257,8 @@ def test_controller_killed_mid_create(tmp_path):
         with ThreadPoolExecutor(len(slow)) as pool:
             calls = [pool.submit(shoalctl, listen, "volume", "create", name, "--size", "32MiB", "--pool", "faults")
                      for name in slow]
-            wait_for(lambda: all(store_states(db).get(n) == "creating" for n in slow), 20, "rows in creating")
+            # three shoalctl processes start and call; generous for a loaded 2-core machine
+            wait_for(lambda: all(store_states(db).get(n) == "creating" for n in slow), 60, "rows in creating")
             controller.kill()
             assert all(call.result().returncode != 0 for call in calls)
         os.kill(agent.process.pid, signal.SIGCONT)

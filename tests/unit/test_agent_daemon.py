@@ -17,6 +17,7 @@ import pytest
 from controller.agents_grpc import AgentTls, open_channel
 from node_agent.agent.daemon import Agent
 from node_agent.agent.settings import AgentSettings, TlsFiles
+from node_agent.host.connector import preferred_connector
 from protos.shoal.v1 import agent_pb2, agent_pb2_grpc
 from tests.conftest import require_tools
 
@@ -112,7 +113,9 @@ def test_agent_registers_its_advertised_addresses(tmp_path):
         assert request.agent_address == agent.agent_address
         assert list(request.portals) == [agent.portal_address]
         assert request.initiator_iqn == "iqn.2026-11.io.shoal:node:n1"
-        assert dict(request.labels) == {"zone": "b"} and request.disks[0].name == "data0"
+        # the agent adds the connector its CSI NodeStageVolume logs in with (node_agent.host.connector)
+        assert dict(request.labels) == {"zone": "b", "shoal.io/connector": preferred_connector()}
+        assert request.disks[0].name == "data0"
     finally:
         agent.stop()
         server.stop(None)

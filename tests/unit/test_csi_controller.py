@@ -193,10 +193,17 @@ def publish(csi, volume_id, node="node-a", capability=None):
 def test_publish_and_unpublish_repeat(csi):
     volume = csi.create()
     context = publish(csi, volume.volume_id)
-    assert context["target_iqn"] and context["portals"] and context["chap_user"] and context["device_path"]
+    assert context["target_iqn"] and context["portals"] and context["chap_user"] and context["naa"]
+    assert "device_path" not in context  # the node logs in at NodeStageVolume: no device exists yet
     assert not any("secret" in key for key in context)
     secret = csi.env.store.get_chap("pvc-1").secret
     assert secret and all(secret not in value for value in context.values())
+    # Publish authorizes: the owner exports to node-a's IQN, node-a's agent records the target unlogged.
+    [attachment] = csi.env.store.list_attachments()
+    assert (attachment.node, attachment.state, attachment.device_path) == ("node-a", "published", "")
+    assert csi.env.agents.agent("node-a").attachments[volume.volume_id]["device_path"] == ""
+    assert csi.env.agents.secret_for("node-a", volume.volume_id, csi.env.store.get_node("node-a").initiator_iqn) \
+        == secret
     assert publish(csi, volume.volume_id) == context
     assert csi.env.agents.count("attach_volume") == 1
     assert code_of(publish, csi, volume.volume_id, "node-b") == Code.FAILED_PRECONDITION
@@ -394,6 +401,60 @@ def test_controller_daemon_serves_csi_on_its_unix_socket():
         controller_daemon.settings_from_args(parser.parse_args(["controller", "--csi-endpoint", "relative.sock"]))
 
 
+@pytest.mark.parametrize("name,valid", [("csi.shoal.io", True), ("shoal", True), ("a" * 63, True),
+                                        ("a" * 64, False), ("-shoal.io", False), ("shoal.io.", False),
+                                        ("shoal_io", False), ("", False)])
+def test_the_driver_name_flag_on_every_command(name, valid):
+    """``--csi-driver-name`` (the Helm chart passes ``--csi-driver-name=NAME``) on shoal controller, agent
+    and up; a name the spec refuses (more than 63 characters, not domain-name style) is a usage error."""
+    import argparse
+
+    from controller import daemon as controller_daemon
+    from controller import up
+    from node_agent import cli
+
+    parser = argparse.ArgumentParser()
+    controller_daemon.add_parser(parser.add_subparsers())
+    controller_args = parser.parse_args(["controller", f"--csi-driver-name={name}"])
+    agent_args = cli.build_parser().parse_args(["agent", "--node-id", "n1", f"--csi-driver-name={name}"])
+    up_parser = argparse.ArgumentParser()
+    up.add_parser(up_parser.add_subparsers())
+    up_args = up_parser.parse_args(["up", f"--csi-driver-name={name}"])
+    assert up_args.csi_driver_name == name
+    if valid:
+        assert controller_daemon.settings_from_args(controller_args)[0].csi_driver_name == name
+        assert cli._agent_settings(agent_args).csi_driver_name == name
+    else:
+        with pytest.raises(ValueError):
+            controller_daemon.settings_from_args(controller_args)
+        with pytest.raises(ValueError):
+            cli._agent_settings(agent_args)
+        assert up.run(up_args) == 2  # refused before anything starts
+
+
+def test_the_helm_chart_passes_the_flag_as_the_commands_take_it():
+    from pathlib import Path
+
+    templates = Path(__file__).resolve().parents[2] / "deploy" / "helm" / "shoal" / "templates"
+    for template in ("controller.yaml", "node.yaml"):
+        assert "- --csi-driver-name={{ .Values.driverName }}" in (templates / template).read_text()
+
+
+def test_shoalctl_attach_after_a_csi_publish_logs_in(csi):
+    """The domain keeps both ways: publish (authorize; the node logs in at NodeStage) and attach (both)."""
+    volume = csi.create()
+    publish(csi, volume.volume_id)
+    svc, agents = csi.env.svc, csi.env.agents
+    published = svc.attach_volume("pvc-1", "node-a", login=False)  # a repeat of the publish
+    assert (published.state, published.device_path) == ("published", "")
+    attached = svc.attach_volume("pvc-1", "node-a")  # shoalctl volume attach: now the node logs in
+    assert attached.state == "attached" and attached.device_path == f"/dev/fake/{volume.volume_id}"
+    assert svc.attach_volume("pvc-1", "node-a", login=False) == attached  # a publish after it: as it is
+    assert agents.count("attach_volume") == 2 and agents.count("export_volume") == 2
+    svc.detach_volume("pvc-1", "node-a")
+    assert csi.env.store.list_attachments() == [] and agents.agent("node-a").attachments == {}
+
+
 def test_a_call_while_another_runs_on_the_same_volume_is_aborted(csi):
     volume = csi.create()
     servicer_busy = csi.servicer.busy
@@ -405,3 +466,21 @@ def test_a_call_while_another_runs_on_the_same_volume_is_aborted(csi):
     with servicer_busy.hold("publish/pvc-1/node-a", "volume pvc-1 on node-a"):
         assert code_of(publish, csi, volume.volume_id) == Code.ABORTED
     assert publish(csi, volume.volume_id)["target_iqn"]
+
+
+def test_publish_uses_the_connector_the_node_announced(csi, tmp_path):
+    from controller.csi.controller import CONNECTOR_LABEL
+    from node_agent.host.connector import CONNECTOR_LABEL as AGENT_LABEL, preferred_connector
+
+    assert CONNECTOR_LABEL == AGENT_LABEL
+    svc = csi.env.svc
+    svc.register_node("node-k", "iqn.2026-11.io.shoal:node:node-k", "127.0.0.1:7001", ["127.0.0.1:3261"],
+                      {"zone": "a", CONNECTOR_LABEL: "kernel"})
+    volume = csi.create()
+    assert publish(csi, volume.volume_id, "node-k")["mode"] == "kernel"
+    assert svc.store.get_attachment("pvc-1", "node-k").mode == "kernel"
+    # where the agent finds iscsi_tcp and iscsiadm it announces "kernel", else "userspace"
+    (tmp_path / "iscsi_tcp").mkdir()
+    assert preferred_connector(str(tmp_path), iscsiadm="/sbin/iscsiadm") == "kernel"
+    assert preferred_connector(str(tmp_path), iscsiadm="") == "userspace"
+    assert preferred_connector(str(tmp_path / "none"), iscsiadm="/sbin/iscsiadm") == "userspace"

@@ -1,10 +1,14 @@
 """CSI Node service (``shoal agent``), driven through a real gRPC server on a unix socket.
 
-The "attached device" is a loop device over a temp file, recorded as the agent's attachment of the
-volume (``FakeAttachments``), so stage/publish run real mkfs, mount and bind mounts (root needed for
-those tests; they are skipped otherwise).  Checked: required fields and codes, the device check,
-mkfs only on a blank device, idempotency of every RPC, block publish giving a usable device file,
-read-only publish, stats, ABORTED for a concurrent operation on the same volume.
+The agent's attachments are a fake at our own boundary (``FakeAttachments``, the
+``AttachedVolumes`` protocol of node_agent/csi/devices.py): a published record whose login hands
+out a loop device over a temp file, so stage/publish/expand run real mkfs, mount, bind mounts,
+resize2fs and xfs_growfs (root needed for those tests; they are skipped otherwise).  The real
+agent, connector and iSCSI login are driven by tests/integration/test_csi_e2e.py.  Checked:
+required fields and codes, login at stage and logout at unstage, the device check, mkfs only on a
+blank device, idempotency of every RPC, block publish giving a usable device file, read-only
+publish, expansion, stats with the volume condition, ABORTED for a concurrent operation on the
+same volume.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ import os
 import shutil
 import subprocess
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import grpc
 import pytest
@@ -39,6 +43,16 @@ needs_root = pytest.mark.skipif(os.geteuid() != 0 or shutil.which("losetup") is 
                                 reason="loop devices, mkfs and mount need root and util-linux/e2fsprogs")
 
 
+CAP_SYS_RESOURCE = 24
+
+
+def has_capability(bit: int) -> bool:
+    """Whether this process has the Linux capability ``bit`` in its effective set."""
+    with open("/proc/self/status") as f:
+        effective = next(line for line in f if line.startswith("CapEff:")).split()[1]
+    return bool(int(effective, 16) >> bit & 1)
+
+
 def mount_cap(mode=Mode.SINGLE_NODE_WRITER, fs_type="ext4", flags=()):
     return csi_pb2.VolumeCapability(
         mount=csi_pb2.VolumeCapability.MountVolume(fs_type=fs_type, mount_flags=list(flags)),
@@ -50,25 +64,64 @@ def block_cap(mode=Mode.SINGLE_NODE_WRITER):
                                     access_mode=csi_pb2.VolumeCapability.AccessMode(mode=mode))
 
 
+TARGET = "iqn.2026-11.io.shoal:target:node-b:vol-0001"
+
+
 @dataclass(frozen=True)
 class Export:
     naa: str
     serial: str
+    target_iqn: str = TARGET
+    lun: int = 0
 
 
 @dataclass(frozen=True)
 class Record:
     volume_id: str
     device_path: str
+    """"" until logged in, as the agent's records."""
     export: Export
 
 
 @dataclass
 class FakeAttachments:
-    records: list = field(default_factory=list)
+    """Published records; ``login`` hands out the device given at ``publish`` (the connector's part)."""
 
-    def list(self):
-        return list(self.records)
+    records: dict = field(default_factory=dict)
+    devices: dict = field(default_factory=dict)
+    calls: list = field(default_factory=list)
+    broken: str = ""
+
+    def publish(self, volume_id, device, export=None):
+        self.records[volume_id] = Record(volume_id, "", export or Export(NAA, SERIAL))
+        self.devices[volume_id] = device
+
+    def get(self, volume_id):
+        return self.records.get(volume_id)
+
+    def login(self, volume_id):
+        self.calls.append(("login", volume_id))
+        record = self.records[volume_id]
+        if not record.device_path:
+            record = self.records[volume_id] = replace(record, device_path=self.devices[volume_id])
+        return record.device_path
+
+    def logout(self, volume_id):
+        self.calls.append(("logout", volume_id))
+        record = self.records.get(volume_id)
+        if record is None or not record.device_path:
+            return False
+        self.records[volume_id] = replace(record, device_path="")
+        return True
+
+    def rescan(self, volume_id):
+        device = self.records[volume_id].device_path
+        subprocess.run(["losetup", "--set-capacity", device], check=True, capture_output=True)
+        with open(device, "rb") as f:
+            return f.seek(0, os.SEEK_END)
+
+    def condition(self, volume_id):
+        return self.broken
 
 
 class CountingRunner(SubprocessRunner):
@@ -100,18 +153,28 @@ class Env:
         self.staging = os.path.join(directory, "staging", VOL)
         self.target = os.path.join(directory, "pods", "pod-1", VOL)
 
-    def attach_loop(self, volume_id=VOL) -> str:
+    def attach_loop(self, volume_id=VOL, size=SIZE) -> str:
         backing = os.path.join(self.dir, f"{volume_id}.img")
         with open(backing, "wb") as f:
-            f.truncate(SIZE)
+            f.truncate(size)
         loop = subprocess.run(["losetup", "-f", "--show", backing], check=True, capture_output=True,
                               text=True).stdout.strip()
         self.loops.append(loop)
-        self.attachments.records.append(Record(volume_id, loop, Export(NAA, SERIAL)))
+        self.backing = backing
+        self.attachments.publish(volume_id, loop)
         return loop
 
     def context(self, device: str) -> dict:
-        return {"device_path": device, "naa": NAA, "serial": SERIAL, "mode": "userspace"}
+        """What ControllerPublishVolume sends (``device`` is only the fake's: no device exists at publish)."""
+        return {"target_iqn": TARGET, "lun": "0", "naa": NAA, "serial": SERIAL, "mode": "userspace"}
+
+    def expand(self, path, required=0, cap=None):
+        request = csi_pb2.NodeExpandVolumeRequest(volume_id=VOL, volume_path=path)
+        if required:
+            request.capacity_range.required_bytes = required
+        if cap is not None:
+            request.volume_capability.CopyFrom(cap)
+        return self.node.NodeExpandVolume(request)
 
     def stage(self, device, cap=None, **fields):
         fields.setdefault("volume_id", VOL)
@@ -167,8 +230,9 @@ def code_of(call, *args):
 def test_capabilities_and_identity(env):
     caps = {c.rpc.type for c in env.node.NodeGetCapabilities(csi_pb2.NodeGetCapabilitiesRequest()).capabilities}
     RPC = csi_pb2.NodeServiceCapability.RPC
-    assert {RPC.STAGE_UNSTAGE_VOLUME, RPC.GET_VOLUME_STATS} <= caps
-    assert RPC.EXPAND_VOLUME not in caps and RPC.VOLUME_CONDITION not in caps
+    assert caps == {RPC.STAGE_UNSTAGE_VOLUME, RPC.GET_VOLUME_STATS, RPC.EXPAND_VOLUME, RPC.VOLUME_CONDITION,
+                    RPC.SINGLE_NODE_MULTI_WRITER}
+    assert env.identity.GetPluginInfo(csi_pb2.GetPluginInfoRequest()).name == "csi.shoal.io"
     plugin = env.identity.GetPluginCapabilities(csi_pb2.GetPluginCapabilitiesRequest())
     services = {c.service.type for c in plugin.capabilities if c.HasField("service")}
     assert csi_pb2.PluginCapability.Service.CONTROLLER_SERVICE not in services
@@ -202,26 +266,32 @@ def test_required_fields(env):
         Code.INVALID_ARGUMENT
 
 
-def test_unsupported_capability_is_invalid(env):
-    assert code_of(env.stage, "/dev/null", mount_cap(fs_type="btrfs")) == Code.INVALID_ARGUMENT
-    assert code_of(env.stage, "/dev/null", mount_cap(mode=Mode.MULTI_NODE_MULTI_WRITER)) == Code.INVALID_ARGUMENT
+def test_capabilities_malformed_are_invalid_and_unsupported_exceed(env):
+    """CSI spec, NodeStageVolume/NodePublishVolume errors: "Exceeds capabilities" is FAILED_PRECONDITION;
+    a capability without access type or mode, or a mount flag that is no filesystem option, is invalid."""
+    assert code_of(env.stage, "/dev/null", mount_cap(fs_type="btrfs")) == Code.FAILED_PRECONDITION
+    assert code_of(env.stage, "/dev/null", mount_cap(mode=Mode.MULTI_NODE_MULTI_WRITER)) == Code.FAILED_PRECONDITION
+    assert code_of(env.stage, "/dev/null", block_cap(Mode.MULTI_NODE_READER_ONLY)) == Code.FAILED_PRECONDITION
+    no_mode = csi_pb2.VolumeCapability(block=csi_pb2.VolumeCapability.BlockVolume())
+    assert code_of(env.stage, "/dev/null", no_mode) == Code.INVALID_ARGUMENT
     for flags in (["bind"], ["noatime,remount"], [""]):
         assert code_of(env.stage, "/dev/null", mount_cap(flags=flags)) == Code.INVALID_ARGUMENT
 
 
-def test_stage_needs_the_agents_attachment(env):
-    assert code_of(env.stage, "/dev/loop99") == Code.FAILED_PRECONDITION  # not attached here
-    env.attachments.records.append(Record(VOL, "/dev/loop98", Export(NAA, SERIAL)))
-    assert code_of(env.stage, "/dev/loop99") == Code.FAILED_PRECONDITION  # another device than the agent's
-    assert env.runner.calls == []  # nothing touched
+def test_stage_needs_the_agents_published_record(env):
+    assert code_of(env.stage, "/dev/loop99") == Code.NOT_FOUND  # not published here (the spec's "does not exist")
+    assert env.runner.calls == [] and env.attachments.calls == []  # nothing touched, no login
 
 
-def test_identity_mismatch_is_refused(env):
-    env.attachments.records.append(Record(VOL, "/dev/null", Export(NAA, SERIAL)))
-    ctx = {"device_path": "/dev/null", "naa": "6001405" + "0" * 25, "serial": SERIAL}
-    request = csi_pb2.NodeStageVolumeRequest(volume_id=VOL, staging_target_path=env.staging,
-                                             volume_capability=mount_cap(), publish_context=ctx)
-    assert code_of(env.node.NodeStageVolume, request) == Code.FAILED_PRECONDITION
+def test_a_publish_context_for_another_lun_is_refused_before_login(env):
+    env.attachments.publish(VOL, "/dev/null")
+    for key, value in (("naa", "6001405" + "0" * 25), ("serial", "OTHER"), ("lun", "3"),
+                       ("target_iqn", "iqn.2026-11.io.shoal:target:elsewhere")):
+        ctx = dict(env.context("/dev/null"), **{key: value})
+        request = csi_pb2.NodeStageVolumeRequest(volume_id=VOL, staging_target_path=env.staging,
+                                                 volume_capability=mount_cap(), publish_context=ctx)
+        assert code_of(env.node.NodeStageVolume, request) == Code.FAILED_PRECONDITION, key
+    assert env.attachments.calls == []
     assert code_of(env.stage, "/dev/null") == Code.FAILED_PRECONDITION  # /dev/null is not a block device
     assert env.runner.calls == []
 
@@ -238,6 +308,14 @@ def test_unpublish_and_unstage_of_unknown_paths_succeed(env):
     assert env.runner.calls == []
 
 
+def test_expand_needs_a_path_and_a_staged_volume(env):
+    assert code_of(env.expand, os.path.join(env.dir, "nothing")) == Code.NOT_FOUND
+    assert code_of(env.node.NodeExpandVolume, csi_pb2.NodeExpandVolumeRequest(volume_id=VOL)) == \
+        Code.INVALID_ARGUMENT
+    env.attachments.publish(VOL, "/dev/loop99")
+    assert code_of(env.expand, env.dir) == Code.FAILED_PRECONDITION  # published, not staged: no device
+
+
 def test_stats_of_a_path_not_ours_is_not_found(env):
     assert code_of(env.stats, os.path.join(env.dir, "nothing")) == Code.NOT_FOUND
     os.makedirs(env.target)
@@ -250,6 +328,7 @@ def test_mount_lifecycle_is_idempotent_and_formats_once(env):
     loop = env.attach_loop()
     env.stage(loop)
     env.stage(loop)
+    assert env.attachments.calls == [("login", VOL), ("login", VOL)]  # the agent's login is idempotent
     assert len(env.runner.ran("mkfs.ext4")) == 1
     assert env.servicer.mounter.mounted_at(env.staging).fs_type == "ext4"
     env.publish(loop)
@@ -259,17 +338,81 @@ def test_mount_lifecycle_is_idempotent_and_formats_once(env):
     stats = env.stats(env.target)
     units = {u.unit: u for u in stats.usage}
     assert units[csi_pb2.VolumeUsage.BYTES].total > 0 and units[csi_pb2.VolumeUsage.INODES].total > 0
+    assert not stats.volume_condition.abnormal
+    env.attachments.broken = "the FUSE export of vol-0001 stopped"
+    condition = env.stats(env.target).volume_condition
+    assert condition.abnormal and condition.message == env.attachments.broken
+    env.attachments.broken = ""
     env.unpublish()
     env.unpublish()
     assert not os.path.exists(env.target)
     env.unstage()
     env.unstage()
     assert env.servicer.mounter.mounted_at(env.staging) is None
+    assert env.attachments.records[VOL].device_path == ""  # logged out; the record stays
     # staged again: the filesystem is there, so no mkfs, and the file survived
     env.stage(loop)
     assert len(env.runner.ran("mkfs.ext4")) == 1
     with open(os.path.join(env.staging, "hello.txt")) as f:
         assert f.read() == "shoal"
+    env.unstage()
+
+
+@needs_root
+@pytest.mark.parametrize("fs_type", ["ext4", "xfs"])
+def test_expand_grows_the_filesystem_and_repeats_are_no_ops(env, fs_type):
+    if shutil.which(f"mkfs.{fs_type}") is None:
+        pytest.skip(f"mkfs.{fs_type} is not installed")
+    if fs_type == "ext4" and not has_capability(CAP_SYS_RESOURCE):
+        pytest.skip("online ext4 growth (EXT4_IOC_RESIZE_FS) needs CAP_SYS_RESOURCE, which this process lacks")
+    size = 320 << 20  # xfs's smallest filesystem is 300 MiB
+    loop = env.attach_loop(size=size)
+    env.stage(loop, mount_cap(fs_type=fs_type))
+    env.publish(loop, mount_cap(fs_type=fs_type))
+    before = os.statvfs(env.target)
+    with open(env.backing, "r+b") as f:  # the volume grew on its owner
+        f.truncate(2 * size)
+    assert code_of(env.expand, env.target, 4 * size) == Code.FAILED_PRECONDITION  # not that large
+    assert env.expand(env.target, 2 * size).capacity_bytes == 2 * size
+    after = os.statvfs(env.target)
+    assert after.f_blocks * after.f_frsize > before.f_blocks * before.f_frsize + size // 2
+    assert env.expand(env.target, 2 * size).capacity_bytes == 2 * size  # a repeat
+    assert os.statvfs(env.target).f_blocks == after.f_blocks
+    env.unpublish()
+    env.unstage()
+
+
+@needs_root
+@pytest.mark.parametrize("cap", [mount_cap(), block_cap()], ids=["mount", "block"])
+def test_unstage_refuses_while_the_volume_is_still_published(env, cap):
+    loop = env.attach_loop()
+    env.stage(loop, cap)
+    env.publish(loop, cap)
+    assert code_of(env.unstage) == Code.FAILED_PRECONDITION
+    assert ("logout", VOL) not in env.attachments.calls and env.attachments.records[VOL].device_path == loop
+    env.unpublish()
+    env.unstage()
+    assert env.attachments.records[VOL].device_path == ""
+
+
+@needs_root
+def test_an_ext4_that_grew_while_unstaged_is_grown_at_stage(env):
+    """Offline growth needs no CAP_SYS_RESOURCE (resize2fs writes the device); only a smaller filesystem is
+    touched, and only before it is mounted."""
+    loop = env.attach_loop()
+    env.stage(loop)
+    env.unstage()
+    with open(env.backing, "r+b") as f:
+        f.truncate(2 * SIZE)
+    subprocess.run(["losetup", "--set-capacity", loop], check=True)
+    env.stage(loop)
+    assert [c[0] for c in env.runner.calls if c[0] in ("e2fsck", "resize2fs")] == ["e2fsck", "resize2fs"]
+    st = os.statvfs(env.staging)
+    assert st.f_blocks * st.f_frsize > SIZE * 3 // 2
+    env.stage(loop)  # repeated: mounted already, nothing grown again
+    env.unstage()
+    env.stage(loop)  # staged again: the filesystem fills the device, nothing to grow
+    assert len(env.runner.ran("resize2fs")) == 1
     env.unstage()
 
 
@@ -319,6 +462,10 @@ def test_block_lifecycle(env):
         assert f.read(9) == b"raw block"
     usage = env.stats(env.target).usage
     assert usage[0].unit == csi_pb2.VolumeUsage.BYTES and usage[0].total == SIZE
+    with open(env.backing, "r+b") as f:
+        f.truncate(2 * SIZE)
+    assert env.expand(env.target, 0, block_cap()).capacity_bytes == 2 * SIZE  # block: the device only
+    assert env.stats(env.target).usage[0].total == 2 * SIZE
     env.unpublish()
     env.unpublish()
     assert not os.path.exists(env.target)
@@ -359,10 +506,10 @@ def test_agent_serves_csi_node_on_its_unix_socket():
             assert csi_pb2.PluginCapability.Service.CONTROLLER_SERVICE not in services
             info = csi_pb2_grpc.NodeStub(channel).NodeGetInfo(csi_pb2.NodeGetInfoRequest(), timeout=10)
             assert info.node_id == "n1" and dict(info.accessible_topology.segments) == {"zone": "b"}
-            with pytest.raises(grpc.RpcError) as err:  # nothing attached by this agent
+            with pytest.raises(grpc.RpcError) as err:  # nothing published to this agent
                 csi_pb2_grpc.NodeStub(channel).NodeStageVolume(csi_pb2.NodeStageVolumeRequest(
                     volume_id=VOL, staging_target_path=f"{directory}/s", volume_capability=mount_cap()), timeout=10)
-            assert err.value.code() == Code.FAILED_PRECONDITION
+            assert err.value.code() == Code.NOT_FOUND
         agent.stop()
         assert not os.path.exists(f"{directory}/node.sock")  # the socket goes with the agent
     finally:

@@ -10,8 +10,9 @@ import threading
 
 import pytest
 
-from controller.domain.model import (ATTACHED, AVAILABLE, CREATING, HEALTHY, OP_DONE, OP_STARTED, Attachment,
-                                     ChapCredential, Disk, Export, Node, Pool, Volume)
+from controller.domain.model import (ATTACHED, ATTACHMENT_STATES, AVAILABLE, CREATING, HEALTHY, MODES, OP_DONE,
+                                     OP_STARTED, VOLUME_STATES, Attachment, ChapCredential, Disk, Export, Node, Pool,
+                                     Volume)
 from controller.store import MemoryStore, SqliteStore
 
 SECRET = "Zx9-not-a-real-secret-Qw7"
@@ -110,6 +111,18 @@ def test_attachments_and_exports(store):
     assert store.list_exports("vol-1") == [e] and store.list_exports("vol-9") == []
     store.delete_export("vol-1", e.initiator_iqn)
     assert store.list_exports() == []
+
+
+def test_every_state_the_domain_uses_is_kept(store):
+    """A backend with a schema (the CRDs on the API server) must take every state and mode the domain writes."""
+    for i, state in enumerate(VOLUME_STATES):
+        store.put_volume(volume(f"vol-{i}", state=state))
+    assert [v.state for v in store.list_volumes()] == list(VOLUME_STATES)
+    attachments = [Attachment(f"vol-{i}", "node-b", MODES[i % len(MODES)], state, "/dev/loop3" if state == ATTACHED
+                              else "") for i, state in enumerate(ATTACHMENT_STATES)]
+    for attachment in attachments:
+        store.put_attachment(attachment)
+    assert store.list_attachments(node="node-b") == attachments
 
 
 def test_chap_credentials_are_kept_but_never_shown(store):

@@ -252,6 +252,17 @@ class SyncLun:
     def identity(self) -> tuple[str, str]:
         return self._call(self.device.identity())
 
+    @property
+    def session_state(self) -> str:
+        """The session's state: "up", "reconnecting" or "down" (``IscsiClient.state``)."""
+        return self.client.state
+
+    def refresh_capacity(self) -> int:
+        """READ CAPACITY(16) again (the volume grew); updates ``size`` and returns it."""
+        capacity = self._call(self.device.read_capacity())
+        self.size = capacity.bytes
+        return self.size
+
     def close(self) -> None:
         if self._loop.is_closed():
             return

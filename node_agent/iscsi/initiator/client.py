@@ -131,6 +131,14 @@ class IscsiClient:
     def __repr__(self) -> str:
         return f"<IscsiClient {self.host}:{self.port} {self.target_iqn}>"
 
+    @property
+    def state(self) -> str:
+        """"up"; "reconnecting" (the connection was lost, commands wait for the reinstatement); or "down"
+        (closed, or the target did not come back within ``reconnect_timeout``)."""
+        if self._closing:
+            return "down"
+        return "reconnecting" if self._reconnecting is not None else "up"
+
     # ------------------------------------------------------------------ connect / close
     async def connect(self) -> "IscsiClient":
         await self._login_once(None)

@@ -144,18 +144,20 @@ class UnexportVolumeResponse(_message.Message):
     def __init__(self) -> None: ...
 
 class AttachVolumeRequest(_message.Message):
-    __slots__ = ("export", "chap_secret", "mutual_chap_user", "mutual_chap_secret", "mode")
+    __slots__ = ("export", "chap_secret", "mutual_chap_user", "mutual_chap_secret", "mode", "defer_login")
     EXPORT_FIELD_NUMBER: _ClassVar[int]
     CHAP_SECRET_FIELD_NUMBER: _ClassVar[int]
     MUTUAL_CHAP_USER_FIELD_NUMBER: _ClassVar[int]
     MUTUAL_CHAP_SECRET_FIELD_NUMBER: _ClassVar[int]
     MODE_FIELD_NUMBER: _ClassVar[int]
+    DEFER_LOGIN_FIELD_NUMBER: _ClassVar[int]
     export: _common_pb2.ExportInfo
     chap_secret: str
     mutual_chap_user: str
     mutual_chap_secret: str
     mode: str
-    def __init__(self, export: _Optional[_Union[_common_pb2.ExportInfo, _Mapping]] = ..., chap_secret: _Optional[str] = ..., mutual_chap_user: _Optional[str] = ..., mutual_chap_secret: _Optional[str] = ..., mode: _Optional[str] = ...) -> None: ...
+    defer_login: bool
+    def __init__(self, export: _Optional[_Union[_common_pb2.ExportInfo, _Mapping]] = ..., chap_secret: _Optional[str] = ..., mutual_chap_user: _Optional[str] = ..., mutual_chap_secret: _Optional[str] = ..., mode: _Optional[str] = ..., defer_login: _Optional[bool] = ...) -> None: ...
 
 class AttachVolumeResponse(_message.Message):
     __slots__ = ("device_path",)
@@ -180,14 +182,16 @@ class GetStateRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class Attachment(_message.Message):
-    __slots__ = ("volume_id", "device_path", "mode")
+    __slots__ = ("volume_id", "device_path", "mode", "logged_in")
     VOLUME_ID_FIELD_NUMBER: _ClassVar[int]
     DEVICE_PATH_FIELD_NUMBER: _ClassVar[int]
     MODE_FIELD_NUMBER: _ClassVar[int]
+    LOGGED_IN_FIELD_NUMBER: _ClassVar[int]
     volume_id: str
     device_path: str
     mode: str
-    def __init__(self, volume_id: _Optional[str] = ..., device_path: _Optional[str] = ..., mode: _Optional[str] = ...) -> None: ...
+    logged_in: bool
+    def __init__(self, volume_id: _Optional[str] = ..., device_path: _Optional[str] = ..., mode: _Optional[str] = ..., logged_in: _Optional[bool] = ...) -> None: ...
 
 class AgentState(_message.Message):
     __slots__ = ("node_id", "volumes", "exports", "attachments", "disks", "snapshots")

@@ -143,14 +143,17 @@ class AgentServiceServicer:
 
     def AttachVolume(self, request, context):
         """Attach a volume exported elsewhere (or here) to this node; returns the local device.
-        Repeat: the same device (reference counted per caller id).
+        With defer_login the agent only records the export and its credentials (CSI ControllerPublishVolume):
+        the node's CSI NodeStageVolume logs in later, in this agent's process; device_path is then empty until
+        it has.  Repeat: the same device (or record); a plain attach of a deferred record logs in.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def DetachVolume(self, request, context):
-        """Detach; the session is logged out when no LUN of its target is attached. Repeat: OK.
+        """Detach (logging out if logged in) and forget the record; the session is logged out when no LUN of
+        its target is attached. Repeat: OK.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
