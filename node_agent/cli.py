@@ -78,6 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="admit only these initiator names (repeatable; default: any)")
     target.add_argument("--allow-anonymous", action="store_true",
                         help="serve without CHAP on an address other than loopback (refused otherwise)")
+    target.add_argument("--loops", type=int, default=1, metavar="N",
+                        help="event loops (threads) serving connections, each pinned to one (default 1: "
+                             "the GIL keeps the Python work on one core; more loops overlap only system calls)")
     target.add_argument("--port-file", metavar="FILE",
                         help="write HOST:PORT of each portal here (one a line, the first --listen first) once listening")
     iscsi_tools.build_parser(sub)
@@ -203,7 +206,8 @@ def _write_port_file(path: str, addresses: list[tuple[str, int]]) -> None:
 async def _run_target(args: argparse.Namespace) -> int:
     host, port = args.listen
     config = TargetConfig(iqn=args.iqn, luns=args.lun, host=host, port=port, more_portals=args.more_listen,
-                          chap=args.chap, mutual_chap=args.mutual_chap, allowed_initiators=args.allow)
+                          chap=args.chap, mutual_chap=args.mutual_chap, allowed_initiators=args.allow,
+                          loops=args.loops)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):

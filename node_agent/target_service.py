@@ -9,6 +9,7 @@ command lines.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import os
 import re
@@ -19,7 +20,7 @@ from dataclasses import dataclass, field
 from node_agent.iscsi.connection import ConnectionSettings
 from node_agent.iscsi.keys import TargetSettings
 from node_agent.iscsi.names import check_iqn
-from node_agent.iscsi.server import PortalServer
+from node_agent.iscsi.server import LoopPool, PortalServer
 from node_agent.iscsi.target import Credentials, TargetNode, TargetRegistry
 from node_agent.scsi.device import LogicalUnit, LunIdentity, LunMap, LunSettings
 from node_agent.storage.backing import BackingStore, FileBackingStore
@@ -101,11 +102,14 @@ class TargetConfig:
     allowed_initiators: list[str] | None = None
     settings: TargetSettings = field(default_factory=TargetSettings)
     connection: ConnectionSettings = field(default_factory=ConnectionSettings)
+    loops: int = 1  # event loops (threads) serving connections; see PortalConfig.loops
 
     def validate(self) -> None:
         check_iqn(self.iqn)
         if not self.luns:
             raise ValueError("a target needs at least one LUN")
+        if not 1 <= self.loops <= 64:
+            raise ValueError(f"--loops must be 1 to 64, not {self.loops}")
         if self.mutual_chap is not None and self.chap is None:
             raise ValueError("mutual CHAP needs one-way CHAP credentials too")
         if self.mutual_chap is not None and self.chap is not None and self.mutual_chap.secret == self.chap.secret:
@@ -136,6 +140,11 @@ class PortalConfig:
     # Further addresses of the same portal group (multipath: one target, one set of LUNs and
     # reservations, reached through several portals).
     more_portals: list[tuple[str, int]] = field(default_factory=list)
+    loops: int = 1
+    """Event loops serving connections, each on its own thread; connections are pinned to the
+    least busy one.  1 (the default): the Python work of a session is what costs, and the GIL
+    runs it on one core whatever the number of threads; more loops overlap only the system
+    calls of different sessions (see tests/perf/README.md for what that measured)."""
 
 
 class TargetService:
@@ -155,13 +164,15 @@ class TargetService:
         if config is not None:
             config.validate()
             portal = portal or PortalConfig(config.host, config.port, config.settings, config.connection,
-                                            list(config.more_portals))
+                                            list(config.more_portals), config.loops)
         self.config = config
         self.portal_config: PortalConfig = portal  # type: ignore[assignment]
         self._units: dict[str, list[LogicalUnit]] = {}
         self.registry: TargetRegistry | None = None
         self.portal: PortalServer | None = None
         self.more_portals: list[PortalServer] = []
+        self.executor: concurrent.futures.ThreadPoolExecutor | None = None  # blocking I/O of every portal
+        self.loops: LoopPool | None = None
 
     @property
     def units(self) -> list[LogicalUnit]:
@@ -175,11 +186,17 @@ class TargetService:
             self.add_target(config.iqn, config.luns, chap=config.chap, mutual_chap=config.mutual_chap,
                             allowed_initiators=config.allowed_initiators)
         pc = self.portal_config
-        self.portal = PortalServer(self.registry, pc.settings, pc.host, pc.port, pc.connection)
+        self.executor = concurrent.futures.ThreadPoolExecutor(pc.connection.io_workers, thread_name_prefix="shoal-io")
+        if pc.loops > 1:
+            self.loops = LoopPool(pc.loops)
+            self.loops.start(asyncio.get_running_loop())
+        self.portal = PortalServer(self.registry, pc.settings, pc.host, pc.port, pc.connection, self.executor,
+                                   self.loops)
         try:
             await self.portal.start()
             for host, port in pc.more_portals:
-                extra = PortalServer(self.registry, pc.settings, host, port, pc.connection)
+                extra = PortalServer(self.registry, pc.settings, host, port, pc.connection, self.executor,
+                                     self.loops)
                 await extra.start()
                 self.more_portals.append(extra)
         except BaseException:
@@ -201,6 +218,12 @@ class TargetService:
         if self.portal is not None:
             await self.portal.close()
             self.portal = None
+        if self.loops is not None:
+            self.loops.stop()
+            self.loops = None
+        if self.executor is not None:  # I/O still running ends before the backing stores close
+            self.executor.shutdown(wait=True, cancel_futures=True)
+            self.executor = None
 
     async def stop(self) -> None:
         """Close every session, then flush and close the backing stores."""
@@ -215,6 +238,11 @@ class TargetService:
         unchanged (its LUNs are not reopened)."""
         if self.registry is None:
             self.registry = TargetRegistry()
+        with self.registry.lock:
+            return self._add_target(iqn, luns, chap, mutual_chap, allowed_initiators)
+
+    def _add_target(self, iqn, luns, chap, mutual_chap, allowed_initiators) -> TargetNode:
+        assert self.registry is not None
         existing = self.registry.targets.get(iqn)
         if existing is not None:
             return existing
@@ -240,12 +268,21 @@ class TargetService:
 
     def remove_target(self, iqn: str) -> bool:
         """Stop serving ``iqn``: close its sessions, then flush and close its LUNs.  False if not served."""
-        node = self.registry.remove_target(iqn) if self.registry is not None else None
-        _close_all(self._units.pop(iqn, []))
+        if self.registry is None:
+            return False
+        with self.registry.lock:
+            node = self.registry.remove_target(iqn)
+            _close_all(self._units.pop(iqn, []))
         return node is not None
 
     def set_allowed_initiators(self, iqn: str, names: list[str] | frozenset[str]) -> None:
         """Replace the ACL of ``iqn``; sessions of initiators no longer admitted are closed."""
+        if self.registry is None:
+            raise KeyError(f"target {iqn} is not served")
+        with self.registry.lock:
+            self._set_allowed_initiators(iqn, names)
+
+    def _set_allowed_initiators(self, iqn: str, names: list[str] | frozenset[str]) -> None:
         node = self._target(iqn)
         for name in names:
             check_iqn(name)
@@ -265,12 +302,15 @@ class TargetService:
     def resize_lun(self, iqn: str, lun: int, new_bytes: int) -> int:
         """Grow a LUN's medium to ``new_bytes``; logged-in initiators get CAPACITY DATA HAS CHANGED
         (SBC-3 §4.6).  Returns the new size; the same size is a no-op, a smaller one is refused."""
-        unit = self._target(iqn).luns.luns.get(lun)
-        if unit is None:
-            raise KeyError(f"target {iqn} has no LUN {lun}")
-        if new_bytes != unit.backing.size:
-            unit.resize(new_bytes)
-        return unit.backing.size
+        if self.registry is None:
+            raise KeyError(f"target {iqn} is not served")
+        with self.registry.lock:
+            unit = self._target(iqn).luns.luns.get(lun)
+            if unit is None:
+                raise KeyError(f"target {iqn} has no LUN {lun}")
+            if new_bytes != unit.backing.size:
+                unit.resize(new_bytes)
+            return unit.backing.size
 
     def _target(self, iqn: str) -> TargetNode:
         node = self.registry.targets.get(iqn) if self.registry is not None else None

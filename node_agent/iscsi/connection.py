@@ -7,7 +7,12 @@ login phase (delegated to ``login.TargetLogin``), and in full feature phase
 the CmdSN window, SCSI commands with immediate, unsolicited and solicited
 (R2T) Data-Out, Data-In with phase-collapsed status, NOP-Out/NOP-In both ways,
 Text (SendTargets), task management and Logout.  SCSI commands run inline
-through the target's ``LunMap`` as soon as their data is complete.
+through the target's ``LunMap`` as soon as their data is complete; one whose
+I/O would block (``ScsiResult.blocking``) is handed to ``offload`` (the
+transport's worker pool) and completed when that returns, so a slow disk
+never stalls the event loop that serves the other sessions.  Such a command
+keeps its slot in the CmdSN window until it completes, and task management
+that aborts it answers only once its I/O has finished.
 
 Errors follow RFC 7143 §7 for ErrorRecoveryLevel 0: a PDU that can be framed
 but is wrong gets a Reject (§11.17) and the connection goes on; one whose
@@ -57,6 +62,9 @@ class ConnectionSettings:
     """Seconds a connection may spend in the login phase (an idle login holds no resources for long)."""
     max_write_buffer: int = 64 * 1024 * 1024
     """Largest Expected Data Transfer Length accepted for one write (bounds memory per command)."""
+    io_workers: int = 8
+    """Threads of the portal's pool for I/O that would block the event loop (cold reads, FUA writes,
+    flushes, slow devices).  Each runs one command's I/O at a time."""
 
 
 @dataclass
@@ -77,6 +85,23 @@ class WriteTask:
     r2ts: dict[int, list[int]] = field(default_factory=dict)  # TTT -> [offset, length, next DataSN, got]
     gaps: list[tuple[int, int]] = field(default_factory=list)  # ranges to solicit before next_offset
     read: bool = False
+    counted: bool = True  # non-immediate: holds a CmdSN window slot while its I/O runs off the loop
+
+
+class _Running:
+    """A command whose I/O runs on a worker thread (``ScsiResult.blocking``)."""
+
+    __slots__ = ("lun_field", "lun", "edtl", "read", "counted", "data_out", "buffer", "aborted")
+
+    def __init__(self, lun_field: bytes, lun: int, edtl: int, read: bool, counted: bool, data_out, buffer):
+        self.lun_field, self.lun, self.edtl, self.read, self.counted = lun_field, lun, edtl, read, counted
+        self.data_out, self.buffer = data_out, buffer  # kept alive (and out of the pool) until the I/O is done
+        self.aborted = False
+
+
+def _run_inline(io: Callable[[], Any], done: Callable[[Any], None]) -> None:
+    """``offload`` without a transport (tests feeding bytes): run the blocking I/O right here."""
+    done(io())
 
 
 class TargetConnection:
@@ -103,7 +128,13 @@ class TargetConnection:
         self.closing = False
         self.close_reason = ""
         self.wakeup: Callable[[], None] = lambda: None
-        self._rx = ReceiveBuffer()
+        # Runs blocking I/O off the event loop: offload(io, done) calls io() on a worker and done(result)
+        # back on the loop (the transport flushes after it).
+        self.offload: Callable[[Callable[[], Any], Callable[[Any], None]], None] = _run_inline
+        self._running: dict[int, _Running] = {}
+        self._aborting: set[int] = set()  # running ITTs the task management request being handled aborts
+        self._tmf_waiting: list[tuple[set[int], Callable[[], None]]] = []
+        self._rx = ReceiveBuffer(64 * 1024, grow_to=1 << 20)
         self._pool: BufferPool = registry.buffers
         self._sink: memoryview | None = None  # where a large Data-Out payload is being received directly
         self._trailer: tuple | None = None  # a directly placed Data-Out waiting for its padding/digest
@@ -148,25 +179,29 @@ class TargetConnection:
     def has_output(self) -> bool:
         return bool(self._out)
 
-    def tick(self, now: float | None = None) -> None:
-        """Timers: login timeout, NOP-In pings to an idle initiator and their timeout."""
+    def tick(self, now: float | None = None) -> bool:
+        """Timers: login timeout, NOP-In pings to an idle initiator and their timeout.
+
+        Returns True when an idle connection gave its grown receive buffer back (see buffers.py)."""
         now = self.clock() if now is None else now
         if self.closing:
-            return
+            return False
+        shrunk = self._sink is None and now - self._last_rx >= 1.0 and self._rx.shrink()
         if self.session is None:
             if now - self._started > self.config.login_timeout:
                 self.close("login timed out")
-            return
+            return shrunk
         if self._ping is not None:
             if now - self._ping[1] > self.config.nop_timeout:
                 self.close("initiator did not answer NOP-In ping")
-            return
+            return shrunk
         if self.config.nop_interval and now - self._last_rx > self.config.nop_interval:
             ttt = self._next_ttt()
             self._ping = (ttt, now)
             self._send(Opcode.NOP_IN, final=True, lun=bytes(8), itt=P.RESERVED_TAG, ttt=ttt,
                        statsn=self.statsn, **self._window())
             self.wakeup()
+        return shrunk
 
     def connection_lost(self) -> None:
         """The transport's socket is gone: release the session (ErrorRecoveryLevel 0)."""
@@ -348,7 +383,7 @@ class TargetConnection:
             handler(self, header, data, raw)
             return
         cmdsn = header.cmdsn
-        if cmdsn == session.expcmdsn:
+        if cmdsn == session.expcmdsn and session.running < session.command_window:
             session.expcmdsn = (cmdsn + 1) & 0xFFFFFFFF
             handler(self, header, data, raw)
             if session.pending:
@@ -378,7 +413,7 @@ class TargetConnection:
             self._reject_raw(raw, RejectReason.PROTOCOL_ERROR)
             return
         itt = header.itt
-        if itt in self._tasks:
+        if itt in self._tasks or itt in self._running:
             self._reject_raw(raw, RejectReason.TASK_IN_PROGRESS)
             return
         edtl = header.expected_data_transfer_length
@@ -389,13 +424,15 @@ class TargetConnection:
             return
         lun = _lun_number(header.lun)
         if not header.write or len(data) == edtl:
-            self._execute(itt, header.lun, lun, header.cdb, data if header.write else None, edtl, header.read)
+            self._execute(itt, header.lun, lun, header.cdb, data if header.write else None, edtl, header.read,
+                          counted=not header.immediate)
             return
         if edtl > self.config.max_write_buffer:
             self._dead_itts.add(itt)
             self._respond(itt, CHECK_CONDITION, build_sense(INVALID_FIELD_IN_CDB), 0, edtl, 0)
             return
-        task = WriteTask(itt, header.lun, lun, header.cdb, edtl, self._pool.acquire(edtl), read=header.read)
+        task = WriteTask(itt, header.lun, lun, header.cdb, edtl, self._pool.acquire(edtl), read=header.read,
+                         counted=not header.immediate)
         task.buffer[:len(data)] = data
         task.received = len(data)
         # F=1 on the command: no unsolicited Data-Out follows (§11.3.1); otherwise up to FirstBurstLength does.
@@ -473,35 +510,74 @@ class TargetConnection:
         task.received += length
         if task.received >= task.edtl and not task.r2ts:
             del self._tasks[task.itt]
-            data_out = memoryview(task.buffer)[:task.edtl]
-            self._execute(task.itt, task.lun_field, task.lun, task.cdb, data_out, task.edtl, task.read)
-            data_out.release()
-            self._pool.release(task.buffer)
+            self._execute(task.itt, task.lun_field, task.lun, task.cdb, memoryview(task.buffer)[:task.edtl],
+                          task.edtl, task.read, buffer=task.buffer, counted=task.counted)
         elif header.final:
             self._send_r2ts(task)
 
-    def _execute(self, itt: int, lun_field: bytes, lun: int, cdb: bytes, data_out, edtl: int, read: bool) -> None:
+    def _execute(self, itt: int, lun_field: bytes, lun: int, cdb: bytes, data_out, edtl: int, read: bool, *,
+                 buffer: bytearray | None = None, counted: bool = True) -> None:
+        """Run one command; ``buffer`` (the pooled memory ``data_out`` views) goes back to the pool after."""
         session = self.session
         assert session is not None and session.target is not None
-        result = session.target.luns.execute(session.nexus, lun, cdb, data_out, edtl)
-        data = result.data
-        if data is not None and read and edtl and _length(data):
-            self._data_in(itt, lun_field, data, result.status, result.sense, edtl)
+        luns = session.target.luns
+        unit = luns.luns.get(lun)
+        if unit is not None:
+            result = unit.execute_deferrable(session.nexus, cdb, data_out, edtl)
+        else:
+            result = luns.execute(session.nexus, lun, cdb, data_out, edtl)
+        if result.blocking is not None:
+            entry = _Running(lun_field, lun, edtl, read, counted, data_out, buffer)
+            self._running[itt] = entry
+            if counted:
+                session.running += 1
+            self.offload(result.blocking, lambda done: self._deferred_done(itt, entry, done))
             return
+        if buffer is not None:
+            data_out.release()
+            self._pool.release(buffer)
+        self._complete(itt, lun_field, edtl, read, result)
+
+    def _deferred_done(self, itt: int, entry: _Running, result) -> None:
+        """The worker finished a command's I/O: answer it, unless it was aborted or the connection went."""
+        if self._running.get(itt) is entry:
+            del self._running[itt]
+        if entry.counted and self.session is not None:
+            self.session.running -= 1
+        if entry.buffer is not None:
+            entry.data_out.release()
+            self._pool.release(entry.buffer)
+            entry.data_out = entry.buffer = None
+        if not (self.closing or entry.aborted):
+            self._complete(itt, entry.lun_field, entry.edtl, entry.read, result)
+        if self._tmf_waiting:
+            for waiting in list(self._tmf_waiting):
+                waiting[0].discard(itt)
+                if not waiting[0]:
+                    self._tmf_waiting.remove(waiting)
+                    if not self.closing:
+                        waiting[1]()
+
+    def _complete(self, itt: int, lun_field: bytes, edtl: int, read: bool, result) -> None:
+        data = result.data
         if read:
-            datalen = _length(data)
+            datalen = 0 if data is None else data.length if data.__class__ is FileRange else len(data)
+            if datalen and edtl:
+                self._data_in(itt, lun_field, data, result.status, result.sense, edtl, datalen)
+                return
         elif result.data_out_length is not None:
             datalen = result.data_out_length  # what the CDB asked to transfer (residuals, §11.4.5.1)
         else:
             datalen = edtl
         self._respond(itt, result.status, result.sense, 0, edtl, datalen)
 
-    def _data_in(self, itt: int, lun_field: bytes, data, status: int, sense: bytes, edtl: int) -> None:
-        """Data-In PDUs (§11.7): segments of the peer's MaxRecvDataSegmentLength, F at each burst's end."""
+    def _data_in(self, itt: int, lun_field: bytes, data, status: int, sense: bytes, edtl: int,
+                 total: int) -> None:
+        """Data-In PDUs (§11.7): segments of the peer's MaxRecvDataSegmentLength, F at each burst's end;
+        ``total`` is ``data``'s length."""
         params = self.params
         session = self.session
         assert params is not None and session is not None
-        total = _length(data)
         send = min(total, edtl)
         is_file = isinstance(data, FileRange)
         if is_file and self.data_digest:
@@ -673,6 +749,7 @@ class TargetConnection:
         assert session is not None
         function = header.function
         response = TmfResponse.FUNCTION_COMPLETE
+        self._aborting = set()
         luns = session.target.luns if session.target else None
         lun = _lun_number(header.lun)
         if luns is None:
@@ -697,16 +774,29 @@ class TargetConnection:
             response = TmfResponse.REASSIGNMENT_NOT_SUPPORTED
         else:
             response = TmfResponse.NOT_SUPPORTED
-        self._send(Opcode.TASK_MGMT_RESPONSE, final=True, response=int(response), itt=header.itt,
-                   statsn=self._advance_statsn(), **self._window())
-        if function == TmfFunction.TARGET_COLD_RESET and response == TmfResponse.FUNCTION_COMPLETE:
-            self.registry.close_all("target cold reset")
+
+        def answer() -> None:
+            self._send(Opcode.TASK_MGMT_RESPONSE, final=True, response=int(response), itt=header.itt,
+                       statsn=self._advance_statsn(), **self._window())
+            if function == TmfFunction.TARGET_COLD_RESET and response == TmfResponse.FUNCTION_COMPLETE:
+                self.registry.close_all("target cold reset")
+
+        if self._aborting:  # aborted commands whose I/O is still running: answer once it has ended
+            self._tmf_waiting.append((self._aborting, answer))
+            self._aborting = set()
+            return
+        answer()
 
     def _abort_task(self, header: Any) -> bool:
         """ABORT TASK (RFC 7143 §11.5.1): True when the task is gone or may be considered received."""
         session = self.session
         assert session is not None
         if self._tasks.pop(header.referenced_task_tag, None) is not None:
+            return True
+        running = self._running.get(header.referenced_task_tag)
+        if running is not None:
+            running.aborted = True
+            self._aborting.add(header.referenced_task_tag)
             return True
         for cmdsn, item in list(session.pending.items()):
             if item[0] is self and item[2].itt == header.referenced_task_tag:
@@ -732,10 +822,14 @@ class TargetConnection:
             self.wakeup()
         return len(aborted)
 
-    def _abort_where(self, predicate: Callable[[WriteTask], bool]) -> None:
+    def _abort_where(self, predicate: Callable[[Any], bool]) -> None:
         for itt, task in list(self._tasks.items()):
             if predicate(task):
                 del self._tasks[itt]
+        for itt, running in self._running.items():
+            if predicate(running):
+                running.aborted = True
+                self._aborting.add(itt)
 
     # ------------------------------------------------------------------ output helpers
     def _window(self) -> dict[str, int]:
@@ -798,14 +892,6 @@ def _lun_number(lun_field: bytes) -> int:
         if len(_LUN_CACHE) < 4096:
             _LUN_CACHE[lun_field] = lun
     return lun
-
-
-def _length(data) -> int:
-    if data is None:
-        return 0
-    if isinstance(data, FileRange):
-        return data.length
-    return len(data)
 
 
 def _residual_flags(datalen: int, edtl: int) -> int:

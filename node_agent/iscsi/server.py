@@ -9,17 +9,36 @@ run of buffers (headers and data together, never concatenated) and
 ``os.sendfile`` for Data-In that the SCSI layer left in the backing file.
 A channel whose peer does not read stops reading from it too (backpressure),
 so a slow initiator cannot make the target queue unbounded output.
+
+Several event loops (``LoopPool``, ``shoal target --loops N``): the portal
+accepts on its own loop and pins each new connection to the loop serving the
+fewest connections, where it stays.  Sessions share per-target state
+(reservations, unit attentions, task management, reinstatement), so every
+call into a connection core or the registry holds the registry's lock; the
+system calls (receive, send, sendfile) run outside it, and that is all the
+extra loops can overlap: with the GIL, Python work never runs on two cores.
+
+I/O that would block (the SCSI layer says so with ``ScsiResult.blocking``:
+data not in the page cache, FUA, a flush, a slow device) runs on a small
+thread pool shared by the portals of a service; its completion comes back to
+the connection's own loop with ``call_soon_threadsafe``.  Commands that
+cannot block never leave the loop: a thread hop per command costs several
+times the whole inline command.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import errno
+import gc
 import logging
 import os
 import socket
+import threading
 from typing import Any
 
+from node_agent.iscsi.buffers import release_memory
 from node_agent.iscsi.connection import ConnectionSettings, TargetConnection
 from node_agent.iscsi.keys import TargetSettings
 from node_agent.iscsi.target import TargetRegistry
@@ -31,11 +50,69 @@ _MAX_IOV = 512
 _TICK = 1.0
 
 
+class LoopPool:
+    """Event loops for connections: the caller's loop and ``count - 1`` more, each on its own thread."""
+
+    def __init__(self, count: int):
+        if count < 1:
+            raise ValueError("at least one event loop")
+        self.count = count
+        self.loops: list[asyncio.AbstractEventLoop] = []
+        self._load: dict[asyncio.AbstractEventLoop, int] = {}
+        self._threads: list[threading.Thread] = []
+        self._mutex = threading.Lock()
+
+    def start(self, main: asyncio.AbstractEventLoop) -> None:
+        """Start the extra loops, of the main loop's kind (uvloop when the main loop is one)."""
+        self.loops = [main]
+        for index in range(1, self.count):
+            loop = type(main)()
+            ready = threading.Event()
+            thread = threading.Thread(target=self._run, args=(loop, ready), name=f"shoal-loop-{index}", daemon=True)
+            thread.start()
+            ready.wait()
+            self.loops.append(loop)
+            self._threads.append(thread)
+        self._load = {loop: 0 for loop in self.loops}
+        log.info("%d event loops serve connections", self.count)
+
+    @staticmethod
+    def _run(loop: asyncio.AbstractEventLoop, ready: threading.Event) -> None:
+        asyncio.set_event_loop(loop)
+        loop.call_soon(ready.set)
+        try:
+            loop.run_forever()
+        finally:
+            loop.close()
+
+    def pick(self) -> asyncio.AbstractEventLoop:
+        """The loop with the fewest connections (counted until ``release``)."""
+        with self._mutex:
+            loop = min(self.loops, key=self._load.__getitem__)
+            self._load[loop] += 1
+            return loop
+
+    def release(self, loop: asyncio.AbstractEventLoop) -> None:
+        with self._mutex:
+            if loop in self._load:
+                self._load[loop] -= 1
+
+    def stop(self) -> None:
+        """Stop the extra loops (after the portals closed their connections)."""
+        for loop in self.loops[1:]:
+            loop.call_soon_threadsafe(loop.stop)
+        for thread in self._threads:
+            thread.join(10)
+        self._threads.clear()
+        self.loops = self.loops[:1]
+
+
 class PortalServer:
     """One listening portal serving the targets of a ``TargetRegistry``."""
 
     def __init__(self, registry: TargetRegistry, settings: TargetSettings, host: str = "127.0.0.1",
-                 port: int = 3260, connection_settings: ConnectionSettings | None = None):
+                 port: int = 3260, connection_settings: ConnectionSettings | None = None,
+                 executor: concurrent.futures.Executor | None = None, loops: LoopPool | None = None):
         self.registry = registry
         self.settings = settings
         self.host = host
@@ -45,6 +122,12 @@ class PortalServer:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._channels: set[_Channel] = set()
         self._ticker: asyncio.TimerHandle | None = None
+        self._freed = False  # a receive buffer shrank or a connection ended since the last tick
+        self.loops = loops  # None: every connection on the portal's own loop
+        self.lock = registry.lock
+        self._own_executor = executor is None
+        self.executor = executor or concurrent.futures.ThreadPoolExecutor(
+            self.connection_settings.io_workers, thread_name_prefix="shoal-io")
 
     @property
     def address(self) -> tuple[str, int]:
@@ -76,19 +159,46 @@ class PortalServer:
                 return
             conn.setblocking(False)
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            loop = self.loops.pick() if self.loops is not None else self._loop
+            if loop is self._loop:
+                self._adopt(conn, peer, loop)
+            else:
+                loop.call_soon_threadsafe(self._adopt, conn, peer, loop)
+
+    def _adopt(self, conn: socket.socket, peer: Any, loop: asyncio.AbstractEventLoop) -> None:
+        """Serve an accepted socket on ``loop`` (run on that loop's thread)."""
+        try:
             local = conn.getsockname()[:2]
+        except OSError:  # the peer is already gone
+            conn.close()
+            if self.loops is not None:
+                self.loops.release(loop)
+            return
+        with self.lock:
             core = TargetConnection(self.registry, self.settings, local_address=local,
                                     peer=f"{peer[0]}:{peer[1]}", config=self.connection_settings)
-            self._channels.add(_Channel(self, conn, core))
+            self._channels.add(_Channel(self, conn, core, loop))
 
     def _tick(self) -> None:
-        for channel in list(self._channels):
-            channel.tick()
+        with self.lock:
+            channels = list(self._channels)
+            trimmed = self.registry.buffers.tick()
+        for channel in channels:
+            channel.call(channel.tick)
+        if trimmed or self._freed:  # after a burst: give the freed memory back to the kernel
+            if self._freed:
+                gc.collect()  # a connection's core and channel refer to each other: only the GC frees them
+            self._freed = False
+            release_memory()
         assert self._loop is not None
         self._ticker = self._loop.call_later(_TICK, self._tick)
 
     def _forget(self, channel: "_Channel") -> None:
-        self._channels.discard(channel)
+        with self.lock:
+            self._channels.discard(channel)
+            self._freed = True
+        if self.loops is not None:
+            self.loops.release(channel.loop)
 
     async def close(self) -> None:
         """Stop accepting, end every session, and wait briefly for their last bytes to leave."""
@@ -98,24 +208,35 @@ class PortalServer:
             self._sock = None
         if self._ticker is not None:
             self._ticker.cancel()
-        self.registry.close_all("target shutting down")
-        for channel in list(self._channels):
-            channel.core.close("target shutting down")
+        with self.lock:
+            self.registry.close_all("target shutting down")
+            for channel in list(self._channels):
+                channel.core.close("target shutting down")
         for _ in range(50):
             if not self._channels:
                 break
             await asyncio.sleep(0.02)
-        for channel in list(self._channels):
-            channel.shutdown()
+        with self.lock:
+            channels = list(self._channels)
+        for channel in channels:
+            channel.call(channel.shutdown)
+        for _ in range(50):  # shutdowns on other loops
+            if not self._channels:
+                break
+            await asyncio.sleep(0.02)
+        if self._own_executor:  # running I/O finishes (the backing stores close after); queued I/O is dropped
+            self.executor.shutdown(wait=True, cancel_futures=True)
 
 
 class _Channel:
     """Moves bytes between one socket and its ``TargetConnection``."""
 
-    def __init__(self, server: PortalServer, sock: socket.socket, core: TargetConnection):
+    def __init__(self, server: PortalServer, sock: socket.socket, core: TargetConnection,
+                 loop: asyncio.AbstractEventLoop):
         self.server = server
-        self.loop = server._loop
-        assert self.loop is not None
+        self.loop = loop
+        self.thread = threading.get_ident()  # the loop's thread: created there, runs only there
+        self.lock = server.lock
         self.sock = sock
         self.fd = sock.fileno()
         self.core = core
@@ -125,6 +246,7 @@ class _Channel:
         self.closed = False
         self._flush_scheduled = False
         core.wakeup = self._wakeup
+        core.offload = self._offload
         self._read_on()
 
     def _read_on(self) -> None:
@@ -137,21 +259,63 @@ class _Channel:
             self.loop.remove_reader(self.fd)
             self.reading = False
 
+    def call(self, fn) -> None:
+        """Run ``fn`` on this channel's loop: now when called there, else soon."""
+        if threading.get_ident() == self.thread:
+            fn()
+        else:
+            try:
+                self.loop.call_soon_threadsafe(fn)
+            except RuntimeError:  # that loop is closed
+                pass
+
     def _wakeup(self) -> None:
+        if threading.get_ident() != self.thread:  # the core was changed from another loop (under the lock)
+            self.call(self._wakeup)
+            return
         if not self._flush_scheduled and not self.closed:
             self._flush_scheduled = True
             self.loop.call_soon(self._scheduled_flush)
+
+    def _offload(self, io, done) -> None:
+        """Run ``io`` on the worker pool; ``done(result)`` then runs on this loop, and output is flushed."""
+        try:
+            future = self.server.executor.submit(io)
+        except RuntimeError:  # the pool is shut down: the portal is closing, the command dies with it
+            return
+        loop = self.loop
+
+        def back_to_loop(f: concurrent.futures.Future) -> None:
+            try:
+                loop.call_soon_threadsafe(self._io_done, done, f)
+            except RuntimeError:  # the loop is closed: nobody is left to answer
+                pass
+
+        future.add_done_callback(back_to_loop)
+
+    def _io_done(self, done, future: concurrent.futures.Future) -> None:
+        if future.cancelled():
+            return
+        with self.lock:
+            try:
+                done(future.result())
+            except Exception:
+                log.exception("connection from %s: completing a command failed", self.core.peer)
+                self.core.close("internal error")
+        self.flush()
 
     def _scheduled_flush(self) -> None:
         self._flush_scheduled = False
         self.flush()
 
     def tick(self) -> None:
-        try:
-            self.core.tick()
-        except Exception:
-            log.exception("timer of connection from %s failed", self.core.peer)
-            self.core.close("internal error")
+        with self.lock:
+            try:
+                if self.core.tick():
+                    self.server._freed = True
+            except Exception:
+                log.exception("timer of connection from %s failed", self.core.peer)
+                self.core.close("internal error")
         self.flush()
 
     def _on_readable(self) -> None:
@@ -166,18 +330,21 @@ class _Channel:
         if n == 0:
             self.shutdown()
             return
-        try:
-            self.core.buffer_updated(n)
-        except Exception:
-            log.exception("connection from %s: internal error; dropping it", self.core.peer)
-            self.core.close("internal error")
+        with self.lock:
+            try:
+                self.core.buffer_updated(n)
+            except Exception:
+                log.exception("connection from %s: internal error; dropping it", self.core.peer)
+                self.core.close("internal error")
         self.flush()
 
     def flush(self) -> None:
         """Send what the core queued; stop reading while the peer cannot take more."""
         if self.closed:
             return
-        self.pending += self.core.take_output()
+        with self.lock:
+            self.pending += self.core.take_output()
+            closing = self.core.closing
         try:
             done = self._send_pending()
         except OSError as exc:
@@ -189,7 +356,7 @@ class _Channel:
             if self.writing:
                 self.loop.remove_writer(self.fd)
                 self.writing = False
-            if self.core.closing:
+            if closing:
                 self.shutdown()
                 return
             self._read_on()
@@ -250,6 +417,7 @@ class _Channel:
             self.sock.close()
         finally:
             self.server._forget(self)
-            self.core.connection_lost()
+            with self.lock:
+                self.core.connection_lost()
             if self.core.session is None and not self.core.close_reason:
                 log.debug("connection from %s closed before login", self.core.peer)

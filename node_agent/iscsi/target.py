@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import threading
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -85,6 +86,10 @@ class Session:
         self.command_window = command_window
         self.connections: dict[int, ConnectionHandle] = {}
         self.pending: dict[int, Any] = {}  # CmdSN -> deferred command (arrived ahead of a gap)
+        # Commands whose I/O runs on a worker (a slow disk): each keeps a slot of the CmdSN window
+        # until it completes, so an initiator cannot queue unbounded blocked work.  In-order
+        # arrivals and completions keep MaxCmdSN from ever going backwards.
+        self.running = 0
         self.closed = False
         self.nexus: Nexus | None = None
         if target is not None:
@@ -95,7 +100,7 @@ class Session:
 
     @property
     def maxcmdsn(self) -> int:
-        return sn_add(self.expcmdsn, self.command_window - 1)
+        return sn_add(self.expcmdsn, self.command_window - 1 - self.running)
 
     def __repr__(self) -> str:
         kind = "discovery" if self.discovery else self.target.iqn  # type: ignore[union-attr]
@@ -110,6 +115,9 @@ class TargetRegistry:
         self.sessions: dict[int, Session] = {}
         self.command_window = command_window
         self.buffers = BufferPool()  # write buffers shared by every connection of this portal group
+        # Held around every call into a connection core, the registry or a logical unit when the
+        # portal runs several event loops (threads): the target's shared state changes one at a time.
+        self.lock = threading.RLock()
         self._tsih = itertools.count(1)
         for target in targets or []:
             self.add_target(target)

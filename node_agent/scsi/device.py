@@ -22,8 +22,10 @@ transport can set the residual.
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from node_agent.scsi import sense as S
 from node_agent.scsi.commands import COMMANDS_BY_OPCODE, Command
@@ -123,15 +125,38 @@ class LogicalUnit:
         # I/O counters (read by the agent's metrics at scrape time): READ and WRITE commands that
         # reached the medium and the bytes they moved; plain ints bumped on the portal's loop thread.
         self.read_commands = self.read_bytes = self.write_commands = self.write_bytes = 0
+        # Non-blocking I/O of the backing store (``FileBackingStore.read_nowait``/``write_nowait``):
+        # READ and WRITE try these inline and hand the I/O to a worker (``deferred``) when they would
+        # block.  Only methods the store's own class defines count: a wrapper that forwards unknown
+        # attributes to the store it wraps (the agent's copy-before-write guard) must not have its
+        # ``write`` bypassed, so it is used inline as before.  An ``atomic`` unit is inline too: its
+        # WRITE ATOMIC is atomic because all its I/O runs one command at a time on the loop.
+        inline = self.max_atomic_blocks > 0
+        self.read_nowait = None if inline else _own_method(backing, "read_nowait")
+        self.write_nowait = None if inline else _own_method(backing, "write_nowait")
+        self._io_lock = threading.Condition()
+        self._io_running = 0  # deferred I/O running on worker threads
+        self._closed = False
 
     # -- the dispatcher --------------------------------------------------------
-    def execute(self, nexus: Nexus, cdb, data_out, expected_length: int) -> ScsiResult:
+    def execute(self, nexus: Nexus, cdb, data_out, expected_length: int, defer: bool = False) -> ScsiResult:
+        """Run one command.  ``defer=True``: the caller (the transport) accepts a result whose I/O
+        still has to run (``ScsiResult.blocking``); otherwise such I/O runs here, blocking."""
+        if defer:
+            return self.execute_deferrable(nexus, cdb, data_out, expected_length)
+        result = self.execute_deferrable(nexus, cdb, data_out, expected_length)
+        return result if result.blocking is None else result.blocking()
+
+    def execute_deferrable(self, nexus: Nexus, cdb, data_out, expected_length: int) -> ScsiResult:
+        """``execute(..., defer=True)`` without the indirection (the transport's hot path)."""
         try:
             if self._gate:
                 early = self._gated(nexus, cdb[0])
                 if early is not None:
                     return early
-            cmd = _lookup(cdb)
+            cmd = COMMANDS_BY_OPCODE.get(cdb[0])
+            if cmd is None or cmd.__class__ is dict:  # unknown, or chosen by service action: the full lookup
+                cmd = _lookup(cdb)
             if self.reservations.engaged and self.reservations.conflicts(cmd, nexus):
                 return ScsiResult(RESERVATION_CONFLICT)
             rec = _validate(cmd, cdb)
@@ -181,6 +206,33 @@ class LogicalUnit:
     def io_counters(self) -> tuple[int, int, int, int]:
         """(read commands, read bytes, write commands, write bytes) since the unit was opened."""
         return self.read_commands, self.read_bytes, self.write_commands, self.write_bytes
+
+    # -- I/O off the event loop ----------------------------------------------------
+    def deferred(self, io: Callable[[], Any], done: ScsiResult | None = None) -> ScsiResult:
+        """A command whose I/O would block: the transport runs ``io`` on a worker thread, then
+        completes the command with ``done`` (None: GOOD with the data ``io`` returned).
+
+        Every check of the command has already passed on the event loop; only the I/O moves."""
+        return ScsiResult(GOOD, blocking=lambda: self._run_blocking(io, done))
+
+    def _run_blocking(self, io: Callable[[], Any], done: ScsiResult | None) -> ScsiResult:
+        with self._io_lock:
+            if self._closed:  # the unit was closed while the command waited for a worker
+                return ScsiResult(CHECK_CONDITION, sense=build_sense(S.INTERNAL_TARGET_FAILURE,
+                                                                     descriptor=self.mode.d_sense))
+            self._io_running += 1
+        try:
+            data = io()
+        except Exception:
+            log.exception("deferred I/O of %s failed", self.target_name)
+            return ScsiResult(CHECK_CONDITION, sense=build_sense(S.INTERNAL_TARGET_FAILURE,
+                                                                 descriptor=self.mode.d_sense))
+        finally:
+            with self._io_lock:
+                self._io_running -= 1
+                if not self._io_running:
+                    self._io_lock.notify_all()
+        return done if done is not None else ScsiResult(GOOD, data)
 
     # -- helpers for handlers ----------------------------------------------------
     def check_range(self, lba: int, count: int) -> None:
@@ -278,7 +330,17 @@ class LogicalUnit:
         return self._take_ua(nexus)
 
     def close(self) -> None:
+        """Close the backing store once no deferred I/O uses it (none starts after this)."""
+        with self._io_lock:
+            self._closed = True
+            while self._io_running:
+                self._io_lock.wait()
         self.backing.close()
+
+
+def _own_method(obj, name: str):
+    """``obj.name`` if ``obj``'s class defines it (not reached through ``__getattr__``), else None."""
+    return getattr(obj, name) if hasattr(type(obj), name) else None
 
 
 _UA_EXEMPT = frozenset((0x12, 0xA0, 0x03))  # INQUIRY, REPORT LUNS, REQUEST SENSE (SPC-4 §5.14)
@@ -357,10 +419,11 @@ class LunMap:
             other.reported_luns_changed()
         return unit
 
-    def execute(self, nexus: Nexus, lun: int, cdb, data_out, expected_length: int) -> ScsiResult:
+    def execute(self, nexus: Nexus, lun: int, cdb, data_out, expected_length: int,
+                defer: bool = False) -> ScsiResult:
         unit = self.luns.get(lun)
         if unit is not None:
-            return unit.execute(nexus, cdb, data_out, expected_length)
+            return unit.execute(nexus, cdb, data_out, expected_length, defer)
         return self._absent(nexus, cdb)
 
     def add_nexus(self, nexus: Nexus) -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, Callable, NamedTuple
 
 
 @dataclass(frozen=True)
@@ -31,9 +31,15 @@ class ScsiResult:
     allocation length; the transport sends at most EDTL bytes of it and sets
     the residual from the difference.  ``data_out_length`` is set by Data-Out
     commands: the bytes their CDB asked for (RFC 7143 §11.4.5.2 residuals).
+
+    ``blocking`` is set when the command's I/O would block (a cold page cache, a
+    slow disk, a flush): the transport calls it off its event loop and completes
+    the command with the ``ScsiResult`` it returns (it never raises); ``status``
+    and ``data`` are then meaningless.
     """
 
     status: int
     data: bytes | bytearray | memoryview | FileRange | None = None
     sense: bytes = b""
     data_out_length: int | None = None
+    blocking: Callable[[], Any] | None = None

@@ -46,8 +46,18 @@ def _read(lu, lba: int, count: int):
     lu.read_bytes += length
     fd = lu.backing.fd
     if length >= lu._range_threshold and fd is not None:
+        if lu.read_nowait is not None and not lu.backing.cached(lba * bs, length):
+            backing, offset = lu.backing, lba * bs  # sendfile would wait for the disk: read on a worker
+            return lu.deferred(lambda: backing.read(offset, length))
         return FileRange(fd, lba * bs, length)
-    return lu.backing.read(lba * bs, length)
+    read_nowait = lu.read_nowait
+    if read_nowait is None:
+        return lu.backing.read(lba * bs, length)
+    data = read_nowait(lba * bs, length)
+    if data is None:  # not in the page cache: read it on a worker thread
+        backing, offset = lu.backing, lba * bs
+        return lu.deferred(lambda: backing.read(offset, length))
+    return data
 
 
 def read_6(lu, nexus, cdb, data_out, edtl):
@@ -70,26 +80,36 @@ def read(lu, nexus, cdb, data_out, edtl):
 
 
 # -- WRITE ---------------------------------------------------------------------------
-def _write(lu, lba: int, count: int, data_out, fua: bool):
-    """Write the whole blocks of ``data_out`` (at most ``count``); report ``count`` blocks as wanted."""
+def _write(lu, lba: int, count: int, data_out, fua: bool) -> ScsiResult:
+    """Write the whole blocks of ``data_out`` (at most ``count``); report ``count`` blocks as wanted.
+
+    A write the backing store cannot do without blocking (``write_nowait`` says so: FUA, a
+    slow device) goes to a worker thread; ``data_out`` stays untouched until it is done."""
     bs = lu.block_size
     want = written = count * bs
     got = 0 if data_out is None else len(data_out)
     if got != want:
         written = min(got, want) // bs * bs
         data_out = memoryview(data_out)[:written] if written else None
-    if data_out is not None:
-        lu.backing.write(lba * bs, data_out, fua or lu._fua_always)
     lu.write_commands += 1
     lu.write_bytes += written
-    return want
+    result = ScsiResult(S.GOOD, data_out_length=want)
+    if data_out is not None:
+        fua = fua or lu._fua_always
+        write_nowait = lu.write_nowait
+        if write_nowait is None:
+            lu.backing.write(lba * bs, data_out, fua)
+        elif not write_nowait(lba * bs, data_out, fua):
+            backing, offset = lu.backing, lba * bs
+            return lu.deferred(lambda: backing.write(offset, data_out, fua), result)
+    return result
 
 
 def write_6(lu, nexus, cdb, data_out, edtl):
     """WRITE(6) (SBC-3 §5.32)."""
     count = cdb.transfer_length or 256
     _transfer(lu, cdb.lba, count, 4)
-    return ScsiResult(S.GOOD, data_out_length=_write(lu, cdb.lba, count, data_out, False))
+    return _write(lu, cdb.lba, count, data_out, False)
 
 
 def write(lu, nexus, cdb, data_out, edtl):
@@ -99,7 +119,7 @@ def write(lu, nexus, cdb, data_out, edtl):
     lba, count = cdb.lba, cdb.transfer_length
     if lba + count > lu.num_blocks or count > lu.max_transfer_blocks:
         _transfer(lu, lba, count, offset_of(cdb, "transfer_length"))
-    return ScsiResult(S.GOOD, data_out_length=_write(lu, lba, count, data_out, cdb.fua))
+    return _write(lu, lba, count, data_out, cdb.fua)
 
 
 def write_atomic_16(lu, nexus, cdb, data_out, edtl):
@@ -132,7 +152,7 @@ def write_and_verify(lu, nexus, cdb, data_out, edtl):
     """WRITE AND VERIFY(10/12/16) (SBC-3 §5.37-5.39): write, stable; the verify is then trivially true."""
     _no_protection(cdb.wrprotect)
     _transfer(lu, cdb.lba, cdb.transfer_length, offset_of(cdb, "transfer_length"))
-    return ScsiResult(S.GOOD, data_out_length=_write(lu, cdb.lba, cdb.transfer_length, data_out, True))
+    return _write(lu, cdb.lba, cdb.transfer_length, data_out, True)
 
 
 def orwrite(lu, nexus, cdb, data_out, edtl):
@@ -236,6 +256,8 @@ def synchronize_cache(lu, nexus, cdb, data_out, edtl):
     count = cdb.number_of_blocks
     if cdb.lba > lu.num_blocks or (count and cdb.lba + count > lu.num_blocks):
         raise CheckCondition(S.LBA_OUT_OF_RANGE)
+    if lu.write_nowait is not None:  # a store with non-blocking I/O: fdatasync on a worker thread
+        return lu.deferred(lu.backing.flush, ScsiResult(S.GOOD))
     lu.backing.flush()
     return None
 

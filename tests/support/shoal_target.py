@@ -66,19 +66,20 @@ def running_shoal_target(tmp_path: Path, luns=(("disk0", 64 * 2**20),), *, iqn: 
                          chap: tuple[str, str] | None = None, mutual_chap: tuple[str, str] | None = None,
                          allow: list[str] | None = None, netns: str | None = None,
                          listen: str | list[str] = "127.0.0.1:0", extra_args: list[str] | None = None,
-                         timeout: float = 20.0):
+                         timeout: float = 20.0, command: list[str] | None = None):
     """Start ``shoal target`` serving ``luns`` and yield a ``ShoalTarget``.
 
     ``luns`` are (name or path, size) pairs, or (name or path, size, options) with options such
     as ``"ro"`` or ``"atomic"`` (``--lun PATH:SIZE:OPTION``).  ``listen`` may list several
-    addresses: one portal group reached through each (multipath)."""
+    addresses: one portal group reached through each (multipath).  ``command`` replaces the
+    ``python -m node_agent.cli`` prefix (``slow_target.slow_command``: LUNs on a slow test device)."""
     tmp_path = Path(tmp_path)
     tmp_path.mkdir(parents=True, exist_ok=True)
     port_file = tmp_path / f"shoal-target-{os.getpid()}-{time.monotonic_ns()}.port"
     log_path = port_file.with_suffix(".log")
     lun_paths = []
     listens = [listen] if isinstance(listen, str) else list(listen)
-    args = shoal_command() + ["target", "--iqn", iqn, "--port-file", str(port_file)]
+    args = (command or shoal_command()) + ["target", "--iqn", iqn, "--port-file", str(port_file)]
     for address in listens:
         args += ["--listen", address]
     for name, size, *options in luns:

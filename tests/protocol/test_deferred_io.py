@@ -1,0 +1,199 @@
+"""Commands whose I/O would block run off the event loop (issue 7, "fair under a slow disk").
+
+The sans-I/O core against a LUN whose backing store always says "would block"
+(``NeverReady`` below: ``MemoryBackingStore`` behind the optional
+``read_nowait``/``write_nowait`` of our own ``BackingStore`` boundary, as a
+cold cache or a stalled disk would answer).  ``offload`` is replaced by a
+queue the test drains by hand, so each test decides when the "worker" ends.
+The real worker pool and a real slow device are exercised by
+``tests/peer/test_slow_disk_fairness.py``.
+"""
+
+from __future__ import annotations
+
+import os
+
+from node_agent.iscsi import pdu as P
+from node_agent.iscsi.pdu import Opcode, RejectReason
+from node_agent.iscsi.target import TargetNode, TargetRegistry
+from node_agent.scsi.device import FileRange, LogicalUnit, LunIdentity, LunMap
+from node_agent.storage.backing import FileBackingStore, MemoryBackingStore
+from tests.protocol.conftest import BLOCKS, TARGET
+from tests.protocol.test_target_core import READ10, WRITE10, rw10, status_of
+
+
+class NeverReady(MemoryBackingStore):
+    """A store whose reads and writes would always block."""
+
+    def read_nowait(self, offset, length):
+        return None
+
+    def write_nowait(self, offset, data, fua=False):
+        return False
+
+
+def slow_registry(window: int = 128) -> tuple[TargetRegistry, LogicalUnit]:
+    lu = LogicalUnit(NeverReady(BLOCKS * 512), LunIdentity(volume_id="vol-slow"), target_name=TARGET)
+    return TargetRegistry([TargetNode(TARGET, LunMap({0: lu}))], command_window=window), lu
+
+
+def with_worker_queue(ini) -> list:
+    queue: list = []
+    ini.conn.offload = lambda io, done: queue.append((io, done))
+    return queue
+
+
+def run_worker(queue: list, count: int | None = None) -> None:
+    for io, done in [queue.pop(0) for _ in range(len(queue) if count is None else count)]:
+        done(io())
+
+
+def test_blocking_read_and_write_complete_when_the_worker_is_done(make_initiator):
+    registry, lu = slow_registry()
+    ini = make_initiator(registry)
+    ini.login_normal()
+    queue = with_worker_queue(ini)
+    payload = os.urandom(4096)
+    ini.command(rw10(WRITE10, 8, 8), write=payload)
+    assert ini.receive() == [] and len(queue) == 1  # nothing answered while the write runs
+    assert bytes(lu.backing.buf[4096:8192]) == bytes(4096)
+    run_worker(queue)
+    assert status_of(ini.receive()) == 0
+    assert bytes(lu.backing.buf[4096:8192]) == payload
+    ini.command(rw10(READ10, 8, 8), read=4096)
+    assert ini.receive() == []
+    run_worker(queue)
+    replies = ini.receive()
+    assert status_of(replies) == 0
+    assert b"".join(r.data for r in replies if r.opcode == Opcode.DATA_IN) == payload
+
+
+def test_a_pooled_write_buffer_stays_out_of_the_pool_until_the_io_ends(make_initiator):
+    registry, lu = slow_registry()
+    ini = make_initiator(registry)
+    ini.login_normal()
+    queue = with_worker_queue(ini)
+    payload = os.urandom(256 * 1024)
+    itt = ini.command(rw10(WRITE10, 0, 512), write=payload, immediate_bytes=0)
+    [r2t] = ini.receive()
+    ini.send(Opcode.DATA_OUT, payload, final=True, lun=bytes(8), itt=itt, ttt=r2t.header.ttt, datasn=0,
+             buffer_offset=0)
+    assert ini.receive() == [] and registry.buffers.pooled == 0  # the buffer is the worker's
+    run_worker(queue)
+    assert status_of(ini.receive()) == 0
+    assert registry.buffers.pooled == 256 * 1024
+    assert bytes(lu.backing.buf[:len(payload)]) == payload
+
+
+def test_running_commands_hold_their_window_slots(make_initiator):
+    """MaxCmdSN stays put while commands run, moves on as they end, and never goes backwards."""
+    registry, _ = slow_registry(window=4)
+    ini = make_initiator(registry)
+    ini.login_normal()
+    queue = with_worker_queue(ini)
+    session = ini.conn.session
+    limit = session.maxcmdsn
+    for _ in range(4):
+        ini.command(rw10(READ10, 0, 1), read=512)
+    assert len(queue) == 4 and session.maxcmdsn == limit == session.expcmdsn - 1  # window closed
+    ini.command(rw10(READ10, 0, 1), read=512)  # outside the window: ignored (RFC 7143 §4.2.2.1)
+    assert len(queue) == 4 and ini.receive() == []
+    ini.cmdsn -= 1
+    run_worker(queue, 1)
+    [reply] = ini.receive()
+    assert reply.header.maxcmdsn == limit + 1 and reply.header.expcmdsn == session.expcmdsn
+    ini.command(rw10(READ10, 0, 1), read=512)  # the freed slot takes the next command
+    assert len(queue) == 4
+    run_worker(queue)
+    maxima = [r.header.maxcmdsn for r in ini.receive()]
+    assert maxima == sorted(maxima) and maxima[-1] == session.expcmdsn + 3
+
+
+def test_abort_task_of_running_command_answers_after_its_io(make_initiator):
+    registry, _ = slow_registry()
+    ini = make_initiator(registry)
+    ini.login_normal()
+    queue = with_worker_queue(ini)
+    itt = ini.command(rw10(WRITE10, 0, 8), write=os.urandom(4096))
+    ini.send(Opcode.TASK_MGMT_REQUEST, final=True, immediate=True, function=1, lun=bytes(8), itt=ini.next_itt(),
+             referenced_task_tag=itt, cmdsn=ini.cmdsn, refcmdsn=ini.cmdsn - 1)
+    assert ini.receive() == []  # the write is still running: the abort is not complete
+    ini.command(rw10(READ10, 0, 1), read=512, cmdsn=ini.cmdsn)  # other work goes on meanwhile
+    run_worker(queue, 1)
+    [reply] = ini.receive()  # the TMF answer, and no status of the aborted write
+    assert reply.opcode == Opcode.TASK_MGMT_RESPONSE and reply.header.response == 0
+    run_worker(queue)
+    assert status_of(ini.receive()) == 0
+
+
+def test_lun_reset_waits_for_running_commands(make_initiator):
+    registry, _ = slow_registry()
+    ini = make_initiator(registry)
+    ini.login_normal()
+    queue = with_worker_queue(ini)
+    ini.command(rw10(READ10, 0, 1), read=512)
+    ini.command(rw10(READ10, 1, 1), read=512)
+    ini.send(Opcode.TASK_MGMT_REQUEST, final=True, immediate=True, function=5, lun=bytes(8),
+             itt=ini.next_itt(), referenced_task_tag=P.RESERVED_TAG, cmdsn=ini.cmdsn, refcmdsn=0)
+    run_worker(queue, 1)
+    assert ini.receive() == []
+    run_worker(queue, 1)
+    [reply] = ini.receive()
+    assert reply.opcode == Opcode.TASK_MGMT_RESPONSE and reply.header.response == 0
+
+
+def test_task_tag_of_a_running_command_is_in_progress(make_initiator):
+    registry, _ = slow_registry()
+    ini = make_initiator(registry)
+    ini.login_normal()
+    with_worker_queue(ini)
+    itt = ini.command(rw10(READ10, 0, 1), read=512)
+    ini.itt = itt - 1
+    ini.command(rw10(READ10, 0, 1), read=512)
+    [reply] = ini.receive()
+    assert reply.opcode == Opcode.REJECT and reply.header.reason == RejectReason.TASK_IN_PROGRESS
+
+
+def test_io_of_a_closed_connection_is_dropped_and_the_unit_closes_after_it(make_initiator):
+    registry, lu = slow_registry()
+    ini = make_initiator(registry)
+    ini.login_normal()
+    queue = with_worker_queue(ini)
+    ini.command(rw10(READ10, 0, 1), read=512)
+    ini.conn.connection_lost()
+    run_worker(queue)
+    assert ini.receive() == []
+    lu.close()  # nothing running: returns at once
+    # Deferred I/O that reaches a closed unit fails cleanly instead of touching a closed store.
+    result = lu.execute(None, rw10(READ10, 0, 1), None, 512)
+    assert result.status == 2
+
+
+class ColdFile(FileBackingStore):
+    """A real file whose pages the probe always finds out of the page cache (a cold cache)."""
+
+    def cached(self, offset, length):
+        return False
+
+    def read_nowait(self, offset, length):
+        return None
+
+
+def test_a_large_read_of_a_cold_range_is_read_on_a_worker_not_sent_with_sendfile(make_initiator, tmp_path):
+    payload = os.urandom(256 * 1024)
+    path = tmp_path / "cold.img"
+    path.write_bytes(payload + bytes(BLOCKS * 512 - len(payload)))
+    lu = LogicalUnit(ColdFile(path), LunIdentity(volume_id="vol-cold"), target_name=TARGET)
+    ini = make_initiator(TargetRegistry([TargetNode(TARGET, LunMap({0: lu}))]))
+    ini.login_normal()
+    queue = with_worker_queue(ini)
+    ini.command(rw10(READ10, 0, 512), read=len(payload))
+    assert ini.receive() == [] and len(queue) == 1
+    run_worker(queue)
+    output = ini.conn.take_output()
+    assert not any(isinstance(item, FileRange) for item in output)  # bytes read by the worker
+    ini.conn._out = output  # hand them back to the scripted initiator's parser
+    replies = ini.receive()
+    assert status_of(replies) == 0
+    assert b"".join(r.data for r in replies if r.opcode == Opcode.DATA_IN) == payload
+    lu.close()
