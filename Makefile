@@ -16,7 +16,7 @@ UP_LISTEN ?= 127.0.0.1:3260
 UP_IQN ?= iqn.2026-11.io.shoal:up
 UP_SIZE ?= 1G
 
-.PHONY: up target test deps venv bench clean lint
+.PHONY: up target test deps venv bench clean
 
 deps:
 	@# The kernel-initiator test fetches Debian's kernel with apt-get download: it needs package lists.

@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
 import socket
 import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tests.support.shoal_target import stop_process
 from tests.support.tgtd import TUNED_PARAMS, _listens
 
 NODE_BASE = "iqn.2026-11.io.shoal.test"
@@ -195,13 +195,5 @@ def _wait_ready(process: subprocess.Popen, port: int, timeout: float) -> bool:
 
 
 def stop_istgt(process: subprocess.Popen, grace: float = 5.0) -> None:
-    """SIGTERM by PID, wait ``grace`` seconds, then SIGKILL."""
-    if process.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(process.pid, signal.SIGTERM)
-        try:
-            process.wait(grace)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(process.pid, signal.SIGKILL)
-            process.wait(5)
+    """SIGTERM by PID, wait ``grace`` seconds, then SIGKILL (the suite's one way to stop a process)."""
+    stop_process(process, grace)
