@@ -28,7 +28,6 @@ import contextlib
 import os
 import shutil
 import signal
-import subprocess
 import tempfile
 import time
 import urllib.error
@@ -43,13 +42,11 @@ from kubernetes import client as k8s
 from controller.leader import JITTER
 from protos.shoal.v1 import admin_pb2, admin_pb2_grpc
 from tests.support.controller_process import Daemon, start_agent, start_controller
-from tests.support.k8s_tools import helm_env, k8s_tools
+from tests.support.chart_access import controller_access
 from tests.support.kube_apiserver import BUILD_TEST_TIMEOUT, kube_apiserver  # noqa: F401 - the session fixture
 
 pytestmark = [pytest.mark.peer, pytest.mark.slow, pytest.mark.timeout(BUILD_TEST_TIMEOUT)]
 
-REPO = Path(__file__).resolve().parents[2]
-CHART = REPO / "deploy" / "helm" / "shoal"
 GROUP = "ha-test.shoal.io"
 RELEASE = "shoal-ha"  # contains "shoal": the chart names the controller role <release>-controller
 NAMESPACE = "shoal-ha-test"
@@ -61,57 +58,20 @@ NODE = "ha-node-1"
 MiB = 1 << 20
 
 
-def _render(helm_home: Path, template: str) -> list[dict]:
-    tools = k8s_tools()
-    result = subprocess.run(
-        [str(tools.helm), "template", RELEASE, str(CHART), "--namespace", NAMESPACE, "--kube-version", "1.30.0",
-         "--set", f"apiGroup={GROUP}", "--show-only", template],
-        env=helm_env(helm_home), capture_output=True, text=True, timeout=120, check=False)
-    assert result.returncode == 0, result.stderr
-    return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
-
-
 @pytest.fixture(scope="module")
 def cluster(kube_apiserver, tmp_path_factory):  # noqa: F811 - the imported fixture, used by name
     """CRDs (Established), the namespace, the chart's controller RBAC bound to USERS, a Node ``ha-node-1``."""
     admin = kube_apiserver.client()
-    home = tmp_path_factory.mktemp("helm-home")
-    extensions, rbac, core = k8s.ApiextensionsV1Api(admin), k8s.RbacAuthorizationV1Api(admin), k8s.CoreV1Api(admin)
-    crds = _render(home, "templates/crds.yaml")
-    for crd in crds:
-        extensions.create_custom_resource_definition(crd)
-    core.create_namespace({"metadata": {"name": NAMESPACE}})
-    roles = [o for o in _render(home, "templates/rbac-controller.yaml")
-             if o["kind"] in ("ClusterRole", "Role") and o["metadata"]["name"] == f"{RELEASE}-controller"]
-    assert sorted(o["kind"] for o in roles) == ["ClusterRole", "Role"]
-    subjects = [{"kind": "User", "name": user, "apiGroup": "rbac.authorization.k8s.io"} for user in USERS]
-    for role in roles:
-        binding = {"metadata": {"name": f"{RELEASE}-users"}, "subjects": subjects,
-                   "roleRef": {"kind": role["kind"], "name": role["metadata"]["name"],
-                               "apiGroup": "rbac.authorization.k8s.io"}}
-        if role["kind"] == "ClusterRole":
-            rbac.create_cluster_role(role)
-            rbac.create_cluster_role_binding(binding)
-        else:
-            rbac.create_namespaced_role(NAMESPACE, role)
-            rbac.create_namespaced_role_binding(NAMESPACE, binding)
-    core.create_node({"metadata": {"name": NODE, "labels": {"topology.kubernetes.io/zone": "zone-a",
-                                                            "node-role.kubernetes.io/worker": ""}}})
-    deadline = time.monotonic() + 30
-    for crd in crds:
-        while not any(c.type == "Established" and c.status == "True" for c in
-                      extensions.read_custom_resource_definition(crd["metadata"]["name"]).status.conditions or ()):
-            assert time.monotonic() < deadline, f"CRD {crd['metadata']['name']} not Established"
-            time.sleep(0.1)
-    try:
-        yield kube_apiserver
-    finally:
-        core.delete_node(NODE)
-        rbac.delete_cluster_role_binding(f"{RELEASE}-users")
-        rbac.delete_cluster_role(f"{RELEASE}-controller")
-        for crd in crds:
-            extensions.delete_custom_resource_definition(crd["metadata"]["name"])
-        admin.close()
+    core = k8s.CoreV1Api(admin)
+    with controller_access(admin, tmp_path_factory.mktemp("helm-home"), release=RELEASE, namespace=NAMESPACE,
+                           group=GROUP, users=USERS):
+        core.create_node({"metadata": {"name": NODE, "labels": {"topology.kubernetes.io/zone": "zone-a",
+                                                                "node-role.kubernetes.io/worker": ""}}})
+        try:
+            yield kube_apiserver
+        finally:
+            core.delete_node(NODE)
+    admin.close()
 
 
 # ---------------------------------------------------------------------------------------------- helpers

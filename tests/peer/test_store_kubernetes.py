@@ -16,89 +16,33 @@ CHAP Secrets deleted).
 from __future__ import annotations
 
 import json
-import subprocess
-import time
-from pathlib import Path
 
 import pytest
-import yaml
 
 from controller.domain.model import AVAILABLE, CREATING, ChapCredential
 from controller.store import KubernetesStore, KubernetesStoreSettings, StoreConflict
 from controller.store.kubernetes import KINDS, NODES, object_name
-from tests.support.k8s_tools import helm_env, k8s_tools
+from tests.support.chart_access import controller_access
 from tests.support.kube_apiserver import BUILD_TEST_TIMEOUT, kube_apiserver  # noqa: F401 - the session fixture
 from tests.unit.test_store_contract import *  # noqa: F401,F403 - every contract test, run with this module's store
 from tests.unit.test_store_contract import SECRET, node, volume
 
 pytestmark = [pytest.mark.peer, pytest.mark.timeout(BUILD_TEST_TIMEOUT)]
 
-REPO = Path(__file__).resolve().parents[2]
-CHART = REPO / "deploy" / "helm" / "shoal"
 GROUP = "store-test.shoal.io"
 RELEASE = "shoal-store-test"
 NAMESPACE = "shoal-store-test"
 USER = "store"
 
 
-def _render(helm_home: Path, template: str) -> list[dict]:
-    tools = k8s_tools()
-    result = subprocess.run(
-        [str(tools.helm), "template", RELEASE, str(CHART), "--namespace", NAMESPACE, "--kube-version", "1.30.0",
-         "--set", f"apiGroup={GROUP}", "--show-only", template],
-        env=helm_env(helm_home), capture_output=True, text=True, timeout=120, check=False)
-    assert result.returncode == 0, result.stderr
-    return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
-
-
 @pytest.fixture(scope="module")
 def cluster(kube_apiserver, tmp_path_factory):  # noqa: F811 - the imported fixture, used by name
     """The chart's CRDs (Established) and the controller's RBAC bound to ``USER``; removed at the end."""
-    from kubernetes import client
-
     admin = kube_apiserver.client()
-    home = tmp_path_factory.mktemp("helm-home")
-    extensions = client.ApiextensionsV1Api(admin)
-    rbac = client.RbacAuthorizationV1Api(admin)
-    crds = _render(home, "templates/crds.yaml")
-    for crd in crds:
-        extensions.create_custom_resource_definition(crd)
-    client.CoreV1Api(admin).create_namespace({"metadata": {"name": NAMESPACE}})
-    roles = [o for o in _render(home, "templates/rbac-controller.yaml")
-             if o["kind"] in ("ClusterRole", "Role") and o["metadata"]["name"] == f"{RELEASE}-controller"]
-    assert sorted(o["kind"] for o in roles) == ["ClusterRole", "Role"]
-    subject = [{"kind": "User", "name": USER, "apiGroup": "rbac.authorization.k8s.io"}]
-    for role in roles:
-        binding = {"metadata": {"name": f"{RELEASE}-{USER}"}, "subjects": subject,
-                   "roleRef": {"kind": role["kind"], "name": role["metadata"]["name"],
-                               "apiGroup": "rbac.authorization.k8s.io"}}
-        if role["kind"] == "ClusterRole":
-            rbac.create_cluster_role(role)
-            rbac.create_cluster_role_binding(binding)
-        else:
-            rbac.create_namespaced_role(NAMESPACE, role)
-            rbac.create_namespaced_role_binding(NAMESPACE, binding)
-    _wait_established(extensions, [crd["metadata"]["name"] for crd in crds])
-    try:
+    with controller_access(admin, tmp_path_factory.mktemp("helm-home"), release=RELEASE, namespace=NAMESPACE,
+                           group=GROUP, users=[USER]):
         yield kube_apiserver
-    finally:
-        rbac.delete_cluster_role_binding(f"{RELEASE}-{USER}")
-        rbac.delete_cluster_role(f"{RELEASE}-controller")
-        for crd in crds:
-            extensions.delete_custom_resource_definition(crd["metadata"]["name"])
-        admin.close()
-
-
-def _wait_established(extensions, names: list[str], timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        pending = [name for name in names
-                   if not any(c.type == "Established" and c.status == "True"
-                              for c in extensions.read_custom_resource_definition(name).status.conditions or ())]
-        if not pending:
-            return
-        assert time.monotonic() < deadline, f"CRDs not Established after {timeout} s: {pending}"
-        time.sleep(0.1)
+    admin.close()
 
 
 def _erase(admin) -> None:
