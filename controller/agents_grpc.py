@@ -238,6 +238,13 @@ class GrpcAgentClient:
     def delete_snapshot(self, snapshot_id: str) -> None:
         self._call("DeleteSnapshot", agent_pb2.DeleteSnapshotRequest(snapshot_id=snapshot_id))
 
+    def fence_initiator(self, initiator_iqn: str) -> dict[str, Any]:
+        # as long as an attach: the agent waits for the initiator's commands in flight (a slow disk)
+        answer = self._call("FenceInitiator", agent_pb2.FenceInitiatorRequest(initiator_iqn=initiator_iqn),
+                            timeout=self._settings.attach_timeout)
+        return {"volume_ids": list(answer.volume_ids), "sessions_closed": answer.sessions_closed,
+                "registrations_removed": answer.registrations_removed, "commands_waited": answer.commands_waited}
+
     # One RPC, retried.
     def _call(self, method: str, request, *, secret: str = "", timeout: float | None = None):
         settings = self._settings

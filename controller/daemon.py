@@ -340,11 +340,12 @@ class ControllerDaemon:
             self.loop_once()
 
     def loop_once(self) -> list[str]:
-        """Mark silent nodes unhealthy, then one reconcile pass; returns what it repaired."""
+        """Mark silent nodes unhealthy, fence (``fence_grace``) and retry fences, then one reconcile pass;
+        returns what it did."""
         assert self.service is not None
         try:
             self.service.mark_unhealthy()
-            repaired = self.service.reconcile_once()
+            repaired = self.service.fence_pass() + self.service.reconcile_once()
         except Exception:  # noqa: BLE001 - the loop must outlive a bug in one pass; the next pass retries
             log.exception("health/reconcile pass failed")
             return []
@@ -370,6 +371,9 @@ def add_parser(sub) -> None:
                         help="agents heartbeat this often (default %(default)s)")
     parser.add_argument("--heartbeat-timeout", type=float, default=heartbeat.heartbeat_timeout, metavar="SECONDS",
                         help="a node silent this long is unhealthy (default %(default)s)")
+    parser.add_argument("--fence-grace", type=float, default=heartbeat.fence_grace, metavar="SECONDS",
+                        help="fence a node silent this long (0: never on its own, only shoalctl node fence; "
+                             "default %(default)s)")
     parser.add_argument("--loop-interval", type=float, default=defaults.loop_interval, metavar="SECONDS",
                         help="seconds between health/reconcile passes (default %(default)s)")
     parser.add_argument("--tls-cert", default="", help="PEM certificate for the controller's port (enables TLS)")
@@ -442,7 +446,7 @@ def settings_from_args(args: argparse.Namespace) -> tuple[DaemonSettings, Contro
                             csi_endpoint=args.csi_endpoint, csi_driver_name=args.csi_driver_name,
                             store=args.store, kubernetes=kubernetes, health_listen=args.health_listen)
     return daemon, ControllerSettings(heartbeat_interval=args.heartbeat_interval,
-                                      heartbeat_timeout=args.heartbeat_timeout)
+                                      heartbeat_timeout=args.heartbeat_timeout, fence_grace=args.fence_grace)
 
 
 def _write_json(path: str, data: dict) -> None:

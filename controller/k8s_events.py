@@ -56,6 +56,11 @@ REASONS: dict[str, tuple[str, str, str]] = {
     "clone_volume": ("Volume", "VolumeCloned", "CloneVolumeFailed"),
     "create_snapshot": ("Snapshot", "SnapshotCreated", "CreateSnapshotFailed"),
     "delete_snapshot": ("Snapshot", "SnapshotDeleted", "DeleteSnapshotFailed"),
+    # fencing (controller.domain.fencing): about the node; one event per owner's step
+    "fence_requested": ("ShoalNode", "FenceRequested", "FenceRequestFailed"),
+    "fence_node": ("ShoalNode", "NodeFenced", "FenceNodeFailed"),
+    "fence_initiator": ("ShoalNode", "NodeFencedAtOwner", "FenceAtOwnerFailed"),
+    "unfence_node": ("ShoalNode", "NodeUnfenced", "UnfenceNodeFailed"),
 }
 
 PLURALS = {"Volume": "volumes", "Snapshot": "snapshots", "Pool": "pools", "ShoalNode": "shoalnodes",

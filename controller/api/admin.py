@@ -33,6 +33,14 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
     def GetNode(self, request, context):
         return convert.node_to_proto(self.service.get_node(request.id))
 
+    @rpc("id")
+    def FenceNode(self, request, context):
+        return convert.node_to_proto(self.service.fence_node(request.id, request.reason))
+
+    @rpc("id")
+    def UnfenceNode(self, request, context):
+        return convert.node_to_proto(self.service.unfence_node(request.id))
+
     # Pools.
     @rpc("name")
     def CreatePool(self, request, context):
@@ -94,8 +102,15 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
     def AttachVolume(self, request, context):
         mode = request.mode or DEFAULT_MODE
         with self.metrics.time_attach(mode):
-            attachment = self.service.attach_volume(request.name, request.node, mode)
-        return convert.attachment_to_proto(attachment)
+            attachment = self.service.attach_volume(request.name, request.node, mode,
+                                                    login=not request.publish_only, shared=request.shared)
+        export, node = self.service.publish_info(attachment.volume, attachment.node)
+        return convert.attachment_to_proto(attachment, export, node.initiator_iqn)
+
+    @rpc("name", "node")
+    def GetPublishSecret(self, request, context):
+        chap = self.service.publish_secret(request.name, request.node)
+        return admin_pb2.PublishSecret(chap_user=chap.user, chap_secret=chap.secret)
 
     @rpc("name", "node")
     def DetachVolume(self, request, context):

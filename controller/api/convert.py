@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from controller.domain.model import Attachment, Disk, Node, Pool, PoolUsage, Snapshot, Volume
+from controller.domain.model import Attachment, Disk, Export, Node, Pool, PoolUsage, Snapshot, Volume
 from protos.shoal.v1 import admin_pb2, common_pb2
 
 
@@ -21,7 +21,9 @@ def node_to_proto(node: Node) -> admin_pb2.Node:
     return admin_pb2.Node(id=node.id, initiator_iqn=node.initiator_iqn, agent_address=node.agent_address,
                           portals=list(node.portals), labels=dict(node.labels),
                           disks=[disk_to_proto(d) for d in node.disks], health=node.health,
-                          last_heartbeat_unix=node.last_heartbeat)
+                          last_heartbeat_unix=node.last_heartbeat, fence=node.fence,
+                          fence_since_unix=node.fence_since, fence_reason=node.fence_reason,
+                          fence_steps=list(node.fence_steps))
 
 
 def pool_to_proto(pool: Pool, usage: PoolUsage | None = None) -> admin_pb2.Pool:
@@ -45,6 +47,14 @@ def snapshot_to_proto(snapshot: Snapshot) -> admin_pb2.Snapshot:
                               owner_node=snapshot.owner_node, disk=snapshot.disk, message=snapshot.message)
 
 
-def attachment_to_proto(attachment: Attachment) -> admin_pb2.Attachment:
-    return admin_pb2.Attachment(volume=attachment.volume, node=attachment.node,
-                                device_path=attachment.device_path, state=attachment.state)
+def attachment_to_proto(attachment: Attachment, export: Export | None = None,
+                        initiator_iqn: str = "") -> admin_pb2.Attachment:
+    """The attachment; with ``export``, how the node reaches the volume (never the secret)."""
+    message = admin_pb2.Attachment(volume=attachment.volume, node=attachment.node,
+                                   device_path=attachment.device_path, state=attachment.state,
+                                   shared=attachment.shared, initiator_iqn=initiator_iqn)
+    if export is not None:
+        message.export.CopyFrom(common_pb2.ExportInfo(target_iqn=export.target_iqn, portals=list(export.portals),
+                                                      lun=export.lun, naa=export.naa, serial=export.serial,
+                                                      chap_user=export.chap_user))
+    return message

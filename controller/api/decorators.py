@@ -2,8 +2,8 @@
 
 Required-field checks (``INVALID_ARGUMENT`` naming the field, before anything
 is read or written), one log line per call (the request's fields, never a
-secret: no admin or registration message carries one, and fields named like
-one are left out anyway), and errors turned into statuses through the one
+secret: no admin or registration request carries one, and fields named like
+one are left out anyway; answers are never logged, and GetPublishSecret's is the only one with a secret), and errors turned into statuses through the one
 table of ``errors.GRPC_CODES``.  Anything else is a bug: logged with its
 traceback and answered ``INTERNAL`` without details.
 """

@@ -36,5 +36,6 @@ class RegistrationServicer(agent_pb2_grpc.RegistrationServiceServicer):
 
     @rpc("node_id")
     def Heartbeat(self, request, context):
-        self.service.heartbeat(request.node_id, convert.disks_from_proto(request.disks) if request.disks else None)
-        return agent_pb2.HeartbeatResponse()
+        node = self.service.heartbeat(request.node_id,
+                                      convert.disks_from_proto(request.disks) if request.disks else None)
+        return agent_pb2.HeartbeatResponse(fenced=node.fenced, drop_volume_ids=self.service.volumes_to_drop(node))

@@ -1,10 +1,10 @@
-"""``shoalctl volume create|list|show|expand|delete|attach|detach|snapshot|clone``."""
+"""``shoalctl volume create|list|show|expand|delete|attach|detach|connect|disconnect|snapshot|clone``."""
 
 from __future__ import annotations
 
 import argparse
 
-from controller.cli import output, snapshot
+from controller.cli import connect, output, snapshot
 from controller.cli.output import Column
 from controller.cli.sizes import parse_size
 from protos.shoal.v1 import admin_pb2
@@ -30,7 +30,7 @@ def to_dict(volume: admin_pb2.Volume) -> dict:
 
 def attachment_dict(attachment: admin_pb2.Attachment) -> dict:
     return {"volume": attachment.volume, "node": attachment.node, "device_path": attachment.device_path,
-            "state": attachment.state}
+            "state": attachment.state, "shared": attachment.shared}
 
 
 def size(text: str) -> int:
@@ -79,12 +79,15 @@ def register(sub) -> None:
     verb.add_argument("--node", required=True, help="the node that uses it")
     verb.add_argument("--mode", choices=MODES, default="userspace",
                       help="userspace: Shoal's initiator + a loop device; kernel: open-iscsi (default %(default)s)")
+    verb.add_argument("--shared", action="store_true",
+                      help="allow a second node at the same time (live migration, multi-writer raw block)")
     output.add_output_flag(verb)
     verb.set_defaults(func=attach_volume)
     verb = noun.add_parser("detach", help="detach a volume from a node (repeat: OK)")
     verb.add_argument("name")
     verb.add_argument("--node", required=True)
     verb.set_defaults(func=detach_volume)
+    connect.register(noun)
     snapshot.register_volume_verbs(noun)
 
 
@@ -118,7 +121,7 @@ def delete_volume(api, args) -> None:
 
 
 def attach_volume(api, args) -> None:
-    request = admin_pb2.AttachVolumeRequest(name=args.name, node=args.node, mode=args.mode)
+    request = admin_pb2.AttachVolumeRequest(name=args.name, node=args.node, mode=args.mode, shared=args.shared)
     attachment = attachment_dict(api.call("AttachVolume", request))
     output.emit_message(f"volume {attachment['volume']} attached to {attachment['node']} at "
                         f"{attachment['device_path']}", attachment, args.output)

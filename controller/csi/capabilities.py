@@ -65,5 +65,10 @@ def is_single_node(capability: csi_pb2.VolumeCapability) -> bool:
     return capability.access_mode.mode in SINGLE_NODE_MODES
 
 
+def is_multi_node_writer(capability: csi_pb2.VolumeCapability) -> bool:
+    """MULTI_NODE_MULTI_WRITER: a second node may publish it at once (``unsupported`` allows it for block only)."""
+    return capability.access_mode.mode == Mode.MULTI_NODE_MULTI_WRITER
+
+
 def is_block(capability: csi_pb2.VolumeCapability) -> bool:
     return capability.WhichOneof("access_type") == "block"

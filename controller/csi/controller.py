@@ -16,9 +16,11 @@ Idempotency, per RPC (the spec's rules):
 * ControllerPublishVolume: the owner exports the volume to the node's initiator
   with the volume's CHAP secret, and the node's agent is told the target and the
   credentials (it logs in at NodeStageVolume, not now).  The publish context
-  names the target, LUN and identity (NAA, serial), never the secret.  A repeat
-  for the same node returns the same publish context; a single-node volume
-  published elsewhere -> FAILED_PRECONDITION.
+  names the target, LUN, identity (NAA, serial) and the node's initiator IQN (the
+  ACL admits only it), never the secret.  A repeat for the same node returns the
+  same publish context; a volume published elsewhere (to a node not fenced) ->
+  FAILED_PRECONDITION unless the capability is MULTI_NODE_MULTI_WRITER raw block
+  (published ``shared``: live migration).
 * ControllerUnpublishVolume: the node's agent forgets the target (logging out if
   still logged in), then the owner drops the node's initiator.
   An unknown volume or node, or a repeat, is OK.
@@ -249,19 +251,22 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):
         node = self.service.store.get_node(request.node_id)
         if node is None:
             raise NotFound(f"node {request.node_id} is not registered with the Shoal controller")
-        if caps.is_single_node(request.volume_capability):
+        shared = caps.is_multi_node_writer(request.volume_capability)  # raw block only (unsupported() says)
+        if not shared:
             elsewhere = [a.node for a in self.service.store.list_attachments(volume=volume.name)
-                         if a.node != node.id]
+                         if a.node != node.id and a.writer]
             if elsewhere:
                 raise FailedPrecondition(f"volume {volume.id} is published to {', '.join(elsewhere)} with a "
                                          "single-node access mode: unpublish it there first")
         with self.busy.hold(f"publish/{volume.name}/{node.id}", f"volume {volume.id} on node {node.id}"):
-            attachment = self.service.attach_volume(volume.name, node.id, mode=self._mode(node), login=False)
+            attachment = self.service.attach_volume(volume.name, node.id, mode=self._mode(node), login=False,
+                                                    shared=shared)
         export = self.service.store.get_export(volume.name, node.initiator_iqn)
         context_ = {"mode": attachment.mode}
         if export is not None:  # what the node needs to find and check the device; never the CHAP secret
             context_.update(target_iqn=export.target_iqn, portals=",".join(export.portals), lun=str(export.lun),
-                            naa=export.naa, serial=export.serial, chap_user=export.chap_user)
+                            naa=export.naa, serial=export.serial, chap_user=export.chap_user,
+                            initiator_iqn=node.initiator_iqn)
         return csi_pb2.ControllerPublishVolumeResponse(publish_context=context_)
 
     @csi_rpc("volume_id")

@@ -31,6 +31,8 @@ Shapes (plain dicts, so this module does not depend on generated code):
   initiators it admits, as "initiators" (a list, one entry per volume) or
   "initiator_iqn" (one entry per volume and initiator)], "attachments":
   [{"volume_id", "device_path", "mode"}], "disks": [...]}``.
+* ``fence_initiator`` returns ``{"volume_ids": [...], "sessions_closed": int,
+  "registrations_removed": int, "commands_waited": int}``.
 """
 
 from __future__ import annotations
@@ -77,6 +79,10 @@ class AgentClient(Protocol):
     def get_snapshot(self, snapshot_id: str) -> dict[str, Any]: ...
 
     def delete_snapshot(self, snapshot_id: str) -> None: ...
+
+    def fence_initiator(self, initiator_iqn: str) -> dict[str, Any]:
+        """Cut ``initiator_iqn`` off every target of this node; returns once its commands in flight ended."""
+        ...
 
 
 class AgentDirectory(Protocol):
@@ -289,6 +295,14 @@ class FakeAgentClient:
                for v in self._state.volumes.values()):
             raise FailedPrecondition(f"snapshot {snapshot_id} is being cloned")
         self._state.snapshots.pop(snapshot_id, None)
+
+    def fence_initiator(self, initiator_iqn: str) -> dict[str, Any]:
+        self._agents._enter(self._state.node_id, "fence_initiator")
+        gone = sorted(volume_id for volume_id, iqn in self._state.exports if iqn == initiator_iqn)
+        for volume_id in gone:
+            self._state.exports.pop((volume_id, initiator_iqn), None)
+            self._state.secrets.pop((volume_id, initiator_iqn), None)
+        return {"volume_ids": gone, "sessions_closed": 0, "registrations_removed": 0, "commands_waited": 0}
 
     def _start_copy(self, item: dict[str, Any]) -> None:
         steps = self._agents.copy_steps

@@ -27,7 +27,16 @@ VOLUME_STATES = (CREATING, AVAILABLE, ATTACHED, DELETING, ERROR)
 ATTACHING = "attaching"
 PUBLISHED = "published"
 DETACHING = "detaching"
-ATTACHMENT_STATES = (ATTACHING, PUBLISHED, ATTACHED, DETACHING)
+# The node was fenced: its owner no longer exports the volume to it, so it is not a writer any more; the row
+# stays (shown by list/show) until the attachment is detached or the node unfenced.
+FENCED = "fenced"
+ATTACHMENT_STATES = (ATTACHING, PUBLISHED, ATTACHED, DETACHING, FENCED)
+
+# Node fence states (admin.proto Node.fence): "" not fenced; "fencing" asked for, not every owner has
+# answered yet (the controller's loop retries); "fenced" every owner cut the node off.
+FENCING = "fencing"
+FENCE_DONE = "fenced"
+FENCE_STATES = ("", FENCING, FENCE_DONE)
 
 # Attach modes: the consumer agent's connector.
 MODES = ("userspace", "kernel")
@@ -55,6 +64,19 @@ class Node:
     disks: tuple[Disk, ...]
     health: str
     last_heartbeat: float
+    fence: str = ""
+    """"" | "fencing" | "fenced" (``FENCE_STATES``)."""
+    fence_since: float = 0.0
+    """When the fence was asked for (Unix seconds); 0 when not fenced."""
+    fence_reason: str = ""
+    """Why: "shoalctl node fence", or the silence that made the controller fence it; or what is still missing."""
+    fence_steps: tuple[str, ...] = ()
+    """What each owner did (one line per owner target host), in order."""
+
+    @property
+    def fenced(self) -> bool:
+        """Fencing or fenced: nothing may be published to it."""
+        return bool(self.fence)
 
     def disk(self, name: str) -> Disk | None:
         return next((d for d in self.disks if d.name == name), None)
@@ -128,6 +150,13 @@ class Attachment:
     mode: str
     state: str
     device_path: str = ""
+    shared: bool = False
+    """Published as a second writer on purpose (live migration, multi-writer raw block)."""
+
+    @property
+    def writer(self) -> bool:
+        """Counts as a node that may write the volume (a fenced node cannot any more)."""
+        return self.state != FENCED
 
 
 @dataclass(frozen=True)

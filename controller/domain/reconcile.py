@@ -7,7 +7,7 @@ Repairs, each under the volume's lock and re-checked against the store first:
   (both only once the owner is healthy; rows in "error" wait for a repeat of
   create, or a delete, by whoever asked);
 * an attachment left "detaching" is detached;
-* an export that should exist (an attachment in any state) but the owner does
+* an export that should exist (an attachment in any state but "fenced") but the owner does
   not report (its agent restarted without restoring it) is exported again;
 * an export the owner reports that no attachment wants is removed;
 * a volume smaller on its agent than recorded (an expand that failed
@@ -27,7 +27,8 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from controller.domain.errors import DomainError
-from controller.domain.model import ATTACHED, AVAILABLE, CREATING, DELETING, DETACHING, HEALTHY, OP_STARTED, Node
+from controller.domain.model import (ATTACHED, AVAILABLE, CREATING, DELETING, DETACHING, HEALTHY,
+                                     OP_STARTED, Node)
 
 if TYPE_CHECKING:
     from controller.domain.service import ControllerService
@@ -128,12 +129,12 @@ class Reconciler:
 
     def _wanted(self, owned: dict) -> set[tuple[str, str]]:
         """(volume id, initiator IQN) the owner should export: every attachment, detaching ones included
-        (the consumer may still be flushing)."""
+        (the consumer may still be flushing); never to a fenced attachment or node."""
         wanted = set()
         for volume_id, volume in owned.items():
             for attachment in self.store.list_attachments(volume=volume.name):
                 consumer = self.store.get_node(attachment.node)
-                if consumer is not None:
+                if consumer is not None and attachment.writer and not consumer.fenced:
                     wanted.add((volume_id, consumer.initiator_iqn))
         return wanted
 
@@ -141,7 +142,8 @@ class Reconciler:
         with self.service._volume_locks.hold(name):
             volume = self.store.get_volume(name)
             consumer = next((n for n in self.store.list_nodes() if n.initiator_iqn == iqn), None)
-            if volume is None or consumer is None or self.store.get_attachment(name, consumer.id) is None:
+            attachment = self.store.get_attachment(name, consumer.id) if consumer is not None else None
+            if volume is None or attachment is None or not attachment.writer or consumer.fenced:
                 return
             self.service._export(volume, consumer, self.service._chap(volume))
 

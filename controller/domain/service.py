@@ -18,8 +18,12 @@ Idempotency, per method (admin.proto says the same per RPC):
 * ``expand_volume``: the same size again is a no-op on the agent; smaller is
   ``InvalidArgument`` (volumes only grow).
 * ``attach_volume``: a repeat returns the same attachment; with ``login=False`` (CSI
-  ControllerPublishVolume) the node's agent only records the target and credentials, the
-  attachment is "published", and the node's CSI NodeStageVolume logs in.
+  ControllerPublishVolume, ``shoalctl volume connect``) the node's agent only records the target and
+  credentials, the attachment is "published", and the node's CSI NodeStageVolume (or a hypervisor
+  logging in as the node) logs in.  A second node is refused while another (not fenced) node has the
+  volume, unless the new publish is ``shared`` (live migration, multi-writer raw block).  Nothing is
+  published to a node that is fencing or fenced.
+* ``fence_node`` / ``unfence_node``: see ``controller.domain.fencing``.
 * ``detach_volume``: a repeat, or a detach of what is not attached, succeeds.
 * snapshots and clones: see ``controller.domain.snapshots``; ``delete_volume``
   is refused while the volume has snapshots or is being cloned.
@@ -44,9 +48,10 @@ from controller.domain import validation as check
 from controller.domain.agents import AgentClient, AgentDirectory
 from controller.domain.errors import (AlreadyExists, DomainError, FailedPrecondition, InvalidArgument, NotFound,
                                       ResourceExhausted, Unavailable)
-from controller.domain.model import (ATTACHED, ATTACHING, AVAILABLE, CREATING, DELETING, DETACHING, ERROR, HEALTHY,
-                                     OP_DONE, OP_FAILED, OP_STARTED, PUBLISHED, UNHEALTHY, Attachment, ChapCredential,
-                                     Disk, Export, Node, Pool, PoolUsage, Snapshot, Volume)
+from controller.domain.fencing import Fencing
+from controller.domain.model import (ATTACHED, ATTACHING, AVAILABLE, CREATING, DELETING, DETACHING, ERROR, FENCED,
+                                     HEALTHY, OP_DONE, OP_FAILED, OP_STARTED, PUBLISHED, UNHEALTHY, Attachment,
+                                     ChapCredential, Disk, Export, Node, Pool, PoolUsage, Snapshot, Volume)
 from controller.domain.settings import ControllerSettings
 from controller.domain.snapshots import Snapshots
 from controller.domain.validation import human_bytes
@@ -91,6 +96,7 @@ class ControllerService:
         self._volume_locks = _LockTable()
         self._placement_lock = threading.RLock()  # capacity is read, then promised: one decision at a time
         self._snapshots = Snapshots(self)
+        self._fencing = Fencing(self)
         if self.settings.default_pool and self.store.get_pool(self.settings.default_pool) is None:
             self.store.put_pool(Pool(self.settings.default_pool, (), 1.0))
 
@@ -101,7 +107,7 @@ class ControllerService:
 
     def register_node(self, node_id: str, initiator_iqn: str, agent_address: str, portals: Iterable[str],
                       labels: Mapping[str, str] | None = None, disks: Iterable[Disk] = ()) -> Node:
-        """Add or update a node; it is healthy as of now.  Repeat: updates the record."""
+        """Add or update a node; it is healthy as of now.  Repeat: updates the record (a fence stays)."""
         node = Node(id=check.node_id(node_id), initiator_iqn=check.iqn(initiator_iqn),
                     agent_address=check.address(agent_address, "agent address"), portals=check.portals(portals),
                     labels=check.labels(labels, "node labels"), disks=check.disks(disks), health=HEALTHY,
@@ -112,6 +118,13 @@ class ControllerService:
             if clash is not None:
                 raise AlreadyExists(f"initiator IQN {node.initiator_iqn} is already used by node {clash.id}: "
                                     "every node needs its own IQN (its ACL entries would be shared)")
+            known = self.store.get_node(node.id)
+            if known is not None and known.fence:
+                if known.initiator_iqn != node.initiator_iqn:
+                    raise FailedPrecondition(f"node {node.id} is {known.fence} as {known.initiator_iqn}: it cannot "
+                                             "register with another initiator IQN until it is unfenced")
+                node = replace(node, fence=known.fence, fence_since=known.fence_since,
+                               fence_reason=known.fence_reason, fence_steps=known.fence_steps)
             self.store.put_node(node)
         log.info("node %s registered (%s, %d disks)", node.id, node.agent_address, len(node.disks))
         return node
@@ -126,6 +139,20 @@ class ControllerService:
                            disks=new_disks if new_disks is not None else node.disks)
             self.store.put_node(node)
         return node
+
+    def fence_node(self, node_id: str, reason: str = "") -> Node:
+        return self._fencing.fence(node_id, reason)
+
+    def unfence_node(self, node_id: str) -> Node:
+        return self._fencing.unfence(node_id)
+
+    def fence_pass(self) -> list[str]:
+        """Fence nodes silent past ``fence_grace``; retry fences still waiting for an owner (the loop's)."""
+        return self._fencing.retry()
+
+    def volumes_to_drop(self, node: Node) -> list[str]:
+        """Volume ids whose attachments a fenced node's agent should forget (told in its heartbeat answer)."""
+        return self._fencing.drop_list(node)
 
     def list_nodes(self) -> list[Node]:
         return [self._effective(n) for n in self.store.list_nodes()]
@@ -387,16 +414,20 @@ class ControllerService:
         node = check.node_id(node) if node is not None else None
         return self.store.list_attachments(volume=volume, node=node)
 
-    def attach_volume(self, name: str, node_id: str, mode: str = "userspace", *, login: bool = True) -> Attachment:
+    def attach_volume(self, name: str, node_id: str, mode: str = "userspace", *, login: bool = True,
+                      shared: bool = False) -> Attachment:
         """Publish a volume to a node: the owner exports it to the node's IQN with CHAP, the node attaches.
 
         ``login=False`` (CSI ControllerPublishVolume): the consumer's agent records the target and the
         credentials without logging in, and the attachment is "published"; the node's CSI NodeStageVolume
         logs in.  A repeat returns the same attachment; a plain attach of a published one logs in.
+        ``shared``: another node may have the volume at the same time (see ``_check_single_writer``).
         """
         name = check.name(name, "volume name")
         node_id = check.node_id(node_id)
         mode = check.mode(mode)
+        if not isinstance(shared, bool):
+            raise InvalidArgument(f"shared must be true or false, not {shared!r}")
         with self._volume_locks.hold(name):
             volume = self.get_volume(name)
             consumer = self.get_node(node_id)
@@ -404,7 +435,14 @@ class ControllerService:
             if existing is not None and existing.mode != mode:
                 raise AlreadyExists(f"volume {name} is attached to {node_id} in {existing.mode} mode: detach it "
                                     f"first to attach it in {mode} mode")
+            if consumer.fenced:
+                raise FailedPrecondition(f"node {node_id} is {consumer.fence} ({consumer.fence_reason}): nothing is "
+                                         f"published to it; shoalctl node unfence {node_id} once the host is known "
+                                         "clean")
             if existing is not None and (existing.state == ATTACHED or (existing.state == PUBLISHED and not login)):
+                if shared and not existing.shared:
+                    existing = replace(existing, shared=True)
+                    self.store.put_attachment(existing)
                 return existing
             if existing is not None and existing.state == DETACHING:
                 raise FailedPrecondition(f"volume {name} is being detached from {node_id}: detach it again to "
@@ -414,11 +452,18 @@ class ControllerService:
                                          "attached")
             if consumer.health != HEALTHY:
                 raise FailedPrecondition(f"{self._unhealthy(consumer)}: cannot attach volume {name} to it")
+            shared = shared or (existing is not None and existing.shared)
+            if not shared:
+                self._check_single_writer(name, node_id)
             with self.store.transaction():
-                op = self._begin("attach_volume" if login else "publish_volume", name, f"to {node_id} ({mode})")
+                if self.get_node(node_id).fenced:  # re-read: a fence marks the node in a transaction too
+                    raise FailedPrecondition(f"node {node_id} is being fenced: nothing is published to it")
+                op = self._begin("attach_volume" if login else "publish_volume", name,
+                                 f"to {node_id} ({mode}{', shared' if shared else ''})")
                 chap = self._chap(volume)
-                if existing is None:
-                    self.store.put_attachment(Attachment(name, node_id, mode, ATTACHING))
+                if existing is None or existing.shared != shared:
+                    self.store.put_attachment(replace(existing, shared=shared) if existing is not None
+                                              else Attachment(name, node_id, mode, ATTACHING, shared=shared))
             try:
                 export = self._export(volume, consumer, chap)
                 consumer_client = self._client(node_id, f"attaching volume {name}")
@@ -428,7 +473,7 @@ class ControllerService:
                 error = _as_domain_error(exc, node_id, "attach_volume", secret=chap.secret)
                 self._end(op, OP_FAILED, str(error))
                 raise error from None
-            attachment = Attachment(name, node_id, mode, ATTACHED if login else PUBLISHED, device)
+            attachment = Attachment(name, node_id, mode, ATTACHED if login else PUBLISHED, device, shared)
             with self.store.transaction():
                 self.store.put_attachment(attachment)
                 if volume.state == AVAILABLE:
@@ -439,6 +484,38 @@ class ControllerService:
             else:
                 log.info("volume %s published to %s (the node logs in when it stages it)", name, node_id)
             return attachment
+
+    def _check_single_writer(self, name: str, node_id: str) -> None:
+        """Refuse a second node unless asked for: a volume has one writer except on purpose (``shared``).
+
+        A fenced node's attachment does not count (its owner cut it off); an unhealthy node's does: it may
+        still be writing, so its volumes move only once it is fenced.
+        """
+        others = [a.node for a in self.store.list_attachments(volume=name) if a.node != node_id and a.writer]
+        if others:
+            raise FailedPrecondition(
+                f"volume {name} is published to {', '.join(others)}: a second node is refused; detach it there "
+                f"first, fence a failed node (shoalctl node fence NODE), or publish with --shared for live "
+                "migration or multi-writer raw block (CSI: MULTI_NODE_MULTI_WRITER)")
+
+    def publish_info(self, name: str, node_id: str) -> tuple[Export | None, Node]:
+        """How ``node_id`` reaches volume ``name`` (the owner's answer when it was published), and the node."""
+        name = check.name(name, "volume name")
+        node = self.get_node(node_id)
+        return self.store.get_export(name, node.initiator_iqn), node
+
+    def publish_secret(self, name: str, node_id: str) -> ChapCredential:
+        """The CHAP credentials a node logs in with, for a volume published to it (and only then)."""
+        name = check.name(name, "volume name")
+        node = self.get_node(node_id)
+        attachment = self.store.get_attachment(name, node.id)
+        if attachment is None or not attachment.writer or node.fenced:
+            raise FailedPrecondition(f"volume {name} is not published to node {node.id}: publish it first "
+                                     f"(shoalctl volume connect {name} --node {node.id})")
+        chap = self.store.get_chap(name)
+        if chap is None:
+            raise FailedPrecondition(f"volume {name} has no CHAP credentials yet: publish it first")
+        return chap
 
     def _chap(self, volume: Volume) -> ChapCredential:
         chap = self.store.get_chap(volume.name)
@@ -481,7 +558,7 @@ class ControllerService:
                 if attachment is not None:
                     self.store.put_attachment(replace(attachment, state=DETACHING))
             try:
-                if attachment is not None and not force:
+                if attachment is not None and not force and attachment.state != FENCED:
                     consumer = self._client(node_id, f"detaching volume {name}",
                                             hint=f"; or detach with force if {node_id} is gone for good")
                     consumer.detach_volume(volume.id, attachment.mode)

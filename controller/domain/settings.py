@@ -37,7 +37,16 @@ class ControllerSettings:
     chap_user_prefix: str = "shoal-"
     """CHAP user names are this prefix plus the volume id."""
 
+    fence_grace: float = 0.0
+    """A node silent for longer than this (seconds) is fenced by the controller's loop; 0 never fences
+    on its own (``shoalctl node fence`` only).  Off by default: a fence cuts every VM disk of a host that
+    may only be cut off from the controller, and must then be unfenced by hand, so it is a decision an
+    admin makes with the cluster's failure modes in mind (oVirt and Proxmox also fence only when
+    configured to).  When set, at least ``heartbeat_timeout`` (a node is unhealthy before it is fenced)."""
+
     def __post_init__(self) -> None:
+        if self.fence_grace < 0 or (self.fence_grace and self.fence_grace < self.heartbeat_timeout):
+            raise ValueError("fence_grace must be 0 (never) or at least heartbeat_timeout")
         if self.heartbeat_interval <= 0 or self.heartbeat_timeout <= self.heartbeat_interval:
             raise ValueError("heartbeat_timeout must be longer than a positive heartbeat_interval")
         if self.chap_secret_bytes < 12:

@@ -133,7 +133,9 @@ def _node_spec(n: Node) -> dict:
             "portals": list(n.portals), "labels": dict(n.labels),
             "disks": [{"name": d.name, "path": d.path, "capacityBytes": d.capacity_bytes, "freeBytes": d.free_bytes}
                       for d in n.disks],
-            "health": n.health, "lastHeartbeat": float(n.last_heartbeat)}
+            "health": n.health, "lastHeartbeat": float(n.last_heartbeat),
+            "fence": n.fence, "fenceSince": float(n.fence_since), "fenceReason": n.fence_reason,
+            "fenceSteps": list(n.fence_steps)}
 
 
 def _node(s: dict) -> Node:
@@ -141,7 +143,8 @@ def _node(s: dict) -> Node:
                 dict(s.get("labels") or {}),
                 tuple(Disk(d["name"], d["path"], int(d["capacityBytes"]), int(d["freeBytes"]))
                       for d in s.get("disks") or ()),
-                s["health"], float(s["lastHeartbeat"]))
+                s["health"], float(s["lastHeartbeat"]), s.get("fence", ""), float(s.get("fenceSince", 0.0)),
+                s.get("fenceReason", ""), tuple(s.get("fenceSteps") or ()))
 
 
 def _pool_spec(p: Pool) -> dict:
@@ -176,11 +179,12 @@ def _snapshot(s: dict) -> Snapshot:
 
 
 def _attachment_spec(a: Attachment) -> dict:
-    return {"volume": a.volume, "node": a.node, "mode": a.mode, "state": a.state, "devicePath": a.device_path}
+    return {"volume": a.volume, "node": a.node, "mode": a.mode, "state": a.state, "devicePath": a.device_path,
+            "shared": a.shared}
 
 
 def _attachment(s: dict) -> Attachment:
-    return Attachment(s["volume"], s["node"], s["mode"], s["state"], s["devicePath"])
+    return Attachment(s["volume"], s["node"], s["mode"], s["state"], s["devicePath"], bool(s.get("shared", False)))
 
 
 def _export_spec(e: Export) -> dict:

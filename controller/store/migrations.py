@@ -86,4 +86,11 @@ MIGRATIONS: tuple[tuple[int, str, str], ...] = (
         );
         CREATE INDEX snapshots_volume ON snapshots (volume);
     """),
+    (3, "fencing and shared attachments", """
+        ALTER TABLE nodes ADD COLUMN fence TEXT NOT NULL DEFAULT '';
+        ALTER TABLE nodes ADD COLUMN fence_since REAL NOT NULL DEFAULT 0;
+        ALTER TABLE nodes ADD COLUMN fence_reason TEXT NOT NULL DEFAULT '';
+        ALTER TABLE nodes ADD COLUMN fence_steps TEXT NOT NULL DEFAULT '[]';
+        ALTER TABLE attachments ADD COLUMN shared INTEGER NOT NULL DEFAULT 0;
+    """),
 )

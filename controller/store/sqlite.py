@@ -102,16 +102,17 @@ class SqliteStore:
     # Nodes.
     def put_node(self, node: Node) -> None:
         disks = [[d.name, d.path, d.capacity_bytes, d.free_bytes] for d in node.disks]
-        self._write("INSERT OR REPLACE INTO nodes VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        self._write(f"INSERT OR REPLACE INTO nodes ({_NODE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (node.id, node.initiator_iqn, node.agent_address, json.dumps(list(node.portals)),
-                     json.dumps(node.labels, sort_keys=True), json.dumps(disks), node.health, node.last_heartbeat))
+                     json.dumps(node.labels, sort_keys=True), json.dumps(disks), node.health, node.last_heartbeat,
+                     node.fence, node.fence_since, node.fence_reason, json.dumps(list(node.fence_steps))))
 
     def get_node(self, node_id: str) -> Node | None:
-        rows = self._rows("SELECT * FROM nodes WHERE id = ?", (node_id,))
+        rows = self._rows(f"SELECT {_NODE_COLUMNS} FROM nodes WHERE id = ?", (node_id,))
         return _node(rows[0]) if rows else None
 
     def list_nodes(self) -> list[Node]:
-        return [_node(r) for r in self._rows("SELECT * FROM nodes ORDER BY id")]
+        return [_node(r) for r in self._rows(f"SELECT {_NODE_COLUMNS} FROM nodes ORDER BY id")]
 
     def delete_node(self, node_id: str) -> None:
         self._write("DELETE FROM nodes WHERE id = ?", (node_id,))
@@ -177,17 +178,18 @@ class SqliteStore:
 
     # Attachments.
     def put_attachment(self, a: Attachment) -> None:
-        self._write("INSERT OR REPLACE INTO attachments VALUES (?, ?, ?, ?, ?)",
-                    (a.volume, a.node, a.mode, a.state, a.device_path))
+        self._write(f"INSERT OR REPLACE INTO attachments ({_ATTACHMENT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)",
+                    (a.volume, a.node, a.mode, a.state, a.device_path, int(a.shared)))
 
     def get_attachment(self, volume: str, node: str) -> Attachment | None:
-        rows = self._rows("SELECT * FROM attachments WHERE volume = ? AND node = ?", (volume, node))
-        return Attachment(*rows[0]) if rows else None
+        rows = self._rows(f"SELECT {_ATTACHMENT_COLUMNS} FROM attachments WHERE volume = ? AND node = ?",
+                          (volume, node))
+        return _attachment(rows[0]) if rows else None
 
     def list_attachments(self, volume: str | None = None, node: str | None = None) -> list[Attachment]:
-        rows = self._rows("SELECT * FROM attachments WHERE (?1 IS NULL OR volume = ?1) AND (?2 IS NULL OR node = ?2) "
-                          "ORDER BY volume, node", (volume, node))
-        return [Attachment(*r) for r in rows]
+        rows = self._rows(f"SELECT {_ATTACHMENT_COLUMNS} FROM attachments WHERE (?1 IS NULL OR volume = ?1) "
+                          "AND (?2 IS NULL OR node = ?2) ORDER BY volume, node", (volume, node))
+        return [_attachment(r) for r in rows]
 
     def delete_attachment(self, volume: str, node: str) -> None:
         self._write("DELETE FROM attachments WHERE volume = ? AND node = ?", (volume, node))
@@ -237,7 +239,10 @@ class SqliteStore:
         return [Operation(*r) for r in rows]
 
 
-# Named, so a later migration that adds a column does not shift what ``Snapshot(*row)`` gets.
+# Named, so a later migration that adds a column does not shift what ``Snapshot(*row)`` (or ``_node``) gets.
+_NODE_COLUMNS = ("id, initiator_iqn, agent_address, portals, labels, disks, health, last_heartbeat, fence, "
+                 "fence_since, fence_reason, fence_steps")
+_ATTACHMENT_COLUMNS = "volume, node, mode, state, device_path, shared"
 _SNAPSHOT_COLUMNS = "name, id, volume, volume_id, size_bytes, owner_node, disk, state, created_at, progress, message"
 
 
@@ -247,9 +252,15 @@ def _statements(script: str) -> list[str]:
 
 
 def _node(row: tuple) -> Node:
-    node_id, iqn, address, portals, labels, disks, health, heartbeat = row
+    node_id, iqn, address, portals, labels, disks, health, heartbeat, fence, since, reason, steps = row
     return Node(node_id, iqn, address, tuple(json.loads(portals)), json.loads(labels),
-                tuple(Disk(*d) for d in json.loads(disks)), health, heartbeat)
+                tuple(Disk(*d) for d in json.loads(disks)), health, heartbeat, fence, since, reason,
+                tuple(json.loads(steps)))
+
+
+def _attachment(row: tuple) -> Attachment:
+    volume, node, mode, state, device_path, shared = row
+    return Attachment(volume, node, mode, state, device_path, bool(shared))
 
 
 def _pool(row: tuple) -> Pool:

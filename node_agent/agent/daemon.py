@@ -241,5 +241,18 @@ class Agent:
             NodeAnnouncement(s.node_id, s.initiator_iqn, advertised, portals, labels),
             self.volumes.disks, self.channel_factory(s.controller, s.controller_tls),
             timeout=s.register_timeout, max_backoff=s.max_register_backoff,
-            default_interval=s.default_heartbeat_interval)
+            default_interval=s.default_heartbeat_interval, on_drop=self._drop_fenced)
         self.registrar.start()
+
+    def _drop_fenced(self, volume_ids: list[str]) -> None:
+        """This node was fenced: forget the attachments the controller names (their owners refuse the
+        sessions anyway); a logout that fails on a dead session is only logged."""
+        for volume_id in volume_ids:
+            if self.attachments is None or self.attachments.get(volume_id) is None:
+                continue
+            try:
+                self.attachments.detach(volume_id)
+            except Exception as exc:  # noqa: BLE001 - the record goes on the next heartbeat's retry
+                log.warning("fenced: volume %s not detached yet: %s", volume_id, exc)
+            else:
+                log.warning("fenced: volume %s detached (its owner no longer exports it here)", volume_id)

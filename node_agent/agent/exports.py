@@ -30,7 +30,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Protocol, TypeVar
 
 from node_agent.agent.copies import GuardedBacking
-from node_agent.agent.errors import AlreadyExists, FailedPrecondition, InvalidArgument
+from node_agent.agent.errors import AlreadyExists, FailedPrecondition, InvalidArgument, Unavailable
 from node_agent.agent.records import read_json, write_json
 from node_agent.agent.volumes import VolumeManager, check_volume_id
 from node_agent.iscsi.names import check_iqn
@@ -101,6 +101,7 @@ class TargetHost(Protocol):
     def remove_target(self, iqn: str) -> bool: ...
     def set_allowed_initiators(self, iqn: str, names: list[str]) -> None: ...
     def resize_lun(self, iqn: str, lun: int, size: int) -> int: ...
+    def fence_initiator(self, initiator_name: str, *, timeout: float = 60.0) -> Any: ...
     def call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any: ...
 
 
@@ -181,6 +182,50 @@ class ExportManager:
                 self.host.remove_target(iqn)
                 log.info("volume %s: no longer exported (target %s removed)", volume_id, iqn)
             return True
+
+    def fence(self, initiator_iqn: str, *, timeout: float = 60.0) -> tuple[list[str], Any]:
+        """Cut ``initiator_iqn`` off every target here (agent.proto FenceInitiator): the record first (a restart
+        does not admit it again), then the portal (ACLs, sessions, reservation registrations, waiting for its
+        commands in flight), then the targets it was the last initiator of go.  Returns the volume ids whose
+        export admitted it and the portal's ``FenceResult``.  Idempotent."""
+        try:
+            check_iqn(initiator_iqn)
+        except ValueError as exc:
+            raise InvalidArgument(f"initiator_iqn: {exc}") from None
+        with self._lock:
+            volume_ids, emptied = [], []
+            for record in self.records():
+                if initiator_iqn not in record.initiators:
+                    continue
+                volume_ids.append(record.volume_id)
+                remaining = tuple(name for name in record.initiators if name != initiator_iqn)
+                if remaining:
+                    self._records[record.volume_id] = replace(record, initiators=remaining)
+                else:
+                    emptied.append(record.volume_id)
+            if volume_ids:
+                self._save_without(emptied)
+            try:
+                result = self.host.fence_initiator(initiator_iqn, timeout=timeout)
+            except TimeoutError as exc:
+                raise Unavailable(f"fencing {initiator_iqn}: {exc}; retry") from None
+            for volume_id in emptied:  # nobody is admitted and nothing of it runs: the target goes
+                self._forget(volume_id)
+                self.host.remove_target(self.target_iqn(volume_id))
+            log.warning("initiator %s fenced: %d export(s) no longer admit it (%d target(s) removed)", initiator_iqn,
+                        len(volume_ids), len(emptied))
+            return volume_ids, result
+
+    def _save_without(self, volume_ids: list[str]) -> None:
+        """Save the record as if ``volume_ids`` were not exported (their targets are removed right after)."""
+        records, secrets = dict(self._records), dict(self._secrets)
+        for volume_id in volume_ids:
+            self._records.pop(volume_id, None)
+            self._secrets.pop(volume_id, None)
+        try:
+            self._save()
+        finally:
+            self._records, self._secrets = records, secrets
 
     def unexport_all(self, volume_id: str) -> None:
         with self._lock:

@@ -13,12 +13,32 @@ import concurrent.futures
 import logging
 import os
 import threading
+import time
+from dataclasses import dataclass, replace
 from typing import Any, Callable
 
 from node_agent.iscsi.target import Credentials, TargetNode
+from node_agent.scsi import persistent_reserve
 from node_agent.target_service import LunSpec, PortalConfig, TargetService
 
 log = logging.getLogger("shoal.agent.portal")
+
+
+@dataclass(frozen=True)
+class FenceResult:
+    """What cutting an initiator off did (agent.proto FenceInitiatorResponse)."""
+
+    targets: tuple[str, ...] = ()
+    """Targets whose ACL admitted it."""
+    sessions_closed: int = 0
+    registrations_removed: int = 0
+    commands_waited: int = 0
+    """Commands of its closed connections still running on a worker when they closed."""
+
+
+def _in_flight(connection: Any) -> int:
+    in_flight = getattr(connection, "in_flight", None)  # the registry's handles are TargetConnections
+    return in_flight() if in_flight is not None else 0
 
 
 def _new_loop() -> asyncio.AbstractEventLoop:
@@ -77,6 +97,38 @@ class PortalThread:
 
     def resize_lun(self, iqn: str, lun: int, size: int) -> int:
         return self.call(self.service.resize_lun, iqn, lun, size)
+
+    def fence_initiator(self, initiator_name: str, *, timeout: float = 60.0) -> FenceResult:
+        """Cut ``initiator_name`` off every target (ACL, sessions, persistent-reservation registrations), then
+        wait, off the loop, until none of its commands still runs on a worker: TimeoutError after ``timeout``
+        (a repeat goes on waiting; the initiator is cut off already)."""
+        result, connections = self.call(self._fence_on_loop, initiator_name)
+        deadline = time.monotonic() + timeout
+        waited = running = self.call(lambda: sum(_in_flight(c) for c in connections))
+        while running:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{running} command(s) of {initiator_name} still running after {timeout:g} s")
+            time.sleep(0.01)
+            running = self.call(lambda: sum(_in_flight(c) for c in connections))
+        return replace(result, commands_waited=waited)
+
+    def _fence_on_loop(self, initiator_name: str) -> tuple[FenceResult, list]:
+        registry = self.service.registry
+        if registry is None:
+            return FenceResult(), []
+        with registry.lock:
+            admitted = tuple(iqn for iqn, t in registry.targets.items()
+                             if t.allowed_initiators is not None and initiator_name in t.allowed_initiators)
+            sessions = sum(1 for session in registry.sessions.values()
+                           if session.initiator_name == initiator_name and not session.discovery)
+            connections = registry.fence_initiator(initiator_name)
+            removed = 0
+            for target in registry.targets.values():
+                for unit in target.luns.luns.values():
+                    removed += len(persistent_reserve.remove_initiator(unit, initiator_name))
+        log.warning("fenced initiator %s: %d target(s), %d session(s) closed, %d registration(s) removed",
+                    initiator_name, len(admitted), sessions, removed)
+        return FenceResult(admitted, sessions, removed), connections
 
     def served(self) -> set[str]:
         return self.call(lambda: set(self.service.registry.targets) if self.service.registry else set())

@@ -49,7 +49,7 @@ class Registrar:
 
     def __init__(self, announcement: NodeAnnouncement, disks: Callable[[], list[Disk]],
                  channel: grpc.Channel, *, timeout: float = 10.0, max_backoff: float = 30.0,
-                 default_interval: float = 10.0):
+                 default_interval: float = 10.0, on_drop: Callable[[list[str]], None] | None = None):
         self.announcement = announcement
         self.disks = disks
         self.channel = channel
@@ -57,6 +57,8 @@ class Registrar:
         self.timeout = timeout
         self.max_backoff = max_backoff
         self.default_interval = default_interval
+        self.on_drop = on_drop  # the node is fenced: forget these volumes' attachments (HeartbeatResponse)
+        self.fenced = False
         self.registered = threading.Event()
         self.heartbeats = 0
         self._stop = threading.Event()
@@ -102,7 +104,7 @@ class Registrar:
     def beat_until_forgotten(self, interval: float) -> None:
         while not self._stop.wait(interval):
             try:
-                self.stub.Heartbeat(agent_pb2.HeartbeatRequest(
+                answer = self.stub.Heartbeat(agent_pb2.HeartbeatRequest(
                     node_id=self.announcement.node_id, disks=_disks_proto(self.disks())), timeout=self.timeout)
                 self.heartbeats += 1
             except grpc.RpcError as exc:
@@ -112,6 +114,13 @@ class Registrar:
                     self.registered.clear()
                     return
                 log.warning("heartbeat failed (%s): %s", exc.code().name, exc.details())
+                continue
+            if answer.fenced != self.fenced:
+                self.fenced = answer.fenced
+                (log.warning if answer.fenced else log.info)("the controller %s node %s", "fenced" if answer.fenced
+                                                             else "unfenced", self.announcement.node_id)
+            if answer.drop_volume_ids and self.on_drop is not None:
+                self.on_drop(list(answer.drop_volume_ids))
 
     def _register(self) -> agent_pb2.RegisterResponse:
         a = self.announcement

@@ -263,6 +263,15 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
         return agent_pb2.DetachVolumeResponse()
 
     @rpc()
+    def FenceInitiator(self, request, context):
+        if not request.initiator_iqn:
+            raise InvalidArgument("initiator_iqn is required")
+        volume_ids, result = self.exports.fence(request.initiator_iqn)
+        return agent_pb2.FenceInitiatorResponse(volume_ids=volume_ids, sessions_closed=result.sessions_closed,
+                                                registrations_removed=result.registrations_removed,
+                                                commands_waited=result.commands_waited)
+
+    @rpc()
     def GetState(self, request, context):
         return agent_pb2.AgentState(
             node_id=self.node_id,

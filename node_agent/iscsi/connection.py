@@ -807,6 +807,10 @@ class TargetConnection:
         return in_window(header.refcmdsn, session.expcmdsn, session.maxcmdsn) and \
             sn_lt(header.refcmdsn, header.cmdsn)
 
+    def in_flight(self) -> int:
+        """Commands whose I/O still runs on a worker (also after ``close``): a fence waits for none left."""
+        return len(self._running)
+
     def abort_tasks(self, lun: int) -> int:
         """End this connection's commands to ``lun`` still collecting Data-Out with TASK ABORTED.
 

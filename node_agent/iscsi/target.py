@@ -160,6 +160,22 @@ class TargetRegistry:
                 closed += 1
         return closed
 
+    def fence_initiator(self, initiator_name: str, reason: str = "initiator fenced") -> list[ConnectionHandle]:
+        """Cut ``initiator_name`` off every target: it leaves each ACL (a target left with an empty ACL admits
+        nobody: ``admits`` is False for every name) and every session it has, on any target, is closed.
+
+        Returns the connections closed, so the caller can wait for their commands still running on a
+        worker (a fence answers only once none is left).  Idempotent."""
+        for target in self.targets.values():
+            if target.allowed_initiators is not None and initiator_name in target.allowed_initiators:
+                target.allowed_initiators = target.allowed_initiators - {initiator_name}
+        closed: list[ConnectionHandle] = []
+        for session in list(self.sessions.values()):
+            if session.initiator_name == initiator_name and not session.discovery:
+                closed.extend(session.connections.values())
+                self.close_session(session, reason)
+        return closed
+
     def visible_targets(self, initiator_name: str) -> list[TargetNode]:
         """Targets SendTargets may reveal to this initiator (its ACL admits it)."""
         return [t for t in self.targets.values() if t.admits(initiator_name)]

@@ -296,3 +296,33 @@ def preempt_and_abort(lu, nexus, cdb, data_out, edtl):
     return None
 
 
+
+
+def remove_initiator(lu, initiator_name: str) -> list[Nexus]:
+    """Fence ``initiator_name`` at this logical unit: the device server itself does what PREEMPT AND ABORT of
+    its registration key would do (SPC-4 §5.13.11.4.3/§5.13.11.5), for every I_T nexus of that initiator
+    name (any ISID, any target port), whatever key it registered with.
+
+    Its registrations go; a reservation it held alone is released (an all-registrants one lasts while
+    another registrant is left), and then the remaining registrants of a registrants-only or all-registrants
+    type get RESERVATIONS RELEASED (as §5.13.11.2.3 when its holder unregisters); removed I_T nexuses still
+    logged in get REGISTRATIONS PREEMPTED, and their commands are aborted; the generation moves on and
+    APTPL state is saved.  Returns the removed nexuses (none: nothing changed).
+    """
+    res = lu.reservations
+    prefix = initiator_name + ",i,"
+    removed = [n for n in res.registrations if n.initiator_port.startswith(prefix)]
+    if not removed:
+        return []
+    before = res.type
+    for gone in removed:
+        res.unregister(gone)
+    if before is not None and res.type is None and before.registrants is not None:
+        for other in res.registrations:
+            lu.unit_attention(other, S.RESERVATIONS_RELEASED)
+    for gone in removed:
+        lu.unit_attention(gone, S.REGISTRATIONS_PREEMPTED)
+    res.generation += 1
+    res.changed()
+    lu.abort_tasks(removed)
+    return removed

@@ -315,7 +315,7 @@ def test_delete_removes_the_volume_and_repeats_succeed(env):
 def test_delete_refused_while_attached(env):
     env.svc.create_volume("vol-1", GiB)
     env.svc.attach_volume("vol-1", "node-b")
-    env.svc.attach_volume("vol-1", "node-c")
+    env.svc.attach_volume("vol-1", "node-c", shared=True)
     before = env.snapshot()
     with pytest.raises(FailedPrecondition, match="vol-1 is attached to node-b, node-c: detach it first"):
         env.svc.delete_volume("vol-1")
@@ -457,7 +457,7 @@ def test_failed_attach_can_be_detached(env):
 def test_detach_reverses_attach_and_repeats_succeed(env):
     volume = env.svc.create_volume("vol-1", GiB)
     env.svc.attach_volume("vol-1", "node-b")
-    env.svc.attach_volume("vol-1", "node-c", mode="kernel")
+    env.svc.attach_volume("vol-1", "node-c", mode="kernel", shared=True)
     env.svc.detach_volume("vol-1", "node-b")
     assert list(env.agents.agent("node-a").exports) == [(volume.id, iqn("node-c"))]
     assert env.agents.agent("node-b").attachments == {}

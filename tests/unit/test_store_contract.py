@@ -10,7 +10,8 @@ import threading
 
 import pytest
 
-from controller.domain.model import (ATTACHED, ATTACHMENT_STATES, AVAILABLE, CREATING, HEALTHY, MODES, OP_DONE,
+from controller.domain.model import (ATTACHED, ATTACHMENT_STATES, AVAILABLE, CREATING, FENCE_STATES, HEALTHY, MODES,
+                                     OP_DONE,
                                      OP_STARTED, VOLUME_STATES, Attachment, ChapCredential, Disk, Export, Node, Pool,
                                      Volume)
 from controller.store import MemoryStore, SqliteStore
@@ -123,6 +124,21 @@ def test_every_state_the_domain_uses_is_kept(store):
     for attachment in attachments:
         store.put_attachment(attachment)
     assert store.list_attachments(node="node-b") == attachments
+    nodes = [node(f"node-{i}", initiator_iqn=f"iqn.2024-01.io.shoal:fence-{i}", fence=fence,
+                  fence_since=2000.5 if fence else 0.0, fence_reason="why" if fence else "",
+                  fence_steps=("node-a: fenced: 1 target(s)", "node-c: not yet: unreachable") if fence else ())
+             for i, fence in enumerate(FENCE_STATES)]
+    for n in nodes:
+        store.put_node(n)
+    assert [store.get_node(n.id) for n in nodes] == nodes
+
+
+def test_shared_attachments_round_trip(store):
+    shared = Attachment("vol-1", "node-c", "userspace", "published", "", shared=True)
+    store.put_attachment(shared)
+    store.put_attachment(Attachment("vol-1", "node-b", "kernel", ATTACHED, "/dev/sdb"))
+    assert store.get_attachment("vol-1", "node-c") == shared
+    assert [a.shared for a in store.list_attachments(volume="vol-1")] == [False, True]
 
 
 def test_chap_credentials_are_kept_but_never_shown(store):

@@ -86,3 +86,32 @@ def test_a_database_of_schema_1_gets_the_snapshots_table_and_keeps_its_rows(tmp_
         assert store.list_snapshots("vol-1") == [snap]
     finally:
         store.close()
+
+
+def test_a_database_of_schema_2_gets_fence_and_shared_columns_with_defaults(tmp_path):
+    """Migration 3 (fencing, shared attachments) on a file written before it: old rows read as not fenced and
+    not shared."""
+    from controller.domain.model import Attachment
+    from controller.store.sqlite import _statements
+
+    path = str(tmp_path / "old.db")
+    db = sqlite3.connect(path)
+    db.execute("CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY, description TEXT NOT NULL, "
+               "applied_at REAL NOT NULL)")
+    for version, description, script in MIGRATIONS[:2]:
+        for statement in _statements(script):
+            db.execute(statement)
+        db.execute("INSERT INTO schema_migrations VALUES (?, ?, 0)", (version, description))
+    db.execute("INSERT INTO nodes VALUES ('node-b', 'iqn.2024-01.io.shoal:node-b', '127.0.0.1:1', '[]', '{}', '[]', "
+               "'healthy', 5.0)")
+    db.execute("INSERT INTO attachments VALUES ('vol-1', 'node-b', 'kernel', 'attached', '/dev/sdb')")
+    db.commit()
+    db.close()
+    store = SqliteStore(path)
+    try:
+        node = store.get_node("node-b")
+        assert (node.fence, node.fence_since, node.fence_reason, node.fence_steps) == ("", 0.0, "", ())
+        assert store.get_attachment("vol-1", "node-b") == Attachment("vol-1", "node-b", "kernel", "attached",
+                                                                     "/dev/sdb", shared=False)
+    finally:
+        store.close()

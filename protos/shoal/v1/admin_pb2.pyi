@@ -8,7 +8,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class Node(_message.Message):
-    __slots__ = ("id", "initiator_iqn", "agent_address", "portals", "labels", "disks", "health", "last_heartbeat_unix")
+    __slots__ = ("id", "initiator_iqn", "agent_address", "portals", "labels", "disks", "health", "last_heartbeat_unix", "fence", "fence_since_unix", "fence_reason", "fence_steps")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -24,6 +24,10 @@ class Node(_message.Message):
     DISKS_FIELD_NUMBER: _ClassVar[int]
     HEALTH_FIELD_NUMBER: _ClassVar[int]
     LAST_HEARTBEAT_UNIX_FIELD_NUMBER: _ClassVar[int]
+    FENCE_FIELD_NUMBER: _ClassVar[int]
+    FENCE_SINCE_UNIX_FIELD_NUMBER: _ClassVar[int]
+    FENCE_REASON_FIELD_NUMBER: _ClassVar[int]
+    FENCE_STEPS_FIELD_NUMBER: _ClassVar[int]
     id: str
     initiator_iqn: str
     agent_address: str
@@ -32,7 +36,25 @@ class Node(_message.Message):
     disks: _containers.RepeatedCompositeFieldContainer[_common_pb2.Disk]
     health: str
     last_heartbeat_unix: float
-    def __init__(self, id: _Optional[str] = ..., initiator_iqn: _Optional[str] = ..., agent_address: _Optional[str] = ..., portals: _Optional[_Iterable[str]] = ..., labels: _Optional[_Mapping[str, str]] = ..., disks: _Optional[_Iterable[_Union[_common_pb2.Disk, _Mapping]]] = ..., health: _Optional[str] = ..., last_heartbeat_unix: _Optional[float] = ...) -> None: ...
+    fence: str
+    fence_since_unix: float
+    fence_reason: str
+    fence_steps: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, id: _Optional[str] = ..., initiator_iqn: _Optional[str] = ..., agent_address: _Optional[str] = ..., portals: _Optional[_Iterable[str]] = ..., labels: _Optional[_Mapping[str, str]] = ..., disks: _Optional[_Iterable[_Union[_common_pb2.Disk, _Mapping]]] = ..., health: _Optional[str] = ..., last_heartbeat_unix: _Optional[float] = ..., fence: _Optional[str] = ..., fence_since_unix: _Optional[float] = ..., fence_reason: _Optional[str] = ..., fence_steps: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class FenceNodeRequest(_message.Message):
+    __slots__ = ("id", "reason")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    reason: str
+    def __init__(self, id: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class UnfenceNodeRequest(_message.Message):
+    __slots__ = ("id",)
+    ID_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    def __init__(self, id: _Optional[str] = ...) -> None: ...
 
 class ListNodesRequest(_message.Message):
     __slots__ = ()
@@ -192,26 +214,52 @@ class DeleteVolumeResponse(_message.Message):
     def __init__(self) -> None: ...
 
 class Attachment(_message.Message):
-    __slots__ = ("volume", "node", "device_path", "state")
+    __slots__ = ("volume", "node", "device_path", "state", "shared", "export", "initiator_iqn")
     VOLUME_FIELD_NUMBER: _ClassVar[int]
     NODE_FIELD_NUMBER: _ClassVar[int]
     DEVICE_PATH_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
+    SHARED_FIELD_NUMBER: _ClassVar[int]
+    EXPORT_FIELD_NUMBER: _ClassVar[int]
+    INITIATOR_IQN_FIELD_NUMBER: _ClassVar[int]
     volume: str
     node: str
     device_path: str
     state: str
-    def __init__(self, volume: _Optional[str] = ..., node: _Optional[str] = ..., device_path: _Optional[str] = ..., state: _Optional[str] = ...) -> None: ...
+    shared: bool
+    export: _common_pb2.ExportInfo
+    initiator_iqn: str
+    def __init__(self, volume: _Optional[str] = ..., node: _Optional[str] = ..., device_path: _Optional[str] = ..., state: _Optional[str] = ..., shared: _Optional[bool] = ..., export: _Optional[_Union[_common_pb2.ExportInfo, _Mapping]] = ..., initiator_iqn: _Optional[str] = ...) -> None: ...
 
 class AttachVolumeRequest(_message.Message):
-    __slots__ = ("name", "node", "mode")
+    __slots__ = ("name", "node", "mode", "publish_only", "shared")
     NAME_FIELD_NUMBER: _ClassVar[int]
     NODE_FIELD_NUMBER: _ClassVar[int]
     MODE_FIELD_NUMBER: _ClassVar[int]
+    PUBLISH_ONLY_FIELD_NUMBER: _ClassVar[int]
+    SHARED_FIELD_NUMBER: _ClassVar[int]
     name: str
     node: str
     mode: str
-    def __init__(self, name: _Optional[str] = ..., node: _Optional[str] = ..., mode: _Optional[str] = ...) -> None: ...
+    publish_only: bool
+    shared: bool
+    def __init__(self, name: _Optional[str] = ..., node: _Optional[str] = ..., mode: _Optional[str] = ..., publish_only: _Optional[bool] = ..., shared: _Optional[bool] = ...) -> None: ...
+
+class GetPublishSecretRequest(_message.Message):
+    __slots__ = ("name", "node")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    NODE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    node: str
+    def __init__(self, name: _Optional[str] = ..., node: _Optional[str] = ...) -> None: ...
+
+class PublishSecret(_message.Message):
+    __slots__ = ("chap_user", "chap_secret")
+    CHAP_USER_FIELD_NUMBER: _ClassVar[int]
+    CHAP_SECRET_FIELD_NUMBER: _ClassVar[int]
+    chap_user: str
+    chap_secret: str
+    def __init__(self, chap_user: _Optional[str] = ..., chap_secret: _Optional[str] = ...) -> None: ...
 
 class DetachVolumeRequest(_message.Message):
     __slots__ = ("name", "node")

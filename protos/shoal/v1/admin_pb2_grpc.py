@@ -99,6 +99,21 @@ class AdminServiceStub:
                 request_serializer=protos_dot_shoal_dot_v1_dot_admin__pb2.DetachVolumeRequest.SerializeToString,
                 response_deserializer=protos_dot_shoal_dot_v1_dot_admin__pb2.DetachVolumeResponse.FromString,
                 _registered_method=True)
+        self.GetPublishSecret = channel.unary_unary(
+                '/shoal.admin.v1.AdminService/GetPublishSecret',
+                request_serializer=protos_dot_shoal_dot_v1_dot_admin__pb2.GetPublishSecretRequest.SerializeToString,
+                response_deserializer=protos_dot_shoal_dot_v1_dot_admin__pb2.PublishSecret.FromString,
+                _registered_method=True)
+        self.FenceNode = channel.unary_unary(
+                '/shoal.admin.v1.AdminService/FenceNode',
+                request_serializer=protos_dot_shoal_dot_v1_dot_admin__pb2.FenceNodeRequest.SerializeToString,
+                response_deserializer=protos_dot_shoal_dot_v1_dot_admin__pb2.Node.FromString,
+                _registered_method=True)
+        self.UnfenceNode = channel.unary_unary(
+                '/shoal.admin.v1.AdminService/UnfenceNode',
+                request_serializer=protos_dot_shoal_dot_v1_dot_admin__pb2.UnfenceNodeRequest.SerializeToString,
+                response_deserializer=protos_dot_shoal_dot_v1_dot_admin__pb2.Node.FromString,
+                _registered_method=True)
         self.CreateSnapshot = channel.unary_unary(
                 '/shoal.admin.v1.AdminService/CreateSnapshot',
                 request_serializer=protos_dot_shoal_dot_v1_dot_admin__pb2.CreateSnapshotRequest.SerializeToString,
@@ -225,6 +240,31 @@ class AdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetPublishSecret(self, request, context):
+        """The CHAP credentials of a volume published to a node (for a hypervisor that logs in as that node, e.g.
+        QEMU's iscsi driver): the only answer of the admin API that carries a secret.  shoalctl writes it to a file
+        of mode 0600 and never prints it.  FAILED_PRECONDITION unless the volume is published to that (unfenced) node.
+        read-only
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def FenceNode(self, request, context):
+        """Fence a node: every owner of a volume exported to it drops its ACL entry, its sessions and its persistent
+        reservation registrations, and waits for its commands in flight.  Repeat: continues / the same answer.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UnfenceNode(self, request, context):
+        """Let a fenced node back in (FAILED_PRECONDITION unless it is fenced; its fenced attachments are forgotten).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def CreateSnapshot(self, request, context):
         """idempotent by name
         """
@@ -334,6 +374,21 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.DetachVolume,
                     request_deserializer=protos_dot_shoal_dot_v1_dot_admin__pb2.DetachVolumeRequest.FromString,
                     response_serializer=protos_dot_shoal_dot_v1_dot_admin__pb2.DetachVolumeResponse.SerializeToString,
+            ),
+            'GetPublishSecret': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetPublishSecret,
+                    request_deserializer=protos_dot_shoal_dot_v1_dot_admin__pb2.GetPublishSecretRequest.FromString,
+                    response_serializer=protos_dot_shoal_dot_v1_dot_admin__pb2.PublishSecret.SerializeToString,
+            ),
+            'FenceNode': grpc.unary_unary_rpc_method_handler(
+                    servicer.FenceNode,
+                    request_deserializer=protos_dot_shoal_dot_v1_dot_admin__pb2.FenceNodeRequest.FromString,
+                    response_serializer=protos_dot_shoal_dot_v1_dot_admin__pb2.Node.SerializeToString,
+            ),
+            'UnfenceNode': grpc.unary_unary_rpc_method_handler(
+                    servicer.UnfenceNode,
+                    request_deserializer=protos_dot_shoal_dot_v1_dot_admin__pb2.UnfenceNodeRequest.FromString,
+                    response_serializer=protos_dot_shoal_dot_v1_dot_admin__pb2.Node.SerializeToString,
             ),
             'CreateSnapshot': grpc.unary_unary_rpc_method_handler(
                     servicer.CreateSnapshot,
@@ -717,6 +772,87 @@ class AdminService:
             '/shoal.admin.v1.AdminService/DetachVolume',
             protos_dot_shoal_dot_v1_dot_admin__pb2.DetachVolumeRequest.SerializeToString,
             protos_dot_shoal_dot_v1_dot_admin__pb2.DetachVolumeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetPublishSecret(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/shoal.admin.v1.AdminService/GetPublishSecret',
+            protos_dot_shoal_dot_v1_dot_admin__pb2.GetPublishSecretRequest.SerializeToString,
+            protos_dot_shoal_dot_v1_dot_admin__pb2.PublishSecret.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FenceNode(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/shoal.admin.v1.AdminService/FenceNode',
+            protos_dot_shoal_dot_v1_dot_admin__pb2.FenceNodeRequest.SerializeToString,
+            protos_dot_shoal_dot_v1_dot_admin__pb2.Node.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UnfenceNode(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/shoal.admin.v1.AdminService/UnfenceNode',
+            protos_dot_shoal_dot_v1_dot_admin__pb2.UnfenceNodeRequest.SerializeToString,
+            protos_dot_shoal_dot_v1_dot_admin__pb2.Node.FromString,
             options,
             channel_credentials,
             insecure,

@@ -177,6 +177,24 @@ class DetachVolumeResponse(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
+class FenceInitiatorRequest(_message.Message):
+    __slots__ = ("initiator_iqn",)
+    INITIATOR_IQN_FIELD_NUMBER: _ClassVar[int]
+    initiator_iqn: str
+    def __init__(self, initiator_iqn: _Optional[str] = ...) -> None: ...
+
+class FenceInitiatorResponse(_message.Message):
+    __slots__ = ("volume_ids", "sessions_closed", "registrations_removed", "commands_waited")
+    VOLUME_IDS_FIELD_NUMBER: _ClassVar[int]
+    SESSIONS_CLOSED_FIELD_NUMBER: _ClassVar[int]
+    REGISTRATIONS_REMOVED_FIELD_NUMBER: _ClassVar[int]
+    COMMANDS_WAITED_FIELD_NUMBER: _ClassVar[int]
+    volume_ids: _containers.RepeatedScalarFieldContainer[str]
+    sessions_closed: int
+    registrations_removed: int
+    commands_waited: int
+    def __init__(self, volume_ids: _Optional[_Iterable[str]] = ..., sessions_closed: _Optional[int] = ..., registrations_removed: _Optional[int] = ..., commands_waited: _Optional[int] = ...) -> None: ...
+
 class GetStateRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
@@ -247,5 +265,9 @@ class HeartbeatRequest(_message.Message):
     def __init__(self, node_id: _Optional[str] = ..., disks: _Optional[_Iterable[_Union[_common_pb2.Disk, _Mapping]]] = ...) -> None: ...
 
 class HeartbeatResponse(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("fenced", "drop_volume_ids")
+    FENCED_FIELD_NUMBER: _ClassVar[int]
+    DROP_VOLUME_IDS_FIELD_NUMBER: _ClassVar[int]
+    fenced: bool
+    drop_volume_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, fenced: _Optional[bool] = ..., drop_volume_ids: _Optional[_Iterable[str]] = ...) -> None: ...

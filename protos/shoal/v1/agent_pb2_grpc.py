@@ -96,6 +96,11 @@ class AgentServiceStub:
                 request_serializer=protos_dot_shoal_dot_v1_dot_agent__pb2.GetSnapshotRequest.SerializeToString,
                 response_deserializer=protos_dot_shoal_dot_v1_dot_agent__pb2.SnapshotInfo.FromString,
                 _registered_method=True)
+        self.FenceInitiator = channel.unary_unary(
+                '/shoal.agent.v1.AgentService/FenceInitiator',
+                request_serializer=protos_dot_shoal_dot_v1_dot_agent__pb2.FenceInitiatorRequest.SerializeToString,
+                response_deserializer=protos_dot_shoal_dot_v1_dot_agent__pb2.FenceInitiatorResponse.FromString,
+                _registered_method=True)
 
 
 class AgentServiceServicer:
@@ -198,6 +203,17 @@ class AgentServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def FenceInitiator(self, request, context):
+        """Fence an initiator on every target this node serves: drop it from each ACL (a target left with no
+        initiator goes), close its sessions, remove every persistent-reservation registration of its I_T nexuses
+        (as PREEMPT AND ABORT would) and answer only once every command of those sessions still in flight has
+        completed or been aborted. Repeat: OK (nothing left to do). UNAVAILABLE if commands are still running
+        after the deadline: retry.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AgentServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -260,6 +276,11 @@ def add_AgentServiceServicer_to_server(servicer, server):
                     servicer.GetSnapshot,
                     request_deserializer=protos_dot_shoal_dot_v1_dot_agent__pb2.GetSnapshotRequest.FromString,
                     response_serializer=protos_dot_shoal_dot_v1_dot_agent__pb2.SnapshotInfo.SerializeToString,
+            ),
+            'FenceInitiator': grpc.unary_unary_rpc_method_handler(
+                    servicer.FenceInitiator,
+                    request_deserializer=protos_dot_shoal_dot_v1_dot_agent__pb2.FenceInitiatorRequest.FromString,
+                    response_serializer=protos_dot_shoal_dot_v1_dot_agent__pb2.FenceInitiatorResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -587,6 +608,33 @@ class AgentService:
             '/shoal.agent.v1.AgentService/GetSnapshot',
             protos_dot_shoal_dot_v1_dot_agent__pb2.GetSnapshotRequest.SerializeToString,
             protos_dot_shoal_dot_v1_dot_agent__pb2.SnapshotInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FenceInitiator(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/shoal.agent.v1.AgentService/FenceInitiator',
+            protos_dot_shoal_dot_v1_dot_agent__pb2.FenceInitiatorRequest.SerializeToString,
+            protos_dot_shoal_dot_v1_dot_agent__pb2.FenceInitiatorResponse.FromString,
             options,
             channel_credentials,
             insecure,
