@@ -50,12 +50,19 @@ class _QuietHandler(WSGIRequestHandler):
         pass
 
 
-class MetricsServer:
-    """``GET /metrics`` (any path, in fact) answered from ``registry``; ``start()``, then ``stop()``."""
+class HttpEndpoint:
+    """One WSGI app on ``HOST:PORT`` in a daemon thread: ``start()``, then ``stop()``.
 
-    def __init__(self, listen: str, registry: CollectorRegistry):
+    The metrics server and the controller's health checks (``controller.health``) are both this: a small
+    threading server whose request lines are not logged (probes and scrapes come every few seconds).
+    """
+
+    what = "HTTP"  # for the log line and the bind error: "metrics", "health checks"
+    path = "/"
+
+    def __init__(self, listen: str, app):
         self.host, self.port = split_listen(listen)
-        self.registry = registry
+        self.app = app
         self._httpd: WSGIServer | None = None
         self._thread: threading.Thread | None = None
 
@@ -66,21 +73,20 @@ class MetricsServer:
 
     @property
     def url(self) -> str:
-        return f"http://{self.address}/metrics"
+        return f"http://{self.address}{self.path}"
 
     def start(self) -> str:
         """Bind and serve; returns the bound ``HOST:PORT``.  Raises ``OSError`` for a busy port."""
         server_class = _Server6 if ":" in self.host else _Server
         try:
-            self._httpd = make_server(self.host, self.port, make_wsgi_app(self.registry), server_class,
-                                      handler_class=_QuietHandler)
+            self._httpd = make_server(self.host, self.port, self.app, server_class, handler_class=_QuietHandler)
         except OSError as exc:
-            raise OSError(f"cannot serve metrics on {self.host}:{self.port}: {exc.strerror or exc}") from None
+            raise OSError(f"cannot serve {self.what} on {self.host}:{self.port}: {exc.strerror or exc}") from None
         self.port = self._httpd.server_address[1]
         self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.2},
-                                        name="metrics-http", daemon=True)
+                                        name=f"{self.what}-http", daemon=True)
         self._thread.start()
-        log.info("metrics on %s", self.url)
+        log.info("%s on %s", self.what, self.url)
         return self.address
 
     def stop(self) -> None:
@@ -92,3 +98,14 @@ class MetricsServer:
         if self._thread is not None:
             self._thread.join(5)
             self._thread = None
+
+
+class MetricsServer(HttpEndpoint):
+    """``GET /metrics`` (any path, in fact) answered from ``registry``."""
+
+    what = "metrics"
+    path = "/metrics"
+
+    def __init__(self, listen: str, registry: CollectorRegistry):
+        super().__init__(listen, make_wsgi_app(registry))
+        self.registry = registry
