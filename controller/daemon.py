@@ -157,7 +157,7 @@ class ControllerDaemon:
         self._phase = threading.Lock()  # becoming leader and stopping to lead, one at a time
         self._campaign_thread: threading.Thread | None = None
         self._stop = threading.Event()
-        self._loop: threading.Thread | None = None
+        self._loops: list[threading.Thread] = []
 
     def start(self) -> None:
         s = self.settings
@@ -191,8 +191,14 @@ class ControllerDaemon:
                                                           driver_name=s.csi_driver_name)
         host = listen.rpartition(":")[0]
         self.address = f"{host}:{port}"
-        self._loop = threading.Thread(target=self._run_loop, name="controller-loop", daemon=True)
-        self._loop.start()
+        # Two loops: a reconcile pass waits on agents (GetState of a hung agent takes its whole deadline and
+        # retries), and that must never hold up noticing a silent node and fencing it.
+        self._loops = [threading.Thread(target=self._run_loop, args=(self.health_once,), name="controller-health",
+                                        daemon=True),
+                       threading.Thread(target=self._run_loop, args=(self.reconcile_once,),
+                                        name="controller-reconcile", daemon=True)]
+        for loop in self._loops:
+            loop.start()
 
     def _start_http(self) -> None:
         s = self.settings
@@ -300,9 +306,9 @@ class ControllerDaemon:
             self.server.stop(grace=grace).wait(grace + 5)
             self.server = None
         self._stop.set()
-        if self._loop is not None:
-            self._loop.join(self.settings.agents.timeout + 10)
-            self._loop = None
+        for loop in self._loops:
+            loop.join(self.settings.agents.timeout + 10)
+        self._loops = []
         if self._recorder is not None:
             self._recorder.stop()
             self._recorder = None
@@ -335,22 +341,31 @@ class ControllerDaemon:
             api.close()
         self._api_clients = []
 
-    def _run_loop(self) -> None:
+    def _run_loop(self, one_pass) -> None:
         while not self._stop.wait(self.settings.loop_interval):
-            self.loop_once()
+            one_pass()
 
     def loop_once(self) -> list[str]:
-        """Mark silent nodes unhealthy, fence (``fence_grace``) and retry fences, then one reconcile pass;
-        returns what it did."""
+        """One health/fence pass, then one reconcile pass; returns what they did."""
+        return self.health_once() + self.reconcile_once()
+
+    def health_once(self) -> list[str]:
+        """Mark silent nodes unhealthy, fence (``fence_grace``) and retry fences still under way."""
+        return self._pass("health/fence", lambda: (self.service.mark_unhealthy(), self.service.fence_pass())[1])
+
+    def reconcile_once(self) -> list[str]:
+        """One reconcile pass: the store against what each healthy agent reports."""
+        return self._pass("reconcile", lambda: self.service.reconcile_once())
+
+    def _pass(self, what: str, run) -> list[str]:
         assert self.service is not None
         try:
-            self.service.mark_unhealthy()
-            repaired = self.service.fence_pass() + self.service.reconcile_once()
+            repaired = run()
         except Exception:  # noqa: BLE001 - the loop must outlive a bug in one pass; the next pass retries
-            log.exception("health/reconcile pass failed")
+            log.exception("%s pass failed", what)
             return []
         for line in repaired:
-            log.info("reconcile: %s", line)
+            log.info("%s: %s", what, line)
         return repaired
 
 

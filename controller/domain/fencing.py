@@ -46,6 +46,9 @@ class Fencing:
         self.store = service.store
         self._locks: dict[str, threading.Lock] = {}
         self._guard = threading.Lock()
+        # Silence counts from when this controller started watching at the earliest: a controller that was down
+        # (or a new leader) must not fence every node whose last heartbeat it stored before the gap.
+        self._watching_since = service._clock()
 
     def _node_lock(self, node_id: str) -> threading.Lock:
         with self._guard:
@@ -79,7 +82,7 @@ class Fencing:
         lines = []
         grace = self.service.settings.fence_grace
         for node in self.store.list_nodes():
-            silent = self.service._silence(node)
+            silent = min(self.service._silence(node), max(0.0, self.service._clock() - self._watching_since))
             try:
                 if not node.fence and grace and silent > grace:
                     done = self.fence(node.id, f"no heartbeat for {silent:.0f} s (fence grace {grace:g} s)")

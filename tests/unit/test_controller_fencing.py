@@ -102,6 +102,25 @@ def test_a_node_silent_past_the_grace_is_fenced_by_the_loop(env, tmp_path):
     assert env.svc.fence_pass() == []
 
 
+def test_a_restarted_controller_counts_the_grace_from_its_start(env):
+    """Heartbeats stored before a controller restart (or a leader change) are old by the length of the gap: the
+    new controller must give every node a whole grace period of its own before fencing it."""
+    env.settings = ControllerSettings(heartbeat_interval=5, heartbeat_timeout=20, fence_grace=60)
+    env.svc = env.new_service()
+    env.svc.create_volume("vol-1", GiB)
+    env.svc.attach_volume("vol-1", "node-b")
+    env.clock.now += 120  # the controller was down for two minutes; nobody could heartbeat
+    env.svc = env.new_service()  # started again on the same store
+    assert env.svc.fence_pass() == []
+    for node in ("node-a", "node-c"):
+        env.svc.heartbeat(node)
+    env.clock.now += 61  # node-b stays silent a whole grace period after the restart
+    for node in ("node-a", "node-c"):
+        env.svc.heartbeat(node)
+    assert env.svc.fence_pass() == ["node node-b is fenced"]
+    assert [n.id for n in env.svc.list_nodes() if n.fence] == ["node-b"]
+
+
 def test_fence_grace_must_be_zero_or_at_least_the_heartbeat_timeout():
     with pytest.raises(ValueError, match="fence_grace"):
         ControllerSettings(heartbeat_interval=5, heartbeat_timeout=20, fence_grace=10)
