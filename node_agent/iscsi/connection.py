@@ -14,6 +14,13 @@ never stalls the event loop that serves the other sessions.  Such a command
 keeps its slot in the CmdSN window until it completes, and task management
 that aborts it answers only once its I/O has finished.
 
+The hot path (issue 7): the common SCSI Command (the next CmdSN, not
+immediate, a read or a write whose data all came as immediate data) runs from
+one ``struct`` unpack of its header (``_scsi_command_fast``), and the common
+answers (one Data-In with GOOD status, a plain SCSI Response) are packed
+directly.  Anything else takes the full path, which makes every check; the
+short one only skips work that cannot change the outcome.
+
 Errors follow RFC 7143 §7 for ErrorRecoveryLevel 0: a PDU that can be framed
 but is wrong gets a Reject (§11.17) and the connection goes on; one whose
 header cannot be trusted (header digest error, a length past the negotiated
@@ -42,6 +49,10 @@ from node_agent.scsi.sense import INVALID_FIELD_IN_CDB, build_sense
 
 log = logging.getLogger("shoal.iscsi.connection")
 _U32 = struct.Struct(">I").unpack_from
+# SCSI Command BHS (§11.3): byte 0 (I, opcode), byte 1 (F R W ATTR), LUN, ITT, EDTL, CmdSN, CDB.
+_SCSI_COMMAND = struct.Struct(">BB6x8sIII4x16s").unpack_from
+_pack_data_in = P.pack_data_in
+_pack_scsi_response = P.pack_scsi_response
 
 GOOD = 0x00
 CHECK_CONDITION = 0x02
@@ -146,6 +157,8 @@ class TargetConnection:
         self._started = clock()
         self._last_rx = self._started
         self._ping: tuple[int, float] | None = None
+        self._fast_commands = False  # full feature phase of a normal session: ``_scsi_command_fast`` applies
+        self._immediate_limit = 0  # the most immediate data a command may carry (0: ImmediateData=No)
 
     # ------------------------------------------------------------------ I/O interface
     def receive(self, data: bytes | bytearray | memoryview) -> None:
@@ -240,13 +253,15 @@ class TargetConnection:
                     self.close(f"data segment of {dsl} bytes exceeds MaxRecvDataSegmentLength {self.max_recv}")
                     break
                 hd, dd = self.header_digest, self.data_digest
-                total = P.BHS_LENGTH + ahs_len + P.pad4(dsl) + (4 if hd else 0) + (4 if dd and dsl else 0)
+                total = 48 + ahs_len + ((dsl + 3) & ~3) + (4 if hd else 0) + (4 if dd and dsl else 0)  # 48: BHS
                 if end - pos < total:
                     if dsl >= _DIRECT_MIN and buf[pos] & 0x3F == Opcode.DATA_OUT and self.session is not None:
                         self._start_direct(view, pos, ahs_len, dsl, hd, dd)
                     break
                 self._one_pdu(view, pos, ahs_len, dsl, hd, dd)
-                rx.consume(total)
+                rx.start += total  # rx.consume(total), inline: once per PDU
+                if rx.start == rx.end:
+                    rx.start = rx.end = 0
         finally:
             view.release()
 
@@ -294,7 +309,6 @@ class TargetConnection:
         return True
 
     def _one_pdu(self, view: memoryview, pos: int, ahs_len: int, dsl: int, hd: bool, dd: bool) -> None:
-        bhs = view[pos:pos + P.BHS_LENGTH]
         cursor = pos + P.BHS_LENGTH + ahs_len
         if hd:
             expected = P.digest_bytes(view[pos:cursor])
@@ -302,13 +316,16 @@ class TargetConnection:
                 self.close("header digest error")  # RFC 7143 §7.8: the header cannot be trusted
                 return
             cursor += 4
-        data = view[cursor:cursor + dsl]
         if dd and dsl:
             padded_end = cursor + P.pad4(dsl)
             if view[padded_end:padded_end + 4] != P.digest_bytes(view[cursor:padded_end]):
-                self._reject_raw(bytes(bhs), RejectReason.DATA_DIGEST_ERROR)
+                self._reject_raw(bytes(view[pos:pos + P.BHS_LENGTH]), RejectReason.DATA_DIGEST_ERROR)
                 return
         opcode = view[pos] & 0x3F
+        if opcode == 0x01 and self._fast_commands and self._scsi_command_fast(view, pos, cursor, dsl):
+            return
+        bhs = view[pos:pos + P.BHS_LENGTH]
+        data = view[cursor:cursor + dsl]
         layout = P.LAYOUTS.get(opcode)  # type: ignore[call-overload]
         try:
             if layout is None:
@@ -363,6 +380,8 @@ class TargetConnection:
         self.data_digest = params.data_digest
         self.max_recv = params.max_recv_data_segment_length
         self.max_xmit = params.max_xmit_data_segment_length
+        self._fast_commands = not session.discovery
+        self._immediate_limit = params.first_burst_length if params.immediate_data else 0
 
     # ------------------------------------------------------------------ full feature phase
     def _full_feature(self, opcode: int, header: Any, data: memoryview, raw: bytes) -> None:
@@ -406,6 +425,46 @@ class TargetConnection:
             handler(conn, header, data, raw)
 
     # -- SCSI commands -------------------------------------------------------------
+    def _scsi_command_fast(self, view: memoryview, pos: int, cursor: int, dsl: int) -> bool:
+        """The common SCSI Command (non-immediate, the next CmdSN, a read or one whose data all came
+        as immediate data) from one ``struct`` unpack of its header, without the decoded record and
+        the hops of ``_full_feature`` and ``_scsi_command``.  False when it is anything else: nothing
+        was done, and the full path (which checks and answers the unusual cases) handles it."""
+        b0, flags, lun_field, itt, edtl, cmdsn, cdb = _SCSI_COMMAND(view, pos)
+        session = self.session
+        if (b0 & 0x40 or cmdsn != session.expcmdsn or session.running >= session.command_window  # type: ignore
+                or itt in self._tasks or itt in self._running):
+            return False
+        if flags & 0x20:  # W: all of its data must be here as immediate data
+            if dsl != edtl or not dsl or dsl > self._immediate_limit:
+                return False
+            data = view[cursor:cursor + dsl]  # in the receive buffer: copied unless written right away
+        elif dsl:
+            return False  # immediate data without W: the full path rejects it
+        else:
+            data = None
+        session.expcmdsn = (cmdsn + 1) & 0xFFFFFFFF  # type: ignore[union-attr]
+        lun = _LUN_CACHE.get(lun_field)
+        if lun is None:
+            lun = _lun_number(lun_field)
+        read = flags & 0x40 != 0
+        unit = session.target.luns.luns.get(lun)  # type: ignore[union-attr]
+        if unit is None:
+            self._execute(itt, lun_field, lun, cdb, None if data is None else bytes(data), edtl, read)
+        else:  # ``_execute``, one call shorter
+            result = None if data is None else unit.execute_inline(cdb, data)
+            if result is None:
+                if data is not None:
+                    data = bytes(data)  # the receive buffer is reused; a worker may write this later
+                result = unit.execute_deferrable(session.nexus, cdb, data, edtl)  # type: ignore[union-attr]
+            if result.blocking is None:
+                self._complete(itt, lun_field, edtl, read, result)
+            else:
+                self._offload_command(itt, lun_field, lun, edtl, read, True, data, None, result)
+        if session.pending:  # type: ignore[union-attr]
+            self._drain_pending()
+        return True
+
     def _scsi_command(self, header: Any, data: bytes, raw: bytes) -> None:
         session = self.session
         assert session is not None and self.params is not None
@@ -527,16 +586,21 @@ class TargetConnection:
         else:
             result = luns.execute(session.nexus, lun, cdb, data_out, edtl)
         if result.blocking is not None:
-            entry = _Running(lun_field, lun, edtl, read, counted, data_out, buffer)
-            self._running[itt] = entry
-            if counted:
-                session.running += 1
-            self.offload(result.blocking, lambda done: self._deferred_done(itt, entry, done))
+            self._offload_command(itt, lun_field, lun, edtl, read, counted, data_out, buffer, result)
             return
         if buffer is not None:
             data_out.release()
             self._pool.release(buffer)
         self._complete(itt, lun_field, edtl, read, result)
+
+    def _offload_command(self, itt: int, lun_field: bytes, lun: int, edtl: int, read: bool, counted: bool,
+                         data_out, buffer: bytearray | None, result) -> None:
+        """Hand a command whose I/O would block to the worker pool; ``_deferred_done`` completes it."""
+        entry = _Running(lun_field, lun, edtl, read, counted, data_out, buffer)
+        self._running[itt] = entry
+        if counted:
+            self.session.running += 1  # type: ignore[union-attr]
+        self.offload(result.blocking, lambda done: self._deferred_done(itt, entry, done))
 
     def _deferred_done(self, itt: int, entry: _Running, result) -> None:
         """The worker finished a command's I/O: answer it, unless it was aborted or the connection went."""
@@ -561,7 +625,26 @@ class TargetConnection:
     def _complete(self, itt: int, lun_field: bytes, edtl: int, read: bool, result) -> None:
         data = result.data
         if read:
-            datalen = 0 if data is None else data.length if data.__class__ is FileRange else len(data)
+            if data is None:
+                datalen = 0
+            elif data.__class__ is FileRange:
+                datalen = data.length
+            else:
+                datalen = len(data)
+                if (datalen == edtl and datalen <= self.max_xmit and not datalen & 3 and datalen
+                        and not result.status and not result.sense and not self.data_digest):
+                    # The common read: all of it in one Data-In PDU that carries GOOD status (phase
+                    # collapse, §11.7.4), no residual; ``_data_in`` does the same the long way.
+                    session = self.session
+                    statsn = self.statsn
+                    self.statsn = (statsn + 1) & 0xFFFFFFFF
+                    header = _pack_data_in(0x81, GOOD, datalen, lun_field, itt, P.RESERVED_TAG, statsn,
+                                           session.expcmdsn, session.maxcmdsn, 0, 0, 0)  # type: ignore
+                    if self.header_digest:
+                        self._out += (header, P.digest_bytes(header), data)
+                    else:
+                        self._out += (header, data)
+                    return
             if datalen and edtl:
                 self._data_in(itt, lun_field, data, result.status, result.sense, edtl, datalen)
                 return
@@ -638,9 +721,17 @@ class TargetConnection:
         """SCSI Response (§11.4), sense data prefixed with its length (§11.4.7)."""
         session = self.session
         assert session is not None
-        payload = len(sense).to_bytes(2, "big") + sense if sense else b""
         statsn = self.statsn
         self.statsn = (statsn + 1) & 0xFFFFFFFF
+        if not sense and datalen == edtl:  # the common answer: no sense data, no residual
+            header = _pack_scsi_response(0x80, 0, status, 0, itt, statsn, session.expcmdsn, session.maxcmdsn,
+                                         expdatasn, 0)
+            if self.header_digest:
+                self._out += (header, P.digest_bytes(header))
+            else:
+                self._out.append(header)
+            return
+        payload = len(sense).to_bytes(2, "big") + sense if sense else b""
         header = P.pack_scsi_response(0x80 | _residual_flags(datalen, edtl), 0, status, len(payload), itt, statsn,
                                       session.expcmdsn, session.maxcmdsn, expdatasn, abs(datalen - edtl))
         self._out += P.frame(header, payload, header_digest=self.header_digest, data_digest=self.data_digest)

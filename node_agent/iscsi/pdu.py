@@ -316,26 +316,27 @@ def frame(header, data=b"", *, header_digest: bool, data_digest: bool) -> list:
 # each against its LAYOUTS entry, which stays the definition.
 _HOT = struct.Struct(">BBBBI8sIIIIIIII")
 _ZERO8 = bytes(8)
+_DATA_IN, _SCSI_RESPONSE, _R2T = int(Opcode.DATA_IN), int(Opcode.SCSI_RESPONSE), int(Opcode.R2T)
 
 
 def pack_data_in(flags: int, status: int, dsl: int, lun: bytes, itt: int, ttt: int, statsn: int,
                  expcmdsn: int, maxcmdsn: int, datasn: int, buffer_offset: int, residual: int) -> bytes:
     """SCSI Data-In BHS (§11.7); ``flags`` = F 0x80, O 0x04, U 0x02, S 0x01."""
-    return _HOT.pack(Opcode.DATA_IN, flags, 0, status, dsl, lun, itt, ttt, statsn, expcmdsn, maxcmdsn,
+    return _HOT.pack(_DATA_IN, flags, 0, status, dsl, lun, itt, ttt, statsn, expcmdsn, maxcmdsn,
                      datasn, buffer_offset, residual)
 
 
 def pack_scsi_response(flags: int, response: int, status: int, dsl: int, itt: int, statsn: int,
                        expcmdsn: int, maxcmdsn: int, expdatasn: int, residual: int) -> bytes:
     """SCSI Response BHS (§11.4); ``flags`` = 0x80 | o 0x10 | u 0x08 | O 0x04 | U 0x02."""
-    return _HOT.pack(Opcode.SCSI_RESPONSE, flags, response, status, dsl, _ZERO8, itt, 0, statsn, expcmdsn,
+    return _HOT.pack(_SCSI_RESPONSE, flags, response, status, dsl, _ZERO8, itt, 0, statsn, expcmdsn,
                      maxcmdsn, expdatasn, 0, residual)
 
 
 def pack_r2t(lun: bytes, itt: int, ttt: int, statsn: int, expcmdsn: int, maxcmdsn: int, r2tsn: int,
              buffer_offset: int, length: int) -> bytes:
     """Ready To Transfer BHS (§11.8)."""
-    return _HOT.pack(Opcode.R2T, 0x80, 0, 0, 0, lun, itt, ttt, statsn, expcmdsn, maxcmdsn, r2tsn,
+    return _HOT.pack(_R2T, 0x80, 0, 0, 0, lun, itt, ttt, statsn, expcmdsn, maxcmdsn, r2tsn,
                      buffer_offset, length)
 
 

@@ -382,17 +382,22 @@ class _Channel:
                     return False  # the socket buffer is full: wait until it is writable
                 pending.pop(0)
                 continue
-            count = 0
-            while count < len(pending) and count < _MAX_IOV and not isinstance(pending[count], FileRange):
-                count += 1
+            batch = pending[:_MAX_IOV]
+            kinds = list(map(type, batch))  # buffers up to the first FileRange (C loops: one per item counts)
+            if FileRange in kinds:
+                batch = batch[:kinds.index(FileRange)]
             try:
-                sent = self.sock.sendmsg(pending[:count])
+                sent = self.sock.sendmsg(batch)
             except (BlockingIOError, InterruptedError):
                 return False
-            self._consume(sent, count)
+            if sent == sum(map(len, batch)):
+                del pending[:len(batch)]
+            else:
+                self._consume(sent, len(batch))
         return True
 
     def _consume(self, sent: int, count: int) -> None:
+        """Drop what a partial send took: whole buffers, and the front of the one it stopped in."""
         pending = self.pending
         index = 0
         while index < count:

@@ -17,18 +17,25 @@ only whole blocks it actually received (libiscsi's iSCSIResiduals tests: EDTL
 smaller than the CDB's transfer length writes EDTL's worth, larger writes the
 CDB's), and reports the bytes its CDB asked for in ``data_out_length`` so the
 transport can set the residual.
+
+READ/WRITE(10/16) with nothing unusual about them (``_read_write``: no unit
+attention, reservation, reserved/protection/FUA bit, range or length error,
+read-only medium, large read or blocking I/O) skip the command table and the
+decoded CDB record; whatever it declines runs the full way, which is the
+definition (``tests/unit/test_scsi_fast_path.py`` compares the two).
 """
 
 from __future__ import annotations
 
 import logging
+import struct
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from node_agent.scsi import sense as S
-from node_agent.scsi.commands import COMMANDS_BY_OPCODE, Command
+from node_agent.scsi.commands import COMMANDS_BY_OPCODE, CONTROL_RESERVED, Command
 from node_agent.scsi.lun import decode_lun, encode_lun  # noqa: F401  (re-exported)
 from node_agent.scsi.modepages import ModeState
 from node_agent.scsi.ptpl import PtplStore
@@ -150,6 +157,11 @@ class LogicalUnit:
     def execute_deferrable(self, nexus: Nexus, cdb, data_out, expected_length: int) -> ScsiResult:
         """``execute(..., defer=True)`` without the indirection (the transport's hot path)."""
         try:
+            fast = _FAST_RW.get(cdb[0])
+            if fast is not None and not self._gate and not self.reservations.engaged:
+                result = self._read_write(fast, cdb, data_out)
+                if result is not None:
+                    return result
             if self._gate:
                 early = self._gated(nexus, cdb[0])
                 if early is not None:
@@ -180,6 +192,60 @@ class LogicalUnit:
             log.exception("SCSI command %s failed", bytes(cdb[:16]).hex())
             return ScsiResult(CHECK_CONDITION, sense=build_sense(S.INTERNAL_TARGET_FAILURE,
                                                                  descriptor=self.mode.d_sense))
+
+    def execute_inline(self, cdb, data_out) -> ScsiResult | None:
+        """A common READ/WRITE(10/16) (see ``_read_write``) done now, or None (nothing done): then
+        ``execute_deferrable`` decides.  Never keeps ``data_out`` once it returns, so the transport may
+        pass a view of its receive buffer; an error (a failing store) also answers None, and the full
+        path, running the command again, reports it."""
+        fast = _FAST_RW.get(cdb[0])
+        if fast is None or self._gate or self.reservations.engaged:
+            return None
+        try:
+            return self._read_write(fast, cdb, data_out)
+        except Exception:  # noqa: BLE001 - the full path repeats the command and reports what failed
+            return None
+
+    def _read_write(self, fast: tuple, cdb, data_out) -> ScsiResult | None:
+        """READ/WRITE(10/16) the common way, from one ``struct`` unpack of the CDB; None when anything
+        is unusual (a reserved or protection bit, FUA, a range or length the handler would refuse,
+        a read-only medium, a large read sent with ``sendfile``, I/O that would block): nothing was
+        done then, and the full path (``_validate`` and the ``sbc`` handler) decides.
+
+        The caller has already checked what comes first there: no unit attention or absent
+        medium (``_gate``) and no reservation (``engaged``)."""
+        unpack, size, writes, refused = fast
+        if len(cdb) < size:
+            return None
+        if size == 10:
+            _, flags, lba, group, count, control = unpack(cdb)
+        else:
+            _, flags, lba, count, group, control = unpack(cdb)
+        if (flags & refused or group & 0xE0 or control & _CONTROL_RESERVED or not count
+                or lba + count > self.num_blocks or count > self.max_transfer_blocks):
+            return None
+        bs = self.block_size
+        length = count * bs
+        if writes:
+            if self.read_only or self._fua_always or data_out is None or len(data_out) != length:
+                return None
+            write_nowait = self.write_nowait
+            if write_nowait is None:
+                self.backing.write(lba * bs, data_out, False)
+            elif not write_nowait(lba * bs, data_out, False):
+                return None  # would block: the full path hands it to a worker
+            self.write_commands += 1
+            self.write_bytes += length
+            return ScsiResult(GOOD, None, b"", length)
+        if length >= self._range_threshold:
+            return None
+        read_nowait = self.read_nowait
+        data = self.backing.read(lba * bs, length) if read_nowait is None else read_nowait(lba * bs, length)
+        if data is None:
+            return None  # not in the page cache: the full path reads it on a worker
+        self.read_commands += 1
+        self.read_bytes += length
+        return ScsiResult(GOOD, data)
 
     def _gated(self, nexus: Nexus, opcode: int) -> ScsiResult | None:
         """A pending unit attention (SPC-4 §5.14), then an absent medium (SBC-3 §4.13), end the command."""
@@ -342,6 +408,17 @@ def _own_method(obj, name: str):
     """``obj.name`` if ``obj``'s class defines it (not reached through ``__getattr__``), else None."""
     return getattr(obj, name) if hasattr(type(obj), name) else None
 
+
+# READ/WRITE(10/16) on ``LogicalUnit._read_write``: opcode -> (CDB unpacker, CDB size, writes, byte-1 bits
+# that send it the full way).  The unpackers give opcode, byte 1, LBA, then group number byte and transfer
+# length (10) or transfer length and group number byte (16), then CONTROL.  Byte 1 (SBC-3 §5.8, §5.33):
+# RDPROTECT/WRPROTECT 0xE0 (no protection information here), DPO 0x10, FUA 0x08, RARC 0x04 (reads),
+# FUA_NV 0x02; the rest is reserved.  A FUA write waits for the disk: a worker's job.
+_RW10 = struct.Struct(">BBIBHB").unpack_from
+_RW16 = struct.Struct(">BBQIBB").unpack_from
+_FAST_RW: dict[int, tuple] = {0x28: (_RW10, 10, False, 0xE1), 0x88: (_RW16, 16, False, 0xE1),
+                              0x2A: (_RW10, 10, True, 0xED), 0x8A: (_RW16, 16, True, 0xED)}
+_CONTROL_RESERVED = CONTROL_RESERVED
 
 _UA_EXEMPT = frozenset((0x12, 0xA0, 0x03))  # INQUIRY, REPORT LUNS, REQUEST SENSE (SPC-4 §5.14)
 # What runs without a medium: the exempt three, START STOP UNIT and PREVENT ALLOW (to load it),

@@ -1,0 +1,128 @@
+"""A/B runs of ``shoal target`` from several source trees: target CPU per I/O in alternating runs.
+
+For finding and checking changes of the target's own cost on a shared machine,
+where raw IOPS are noise: each tree (this checkout, or a ``git worktree`` of an
+older commit) runs its own ``shoal target`` on the same prefilled file (in the
+page cache), and ``qemu-img bench -f raw -t none`` runs against them in turn
+(A, B, C, A, B, C, ...), after one warm-up run each.  Per tree it prints the
+medians of the target's CPU per I/O (utime+stime of the target process from
+``/proc/PID/stat``, all its threads) and of IOPS.  CPU per I/O is the figure to
+compare: it stays meaningful when the client or other load limits the rate.
+
+Each tree's target is ``python -P -m node_agent.cli target`` with ``PYTHONPATH``
+set to that tree (``-P``: the working directory is not put on ``sys.path``), so
+the interpreter and installed packages are the same for all.
+
+Run: ``.venv/bin/python tests/perf/bench_ab.py --tree new=. --tree old=/tmp/wt-3f33269
+[--workload 4k-read] [--runs 5] [--count 40000] [--env old:SHOAL_EVENT_LOOP=asyncio]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
+
+from tests.support.shoal_target import running_shoal_target  # noqa: E402
+
+WORKLOADS = {"4k-read": (4096, 32, False, 40000), "4k-write": (4096, 32, True, 40000),
+             "1m-read": (1 << 20, 8, False, 3000), "1m-write": (1 << 20, 8, True, 2000)}
+
+
+def cpu_seconds(pid: int) -> tuple[float, float]:
+    """(user, system) CPU seconds of a process, all its threads."""
+    with open(f"/proc/{pid}/stat") as handle:
+        fields = handle.read().rsplit(")", 1)[1].split()
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick
+
+
+def one_run(url: str, pid: int, workload: str, count: int) -> tuple[float, float, float]:
+    """(IOPS, target µs CPU per I/O, of which system) of one ``qemu-img bench`` run."""
+    size, depth, write, _ = WORKLOADS[workload]
+    args = ["qemu-img", "bench", "-f", "raw", "-t", "none", "-c", str(count), "-d", str(depth), "-s", str(size)]
+    if write:
+        args += ["-w", "--pattern", "0x5a"]
+    cpu0, start = cpu_seconds(pid), time.perf_counter()
+    out = subprocess.run(args + [url], capture_output=True, text=True, timeout=600)
+    elapsed = time.perf_counter() - start
+    if out.returncode:
+        raise RuntimeError(out.stdout + out.stderr)
+    user, system = (b - a for a, b in zip(cpu0, cpu_seconds(pid)))
+    for line in out.stdout.splitlines():
+        if line.startswith("Run completed in"):
+            elapsed = float(line.split()[3])
+    return count / elapsed, (user + system) / count * 1e6, system / count * 1e6
+
+
+def prefill(path: Path, size: int) -> None:
+    chunk = os.urandom(1 << 20)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        for offset in range(0, size, 1 << 20):
+            os.pwrite(fd, chunk, offset)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tree", action="append", required=True, help="NAME=PATH of a source tree (repeatable)")
+    parser.add_argument("--workload", action="append", choices=sorted(WORKLOADS))
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--count", type=int, default=0, help="requests per run (default: per workload)")
+    parser.add_argument("--size-mib", type=int, default=512)
+    parser.add_argument("--env", action="append", default=[], help="NAME:VAR=VALUE for one tree's target")
+    parser.add_argument("--extra", action="append", default=[], help="NAME:ARG, an extra target argument")
+    args = parser.parse_args(argv)
+    trees = dict(item.split("=", 1) for item in args.tree)
+    envs: dict[str, list[str]] = {name: [] for name in trees}
+    for item in args.env:
+        name, assignment = item.split(":", 1)
+        envs[name].append(assignment)
+    extras: dict[str, list[str]] = {name: [] for name in trees}
+    for item in args.extra:
+        name, arg = item.split(":", 1)
+        extras[name].append(arg)
+    workloads = args.workload or ["4k-read", "4k-write"]
+    with tempfile.TemporaryDirectory(prefix="shoal-ab-") as tmp, contextlib.ExitStack() as stack:
+        backing = Path(tmp) / "disk.img"
+        prefill(backing, args.size_mib << 20)
+        targets = {}
+        for name, path in trees.items():
+            command = ["env", f"PYTHONPATH={Path(path).resolve()}", *envs[name], sys.executable, "-P",
+                       "-m", "node_agent.cli"]
+            target = stack.enter_context(running_shoal_target(Path(tmp) / name, luns=[(str(backing), None)],
+                                                              command=command, extra_args=extras[name]))
+            targets[name] = target
+        for workload in workloads:
+            count = args.count or WORKLOADS[workload][3]
+            results: dict[str, list[tuple[float, float, float]]] = {name: [] for name in trees}
+            for name, target in targets.items():
+                one_run(target.url(0), target.pid, workload, count // 4)  # warm-up
+            for _ in range(args.runs):
+                for name, target in targets.items():
+                    results[name].append(one_run(target.url(0), target.pid, workload, count))
+            print(f"{workload} (count {count}, {args.runs} alternating runs)")
+            for name, runs in results.items():
+                iops = statistics.median(r[0] for r in runs)
+                cpu = statistics.median(r[1] for r in runs)
+                system = statistics.median(r[2] for r in runs)
+                each = " ".join(f"{r[1]:.1f}" for r in runs)
+                print(f"  {name:>12}: {cpu:6.2f} µs CPU/IO (system {system:5.2f})  {iops:9.0f} IOPS   (runs: {each})",
+                      flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
