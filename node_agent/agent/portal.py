@@ -11,12 +11,12 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
-import os
 import threading
 import time
 from dataclasses import dataclass, replace
 from typing import Any, Callable
 
+from node_agent import eventloop
 from node_agent.iscsi.target import Credentials, TargetNode
 from node_agent.scsi import persistent_reserve
 from node_agent.target_service import LunSpec, PortalConfig, TargetService
@@ -42,15 +42,7 @@ def _in_flight(connection: Any) -> int:
 
 
 def _new_loop() -> asyncio.AbstractEventLoop:
-    """uvloop where installed (as ``shoal target``), unless ``SHOAL_EVENT_LOOP=asyncio``."""
-    if os.environ.get("SHOAL_EVENT_LOOP", "auto") != "asyncio":
-        try:
-            import uvloop
-        except ImportError:
-            pass
-        else:
-            return uvloop.new_event_loop()
-    return asyncio.new_event_loop()
+    return eventloop.new_event_loop()
 
 
 class PortalThread:

@@ -24,6 +24,7 @@ READ_16, WRITE_16, SYNCHRONIZE_CACHE_16 = 0x88, 0x8A, 0x91
 INQUIRY, REPORT_LUNS, UNMAP, SERVICE_ACTION_IN_16 = 0x12, 0xA0, 0x42, 0x9E
 PERSISTENT_RESERVE_IN, PERSISTENT_RESERVE_OUT = 0x5E, 0x5F
 MAX_IO_BLOCKS = 2048  # split larger ranges: 1 MiB of 512-byte blocks per command
+_RW16 = struct.Struct(">BBQIBB")  # READ(16)/WRITE(16)/SYNCHRONIZE CACHE(16): opcode, flags, LBA, blocks (SBC-3)
 
 
 @dataclass(frozen=True)
@@ -56,9 +57,9 @@ class LunDevice:
         return self.capacity or await self.read_capacity()
 
     async def read_blocks(self, lba: int, count: int) -> bytes | memoryview:
-        cap = await self._geometry()
+        cap = self.capacity or await self.read_capacity()
         if count <= MAX_IO_BLOCKS:
-            cdb = struct.pack(">BBQIBB", READ_16, 0, lba, count, 0, 0)
+            cdb = _RW16.pack(READ_16, 0, lba, count, 0, 0)
             return (await self.client.execute(cdb, self.lun, read_length=count * cap.block_size)).data
         parts = []
         while count:
@@ -69,16 +70,41 @@ class LunDevice:
             lba, count = lba + n, count - n
         return b"".join(parts)
 
+    async def read_into(self, lba: int, buffer: bytearray | memoryview) -> None:
+        """Read ``len(buffer)`` bytes of whole blocks at ``lba`` into ``buffer``: Data-In is received
+        there directly, with no buffer allocated per command (what a caller reusing buffers wants)."""
+        cap = self.capacity or await self.read_capacity()
+        view = buffer
+        if buffer.__class__ is not bytearray and (buffer.__class__ is not memoryview or buffer.format != "B"
+                                                  or buffer.ndim != 1):
+            view = memoryview(buffer).cast("B")
+        size, block_size = len(view), cap.block_size
+        if size % block_size:
+            raise ValueError(f"read of {size} bytes is not a multiple of the {block_size}-byte block")
+        if size <= MAX_IO_BLOCKS * block_size:  # one command: the common case, kept short
+            await self.client.execute(_RW16.pack(READ_16, 0, lba, size // block_size, 0, 0), self.lun, buffer=view)
+            return
+        view = memoryview(view)
+        step = MAX_IO_BLOCKS * block_size
+        for start in range(0, size, step):
+            chunk = view[start:start + step]
+            cdb = _RW16.pack(READ_16, 0, lba + start // block_size, len(chunk) // block_size, 0, 0)
+            await self.client.execute(cdb, self.lun, buffer=chunk)
+
     async def write_blocks(self, lba: int, data: bytes | bytearray | memoryview, *, fua: bool = False) -> None:
-        cap = await self._geometry()
+        cap = self.capacity or await self.read_capacity()
         view = memoryview(data).cast("B")
         if len(view) % cap.block_size:
             raise ValueError(f"write of {len(view)} bytes is not a multiple of the {cap.block_size}-byte block")
         step = MAX_IO_BLOCKS * cap.block_size
+        if len(view) <= step:  # one command: the common case, kept short
+            cdb = _RW16.pack(WRITE_16, 0x08 if fua else 0, lba, len(view) // cap.block_size, 0, 0)
+            await self.client.execute(cdb, self.lun, data_out=view)
+            return
         for start in range(0, len(view), step):
             chunk = view[start:start + step]
             n = len(chunk) // cap.block_size
-            cdb = struct.pack(">BBQIBB", WRITE_16, 0x08 if fua else 0, lba + start // cap.block_size, n, 0, 0)
+            cdb = _RW16.pack(WRITE_16, 0x08 if fua else 0, lba + start // cap.block_size, n, 0, 0)
             await self.client.execute(cdb, self.lun, data_out=chunk)
 
     async def read(self, offset: int, length: int) -> bytes:

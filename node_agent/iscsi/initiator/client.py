@@ -7,6 +7,12 @@ backoff (tenacity), reinstates the session (same ISID, ErrorRecoveryLevel 0)
 and issues again every command that had no status, so a caller sees a delay
 rather than an error while the target comes back within ``reconnect_timeout``;
 after that every waiting command fails with ``SessionLost``.
+
+Per command, ``execute`` does only what a command needs: take a slot (a
+counter; a queue only when full), hand the CDB to the core, await one future.
+The core's output is sent once per event-loop pass (``writelines``: uvloop
+sends the batch and any large payload with one ``writev``), and received
+``TaskDone`` events complete their futures directly.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -79,6 +86,36 @@ class ClientSettings:
     """Times a command is retried after UNIT ATTENTION (e.g. the reset a reinstatement causes)."""
 
 
+class _Slots:
+    """Commands in flight at once: a counter while there is room, a FIFO of waiters when full.
+
+    ``asyncio.Semaphore`` costs two coroutines per command even when free; here taking a free
+    slot is one comparison.  A released slot goes straight to the first live waiter."""
+
+    def __init__(self, count: int):
+        self.free = count
+        self._waiters: deque[asyncio.Future] = deque()
+
+    async def wait(self) -> None:
+        """Wait for a slot (call only when ``free`` is 0); the slot is then the caller's."""
+        fut = asyncio.get_running_loop().create_future()
+        self._waiters.append(fut)
+        try:
+            await fut
+        except asyncio.CancelledError:
+            if fut.done() and not fut.cancelled():  # handed a slot, then cancelled: pass it on
+                self.release()
+            raise
+
+    def release(self) -> None:
+        while self._waiters:
+            fut = self._waiters.popleft()
+            if not fut.done():
+                fut.set_result(None)
+                return
+        self.free += 1
+
+
 class _Protocol(asyncio.BufferedProtocol):
     def __init__(self, client: "IscsiClient", conn: C.InitiatorConnection):
         self.client = client
@@ -121,12 +158,13 @@ class IscsiClient:
         self._proto: _Protocol | None = None
         self._futures: dict[int, asyncio.Future] = {}
         self._login: asyncio.Future | None = None
-        self._slots = asyncio.Semaphore(self.settings.queue_depth)
+        self._slots = _Slots(self.settings.queue_depth)
+        self._loop: asyncio.AbstractEventLoop | None = None  # the loop the session runs on (set by connect)
         self._closing = False
         self._flush_scheduled = False
         self._reconnecting: asyncio.Task | None = None
         self._pinger: asyncio.Task | None = None
-        self._last_rx = time.monotonic()
+        self._received = False  # bytes arrived since the pinger last looked (no clock read per receive)
 
     def __repr__(self) -> str:
         return f"<IscsiClient {self.host}:{self.port} {self.target_iqn}>"
@@ -141,6 +179,7 @@ class IscsiClient:
 
     # ------------------------------------------------------------------ connect / close
     async def connect(self) -> "IscsiClient":
+        self._loop = asyncio.get_running_loop()
         await self._login_once(None)
         self._pinger = asyncio.get_running_loop().create_task(self._ping_loop())
         return self
@@ -177,7 +216,7 @@ class IscsiClient:
             transport.close()
             raise
         self.conn, self._proto = conn, proto  # only a logged-in connection is reconnected when lost
-        self._last_rx = time.monotonic()
+        self._received = True
         if previous is not None:
             conn.adopt(previous)
             self._flush(proto)
@@ -204,26 +243,44 @@ class IscsiClient:
 
     # ------------------------------------------------------------------ commands
     async def execute(self, cdb: bytes, lun: int = 0, *, data_out: bytes | bytearray | memoryview | None = None,
-                      read_length: int = 0, check: bool = True) -> C.TaskDone:
-        """Run one SCSI command; raises ``CommandFailed`` unless GOOD (with ``check``)."""
-        for attempt in range(self.settings.unit_attention_retries + 1):
-            async with self._slots:
-                done = await self._submit(cdb, lun, data_out, read_length)
-            if done.status == CHECK_CONDITION and sense_code(done.sense)[0] == UNIT_ATTENTION \
-                    and attempt < self.settings.unit_attention_retries:
-                self.unit_attentions.append(sense_code(done.sense))
-                continue
-            break
-        if check and done.status != 0:
-            raise CommandFailed(done)
-        return done
+                      read_length: int = 0, buffer: bytearray | memoryview | None = None,
+                      check: bool = True) -> C.TaskDone:
+        """Run one SCSI command; raises ``CommandFailed`` unless GOOD (with ``check``).
 
-    async def _submit(self, cdb, lun, data_out, read_length) -> C.TaskDone:
-        conn, proto = await self._ready()
-        itt = conn.submit(cdb, lun, data_out=data_out, read_length=read_length)
-        fut = self._future(itt)
-        self._flush(proto)
-        return await fut
+        Data-In lands in ``buffer`` when given (see ``InitiatorConnection.submit``)."""
+        slots = self._slots
+        attempt = 0
+        while True:
+            if slots.free > 0:
+                slots.free -= 1
+            else:
+                await slots.wait()
+            try:
+                if self._reconnecting is not None or self._closing or self.conn is None:
+                    conn, proto = await self._ready()
+                else:
+                    conn, proto = self.conn, self._proto
+                itt = conn.submit(cdb, lun, data_out=data_out, read_length=read_length, buffer=buffer)
+                fut = self._loop.create_future()
+                self._futures[itt] = fut
+                if not self._flush_scheduled:
+                    self._flush(proto)
+                done = await fut
+            finally:
+                if slots._waiters:
+                    slots.release()
+                else:  # release(), inlined for the common case: nobody waits for a slot
+                    slots.free += 1
+            if done.status == 0:
+                return done
+            if done.status == CHECK_CONDITION and attempt < self.settings.unit_attention_retries \
+                    and sense_code(done.sense)[0] == UNIT_ATTENTION:
+                self.unit_attentions.append(sense_code(done.sense))
+                attempt += 1
+                continue
+            if check:
+                raise CommandFailed(done)
+            return done
 
     async def nop(self, data: bytes = b"") -> bytes:
         conn, proto = await self._ready()
@@ -254,7 +311,7 @@ class IscsiClient:
             return self.conn, self._proto
 
     def _future(self, itt: int) -> asyncio.Future:
-        fut = asyncio.get_running_loop().create_future()
+        fut = self._loop.create_future()
         self._futures[itt] = fut
         return fut
 
@@ -263,19 +320,32 @@ class IscsiClient:
         """Send what the core queued, once per event-loop pass: commands submitted together share one send."""
         if not self._flush_scheduled:
             self._flush_scheduled = True
-            asyncio.get_running_loop().call_soon(self._flush_now, proto)
+            self._loop.call_soon(self._flush_now, proto)
 
     def _flush_now(self, proto: _Protocol) -> None:
         self._flush_scheduled = False
         out = proto.conn.take_output()
-        if out and proto.transport is not None and not proto.transport.is_closing():
-            proto.transport.write(b"".join(out))
+        transport = proto.transport
+        if out and transport is not None and not transport.is_closing():
+            if len(out) == 1:
+                transport.write(out[0])
+            else:
+                transport.writelines(out)  # uvloop: one writev, large payloads not copied
 
     def _after_io(self, proto: _Protocol) -> None:
-        self._last_rx = time.monotonic()
-        for event in proto.conn.take_events():
-            self._event(event)
-        self._flush(proto)
+        self._received = True
+        events = proto.conn.take_events()
+        if events:
+            futures = self._futures
+            for event in events:
+                if event.__class__ is C.TaskDone:  # the per-I/O event, first and without isinstance chains
+                    fut = futures.pop(event.itt, None)
+                    if fut is not None and not fut.done():
+                        fut.set_result(event)
+                else:
+                    self._event(event)
+        if not self._flush_scheduled:
+            self._flush(proto)
 
     def _event(self, event: Any) -> None:
         if isinstance(event, C.LoggedIn):
@@ -344,11 +414,15 @@ class IscsiClient:
     async def _ping_loop(self) -> None:
         """NOP-Out pings on an idle connection detect a dead target (RFC 7143 §11.18)."""
         settings = self.settings
+        last_rx = time.monotonic()
         while not self._closing:
             await asyncio.sleep(settings.nop_interval / 2)
+            now = time.monotonic()
+            if self._received:
+                self._received, last_rx = False, now
             if self._reconnecting is not None or self.conn is None or self._proto is None:
                 continue
-            if time.monotonic() - self._last_rx < settings.nop_interval:
+            if now - last_rx < settings.nop_interval:
                 continue
             try:
                 await asyncio.wait_for(self.nop(), settings.nop_timeout)

@@ -17,9 +17,10 @@ import time
 from dataclasses import dataclass
 from urllib.parse import parse_qs, unquote, urlsplit
 
+from node_agent import eventloop
 from node_agent.iscsi.initiator.blockdev import LunDevice
 from node_agent.iscsi.initiator.client import ClientSettings, CommandFailed, IscsiClient, SessionLost, discover
-from node_agent.iscsi.initiator.core import InitiatorError, LoginError
+from node_agent.iscsi.initiator.core import InitiatorError, LoginError, aligned_buffer
 
 DEFAULT_INITIATOR = "iqn.2026-11.io.shoal:initiator"
 
@@ -117,13 +118,17 @@ def _size(text: str) -> int:
 
 def run(args: argparse.Namespace) -> int:
     try:
-        return asyncio.run(_VERBS[args.verb](args))
+        return _run_loop(_VERBS[args.verb](args))
     except ValueError as exc:
         print(f"shoal iscsi: {exc}", file=sys.stderr)
         return 2
     except (LoginError, InitiatorError, SessionLost, CommandFailed, OSError) as exc:
         print(f"shoal iscsi: {exc}", file=sys.stderr)
         return 1
+
+
+def _run_loop(coro) -> int:
+    return eventloop.run(coro)
 
 
 def _client(args, url: IscsiUrl, **settings) -> IscsiClient:
@@ -196,23 +201,27 @@ async def _bench(args) -> int:
         capacity = await device.read_capacity()
         blocks = args.size // capacity.block_size
         span = capacity.blocks - blocks
-        payload = os.urandom(args.size)
+        payload = aligned_buffer(args.size)  # aligned, as qemu-img's buffers (see aligned_buffer)
+        payload[:] = os.urandom(args.size)
         count = 0
         deadline = time.perf_counter() + args.seconds
         rng = random.Random(1)
         position = 0
+        sequential, write, span = args.sequential, args.write, max(span, 1)
 
         async def worker() -> None:
             nonlocal count, position
-            while time.perf_counter() < deadline:
-                if args.sequential:
-                    lba, position = position, (position + blocks) % max(span, 1)
+            buffer = aligned_buffer(args.size)  # each worker reads into its own buffer, as qemu-img bench does
+            clock = time.perf_counter
+            while clock() < deadline:
+                if sequential:
+                    lba, position = position, (position + blocks) % span
                 else:
-                    lba = rng.randrange(0, max(span, 1) // blocks) * blocks
-                if args.write:
+                    lba = rng.randrange(0, span // blocks) * blocks
+                if write:
                     await device.write_blocks(lba, payload)
                 else:
-                    await device.read_blocks(lba, blocks)
+                    await device.read_into(lba, buffer)
                 count += 1
 
         cpu0, start = time.process_time(), time.perf_counter()
