@@ -2,9 +2,10 @@
 
 The transport receives straight into memory the connection core hands out
 (``ReceiveBuffer.writable``), in the manner of ``asyncio.BufferedProtocol``:
-bytes are copied once, by the kernel.  Large Data-Out payloads go one step
-further: the core points the transport at the write task's own buffer, so a
-1 MiB write lands where the SCSI layer reads it without any copy in Python.
+bytes are copied once, by the kernel.  Large Data-Out payloads and large
+immediate data go one step further: the core points the transport at the
+write task's own buffer, so a 1 MiB write lands where the SCSI layer reads it
+without any copy in Python.
 
 ``BufferPool`` keeps write buffers between commands: allocating a fresh
 1 MiB ``bytearray`` per write costs an mmap, page faults and zeroing, which

@@ -21,6 +21,14 @@ answers (one Data-In with GOOD status, a plain SCSI Response) are packed
 directly.  Anything else takes the full path, which makes every check; the
 short one only skips work that cannot change the outcome.
 
+Large writes (issue 7): the payload of a Data-Out PDU, and the immediate data
+of a write command, of 16 KiB or more is received straight into the write
+task's buffer (``_start_direct``, ``_start_direct_command``; the command's
+buffer is adopted by its task), and after each such payload the transport is
+offered just its trailer and the next header (``get_buffers``, one
+``recvmsg_into``), so a 1 MiB write is copied once, by the kernel.  Digests,
+DataSN, offsets, burst limits and CmdSN order are checked as for any PDU.
+
 Errors follow RFC 7143 §7 for ErrorRecoveryLevel 0: a PDU that can be framed
 but is wrong gets a Reject (§11.17) and the connection goes on; one whose
 header cannot be trusted (header digest error, a length past the negotiated
@@ -52,6 +60,10 @@ _U32 = struct.Struct(">I").unpack_from
 # SCSI Command BHS (§11.3): byte 0 (I, opcode), byte 1 (F R W ATTR), LUN, ITT, EDTL, CmdSN, CDB.
 _SCSI_COMMAND = struct.Struct(">BB6x8sIII4x16s").unpack_from
 _pack_data_in = P.pack_data_in
+_crc = P.digest_value
+_read_digest = P.read_digest
+_digest = P.digest
+_pack_digest = struct.Struct("<I").pack  # a digest value as sent (least significant byte first)
 _pack_scsi_response = P.pack_scsi_response
 
 GOOD = 0x00
@@ -97,6 +109,22 @@ class WriteTask:
     gaps: list[tuple[int, int]] = field(default_factory=list)  # ranges to solicit before next_offset
     read: bool = False
     counted: bool = True  # non-immediate: holds a CmdSN window slot while its I/O runs off the loop
+
+
+class _Placed:
+    """Immediate data of a SCSI Command received straight into a pooled write buffer (its first
+    ``length`` bytes): ``_scsi_command`` adopts the buffer as the write task's instead of copying."""
+
+    __slots__ = ("buffer", "length")
+
+    def __init__(self, buffer: bytearray, length: int):
+        self.buffer, self.length = buffer, length
+
+    def __len__(self) -> int:
+        return self.length
+
+    def view(self) -> memoryview:
+        return memoryview(self.buffer)[:self.length]
 
 
 class _Running:
@@ -148,7 +176,10 @@ class TargetConnection:
         self._rx = ReceiveBuffer(64 * 1024, grow_to=1 << 20)
         self._pool: BufferPool = registry.buffers
         self._sink: memoryview | None = None  # where a large Data-Out payload is being received directly
-        self._trailer: tuple | None = None  # a directly placed Data-Out waiting for its padding/digest
+        self._trailer: tuple | None = None  # a directly placed payload waiting for its padding/digest
+        # A payload was just received directly: offer the next receive only its trailer and the next
+        # header, so that a following large payload is placed directly too (not copied out of ``_rx``).
+        self._header_read = False
         self._out: list[Any] = []
         self._tasks: dict[int, WriteTask] = {}
         self._dead_itts: set[int] = set()
@@ -169,17 +200,40 @@ class TargetConnection:
         """Memory the transport should receive into next (``asyncio.BufferedProtocol`` style)."""
         if self._sink is not None:
             return self._sink
+        if self._header_read:
+            trailer = self._trailer
+            need = (trailer[4] + (4 if trailer[5] else 0) if trailer is not None else 0) \
+                + P.BHS_LENGTH + (4 if self.header_digest else 0) - len(self._rx)
+            if need > 0:
+                return self._rx.writable()[:need]
         return self._rx.writable()
 
+    def get_buffers(self) -> list[memoryview] | None:
+        """For a scatter receive (``recvmsg_into``) while a payload is being placed directly: the rest
+        of that payload, then room for its trailer and the next PDU header, so that one system call
+        ends the payload and learns where the next one goes.  None otherwise: use ``get_buffer``."""
+        sink = self._sink
+        if sink is None:
+            return None
+        trailer = self._trailer
+        need = trailer[4] + (4 if trailer[5] else 0) + P.BHS_LENGTH + (4 if self.header_digest else 0)  # type: ignore
+        return [sink, self._rx.writable()[:need]]
+
     def buffer_updated(self, count: int) -> None:
-        """``count`` bytes were received into the last ``get_buffer()``."""
+        """``count`` bytes were received into the last ``get_buffer()`` (or, in order, the buffers of
+        the last ``get_buffers()``)."""
         if self.closing:
             return
         self._last_rx = self.clock()
         if self._sink is not None:
-            self._sink = self._sink[count:] if count < len(self._sink) else None
-            if self._sink is not None:
+            placed = len(self._sink)
+            if count < placed:
+                self._sink = self._sink[count:]
                 return
+            self._sink = None
+            self._header_read = True
+            if count > placed:
+                self._rx.filled(count - placed)
         else:
             self._rx.filled(count)
         self._process()
@@ -246,6 +300,7 @@ class TargetConnection:
                 pos, end = rx.start, rx.end
                 if end - pos < P.BHS_LENGTH:
                     break
+                self._header_read = False
                 lengths = _U32(buf, pos + 4)[0]  # TotalAHSLength (words) and DataSegmentLength, §11.2.1
                 ahs_len, dsl = (lengths >> 24) * 4, lengths & 0xFFFFFF
                 if dsl > self.max_recv:
@@ -255,8 +310,12 @@ class TargetConnection:
                 hd, dd = self.header_digest, self.data_digest
                 total = 48 + ahs_len + ((dsl + 3) & ~3) + (4 if hd else 0) + (4 if dd and dsl else 0)  # 48: BHS
                 if end - pos < total:
-                    if dsl >= _DIRECT_MIN and buf[pos] & 0x3F == Opcode.DATA_OUT and self.session is not None:
-                        self._start_direct(view, pos, ahs_len, dsl, hd, dd)
+                    if dsl >= _DIRECT_MIN and self.session is not None:
+                        opcode = buf[pos] & 0x3F
+                        if opcode == Opcode.DATA_OUT:
+                            self._start_direct(view, pos, ahs_len, dsl, hd, dd)
+                        elif opcode == Opcode.SCSI_COMMAND and not ahs_len:
+                            self._start_direct_command(view, pos, dsl, hd, dd)
                     break
                 self._one_pdu(view, pos, ahs_len, dsl, hd, dd)
                 rx.start += total  # rx.consume(total), inline: once per PDU
@@ -287,38 +346,73 @@ class TargetConnection:
             self._sink = memoryview(task.buffer)[offset + have:offset + dsl]
         self._trailer = (header, raw, task, dsl, P.pad4(dsl) - dsl, dd)
 
+    def _start_direct_command(self, view: memoryview, pos: int, dsl: int, hd: bool, dd: bool) -> None:
+        """Receive the rest of a write command's large immediate data straight into a pooled buffer
+        that becomes its write task's (``_Placed``).  Only when the header asks for what the full
+        path accepts (W, data within ExpectedDataTransferLength, FirstBurstLength and the write
+        buffer limit, a normal session): anything else is framed and refused the ordinary way."""
+        rx = self._rx
+        payload = pos + P.BHS_LENGTH + (4 if hd else 0)
+        if rx.end < payload or self.session.discovery:  # type: ignore[union-attr]
+            return
+        _, flags, _, _, edtl, _, _ = _SCSI_COMMAND(view, pos)
+        if not flags & 0x20 or dsl > edtl or dsl > self._immediate_limit or edtl > self.config.max_write_buffer:
+            return
+        if hd and view[payload - 4:payload] != P.digest_bytes(view[pos:payload - 4]):
+            self.close("header digest error")
+            return
+        raw = bytes(view[pos:pos + P.BHS_LENGTH])
+        header = P.LAYOUTS[Opcode.SCSI_COMMAND].decode(raw, 0)
+        buffer = self._pool.acquire(edtl)
+        have = min(rx.end - payload, dsl)
+        buffer[:have] = view[payload:payload + have]
+        rx.consume(payload + have - pos)
+        if have < dsl:
+            self._sink = memoryview(buffer)[have:dsl]
+        self._trailer = (header, raw, None, dsl, P.pad4(dsl) - dsl, dd, _Placed(buffer, dsl))
+
     def _finish_trailer(self, view: memoryview) -> bool:
         """Padding and data digest of a directly received Data-Out; False while they are still missing."""
-        header, raw, task, length, pad, dd = self._trailer  # type: ignore[misc]
+        trailer = self._trailer
+        header, raw, task, length, pad, dd = trailer[:6]  # type: ignore[index]
         rx = self._rx
         need = pad + (4 if dd else 0)
         if len(rx) < need:
             return False
         start = rx.start
         self._trailer = None
+        placed = trailer[6] if task is None else None  # type: ignore[index]
         if dd:
-            offset = header.buffer_offset
-            digest = P.digest_bytes(memoryview(task.buffer)[offset:offset + length], view[start:start + pad])
+            if placed is not None:
+                received = placed.view()
+            else:
+                offset = header.buffer_offset
+                received = memoryview(task.buffer)[offset:offset + length]
+            digest = P.digest_bytes(received, view[start:start + pad])
+            received.release()
             if view[start + pad:start + need] != digest:
                 rx.consume(need)
                 self._reject_raw(raw, RejectReason.DATA_DIGEST_ERROR)
+                if placed is not None:
+                    self._pool.release(placed.buffer)
                 return True
         rx.consume(need)
-        if self._tasks.get(task.itt) is task:  # not aborted meanwhile
+        if placed is not None:
+            self._full_feature(Opcode.SCSI_COMMAND, header, placed, raw)
+        elif self._tasks.get(task.itt) is task:  # not aborted meanwhile
             self._data_out_done(task, header, length)
         return True
 
     def _one_pdu(self, view: memoryview, pos: int, ahs_len: int, dsl: int, hd: bool, dd: bool) -> None:
         cursor = pos + P.BHS_LENGTH + ahs_len
         if hd:
-            expected = P.digest_bytes(view[pos:cursor])
-            if view[cursor:cursor + 4] != expected:
+            if _crc(view[pos:cursor]) != _read_digest(view, cursor)[0]:
                 self.close("header digest error")  # RFC 7143 §7.8: the header cannot be trusted
                 return
             cursor += 4
         if dd and dsl:
-            padded_end = cursor + P.pad4(dsl)
-            if view[padded_end:padded_end + 4] != P.digest_bytes(view[cursor:padded_end]):
+            padded_end = cursor + ((dsl + 3) & ~3)
+            if _crc(view[cursor:padded_end]) != _read_digest(view, padded_end)[0]:
                 self._reject_raw(bytes(view[pos:pos + P.BHS_LENGTH]), RejectReason.DATA_DIGEST_ERROR)
                 return
         opcode = view[pos] & 0x3F
@@ -389,7 +483,7 @@ class TargetConnection:
             self._data_out(header, data, raw)
             return
         handler = _SEQUENCED.get(opcode)
-        if data:
+        if data and data.__class__ is not _Placed:
             data = bytes(data)  # the receive buffer is reused; commands may be held for CmdSN order
         if handler is None:
             reason = RejectReason.PROTOCOL_ERROR if opcode in (Opcode.LOGIN_REQUEST, Opcode.SNACK_REQUEST) \
@@ -482,7 +576,12 @@ class TargetConnection:
             self._reject_raw(raw, RejectReason.PROTOCOL_ERROR)
             return
         lun = _lun_number(header.lun)
+        placed = data if data.__class__ is _Placed else None
         if not header.write or len(data) == edtl:
+            if placed is not None:
+                self._execute(itt, header.lun, lun, header.cdb, placed.view(), edtl, header.read,
+                              buffer=placed.buffer, counted=not header.immediate)
+                return
             self._execute(itt, header.lun, lun, header.cdb, data if header.write else None, edtl, header.read,
                           counted=not header.immediate)
             return
@@ -490,9 +589,13 @@ class TargetConnection:
             self._dead_itts.add(itt)
             self._respond(itt, CHECK_CONDITION, build_sense(INVALID_FIELD_IN_CDB), 0, edtl, 0)
             return
-        task = WriteTask(itt, header.lun, lun, header.cdb, edtl, self._pool.acquire(edtl), read=header.read,
-                         counted=not header.immediate)
-        task.buffer[:len(data)] = data
+        if placed is not None:  # the immediate data is already at the start of a buffer of edtl bytes
+            task = WriteTask(itt, header.lun, lun, header.cdb, edtl, placed.buffer, read=header.read,
+                             counted=not header.immediate)
+        else:
+            task = WriteTask(itt, header.lun, lun, header.cdb, edtl, self._pool.acquire(edtl), read=header.read,
+                             counted=not header.immediate)
+            task.buffer[:len(data)] = data
         task.received = len(data)
         # F=1 on the command: no unsolicited Data-Out follows (§11.3.1); otherwise up to FirstBurstLength does.
         unsolicited = not params.initial_r2t and not header.final
@@ -632,16 +735,21 @@ class TargetConnection:
             else:
                 datalen = len(data)
                 if (datalen == edtl and datalen <= self.max_xmit and not datalen & 3 and datalen
-                        and not result.status and not result.sense and not self.data_digest):
+                        and not result.status and not result.sense):
                     # The common read: all of it in one Data-In PDU that carries GOOD status (phase
-                    # collapse, §11.7.4), no residual; ``_data_in`` does the same the long way.
+                    # collapse, §11.7.4), no residual, no padding; ``_data_in`` does the same the long way.
                     session = self.session
                     statsn = self.statsn
                     self.statsn = (statsn + 1) & 0xFFFFFFFF
                     header = _pack_data_in(0x81, GOOD, datalen, lun_field, itt, P.RESERVED_TAG, statsn,
                                            session.expcmdsn, session.maxcmdsn, 0, 0, 0)  # type: ignore
-                    if self.header_digest:
-                        self._out += (header, P.digest_bytes(header), data)
+                    if self.data_digest:
+                        if self.header_digest:
+                            self._out += (header, _pack_digest(_crc(header)), data, _pack_digest(_crc(data)))
+                        else:
+                            self._out += (header, data, _pack_digest(_crc(data)))
+                    elif self.header_digest:
+                        self._out += (header, _pack_digest(_crc(header)), data)
                     else:
                         self._out += (header, data)
                     return
@@ -675,7 +783,7 @@ class TargetConnection:
                                     P.RESERVED_TAG, statsn, session.expcmdsn, session.maxcmdsn, 0, 0,
                                     abs(total - edtl))
             if self.header_digest:
-                self._out += (header, P.digest_bytes(header), data if send == total else memoryview(data)[:send])
+                self._out += (header, _digest(header), data if send == total else memoryview(data)[:send])
             else:
                 self._out += (header, data if send == total else memoryview(data)[:send])
             return
@@ -701,7 +809,7 @@ class TargetConnection:
                                     statsn, expcmdsn, maxcmdsn, datasn, offset, residual)
             out.append(header)
             if hd:
-                out.append(P.digest_bytes(header))
+                out.append(_digest(header))
             if is_file:
                 out.append(FileRange(data.fd, data.offset + offset, length))
             else:
@@ -727,7 +835,7 @@ class TargetConnection:
             header = _pack_scsi_response(0x80, 0, status, 0, itt, statsn, session.expcmdsn, session.maxcmdsn,
                                          expdatasn, 0)
             if self.header_digest:
-                self._out += (header, P.digest_bytes(header))
+                self._out += (header, _pack_digest(_crc(header)))
             else:
                 self._out.append(header)
             return

@@ -243,6 +243,18 @@ def digest_bytes(*parts: bytes | bytearray | memoryview) -> bytes:
     return value.to_bytes(4, "little")
 
 
+_LE32 = struct.Struct("<I")
+digest_value = _crc32c.crc32c
+"""CRC32C of one buffer as an int: compare it with ``read_digest`` of the received bytes (hot path)."""
+read_digest = _LE32.unpack_from
+"""``read_digest(buffer, offset)``: (the digest at ``offset`` as an int,), as sent on the wire."""
+
+
+def digest(data: bytes | bytearray | memoryview) -> bytes:
+    """``digest_bytes`` of one buffer, without the loop (the hot path: one per PDU header)."""
+    return _LE32.pack(_crc32c.crc32c(data))
+
+
 def bhs_lengths(bhs: bytes | bytearray | memoryview) -> tuple[int, int]:
     """(AHS bytes, DataSegmentLength) of a raw BHS."""
     return bhs[4] * 4, int.from_bytes(bhs[5:8], "big")

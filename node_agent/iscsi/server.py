@@ -3,7 +3,8 @@
 The only code of the target that touches sockets.  Each accepted socket gets a
 ``TargetConnection`` (the sans-I/O core) and a ``_Channel`` that moves bytes:
 it receives straight into the memory the core hands out (its receive buffer,
-or a write task's buffer for large Data-Out), tells the core, then sends everything
+or a write task's buffer for large Data-Out and immediate data, with the
+trailer and next header in the same ``recvmsg_into``), tells the core, then sends everything
 the core queued with as few system calls as possible — one ``sendmsg`` for a
 run of buffers (headers and data together, never concatenated) and
 ``os.sendfile`` for Data-In that the SCSI layer left in the backing file.
@@ -47,6 +48,7 @@ from node_agent.scsi.device import FileRange
 log = logging.getLogger("shoal.iscsi.server")
 
 _MAX_IOV = 512
+_PLACED_READS = 8  # receives of directly placed payloads (up to 2 MiB) before the replies are sent
 _TICK = 1.0
 
 
@@ -319,23 +321,33 @@ class _Channel:
         self.flush()
 
     def _on_readable(self) -> None:
-        try:
-            n = self.sock.recv_into(self.core.get_buffer())
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError as exc:
-            log.info("connection from %s: %s", self.core.peer, exc)
-            self.shutdown()
-            return
-        if n == 0:
-            self.shutdown()
-            return
-        with self.lock:
+        core = self.core
+        for _ in range(_PLACED_READS):
             try:
-                self.core.buffer_updated(n)
-            except Exception:
-                log.exception("connection from %s: internal error; dropping it", self.core.peer)
-                self.core.close("internal error")
+                buffers = core.get_buffers()
+                if buffers is None:
+                    n = self.sock.recv_into(core.get_buffer())
+                else:  # the end of a directly placed payload, and its trailer and the next header behind it
+                    n = self.sock.recvmsg_into(buffers)[0]
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as exc:
+                log.info("connection from %s: %s", core.peer, exc)
+                self.shutdown()
+                return
+            if n == 0:
+                self.shutdown()
+                return
+            with self.lock:
+                try:
+                    core.buffer_updated(n)
+                except Exception:
+                    log.exception("connection from %s: internal error; dropping it", core.peer)
+                    core.close("internal error")
+            if buffers is None or core.closing:
+                break
+            # A large write is streaming in, one payload per receive: read on (its PDUs are most likely
+            # queued already) and send the R2Ts and responses of several PDUs with one ``sendmsg``.
         self.flush()
 
     def flush(self) -> None:

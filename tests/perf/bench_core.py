@@ -15,7 +15,8 @@ compared in alternating rounds:
 
     .venv/bin/python tests/perf/bench_core.py --tree new=. --tree old=/tmp/wt-3f33269
 
-``--profile FILE`` writes a cProfile of one tree's run instead.
+``--workload 4k-read-digests`` / ``4k-write-digests``: the same with header and data digests
+(CRC32C) negotiated.  ``--profile FILE`` writes a cProfile of one tree's run instead.
 """
 
 from __future__ import annotations
@@ -65,19 +66,24 @@ def _child(workload: str, batches: int, profile: str | None) -> dict:
                 conn.buffer_updated(n)
                 view = view[n:]
 
-        def pdu(opcode, data=b"", **fields) -> bytes:
-            return b"".join(bytes(p) for p in P.encode_pdu(opcode, data, header_digest=False, data_digest=False,
+        digests = workload.endswith("-digests")  # header and data digests (CRC32C) on
+
+        def pdu(opcode, data=b"", *, login=False, **fields) -> bytes:
+            on = digests and not login
+            return b"".join(bytes(p) for p in P.encode_pdu(opcode, data, header_digest=on, data_digest=on,
                                                             **fields))
 
+        digest = "CRC32C" if digests else "None"
         keys = [("InitiatorName", initiator), ("TargetName", target), ("SessionType", "Normal"),
-                ("HeaderDigest", "None"), ("DataDigest", "None"), ("ImmediateData", "Yes"),
+                ("HeaderDigest", digest), ("DataDigest", digest), ("ImmediateData", "Yes"),
                 ("InitialR2T", "No"), ("MaxRecvDataSegmentLength", "262144"), ("MaxBurstLength", "1048576"),
                 ("FirstBurstLength", "262144")]
-        feed(pdu(Opcode.LOGIN_REQUEST, encode_text(keys), immediate=True, transit=True, csg=1, nsg=3,
+        feed(pdu(Opcode.LOGIN_REQUEST, encode_text(keys), login=True, immediate=True, transit=True, csg=1, nsg=3,
                  isid=0x400001370000, tsih=0, itt=1, cid=0, cmdsn=1, expstatsn=0))
         conn.take_output()
+        assert conn.header_digest == conn.data_digest == digests
         cmdsn = 1
-        write = workload == "4k-write"
+        write = workload.startswith("4k-write")
         payload = os.urandom(4096)
 
         def command(itt: int, lba: int) -> bytes:
@@ -132,7 +138,8 @@ def run_tree(path: str, workload: str, batches: int, profile: str | None = None)
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tree", action="append", default=[], help="NAME=PATH of a source tree (repeatable)")
-    parser.add_argument("--workload", action="append", choices=["4k-read", "4k-write"])
+    parser.add_argument("--workload", action="append",
+                        choices=["4k-read", "4k-write", "4k-read-digests", "4k-write-digests"])
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--batches", type=int, default=400, help="batches of 32 commands per round")
     parser.add_argument("--profile", help="write a cProfile of the first tree's run to this file")
