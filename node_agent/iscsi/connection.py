@@ -550,7 +550,8 @@ class TargetConnection:
             if result is None:
                 if data is not None:
                     data = bytes(data)  # the receive buffer is reused; a worker may write this later
-                result = unit.execute_deferrable(session.nexus, cdb, data, edtl)  # type: ignore[union-attr]
+                result = unit.execute_deferrable(session.nexus, cdb, data, edtl,  # type: ignore[union-attr]
+                                                 try_fast=data is None)  # a write: execute_inline declined it
             if result.blocking is None:
                 self._complete(itt, lun_field, edtl, read, result)
             else:

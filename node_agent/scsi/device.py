@@ -154,10 +154,14 @@ class LogicalUnit:
         result = self.execute_deferrable(nexus, cdb, data_out, expected_length)
         return result if result.blocking is None else result.blocking()
 
-    def execute_deferrable(self, nexus: Nexus, cdb, data_out, expected_length: int) -> ScsiResult:
-        """``execute(..., defer=True)`` without the indirection (the transport's hot path)."""
+    def execute_deferrable(self, nexus: Nexus, cdb, data_out, expected_length: int, *,
+                           try_fast: bool = True) -> ScsiResult:
+        """``execute(..., defer=True)`` without the indirection (the transport's hot path).
+
+        ``try_fast=False``: ``execute_inline`` has just declined this command, so ``_read_write`` is not
+        tried again (for a write that would block, that would be a second failed non-blocking attempt)."""
         try:
-            fast = _FAST_RW.get(cdb[0])
+            fast = _FAST_RW.get(cdb[0]) if try_fast else None
             if fast is not None and not self._gate and not self.reservations.engaged:
                 result = self._read_write(fast, cdb, data_out)
                 if result is not None:
