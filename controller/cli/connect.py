@@ -26,6 +26,7 @@ from xml.sax.saxutils import escape, quoteattr
 
 from controller.cli import output
 from controller.cli.api import EXIT_USAGE, CliError
+from controller.domain.model import MODES
 from protos.shoal.v1 import admin_pb2
 
 FORMATS = ("qemu", "libvirt", "device")
@@ -42,7 +43,7 @@ def register(noun) -> None:
                       help="allow a second node at the same time (live migration, multi-writer raw block)")
     verb.add_argument("--secret-file", default="", metavar="PATH",
                       help="where to write the CHAP secret (mode 0600; required for qemu and libvirt)")
-    verb.add_argument("--mode", choices=("userspace", "kernel"), default="userspace",
+    verb.add_argument("--mode", choices=MODES, default="userspace",
                       help="--format device: the node's connector (default %(default)s)")
     output.add_output_flag(verb)
     verb.set_defaults(func=connect_volume)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from controller.cli import connect, output, snapshot
+from controller.domain.model import MODES  # the attach modes the controller accepts
 from controller.cli.output import Column
 from controller.cli.sizes import parse_size
 from protos.shoal.v1 import admin_pb2
@@ -19,7 +20,6 @@ SHOW = (Column("Name", "name"), Column("ID", "id"), Column("Size", "size_bytes",
         Column("Provisioning", "thin", lambda thin: "thin" if thin else "thick"),
         Column("Attached to", "attached_nodes", output.joined), Column("Source", "source", lambda s: s or "-"),
         Column("Copied", "progress", lambda p: f"{p * 100:.0f}%" if p else "-"))
-MODES = ("userspace", "kernel")
 
 
 def to_dict(volume: admin_pb2.Volume) -> dict:
