@@ -52,6 +52,7 @@ target: deps venv
 bench: deps venv
 	$(PY) -m pip install -q -e '.[bench]'
 	$(PY) tests/perf/bench_targets.py
+	$(PY) tests/perf/bench_workers.py --json tests/perf/results/workers.json
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis build *.egg-info

@@ -21,7 +21,7 @@ import sys
 from node_agent import eventloop
 from node_agent.iscsi.initiator import tools as iscsi_tools
 from node_agent.iscsi.target import Credentials
-from node_agent.target_service import LunSpec, TargetConfig, check_iqn, serve
+from node_agent.target_service import LunSpec, TargetConfig, TargetSpec, check_iqn, serve
 
 DEFAULT_IQN = "iqn.2026-11.io.shoal:target"
 
@@ -43,6 +43,31 @@ class _ListenAction(argparse.Action):
             namespace.more_listen = [*namespace.more_listen, value]
 
 
+class _LayoutAction(argparse.Action):
+    """``--iqn`` and ``--lun`` in the order given (``layout``): each ``--lun`` belongs to the ``--iqn`` before
+    it, and LUNs given before any ``--iqn`` to the first target."""
+
+    def __call__(self, parser, namespace, value, option_string=None):
+        namespace.layout = [*(getattr(namespace, "layout", None) or []), (self.dest, value)]
+        if self.dest == "lun":
+            namespace.lun = [*(namespace.lun or []), value]
+
+
+def target_layout(layout: list[tuple[str, object]]) -> list[TargetSpec]:
+    """The targets ``shoal target``'s ``--iqn``/``--lun`` options describe, in order."""
+    names = [value for kind, value in layout if kind == "iqn"] or [DEFAULT_IQN]
+    targets = [TargetSpec(str(name), []) for name in names]
+    current = 0
+    seen = 0
+    for kind, value in layout:
+        if kind == "iqn":
+            current = seen
+            seen += 1
+        else:
+            targets[current].luns.append(value)  # type: ignore[arg-type]
+    return targets
+
+
 def _typed(parse):
     def convert(text: str):
         try:
@@ -58,13 +83,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
     target = sub.add_parser("target", help="serve files as LUNs of an iSCSI target",
-                            description="Serve each --lun file as a LUN (0, 1, …) of one iSCSI target.")
+                            description="Serve each --lun file as a LUN (0, 1, …) of an iSCSI target; give "
+                                        "--iqn again to start a further target, whose LUNs are the --lun "
+                                        "options after it.")
     target.add_argument("--listen", type=_listen, action=_ListenAction, default=("127.0.0.1", 3260), metavar="HOST:PORT",
                         help="portal address (default 127.0.0.1:3260; port 0 picks a free one); repeat it for "
                              "more portals of the same portal group (multipath to the same LUNs)")
     target.set_defaults(more_listen=[])
-    target.add_argument("--iqn", type=_typed(check_iqn), default=DEFAULT_IQN, help=f"target name (default {DEFAULT_IQN})")
-    target.add_argument("--lun", type=_typed(LunSpec.parse), action="append", required=True,
+    target.add_argument("--iqn", type=_typed(check_iqn), action=_LayoutAction, default=DEFAULT_IQN,
+                        help=f"target name (default {DEFAULT_IQN}); repeat it to serve more targets, each "
+                             "followed by its --lun options")
+    target.set_defaults(layout=[])
+    target.add_argument("--lun", type=_typed(LunSpec.parse), action=_LayoutAction, required=True,
                         metavar="PATH[:SIZE][:ro][:atomic][:removable]",
                         help="backing file; a sparse file of SIZE (e.g. 1G) is created when it does not exist; "
                              ":ro serves it write-protected; :removable as a removable medium initiators may eject; "
@@ -82,6 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
     target.add_argument("--loops", type=int, default=1, metavar="N",
                         help="event loops (threads) serving connections, each pinned to one (default 1: "
                              "the GIL keeps the Python work on one core; more loops overlap only system calls)")
+    target.add_argument("--workers", type=int, default=1, metavar="N",
+                        help="processes serving sessions, to use N cores (default 1); each target is served by "
+                             "one of them (needs at least N targets); this process routes logins to them")
     target.add_argument("--port-file", metavar="FILE",
                         help="write HOST:PORT of each portal here (one a line, the first --listen first) once listening")
     iscsi_tools.build_parser(sub)
@@ -204,20 +237,29 @@ def _write_port_file(path: str, addresses: list[tuple[str, int]]) -> None:
     os.replace(tmp, path)
 
 
-async def _run_target(args: argparse.Namespace) -> int:
+def target_config(args: argparse.Namespace) -> TargetConfig:
+    """``shoal target``'s options as a validated ``TargetConfig`` (ValueError: what is wrong)."""
     host, port = args.listen
-    config = TargetConfig(iqn=args.iqn, luns=args.lun, host=host, port=port, more_portals=args.more_listen,
+    first, *more = target_layout(args.layout)
+    config = TargetConfig(iqn=first.iqn, luns=first.luns, host=host, port=port, more_portals=args.more_listen,
                           chap=args.chap, mutual_chap=args.mutual_chap, allowed_initiators=args.allow,
-                          loops=args.loops)
+                          loops=args.loops, more_targets=more, workers=args.workers)
+    config.validate()
+    return config
+
+
+async def _run_target(args: argparse.Namespace, config: TargetConfig) -> int:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
 
     def ready(addresses: list[tuple[str, int]]) -> None:
+        names = ", ".join(f"{t.iqn} ({len(t.luns)} LUN(s))" for t in config.targets)
         logging.getLogger("shoal.target").info(
-            "serving %s on %s with %d LUN(s)%s", args.iqn, ", ".join(f"{h}:{p}" for h, p in addresses),
-            len(args.lun), " (CHAP required)" if args.chap else "")
+            "serving %s on %s%s%s", names, ", ".join(f"{h}:{p}" for h, p in addresses),
+            f" with {config.workers} worker processes" if config.workers > 1 else "",
+            " (CHAP required)" if args.chap else "")
         if args.port_file:
             _write_port_file(args.port_file, addresses)
 
@@ -244,8 +286,12 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"refusing to serve without CHAP on {host} (not loopback): give --chap USER:SECRET, "
                          "or --allow-anonymous to accept that risk")
         try:
-            return _run(_run_target(args))
-        except (OSError, ValueError) as exc:  # a busy port, a bad LUN file: say so, no traceback
+            config = target_config(args)
+        except ValueError as exc:  # two targets of one name, a file served twice, --workers beyond the targets
+            parser.error(str(exc))
+        try:
+            return _run(_run_target(args, config))
+        except (OSError, ValueError, RuntimeError) as exc:  # a busy port, a bad LUN file, a worker's death
             print(f"shoal target: {exc}", file=sys.stderr)
             return 1
     if args.command == "iscsi":

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from node_agent.iscsi.connection import ConnectionSettings
 from node_agent.iscsi.keys import TargetSettings
 from node_agent.iscsi.names import check_iqn
-from node_agent.iscsi.server import LoopPool, PortalServer
+from node_agent.iscsi.server import LoopPool, PortalServer, Router
 from node_agent.iscsi.target import Credentials, TargetNode, TargetRegistry
 from node_agent.scsi.device import LogicalUnit, LunIdentity, LunMap, LunSettings
 from node_agent.storage.backing import BackingStore, FileBackingStore
@@ -89,8 +89,16 @@ class LunSpec:
 
 
 @dataclass
+class TargetSpec:
+    """A further target of ``TargetConfig``: its name and LUNs (credentials and ACL are the config's)."""
+
+    iqn: str
+    luns: list[LunSpec]
+
+
+@dataclass
 class TargetConfig:
-    """Everything ``TargetService`` needs."""
+    """Everything ``TargetService`` needs: one target (``iqn``, ``luns``), and maybe more (``more_targets``)."""
 
     iqn: str
     luns: list[LunSpec]
@@ -103,13 +111,41 @@ class TargetConfig:
     settings: TargetSettings = field(default_factory=TargetSettings)
     connection: ConnectionSettings = field(default_factory=ConnectionSettings)
     loops: int = 1  # event loops (threads) serving connections; see PortalConfig.loops
+    more_targets: list[TargetSpec] = field(default_factory=list)
+    workers: int = 1
+    """Processes serving sessions (``shoal target --workers N``): each target belongs to one of them (the
+    first to worker 0, the second to worker 1, ...), whose sessions it serves; the process started serves
+    discovery and routes every other login to its target's worker (node_agent.target_workers).  One
+    target's sessions stay in one process: its reservations, unit attentions, task management and
+    session reinstatement need no sharing between processes."""
+
+    @property
+    def targets(self) -> list[TargetSpec]:
+        """Every target served, the first (``iqn``, ``luns``) first."""
+        return [TargetSpec(self.iqn, self.luns)] + list(self.more_targets)
 
     def validate(self) -> None:
-        check_iqn(self.iqn)
-        if not self.luns:
-            raise ValueError("a target needs at least one LUN")
+        names: set[str] = set()
+        paths: dict[str, str] = {}
+        for target in self.targets:
+            check_iqn(target.iqn)
+            if target.iqn in names:
+                raise ValueError(f"target {target.iqn} is given twice")
+            names.add(target.iqn)
+            if not target.luns:
+                raise ValueError(f"target {target.iqn} needs at least one LUN")
+            for spec in target.luns:  # two LUNs on one file would keep two sets of reservations for one medium
+                real = os.path.realpath(spec.path)
+                if real in paths:
+                    raise ValueError(f"{spec.path} is served twice (by {paths[real]} and {target.iqn})")
+                paths[real] = target.iqn
         if not 1 <= self.loops <= 64:
             raise ValueError(f"--loops must be 1 to 64, not {self.loops}")
+        if not 1 <= self.workers <= 64:
+            raise ValueError(f"--workers must be 1 to 64, not {self.workers}")
+        if self.workers > len(self.targets):
+            raise ValueError(f"--workers {self.workers} needs at least {self.workers} targets: each target's "
+                             f"sessions are served by one process (give more with --iqn NAME --lun FILE)")
         if self.mutual_chap is not None and self.chap is None:
             raise ValueError("mutual CHAP needs one-way CHAP credentials too")
         if self.mutual_chap is not None and self.chap is not None and self.mutual_chap.secret == self.chap.secret:
@@ -183,20 +219,29 @@ class TargetService:
         self.registry = TargetRegistry()
         config = self.config
         if config is not None:
-            self.add_target(config.iqn, config.luns, chap=config.chap, mutual_chap=config.mutual_chap,
-                            allowed_initiators=config.allowed_initiators)
+            for target in config.targets:
+                self.add_target(target.iqn, target.luns, chap=config.chap, mutual_chap=config.mutual_chap,
+                                allowed_initiators=config.allowed_initiators)
+        return await self.start_portals()
+
+    async def start_portals(self, *, listen: bool = True, router: Router | None = None) -> tuple[str, int]:
+        """Start the portals of the targets added so far.  ``listen=False``: one portal that only serves
+        sockets given to ``self.portal.adopt`` (a worker process); ``router`` decides for each accepted
+        connection which process serves it (the parent of the workers)."""
         pc = self.portal_config
         self.executor = concurrent.futures.ThreadPoolExecutor(pc.connection.io_workers, thread_name_prefix="shoal-io")
         if pc.loops > 1:
             self.loops = LoopPool(pc.loops)
             self.loops.start(asyncio.get_running_loop())
         self.portal = PortalServer(self.registry, pc.settings, pc.host, pc.port, pc.connection, self.executor,
-                                   self.loops)
+                                   self.loops, router)
         try:
-            await self.portal.start()
+            await self.portal.start(listen=listen)
+            if not listen:
+                return (pc.host, pc.port)
             for host, port in pc.more_portals:
                 extra = PortalServer(self.registry, pc.settings, host, port, pc.connection, self.executor,
-                                     self.loops)
+                                     self.loops, router)
                 await extra.start()
                 self.more_portals.append(extra)
         except BaseException:
@@ -204,6 +249,17 @@ class TargetService:
             self._close_units()
             raise
         return self.portal.address
+
+    def add_routed_target(self, iqn: str, *, chap: Credentials | None, mutual_chap: Credentials | None,
+                          allowed_initiators: list[str] | frozenset[str] | None) -> TargetNode:
+        """Know ``iqn`` for discovery only: another process serves its sessions (its LUNs are not opened)."""
+        if self.registry is None:
+            self.registry = TargetRegistry()
+        node = TargetNode(iqn=iqn, luns=LunMap({}), chap=chap, mutual_chap=mutual_chap,
+                          allowed_initiators=frozenset(allowed_initiators) if allowed_initiators else None,
+                          elsewhere=True)
+        with self.registry.lock:
+            return self.registry.add_target(node)
 
     @property
     def addresses(self) -> list[tuple[str, int]]:
@@ -334,7 +390,14 @@ def _close_all(units: list[LogicalUnit]) -> None:
 
 
 async def serve(config: TargetConfig, ready=None, stop: asyncio.Event | None = None) -> None:
-    """Run a target until ``stop`` is set; ``ready(addresses)`` is called once every portal listens."""
+    """Run a target until ``stop`` is set; ``ready(addresses)`` is called once every portal listens.
+    With ``config.workers`` > 1 the sessions are served by worker processes (node_agent.target_workers)."""
+    if config.workers > 1:
+        from node_agent.target_workers import serve_sharded
+
+        config.validate()
+        await serve_sharded(config, ready, stop or asyncio.Event())
+        return
     service = TargetService(config)
     stop = stop or asyncio.Event()
     await service.start()

@@ -161,6 +161,8 @@ class TargetLogin:
             if not target.admits(self.initiator_name):
                 raise LoginFailed(LoginStatus.AUTHORIZATION_FAILURE,
                                   f"initiator {self.initiator_name!r} not in the ACL of {name!r}")
+            if target.elsewhere:  # the router could not tell which process serves it: the initiator retries
+                raise LoginFailed(LoginStatus.SERVICE_UNAVAILABLE, f"target {name!r} is served by another process")
             self.target = target
         if self.tsih:
             existing = self.registry.find_session(self.initiator_name, self.isid, self.tsih)

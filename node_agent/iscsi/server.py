@@ -37,7 +37,7 @@ import logging
 import os
 import socket
 import threading
-from typing import Any
+from typing import Any, Callable, Protocol
 
 from node_agent.iscsi.buffers import release_memory
 from node_agent.iscsi.connection import ConnectionSettings, TargetConnection
@@ -50,6 +50,13 @@ log = logging.getLogger("shoal.iscsi.server")
 _MAX_IOV = 512
 _PLACED_READS = 8  # receives of directly placed payloads (up to 2 MiB) before the replies are sent
 _TICK = 1.0
+
+
+class Router(Protocol):
+    """Decides which process serves a newly accepted connection (``shoal target --workers N``)."""
+
+    def route(self, conn: socket.socket, peer: Any, here: Callable[[socket.socket, Any], None]) -> None:
+        """Hand ``conn`` to the process serving it, or call ``here(conn, peer)`` to serve it in this one."""
 
 
 class LoopPool:
@@ -114,7 +121,8 @@ class PortalServer:
 
     def __init__(self, registry: TargetRegistry, settings: TargetSettings, host: str = "127.0.0.1",
                  port: int = 3260, connection_settings: ConnectionSettings | None = None,
-                 executor: concurrent.futures.Executor | None = None, loops: LoopPool | None = None):
+                 executor: concurrent.futures.Executor | None = None, loops: LoopPool | None = None,
+                 router: "Router | None" = None):
         self.registry = registry
         self.settings = settings
         self.host = host
@@ -126,6 +134,7 @@ class PortalServer:
         self._ticker: asyncio.TimerHandle | None = None
         self._freed = False  # a receive buffer shrank or a connection ended since the last tick
         self.loops = loops  # None: every connection on the portal's own loop
+        self.router = router  # None: every accepted connection is served here
         self.lock = registry.lock
         self._own_executor = executor is None
         self.executor = executor or concurrent.futures.ThreadPoolExecutor(
@@ -136,8 +145,13 @@ class PortalServer:
         assert self._sock is not None
         return self._sock.getsockname()[:2]
 
-    async def start(self) -> None:
+    async def start(self, *, listen: bool = True) -> None:
+        """Listen on ``host:port``; ``listen=False``: serve only the sockets handed to ``adopt`` (a worker
+        process of ``shoal target --workers N``, whose connections its parent accepts)."""
         self._loop = asyncio.get_running_loop()
+        self._ticker = self._loop.call_later(_TICK, self._tick)
+        if not listen:
+            return
         family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -146,7 +160,6 @@ class PortalServer:
         sock.setblocking(False)
         self._sock = sock
         self._loop.add_reader(sock.fileno(), self._accept)
-        self._ticker = self._loop.call_later(_TICK, self._tick)
         log.info("portal listening on %s:%d", *self.address)
 
     def _accept(self) -> None:
@@ -161,11 +174,19 @@ class PortalServer:
                 return
             conn.setblocking(False)
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            loop = self.loops.pick() if self.loops is not None else self._loop
-            if loop is self._loop:
-                self._adopt(conn, peer, loop)
+            if self.router is not None:
+                self.router.route(conn, peer, self.adopt)
             else:
-                loop.call_soon_threadsafe(self._adopt, conn, peer, loop)
+                self.adopt(conn, peer)
+
+    def adopt(self, conn: socket.socket, peer: Any) -> None:
+        """Serve a connected, non-blocking socket (accepted here, or handed over by a parent process)."""
+        assert self._loop is not None
+        loop = self.loops.pick() if self.loops is not None else self._loop
+        if loop is self._loop:
+            self._adopt(conn, peer, loop)
+        else:
+            loop.call_soon_threadsafe(self._adopt, conn, peer, loop)
 
     def _adopt(self, conn: socket.socket, peer: Any, loop: asyncio.AbstractEventLoop) -> None:
         """Serve an accepted socket on ``loop`` (run on that loop's thread)."""

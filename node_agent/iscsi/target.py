@@ -60,6 +60,9 @@ class TargetNode:
     mutual_chap: Credentials | None = None  # the target proves itself with this (mutual CHAP)
     allowed_initiators: frozenset[str] | None = None  # None admits every initiator name
     portal_group_tag: int = 1
+    elsewhere: bool = False
+    """Served by another process of a ``shoal target --workers N`` (which routes its logins there): this
+    process knows the target only to answer discovery, and refuses logins to it."""
 
     def admits(self, initiator_name: str) -> bool:
         return self.allowed_initiators is None or initiator_name in self.allowed_initiators

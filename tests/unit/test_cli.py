@@ -50,7 +50,7 @@ def test_same_secret_for_both_directions_is_refused(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "node_agent.cli", "target", "--listen", "127.0.0.1:0",
                            "--lun", f"{tmp_path}/d.img:1M", "--chap", "a:same-secret-123",
                            "--mutual-chap", "b:same-secret-123"], capture_output=True, text=True, timeout=30)
-    assert proc.returncode == 1 and "must differ" in proc.stderr
+    assert proc.returncode == 2 and "must differ" in proc.stderr
     assert "same-secret-123" not in proc.stderr
 
 

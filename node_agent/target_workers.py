@@ -1,0 +1,396 @@
+"""``shoal target --workers N``: the sessions of several targets served by N processes.
+
+With the GIL, one process runs Python on one core however many threads it
+has.  To use more cores the target runs worker processes, and shards by
+*target*: every target belongs to one worker, which opens its LUNs and serves
+all of its sessions.  Everything initiators share on a target — persistent
+reservations, unit attentions, task management, session reinstatement, the
+TSIHs of its sessions — then lives in one process, exactly as with one
+process; nothing is shared between processes but the listening sockets'
+connections.  (Spreading the sessions of ONE target over processes would need
+that state shared between them; ``shoal target`` does not do that.)
+
+The process started (the parent) listens on every portal and accepts.  For
+each new connection it peeks (``MSG_PEEK``: nothing is consumed) at the first
+PDU, a Login Request whose text names the target (``TargetName``, RFC 7143
+§13.4: sent in the first Login Request of a normal session), and hands the
+socket to the worker owning that target over a Unix socket (``SCM_RIGHTS``);
+the worker serves it from its first byte, as if it had accepted it.  The
+parent serves what names no worker's target itself: discovery sessions (it
+knows every target, their ACLs and CHAP, but opens no LUN), logins to
+unknown targets (answered "not found") and first PDUs that are not a login
+(rejected) — the same answers as one process gives.
+
+Workers are ``python -m node_agent.target_workers`` processes started with
+their part of the configuration (pickled on stdin: only between our own
+processes).  They stop, closing their sessions and flushing their LUNs, when
+the parent closes their control socket (or dies), or on SIGTERM; they run in
+their own session, so a Ctrl-C or a signal to the parent's group reaches the
+parent only, and it stops them.  The parent waits for each by PID.  A worker that dies while serving stops the whole target
+with exit status 1: its sessions are gone either way, and a supervisor's
+restart is clearer than a target that half serves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import pickle
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from node_agent.iscsi.target import Credentials
+from node_agent.target_service import PortalConfig, TargetConfig, TargetService, TargetSpec
+
+log = logging.getLogger("shoal.target.workers")
+
+_BHS = 48
+#: The largest first PDU the parent peeks at (header, AHS and text); a bigger one is served (refused) here.
+FIRST_PDU_LIMIT = _BHS + 255 * 4 + 64 * 1024
+#: How long a new connection may take to send its first PDU before the parent drops it.
+FIRST_PDU_TIMEOUT = 15.0
+_PEEK_RETRY = 0.002  # seconds between peeks while the first PDU is still arriving
+_LOGIN_REQUEST = 0x03
+_READY = b"ready"
+_STOP_WAIT = 30.0
+
+
+# -- the first PDU ----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class FirstLogin:
+    """What the parent needs from a connection's first PDU: None when it is not a Normal-session login
+    naming a target (served by the parent)."""
+
+    target: str | None
+
+
+def first_login(peeked: bytes) -> FirstLogin | int:
+    """Parse the start of a connection's byte stream.  An int: how many bytes are needed to decide."""
+    if len(peeked) < _BHS:
+        return _BHS
+    if peeked[0] & 0x3F != _LOGIN_REQUEST:
+        return FirstLogin(None)
+    start = _BHS + peeked[4] * 4  # TotalAHSLength, in words; no header digest before login ends
+    end = start + int.from_bytes(peeked[5:8], "big")
+    if end > FIRST_PDU_LIMIT:
+        return FirstLogin(None)
+    if len(peeked) < end:
+        return end
+    keys: dict[bytes, bytes] = {}
+    for item in peeked[start:end].split(b"\0"):
+        key, sep, value = item.partition(b"=")
+        if sep:
+            keys.setdefault(key, value)
+    if keys.get(b"SessionType", b"Normal") != b"Normal" or b"TargetName" not in keys:
+        return FirstLogin(None)
+    try:
+        return FirstLogin(keys[b"TargetName"].decode("utf-8"))
+    except UnicodeDecodeError:
+        return FirstLogin(None)
+
+
+# -- the parent ----------------------------------------------------------------------------------
+@dataclass
+class WorkerSpec:
+    """A worker's part of the configuration (pickled to its stdin)."""
+
+    index: int
+    targets: list[TargetSpec]
+    portal: PortalConfig
+    chap: Credentials | None
+    mutual_chap: Credentials | None
+    allowed_initiators: list[str] | None
+    verbose: bool = False
+
+
+@dataclass
+class _Worker:
+    index: int
+    process: subprocess.Popen
+    control: socket.socket
+    targets: list[str] = field(default_factory=list)
+    connections: int = 0
+
+
+class WorkerPool:
+    """The worker processes of a parent, and the routing of new connections to them."""
+
+    def __init__(self, config: TargetConfig):
+        self.config = config
+        self.workers: list[_Worker] = []
+        self.owner: dict[str, _Worker] = {}
+        self.failed = asyncio.Event()  # a worker died while serving
+        self.stopping = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def specs(self) -> list[WorkerSpec]:
+        config = self.config
+        portal = PortalConfig(config.host, config.port, config.settings, config.connection,
+                              list(config.more_portals), config.loops)
+        shares: list[list[TargetSpec]] = [[] for _ in range(config.workers)]
+        for position, target in enumerate(config.targets):
+            shares[position % config.workers].append(target)
+        verbose = logging.getLogger().isEnabledFor(logging.DEBUG)
+        return [WorkerSpec(index, share, portal, config.chap, config.mutual_chap, config.allowed_initiators,
+                           verbose) for index, share in enumerate(shares)]
+
+    async def start(self) -> None:
+        """Start every worker and wait until each has opened its LUNs (``RuntimeError`` naming the first
+        that could not; the others are stopped)."""
+        self._loop = asyncio.get_running_loop()
+        try:
+            for spec in self.specs():
+                self.workers.append(self._spawn(spec))
+            for worker in self.workers:
+                await self._wait_ready(worker)
+        except BaseException:
+            await self.stop()
+            raise
+        for worker in self.workers:
+            self._loop.add_reader(worker.control.fileno(), self._control_readable, worker)
+            for iqn in worker.targets:
+                self.owner[iqn] = worker
+            log.info("worker %d (pid %d) serves %s", worker.index, worker.process.pid, ", ".join(worker.targets))
+
+    @staticmethod
+    def _spawn(spec: WorkerSpec) -> _Worker:
+        parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "node_agent.target_workers", str(child_end.fileno())],
+                stdin=subprocess.PIPE, pass_fds=[child_end.fileno()], close_fds=True,
+                start_new_session=True)  # a Ctrl-C or group signal reaches the parent only: it stops them
+        except BaseException:
+            parent_end.close()
+            raise
+        finally:
+            child_end.close()
+        assert process.stdin is not None
+        try:
+            process.stdin.write(pickle.dumps(spec))
+            process.stdin.close()
+        except BrokenPipeError:  # it died at once: _wait_ready reports it
+            pass
+        parent_end.setblocking(False)
+        return _Worker(spec.index, process, parent_end, [t.iqn for t in spec.targets])
+
+    async def _wait_ready(self, worker: _Worker, timeout: float = 60.0) -> None:
+        assert self._loop is not None
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                message = worker.control.recv(4096)
+            except BlockingIOError:
+                message = None
+            if message == _READY:
+                return
+            if message is not None:  # an error text, or b"" (the worker is gone without a word)
+                text = message.decode("utf-8", "replace") or f"exited with status {worker.process.wait()}"
+                raise RuntimeError(f"worker {worker.index} ({', '.join(worker.targets)}): {text}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"worker {worker.index} did not start within {timeout:g} s")
+            await asyncio.sleep(0.01)
+
+    def _control_readable(self, worker: _Worker) -> None:
+        try:
+            message = worker.control.recv(4096)
+        except BlockingIOError:
+            return
+        except OSError:
+            message = b""
+        if message:
+            return  # nothing more is expected from a running worker
+        assert self._loop is not None
+        self._loop.remove_reader(worker.control.fileno())
+        if not self.stopping:
+            log.error("worker %d (pid %d, %s) exited while serving: stopping the target", worker.index,
+                      worker.process.pid, ", ".join(worker.targets))
+            self.failed.set()
+
+    # Router
+    def route(self, conn: socket.socket, peer: Any, here: Callable[[socket.socket, Any], None]) -> None:
+        assert self._loop is not None
+        _Peek(self, conn, peer, here, self._loop).start()
+
+    def hand_over(self, conn: socket.socket, peer: Any, worker: _Worker) -> None:
+        try:
+            socket.send_fds(worker.control, [b"c"], [conn.fileno()])
+        except OSError as exc:  # the worker is not taking connections (gone, or a flood): the initiator retries
+            log.warning("connection from %s:%s to worker %d dropped: %s", peer[0], peer[1], worker.index, exc)
+        else:
+            worker.connections += 1
+            log.debug("connection from %s:%s served by worker %d", peer[0], peer[1], worker.index)
+        finally:
+            conn.close()
+
+    async def stop(self) -> None:
+        """Close the workers' control sockets (each then stops: sessions closed, LUNs flushed) and wait for
+        each by PID; one that has not exited after 30 s is killed."""
+        self.stopping = True
+        for worker in self.workers:
+            if self._loop is not None:
+                try:
+                    self._loop.remove_reader(worker.control.fileno())
+                except (ValueError, OSError):
+                    pass
+            worker.control.close()
+        deadline = time.monotonic() + _STOP_WAIT
+        for worker in self.workers:
+            while worker.process.poll() is None and time.monotonic() < deadline:
+                await asyncio.sleep(0.02)
+            if worker.process.poll() is None:
+                log.error("worker %d (pid %d) did not stop within %g s: killing it", worker.index,
+                          worker.process.pid, _STOP_WAIT)
+                worker.process.kill()
+                worker.process.wait()
+            elif worker.process.returncode:
+                log.error("worker %d (pid %d) exited with status %d", worker.index, worker.process.pid,
+                          worker.process.returncode)
+        self.workers.clear()
+
+
+class _Peek:
+    """Waits for a new connection's first PDU without consuming it, then routes the connection."""
+
+    def __init__(self, pool: WorkerPool, conn: socket.socket, peer: Any,
+                 here: Callable[[socket.socket, Any], None], loop: asyncio.AbstractEventLoop):
+        self.pool, self.conn, self.peer, self.here, self.loop = pool, conn, peer, here, loop
+        self.need = _BHS
+        self.deadline = time.monotonic() + FIRST_PDU_TIMEOUT
+        self.fd = conn.fileno()
+
+    def start(self) -> None:
+        self.loop.add_reader(self.fd, self._readable)
+
+    def _readable(self) -> None:
+        try:
+            peeked = self.conn.recv(self.need, socket.MSG_PEEK)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            peeked = b""
+        if not peeked:  # closed before its first PDU
+            self._drop()
+            return
+        decision = first_login(peeked)
+        if isinstance(decision, int):
+            self.need = decision
+            self.loop.remove_reader(self.fd)  # the socket stays readable: look again a little later
+            if time.monotonic() > self.deadline:
+                log.info("connection from %s:%s sent no whole first PDU in %g s", self.peer[0], self.peer[1],
+                         FIRST_PDU_TIMEOUT)
+                self.conn.close()
+                return
+            self.loop.call_later(_PEEK_RETRY, self.start)
+            return
+        self.loop.remove_reader(self.fd)
+        worker = self.pool.owner.get(decision.target) if decision.target is not None else None
+        if worker is None:
+            self.here(self.conn, self.peer)
+        else:
+            self.pool.hand_over(self.conn, self.peer, worker)
+
+    def _drop(self) -> None:
+        self.loop.remove_reader(self.fd)
+        self.conn.close()
+
+
+async def serve_sharded(config: TargetConfig, ready: Callable[[list[tuple[str, int]]], None] | None,
+                        stop: asyncio.Event) -> None:
+    """The parent: start the workers, listen, route, until ``stop`` (or a worker's death: RuntimeError)."""
+    pool = WorkerPool(config)
+    await pool.start()
+    front = TargetService(portal=PortalConfig(config.host, config.port, config.settings, config.connection,
+                                              list(config.more_portals)))
+    try:
+        for target in config.targets:
+            front.add_routed_target(target.iqn, chap=config.chap, mutual_chap=config.mutual_chap,
+                                    allowed_initiators=config.allowed_initiators)
+        await front.start_portals(router=pool)
+        if ready is not None:
+            ready(front.addresses)
+        stopped = asyncio.ensure_future(stop.wait())
+        failed = asyncio.ensure_future(pool.failed.wait())
+        await asyncio.wait([stopped, failed], return_when=asyncio.FIRST_COMPLETED)
+        stopped.cancel()
+        failed.cancel()
+    finally:
+        await front.stop()
+        await pool.stop()
+    if pool.failed.is_set():
+        raise RuntimeError("a worker process exited while serving (see the log)")
+
+
+# -- a worker ----------------------------------------------------------------------------------
+async def _serve_worker(spec: WorkerSpec, control: socket.socket) -> int:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    service = TargetService(portal=spec.portal)
+    try:
+        for target in spec.targets:
+            service.add_target(target.iqn, target.luns, chap=spec.chap, mutual_chap=spec.mutual_chap,
+                               allowed_initiators=spec.allowed_initiators)
+        await service.start_portals(listen=False)
+    except (OSError, ValueError) as exc:
+        control.send(str(exc).encode("utf-8", "replace")[:4000])
+        await service.stop()
+        return 1
+    portal = service.portal
+    assert portal is not None
+
+    def control_readable() -> None:
+        while True:
+            try:
+                message, fds, _flags, _addr = socket.recv_fds(control, 16, 8)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                message, fds = b"", []
+            for fd in fds:
+                conn = socket.socket(fileno=fd)
+                try:
+                    conn.setblocking(False)
+                    peer = conn.getpeername()
+                except OSError:  # gone already
+                    conn.close()
+                    continue
+                portal.adopt(conn, peer)
+            if not message and not fds:  # the parent closed it: stop
+                loop.remove_reader(control.fileno())
+                stop.set()
+                return
+
+    control.setblocking(False)
+    control.send(_READY)
+    loop.add_reader(control.fileno(), control_readable)
+    try:
+        await stop.wait()
+    finally:
+        try:
+            loop.remove_reader(control.fileno())
+        except (ValueError, OSError):
+            pass
+        await service.stop()
+    log.info("worker %d stopped: sessions closed, data synced", spec.index)
+    return 0
+
+
+def worker_main(argv: list[str]) -> int:
+    from node_agent import eventloop
+
+    control = socket.socket(fileno=int(argv[0]))
+    spec: WorkerSpec = pickle.load(sys.stdin.buffer)  # from our own parent (never from the network)
+    logging.basicConfig(level=logging.DEBUG if spec.verbose else logging.INFO, stream=sys.stderr,
+                        format=f"%(asctime)s %(levelname)s %(name)s[worker {spec.index}]: %(message)s")
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent stops its workers
+    return eventloop.run(_serve_worker(spec, control))
+
+
+if __name__ == "__main__":
+    sys.exit(worker_main(sys.argv[1:]))

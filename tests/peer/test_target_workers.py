@@ -1,0 +1,214 @@
+"""``shoal target --workers 2``: two targets, each served by its own worker process.
+
+Real processes throughout: ``shoal target`` (the parent, which accepts, answers
+discovery and routes each login to the worker owning its target), its two
+workers, and libiscsi's and QEMU's initiators plus Shoal's own.  Checked: both
+targets serve their own data, each login lands in its target's worker (the
+workers' log lines carry ``[worker N]``), CHAP and discovery work through the
+parent, one target's reservation and reinstatement behave as with one process,
+bad first PDUs and unknown targets get the one-process answers while the
+targets keep serving, SIGTERM stops every process with the data synced, and a
+worker's death stops the target with status 1 (no process left behind).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import require_tools
+from tests.peer.test_target_loops import _scenario
+from tests.support.shoal_target import running_shoal_target
+
+pytestmark = pytest.mark.peer
+MiB = 1 << 20
+A = "iqn.2026-11.io.shoal.test:wa"
+B = "iqn.2026-11.io.shoal.test:wb"
+CHAP = ("alice", "s3cret-s3cret")
+
+
+def run(*args, check=True, timeout=120):
+    result = subprocess.run(args, capture_output=True, text=True, errors="replace", timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{args} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+def children(pid: int) -> list[int]:
+    """PIDs whose parent is ``pid`` (read from /proc)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as handle:
+                    stat = handle.read()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(entry))
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            return handle.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def wait_gone(pids: list[int], timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while any(alive(p) for p in pids):
+        assert time.monotonic() < deadline, f"still running: {[p for p in pids if alive(p)]}"
+        time.sleep(0.05)
+
+
+def started(tmp_path: Path, **kwargs):
+    extra = ["--workers", "2", "--iqn", B, "--lun", f"{tmp_path / 'b.img'}:16M"] + kwargs.pop("extra", [])
+    return running_shoal_target(tmp_path, luns=(("a", 16 * MiB),), iqn=A, extra_args=extra, **kwargs)
+
+
+def url(t, iqn: str, auth: tuple[str, str] | None = None) -> str:
+    return t.url(0, *(auth or ())).replace(A, iqn)
+
+
+def test_two_targets_two_workers_with_chap(tmp_path):
+    require_tools("qemu-io", "iscsi-ls")
+    with started(tmp_path, chap=CHAP) as t:
+        workers = children(t.pid)
+        assert len(workers) == 2
+        listing = run("iscsi-ls", f"iscsi://{CHAP[0]}%{CHAP[1]}@{t.portal}/").stdout
+        assert A in listing and B in listing
+        assert run("iscsi-ls", f"iscsi://{t.portal}/", check=False).returncode != 0  # discovery needs CHAP
+        assert run("qemu-io", "-f", "raw", "-c", "read 0 512", url(t, A), check=False).returncode != 0
+        run("qemu-io", "-f", "raw", "-c", "write -P 0xa1 0 1M", url(t, A, CHAP))
+        run("qemu-io", "-f", "raw", "-c", "write -P 0xb2 0 1M", url(t, B, CHAP))
+        run("qemu-io", "-f", "raw", "-c", "read -P 0xa1 0 1M", url(t, A, CHAP))
+        run("qemu-io", "-f", "raw", "-c", "read -P 0xb2 0 1M", url(t, B, CHAP))
+        log = t.log()
+        assert "[worker 0]: login: iqn.2008-11.org.linux-kvm" in log and f"to {A}" in log
+        for line in log.splitlines():  # every normal login to A in worker 0, to B in worker 1
+            if "login: " in line and f" to {A} " in line:
+                assert "[worker 0]" in line, line
+            if "login: " in line and f" to {B} " in line:
+                assert "[worker 1]" in line, line
+        assert "s3cret" not in log
+        os.kill(t.pid, signal.SIGTERM)
+        assert t.process.wait(20) == 0
+        wait_gone(workers)
+    assert (tmp_path / "a.img").read_bytes()[:MiB] == b"\xa1" * MiB
+    assert (tmp_path / "b.img").read_bytes()[:MiB] == b"\xb2" * MiB
+
+
+def test_reservations_and_reinstatement_inside_a_worker(tmp_path):
+    with started(tmp_path) as t:
+        asyncio.run(_scenario(t.host, t.port, B))  # B's sessions all in worker 1
+        asyncio.run(_scenario(t.host, t.port, A))
+
+
+def _login_pdu(text: bytes, opcode: int = 0x43) -> bytes:
+    header = bytearray(48)
+    header[0] = opcode  # immediate Login Request
+    header[1] = 0x87  # T, CSG 1 NSG 3
+    header[5:8] = len(text).to_bytes(3, "big")
+    header[8:14] = bytes.fromhex("800000000001")  # ISID
+    return bytes(header) + text + bytes(-len(text) % 4)
+
+
+def _answer(sock: socket.socket) -> bytes:
+    sock.settimeout(10)
+    data = b""
+    while len(data) < 48:
+        chunk = sock.recv(48 - len(data))
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+def test_bad_first_pdus_and_unknown_targets_get_answers_and_harm_nothing(tmp_path):
+    require_tools("qemu-io", "iscsi-inq")
+    with started(tmp_path) as t:
+        run("qemu-io", "-f", "raw", "-c", "write -P 0x3c 0 64k", url(t, B))
+        # Not a login: the parent answers as one process does (a Reject, or the connection closed).
+        with socket.create_connection((t.host, t.port)) as sock:
+            sock.sendall(b"\x01" + bytes(47))  # a SCSI Command before login
+            answer = _answer(sock)
+            assert answer == b"" or answer[0] & 0x3F in (0x3F, 0x23), answer[:1]
+        # A login to a target nobody serves: "not found" (class 2, detail 3).
+        text = b"InitiatorName=iqn.2026-11.io.shoal.test:x\0TargetName=iqn.2026-11.io.shoal.test:nobody\0"
+        with socket.create_connection((t.host, t.port)) as sock:
+            sock.sendall(_login_pdu(text))
+            answer = _answer(sock)
+            assert answer[0] & 0x3F == 0x23 and answer[36:38] == b"\x02\x03"
+        # A first PDU that announces more text than it sends, then goes quiet: the others are served meanwhile.
+        quiet = socket.create_connection((t.host, t.port))
+        quiet.sendall(_login_pdu(b"InitiatorName=iqn.2026-11.io.shoal.test:x\0")[:48 + 8])
+        # A first PDU claiming a 16 MiB text: served (refused) by the parent, not buffered.
+        with socket.create_connection((t.host, t.port)) as sock:
+            header = bytearray(_login_pdu(b"")[:48])
+            header[5:8] = (16 * MiB - 4).to_bytes(3, "big")
+            sock.sendall(bytes(header) + b"InitiatorName=x\0")
+            sock.settimeout(10)
+            try:
+                while sock.recv(65536):
+                    pass
+            except (ConnectionResetError, socket.timeout):
+                pass
+        assert run("iscsi-inq", url(t, "iqn.2026-11.io.shoal.test:nobody"), check=False).returncode != 0
+        run("qemu-io", "-f", "raw", "-c", "read -P 0x3c 0 64k", url(t, B))
+        run("qemu-io", "-f", "raw", "-c", "write -P 0x4d 0 64k", url(t, A))
+        quiet.close()
+        assert len(children(t.pid)) == 2
+
+
+def test_a_dying_worker_stops_the_target(tmp_path):
+    require_tools("qemu-io")
+    with started(tmp_path) as t:
+        run("qemu-io", "-f", "raw", "-c", "write -P 0x77 0 64k", url(t, A))
+        workers = children(t.pid)
+        os.kill(workers[1], signal.SIGKILL)
+        assert t.process.wait(30) == 1
+        wait_gone(workers)
+        assert "exited while serving" in t.log()
+    assert (tmp_path / "a.img").read_bytes()[:65536] == b"\x77" * 65536
+
+
+def worker_processes() -> set[int]:
+    return {pid for pid in map(int, filter(str.isdigit, os.listdir("/proc")))
+            if b"node_agent.target_workers" in _cmdline(pid)}
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as handle:
+            return handle.read()
+    except OSError:
+        return b""
+
+
+def test_a_worker_that_cannot_open_its_lun_stops_the_start(tmp_path):
+    (tmp_path / "b.img").mkdir()  # a directory where B's backing file should be
+    before = worker_processes()
+    with pytest.raises(RuntimeError) as failed:
+        with started(tmp_path):
+            pass
+    assert "worker 1" in str(failed.value) and "b.img" in str(failed.value)
+    wait_gone(list(worker_processes() - before))
+
+
+def test_more_workers_than_targets_is_a_usage_error(tmp_path):
+    result = run(sys.executable, "-m", "node_agent.cli", "target", "--listen", "127.0.0.1:0", "--lun",
+                 f"{tmp_path / 'a.img'}:1M", "--workers", "2", check=False)
+    assert result.returncode == 2 and "--workers 2 needs at least 2 targets" in result.stderr
+    assert not (tmp_path / "a.img").exists()
+
