@@ -114,7 +114,6 @@ class _Worker:
     process: subprocess.Popen
     control: socket.socket
     targets: list[str] = field(default_factory=list)
-    connections: int = 0
 
 
 class WorkerPool:
@@ -223,7 +222,6 @@ class WorkerPool:
         except OSError as exc:  # the worker is not taking connections (gone, or a flood): the initiator retries
             log.warning("connection from %s:%s to worker %d dropped: %s", peer[0], peer[1], worker.index, exc)
         else:
-            worker.connections += 1
             log.debug("connection from %s:%s served by worker %d", peer[0], peer[1], worker.index)
         finally:
             conn.close()

@@ -299,3 +299,23 @@ def test_shoal_target_kernel_initiator_digests(guest_image, guest_net, tmp_path,
     )
     _check_backing(Path(target.lun_paths[0]), result)
     _check_discovery(result, target.iqn)
+
+
+def test_shoal_target_workers_kernel_initiator(guest_image, guest_net, tmp_path):
+    """``shoal target --workers 2``: the kernel's discovery goes to the parent, which lists both targets, and
+    its login to the second target is handed to worker 1, which serves the whole run (mutual CHAP)."""
+    running_shoal_target = _shoal_target()
+    second = "iqn.2026-11.io.shoal.test:second"
+    backing = tmp_path / "second.img"
+    with running_shoal_target(
+        tmp_path, luns=[("disk0", LUN_SIZE)], chap=CHAP, mutual_chap=MUTUAL_CHAP,
+        netns=guest_net.netns, listen=guest_net.portal(PORT),
+        extra_args=["--workers", "2", "--iqn", second, "--lun", f"{backing}:{LUN_SIZE}"],
+    ) as target:
+        result = _run_and_check(guest_image, guest_net, second, tmp_path, lun=0, chap=CHAP, mutual_chap=MUTUAL_CHAP)
+        log = target.log()
+    logins = [line for line in log.splitlines() if f"login: {kernel_guest.DEFAULT_INITIATOR} " in line]
+    assert any(f" to {second} " in line and "[worker 1]" in line for line in logins), log
+    assert not any(f" to {second} " in line and "[worker 1]" not in line for line in logins), log
+    _check_backing(backing, result)
+    _check_discovery(result, second)
