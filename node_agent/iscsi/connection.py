@@ -29,6 +29,18 @@ offered just its trailer and the next header (``get_buffers``, one
 ``recvmsg_into``), so a 1 MiB write is copied once, by the kernel.  Digests,
 DataSN, offsets, burst limits and CmdSN order are checked as for any PDU.
 
+Gathered small writes (issue 7, 4 KiB writes): a fast-path WRITE whose data
+continues the previous one's on the same LUN, within one receive, is not
+written at once: its GOOD response is queued and its data (still in the
+receive buffer) joins a gather that is written with one ``pwritev``
+(``_gather_write``, ``_flush_gather``) before anything else runs: any other
+PDU, a non-adjacent write, the end of the receive.  Nothing is sent before
+that write (the transport takes the output only after ``buffer_updated``
+returns), and if it fails each gathered command runs again the full way and
+a failed one's queued response is replaced by the one the full path gives
+(same StatSN).  Only where plain writes run inline anyway
+(``LogicalUnit.gather_offset``).
+
 Errors follow RFC 7143 §7 for ErrorRecoveryLevel 0: a PDU that can be framed
 but is wrong gets a Reject (§11.17) and the connection goes on; one whose
 header cannot be trusted (header digest error, a length past the negotiated
@@ -70,6 +82,7 @@ GOOD = 0x00
 CHECK_CONDITION = 0x02
 TASK_ABORTED = 0x40  # SAM-5 §5.3.1
 _DIRECT_MIN = 16 * 1024  # Data-Out payloads at least this large are received straight into the task buffer
+_GATHER_MAX = 128  # writes per gathered ``pwritev`` (IOV_MAX is 1024)
 LOGIN_MAX_DATA = 65536  # bound on a login PDU's data segment before negotiation (RFC default is 8192)
 
 
@@ -190,6 +203,9 @@ class TargetConnection:
         self._ping: tuple[int, float] | None = None
         self._fast_commands = False  # full feature phase of a normal session: ``_scsi_command_fast`` applies
         self._immediate_limit = 0  # the most immediate data a command may carry (0: ImmediateData=No)
+        # Adjacent fast-path writes of this receive not written yet: [unit, start offset, end offset,
+        # data views (in the receive buffer), [(index in _out, pieces of the response, itt, edtl, cdb)]].
+        self._gather: list | None = None
 
     # ------------------------------------------------------------------ I/O interface
     def receive(self, data: bytes | bytearray | memoryview) -> None:
@@ -322,6 +338,8 @@ class TargetConnection:
                 if rx.start == rx.end:
                     rx.start = rx.end = 0
         finally:
+            if self._gather is not None:  # before the transport may receive into the buffer again
+                self._flush_gather()
             view.release()
 
     def _start_direct(self, view: memoryview, pos: int, ahs_len: int, dsl: int, hd: bool, dd: bool) -> None:
@@ -373,6 +391,8 @@ class TargetConnection:
 
     def _finish_trailer(self, view: memoryview) -> bool:
         """Padding and data digest of a directly received Data-Out; False while they are still missing."""
+        if self._gather is not None:
+            self._flush_gather()
         trailer = self._trailer
         header, raw, task, length, pad, dd = trailer[:6]  # type: ignore[index]
         rx = self._rx
@@ -418,6 +438,8 @@ class TargetConnection:
         opcode = view[pos] & 0x3F
         if opcode == 0x01 and self._fast_commands and self._scsi_command_fast(view, pos, cursor, dsl):
             return
+        if self._gather is not None:
+            self._flush_gather()
         bhs = view[pos:pos + P.BHS_LENGTH]
         data = view[cursor:cursor + dsl]
         layout = P.LAYOUTS.get(opcode)  # type: ignore[call-overload]
@@ -510,6 +532,8 @@ class TargetConnection:
     def _drain_pending(self) -> None:
         session = self.session
         assert session is not None
+        if self._gather is not None:
+            self._flush_gather()
         while session.pending:
             item = session.pending.pop(session.expcmdsn, None)
             if item is None:
@@ -543,6 +567,15 @@ class TargetConnection:
             lun = _lun_number(lun_field)
         read = flags & 0x40 != 0
         unit = session.target.luns.luns.get(lun)  # type: ignore[union-attr]
+        if data is not None and unit is not None:
+            offset = unit.gather_offset(cdb, data)
+            if offset is not None:
+                self._gather_write(unit, offset, data, itt, edtl, cdb)
+                if session.pending:  # type: ignore[union-attr]
+                    self._drain_pending()
+                return True
+        if self._gather is not None:
+            self._flush_gather()
         if unit is None:
             self._execute(itt, lun_field, lun, cdb, None if data is None else bytes(data), edtl, read)
         else:  # ``_execute``, one call shorter
@@ -559,6 +592,49 @@ class TargetConnection:
         if session.pending:  # type: ignore[union-attr]
             self._drain_pending()
         return True
+
+    def _gather_write(self, unit: Any, offset: int, data: memoryview, itt: int, edtl: int, cdb: bytes) -> None:
+        """Answer a write ``gather_offset`` accepted now and write its data with its neighbours'."""
+        gather = self._gather
+        if gather is not None and (gather[2] != offset or gather[0] is not unit or len(gather[3]) >= _GATHER_MAX):
+            self._flush_gather()
+            gather = None
+        if gather is None:
+            gather = self._gather = [unit, offset, offset, [], []]
+        gather[2] = offset + len(data)
+        gather[3].append(data)
+        out = self._out
+        mark = len(out)
+        self._respond(itt, GOOD, b"", 0, edtl, edtl)
+        gather[4].append((mark, len(out) - mark, itt, edtl, cdb))
+
+    def _flush_gather(self) -> None:
+        """Write the gathered data.  If that fails, run each of its commands again the full way and
+        put the answer of any that fails in place of its queued GOOD response (same StatSN)."""
+        unit, start, end, pieces, commands = self._gather  # type: ignore[misc]
+        self._gather = None
+        if unit.write_gathered(start, pieces, end - start, len(commands)):
+            return
+        session = self.session
+        assert session is not None
+        answers = []
+        for (mark, count, itt, edtl, cdb), data in zip(commands, pieces):
+            result = unit.execute_deferrable(session.nexus, cdb, data, edtl, try_fast=False)
+            if result.blocking is not None:  # a store that writes inline: only a failing one gets here
+                result = result.blocking()
+            if result.status != GOOD or result.sense:
+                answers.append((mark, count, itt, edtl, result))
+        out = self._out
+        for mark, count, itt, edtl, result in reversed(answers):  # from the end: earlier marks stay valid
+            header = out[mark]
+            statsn, expcmdsn, maxcmdsn = struct.unpack_from(">III", header, 24)
+            datalen = edtl if result.data_out_length is None else result.data_out_length
+            sense = result.sense
+            payload = len(sense).to_bytes(2, "big") + sense if sense else b""
+            header = P.pack_scsi_response(0x80 | _residual_flags(datalen, edtl), 0, result.status, len(payload),
+                                          itt, statsn, expcmdsn, maxcmdsn, 0, abs(datalen - edtl))
+            out[mark:mark + count] = P.frame(header, payload, header_digest=self.header_digest,
+                                             data_digest=self.data_digest)
 
     def _scsi_command(self, header: Any, data: bytes, raw: bytes) -> None:
         session = self.session

@@ -23,6 +23,10 @@ attention, reservation, reserved/protection/FUA bit, range or length error,
 read-only medium, large read or blocking I/O) skip the command table and the
 decoded CDB record; whatever it declines runs the full way, which is the
 definition (``tests/unit/test_scsi_fast_path.py`` compares the two).
+``gather_offset`` accepts the same common WRITEs without writing them, for
+the transport to write adjacent ones together (``write_gathered``: one
+``writev``); ``tests/unit/test_scsi_gather.py`` checks it accepts only what
+the full path answers GOOD.
 """
 
 from __future__ import annotations
@@ -141,6 +145,9 @@ class LogicalUnit:
         inline = self.max_atomic_blocks > 0
         self.read_nowait = None if inline else _own_method(backing, "read_nowait")
         self.write_nowait = None if inline else _own_method(backing, "write_nowait")
+        # Gathered writes (``gather_offset``/``write_gathered``): the store's own ``writev``, used only
+        # while its plain writes run inline anyway (``inline_writes``: ext4 refuses RWF_NOWAIT writes).
+        self._writev = None if inline else _own_method(backing, "writev")
         self._io_lock = threading.Condition()
         self._io_running = 0  # deferred I/O running on worker threads
         self._closed = False
@@ -210,14 +217,39 @@ class LogicalUnit:
         except Exception:  # noqa: BLE001 - the full path repeats the command and reports what failed
             return None
 
-    def _read_write(self, fast: tuple, cdb, data_out) -> ScsiResult | None:
-        """READ/WRITE(10/16) the common way, from one ``struct`` unpack of the CDB; None when anything
-        is unusual (a reserved or protection bit, FUA, a range or length the handler would refuse,
-        a read-only medium, a large read sent with ``sendfile``, I/O that would block): nothing was
-        done then, and the full path (``_validate`` and the ``sbc`` handler) decides.
+    def gather_offset(self, cdb, data_out) -> int | None:
+        """For a WRITE(10/16) that ``execute_inline`` would write right away, to a store whose writes
+        run inline and which offers ``writev``: the byte offset ``data_out`` goes to, and nothing
+        done yet; the caller writes it together with its neighbours (``write_gathered``), keeping
+        ``data_out`` unchanged until then.  None: not such a write (``execute_inline`` decides)."""
+        writev = self._writev
+        if writev is None or self._gate or self.reservations.engaged or data_out is None:
+            return None
+        if self.write_nowait is not None and not self.backing.inline_writes:
+            return None  # the store can say "would block": each write asks it on its own
+        fast = _FAST_RW.get(cdb[0])
+        if fast is None or not fast[2]:
+            return None
+        plain = self._plain_range(fast, cdb, data_out)  # the same tests as ``_read_write``'s write
+        return None if plain is None else plain[0] * self.block_size
 
-        The caller has already checked what comes first there: no unit attention or absent
-        medium (``_gate``) and no reservation (``engaged``)."""
+    def write_gathered(self, offset: int, pieces: list, length: int, commands: int) -> bool:
+        """Write the data of ``commands`` WRITEs accepted by ``gather_offset`` (adjacent, in order:
+        ``length`` bytes from ``offset``) with one ``writev``.  False if that failed (nothing counted;
+        the caller runs each command again the full way, which reports what fails)."""
+        try:
+            self._writev(offset, pieces, length)  # type: ignore[misc]
+        except Exception:  # noqa: BLE001 - the full path repeats each command and reports the error
+            log.debug("gathered write of %d bytes at %d failed", length, offset, exc_info=True)
+            return False
+        self.write_commands += commands
+        self.write_bytes += length
+        return True
+
+    def _plain_range(self, fast: tuple, cdb, data_out) -> tuple[int, int] | None:
+        """(LBA, blocks) of a READ/WRITE(10/16) with nothing unusual: no reserved, protection or FUA
+        bit, a range and length the handler would take, and for a write a writable medium, write
+        caching on and exactly the data the CDB asks for.  None otherwise."""
         unpack, size, writes, refused = fast
         if len(cdb) < size:
             return None
@@ -228,11 +260,26 @@ class LogicalUnit:
         if (flags & refused or group & 0xE0 or control & _CONTROL_RESERVED or not count
                 or lba + count > self.num_blocks or count > self.max_transfer_blocks):
             return None
+        if writes and (self.read_only or self._fua_always or data_out is None
+                       or len(data_out) != count * self.block_size):
+            return None
+        return lba, count
+
+    def _read_write(self, fast: tuple, cdb, data_out) -> ScsiResult | None:
+        """READ/WRITE(10/16) the common way, from one ``struct`` unpack of the CDB; None when anything
+        is unusual (a reserved or protection bit, FUA, a range or length the handler would refuse,
+        a read-only medium, a large read sent with ``sendfile``, I/O that would block): nothing was
+        done then, and the full path (``_validate`` and the ``sbc`` handler) decides.
+
+        The caller has already checked what comes first there: no unit attention or absent
+        medium (``_gate``) and no reservation (``engaged``)."""
+        plain = self._plain_range(fast, cdb, data_out)
+        if plain is None:
+            return None
+        lba, count = plain
         bs = self.block_size
         length = count * bs
-        if writes:
-            if self.read_only or self._fua_always or data_out is None or len(data_out) != length:
-                return None
+        if fast[2]:
             write_nowait = self.write_nowait
             if write_nowait is None:
                 self.backing.write(lba * bs, data_out, False)

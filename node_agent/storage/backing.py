@@ -23,6 +23,12 @@ hold ``sendfile`` (readahead rarely leaves such gaps).  Buffered ``RWF_NOWAIT`` 
 refused (EOPNOTSUPP) by ext4 on the kernels here, so plain writes stay inline
 (they land in the page cache; only dirty-page throttling can hold them) and
 FUA writes, which wait for the disk by definition, always go to a worker.
+
+Gathered writes (optional, ``writev``): where plain writes run inline anyway
+(``inline_writes``), the target writes the adjacent 4 KiB WRITEs of one
+receive with one ``pwritev`` (a sequential stream of small writes: one system
+call instead of one per command; the per-call cost of a buffered ext4 write is
+~3 µs, the per-page cost ~0.35 µs).
 """
 
 from __future__ import annotations
@@ -210,6 +216,19 @@ class FileBackingStore:
         if done != len(data):
             self._write_rest(offset, memoryview(data), done, False)
         return True
+
+    @property
+    def inline_writes(self) -> bool:
+        """True once a write found buffered ``RWF_NOWAIT`` writes unsupported (ext4 here): from then on
+        ``write_nowait`` writes every non-FUA write inline, as ``write`` would."""
+        return not self._nowait_writes
+
+    def writev(self, offset: int, buffers: list, length: int) -> None:
+        """Write ``buffers`` (``length`` bytes together) one after another from ``offset``: one
+        ``pwritev`` into the page cache, like ``write`` without FUA."""
+        done = os.pwritev(self.fd, buffers, offset)
+        if done != length:  # rare (signals, full disk): finish the write
+            self._write_rest(offset, memoryview(b"".join(buffers)), done, False)
 
     def write(self, offset: int, data, fua: bool = False) -> None:
         if fua:

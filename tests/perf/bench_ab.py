@@ -119,8 +119,9 @@ def main(argv=None) -> int:
                 cpu = statistics.median(r[1] for r in runs)
                 system = statistics.median(r[2] for r in runs)
                 each = " ".join(f"{r[1]:.1f}" for r in runs)
-                print(f"  {name:>12}: {cpu:6.2f} µs CPU/IO (system {system:5.2f})  {iops:9.0f} IOPS   (runs: {each})",
-                      flush=True)
+                rates = " ".join(f"{r[0]:.0f}" for r in runs)
+                print(f"  {name:>12}: {cpu:6.2f} µs CPU/IO (system {system:5.2f})  {iops:9.0f} IOPS   (runs: {each};"
+                      f" IOPS: {rates})", flush=True)
     return 0
 
 

@@ -26,7 +26,11 @@ OTHER = device.Nexus("iqn.2007-10.com.example:other,i,0x000000000002", "iqn.2026
 
 
 def _unit(state: str):
-    lu = make_lu("memory", size=SIZE, read_only=(state == "read-only"))
+    return prepared(make_lu("memory", size=SIZE, read_only=(state == "read-only")), state)
+
+
+def prepared(lu, state: str):
+    """``lu`` with the test pattern on its medium and in ``state`` (plain, unit-attention, reserved, ...)."""
     lu.backing.buf[:] = bytes(range(256)) * (SIZE // 256)
     lu.take_unit_attention(NEXUS)  # the power-on unit attention
     if state == "unit-attention":
