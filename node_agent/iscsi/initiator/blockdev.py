@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import struct
 import threading
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -70,20 +71,29 @@ class LunDevice:
             lba, count = lba + n, count - n
         return b"".join(parts)
 
-    async def read_into(self, lba: int, buffer: bytearray | memoryview) -> None:
+    def read_into(self, lba: int, buffer: bytearray | memoryview) -> Awaitable[Any]:
         """Read ``len(buffer)`` bytes of whole blocks at ``lba`` into ``buffer``: Data-In is received
-        there directly, with no buffer allocated per command (what a caller reusing buffers wants)."""
-        cap = self.capacity or await self.read_capacity()
+        there directly, with no buffer allocated per command (what a caller reusing buffers wants).
+
+        Await the result (its value is not part of the API).  Not a coroutine itself: a read of one
+        command returns ``execute``'s coroutine directly, one coroutine less to create and resume per I/O."""
+        cap = self.capacity
         view = buffer
         if buffer.__class__ is not bytearray and (buffer.__class__ is not memoryview or buffer.format != "B"
                                                   or buffer.ndim != 1):
             view = memoryview(buffer).cast("B")
+        if cap is not None:
+            size, block_size = len(view), cap.block_size
+            if size <= MAX_IO_BLOCKS * block_size and not size % block_size:  # one command: the common case
+                return self.client.execute(_RW16.pack(READ_16, 0, lba, size // block_size, 0, 0), self.lun,
+                                           buffer=view)
+        return self._read_into(lba, view)
+
+    async def _read_into(self, lba: int, view: bytearray | memoryview) -> None:
+        cap = self.capacity or await self.read_capacity()
         size, block_size = len(view), cap.block_size
         if size % block_size:
             raise ValueError(f"read of {size} bytes is not a multiple of the {block_size}-byte block")
-        if size <= MAX_IO_BLOCKS * block_size:  # one command: the common case, kept short
-            await self.client.execute(_RW16.pack(READ_16, 0, lba, size // block_size, 0, 0), self.lun, buffer=view)
-            return
         view = memoryview(view)
         step = MAX_IO_BLOCKS * block_size
         for start in range(0, size, step):

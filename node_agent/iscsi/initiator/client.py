@@ -84,6 +84,13 @@ class ClientSettings:
     """Seconds a ping may go unanswered before the connection counts as dead."""
     unit_attention_retries: int = 5
     """Times a command is retried after UNIT ATTENTION (e.g. the reset a reinstatement causes)."""
+    completions_per_pass: int | None = None
+    """Commands completed per event-loop pass before the new commands they let in are sent (None: a third
+    of the queue depth; 0: all that one receive holds).  A receive often holds the whole queue's responses:
+    completing all of them before sending anything made client and target take turns, each idle a third of
+    the time (4 KiB reads at depth 32: ~67k IOPS where qemu-img did ~104k); sending after every third keeps
+    both busy (~95k; after every half ~87k, every quarter ~80k) at no more CPU per I/O.  libiscsi gets the
+    same overlap by handling one PDU at a time."""
 
 
 class _Slots:
@@ -162,6 +169,7 @@ class IscsiClient:
         self._loop: asyncio.AbstractEventLoop | None = None  # the loop the session runs on (set by connect)
         self._closing = False
         self._flush_scheduled = False
+        self._resume_scheduled = False
         self._reconnecting: asyncio.Task | None = None
         self._pinger: asyncio.Task | None = None
         self._received = False  # bytes arrived since the pinger last looked (no clock read per receive)
@@ -199,11 +207,16 @@ class IscsiClient:
             immediate_data=s.immediate_data, initial_r2t=s.initial_r2t, header_digest=s.header_digest,
             data_digest=s.data_digest)
 
+    def _completions_per_pass(self) -> int:
+        count = self.settings.completions_per_pass
+        return max(1, self.settings.queue_depth // 3) if count is None else count
+
     async def _login_once(self, previous: C.InitiatorConnection | None) -> None:
         loop = asyncio.get_running_loop()
         conn = C.InitiatorConnection(self._initiator_settings(), isid=self.isid, chap=self.chap,
                                      mutual_chap=self.mutual_chap, pdu_hook=self.pdu_hook,
-                                     initial_cmdsn=previous.cmdsn if previous else 1)
+                                     initial_cmdsn=previous.cmdsn if previous else 1,
+                                     completions_per_pass=self._completions_per_pass())
         self._login = loop.create_future()
         transport, proto = await asyncio.wait_for(
             loop.create_connection(lambda: _Protocol(self, conn), self.host, self.port),
@@ -336,9 +349,9 @@ class IscsiClient:
         self._received = True
         events = proto.conn.take_events()
         if events:
-            futures = self._futures
+            futures, task_done = self._futures, C.TaskDone
             for event in events:
-                if event.__class__ is C.TaskDone:  # the per-I/O event, first and without isinstance chains
+                if event.__class__ is task_done:  # the per-I/O event, first and without isinstance chains
                     fut = futures.pop(event.itt, None)
                     if fut is not None and not fut.done():
                         fut.set_result(event)
@@ -346,6 +359,21 @@ class IscsiClient:
                     self._event(event)
         if not self._flush_scheduled:
             self._flush(proto)
+        if proto.conn.held and not self._resume_scheduled:  # after the flush: the woken commands go out first
+            self._resume_scheduled = True
+            self._loop.call_soon(self._resume, proto)
+
+    def _resume(self, proto: _Protocol) -> None:
+        """Process the rest of a receive that ``completions_per_pass`` held back."""
+        self._resume_scheduled = False
+        if proto.transport is None or proto.transport.is_closing():
+            return
+        try:
+            proto.conn.resume()
+        except C.InitiatorError as exc:
+            self._failed(proto, exc)
+            return
+        self._after_io(proto)
 
     def _event(self, event: Any) -> None:
         if isinstance(event, C.LoggedIn):

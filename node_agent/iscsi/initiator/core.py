@@ -20,7 +20,10 @@ Command and Data-Out headers are packed with one precompiled struct into the
 output batch (one ``bytearray`` per send, large payloads left as their
 own buffers so the transport can ``writev`` them uncopied); Data-In and SCSI
 Response headers are read with one ``unpack_from`` and handled without
-building a header record; a command the CmdSN window admits is sent at once.
+building a header record; a command the CmdSN window admits is sent at once.  With
+``completions_per_pass`` the core stops after that many completions (``held``) so the
+caller can send the commands they let in before it ``resume()``s: client and target then
+work at the same time instead of taking turns over one large receive.
 ``LAYOUTS`` in ``pdu.py`` stay the definition of every field: the unit tests
 check these structs against it.  Everything else (login, NOP, Text, TMF,
 Logout, Reject, R2T, asynchronous messages) takes the generic decoder.
@@ -62,6 +65,10 @@ _DATA_OUT = struct.Struct(">BBHI8sIIIIIIII")
 # (Response), byte 3 (Status), lengths, LUN, ITT, word 20, StatSN, ExpCmdSN, MaxCmdSN, words 36, 40, 44
 # (Data-In: DataSN, Buffer Offset, Residual Count; SCSI Response: ExpDataSN, Bidi Residual, Residual).
 _TARGET_BHS = struct.Struct(">BBBBI8sIIIIIIII")
+# SCSI Command (§11.3): opcode, flags, reserved, lengths, LUN, ITT, EDTL, CmdSN, ExpStatSN, CDB; as
+# pdu.pack_scsi_command, packed here without its bytearray (the PDU hook's mutable header) per command.
+_COMMAND = struct.Struct(">BBHI8sIIII16s")
+_OP_COMMAND = int(Opcode.SCSI_COMMAND)
 _OP_DATA_OUT = int(Opcode.DATA_OUT)
 _DATA_IN, _SCSI_RESPONSE = int(Opcode.DATA_IN), int(Opcode.SCSI_RESPONSE)
 
@@ -206,8 +213,10 @@ class InitiatorConnection:
 
     def __init__(self, settings: InitiatorSettings, *, isid: int, tsih: int = 0, cid: int = 0,
                  chap: tuple[str, str] | None = None, mutual_chap: tuple[str, str] | None = None,
-                 initial_cmdsn: int = 1, pdu_hook: PduHook | None = None):
+                 initial_cmdsn: int = 1, pdu_hook: PduHook | None = None, completions_per_pass: int = 0):
         self.settings = settings
+        self.completions_per_pass = completions_per_pass  # stop processing at this many events (0: never)
+        self.held = False  # stopped there with received bytes left: deliver the events, send, ``resume()``
         self.isid = isid
         self.tsih = tsih
         self.cid = cid
@@ -270,6 +279,11 @@ class InitiatorConnection:
         else:
             self._rx.filled(count)
         self._process()
+
+    def resume(self) -> None:
+        """Go on processing what was received after ``held`` stopped it (a no-op when nothing waits)."""
+        if self.held:
+            self._process()
 
     def take_output(self) -> list[Any]:
         """Buffers to send, in order: usually one ``bytearray``; large payloads are separate buffers."""
@@ -513,15 +527,17 @@ class InitiatorConnection:
         else:
             edtl = task.read_length if data is None else 0
             flags = (0xC0 if task.read_length else 0x80) | ATTR_SIMPLE
-        header = P.pack_scsi_command(flags, len(immediate), task.lun, task.itt, edtl, cmdsn, self.expstatsn,
-                                     task.cdb)
         if self.pdu_hook is None:  # straight into the send batch
+            header = _COMMAND.pack(_OP_COMMAND, flags, 0, len(immediate), task.lun, task.itt, edtl, cmdsn,
+                                   self.expstatsn, task.cdb)
             self._batch += header
             if self.header_digest:
                 self._batch += P.digest_bytes(header)
             if immediate:
                 self._put(immediate, self.data_digest)
         else:
+            header = P.pack_scsi_command(flags, len(immediate), task.lun, task.itt, edtl, cmdsn, self.expstatsn,
+                                         task.cdb)
             self._queue(Opcode.SCSI_COMMAND, header, immediate)
         if not final:
             self._send_data_out(task, len(immediate), unsolicited_end - len(immediate), P.RESERVED_TAG)
@@ -590,6 +606,8 @@ class InitiatorConnection:
         unpack = _TARGET_BHS.unpack_from
         # Only a Login Response (the generic path below) changes these: read again after it.
         logged_in, hd, dd_on = self.logged_in, self.header_digest, self.data_digest
+        limit = self.completions_per_pass
+        self.held = False
         try:
             while not self.closed and self._sink is None:
                 if self._trailer is not None and not self._finish_trailer(view):
@@ -597,6 +615,9 @@ class InitiatorConnection:
                 pos = rx.start
                 have = rx.end - pos
                 if have < P.BHS_LENGTH:
+                    return
+                if limit and len(self._events) >= limit:
+                    self.held = True  # the caller delivers these, sends what they cause, then resume()s
                     return
                 bhs = unpack(buf, pos)  # the BHS, read once
                 lengths = bhs[4]
@@ -626,7 +647,7 @@ class InitiatorConnection:
                     opcode, header = P.decode_header(view[pos:pos + P.BHS_LENGTH])
                     self._dispatch(opcode, header, data)
                     logged_in, hd, dd_on = self.logged_in, self.header_digest, self.data_digest
-                rx.consume(total)
+                rx.start = pos + total  # rx.consume(total), inlined (writable() rewinds an empty buffer)
         except (P.PduError, NegotiationError) as exc:
             self.closed = True
             raise InitiatorError(str(exc)) from exc

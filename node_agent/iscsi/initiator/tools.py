@@ -227,9 +227,16 @@ async def _bench(args) -> int:
         cpu0, start = time.process_time(), time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(args.depth)))
         elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu0
+        params = client.params
     result = {"iops": round(count / elapsed), "mb_per_s": round(count * args.size / elapsed / 1e6, 1),
               "io_count": count, "seconds": round(elapsed, 2), "size": args.size, "depth": args.depth,
-              "write": args.write, "initiator_cpu_us_per_io": round(cpu / max(count, 1) * 1e6, 1)}
+              "write": args.write, "initiator_cpu_us_per_io": round(cpu / max(count, 1) * 1e6, 1),
+              "negotiated": {  # what decides the PDU sizes: Data-In is cut at the MaxRecvDataSegmentLength we declared
+                  "MaxRecvDataSegmentLength": params.max_recv_data_segment_length,
+                  "TargetMaxRecvDataSegmentLength": params.max_xmit_data_segment_length,
+                  "MaxBurstLength": params.max_burst_length, "FirstBurstLength": params.first_burst_length,
+                  "ImmediateData": params.immediate_data, "InitialR2T": params.initial_r2t,
+                  "HeaderDigest": params.header_digest, "DataDigest": params.data_digest}}
     if args.output == "json":
         print(json.dumps(result))
     else:
