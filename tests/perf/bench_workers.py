@@ -10,12 +10,13 @@ one process with two event loops (``--loops 2``), two worker processes
 ``qemu-img bench`` processes at once, one per target, in alternating runs
 (each configuration once per round; a first round warms up).  It prints per
 configuration the medians of the aggregate IOPS and of the target's CPU per
-I/O (``/proc`` utime+stime of the target's whole process tree).
+I/O (``/proc`` utime+stime of the target's whole process tree), the clients' CPU
+per I/O, and how many cores the target kept busy (its CPU time over the run's).
 
-Client and target share this machine's cores: with the clients on the same
-two cores the gain a second process can show is bounded by what the clients
-leave free (``other`` in the output is CPU used by neither).  Run it on an idle
-machine.
+Client and target share this machine's cores: with both clients on the same
+two cores, what a second process can add to the aggregate is bounded by what
+the clients leave free; ``target busy`` shows whether the target itself gets
+past the one core a process is held to by the GIL.  Run it on an idle machine.
 
 Run: ``.venv/bin/python tests/perf/bench_workers.py [--workload 4k-read] [--runs 3] [--json FILE]``.
 """
@@ -26,6 +27,7 @@ import argparse
 import contextlib
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -51,6 +53,7 @@ def one_run(urls: list[str], pid: int, size: int, depth: int, write: bool, count
     if write:
         args += ["-w", "--pattern", "0x5a"]
     cpu0, start = process_tree_cpu_seconds(pid), time.perf_counter()
+    children0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     procs = [subprocess.Popen(args + [url], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for url in urls]
     for proc in procs:
@@ -58,9 +61,13 @@ def one_run(urls: list[str], pid: int, size: int, depth: int, write: bool, count
         if proc.returncode:
             raise RuntimeError(out)
     elapsed = time.perf_counter() - start
+    target_cpu = process_tree_cpu_seconds(pid) - cpu0
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    client_cpu = children.ru_utime + children.ru_stime - children0.ru_utime - children0.ru_stime
     total = count * len(urls)
     return {"iops": total / elapsed, "mb_per_s": total * size / elapsed / 1e6,
-            "target_cpu_us_per_io": (process_tree_cpu_seconds(pid) - cpu0) / total * 1e6}
+            "target_cpu_us_per_io": target_cpu / total * 1e6, "client_cpu_us_per_io": client_cpu / total * 1e6,
+            "target_cores": target_cpu / elapsed}
 
 
 def main(argv=None) -> int:
@@ -95,9 +102,12 @@ def main(argv=None) -> int:
                 if run:
                     results[name].append(measured)
                     print(f"{name:10s} {measured['iops']:9.0f} IOPS {measured['mb_per_s']:8.0f} MB/s "
-                          f"{measured['target_cpu_us_per_io']:7.2f} target µs/IO", flush=True)
+                          f"{measured['target_cpu_us_per_io']:7.2f} target µs/IO "
+                          f"{measured['client_cpu_us_per_io']:7.2f} client µs/IO "
+                          f"target busy {measured['target_cores']:.2f} cores", flush=True)
     medians = {name: {key: round(statistics.median(r[key] for r in runs), 2)
-                      for key in ("iops", "mb_per_s", "target_cpu_us_per_io")} for name, runs in results.items()}
+                      for key in ("iops", "mb_per_s", "target_cpu_us_per_io", "client_cpu_us_per_io",
+                                  "target_cores")} for name, runs in results.items()}
     base = medians.get("1 process")
     report = {"workload": args.workload, "clients": 2, "runs": args.runs, "loadavg": os.getloadavg(),
               "medians": medians,
