@@ -218,6 +218,9 @@ class IscsiClient:
                                      initial_cmdsn=previous.cmdsn if previous else 1,
                                      completions_per_pass=self._completions_per_pass())
         self._login = loop.create_future()
+        # Awaited through a shield: after a login timeout nobody awaits it, and the connection's loss sets
+        # its exception later; reading it here keeps asyncio from reporting it as never retrieved.
+        self._login.add_done_callback(lambda f: f.cancelled() or f.exception())
         transport, proto = await asyncio.wait_for(
             loop.create_connection(lambda: _Protocol(self, conn), self.host, self.port),
             self.settings.login_timeout)
