@@ -8,6 +8,8 @@ digests" rows need another client: this one, run as its own process by
 session, for ``--seconds``; it prints one JSON object with the count, the
 time, the initiator's CPU per I/O and the digests the login negotiated (the
 target must have agreed, or the run would fail on the first misframed PDU).
+It runs on the event loop Shoal's own tools use (``node_agent.eventloop``:
+uvloop where installed), as ``shoal iscsi bench`` does.
 
 Run: ``.venv/bin/python tests/perf/digest_client.py URL [--digests] [--write] [--size 4096] [--depth 32]``.
 """
@@ -27,6 +29,7 @@ REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from node_agent import eventloop  # noqa: E402
 from node_agent.iscsi.initiator.blockdev import LunDevice  # noqa: E402
 from node_agent.iscsi.initiator.client import ClientSettings, IscsiClient  # noqa: E402
 from node_agent.iscsi.initiator.tools import IscsiUrl  # noqa: E402
@@ -74,7 +77,7 @@ def main(argv=None) -> int:
     p.add_argument("--write", action="store_true")
     p.add_argument("--digests", action="store_true", help="offer only CRC32C for HeaderDigest and DataDigest")
     args = p.parse_args(argv)
-    result = asyncio.run(bench(IscsiUrl.parse(args.url), args.size, args.depth, args.seconds, args.write,
+    result = eventloop.run(bench(IscsiUrl.parse(args.url), args.size, args.depth, args.seconds, args.write,
                                args.digests))
     if args.digests and not (result["header_digest"] and result["data_digest"]):
         print(f"digests were not negotiated: {result}", file=sys.stderr)

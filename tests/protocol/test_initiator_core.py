@@ -165,3 +165,19 @@ def test_commands_wait_for_the_cmdsn_window(make_initiator):
     assert len(initiator._waiting) > 0  # more than the window allows are held back
     done = [e for e in wire.pump() if isinstance(e, C.TaskDone)]
     assert sorted(e.itt for e in done) == sorted(itts)
+
+
+@pytest.mark.parametrize("where", ["header", "data"])
+def test_a_wrong_digest_from_the_target_ends_the_connection(make_initiator, where):
+    """RFC 7143 §7.8: a Data-In whose header or data digest does not match is an error the initiator reports
+    (at ErrorRecoveryLevel 0 the connection is dropped), never data handed to the caller."""
+    wire, initiator, _ = pair(make_initiator, digests=True)
+    run(wire, initiator, bytes(6))
+    initiator.submit(rw16(0x88, 0, 8), read_length=4096)  # one Data-In of 4 KiB with status
+    wire.target.receive(b"".join(bytes(p) for p in initiator.take_output()))
+    reply = bytearray(b"".join(bytes(p) for p in wire.target.take_output()))
+    assert len(reply) == 48 + 4 + 4096 + 4
+    reply[48 if where == "header" else 48 + 4 + 4096] ^= 0x01  # one bit of the digest
+    with pytest.raises(C.InitiatorError, match=f"{where} digest error"):
+        initiator.receive(bytes(reply))
+    assert not [e for e in initiator.take_events() if getattr(e, "status", None) == 0]

@@ -70,6 +70,7 @@ _TARGET_BHS = struct.Struct(">BBBBI8sIIIIIIII")
 _COMMAND = struct.Struct(">BBHI8sIIII16s")
 _OP_COMMAND = int(Opcode.SCSI_COMMAND)
 _OP_DATA_OUT = int(Opcode.DATA_OUT)
+_crc, _read_digest = P.digest_value, P.read_digest
 _DATA_IN, _SCSI_RESPONSE = int(Opcode.DATA_IN), int(Opcode.SCSI_RESPONSE)
 
 
@@ -629,14 +630,14 @@ class InitiatorConnection:
                     if dsl >= _DIRECT_MIN and bhs[0] & 0x3F == _DATA_IN and logged_in:
                         self._start_direct(view, bhs, pos, cursor, dsl)
                     return
-                if hd:
-                    if view[cursor:cursor + 4] != P.digest_bytes(view[pos:cursor]):
+                if hd:  # digests compared as integers: no bytes made per PDU
+                    if _crc(view[pos:cursor]) != _read_digest(buf, cursor)[0]:
                         raise InitiatorError("header digest error from the target")
                     cursor += 4
                 data = view[cursor:cursor + dsl]
                 if dd:
                     padded = cursor + ((dsl + 3) & ~3)
-                    if view[padded:padded + 4] != P.digest_bytes(view[cursor:padded]):
+                    if _crc(view[cursor:padded]) != _read_digest(buf, padded)[0]:
                         raise InitiatorError("data digest error from the target")
                 opcode = bhs[0] & 0x3F
                 if opcode == _DATA_IN and logged_in:
