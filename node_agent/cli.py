@@ -49,22 +49,18 @@ class _LayoutAction(argparse.Action):
 
     def __call__(self, parser, namespace, value, option_string=None):
         namespace.layout = [*(getattr(namespace, "layout", None) or []), (self.dest, value)]
-        if self.dest == "lun":
-            namespace.lun = [*(namespace.lun or []), value]
 
 
 def target_layout(layout: list[tuple[str, object]]) -> list[TargetSpec]:
     """The targets ``shoal target``'s ``--iqn``/``--lun`` options describe, in order."""
     names = [value for kind, value in layout if kind == "iqn"] or [DEFAULT_IQN]
     targets = [TargetSpec(str(name), []) for name in names]
-    current = 0
-    seen = 0
+    current = -1  # LUNs before the first --iqn belong to the first target
     for kind, value in layout:
         if kind == "iqn":
-            current = seen
-            seen += 1
+            current += 1
         else:
-            targets[current].luns.append(value)  # type: ignore[arg-type]
+            targets[max(current, 0)].luns.append(value)  # type: ignore[arg-type]
     return targets
 
 

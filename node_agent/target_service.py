@@ -119,6 +119,11 @@ class TargetConfig:
     target's sessions stay in one process: its reservations, unit attentions, task management and
     session reinstatement need no sharing between processes."""
 
+    def portal(self) -> "PortalConfig":
+        """Where and how this configuration's portals listen."""
+        return PortalConfig(self.host, self.port, self.settings, self.connection, list(self.more_portals),
+                            self.loops)
+
     @property
     def targets(self) -> list[TargetSpec]:
         """Every target served, the first (``iqn``, ``luns``) first."""
@@ -199,8 +204,7 @@ class TargetService:
             raise ValueError("TargetService needs a target (config) or a portal")
         if config is not None:
             config.validate()
-            portal = portal or PortalConfig(config.host, config.port, config.settings, config.connection,
-                                            list(config.more_portals), config.loops)
+            portal = portal or config.portal()
         self.config = config
         self.portal_config: PortalConfig = portal  # type: ignore[assignment]
         self._units: dict[str, list[LogicalUnit]] = {}

@@ -41,7 +41,7 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 from node_agent.iscsi.target import Credentials
@@ -129,8 +129,7 @@ class WorkerPool:
 
     def specs(self) -> list[WorkerSpec]:
         config = self.config
-        portal = PortalConfig(config.host, config.port, config.settings, config.connection,
-                              list(config.more_portals), config.loops)
+        portal = config.portal()
         shares: list[list[TargetSpec]] = [[] for _ in range(config.workers)]
         for position, target in enumerate(config.targets):
             shares[position % config.workers].append(target)
@@ -303,8 +302,7 @@ async def serve_sharded(config: TargetConfig, ready: Callable[[list[tuple[str, i
     """The parent: start the workers, listen, route, until ``stop`` (or a worker's death: RuntimeError)."""
     pool = WorkerPool(config)
     await pool.start()
-    front = TargetService(portal=PortalConfig(config.host, config.port, config.settings, config.connection,
-                                              list(config.more_portals)))
+    front = TargetService(portal=replace(config.portal(), loops=1))  # discovery only: one loop is plenty
     try:
         for target in config.targets:
             front.add_routed_target(target.iqn, chap=config.chap, mutual_chap=config.mutual_chap,

@@ -26,6 +26,7 @@ import pytest
 
 from tests.conftest import require_tools
 from tests.peer.test_target_loops import _scenario
+from tests.perf.bench_targets import process_tree
 from tests.support.shoal_target import running_shoal_target
 
 pytestmark = pytest.mark.peer
@@ -43,18 +44,8 @@ def run(*args, check=True, timeout=120):
 
 
 def children(pid: int) -> list[int]:
-    """PIDs whose parent is ``pid`` (read from /proc)."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as handle:
-                    stat = handle.read()
-            except OSError:
-                continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-                found.append(int(entry))
-    return found
+    """The processes ``pid`` started (its workers; they start none)."""
+    return sorted(process_tree(pid) - {pid})
 
 
 def alive(pid: int) -> bool:
