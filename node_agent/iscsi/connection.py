@@ -73,7 +73,7 @@ _U32 = struct.Struct(">I").unpack_from
 _SCSI_COMMAND = struct.Struct(">BB6x8sIII4x16s").unpack_from
 _pack_data_in = P.pack_data_in
 _crc = P.digest_value
-_read_digest = P.read_digest
+_RESIDUE = P.DIGEST_RESIDUE
 _digest = P.digest
 _pack_digest = struct.Struct("<I").pack  # a digest value as sent (least significant byte first)
 _pack_scsi_response = P.pack_scsi_response
@@ -426,13 +426,13 @@ class TargetConnection:
     def _one_pdu(self, view: memoryview, pos: int, ahs_len: int, dsl: int, hd: bool, dd: bool) -> None:
         cursor = pos + P.BHS_LENGTH + ahs_len
         if hd:
-            if _crc(view[pos:cursor]) != _read_digest(view, cursor)[0]:
+            if _crc(view[pos:cursor + 4]) != _RESIDUE:  # the header and its digest: one call
                 self.close("header digest error")  # RFC 7143 §7.8: the header cannot be trusted
                 return
             cursor += 4
         if dd and dsl:
             padded_end = cursor + ((dsl + 3) & ~3)
-            if _crc(view[cursor:padded_end]) != _read_digest(view, padded_end)[0]:
+            if _crc(view[cursor:padded_end + 4]) != _RESIDUE:
                 self._reject_raw(bytes(view[pos:pos + P.BHS_LENGTH]), RejectReason.DATA_DIGEST_ERROR)
                 return
         opcode = view[pos] & 0x3F

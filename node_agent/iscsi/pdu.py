@@ -248,6 +248,9 @@ digest_value = _crc32c.crc32c
 """CRC32C of one buffer as an int: compare it with ``read_digest`` of the received bytes (hot path)."""
 read_digest = _LE32.unpack_from
 """``read_digest(buffer, offset)``: (the digest at ``offset`` as an int,), as sent on the wire."""
+DIGEST_RESIDUE = 0x48674BC7
+"""``digest_value`` of bytes followed by their own digest as sent: checking a received digest takes one
+call, ``digest_value(view[start:digest_end]) == DIGEST_RESIDUE`` (the CRC residue of CRC32C)."""
 
 
 def digest(data: bytes | bytearray | memoryview) -> bytes:

@@ -26,6 +26,20 @@ def test_crc32c_vectors(data, digest):
     assert P.digest_bytes(data).hex() == digest
 
 
+@given(st.binary(max_size=9000), st.integers(0, 31), st.integers(0, 7))
+def test_digest_residue_accepts_exactly_the_right_digest(data, bit, byte):
+    """Checking a received digest by the CRC of data + digest (``DIGEST_RESIDUE``, as the target and
+    the initiator do) accepts the digest ``digest_bytes`` sends and refuses it with any bit flipped."""
+    good = P.digest_bytes(data)
+    assert P.digest_value(data + good) == P.DIGEST_RESIDUE
+    bad = (int.from_bytes(good, "little") ^ (1 << bit)).to_bytes(4, "little")
+    assert P.digest_value(data + bad) != P.DIGEST_RESIDUE
+    if data:  # a changed data byte is caught too
+        changed = bytearray(data)
+        changed[byte % len(data)] ^= 1 << (bit % 8)
+        assert P.digest_value(bytes(changed) + good) != P.DIGEST_RESIDUE
+
+
 def test_decode_rfc_read10_command():
     opcode, header = P.decode_header(READ10_PDU)
     assert opcode == Opcode.SCSI_COMMAND

@@ -70,7 +70,8 @@ _TARGET_BHS = struct.Struct(">BBBBI8sIIIIIIII")
 _COMMAND = struct.Struct(">BBHI8sIIII16s")
 _OP_COMMAND = int(Opcode.SCSI_COMMAND)
 _OP_DATA_OUT = int(Opcode.DATA_OUT)
-_crc, _read_digest = P.digest_value, P.read_digest
+_pack_digest = struct.Struct("<I").pack  # a digest value as sent (least significant byte first)
+_crc, _RESIDUE = P.digest_value, P.DIGEST_RESIDUE
 _DATA_IN, _SCSI_RESPONSE = int(Opcode.DATA_IN), int(Opcode.SCSI_RESPONSE)
 
 
@@ -533,7 +534,7 @@ class InitiatorConnection:
                                    self.expstatsn, task.cdb)
             self._batch += header
             if self.header_digest:
-                self._batch += P.digest_bytes(header)
+                self._batch += _pack_digest(_crc(header))
             if immediate:
                 self._put(immediate, self.data_digest)
         else:
@@ -631,13 +632,13 @@ class InitiatorConnection:
                         self._start_direct(view, bhs, pos, cursor, dsl)
                     return
                 if hd:  # digests compared as integers: no bytes made per PDU
-                    if _crc(view[pos:cursor]) != _read_digest(buf, cursor)[0]:
+                    if _crc(view[pos:cursor + 4]) != _RESIDUE:  # the header and its digest: one call
                         raise InitiatorError("header digest error from the target")
                     cursor += 4
                 data = view[cursor:cursor + dsl]
                 if dd:
                     padded = cursor + ((dsl + 3) & ~3)
-                    if _crc(view[cursor:padded]) != _read_digest(buf, padded)[0]:
+                    if _crc(view[cursor:padded + 4]) != _RESIDUE:
                         raise InitiatorError("data digest error from the target")
                 opcode = bhs[0] & 0x3F
                 if opcode == _DATA_IN and logged_in:
