@@ -103,6 +103,13 @@ def test_digests_both_ways(make_initiator):
     payload = os.urandom(64 * 1024)
     assert run(wire, initiator, rw16(0x8A, 0, 128), data_out=payload).status == 0
     assert bytes(run(wire, initiator, rw16(0x88, 0, 128), read_length=len(payload)).data) == payload
+    # Data segments that need padding: the data digest covers data and pad (RFC 7143 §11.2.3).
+    itt = initiator.nop_out(b"hello")
+    assert wire.pump() == [C.NopReply(itt, b"hello")]
+    initiator.text([("SendTargets", "")])
+    [text] = wire.pump()
+    assert ("TargetName", TARGET) in text.pairs
+    assert not wire.target.closing
 
 
 def test_residuals_and_check_condition(make_initiator):

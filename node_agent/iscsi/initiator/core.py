@@ -570,7 +570,7 @@ class InitiatorConnection:
         batch += _ZERO_BHS
         layout.pack_into(batch, start, *values)
         if self.header_digest:
-            batch += P.digest_bytes(batch[start:])
+            batch += _pack_digest(_crc(batch[start:]))
 
     def _put(self, data: Any, data_digest: bool) -> None:
         """A data segment after its header: padded to 4 bytes, with its digest (RFC 7143 §11.2.3)."""
@@ -585,8 +585,10 @@ class InitiatorConnection:
         pad = _PAD[-size & 3]
         if pad:
             self._batch += pad
-        if data_digest:
-            self._batch += P.digest_bytes(data, pad)
+            if data_digest:
+                self._batch += _pack_digest(_crc(pad, _crc(data)))
+        elif data_digest:
+            self._batch += _pack_digest(_crc(data))
 
     def _queue(self, opcode: int, header: bytearray, data, *, digests: bool = True) -> None:
         if self.pdu_hook is not None:
@@ -596,7 +598,7 @@ class InitiatorConnection:
         header[5:8] = len(data).to_bytes(3, "big")
         self._batch += header
         if self.header_digest and digests:
-            self._batch += P.digest_bytes(header)
+            self._batch += _pack_digest(_crc(header))
         if len(data):
             self._put(data, self.data_digest and digests)
 
