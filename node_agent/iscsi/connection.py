@@ -64,7 +64,7 @@ from node_agent.iscsi.pdu import Opcode, RejectReason, TmfFunction, TmfResponse
 from node_agent.iscsi.serial import in_window, sn_add, sn_lt
 from node_agent.iscsi.names import check_iqn
 from node_agent.iscsi.target import Session, TargetRegistry
-from node_agent.scsi.device import FileRange, decode_lun
+from node_agent.scsi.device import FileRange, ScsiResult, decode_lun
 from node_agent.scsi.sense import INVALID_FIELD_IN_CDB, build_sense
 
 log = logging.getLogger("shoal.iscsi.connection")
@@ -578,13 +578,20 @@ class TargetConnection:
             self._flush_gather()
         if unit is None:
             self._execute(itt, lun_field, lun, cdb, None if data is None else bytes(data), edtl, read)
+        elif read and data is None and (block := unit.read_inline(cdb)) is not None:
+            if len(block) == edtl and edtl <= self.max_xmit:
+                self._collapsed_data_in(itt, lun_field, block)  # the common read, done
+            else:  # the initiator expects another length: residuals, the long way
+                self._complete(itt, lun_field, edtl, read, ScsiResult(GOOD, block))
         else:  # ``_execute``, one call shorter
             result = None if data is None else unit.execute_inline(cdb, data)
             if result is None:
                 if data is not None:
                     data = bytes(data)  # the receive buffer is reused; a worker may write this later
+                # Not again what read_inline or execute_inline just declined (for a write that would
+                # block, that would be a second failed non-blocking attempt).
                 result = unit.execute_deferrable(session.nexus, cdb, data, edtl,  # type: ignore[union-attr]
-                                                 try_fast=data is None)  # a write: execute_inline declined it
+                                                 try_fast=not read and data is None)
             if result.blocking is None:
                 self._complete(itt, lun_field, edtl, read, result)
             else:
@@ -813,22 +820,7 @@ class TargetConnection:
                 datalen = len(data)
                 if (datalen == edtl and datalen <= self.max_xmit and not datalen & 3 and datalen
                         and not result.status and not result.sense):
-                    # The common read: all of it in one Data-In PDU that carries GOOD status (phase
-                    # collapse, §11.7.4), no residual, no padding; ``_data_in`` does the same the long way.
-                    session = self.session
-                    statsn = self.statsn
-                    self.statsn = (statsn + 1) & 0xFFFFFFFF
-                    header = _pack_data_in(0x81, GOOD, datalen, lun_field, itt, P.RESERVED_TAG, statsn,
-                                           session.expcmdsn, session.maxcmdsn, 0, 0, 0)  # type: ignore
-                    if self.data_digest:
-                        if self.header_digest:
-                            self._out += (header, _pack_digest(_crc(header)), data, _pack_digest(_crc(data)))
-                        else:
-                            self._out += (header, data, _pack_digest(_crc(data)))
-                    elif self.header_digest:
-                        self._out += (header, _pack_digest(_crc(header)), data)
-                    else:
-                        self._out += (header, data)
+                    self._collapsed_data_in(itt, lun_field, data)
                     return
             if datalen and edtl:
                 self._data_in(itt, lun_field, data, result.status, result.sense, edtl, datalen)
@@ -838,6 +830,25 @@ class TargetConnection:
         else:
             datalen = edtl
         self._respond(itt, result.status, result.sense, 0, edtl, datalen)
+
+    def _collapsed_data_in(self, itt: int, lun_field: bytes, data) -> None:
+        """The common read's answer: all of ``data`` (EDTL bytes, at most MaxXmitDataSegmentLength, a
+        multiple of 4) in one Data-In PDU that carries GOOD status (phase collapse, §11.7.4), no
+        residual, no padding; ``_data_in`` does the same the long way."""
+        session = self.session
+        statsn = self.statsn
+        self.statsn = (statsn + 1) & 0xFFFFFFFF
+        header = _pack_data_in(0x81, GOOD, len(data), lun_field, itt, P.RESERVED_TAG, statsn,
+                               session.expcmdsn, session.maxcmdsn, 0, 0, 0)  # type: ignore[union-attr]
+        if self.data_digest:
+            if self.header_digest:
+                self._out += (header, _pack_digest(_crc(header)), data, _pack_digest(_crc(data)))
+            else:
+                self._out += (header, data, _pack_digest(_crc(data)))
+        elif self.header_digest:
+            self._out += (header, _pack_digest(_crc(header)), data)
+        else:
+            self._out += (header, data)
 
     def _data_in(self, itt: int, lun_field: bytes, data, status: int, sense: bytes, edtl: int,
                  total: int) -> None:

@@ -217,6 +217,20 @@ class LogicalUnit:
         except Exception:  # noqa: BLE001 - the full path repeats the command and reports what failed
             return None
 
+    def read_inline(self, cdb) -> bytes | bytearray | None:
+        """The data of a common READ(10/16) (see ``_read_write``) read now, or None (nothing done):
+        then ``execute_deferrable`` decides.  ``execute_inline`` for reads, answering the data itself
+        (no ``ScsiResult``): the transport's hot path.  An error (a failing store) also answers None,
+        and the full path, running the command again, reports it."""
+        fast = _FAST_RW.get(cdb[0])
+        if fast is None or fast[2] or self._gate or self.reservations.engaged:
+            return None
+        try:
+            plain = self._plain_range(fast, cdb, None)
+            return None if plain is None else self._read_now(plain[0], plain[1])
+        except Exception:  # noqa: BLE001 - the full path repeats the command and reports what failed
+            return None
+
     def gather_offset(self, cdb, data_out) -> int | None:
         """For a WRITE(10/16) that ``execute_inline`` would write right away, to a store whose writes
         run inline and which offers ``writev``: the byte offset ``data_out`` goes to, and nothing
@@ -288,6 +302,14 @@ class LogicalUnit:
             self.write_commands += 1
             self.write_bytes += length
             return ScsiResult(GOOD, None, b"", length)
+        data = self._read_now(lba, count)
+        return None if data is None else ScsiResult(GOOD, data)
+
+    def _read_now(self, lba: int, count: int) -> bytes | bytearray | None:
+        """``count`` blocks from ``lba`` (a range ``_plain_range`` accepted) if they can be read without
+        waiting for the disk and are not sent with ``sendfile``; None otherwise, nothing done."""
+        bs = self.block_size
+        length = count * bs
         if length >= self._range_threshold:
             return None
         read_nowait = self.read_nowait
@@ -296,7 +318,7 @@ class LogicalUnit:
             return None  # not in the page cache: the full path reads it on a worker
         self.read_commands += 1
         self.read_bytes += length
-        return ScsiResult(GOOD, data)
+        return data
 
     def _gated(self, nexus: Nexus, opcode: int) -> ScsiResult | None:
         """A pending unit attention (SPC-4 §5.14), then an absent medium (SBC-3 §4.13), end the command."""

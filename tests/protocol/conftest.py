@@ -115,7 +115,9 @@ class Initiator:
                 ("HeaderDigest", "CRC32C,None" if self.header_digest else "None"),
                 ("DataDigest", "CRC32C,None" if self.data_digest else "None"),
                 ("ImmediateData", "Yes"), ("InitialR2T", "No"), ("MaxRecvDataSegmentLength", "262144"),
-                ("MaxBurstLength", "1048576"), ("FirstBurstLength", "262144")] + list(extra)
+                ("MaxBurstLength", "1048576"), ("FirstBurstLength", "262144")]
+        replaced = dict(extra)  # ``extra`` keys replace these (a key is offered once, §6.2)
+        keys = [(key, replaced.pop(key, value)) for key, value in keys] + list(replaced.items())
         reply = self.login(keys)
         assert (reply.header.status_class, reply.header.status_detail) == (0, 0), reply
         self.tsih = reply.header.tsih

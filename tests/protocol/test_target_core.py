@@ -143,6 +143,39 @@ def test_write_immediate_then_read_back(make_initiator):
     assert b"".join(r.data for r in replies if r.opcode == Opcode.DATA_IN) == payload
 
 
+@pytest.mark.parametrize("edtl", [8192, 2048])
+def test_read_with_another_expected_length_carries_the_residual(make_initiator, edtl):
+    """A plain 4 KiB READ(10) whose ExpectedDataTransferLength is larger (underflow) or smaller
+    (overflow) than the CDB's: at most EDTL bytes, GOOD with U or O and the residual count (§11.4.5.1)."""
+    ini = make_initiator()
+    ini.login_normal()
+    payload = os.urandom(4096)
+    ini.command(rw10(WRITE10, 8, 8), write=payload)
+    assert status_of(ini.receive()) == 0
+    ini.command(rw10(READ10, 8, 8), read=edtl)
+    replies = ini.receive()
+    assert b"".join(r.data for r in replies if r.opcode == Opcode.DATA_IN) == payload[:edtl]
+    assert status_of(replies) == 0
+    last = replies[-1].header
+    assert (last.underflow, last.overflow) == (edtl > 4096, edtl < 4096)
+    assert last.residual_count == abs(edtl - 4096)
+
+
+def test_read_larger_than_the_initiators_segment_is_split(make_initiator):
+    """A READ the fast path takes (below the sendfile size) but larger than the initiator's
+    MaxRecvDataSegmentLength goes out as several Data-In PDUs, the last with the status (§11.7)."""
+    ini = make_initiator()
+    ini.login_normal([("MaxRecvDataSegmentLength", "4096")])
+    payload = os.urandom(16384)
+    ini.command(rw10(WRITE10, 0, 32), write=payload)  # 16 KiB of immediate data: the target's limit is larger
+    assert status_of(ini.receive()) == 0
+    ini.command(rw10(READ10, 0, 32), read=len(payload))
+    replies = ini.receive()
+    data_in = [r for r in replies if r.opcode == Opcode.DATA_IN]
+    assert [len(r.data) for r in data_in] == [4096] * 4
+    assert b"".join(r.data for r in data_in) == payload and status_of(replies) == 0
+
+
 def test_large_write_uses_r2t_and_large_read_is_segmented(make_initiator):
     """§11.8 R2T after FirstBurstLength; Data-In split at the peer's MaxRecvDataSegmentLength."""
     ini = make_initiator()

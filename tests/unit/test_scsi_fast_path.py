@@ -90,3 +90,33 @@ def test_common_reads_and_writes_take_the_fast_path(opcode):
         assert result.data_out_length == 4096 and bytes(lu.backing.buf[4096:8192]) == bytes(4096)
     else:
         assert bytes(result.data) == bytes(lu.backing.buf[4096:8192])
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(opcode=st.sampled_from([0x28, 0x88, 0x2A, 0x8A, 0x12]), flags=st.integers(0, 255),
+       lba=st.one_of(st.integers(0, BLOCKS + 2), st.just(2**32 - 1), st.just(2**64 - 1)),
+       count=st.one_of(st.integers(0, 16), st.just(BLOCKS), st.just(0xFFFF)),
+       group=st.one_of(st.just(0), st.integers(0, 255)), control=st.one_of(st.just(0), st.integers(0, 255)),
+       state=st.sampled_from(["plain", "plain", "unit-attention", "reserved", "read-only", "wce-off"]))
+def test_read_inline_answers_only_what_the_full_path_reads(opcode, flags, lba, count, group, control, state,
+                                                          monkeypatch):
+    """``read_inline`` (the transport's hot path for reads) gives the data only where the full path
+    answers GOOD with that same data; otherwise None, with nothing counted."""
+    cdb = _cdb(opcode, flags, lba, count, group, control)
+    inline_lu, full_lu = _unit(state), _unit(state)
+    data = inline_lu.read_inline(cdb)
+    if data is None:
+        assert inline_lu.io_counters() == (0, 0, 0, 0)
+        return
+    assert opcode in (0x28, 0x88)
+    with monkeypatch.context() as m:
+        m.setattr(device, "_FAST_RW", {})
+        full = full_lu.execute(NEXUS, cdb, None, count * BS)
+    assert (full.status, full.sense) == (S.GOOD, b"") and bytes(data) == bytes(full.data)
+    assert inline_lu.io_counters() == full_lu.io_counters()
+
+
+def test_read_inline_reads_the_common_read():
+    lu = _unit("plain")
+    assert bytes(lu.read_inline(_cdb(0x28, 0, 8, 8, 0, 0))) == bytes(lu.backing.buf[4096:8192])
+    assert lu.io_counters() == (1, 4096, 0, 0)
