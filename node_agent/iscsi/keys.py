@@ -464,9 +464,14 @@ class _Negotiator:
     def _check_answer(self, rule: KeyRule, value: str) -> None:
         """The peer's answer to our offer must obey the key's rule (§6.2)."""
         self._answered.add(rule.name)
-        if value in _SPECIAL:
-            return  # the key keeps its default
         offered = self._offered[rule.name]
+        if value in _SPECIAL:  # the key keeps its default
+            if rule.kind == "list" and rule.default not in str(offered).split(","):
+                # We offered only values other than the default (HeaderDigest=CRC32C: digests required),
+                # so the default is not acceptable to us: end the login rather than go on without it.
+                raise NegotiationError(f"{rule.name}: the peer answered {value} to our offer {offered}, and the "
+                                       f"default {rule.default} is not one we offered")
+            return
         ok = True
         if rule.kind in ("bool_and", "bool_or"):
             ok = value in ("Yes", "No")
@@ -486,6 +491,9 @@ class _Negotiator:
         else:
             ok = value in str(offered).split(",")
             result = value
+            if not ok:
+                raise NegotiationError(f"{rule.name}: the peer chose {value[:40]!r}, which is not in our offer "
+                                       f"{offered}")
         if not ok:
             raise NegotiationError(f"answer {value[:40]!r} to our {rule.name} offer breaks its rule")
         self._values[rule.name] = result

@@ -55,6 +55,31 @@ def test_bench_prints_figures(target):
         assert result["iops"] > 0 and result["io_count"] > 0
 
 
+def test_digests_offered_required_and_refused(tmp_path):
+    """``--header-digest``/``--data-digest``: CRC32C is used where the target agrees; insisting on it
+    against a target that allows only None (tgtd, configured so) fails the login with exit 1 and says
+    which key, while offering CRC32C,None lets the target choose None."""
+    with running_shoal_target(tmp_path / "shoal", luns=(("d", 64 << 20),)) as t:
+        result = json.loads(shoal("--header-digest", "CRC32C", "--data-digest", "crc32c", "bench", t.url(0),
+                                  "--seconds", "0.5", "--depth", "4", "--write", "-o", "json").stdout)
+        assert result["negotiated"]["HeaderDigest"] is True and result["negotiated"]["DataDigest"] is True
+        assert result["io_count"] > 0
+    require_tools("tgtd")
+    with running_tgtd(tmp_path / "tgtd", luns=(("d", 64 << 20),),
+                      params={"HeaderDigest": "None", "DataDigest": "None"}) as t:
+        proc = shoal("--data-digest", "CRC32C", "inquiry", t.url(1), check=False)
+        assert proc.returncode == 1 and "DataDigest" in proc.stderr.decode(), proc.stderr.decode()
+        result = json.loads(shoal("--data-digest", "CRC32C,None", "bench", t.url(1), "--seconds", "0.5",
+                                  "--depth", "4", "-o", "json").stdout)
+        assert result["negotiated"]["DataDigest"] is False and result["io_count"] > 0
+
+
+@pytest.mark.parametrize("value", ["MD5", "CRC32C,CRC32C", "", "None,"])
+def test_bad_digest_lists_are_usage_errors(value):
+    proc = shoal("--header-digest", value, "inquiry", "iscsi://127.0.0.1:1/iqn.2026-11.x:y/0", check=False)
+    assert proc.returncode == 2 and "a list of None and CRC32C" in proc.stderr.decode()
+
+
 @pytest.mark.parametrize("url, message", [
     ("http://x/iqn.a/0", "expected iscsi://"),
     ("iscsi://127.0.0.1:3260/iqn.2026-11.x:y", "the path must be /target-iqn/lun"),

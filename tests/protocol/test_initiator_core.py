@@ -15,7 +15,7 @@ import pytest
 
 from node_agent.iscsi import pdu as P
 from node_agent.iscsi.initiator import core as C
-from node_agent.iscsi.keys import InitiatorSettings
+from node_agent.iscsi.keys import InitiatorSettings, TargetSettings
 from node_agent.iscsi.pdu import Opcode
 from tests.protocol.conftest import INITIATOR, TARGET, make_registry
 
@@ -110,6 +110,15 @@ def test_digests_both_ways(make_initiator):
     [text] = wire.pump()
     assert ("TargetName", TARGET) in text.pairs
     assert not wire.target.closing
+
+
+def test_insisting_on_digests_fails_the_login_where_the_target_refuses(make_initiator):
+    """Offering only CRC32C (``shoal iscsi --header-digest CRC32C``) to a target that allows only None:
+    the target answers Reject, and the initiator ends the login instead of going on without digests."""
+    def refusing(registry):
+        return make_initiator(registry, settings=TargetSettings(header_digest=("None",), data_digest=("None",)))
+    with pytest.raises(C.InitiatorError, match="HeaderDigest"):
+        pair(refusing, digests=True)
 
 
 def test_residuals_and_check_condition(make_initiator):

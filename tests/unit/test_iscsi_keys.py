@@ -557,6 +557,25 @@ def test_initiator_checks_target_answers():
         initiator.response([("HeaderDigest", "CRC32C")])   # not among our offered values
 
 
+@pytest.mark.parametrize("offer, target_supports, outcome", [
+    (("CRC32C",), ("None",), None),                 # insisted on digests, refused: the login must fail
+    (("CRC32C", "None"), ("None",), False),         # preferred them: the target's choice, None, stands
+    (("CRC32C",), ("CRC32C", "None"), True),
+])
+def test_initiator_insisting_on_digests_ends_a_login_without_them(offer, target_supports, outcome):
+    """A Reject leaves a list key at its default (None for digests, §13.1); an initiator that did not
+    offer the default ends the login instead of going on without what it insisted on."""
+    initiator = InitiatorNegotiator(InitiatorSettings(IQN_I, IQN_T, header_digest=offer, data_digest=offer))
+    tgt = TargetNegotiator(TargetSettings(header_digest=target_supports, data_digest=target_supports),
+                           leading=True, session_type="Normal")
+    if outcome is None:
+        with pytest.raises(NegotiationError, match="Digest"):
+            run_login(initiator, tgt)
+        return
+    run_login(initiator, tgt)
+    assert initiator.params().header_digest is outcome and tgt.params().data_digest is outcome
+
+
 def test_initiator_records_target_declarations():
     initiator = InitiatorNegotiator(InitiatorSettings(IQN_I, IQN_T))
     initiator.offers()

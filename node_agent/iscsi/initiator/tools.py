@@ -66,6 +66,11 @@ def build_parser(sub: argparse._SubParsersAction) -> None:
     iscsi = sub.add_parser("iscsi", help="Shoal's iSCSI initiator for people",
                            description="Discover targets and run I/O with Shoal's own initiator.")
     iscsi.add_argument("-i", "--initiator-name", default=DEFAULT_INITIATOR, help="our iSCSI name")
+    for key in ("header", "data"):
+        iscsi.add_argument(f"--{key}-digest", type=_digests, default=("None",), metavar="LIST",
+                           help=f"{key.capitalize()}Digest values to offer, in order of preference: None (the "
+                                "default), CRC32C (insist on it: the login fails if the target refuses), or "
+                                "CRC32C,None / None,CRC32C (let the target choose)")
     verbs = iscsi.add_subparsers(dest="verb", required=True)
     p = verbs.add_parser("discover", help="SendTargets discovery: list targets and their portals")
     p.add_argument("portal", help="HOST[:PORT] or iscsi://[user%%secret@]host[:port]")
@@ -100,6 +105,16 @@ def _natural(text: str) -> int:
     return value
 
 
+def _digests(text: str) -> tuple[str, ...]:
+    """A digest preference list (RFC 7143 §13.1): CRC32C and None, each at most once, case as written
+    in the RFC."""
+    names = {"none": "None", "crc32c": "CRC32C"}
+    values = tuple(names.get(part.strip().lower(), "") for part in text.split(","))
+    if "" in values or len(set(values)) != len(values):
+        raise argparse.ArgumentTypeError(f"{text!r}: a list of None and CRC32C, each at most once")
+    return values
+
+
 def _positive(text: str) -> int:
     value = int(text)
     if value <= 0:
@@ -131,16 +146,21 @@ def _run_loop(coro) -> int:
     return eventloop.run(coro)
 
 
+def _settings(args, **settings) -> ClientSettings:
+    return ClientSettings(initiator_iqn=args.initiator_name, header_digest=args.header_digest,
+                          data_digest=args.data_digest, **settings)
+
+
 def _client(args, url: IscsiUrl, **settings) -> IscsiClient:
     return IscsiClient(url.host, url.port, url.target, chap=url.chap, mutual_chap=url.mutual_chap,
-                       settings=ClientSettings(initiator_iqn=args.initiator_name, reconnect_timeout=5, **settings))
+                       settings=_settings(args, reconnect_timeout=5, **settings))
 
 
 async def _discover(args) -> int:
     text = args.portal if args.portal.startswith("iscsi://") else f"iscsi://{args.portal}"
     url = IscsiUrl.parse(text, need_lun=False)
     found = await discover(url.host, url.port, chap=url.chap, mutual_chap=url.mutual_chap,
-                           settings=ClientSettings(initiator_iqn=args.initiator_name))
+                           settings=_settings(args))
     if args.output == "json":
         print(json.dumps([{"target": name, "portals": portals} for name, portals in found]))
     else:
