@@ -20,6 +20,7 @@ import sys
 
 from node_agent import eventloop
 from node_agent.iscsi.initiator import tools as iscsi_tools
+from node_agent.iscsi.keys import TargetSettings, parse_digest_list
 from node_agent.iscsi.target import Credentials
 from node_agent.target_service import LunSpec, TargetConfig, TargetSpec, check_iqn, serve
 
@@ -105,6 +106,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="admit only these initiator names (repeatable; default: any)")
     target.add_argument("--allow-anonymous", action="store_true",
                         help="serve without CHAP on an address other than loopback (refused otherwise)")
+    for key in ("header", "data"):
+        target.add_argument(f"--{key}-digest", type=_typed(parse_digest_list), default=("CRC32C", "None"),
+                            metavar="LIST", help=f"{key.capitalize()}Digest values accepted, in order of preference "
+                            "(default CRC32C,None: the initiator's choice); CRC32C alone requires digests: logins "
+                            "without them fail")
     target.add_argument("--loops", type=int, default=1, metavar="N",
                         help="event loops (threads) serving connections, each pinned to one (default 1: "
                              "the GIL keeps the Python work on one core; more loops overlap only system calls)")
@@ -239,7 +245,8 @@ def target_config(args: argparse.Namespace) -> TargetConfig:
     first, *more = target_layout(args.layout)
     config = TargetConfig(iqn=first.iqn, luns=first.luns, host=host, port=port, more_portals=args.more_listen,
                           chap=args.chap, mutual_chap=args.mutual_chap, allowed_initiators=args.allow,
-                          loops=args.loops, more_targets=more, workers=args.workers)
+                          loops=args.loops, more_targets=more, workers=args.workers,
+                          settings=TargetSettings(header_digest=args.header_digest, data_digest=args.data_digest))
     config.validate()
     return config
 

@@ -124,6 +124,16 @@ def _check_key(key: str) -> None:
         raise NegotiationError(f"malformed key name {key[:MAX_KEY_LENGTH]!r}")
 
 
+def parse_digest_list(text: str) -> tuple[str, ...]:
+    """A command line's HeaderDigest/DataDigest preference list (§13.1), e.g. ``CRC32C,None``: None and
+    CRC32C (any case), each at most once, in order of preference.  ``CRC32C`` alone requires digests."""
+    names = {"none": "None", "crc32c": "CRC32C"}
+    values = tuple(names.get(part.strip().lower(), "") for part in text.split(","))
+    if "" in values or len(set(values)) != len(values):
+        raise ValueError(f"{text!r}: a list of None and CRC32C, each at most once")
+    return values
+
+
 def parse_number(text: str) -> int:
     """A numerical-value: decimal-constant or hex-constant below 2**64 (RFC 7143 §6.1)."""
     if _DECIMAL.match(text):
@@ -459,6 +469,10 @@ class _Negotiator:
         for item in items:
             if item in local:
                 return item, item
+        if rule.default not in local:
+            # Reject would leave the key at its default, which we do not accept either (digests required).
+            raise NegotiationError(f"{rule.name}: none of {value[:40]!r} is acceptable to us ({','.join(local)}), "
+                                   f"nor is the default {rule.default}")
         return REJECT, None
 
     def _check_answer(self, rule: KeyRule, value: str) -> None:

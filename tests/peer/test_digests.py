@@ -1,4 +1,4 @@
-"""CRC32C header digests between QEMU's libiscsi driver and ``shoal target``.
+"""CRC32C header digests between QEMU's libiscsi driver and ``shoal target``; a target requiring digests.
 
 RFC 7143 §13.1 (HeaderDigest, DataDigest keys), §12.1 (CRC32C), §6.2.1 (list
 negotiation: the responder answers with the first value of the originator's
@@ -18,9 +18,11 @@ the wire in both directions.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -102,3 +104,30 @@ def test_header_digest_negotiation(target, offer, expected):
     out = run(*argv).stdout
     assert "Pattern verification failed" not in out, out
     assert normal_logins(target) == [(expected, "None")], target.log()
+
+
+def test_a_target_that_requires_digests(tmp_path):
+    """``shoal target --header-digest CRC32C --data-digest CRC32C``: QEMU (libiscsi offers DataDigest=None
+    only) is refused at login and the target keeps serving; Shoal's initiator offering CRC32C,None gets both
+    digests, and one offering only None is refused with the key named."""
+    require_tools("qemu-io")
+    digests = ["--header-digest", "CRC32C", "--data-digest", "crc32c"]
+    with running_shoal_target(tmp_path, luns=[("disk0", 16 * MiB)], extra_args=digests) as t:
+        refused = subprocess.run(["qemu-io", "--image-opts", image_opts(t, "crc32c"), "-c", "read 0 4k"],
+                                 capture_output=True, text=True, timeout=60)
+        assert refused.returncode != 0 and "Initiator error" in refused.stderr, refused.stdout + refused.stderr
+        assert "refused: DataDigest: none of 'None' is acceptable to us (CRC32C)" in t.log(), t.log()
+        assert normal_logins(t) == [], t.log()
+
+        def shoal_iscsi(*offer: str) -> subprocess.CompletedProcess:
+            return subprocess.run([sys.executable, "-m", "node_agent.cli", "iscsi", *offer, "bench", t.url(0),
+                                   "--seconds", "0.5", "--depth", "4", "--write", "-o", "json"],
+                                  capture_output=True, text=True, timeout=60)
+        ok = shoal_iscsi("--header-digest", "None,CRC32C", "--data-digest", "None,CRC32C")
+        assert ok.returncode == 0, ok.stderr
+        negotiated = json.loads(ok.stdout)["negotiated"]
+        assert negotiated["HeaderDigest"] is True and negotiated["DataDigest"] is True
+        assert normal_logins(t) == [("CRC32C", "CRC32C")], t.log()
+        plain = shoal_iscsi()
+        assert plain.returncode == 1 and "login failed: initiator error" in plain.stderr, plain.stderr
+        assert normal_logins(t) == [("CRC32C", "CRC32C")], t.log()  # no session without digests

@@ -22,6 +22,8 @@ from node_agent.target_service import LunSpec, parse_size
     (["target", "--lun", "x.img", "--chap", "@/nonexistent/chap"], "No such file"),
     (["target", "--lun", "x.img", "--mutual-chap", "t:secret-123456"], "--mutual-chap needs --chap"),
     (["target", "--lun", "x.img", "--listen", "0.0.0.0:3260"], "refusing to serve without CHAP"),
+    (["target", "--lun", "x.img", "--data-digest", "MD5"], "a list of None and CRC32C"),
+    (["target", "--lun", "x.img", "--header-digest", "CRC32C,crc32c"], "each at most once"),
 ])
 def test_bad_arguments_are_refused(args, message, capsys):
     with pytest.raises(SystemExit) as exc:

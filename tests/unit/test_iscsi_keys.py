@@ -264,7 +264,6 @@ def test_every_key_gets_an_answer_of_its_kind():
     ("HeaderDigest", "None,CRC32C", {}, "None"),
     ("HeaderDigest", "CRC32C", {"header_digest": ("None",)}, "Reject"),
     ("DataDigest", "MD5,CRC32C", {}, "CRC32C"),                                # unknown values skipped
-    ("DataDigest", "None", {"data_digest": ("CRC32C",)}, "Reject"),
     ("TaskReporting", "FastAbort,RFC3720", {}, "RFC3720"),
     ("TaskReporting", "FastAbort", {}, "Reject"),
     ("iSCSIProtocolLevel", "2", {}, "1"),
@@ -272,6 +271,15 @@ def test_every_key_gets_an_answer_of_its_kind():
 ])
 def test_negotiation_rule(key, offer, local, expected):
     assert answer(key, offer, **local) == expected
+
+
+@pytest.mark.parametrize("key, offer", [("DataDigest", "None"), ("HeaderDigest", "MD5,None")])
+def test_a_target_requiring_digests_fails_a_login_without_them(key, offer):
+    """``shoal target --data-digest CRC32C``: Reject would leave the key at its default None, which the
+    target does not accept either, so the login fails (an initiator error, §11.13.5)."""
+    with pytest.raises(NegotiationError, match=key) as error:
+        answer(key, offer, header_digest=("CRC32C",), data_digest=("CRC32C",))
+    assert status(error) == (2, 0)
 
 
 @pytest.mark.parametrize("key, offer", [

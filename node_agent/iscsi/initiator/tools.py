@@ -21,6 +21,7 @@ from node_agent import eventloop
 from node_agent.iscsi.initiator.blockdev import LunDevice
 from node_agent.iscsi.initiator.client import ClientSettings, CommandFailed, IscsiClient, SessionLost, discover
 from node_agent.iscsi.initiator.core import InitiatorError, LoginError, aligned_buffer
+from node_agent.iscsi.keys import parse_digest_list
 
 DEFAULT_INITIATOR = "iqn.2026-11.io.shoal:initiator"
 
@@ -106,13 +107,10 @@ def _natural(text: str) -> int:
 
 
 def _digests(text: str) -> tuple[str, ...]:
-    """A digest preference list (RFC 7143 §13.1): CRC32C and None, each at most once, case as written
-    in the RFC."""
-    names = {"none": "None", "crc32c": "CRC32C"}
-    values = tuple(names.get(part.strip().lower(), "") for part in text.split(","))
-    if "" in values or len(set(values)) != len(values):
-        raise argparse.ArgumentTypeError(f"{text!r}: a list of None and CRC32C, each at most once")
-    return values
+    try:
+        return parse_digest_list(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _positive(text: str) -> int:
