@@ -167,6 +167,12 @@ def _agent_parser(sub) -> None:
                        help="serve CSI Identity and Node on this unix socket (default: no CSI)")
     agent.add_argument("--csi-driver-name", default="csi.shoal.io", metavar="NAME",
                        help="the CSI driver name GetPluginInfo reports (default %(default)s)")
+    for key in ("header", "data"):
+        agent.add_argument(f"--iscsi-{key}-digest", type=_typed(parse_digest_list), default=("None", "CRC32C"),
+                           metavar="LIST", help=f"{key.capitalize()}Digest on this node's iSCSI: accepted by its "
+                           "exports, offered by its attachments, in order of preference (default None,CRC32C: "
+                           "digests only where the other side insists; CRC32C,None prefers them; CRC32C requires "
+                           "them)")
     agent.add_argument("--ready-file", metavar="FILE",
                        help="write {\"agent\": HOST:PORT, \"portal\": HOST:PORT, \"metrics\": HOST:PORT} as JSON "
                             "here once serving")
@@ -191,7 +197,9 @@ def _agent_settings(args: argparse.Namespace):
                          advertise_portals=tuple(args.advertise_portal), controller=args.controller,
                          initiator_iqn=args.initiator_iqn, target_prefix=args.target_prefix, labels=labels,
                          server_tls=server_tls, controller_tls=controller_tls, metrics_listen=args.metrics_listen,
-                         csi_endpoint=args.csi_endpoint, csi_driver_name=args.csi_driver_name, **extra)
+                         csi_endpoint=args.csi_endpoint, csi_driver_name=args.csi_driver_name,
+                         iscsi_header_digest=args.iscsi_header_digest, iscsi_data_digest=args.iscsi_data_digest,
+                         **extra)
 
 
 def _run_agent(args: argparse.Namespace) -> int:

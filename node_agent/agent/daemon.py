@@ -43,6 +43,7 @@ from node_agent.csi.server import build_csi_node_server
 from node_agent.host.connector import CONNECTOR_LABEL, Connector, preferred_connector
 from node_agent.host.runner import SubprocessRunner
 from node_agent.metrics_server import MetricsServer, new_registry
+from node_agent.iscsi.keys import TargetSettings
 from node_agent.target_service import PortalConfig
 from protos.shoal.v1 import agent_pb2_grpc
 
@@ -102,12 +103,16 @@ def default_connectors(settings: AgentSettings) -> dict[str, Callable[[], Connec
         from node_agent.host.userspace import UserspaceConnector, UserspaceSettings
 
         return UserspaceConnector(UserspaceSettings(state_dir=os.path.join(settings.data_dir, "userspace"),
-                                                    initiator_iqn=settings.initiator_iqn))
+                                                    initiator_iqn=settings.initiator_iqn,
+                                                    header_digest=settings.iscsi_header_digest,
+                                                    data_digest=settings.iscsi_data_digest))
 
     def kernel() -> Connector:
         from node_agent.host.kernel import KernelConnector, KernelSettings
 
-        return KernelConnector(settings=KernelSettings(lock_dir=os.path.join(settings.data_dir, "locks")))
+        return KernelConnector(settings=KernelSettings(lock_dir=os.path.join(settings.data_dir, "locks"),
+                                                       header_digest=settings.iscsi_header_digest,
+                                                       data_digest=settings.iscsi_data_digest))
 
     return {USERSPACE: userspace, KERNEL: kernel}
 
@@ -142,7 +147,8 @@ class Agent:
         self.volumes = VolumeManager(s.effective_disks(), background_copies=True)
         self.snapshots = SnapshotManager(self.volumes)
         host, port = split_host_port(s.portal_listen)
-        self.portal = PortalThread(PortalConfig(host, port))
+        self.portal = PortalThread(PortalConfig(host, port, TargetSettings(header_digest=s.iscsi_header_digest,
+                                                                          data_digest=s.iscsi_data_digest)))
         try:
             bound = self.portal.start()
             self.portal_address = join_host_port(bound[0], bound[1])

@@ -6,6 +6,7 @@ import re
 import socket
 from dataclasses import dataclass, field
 
+from node_agent.iscsi.keys import parse_digest_list
 from node_agent.iscsi.names import check_iqn
 
 IQN_PREFIX = "iqn.2026-11.io.shoal"
@@ -123,6 +124,12 @@ class AgentSettings:
     socket); empty: no CSI."""
     csi_driver_name: str = "csi.shoal.io"
     """The CSI driver name GetPluginInfo reports; the same as the controller's (``--csi-driver-name``)."""
+    iscsi_header_digest: tuple[str, ...] = ("None", "CRC32C")
+    iscsi_data_digest: tuple[str, ...] = ("None", "CRC32C")
+    """CRC32C digests on this node's iSCSI connections (RFC 7143 §13.1), as a preference list: its exports
+    accept these values and its attachments offer them.  The default goes without digests unless the
+    other side insists; ``("CRC32C", "None")`` prefers them; ``("CRC32C",)`` requires them (a login
+    without them fails, both ways)."""
 
     def __post_init__(self):
         check_name("node id", self.node_id)
@@ -131,6 +138,8 @@ class AgentSettings:
         if not self.target_prefix:
             self.target_prefix = f"{IQN_PREFIX}:target:{self.node_id}"
         check_iqn(self.initiator_iqn)
+        for values in (self.iscsi_header_digest, self.iscsi_data_digest):
+            parse_digest_list(",".join(values))  # ValueError unless None and/or CRC32C, each once
         check_iqn(f"{self.target_prefix}:volume")
         if self.server_tls is not None and not self.server_tls.cert:
             raise ValueError("server TLS needs a certificate and key")

@@ -95,6 +95,9 @@ class KernelSettings:
     """open-iscsi interface (``default`` is iscsi_tcp)."""
     lock_dir: str | None = None
     """Directory for cross-process per-target lock files; None for in-process locks only."""
+    header_digest: tuple[str, ...] = ("None",)
+    data_digest: tuple[str, ...] = ("None",)
+    """Digests offered at login, in order of preference (open-iscsi ``node.conn[0].iscsi.*Digest``)."""
     write: Writer = write_sysfs
     """How sysfs attributes are written (a test records and simulates the kernel)."""
     sleep: Callable[[float], None] = time.sleep
@@ -274,6 +277,8 @@ class KernelConnector(Connector):
         self._update(target, portal, "node.startup", "manual")
         # Login must not scan every LUN of the target into this host; we scan ours.
         self._update(target, portal, "node.session.scan", "manual")
+        self._update(target, portal, "node.conn[0].iscsi.HeaderDigest", ",".join(self.settings.header_digest))
+        self._update(target, portal, "node.conn[0].iscsi.DataDigest", ",".join(self.settings.data_digest))
         self._configure_chap(target, portal)
 
     def _configure_chap(self, target: VolumeTarget, portal: str) -> None:

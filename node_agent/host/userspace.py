@@ -56,14 +56,25 @@ from node_agent.host.runner import CommandFailed, Runner, SubprocessRunner
 
 log = logging.getLogger(__name__)
 
-LunOpener = Callable[[VolumeTarget, str], BlockDevice]
+LunOpener = Callable[[VolumeTarget, "UserspaceSettings"], BlockDevice]
 
 
-def open_sync_lun(target: VolumeTarget, initiator_iqn: str) -> BlockDevice:
-    """Log in with Shoal's initiator (the default ``LunOpener``)."""
+def open_sync_lun(target: VolumeTarget, settings: "UserspaceSettings") -> BlockDevice:
+    """Log in with Shoal's initiator (the default ``LunOpener``).  A login the target refuses, or one
+    whose negotiation we refuse (digests required and not given), is a ``PermanentConnectorError``
+    (or a temporary one when the target says so, RFC 7143 §11.13.5)."""
     from node_agent.iscsi.initiator.blockdev import SyncLun  # the initiator is only needed to attach
+    from node_agent.iscsi.initiator.client import ClientSettings
+    from node_agent.iscsi.initiator.core import InitiatorError, LoginError
 
-    return SyncLun.open(target, initiator_iqn=initiator_iqn)
+    client = ClientSettings(header_digest=settings.header_digest, data_digest=settings.data_digest)
+    try:
+        return SyncLun.open(target, initiator_iqn=settings.initiator_iqn, settings=client)
+    except LoginError as exc:
+        kind = PermanentConnectorError if exc.permanent else TemporaryConnectorError
+        raise kind(f"login to {target.target_iqn} refused: {exc}") from exc
+    except InitiatorError as exc:
+        raise PermanentConnectorError(f"login to {target.target_iqn} failed: {exc}") from exc
 
 
 @dataclass(frozen=True)
@@ -81,6 +92,9 @@ class UserspaceSettings:
     """FUSE export settings; ``fsname`` is set per volume."""
     release_timeout: float = 10.0
     """Seconds to wait for the kernel to let go of the FUSE file after ``losetup -d``."""
+    header_digest: tuple[str, ...] = ("None",)
+    data_digest: tuple[str, ...] = ("None",)
+    """Digests offered at login, in order of preference (``AgentSettings.iscsi_header_digest``)."""
 
 
 @dataclass
@@ -227,7 +241,7 @@ class UserspaceConnector(Connector):
 
     def _login(self, target: VolumeTarget) -> BlockDevice:
         try:
-            return self.open_lun(target, self.settings.initiator_iqn)
+            return self.open_lun(target, self.settings)
         except ConnectorError:
             raise
         except (OSError, TimeoutError) as exc:

@@ -35,16 +35,16 @@ def closed_port() -> int:
 
 @contextlib.contextmanager
 def running_agent(tmp_path: Path, *, node_id: str = "int-node", listen: str = "127.0.0.1:0",
-                  portal: str = "127.0.0.1:0", timeout: float = 20.0):
-    """Start ``shoal agent`` with its state under ``tmp_path``; yield (process, AgentService address,
-    portal address); stop it by PID."""
+                  portal: str = "127.0.0.1:0", timeout: float = 20.0, extra_args: list[str] | None = None):
+    """Start ``shoal agent`` with its state under ``tmp_path`` (and ``extra_args``); yield (process,
+    AgentService address, portal address); stop it by PID."""
     tmp_path.mkdir(parents=True, exist_ok=True)
     ready = tmp_path / f"ready-{time.monotonic_ns()}.json"
     log_path = ready.with_suffix(".log")
     args = [sys.executable, "-m", "node_agent.cli", "agent", "--node-id", node_id,
             "--data-dir", str(tmp_path / "data"), "--disk", f"data0={tmp_path / 'disk0'}",
             "--listen", listen, "--portal", portal, "--controller", f"127.0.0.1:{closed_port()}",
-            "--ready-file", str(ready)]
+            "--ready-file", str(ready), *(extra_args or [])]
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     with open(log_path, "wb") as log_file:
         process = subprocess.Popen(args, stdout=log_file, stderr=subprocess.STDOUT, env=env, cwd=REPO)

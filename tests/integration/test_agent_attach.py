@@ -87,3 +87,47 @@ def test_a_volume_of_agent_a_attached_on_agent_b(tmp_path):
                 backing.seek(3 * MiB)
                 assert backing.read(4096) == payload
         assert SECRET not in b_process.log_path.read_text()
+
+
+def test_digests_between_agents(tmp_path):
+    """``shoal agent --iscsi-header-digest CRC32C --iscsi-data-digest CRC32C`` on the owner: its export requires
+    both digests. An agent with the default (None,CRC32C) attaches with them on (the owner's login line says
+    so) and its data lands; an agent that allows no data digest (``--iscsi-data-digest None``) is refused
+    with FAILED_PRECONDITION (the owner's log names the key), and no device is left behind."""
+    required = ["--iscsi-header-digest", "CRC32C", "--iscsi-data-digest", "CRC32C"]
+    with running_agent(tmp_path / "a", node_id="node-a", extra_args=required) as (a_process, a_address, _), \
+            running_agent(tmp_path / "b", node_id="node-b") as (_, b_address, _), \
+            running_agent(tmp_path / "c", node_id="node-c", extra_args=["--iscsi-data-digest", "None"]) \
+            as (_, c_address, _):
+        a_channel, a = stub_for(a_address)
+        b_channel, b = stub_for(b_address)
+        c_channel, c = stub_for(c_address)
+        with a_channel, b_channel, c_channel:
+            volume = a.CreateVolume(pb.CreateVolumeRequest(volume_id="vol-dd", size_bytes=32 * MiB, thin=True))
+            for node in ("node-b", "node-c"):
+                export = a.ExportVolume(pb.ExportVolumeRequest(
+                    volume_id="vol-dd", initiator_iqn=f"{IQN_PREFIX}:node:{node}", chap_user=USER,
+                    chap_secret=SECRET))
+
+            with pytest.raises(grpc.RpcError) as caught:
+                c.AttachVolume(pb.AttachVolumeRequest(export=export, chap_secret=SECRET))
+            assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION, caught.value.details()
+            assert list(c.GetState(pb.GetStateRequest()).attachments) == []
+
+            device = b.AttachVolume(pb.AttachVolumeRequest(export=export, chap_secret=SECRET)).device_path
+            try:
+                payload = b"digested".ljust(4096, b"!")
+                fd = os.open(device, os.O_WRONLY)
+                try:
+                    os.pwrite(fd, payload, MiB)
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+            finally:
+                b.DetachVolume(pb.DetachVolumeRequest(volume_id="vol-dd"))
+            with open(volume.path, "rb") as backing:
+                backing.seek(MiB)
+                assert backing.read(4096) == payload
+        log_text = a_process.log_path.read_text()
+        assert "HeaderDigest=CRC32C DataDigest=CRC32C" in log_text, log_text
+        assert "refused: DataDigest: none of 'None' is acceptable to us (CRC32C)" in log_text, log_text

@@ -58,6 +58,8 @@ VARIANT = {
         "disks": [{"name": "ssd0", "path": "/mnt/ssd0/shoal", "capacity": "500G"}],
         "labels": {"topology.shoal.io/rack": "r1"},
         "metricsPort": 0,
+        "iscsiHeaderDigest": "CRC32C,None",
+        "iscsiDataDigest": "CRC32C",
     },
     "storageClass": {"isDefault": True, "mountOptions": ["noatime"], "parameters": {"pool": "fast", "thin": False}},
     "volumeSnapshotClass": {"isDefault": True, "deletionPolicy": "Retain"},
@@ -403,6 +405,7 @@ def test_tls_disabled(helm):
     ("storageClass.reclaimPolicy=Recycle", "reclaimPolicy"),
     ("tls.existingSecret=Bad Secret", "existingSecret"),
     ("controller.typo=1", "typo"),
+    ("node.iscsiDataDigest=MD5", "iscsiDataDigest"),
 ])
 def test_schema_rejects(helm, setting, needle):
     result = helm(*template_args(None), "--set", setting, check=False)

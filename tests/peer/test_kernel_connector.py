@@ -4,7 +4,8 @@ The guest (tests/support/debian_guest.py) boots Debian's kernel under QEMU
 with a debootstrapped root holding python3, open-iscsi and udev; a driver
 imports ``node_agent.host.kernel`` from the repository as it is now and
 attaches two LUNs of a ``shoal target`` on the host side of a network
-namespace, with mutual CHAP (RFC 7143 §12.1.3).  Checked: the identity check
+namespace, with mutual CHAP (RFC 7143 §12.1.3) and CRC32C header and data digests offered
+through the node record (as ``shoal agent --iscsi-*-digest CRC32C,None`` sets them).  Checked: the identity check
 against VPD 83h/80h (SPC-4 §7.8.6, §7.8.15), one session for two LUNs and no
 logout while one remains, an ext4 filesystem made, mounted and written
 through the device, detach with logout, idempotent detach, and a LUN whose
@@ -55,6 +56,8 @@ def test_kernel_connector_attaches_formats_and_detaches_in_a_guest(guest, tmp_pa
         params = {
             "portal": f"{net.host_ip}:3260", "iqn": IQN, "initiator": INITIATOR, "nonce": nonce,
             "chap": CHAP, "mutual_chap": MUTUAL,
+            # As ``shoal agent --iscsi-header-digest CRC32C,None --iscsi-data-digest CRC32C,None`` configures it.
+            "header_digest": ["CRC32C", "None"], "data_digest": ["CRC32C", "None"],
             "volumes": [lun_identity(p) for p in target.lun_paths],
             "wrong_naa": naa_for("not-this-volume").hex(),
         }
@@ -70,6 +73,9 @@ def test_kernel_connector_attaches_formats_and_detaches_in_a_guest(guest, tmp_pa
     assert r["device_naa"] == volume["naa"] and r["device_serial"] == volume["serial"], context
     assert r["by_path"] == r["device"], context                    # udev's link names the checked disk
     assert r["node_scan"] == "manual" and r["node_authmethod"] == "CHAP", context
+    # open-iscsi took the digest preferences, and the sessions ran with CRC32C both ways.
+    assert r["node_HeaderDigest"] == "CRC32C,None" and r["node_DataDigest"] == "CRC32C,None", context
+    assert "HeaderDigest=CRC32C DataDigest=CRC32C" in target_log, context
     assert r["sessions_after_attach"] == "1" and r["luns_in_session"] == "0", context  # only LUN 0 scanned
     assert r["reattach_same"] == "True" and r["sessions_after_reattach"] == "1", context
     assert r["sessions_with_two_luns"] == "1", context              # the second LUN shares the session

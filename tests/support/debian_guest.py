@@ -217,7 +217,9 @@ def scenario(p):
     stamp("iscsid")
     wait_for_portal(p["portal"])
     stamp("network")
-    connector = KernelConnector(runner=SubprocessRunner(timeout=60), settings=KernelSettings(device_timeout=30))
+    digests = {key: tuple(p[key]) for key in ("header_digest", "data_digest") if key in p}
+    connector = KernelConnector(runner=SubprocessRunner(timeout=60),
+                                settings=KernelSettings(device_timeout=30, **digests))
     chap = tuple(p["chap"]) if p.get("chap") else None
     mutual = tuple(p["mutual_chap"]) if p.get("mutual_chap") else None
     target = VolumeTarget(portals=(p["portal"],), target_iqn=p["iqn"], lun=0, volume_id=p["volumes"][0]["id"],
@@ -243,6 +245,9 @@ def scenario(p):
                            if l.startswith("node.session.scan")), "?"))
     say("node_authmethod", next((l.split("=", 1)[1].strip() for l in node.splitlines()
                                  if l.startswith("node.session.auth.authmethod")), "?"))
+    for key in ("HeaderDigest", "DataDigest"):
+        say(f"node_{key}", next((l.split("=", 1)[1].strip() for l in node.splitlines()
+                                 if l.startswith(f"node.conn[0].iscsi.{key}")), "?"))
 
     again = connector.attach(target)
     say("reattach_same", again.path == device.path)

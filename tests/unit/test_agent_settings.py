@@ -24,6 +24,8 @@ def test_the_default_node_id_is_a_valid_name():
     (dict(node_id="n1", initiator_iqn="nope"), "not an iSCSI name"),
     (dict(node_id="n1", disks=(DiskSpec("d", "/a"), DiskSpec("d", "/b"))), "unique"),
     (dict(node_id="n1", server_tls=TlsFiles(ca="/ca.pem")), "certificate"),
+    (dict(node_id="n1", iscsi_data_digest=("MD5",)), "a list of None and CRC32C"),
+    (dict(node_id="n1", iscsi_header_digest=()), "a list of None and CRC32C"),
 ])
 def test_bad_settings_are_refused(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -62,6 +64,14 @@ def test_the_agent_command_line_builds_settings():
     assert settings.advertise_portals == ("10.0.0.2:3260",)
     assert settings.server_tls == TlsFiles("/c.pem", "/k.pem", "")
     assert settings.controller_tls == TlsFiles("", "", "/ca.pem")
+    assert settings.iscsi_header_digest == settings.iscsi_data_digest == ("None", "CRC32C")  # the default
+
+
+def test_the_agent_digest_flags():
+    args = build_parser().parse_args(["agent", "--node-id", "n2", "--iscsi-header-digest", "crc32c,none",
+                                      "--iscsi-data-digest", "CRC32C"])
+    settings = _agent_settings(args)
+    assert settings.iscsi_header_digest == ("CRC32C", "None") and settings.iscsi_data_digest == ("CRC32C",)
 
 
 def test_a_bad_label_is_refused():

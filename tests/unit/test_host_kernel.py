@@ -205,6 +205,8 @@ NODE_SETUP = [
     node("--interface", "default", "-o", "new"),
     node("-o", "update", "-n", "node.startup", "-v", "manual"),
     node("-o", "update", "-n", "node.session.scan", "-v", "manual"),
+    node("-o", "update", "-n", "node.conn[0].iscsi.HeaderDigest", "-v", "None"),
+    node("-o", "update", "-n", "node.conn[0].iscsi.DataDigest", "-v", "None"),
 ]
 
 
@@ -230,6 +232,18 @@ def test_attach_creates_the_record_logs_in_scans_one_lun_and_checks_identity(ker
     assert device == AttachedDevice(path=str(kernel.dev / "sda"), volume_id="vol-a", target=volume(0),
                                     naa=naa_for("vol-a").hex(), serial="vol-a", handle="sda")
     assert os.path.realpath(kernel.dev / "disk" / "by-path" / by_path_name(PORTAL, volume(0))) == device.path
+
+
+def test_attach_offers_the_configured_digests(kernel):
+    """``shoal agent --iscsi-header-digest CRC32C,None --iscsi-data-digest CRC32C``: the node record offers
+    them to the target (open-iscsi's node.conn[0].iscsi.*Digest) before the login."""
+    connector = KernelConnector(runner=kernel.runner, settings=dataclasses.replace(
+        kernel.settings(), header_digest=("CRC32C", "None"), data_digest=("CRC32C",)))
+    connector.attach(volume(0))
+    calls, _ = kernel.take()
+    login = calls.index(node("--login"))
+    assert node("-o", "update", "-n", "node.conn[0].iscsi.HeaderDigest", "-v", "CRC32C,None") in calls[:login]
+    assert node("-o", "update", "-n", "node.conn[0].iscsi.DataDigest", "-v", "CRC32C") in calls[:login]
 
 
 def test_second_lun_of_the_same_target_reuses_the_session(kernel):
