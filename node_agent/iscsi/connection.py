@@ -71,12 +71,12 @@ log = logging.getLogger("shoal.iscsi.connection")
 _U32 = struct.Struct(">I").unpack_from
 # SCSI Command BHS (§11.3): byte 0 (I, opcode), byte 1 (F R W ATTR), LUN, ITT, EDTL, CmdSN, CDB.
 _SCSI_COMMAND = struct.Struct(">BB6x8sIII4x16s").unpack_from
-_pack_data_in = P.pack_data_in
 _crc = P.digest_value
 _RESIDUE = P.DIGEST_RESIDUE
 _digest = P.digest
 _pack_digest = struct.Struct("<I").pack  # a digest value as sent (least significant byte first)
-_pack_scsi_response = P.pack_scsi_response
+_pack_hot, _NO_LUN = P.pack_hot, bytes(8)
+_OP_DATA_IN, _OP_SCSI_RESPONSE = int(Opcode.DATA_IN), int(Opcode.SCSI_RESPONSE)
 
 GOOD = 0x00
 CHECK_CONDITION = 0x02
@@ -838,8 +838,8 @@ class TargetConnection:
         session = self.session
         statsn = self.statsn
         self.statsn = (statsn + 1) & 0xFFFFFFFF
-        header = _pack_data_in(0x81, GOOD, len(data), lun_field, itt, P.RESERVED_TAG, statsn,
-                               session.expcmdsn, session.maxcmdsn, 0, 0, 0)  # type: ignore[union-attr]
+        header = _pack_hot(_OP_DATA_IN, 0x81, 0, GOOD, len(data), lun_field, itt, 0xFFFFFFFF,  # pack_data_in
+                           statsn, session.expcmdsn, session.maxcmdsn, 0, 0, 0)  # type: ignore[union-attr]
         if self.data_digest:
             if self.header_digest:
                 self._out += (header, _pack_digest(_crc(header)), data, _pack_digest(_crc(data)))
@@ -920,8 +920,8 @@ class TargetConnection:
         statsn = self.statsn
         self.statsn = (statsn + 1) & 0xFFFFFFFF
         if not sense and datalen == edtl:  # the common answer: no sense data, no residual
-            header = _pack_scsi_response(0x80, 0, status, 0, itt, statsn, session.expcmdsn, session.maxcmdsn,
-                                         expdatasn, 0)
+            header = _pack_hot(_OP_SCSI_RESPONSE, 0x80, 0, status, 0, _NO_LUN, itt, 0, statsn,  # pack_scsi_response
+                               session.expcmdsn, session.maxcmdsn, expdatasn, 0, 0)
             if self.header_digest:
                 self._out += (header, _pack_digest(_crc(header)))
             else:

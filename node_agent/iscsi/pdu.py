@@ -334,6 +334,11 @@ _ZERO8 = bytes(8)
 _DATA_IN, _SCSI_RESPONSE, _R2T = int(Opcode.DATA_IN), int(Opcode.SCSI_RESPONSE), int(Opcode.R2T)
 
 
+pack_hot = _HOT.pack
+"""``pack_hot(opcode, flags, byte 2, byte 3, DataSegmentLength, LUN, ITT, eight 32-bit words)``: what the
+three functions below fill in, for a hot path that saves their call (the target's answer to a write)."""
+
+
 def pack_data_in(flags: int, status: int, dsl: int, lun: bytes, itt: int, ttt: int, statsn: int,
                  expcmdsn: int, maxcmdsn: int, datasn: int, buffer_offset: int, residual: int) -> bytes:
     """SCSI Data-In BHS (§11.7); ``flags`` = F 0x80, O 0x04, U 0x02, S 0x01."""

@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 from node_agent.iscsi.buffers import BufferPool
-from node_agent.iscsi.serial import sn_add
 from node_agent.scsi.device import LunMap, Nexus
 
 if TYPE_CHECKING:
@@ -103,7 +102,7 @@ class Session:
 
     @property
     def maxcmdsn(self) -> int:
-        return sn_add(self.expcmdsn, self.command_window - 1 - self.running)
+        return (self.expcmdsn + self.command_window - 1 - self.running) & 0xFFFFFFFF  # sn_add: once per response
 
     def __repr__(self) -> str:
         kind = "discovery" if self.discovery else self.target.iqn  # type: ignore[union-attr]
