@@ -138,8 +138,9 @@ class AgentSettings:
         if not self.target_prefix:
             self.target_prefix = f"{IQN_PREFIX}:target:{self.node_id}"
         check_iqn(self.initiator_iqn)
-        for values in (self.iscsi_header_digest, self.iscsi_data_digest):
-            parse_digest_list(",".join(values))  # ValueError unless None and/or CRC32C, each once
+        # As negotiation spells them (None, CRC32C); ValueError for anything else or a value twice.
+        self.iscsi_header_digest = parse_digest_list(",".join(self.iscsi_header_digest))
+        self.iscsi_data_digest = parse_digest_list(",".join(self.iscsi_data_digest))
         check_iqn(f"{self.target_prefix}:volume")
         if self.server_tls is not None and not self.server_tls.cert:
             raise ValueError("server TLS needs a certificate and key")

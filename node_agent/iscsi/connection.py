@@ -74,7 +74,7 @@ _SCSI_COMMAND = struct.Struct(">BB6x8sIII4x16s").unpack_from
 _crc = P.digest_value
 _RESIDUE = P.DIGEST_RESIDUE
 _digest = P.digest
-_pack_digest = struct.Struct("<I").pack  # a digest value as sent (least significant byte first)
+_pack_digest = P.pack_digest
 _pack_hot, _NO_LUN = P.pack_hot, bytes(8)
 _OP_DATA_IN, _OP_SCSI_RESPONSE = int(Opcode.DATA_IN), int(Opcode.SCSI_RESPONSE)
 
@@ -633,15 +633,9 @@ class TargetConnection:
                 answers.append((mark, count, itt, edtl, result))
         out = self._out
         for mark, count, itt, edtl, result in reversed(answers):  # from the end: earlier marks stay valid
-            header = out[mark]
-            statsn, expcmdsn, maxcmdsn = struct.unpack_from(">III", header, 24)
+            sns = struct.unpack_from(">III", out[mark], 24)  # the queued answer's StatSN, ExpCmdSN, MaxCmdSN
             datalen = edtl if result.data_out_length is None else result.data_out_length
-            sense = result.sense
-            payload = len(sense).to_bytes(2, "big") + sense if sense else b""
-            header = P.pack_scsi_response(0x80 | _residual_flags(datalen, edtl), 0, result.status, len(payload),
-                                          itt, statsn, expcmdsn, maxcmdsn, 0, abs(datalen - edtl))
-            out[mark:mark + count] = P.frame(header, payload, header_digest=self.header_digest,
-                                             data_digest=self.data_digest)
+            out[mark:mark + count] = self._response_frames(itt, result.status, result.sense, 0, edtl, datalen, *sns)
 
     def _scsi_command(self, header: Any, data: bytes, raw: bytes) -> None:
         session = self.session
@@ -927,10 +921,16 @@ class TargetConnection:
             else:
                 self._out.append(header)
             return
+        self._out += self._response_frames(itt, status, sense, expdatasn, edtl, datalen, statsn, session.expcmdsn,
+                                           session.maxcmdsn)
+
+    def _response_frames(self, itt: int, status: int, sense: bytes, expdatasn: int, edtl: int, datalen: int,
+                         statsn: int, expcmdsn: int, maxcmdsn: int) -> list:
+        """A SCSI Response with sense data (prefixed with its length, §11.4.7) or a residual, framed."""
         payload = len(sense).to_bytes(2, "big") + sense if sense else b""
         header = P.pack_scsi_response(0x80 | _residual_flags(datalen, edtl), 0, status, len(payload), itt, statsn,
-                                      session.expcmdsn, session.maxcmdsn, expdatasn, abs(datalen - edtl))
-        self._out += P.frame(header, payload, header_digest=self.header_digest, data_digest=self.data_digest)
+                                      expcmdsn, maxcmdsn, expdatasn, abs(datalen - edtl))
+        return P.frame(header, payload, header_digest=self.header_digest, data_digest=self.data_digest)
 
     # -- other requests --------------------------------------------------------------
     def _nop_out(self, header: Any, data: bytes, raw: bytes) -> None:

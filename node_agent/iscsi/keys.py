@@ -503,9 +503,8 @@ class _Negotiator:
                 ok = rule.low <= result <= rule.high and (
                     result <= offered if rule.kind == "number_min" else result >= offered)
         else:
-            ok = value in str(offered).split(",")
             result = value
-            if not ok:
+            if value not in str(offered).split(","):
                 raise NegotiationError(f"{rule.name}: the peer chose {value[:40]!r}, which is not in our offer "
                                        f"{offered}")
         if not ok:

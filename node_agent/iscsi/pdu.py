@@ -245,9 +245,10 @@ def digest_bytes(*parts: bytes | bytearray | memoryview) -> bytes:
 
 _LE32 = struct.Struct("<I")
 digest_value = _crc32c.crc32c
-"""CRC32C of one buffer as an int: compare it with ``read_digest`` of the received bytes (hot path)."""
-read_digest = _LE32.unpack_from
-"""``read_digest(buffer, offset)``: (the digest at ``offset`` as an int,), as sent on the wire."""
+"""CRC32C of one buffer as an int (hot path): ``pack_digest`` makes it the bytes sent; a received digest is
+checked against ``DIGEST_RESIDUE``."""
+pack_digest = _LE32.pack
+"""``pack_digest(value)``: the 4 digest bytes of a ``digest_value`` as sent (least significant byte first)."""
 DIGEST_RESIDUE = 0x48674BC7
 """``digest_value`` of bytes followed by their own digest as sent: checking a received digest takes one
 call, ``digest_value(view[start:digest_end]) == DIGEST_RESIDUE`` (the CRC residue of CRC32C)."""

@@ -72,6 +72,8 @@ def test_the_agent_digest_flags():
                                       "--iscsi-data-digest", "CRC32C"])
     settings = _agent_settings(args)
     assert settings.iscsi_header_digest == ("CRC32C", "None") and settings.iscsi_data_digest == ("CRC32C",)
+    # Built directly, the values are spelt as negotiation compares them.
+    assert AgentSettings(node_id="n1", iscsi_data_digest=("crc32c", "NONE")).iscsi_data_digest == ("CRC32C", "None")
 
 
 def test_a_bad_label_is_refused():

@@ -70,7 +70,7 @@ _TARGET_BHS = struct.Struct(">BBBBI8sIIIIIIII")
 _COMMAND = struct.Struct(">BBHI8sIIII16s")
 _OP_COMMAND = int(Opcode.SCSI_COMMAND)
 _OP_DATA_OUT = int(Opcode.DATA_OUT)
-_pack_digest = struct.Struct("<I").pack  # a digest value as sent (least significant byte first)
+_pack_digest = P.pack_digest
 _crc, _RESIDUE = P.digest_value, P.DIGEST_RESIDUE
 _DATA_IN, _SCSI_RESPONSE = int(Opcode.DATA_IN), int(Opcode.SCSI_RESPONSE)
 
