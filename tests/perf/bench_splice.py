@@ -4,7 +4,7 @@ Issue 7 asks for 1 MiB writes at 2.5x tgtd.  The target's cost per 1 MiB
 write is mostly the kernel's (receiving the payload, writing it into the page
 cache), so this measures those alone, without iSCSI: a child process streams
 ``--mib`` MiB over one loopback TCP connection in 256 KiB pieces (the
-negotiated segment size) and this process takes them in one of three ways,
+negotiated segment size) and this process takes them in one of four ways,
 each piece with one call as the target does (``MSG_WAITALL`` for ``recv``):
 
 - ``recv``: ``recv_into`` a buffer, then ``os.pwrite`` it to a file (the
@@ -12,6 +12,9 @@ each piece with one call as the target does (``MSG_WAITALL`` for ``recv``):
 - ``splice``: ``os.splice`` socket -> pipe (1 MiB) -> the file at the offset
   (no copy into user memory; the pipe-to-file step still copies into the
   page cache);
+- ``mmap``: ``recv_into`` straight into a shared mapping of the file (one
+  copy, by the kernel, into the page cache; a page the kernel cannot fault in
+  fails the receive with EFAULT, no SIGBUS, since only the kernel touches it);
 - ``recvonly``: ``recv_into`` only: the floor of any receiver.
 
 It prints, per mode, the medians over ``--runs`` alternating runs of MiB/s
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import fcntl
+import mmap
 import os
 import resource
 import socket
@@ -66,6 +70,14 @@ def one_run(mode: str, mib: int, path: str) -> tuple[float, float]:
             got += count
         os.close(r)
         os.close(w)
+    elif mode == "mmap":
+        mapped = mmap.mmap(fd, limit, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        view = memoryview(mapped)
+        while count := sock.recv_into(view[offset % limit:offset % limit + PIECE], 0, socket.MSG_WAITALL):
+            offset += count
+            got += count
+        view.release()
+        mapped.close()
     else:
         buf = bytearray(PIECE)
         while count := sock.recv_into(buf, PIECE, socket.MSG_WAITALL):
@@ -84,11 +96,11 @@ def one_run(mode: str, mib: int, path: str) -> tuple[float, float]:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--mode", action="append", choices=["recv", "splice", "recvonly"])
+    parser.add_argument("--mode", action="append", choices=["recv", "splice", "mmap", "recvonly"])
     parser.add_argument("--runs", type=int, default=6)
     parser.add_argument("--mib", type=int, default=2048, help="MiB per run")
     args = parser.parse_args(argv)
-    modes = args.mode or ["recv", "splice", "recvonly"]
+    modes = args.mode or ["recv", "splice", "mmap", "recvonly"]
     results: dict[str, list[tuple[float, float]]] = {mode: [] for mode in modes}
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "target.img")

@@ -505,8 +505,9 @@ def benchmark(args) -> dict:
             memory[name].update(after_rss_mib=round(rss / 1024, 1), peak_hwm_mib=round(hwm / 1024, 1))
     read_1m = next((r["shoal"]["median"]["mb_per_s"] for r in rows if r["workload"] == "1m-read" and "shoal" in r),
                    None)
+    tcp_mb_s = next((r["tcp"]["median"]["mb_per_s"] for r in rows if "tcp" in r), None)
     for row in rows:
-        row["verdict"] = verdict(row, read_1m)
+        row["verdict"] = verdict(row, read_1m, tcp_mb_s)
     print_table(rows)
     print("target RSS MiB (idle / after / peak): " + ", ".join(
         f"{name} {m['idle_rss_mib']:.0f} / {m['after_rss_mib']:.0f} / {m['peak_hwm_mib']:.0f}"

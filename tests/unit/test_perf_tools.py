@@ -114,6 +114,18 @@ def test_verdict_4k_read_passes_only_when_every_goal_holds():
     assert behind_istgt["status"] == "FAIL" and "shoal/istgt 0.97 (goal > 1) ✗" in behind_istgt["text"]
 
 
+def test_verdict_of_a_missed_1m_ratio_names_the_loopback_baseline_and_still_fails():
+    row = _row("1m-write", shoal=(2549, 359.0), tgtd=(1370, 856.0), istgt=(1473, 529.0))
+    for side in ("shoal", "tgtd", "istgt"):  # 1 MiB per I/O
+        row[side]["median"]["mb_per_s"] = row[side]["median"]["iops"] * MiB / 1e6
+    missed = report.verdict(row, tcp_mb_s=2434.0)
+    assert missed["status"] == "FAIL", missed
+    assert "[2.5x tgtd is 3,591 MB/s; one TCP stream over loopback carried 2,434 MB/s in this run]" in missed["text"]
+    assert "loopback" not in report.verdict(row)["text"]  # no baseline in the run: nothing to say
+    met = report.verdict(_row("1m-read", shoal=(3000, 200.0), tgtd=(900, 900.0), istgt=(1500, 500.0)), tcp_mb_s=2434.0)
+    assert met["status"] == "PASS" and "loopback" not in met["text"]
+
+
 def test_verdict_needs_all_three_targets_and_flags_disturbed_rows():
     assert report.verdict(_row("4k-write", shoal=(1, 1.0), tgtd=(1, 1.0)))["status"] == "n/a"
     noisy = report.verdict(_row("4k-write", True, shoal=(90_000, 9.0), tgtd=(34_000, 30.0), istgt=(32_000, 30.0)))
