@@ -59,7 +59,7 @@ from typing import Any, Callable
 from node_agent.iscsi import pdu as P
 from node_agent.iscsi.buffers import BufferPool, ReceiveBuffer, copy_in
 from node_agent.iscsi.keys import SessionParams, TargetSettings, encode_text, parse_text
-from node_agent.iscsi.login import FULL_FEATURE, LoginReply, LoginStatus, TargetLogin
+from node_agent.iscsi.login import LoginReply, LoginStatus, TargetLogin
 from node_agent.iscsi.pdu import Opcode, RejectReason, TmfFunction, TmfResponse
 from node_agent.iscsi.serial import in_window, sn_add, sn_lt
 from node_agent.iscsi.names import check_iqn

@@ -210,7 +210,6 @@ def test_digests_round_trip_and_bad_data_digest_is_rejected(make_initiator):
     payload = os.urandom(512)
     ini.command(rw10(WRITE10, 0, 1), write=payload)
     assert status_of(ini.receive()) == 0
-    before = ini.conn.session.target.luns  # noqa: F841 - stored data checked by reading back below
     pieces = P.encode_pdu(Opcode.SCSI_COMMAND, os.urandom(512), header_digest=True, data_digest=True,
                           final=True, write=True, attr=1, lun=bytes(8), itt=ini.next_itt(),
                           expected_data_transfer_length=512, cmdsn=ini.cmdsn, expstatsn=0,
