@@ -9,14 +9,18 @@ A snapshot or a clone starts as ``copy_image(source, tmp)``:
   still of the source *as it was when the job started*: while it runs, a
   write to the source's LUN first copies the chunks it is about to change
   (copy-before-write, as a device-mapper snapshot does).  ``WriteGuards`` is
-  where the jobs of a volume are found; ``GuardedBacking`` wraps the backing
-  store of every LUN the agent exports and asks the guards before each write,
-  punch (UNMAP, WRITE SAME) or resize.
+  where the jobs of a volume are found; ``guarded`` wraps the backing store of
+  every LUN the agent exports and asks the guards before each write (plain,
+  gathered or handed to a worker thread) and punch (UNMAP, WRITE SAME); a
+  write that would have to copy first goes to a worker, as I/O that would
+  block does, so the portal's other sessions go on meanwhile.
 
 The point in time is taken by ``start`` while nothing else writes the source:
 the caller runs it on the iSCSI portal's event loop when the volume is exported
-(``ExportManager.quiesced``), so no SCSI command runs between the flush
-(fdatasync) and the reflink or the registration of the job's guard.  That
+(``ExportManager.quiesced``), once the LUN's I/O on worker threads has finished
+and with what a worker picks up meanwhile held back, so no SCSI command runs
+between the flush (fdatasync) and the reflink or the registration of the job's
+guard.  That
 makes a snapshot of an attached volume crash-consistent: it holds every write
 acknowledged before it and none after, as a power cut would.
 """
@@ -147,6 +151,14 @@ class CopyJob:
         self._thread.join(timeout)
         return not self._thread.is_alive()
 
+    def would_copy(self, offset: int, length: int) -> bool:
+        """Whether ``before_write(offset, length)`` would copy anything (read without the lock: a chunk
+        marked copied stays copied)."""
+        if self.state != COPYING or length <= 0 or offset >= self.length:
+            return False
+        first, last = offset // self.chunk, (min(offset + length, self.length) - 1) // self.chunk
+        return not all(self._copied[first:last + 1])
+
     def before_write(self, offset: int, length: int) -> None:
         """The source is about to change ``[offset, offset+length)``: copy those chunks first (old data)."""
         if self.state != COPYING or length <= 0 or offset >= self.length:
@@ -218,6 +230,10 @@ class WriteGuards:
         for job in self._jobs.get(volume_id, ()):  # a tuple: safe to read without the lock
             job.before_write(offset, length)
 
+    def would_copy(self, volume_id: str, offset: int, length: int) -> bool:
+        """Whether a write of ``[offset, offset+length)`` must first wait for a copy of the old data."""
+        return any(job.would_copy(offset, length) for job in self._jobs.get(volume_id, ()))
+
 
 class GuardedBacking:
     """A LUN's backing store that lets the volume's background copies save what a write would change.
@@ -241,6 +257,44 @@ class GuardedBacking:
     def punch(self, offset: int, length: int) -> None:
         self._guards.before_write(self._volume_id, offset, length)
         self._inner.punch(offset, length)
+
+
+class GuardedNowaitBacking(GuardedBacking):
+    """``GuardedBacking`` of a store with non-blocking I/O (``read_nowait``/``write_nowait``), which it offers
+    too, so that the LUN takes part in the target's hand-off of I/O that would block (a cold read, a FUA
+    write, SYNCHRONIZE CACHE, a write that a background copy must first save the old data of): those run
+    on a worker thread, and a slow volume does not stall the portal's other sessions.
+
+    A deferred write runs the guarded ``write`` on its worker.  ``ExportManager.quiesced`` holds such I/O
+    still (``LogicalUnit.io_paused``) while a copy takes its point in time."""
+
+    def read_nowait(self, offset: int, length: int):
+        return self._inner.read_nowait(offset, length)  # reads change nothing: not guarded
+
+    def write_nowait(self, offset: int, data, fua: bool = False) -> bool:
+        if self._guards.would_copy(self._volume_id, offset, len(data)):
+            return False  # the old data must be copied first: a worker does that, through ``write``
+        return self._inner.write_nowait(offset, data, fua)
+
+
+class GuardedGatheringBacking(GuardedNowaitBacking):
+    """``GuardedNowaitBacking`` of a store that also writes adjacent WRITEs with one ``writev``."""
+
+    def writev(self, offset: int, buffers: list, length: int) -> None:
+        # Only used while plain writes run inline anyway (``LogicalUnit.gather_offset``): a copy of the
+        # old data runs here, as before a plain inline ``write``.
+        self._guards.before_write(self._volume_id, offset, length)
+        self._inner.writev(offset, buffers, length)
+
+
+def guarded(inner, volume_id: str, guards: WriteGuards) -> GuardedBacking:
+    """The guard of ``inner`` offering what ``inner``'s own class offers of non-blocking and gathered I/O."""
+    kind = type(inner)
+    if not (hasattr(kind, "read_nowait") and hasattr(kind, "write_nowait")):
+        return GuardedBacking(inner, volume_id, guards)
+    if hasattr(kind, "writev"):
+        return GuardedGatheringBacking(inner, volume_id, guards)
+    return GuardedNowaitBacking(inner, volume_id, guards)
 
 
 def start_copy(source: Source, dst_path: str, *, guards: WriteGuards, key: str,

@@ -29,7 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any, Protocol, TypeVar
 
-from node_agent.agent.copies import GuardedBacking
+from node_agent.agent.copies import guarded
 from node_agent.agent.errors import AlreadyExists, FailedPrecondition, InvalidArgument, Unavailable
 from node_agent.agent.records import read_json, write_json
 from node_agent.agent.volumes import VolumeManager, check_volume_id
@@ -103,6 +103,7 @@ class TargetHost(Protocol):
     def resize_lun(self, iqn: str, lun: int, size: int) -> int: ...
     def fence_initiator(self, initiator_name: str, *, timeout: float = 60.0) -> Any: ...
     def call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any: ...
+    def call_quiesced(self, iqn: str, fn: Callable[[], Any]) -> Any: ...
 
 
 class ExportManager:
@@ -241,11 +242,11 @@ class ExportManager:
 
     def quiesced(self, volume_id: str, fn: Callable[[], T]) -> T:
         """Run ``fn`` while no SCSI command runs on the volume's LUN (on the portal's loop, which executes
-        them) when the volume is exported; right here otherwise.  ``fn`` must be short: every LUN of the
-        portal waits for it."""
+        them, once the LUN's I/O on worker threads has finished) when the volume is exported; right here
+        otherwise.  ``fn`` must be short: every LUN of the portal waits for it."""
         with self._lock:  # an export cannot start meanwhile
             if volume_id in self._records:
-                return self.host.call(fn)
+                return self.host.call_quiesced(self.target_iqn(volume_id), fn)
             return fn()
 
     def restore(self) -> list[str]:
@@ -296,7 +297,7 @@ class ExportManager:
         # Every LUN is guarded: a snapshot or clone of the volume copied in the background (copies.py) saves
         # the chunks a write is about to change, also when the copy began before this export.
         guards, volume_id = self.volumes.guards, record.volume_id
-        spec = LunSpec(path, volume_id=volume_id, wrap=lambda backing: GuardedBacking(backing, volume_id, guards))
+        spec = LunSpec(path, volume_id=volume_id, wrap=lambda backing: guarded(backing, volume_id, guards))
         self.host.add_target(self.target_iqn(volume_id), spec, chap=chap, mutual_chap=mutual,
                              allowed_initiators=list(record.initiators))
 

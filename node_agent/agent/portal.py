@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import logging
 import threading
 import time
@@ -121,6 +122,19 @@ class PortalThread:
         log.warning("fenced initiator %s: %d target(s), %d session(s) closed, %d registration(s) removed",
                     initiator_name, len(admitted), sessions, removed)
         return FenceResult(admitted, sessions, removed), connections
+
+    def call_quiesced(self, iqn: str, fn: Callable[[], Any]) -> Any:
+        """``call(fn)`` while no command runs on the LUNs of target ``iqn``: the loop runs no command while
+        it runs ``fn``, and the LUNs' I/O handed to worker threads first finishes, and what a worker
+        picks up meanwhile waits until ``fn`` returned (``LogicalUnit.io_paused``)."""
+        def run() -> Any:
+            registry = self.service.registry
+            target = registry.targets.get(iqn) if registry is not None else None
+            with contextlib.ExitStack() as paused:
+                for unit in target.luns.luns.values() if target is not None else ():
+                    paused.enter_context(unit.io_paused())
+                return fn()
+        return self.call(run)
 
     def served(self) -> set[str]:
         return self.call(lambda: set(self.service.registry.targets) if self.service.registry else set())

@@ -31,10 +31,11 @@ the full path answers GOOD.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import struct
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -139,8 +140,8 @@ class LogicalUnit:
         # Non-blocking I/O of the backing store (``FileBackingStore.read_nowait``/``write_nowait``):
         # READ and WRITE try these inline and hand the I/O to a worker (``deferred``) when they would
         # block.  Only methods the store's own class defines count: a wrapper that forwards unknown
-        # attributes to the store it wraps (the agent's copy-before-write guard) must not have its
-        # ``write`` bypassed, so it is used inline as before.  An ``atomic`` unit is inline too: its
+        # attributes to the store it wraps must not have its ``write`` bypassed (the agent's
+        # copy-before-write guard defines guarded versions: ``agent.copies.guarded``).  An ``atomic`` unit is inline too: its
         # WRITE ATOMIC is atomic because all its I/O runs one command at a time on the loop.
         inline = self.max_atomic_blocks > 0
         self.read_nowait = None if inline else _own_method(backing, "read_nowait")
@@ -150,6 +151,7 @@ class LogicalUnit:
         self._writev = None if inline else _own_method(backing, "writev")
         self._io_lock = threading.Condition()
         self._io_running = 0  # deferred I/O running on worker threads
+        self._io_paused = 0  # ``io_paused`` holders: deferred I/O waits before it starts
         self._closed = False
 
     # -- the dispatcher --------------------------------------------------------
@@ -354,8 +356,26 @@ class LogicalUnit:
         Every check of the command has already passed on the event loop; only the I/O moves."""
         return ScsiResult(GOOD, blocking=lambda: self._run_blocking(io, done))
 
+    @contextlib.contextmanager
+    def io_paused(self) -> Iterator[None]:
+        """Inside, no deferred I/O of this unit runs: entering waits for what runs, and what a worker
+        picks up meanwhile waits until the block is left.  For the event loop that executes this unit's
+        commands (which then runs none either): a point in time of the medium (a snapshot's start)."""
+        with self._io_lock:
+            self._io_paused += 1
+            while self._io_running:
+                self._io_lock.wait()
+        try:
+            yield
+        finally:
+            with self._io_lock:
+                self._io_paused -= 1
+                self._io_lock.notify_all()
+
     def _run_blocking(self, io: Callable[[], Any], done: ScsiResult | None) -> ScsiResult:
         with self._io_lock:
+            while self._io_paused and not self._closed:
+                self._io_lock.wait()
             if self._closed:  # the unit was closed while the command waited for a worker
                 return ScsiResult(CHECK_CONDITION, sense=build_sense(S.INTERNAL_TARGET_FAILURE,
                                                                      descriptor=self.mode.d_sense))

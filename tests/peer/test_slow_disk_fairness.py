@@ -14,81 +14,24 @@ idle/loaded rounds so machine noise hits both alike).
 from __future__ import annotations
 
 import asyncio
-import statistics
-import time
 
 import pytest
 
 from node_agent.iscsi.initiator.blockdev import LunDevice
 from node_agent.iscsi.initiator.client import ClientSettings, IscsiClient
+from tests.support.fairness import DELAY, measure
 from tests.support.shoal_target import running_shoal_target
 from tests.support.slow_target import slow_command
 
 pytestmark = pytest.mark.peer
 MiB = 1 << 20
-DELAY = 0.05
-BS = 512
-
-
-async def _latencies(device: LunDevice, count: int, payload: bytes) -> list[float]:
-    """``count`` commands one at a time (4 KiB reads and writes alternating), each one's seconds."""
-    out = []
-    for i in range(count):
-        start = time.perf_counter()
-        if i % 2:
-            await device.write_blocks(8 * (i % 64), payload)
-        else:
-            await device.read_blocks(8 * (i % 64), 8)
-        out.append(time.perf_counter() - start)
-    return out
 
 
 async def _scenario(host: str, port: int, iqn: str) -> dict:
     settings = ClientSettings(queue_depth=16, reconnect_timeout=5)
     async with IscsiClient(host, port, iqn, settings=settings) as slow_client, \
             IscsiClient(host, port, iqn, settings=ClientSettings(queue_depth=1, reconnect_timeout=5)) as fast_client:
-        slow, fast = LunDevice(slow_client, 1), LunDevice(fast_client, 0)
-        payload = bytes(range(256)) * 16
-
-        # The slow LUN is correct through the worker pool: what was written reads back.
-        marker = b"slow-disk-block!" * 256
-        await slow.write_blocks(100, marker)
-        assert bytes(await slow.read_blocks(100, 8)) == marker
-        await slow.flush()
-
-        await _latencies(fast, 50, payload)  # warm-up (page cache, both code paths)
-        stop = asyncio.Event()
-        completed = 0
-        in_flight = 0
-        peak = 0
-
-        async def load(worker: int) -> None:
-            nonlocal completed, in_flight, peak
-            while not stop.is_set():
-                in_flight += 1
-                peak = max(peak, in_flight)
-                if worker % 2:
-                    await slow.write_blocks(8 * worker, payload)
-                else:
-                    await slow.read_blocks(8 * worker, 8)
-                in_flight -= 1
-                completed += 1
-
-        idle: list[float] = []
-        loaded: list[float] = []
-        during_load = 0
-        for _ in range(3):
-            idle += await _latencies(fast, 100, payload)
-            stop.clear()
-            workers = [asyncio.create_task(load(w)) for w in range(16)]
-            await asyncio.sleep(2 * DELAY)  # the slow LUN's queue is full before measuring
-            before = completed
-            loaded += await _latencies(fast, 100, payload)
-            during_load += completed - before
-            stop.set()
-            await asyncio.gather(*workers)
-        return {"idle": statistics.median(idle), "loaded": statistics.median(loaded),
-                "loaded_max": max(loaded), "slow_completed": during_load, "peak_in_flight": peak}
+        return await measure(LunDevice(slow_client, 1), LunDevice(fast_client, 0))
 
 
 def test_a_slow_lun_does_not_stall_another_session(tmp_path):
