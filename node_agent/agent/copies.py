@@ -280,9 +280,15 @@ class GuardedNowaitBacking(GuardedBacking):
 class GuardedGatheringBacking(GuardedNowaitBacking):
     """``GuardedNowaitBacking`` of a store that also writes adjacent WRITEs with one ``writev``."""
 
+    @property
+    def inline_writes(self) -> bool:
+        """The store's answer, except while a background copy of the volume runs: then a write may have to
+        wait for the copy (``write_nowait`` tells which), so ``LogicalUnit.gather_offset`` gathers none."""
+        return self._inner.inline_writes and not self._guards.readers(self._volume_id)
+
     def writev(self, offset: int, buffers: list, length: int) -> None:
-        # Only used while plain writes run inline anyway (``LogicalUnit.gather_offset``): a copy of the
-        # old data runs here, as before a plain inline ``write``.
+        # Gathered only while no copy runs (``inline_writes``), and copies start on the loop that gathers:
+        # nothing to save here, but the guard stays, as on every write.
         self._guards.before_write(self._volume_id, offset, length)
         self._inner.writev(offset, buffers, length)
 

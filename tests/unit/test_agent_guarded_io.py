@@ -13,7 +13,8 @@ offers, and these tests check, against a real ``FileBackingStore`` and a real
   writes) for each kind of store;
 - that a write a running background copy must first save goes to a worker
   (which saves it through the guarded ``write``), and the snapshot keeps the old
-  data, also for a gathered write;
+  data; that writes are not gathered while a copy runs, and a gathered write
+  is guarded all the same;
 - that ``LogicalUnit.io_paused`` waits for I/O running on a worker and holds
   back what a worker picks up meanwhile (the snapshot's point in time);
 - through the agent's real portal (``PortalThread``, Shoal's initiator over
@@ -129,6 +130,23 @@ def test_a_write_the_copy_must_save_first_goes_to_a_worker_and_the_snapshot_keep
         snap = finished(snapshots)
         assert read_at(snap.path, 0, 512) == b"OLD0" * 128
         assert read_at(snap.path, 3 * MiB, 512) == b"OLD3" * 128
+    finally:
+        backing.close()
+
+
+def test_writes_are_not_gathered_while_a_copy_runs(copying):
+    volumes, snapshots, volume, gate = copying
+    inner = FileBackingStore(volume.path)
+    backing = guarded(inner, "vol-1", volumes.guards)
+    try:
+        lu = unit(backing)
+        assert lu.write_nowait(0, b"x" * 512) is True  # ext4: learns that RWF_NOWAIT writes are refused
+        assert backing.inline_writes is False  # each write asks write_nowait, which may send it to a worker
+        assert lu.gather_offset(write10(3 * MiB // 512, 1), b"y" * 512) is None
+        gate.set()
+        finished(snapshots)
+        wait_until(lambda: not volumes.guards.readers("vol-1"))  # the finished job leaves the guards
+        assert backing.inline_writes == inner.inline_writes  # the copy is done: the store decides again
     finally:
         backing.close()
 
