@@ -141,8 +141,9 @@ class LogicalUnit:
         # READ and WRITE try these inline and hand the I/O to a worker (``deferred``) when they would
         # block.  Only methods the store's own class defines count: a wrapper that forwards unknown
         # attributes to the store it wraps must not have its ``write`` bypassed (the agent's
-        # copy-before-write guard defines guarded versions: ``agent.copies.guarded``).  An ``atomic`` unit is inline too: its
-        # WRITE ATOMIC is atomic because all its I/O runs one command at a time on the loop.
+        # copy-before-write guard defines guarded versions: ``agent.copies.guarded``).  An ``atomic``
+        # unit is inline too: its WRITE ATOMIC is atomic because all its I/O runs one command at a time
+        # on the loop.
         inline = self.max_atomic_blocks > 0
         self.read_nowait = None if inline else _own_method(backing, "read_nowait")
         self.write_nowait = None if inline else _own_method(backing, "write_nowait")
