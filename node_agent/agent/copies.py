@@ -232,7 +232,8 @@ class WriteGuards:
 
     def would_copy(self, volume_id: str, offset: int, length: int) -> bool:
         """Whether a write of ``[offset, offset+length)`` must first wait for a copy of the old data."""
-        return any(job.would_copy(offset, length) for job in self._jobs.get(volume_id, ()))
+        jobs = self._jobs.get(volume_id)  # None almost always: asked on every write of an exported volume
+        return jobs is not None and any(job.would_copy(offset, length) for job in jobs)
 
 
 class GuardedBacking:

@@ -73,7 +73,7 @@ def one_run(mode: str, mib: int, path: str) -> tuple[float, float]:
     elif mode == "mmap":
         mapped = mmap.mmap(fd, limit, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         view = memoryview(mapped)
-        while count := sock.recv_into(view[offset % limit:offset % limit + PIECE], 0, socket.MSG_WAITALL):
+        while count := sock.recv_into(view[(at := offset % limit):at + PIECE], 0, socket.MSG_WAITALL):
             offset += count
             got += count
         view.release()

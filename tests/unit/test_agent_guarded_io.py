@@ -66,8 +66,9 @@ def unit(backing) -> LogicalUnit:
 
 @pytest.fixture
 def copying(tmp_path):
-    """A 4 MiB volume with marked data in chunks 0 and 3, and a snapshot of it being copied: chunk 0
-    is copied, the copy waits before chunk 1 until ``gate.set()``."""
+    """A 4 MiB volume with marked data in chunks 0 and 3, a snapshot of it being copied (chunk 0 is
+    copied, the copy waits before chunk 1 until ``gate.set()``), and the volume's store as an export
+    opens it: the ``FileBackingStore`` and its guard."""
     gate = Gate()
     volumes = VolumeManager([DiskSpec("data0", str(tmp_path / "d0"))], use_reflink=False,
                             background_copies=True, copy_pace=gate)
@@ -77,8 +78,12 @@ def copying(tmp_path):
     write_at(volume.path, 3 * MiB, b"OLD3" * 128)
     snapshots.create("snap-1", "vol-1")
     wait_until(lambda: snapshots.get("snap-1").progress == 0.25)
-    yield volumes, snapshots, volume, gate
-    gate.set()
+    inner = FileBackingStore(volume.path)
+    try:
+        yield volumes, snapshots, volume, gate, inner, guarded(inner, "vol-1", volumes.guards)
+    finally:
+        gate.set()
+        inner.close()
 
 
 def finished(snapshots):
@@ -111,57 +116,44 @@ def test_the_guard_offers_what_the_wrapped_store_offers(tmp_path):
 
 
 def test_a_write_the_copy_must_save_first_goes_to_a_worker_and_the_snapshot_keeps_the_old_data(copying):
-    volumes, snapshots, volume, gate = copying
-    backing = guarded(FileBackingStore(volume.path), "vol-1", volumes.guards)
-    try:
-        lu = unit(backing)
-        assert volumes.guards.would_copy("vol-1", 3 * MiB, 512) and not volumes.guards.would_copy("vol-1", 0, 512)
-        # Chunk 0 is copied already: the write is done now, on the loop.
-        now = lu.execute_deferrable(NEXUS, write10(0, 1), b"NEW0" * 128, 512)
-        assert now.blocking is None and now.status == GOOD
-        assert read_at(volume.path, 0, 512) == b"NEW0" * 128
-        # Chunk 3 is not: the write goes to a worker and nothing is written until it runs there.
-        later = lu.execute_deferrable(NEXUS, write10(3 * MiB // 512, 1), b"NEW3" * 128, 512)
-        assert later.blocking is not None
-        assert read_at(volume.path, 3 * MiB, 512) == b"OLD3" * 128
-        assert later.blocking().status == GOOD  # what the worker runs: the guarded write
-        assert read_at(volume.path, 3 * MiB, 512) == b"NEW3" * 128
-        gate.set()
-        snap = finished(snapshots)
-        assert read_at(snap.path, 0, 512) == b"OLD0" * 128
-        assert read_at(snap.path, 3 * MiB, 512) == b"OLD3" * 128
-    finally:
-        backing.close()
+    volumes, snapshots, volume, gate, _, backing = copying
+    lu = unit(backing)
+    assert volumes.guards.would_copy("vol-1", 3 * MiB, 512) and not volumes.guards.would_copy("vol-1", 0, 512)
+    # Chunk 0 is copied already: the write is done now, on the loop.
+    now = lu.execute_deferrable(NEXUS, write10(0, 1), b"NEW0" * 128, 512)
+    assert now.blocking is None and now.status == GOOD
+    assert read_at(volume.path, 0, 512) == b"NEW0" * 128
+    # Chunk 3 is not: the write goes to a worker and nothing is written until it runs there.
+    later = lu.execute_deferrable(NEXUS, write10(3 * MiB // 512, 1), b"NEW3" * 128, 512)
+    assert later.blocking is not None
+    assert read_at(volume.path, 3 * MiB, 512) == b"OLD3" * 128
+    assert later.blocking().status == GOOD  # what the worker runs: the guarded write
+    assert read_at(volume.path, 3 * MiB, 512) == b"NEW3" * 128
+    gate.set()
+    snap = finished(snapshots)
+    assert read_at(snap.path, 0, 512) == b"OLD0" * 128
+    assert read_at(snap.path, 3 * MiB, 512) == b"OLD3" * 128
 
 
 def test_writes_are_not_gathered_while_a_copy_runs(copying):
-    volumes, snapshots, volume, gate = copying
-    inner = FileBackingStore(volume.path)
-    backing = guarded(inner, "vol-1", volumes.guards)
-    try:
-        lu = unit(backing)
-        assert lu.write_nowait(0, b"x" * 512) is True  # ext4: learns that RWF_NOWAIT writes are refused
-        assert backing.inline_writes is False  # each write asks write_nowait, which may send it to a worker
-        assert lu.gather_offset(write10(3 * MiB // 512, 1), b"y" * 512) is None
-        gate.set()
-        finished(snapshots)
-        wait_until(lambda: not volumes.guards.readers("vol-1"))  # the finished job leaves the guards
-        assert backing.inline_writes == inner.inline_writes  # the copy is done: the store decides again
-    finally:
-        backing.close()
+    volumes, snapshots, volume, gate, inner, backing = copying
+    lu = unit(backing)
+    assert lu.write_nowait(0, b"x" * 512) is True  # ext4: learns that RWF_NOWAIT writes are refused
+    assert backing.inline_writes is False  # each write asks write_nowait, which may send it to a worker
+    assert lu.gather_offset(write10(3 * MiB // 512, 1), b"y" * 512) is None
+    gate.set()
+    finished(snapshots)
+    wait_until(lambda: not volumes.guards.readers("vol-1"))  # the finished job leaves the guards
+    assert backing.inline_writes == inner.inline_writes  # the copy is done: the store decides again
 
 
 def test_a_gathered_write_during_a_copy_saves_the_old_data_first(copying):
-    volumes, snapshots, volume, gate = copying
-    backing = guarded(FileBackingStore(volume.path), "vol-1", volumes.guards)
-    try:
-        pieces = [memoryview(b"GAT%d" % i * 128) for i in range(2)]
-        backing.writev(3 * MiB, pieces, 1024)
-        assert read_at(volume.path, 3 * MiB, 1024) == b"".join(pieces)
-        gate.set()
-        assert read_at(finished(snapshots).path, 3 * MiB, 512) == b"OLD3" * 128
-    finally:
-        backing.close()
+    volumes, snapshots, volume, gate, _, backing = copying
+    pieces = [memoryview(b"GAT%d" % i * 128) for i in range(2)]
+    backing.writev(3 * MiB, pieces, 1024)
+    assert read_at(volume.path, 3 * MiB, 1024) == b"".join(pieces)
+    gate.set()
+    assert read_at(finished(snapshots).path, 3 * MiB, 512) == b"OLD3" * 128
 
 
 # ---------------------------------------------------------------------------- io_paused
