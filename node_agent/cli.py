@@ -75,7 +75,14 @@ def _typed(parse):
     return convert
 
 
-def build_parser() -> argparse.ArgumentParser:
+_NODE_COMMANDS = ("target", "iscsi", "agent")
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The ``shoal`` command line.  ``command``, the subcommand about to be parsed: for one of
+    ``_NODE_COMMANDS`` the ``controller`` and ``up`` subcommands are left out, since their module
+    imports gRPC and the Kubernetes client (some 25,000 objects, each one scanned by every full
+    garbage collection of a ``shoal target``, and ~20 MiB of its memory)."""
     parser = argparse.ArgumentParser(prog="shoal", description="Shoal node daemons.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -121,7 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="write HOST:PORT of each portal here (one a line, the first --listen first) once listening")
     iscsi_tools.build_parser(sub)
     _agent_parser(sub)
-    _controller_parsers(sub)
+    if command not in _NODE_COMMANDS:
+        _controller_parsers(sub)
     return parser
 
 
@@ -213,6 +221,7 @@ def _run_agent(args: argparse.Namespace) -> int:
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
     agent.start()
+    eventloop.freeze_startup_objects()
     try:
         if args.ready_file:
             tmp = f"{args.ready_file}.tmp"
@@ -273,6 +282,7 @@ async def _run_target(args: argparse.Namespace, config: TargetConfig) -> int:
             " (CHAP required)" if args.chap else "")
         if args.port_file:
             _write_port_file(args.port_file, addresses)
+        eventloop.freeze_startup_objects()
 
     await serve(config, ready=ready, stop=stop)
     logging.getLogger("shoal.target").info("stopped: sessions closed, data synced")
@@ -284,7 +294,8 @@ def _run(coro) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser(next((a for a in argv if not a.startswith("-")), None))  # -v is the only option before it
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")

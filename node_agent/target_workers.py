@@ -44,6 +44,7 @@ import time
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
+from node_agent import eventloop
 from node_agent.iscsi.target import Credentials
 from node_agent.target_service import PortalConfig, TargetConfig, TargetService, TargetSpec
 
@@ -339,6 +340,7 @@ async def _serve_worker(spec: WorkerSpec, control: socket.socket) -> int:
         return 1
     portal = service.portal
     assert portal is not None
+    eventloop.freeze_startup_objects()
 
     def control_readable() -> None:
         while True:
@@ -378,8 +380,6 @@ async def _serve_worker(spec: WorkerSpec, control: socket.socket) -> int:
 
 
 def worker_main(argv: list[str]) -> int:
-    from node_agent import eventloop
-
     control = socket.socket(fileno=int(argv[0]))
     spec: WorkerSpec = pickle.load(sys.stdin.buffer)  # from our own parent (never from the network)
     logging.basicConfig(level=logging.DEBUG if spec.verbose else logging.INFO, stream=sys.stderr,
