@@ -59,6 +59,6 @@ def test_collections_while_serving_scan_only_what_came_after_startup(tmp_path, m
         records = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
     serving = [r for r in records if r["frozen"]]
     assert serving, f"no full collection ran after the target froze its startup objects: {records}"
-    assert all(r["frozen"] > 20_000 for r in serving), serving  # startup's modules and settings
+    assert all(r["frozen"] > 10_000 for r in serving), serving  # startup's modules and settings (~32,000)
     assert max(r["scanned"] for r in serving) < 5_000, serving  # 32,000+ before the freeze
     assert not any(r["heavy"] for r in records), records  # ``shoal target`` loads no gRPC or Kubernetes client
