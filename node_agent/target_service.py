@@ -328,12 +328,27 @@ class TargetService:
 
     def remove_target(self, iqn: str) -> bool:
         """Stop serving ``iqn``: close its sessions, then flush and close its LUNs.  False if not served."""
-        if self.registry is None:
+        units = self.detach_target(iqn)
+        if units is None:
             return False
+        _close_all(units)
+        return True
+
+    def detach_target(self, iqn: str) -> list[LogicalUnit] | None:
+        """Stop serving ``iqn`` and close its sessions, but leave its LUNs open: the caller retires them
+        (``LogicalUnit.retire``: the flush, which can take seconds, off the event loop) and then closes
+        them (``close_units``).  None if not served."""
+        if self.registry is None:
+            return None
         with self.registry.lock:
             node = self.registry.remove_target(iqn)
-            _close_all(self._units.pop(iqn, []))
-        return node is not None
+            units = self._units.pop(iqn, [])
+        return units if node is not None else None
+
+    @staticmethod
+    def close_units(units: list[LogicalUnit]) -> None:
+        """Close LUNs ``detach_target`` gave (errors are logged)."""
+        _close_all(list(units))
 
     def set_allowed_initiators(self, iqn: str, names: list[str] | frozenset[str]) -> None:
         """Replace the ACL of ``iqn``; sessions of initiators no longer admitted are closed."""

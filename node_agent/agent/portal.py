@@ -83,7 +83,22 @@ class PortalThread:
                          allowed_initiators=allowed_initiators)
 
     def remove_target(self, iqn: str) -> bool:
-        return self.call(self.service.remove_target, iqn)
+        """Stop serving ``iqn``; its LUNs are flushed and closed when this returns (False: not served).
+
+        Only the registry change and the final close run on the loop: waiting for the target's I/O on
+        worker threads and the flush (fdatasync: seconds for a volume written much of late) run on the
+        calling thread, so the portal's other sessions are served meanwhile (issue 7, "fair under a slow
+        disk").  The close comes back to the loop, after the closed connections sent what they had
+        queued, which may name a LUN's file descriptor (``FileRange``)."""
+        units = self.call(self.service.detach_target, iqn)
+        if units is None:
+            return False
+        try:
+            for unit in units:
+                unit.retire()
+        finally:
+            self.call(self.service.close_units, units)
+        return True
 
     def set_allowed_initiators(self, iqn: str, names: list[str]) -> None:
         self.call(self.service.set_allowed_initiators, iqn, names)
@@ -94,8 +109,11 @@ class PortalThread:
     def fence_initiator(self, initiator_name: str, *, timeout: float = 60.0) -> FenceResult:
         """Cut ``initiator_name`` off every target (ACL, sessions, persistent-reservation registrations), then
         wait, off the loop, until none of its commands still runs on a worker: TimeoutError after ``timeout``
-        (a repeat goes on waiting; the initiator is cut off already)."""
-        result, connections = self.call(self._fence_on_loop, initiator_name)
+        (a repeat goes on waiting; the initiator is cut off already).  The reservation state that changed is
+        saved (APTPL) before that wait, on this thread: its fsyncs hold up no session."""
+        result, connections, saves = self.call(self._fence_on_loop, initiator_name)
+        for save in saves:  # the reservation state (APTPL), saved here: fsyncs, off the loop
+            save()
         deadline = time.monotonic() + timeout
         waited = running = self.call(lambda: sum(_in_flight(c) for c in connections))
         while running:
@@ -105,23 +123,27 @@ class PortalThread:
             running = self.call(lambda: sum(_in_flight(c) for c in connections))
         return replace(result, commands_waited=waited)
 
-    def _fence_on_loop(self, initiator_name: str) -> tuple[FenceResult, list]:
+    def _fence_on_loop(self, initiator_name: str) -> tuple[FenceResult, list, list]:
         registry = self.service.registry
         if registry is None:
-            return FenceResult(), []
+            return FenceResult(), [], []
         with registry.lock:
             admitted = tuple(iqn for iqn, t in registry.targets.items()
                              if t.allowed_initiators is not None and initiator_name in t.allowed_initiators)
             sessions = sum(1 for session in registry.sessions.values()
                            if session.initiator_name == initiator_name and not session.discovery)
             connections = registry.fence_initiator(initiator_name)
-            removed = 0
+            removed, saves = 0, []
             for target in registry.targets.values():
                 for unit in target.luns.luns.values():
-                    removed += len(persistent_reserve.remove_initiator(unit, initiator_name))
+                    gone = persistent_reserve.remove_initiator(unit, initiator_name, save=False)
+                    save = unit.reservations.save_later() if gone else None
+                    if save is not None:
+                        saves.append(save)
+                    removed += len(gone)
         log.warning("fenced initiator %s: %d target(s), %d session(s) closed, %d registration(s) removed",
                     initiator_name, len(admitted), sessions, removed)
-        return FenceResult(admitted, sessions, removed), connections
+        return FenceResult(admitted, sessions, removed), connections, saves
 
     def call_quiesced(self, iqn: str, fn: Callable[[], Any]) -> Any:
         """``call(fn)`` while no command runs on the LUNs of target ``iqn``: the loop runs no command while

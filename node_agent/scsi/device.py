@@ -489,6 +489,21 @@ class LogicalUnit:
         """REQUEST SENSE reports and clears the oldest unit attention."""
         return self._take_ua(nexus)
 
+    def retire(self) -> None:
+        """The slow half of ``close``, for a thread other than the event loop once no session can send
+        this unit another command: no deferred I/O starts after this, what runs finishes, and the
+        medium is flushed (fdatasync, seconds for a volume with much unwritten data).  ``close``,
+        then, has little left to do.  A flush that fails is logged; ``close`` tries again."""
+        with self._io_lock:
+            self._closed = True
+            while self._io_running:
+                self._io_lock.wait()
+        if not self.read_only:
+            try:
+                self.backing.flush()
+            except OSError as exc:
+                log.error("flushing LUN of %s before closing it failed: %s", self.target_name, exc)
+
     def close(self) -> None:
         """Close the backing store once no deferred I/O uses it (none starts after this)."""
         with self._io_lock:

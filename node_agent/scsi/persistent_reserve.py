@@ -3,7 +3,8 @@
 Each service action is its own row of the command table.  The state they read
 and change is the logical unit's ``Reservations`` (``reservations.py``); a
 PERSISTENT RESERVE OUT that changed it is saved when APTPL is active
-(``Reservations.changed``).  RESERVATION CONFLICT is raised as
+(``_saved``: on a worker thread where the transport can, the command
+completing once the state is on disk).  RESERVATION CONFLICT is raised as
 ``ReservationConflict``.  PREEMPT AND ABORT also ends the preempted I_T
 nexuses' commands to the logical unit that are still outstanding (their
 Data-Out not all in yet) with TASK ABORTED, through ``lu.abort_tasks``; every
@@ -14,7 +15,7 @@ from __future__ import annotations
 
 from node_agent.scsi import sense as S
 from node_agent.scsi.reservations import LU_SCOPE, PR_TYPES, PrType, ReservationConflict, Reservations
-from node_agent.scsi.result import Nexus
+from node_agent.scsi.result import Nexus, ScsiResult
 from node_agent.scsi.sense import CheckCondition
 from node_agent.wire import Field, Layout
 
@@ -168,6 +169,21 @@ def _unregister(lu, res: Reservations, nexus: Nexus) -> None:
         _announce(lu, S.RESERVATIONS_RELEASED, list(res.registrations), except_nexus=nexus)
 
 
+def _saved(lu, res: Reservations) -> ScsiResult | None:
+    """The answer of a PERSISTENT RESERVE OUT that changed the state: GOOD once the state is saved (APTPL=1;
+    the saved copy is dropped with APTPL=0).  The save fsyncs twice, which can take as long as the disk
+    likes: where the transport can (a store with non-blocking I/O) it runs on a worker thread and the
+    command completes after it, so the other sessions are served meanwhile (issue 7, "fair under a slow
+    disk").  The state itself changed already: commands after this one see it."""
+    save = res.save_later()
+    if save is None:
+        return None
+    if lu.write_nowait is not None:
+        return lu.deferred(save, ScsiResult(S.GOOD))
+    save()
+    return None
+
+
 def _register(lu, nexus, cdb, data_out, *, ignore_existing: bool):
     """REGISTER / REGISTER AND IGNORE EXISTING KEY (SPC-4 §5.13.7, table 57)."""
     res = lu.reservations
@@ -184,8 +200,7 @@ def _register(lu, nexus, cdb, data_out, *, ignore_existing: bool):
         _unregister(lu, res, nexus)
     res.generation += 1
     res.aptpl = p.aptpl
-    res.changed()
-    return None
+    return _saved(lu, res)
 
 
 def register(lu, nexus, cdb, data_out, edtl):
@@ -209,8 +224,7 @@ def reserve(lu, nexus, cdb, data_out, edtl):
             return None
         raise ReservationConflict()
     res.reserve(nexus, pr_type)
-    res.changed()
-    return None
+    return _saved(lu, res)
 
 
 def release(lu, nexus, cdb, data_out, edtl):
@@ -224,10 +238,10 @@ def release(lu, nexus, cdb, data_out, edtl):
     if res.type is not pr_type:
         raise CheckCondition(S.INVALID_RELEASE_OF_PERSISTENT_RESERVATION)
     res.release()
-    res.changed()
+    answer = _saved(lu, res)
     if pr_type.registrants is not None:
         _announce(lu, S.RESERVATIONS_RELEASED, list(res.registrations), except_nexus=nexus)
-    return None
+    return answer
 
 
 def clear(lu, nexus, cdb, data_out, edtl):
@@ -239,19 +253,18 @@ def clear(lu, nexus, cdb, data_out, edtl):
     res.registrations.clear()
     res.release()
     res.generation += 1
-    res.changed()
+    answer = _saved(lu, res)
     _announce(lu, S.RESERVATIONS_PREEMPTED, registered, except_nexus=nexus)
-    return None
+    return answer
 
 
 def preempt(lu, nexus, cdb, data_out, edtl):
     """PERSISTENT RESERVE OUT PREEMPT (SPC-4 §5.13.11.4)."""
-    _preempt(lu, nexus, cdb, data_out)
-    return None
+    return _preempt(lu, nexus, cdb, data_out)[1]
 
 
-def _preempt(lu, nexus, cdb, data_out) -> list[Nexus]:
-    """PREEMPT's work; the I_T nexuses whose registrations it removed."""
+def _preempt(lu, nexus, cdb, data_out) -> tuple[list[Nexus], ScsiResult | None]:
+    """PREEMPT's work: the I_T nexuses whose registrations it removed, and the command's answer."""
     pr_type = _scope_and_type(cdb)
     p = _parameters(cdb, data_out, registering=False)
     res = lu.reservations
@@ -273,8 +286,7 @@ def _preempt(lu, nexus, cdb, data_out) -> list[Nexus]:
             res.unregister(gone)
         _announce(lu, S.REGISTRATIONS_PREEMPTED, removed, except_nexus=nexus)
     res.generation += 1
-    res.changed()
-    return removed
+    return removed, _saved(lu, res)
 
 
 def _preempt_reservation(lu, res: Reservations, nexus: Nexus, pr_type: PrType, removed: list[Nexus]) -> None:
@@ -290,15 +302,15 @@ def _preempt_reservation(lu, res: Reservations, nexus: Nexus, pr_type: PrType, r
 def preempt_and_abort(lu, nexus, cdb, data_out, edtl):
     """PERSISTENT RESERVE OUT PREEMPT AND ABORT (SPC-4 §5.13.11.5): PREEMPT, then abort the preempted
     I_T nexuses' outstanding commands to this logical unit (TASK ABORTED: TAS=1, SAM-5 §5.6)."""
-    removed = _preempt(lu, nexus, cdb, data_out)
+    removed, answer = _preempt(lu, nexus, cdb, data_out)
     if removed:
         lu.abort_tasks(removed)
-    return None
+    return answer
 
 
 
 
-def remove_initiator(lu, initiator_name: str) -> list[Nexus]:
+def remove_initiator(lu, initiator_name: str, *, save: bool = True) -> list[Nexus]:
     """Fence ``initiator_name`` at this logical unit: the device server itself does what PREEMPT AND ABORT of
     its registration key would do (SPC-4 §5.13.11.4.3/§5.13.11.5), for every I_T nexus of that initiator
     name (any ISID, any target port), whatever key it registered with.
@@ -307,7 +319,8 @@ def remove_initiator(lu, initiator_name: str) -> list[Nexus]:
     another registrant is left), and then the remaining registrants of a registrants-only or all-registrants
     type get RESERVATIONS RELEASED (as §5.13.11.2.3 when its holder unregisters); removed I_T nexuses still
     logged in get REGISTRATIONS PREEMPTED, and their commands are aborted; the generation moves on and
-    APTPL state is saved.  Returns the removed nexuses (none: nothing changed).
+    APTPL state is saved (``save=False``: the caller saves it, ``lu.reservations.save_later()``, off the event
+    loop).  Returns the removed nexuses (none: nothing changed).
     """
     res = lu.reservations
     prefix = initiator_name + ",i,"
@@ -323,6 +336,7 @@ def remove_initiator(lu, initiator_name: str) -> list[Nexus]:
     for gone in removed:
         lu.unit_attention(gone, S.REGISTRATIONS_PREEMPTED)
     res.generation += 1
-    res.changed()
+    if save:
+        res.changed()
     lu.abort_tasks(removed)
     return removed

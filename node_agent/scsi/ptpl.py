@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import stat
+import threading
 
 SUFFIX = ".pr"
 
@@ -21,6 +22,8 @@ class PtplStore:
 
     def __init__(self, path: str):
         self.path = path
+        self._lock = threading.Lock()
+        self._saved = 0  # the number of the latest state written or removed (``save_numbered``)
 
     @classmethod
     def beside(cls, backing) -> "PtplStore | None":
@@ -41,6 +44,18 @@ class PtplStore:
                 return json.load(f)
         except FileNotFoundError:
             return None
+
+    def save_numbered(self, number: int, state: dict | None) -> None:
+        """Save state ``number`` (None: remove the file), unless a later one is on disk already.  Callers
+        on several threads are taken one at a time, so no save overwrites a later one."""
+        with self._lock:
+            if number <= self._saved:
+                return
+            if state is None:
+                self.remove()
+            else:
+                self.save(state)
+            self._saved = number
 
     def save(self, state: dict) -> None:
         tmp = f"{self.path}.tmp"

@@ -17,6 +17,7 @@ persistent state is saved after every change and restored at start-up
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from node_agent.scsi import sense as S
@@ -69,6 +70,7 @@ class Reservations:
         self.engaged = False  # some reservation exists: the dispatcher must ask ``conflicts``
         self.store = store  # a ``PtplStore``, or None: Persist Through Power Loss not offered
         self.aptpl = False  # APTPL of the last successful REGISTER (SPC-4 §5.13.5)
+        self._taken = 0  # states taken to be saved (``save_later``)
         saved = store.load() if store is not None else None
         if saved is not None:
             self.restore(saved)
@@ -99,12 +101,23 @@ class Reservations:
 
     def changed(self) -> None:
         """Save the state after a PERSISTENT RESERVE OUT changed it, or drop the saved copy if APTPL=0."""
-        if self.store is None:
-            return
-        if self.aptpl:
-            self.store.save(self.dump())
-        else:
-            self.store.remove()
+        save = self.save_later()
+        if save is not None:
+            save()
+
+    def save_later(self) -> Callable[[], None] | None:
+        """``changed`` in two halves: the state is taken now, and the returned call saves it (fsyncs: a
+        worker thread's job) or drops the saved copy (APTPL=0).  None when nothing is kept.
+
+        Saves may run in any order on any threads: each one taken is numbered, and one that finds a later
+        one saved already does nothing (that later state includes its change), so the file always ends
+        with the latest state, and whoever's save returned knows its change is on disk."""
+        store = self.store
+        if store is None:
+            return None
+        self._taken += 1
+        number, state = self._taken, self.dump() if self.aptpl else None
+        return lambda: store.save_numbered(number, state)
 
     # -- queries -------------------------------------------------------------------
     def is_holder(self, nexus: Nexus) -> bool:

@@ -1,7 +1,7 @@
 """``shoal target`` with some LUNs on a deliberately slow TEST device (never for production).
 
 ``DelayedBackingStore`` wraps a real ``FileBackingStore`` and makes every read,
-write and flush a *blocking* call that sleeps ``delay`` seconds first, as a
+write and flush (and a close after writes, which flushes) a *blocking* call that sleeps ``delay`` seconds first, as a
 disk with a cold cache or a stalled network volume would; it offers
 ``read_nowait``/``write_nowait`` that always say "would block" (and no ``fd``,
 so reads never go to ``sendfile``).  The target must hand its I/O to the
@@ -39,6 +39,7 @@ class DelayedBackingStore:
         self.size = inner.size
         self.block_size = inner.block_size
         self.read_only = getattr(inner, "read_only", False)
+        self.unflushed = False  # written since the last flush: closing must flush, slowly
 
     def read_nowait(self, offset: int, length: int):
         return None  # this device always blocks
@@ -53,9 +54,11 @@ class DelayedBackingStore:
     def write(self, offset: int, data, fua: bool = False) -> None:
         time.sleep(self.delay)
         self.inner.write(offset, data, fua)
+        self.unflushed = not fua
 
     def flush(self) -> None:
         time.sleep(self.delay)
+        self.unflushed = False
         self.inner.flush()
 
     def punch(self, offset: int, length: int) -> None:
@@ -72,6 +75,8 @@ class DelayedBackingStore:
         self.size = new_size
 
     def close(self) -> None:
+        if self.unflushed:  # closing flushes (fdatasync): as slowly as ``flush`` when written since the last
+            time.sleep(self.delay)
         self.inner.close()
 
 

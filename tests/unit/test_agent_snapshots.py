@@ -292,3 +292,54 @@ def test_the_guard_passes_everything_else_through(tmp_path):
     finally:
         backing.close()
     shutil.rmtree(tmp_path / "nothing", ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------- the point in time holds the LUN still briefly
+
+
+def dirty_pages(path: str) -> int | None:
+    """Pages of ``path`` dirty in the page cache (Linux ``cachestat``, 6.5 and later), or None without it."""
+    import ctypes
+
+    class Range(ctypes.Structure):
+        _fields_ = [("off", ctypes.c_uint64), ("len", ctypes.c_uint64)]
+
+    class Stat(ctypes.Structure):
+        _fields_ = [(name, ctypes.c_uint64) for name in ("cache", "dirty", "writeback", "evicted", "recently_evicted")]
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        stat_ = Stat()
+        if libc.syscall(451, fd, ctypes.byref(Range(0, 0)), ctypes.byref(stat_), 0) != 0:  # __NR_cachestat (x86-64)
+            return None
+        return stat_.dirty
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.parametrize("what", ["snapshot", "clone"])
+def test_the_volume_is_flushed_before_it_is_held_still(tmp_path, what):
+    """The point in time of a snapshot or clone is taken with the volume's LUN held still (for an exported
+    volume, on the portal's event loop, which then serves no session), and ``start_copy`` flushes the volume
+    there.  The bulk of that flush is done before (``copies.flush_ahead``), while the LUN runs on: when the
+    LUN is held, no page of the volume is left dirty (seen with ``cachestat``), whatever was written."""
+    volumes, snapshots = manager(tmp_path, use_reflink=False)
+    volume = volumes.create("vol-1", 32 * MiB)
+    write_at(volume.path, 0, os.urandom(16 * MiB))
+    before = dirty_pages(volume.path)
+    if before is None:
+        pytest.skip("this kernel has no cachestat (Linux 6.5+) to count a file's dirty pages")
+    assert before > 0  # a fresh 16 MiB write: in the page cache, not on disk yet
+    held: list[int | None] = []
+
+    def quiesce(volume_id, fn):
+        held.append(dirty_pages(volume.path))
+        return fn()
+
+    volumes.quiesce = quiesce
+    if what == "snapshot":
+        assert snapshots.create("snap-1", "vol-1").state == READY
+    else:
+        assert volumes.create("vol-clone", 0, source="vol-1").state == READY
+    assert held == [0]

@@ -1,0 +1,209 @@
+"""Work on one volume that waits for its disk does not stall the portal's other sessions (issue 7, "fair
+under a slow disk", for what is not a SCSI READ or WRITE).
+
+Two changes of one volume wait for its disk: removing its target (the last unexport, a fence) flushes
+the volume and closes it, and a PERSISTENT RESERVE OUT with APTPL=1 saves the reservation state with
+two fsyncs (SPC-4 §5.13.5).  Run on the portal's event loop, either would hold every other session of
+the node for as long as the disk takes: seconds for a volume with much unwritten data, or on a filesystem
+whose journal commit waits for someone else's writeback.  These tests serve two volumes from the agent's
+real portal (``PortalThread``), ``slow`` on the slow TEST device (``tests/support/slow_target``: its
+flush, close and I/O each block ``SLOW`` seconds) or with a reservation store whose save blocks as long,
+and ``fast`` on a plain file.  A session of Shoal's initiator (127.0.0.1) reads ``fast`` one 4 KiB block
+at a time throughout; its slowest read while ``slow`` waits for its disk must stay far below ``SLOW``.
+Each test also checks that the slow work was done before the answer (the flush before
+``remove_target`` returned, the saved state before GOOD).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import time
+
+import pytest
+
+from node_agent.agent.portal import PortalThread
+from node_agent.iscsi.initiator.blockdev import LunDevice
+from node_agent.iscsi.initiator.client import ClientSettings, IscsiClient
+from node_agent.iscsi.target import Credentials
+from node_agent.scsi.ptpl import PtplStore
+from node_agent.target_service import LunSpec, PortalConfig
+from tests.support.slow_target import DelayedBackingStore
+
+MiB = 1 << 20
+SLOW = 0.4  # seconds each slow step blocks
+STALL_LIMIT = 0.15  # a read of ``fast`` slower than this waited behind the slow volume
+INITIATOR = "iqn.2026-01.io.shoal:admin-fairness-host"
+OTHER_INITIATOR = "iqn.2026-01.io.shoal:admin-fairness-other"
+CHAP = Credentials("fair-user", "fair-secret-123")
+
+
+def iqn(name: str) -> str:
+    return f"iqn.2026-01.io.shoal:target:{name}"
+
+
+@pytest.fixture
+def portal(tmp_path):
+    portal = PortalThread(PortalConfig("127.0.0.1", 0))
+    host, port = portal.start()
+    paths = {}
+    try:
+        for name, wrap in (("slow", lambda b: DelayedBackingStore(b, SLOW)), ("fast", None)):
+            paths[name] = tmp_path / f"{name}.img"
+            portal.add_target(iqn(name), LunSpec(str(paths[name]), 16 * MiB, wrap=wrap), chap=CHAP, mutual_chap=None,
+                              allowed_initiators=[INITIATOR, OTHER_INITIATOR])
+        yield portal, host, port, paths
+    finally:
+        portal.stop()
+
+
+def client(host: str, port: int, name: str, depth: int = 1, initiator: str = INITIATOR) -> IscsiClient:
+    settings = ClientSettings(initiator_iqn=initiator, queue_depth=depth, reconnect_timeout=0.5)
+    return IscsiClient(host, port, iqn(name), settings=settings, chap=(CHAP.user, CHAP.secret))
+
+
+async def worst_read_while(fast: LunDevice, start_work) -> tuple[float, object]:
+    """Read ``fast`` (depth 1) from before ``start_work()`` (an awaitable) is started until it is done; the
+    slowest read's seconds and the work's result."""
+    await fast.read_blocks(0, 8)  # past the power-on unit attention
+    task = asyncio.ensure_future(start_work())
+    worst, reads = 0.0, 0
+    while not task.done():
+        start = time.perf_counter()
+        await fast.read_blocks(8 * (reads % 64), 8)
+        worst = max(worst, time.perf_counter() - start)
+        reads += 1
+    assert reads, "no read"
+    return worst, task.result()
+
+
+def test_removing_a_target_flushes_it_off_the_loop(portal):
+    """The last unexport of ``slow`` while 8 of its writes wait on workers: ``remove_target`` returns once they
+    are on the file and it is flushed and closed (which takes ``SLOW`` and more), and ``fast`` is served all
+    along."""
+    portal, host, port, paths = portal
+    unit = portal.call(lambda: portal.service.registry.targets[iqn("slow")].luns.luns[0])
+
+    async def scenario():
+        async with client(host, port, "fast") as fast_client:
+            slow_client = await client(host, port, "slow", depth=8).connect()
+            slow = LunDevice(slow_client, 0)
+            await slow.read_blocks(0, 1)  # past the power-on unit attention
+            writes = [asyncio.ensure_future(slow.write_blocks(8 * i, bytes([0xC0 + i]) * 4096)) for i in range(8)]
+            while portal.call(lambda: unit._io_running) == 0:
+                await asyncio.sleep(0.005)
+            loop = asyncio.get_running_loop()
+            start = time.perf_counter()
+            worst, removed = await worst_read_while(
+                LunDevice(fast_client, 0), lambda: loop.run_in_executor(None, portal.remove_target, iqn("slow")))
+            took = time.perf_counter() - start
+            outcomes = await asyncio.gather(*writes, return_exceptions=True)
+            try:
+                await slow_client.close()
+            except Exception:  # noqa: BLE001 - its session was closed by the removal
+                pass
+            return worst, removed, took, outcomes
+
+    worst, removed, took, outcomes = asyncio.run(scenario())
+    print(f"worst read of fast {worst * 1e3:.1f} ms; remove_target took {took:.2f} s")
+    assert removed is True and iqn("slow") not in portal.served()
+    assert took >= SLOW, "remove_target returned before the volume was flushed and closed"
+    assert unit.backing.inner.fd is None  # closed
+    data = paths["slow"].read_bytes()
+    for i, outcome in enumerate(outcomes):  # every write in flight ran to the end before the close
+        assert data[i * 4096:(i + 1) * 4096] == bytes([0xC0 + i]) * 4096, (i, outcome)
+    assert worst < STALL_LIMIT, f"a read of another volume waited {worst:.3f} s behind the removal"
+    assert portal.remove_target(iqn("slow")) is False  # a repeat: nothing served, nothing done
+
+
+class SlowPtplStore(PtplStore):
+    """The reservation state's sidecar file on a disk whose fsyncs take ``SLOW`` seconds."""
+
+    def save(self, state: dict) -> None:
+        time.sleep(SLOW)
+        super().save(state)
+
+
+def prout_register(key: int, *, aptpl: bool) -> tuple[bytes, bytes]:
+    """PERSISTENT RESERVE OUT REGISTER AND IGNORE EXISTING KEY (SPC-4 §6.16.2): CDB and parameter list."""
+    params = bytes(8) + key.to_bytes(8, "big") + bytes(4) + bytes([0x01 if aptpl else 0]) + bytes(3)
+    cdb = bytes([0x5F, 0x06, 0, 0, 0]) + len(params).to_bytes(4, "big") + bytes([0])
+    return cdb, params
+
+
+def test_an_aptpl_reservation_change_is_saved_off_the_loop(portal):
+    """Two initiators register on ``slow`` with APTPL=1 at once: each GOOD comes after a save holding its
+    registration (``SLOW`` each), the file ends with both, and ``fast`` is served all along."""
+    portal, host, port, paths = portal
+    path = str(paths["slow"]) + ".pr"
+
+    def slow_store() -> None:
+        unit = portal.service.registry.targets[iqn("slow")].luns.luns[0]
+        unit.reservations.store = SlowPtplStore(path)
+    portal.call(slow_store)
+
+    async def scenario():
+        async with client(host, port, "fast") as fast_client, client(host, port, "slow") as one, \
+                client(host, port, "slow", initiator=OTHER_INITIATOR) as two:
+            for session in (one, two):
+                await session.execute(bytes(6))  # TEST UNIT READY: past the power-on unit attention
+
+            async def register_both():
+                async def register(session, key):
+                    cdb, params = prout_register(key, aptpl=True)
+                    await session.execute(cdb, data_out=params)
+                    with open(path) as handle:  # GOOD: what was saved holds this registration
+                        return [r["key"] for r in json.load(handle)["registrations"]]
+                return await asyncio.gather(register(one, 0x1111), register(two, 0x2222))
+
+            start = time.perf_counter()
+            worst, saved = await worst_read_while(LunDevice(fast_client, 0), register_both)
+            return worst, saved, time.perf_counter() - start
+
+    worst, saved, took = asyncio.run(scenario())
+    print(f"worst read of fast {worst * 1e3:.1f} ms; both registrations took {took:.2f} s; saved {saved}")
+    assert 0x1111 in saved[0] and 0x2222 in saved[1]
+    assert took >= SLOW
+    with open(path) as handle:
+        final = json.load(handle)
+    assert sorted(r["key"] for r in final["registrations"]) == [0x1111, 0x2222] and final["aptpl"] is True
+    assert final["generation"] == 2
+    assert worst < STALL_LIMIT, f"a read of another volume waited {worst:.3f} s behind a reservation save"
+    assert os.path.exists(path)
+
+
+def test_fencing_saves_the_reservation_state_off_the_loop(portal):
+    """Both initiators registered on ``slow`` with APTPL=1; fencing one saves the state without it (``SLOW``,
+    on the caller's thread) before ``fence_initiator`` returns, and ``fast`` is served all along."""
+    portal, host, port, paths = portal
+    path = str(paths["slow"]) + ".pr"
+
+    async def register_both():
+        async with client(host, port, "slow") as one, client(host, port, "slow", initiator=OTHER_INITIATOR) as two:
+            for session, key in ((one, 0x1111), (two, 0x2222)):
+                await session.execute(bytes(6))
+                cdb, params = prout_register(key, aptpl=True)
+                await session.execute(cdb, data_out=params)
+
+    def use_store(store) -> None:  # the slow TEST device has no path for a store of its own beside it
+        portal.call(lambda: setattr(portal.service.registry.targets[iqn("slow")].luns.luns[0].reservations, "store",
+                                    store))
+
+    use_store(PtplStore(path))
+    asyncio.run(register_both())
+    use_store(SlowPtplStore(path))
+
+    async def scenario():
+        async with client(host, port, "fast", initiator=OTHER_INITIATOR) as fast_client:
+            loop = asyncio.get_running_loop()
+            return await worst_read_while(LunDevice(fast_client, 0),
+                                          lambda: loop.run_in_executor(None, portal.fence_initiator, INITIATOR))
+
+    worst, result = asyncio.run(scenario())
+    print(f"worst read of fast {worst * 1e3:.1f} ms; fence {result}")
+    assert result.registrations_removed == 1
+    with open(path) as handle:
+        final = json.load(handle)
+    assert [r["key"] for r in final["registrations"]] == [0x2222] and final["generation"] == 3
+    assert worst < STALL_LIMIT, f"a read of another volume waited {worst:.3f} s behind the fence's save"
