@@ -893,7 +893,7 @@ class TargetConnection:
             if hd:
                 out.append(_digest(header))
             if is_file:
-                out.append(FileRange(data.fd, data.offset + offset, length))
+                out.append(FileRange(data.fd, data.offset + offset, length, data.source))
             else:
                 piece = view[offset:end]
                 out.append(piece)

@@ -404,6 +404,10 @@ class _Channel:
         while pending:
             item = pending[0]
             if isinstance(item, FileRange):
+                if item.source is not None and item.source.fd != item.fd:
+                    # Its LUN was closed while this waited (the target removed, an initiator fenced, with this
+                    # peer not reading): the number may name another volume's file now.  Nothing more goes.
+                    raise OSError(errno.EBADF, "a LUN closed while its data waited to be sent")
                 try:
                     sent = os.sendfile(self.fd, item.fd, item.offset, item.length) if item.length else 0
                 except (BlockingIOError, InterruptedError):
@@ -411,7 +415,7 @@ class _Channel:
                 if sent == 0 and item.length:
                     raise OSError(errno.EIO, "sendfile sent nothing (file shorter than expected?)")
                 if sent < item.length:
-                    pending[0] = FileRange(item.fd, item.offset + sent, item.length - sent)
+                    pending[0] = FileRange(item.fd, item.offset + sent, item.length - sent, item.source)
                     return False  # the socket buffer is full: wait until it is writable
                 pending.pop(0)
                 continue

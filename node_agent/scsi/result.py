@@ -21,6 +21,9 @@ class FileRange(NamedTuple):
     fd: int
     offset: int
     length: int
+    source: Any = None
+    """The backing store whose ``fd`` this is: the transport sends nothing once ``source.fd`` is not ``fd``
+    (the LUN was closed while this waited in a connection's output, and the number may name another file)."""
 
 
 @dataclass(slots=True)

@@ -49,7 +49,7 @@ def _read(lu, lba: int, count: int):
         if lu.read_nowait is not None and not lu.backing.cached(lba * bs, length):
             backing, offset = lu.backing, lba * bs  # sendfile would wait for the disk: read on a worker
             return lu.deferred(lambda: backing.read(offset, length))
-        return FileRange(fd, lba * bs, length)
+        return FileRange(fd, lba * bs, length, lu.backing)
     read_nowait = lu.read_nowait
     if read_nowait is None:
         return lu.backing.read(lba * bs, length)

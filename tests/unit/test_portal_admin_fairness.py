@@ -207,3 +207,64 @@ def test_fencing_saves_the_reservation_state_off_the_loop(portal):
         final = json.load(handle)
     assert [r["key"] for r in final["registrations"]] == [0x2222] and final["generation"] == 3
     assert worst < STALL_LIMIT, f"a read of another volume waited {worst:.3f} s behind the fence's save"
+
+
+def test_reads_queued_for_a_peer_that_stopped_reading_go_nowhere_once_their_lun_closed(tmp_path):
+    """A hung node (the one a fence is for) stops reading its socket with 32 MiB of reads queued for it, sent
+    from the volume's file descriptor (``FileRange``, ``sendfile``).  Its target is removed meanwhile, which
+    closes the descriptor, and the number is given to another volume's file.  When the node reads again it
+    must get none of that other file: the connection ends instead."""
+    from node_agent.scsi.result import FileRange
+
+    portal = PortalThread(PortalConfig("127.0.0.1", 0))
+    host, port = portal.start()
+    path, secret = tmp_path / "stuck.img", tmp_path / "other-volume.img"
+    path.write_bytes(b"\x5a" * (32 * MiB))
+    secret.write_bytes(b"\xee" * (32 * MiB))
+    buffers = [bytearray(8 * MiB) for _ in range(4)]
+    try:
+        portal.add_target(iqn("stuck"), LunSpec(str(path)), chap=CHAP, mutual_chap=None,
+                          allowed_initiators=[INITIATOR])
+
+        def queued_file_ranges() -> list:
+            return [item for channel in portal.service.portal._channels for item in channel.pending
+                    if isinstance(item, FileRange)]
+
+        async def scenario():
+            stuck = await client(host, port, "stuck", depth=4).connect()
+            await stuck.execute(bytes(6))  # past the power-on unit attention
+            stuck._proto.transport.pause_reading()  # the node hangs
+            reads = [asyncio.ensure_future(stuck.execute(bytes([0x28, 0]) + (i * 16384).to_bytes(4, "big")
+                                                         + bytes([0]) + (16384).to_bytes(2, "big") + bytes([0]),
+                                                         read_length=8 * MiB, buffer=buffers[i]))
+                     for i in range(4)]
+            deadline = time.monotonic() + 10
+            while not (queued := portal.call(queued_file_ranges)):
+                assert time.monotonic() < deadline, "no read data waited in the portal's output"
+                await asyncio.sleep(0.01)
+            old_fd = queued[0].fd
+            loop = asyncio.get_running_loop()
+            assert await loop.run_in_executor(None, portal.remove_target, iqn("stuck"))
+            with pytest.raises(OSError):
+                os.fstat(old_fd)  # closed with the LUN
+            other = os.open(secret, os.O_RDONLY)
+            try:
+                if other != old_fd:  # the number the queued reads name now names the other volume's file
+                    os.dup2(other, old_fd, inheritable=False)
+                stuck._proto.transport.resume_reading()
+                outcomes = await asyncio.wait_for(asyncio.gather(*reads, return_exceptions=True), 10)
+            finally:
+                os.close(other)
+                if other != old_fd:
+                    os.close(old_fd)
+            try:
+                await stuck.close()
+            except Exception:  # noqa: BLE001 - its connection is gone
+                pass
+            return outcomes
+
+        outcomes = asyncio.run(scenario())
+    finally:
+        portal.stop()
+    assert not any(b"\xee" in bytes(buffer) for buffer in buffers), "another volume's data reached the node"
+    assert any(isinstance(outcome, BaseException) for outcome in outcomes), outcomes

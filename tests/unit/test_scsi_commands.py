@@ -92,7 +92,7 @@ def test_large_read_is_a_file_range_on_files(lu):
     if lu.backing.fd is None:
         assert isinstance(r.data, bytes) and len(r.data) == 256 * BS
     else:
-        assert r.data == FileRange(lu.backing.fd, 0, 256 * BS)
+        assert r.data == FileRange(lu.backing.fd, 0, 256 * BS, lu.backing)
 
 
 def test_fua_write_is_durable_path(lu):
