@@ -331,6 +331,8 @@ class TargetService:
         units = self.detach_target(iqn)
         if units is None:
             return False
+        for unit in units:  # all of them first: an EXTENDED COPY running on one may write another
+            unit.retire()
         _close_all(units)
         return True
 

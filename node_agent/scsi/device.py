@@ -131,7 +131,9 @@ class LogicalUnit:
         self._ua_pending = 0  # how many nexuses have a unit attention queued
         self.medium_present = True  # False once a removable medium is ejected
         self.prevent_removal: set[Nexus] = set()  # I_T nexuses with PREVENT=01b (SPC-4 §6.13)
-        self._gate = False  # a unit attention is queued or the medium is out: the one fast-path test
+        self._gate = False  # a unit attention is queued, the medium is out or a SANITIZE runs: the one fast-path test
+        # A SANITIZE running on a worker thread: [finished] (the worker sets it; the loop then clears this).
+        self._sanitize: list[bool] | None = None
         self._fua_always = False  # WCE=0 in the caching mode page
         self._range_threshold = settings.file_range_threshold
         # I/O counters (read by the agent's metrics at scrape time): READ and WRITE commands that
@@ -329,12 +331,45 @@ class LogicalUnit:
             ua = self._take_ua(nexus)
             if ua is not None:
                 return ScsiResult(CHECK_CONDITION, sense=build_sense(ua, descriptor=self.mode.d_sense))
+        run = self._sanitize
+        if run is not None:
+            if run[0]:  # finished on its worker: cleared here, on the loop, which alone changes the gate
+                self._sanitize = None
+                self._regate()
+            elif opcode not in _UA_EXEMPT:  # SBC-4 §4.11.3: all else ends with SANITIZE IN PROGRESS
+                return ScsiResult(CHECK_CONDITION, sense=build_sense(S.SANITIZE_IN_PROGRESS,
+                                                                     descriptor=self.mode.d_sense))
         if not self.medium_present and opcode not in _NO_MEDIUM_EXEMPT:
             return ScsiResult(CHECK_CONDITION, sense=build_sense(S.MEDIUM_NOT_PRESENT, descriptor=self.mode.d_sense))
         return None
 
     def _regate(self) -> None:
-        self._gate = self._ua_pending > 0 or not self.medium_present
+        self._gate = self._ua_pending > 0 or not self.medium_present or self._sanitize is not None
+
+    @property
+    def sanitizing(self) -> bool:
+        """A SANITIZE is still running (REQUEST SENSE says so)."""
+        run = self._sanitize
+        return run is not None and not run[0]
+
+    def sanitize(self, io: Callable[[], Any], done: ScsiResult | None) -> ScsiResult | None:
+        """Run a SANITIZE's ``io`` (a pass over the whole medium: minutes for a large one) on a worker thread
+        when the transport can, meanwhile ending every other command to this unit but INQUIRY, REPORT LUNS
+        and REQUEST SENSE with NOT READY, SANITIZE IN PROGRESS (SBC-4 §4.11.3); the command completes with
+        ``done`` (None: GOOD) when it is over.  Here, at once, otherwise."""
+        if self.write_nowait is None:
+            io()
+            return done
+        run = [False]
+
+        def whole() -> None:
+            try:
+                io()
+            finally:
+                run[0] = True
+        self._sanitize = run
+        self._gate = True
+        return self.deferred(whole, done)
 
     def load_or_eject(self, load: bool) -> None:
         """START STOP UNIT with LOEJ on a removable medium; refused while an I_T nexus prevents removal."""
@@ -352,7 +387,8 @@ class LogicalUnit:
     # -- I/O off the event loop ----------------------------------------------------
     def deferred(self, io: Callable[[], Any], done: ScsiResult | None = None) -> ScsiResult:
         """A command whose I/O would block: the transport runs ``io`` on a worker thread, then
-        completes the command with ``done`` (None: GOOD with the data ``io`` returned).
+        completes the command with ``done`` (None: GOOD with the data ``io`` returned, or the
+        ``ScsiResult`` it returned).
 
         Every check of the command has already passed on the event loop; only the I/O moves."""
         return ScsiResult(GOOD, blocking=lambda: self._run_blocking(io, done))
@@ -392,7 +428,9 @@ class LogicalUnit:
                 self._io_running -= 1
                 if not self._io_running:
                     self._io_lock.notify_all()
-        return done if done is not None else ScsiResult(GOOD, data)
+        if done is not None:
+            return done
+        return data if data.__class__ is ScsiResult else ScsiResult(GOOD, data)
 
     # -- helpers for handlers ----------------------------------------------------
     def check_range(self, lba: int, count: int) -> None:

@@ -100,8 +100,11 @@ VPD_PAGES = {
 
 
 def request_sense(lu, nexus, cdb, data_out, edtl):
-    """REQUEST SENSE (SPC-4 §6.39): the oldest pending unit attention (cleared), else NO SENSE."""
+    """REQUEST SENSE (SPC-4 §6.39): the oldest pending unit attention (cleared), else SANITIZE IN PROGRESS
+    while one runs (SBC-4 §4.11.3), else NO SENSE."""
     ua = lu.take_unit_attention(nexus)
+    if ua is None and lu.sanitizing:
+        ua = S.SANITIZE_IN_PROGRESS
     return build_sense(ua or S.NO_ADDITIONAL_SENSE, descriptor=cdb.desc)
 
 

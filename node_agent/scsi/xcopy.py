@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 from node_agent.scsi import sense as S
 from node_agent.scsi.reservations import PR_READ, PR_WRITE, ReservationConflict
+from node_agent.scsi.result import ScsiResult
 from node_agent.scsi.sense import CheckCondition, build_sense
 from node_agent.wire import Field, Layout
 
@@ -115,7 +116,7 @@ TRANSFER_COUNT_KIB = 0x01  # TRANSFER COUNT UNITS: 2^10 bytes
 class CopyOutcome:
     """What one EXTENDED COPY did, held for RECEIVE COPY RESULTS."""
 
-    status: int  # COPY_COMPLETED or COPY_FAILED
+    status: int  # COPY_IN_PROGRESS (on a worker still), COPY_COMPLETED or COPY_FAILED
     segments_processed: int
     bytes_copied: int
     sense_code: S.SenseCode | None = None  # why it stopped (COPY ABORTED), when it failed
@@ -167,14 +168,46 @@ def extended_copy(lu, nexus, cdb, data_out, edtl):
         raise CheckCondition(S.PARAMETER_LIST_LENGTH_ERROR)
     targets = _target_descriptors(lu, data, PARAMETER_LIST_HEADER.size, targets_len)
     segments = _segment_descriptors(data, PARAMETER_LIST_HEADER.size + targets_len, segments_len)
+    key = (nexus, header.list_identifier)
     if header.list_id_usage != LIST_ID_NONE:
+        held = lu.copy_results.get(key)
+        if held is not None and held.status == COPY_IN_PROGRESS:  # SPC-4 §6.4.1: that list identifier is busy
+            raise CheckCondition(S.OPERATION_IN_PROGRESS)
         _forget(lu, nexus, header.list_identifier)
-    outcome = _run(lu, nexus, targets, segments)
-    if header.list_id_usage in (LIST_ID_HOLD, LIST_ID_HOLD_ALT):
-        lu.copy_results[(nexus, header.list_identifier)] = outcome
-    if outcome.status == COPY_FAILED:
-        raise _Aborted(outcome)
-    return None
+    hold = header.list_id_usage in (LIST_ID_HOLD, LIST_ID_HOLD_ALT)
+    if lu.write_nowait is None:  # a store without non-blocking I/O (memory): here, at once
+        outcome = _run(lu, nexus, targets, segments)
+        if hold:
+            lu.copy_results[key] = outcome
+        if outcome.status == COPY_FAILED:
+            raise _Aborted(outcome)
+        return None
+    # Up to 32 segments of 64 MiB: a worker thread's job, so that the portal's other sessions are served
+    # meanwhile (issue 7, "fair under a slow disk"); RECEIVE COPY STATUS says "in progress" until it ends.
+    if hold:
+        lu.copy_results[key] = CopyOutcome(COPY_IN_PROGRESS, 0, 0)
+
+    def copy() -> ScsiResult:
+        try:
+            outcome = _run(lu, nexus, targets, segments)
+        except BaseException:
+            if hold:
+                _forget(lu, nexus, header.list_identifier)
+            raise
+        if hold:
+            lu.copy_results[key] = outcome
+        if outcome.status == COPY_FAILED:
+            return ScsiResult(S.CHECK_CONDITION, sense=_Aborted(outcome).sense(lu.mode.d_sense))
+        return ScsiResult(S.GOOD)
+
+    def answered() -> ScsiResult:  # what the dispatcher would make of the exceptions a segment raises
+        try:
+            return copy()
+        except ReservationConflict:
+            return ScsiResult(S.RESERVATION_CONFLICT)
+        except CheckCondition as cc:
+            return ScsiResult(S.CHECK_CONDITION, sense=cc.sense(lu.mode.d_sense))
+    return lu.deferred(answered)
 
 
 class _Aborted(CheckCondition):

@@ -1,7 +1,7 @@
 """``shoal target`` with some LUNs on a deliberately slow TEST device (never for production).
 
 ``DelayedBackingStore`` wraps a real ``FileBackingStore`` and makes every read,
-write and flush (and a close after writes, which flushes) a *blocking* call that sleeps ``delay`` seconds first, as a
+write, flush and hole punch (and a close after writes, which flushes) a *blocking* call that sleeps ``delay`` seconds first, as a
 disk with a cold cache or a stalled network volume would; it offers
 ``read_nowait``/``write_nowait`` that always say "would block" (and no ``fd``,
 so reads never go to ``sendfile``).  The target must hand its I/O to the
@@ -62,6 +62,7 @@ class DelayedBackingStore:
         self.inner.flush()
 
     def punch(self, offset: int, length: int) -> None:
+        time.sleep(self.delay)
         self.inner.punch(offset, length)
 
     def extent(self, offset: int, limit: int):
