@@ -210,10 +210,15 @@ def verify(lu, nexus, cdb, data_out, edtl):
     expected = bytes(data_out[:want])
     if cdb.bytchk == 0b11:
         expected *= count
-    stored = lu.backing.read(lba * bs, count * bs)
-    if stored != expected:
-        raise CheckCondition(S.MISCOMPARE_DURING_VERIFY, info=_first_difference(stored, expected))
-    return ScsiResult(S.GOOD, data_out_length=want)
+    backing = lu.backing
+
+    def compare() -> ScsiResult:  # up to 8 MiB read, maybe from the disk
+        stored = backing.read(lba * bs, count * bs)
+        if stored != expected:
+            miscompare = CheckCondition(S.MISCOMPARE_DURING_VERIFY, info=_first_difference(stored, expected))
+            return ScsiResult(S.CHECK_CONDITION, sense=miscompare.sense(lu.mode.d_sense))
+        return ScsiResult(S.GOOD, data_out_length=want)
+    return _off_the_loop(lu, compare, None)
 
 
 def _first_difference(a: bytes, b: bytes) -> int:
@@ -307,12 +312,13 @@ def _require_thin(lu) -> None:
 def _off_the_loop(lu, io, done: ScsiResult | None) -> ScsiResult | None:
     """Run ``io`` (a hole punch, a long write, a flush: it may take the disk's time) where it holds up no
     other session: on a worker thread when the transport can (a store with non-blocking I/O), the command
-    then completing with ``done`` (None: GOOD); here otherwise, answering ``done``.  Every check of the
-    command has passed already (issue 7, "fair under a slow disk")."""
+    then completing with ``done``; here otherwise, answering ``done``.  ``done`` None: what ``io`` returned
+    (a ``ScsiResult``, or None for GOOD).  Every check of the command has passed already (issue 7, "fair
+    under a slow disk")."""
     if lu.write_nowait is not None:
         return lu.deferred(io, done)
-    io()
-    return done
+    result = io()
+    return done if done is not None else result
 
 
 def unmap(lu, nexus, cdb, data_out, edtl):
