@@ -101,6 +101,10 @@ class ConnectionSettings:
     io_workers: int = 8
     """Threads of the portal's pool for I/O that would block the event loop (cold reads, FUA writes,
     flushes, slow devices).  Each runs one command's I/O at a time."""
+    close_linger: float = 10.0
+    """Seconds a connection the target closed (logout, a removed target, a fence, a protocol error) may
+    spend sending what it had queued to a peer that takes none of it (a hung host); then its socket
+    closes and the queued output, with the buffers it holds, is dropped."""
 
 
 @dataclass

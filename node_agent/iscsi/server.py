@@ -37,6 +37,7 @@ import logging
 import os
 import socket
 import threading
+import time
 from typing import Any, Callable, Protocol
 
 from node_agent.iscsi.buffers import release_memory
@@ -268,6 +269,7 @@ class _Channel:
         self.writing = False
         self.closed = False
         self._flush_scheduled = False
+        self._closing_since: float | None = None  # when a tick first saw the core closed, output still queued
         core.wakeup = self._wakeup
         core.offload = self._offload
         self._read_on()
@@ -339,6 +341,16 @@ class _Channel:
             except Exception:
                 log.exception("timer of connection from %s failed", self.core.peer)
                 self.core.close("internal error")
+        if self.core.closing and self.writing and not self.closed:  # closed, its last output still queued
+            now = time.monotonic()
+            if self._closing_since is None:
+                self._closing_since = now
+            elif now - self._closing_since >= self.server.connection_settings.close_linger:
+                log.info("connection from %s: closed (%s); the peer did not take its last output within %g s: "
+                         "dropped", self.core.peer, self.core.close_reason or "connection lost",
+                         self.server.connection_settings.close_linger)
+                self.shutdown()
+                return
         self.flush()
 
     def _on_readable(self) -> None:

@@ -433,3 +433,55 @@ def test_extended_copy_runs_off_the_loop(portal):
     assert seen["again"] == tuple(OPERATION_IN_PROGRESS)
     assert seen["copied"] == b"\x77" * (16 * 512)
     assert worst < STALL_LIMIT, f"a read of another volume waited {worst:.3f} s behind EXTENDED COPY"
+
+
+def test_a_closed_connection_whose_peer_reads_nothing_is_dropped_after_the_linger(tmp_path):
+    """A hung node stops reading with 32 MiB of reads queued for it, and its session is closed by the target
+    (here: a fence; its LUN stays served).  The portal keeps the socket and the queued output only
+    ``close_linger`` seconds (0.5 here), not until the node's TCP stack gives up."""
+    from node_agent.iscsi.connection import ConnectionSettings
+
+    gc.collect()
+    gc.freeze()
+    portal = PortalThread(PortalConfig("127.0.0.1", 0, connection=ConnectionSettings(close_linger=0.5)))
+    host, port = portal.start()
+    path = tmp_path / "hung.img"
+    path.write_bytes(b"\x5a" * (32 * MiB))
+    try:
+        portal.add_target(iqn("hung"), LunSpec(str(path)), chap=CHAP, mutual_chap=None,
+                          allowed_initiators=[INITIATOR])
+
+        def channels() -> int:
+            return len(portal.service.portal._channels)
+
+        async def scenario():
+            hung = await client(host, port, "hung", depth=4).connect()
+            await hung.execute(bytes(6))
+            hung._proto.transport.pause_reading()
+            reads = [asyncio.ensure_future(hung.execute(bytes([0x28, 0]) + (i * 16384).to_bytes(4, "big") + bytes([0])
+                                                        + (16384).to_bytes(2, "big") + bytes([0]),
+                                                        read_length=8 * MiB)) for i in range(4)]
+            await asyncio.sleep(0.3)  # the portal's output to it is stuck now
+            loop = asyncio.get_running_loop()
+            fenced = await loop.run_in_executor(None, portal.fence_initiator, INITIATOR)
+            assert fenced.sessions_closed == 1
+            assert portal.call(channels) == 1  # closed, but its last output still waits for the peer
+            deadline = time.monotonic() + 5
+            while portal.call(channels):
+                assert time.monotonic() < deadline, "the closed connection was never dropped"
+                await asyncio.sleep(0.05)
+            took = time.monotonic() - deadline + 5
+            hung._proto.transport.resume_reading()  # the node wakes up: only the end of its connection is left
+            outcomes = await asyncio.wait_for(asyncio.gather(*reads, return_exceptions=True), 10)
+            assert all(isinstance(outcome, BaseException) for outcome in outcomes), outcomes
+            try:
+                await hung.close()
+            except Exception:  # noqa: BLE001 - its connection is gone
+                pass
+            return took
+
+        took = asyncio.run(scenario())
+    finally:
+        portal.stop()
+        gc.unfreeze()
+    print(f"dropped {took:.2f} s after the fence")
