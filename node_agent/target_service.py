@@ -9,7 +9,6 @@ command lines.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import logging
 import os
 import re
@@ -20,7 +19,7 @@ from dataclasses import dataclass, field
 from node_agent.iscsi.connection import ConnectionSettings
 from node_agent.iscsi.keys import TargetSettings
 from node_agent.iscsi.names import check_iqn
-from node_agent.iscsi.server import LoopPool, PortalServer, Router
+from node_agent.iscsi.server import FairPool, LoopPool, PortalServer, Router, worker_pool
 from node_agent.iscsi.target import Credentials, TargetNode, TargetRegistry
 from node_agent.scsi.device import LogicalUnit, LunIdentity, LunMap, LunSettings
 from node_agent.storage.backing import BackingStore, FileBackingStore
@@ -211,7 +210,7 @@ class TargetService:
         self.registry: TargetRegistry | None = None
         self.portal: PortalServer | None = None
         self.more_portals: list[PortalServer] = []
-        self.executor: concurrent.futures.ThreadPoolExecutor | None = None  # blocking I/O of every portal
+        self.executor: FairPool | None = None  # blocking I/O of every portal
         self.loops: LoopPool | None = None
 
     @property
@@ -233,7 +232,7 @@ class TargetService:
         sockets given to ``self.portal.adopt`` (a worker process); ``router`` decides for each accepted
         connection which process serves it (the parent of the workers)."""
         pc = self.portal_config
-        self.executor = concurrent.futures.ThreadPoolExecutor(pc.connection.io_workers, thread_name_prefix="shoal-io")
+        self.executor = worker_pool(pc.connection)
         if pc.loops > 1:
             self.loops = LoopPool(pc.loops)
             self.loops.start(asyncio.get_running_loop())

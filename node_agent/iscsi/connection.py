@@ -98,9 +98,12 @@ class ConnectionSettings:
     """Seconds a connection may spend in the login phase (an idle login holds no resources for long)."""
     max_write_buffer: int = 64 * 1024 * 1024
     """Largest Expected Data Transfer Length accepted for one write (bounds memory per command)."""
-    io_workers: int = 8
+    io_workers: int = 16
     """Threads of the portal's pool for I/O that would block the event loop (cold reads, FUA writes,
     flushes, slow devices).  Each runs one command's I/O at a time."""
+    io_workers_per_lun: int = 4
+    """The most of those threads one logical unit's I/O may hold at once; its further I/O waits in its own
+    queue, so a hung disk leaves the other LUNs' I/O threads to run on (``server.FairPool``)."""
     close_linger: float = 10.0
     """Seconds a connection the target closed (logout, a removed target, a fence, a protocol error) may
     spend sending what it had queued to a peer that takes none of it (a hung host); then its socket
@@ -155,7 +158,7 @@ class _Running:
         self.aborted = False
 
 
-def _run_inline(io: Callable[[], Any], done: Callable[[Any], None]) -> None:
+def _run_inline(io: Callable[[], Any], done: Callable[[Any], None], key: Any = None) -> None:
     """``offload`` without a transport (tests feeding bytes): run the blocking I/O right here."""
     done(io())
 
@@ -186,7 +189,9 @@ class TargetConnection:
         self.wakeup: Callable[[], None] = lambda: None
         # Runs blocking I/O off the event loop: offload(io, done) calls io() on a worker and done(result)
         # back on the loop (the transport flushes after it).
-        self.offload: Callable[[Callable[[], Any], Callable[[Any], None]], None] = _run_inline
+        # ``offload(io, done, key)``: run ``io`` where it may block, then ``done(result)`` on the loop; ``key``
+        # is the logical unit whose share of the worker threads it takes (``server.FairPool``).
+        self.offload: Callable[..., None] = _run_inline
         self._running: dict[int, _Running] = {}
         self._aborting: set[int] = set()  # running ITTs the task management request being handled aborts
         self._tmf_waiting: list[tuple[set[int], Callable[[], None]]] = []
@@ -785,7 +790,8 @@ class TargetConnection:
         self._running[itt] = entry
         if counted:
             self.session.running += 1  # type: ignore[union-attr]
-        self.offload(result.blocking, lambda done: self._deferred_done(itt, entry, done))
+        unit = self.session.target.luns.luns.get(lun)  # type: ignore[union-attr]
+        self.offload(result.blocking, lambda done: self._deferred_done(itt, entry, done), unit)
 
     def _deferred_done(self, itt: int, entry: _Running, result) -> None:
         """The worker finished a command's I/O: answer it, unless it was aborted or the connection went."""

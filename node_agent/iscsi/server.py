@@ -30,6 +30,7 @@ times the whole inline command.
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import errno
 import gc
@@ -58,6 +59,91 @@ class Router(Protocol):
 
     def route(self, conn: socket.socket, peer: Any, here: Callable[[socket.socket, Any], None]) -> None:
         """Hand ``conn`` to the process serving it, or call ``here(conn, peer)`` to serve it in this one."""
+
+
+class FairPool:
+    """The portal's worker threads, shared so that no logical unit can take them all.
+
+    Blocking I/O (a cold read, a FUA write, a flush, a slow device) runs on a pool of threads.  A plain
+    pool runs jobs first come, first served: a volume whose disk hangs, with its queue full, would hold
+    every thread and queue its next jobs ahead of everyone else's, so a cold read of any other volume
+    would wait seconds (``tests/unit/test_portal_admin_fairness.py``: 1.6 s with 32 reads of a 0.4 s
+    device in flight).  Here each key (a logical unit) has at most ``per_key`` jobs handed to the pool;
+    the rest wait in that key's own queue, and each job that ends hands the pool the key's next one.
+    """
+
+    def __init__(self, executor: concurrent.futures.Executor, per_key: int):
+        if per_key < 1:
+            raise ValueError("per_key must be at least 1")
+        self.executor = executor
+        self.per_key = per_key
+        self._mutex = threading.Lock()
+        self._running: dict[Any, int] = {}  # key -> its jobs handed to the pool
+        self._waiting: dict[Any, collections.deque] = {}  # key -> (fn, future) not handed yet
+
+    def submit(self, fn: Callable[[], Any], key: Any = None) -> concurrent.futures.Future:
+        """Run ``fn`` on the pool as soon as ``key`` has fewer than ``per_key`` jobs there."""
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        with self._mutex:
+            running = self._running.get(key, 0)
+            if running >= self.per_key:
+                self._waiting.setdefault(key, collections.deque()).append((fn, future))
+                return future
+            self._running[key] = running + 1
+        self._hand(key, fn, future)
+        return future
+
+    def _hand(self, key: Any, fn: Callable[[], Any], future: concurrent.futures.Future) -> None:
+        def job() -> None:
+            try:
+                if future.set_running_or_notify_cancel():
+                    try:
+                        result = fn()
+                    except BaseException as exc:  # handed to whoever waits for the future
+                        future.set_exception(exc)
+                    else:
+                        future.set_result(result)
+            finally:
+                self._next(key)
+        try:
+            self.executor.submit(job)
+        except RuntimeError:  # the pool is shut down: this job, and the key's others, will not run
+            self._next(key)
+            future.cancel()
+            raise
+
+    def _next(self, key: Any) -> None:
+        with self._mutex:
+            waiting = self._waiting.get(key)
+            if not waiting:
+                if self._running.get(key, 0) <= 1:
+                    self._running.pop(key, None)
+                else:
+                    self._running[key] -= 1
+                return
+            fn, future = waiting.popleft()
+            if not waiting:
+                del self._waiting[key]
+        try:
+            self._hand(key, fn, future)
+        except RuntimeError:
+            pass
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        """Shut the pool down; ``cancel_futures``: jobs not handed to it yet are cancelled too."""
+        if cancel_futures:
+            with self._mutex:
+                waiting, self._waiting = self._waiting, {}
+            for queue in waiting.values():
+                for _, future in queue:
+                    future.cancel()
+        self.executor.shutdown(wait=wait, cancel_futures=cancel_futures)
+
+
+def worker_pool(settings: ConnectionSettings) -> FairPool:
+    """The pool of ``settings.io_workers`` threads for blocking I/O, at most ``io_workers_per_lun`` per LUN."""
+    return FairPool(concurrent.futures.ThreadPoolExecutor(settings.io_workers, thread_name_prefix="shoal-io"),
+                    settings.io_workers_per_lun)
 
 
 class LoopPool:
@@ -122,7 +208,7 @@ class PortalServer:
 
     def __init__(self, registry: TargetRegistry, settings: TargetSettings, host: str = "127.0.0.1",
                  port: int = 3260, connection_settings: ConnectionSettings | None = None,
-                 executor: concurrent.futures.Executor | None = None, loops: LoopPool | None = None,
+                 executor: FairPool | None = None, loops: LoopPool | None = None,
                  router: "Router | None" = None):
         self.registry = registry
         self.settings = settings
@@ -138,8 +224,7 @@ class PortalServer:
         self.router = router  # None: every accepted connection is served here
         self.lock = registry.lock
         self._own_executor = executor is None
-        self.executor = executor or concurrent.futures.ThreadPoolExecutor(
-            self.connection_settings.io_workers, thread_name_prefix="shoal-io")
+        self.executor = executor or worker_pool(self.connection_settings)
 
     @property
     def address(self) -> tuple[str, int]:
@@ -302,10 +387,11 @@ class _Channel:
             self._flush_scheduled = True
             self.loop.call_soon(self._scheduled_flush)
 
-    def _offload(self, io, done) -> None:
-        """Run ``io`` on the worker pool; ``done(result)`` then runs on this loop, and output is flushed."""
+    def _offload(self, io, done, key: Any = None) -> None:
+        """Run ``io`` on the worker pool (``key``: the LUN whose share it takes); ``done(result)`` then runs
+        on this loop, and output is flushed."""
         try:
-            future = self.server.executor.submit(io)
+            future = self.server.executor.submit(io, key)
         except RuntimeError:  # the pool is shut down: the portal is closing, the command dies with it
             return
         loop = self.loop

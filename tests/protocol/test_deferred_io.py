@@ -39,7 +39,7 @@ def slow_registry(window: int = 128) -> tuple[TargetRegistry, LogicalUnit]:
 
 def with_worker_queue(ini) -> list:
     queue: list = []
-    ini.conn.offload = lambda io, done: queue.append((io, done))
+    ini.conn.offload = lambda io, done, key=None: queue.append((io, done))
     return queue
 
 
