@@ -98,10 +98,10 @@ class ConnectionSettings:
     """Seconds a connection may spend in the login phase (an idle login holds no resources for long)."""
     max_write_buffer: int = 64 * 1024 * 1024
     """Largest Expected Data Transfer Length accepted for one write (bounds memory per command)."""
-    io_workers: int = 16
+    io_workers: int = 32
     """Threads of the portal's pool for I/O that would block the event loop (cold reads, FUA writes,
     flushes, slow devices).  Each runs one command's I/O at a time."""
-    io_workers_per_lun: int = 4
+    io_workers_per_lun: int = 8
     """The most of those threads one logical unit's I/O may hold at once; its further I/O waits in its own
     queue, so a hung disk leaves the other LUNs' I/O threads to run on (``server.FairPool``)."""
     close_linger: float = 10.0

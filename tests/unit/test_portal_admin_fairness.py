@@ -119,7 +119,7 @@ def test_removing_a_target_flushes_it_off_the_loop(portal):
     assert took >= SLOW, "remove_target returned before the volume was flushed and closed"
     assert unit.backing.inner.fd is None  # closed
     data = paths["slow"].read_bytes()
-    # The writes running on workers ran to the end before the close (4 at once: ``io_workers_per_lun``); those
+    # The writes running on workers ran to the end before the close (up to ``io_workers_per_lun`` at once); those
     # still waiting for a worker were dropped with the session, unanswered.  None is torn, and every write
     # the initiator saw succeed is on the file.
     landed = 0
