@@ -19,6 +19,7 @@ import signal
 import sys
 
 from node_agent import eventloop
+from node_agent.iscsi.connection import ConnectionSettings
 from node_agent.iscsi.initiator import tools as iscsi_tools
 from node_agent.iscsi.keys import TargetSettings, parse_digest_list
 from node_agent.iscsi.target import Credentials
@@ -63,6 +64,13 @@ def target_layout(layout: list[tuple[str, object]]) -> list[TargetSpec]:
         else:
             targets[max(current, 0)].luns.append(value)  # type: ignore[arg-type]
     return targets
+
+
+def _seconds(text: str) -> float:
+    value = float(text)
+    if not 0 <= value <= 86400:  # also refuses nan and inf
+        raise ValueError(f"{text!r}: expected seconds from 0 to 86400")
+    return value
 
 
 def _typed(parse):
@@ -124,6 +132,12 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     target.add_argument("--workers", type=int, default=1, metavar="N",
                         help="processes serving sessions, to use N cores (default 1); each target is served by "
                              "one of them (needs at least N targets); this process routes logins to them")
+    target.add_argument("--nop-interval", type=_typed(_seconds), default=ConnectionSettings.nop_interval,
+                        metavar="SECONDS", help="ping an initiator silent this long with a NOP-In (default "
+                        "%(default)g; 0: never ping, so a dead initiator's session lasts until TCP notices)")
+    target.add_argument("--nop-timeout", type=_typed(_seconds), default=ConnectionSettings.nop_timeout,
+                        metavar="SECONDS", help="drop a connection whose initiator leaves a ping unanswered this "
+                        "long (default %(default)g); raise both for initiators that stop reading while idle")
     target.add_argument("--port-file", metavar="FILE",
                         help="write HOST:PORT of each portal here (one a line, the first --listen first) once listening")
     iscsi_tools.build_parser(sub)
@@ -263,7 +277,8 @@ def target_config(args: argparse.Namespace) -> TargetConfig:
     config = TargetConfig(iqn=first.iqn, luns=first.luns, host=host, port=port, more_portals=args.more_listen,
                           chap=args.chap, mutual_chap=args.mutual_chap, allowed_initiators=args.allow,
                           loops=args.loops, more_targets=more, workers=args.workers,
-                          settings=TargetSettings(header_digest=args.header_digest, data_digest=args.data_digest))
+                          settings=TargetSettings(header_digest=args.header_digest, data_digest=args.data_digest),
+                          connection=ConnectionSettings(nop_interval=args.nop_interval, nop_timeout=args.nop_timeout))
     config.validate()
     return config
 

@@ -150,6 +150,8 @@ class TargetConfig:
         if self.workers > len(self.targets):
             raise ValueError(f"--workers {self.workers} needs at least {self.workers} targets: each target's "
                              f"sessions are served by one process (give more with --iqn NAME --lun FILE)")
+        if not self.connection.nop_timeout > 0:
+            raise ValueError("--nop-timeout must be more than 0 seconds")
         if self.mutual_chap is not None and self.chap is None:
             raise ValueError("mutual CHAP needs one-way CHAP credentials too")
         if self.mutual_chap is not None and self.chap is not None and self.mutual_chap.secret == self.chap.secret:

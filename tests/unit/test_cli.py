@@ -24,6 +24,10 @@ from node_agent.target_service import LunSpec, parse_size
     (["target", "--lun", "x.img", "--listen", "0.0.0.0:3260"], "refusing to serve without CHAP"),
     (["target", "--lun", "x.img", "--data-digest", "MD5"], "a list of None and CRC32C"),
     (["target", "--lun", "x.img", "--header-digest", "CRC32C,crc32c"], "each at most once"),
+    (["target", "--lun", "x.img", "--nop-interval", "soon"], "could not convert"),
+    (["target", "--lun", "x.img", "--nop-interval", "-1"], "expected seconds from 0 to 86400"),
+    (["target", "--lun", "x.img", "--nop-timeout", "nan"], "expected seconds from 0 to 86400"),
+    (["target", "--lun", "x.img", "--nop-timeout", "0"], "--nop-timeout must be more than 0"),
 ])
 def test_bad_arguments_are_refused(args, message, capsys):
     with pytest.raises(SystemExit) as exc:
@@ -65,6 +69,16 @@ def test_port_in_use_is_a_clear_error(tmp_path):
                                "--lun", f"{tmp_path}/d.img:1M"], capture_output=True, text=True, timeout=30)
     assert proc.returncode == 1 and "Address already in use" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_ping_timers_reach_the_connections():
+    from node_agent.cli import target_config
+    config = target_config(build_parser().parse_args(["target", "--lun", "a.img", "--nop-interval", "0",
+                                                      "--nop-timeout", "120"]))
+    assert config.connection.nop_interval == 0 and config.connection.nop_timeout == 120
+    assert config.portal().connection is config.connection  # and through it every portal and worker
+    default = target_config(build_parser().parse_args(["target", "--lun", "a.img"]))
+    assert (default.connection.nop_interval, default.connection.nop_timeout) == (10.0, 30.0)
 
 
 def test_parser_documents_every_option():
