@@ -150,12 +150,13 @@ class _Placed:
 class _Running:
     """A command whose I/O runs on a worker thread (``ScsiResult.blocking``)."""
 
-    __slots__ = ("lun_field", "lun", "edtl", "read", "counted", "data_out", "buffer", "aborted")
+    __slots__ = ("lun_field", "lun", "edtl", "read", "counted", "data_out", "buffer", "aborted", "outlives_abort")
 
     def __init__(self, lun_field: bytes, lun: int, edtl: int, read: bool, counted: bool, data_out, buffer):
         self.lun_field, self.lun, self.edtl, self.read, self.counted = lun_field, lun, edtl, read, counted
         self.data_out, self.buffer = data_out, buffer  # kept alive (and out of the pool) until the I/O is done
         self.aborted = False
+        self.outlives_abort = False  # ScsiResult.outlives_abort: an abort answers without waiting for it
 
 
 def _run_inline(io: Callable[[], Any], done: Callable[[Any], None], key: Any = None) -> None:
@@ -787,6 +788,7 @@ class TargetConnection:
                          data_out, buffer: bytearray | None, result) -> None:
         """Hand a command whose I/O would block to the worker pool; ``_deferred_done`` completes it."""
         entry = _Running(lun_field, lun, edtl, read, counted, data_out, buffer)
+        entry.outlives_abort = result.outlives_abort
         self._running[itt] = entry
         if counted:
             self.session.running += 1  # type: ignore[union-attr]
@@ -1093,7 +1095,8 @@ class TargetConnection:
         running = self._running.get(header.referenced_task_tag)
         if running is not None:
             running.aborted = True
-            self._aborting.add(header.referenced_task_tag)
+            if not running.outlives_abort:
+                self._aborting.add(header.referenced_task_tag)
             return True
         for cmdsn, item in list(session.pending.items()):
             if item[0] is self and item[2].itt == header.referenced_task_tag:
@@ -1130,7 +1133,8 @@ class TargetConnection:
         for itt, running in self._running.items():
             if predicate(running):
                 running.aborted = True
-                self._aborting.add(itt)
+                if not running.outlives_abort:
+                    self._aborting.add(itt)
 
     # ------------------------------------------------------------------ output helpers
     def _window(self) -> dict[str, int]:

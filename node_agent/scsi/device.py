@@ -369,7 +369,9 @@ class LogicalUnit:
                 run[0] = True
         self._sanitize = run
         self._gate = True
-        return self.deferred(whole, done)
+        result = self.deferred(whole, done)
+        result.outlives_abort = True  # task management does not stop a sanitize, nor wait for it
+        return result
 
     def load_or_eject(self, load: bool) -> None:
         """START STOP UNIT with LOEJ on a removable medium; refused while an I_T nexus prevents removal."""

@@ -46,3 +46,6 @@ class ScsiResult:
     sense: bytes = b""
     data_out_length: int | None = None
     blocking: Callable[[], Any] | None = None
+    outlives_abort: bool = False
+    """``blocking`` goes on when the command is aborted (ABORT TASK, a reset, its connection gone): task
+    management answers at once instead of waiting for it.  A SANITIZE (SBC-4 §4.11.3)."""

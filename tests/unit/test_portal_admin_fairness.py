@@ -397,6 +397,67 @@ def test_sanitize_runs_off_the_loop_and_holds_only_its_own_lun(portal, tmp_path,
     assert worst < STALL_LIMIT, f"a read of another volume waited {worst:.3f} s behind SANITIZE"
 
 
+@pytest.mark.parametrize("function", ["abort task", "lun reset", "cold reset"])
+def test_task_management_ends_a_sanitize_command_but_not_the_sanitize(portal, tmp_path, function):
+    """SBC-4 §4.11.2: a sanitize operation goes on through an aborted command, a reset and the loss of the
+    I_T nexus.  The task management function answers at once (it does not wait for the medium pass), the
+    aborted SANITIZE gets no response, the unit still says SANITIZE IN PROGRESS to a new session, and the
+    medium ends up sanitized all the same (libiscsi's Sanitize.Reset checks the same through a cold reset)."""
+    from node_agent.iscsi.initiator.client import CommandFailed, sense_code
+    from node_agent.iscsi.pdu import TmfFunction, TmfResponse
+    from node_agent.scsi.sense import SANITIZE_IN_PROGRESS
+
+    portal, host, port, _ = portal
+    path = tmp_path / "tiny.img"
+    path.write_bytes(b"\x77" * MiB)
+    portal.add_target(iqn("tiny"), LunSpec(str(path), wrap=lambda b: DelayedBackingStore(b, SLOW)), chap=CHAP,
+                      mutual_chap=None, allowed_initiators=[INITIATOR, OTHER_INITIATOR])
+    block_erase = bytes([0x48, 0x02, 0, 0, 0, 0, 0, 0, 0, 0])
+    tur = bytes(6)
+
+    async def scenario():
+        async with client(host, port, "tiny") as one:
+            await one.execute(tur)
+            command = asyncio.ensure_future(one.execute(block_erase))
+            await asyncio.sleep(SLOW / 4)  # on its worker now
+            (itt,) = [tag for tag, fut in one._futures.items() if not fut.done()]
+            start = time.perf_counter()
+            if function == "abort task":
+                response = await one.task_management(TmfFunction.ABORT_TASK, 0, itt)
+            elif function == "lun reset":
+                response = await one.task_management(TmfFunction.LOGICAL_UNIT_RESET, 0)
+            else:
+                response = await one.task_management(TmfFunction.TARGET_COLD_RESET, 0)
+            answered = time.perf_counter() - start
+            await asyncio.sleep(0.05)
+            finished_command = command.done() and not command.cancelled() and command.exception() is None
+            command.cancel()
+        async with client(host, port, "tiny", initiator=OTHER_INITIATOR) as two:
+            with pytest.raises(CommandFailed):
+                await two.execute(tur)  # the new nexus's power-on unit attention
+            with pytest.raises(CommandFailed) as refused:
+                await two.execute(tur)
+            still = sense_code(refused.value.done.sense)
+            deadline = time.monotonic() + 20 * SLOW
+            while True:  # TEST UNIT READY until GOOD: the sanitize is over
+                try:
+                    await two.execute(tur)
+                    break
+                except CommandFailed as exc:
+                    assert sense_code(exc.done.sense) == tuple(SANITIZE_IN_PROGRESS)
+                    assert time.monotonic() < deadline, "the sanitize never ended"
+                    await asyncio.sleep(SLOW / 4)
+        return response, answered, finished_command, still
+
+    response, answered, finished_command, still = asyncio.run(scenario())
+    print(f"{function}: answered in {answered * 1e3:.1f} ms while the sanitize ran")
+    assert response == TmfResponse.FUNCTION_COMPLETE
+    assert answered < SLOW / 2, f"{function} waited {answered:.3f} s for the sanitize's I/O"
+    assert not finished_command, "the aborted SANITIZE was answered GOOD"
+    assert still == tuple(SANITIZE_IN_PROGRESS)
+    assert path.read_bytes() == bytes(MiB)
+
+
 def test_extended_copy_runs_off_the_loop(portal):
     """EXTENDED COPY (SPC-4 §6.4: up to 32 segments of 64 MiB) on ``slow`` reads and writes on a worker:
     meanwhile RECEIVE COPY STATUS says "in progress" and the same list identifier is refused with OPERATION IN
