@@ -336,7 +336,7 @@ class LogicalUnit:
             if run[0]:  # finished on its worker: cleared here, on the loop, which alone changes the gate
                 self._sanitize = None
                 self._regate()
-            elif opcode not in _UA_EXEMPT:  # SBC-4 §4.11.3: all else ends with SANITIZE IN PROGRESS
+            elif opcode not in _UA_EXEMPT:  # SBC-4 §4.11: all else ends with SANITIZE IN PROGRESS
                 return ScsiResult(CHECK_CONDITION, sense=build_sense(S.SANITIZE_IN_PROGRESS,
                                                                      descriptor=self.mode.d_sense))
         if not self.medium_present and opcode not in _NO_MEDIUM_EXEMPT:
@@ -355,7 +355,7 @@ class LogicalUnit:
     def sanitize(self, io: Callable[[], Any], done: ScsiResult | None) -> ScsiResult | None:
         """Run a SANITIZE's ``io`` (a pass over the whole medium: minutes for a large one) on a worker thread
         when the transport can, meanwhile ending every other command to this unit but INQUIRY, REPORT LUNS
-        and REQUEST SENSE with NOT READY, SANITIZE IN PROGRESS (SBC-4 §4.11.3); the command completes with
+        and REQUEST SENSE with NOT READY, SANITIZE IN PROGRESS (SBC-4 §4.11); the command completes with
         ``done`` (None: GOOD) when it is over.  Here, at once, otherwise."""
         if self.write_nowait is None:
             io()

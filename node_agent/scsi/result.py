@@ -48,4 +48,4 @@ class ScsiResult:
     blocking: Callable[[], Any] | None = None
     outlives_abort: bool = False
     """``blocking`` goes on when the command is aborted (ABORT TASK, a reset, its connection gone): task
-    management answers at once instead of waiting for it.  A SANITIZE (SBC-4 §4.11.3)."""
+    management answers at once instead of waiting for it.  A SANITIZE (SBC-4 §4.11)."""

@@ -101,7 +101,7 @@ VPD_PAGES = {
 
 def request_sense(lu, nexus, cdb, data_out, edtl):
     """REQUEST SENSE (SPC-4 §6.39): the oldest pending unit attention (cleared), else SANITIZE IN PROGRESS
-    while one runs (SBC-4 §4.11.3), else NO SENSE."""
+    while one runs (SBC-4 §4.11), else NO SENSE."""
     ua = lu.take_unit_attention(nexus)
     if ua is None and lu.sanitizing:
         ua = S.SANITIZE_IN_PROGRESS

@@ -11,7 +11,7 @@ replaces the skip of the whole run; a failure anywhere stays a failure):
   SAME but compares LBA 256 too, so it only holds where LBA 256 is still zero.
 - ``Sanitize.*`` with ``--allow-sanitize``.  Sanitize.Reset checks that a
   SANITIZE goes on through an ABORT TASK of it, resets and a new login (SBC-4
-  §4.11.2), so it needs one that lasts: it runs against a target of its own
+  §4.11), so it needs one that lasts: it runs against a target of its own
   (started beside the whole run, so its minute of waiting costs no time) whose
   16 MiB LUN is on the slow TEST device (0.5 s per I/O: the pass takes ~9 s),
   with ``--nop-interval 90``: the test then sleeps 60 s between TEST UNIT

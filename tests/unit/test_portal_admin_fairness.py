@@ -399,7 +399,7 @@ def test_sanitize_runs_off_the_loop_and_holds_only_its_own_lun(portal, tmp_path,
 
 @pytest.mark.parametrize("function", ["abort task", "lun reset", "cold reset"])
 def test_task_management_ends_a_sanitize_command_but_not_the_sanitize(portal, tmp_path, function):
-    """SBC-4 §4.11.2: a sanitize operation goes on through an aborted command, a reset and the loss of the
+    """SBC-4 §4.11: a sanitize operation goes on through an aborted command, a reset and the loss of the
     I_T nexus.  The task management function answers at once (it does not wait for the medium pass), the
     aborted SANITIZE gets no response, the unit still says SANITIZE IN PROGRESS to a new session, and the
     medium ends up sanitized all the same (libiscsi's Sanitize.Reset checks the same through a cold reset)."""
