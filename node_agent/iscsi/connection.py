@@ -159,6 +159,10 @@ class _Running:
         self.outlives_abort = False  # ScsiResult.outlives_abort: an abort answers without waiting for it
 
 
+def _outlived_key(itt: int, entry: _Running) -> tuple:
+    return ("outlived", itt, id(entry))
+
+
 def _run_inline(io: Callable[[], Any], done: Callable[[Any], None], key: Any = None) -> None:
     """``offload`` without a transport (tests feeding bytes): run the blocking I/O right here."""
     done(io())
@@ -193,7 +197,7 @@ class TargetConnection:
         # ``offload(io, done, key)``: run ``io`` where it may block, then ``done(result)`` on the loop; ``key``
         # is the logical unit whose share of the worker threads it takes (``server.FairPool``).
         self.offload: Callable[..., None] = _run_inline
-        self._running: dict[int, _Running] = {}
+        self._running: dict[int | tuple, _Running] = {}  # by task tag; an outlived abort by _outlived_key
         self._aborting: set[int] = set()  # running ITTs the task management request being handled aborts
         self._tmf_waiting: list[tuple[set[int], Callable[[], None]]] = []
         self._rx = ReceiveBuffer(64 * 1024, grow_to=1 << 20)
@@ -799,6 +803,8 @@ class TargetConnection:
         """The worker finished a command's I/O: answer it, unless it was aborted or the connection went."""
         if self._running.get(itt) is entry:
             del self._running[itt]
+        elif entry.aborted:
+            self._running.pop(_outlived_key(itt, entry), None)
         if entry.counted and self.session is not None:
             self.session.running -= 1
         if entry.buffer is not None:
@@ -1095,7 +1101,9 @@ class TargetConnection:
         running = self._running.get(header.referenced_task_tag)
         if running is not None:
             running.aborted = True
-            if not running.outlives_abort:
+            if running.outlives_abort:
+                self._outlive(header.referenced_task_tag, running)
+            else:
                 self._aborting.add(header.referenced_task_tag)
             return True
         for cmdsn, item in list(session.pending.items()):
@@ -1130,11 +1138,19 @@ class TargetConnection:
         for itt, task in list(self._tasks.items()):
             if predicate(task):
                 del self._tasks[itt]
-        for itt, running in self._running.items():
-            if predicate(running):
+        for itt, running in list(self._running.items()):
+            if not running.aborted and predicate(running):
                 running.aborted = True
-                if not running.outlives_abort:
+                if running.outlives_abort:
+                    self._outlive(itt, running)
+                else:
                     self._aborting.add(itt)
+
+    def _outlive(self, itt: int, running: _Running) -> None:
+        """An aborted command whose I/O goes on (a SANITIZE): its task tag is free for the initiator to use
+        again at once, while the I/O stays counted in ``in_flight`` (a fence still waits for it)."""
+        del self._running[itt]
+        self._running[_outlived_key(itt, running)] = running
 
     # ------------------------------------------------------------------ output helpers
     def _window(self) -> dict[str, int]:
