@@ -27,6 +27,7 @@ acknowledged before it and none after, as a power cut would.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import fcntl
 import logging
@@ -50,19 +51,61 @@ FAILED = "error"
 
 
 def _drop_cached(fd: int, start: int, end: int) -> None:
-    """Ask the kernel to drop ``[start, end)`` of a copy's file from the page cache (0, 0: all of it);
-    the part still dirty is sent to disk now and dropped by the next call over it.
+    """Ask the kernel to drop ``[start, end)`` of a file from the page cache (0, 0: all of it); the part
+    still dirty is sent to disk now and dropped by the next call over it.
 
-    A background copy writes a whole volume through the page cache: kept there, it would push the running
-    guests' data out of the cache, and (on kernels that cache ext4 files in large folios, 6.16 and later)
-    leave the new volume in large folios, into which each small random write of its guest later costs the
-    kernel several times more (tests/perf/README.md, "Random 4 KiB writes into large page-cache folios").
-    As ``dd oflag=direct`` does for OpenStack's volume copies, without waiting for each write.  Advice only:
-    a kernel or filesystem that ignores it changes nothing."""
+    A background copy writes a whole volume through the page cache, and reads its source through it: kept
+    there, the copy would push the running guests' data out of the cache, and (on kernels that cache ext4
+    files in large folios, 6.16 and later) leave the new volume, and the source's parts its guest never
+    read, in large folios, into which each small random write later costs the kernel more (tests/perf/
+    README.md, "Random 4 KiB writes into large page-cache folios").  So the copy drops what it wrote, and
+    what it read of the source where nothing was cached before (``CopyJob._cold``), as OpenStack's volume
+    copies with ``dd iflag=direct oflag=direct`` keep the cache clean, without waiting for each write.
+    Advice only: a kernel or filesystem that ignores it changes nothing."""
     try:
         os.posix_fadvise(fd, start, end - start if end else 0, os.POSIX_FADV_DONTNEED)
     except OSError as exc:
         log.debug("posix_fadvise(DONTNEED) of a copy: %s", exc)
+
+
+def _runs(flags: bytearray, chunk: int, length: int):
+    """(start, end) byte ranges of the runs of chunks whose flag is 1."""
+    index, count = 0, len(flags)
+    while index < count:
+        if not flags[index]:
+            index += 1
+            continue
+        first = index
+        while index < count and flags[index]:
+            index += 1
+        yield first * chunk, min(index * chunk, length)
+
+
+class _CacheStat(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_uint64) for name in ("cache", "dirty", "writeback", "evicted", "recently_evicted")]
+
+
+class _CacheRange(ctypes.Structure):
+    _fields_ = [("off", ctypes.c_uint64), ("len", ctypes.c_uint64)]
+
+
+_NR_CACHESTAT = 451  # the same on every architecture's unified syscall table (Linux 6.5)
+_libc = ctypes.CDLL(None, use_errno=True)
+_cachestat_works = True
+
+
+def cached_pages(fd: int, start: int, length: int) -> int | None:
+    """Pages of ``[start, start+length)`` of ``fd``'s file in the page cache (``cachestat``, Linux 6.5 and
+    later); None where the kernel cannot say."""
+    global _cachestat_works
+    if not _cachestat_works or length <= 0:
+        return None
+    stat_ = _CacheStat()
+    if _libc.syscall(_NR_CACHESTAT, fd, ctypes.byref(_CacheRange(start, length)), ctypes.byref(stat_), 0) != 0:
+        if ctypes.get_errno() in (errno.ENOSYS, errno.EPERM):  # an older kernel, or a seccomp filter
+            _cachestat_works = False
+        return None
+    return stat_.cache
 
 
 def reflink(src_fd: int, dst_fd: int) -> bool:
@@ -185,30 +228,53 @@ class CopyJob:
             if not self._copied[index]:
                 self._copy_chunk(index)
 
-    def _copy_chunk(self, index: int) -> None:
+    def _copy_chunk(self, index: int, tidy_source: bool = False) -> None:
+        """Copy chunk ``index`` unless done.  ``tidy_source``: drop from the page cache what reading the
+        source's chunk brought in (a chunk none of which was cached when the copy began: see ``_cold``);
+        a chunk saved before a write is in use, and stays."""
         with self._lock:
             if self._copied[index] or self.state != COPYING:
                 return
             start = index * self.chunk
-            copy_extents(self._src, self._dst, start, min(start + self.chunk, self.length))
+            end = min(start + self.chunk, self.length)
+            copy_extents(self._src, self._dst, start, end)
+            if tidy_source:
+                _drop_cached(self._src, start, end)
             self._copied[index] = 1
             self._done_chunks += 1
+
+    def _cold(self) -> bytearray | None:
+        """1 for each chunk of the source none of which is in the page cache now (None: the kernel cannot
+        say).  Read before the pass, as the pass's own readahead brings the next chunks in: what the copy
+        reads there is dropped again, the cached rest (the guest's working set) left alone."""
+        cold = bytearray(len(self._copied))
+        for index in range(len(cold)):
+            start = index * self.chunk
+            pages = cached_pages(self._src, start, min(self.chunk, self.length - start))
+            if pages is None:
+                return None
+            cold[index] = pages == 0
+        return cold
 
     def _run(self) -> None:
         try:
             advised = 0  # [0, advised): written back already asked for by an earlier _drop_cached
+            cold = self._cold()
             for index in range(len(self._copied)):
                 if self._pace is not None:
                     self._pace()  # outside the lock: a write to the source never waits for it
                 if self._cancel.is_set():
                     raise InterruptedError("the copy was cancelled")
-                self._copy_chunk(index)
+                self._copy_chunk(index, tidy_source=cold is not None and cold[index] == 1)
                 if (index + 1) % _DROP_EVERY == 0:
                     end = (index + 1) * self.chunk
                     _drop_cached(self._dst, max(0, advised - _DROP_EVERY * self.chunk), end)
                     advised = end
             os.fsync(self._dst)
             _drop_cached(self._dst, 0, 0)  # all of it written now: every page goes
+            if cold is not None:  # again, in whole runs of cold chunks: readahead's large folios that
+                for start, end in _runs(cold, self.chunk, self.length):  # straddle two chunks go only so
+                    _drop_cached(self._src, start, end)
             with self._lock:
                 self.state = READY
         except BaseException as exc:  # reported through state/message; the thread ends here

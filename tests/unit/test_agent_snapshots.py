@@ -232,6 +232,40 @@ def test_a_background_copy_leaves_its_file_out_of_the_page_cache(tmp_path):
     assert dst.read_bytes() == data
 
 
+def test_a_background_copy_leaves_the_sources_page_cache_as_it_found_it(tmp_path):
+    """Reading the source (a guest's running volume, for a snapshot) brings it into the page cache: the
+    copy drops again what was not cached before (``copies.cached_pages`` per chunk), and leaves what was
+    (the guest's working set) where it is."""
+    from node_agent.agent.copies import cached_pages
+
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    size = 24 * MiB
+    src.write_bytes(os.urandom(size))
+    with open(dst, "wb") as fh:
+        fh.truncate(size)
+    fd = os.open(src, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        if cached_pages(fd, 0, size) is None:
+            pytest.skip("this kernel has no cachestat (Linux 6.5+) to count a file's cached pages")
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)  # no readahead past what this reads
+        os.pread(fd, 4 * MiB, 0)  # the guest's working set: the first 4 MiB
+        assert cached_pages(fd, 4 * MiB, size - 4 * MiB) == 0
+        hot = cached_pages(fd, 0, 4 * MiB)
+        assert hot == 1024
+        done = threading.Event()
+        job = CopyJob("t", str(src), str(dst), size, on_done=lambda job: done.set())
+        job.start()
+        assert done.wait(30) and job.state == READY
+        assert cached_pages(fd, 0, 4 * MiB) == hot
+        rest = cached_pages(fd, 4 * MiB, size - 4 * MiB)
+        assert rest <= 16, f"the copy left {rest} pages of the source cached"
+    finally:
+        os.close(fd)
+    assert dst.read_bytes() == src.read_bytes()
+
+
 # ---------------------------------------------------------------------------- clones
 
 
