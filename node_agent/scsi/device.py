@@ -134,6 +134,7 @@ class LogicalUnit:
         self._gate = False  # a unit attention is queued, the medium is out or a SANITIZE runs: the one fast-path test
         # A SANITIZE running on a worker thread: [finished] (the worker sets it; the loop then clears this).
         self._sanitize: list[bool] | None = None
+        self._sanitize_failed = False  # the last sanitize did not finish: media access ends (SBC-4 §4.11)
         self._fua_always = False  # WCE=0 in the caching mode page
         self._range_threshold = settings.file_range_threshold
         # I/O counters (read by the agent's metrics at scrape time): READ and WRITE commands that
@@ -339,12 +340,37 @@ class LogicalUnit:
             elif opcode not in _UA_EXEMPT:  # SBC-4 §4.11: all else ends with SANITIZE IN PROGRESS
                 return ScsiResult(CHECK_CONDITION, sense=build_sense(S.SANITIZE_IN_PROGRESS,
                                                                      descriptor=self.mode.d_sense))
+        if self._sanitize_failed and opcode not in _SANITIZE_FAILED_EXEMPT:
+            return ScsiResult(CHECK_CONDITION, sense=build_sense(S.SANITIZE_COMMAND_FAILED,
+                                                                 descriptor=self.mode.d_sense))
         if not self.medium_present and opcode not in _NO_MEDIUM_EXEMPT:
             return ScsiResult(CHECK_CONDITION, sense=build_sense(S.MEDIUM_NOT_PRESENT, descriptor=self.mode.d_sense))
         return None
 
     def _regate(self) -> None:
-        self._gate = self._ua_pending > 0 or not self.medium_present or self._sanitize is not None
+        self._gate = (self._ua_pending > 0 or not self.medium_present or self._sanitize is not None
+                      or self._sanitize_failed)
+
+    def exit_sanitize_failure(self) -> None:
+        """SANITIZE EXIT FAILURE MODE: the medium is usable again after a sanitize that failed (its data
+        as the failed pass left it)."""
+        if self._sanitize_failed:
+            log.warning("%s: leaving the failed-sanitize state; the medium holds what the failed pass left",
+                        self.target_name)
+        self._sanitize_failed = False
+        self._regate()
+
+    def _sanitize_pass(self, io: Callable[[], Any]) -> None:
+        """Run a sanitize's pass over the medium; one that fails (an I/O error part way) leaves the unit in
+        the failed state, ending media access with MEDIUM ERROR, SANITIZE COMMAND FAILED until a sanitize
+        succeeds or EXIT FAILURE MODE (SBC-4 §4.11): never a half-erased medium served as if all were well.
+        On a worker the flag is only read on the loop once the pass is over (``_gated`` regates then)."""
+        try:
+            io()
+        except BaseException:
+            self._sanitize_failed = True
+            raise
+        self._sanitize_failed = False
 
     @property
     def sanitizing(self) -> bool:
@@ -358,13 +384,16 @@ class LogicalUnit:
         and REQUEST SENSE with NOT READY, SANITIZE IN PROGRESS (SBC-4 §4.11); the command completes with
         ``done`` (None: GOOD) when it is over.  Here, at once, otherwise."""
         if self.write_nowait is None:
-            io()
+            try:
+                self._sanitize_pass(io)
+            finally:
+                self._regate()
             return done
         run = [False]
 
         def whole() -> None:
             try:
-                io()
+                self._sanitize_pass(io)
             finally:
                 run[0] = True
         self._sanitize = run
@@ -570,6 +599,7 @@ _FAST_RW: dict[int, tuple] = {0x28: (_RW10, 10, False, 0xE1), 0x88: (_RW16, 16, 
 _CONTROL_RESERVED = CONTROL_RESERVED
 
 _UA_EXEMPT = frozenset((0x12, 0xA0, 0x03))  # INQUIRY, REPORT LUNS, REQUEST SENSE (SPC-4 §5.14)
+_SANITIZE_FAILED_EXEMPT = _UA_EXEMPT | {0x48}  # and SANITIZE: another try, or EXIT FAILURE MODE
 # What runs without a medium: the exempt three, START STOP UNIT and PREVENT ALLOW (to load it),
 # mode pages, reservations, REPORT SUPPORTED OPERATION CODES / TASK MANAGEMENT FUNCTIONS.
 _NO_MEDIUM_EXEMPT = _UA_EXEMPT | frozenset((0x1B, 0x1E, 0x15, 0x1A, 0x55, 0x5A, 0x5E, 0x5F, 0x16, 0x17, 0x56,

@@ -483,6 +483,8 @@ def sanitize_block_erase(lu, nexus, cdb, data_out, edtl):
 
 
 def sanitize_exit_failure_mode(lu, nexus, cdb, data_out, edtl):
-    """SANITIZE EXIT FAILURE MODE: no sanitize here ever leaves the medium in a failed state."""
+    """SANITIZE EXIT FAILURE MODE: leave the state a failed sanitize put the unit in (GOOD also when it
+    is not in it)."""
     _sanitize_no_parameters(cdb)
+    lu.exit_sanitize_failure()
     return None

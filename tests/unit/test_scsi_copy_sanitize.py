@@ -8,7 +8,7 @@ from node_agent.scsi import sense as S
 from node_agent.scsi import xcopy as X
 from node_agent.scsi.device import LogicalUnit, LunMap, LunSettings
 from node_agent.scsi.vpd import LunIdentity
-from node_agent.storage.backing import MemoryBackingStore
+from node_agent.storage.backing import FileBackingStore, MemoryBackingStore
 from node_agent.target_service import ATOMIC_OPT_IN_BYTES, LunSpec
 
 from test_scsi_support import BS, NEXUS, OTHER, SIZE, cdb16, make_lu, run, sense_of
@@ -206,6 +206,82 @@ def test_sanitize_exit_failure_mode_crypto_erase_and_reservations(lu):
     assert sense_of(sanitize(lu, 0x03)) == S.INVALID_FIELD_IN_CDB  # no crypto erase: nothing is encrypted
     lu.reservations.spc2_reserve(OTHER)
     assert sanitize(lu, 0x02).status == S.RESERVATION_CONFLICT
+
+
+class FailingWrites:
+    """A backing store whose writes and hole punches fail once ``budget`` of them have been done (a disk
+    dying part way through a sanitize)."""
+
+    def __init__(self, inner, budget: int):
+        self._inner, self.budget = inner, budget
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
+
+    def _spend(self) -> None:
+        self.budget -= 1
+        if self.budget < 0:
+            raise OSError(5, "Input/output error")
+
+    def write(self, offset, data, fua=False):
+        self._spend()
+        return self._inner.write(offset, data, fua)
+
+    def writev(self, offset, buffers, length):
+        self._spend()
+        return self._inner.writev(offset, buffers, length)
+
+    def punch(self, offset, length):
+        self._spend()
+        return self._inner.punch(offset, length)
+
+
+class FailingFileWrites(FailingWrites):
+    """The same over a store that can say "would block": the unit runs SANITIZE as deferred I/O."""
+
+    def read_nowait(self, offset, length):
+        return self._inner.read_nowait(offset, length)
+
+    def write_nowait(self, offset, data, fua=False):
+        self._spend()
+        return self._inner.write_nowait(offset, data, fua)
+
+
+@pytest.mark.parametrize("kind", ["memory", "file"])  # the pass inline, or as a worker would run it
+@pytest.mark.parametrize("action", ["overwrite", "block erase"])
+def test_a_sanitize_that_fails_part_way_ends_media_access_until_exit_failure_mode(action, kind, tmp_path):
+    """SBC-4 §4.11: a sanitize that fails leaves the unit refusing media access with MEDIUM ERROR, SANITIZE
+    COMMAND FAILED (INQUIRY, REPORT LUNS, REQUEST SENSE and SANITIZE still answer), so a half-erased
+    medium is never served as if all were well; EXIT FAILURE MODE, or a sanitize that succeeds, ends it."""
+    if kind == "memory":
+        inner, wrapper = MemoryBackingStore(SIZE, BS), FailingWrites
+    else:
+        inner, wrapper = FileBackingStore(tmp_path / "f.img", SIZE, block_size=BS), FailingFileWrites
+    inner.write(0, b"secret" * 1000, False)
+    budget = 1 if action == "overwrite" else 0  # the overwrite fails after its first write
+    unit = LogicalUnit(wrapper(inner, budget), LunIdentity(volume_id="vol-failing"), target_name="iqn.x:t")
+    unit.add_nexus(NEXUS), unit.add_nexus(OTHER)
+    run(unit, bytes(6)), run(unit, bytes(6), nexus=OTHER)
+    params = bytes([0x01, 0, 0, 1, 0xA5]) if action == "overwrite" else b""
+    first = sanitize(unit, 0x01 if action == "overwrite" else 0x02, params)
+    assert first.status == S.CHECK_CONDITION  # the pass failed: its own status says so
+    read = run(unit, bytes([0x28, 0, 0, 0, 0, 0, 0, 0, 1, 0]), nexus=OTHER)
+    assert sense_of(read) == S.SANITIZE_COMMAND_FAILED
+    assert sense_of(run(unit, bytes(6))) == S.SANITIZE_COMMAND_FAILED  # TEST UNIT READY too
+    assert run(unit, bytes([0x12, 0, 0, 0, 96, 0])).status == S.GOOD  # INQUIRY answers
+    assert run(unit, bytes([0xA0]) + bytes(5) + (64).to_bytes(4, "big") + bytes(2), edtl=64).status == S.GOOD
+    assert sanitize(unit, 0x1F).status == S.GOOD  # EXIT FAILURE MODE
+    assert run(unit, bytes(6)).status == S.GOOD
+    assert run(unit, bytes([0x28, 0, 0, 0, 0, 0, 0, 0, 1, 0]), nexus=OTHER).status == S.GOOD
+    # Failed again, then a sanitize that succeeds ends the state as well.
+    unit.backing.budget = 0
+    assert sanitize(unit, 0x02).status == S.CHECK_CONDITION
+    assert sense_of(run(unit, bytes(6))) == S.SANITIZE_COMMAND_FAILED
+    unit.backing.budget = 10**6
+    assert sanitize(unit, 0x02).status == S.GOOD
+    assert run(unit, bytes(6)).status == S.GOOD and not any(inner.read(0, 6000))
+    assert (unit.write_nowait is None) == (kind == "memory")  # which path the pass took
+    unit.close()
 
 
 # -- write protect --------------------------------------------------------------------------
