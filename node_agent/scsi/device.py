@@ -351,6 +351,11 @@ class LogicalUnit:
         self._gate = (self._ua_pending > 0 or not self.medium_present or self._sanitize is not None
                       or self._sanitize_failed)
 
+    @property
+    def sanitize_failed(self) -> bool:
+        """The last sanitize failed, and no EXIT FAILURE MODE since (REQUEST SENSE says so)."""
+        return self._sanitize_failed and not self.sanitizing
+
     def exit_sanitize_failure(self) -> None:
         """SANITIZE EXIT FAILURE MODE: the medium is usable again after a sanitize that failed (its data
         as the failed pass left it)."""

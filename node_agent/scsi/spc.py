@@ -101,10 +101,12 @@ VPD_PAGES = {
 
 def request_sense(lu, nexus, cdb, data_out, edtl):
     """REQUEST SENSE (SPC-4 §6.39): the oldest pending unit attention (cleared), else SANITIZE IN PROGRESS
-    while one runs (SBC-4 §4.11), else NO SENSE."""
+    while one runs, or SANITIZE COMMAND FAILED after one failed (SBC-4 §4.11), else NO SENSE."""
     ua = lu.take_unit_attention(nexus)
     if ua is None and lu.sanitizing:
         ua = S.SANITIZE_IN_PROGRESS
+    elif ua is None and lu.sanitize_failed:
+        ua = S.SANITIZE_COMMAND_FAILED
     return build_sense(ua or S.NO_ADDITIONAL_SENSE, descriptor=cdb.desc)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from node_agent.scsi import sense as S
+from node_agent.scsi.sense import parse_sense
 from node_agent.scsi import xcopy as X
 from node_agent.scsi.device import LogicalUnit, LunMap, LunSettings
 from node_agent.scsi.vpd import LunIdentity
@@ -268,6 +269,8 @@ def test_a_sanitize_that_fails_part_way_ends_media_access_until_exit_failure_mod
     read = run(unit, bytes([0x28, 0, 0, 0, 0, 0, 0, 0, 1, 0]), nexus=OTHER)
     assert sense_of(read) == S.SANITIZE_COMMAND_FAILED
     assert sense_of(run(unit, bytes(6))) == S.SANITIZE_COMMAND_FAILED  # TEST UNIT READY too
+    request_sense = run(unit, bytes([0x03, 0, 0, 0, 252, 0]), edtl=252)
+    assert request_sense.status == S.GOOD and parse_sense(bytes(request_sense.data)) == S.SANITIZE_COMMAND_FAILED
     assert run(unit, bytes([0x12, 0, 0, 0, 96, 0])).status == S.GOOD  # INQUIRY answers
     assert run(unit, bytes([0xA0]) + bytes(5) + (64).to_bytes(4, "big") + bytes(2), edtl=64).status == S.GOOD
     assert sanitize(unit, 0x1F).status == S.GOOD  # EXIT FAILURE MODE
