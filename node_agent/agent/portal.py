@@ -136,6 +136,7 @@ class PortalThread:
             removed, saves = 0, []
             for target in registry.targets.values():
                 for unit in target.luns.luns.values():
+                    unit.stop_sanitize(initiator_name)  # its pass writes on; the fence waits for none of it
                     gone = persistent_reserve.remove_initiator(unit, initiator_name, save=False)
                     save = unit.reservations.save_later() if gone else None
                     if save is not None:

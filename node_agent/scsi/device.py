@@ -135,6 +135,8 @@ class LogicalUnit:
         # A SANITIZE running on a worker thread: [finished] (the worker sets it; the loop then clears this).
         self._sanitize: list[bool] | None = None
         self._sanitize_failed = False  # the last sanitize did not finish: media access ends (SBC-4 §4.11)
+        self._sanitize_by: Nexus | None = None  # who started the running one
+        self.sanitize_stopping = False  # set to stop the running pass at its next chunk (a fence, a removal)
         self._fua_always = False  # WCE=0 in the caching mode page
         self._range_threshold = settings.file_range_threshold
         # I/O counters (read by the agent's metrics at scrape time): READ and WRITE commands that
@@ -375,7 +377,27 @@ class LogicalUnit:
         except BaseException:
             self._sanitize_failed = True
             raise
+        finally:
+            self.sanitize_stopping = False
         self._sanitize_failed = False
+
+    def stop_sanitize(self, initiator_name: str | None = None) -> bool:
+        """Stop the running sanitize at its next chunk (of ``initiator_name``'s, when given), leaving the
+        unit in the failed-sanitize state: for a fence, after which none of that initiator's writes may
+        land, and for removing the unit.  True if one was running."""
+        by = self._sanitize_by
+        if not self.sanitizing or (initiator_name is not None and by is not None
+                                   and by.initiator_port.rpartition(",i,")[0] != initiator_name):
+            return False
+        self.sanitize_stopping = True
+        log.warning("%s: stopping the running sanitize; the unit stays in the failed-sanitize state",
+                    self.target_name)
+        return True
+
+    def check_sanitize_stop(self) -> None:
+        """Between two chunks of a sanitize's pass: raise if ``stop_sanitize`` asked it to end."""
+        if self.sanitize_stopping and self.sanitizing:  # a flag left from a pass that just ended stops nothing
+            raise InterruptedError("the sanitize was stopped (fence or removal)")
 
     @property
     def sanitizing(self) -> bool:
@@ -383,11 +405,15 @@ class LogicalUnit:
         run = self._sanitize
         return run is not None and not run[0]
 
-    def sanitize(self, io: Callable[[], Any], done: ScsiResult | None) -> ScsiResult | None:
+    def sanitize(self, io: Callable[[], Any], done: ScsiResult | None,
+                 nexus: Nexus | None = None) -> ScsiResult | None:
         """Run a SANITIZE's ``io`` (a pass over the whole medium: minutes for a large one) on a worker thread
         when the transport can, meanwhile ending every other command to this unit but INQUIRY, REPORT LUNS
         and REQUEST SENSE with NOT READY, SANITIZE IN PROGRESS (SBC-4 §4.11); the command completes with
-        ``done`` (None: GOOD) when it is over.  Here, at once, otherwise."""
+        ``done`` (None: GOOD) when it is over.  Here, at once, otherwise.  ``nexus`` started it (a fence of
+        its initiator stops it: ``stop_sanitize``)."""
+        self._sanitize_by = nexus
+        self.sanitize_stopping = False
         if self.write_nowait is None:
             try:
                 self._sanitize_pass(io)
@@ -568,6 +594,7 @@ class LogicalUnit:
         this unit another command: no deferred I/O starts after this, what runs finishes, and the
         medium is flushed (fdatasync, seconds for a volume with much unwritten data).  ``close``,
         then, has little left to do.  A flush that fails is logged; ``close`` tries again."""
+        self.stop_sanitize()  # a pass over the whole medium would hold the removal for minutes
         with self._io_lock:
             self._closed = True
             while self._io_running:

@@ -400,6 +400,8 @@ def _replicate(lu, lba: int, count: int, block: bytes) -> None:
     done = 0
     fua = lu._fua_always
     while done < count:
+        if lu.sanitize_stopping:  # a sanitize's pass stopped by a fence or a removal
+            lu.check_sanitize_stop()
         n = min(per_chunk, count - done)
         lu.backing.write((lba + done) * bs, chunk if n * bs == len(chunk) else chunk[: n * bs], fua)
         done += n
@@ -467,7 +469,7 @@ def sanitize_overwrite(lu, nexus, cdb, data_out, edtl):
             inverted = invert and (count - 1 - n) % 2 == 1
             _replicate(lu, 0, lu.num_blocks, complement if inverted else block)
         lu.backing.flush()
-    return lu.sanitize(overwrite, ScsiResult(S.GOOD, data_out_length=length))
+    return lu.sanitize(overwrite, ScsiResult(S.GOOD, data_out_length=length), nexus)
 
 
 def sanitize_block_erase(lu, nexus, cdb, data_out, edtl):
@@ -479,7 +481,7 @@ def sanitize_block_erase(lu, nexus, cdb, data_out, edtl):
     def erase() -> None:
         backing.punch(0, size)
         backing.flush()
-    return lu.sanitize(erase, None)
+    return lu.sanitize(erase, None, nexus)
 
 
 def sanitize_exit_failure_mode(lu, nexus, cdb, data_out, edtl):

@@ -467,6 +467,63 @@ def test_task_management_ends_a_sanitize_command_but_not_the_sanitize(portal, tm
     assert path.read_bytes() == bytes(MiB)
 
 
+@pytest.mark.parametrize("how", ["fence", "removal"])
+def test_a_fence_or_a_removal_stops_a_running_sanitize(portal, tmp_path, how):
+    """A fence promises that none of the initiator's writes lands after it returns, and waits for its
+    commands on workers: a SANITIZE's pass (minutes on a large volume) would hold it up to its timeout.  The
+    fence stops the pass at its next chunk instead (``LogicalUnit.stop_sanitize``): it returns within about
+    one chunk's write, and the unit is left in the failed-sanitize state (SANITIZE COMMAND FAILED) for the
+    next owner to see, who may sanitize again or EXIT FAILURE MODE.  Removing the target (the volume's
+    last unexport) stops it the same way rather than wait for the whole pass."""
+    from node_agent.iscsi.initiator.client import CommandFailed, sense_code
+    from node_agent.scsi.sense import SANITIZE_COMMAND_FAILED
+
+    portal, host, port, _ = portal
+    path = tmp_path / "eight.img"
+    path.write_bytes(b"\x77" * (8 * MiB))  # an overwrite of 8 chunks: 8 x SLOW
+    portal.add_target(iqn("eight"), LunSpec(str(path), wrap=lambda b: DelayedBackingStore(b, SLOW)), chap=CHAP,
+                      mutual_chap=None, allowed_initiators=[INITIATOR, OTHER_INITIATOR])
+    params = bytes([0x01, 0, 0, 2, 0xA5, 0xA5])
+    overwrite = bytes([0x48, 0x01, 0, 0, 0, 0, 0, 0, len(params), 0])
+    tur = bytes(6)
+
+    async def scenario():
+        loop = asyncio.get_running_loop()
+        async with client(host, port, "eight") as one:
+            await one.execute(tur)
+            command = asyncio.ensure_future(one.execute(overwrite, data_out=params))
+            await asyncio.sleep(SLOW / 4)  # the pass is on its worker
+            start = time.perf_counter()
+            if how == "removal":
+                removed = await loop.run_in_executor(None, portal.remove_target, iqn("eight"))
+                took = time.perf_counter() - start
+                command.cancel()
+                return removed, took, None
+            fenced = await loop.run_in_executor(None, portal.fence_initiator, INITIATOR)
+            took = time.perf_counter() - start
+            command.cancel()
+        async with client(host, port, "eight", initiator=OTHER_INITIATOR) as two:
+            with pytest.raises(CommandFailed):
+                await two.execute(tur)  # a unit attention first
+            with pytest.raises(CommandFailed) as refused:
+                await two.execute(tur)
+            after = sense_code(refused.value.done.sense)
+            await two.execute(bytes([0x48, 0x1F, 0, 0, 0, 0, 0, 0, 0, 0]))  # EXIT FAILURE MODE
+            await two.execute(tur)
+        return fenced, took, after
+
+    fenced, took, after = asyncio.run(scenario())
+    print(f"{how} took {took:.2f} s with a sanitize running; {fenced}")
+    assert took < 3 * SLOW + (2 * SLOW if how == "removal" else 0), \
+        f"the {how} waited {took:.2f} s for the sanitize (its whole pass is {8 * SLOW:.1f} s)"
+    if how == "removal":  # and a flush and a close, each SLOW on this device
+        assert fenced is True
+    else:
+        assert fenced.commands_waited == 1
+        assert after == tuple(SANITIZE_COMMAND_FAILED)
+    assert path.read_bytes()[:2] == b"\xa5\xa5" and path.read_bytes()[-2:] == b"\x77\x77"  # stopped part way
+
+
 def test_extended_copy_runs_off_the_loop(portal):
     """EXTENDED COPY (SPC-4 §6.4: up to 32 segments of 64 MiB) on ``slow`` reads and writes on a worker:
     meanwhile RECEIVE COPY STATUS says "in progress" and the same list identifier is refused with OPERATION IN
