@@ -94,18 +94,26 @@ _libc = ctypes.CDLL(None, use_errno=True)
 _cachestat_works = True
 
 
-def cached_pages(fd: int, start: int, length: int) -> int | None:
-    """Pages of ``[start, start+length)`` of ``fd``'s file in the page cache (``cachestat``, Linux 6.5 and
-    later); None where the kernel cannot say."""
+def cache_stat(fd: int, start: int = 0, length: int = 0) -> _CacheStat | None:
+    """Page-cache counts (``cache``, ``dirty``, ``writeback``, ... in pages) of ``[start, start+length)`` of
+    ``fd``'s file (length 0: to its end), from ``cachestat`` (Linux 6.5 and later); None where the kernel
+    cannot say."""
     global _cachestat_works
-    if not _cachestat_works or length <= 0:
+    if not _cachestat_works:
         return None
     stat_ = _CacheStat()
     if _libc.syscall(_NR_CACHESTAT, fd, ctypes.byref(_CacheRange(start, length)), ctypes.byref(stat_), 0) != 0:
         if ctypes.get_errno() in (errno.ENOSYS, errno.EPERM):  # an older kernel, or a seccomp filter
             _cachestat_works = False
         return None
-    return stat_.cache
+    return stat_
+
+
+def cached_pages(fd: int, start: int, length: int) -> int | None:
+    """Pages of ``[start, start+length)`` of ``fd``'s file in the page cache; None where the kernel cannot
+    say (or ``length`` is not positive)."""
+    stat_ = cache_stat(fd, start, length) if length > 0 else None
+    return None if stat_ is None else stat_.cache
 
 
 def reflink(src_fd: int, dst_fd: int) -> bool:

@@ -136,7 +136,9 @@ class LogicalUnit:
         self._sanitize: list[bool] | None = None
         self._sanitize_failed = False  # the last sanitize did not finish: media access ends (SBC-4 §4.11)
         self._sanitize_by: Nexus | None = None  # who started the running one
-        self.sanitize_stopping = False  # set to stop the running pass at its next chunk (a fence, a removal)
+        # Set to stop the running pass at its next chunk (a fence, a removal; ``sbc._replicate`` looks); one
+        # left set after its pass ended stops nothing (``sanitizing`` is False) and the next SANITIZE clears it.
+        self.sanitize_stopping = False
         self._fua_always = False  # WCE=0 in the caching mode page
         self._range_threshold = settings.file_range_threshold
         # I/O counters (read by the agent's metrics at scrape time): READ and WRITE commands that
@@ -377,8 +379,6 @@ class LogicalUnit:
         except BaseException:
             self._sanitize_failed = True
             raise
-        finally:
-            self.sanitize_stopping = False
         self._sanitize_failed = False
 
     def stop_sanitize(self, initiator_name: str | None = None) -> bool:
@@ -393,11 +393,6 @@ class LogicalUnit:
         log.warning("%s: stopping the running sanitize; the unit stays in the failed-sanitize state",
                     self.target_name)
         return True
-
-    def check_sanitize_stop(self) -> None:
-        """Between two chunks of a sanitize's pass: raise if ``stop_sanitize`` asked it to end."""
-        if self.sanitize_stopping and self.sanitizing:  # a flag left from a pass that just ended stops nothing
-            raise InterruptedError("the sanitize was stopped (fence or removal)")
 
     @property
     def sanitizing(self) -> bool:

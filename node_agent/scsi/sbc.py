@@ -400,8 +400,8 @@ def _replicate(lu, lba: int, count: int, block: bytes) -> None:
     done = 0
     fua = lu._fua_always
     while done < count:
-        if lu.sanitize_stopping:  # a sanitize's pass stopped by a fence or a removal
-            lu.check_sanitize_stop()
+        if lu.sanitize_stopping and lu.sanitizing:  # a sanitize's pass stopped by a fence or a removal
+            raise InterruptedError("the sanitize was stopped (fence or removal)")
         n = min(per_chunk, count - done)
         lu.backing.write((lba + done) * bs, chunk if n * bs == len(chunk) else chunk[: n * bs], fua)
         done += n

@@ -359,23 +359,13 @@ def dirty_pages(path: str) -> int | None:
 
 
 def cache_stat(path: str):
-    """``path``'s page-cache counts (``cache``, ``dirty``, ... in pages; Linux ``cachestat``, 6.5 and later),
-    or None without it."""
-    import ctypes
+    """``path``'s page-cache counts (``cache``, ``dirty``, ... in pages; ``copies.cache_stat``), or None
+    without ``cachestat`` (Linux 6.5+)."""
+    from node_agent.agent.copies import cache_stat as stat_fd
 
-    class Range(ctypes.Structure):
-        _fields_ = [("off", ctypes.c_uint64), ("len", ctypes.c_uint64)]
-
-    class Stat(ctypes.Structure):
-        _fields_ = [(name, ctypes.c_uint64) for name in ("cache", "dirty", "writeback", "evicted", "recently_evicted")]
-
-    libc = ctypes.CDLL(None, use_errno=True)
     fd = os.open(path, os.O_RDONLY)
     try:
-        stat_ = Stat()
-        if libc.syscall(451, fd, ctypes.byref(Range(0, 0)), ctypes.byref(stat_), 0) != 0:  # __NR_cachestat (x86-64)
-            return None
-        return stat_
+        return stat_fd(fd)
     finally:
         os.close(fd)
 
