@@ -2,7 +2,8 @@
 
 A disk is a directory; volume ``ID`` lives in ``<disk>/volumes/ID.img`` with
 ``ID.json`` beside it (thin or not, what it was cloned from) and, once a LUN
-has served it, ``ID.img.pr`` (persistent reservations, SPC-4 §5.13.5).  The
+has served it, ``ID.img.pr`` (persistent reservations, SPC-4 §5.13.5) and, while a
+sanitize runs or has failed, ``ID.img.sanitize`` (``scsi.sidecar.SanitizeMark``).  The
 files themselves are the record: a volume exists when its ``.img`` does, so a
 restarted agent finds its volumes by listing the disks.  A new image is built
 under a temporary name and renamed into place when complete, so a crash never
@@ -39,6 +40,8 @@ from node_agent.agent.errors import (AlreadyExists, FailedPrecondition, InvalidA
                                      ResourceExhausted)
 from node_agent.agent.records import fsync_dir, read_json, write_json
 from node_agent.agent.settings import DiskSpec, check_name
+from node_agent.scsi.ptpl import SUFFIX as PTPL_SUFFIX
+from node_agent.scsi.sidecar import SANITIZE_SUFFIX
 
 log = logging.getLogger("shoal.agent.volumes")
 
@@ -260,7 +263,7 @@ class VolumeManager:
         if info is None:
             return False
         spec = self.specs[info.disk]
-        for path in (info.path, info.path + ".pr", self._meta(spec, volume_id)):
+        for path in (info.path, info.path + PTPL_SUFFIX, info.path + SANITIZE_SUFFIX, self._meta(spec, volume_id)):
             _unlink(path)
         fsync_dir(self._dir(spec))
         log.info("deleted volume %s from disk %s", volume_id, info.disk)

@@ -44,6 +44,7 @@ from node_agent.scsi.commands import COMMANDS_BY_OPCODE, CONTROL_RESERVED, Comma
 from node_agent.scsi.lun import decode_lun, encode_lun  # noqa: F401  (re-exported)
 from node_agent.scsi.modepages import ModeState
 from node_agent.scsi.ptpl import PtplStore
+from node_agent.scsi.sidecar import SanitizeMark
 from node_agent.scsi.reservations import ReservationConflict, Reservations
 from node_agent.scsi.result import FileRange, Nexus, ScsiResult  # noqa: F401  (re-exported)
 from node_agent.scsi.sense import CheckCondition, SenseCode, build_sense
@@ -135,6 +136,14 @@ class LogicalUnit:
         # A SANITIZE running on a worker thread: [finished] (the worker sets it; the loop then clears this).
         self._sanitize: list[bool] | None = None
         self._sanitize_failed = False  # the last sanitize did not finish: media access ends (SBC-4 §4.11)
+        # ``<backing file>.sanitize`` while a pass runs or the unit is in the failed state: a unit opened on a
+        # file whose sanitize died with the process serving it (a crash, a kill) starts in the failed state.
+        self._sanitize_mark = SanitizeMark.beside(backing)
+        if self._sanitize_mark is not None and self._sanitize_mark.present():
+            log.warning("%s: %s did not finish (the medium may be partly erased): media access ends with "
+                        "SANITIZE COMMAND FAILED until a SANITIZE completes or EXIT FAILURE MODE", target_name,
+                        self._sanitize_mark.describe())
+            self._sanitize_failed = self._gate = True
         self._sanitize_by: Nexus | None = None  # who started the running one
         # Set to stop the running pass at its next chunk (a fence, a removal; ``sbc._replicate`` looks); one
         # left set after its pass ended stops nothing (``sanitizing`` is False) and the next SANITIZE clears it.
@@ -366,16 +375,25 @@ class LogicalUnit:
         if self._sanitize_failed:
             log.warning("%s: leaving the failed-sanitize state; the medium holds what the failed pass left",
                         self.target_name)
+            if self._sanitize_mark is not None:
+                self._sanitize_mark.clear()  # an error here leaves the unit failed: as it would be after a restart
         self._sanitize_failed = False
         self._regate()
 
-    def _sanitize_pass(self, io: Callable[[], Any]) -> None:
+    def _sanitize_pass(self, io: Callable[[], Any], kind: str, by: Nexus | None) -> None:
         """Run a sanitize's pass over the medium; one that fails (an I/O error part way) leaves the unit in
         the failed state, ending media access with MEDIUM ERROR, SANITIZE COMMAND FAILED until a sanitize
         succeeds or EXIT FAILURE MODE (SBC-4 §4.11): never a half-erased medium served as if all were well.
+        The state outlives the process: the mark beside the backing file is on disk before the first block
+        changes and goes only once ``io`` has made the medium stable (both handlers end with a flush).
         On a worker the flag is only read on the loop once the pass is over (``_gated`` regates then)."""
+        mark = self._sanitize_mark
         try:
+            if mark is not None:
+                mark.set(kind, None if by is None else by.initiator_port)
             io()
+            if mark is not None:
+                mark.clear()
         except BaseException:
             self._sanitize_failed = True
             raise
@@ -401,17 +419,17 @@ class LogicalUnit:
         return run is not None and not run[0]
 
     def sanitize(self, io: Callable[[], Any], done: ScsiResult | None,
-                 nexus: Nexus | None = None) -> ScsiResult | None:
+                 nexus: Nexus | None = None, kind: str = "SANITIZE") -> ScsiResult | None:
         """Run a SANITIZE's ``io`` (a pass over the whole medium: minutes for a large one) on a worker thread
         when the transport can, meanwhile ending every other command to this unit but INQUIRY, REPORT LUNS
         and REQUEST SENSE with NOT READY, SANITIZE IN PROGRESS (SBC-4 §4.11); the command completes with
         ``done`` (None: GOOD) when it is over.  Here, at once, otherwise.  ``nexus`` started it (a fence of
-        its initiator stops it: ``stop_sanitize``)."""
+        its initiator stops it: ``stop_sanitize``); ``kind`` names it in the mark (``_sanitize_pass``)."""
         self._sanitize_by = nexus
         self.sanitize_stopping = False
         if self.write_nowait is None:
             try:
-                self._sanitize_pass(io)
+                self._sanitize_pass(io, kind, nexus)
             finally:
                 self._regate()
             return done
@@ -419,7 +437,7 @@ class LogicalUnit:
 
         def whole() -> None:
             try:
-                self._sanitize_pass(io)
+                self._sanitize_pass(io, kind, nexus)
             finally:
                 run[0] = True
         self._sanitize = run

@@ -10,9 +10,9 @@ regular backing file gets a sidecar (never ``/dev/...``).
 from __future__ import annotations
 
 import json
-import os
-import stat
 import threading
+
+from node_agent.scsi.sidecar import path_beside, remove_durably, write_durably
 
 SUFFIX = ".pr"
 
@@ -28,15 +28,8 @@ class PtplStore:
     @classmethod
     def beside(cls, backing) -> "PtplStore | None":
         """A store next to ``backing``'s regular file, or None (memory or block-device backing)."""
-        path = getattr(backing, "path", None)
-        if not path or getattr(backing, "read_only", False):
-            return None
-        try:
-            if not stat.S_ISREG(os.stat(path).st_mode):
-                return None
-        except OSError:
-            return None
-        return cls(path + SUFFIX)
+        path = path_beside(backing, SUFFIX)
+        return None if path is None else cls(path)
 
     def load(self) -> dict | None:
         try:
@@ -58,26 +51,7 @@ class PtplStore:
             self._saved = number
 
     def save(self, state: dict) -> None:
-        tmp = f"{self.path}.tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        try:
-            os.write(fd, json.dumps(state, sort_keys=True).encode("utf-8"))
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, self.path)
-        self._sync_directory()
+        write_durably(self.path, json.dumps(state, sort_keys=True).encode("utf-8"))
 
     def remove(self) -> None:
-        try:
-            os.unlink(self.path)
-        except FileNotFoundError:
-            return
-        self._sync_directory()
-
-    def _sync_directory(self) -> None:
-        fd = os.open(os.path.dirname(os.path.abspath(self.path)), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        remove_durably(self.path)

@@ -469,7 +469,7 @@ def sanitize_overwrite(lu, nexus, cdb, data_out, edtl):
             inverted = invert and (count - 1 - n) % 2 == 1
             _replicate(lu, 0, lu.num_blocks, complement if inverted else block)
         lu.backing.flush()
-    return lu.sanitize(overwrite, ScsiResult(S.GOOD, data_out_length=length), nexus)
+    return lu.sanitize(overwrite, ScsiResult(S.GOOD, data_out_length=length), nexus, "SANITIZE OVERWRITE")
 
 
 def sanitize_block_erase(lu, nexus, cdb, data_out, edtl):
@@ -481,7 +481,7 @@ def sanitize_block_erase(lu, nexus, cdb, data_out, edtl):
     def erase() -> None:
         backing.punch(0, size)
         backing.flush()
-    return lu.sanitize(erase, None, nexus)
+    return lu.sanitize(erase, None, nexus, "SANITIZE BLOCK ERASE")
 
 
 def sanitize_exit_failure_mode(lu, nexus, cdb, data_out, edtl):

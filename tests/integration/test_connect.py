@@ -45,7 +45,7 @@ def wait_nodes(address: str, count: int) -> None:
 
 def backing_file(root: Path, size: int) -> Path:
     [path] = [p for p in root.rglob("*") if p.is_file() and not p.is_symlink() and p.stat().st_size == size
-              and not p.name.endswith((".json", ".pr"))]
+              and not p.name.endswith((".json", ".pr", ".sanitize"))]
     return path
 
 

@@ -39,6 +39,7 @@ class DelayedBackingStore:
         self.size = inner.size
         self.block_size = inner.block_size
         self.read_only = getattr(inner, "read_only", False)
+        self.path = getattr(inner, "path", None)  # the file's sidecars (reservations, sanitize mark) beside it
         self.unflushed = False  # written since the last flush: closing must flush, slowly
 
     def read_nowait(self, offset: int, length: int):

@@ -91,8 +91,9 @@ def test_expand_of_a_thick_volume_allocates_the_new_part(manager):
 
 def test_delete_removes_every_file_and_repeats_succeed(manager):
     info = manager.create("vol-1", MiB, "data0")
-    with open(info.path + ".pr", "w") as fh:  # what persistent reservations leave beside the image
-        fh.write("{}")
+    for sidecar in (".pr", ".sanitize"):  # what persistent reservations and a failed sanitize leave beside it
+        with open(info.path + sidecar, "w") as fh:
+            fh.write("{}")
     assert manager.delete("vol-1") is True
     assert os.listdir(os.path.dirname(info.path)) == []
     assert manager.delete("vol-1") is False

@@ -287,6 +287,77 @@ def test_a_sanitize_that_fails_part_way_ends_media_access_until_exit_failure_mod
     unit.close()
 
 
+def test_the_failed_sanitize_state_outlives_the_unit(tmp_path):
+    """The failed-sanitize state is kept beside the backing file (``<file>.sanitize``): on disk before the
+    pass writes its first block, there for as long as the pass runs or the unit stays failed, so a unit
+    opened again on the file (a restarted target or agent, after a crash or a kill part way through the
+    pass: the process is gone, the half-erased medium is not) starts in the failed state.  EXIT FAILURE
+    MODE removes the mark, and so does a sanitize that succeeds (after its flush)."""
+    path, mark = tmp_path / "f.img", tmp_path / "f.img.sanitize"
+    seen = []
+
+    class Watched(FailingFileWrites):
+        def _spend(self):
+            seen.append(mark.exists())
+            super()._spend()
+
+    def open_unit(budget=10**6):
+        inner = FileBackingStore(path, SIZE, block_size=BS)
+        unit = LogicalUnit(Watched(inner, budget), LunIdentity(volume_id="vol-kept"), target_name="iqn.x:t")
+        unit.add_nexus(NEXUS)
+        run(unit, bytes(6))  # the power-on unit attention
+        return unit
+
+    FileBackingStore(path, SIZE, block_size=BS).write(0, b"secret" * 1000, False)
+    unit = open_unit(budget=1)
+    assert sanitize(unit, 0x01, bytes([0x01, 0, 0, 1, 0xA5])).status == S.CHECK_CONDITION  # fails part way
+    assert seen == [True, True] and mark.exists()
+    unit.close()  # dropped in the failed state, as a kill would leave it
+    assert "SANITIZE OVERWRITE" in mark.read_text()
+    again = open_unit()
+    assert sense_of(run(again, bytes([0x28, 0, 0, 0, 0, 0, 0, 0, 1, 0]))) == S.SANITIZE_COMMAND_FAILED
+    request_sense = run(again, bytes([0x03, 0, 0, 0, 252, 0]), edtl=252)
+    assert parse_sense(bytes(request_sense.data)) == S.SANITIZE_COMMAND_FAILED
+    assert sanitize(again, 0x1F).status == S.GOOD and not mark.exists()  # EXIT FAILURE MODE
+    assert run(again, bytes(6)).status == S.GOOD
+    again.close()
+    fresh = open_unit()
+    assert run(fresh, bytes([0x28, 0, 0, 0, 0, 0, 0, 0, 1, 0])).status == S.GOOD  # the mark went with the state
+    seen.clear()
+    assert sanitize(fresh, 0x02).status == S.GOOD and not mark.exists()  # a block erase that succeeds
+    assert seen == [True] and not any(fresh.backing.read(0, 6000))
+    fresh.close()
+    assert not mark.exists() and run(open_unit(), bytes(6)).status == S.GOOD
+
+
+def test_a_unit_without_a_regular_file_keeps_no_sanitize_mark():
+    """Memory stores and block devices have no place for a sidecar: their units work as before (the state
+    lasts as long as the unit)."""
+    from node_agent.scsi.sidecar import SanitizeMark
+    assert SanitizeMark.beside(MemoryBackingStore(SIZE, BS)) is None
+    assert SanitizeMark.beside(type("Dev", (), {"path": "/dev/null", "read_only": False})()) is None
+
+
+def test_a_read_only_unit_honours_the_mark_and_needs_a_writable_one_to_leave_it(tmp_path):
+    """A read-only export of a volume whose sanitize failed must not serve the half-erased medium either; it
+    cannot leave the state (EXIT FAILURE MODE writes: DATA PROTECT), a writable export of it can."""
+    path, mark = tmp_path / "r.img", tmp_path / "r.img.sanitize"
+    FileBackingStore(path, SIZE, block_size=BS).close()
+    mark.write_text("{}")
+    unit = LogicalUnit(FileBackingStore(path, read_only=True), LunIdentity(volume_id="vol-ro"), target_name="iqn.x:t")
+    unit.add_nexus(NEXUS)
+    run(unit, bytes(6))
+    assert sense_of(run(unit, bytes([0x28, 0, 0, 0, 0, 0, 0, 0, 1, 0]))) == S.SANITIZE_COMMAND_FAILED
+    assert sense_of(sanitize(unit, 0x1F)) == S.WRITE_PROTECTED and mark.exists()
+    unit.close()
+    writable = LogicalUnit(FileBackingStore(path), LunIdentity(volume_id="vol-ro"), target_name="iqn.x:t")
+    writable.add_nexus(NEXUS)
+    run(writable, bytes(6))
+    assert sanitize(writable, 0x1F).status == S.GOOD and not mark.exists()
+    assert run(writable, bytes([0x28, 0, 0, 0, 0, 0, 0, 0, 1, 0])).status == S.GOOD
+    writable.close()
+
+
 # -- write protect --------------------------------------------------------------------------
 def mode_select_swp(unit, on: bool, nexus=NEXUS):
     page = bytearray(run(unit, bytes([0x1A, 0x08, 0x0A, 0, 255, 0]), nexus=nexus).data[4:])
