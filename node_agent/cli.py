@@ -195,6 +195,12 @@ def _agent_parser(sub) -> None:
                            "exports, offered by its attachments, in order of preference (default None,CRC32C: "
                            "digests only where the other side insists; CRC32C,None prefers them; CRC32C requires "
                            "them)")
+    agent.add_argument("--iscsi-nop-interval", type=_typed(_seconds), default=ConnectionSettings.nop_interval,
+                       metavar="SECONDS", help="ping an initiator of this node's exports silent this long with a "
+                       "NOP-In (default %(default)g; 0: never ping)")
+    agent.add_argument("--iscsi-nop-timeout", type=_typed(_seconds), default=ConnectionSettings.nop_timeout,
+                       metavar="SECONDS", help="drop an export's connection whose initiator leaves a ping unanswered "
+                       "this long (default %(default)g, more than 0)")
     agent.add_argument("--ready-file", metavar="FILE",
                        help="write {\"agent\": HOST:PORT, \"portal\": HOST:PORT, \"metrics\": HOST:PORT} as JSON "
                             "here once serving")
@@ -221,6 +227,7 @@ def _agent_settings(args: argparse.Namespace):
                          server_tls=server_tls, controller_tls=controller_tls, metrics_listen=args.metrics_listen,
                          csi_endpoint=args.csi_endpoint, csi_driver_name=args.csi_driver_name,
                          iscsi_header_digest=args.iscsi_header_digest, iscsi_data_digest=args.iscsi_data_digest,
+                         iscsi_nop_interval=args.iscsi_nop_interval, iscsi_nop_timeout=args.iscsi_nop_timeout,
                          **extra)
 
 

@@ -43,6 +43,7 @@ from node_agent.csi.server import build_csi_node_server
 from node_agent.host.connector import CONNECTOR_LABEL, Connector, preferred_connector
 from node_agent.host.runner import SubprocessRunner
 from node_agent.metrics_server import MetricsServer, new_registry
+from node_agent.iscsi.connection import ConnectionSettings
 from node_agent.iscsi.keys import TargetSettings
 from node_agent.target_service import PortalConfig
 from protos.shoal.v1 import agent_pb2_grpc
@@ -148,7 +149,9 @@ class Agent:
         self.snapshots = SnapshotManager(self.volumes)
         host, port = split_host_port(s.portal_listen)
         self.portal = PortalThread(PortalConfig(host, port, TargetSettings(header_digest=s.iscsi_header_digest,
-                                                                          data_digest=s.iscsi_data_digest)))
+                                                                          data_digest=s.iscsi_data_digest),
+                                                ConnectionSettings(nop_interval=s.iscsi_nop_interval,
+                                                                   nop_timeout=s.iscsi_nop_timeout)))
         try:
             bound = self.portal.start()
             self.portal_address = join_host_port(bound[0], bound[1])

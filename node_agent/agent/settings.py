@@ -130,6 +130,12 @@ class AgentSettings:
     accept these values and its attachments offer them.  The default goes without digests unless the
     other side insists; ``("CRC32C", "None")`` prefers them; ``("CRC32C",)`` requires them (a login
     without them fails, both ways)."""
+    iscsi_nop_interval: float = 10.0
+    """Seconds an initiator of this node's exports may be silent before the portal pings it (NOP-In,
+    RFC 7143 §11.19); 0: never ping (a dead initiator's session lasts until TCP notices)."""
+    iscsi_nop_timeout: float = 30.0
+    """Seconds a ping may go unanswered before the portal drops the connection (more than 0).  Raise both for
+    initiators that stop reading while idle."""
 
     def __post_init__(self):
         check_name("node id", self.node_id)
@@ -142,6 +148,11 @@ class AgentSettings:
         self.iscsi_header_digest = parse_digest_list(",".join(self.iscsi_header_digest))
         self.iscsi_data_digest = parse_digest_list(",".join(self.iscsi_data_digest))
         check_iqn(f"{self.target_prefix}:volume")
+        for name, value, least in (("iscsi nop interval", self.iscsi_nop_interval, 0),
+                                   ("iscsi nop timeout", self.iscsi_nop_timeout, 1e-9)):
+            if not least <= value <= 86400:  # also refuses nan and inf
+                raise ValueError(f"{name} {value!r}: expected seconds from {'0' if least == 0 else 'more than 0'} "
+                                 f"to 86400")
         if self.server_tls is not None and not self.server_tls.cert:
             raise ValueError("server TLS needs a certificate and key")
         if self.csi_endpoint:

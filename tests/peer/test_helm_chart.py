@@ -60,6 +60,8 @@ VARIANT = {
         "metricsPort": 0,
         "iscsiHeaderDigest": "CRC32C,None",
         "iscsiDataDigest": "CRC32C",
+        "iscsiNopInterval": 0,
+        "iscsiNopTimeout": 120,
     },
     "storageClass": {"isDefault": True, "mountOptions": ["noatime"], "parameters": {"pool": "fast", "thin": False}},
     "volumeSnapshotClass": {"isDefault": True, "deletionPolicy": "Retain"},
@@ -273,6 +275,20 @@ def test_agent_flags_exist_in_cli(rendered):
         assert name in known, f"shoal agent has no {name}"
 
 
+def test_agent_iscsi_flags_follow_the_values(rendered):
+    """Digests and ping timers reach ``shoal agent`` when set (0, never ping, included); unset, the agent's own
+    defaults apply (no flag)."""
+    name, _, objects = rendered
+    args = container(one(objects, "DaemonSet", "-node")["spec"]["template"]["spec"], "shoal-agent")["args"]
+    flags = {"--iscsi-header-digest": "iscsiHeaderDigest", "--iscsi-data-digest": "iscsiDataDigest",
+             "--iscsi-nop-interval": "iscsiNopInterval", "--iscsi-nop-timeout": "iscsiNopTimeout"}
+    for option, key in flags.items():
+        if name == "variant":
+            assert flag(args, option) == str(VARIANT["node"][key])
+        else:
+            assert not [a for a in args if a.startswith(option + "=")], args
+
+
 def test_controller_flags_exist_in_cli(rendered):
     """Likewise `shoal controller`."""
     sub = next(a for a in cli.build_parser()._actions if isinstance(a, argparse._SubParsersAction))
@@ -406,6 +422,8 @@ def test_tls_disabled(helm):
     ("tls.existingSecret=Bad Secret", "existingSecret"),
     ("controller.typo=1", "typo"),
     ("node.iscsiDataDigest=MD5", "iscsiDataDigest"),
+    ("node.iscsiNopInterval=-1", "iscsiNopInterval"),
+    ("node.iscsiNopTimeout=0", "iscsiNopTimeout"),
 ])
 def test_schema_rejects(helm, setting, needle):
     result = helm(*template_args(None), "--set", setting, check=False)

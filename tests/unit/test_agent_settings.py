@@ -26,6 +26,10 @@ def test_the_default_node_id_is_a_valid_name():
     (dict(node_id="n1", server_tls=TlsFiles(ca="/ca.pem")), "certificate"),
     (dict(node_id="n1", iscsi_data_digest=("MD5",)), "a list of None and CRC32C"),
     (dict(node_id="n1", iscsi_header_digest=()), "a list of None and CRC32C"),
+    (dict(node_id="n1", iscsi_nop_interval=-1), "iscsi nop interval"),
+    (dict(node_id="n1", iscsi_nop_interval=float("nan")), "iscsi nop interval"),
+    (dict(node_id="n1", iscsi_nop_timeout=0), "iscsi nop timeout"),
+    (dict(node_id="n1", iscsi_nop_timeout=86401), "iscsi nop timeout"),
 ])
 def test_bad_settings_are_refused(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -74,6 +78,36 @@ def test_the_agent_digest_flags():
     assert settings.iscsi_header_digest == ("CRC32C", "None") and settings.iscsi_data_digest == ("CRC32C",)
     # Built directly, the values are spelt as negotiation compares them.
     assert AgentSettings(node_id="n1", iscsi_data_digest=("crc32c", "NONE")).iscsi_data_digest == ("CRC32C", "None")
+
+
+def test_the_agent_ping_flags_reach_its_portal(tmp_path):
+    """``--iscsi-nop-interval``/``--iscsi-nop-timeout`` (as ``shoal target --nop-interval/--nop-timeout``) end in
+    the portal's connection settings; the defaults are the target's."""
+    from node_agent.agent.daemon import Agent
+    from node_agent.iscsi.connection import ConnectionSettings
+
+    args = build_parser().parse_args(["agent", "--node-id", "n2", "--iscsi-nop-interval", "90",
+                                      "--iscsi-nop-timeout", "120"])
+    assert (_agent_settings(args).iscsi_nop_interval, _agent_settings(args).iscsi_nop_timeout) == (90, 120)
+    default = _agent_settings(build_parser().parse_args(["agent", "--node-id", "n2"]))
+    assert (default.iscsi_nop_interval, default.iscsi_nop_timeout) == (ConnectionSettings.nop_interval,
+                                                                       ConnectionSettings.nop_timeout)
+    settings = AgentSettings(node_id="n2", data_dir=str(tmp_path), portal_listen="127.0.0.1:0", listen="127.0.0.1:0",
+                             controller="", iscsi_nop_interval=0, iscsi_nop_timeout=5)
+    agent = Agent(settings)
+    try:
+        agent.start()
+        assert agent.portal.service.portal_config.connection == ConnectionSettings(nop_interval=0, nop_timeout=5)
+    finally:
+        agent.stop()
+
+
+@pytest.mark.parametrize("flag, value", [("--iscsi-nop-interval", "-1"), ("--iscsi-nop-timeout", "nan"),
+                                         ("--iscsi-nop-interval", "1e9")])
+def test_bad_agent_ping_flags_are_refused(flag, value, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        build_parser().parse_args(["agent", flag, value])
+    assert exit_info.value.code == 2 and "expected seconds" in capsys.readouterr().err
 
 
 def test_a_bad_label_is_refused():
