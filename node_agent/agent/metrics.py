@@ -13,6 +13,10 @@ Names (all prefixed ``shoal_agent_``):
   bytes, per exported volume.  They count from when the export's LUN was opened (agent start or
   export), so they restart at zero after a restart or a re-export: Prometheus's ``rate()``
   handles such counter resets;
+* ``lun_sanitize{volume, state}``: 1 for the state the volume's LUN is in as to SANITIZE, ``running``
+  or ``failed`` (SBC-4 §4.11: media access ends with SANITIZE COMMAND FAILED until a sanitize completes or
+  EXIT FAILURE MODE; the state outlives a restart), else 0: the one to alert on, as the guest sees only
+  I/O errors;
 * ``iscsi_sessions``: logged-in iSCSI sessions on this node's portal;
 * ``exports``, ``export_initiators``: exported volumes, and initiators admitted over all of them;
 * ``attachments{mode}``: volumes this node attached for its own use;
@@ -42,11 +46,14 @@ SNAPSHOT_TIMEOUT = 5.0
 
 _IO = (("read_commands", "READ commands"), ("read_bytes", "bytes read"),
        ("write_commands", "WRITE commands"), ("write_bytes", "bytes written"))
+_SANITIZE_STATES = ("running", "failed")
 
 
-def portal_snapshot(service: TargetService) -> tuple[list[tuple[str, tuple[int, int, int, int]]], int]:
-    """(volume id, I/O counters) per logical unit, and the session count; run on the portal's loop."""
-    units = [(unit.identity.volume_id, unit.io_counters()) for unit in service.units]
+def portal_snapshot(service: TargetService) -> tuple[list[tuple[str, tuple[int, int, int, int], str]], int]:
+    """(volume id, I/O counters, sanitize state) per logical unit, and the session count; run on the
+    portal's loop."""
+    units = [(unit.identity.volume_id, unit.io_counters(),
+              "running" if unit.sanitizing else "failed" if unit.sanitize_failed else "") for unit in service.units]
     sessions = len(service.registry.sessions) if service.registry is not None else 0
     return units, sessions
 
@@ -73,14 +80,21 @@ class AgentCollector(Collector):
         families = [CounterMetricFamily(f"{PREFIX}_lun_{name}", f"{text} on the volume's exported LUN.",
                                         labels=["volume"]) for name, text in _IO]
         totals: dict[str, list[int]] = {}
-        for volume_id, counters in units:  # one LUN per volume; summed should a volume ever have more
+        sanitize: dict[str, set[str]] = {}
+        for volume_id, counters, state in units:  # one LUN per volume; summed should a volume ever have more
             total = totals.setdefault(volume_id, [0, 0, 0, 0])
             for i, value in enumerate(counters):
                 total[i] += value
+            sanitize.setdefault(volume_id, set()).add(state)
+        states = GaugeMetricFamily(f"{PREFIX}_lun_sanitize", "1 while the volume's LUN runs a SANITIZE (running) "
+                                   "or refuses media access after one failed (failed).", labels=["volume", "state"])
         for volume_id in sorted(totals):
             for family, value in zip(families, totals[volume_id]):
                 family.add_metric([volume_id], value)
+            for state in _SANITIZE_STATES:
+                states.add_metric([volume_id, state], int(state in sanitize[volume_id]))
         yield from families
+        yield states
         yield GaugeMetricFamily(f"{PREFIX}_iscsi_sessions", "iSCSI sessions logged in to this node's portal.",
                                 value=sessions)
 

@@ -230,6 +230,29 @@ def test_agent_collector_reads_lun_counters_and_state():
     assert value("shoal_agent_disk_free_bytes", {"disk": "data0"}) == 60
 
 
+def test_agent_collector_reports_a_failed_or_running_sanitize(tmp_path):
+    """``lun_sanitize{state}``: a LUN in the failed-sanitize state (here: opened on a file whose sanitize never
+    finished) says so, so an operator can alert on it; the others say 0 for both states."""
+    from node_agent.scsi.device import LogicalUnit
+    from node_agent.scsi.vpd import LunIdentity
+    from node_agent.storage.backing import FileBackingStore
+
+    (tmp_path / "f.img.sanitize").write_text("{}")
+    failed = LogicalUnit(FileBackingStore(tmp_path / "f.img", 1 << 20), LunIdentity(volume_id="vol-3"),
+                         target_name="iqn.2026-01.io.shoal:t")
+    try:
+        registry = agent_registry(fake_agent(FakePortal([new_unit("vol-1"), failed])))
+        value = registry.get_sample_value
+        assert value("shoal_agent_lun_sanitize", {"volume": "vol-3", "state": "failed"}) == 1
+        assert value("shoal_agent_lun_sanitize", {"volume": "vol-3", "state": "running"}) == 0
+        assert value("shoal_agent_lun_sanitize", {"volume": "vol-1", "state": "failed"}) == 0
+        failed._sanitize = [False]  # as ``LogicalUnit.sanitize`` marks a pass on its worker
+        assert value("shoal_agent_lun_sanitize", {"volume": "vol-3", "state": "running"}) == 1
+        assert value("shoal_agent_lun_sanitize", {"volume": "vol-3", "state": "failed"}) == 0
+    finally:
+        failed.close()
+
+
 def test_agent_collector_reports_what_it_can_when_the_portal_does_not_answer():
     registry = agent_registry(fake_agent(DeadPortal([new_unit("vol-1")])))
     assert registry.get_sample_value("shoal_agent_lun_read_bytes_total", {"volume": "vol-1"}) is None
