@@ -171,7 +171,10 @@ def orwrite(lu, nexus, cdb, data_out, edtl):
 
 
 def compare_and_write(lu, nexus, cdb, data_out, edtl):
-    """COMPARE AND WRITE (SBC-3 §5.2): atomic here because commands run one at a time per LU."""
+    """COMPARE AND WRITE (SBC-3 §5.2): read, compare and write run together on the event loop, so no other
+    COMPARE AND WRITE and no write the loop runs inline comes between them.  A write that runs on a worker
+    (FUA, or one that would block) is not held back: as with LIO, whose ``caw_sem`` orders only COMPARE
+    AND WRITEs, atomicity is among the commands that lock with it (VMware ATS uses it alone)."""
     _no_protection(cdb.wrprotect)
     count = cdb.number_of_logical_blocks
     lu.check_range(cdb.lba, count)
