@@ -813,7 +813,9 @@ class TargetConnection:
             entry.data_out = entry.buffer = None
         if not (self.closing or entry.aborted):
             self._complete(itt, entry.lun_field, entry.edtl, entry.read, result)
-        if self._tmf_waiting:
+        # An aborted SANITIZE that went on (``outlives_abort``) was waited for by no TMF, and its tag may name a
+        # newer command by now: a TMF waiting for that one must go on waiting.
+        if self._tmf_waiting and not (entry.aborted and entry.outlives_abort):
             for waiting in list(self._tmf_waiting):
                 waiting[0].discard(itt)
                 if not waiting[0]:

@@ -197,3 +197,37 @@ def test_a_large_read_of_a_cold_range_is_read_on_a_worker_not_sent_with_sendfile
     assert status_of(replies) == 0
     assert b"".join(r.data for r in replies if r.opcode == Opcode.DATA_IN) == payload
     lu.close()
+
+
+def test_a_task_set_abort_waits_for_its_task_not_for_an_outlived_sanitize_with_the_same_tag(make_initiator):
+    """An aborted SANITIZE goes on (SBC-4 §4.11) and its tag may be reused at once.  When that pass ends, a TMF
+    waiting for the newer command with the same tag (ABORT TASK SET on another LUN) must go on waiting for it:
+    a TMF is answered once its tasks have ended (RFC 7143 §11.5.1)."""
+    luns = {n: LogicalUnit(NeverReady(BLOCKS * 512), LunIdentity(volume_id=f"vol-{n}"), target_name=TARGET)
+            for n in (0, 1)}
+    registry = TargetRegistry([TargetNode(TARGET, LunMap(luns))], command_window=128)
+    ini = make_initiator(registry)
+    ini.login_normal()
+    for lun in (0, 1):
+        ini.command(bytes(6), lun=lun)
+        ini.receive()  # the power-on unit attention
+    queue = with_worker_queue(ini)
+    itt = ini.command(bytes([0x48, 0x02]) + bytes(8), lun=0)  # SANITIZE BLOCK ERASE, on a "worker"
+    assert len(queue) == 1 and luns[0].sanitizing
+    ini.send(Opcode.TASK_MGMT_REQUEST, final=True, immediate=True, function=1, lun=bytes(8), itt=ini.next_itt(),
+             referenced_task_tag=itt, cmdsn=ini.cmdsn, refcmdsn=ini.cmdsn - 1)  # ABORT TASK
+    [answer] = ini.receive()
+    assert answer.opcode == Opcode.TASK_MGMT_RESPONSE  # at once: the pass goes on
+    ini.itt = itt - 1
+    assert ini.command(rw10(READ10, 0, 1), read=512, lun=1) == itt  # the tag reused, for LUN 1
+    assert len(queue) == 2
+    ini.send(Opcode.TASK_MGMT_REQUEST, final=True, immediate=True, function=2, lun=bytes([0, 1]) + bytes(6),
+             itt=ini.next_itt(), referenced_task_tag=P.RESERVED_TAG, cmdsn=ini.cmdsn, refcmdsn=0)  # ABORT TASK SET
+    assert ini.receive() == []  # it waits for the READ
+    io, done = queue.pop(0)
+    done(io())  # the SANITIZE's pass ends; the READ has not
+    assert not [pdu for pdu in ini.receive() if pdu.opcode == Opcode.TASK_MGMT_RESPONSE], \
+        "ABORT TASK SET was answered while its task still ran"
+    io, done = queue.pop(0)
+    done(io())  # now the READ ends (aborted: no response of its own)
+    assert [pdu.opcode for pdu in ini.receive()] == [Opcode.TASK_MGMT_RESPONSE]
