@@ -287,7 +287,11 @@ class TargetService:
             self.executor = None
 
     async def stop(self) -> None:
-        """Close every session, then flush and close the backing stores."""
+        """Close every session, then flush and close the backing stores.  A running SANITIZE stops at its next
+        chunk (as for a removal: its pass over a whole medium would hold the stop for minutes), leaving the
+        failed-sanitize state on disk for the next start."""
+        for unit in self.units:
+            unit.stop_sanitize()
         await self._close_portals()
         self._close_units()
 

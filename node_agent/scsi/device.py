@@ -136,6 +136,7 @@ class LogicalUnit:
         # A SANITIZE running on a worker thread: [finished] (the worker sets it; the loop then clears this).
         self._sanitize: list[bool] | None = None
         self._sanitize_failed = False  # the last sanitize did not finish: media access ends (SBC-4 §4.11)
+        self._sanitize_ause = False  # the last sanitize had AUSE: EXIT FAILURE MODE may end its failed state
         # ``<backing file>.sanitize`` while a pass runs or the unit is in the failed state: a unit opened on a
         # file whose sanitize died with the process serving it (a crash, a kill) starts in the failed state.
         self._sanitize_mark = SanitizeMark.beside(backing)
@@ -144,6 +145,7 @@ class LogicalUnit:
                         "SANITIZE COMMAND FAILED until a SANITIZE completes or EXIT FAILURE MODE", target_name,
                         self._sanitize_mark.describe())
             self._sanitize_failed = self._gate = True
+            self._sanitize_ause = self._sanitize_mark.allows_exit()
         self._sanitize_by: Nexus | None = None  # who started the running one
         # Set to stop the running pass at its next chunk (a fence, a removal; ``sbc._replicate`` looks); one
         # left set after its pass ended stops nothing (``sanitizing`` is False) and the next SANITIZE clears it.
@@ -371,7 +373,10 @@ class LogicalUnit:
 
     def exit_sanitize_failure(self) -> None:
         """SANITIZE EXIT FAILURE MODE: the medium is usable again after a sanitize that failed (its data
-        as the failed pass left it)."""
+        as the failed pass left it).  Only if that sanitize had AUSE set (SBC-4 §5.30.1); otherwise only a
+        sanitize that completes ends the state, and this is refused with INVALID FIELD IN CDB."""
+        if self._sanitize_failed and not self._sanitize_ause:
+            raise CheckCondition(S.INVALID_FIELD_IN_CDB, field_pointer=1, bit_pointer=4)
         if self._sanitize_failed:
             log.warning("%s: leaving the failed-sanitize state; the medium holds what the failed pass left",
                         self.target_name)
@@ -380,7 +385,7 @@ class LogicalUnit:
         self._sanitize_failed = False
         self._regate()
 
-    def _sanitize_pass(self, io: Callable[[], Any], kind: str, by: Nexus | None) -> None:
+    def _sanitize_pass(self, io: Callable[[], Any], kind: str, by: Nexus | None, ause: bool) -> None:
         """Run a sanitize's pass over the medium; one that fails (an I/O error part way) leaves the unit in
         the failed state, ending media access with MEDIUM ERROR, SANITIZE COMMAND FAILED until a sanitize
         succeeds or EXIT FAILURE MODE (SBC-4 §4.11): never a half-erased medium served as if all were well.
@@ -390,7 +395,7 @@ class LogicalUnit:
         mark = self._sanitize_mark
         try:
             if mark is not None:
-                mark.set(kind, None if by is None else by.initiator_port)
+                mark.set(kind, None if by is None else by.initiator_port, ause)
             io()
             if mark is not None:
                 mark.clear()
@@ -419,17 +424,19 @@ class LogicalUnit:
         return run is not None and not run[0]
 
     def sanitize(self, io: Callable[[], Any], done: ScsiResult | None,
-                 nexus: Nexus | None = None, kind: str = "SANITIZE") -> ScsiResult | None:
+                 nexus: Nexus | None = None, kind: str = "SANITIZE", ause: bool = False) -> ScsiResult | None:
         """Run a SANITIZE's ``io`` (a pass over the whole medium: minutes for a large one) on a worker thread
         when the transport can, meanwhile ending every other command to this unit but INQUIRY, REPORT LUNS
         and REQUEST SENSE with NOT READY, SANITIZE IN PROGRESS (SBC-4 §4.11); the command completes with
         ``done`` (None: GOOD) when it is over.  Here, at once, otherwise.  ``nexus`` started it (a fence of
-        its initiator stops it: ``stop_sanitize``); ``kind`` names it in the mark (``_sanitize_pass``)."""
+        its initiator stops it: ``stop_sanitize``); ``kind`` names it in the mark (``_sanitize_pass``); ``ause``:
+        its AUSE bit (EXIT FAILURE MODE allowed should it fail)."""
         self._sanitize_by = nexus
+        self._sanitize_ause = ause
         self.sanitize_stopping = False
         if self.write_nowait is None:
             try:
-                self._sanitize_pass(io, kind, nexus)
+                self._sanitize_pass(io, kind, nexus, ause)
             finally:
                 self._regate()
             return done
@@ -437,7 +444,7 @@ class LogicalUnit:
 
         def whole() -> None:
             try:
-                self._sanitize_pass(io, kind, nexus)
+                self._sanitize_pass(io, kind, nexus, ause)
             finally:
                 run[0] = True
         self._sanitize = run
@@ -644,7 +651,9 @@ _FAST_RW: dict[int, tuple] = {0x28: (_RW10, 10, False, 0xE1), 0x88: (_RW16, 16, 
 _CONTROL_RESERVED = CONTROL_RESERVED
 
 _UA_EXEMPT = frozenset((0x12, 0xA0, 0x03))  # INQUIRY, REPORT LUNS, REQUEST SENSE (SPC-4 §5.14)
-_SANITIZE_FAILED_EXEMPT = _UA_EXEMPT | {0x48}  # and SANITIZE: another try, or EXIT FAILURE MODE
+# And SANITIZE (another try, or EXIT FAILURE MODE) and the reservation commands, which touch no medium: the
+# initiator left to recover must be able to PREEMPT a reservation its failed owner still holds.
+_SANITIZE_FAILED_EXEMPT = _UA_EXEMPT | {0x48, 0x5E, 0x5F, 0x16, 0x17, 0x56, 0x57}
 # What runs without a medium: the exempt three, START STOP UNIT and PREVENT ALLOW (to load it),
 # mode pages, reservations, REPORT SUPPORTED OPERATION CODES / TASK MANAGEMENT FUNCTIONS.
 _NO_MEDIUM_EXEMPT = _UA_EXEMPT | frozenset((0x1B, 0x1E, 0x15, 0x1A, 0x55, 0x5A, 0x5E, 0x5F, 0x16, 0x17, 0x56,

@@ -472,7 +472,8 @@ def sanitize_overwrite(lu, nexus, cdb, data_out, edtl):
             inverted = invert and (count - 1 - n) % 2 == 1
             _replicate(lu, 0, lu.num_blocks, complement if inverted else block)
         lu.backing.flush()
-    return lu.sanitize(overwrite, ScsiResult(S.GOOD, data_out_length=length), nexus, "SANITIZE OVERWRITE")
+    return lu.sanitize(overwrite, ScsiResult(S.GOOD, data_out_length=length), nexus, "SANITIZE OVERWRITE",
+                       bool(cdb.ause))
 
 
 def sanitize_block_erase(lu, nexus, cdb, data_out, edtl):
@@ -484,12 +485,12 @@ def sanitize_block_erase(lu, nexus, cdb, data_out, edtl):
     def erase() -> None:
         backing.punch(0, size)
         backing.flush()
-    return lu.sanitize(erase, None, nexus, "SANITIZE BLOCK ERASE")
+    return lu.sanitize(erase, None, nexus, "SANITIZE BLOCK ERASE", bool(cdb.ause))
 
 
 def sanitize_exit_failure_mode(lu, nexus, cdb, data_out, edtl):
-    """SANITIZE EXIT FAILURE MODE: leave the state a failed sanitize put the unit in (GOOD also when it
-    is not in it)."""
+    """SANITIZE EXIT FAILURE MODE: leave the state a failed sanitize put the unit in, if that sanitize had
+    AUSE set (SBC-4 §5.30.1; INVALID FIELD IN CDB otherwise); GOOD also when the unit is not in it."""
     _sanitize_no_parameters(cdb)
     lu.exit_sanitize_failure()
     return None

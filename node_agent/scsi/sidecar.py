@@ -96,8 +96,17 @@ class SanitizeMark:
         except (OSError, ValueError, AttributeError):
             return "a sanitize (unreadable mark)"
 
-    def set(self, kind: str, by: str | None) -> None:
-        record = {"kind": kind, "by": by, "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    def allows_exit(self) -> bool:
+        """The sanitize had AUSE set: EXIT FAILURE MODE may end the failed state (an unreadable mark: no)."""
+        try:
+            with open(self.path, encoding="utf-8") as handle:
+                return json.load(handle).get("ause") is True
+        except (OSError, ValueError, AttributeError):
+            return False
+
+    def set(self, kind: str, by: str | None, ause: bool = False) -> None:
+        record = {"kind": kind, "by": by, "ause": ause,
+                  "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         write_durably(self.path, json.dumps(record, sort_keys=True).encode("utf-8"))
 
     def clear(self) -> None:

@@ -467,6 +467,37 @@ def test_task_management_ends_a_sanitize_command_but_not_the_sanitize(portal, tm
     assert path.read_bytes() == bytes(MiB)
 
 
+def test_stopping_the_portal_stops_a_running_sanitize_and_keeps_its_failed_state(portal, tmp_path):
+    """Stopping the agent or ``shoal target`` while a SANITIZE runs stops the pass at its next chunk, as a
+    removal does, instead of waiting for the whole medium (the executor's shutdown waited for it: 8 x SLOW
+    here, hours on a large volume); the mark beside the file keeps the failed state for the next start."""
+    portal, host, port, _ = portal
+    path = tmp_path / "eight.img"
+    path.write_bytes(b"\x77" * (8 * MiB))  # an overwrite of 8 chunks: 8 x SLOW
+    portal.add_target(iqn("eight"), LunSpec(str(path), wrap=lambda b: DelayedBackingStore(b, SLOW)), chap=CHAP,
+                      mutual_chap=None, allowed_initiators=[INITIATOR])
+    params = bytes([0x01, 0, 0, 2, 0xA5, 0xA5])
+
+    async def scenario():
+        loop = asyncio.get_running_loop()
+        async with client(host, port, "eight") as one:
+            await one.execute(bytes(6))
+            command = asyncio.ensure_future(one.execute(bytes([0x48, 0x01, 0, 0, 0, 0, 0, 0, len(params), 0]),
+                                                        data_out=params))
+            await asyncio.sleep(SLOW / 4)  # the pass is on its worker
+            start = time.perf_counter()
+            await loop.run_in_executor(None, portal.stop)
+            took = time.perf_counter() - start
+            command.cancel()
+            return took
+
+    took = asyncio.run(scenario())
+    print(f"the stop took {took:.2f} s with a sanitize running")
+    assert took < 5 * SLOW, f"the stop waited {took:.2f} s for the sanitize (its whole pass is {8 * SLOW:.1f} s)"
+    assert (tmp_path / "eight.img.sanitize").exists()
+    assert path.read_bytes()[:2] == b"\xa5\xa5" and path.read_bytes()[-2:] == b"\x77\x77"  # stopped part way
+
+
 @pytest.mark.parametrize("how", ["fence", "removal"])
 def test_a_fence_or_a_removal_stops_a_running_sanitize(portal, tmp_path, how):
     """A fence promises that none of the initiator's writes lands after it returns, and waits for its
@@ -484,7 +515,7 @@ def test_a_fence_or_a_removal_stops_a_running_sanitize(portal, tmp_path, how):
     portal.add_target(iqn("eight"), LunSpec(str(path), wrap=lambda b: DelayedBackingStore(b, SLOW)), chap=CHAP,
                       mutual_chap=None, allowed_initiators=[INITIATOR, OTHER_INITIATOR])
     params = bytes([0x01, 0, 0, 2, 0xA5, 0xA5])
-    overwrite = bytes([0x48, 0x01, 0, 0, 0, 0, 0, 0, len(params), 0])
+    overwrite = bytes([0x48, 0x21, 0, 0, 0, 0, 0, 0, len(params), 0])  # AUSE: EXIT FAILURE MODE may end a failure
     tur = bytes(6)
 
     async def scenario():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from node_agent.scsi import sense as S
@@ -153,6 +155,9 @@ def test_operating_parameters_and_third_party_copy_vpd(pair):
 
 
 # -- SANITIZE ---------------------------------------------------------------------------------
+AUSE = 0x20  # SANITIZE byte 1: EXIT FAILURE MODE may end the failed state should this sanitize fail
+
+
 def sanitize(unit, sa: int, params: bytes = b"", length: int | None = None, nexus=NEXUS):
     n = len(params) if length is None else length
     return run(unit, bytes([0x48, sa]) + bytes(5) + n.to_bytes(2, "big") + b"\0", params or None, nexus=nexus)
@@ -264,7 +269,7 @@ def test_a_sanitize_that_fails_part_way_ends_media_access_until_exit_failure_mod
     unit.add_nexus(NEXUS), unit.add_nexus(OTHER)
     run(unit, bytes(6)), run(unit, bytes(6), nexus=OTHER)
     params = bytes([0x01, 0, 0, 1, 0xA5]) if action == "overwrite" else b""
-    first = sanitize(unit, 0x01 if action == "overwrite" else 0x02, params)
+    first = sanitize(unit, AUSE | (0x01 if action == "overwrite" else 0x02), params)
     assert first.status == S.CHECK_CONDITION  # the pass failed: its own status says so
     read = run(unit, bytes([0x28, 0, 0, 0, 0, 0, 0, 0, 1, 0]), nexus=OTHER)
     assert sense_of(read) == S.SANITIZE_COMMAND_FAILED
@@ -273,17 +278,42 @@ def test_a_sanitize_that_fails_part_way_ends_media_access_until_exit_failure_mod
     assert request_sense.status == S.GOOD and parse_sense(bytes(request_sense.data)) == S.SANITIZE_COMMAND_FAILED
     assert run(unit, bytes([0x12, 0, 0, 0, 96, 0])).status == S.GOOD  # INQUIRY answers
     assert run(unit, bytes([0xA0]) + bytes(5) + (64).to_bytes(4, "big") + bytes(2), edtl=64).status == S.GOOD
-    assert sanitize(unit, 0x1F).status == S.GOOD  # EXIT FAILURE MODE
+    assert sanitize(unit, 0x1F).status == S.GOOD  # EXIT FAILURE MODE (the sanitize had AUSE)
     assert run(unit, bytes(6)).status == S.GOOD
     assert run(unit, bytes([0x28, 0, 0, 0, 0, 0, 0, 0, 1, 0]), nexus=OTHER).status == S.GOOD
-    # Failed again, then a sanitize that succeeds ends the state as well.
+    # Failed again, without AUSE: EXIT FAILURE MODE is refused (SBC-4 §5.30.1); a sanitize that succeeds ends it.
     unit.backing.budget = 0
     assert sanitize(unit, 0x02).status == S.CHECK_CONDITION
+    assert sense_of(run(unit, bytes(6))) == S.SANITIZE_COMMAND_FAILED
+    assert sense_of(sanitize(unit, 0x1F)) == S.INVALID_FIELD_IN_CDB
     assert sense_of(run(unit, bytes(6))) == S.SANITIZE_COMMAND_FAILED
     unit.backing.budget = 10**6
     assert sanitize(unit, 0x02).status == S.GOOD
     assert run(unit, bytes(6)).status == S.GOOD and not any(inner.read(0, 6000))
     assert (unit.write_nowait is None) == (kind == "memory")  # which path the pass took
+    unit.close()
+
+
+def test_an_initiator_left_after_a_failed_sanitize_can_preempt_the_reservation_and_recover(tmp_path):
+    """The failed state ends media access only (SBC-4 §4.11): the reservation commands still run, so the
+    initiator left when the holder of a WRITE EXCLUSIVE reservation failed a sanitize and died can PREEMPT
+    it, then sanitize again (or EXIT FAILURE MODE); before, PREEMPT got SANITIZE COMMAND FAILED and the others
+    RESERVATION CONFLICT, a state only a fence could end."""
+    from test_scsi_reservations import K1, K2, PREEMPT, REGISTER, RESERVE, WE, prout
+
+    inner = FileBackingStore(tmp_path / "f.img", SIZE, block_size=BS)
+    unit = LogicalUnit(FailingFileWrites(inner, 0), LunIdentity(volume_id="vol-pr"), target_name="iqn.x:t")
+    unit.add_nexus(NEXUS), unit.add_nexus(OTHER)
+    run(unit, bytes(6)), run(unit, bytes(6), nexus=OTHER)
+    assert prout(unit, REGISTER, 0, K1).status == prout(unit, REGISTER, 0, K2, nexus=OTHER).status == S.GOOD
+    assert prout(unit, RESERVE, K1, pr_type=WE).status == S.GOOD
+    assert sanitize(unit, 0x02).status == S.CHECK_CONDITION  # the holder's block erase fails
+    assert sanitize(unit, 0x02, nexus=OTHER).status == S.RESERVATION_CONFLICT
+    assert prout(unit, PREEMPT, K2, K1, pr_type=WE, nexus=OTHER).status == S.GOOD
+    run(unit, bytes(6), nexus=OTHER)  # a unit attention may be queued; the state is still failed
+    unit.backing.budget = 10**6
+    assert sanitize(unit, 0x02, nexus=OTHER).status == S.GOOD
+    assert run(unit, bytes([0x28, 0, 0, 0, 0, 0, 0, 0, 1, 0]), nexus=OTHER).status == S.GOOD
     unit.close()
 
 
@@ -310,10 +340,10 @@ def test_the_failed_sanitize_state_outlives_the_unit(tmp_path):
 
     FileBackingStore(path, SIZE, block_size=BS).write(0, b"secret" * 1000, False)
     unit = open_unit(budget=1)
-    assert sanitize(unit, 0x01, bytes([0x01, 0, 0, 1, 0xA5])).status == S.CHECK_CONDITION  # fails part way
+    assert sanitize(unit, AUSE | 0x01, bytes([0x01, 0, 0, 1, 0xA5])).status == S.CHECK_CONDITION  # fails part way
     assert seen == [True, True] and mark.exists()
     unit.close()  # dropped in the failed state, as a kill would leave it
-    assert "SANITIZE OVERWRITE" in mark.read_text()
+    assert "SANITIZE OVERWRITE" in mark.read_text() and json.loads(mark.read_text())["ause"] is True
     again = open_unit()
     assert sense_of(run(again, bytes([0x28, 0, 0, 0, 0, 0, 0, 0, 1, 0]))) == S.SANITIZE_COMMAND_FAILED
     request_sense = run(again, bytes([0x03, 0, 0, 0, 252, 0]), edtl=252)
@@ -343,7 +373,7 @@ def test_a_read_only_unit_honours_the_mark_and_needs_a_writable_one_to_leave_it(
     cannot leave the state (EXIT FAILURE MODE writes: DATA PROTECT), a writable export of it can."""
     path, mark = tmp_path / "r.img", tmp_path / "r.img.sanitize"
     FileBackingStore(path, SIZE, block_size=BS).close()
-    mark.write_text("{}")
+    mark.write_text('{"ause": true}')
     unit = LogicalUnit(FileBackingStore(path, read_only=True), LunIdentity(volume_id="vol-ro"), target_name="iqn.x:t")
     unit.add_nexus(NEXUS)
     run(unit, bytes(6))
