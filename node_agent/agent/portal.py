@@ -18,6 +18,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Callable
 
 from node_agent import eventloop
+from node_agent.agent.errors import FailedPrecondition
 from node_agent.iscsi.target import Credentials, TargetNode
 from node_agent.scsi import persistent_reserve
 from node_agent.target_service import LunSpec, PortalConfig, TargetService
@@ -149,12 +150,17 @@ class PortalThread:
     def call_quiesced(self, iqn: str, fn: Callable[[], Any]) -> Any:
         """``call(fn)`` while no command runs on the LUNs of target ``iqn``: the loop runs no command while
         it runs ``fn``, and the LUNs' I/O handed to worker threads first finishes, and what a worker
-        picks up meanwhile waits until ``fn`` returned (``LogicalUnit.io_paused``)."""
+        picks up meanwhile waits until ``fn`` returned (``LogicalUnit.io_paused``).  ``FailedPrecondition``
+        while a LUN runs a SANITIZE: its pass over the whole medium is I/O on a worker that the pause would
+        wait for, holding the loop (every session of the portal) for minutes, to catch a half-erased medium."""
         def run() -> Any:
             registry = self.service.registry
             target = registry.targets.get(iqn) if registry is not None else None
+            units = list(target.luns.luns.values()) if target is not None else []
+            if any(unit.sanitizing for unit in units):
+                raise FailedPrecondition(f"{iqn} is running a SANITIZE: wait until it has ended")
             with contextlib.ExitStack() as paused:
-                for unit in target.luns.luns.values() if target is not None else ():
+                for unit in units:
                     paused.enter_context(unit.io_paused())
                 return fn()
         return self.call(run)

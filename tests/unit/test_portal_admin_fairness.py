@@ -467,6 +467,45 @@ def test_task_management_ends_a_sanitize_command_but_not_the_sanitize(portal, tm
     assert path.read_bytes() == bytes(MiB)
 
 
+def test_a_snapshot_pause_is_refused_while_a_sanitize_runs_and_stalls_nobody(portal, tmp_path):
+    """A snapshot pauses the volume's I/O (``call_quiesced``, on the portal's loop), waiting for what runs on
+    workers: a SANITIZE's pass would hold the loop, and every volume of the portal, until the whole medium is
+    done (a read of another volume took 3.4 s here), to snapshot a half-erased medium.  It is refused at once
+    instead (FAILED_PRECONDITION at the agent's API), and works again once the pass is over."""
+    from node_agent.agent.errors import FailedPrecondition
+
+    portal, host, port, _ = portal
+    path = tmp_path / "eight.img"
+    path.write_bytes(b"\x77" * (8 * MiB))
+    portal.add_target(iqn("eight"), LunSpec(str(path), wrap=lambda b: DelayedBackingStore(b, SLOW / 4)), chap=CHAP,
+                      mutual_chap=None, allowed_initiators=[INITIATOR])
+    params = bytes([0x01, 0, 0, 2, 0xA5, 0xA5])
+
+    async def scenario():
+        loop = asyncio.get_running_loop()
+        async with client(host, port, "fast") as fast_client, client(host, port, "eight") as one:
+            fast = LunDevice(fast_client, 0)
+            await fast.read_blocks(0, 8)
+            await one.execute(bytes(6))
+            command = asyncio.ensure_future(one.execute(bytes([0x48, 0x01, 0, 0, 0, 0, 0, 0, len(params), 0]),
+                                                        data_out=params))
+            await asyncio.sleep(SLOW / 4)
+            start = time.perf_counter()
+            with pytest.raises(FailedPrecondition, match="SANITIZE"):
+                await loop.run_in_executor(None, portal.call_quiesced, iqn("eight"), lambda: "snap")
+            refused = time.perf_counter() - start
+            start = time.perf_counter()
+            await fast.read_blocks(8, 8)  # another volume
+            read = time.perf_counter() - start
+            await command  # the pass ends
+            after = await loop.run_in_executor(None, portal.call_quiesced, iqn("eight"), lambda: "snap")
+            return refused, read, after
+
+    refused, read, after = asyncio.run(scenario())
+    print(f"refused in {refused * 1e3:.1f} ms; a read of another volume meanwhile {read * 1e3:.1f} ms")
+    assert refused < SLOW / 2 and read < SLOW / 2 and after == "snap"
+
+
 def test_stopping_the_portal_stops_a_running_sanitize_and_keeps_its_failed_state(portal, tmp_path):
     """Stopping the agent or ``shoal target`` while a SANITIZE runs stops the pass at its next chunk, as a
     removal does, instead of waiting for the whole medium (the executor's shutdown waited for it: 8 x SLOW
