@@ -306,6 +306,10 @@ def _copy_segment(nexus, targets: list, seg: _Segment) -> int:
     for unit, access in ((src, _READ_ACCESS), (dst, _WRITE_ACCESS)):
         if unit.reservations.engaged and unit.reservations.conflicts(access, nexus):
             raise ReservationConflict()
+        # Its medium is out of reach as for a command sent to it: ejected, under a SANITIZE's pass, or left
+        # by a failed one (SBC-4 §4.11: a half-erased medium is neither read nor written).
+        if not unit.medium_present or unit.sanitizing or unit.sanitize_failed:
+            raise _SegmentFailed(S.COPY_TARGET_DEVICE_NOT_REACHABLE)
     if dst.read_only:
         raise CheckCondition(S.WRITE_PROTECTED)
     bs = src.block_size

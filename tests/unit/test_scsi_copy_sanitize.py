@@ -294,6 +294,43 @@ def test_a_sanitize_that_fails_part_way_ends_media_access_until_exit_failure_mod
     unit.close()
 
 
+@pytest.mark.parametrize("state", ["failed", "sanitizing", "ejected"])
+@pytest.mark.parametrize("role", ["source", "destination"])
+def test_extended_copy_does_not_reach_a_medium_out_of_reach(tmp_path, state, role):
+    """EXTENDED COPY sent to another LUN must not read or write a unit whose own commands are refused: one
+    left by a failed sanitize (its half-erased data copied out and served elsewhere), one whose sanitize
+    runs (written under the pass), or a removable one whose medium is out.  The copy ends with COPY ABORTED,
+    COPY TARGET DEVICE NOT REACHABLE, and neither medium changes."""
+    a_inner = FileBackingStore(tmp_path / "a.img", SIZE, block_size=BS)
+    a_inner.write(0, b"S" * BS * 4, False)
+    a = LogicalUnit(FailingFileWrites(a_inner, 0 if state == "failed" else 10**6), LunIdentity("vol-a"),
+                    target_name="iqn.x:t", settings=LunSettings(removable=state == "ejected"))
+    b = LogicalUnit(FileBackingStore(tmp_path / "b.img", SIZE, block_size=BS), LunIdentity("vol-b"),
+                    target_name="iqn.x:t")
+    b.backing.write(0, b"N" * BS * 4, False)
+    LunMap({0: a, 1: b})
+    for unit in (a, b):
+        unit.add_nexus(NEXUS), unit.add_nexus(OTHER)
+        run(unit, bytes(6)), run(unit, bytes(6), nexus=OTHER)
+    pending = None
+    if state == "failed":
+        assert sanitize(a, 0x02).status == S.CHECK_CONDITION
+    elif state == "sanitizing":  # accepted, its pass not yet run by a "worker"
+        pending = a.execute_deferrable(NEXUS, bytes([0x48, 0x01, 0, 0, 0, 0, 0, 0, 5, 0]), bytes([1, 0, 0, 1, 0xA5]),
+                                       5)
+        assert pending.blocking is not None and a.sanitizing
+    else:
+        assert run(a, bytes([0x1B, 0, 0, 0, 0x02, 0])).status == S.GOOD  # START STOP UNIT: eject
+    descriptors = [target_descriptor(a), target_descriptor(b)]
+    source, destination = (0, 1) if role == "source" else (1, 0)
+    result = xcopy(b, parameter_list(descriptors, [segment(source, destination, 4, 0, 0)]), nexus=OTHER)
+    assert result.status == S.CHECK_CONDITION and sense_of(result) == S.COPY_TARGET_DEVICE_NOT_REACHABLE
+    assert a_inner.read(0, 4) == b"SSSS" and b.backing.read(0, 4) == b"NNNN"
+    if pending is not None:
+        pending.blocking()
+    a.close(), b.close()
+
+
 def test_an_initiator_left_after_a_failed_sanitize_can_preempt_the_reservation_and_recover(tmp_path):
     """The failed state ends media access only (SBC-4 §4.11): the reservation commands still run, so the
     initiator left when the holder of a WRITE EXCLUSIVE reservation failed a sanitize and died can PREEMPT
