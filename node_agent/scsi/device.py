@@ -444,6 +444,7 @@ class LogicalUnit:
 
         def whole() -> None:
             try:
+                self._after_earlier_io()
                 self._sanitize_pass(io, kind, nexus, ause)
             finally:
                 run[0] = True
@@ -491,6 +492,18 @@ class LogicalUnit:
                 self._io_paused -= 1
                 self._io_lock.notify_all()
 
+    def _after_earlier_io(self) -> None:
+        """On a worker, inside ``_run_blocking``: wait until this unit's other I/O on workers has ended.  A
+        SANITIZE's pass must not be overwritten by a WRITE (or UNMAP, WRITE SAME, EXTENDED COPY) accepted
+        before it and still running: that data would outlive a sanitize that answers GOOD.  The portal's
+        pool starts one unit's jobs in the order they came (``FairPool``), so what came before is running
+        or done by now; commands that come after are refused (SANITIZE IN PROGRESS) and add none."""
+        with self._io_lock:
+            while self._io_running > 1 and not self._closed:
+                self._io_lock.wait()
+        if self._closed or self.sanitize_stopping:  # a removal or a fence came first: nothing was erased
+            raise InterruptedError("the sanitize was stopped before its pass began")
+
     def _run_blocking(self, io: Callable[[], Any], done: ScsiResult | None) -> ScsiResult:
         with self._io_lock:
             while self._io_paused and not self._closed:
@@ -508,7 +521,7 @@ class LogicalUnit:
         finally:
             with self._io_lock:
                 self._io_running -= 1
-                if not self._io_running:
+                if self._io_running <= 1:  # io_paused waits for 0, a sanitize's pass for itself alone
                     self._io_lock.notify_all()
         if done is not None:
             return done

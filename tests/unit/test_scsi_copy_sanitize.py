@@ -331,6 +331,46 @@ def test_extended_copy_does_not_reach_a_medium_out_of_reach(tmp_path, state, rol
     a.close(), b.close()
 
 
+def test_a_write_accepted_before_a_sanitize_does_not_land_after_its_pass(tmp_path):
+    """A WRITE accepted before the SANITIZE and still running on a worker when the pass's worker starts (the
+    portal's pool starts one unit's jobs in order, not one at a time) must not land after the pass: its data
+    would outlive a sanitize that answered GOOD.  The pass waits for it."""
+    import threading
+
+    release, writing = threading.Event(), threading.Event()
+
+    class HeldWrites(FailingFileWrites):  # every write "would block"; the first waits for ``release``
+        def write_nowait(self, offset, data, fua=False):
+            return False
+
+        def write(self, offset, data, fua=False):
+            if not writing.is_set():
+                writing.set()
+                release.wait(10)
+            return super().write(offset, data, fua)
+
+    inner = FileBackingStore(tmp_path / "f.img", SIZE, block_size=BS)
+    unit = LogicalUnit(HeldWrites(inner, 10**6), LunIdentity(volume_id="vol-order"), target_name="iqn.x:t")
+    unit.add_nexus(NEXUS), unit.add_nexus(OTHER)
+    run(unit, bytes(6)), run(unit, bytes(6), nexus=OTHER)
+    write = unit.execute_deferrable(OTHER, bytes([0x2A, 0, 0, 0, 0, 0, 0, 0, 1, 0]), b"OLD!" * (BS // 4), BS)
+    erase = unit.execute_deferrable(NEXUS, bytes([0x48, 0x01, 0, 0, 0, 0, 0, 0, 5, 0]), bytes([1, 0, 0, 1, 0xA5]), 5)
+    assert write.blocking is not None and erase.blocking is not None
+    results = {}
+    first = threading.Thread(target=lambda: results.setdefault("write", write.blocking()))
+    first.start()
+    assert writing.wait(10)  # the WRITE runs on its worker, held inside the store
+    second = threading.Thread(target=lambda: results.setdefault("sanitize", erase.blocking()))
+    second.start()
+    second.join(0.3)
+    assert second.is_alive(), "the pass began while a WRITE accepted before it still ran"
+    release.set()
+    first.join(10), second.join(10)
+    assert results["write"].status == results["sanitize"].status == S.GOOD
+    assert inner.read(0, 4) == b"\xa5" * 4  # the pass came last
+    unit.close()
+
+
 def test_an_initiator_left_after_a_failed_sanitize_can_preempt_the_reservation_and_recover(tmp_path):
     """The failed state ends media access only (SBC-4 §4.11): the reservation commands still run, so the
     initiator left when the holder of a WRITE EXCLUSIVE reservation failed a sanitize and died can PREEMPT
