@@ -793,9 +793,15 @@ class TargetConnection:
         """Hand a command whose I/O would block to the worker pool; ``_deferred_done`` completes it."""
         entry = _Running(lun_field, lun, edtl, read, counted, data_out, buffer)
         entry.outlives_abort = result.outlives_abort
-        self._running[itt] = entry
-        if counted:
-            self.session.running += 1  # type: ignore[union-attr]
+        answer = result.answer_now
+        if answer is not None:  # answered now (IMMED); the I/O goes on like an aborted SANITIZE's: no answer
+            entry.aborted, entry.counted = True, False  # of its own, its tag free, a fence still waiting for it
+            self._running[_outlived_key(itt, entry)] = entry
+            self._complete(itt, lun_field, edtl, read, answer)
+        else:
+            self._running[itt] = entry
+            if counted:
+                self.session.running += 1  # type: ignore[union-attr]
         unit = self.session.target.luns.luns.get(lun)  # type: ignore[union-attr]
         self.offload(result.blocking, lambda done: self._deferred_done(itt, entry, done), unit)
 

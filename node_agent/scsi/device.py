@@ -423,14 +423,16 @@ class LogicalUnit:
         run = self._sanitize
         return run is not None and not run[0]
 
-    def sanitize(self, io: Callable[[], Any], done: ScsiResult | None,
-                 nexus: Nexus | None = None, kind: str = "SANITIZE", ause: bool = False) -> ScsiResult | None:
+    def sanitize(self, io: Callable[[], Any], done: ScsiResult | None, nexus: Nexus | None = None,
+                 kind: str = "SANITIZE", ause: bool = False, immed: bool = False) -> ScsiResult | None:
         """Run a SANITIZE's ``io`` (a pass over the whole medium: minutes for a large one) on a worker thread
         when the transport can, meanwhile ending every other command to this unit but INQUIRY, REPORT LUNS
         and REQUEST SENSE with NOT READY, SANITIZE IN PROGRESS (SBC-4 §4.11); the command completes with
         ``done`` (None: GOOD) when it is over.  Here, at once, otherwise.  ``nexus`` started it (a fence of
         its initiator stops it: ``stop_sanitize``); ``kind`` names it in the mark (``_sanitize_pass``); ``ause``:
-        its AUSE bit (EXIT FAILURE MODE allowed should it fail)."""
+        its AUSE bit (EXIT FAILURE MODE allowed should it fail); ``immed``: its IMMED bit, the command answered
+        as soon as the pass is on its worker, the pass going on (its outcome then only in the unit's state:
+        SANITIZE IN PROGRESS, then the failed state or none)."""
         self._sanitize_by = nexus
         self._sanitize_ause = ause
         self.sanitize_stopping = False
@@ -452,6 +454,8 @@ class LogicalUnit:
         self._gate = True
         result = self.deferred(whole, done)
         result.outlives_abort = True  # task management does not stop a sanitize, nor wait for it
+        if immed:
+            result.answer_now = done or ScsiResult(GOOD)
         return result
 
     def load_or_eject(self, load: bool) -> None:

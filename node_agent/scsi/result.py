@@ -49,3 +49,6 @@ class ScsiResult:
     outlives_abort: bool = False
     """``blocking`` goes on when the command is aborted (ABORT TASK, a reset, its connection gone): task
     management answers at once instead of waiting for it.  A SANITIZE (SBC-4 §4.11)."""
+    answer_now: "ScsiResult | None" = None
+    """The command's answer, sent at once; ``blocking`` then runs with the command already ended (what it
+    returns is dropped), still counted as the connection's I/O in flight.  A SANITIZE with IMMED set."""

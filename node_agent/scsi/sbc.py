@@ -445,8 +445,8 @@ def sanitize_overwrite(lu, nexus, cdb, data_out, edtl):
     INVERT alternates the pattern and its complement between passes; the last pass
     writes the pattern itself.  The medium is made stable before GOOD.  It runs on
     a worker thread (``LogicalUnit.sanitize``), other commands to the unit ending
-    with SANITIZE IN PROGRESS meanwhile; the command completes when it is over
-    (IMMED is honoured by finishing early rather than late).
+    with SANITIZE IN PROGRESS meanwhile; the command completes when it is over, or
+    at once with IMMED (SBC-4 §5.30.1: status once the CDB and parameters are checked).
     """
     bs = lu.block_size
     length = cdb.parameter_list_length
@@ -473,7 +473,7 @@ def sanitize_overwrite(lu, nexus, cdb, data_out, edtl):
             _replicate(lu, 0, lu.num_blocks, complement if inverted else block)
         lu.backing.flush()
     return lu.sanitize(overwrite, ScsiResult(S.GOOD, data_out_length=length), nexus, "SANITIZE OVERWRITE",
-                       bool(cdb.ause))
+                       bool(cdb.ause), bool(cdb.immed))
 
 
 def sanitize_block_erase(lu, nexus, cdb, data_out, edtl):
@@ -485,7 +485,7 @@ def sanitize_block_erase(lu, nexus, cdb, data_out, edtl):
     def erase() -> None:
         backing.punch(0, size)
         backing.flush()
-    return lu.sanitize(erase, None, nexus, "SANITIZE BLOCK ERASE", bool(cdb.ause))
+    return lu.sanitize(erase, None, nexus, "SANITIZE BLOCK ERASE", bool(cdb.ause), bool(cdb.immed))
 
 
 def sanitize_exit_failure_mode(lu, nexus, cdb, data_out, edtl):

@@ -231,3 +231,27 @@ def test_a_task_set_abort_waits_for_its_task_not_for_an_outlived_sanitize_with_t
     io, done = queue.pop(0)
     done(io())  # now the READ ends (aborted: no response of its own)
     assert [pdu.opcode for pdu in ini.receive()] == [Opcode.TASK_MGMT_RESPONSE]
+
+
+def test_a_sanitize_with_immed_is_answered_at_once_and_its_pass_goes_on(make_initiator):
+    """SBC-4 §5.30.1: with IMMED the SANITIZE's status comes once the CDB and parameters are checked; the
+    pass goes on on its worker (SANITIZE IN PROGRESS meanwhile), its task tag is free at once, and the
+    connection still counts it as I/O in flight (a fence waits for it)."""
+    registry, lu = slow_registry()
+    ini = make_initiator(registry)
+    ini.login_normal()
+    ini.command(bytes(6))
+    ini.receive()  # the power-on unit attention
+    queue = with_worker_queue(ini)
+    itt = ini.command(bytes([0x48, 0x80 | 0x02]) + bytes(8))  # SANITIZE BLOCK ERASE, IMMED
+    replies = ini.receive()
+    assert status_of(replies) == 0 and replies[-1].header.itt == itt  # GOOD before the pass
+    assert len(queue) == 1 and lu.sanitizing and ini.conn.in_flight() == 1
+    ini.itt = itt - 1
+    assert ini.command(bytes(6)) == itt  # the tag again, at once: TEST UNIT READY
+    replies = ini.receive()
+    assert status_of(replies) == 2 and replies[-1].header.itt == itt  # CHECK CONDITION: SANITIZE IN PROGRESS
+    run_worker(queue)
+    assert ini.receive() == [] and ini.conn.in_flight() == 0  # no second answer for the SANITIZE
+    ini.command(bytes(6))
+    assert status_of(ini.receive()) == 0 and not lu.sanitizing

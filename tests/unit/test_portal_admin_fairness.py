@@ -537,6 +537,43 @@ def test_stopping_the_portal_stops_a_running_sanitize_and_keeps_its_failed_state
     assert path.read_bytes()[:2] == b"\xa5\xa5" and path.read_bytes()[-2:] == b"\x77\x77"  # stopped part way
 
 
+def test_a_sanitize_with_immed_answers_at_once_and_a_fence_still_waits_for_its_pass(portal, tmp_path):
+    """SANITIZE with IMMED (SBC-4 §5.30.1) is answered GOOD as soon as its pass is on a worker, not after the
+    whole medium (tools such as ``sg_sanitize`` send IMMED with a short timeout); the unit says SANITIZE IN
+    PROGRESS meanwhile.  The answered command's pass is still the connection's I/O in flight: fencing its
+    initiator stops it at the next chunk and waits for that chunk, so no write of it lands after the fence."""
+    from node_agent.iscsi.initiator.client import CommandFailed, sense_code
+    from node_agent.scsi.sense import SANITIZE_IN_PROGRESS
+
+    portal, host, port, _ = portal
+    path = tmp_path / "eight.img"
+    path.write_bytes(b"\x77" * (8 * MiB))  # an overwrite of 8 chunks: 8 x SLOW
+    portal.add_target(iqn("eight"), LunSpec(str(path), wrap=lambda b: DelayedBackingStore(b, SLOW)), chap=CHAP,
+                      mutual_chap=None, allowed_initiators=[INITIATOR])
+    params = bytes([0x01, 0, 0, 2, 0xA5, 0xA5])
+
+    async def scenario():
+        loop = asyncio.get_running_loop()
+        async with client(host, port, "eight") as one:
+            await one.execute(bytes(6))
+            start = time.perf_counter()
+            await one.execute(bytes([0x48, 0x80 | 0x20 | 0x01, 0, 0, 0, 0, 0, 0, len(params), 0]), data_out=params)
+            answered = time.perf_counter() - start
+            with pytest.raises(CommandFailed) as refused:
+                await one.execute(bytes(6))
+            fenced = await loop.run_in_executor(None, portal.fence_initiator, INITIATOR)
+            tail = path.read_bytes()[-2:]
+        return answered, sense_code(refused.value.done.sense), fenced, tail
+
+    answered, during, fenced, tail = asyncio.run(scenario())
+    print(f"SANITIZE IMMED answered in {answered * 1e3:.1f} ms; fence: {fenced}")
+    assert answered < SLOW / 2, f"IMMED waited {answered:.2f} s"
+    assert during == tuple(SANITIZE_IN_PROGRESS)
+    assert fenced.commands_waited == 1 and tail == b"\x77\x77"
+    assert path.read_bytes()[-2:] == b"\x77\x77"  # nothing more landed after the fence
+    assert (tmp_path / "eight.img.sanitize").exists()
+
+
 @pytest.mark.parametrize("how", ["fence", "removal"])
 def test_a_fence_or_a_removal_stops_a_running_sanitize(portal, tmp_path, how):
     """A fence promises that none of the initiator's writes lands after it returns, and waits for its
