@@ -393,9 +393,9 @@ class LogicalUnit:
         changes and goes only once ``io`` has made the medium stable (both handlers end with a flush).
         On a worker the flag is only read on the loop once the pass is over (``_gated`` regates then)."""
         mark = self._sanitize_mark
+        if mark is not None:  # failing here (a full or read-only directory), nothing is erased: no state changes
+            mark.set(kind, None if by is None else by.initiator_port, ause)
         try:
-            if mark is not None:
-                mark.set(kind, None if by is None else by.initiator_port, ause)
             io()
             if mark is not None:
                 mark.clear()

@@ -437,6 +437,25 @@ def test_the_failed_sanitize_state_outlives_the_unit(tmp_path):
     assert not mark.exists() and run(open_unit(), bytes(6)).status == S.GOOD
 
 
+def test_a_sanitize_whose_mark_cannot_be_written_erases_nothing_and_changes_no_state(tmp_path, monkeypatch):
+    """The mark goes to disk before the first block changes; if it cannot (a full or read-only directory),
+    the SANITIZE fails without touching the medium, and the unit is not left in the failed state."""
+    from node_agent.scsi import sidecar
+
+    def refuse(path, data):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(sidecar, "write_durably", refuse)
+    inner = FileBackingStore(tmp_path / "f.img", SIZE, block_size=BS)
+    inner.write(0, b"keep" * 100, False)
+    unit = LogicalUnit(FailingFileWrites(inner, 10**6), LunIdentity(volume_id="vol-m"), target_name="iqn.x:t")
+    unit.add_nexus(NEXUS)
+    run(unit, bytes(6))
+    assert sanitize(unit, 0x02).status == S.CHECK_CONDITION
+    assert inner.read(0, 4) == b"keep" and not (tmp_path / "f.img.sanitize").exists()
+    assert run(unit, bytes([0x28, 0, 0, 0, 0, 0, 0, 0, 1, 0])).status == S.GOOD
+    unit.close()
+
+
 def test_a_unit_without_a_regular_file_keeps_no_sanitize_mark():
     """Memory stores and block devices have no place for a sidecar: their units work as before (the state
     lasts as long as the unit)."""
