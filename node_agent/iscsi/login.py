@@ -254,6 +254,18 @@ class TargetLogin:
 
     def _establish(self) -> Session:
         assert self.negotiator is not None
+        # The ACL was checked on the first login PDU; a fence, an unexport or a removal may have come between
+        # then and now (the login runs under the registry's lock, as they do: this check and the session's
+        # opening are one step for them).  A session opened after a fence returned could write after it.
+        if self.target is not None:
+            if self.registry.targets.get(self.target.iqn) is not self.target:
+                raise LoginFailed(LoginStatus.NOT_FOUND, f"target {self.target.iqn!r} was removed during the login")
+            if not self.target.admits(self.initiator_name):
+                raise LoginFailed(LoginStatus.AUTHORIZATION_FAILURE, f"initiator {self.initiator_name!r} left the "
+                                  f"ACL of {self.target.iqn!r} during the login")
+        if self.existing is not None and (self.existing.closed
+                                          or self.registry.sessions.get(self.existing.tsih) is not self.existing):
+            raise LoginFailed(LoginStatus.SESSION_DOES_NOT_EXIST, f"session {self.tsih} ended during the login")
         params = self.negotiator.params()
         params.initiator_name = self.initiator_name
         if self.target is not None:

@@ -158,3 +158,48 @@ def test_the_record_keeps_secrets_apart_and_restores_after_a_restart(tmp_path):
         assert again.exports.export("vol-1", X, CHAP).volume_id == "vol-1"  # the controller's repeat: same export
     finally:
         again.stop()
+
+
+def _send(sock, conn) -> None:
+    for buf in conn.take_output():
+        sock.sendall(bytes(buf))
+
+
+@pytest.mark.parametrize("how", ["fence", "unexport"])
+def test_a_login_begun_before_a_fence_or_unexport_does_not_end_in_a_session(node, how):
+    """The ACL is checked on a login's first PDU; a fence or an unexport of that initiator may come before
+    its last (CHAP takes several round trips, and an initiator retrying its login keeps one under way).
+    The session must not open then: its writes would land after the fence returned.  The login ends with
+    AUTHORIZATION FAILURE instead, while the target goes on serving the other initiator."""
+    import socket
+
+    from node_agent.iscsi.initiator.core import InitiatorConnection, LoginError, LoggedIn, random_isid
+    from node_agent.iscsi.keys import InitiatorSettings
+
+    node.exports.export("vol-1", X, CHAP)
+    node.exports.export("vol-1", Y, CHAP)  # the other host: the target stays served
+    conn = InitiatorConnection(InitiatorSettings(X, f"{PREFIX}:vol-1"), isid=random_isid(),
+                               chap=(CHAP.user, CHAP.secret))
+    with socket.create_connection((node.host, node.port), timeout=5) as sock:
+        conn.start_login()
+        _send(sock, conn)
+        conn.receive(sock.recv(65536))  # the first answer: the ACL admitted X
+        if how == "fence":
+            assert node.exports.fence(X)[0] == ["vol-1"]
+        else:
+            assert node.exports.unexport("vol-1", X) is True
+        with pytest.raises(LoginError) as refused:
+            while True:
+                _send(sock, conn)
+                data = sock.recv(65536)
+                assert data, "the target closed the connection without answering the login"
+                conn.receive(data)
+                assert not [e for e in conn.take_events() if isinstance(e, LoggedIn)], "a session opened"
+    assert (refused.value.status_class, refused.value.status_detail) == (0x02, 0x02)  # AUTHORIZATION FAILURE
+    with open(node.volumes.get("vol-1").path, "rb") as handle:
+        assert handle.read(512) == bytes(512)
+    lun = node.login("vol-1", Y)  # the survivor is served as before
+    try:
+        lun.pwrite(0, b"Y" * 512)
+    finally:
+        lun.close()
