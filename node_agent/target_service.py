@@ -357,14 +357,15 @@ class TargetService:
         """Close LUNs ``detach_target`` gave (errors are logged)."""
         _close_all(list(units))
 
-    def set_allowed_initiators(self, iqn: str, names: list[str] | frozenset[str]) -> None:
-        """Replace the ACL of ``iqn``; sessions of initiators no longer admitted are closed."""
+    def set_allowed_initiators(self, iqn: str, names: list[str] | frozenset[str]) -> dict[str, list]:
+        """Replace the ACL of ``iqn``; sessions of initiators no longer admitted are closed.  Returns their
+        connections by initiator name (commands of theirs may still run on workers)."""
         if self.registry is None:
             raise KeyError(f"target {iqn} is not served")
         with self.registry.lock:
-            self._set_allowed_initiators(iqn, names)
+            return self._set_allowed_initiators(iqn, names)
 
-    def _set_allowed_initiators(self, iqn: str, names: list[str] | frozenset[str]) -> None:
+    def _set_allowed_initiators(self, iqn: str, names: list[str] | frozenset[str]) -> dict[str, list]:
         node = self._target(iqn)
         for name in names:
             check_iqn(name)
@@ -374,12 +375,15 @@ class TargetService:
         before = node.allowed_initiators
         node.allowed_initiators = allowed
         assert self.registry is not None
+        closed: dict[str, list] = {}
         for gone in (before or frozenset()) - allowed:
-            self.registry.close_initiator_sessions(iqn, gone, "initiator removed from the ACL")
+            closed[gone] = self.registry.close_initiator_sessions(iqn, gone, "initiator removed from the ACL")
         if before is None:  # everyone was admitted: close whoever is not now
             for session in list(self.registry.sessions.values()):
                 if session.target is node and session.initiator_name not in allowed:
+                    closed.setdefault(session.initiator_name, []).extend(session.connections.values())
                     self.registry.close_session(session, "initiator removed from the ACL")
+        return closed
 
     def resize_lun(self, iqn: str, lun: int, new_bytes: int) -> int:
         """Grow a LUN's medium to ``new_bytes``; logged-in initiators get CAPACITY DATA HAS CHANGED

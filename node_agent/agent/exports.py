@@ -99,7 +99,9 @@ class TargetHost(Protocol):
     def add_target(self, iqn: str, spec: LunSpec, *, chap: Credentials | None, mutual_chap: Credentials | None,
                    allowed_initiators: list[str]) -> TargetNode: ...
     def remove_target(self, iqn: str) -> bool: ...
-    def set_allowed_initiators(self, iqn: str, names: list[str]) -> None: ...
+    def set_allowed_initiators(self, iqn: str, names: list[str], *, timeout: float = 60.0) -> None: ...
+    def drain(self, initiator_name: str, *, timeout: float = 60.0) -> int: ...
+    def served(self) -> set[str]: ...
     def resize_lun(self, iqn: str, lun: int, size: int) -> int: ...
     def fence_initiator(self, initiator_name: str, *, timeout: float = 60.0) -> Any: ...
     def call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any: ...
@@ -162,6 +164,8 @@ class ExportManager:
                 self._commit(updated, self._secrets[volume_id])
                 self.host.set_allowed_initiators(self.target_iqn(volume_id), list(updated.initiators))
                 log.info("volume %s: export extended to %s", volume_id, initiator_iqn)
+            elif self.target_iqn(volume_id) not in self.host.served():  # an earlier attempt did not get so far
+                self._serve(volume.path, record, self._secrets[volume_id])
             return self.info(volume_id, record.chap_user)
 
     def unexport(self, volume_id: str, initiator_iqn: str) -> bool:
@@ -171,18 +175,27 @@ class ExportManager:
         with self._lock:
             record = self._records.get(volume_id)
             if record is None or initiator_iqn not in record.initiators:
+                self._drain(initiator_iqn)  # a repeat after a timeout: its commands may still run
                 return False
             remaining = tuple(name for name in record.initiators if name != initiator_iqn)
             iqn = self.target_iqn(volume_id)
             if remaining:
                 self._commit(replace(record, initiators=remaining), self._secrets[volume_id])
-                self.host.set_allowed_initiators(iqn, list(remaining))
+                try:  # closes its sessions and waits for their commands on workers
+                    self.host.set_allowed_initiators(iqn, list(remaining))
+                except TimeoutError as exc:
+                    raise Unavailable(f"unexporting volume {volume_id} from {initiator_iqn}: {exc}; retry") from None
                 log.info("volume %s: export to %s removed", volume_id, initiator_iqn)
             else:
-                self._forget(volume_id)
-                self.host.remove_target(iqn)
+                self._remove(volume_id)
                 log.info("volume %s: no longer exported (target %s removed)", volume_id, iqn)
             return True
+
+    def _drain(self, initiator_iqn: str) -> None:
+        try:
+            self.host.drain(initiator_iqn)
+        except TimeoutError as exc:
+            raise Unavailable(f"commands of {initiator_iqn}: {exc}; retry") from None
 
     def fence(self, initiator_iqn: str, *, timeout: float = 60.0) -> tuple[list[str], Any]:
         """Cut ``initiator_iqn`` off every target here (agent.proto FenceInitiator): the record first (a restart
@@ -194,45 +207,49 @@ class ExportManager:
         except ValueError as exc:
             raise InvalidArgument(f"initiator_iqn: {exc}") from None
         with self._lock:
-            volume_ids, emptied = [], []
+            volume_ids, records = [], dict(self._records)
             for record in self.records():
-                if initiator_iqn not in record.initiators:
-                    continue
-                volume_ids.append(record.volume_id)
-                remaining = tuple(name for name in record.initiators if name != initiator_iqn)
-                if remaining:
-                    self._records[record.volume_id] = replace(record, initiators=remaining)
-                else:
-                    emptied.append(record.volume_id)
-            if volume_ids:
-                self._save_without(emptied)
+                if initiator_iqn in record.initiators:
+                    volume_ids.append(record.volume_id)
+                    records[record.volume_id] = replace(
+                        record, initiators=tuple(name for name in record.initiators if name != initiator_iqn))
+            # Exports left with nobody (now, or by an earlier attempt that timed out): gone from the file at once,
+            # kept in memory with an empty ACL until their targets go below (a delete is refused meanwhile).
+            emptied = [volume_id for volume_id, record in records.items() if not record.initiators]
+            if volume_ids or emptied:
+                kept = {vid: r for vid, r in records.items() if vid not in emptied}
+                self._save(kept, {vid: s for vid, s in self._secrets.items() if vid not in emptied})
+            self._records = records  # saved: memory follows (a later export must not admit it again)
             try:
                 result = self.host.fence_initiator(initiator_iqn, timeout=timeout)
             except TimeoutError as exc:
                 raise Unavailable(f"fencing {initiator_iqn}: {exc}; retry") from None
             for volume_id in emptied:  # nobody is admitted and nothing of it runs: the target goes
-                self._forget(volume_id)
                 self.host.remove_target(self.target_iqn(volume_id))
+                self._records.pop(volume_id, None)
+                self._secrets.pop(volume_id, None)
             log.warning("initiator %s fenced: %d export(s) no longer admit it (%d target(s) removed)", initiator_iqn,
                         len(volume_ids), len(emptied))
             return volume_ids, result
 
-    def _save_without(self, volume_ids: list[str]) -> None:
-        """Save the record as if ``volume_ids`` were not exported (their targets are removed right after)."""
-        records, secrets = dict(self._records), dict(self._secrets)
-        for volume_id in volume_ids:
-            self._records.pop(volume_id, None)
-            self._secrets.pop(volume_id, None)
-        try:
-            self._save()
-        finally:
-            self._records, self._secrets = records, secrets
+    def _without(self, volume_ids: list[str]) -> tuple[dict, dict]:
+        """The records and secrets as if ``volume_ids`` were not exported."""
+        return ({vid: r for vid, r in self._records.items() if vid not in volume_ids},
+                {vid: s for vid, s in self._secrets.items() if vid not in volume_ids})
 
     def unexport_all(self, volume_id: str) -> None:
         with self._lock:
             if volume_id in self._records:
-                self._forget(volume_id)
-                self.host.remove_target(self.target_iqn(volume_id))
+                self._remove(volume_id)
+
+    def _remove(self, volume_id: str) -> None:
+        """The export gone: from the file first (a restart does not serve it again), then the target (its I/O
+        ends), then memory, so that until the target is gone the volume counts as exported (no delete
+        meanwhile) and a repeat after a failure does what is left."""
+        self._save(*self._without([volume_id]))
+        self.host.remove_target(self.target_iqn(volume_id))
+        self._records.pop(volume_id, None)
+        self._secrets.pop(volume_id, None)
 
     def capacity_changed(self, volume_id: str, size: int) -> None:
         """An exported volume grew: its LUN reports the new capacity (and CAPACITY DATA HAS CHANGED)."""
@@ -313,22 +330,27 @@ class ExportManager:
                                 f"(user {record.chap_user!r}); unexport it from every initiator first")
 
     def _commit(self, record: ExportRecord, secrets: _Secrets) -> None:
-        self._records[record.volume_id] = record
-        self._secrets[record.volume_id] = secrets
-        self._save()
+        """Save the records with ``record``, then hold it in memory: a save that fails changes nothing, so a
+        repeat of the call finds the state it found the first time."""
+        records = dict(self._records, **{record.volume_id: record})
+        all_secrets = dict(self._secrets, **{record.volume_id: secrets})
+        self._save(records, all_secrets)
+        self._records, self._secrets = records, all_secrets
 
     def _forget(self, volume_id: str) -> None:
-        self._records.pop(volume_id, None)
-        self._secrets.pop(volume_id, None)
-        self._save()
+        records, secrets = self._without([volume_id])
+        self._save(records, secrets)
+        self._records, self._secrets = records, secrets
 
-    def _save(self) -> None:
+    def _save(self, records: dict | None = None, secrets: dict | None = None) -> None:
+        records = self._records if records is None else records
+        secrets = self._secrets if secrets is None else secrets
         # Secrets first: a record never names credentials the secrets file lacks.
         write_json(self._path(SECRETS_FILE), {"secrets": {
-            vid: {"chap": s.chap, "mutual_chap": s.mutual_chap} for vid, s in self._secrets.items()}}, mode=0o600)
+            vid: {"chap": s.chap, "mutual_chap": s.mutual_chap} for vid, s in secrets.items()}}, mode=0o600)
         write_json(self._path(RECORD_FILE), {"exports": {
             vid: {"initiators": list(r.initiators), "chap_user": r.chap_user, "mutual_chap_user": r.mutual_chap_user}
-            for vid, r in self._records.items()}})
+            for vid, r in records.items()}})
 
     def _path(self, name: str) -> str:
         return os.path.join(self.settings.data_dir, name)

@@ -55,6 +55,11 @@ class PortalThread:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self.address: tuple[str, int] | None = None
+        # Connections a fence or an ACL change closed whose commands still ran when a wait for them timed out,
+        # by initiator name: a repeat of that fence or unexport waits for them (their sessions are gone from the
+        # registry, so it would find nothing to wait for and answer at once, the writes still to land).
+        self._draining: dict[str, list] = {}
+        self._draining_lock = threading.Lock()
 
     def start(self) -> tuple[str, int]:
         loop = _new_loop()
@@ -101,8 +106,32 @@ class PortalThread:
             self.call(self.service.close_units, units)
         return True
 
-    def set_allowed_initiators(self, iqn: str, names: list[str]) -> None:
-        self.call(self.service.set_allowed_initiators, iqn, names)
+    def set_allowed_initiators(self, iqn: str, names: list[str], *, timeout: float = 60.0) -> None:
+        """Replace the ACL of ``iqn``, closing the sessions of initiators it no longer names, and wait until
+        none of their commands still runs on a worker (``TimeoutError`` after ``timeout``; ``drain`` goes on
+        waiting): once this returns, no write of theirs lands."""
+        closed = self.call(self.service.set_allowed_initiators, iqn, names)
+        for name, connections in closed.items():
+            self._drain(name, connections, timeout)
+
+    def drain(self, initiator_name: str, *, timeout: float = 60.0) -> int:
+        """Wait for the commands of ``initiator_name`` that an earlier fence or ACL change left running when its
+        wait timed out (``TimeoutError`` again after ``timeout``); how many there were."""
+        return self._drain(initiator_name, [], timeout)
+
+    def _drain(self, initiator_name: str, connections: list, timeout: float) -> int:
+        with self._draining_lock:
+            connections = self._draining.pop(initiator_name, []) + list(connections)
+        deadline = time.monotonic() + timeout
+        waited = running = self.call(lambda: sum(_in_flight(c) for c in connections)) if connections else 0
+        while running:
+            if time.monotonic() > deadline:
+                with self._draining_lock:
+                    self._draining.setdefault(initiator_name, []).extend(connections)
+                raise TimeoutError(f"{running} command(s) of {initiator_name} still running after {timeout:g} s")
+            time.sleep(0.01)
+            running = self.call(lambda: sum(_in_flight(c) for c in connections))
+        return waited
 
     def resize_lun(self, iqn: str, lun: int, size: int) -> int:
         return self.call(self.service.resize_lun, iqn, lun, size)
@@ -115,13 +144,7 @@ class PortalThread:
         result, connections, saves = self.call(self._fence_on_loop, initiator_name)
         for save in saves:  # the reservation state (APTPL), saved here: fsyncs, off the loop
             save()
-        deadline = time.monotonic() + timeout
-        waited = running = self.call(lambda: sum(_in_flight(c) for c in connections))
-        while running:
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{running} command(s) of {initiator_name} still running after {timeout:g} s")
-            time.sleep(0.01)
-            running = self.call(lambda: sum(_in_flight(c) for c in connections))
+        waited = self._drain(initiator_name, connections, timeout)  # with what an earlier attempt left running
         return replace(result, commands_waited=waited)
 
     def _fence_on_loop(self, initiator_name: str) -> tuple[FenceResult, list, list]:

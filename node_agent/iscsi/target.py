@@ -153,13 +153,14 @@ class TargetRegistry:
                     self.close_session(session, "target removed")
         return target
 
-    def close_initiator_sessions(self, iqn: str, initiator_name: str, reason: str) -> int:
-        """Close the sessions of ``initiator_name`` to target ``iqn`` (its ACL entry went); how many."""
-        closed = 0
+    def close_initiator_sessions(self, iqn: str, initiator_name: str, reason: str) -> list[ConnectionHandle]:
+        """Close the sessions of ``initiator_name`` to target ``iqn`` (its ACL entry went); their connections,
+        whose commands still running on a worker the caller may wait for."""
+        closed: list[ConnectionHandle] = []
         for session in list(self.sessions.values()):
             if session.target is not None and session.target.iqn == iqn and session.initiator_name == initiator_name:
+                closed.extend(session.connections.values())
                 self.close_session(session, reason)
-                closed += 1
         return closed
 
     def fence_initiator(self, initiator_name: str, reason: str = "initiator fenced") -> list[ConnectionHandle]:

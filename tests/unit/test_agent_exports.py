@@ -203,3 +203,164 @@ def test_a_login_begun_before_a_fence_or_unexport_does_not_end_in_a_session(node
         lun.pwrite(0, b"Y" * 512)
     finally:
         lun.close()
+
+
+# -- a fence or an unexport that times out, a save that fails: what a repeat must still do ----------------
+def _pump(sock, conn, want):
+    """Send what ``conn`` queued and receive until an event of type ``want`` comes."""
+    while True:
+        _send(sock, conn)
+        hit = [event for event in conn.take_events() if isinstance(event, want)]
+        if hit:
+            return hit[0]
+        data = sock.recv(65536)
+        if not data:
+            raise ConnectionError("closed by the target")
+        conn.receive(data)
+
+
+@pytest.fixture
+def held_writes(monkeypatch):
+    """Writes of data starting with ``S`` run on a worker and wait there for ``release`` (a stalled disk)."""
+    import threading
+
+    from node_agent.storage import backing as B
+
+    entered, release = threading.Event(), threading.Event()
+    write, write_nowait = B.FileBackingStore.write, B.FileBackingStore.write_nowait
+
+    def held_write(self, offset, data, fua=False):
+        if bytes(data[:1]) == b"S":
+            entered.set()
+            release.wait(10)
+        return write(self, offset, data, fua)
+
+    def held_write_nowait(self, offset, data, fua=False):
+        return False if bytes(data[:1]) == b"S" else write_nowait(self, offset, data, fua)
+    monkeypatch.setattr(B.FileBackingStore, "write", held_write)
+    monkeypatch.setattr(B.FileBackingStore, "write_nowait", held_write_nowait)
+    yield entered, release
+    release.set()
+
+
+def _stuck_write(node, entered):
+    """X logs in and sends a WRITE that stays on a worker; the socket (keep it open)."""
+    import socket
+
+    from node_agent.iscsi.initiator.core import InitiatorConnection, LoggedIn, TaskDone, random_isid
+    from node_agent.iscsi.keys import InitiatorSettings
+
+    sock = socket.create_connection((node.host, node.port), timeout=5)
+    conn = InitiatorConnection(InitiatorSettings(X, f"{PREFIX}:vol-1"), isid=random_isid(),
+                               chap=(CHAP.user, CHAP.secret))
+    conn.start_login()
+    _pump(sock, conn, LoggedIn)
+    conn.submit(bytes(6))  # TEST UNIT READY: the power-on unit attention
+    _pump(sock, conn, TaskDone)
+    conn.submit(bytes([0x2A, 0, 0, 0, 0, 0, 0, 0, 1, 0]), data_out=b"S" * 512)  # WRITE(10) of LBA 0
+    _send(sock, conn)
+    assert entered.wait(5), "the write never reached a worker"
+    return sock
+
+
+def _first_block(node) -> bytes:
+    with open(node.volumes.get("vol-1").path, "rb") as handle:
+        return handle.read(512)
+
+
+def test_a_fence_repeated_after_a_timeout_waits_for_what_still_runs(node, held_writes):
+    """FenceInitiator answers UNAVAILABLE when the initiator's commands outlast its wait; the controller repeats
+    it.  The repeat found no session left (the first closed them) and answered OK at once while the write was
+    still to land; it now waits for the connections the first attempt left running."""
+    import threading
+    import time
+
+    from node_agent.agent.errors import Unavailable
+
+    entered, release = held_writes
+    node.exports.export("vol-1", X, CHAP)
+    node.exports.export("vol-1", Y, CHAP)  # another host stays admitted: the target stays
+    with _stuck_write(node, entered):
+        with pytest.raises(Unavailable):
+            node.exports.fence(X, timeout=0.3)
+        with pytest.raises(Unavailable):
+            node.exports.fence(X, timeout=0.3)  # still running: still not done
+        threading.Timer(0.3, release.set).start()
+        start = time.monotonic()
+        volume_ids, result = node.exports.fence(X, timeout=10)
+        took = time.monotonic() - start
+        assert _first_block(node) == b"S" * 512  # landed before the fence answered OK
+    assert took >= 0.2 and result.commands_waited == 1 and volume_ids == []
+
+
+def test_an_export_after_a_timed_out_fence_does_not_admit_the_fenced_initiator_again(node, held_writes):
+    """The fence took X out of the record on disk and out of the ACL before it timed out; memory kept X, and
+    the next export of the volume (to the failover host) put X back into the ACL and the file."""
+    from node_agent.agent.errors import Unavailable
+
+    entered, release = held_writes
+    node.exports.export("vol-1", X, CHAP)
+    with _stuck_write(node, entered):
+        with pytest.raises(Unavailable):
+            node.exports.fence(X, timeout=0.3)
+        release.set()
+        node.exports.export("vol-1", Y, CHAP)
+    record = json.loads((node.tmp_path / "data" / RECORD_FILE).read_text())
+    acl = node.portal.call(lambda: node.portal.service.registry.targets[f"{PREFIX}:vol-1"].allowed_initiators)
+    assert set(acl) == {Y} and record["exports"]["vol-1"]["initiators"] == [Y]
+    assert node.exports.fence(X)[0] == []  # the repeat: nothing left to wait for
+
+
+def test_an_unexport_from_one_of_two_initiators_waits_for_its_commands(node, held_writes):
+    """UnexportVolume(X) with Y still admitted closed X's sessions but returned with X's write still on a
+    worker, to land later.  It now waits, as the last unexport (target removal) and a fence do."""
+    import threading
+
+    entered, release = held_writes
+    node.exports.export("vol-1", X, CHAP)
+    node.exports.export("vol-1", Y, CHAP)
+    with _stuck_write(node, entered):
+        threading.Timer(0.3, release.set).start()
+        assert node.exports.unexport("vol-1", X) is True
+        assert _first_block(node) == b"S" * 512  # landed before the unexport returned
+
+
+def _fail_first_save(monkeypatch):
+    import errno
+
+    from node_agent.agent import exports as E
+
+    real, calls = E.write_json, []
+
+    def failing(path, data, **kwargs):
+        calls.append(path)
+        if len(calls) == 1:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(path, data, **kwargs)
+    monkeypatch.setattr(E, "write_json", failing)
+
+
+def test_an_unexport_whose_save_failed_changes_nothing_and_its_repeat_removes_the_target(node, monkeypatch):
+    """Memory used to change before the save: after a failed save the repeat answered "not exported" with the
+    target still served, and DeleteVolume, trusting memory, deleted the file under a writing initiator."""
+    from node_agent.agent.exports import refuse_if_exported
+    from node_agent.agent.errors import FailedPrecondition
+
+    node.exports.export("vol-1", X, CHAP)
+    _fail_first_save(monkeypatch)
+    with pytest.raises(OSError):
+        node.exports.unexport("vol-1", X)
+    with pytest.raises(FailedPrecondition):
+        refuse_if_exported(node.exports, "vol-1")  # still exported: no delete
+    assert node.portal.served() == {f"{PREFIX}:vol-1"}
+    assert node.exports.unexport("vol-1", X) is True  # the repeat does it all
+    assert node.portal.served() == set() and not node.exports.is_exported("vol-1")
+
+
+def test_an_export_whose_save_failed_is_done_by_its_repeat(node, monkeypatch):
+    _fail_first_save(monkeypatch)
+    with pytest.raises(OSError):
+        node.exports.export("vol-1", X, CHAP)
+    assert not node.exports.is_exported("vol-1") and node.portal.served() == set()
+    info = node.exports.export("vol-1", X, CHAP)
+    assert node.portal.served() == {info.target_iqn}
