@@ -139,8 +139,9 @@ class AgentServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def UnexportVolume(self, request, context):
-        """Remove an initiator from a volume's export (the LUN goes when no initiator is left).
-        Repeat / not exported: OK.
+        """Remove an initiator from a volume's export (the LUN goes when no initiator is left), once none of its
+        commands still runs: after OK no write of it lands. Repeat / not exported: OK (after waiting for what an
+        earlier attempt left running). UNAVAILABLE if commands are still running after the deadline: retry.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
