@@ -217,8 +217,7 @@ class ExportManager:
             # kept in memory with an empty ACL until their targets go below (a delete is refused meanwhile).
             emptied = [volume_id for volume_id, record in records.items() if not record.initiators]
             if volume_ids or emptied:
-                kept = {vid: r for vid, r in records.items() if vid not in emptied}
-                self._save(kept, {vid: s for vid, s in self._secrets.items() if vid not in emptied})
+                self._save(records, self._secrets)  # without the emptied ones (``_save``)
             self._records = records  # saved: memory follows (a later export must not admit it again)
             try:
                 result = self.host.fence_initiator(initiator_iqn, timeout=timeout)
@@ -345,6 +344,10 @@ class ExportManager:
     def _save(self, records: dict | None = None, secrets: dict | None = None) -> None:
         records = self._records if records is None else records
         secrets = self._secrets if secrets is None else secrets
+        # An export a timed-out fence left with nobody is never written: its target goes on the fence's repeat,
+        # and a restart does not serve it.
+        records = {vid: r for vid, r in records.items() if r.initiators}
+        secrets = {vid: s for vid, s in secrets.items() if vid in records}
         # Secrets first: a record never names credentials the secrets file lacks.
         write_json(self._path(SECRETS_FILE), {"secrets": {
             vid: {"chap": s.chap, "mutual_chap": s.mutual_chap} for vid, s in secrets.items()}}, mode=0o600)

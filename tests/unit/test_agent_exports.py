@@ -364,3 +364,24 @@ def test_an_export_whose_save_failed_is_done_by_its_repeat(node, monkeypatch):
     assert not node.exports.is_exported("vol-1") and node.portal.served() == set()
     info = node.exports.export("vol-1", X, CHAP)
     assert node.portal.served() == {info.target_iqn}
+
+
+def test_an_export_a_timed_out_fence_left_with_nobody_is_never_written_and_goes_on_the_repeat(node, held_writes):
+    """X was the volume's only initiator: the fence takes the export out of the file at once; until its
+    repeat removes the target the export stays in memory with an empty ACL (so the volume is not deleted
+    under its running commands), and no later save (another volume's export) writes it back."""
+    from node_agent.agent.errors import Unavailable
+
+    entered, release = held_writes
+    node.exports.export("vol-1", X, CHAP)
+    with _stuck_write(node, entered):
+        with pytest.raises(Unavailable):
+            node.exports.fence(X, timeout=0.3)
+        assert node.exports.is_exported("vol-1")
+        node.volumes.create("vol-2", 8 * MiB)
+        node.exports.export("vol-2", Y, CHAP)  # a save of every record
+        record = json.loads((node.tmp_path / "data" / RECORD_FILE).read_text())
+        assert set(record["exports"]) == {"vol-2"}
+        release.set()
+        assert node.exports.fence(X, timeout=10)[0] == []
+    assert node.portal.served() == {f"{PREFIX}:vol-2"} and not node.exports.is_exported("vol-1")
