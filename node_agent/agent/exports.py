@@ -104,6 +104,7 @@ class TargetHost(Protocol):
     def served(self) -> set[str]: ...
     def resize_lun(self, iqn: str, lun: int, size: int) -> int: ...
     def fence_initiator(self, initiator_name: str, *, timeout: float = 60.0) -> Any: ...
+    def cut_initiator(self, initiator_name: str) -> Any: ...
     def call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any: ...
     def call_quiesced(self, iqn: str, fn: Callable[[], Any]) -> Any: ...
 
@@ -219,17 +220,25 @@ class ExportManager:
             if volume_ids or emptied:
                 self._save(records, self._secrets)  # without the emptied ones (``_save``)
             self._records = records  # saved: memory follows (a later export must not admit it again)
-            try:
-                result = self.host.fence_initiator(initiator_iqn, timeout=timeout)
-            except TimeoutError as exc:
-                raise Unavailable(f"fencing {initiator_iqn}: {exc}; retry") from None
-            for volume_id in emptied:  # nobody is admitted and nothing of it runs: the target goes
+            result = self.host.cut_initiator(initiator_iqn)
+        # The wait for its commands still running, without the lock: other exports of this node, and GetState,
+        # go on meanwhile (a fence may wait up to ``timeout`` for a stalled disk).
+        try:
+            waited = self.host.drain(initiator_iqn, timeout=timeout)
+        except TimeoutError as exc:
+            raise Unavailable(f"fencing {initiator_iqn}: {exc}; retry") from None
+        with self._lock:
+            # Nobody is admitted and nothing of it runs: the target goes, unless an export admitted someone
+            # since (the failover host, while this waited).
+            removed = [volume_id for volume_id in emptied
+                       if volume_id in self._records and not self._records[volume_id].initiators]
+            for volume_id in removed:
                 self.host.remove_target(self.target_iqn(volume_id))
                 self._records.pop(volume_id, None)
                 self._secrets.pop(volume_id, None)
-            log.warning("initiator %s fenced: %d export(s) no longer admit it (%d target(s) removed)", initiator_iqn,
-                        len(volume_ids), len(emptied))
-            return volume_ids, result
+        log.warning("initiator %s fenced: %d export(s) no longer admit it (%d target(s) removed)", initiator_iqn,
+                    len(volume_ids), len(removed))
+        return volume_ids, replace(result, commands_waited=waited)
 
     def _without(self, volume_ids: list[str]) -> tuple[dict, dict]:
         """The records and secrets as if ``volume_ids`` were not exported."""

@@ -120,17 +120,25 @@ class PortalThread:
         return self._drain(initiator_name, [], timeout)
 
     def _drain(self, initiator_name: str, connections: list, timeout: float) -> int:
+        """Wait for ``connections`` and those an earlier wait for ``initiator_name`` left.  They stay listed
+        until drained, so that callers waiting at the same time (a fence and an unexport) all wait for them."""
         with self._draining_lock:
-            connections = self._draining.pop(initiator_name, []) + list(connections)
+            pending = self._draining.setdefault(initiator_name, [])
+            pending.extend(c for c in connections if all(c is not p for p in pending))
+            watched = list(pending)
         deadline = time.monotonic() + timeout
-        waited = running = self.call(lambda: sum(_in_flight(c) for c in connections)) if connections else 0
+        waited = running = self.call(lambda: sum(_in_flight(c) for c in watched)) if watched else 0
         while running:
             if time.monotonic() > deadline:
-                with self._draining_lock:
-                    self._draining.setdefault(initiator_name, []).extend(connections)
                 raise TimeoutError(f"{running} command(s) of {initiator_name} still running after {timeout:g} s")
             time.sleep(0.01)
-            running = self.call(lambda: sum(_in_flight(c) for c in connections))
+            running = self.call(lambda: sum(_in_flight(c) for c in watched))
+        with self._draining_lock:
+            left = [c for c in self._draining.get(initiator_name, []) if all(c is not w for w in watched)]
+            if left:
+                self._draining[initiator_name] = left
+            else:
+                self._draining.pop(initiator_name, None)
         return waited
 
     def resize_lun(self, iqn: str, lun: int, size: int) -> int:
@@ -141,11 +149,20 @@ class PortalThread:
         wait, off the loop, until none of its commands still runs on a worker: TimeoutError after ``timeout``
         (a repeat goes on waiting; the initiator is cut off already).  The reservation state that changed is
         saved (APTPL) before that wait, on this thread: its fsyncs hold up no session."""
+        result = self.cut_initiator(initiator_name)
+        waited = self.drain(initiator_name, timeout=timeout)  # with what an earlier attempt left running
+        return replace(result, commands_waited=waited)
+
+    def cut_initiator(self, initiator_name: str) -> FenceResult:
+        """The first half of ``fence_initiator``: ACLs, sessions and registrations, without the wait; its closed
+        connections are left for ``drain``, which a caller may run without holding its own locks."""
         result, connections, saves = self.call(self._fence_on_loop, initiator_name)
         for save in saves:  # the reservation state (APTPL), saved here: fsyncs, off the loop
             save()
-        waited = self._drain(initiator_name, connections, timeout)  # with what an earlier attempt left running
-        return replace(result, commands_waited=waited)
+        with self._draining_lock:
+            pending = self._draining.setdefault(initiator_name, [])
+            pending.extend(c for c in connections if all(c is not p for p in pending))
+        return result
 
     def _fence_on_loop(self, initiator_name: str) -> tuple[FenceResult, list, list]:
         registry = self.service.registry

@@ -385,3 +385,31 @@ def test_an_export_a_timed_out_fence_left_with_nobody_is_never_written_and_goes_
         release.set()
         assert node.exports.fence(X, timeout=10)[0] == []
     assert node.portal.served() == {f"{PREFIX}:vol-2"} and not node.exports.is_exported("vol-1")
+
+
+def test_a_fence_waiting_for_a_stalled_write_holds_up_no_other_export_change(node, held_writes):
+    """The fence waits (up to its timeout) for the initiator's commands without the export manager's lock:
+    GetState's listing and an export of another volume go on meanwhile (they waited up to 60 s, long enough
+    for the controller to think the node silent); the fence still answers only after the write."""
+    import threading
+    import time
+
+    entered, release = held_writes
+    node.exports.export("vol-1", X, CHAP)
+    node.volumes.create("vol-2", 8 * MiB)
+    outcome = {}
+    with _stuck_write(node, entered):
+        fence = threading.Thread(target=lambda: outcome.setdefault("fence", node.exports.fence(X, timeout=10)))
+        fence.start()
+        time.sleep(0.2)  # the fence waits for the write
+        start = time.monotonic()
+        listed = node.exports.records()
+        node.exports.export("vol-2", Y, CHAP)
+        took = time.monotonic() - start
+        assert fence.is_alive(), "the fence did not wait for the write"
+        release.set()
+        fence.join(10)
+    volume_ids, result = outcome["fence"]
+    assert took < 1.0, f"export changes waited {took:.2f} s for the fence"
+    assert [r.volume_id for r in listed] == ["vol-1"] and volume_ids == ["vol-1"] and result.commands_waited == 1
+    assert node.portal.served() == {f"{PREFIX}:vol-2"}  # vol-1's target went with its last initiator
