@@ -17,6 +17,31 @@ MOUNTINFO = "/proc/self/mountinfo"
 _OCTAL = re.compile(r"\\([0-7]{3})")
 
 
+BLANK_PROBE = 1 << 20
+"""Bytes read at each end of a device blkid found nothing on: zeros there, and it is blank."""
+
+
+def reads_blank(device: str) -> bool:
+    """``device`` reads back zeros in its first and last ``BLANK_PROBE`` bytes; ``OSError`` if it cannot be
+    read."""
+    fd = os.open(device, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        size = os.lseek(fd, 0, os.SEEK_END)
+        for start in sorted({0, max(0, size - BLANK_PROBE)}):
+            want = min(BLANK_PROBE, size - start)
+            data = bytearray()
+            while len(data) < want:
+                chunk = os.pread(fd, want - len(data), start + len(data))
+                if not chunk:
+                    raise OSError(f"{device}: short read at {start + len(data)} of {size} bytes")
+                data += chunk
+            if data.count(0) != len(data):
+                return False
+        return True
+    finally:
+        os.close(fd)
+
+
 @dataclass(frozen=True)
 class Mount:
     mount_point: str
@@ -85,10 +110,13 @@ class Mounter:
         return found
 
     def fs_type(self, device: str) -> str:
-        """What blkid finds on ``device``; "" for a blank device (blkid exits 2 when it finds nothing)."""
+        """What blkid finds on ``device``: "" for a blank device, one that reads back zeros at both ends;
+        "data" for one that holds bytes blkid recognises as nothing.  blkid exits 2 when it finds nothing, and
+        also when it could not read the device (an I/O error of a session recovering): then the reads here
+        fail too and the ``OSError`` goes to the caller.  Never a blank answer for a device not read."""
         result = self.runner.run(["blkid", "-p", "-o", "value", "-s", "TYPE", device], check=False)
         if result.returncode == 2:
-            return ""
+            return "" if reads_blank(device) else "data"
         if result.returncode != 0:
             # blkid -p reports other signatures (a partition table, an ambivalent probe) with a non-zero
             # exit: never format over those
@@ -103,9 +131,15 @@ class Mounter:
         self.runner.run(["mount", "-t", fs_type] + (["-o", ",".join(options)] if options else []) + [device, path])
 
     def bind(self, source: str, path: str, readonly: bool) -> None:
+        """Bind-mount ``source`` at ``path``, read-only if asked: all or nothing (a writable bind mount left
+        behind by a failed remount would be taken by a repeat as the read-only publish it asked for)."""
         self.runner.run(["mount", "--bind", source, path])
         if readonly:  # a bind mount takes "ro" only on a remount
-            self.runner.run(["mount", "-o", "remount,bind,ro", path])
+            try:
+                self.runner.run(["mount", "-o", "remount,bind,ro", path])
+            except Exception:
+                self.runner.run(["umount", path], check=False)
+                raise
 
     def umount(self, path: str) -> None:
         self.runner.run(["umount", path])

@@ -32,17 +32,20 @@ on a volume while one is under way is ABORTED (``InFlight``).
 
 from __future__ import annotations
 
+import logging
 import os
 import stat
 from typing import Mapping
 
 from controller.csi import capabilities as caps
 from controller.csi.errors import InFlight, csi_rpc
-from controller.domain.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from controller.domain.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from node_agent.csi.devices import DeviceResolver
 from node_agent.csi.mounts import Mounter
 from node_agent.host.runner import CommandFailed
 from protos.csi.v1 import csi_pb2, csi_pb2_grpc
+
+log = logging.getLogger("shoal.csi.node")
 
 NodeRPC = csi_pb2.NodeServiceCapability.RPC
 NODE_CAPABILITIES = (NodeRPC.STAGE_UNSTAGE_VOLUME, NodeRPC.EXPAND_VOLUME, NodeRPC.GET_VOLUME_STATS,
@@ -83,17 +86,32 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
         capability = _supported(request.volume_capability)
         with self.busy.hold(request.volume_id, f"volume {request.volume_id}"):
             device = self.devices.stage(request.volume_id, request.publish_context)
-            if caps.is_block(capability):
-                return csi_pb2.NodeStageVolumeResponse()
             path = request.staging_target_path
             current = self.mounter.mounted_at(path)
+            read_only = capability.access_mode.mode in caps.READ_ONLY_MODES
+            if caps.is_block(capability):
+                if current is not None:  # staged before as a filesystem: not the same volume capability
+                    raise AlreadyExists(f"volume {request.volume_id} is staged at {path} with a filesystem, "
+                                        "not for block access")
+                return csi_pb2.NodeStageVolumeResponse()
+            fs_type = capability.mount.fs_type or caps.DEFAULT_FS_TYPE
             if current is not None:
                 if current.dev != os.stat(device).st_rdev:
                     raise AlreadyExists(f"{path} is already mounted from {current.source}, not volume "
                                         f"{request.volume_id}'s device")
+                if current.fs_type != fs_type or ("ro" in current.options) != read_only:
+                    raise AlreadyExists(f"volume {request.volume_id} is staged at {path} as {current.fs_type} "
+                                        f"({'ro' if 'ro' in current.options else 'rw'}), not as the capability "
+                                        f"asks ({fs_type}, {'ro' if read_only else 'rw'})")
                 return csi_pb2.NodeStageVolumeResponse()
-            fs_type = capability.mount.fs_type or caps.DEFAULT_FS_TYPE
-            found = self.mounter.fs_type(device)
+            try:
+                found = self.mounter.fs_type(device)
+            except OSError as exc:  # never taken for blank: formatting it could wipe a filesystem
+                raise Unavailable(f"volume {request.volume_id}: {device} could not be read to check what it "
+                                  f"holds ({exc}); retry") from None
+            if not found and read_only:
+                raise FailedPrecondition(f"volume {request.volume_id} holds no filesystem, and a read-only stage "
+                                         "never formats: stage it writable once")
             if not found:
                 self.mounter.mkfs(device, fs_type)
             elif found != fs_type:
@@ -105,7 +123,7 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
                 self.mounter.grow_offline(device)
             os.makedirs(path, exist_ok=True)
             options = list(capability.mount.mount_flags)
-            if capability.access_mode.mode in caps.READ_ONLY_MODES:
+            if read_only:
                 options.append("ro")
             self.mounter.mount(device, path, fs_type, options)
         return csi_pb2.NodeStageVolumeResponse()
@@ -139,11 +157,18 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
                 if staged is None:
                     raise FailedPrecondition(f"volume {request.volume_id} is not staged at "
                                              f"{request.staging_target_path}: NodeStageVolume first")
+                device = self.devices.device(request.volume_id, request.publish_context)
+                if staged.dev != os.stat(device).st_rdev:  # another volume's staging path: never bind that
+                    raise FailedPrecondition(f"{request.staging_target_path} holds another volume's filesystem, "
+                                             f"not volume {request.volume_id}'s")
                 source, source_dev = request.staging_target_path, staged.dev
             current = self.mounter.mounted_at(target)
             if current is not None:
                 if current.dev != source_dev and not _is_device_file_of(target, source_dev):
                     raise AlreadyExists(f"{target} is already mounted from {current.source}")
+                if ("ro" in current.options) != readonly:
+                    raise AlreadyExists(f"volume {request.volume_id} is published at {target} "
+                                        f"{'read-only' if 'ro' in current.options else 'writable'}, not as asked")
                 return csi_pb2.NodePublishVolumeResponse()
             if caps.is_block(capability):
                 os.makedirs(os.path.dirname(target) or "/", exist_ok=True)
@@ -158,6 +183,8 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
     @csi_rpc("volume_id", "target_path")
     def NodeUnpublishVolume(self, request, context):
         target = request.target_path
+        if not os.path.isabs(target):
+            raise InvalidArgument(f"target_path {target!r} is not an absolute path")
         with self.busy.hold(request.volume_id, f"volume {request.volume_id}"):
             while self.mounter.mounted_at(target) is not None:  # a repeated publish elsewhere may have stacked
                 self.mounter.umount(target)
@@ -260,10 +287,16 @@ def _is_device_file_of(path: str, rdev: int) -> bool:
 
 
 def _remove(path: str) -> None:
+    """Remove what publish made at ``path``: an empty directory (mount access) or an empty file (the mount
+    point of a block publish).  Anything else there is not ours and stays."""
     try:
-        if os.path.isdir(path) and not os.path.islink(path):
+        st = os.lstat(path)
+        if stat.S_ISDIR(st.st_mode):
             os.rmdir(path)
-        else:
+        elif stat.S_ISREG(st.st_mode) and st.st_size == 0:
             os.unlink(path)
+        else:
+            log.warning("unpublish: %s is not what a publish leaves (a %s file of %d bytes): left alone", path,
+                        "regular" if stat.S_ISREG(st.st_mode) else "special", st.st_size)
     except FileNotFoundError:
         pass

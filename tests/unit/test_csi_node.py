@@ -28,7 +28,7 @@ from node_agent.csi.devices import DeviceResolver
 from node_agent.csi.mounts import Mounter, parse_mountinfo
 from node_agent.csi.node import DEFAULT_TOPOLOGY_KEYS, NodeServicer
 from node_agent.csi.server import build_csi_node_server
-from node_agent.host.runner import SubprocessRunner
+from node_agent.host.runner import CommandFailed, SubprocessRunner
 from protos.csi.v1 import csi_pb2, csi_pb2_grpc
 
 Mode = csi_pb2.VolumeCapability.AccessMode.Mode
@@ -517,3 +517,119 @@ def test_agent_serves_csi_node_on_its_unix_socket():
         shutil.rmtree(directory, ignore_errors=True)
     with pytest.raises(ValueError):
         cli._agent_settings(cli.build_parser().parse_args(["agent", "--node-id", "n1", "--csi-endpoint", "rel.sock"]))
+
+
+# -- never format what was not read; compatible repeats only; nothing but ours removed ---------------------
+def test_reads_blank_reads_both_ends_and_never_answers_blank_for_what_it_could_not_read(tmp_path):
+    from node_agent.csi.mounts import BLANK_PROBE, reads_blank
+
+    blank = tmp_path / "blank.img"
+    blank.write_bytes(bytes(3 * BLANK_PROBE))
+    tail = tmp_path / "tail.img"
+    tail.write_bytes(bytes(3 * BLANK_PROBE - 1) + b"x")  # data only near the end (a backup superblock, say)
+    assert reads_blank(str(blank)) and not reads_blank(str(tail))
+    with pytest.raises(OSError):
+        reads_blank(str(tmp_path))  # a directory: reading it fails, as a device with an I/O error would
+
+
+class _BlkidFindsNothing:
+    """blkid exiting 2 ("nothing found"), as it also does when it cannot read the device."""
+
+    def __init__(self, runner):
+        self.runner, self.real = runner, runner.run
+
+    def __call__(self, argv, *, check=True, input=None):
+        if argv[0] == "blkid":
+            self.runner.calls.append([str(a) for a in argv])
+            return subprocess.CompletedProcess(argv, 2, "", "")
+        return self.real(argv, check=check, input=input)
+
+
+@needs_root
+def test_a_device_blkid_could_not_read_is_never_formatted(env, monkeypatch):
+    """blkid -p exits 2 for a read error as for a blank device; formatting then (``mkfs.ext4 -F``) wiped a
+    filesystem that a passing I/O error hid.  The device is read here too: data on it refuses the format
+    (FAILED_PRECONDITION), a read that fails answers UNAVAILABLE (retry), and nothing is formatted."""
+    from node_agent.csi import mounts
+
+    loop = env.attach_loop()
+    subprocess.run(["mkfs.ext4", "-q", "-F", loop], check=True, capture_output=True)
+    monkeypatch.setattr(env.runner, "run", _BlkidFindsNothing(env.runner))
+    assert code_of(env.stage, loop) == Code.FAILED_PRECONDITION
+    monkeypatch.setattr(mounts, "reads_blank", lambda device: (_ for _ in ()).throw(OSError(5, "I/O error")))
+    assert code_of(env.stage, loop) == Code.UNAVAILABLE
+    assert env.runner.ran("mkfs.ext4") == [] and env.runner.ran("mount") == []
+
+
+@needs_root
+def test_a_read_only_stage_never_formats(env):
+    loop = env.attach_loop()
+    assert code_of(env.stage, loop, mount_cap(mode=Mode.SINGLE_NODE_READER_ONLY)) == Code.FAILED_PRECONDITION
+    assert env.runner.ran("mkfs.ext4") == []
+
+
+@needs_root
+def test_a_repeated_stage_or_publish_must_ask_for_what_is_there(env):
+    """CSI: a repeat answers OK only when compatible with what is staged or published; otherwise
+    ALREADY_EXISTS (a read-only publish that came back writable was a write through a "read-only" mount)."""
+    loop = env.attach_loop()
+    env.stage(loop)
+    env.stage(loop)
+    assert code_of(env.stage, loop, mount_cap(fs_type="xfs")) == Code.ALREADY_EXISTS
+    assert code_of(env.stage, loop, mount_cap(mode=Mode.SINGLE_NODE_READER_ONLY)) == Code.ALREADY_EXISTS
+    assert code_of(env.stage, loop, block_cap()) == Code.ALREADY_EXISTS
+    env.publish(loop)
+    env.publish(loop)
+    with pytest.raises(grpc.RpcError) as refused:
+        env.publish(loop, readonly=True)
+    assert refused.value.code() == Code.ALREADY_EXISTS
+    assert "ro" not in env.servicer.mounter.mounted_at(env.target).options
+    env.unpublish()
+    env.unstage()
+
+
+@needs_root
+def test_a_read_only_publish_whose_remount_fails_leaves_no_writable_mount(env, monkeypatch):
+    loop = env.attach_loop()
+    env.stage(loop)
+    real = env.runner.run
+
+    def failing_remount(argv, *, check=True, input=None):
+        if "remount,bind,ro" in argv:
+            raise CommandFailed(list(argv), 32, "mount: permission denied")
+        return real(argv, check=check, input=input)
+    monkeypatch.setattr(env.runner, "run", failing_remount)
+    assert code_of(lambda: env.publish(loop, readonly=True)) != Code.OK
+    assert env.servicer.mounter.mounted_at(env.target) is None
+    monkeypatch.undo()
+    env.publish(loop, readonly=True)  # the repeat publishes read-only
+    assert "ro" in env.servicer.mounter.mounted_at(env.target).options
+    env.unpublish()
+    env.unstage()
+
+
+@needs_root
+def test_a_publish_from_another_volumes_staging_path_is_refused(env):
+    loop = env.attach_loop()
+    env.stage(loop)
+    other = env.attach_loop("vol-other")
+    with pytest.raises(grpc.RpcError) as refused:
+        env.publish(other, volume_id="vol-other")  # this volume's staging path is VOL's
+    assert refused.value.code() == Code.FAILED_PRECONDITION
+    assert env.servicer.mounter.mounted_at(env.target) is None
+    env.unstage()
+
+
+def test_unpublish_removes_only_what_a_publish_leaves(env, tmp_path):
+    """NodeUnpublishVolume unmounts and removes the mount point it made (an empty directory or an empty
+    file); a file with content at ``target_path`` is not ours and stays; a relative path is refused."""
+    victim = tmp_path / "victim.conf"
+    victim.write_text("keep me")
+    env.node.NodeUnpublishVolume(csi_pb2.NodeUnpublishVolumeRequest(volume_id=VOL, target_path=str(victim)))
+    assert victim.read_text() == "keep me"
+    placeholder = tmp_path / "placeholder"
+    placeholder.touch()
+    env.node.NodeUnpublishVolume(csi_pb2.NodeUnpublishVolumeRequest(volume_id=VOL, target_path=str(placeholder)))
+    assert not placeholder.exists()
+    assert code_of(env.node.NodeUnpublishVolume, csi_pb2.NodeUnpublishVolumeRequest(
+        volume_id=VOL, target_path="relative/path")) == Code.INVALID_ARGUMENT
