@@ -16,7 +16,10 @@ handed out.  This module adds the agent's idempotency and record:
 - detaching what is not attached succeeds; logging out what is not logged in too;
 - ``attachments.json`` (no secrets) lists them, ``attachment-secrets.json``
   (0600) keeps the credentials a later login needs.  After a restart the
-  kernel's sessions are still there and their records are kept; userspace
+  kernel's sessions are usually still there and their records are kept, but
+  the recorded ``/dev/sdX`` is not trusted until the connector has said so
+  again (a host reboot ends the sessions, and the name may be another
+  disk's by then): the next login asks it (``_unverified``); userspace
   devices died with the process that served them, so their leftovers are
   cleaned and their records kept as not logged in (the next NodeStageVolume,
   or a repeated attach, logs in again).
@@ -90,6 +93,8 @@ class AttachmentManager:
         self._connectors: dict[str, Connector] = {}
         self._records: dict[str, AttachmentRecord] = {}
         self._credentials: dict[str, _Credentials] = {}
+        # Kernel records restored as logged in whose device path the connector has not confirmed since.
+        self._unverified: set[str] = set()
         self._lock = threading.RLock()
         self._volume_locks: dict[str, threading.RLock] = {}
 
@@ -164,15 +169,16 @@ class AttachmentManager:
         if record is None:
             raise FailedPrecondition(f"volume {volume_id} is not published to this node: "
                                      "ControllerPublishVolume (or an attach) first")
-        if record.logged_in:
+        if record.logged_in and volume_id not in self._unverified:
             return record.device_path
         if credentials is None:
             raise FailedPrecondition(f"volume {volume_id}: its CHAP credentials are not known here any more: "
                                      "unpublish and publish it again")
         target = VolumeTarget.from_publish_context(record.export.publish_context(), credentials.as_map())
-        device = self.connector(record.mode).attach(target)
+        device = self.connector(record.mode).attach(target)  # idempotent: a live session's checked device
         with self._lock:
             self._records[volume_id] = replace(record, device_path=device.path)
+            self._unverified.discard(volume_id)
             self._save()
         log.info("volume %s logged in (%s) as %s", volume_id, record.mode, device.path)
         return device.path
@@ -247,6 +253,8 @@ class AttachmentManager:
                 else:
                     log.info("volume %s: userspace attachment of the previous run cleaned up", volume_id)
                 record = replace(record, device_path="")
+            elif record.logged_in:
+                self._unverified.add(volume_id)
             self._records[volume_id] = record
         with self._lock:
             self._save()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import stat
+from dataclasses import replace
 
 import pytest
 
@@ -167,3 +168,25 @@ def test_a_device_in_use_is_never_logged_out(tmp_path):
     assert connector.calls == [("attach", "vol-1")] and manager.list()[0].logged_in
     users.clear()
     assert manager.detach("vol-1") and connector.calls[-1] == ("detach", "vol-1")
+
+
+def test_a_kernel_device_path_from_before_a_restart_is_confirmed_by_the_connector_at_the_next_login(tmp_path):
+    """Kernel sessions usually outlive an agent restart, but not a host reboot, and ``/dev/sdX`` may name
+    another disk by then.  The restored record's path is not handed out on trust: the next login (NodeStage)
+    asks the connector, whose attach is idempotent and checks the LUN's identity, and takes the path it
+    gives; later logins need no second call."""
+    before = FakeConnector()
+    manager = AttachmentManager(str(tmp_path), {"kernel": lambda: before})
+    manager.attach(EXPORT, SECRET, mode="kernel", defer_login=True)
+    assert manager.login("vol-1") == "/dev/fake-vol-1"
+
+    class Rebooted(FakeConnector):  # the disk came back under another name
+        def attach(self, target):
+            device = super().attach(target)
+            return replace(device, path="/dev/sdz")
+
+    after = Rebooted()
+    restarted = AttachmentManager(str(tmp_path), {"kernel": lambda: after})
+    restarted.restore()
+    assert restarted.login("vol-1") == "/dev/sdz" and after.calls == [("attach", "vol-1")]
+    assert restarted.login("vol-1") == "/dev/sdz" and after.calls == [("attach", "vol-1")]
