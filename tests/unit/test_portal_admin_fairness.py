@@ -467,6 +467,15 @@ def test_task_management_ends_a_sanitize_command_but_not_the_sanitize(portal, tm
     assert path.read_bytes() == bytes(MiB)
 
 
+def eight_chunk_target(portal, tmp_path, delay: float = SLOW, allowed=(INITIATOR,)):
+    """Target ``eight``: an 8 MiB LUN of 0x77 on the slow device, so an overwrite is 8 chunks of ``delay``."""
+    path = tmp_path / "eight.img"
+    path.write_bytes(b"\x77" * (8 * MiB))
+    portal.add_target(iqn("eight"), LunSpec(str(path), wrap=lambda b: DelayedBackingStore(b, delay)), chap=CHAP,
+                      mutual_chap=None, allowed_initiators=list(allowed))
+    return path
+
+
 def test_a_snapshot_pause_is_refused_while_a_sanitize_runs_and_stalls_nobody(portal, tmp_path):
     """A snapshot pauses the volume's I/O (``call_quiesced``, on the portal's loop), waiting for what runs on
     workers: a SANITIZE's pass would hold the loop, and every volume of the portal, until the whole medium is
@@ -475,10 +484,7 @@ def test_a_snapshot_pause_is_refused_while_a_sanitize_runs_and_stalls_nobody(por
     from node_agent.agent.errors import FailedPrecondition
 
     portal, host, port, _ = portal
-    path = tmp_path / "eight.img"
-    path.write_bytes(b"\x77" * (8 * MiB))
-    portal.add_target(iqn("eight"), LunSpec(str(path), wrap=lambda b: DelayedBackingStore(b, SLOW / 4)), chap=CHAP,
-                      mutual_chap=None, allowed_initiators=[INITIATOR])
+    eight_chunk_target(portal, tmp_path, delay=SLOW / 4)
     params = bytes([0x01, 0, 0, 2, 0xA5, 0xA5])
 
     async def scenario():
@@ -511,10 +517,7 @@ def test_stopping_the_portal_stops_a_running_sanitize_and_keeps_its_failed_state
     removal does, instead of waiting for the whole medium (the executor's shutdown waited for it: 8 x SLOW
     here, hours on a large volume); the mark beside the file keeps the failed state for the next start."""
     portal, host, port, _ = portal
-    path = tmp_path / "eight.img"
-    path.write_bytes(b"\x77" * (8 * MiB))  # an overwrite of 8 chunks: 8 x SLOW
-    portal.add_target(iqn("eight"), LunSpec(str(path), wrap=lambda b: DelayedBackingStore(b, SLOW)), chap=CHAP,
-                      mutual_chap=None, allowed_initiators=[INITIATOR])
+    path = eight_chunk_target(portal, tmp_path)
     params = bytes([0x01, 0, 0, 2, 0xA5, 0xA5])
 
     async def scenario():
@@ -546,10 +549,7 @@ def test_a_sanitize_with_immed_answers_at_once_and_a_fence_still_waits_for_its_p
     from node_agent.scsi.sense import SANITIZE_IN_PROGRESS
 
     portal, host, port, _ = portal
-    path = tmp_path / "eight.img"
-    path.write_bytes(b"\x77" * (8 * MiB))  # an overwrite of 8 chunks: 8 x SLOW
-    portal.add_target(iqn("eight"), LunSpec(str(path), wrap=lambda b: DelayedBackingStore(b, SLOW)), chap=CHAP,
-                      mutual_chap=None, allowed_initiators=[INITIATOR])
+    path = eight_chunk_target(portal, tmp_path)
     params = bytes([0x01, 0, 0, 2, 0xA5, 0xA5])
 
     async def scenario():
@@ -586,10 +586,7 @@ def test_a_fence_or_a_removal_stops_a_running_sanitize(portal, tmp_path, how):
     from node_agent.scsi.sense import SANITIZE_COMMAND_FAILED
 
     portal, host, port, _ = portal
-    path = tmp_path / "eight.img"
-    path.write_bytes(b"\x77" * (8 * MiB))  # an overwrite of 8 chunks: 8 x SLOW
-    portal.add_target(iqn("eight"), LunSpec(str(path), wrap=lambda b: DelayedBackingStore(b, SLOW)), chap=CHAP,
-                      mutual_chap=None, allowed_initiators=[INITIATOR, OTHER_INITIATOR])
+    path = eight_chunk_target(portal, tmp_path, allowed=[INITIATOR, OTHER_INITIATOR])
     params = bytes([0x01, 0, 0, 2, 0xA5, 0xA5])
     overwrite = bytes([0x48, 0x21, 0, 0, 0, 0, 0, 0, len(params), 0])  # AUSE: EXIT FAILURE MODE may end a failure
     tur = bytes(6)
