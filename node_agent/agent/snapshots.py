@@ -31,7 +31,7 @@ from node_agent.agent.copies import COPYING, FAILED, READY, CopyJob, Source, flu
 from node_agent.agent.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from node_agent.agent.records import fsync_dir, read_json, write_json
 from node_agent.agent.settings import DiskSpec, check_name
-from node_agent.agent.volumes import VolumeManager, _unlink
+from node_agent.agent.volumes import VolumeManager, _unlink, refuse_half_erased
 
 log = logging.getLogger("shoal.agent.snapshots")
 
@@ -126,6 +126,7 @@ class SnapshotManager:
                                         f"{volume_id}: delete it first or use another id")
                 return existing
             src = self.volumes.source(volume_id)
+            refuse_half_erased(src)
             spec = self.volumes.specs[self.volumes.require(volume_id).disk]
             meta = {"volume_id": volume_id, "size": src.size, "state": COPYING, "method": COPY,
                     "created_at": self.volumes.clock()}

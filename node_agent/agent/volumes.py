@@ -41,7 +41,7 @@ from node_agent.agent.errors import (AlreadyExists, FailedPrecondition, InvalidA
 from node_agent.agent.records import fsync_dir, read_json, write_json
 from node_agent.agent.settings import DiskSpec, check_name
 from node_agent.scsi.ptpl import SUFFIX as PTPL_SUFFIX
-from node_agent.scsi.sidecar import SANITIZE_SUFFIX
+from node_agent.scsi.sidecar import SANITIZE_SUFFIX, SanitizeMark
 
 log = logging.getLogger("shoal.agent.volumes")
 
@@ -108,6 +108,16 @@ class _Clone:
     info: VolumeInfo
     tmp: str
     job: CopyJob | None = None
+
+
+def refuse_half_erased(src: Source) -> None:
+    """FailedPrecondition when a sanitize runs on the source or has failed (its ``.sanitize`` mark): a
+    snapshot or clone would carry the half-erased data without the mark and serve it as if all were well."""
+    mark = SanitizeMark(src.path + SANITIZE_SUFFIX)
+    if mark.present():
+        raise FailedPrecondition(f"{src.name} is being sanitized, or its sanitize failed ({mark.describe()}): "
+                                 "it is no copy source until a SANITIZE completes or EXIT FAILURE MODE ends "
+                                 "the failed state")
 
 
 class VolumeManager:
@@ -221,6 +231,8 @@ class VolumeManager:
                     return existing
                 self._drop_clone(volume_id)  # a failed copy: start again
                 spec = self.specs[existing.disk]
+        if src is not None:
+            refuse_half_erased(src)
         if src is not None and size < src.size:
             raise InvalidArgument(f"a clone of {source_name} needs at least its {src.size} bytes, not {size}")
         if not thin:

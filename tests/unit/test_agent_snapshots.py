@@ -24,6 +24,7 @@ from node_agent.agent.errors import AlreadyExists, FailedPrecondition, InvalidAr
 from node_agent.agent.settings import DiskSpec
 from node_agent.agent.snapshots import INTERRUPTED, SnapshotManager
 from node_agent.agent.volumes import VolumeManager
+from node_agent.scsi.sidecar import SANITIZE_SUFFIX, SanitizeMark
 from node_agent.storage.backing import FileBackingStore
 
 MiB = 1 << 20
@@ -395,3 +396,25 @@ def test_the_volume_is_flushed_before_it_is_held_still(tmp_path, what):
     else:
         assert volumes.create("vol-clone", 0, source="vol-1").state == READY
     assert held == [0]
+
+
+def test_a_volume_being_sanitized_or_failed_is_no_snapshot_or_clone_source(tmp_path):
+    """Its ``.sanitize`` mark (scsi.sidecar.SanitizeMark) says the data is half-erased: a copy would carry
+    that data without the mark, and its LUN would serve it as if all were well."""
+    volumes, snapshots = manager(tmp_path, use_reflink=False)
+    info = volumes.create("vol-1", MiB)
+    clone = volumes.create("vol-c", 0, source="vol-1")
+    mark = SanitizeMark(info.path + SANITIZE_SUFFIX)
+    mark.set("OVERWRITE", "iqn.2026-01.test:host-a", ause=True)
+    with pytest.raises(FailedPrecondition, match="vol-1 is being sanitized, or its sanitize failed "
+                                                 r"\(OVERWRITE started by iqn.2026-01.test:host-a"):
+        snapshots.create("snap-1", "vol-1")
+    with pytest.raises(FailedPrecondition, match="EXIT FAILURE MODE"):
+        volumes.create("vol-2", 0, source="vol-1")
+    assert snapshots.list() == []
+    assert os.listdir(tmp_path / "d0" / "snapshots") == []
+    assert sorted(v.volume_id for v in volumes.list()) == ["vol-1", "vol-c"]
+    assert volumes.create("vol-c", 0, source="vol-1") == clone  # a repeat of a clone made before: as it is
+    mark.clear()  # a SANITIZE completed
+    assert snapshots.create("snap-1", "vol-1").state == READY
+    assert volumes.create("vol-2", 0, source="vol-1").state == READY
