@@ -221,6 +221,15 @@ class AttachmentManager:
             return f"volume {volume_id} is not logged in on this node (not staged)"
         return self.connector(record.mode).condition(_target_without_secrets(record.export))
 
+    def foreign_device(self, volume_id: str, path: str) -> str:
+        """Why ``path`` is not the device that the volume's connector gave it ("" when it is, or when only the
+        LUN's VPD pages can tell)."""
+        with self._lock:
+            record = self._records.get(volume_id)
+        if record is None:
+            return f"volume {volume_id} is not published to this node"
+        return self.connector(record.mode).foreign_device(_target_without_secrets(record.export), path)
+
     def detach(self, volume_id: str, mode: str = "") -> bool:
         """Log out if logged in, and forget the record; False when there was none."""
         with self._volume(volume_id):

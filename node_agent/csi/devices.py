@@ -7,7 +7,8 @@ logs in through ``stage``: the publish_context must name what the agent recorded
 the connector checks the LUN's VPD identity (NAA, serial) before it hands out a
 device, and here the device must be a block device and, where the kernel shows the
 LUN's VPD pages (``/sys/class/block/X/device/vpd_pg83``, kernel attachments), they
-must name the volume too.  ``device`` (NodePublish, NodeExpand) does the same
+must name the volume too; a device without them (a loop device, userspace
+attachments) must be the one the connector made (its backing file).  ``device`` (NodePublish, NodeExpand) does the same
 checks on a volume already logged in.  A stale or reused path never reaches mkfs
 or mount.
 
@@ -50,6 +51,8 @@ class AttachedVolumes(Protocol):
     def rescan(self, volume_id: str) -> int: ...
 
     def condition(self, volume_id: str) -> str: ...
+
+    def foreign_device(self, volume_id: str, path: str) -> str: ...
 
 
 def _same_naa(a: str, b: str) -> bool:
@@ -150,7 +153,12 @@ class DeviceResolver:
         sysdev = os.path.join(self.sys_block, os.path.basename(os.path.realpath(path)), "device")
         pg83 = _read(os.path.join(sysdev, "vpd_pg83"))
         pg80 = _read(os.path.join(sysdev, "vpd_pg80"))
-        if pg83 is None and pg80 is None:
+        if pg83 is None and pg80 is None:  # no VPD pages (a loop device): the connector knows what it made
+            with _agent_errors():
+                reason = self.attachments.foreign_device(volume_id, path)
+            if reason:
+                raise FailedPrecondition(f"volume {volume_id}: {path} is not this volume's device: {reason}: "
+                                         "unstage and stage it again")
             return
         reported = parse_vpd_identity(pg83, pg80)
         problems = []

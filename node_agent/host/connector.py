@@ -390,3 +390,8 @@ class Connector(abc.ABC):
     def condition(self, target: VolumeTarget) -> str:
         """Why the attached device is not healthy ("" when it is): session down, device gone, I/O errors."""
         return ""
+
+    def foreign_device(self, target: VolumeTarget, path: str) -> str:
+        """Why ``path`` is not the device this connector gave ``target`` ("" when it is, or when only the LUN's
+        VPD pages could tell: the caller checks those)."""
+        return ""

@@ -185,6 +185,18 @@ class UserspaceConnector(Connector):
             return f"{current.export.io_errors} I/O errors answered on {target.volume_id} since it was attached"
         return ""
 
+    def foreign_device(self, target: VolumeTarget, path: str) -> str:
+        """A loop device has no VPD pages: it is ours while the kernel backs it with the volume's FUSE file."""
+        with self._guard:
+            current = self._attached.get(target.volume_id)
+        if current is None:
+            return f"volume {target.volume_id} is not attached (its userspace session ended)"
+        backing = _backing_file(path)
+        if backing != current.export.path:
+            return (f"{path} is backed by {backing or 'nothing'}, not by the FUSE file of {target.volume_id} "
+                    f"({current.export.path})")
+        return ""
+
     def users(self, volume_id: str) -> int:
         """How many attaches of ``volume_id`` are outstanding (0 if not attached)."""
         with self._guard:

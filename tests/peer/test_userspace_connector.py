@@ -181,6 +181,25 @@ def test_second_attach_reuses_device_and_session(tmp_path, connector):
         assert loop_devices().get(first.path) != first.handle
 
 
+def test_the_connector_knows_its_own_loop_device(tmp_path, connector):
+    """A loop device has no VPD pages for the CSI node's identity check: the connector answers by the
+    kernel's backing file whether a path is the device it made for the volume."""
+    with running_shoal_target(tmp_path, luns=(("vol", 32 << 20),)) as target:
+        vt = volume_target(target)
+        other = tmp_path / "other.img"
+        other.write_bytes(b"\0" * (1 << 20))
+        foreign = run("losetup", "-f", "--show", str(other)).stdout.strip()
+        try:
+            device = connector.attach(vt)
+            assert connector.foreign_device(vt, device.path) == ""
+            assert f"{foreign} is backed by {other}, not by the FUSE file of {vt.volume_id}" \
+                in connector.foreign_device(vt, foreign)
+            connector.detach(vt)
+            assert "is not attached" in connector.foreign_device(vt, device.path)
+        finally:
+            run("losetup", "-d", foreign)
+
+
 def test_mounted_device_is_not_detached(tmp_path, connector):
     with running_shoal_target(tmp_path, luns=(("vol", 32 << 20),)) as target:
         vt = volume_target(target)

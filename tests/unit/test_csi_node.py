@@ -91,6 +91,7 @@ class FakeAttachments:
     devices: dict = field(default_factory=dict)
     calls: list = field(default_factory=list)
     broken: str = ""
+    foreign: str = ""
 
     def publish(self, volume_id, device, export=None):
         self.records[volume_id] = Record(volume_id, "", export or Export(NAA, SERIAL))
@@ -122,6 +123,10 @@ class FakeAttachments:
 
     def condition(self, volume_id):
         return self.broken
+
+    def foreign_device(self, volume_id, path):
+        """The userspace connector's answer for a loop device (it compares the kernel's backing file)."""
+        return self.foreign
 
 
 class CountingRunner(SubprocessRunner):
@@ -355,6 +360,25 @@ def test_mount_lifecycle_is_idempotent_and_formats_once(env):
     assert len(env.runner.ran("mkfs.ext4")) == 1
     with open(os.path.join(env.staging, "hello.txt")) as f:
         assert f.read() == "shoal"
+    env.unstage()
+
+
+@needs_root
+def test_a_loop_device_the_connector_did_not_make_is_refused(env):
+    """A loop device shows no VPD pages: the connector (by the kernel's backing file) says whether it is the
+    device it made for the volume; a reused or stale one never reaches mkfs or mount."""
+    loop = env.attach_loop()
+    env.attachments.foreign = f"{loop} is backed by /tmp/other.img, not by the FUSE file of {VOL}"
+    assert code_of(env.stage, loop) == Code.FAILED_PRECONDITION
+    assert env.runner.ran("mkfs.ext4") == [] and env.servicer.mounter.mounted_at(env.staging) is None
+    env.attachments.foreign = ""
+    env.stage(loop)
+    env.publish(loop)
+    env.attachments.foreign = f"volume {VOL} is not attached (its userspace session ended)"
+    env.unpublish()
+    assert code_of(env.publish, loop) == Code.FAILED_PRECONDITION
+    assert not os.path.ismount(env.target)
+    env.attachments.foreign = ""
     env.unstage()
 
 
