@@ -31,7 +31,7 @@ from node_agent.agent.copies import COPYING, FAILED, READY, CopyJob, Source, flu
 from node_agent.agent.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from node_agent.agent.records import fsync_dir, read_json, write_json
 from node_agent.agent.settings import DiskSpec, check_name
-from node_agent.agent.volumes import VolumeManager, _unlink, refuse_half_erased
+from node_agent.agent.volumes import VolumeManager, _unlink, raise_if_source_gone, refuse_half_erased
 
 log = logging.getLogger("shoal.agent.snapshots")
 
@@ -144,9 +144,10 @@ class SnapshotManager:
                     use_reflink=self.volumes.use_reflink, reflink_fn=self.volumes.reflink_fn,
                     pace=self.volumes.copy_pace,
                     on_done=lambda job: self._copy_done(spec, snapshot_id, job)))
-            except BaseException:
+            except BaseException as exc:
                 _unlink(tmp)
                 _unlink(self._meta(spec, snapshot_id))
+                raise_if_source_gone(exc, src, f"snapshot {snapshot_id}")
                 raise
             if job is None:
                 self._finish(spec, snapshot_id, dict(meta, method=REFLINK))

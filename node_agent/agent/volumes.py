@@ -255,6 +255,8 @@ class VolumeManager:
         except BaseException as exc:
             _unlink(tmp)
             _unlink(self._meta(spec, volume_id))
+            if src is not None:
+                raise_if_source_gone(exc, src, f"clone {volume_id}")
             raise _space_error(exc, spec.name, f"creating volume {volume_id}", size) from None
         log.info("created volume %s: %d bytes on disk %s (%s%s)", volume_id, size, spec.name,
                  "thin" if thin else "allocated", f", reflinked from {source_name}" if src else "")
@@ -479,6 +481,13 @@ class VolumeManager:
 
     def _meta(self, spec: DiskSpec, volume_id: str) -> str:
         return os.path.join(self._dir(spec), f"{volume_id}.json")
+
+
+def raise_if_source_gone(exc: BaseException, src: Source, what: str) -> None:
+    """NotFound when ``exc`` came of the source's file having been deleted (the volume deleted between the
+    lookup of the source and the copy's start): what a retry will answer, not an internal error."""
+    if isinstance(exc, FileNotFoundError) and not os.path.exists(src.path):
+        raise NotFound(f"{src.name}, the source of {what}, was deleted meanwhile") from None
 
 
 def _space_error(exc: BaseException, disk: str, doing: str, size: int) -> BaseException:

@@ -19,6 +19,7 @@ import time
 import pytest
 
 from node_agent.agent import copies
+from node_agent.agent import snapshots as snapshots_module
 from node_agent.agent.copies import COPYING, FAILED, READY, CopyJob, GuardedBacking, WriteGuards
 from node_agent.agent.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from node_agent.agent.settings import DiskSpec
@@ -418,3 +419,19 @@ def test_a_volume_being_sanitized_or_failed_is_no_snapshot_or_clone_source(tmp_p
     mark.clear()  # a SANITIZE completed
     assert snapshots.create("snap-1", "vol-1").state == READY
     assert volumes.create("vol-2", 0, source="vol-1").state == READY
+
+
+def test_a_snapshot_whose_volume_is_deleted_meanwhile_is_not_found_and_leaves_nothing(tmp_path, monkeypatch):
+    volumes, snapshots = manager(tmp_path, use_reflink=False)
+    volumes.create("vol-1", MiB)
+    real_flush = snapshots_module.flush_ahead
+
+    def deleted_meanwhile(src):
+        real_flush(src)
+        assert volumes.delete("vol-1")
+
+    monkeypatch.setattr(snapshots_module, "flush_ahead", deleted_meanwhile)
+    with pytest.raises(NotFound, match="vol-1, the source of snapshot snap-1, was deleted meanwhile"):
+        snapshots.create("snap-1", "vol-1")
+    assert snapshots.list() == []
+    assert os.listdir(tmp_path / "d0" / "snapshots") == []

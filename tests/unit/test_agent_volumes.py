@@ -8,6 +8,7 @@ import pytest
 
 from node_agent.agent.errors import AlreadyExists, InvalidArgument, NotFound, ResourceExhausted
 from node_agent.agent.settings import DiskSpec
+from node_agent.agent import volumes as volumes_module
 from node_agent.agent.volumes import VolumeManager, copy_sparse, reflink
 
 MiB = 1 << 20
@@ -119,6 +120,23 @@ def test_clone_errors(manager):
         manager.create("vol-clone", 2 * MiB, "data0", source="vol-src")
     with pytest.raises(NotFound, match="vol-nope"):
         manager.create("vol-clone", 4 * MiB, "data0", source="vol-nope")
+
+
+def test_a_clone_whose_source_is_deleted_meanwhile_is_not_found_and_leaves_nothing(manager, monkeypatch):
+    """The source goes between the clone's lookup of it and the copy's start: NOT_FOUND (what a retry will
+    answer too), not INTERNAL, and no half-made clone."""
+    manager.create("vol-src", 4 * MiB, "data0")
+    real_flush = volumes_module.flush_ahead
+
+    def deleted_meanwhile(src):
+        real_flush(src)
+        assert manager.delete("vol-src")
+
+    monkeypatch.setattr(volumes_module, "flush_ahead", deleted_meanwhile)
+    with pytest.raises(NotFound, match="vol-src, the source of clone vol-clone, was deleted meanwhile"):
+        manager.create("vol-clone", 4 * MiB, "data0", source="vol-src")
+    assert manager.list() == []
+    assert [n for n in os.listdir(manager.specs["data0"].path + "/volumes") if not n.startswith(".")] == []
 
 
 def test_copy_sparse_keeps_holes(tmp_path):
