@@ -436,7 +436,9 @@ class LogicalUnit:
         self._sanitize_by = nexus
         self._sanitize_ause = ause
         self.sanitize_stopping = False
-        if self.write_nowait is None:
+        # On a worker for a store that can block (an atomic unit's too: the gate keeps all other I/O of the
+        # unit out meanwhile, so its one-command-at-a-time atomicity holds, and the loop serves the others).
+        if _own_method(self.backing, "write_nowait") is None:
             try:
                 self._sanitize_pass(io, kind, nexus, ause)
             finally:

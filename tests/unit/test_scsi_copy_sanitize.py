@@ -582,3 +582,20 @@ def test_report_supported_task_management_functions(lu):
     assert run(lu, cdb).data == bytes([0xDA, 0x00, 0x00, 0x00])
     extended = run(lu, cdb[:2] + b"\x80" + cdb[3:]).data
     assert len(extended) == 16 and extended[3] == 0x0C
+
+
+def test_an_atomic_units_sanitize_runs_on_a_worker_not_on_the_loop(tmp_path):
+    """A WRITE ATOMIC unit runs its reads and writes inline, one at a time; its SANITIZE pass (minutes on a
+    large medium) goes to a worker all the same, so the portal's loop serves other sessions meanwhile, while
+    the gate refuses the unit's other commands (SANITIZE IN PROGRESS) and its atomicity holds."""
+    unit = LogicalUnit(FileBackingStore(tmp_path / "a.img", SIZE, block_size=BS), LunIdentity("vol-a"),
+                       target_name="iqn.x:t", settings=LunSettings(max_atomic_transfer_bytes=1 << 20))
+    unit.backing.write(0, b"S" * BS * 4, False)
+    unit.add_nexus(NEXUS)
+    run(unit, bytes(6))
+    pending = unit.execute_deferrable(NEXUS, bytes([0x48, 0x02]) + bytes(8), None, 0)  # BLOCK ERASE
+    assert pending.blocking is not None and unit.sanitizing
+    assert sense_of(run(unit, bytes([0x28, 0, 0, 0, 0, 0, 0, 0, 1, 0]))) == S.SANITIZE_IN_PROGRESS
+    assert pending.blocking().status == S.GOOD and not unit.sanitizing
+    assert not any(unit.backing.read(0, BS * 4))
+    unit.close()
