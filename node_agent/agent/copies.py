@@ -369,6 +369,10 @@ class GuardedNowaitBacking(GuardedBacking):
     def read_nowait(self, offset: int, length: int):
         return self._inner.read_nowait(offset, length)  # reads change nothing: not guarded
 
+    def would_copy(self, offset: int, length: int) -> bool:
+        """A write there must first save the old data for a background copy (a worker's job)."""
+        return self._guards.would_copy(self._volume_id, offset, length)
+
     def write_nowait(self, offset: int, data, fua: bool = False) -> bool:
         if self._guards.would_copy(self._volume_id, offset, len(data)):
             return False  # the old data must be copied first: a worker does that, through ``write``

@@ -169,6 +169,7 @@ class LogicalUnit:
         # while its plain writes run inline anyway (``inline_writes``: ext4 refuses RWF_NOWAIT writes).
         self._writev = None if inline else _own_method(backing, "writev")
         self._io_lock = threading.Condition()
+        self.rmw_lock = threading.Lock()  # COMPARE AND WRITE, ORWRITE: read to write (``sbc._read_modify_write``)
         self._io_running = 0  # deferred I/O running on worker threads
         self._io_paused = 0  # ``io_paused`` holders: deferred I/O waits before it starts
         self._closed = False

@@ -161,20 +161,57 @@ def orwrite(lu, nexus, cdb, data_out, edtl):
     _transfer(lu, cdb.lba, cdb.transfer_length, 10)
     bs = lu.block_size
     want = cdb.transfer_length * bs
+    done = ScsiResult(S.GOOD, data_out_length=want)
     if data_out is not None and want:
         n = min(len(data_out), want) // bs * bs
         if n:
-            old = int.from_bytes(lu.backing.read(cdb.lba * bs, n), "big")
-            new = (old | int.from_bytes(bytes(data_out[:n]), "big")).to_bytes(n, "big")
-            lu.backing.write(cdb.lba * bs, new, lu.write_is_fua(cdb.fua))
-    return ScsiResult(S.GOOD, data_out_length=want)
+            mask = int.from_bytes(bytes(data_out[:n]), "big")
+            return _read_modify_write(lu, cdb.lba * bs, n, lambda stored: (int.from_bytes(stored, "big") | mask)
+                                      .to_bytes(n, "big"), lu.write_is_fua(cdb.fua), done)
+    return done
+
+
+def _read_modify_write(lu, offset: int, length: int, change, fua: bool, done: ScsiResult) -> ScsiResult:
+    """Write ``change(stored)`` over the ``length`` bytes stored at ``offset`` (``change`` raises
+    ``CheckCondition`` to write nothing), with no other read-modify-write of the unit (COMPARE AND WRITE,
+    ORWRITE) between the read and the write: both under the unit's ``rmw_lock``.  On the event loop when the
+    blocks are in the page cache, the write needs no flush and the lock is free; otherwise on a worker, so
+    a cold page or a FUA write holds up no other session (issue 7, "fair under a slow disk").  A store that
+    never blocks, or a WRITE ATOMIC unit (all of its I/O inline, one command at a time), does it here."""
+    backing, lock = lu.backing, lu.rmw_lock
+    read_nowait = lu.read_nowait
+    if read_nowait is None:
+        backing.write(offset, change(backing.read(offset, length)), fua)
+        return done
+    would_copy = getattr(backing, "would_copy", None)  # the agent's copy-before-write guard (agent.copies)
+    if not fua and not (would_copy is not None and would_copy(offset, length)) and lock.acquire(blocking=False):
+        try:
+            stored = read_nowait(offset, length)
+            if stored is not None:
+                new = change(stored)
+                if not lu.write_nowait(offset, new, False):  # the pages were just read: this is rare
+                    backing.write(offset, new, False)  # under the lock still: nothing comes between
+                return done
+        finally:
+            lock.release()
+
+    def whole() -> ScsiResult:
+        with lock:
+            try:
+                new = change(backing.read(offset, length))
+            except CheckCondition as refused:
+                return ScsiResult(S.CHECK_CONDITION, sense=refused.sense(lu.mode.d_sense))
+            backing.write(offset, new, fua)
+        return done
+    return lu.deferred(whole)
 
 
 def compare_and_write(lu, nexus, cdb, data_out, edtl):
-    """COMPARE AND WRITE (SBC-3 §5.2): read, compare and write run together on the event loop, so no other
-    COMPARE AND WRITE and no write the loop runs inline comes between them.  A write that runs on a worker
-    (FUA, or one that would block) is not held back: as with LIO, whose ``caw_sem`` orders only COMPARE
-    AND WRITEs, atomicity is among the commands that lock with it (VMware ATS uses it alone)."""
+    """COMPARE AND WRITE (SBC-3 §5.2): the read, compare and write run under the unit's read-modify-write
+    lock (``_read_modify_write``), so no other COMPARE AND WRITE (or ORWRITE) comes between them; on the
+    event loop when the blocks are cached, on a worker when they are not.  Other writes are not held back:
+    as with LIO, whose ``caw_sem`` orders only COMPARE AND WRITEs, atomicity is among the commands that lock
+    with it (VMware ATS uses it alone)."""
     _no_protection(cdb.wrprotect)
     count = cdb.number_of_logical_blocks
     lu.check_range(cdb.lba, count)
@@ -189,11 +226,13 @@ def compare_and_write(lu, nexus, cdb, data_out, edtl):
     if data_out is None or len(data_out) != want:
         raise CheckCondition(S.INVALID_FIELD_IN_COMMAND_INFORMATION_UNIT)
     verify, new = bytes(data_out[: count * bs]), data_out[count * bs:]
-    stored = lu.backing.read(cdb.lba * bs, count * bs)
-    if stored != verify:
-        raise CheckCondition(S.MISCOMPARE_DURING_VERIFY, info=_first_difference(stored, verify))
-    lu.backing.write(cdb.lba * bs, new, lu.write_is_fua(cdb.fua))
-    return ScsiResult(S.GOOD, data_out_length=want)
+
+    def compared(stored):
+        if stored != verify:
+            raise CheckCondition(S.MISCOMPARE_DURING_VERIFY, info=_first_difference(stored, verify))
+        return new
+    return _read_modify_write(lu, cdb.lba * bs, count * bs, compared, lu.write_is_fua(cdb.fua),
+                              ScsiResult(S.GOOD, data_out_length=want))
 
 
 # -- VERIFY --------------------------------------------------------------------------

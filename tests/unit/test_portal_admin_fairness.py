@@ -299,11 +299,13 @@ def write_same16(lba: int, blocks: int, *, unmap: bool = False) -> bytes:
     return bytes([0x93, 0x08 if unmap else 0]) + lba.to_bytes(8, "big") + blocks.to_bytes(4, "big") + bytes(2)
 
 
-@pytest.mark.parametrize("command", ["unmap", "write-same-unmap", "write-same-pattern", "stop-unit", "verify"])
+@pytest.mark.parametrize("command", ["unmap", "write-same-unmap", "write-same-pattern", "stop-unit", "verify",
+                                     "compare-and-write", "orwrite"])
 def test_commands_that_punch_or_write_long_run_off_the_loop(portal, command):
     """UNMAP, WRITE SAME (a hole punch, or the block written over the range), START STOP UNIT (stopping
-    flushes) and VERIFY with BYTCHK=01b (reading what it compares) on ``slow`` wait for its disk (``SLOW``)
-    on a worker: their GOOD comes after the change is in the file, and ``fast`` is served all along."""
+    flushes), VERIFY with BYTCHK=01b (reading what it compares), COMPARE AND WRITE and ORWRITE (reading what
+    they compare or OR with) on ``slow`` wait for its disk (``SLOW``) on a worker: their GOOD comes after
+    the change is in the file, and ``fast`` is served all along."""
     portal, host, port, paths = portal
     pattern = bytes(range(256)) * 2
 
@@ -325,6 +327,12 @@ def test_commands_that_punch_or_write_long_run_off_the_loop(portal, command):
                 elif command == "verify":  # VERIFY(16), BYTCHK=01b: compare 16 blocks with the Data-Out
                     await slow.execute(bytes([0x8F, 0x02]) + (64).to_bytes(8, "big") + (16).to_bytes(4, "big")
                                        + bytes(2), data_out=b"\x77" * (16 * 512))
+                elif command == "compare-and-write":  # one block: \x77 expected, \x55 written
+                    await slow.execute(bytes([0x89, 0]) + (64).to_bytes(8, "big") + bytes([0, 0, 0, 1, 0, 0]),
+                                       data_out=b"\x77" * 512 + b"\x55" * 512)
+                elif command == "orwrite":  # ORWRITE(16) of 16 blocks: \x77 | \x08
+                    await slow.execute(bytes([0x8B, 0]) + (64).to_bytes(8, "big") + (16).to_bytes(4, "big")
+                                       + bytes(2), data_out=b"\x08" * (16 * 512))
                 else:
                     await slow.execute(bytes([0x1B, 0, 0, 0, 0x00, 0]))  # START STOP UNIT: stop, flush
                 took = time.perf_counter() - start
@@ -337,7 +345,8 @@ def test_commands_that_punch_or_write_long_run_off_the_loop(portal, command):
     worst, (took, stored) = asyncio.run(scenario())
     print(f"{command}: worst read of fast {worst * 1e3:.1f} ms; command took {took:.2f} s")
     expected = {"unmap": bytes(16 * 512), "write-same-unmap": bytes(16 * 512), "write-same-pattern": pattern * 16,
-                "stop-unit": b"\x77" * (16 * 512), "verify": b"\x77" * (16 * 512)}[command]
+                "stop-unit": b"\x77" * (16 * 512), "verify": b"\x77" * (16 * 512),
+                "compare-and-write": b"\x55" * 512 + b"\x77" * (15 * 512), "orwrite": b"\x7f" * (16 * 512)}[command]
     assert stored == expected
     assert took >= SLOW
     assert worst < STALL_LIMIT, f"a read of another volume waited {worst:.3f} s behind {command}"

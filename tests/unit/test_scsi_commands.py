@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import time
+from concurrent.futures import ThreadPoolExecutor
+
 import pytest
 
 from node_agent.scsi import sense as S
 from node_agent.scsi.device import FileRange, LogicalUnit, LunMap, LunSettings
 from node_agent.scsi.vpd import LunIdentity
-from node_agent.storage.backing import MemoryBackingStore
+from node_agent.storage.backing import FileBackingStore, MemoryBackingStore
 
 from test_scsi_support import BS, NEXUS, OTHER, SIZE, cdb10, cdb12, cdb16, data_of, make_lu, run, sense_of
 
@@ -319,3 +322,47 @@ def test_internal_error_becomes_hardware_error(caplog):
     lu = LogicalUnit(Broken(SIZE), LunIdentity("v"), target_name="t", settings=LunSettings())
     r = run(lu, cdb10(0x28, 0, 1))
     assert sense_of(r) == S.INTERNAL_TARGET_FAILURE
+
+
+class ColdFile:
+    """A file store whose page cache is always cold (``read_nowait`` None, ``write_nowait`` False) and whose
+    reads take 50 ms: COMPARE AND WRITE and ORWRITE go to a worker, where two of them overlap in time."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def read_nowait(self, offset, length):
+        return None
+
+    def write_nowait(self, offset, data, fua=False):
+        return False
+
+    def read(self, offset, length):
+        time.sleep(0.05)
+        return self.inner.read(offset, length)
+
+
+def test_compare_and_writes_on_workers_exclude_each_other(tmp_path):
+    """Two COMPARE AND WRITEs of one block, both expecting what is stored, both on workers at once: the
+    read-modify-write lock lets one of them write; the other then miscompares (VMware ATS's lock)."""
+    unit = LogicalUnit(ColdFile(FileBackingStore(tmp_path / "f.img", SIZE, block_size=BS)), LunIdentity("vol-c"),
+                       target_name="iqn.x:t")
+    unit.add_nexus(NEXUS)
+    run(unit, bytes(6))
+    unit.backing.write(0, b"A" * BS, False)
+    cdb = bytearray(16); cdb[0] = 0x89; cdb[13] = 1
+    pending = [unit.execute_deferrable(NEXUS, bytes(cdb), b"A" * BS + b"A" * 10 + new * (BS - 10), 2 * BS)
+               for new in (b"B", b"C")]
+    assert all(p.blocking is not None for p in pending)
+    with ThreadPoolExecutor(2) as pool:
+        results = list(pool.map(lambda p: p.blocking(), pending))
+    outcomes = sorted((r.status, sense_of(r) if r.sense else None) for r in results)
+    assert outcomes == [(S.GOOD, None), (S.CHECK_CONDITION, S.MISCOMPARE_DURING_VERIFY)]
+    winner = b"B" if results[0].status == S.GOOD else b"C"
+    assert unit.backing.inner.read(0, BS) == b"A" * 10 + winner * (BS - 10)
+    loser = results[1] if results[0].status == S.GOOD else results[0]
+    assert loser.sense[0] & 0x80 and int.from_bytes(loser.sense[3:7], "big") == 10  # VALID, the first difference
+    unit.close()
