@@ -14,7 +14,11 @@ A fence of node N (``shoalctl node fence N``, or the controller's loop once N is
 
 An owner that cannot be reached leaves N "fencing", with a step saying so; ``retry`` (the loop) calls the
 owners that have not answered yet.  Each owner's answer is one step (``Node.fence_steps``) and one line of
-the operations log.  An owner that is N itself is skipped: its volumes' data is on N, unreachable anyway.
+the operations log.  N itself, as the owner of volumes attached to it, is asked too: a fence by hand of a
+node that still runs must cut its own sessions to its own targets before those volumes go elsewhere.  If N
+cannot be reached, its own volumes stay attached to it (their data is on N: no other node could use them
+before N answers anyway) while the rest of the fence completes; a repeat of the fence, or the loop, asks N
+again, and once it answers those attachments are fenced too.
 
 ``unfence`` (only of a fenced node) forgets N's fenced attachments and lets N back in.  While N is fenced,
 its heartbeats are accepted and answered with the volumes whose attachments it should drop.
@@ -66,7 +70,7 @@ class Fencing:
         with self._node_lock(node_id):
             with self.store.transaction():
                 node = self.service.get_node(node_id)
-                if node.fence == FENCE_DONE:
+                if node.fence == FENCE_DONE and not _self_pending(node):
                     return node
                 if not node.fence:
                     node = replace(node, fence=FENCING, fence_since=self.service._clock(), fence_reason=reason,
@@ -88,6 +92,10 @@ class Fencing:
                     done = self.fence(node.id, f"no heartbeat for {silent:.0f} s (fence grace {grace:g} s)")
                 elif node.fence == FENCING:
                     done = self.fence(node.id)
+                elif node.fence == FENCE_DONE and _self_pending(node):  # its own volumes: ask it again
+                    done = self.fence(node.id)
+                    if _self_pending(done):
+                        continue
                 else:
                     continue
             except DomainError as exc:  # the store, most likely: the next pass tries again
@@ -152,6 +160,8 @@ class Fencing:
                 steps[owner] = self._fence_at(node, owner, volumes)
                 if not steps[owner].startswith(owner + DONE_MARK) and owner != node_id:
                     missing.append(owner)
+            if node_id in owners and not steps[node_id].startswith(node_id + DONE_MARK):
+                names = [n for n in names if n not in owners[node_id]]  # still its own: see the docstring
             with self.store.transaction():
                 node = replace(self.service.get_node(node_id), fence_steps=tuple(steps.values()))
                 if not missing:
@@ -167,15 +177,14 @@ class Fencing:
 
     def _fence_at(self, node: Node, owner: str, volumes: list[str]) -> str:
         """One owner's step: what it did, or why it did not."""
-        if owner == node.id:
-            return (f"{owner}: skipped: it is the node being fenced, and holds {', '.join(volumes)} itself "
-                    "(unreachable while it is down)")
         op = self.service._begin("fence_initiator", node.id, f"at {owner} ({', '.join(volumes)})")
         try:
             client = self.service._client(owner, f"owning {', '.join(volumes)}")
             done = client.fence_initiator(node.initiator_iqn)
         except DomainError as exc:
             line = f"{owner}: not yet: {exc}"
+            if owner == node.id:
+                line += f" ({', '.join(volumes)} stay attached to it: their data is there)"
             self.service._end(op, OP_FAILED, line)
             return line
         line = (f"{owner}{DONE_MARK}: {len(done.get('volume_ids', ()))} target(s) no longer admit "
@@ -209,6 +218,11 @@ class Fencing:
         except DomainError as exc:
             log.info("unfence %s: %s not detached there (%s); its heartbeat no longer names it", node.id,
                      attachment.volume, exc)
+
+
+def _self_pending(node: Node) -> bool:
+    """The fenced node has not yet cut its own sessions to the targets of its own volumes."""
+    return any(line.startswith(node.id + ": not yet: ") for line in node.fence_steps)
 
 
 def _pending(node: Node) -> str:

@@ -119,6 +119,14 @@ class ControllerService:
                 raise AlreadyExists(f"initiator IQN {node.initiator_iqn} is already used by node {clash.id}: "
                                     "every node needs its own IQN (its ACL entries would be shared)")
             known = self.store.get_node(node.id)
+            if known is not None and known.initiator_iqn != node.initiator_iqn and not known.fence:
+                held = sorted({a.volume for a in self.store.list_attachments(node=node.id)}
+                              | {e.volume for e in self.store.list_exports() if e.initiator_iqn == known.initiator_iqn})
+                if held:
+                    # a fence cuts off the IQN on record: the old one's sessions would outlive it (two writers)
+                    raise FailedPrecondition(
+                        f"node {node.id} holds {', '.join(held)} as {known.initiator_iqn}: it cannot register "
+                        f"as {node.initiator_iqn} until those are detached (or the node is fenced and unfenced)")
             if known is not None and known.fence:
                 if known.initiator_iqn != node.initiator_iqn:
                     raise FailedPrecondition(f"node {node.id} is {known.fence} as {known.initiator_iqn}: it cannot "

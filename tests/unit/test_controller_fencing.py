@@ -155,12 +155,56 @@ def test_detach_of_a_fenced_attachment_skips_the_fenced_node(env):
     assert env.agents.count("detach_volume", "node-b") == 0
 
 
-def test_the_owner_itself_is_skipped(env):
-    env.svc.create_volume("vol-1", GiB)  # on node-a
+def test_a_reachable_node_cuts_off_its_own_volumes_before_they_move(env):
+    """A fence by hand of a node that still runs (a hung VM to move): its local session to its own volume's
+    target must end before the volume goes to another node, or both write."""
+    volume = env.svc.create_volume("vol-1", GiB)  # on node-a
     env.svc.attach_volume("vol-1", "node-a")
+    node = env.svc.fence_node("node-a", "VM hung, move it")
+    assert node.fence == FENCE_DONE and node.fence_steps[0].startswith("node-a: fenced: 1 target(s)")
+    assert env.agents.count("fence_initiator", "node-a") == 1
+    assert (volume.id, iqn("node-a")) not in env.agents.agent("node-a").exports
+    assert env.store.get_attachment("vol-1", "node-a").state == FENCED
+    assert env.svc.attach_volume("vol-1", "node-b").state == ATTACHED
+
+
+def test_an_unreachable_node_keeps_its_own_volumes_until_it_answers(env):
+    """A node that cannot be asked to cut its own sessions keeps its own volumes attached (their data is on
+    it: nobody else could use them meanwhile); the rest of the fence completes, and the loop asks again."""
+    env.svc.create_volume("vol-own", GiB)  # on node-a
+    env.svc.attach_volume("vol-own", "node-a")
+    env.svc.create_volume("vol-b", GiB, constraints={"zone": "b"})  # on node-b
+    env.svc.attach_volume("vol-b", "node-a")
+    env.agents.down.add("node-a")
     node = env.svc.fence_node("node-a")
     assert node.fence == FENCE_DONE
-    assert "skipped: it is the node being fenced" in node.fence_steps[0]
+    assert any(s.startswith("node-a: not yet: ") and "vol-own stay attached to it" in s for s in node.fence_steps)
+    assert env.store.get_attachment("vol-b", "node-a").state == FENCED  # node-b's volume may move
+    assert env.svc.attach_volume("vol-b", "node-c").state == ATTACHED
+    assert env.store.get_attachment("vol-own", "node-a").state != FENCED  # still a writer there
+    with pytest.raises(FailedPrecondition, match="published to node-a"):
+        env.svc.attach_volume("vol-own", "node-c")
+    assert env.svc.fence_pass() == []  # still unreachable: nothing changed
+    env.agents.down.clear()
+    assert env.svc.fence_pass() == ["node node-a is fenced"]
+    assert env.store.get_attachment("vol-own", "node-a").state == FENCED
+    assert not any(": not yet: " in s for s in env.store.get_node("node-a").fence_steps)
+    assert env.svc.attach_volume("vol-own", "node-c").state == ATTACHED
+
+
+def test_a_node_holding_volumes_cannot_change_its_initiator_iqn(env):
+    """A fence cuts off the IQN on record: a node that re-registered with another one would keep its old
+    sessions through the fence (two writers).  Without volumes the change is allowed."""
+    env.svc.create_volume("vol-1", GiB)  # on node-a
+    env.svc.attach_volume("vol-1", "node-b")
+    known = env.store.get_node("node-b")
+    with pytest.raises(FailedPrecondition, match=f"node-b holds vol-1 as {iqn('node-b')}"):
+        env.svc.register_node("node-b", "iqn.2026-01.io.shoal:node-b-reinstalled", known.agent_address,
+                              known.portals, known.labels, known.disks)
+    assert env.store.get_node("node-b").initiator_iqn == iqn("node-b")
+    env.svc.detach_volume("vol-1", "node-b")
+    assert env.svc.register_node("node-b", "iqn.2026-01.io.shoal:node-b-reinstalled", known.agent_address,
+                                 known.portals, known.labels, known.disks).initiator_iqn.endswith("reinstalled")
 
 
 def test_publish_secret_only_for_a_published_node(env):
