@@ -23,7 +23,7 @@ import hashlib
 import hmac
 import logging
 import secrets as _secrets
-from typing import Mapping
+from typing import Mapping, Sequence
 
 from node_agent.iscsi.keys import (
     AUTHENTICATION_FAILURE, INITIATOR_ERROR, MISSING_PARAMETER, NegotiationError, decode_binary,
@@ -151,16 +151,23 @@ class ChapTargetAuth:
     the (user, secret) the target answers with when the initiator asks the
     target to authenticate itself.  Feed each Login Request's security keys to
     ``step``; it returns the keys to answer with and whether authentication is
-    complete.  Every failure raises ``NegotiationError`` with status 0x0201
+    complete.  ``alternatives``: more (credentials, mutual) pairs the initiator
+    may prove instead (a discovery session: those of every target whose ACL
+    admits it); the mutual answer then comes of the pair whose CHAP_N and
+    CHAP_R it proved, never of another.  Every failure raises ``NegotiationError`` with status 0x0201
     (authentication failure), 0x0207 (missing CHAP_N/CHAP_R) or 0x0200.
     """
 
     def __init__(self, credentials: tuple[str, str | bytes] | None,
                  mutual: tuple[str, str | bytes] | None = None, rng=_secrets,
-                 algorithms: tuple[int, ...] = (MD5, SHA1, SHA256, SHA3_256)):
+                 algorithms: tuple[int, ...] = (MD5, SHA1, SHA256, SHA3_256), *,
+                 alternatives: Sequence[tuple[tuple[str, str | bytes], tuple[str, str | bytes] | None]] = ()):
         self._credentials = _credentials(credentials, "initiator")
         self._mutual = _credentials(mutual, "target")
         _check_distinct(self._credentials, self._mutual)
+        self._alternatives = [(_credentials(c, "initiator"), _credentials(m, "target")) for c, m in alternatives]
+        for pair in self._alternatives:
+            _check_distinct(*pair)
         if not set(algorithms) <= set(ALGORITHMS):
             raise ValueError("unsupported CHAP algorithm")
         self._rng = rng
@@ -235,12 +242,17 @@ class ChapTargetAuth:
         unexpected = set(pairs) - {"CHAP_N", "CHAP_R", "CHAP_I", "CHAP_C"}
         if unexpected:
             raise _fail(f"unexpected keys {sorted(unexpected)} with the CHAP response", INITIATOR_ERROR)
-        user, secret = self._credentials
         response = _binary(pairs["CHAP_R"], "CHAP_R")
-        expected = chap_response(self._algorithm, self._identifier, secret.reveal(), self._challenge)
-        name_ok = _same(pairs["CHAP_N"].encode("utf-8"), user.encode("utf-8"))
-        if not (_same(response, expected) and name_ok):
+        name = pairs["CHAP_N"].encode("utf-8")
+        proved = None
+        for credentials, mutual in [(self._credentials, self._mutual), *self._alternatives]:
+            user, secret = credentials
+            expected = chap_response(self._algorithm, self._identifier, secret.reveal(), self._challenge)
+            if _same(response, expected) & _same(name, user.encode("utf-8")) and proved is None:
+                proved = (credentials, mutual)  # every pair is computed: the time says nothing of which
+        if proved is None:
             raise _fail("CHAP authentication failed")
+        self._credentials, self._mutual = proved
         answer = self._mutual_answer(pairs)
         self._state = "done"
         return answer

@@ -171,19 +171,31 @@ class TargetLogin:
             if self.cid not in existing.connections and len(existing.connections) >= existing.params.max_connections:
                 raise LoginFailed(LoginStatus.TOO_MANY_CONNECTIONS, "MaxConnections reached")
             self.existing = existing
-        self.negotiator = TargetNegotiator(self.settings, leading=self.tsih == 0, session_type=self.session_type)
+        # A connection added to a session (or reinstated) works with what the session negotiated (§6.3.4).
+        self.negotiator = TargetNegotiator(self.settings, leading=self.tsih == 0, session_type=self.session_type,
+                                           session=self.existing.params if self.existing is not None else None)
 
     def _credentials(self):
+        """(CHAP credentials, mutual ones) to check, and for discovery the other pairs the initiator may
+        prove instead (``ChapTargetAuth`` alternatives)."""
         target = self.target
-        if target is None:  # discovery: the same secret any target of this portal group demands
-            creds = next((t.chap for t in self.registry.targets.values() if t.chap), None)
-            mutual = next((t.mutual_chap for t in self.registry.targets.values() if t.mutual_chap), None)
-            return creds, mutual
-        return target.chap, target.mutual_chap
+        if target is not None:
+            return target.chap, target.mutual_chap, ()
+        # Discovery: the credentials of a target whose ACL admits this initiator name, its own mutual secret
+        # with them (the one CHAP_N and CHAP_R prove is chosen).  Never another tenant's: its mutual secret
+        # would answer this initiator's challenges, and the claimed name would see that tenant's targets.
+        targets = self.registry.targets.values()
+        if not any(t.chap for t in targets):
+            return None, None, ()
+        pairs = [(t.chap, t.mutual_chap) for t in targets if t.chap and t.admits(self.initiator_name)]
+        if not pairs:
+            raise LoginFailed(LoginStatus.AUTHORIZATION_FAILURE,
+                              f"initiator {self.initiator_name!r} is in no target's ACL")
+        return pairs[0][0], pairs[0][1], tuple(pairs[1:])
 
     # -- security stage ------------------------------------------------------------------
     def _security(self, pairs: list[tuple[str, str]]) -> tuple[list[tuple[str, str]], bool]:
-        creds, mutual = self._credentials()
+        creds, mutual, alternatives = self._credentials()
         response: list[tuple[str, str]] = []
         security_keys = {k: v for k, v in pairs if k == "AuthMethod" or k.startswith("CHAP_")}
         other = [(k, v) for k, v in pairs if k not in security_keys and k not in _IDENTITY_KEYS]
@@ -193,8 +205,9 @@ class TargetLogin:
                 if "CHAP" not in offered:
                     raise LoginFailed(LoginStatus.AUTHENTICATION_FAILURE, "target requires CHAP")
                 response.append(("AuthMethod", "CHAP"))
-                self.auth = ChapTargetAuth(creds and (creds.user, creds.secret),
-                                           mutual and (mutual.user, mutual.secret))
+                self.auth = ChapTargetAuth(
+                    (creds.user, creds.secret), mutual and (mutual.user, mutual.secret),
+                    alternatives=[((c.user, c.secret), m and (m.user, m.secret)) for c, m in alternatives])
             elif "None" in offered:
                 response.append(("AuthMethod", "None"))
                 self.auth_done = True
@@ -217,7 +230,7 @@ class TargetLogin:
         return response, self.auth_done
 
     def _skip_security(self) -> None:
-        creds, _ = self._credentials()
+        creds, _, _ = self._credentials()
         if creds is not None and not self.auth_done:
             raise LoginFailed(LoginStatus.AUTHENTICATION_FAILURE, "target requires CHAP")
         self.stage = OPERATIONAL

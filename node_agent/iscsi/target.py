@@ -198,9 +198,12 @@ class TargetRegistry:
 
     def open_session(self, initiator_name: str, isid: int, target: TargetNode | None,
                      params: "SessionParams", initial_cmdsn: int, conn: ConnectionHandle) -> Session:
-        """Create a session; an existing one with the same I_T nexus is reinstated (closed first)."""
-        old = self.find_session(initiator_name, isid)
-        if old is not None and old.target is target:
+        """Create a session; an existing one with the same I_T nexus (initiator name, ISID and target: the
+        same name and ISID to another target, or in discovery, is another session) is reinstated: closed
+        first, whatever else shares the name and ISID."""
+        for old in [s for s in self.sessions.values()
+                    if s.initiator_name == initiator_name and s.isid == isid and s.target is target
+                    and not s.closed]:
             log.info("session reinstatement: %s replaces tsih %d", initiator_name, old.tsih)
             self.close_session(old, "session reinstatement")
         session = Session(self._next_tsih(), initiator_name, isid, target, params, initial_cmdsn,
