@@ -84,6 +84,7 @@ TASK_ABORTED = 0x40  # SAM-5 §5.3.1
 _DIRECT_MIN = 16 * 1024  # Data-Out payloads at least this large are received straight into the task buffer
 _GATHER_MAX = 128  # writes per gathered ``pwritev`` (IOV_MAX is 1024)
 LOGIN_MAX_DATA = 65536  # bound on a login PDU's data segment before negotiation (RFC default is 8192)
+TEXT_MAX_DATA = 65536  # bound on the text of a Text Request continued over several PDUs (C bit), as for a login's
 
 
 @dataclass
@@ -211,7 +212,8 @@ class TargetConnection:
         self._tasks: dict[int, WriteTask] = {}
         self._dead_itts: set[int] = set()
         self._ttt = 0
-        self._text_more: dict[int, bytes] = {}
+        self._text_more: dict[int, bytes] = {}  # TTT -> the rest of a Text Response too long for one PDU
+        self._text_in: tuple[int, int, bytearray] | None = None  # ITT, TTT, text of a request continued (C bit)
         self._started = clock()
         self._last_rx = self._started
         self._ping: tuple[int, float] | None = None
@@ -973,13 +975,54 @@ class TargetConnection:
                    statsn=self._advance_statsn(), **self._window())
 
     def _text(self, header: Any, data: bytes, raw: bytes) -> None:
-        if header.ttt != P.RESERVED_TAG:
+        """Text Request (RFC 7143 §11.10), the request of one Text exchange.
+
+        A request whose text does not fit one PDU comes in pieces with C=1 (§11.10.2).  Each piece is
+        answered with an empty Text Response (§6: the receiver of C=1 answers with no data) with F=0,
+        and so with a Target Transfer Tag (§11.10.4), which the initiator copies into the next piece,
+        sent with the same Initiator Task Tag (§11.10.3); the joined text is parsed and answered once
+        the piece with C=0 has come.  What is held is bounded (``TEXT_MAX_DATA``): a piece past that is
+        rejected with Long Operation Reject (§11.17.1: no resources to go on) and the pieces go.
+        An initiator has at most one Text Request outstanding on a connection (§11.10), and one with the
+        reserved Target Transfer Tag starts a new exchange (§11.10.4), so such a request drops whatever
+        was held for an earlier one, whatever its Initiator Task Tag: the pieces of a continued request
+        and the rest of a long response.  A request with a Target Transfer Tag the target does not
+        hold, or with another Initiator Task Tag than the pieces it continues, is rejected."""
+        if header.cont and header.final:
+            self._reject_raw(raw, RejectReason.PROTOCOL_ERROR)  # §11.10.2: C=1 requires F=0
+            return
+        if header.ttt == P.RESERVED_TAG:
+            self._text_more = {}
+            self._text_in = None
+            if not header.cont:
+                self._answer_text(header, data, raw)
+                return
+            text = bytearray()
+        else:
             rest = self._text_more.pop(header.ttt, None)
-            if rest is None:
+            if rest is not None:
+                self._send_text(header, rest)
+                return
+            held, self._text_in = self._text_in, None
+            if held is None or held[0] != header.itt or held[1] != header.ttt:
                 self._reject_raw(raw, RejectReason.INVALID_PDU_FIELD)
                 return
-            self._send_text(header, rest)
+            text = held[2]
+        text += data
+        if len(text) > TEXT_MAX_DATA:
+            self._reject_raw(raw, RejectReason.LONG_OPERATION_REJECT)
             return
+        if header.cont:
+            ttt = self._next_ttt()
+            self._text_in = (header.itt, ttt, text)
+            self._send(Opcode.TEXT_RESPONSE, final=False, lun=header.lun, itt=header.itt, ttt=ttt,
+                       statsn=self._advance_statsn(), **self._window())
+            return
+        self._answer_text(header, bytes(text), raw)
+
+    def _answer_text(self, header: Any, data: bytes, raw: bytes) -> None:
+        """The answer to the whole text of a Text Request: SendTargets (§13.3) and the keys that may be
+        negotiated in full feature phase (§13)."""
         try:
             pairs = parse_text(data)
         except ValueError:
@@ -1058,6 +1101,15 @@ class TargetConnection:
             self.close("logout")
 
     def _task_management(self, header: Any, data: bytes, raw: bytes) -> None:
+        """Task Management Function Request (RFC 7143 §11.5).
+
+        The resets reach as far as the target the session logged in to, never further: a portal
+        serves one target per volume, each with its own ACL, and an initiator admitted to one must not
+        touch another's.  TARGET WARM RESET aborts this connection's tasks and resets that target's
+        logical units (a unit attention for each of their I_T nexuses, SAM-5 §6.3); TARGET COLD RESET
+        does the same and then, after its response, ends every session to that target, the issuing
+        one included (§11.5.1: the target drops its connections to all initiators), while sessions to
+        the portal's other targets, and discovery sessions, go on."""
         session = self.session
         assert session is not None
         function = header.function
@@ -1092,7 +1144,10 @@ class TargetConnection:
             self._send(Opcode.TASK_MGMT_RESPONSE, final=True, response=int(response), itt=header.itt,
                        statsn=self._advance_statsn(), **self._window())
             if function == TmfFunction.TARGET_COLD_RESET and response == TmfResponse.FUNCTION_COMPLETE:
-                self.registry.close_all("target cold reset")
+                target = session.target
+                for other in list(self.registry.sessions.values()):
+                    if other.target is target:
+                        self.registry.close_session(other, "target cold reset")
 
         if self._aborting:  # aborted commands whose I/O is still running: answer once it has ended
             self._tmf_waiting.append((self._aborting, answer))

@@ -121,10 +121,19 @@ class TargetLogin:
             return None
         pairs = parse_text(bytes(self._partial))
         self._partial.clear()
+        names = [key for key, _ in pairs]
+        if len(names) != len(set(names)):  # "last one wins" would let two readers of the PDU disagree
+            raise LoginFailed(LoginStatus.INITIATOR_ERROR, "a key appears twice in one request (RFC 7143 §6.2)")
         first_response = self.first
         if self.first:
             self._identify(pairs)
             self.first = False
+        else:
+            said = {"InitiatorName": self.initiator_name, "SessionType": self.session_type,
+                    "TargetName": self.target.iqn if self.target is not None else None}
+            if any(key in said and value != said[key] for key, value in pairs):
+                raise LoginFailed(LoginStatus.INITIATOR_ERROR, "InitiatorName, TargetName or SessionType changed "
+                                  "during the login")
         if header.csg == SECURITY:
             response, done = self._security(pairs)
         else:
@@ -200,6 +209,8 @@ class TargetLogin:
         security_keys = {k: v for k, v in pairs if k == "AuthMethod" or k.startswith("CHAP_")}
         other = [(k, v) for k, v in pairs if k not in security_keys and k not in _IDENTITY_KEYS]
         if "AuthMethod" in security_keys:
+            if self.auth is not None or self.auth_done:
+                raise LoginFailed(LoginStatus.INITIATOR_ERROR, "AuthMethod negotiated twice (RFC 7143 §6.2)")
             offered = [m.strip() for m in security_keys.pop("AuthMethod").split(",")]
             if creds is not None:
                 if "CHAP" not in offered:

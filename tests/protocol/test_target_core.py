@@ -7,8 +7,12 @@ import os
 import pytest
 
 from node_agent.iscsi import pdu as P
+from node_agent.iscsi.connection import TEXT_MAX_DATA
 from node_agent.iscsi.pdu import Opcode, RejectReason
-from tests.protocol.conftest import (INITIATOR, TARGET, chap_response, keys_of, make_registry)
+from node_agent.iscsi.target import TargetNode
+from node_agent.scsi.device import LogicalUnit, LunIdentity, LunMap
+from node_agent.storage.backing import MemoryBackingStore
+from tests.protocol.conftest import (BLOCKS, INITIATOR, TARGET, chap_response, keys_of, make_registry)
 
 READ10 = 0x28
 WRITE10 = 0x2A
@@ -368,6 +372,31 @@ def test_lun_reset_of_absent_lun(make_initiator):
     assert reply.header.response == 2  # LUN does not exist
 
 
+def test_target_cold_reset_ends_only_the_sessions_of_the_target_it_was_sent_to(make_initiator):
+    """§11.5.1 TARGET COLD RESET on a portal with one target per volume, each with its own ACL: the sessions
+    to the target the issuing session logged in to end (the issuing one too, after its answer); a session to
+    the portal's other target, admitted by another ACL, goes on, without a unit attention from the reset."""
+    registry = make_registry(allow=frozenset({INITIATOR}))
+    other_target, tenant = "iqn.2026-11.io.shoal.test:other", "iqn.2026-11.io.shoal.test:tenant"
+    other_unit = LogicalUnit(MemoryBackingStore(BLOCKS * 512), LunIdentity(volume_id="vol-other"),
+                             target_name=other_target)
+    registry.add_target(TargetNode(other_target, LunMap({0: other_unit}), allowed_initiators=frozenset({tenant})))
+    victim = make_initiator(registry)
+    victim.login_normal()
+    resetter, neighbour = make_initiator(registry, isid=0x400001370001), make_initiator(registry, isid=0x400001370002)
+    for ini in (resetter, neighbour):
+        ini.login_normal([("InitiatorName", tenant), ("TargetName", other_target)])
+    resetter.send(Opcode.TASK_MGMT_REQUEST, final=True, immediate=True, function=7, lun=bytes(8),
+                  itt=resetter.next_itt(), referenced_task_tag=P.RESERVED_TAG, cmdsn=resetter.cmdsn, refcmdsn=0)
+    [reply] = resetter.receive()
+    assert reply.opcode == Opcode.TASK_MGMT_RESPONSE and reply.header.response == 0
+    assert resetter.conn.closing and neighbour.conn.closing
+    assert not victim.conn.closing and [s.target.iqn for s in registry.sessions.values()] == [TARGET]
+    victim.command(bytes(6))  # TEST UNIT READY: GOOD, no unit attention from the other target's reset
+    [status] = victim.receive()
+    assert status.opcode == Opcode.SCSI_RESPONSE and status.header.status == 0
+
+
 def test_login_request_in_full_feature_phase_is_rejected(make_initiator):
     ini = make_initiator()
     ini.login_normal()
@@ -386,6 +415,81 @@ def test_text_in_full_feature_phase_answers_unknown_keys(make_initiator):
     [text] = ini.receive()
     assert keys_of(text) == {"X-com.example.Foo": "NotUnderstood"}
     assert ini.conn.max_xmit == 65536
+
+
+def _text_request(ini, data: bytes, *, itt: int, ttt: int = P.RESERVED_TAG, cont: bool = False):
+    """One Text Request (in CmdSN order) and the one PDU it is answered with."""
+    ini.send(Opcode.TEXT_REQUEST, data, final=not cont, cont=cont, itt=itt, ttt=ttt, cmdsn=ini.cmdsn, expstatsn=0)
+    ini.cmdsn += 1
+    [reply] = ini.receive()
+    return reply
+
+
+def _discovery(make_initiator):
+    ini = make_initiator()
+    assert ini.login([("InitiatorName", INITIATOR), ("SessionType", "Discovery")]).header.status_class == 0
+    return ini
+
+
+def test_text_request_continued_with_the_c_bit_is_joined_before_it_is_answered(make_initiator):
+    """§11.10.2: SendTargets=All split mid-key over three Text Requests with C=1, C=1, C=0.  Each continued
+    piece gets an empty Text Response with F=0 and a Target Transfer Tag, which the next piece carries
+    back with the same Initiator Task Tag; the last piece gets the answer to the whole text."""
+    ini = _discovery(make_initiator)
+    itt, ttt = ini.next_itt(), P.RESERVED_TAG
+    for piece in (b"SendTar", b"gets=A"):
+        reply = _text_request(ini, piece, itt=itt, ttt=ttt, cont=True)
+        assert reply.opcode == Opcode.TEXT_RESPONSE and reply.data == b""
+        assert not reply.header.final and not reply.header.cont and reply.header.itt == itt
+        assert reply.header.ttt not in (P.RESERVED_TAG, ttt)
+        ttt = reply.header.ttt
+    reply = _text_request(ini, b"ll\0", itt=itt, ttt=ttt)
+    assert reply.opcode == Opcode.TEXT_RESPONSE and reply.header.final and reply.header.ttt == P.RESERVED_TAG
+    assert keys_of(reply) == {"TargetName": TARGET, "TargetAddress": "127.0.0.1:3260,1"}
+
+
+def test_a_continued_text_request_past_the_limit_is_rejected_and_dropped(make_initiator):
+    """The pieces of a continued Text Request are held up to ``TEXT_MAX_DATA`` bytes: the piece past it gets
+    a Long Operation Reject (§11.17.1) and the pieces go, so continuing with its tag is rejected too."""
+    ini = _discovery(make_initiator)
+    itt, ttt, held = ini.next_itt(), P.RESERVED_TAG, 0
+    piece = b"X-com.example.Long=" + b"a" * 4077
+    while held + len(piece) <= TEXT_MAX_DATA:
+        reply = _text_request(ini, piece, itt=itt, ttt=ttt, cont=True)
+        assert reply.opcode == Opcode.TEXT_RESPONSE and not reply.header.final
+        ttt, held = reply.header.ttt, held + len(piece)
+    reject = _text_request(ini, piece, itt=itt, ttt=ttt, cont=True)
+    assert reject.opcode == Opcode.REJECT and reject.header.reason == RejectReason.LONG_OPERATION_REJECT
+    reject = _text_request(ini, b"\0", itt=itt, ttt=ttt)
+    assert reject.opcode == Opcode.REJECT and reject.header.reason == RejectReason.INVALID_PDU_FIELD
+
+
+def test_a_new_text_request_drops_the_one_being_continued(make_initiator):
+    """§11.10.4: a Text Request with the reserved Target Transfer Tag starts a new exchange, and an initiator
+    has one outstanding per connection (§11.10): one with another Initiator Task Tag is answered on its own,
+    and the pieces of the earlier request are gone (continuing it is rejected)."""
+    ini = _discovery(make_initiator)
+    first = ini.next_itt()
+    ttt = _text_request(ini, b"SendTar", itt=first, cont=True).header.ttt
+    reply = _text_request(ini, b"SendTargets=All\0", itt=ini.next_itt())
+    assert reply.header.final and keys_of(reply) == {"TargetName": TARGET, "TargetAddress": "127.0.0.1:3260,1"}
+    reject = _text_request(ini, b"gets=All\0", itt=first, ttt=ttt)
+    assert reject.opcode == Opcode.REJECT and reject.header.reason == RejectReason.INVALID_PDU_FIELD
+
+
+@pytest.mark.parametrize("case", ["another initiator task tag", "both C and F"])
+def test_a_text_request_breaking_the_continue_rules_is_rejected(make_initiator, case):
+    """§11.10.3: the pieces of a continued request share its Initiator Task Tag; §11.10.2: C=1 needs F=0."""
+    ini = _discovery(make_initiator)
+    itt = ini.next_itt()
+    ttt = _text_request(ini, b"SendTar", itt=itt, cont=True).header.ttt
+    if case == "another initiator task tag":
+        reject, reason = _text_request(ini, b"gets=All\0", itt=itt + 1, ttt=ttt), RejectReason.INVALID_PDU_FIELD
+    else:
+        ini.send(Opcode.TEXT_REQUEST, b"gets=", final=True, cont=True, itt=itt, ttt=ttt, cmdsn=ini.cmdsn)
+        ini.cmdsn += 1
+        [reject], reason = ini.receive(), RejectReason.PROTOCOL_ERROR
+    assert reject.opcode == Opcode.REJECT and reject.header.reason == reason
 
 
 def test_command_with_final_bit_means_no_unsolicited_data(make_initiator):
@@ -482,3 +586,33 @@ def test_preempt_and_abort_ends_the_preempted_initiators_outstanding_write(make_
     assert ua.header.status == 0x02 and ua.data[2 + 12: 2 + 14] == bytes([0x2A, 0x05])  # REGISTRATIONS PREEMPTED
     b.command(rw10(WRITE10, 0, 1), write=bytes(512))
     assert b.receive()[-1].header.status == 0x18  # RESERVATION CONFLICT: B is no longer registered
+
+
+@pytest.mark.parametrize("keys", [
+    [("InitiatorName", INITIATOR), ("TargetName", TARGET), ("AuthMethod", "None"), ("AuthMethod", "CHAP")],
+    [("InitiatorName", INITIATOR), ("InitiatorName", "iqn.2026-01.io.shoal:other"), ("TargetName", TARGET)],
+], ids=["AuthMethod twice", "InitiatorName twice"])
+def test_a_key_twice_in_one_login_request_is_an_initiator_error(make_initiator, keys):
+    """RFC 7143 §6.2: a key is offered once.  "Last one wins" let two readers of the PDU (the worker router
+    and the login) disagree on what was meant."""
+    reply = make_initiator().login(keys, csg=0, nsg=1, transit=False)
+    assert (reply.header.status_class, reply.header.status_detail) == (2, 0)
+
+
+def test_authmethod_again_after_the_challenge_is_an_initiator_error(make_initiator):
+    """A second AuthMethod used to start CHAP over with a fresh challenge, past chap.py's own check."""
+    ini = make_initiator(make_registry(chap=("alice", "correct-horse-battery")))
+    ini.login([("InitiatorName", INITIATOR), ("TargetName", TARGET), ("AuthMethod", "CHAP")], csg=0, nsg=1,
+              transit=False)
+    ini.login([("CHAP_A", "5")], csg=0, nsg=1, transit=False)
+    reply = ini.login([("AuthMethod", "CHAP")], csg=0, nsg=1, transit=False)
+    assert (reply.header.status_class, reply.header.status_detail) == (2, 0)
+
+
+def test_a_name_changed_during_the_login_is_an_initiator_error(make_initiator):
+    ini = make_initiator(make_registry(chap=("alice", "correct-horse-battery")))
+    ini.login([("InitiatorName", INITIATOR), ("TargetName", TARGET), ("AuthMethod", "CHAP")], csg=0, nsg=1,
+              transit=False)
+    reply = ini.login([("InitiatorName", "iqn.2026-01.io.shoal:other"), ("CHAP_A", "5")], csg=0, nsg=1,
+                      transit=False)
+    assert (reply.header.status_class, reply.header.status_detail) == (2, 0)
