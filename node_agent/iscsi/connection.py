@@ -199,6 +199,10 @@ class TargetConnection:
         # is the logical unit whose share of the worker threads it takes (``server.FairPool``).
         self.offload: Callable[..., None] = _run_inline
         self._running: dict[int | tuple, _Running] = {}  # by task tag; an outlived abort by _outlived_key
+        # Called once this closed connection has no command left on a worker (a reinstating login waits).
+        self._drained_waiters: list[Callable[[], None]] = []
+        # A login that reinstated connections whose commands still run: its response, sent once they ended.
+        self._held_login: tuple[Any, LoginReply, list] | None = None
         self._aborting: set[int] = set()  # running ITTs the task management request being handled aborts
         self._tmf_waiting: list[tuple[set[int], Callable[[], None]]] = []
         self._rx = ReceiveBuffer(64 * 1024, grow_to=1 << 20)
@@ -470,7 +474,7 @@ class TargetConnection:
                 self._reject_raw(bytes(bhs), RejectReason.COMMAND_NOT_SUPPORTED)
             return
         if self.session is None:
-            if opcode != Opcode.LOGIN_REQUEST:
+            if opcode != Opcode.LOGIN_REQUEST or self._held_login is not None:
                 self.close(f"{Opcode(opcode).name} before login completed")
                 return
             self._login(header, bytes(data))
@@ -486,6 +490,32 @@ class TargetConnection:
         reply = self.login.handle(header, data)
         if reply is None:  # continued request: an empty response asks for the rest (§6.5)
             reply = LoginReply(False, header.csg, 0, b"", header.tsih)
+        if reply.session is not None and reply.status is LoginStatus.SUCCESS:
+            busy = [old for old in reply.replaced if old is not self and old.io_running()]
+            if busy:
+                # RFC 7143 §6.3.4/§6.3.5: the reinstated connections' tasks end before this one goes on.  A
+                # WRITE of theirs still on a worker must not land after the initiator's next writes.
+                log.info("login from %s: waiting for %d command(s) of the connection(s) it reinstates",
+                         self.peer, sum(old.io_running() for old in busy))
+                self._held_login = (header, reply, busy)
+                for old in busy:
+                    old.when_drained(lambda old=old: self._reinstated_drained(old))
+                return
+        self._answer_login(header, reply)
+
+    def _reinstated_drained(self, old: "TargetConnection") -> None:
+        held = self._held_login
+        if held is None:
+            return
+        if old in held[2]:
+            held[2].remove(old)
+        if not held[2]:
+            self._held_login = None
+            if not self.closing:
+                self._answer_login(held[0], held[1])
+                self.wakeup()
+
+    def _answer_login(self, header: Any, reply: LoginReply) -> None:
         self._send_login_response(header, reply)
         if reply.status is not LoginStatus.SUCCESS:
             self.close(f"login refused {reply.status.name}")
@@ -821,6 +851,10 @@ class TargetConnection:
             entry.data_out = entry.buffer = None
         if not (self.closing or entry.aborted):
             self._complete(itt, entry.lun_field, entry.edtl, entry.read, result)
+        if self._drained_waiters and not self.io_running():
+            waiters, self._drained_waiters = self._drained_waiters, []
+            for waiter in waiters:
+                waiter()
         # An aborted SANITIZE that went on (``outlives_abort``) was waited for by no TMF, and its tag may name a
         # newer command by now: a TMF waiting for that one must go on waiting.
         if self._tmf_waiting and not (entry.aborted and entry.outlives_abort):
@@ -1181,6 +1215,18 @@ class TargetConnection:
     def in_flight(self) -> int:
         """Commands whose I/O still runs on a worker (also after ``close``): a fence waits for none left."""
         return len(self._running)
+
+    def io_running(self) -> int:
+        """``in_flight`` but a SANITIZE's pass that outlived its command (its unit refuses every command
+        meanwhile, so nothing it writes can pass a newer write): what a reinstating login waits for."""
+        return sum(not entry.outlives_abort for entry in self._running.values())
+
+    def when_drained(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` (on the loop, under the registry's lock) once ``io_running`` is 0."""
+        if not self.io_running():
+            callback()
+        else:
+            self._drained_waiters.append(callback)
 
     def abort_tasks(self, lun: int) -> int:
         """End this connection's commands to ``lun`` still collecting Data-Out with TASK ABORTED.

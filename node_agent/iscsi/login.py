@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import enum
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from node_agent.iscsi.chap import ChapTargetAuth
@@ -63,6 +63,7 @@ class LoginReply:
     tsih: int
     status: LoginStatus = LoginStatus.SUCCESS
     session: Session | None = None  # set once full feature phase is reached
+    replaced: list = field(default_factory=list)  # connections the login reinstated (closed): see ``_login``
 
 
 class TargetLogin:
@@ -85,6 +86,7 @@ class TargetLogin:
         self.auth_done = False
         self.negotiator: TargetNegotiator | None = None
         self.existing: Session | None = None
+        self._replaced: list = []  # connections this login reinstated (closed): set by ``_establish``
         self._partial = bytearray()
 
     # -- entry point -------------------------------------------------------------------
@@ -274,6 +276,7 @@ class TargetLogin:
             if nsg == FULL_FEATURE:
                 reply.session = self._establish()
                 reply.tsih = reply.session.tsih
+                reply.replaced = self._replaced
         return reply
 
     def _establish(self) -> Session:
@@ -299,10 +302,12 @@ class TargetLogin:
             old = session.connections.get(self.cid)
             if old is not None and old is not self.connection:
                 old.close("connection reinstatement")  # RFC 7143 §6.3.4
+                self._replaced = [old]
             session.connections[self.cid] = self.connection
             return session
         session = self.registry.open_session(self.initiator_name, self.isid, self.target, params,
                                              self.initial_cmdsn, self.connection)
+        self._replaced = session.replaced
         log.info("login: %s isid=0x%012x to %s (tsih %d, %s, HeaderDigest=%s DataDigest=%s)",
                  self.initiator_name, self.isid, self.target.iqn if self.target else "discovery", session.tsih,
                  self.session_type, "CRC32C" if params.header_digest else "None",

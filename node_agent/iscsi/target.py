@@ -93,6 +93,9 @@ class Session:
         # arrivals and completions keep MaxCmdSN from ever going backwards.
         self.running = 0
         self.closed = False
+        # The connections of the sessions this one reinstated (closed by ``open_session``): the login waits for
+        # their commands still running on a worker before it answers (``TargetConnection._login``).
+        self.replaced: list[ConnectionHandle] = []
         self.nexus: Nexus | None = None
         if target is not None:
             self.nexus = Nexus(
@@ -201,13 +204,15 @@ class TargetRegistry:
         """Create a session; an existing one with the same I_T nexus (initiator name, ISID and target: the
         same name and ISID to another target, or in discovery, is another session) is reinstated: closed
         first, whatever else shares the name and ISID."""
+        replaced: list[ConnectionHandle] = []
         for old in [s for s in self.sessions.values()
                     if s.initiator_name == initiator_name and s.isid == isid and s.target is target
                     and not s.closed]:
             log.info("session reinstatement: %s replaces tsih %d", initiator_name, old.tsih)
-            self.close_session(old, "session reinstatement")
+            replaced += self.close_session(old, "session reinstatement")
         session = Session(self._next_tsih(), initiator_name, isid, target, params, initial_cmdsn,
                           self.command_window)
+        session.replaced = replaced
         session.connections[conn.cid] = conn
         self.sessions[session.tsih] = session
         if target is not None and session.nexus is not None:
@@ -221,17 +226,20 @@ class TargetRegistry:
         if not session.connections:
             self.close_session(session, "last connection closed")
 
-    def close_session(self, session: Session, reason: str) -> None:
+    def close_session(self, session: Session, reason: str) -> list[ConnectionHandle]:
+        """End the session and close its connections; those connections (none if it had ended already)."""
         if session.closed:
-            return
+            return []
         session.closed = True
         self.sessions.pop(session.tsih, None)
-        for conn in list(session.connections.values()):
+        closed = list(session.connections.values())
+        for conn in closed:
             conn.close(reason)
         session.connections.clear()
         session.pending.clear()
         if session.target is not None and session.nexus is not None:
             session.target.luns.remove_nexus(session.nexus)
+        return closed
 
     def close_all(self, reason: str) -> None:
         for session in list(self.sessions.values()):

@@ -12,12 +12,12 @@ from __future__ import annotations
 import os
 
 from node_agent.iscsi import pdu as P
-from node_agent.iscsi.keys import parse_text
+from node_agent.iscsi.keys import encode_text, parse_text
 from node_agent.iscsi.pdu import Opcode
 from node_agent.iscsi.target import Credentials, TargetNode, TargetRegistry
 from node_agent.scsi.device import LogicalUnit, LunIdentity, LunMap
-from node_agent.storage.backing import MemoryBackingStore
-from tests.protocol.conftest import BLOCKS, chap_response, keys_of
+from node_agent.storage.backing import FileBackingStore, MemoryBackingStore
+from tests.protocol.conftest import BLOCKS, INITIATOR, TARGET, chap_response, keys_of, make_registry
 
 NODE_A, NODE_B = "iqn.2026-11.io.shoal:node:a", "iqn.2026-11.io.shoal:node:b"
 VOL_A, VOL_B = "iqn.2026-11.io.shoal:target:vol-a", "iqn.2026-11.io.shoal:target:vol-b"
@@ -130,7 +130,6 @@ def test_session_reinstatement_closes_the_old_session_whatever_else_shares_the_i
 def test_a_reinstated_connection_keeps_what_the_session_negotiated(make_initiator):
     """§6.3.4: a connection reinstated in a session (TSIH given) works with the session-wide values: a 128 KiB
     immediate WRITE (FirstBurstLength 262144, InitialR2T=No) is not refused after it as before it."""
-    from tests.protocol.conftest import INITIATOR, TARGET, make_registry
     registry = make_registry()
     first = make_initiator(registry)
     first.login_normal()
@@ -147,3 +146,50 @@ def test_a_reinstated_connection_keeps_what_the_session_negotiated(make_initiato
                   write=payload)
     [reply] = again.receive()
     assert reply.opcode == Opcode.SCSI_RESPONSE and reply.header.status == 0
+
+
+class ColdStore:
+    """A file store whose every read and write would block (``read_nowait``/``write_nowait`` decline): the
+    unit hands each to ``offload``, which the test below runs when it chooses (a slow disk, held still)."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def read_nowait(self, offset, length):
+        return None
+
+    def write_nowait(self, offset, data, fua=False):
+        return False
+
+
+def test_a_reinstating_login_is_answered_once_the_old_sessions_writes_have_landed(make_initiator, tmp_path):
+    """RFC 7143 §6.3.5: a session reinstated ends with its tasks.  A WRITE of the old session still on a
+    worker (a slow disk) used to land after the login was answered, so after the new session's own writes to
+    the same blocks; the Login Response now waits for it (and the connection takes no PDU meanwhile)."""
+    store = FileBackingStore(tmp_path / "lun.img", BLOCKS * 512, block_size=512)
+    unit = LogicalUnit(ColdStore(store), LunIdentity(volume_id="vol-slow"), target_name=TARGET)
+    registry = TargetRegistry([TargetNode(TARGET, LunMap({0: unit}))])
+    jobs = []
+    first = make_initiator(registry)
+    first.conn.offload = lambda io, done, key=None: jobs.append((io, done))
+    first.login_normal()
+    first.command(bytes([0x2A, 0, 0, 0, 0, 0, 0, 0, 1, 0]), write=b"O" * 512)  # WRITE(10) LBA 0, on a "worker"
+    assert len(jobs) == 1 and first.conn.io_running() == 1
+    second = make_initiator(registry)
+    keys = [("InitiatorName", INITIATOR), ("TargetName", TARGET), ("SessionType", "Normal"),
+            ("HeaderDigest", "None"), ("DataDigest", "None"), ("ImmediateData", "Yes"), ("InitialR2T", "No"),
+            ("MaxRecvDataSegmentLength", "262144"), ("MaxBurstLength", "1048576"), ("FirstBurstLength", "262144")]
+    second.send(Opcode.LOGIN_REQUEST, encode_text(keys),
+                immediate=True, transit=True, csg=1, nsg=3, isid=second.isid, tsih=0, itt=second.next_itt(),
+                cid=0, cmdsn=second.cmdsn, expstatsn=0, digests=False)
+    assert first.conn.closing
+    assert second.receive() == []  # held: the old session's WRITE still runs
+    io, done = jobs.pop()
+    done(io())  # the WRITE lands, then its connection finds itself drained
+    assert store.read(0, 512) == b"O" * 512
+    [reply] = second.receive()
+    assert reply.opcode == Opcode.LOGIN_RESPONSE and (reply.header.status_class, reply.header.status_detail) == (0, 0)
+    assert reply.header.transit and reply.header.nsg == 3
