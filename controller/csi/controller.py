@@ -11,7 +11,10 @@ Idempotency, per RPC (the spec's rules):
 * CreateVolume: same name, compatible request (size within the range, same
   parameters and source, owner within the requisite topology) -> the same
   volume; incompatible -> ALREADY_EXISTS.  A clone still being copied ->
-  ABORTED (retry with the same name).
+  ABORTED (retry with the same name).  A clone asked larger than its source
+  is grown once copied, by the call that finds it copied: a repeat may find
+  it still at its source's size (that is no difference), and asks the agent
+  to grow it again, as an earlier grow may have failed.
 * DeleteVolume / DeleteSnapshot: an unknown id is OK.
 * ControllerPublishVolume: the owner exports the volume to the node's initiator
   with the volume's CHAP secret, and the node's agent is told the target and the
@@ -24,7 +27,9 @@ Idempotency, per RPC (the spec's rules):
 * ControllerUnpublishVolume: the node's agent forgets the target (logging out if
   still logged in), then the owner drops the node's initiator.
   An unknown volume or node, or a repeat, is OK.
-* ControllerExpandVolume: a size already reached is OK (no call to the agent).
+* ControllerExpandVolume: a size already recorded is asked of the agent again
+  (a temporary failure leaves the new size recorded and the LUN as it was;
+  the agent grows it, or answers at once when it is that size already).
 * CreateSnapshot: same name and source -> the same snapshot; another source -> ALREADY_EXISTS.
 
 A call on a volume (or snapshot, or volume-on-node for publish) while another
@@ -155,7 +160,9 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):
         rng = request.capacity_range
         required, limit = _range(rng)
         problems = []
-        if volume.size_bytes < required or (limit and volume.size_bytes > limit):
+        # A clone smaller than asked is one not grown yet (still copying, or its grow failed): grown below.
+        smaller = volume.size_bytes < required and not (source and volume.source == source)
+        if smaller or (limit and volume.size_bytes > limit):
             problems.append(f"its size is {volume.size_bytes} bytes, asked {required or '-'}..{limit or '-'}")
         if volume.source != source:
             problems.append(f"its source is {volume.source or 'none'}, asked {source or 'none'}")
@@ -170,7 +177,8 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):
         if problems:
             raise AlreadyExists(f"volume {request.name} already exists and differs: " + "; ".join(problems))
         if source:
-            return self.service.clone_volume(volume.name, source, pool)
+            volume = self.service.clone_volume(volume.name, source, pool)
+            return self._grow_clone(volume, required, limit, again=True)
         return self.service.create_volume(volume.name, volume.size_bytes, pool=pool, thin=thin)
 
     def _clone(self, name: str, source: str, pool: str, rng: csi_pb2.CapacityRange) -> Volume:
@@ -179,8 +187,20 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):
         if limit and source_size > limit:
             raise OutOfRange(f"the source is {source_size} bytes, more than limit_bytes {limit}")
         volume = self.service.clone_volume(name, source, pool)
-        if required > volume.size_bytes and volume.state in (AVAILABLE, ATTACHED):
-            volume = self.service.expand_volume(name, self._round(required, limit))
+        return self._grow_clone(volume, required, limit, again=False)
+
+    def _grow_clone(self, volume: Volume, required: int, limit: int, *, again: bool) -> Volume:
+        """A clone asked larger than its source, grown once it is copied (until then, ABORTED: the CO repeats).
+
+        ``again``: a repeat of CreateVolume asks the agent even when the recorded size is reached already; a
+        grow that failed for a while (an agent unreachable) left the size recorded and the LUN as it was.
+        """
+        if not required or volume.state not in (AVAILABLE, ATTACHED):
+            return volume
+        if required > volume.size_bytes:
+            return self.service.expand_volume(volume.name, self._round(required, limit))
+        if again:
+            return self.service.expand_volume(volume.name, volume.size_bytes)
         return volume
 
     def _source(self, request) -> str:
@@ -334,10 +354,8 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):
         nodes = [n for n in self.service.list_nodes() if n.health == HEALTHY and placement.matches(n, segments)]
         volumes = self.service.store.list_volumes()
         available = largest = 0
-        provisioned = placement.provisioned(volumes)
         for node, disk in placement.pool_disks(pool, nodes):
-            used, count = provisioned.get((node.id, disk.name), (0, 0))
-            room = max(0, placement.Candidate(node.id, disk, used, count).headroom(pool, thin))
+            room = max(0, placement.candidate(node, disk, volumes).headroom(pool, thin))
             available += room
             largest = max(largest, room)
         multiple = self.service.settings.volume_size_multiple
@@ -358,9 +376,10 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):
         if limit and volume.size_bytes > limit:
             raise OutOfRange(f"volume {volume.id} is already {volume.size_bytes} bytes, more than limit_bytes "
                              f"{limit}; volumes only grow")
-        if size > volume.size_bytes:
+        if size > volume.size_bytes or volume.state in (AVAILABLE, ATTACHED):
+            # A size already recorded is asked again: a temporary failure records it before the LUN grows.
             with self.busy.hold(f"volume/{volume.name}", f"volume {volume.id}"):
-                volume = self.service.expand_volume(volume.name, size)
+                volume = self.service.expand_volume(volume.name, max(size, volume.size_bytes))
         block = request.HasField("volume_capability") and caps.is_block(request.volume_capability)
         return csi_pb2.ControllerExpandVolumeResponse(capacity_bytes=volume.size_bytes,
                                                       node_expansion_required=not block)

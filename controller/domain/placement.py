@@ -9,7 +9,9 @@ Rules, in order:
 3. Capacity: what the disk's volumes promise (all volumes on it, of any pool,
    in any state but gone) plus the new size must stay within
    ``capacity * overcommit_ratio``; a thick volume also needs that much real
-   free space, as the disk last reported it.
+   free space: what the disk last reported, less the thick volumes that
+   report cannot count yet (``unreported_thick``), so two thick volumes
+   placed between two heartbeats are not both promised the same free bytes.
 4. Spreading: the disk promising the fewest bytes wins, then the one with the
    fewest volumes, then node id and disk name, so the choice is deterministic.
 
@@ -23,7 +25,7 @@ from dataclasses import dataclass
 from typing import Iterable, Mapping
 
 from controller.domain.errors import ResourceExhausted
-from controller.domain.model import HEALTHY, Disk, Node, Pool, PoolUsage, Volume
+from controller.domain.model import CREATING, HEALTHY, Disk, Node, Pool, PoolUsage, Volume
 from controller.domain.validation import human_bytes
 
 
@@ -44,11 +46,13 @@ class Candidate:
     disk: Disk
     provisioned_bytes: int
     volumes: int
+    unreported_thick_bytes: int = 0
+    """Thick bytes placed on the disk that its reported free space does not count yet (``unreported_thick``)."""
 
     def headroom(self, pool: Pool, thin: bool) -> int:
         """The largest new volume this disk takes."""
         promised = int(self.disk.capacity_bytes * pool.overcommit_ratio) - self.provisioned_bytes
-        return max(0, promised if thin else min(promised, self.disk.free_bytes))
+        return max(0, promised if thin else min(promised, self.disk.free_bytes - self.unreported_thick_bytes))
 
     @property
     def key(self) -> tuple[int, int, str, str]:
@@ -64,6 +68,32 @@ def provisioned(volumes: Iterable[Volume]) -> dict[tuple[str, str], tuple[int, i
     return out
 
 
+def unreported_thick(nodes: Iterable[Node], volumes: Iterable[Volume]) -> dict[tuple[str, str], int]:
+    """(node, disk) -> bytes of thick volumes the disk's last reported free space does not count yet.
+
+    A node reports free space with each heartbeat; a thick volume takes its space when its agent makes it.
+    One placed at or after the node's last heartbeat, or not made yet ("creating"), is not in what the disk
+    reported: its bytes are taken off that, until a heartbeat after it says what is really free.
+    """
+    last_report = {node.id: node.last_heartbeat for node in nodes}
+    out: dict[tuple[str, str], int] = {}
+    for volume in volumes:
+        reported = last_report.get(volume.owner_node)
+        if volume.thin or reported is None:
+            continue
+        if volume.state == CREATING or volume.created_at >= reported:
+            key = (volume.owner_node, volume.disk)
+            out[key] = out.get(key, 0) + volume.size_bytes
+    return out
+
+
+def candidate(node: Node, disk: Disk, volumes: Iterable[Volume]) -> Candidate:
+    """One disk of ``node``, with what ``volumes`` (every volume, of any pool) promise on it."""
+    volumes = list(volumes)
+    used, count = provisioned(volumes).get((node.id, disk.name), (0, 0))
+    return Candidate(node.id, disk, used, count, unreported_thick([node], volumes).get((node.id, disk.name), 0))
+
+
 def pool_disks(pool: Pool, nodes: Iterable[Node], *, healthy_only: bool = True) -> list[tuple[Node, Disk]]:
     return [(node, disk) for node in nodes if node.health == HEALTHY or not healthy_only
             for disk in node.disks if pool.includes(node.id, disk.name)]
@@ -76,8 +106,11 @@ def matches(node: Node, constraints: Mapping[str, str] | None) -> bool:
 def candidates(pool: Pool, nodes: Iterable[Node], volumes: Iterable[Volume],
                constraints: Mapping[str, str] | None = None) -> list[Candidate]:
     """Rules 1 and 2, with what each disk already holds, best first (rule 4)."""
+    nodes, volumes = list(nodes), list(volumes)
     used = provisioned(volumes)
-    out = [Candidate(node.id, disk, *used.get((node.id, disk.name), (0, 0)))
+    unreported = unreported_thick(nodes, volumes)
+    out = [Candidate(node.id, disk, *used.get((node.id, disk.name), (0, 0)),
+                     unreported_thick_bytes=unreported.get((node.id, disk.name), 0))
            for node, disk in pool_disks(pool, nodes) if matches(node, constraints)]
     return sorted(out, key=lambda c: c.key)
 

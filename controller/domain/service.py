@@ -243,9 +243,14 @@ class ControllerService:
         return placement.usage(pool, self.store.list_nodes(), self.store.list_volumes())
 
     def delete_pool(self, name: str) -> None:
-        """Delete a pool without volumes.  Deleting what is gone succeeds."""
+        """Delete a pool without volumes.  Deleting what is gone succeeds.
+
+        Decided under the placement lock, in one transaction: a create or clone places its volume in a pool it
+        reads again in its own (placement) transaction, so the pool is either gone before (``NotFound``) or
+        has the volume when this looks (refused), never deleted under a volume being placed in it.
+        """
         name = check.name(name, "pool name")
-        with self.store.transaction():
+        with self._placement_lock, self.store.transaction():
             volumes = self.store.list_volumes(pool=name)
             if volumes:
                 raise FailedPrecondition(f"pool {name} still has {len(volumes)} volume(s) "
@@ -273,8 +278,9 @@ class ControllerService:
                     raise FailedPrecondition(f"volume {name} is being deleted: delete it again to finish, "
                                              "then create it")
                 return self._finish_create(existing)  # "creating" or "error": a failure left it half done
-            pool_record = self.get_pool(pool)
+            self.get_pool(pool)  # NotFound before anything is decided
             with self._placement_lock, self.store.transaction():
+                pool_record = self.get_pool(pool)  # again, where delete_pool decides: not deleted meanwhile
                 node_id, disk = placement.place(placement.Request(size, thin, constraints), pool_record,
                                                 self.list_nodes(), self.store.list_volumes())
                 volume = Volume(name, self._new_volume_id(), size, pool, node_id, disk, CREATING, thin,
@@ -369,8 +375,7 @@ class ControllerService:
             raise Unavailable(f"{self._unhealthy(node)}; it owns volume {volume.name}: retry when it is back")
         disk = node.disk(volume.disk)
         pool = self.get_pool(volume.pool)
-        used, count = placement.provisioned(self.store.list_volumes()).get((node.id, volume.disk), (0, 0))
-        candidate = placement.Candidate(node.id, disk or Disk(volume.disk, "", 0, 0), used, count)
+        candidate = placement.candidate(node, disk or Disk(volume.disk, "", 0, 0), self.store.list_volumes())
         if not placement.fits_growth(candidate, pool, volume.thin, extra):
             raise ResourceExhausted(f"pool {pool.name}: {node.id}/{volume.disk}, which holds volume {volume.name}, "
                                     f"has room for {human_bytes(candidate.headroom(pool, volume.thin))} more, "

@@ -18,31 +18,41 @@ called, and calls are safe to repeat.
 Idempotency, per method (admin.proto says the same per RPC):
 
 * ``create_snapshot``: the existing snapshot when it is of the same volume
-  (still creating, ready or failed), ``AlreadyExists`` when not.
+  (still creating, or ready), ``AlreadyExists`` when not; a failed one is
+  taken again (its failed copy dropped, the new one cut now, which its
+  ``created_at`` says), as a retry would.
 * ``clone_volume``: the existing volume when it is a clone of the same source
   (and, if one is named, in the same pool), ``AlreadyExists`` when not; a
   clone left "creating" or "error" is finished (its copy started again) by the
-  repeat.
+  repeat, from the very snapshot or volume it was asked from:
+  ``FailedPrecondition`` if that name now names a newer one.
 * ``delete_snapshot``: deleting what is gone succeeds; refused
-  (``FailedPrecondition``) while a clone is being copied from the snapshot.
+  (``FailedPrecondition``) while a clone of the snapshot is not made yet
+  (being copied, or failed and waiting for its repeat).
 * ``ControllerService.delete_volume`` refuses a volume that has snapshots or
-  clones still being copied from it: delete those first (a snapshot outliving
-  its volume would be a copy nobody can place a clone beside for sure, and
-  the refusal is easy to lift later).
+  clones not made yet (being copied, or failed): delete those first (a
+  snapshot outliving its volume would be a copy nobody can place a clone
+  beside for sure, and the refusal is easy to lift later).
+
+Locks: a call that needs a snapshot's lock and a volume's takes them in one
+order (``_holding``: snapshots first, then volumes, each by name), so two
+calls needing the same two (``clone a <- volume/b`` and ``clone b <- volume/a``)
+never wait for each other crosswise.
 """
 
 from __future__ import annotations
 
 import logging
+from contextlib import ExitStack, contextmanager
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Iterator
 
 from controller.domain import placement
 from controller.domain import validation as check
 from controller.domain.errors import (AlreadyExists, DomainError, FailedPrecondition, InvalidArgument, NotFound,
                                       ResourceExhausted)
 from controller.domain.model import (ATTACHED, AVAILABLE, CREATING, DELETING, ERROR, HEALTHY, OP_DONE, OP_FAILED,
-                                     READY, Disk, Snapshot, Volume)
+                                     READY, Disk, Pool, Snapshot, Volume)
 from controller.domain.validation import human_bytes
 
 if TYPE_CHECKING:
@@ -70,6 +80,20 @@ def _lock_key(name: str) -> str:
     return f"snapshot/{name}"  # snapshots share the lock table with volumes, in their own namespace
 
 
+def _source_key(kind: str, name: str) -> str:
+    return _lock_key(name) if kind == SNAPSHOT else name
+
+
+@contextmanager
+def _holding(locks: Any, *keys: str) -> Iterator[None]:
+    """Hold the locks of ``keys`` (snapshot keys first, then volume names, each sorted): the one order every
+    call taking two of them follows (``create_snapshot``: its snapshot's, then its volume's)."""
+    with ExitStack() as held:
+        for key in sorted(set(keys), key=lambda k: (not k.startswith("snapshot/"), k)):
+            held.enter_context(locks.hold(key))
+        yield
+
+
 class Snapshots:
     """The snapshot and clone half of ``ControllerService`` (which delegates to it)."""
 
@@ -93,7 +117,9 @@ class Snapshots:
                 if existing.state == DELETING:
                     raise FailedPrecondition(f"snapshot {name} is being deleted: delete it again to finish, then "
                                              "take it")
-                return self._observe(existing) if existing.state == CREATING else existing
+                if existing.state == CREATING:
+                    existing = self._observe(existing)
+                return self._retake(existing) if existing.state == ERROR else existing
             with locks.hold(volume_name):
                 volume = self.service.get_volume(volume_name)
                 if volume.state not in (AVAILABLE, ATTACHED):
@@ -108,11 +134,43 @@ class Snapshots:
                     self.store.put_snapshot(snapshot)
                 return self._start(snapshot, op)
 
+    def _retake(self, snapshot: Snapshot) -> Snapshot:
+        """A failed snapshot taken again (a repeat of its create): the agent answers a repeat with the failed
+        copy as it is, so that copy is dropped first; the new one is cut now.
+
+        Answering the failure as is would leave a CSI CreateSnapshot "not ready to use" for good: the CO
+        repeats it and waits, and nothing ever changes.
+        """
+        with self.service._volume_locks.hold(snapshot.volume):
+            volume = self.service.get_volume(snapshot.volume)
+            if volume.state not in (AVAILABLE, ATTACHED):
+                raise FailedPrecondition(f"snapshot {snapshot.name} failed ({snapshot.message or 'no reason given'})"
+                                         f" and volume {volume.name} is {volume.state}: only an available or "
+                                         "attached volume can be snapshotted again")
+            client = self.service._client(snapshot.owner_node, f"holding volume {snapshot.volume}")
+            with self.store.transaction():
+                op = self.service._begin("create_snapshot", snapshot.name,
+                                         f"again, it failed: {snapshot.message or 'no reason given'}")
+                snapshot = replace(snapshot, state=CREATING, progress=0.0, message="")
+                self.store.put_snapshot(snapshot)
+            try:
+                client.delete_snapshot(snapshot.id)
+            except Exception as exc:  # still "creating": a look finds the failed copy (error) or none (taken)
+                error = _error(exc, snapshot.owner_node, "delete_snapshot")
+                self.service._end(op, OP_FAILED, str(error))
+                raise error from None
+            return self._start(snapshot, op)
+
     def _start(self, snapshot: Snapshot, op: int | None = None) -> Snapshot:
-        """Ask the owner to take the snapshot (a repeat returns how far it got); record what it says."""
+        """Ask the owner to take the snapshot (a repeat returns how far it got); record what it says.
+
+        ``created_at`` becomes the time of this call: the point in time the copy holds is when the agent cuts
+        it, not when an earlier attempt that failed was asked for.
+        """
         op = op if op is not None else self.service._begin("create_snapshot", snapshot.name, "retry")
         try:
             client = self.service._client(snapshot.owner_node, f"holding volume {snapshot.volume}")
+            snapshot = replace(snapshot, created_at=self.service._clock())
             info = client.create_snapshot(snapshot.id, snapshot.volume_id)
         except Exception as exc:
             error = _error(exc, snapshot.owner_node, "create_snapshot")
@@ -180,10 +238,11 @@ class Snapshots:
             snapshot = self.store.get_snapshot(name)
             if snapshot is None:
                 return
-            clones = self._clones_copying(SNAPSHOT, name)
+            clones = self._unfinished_clones(SNAPSHOT, snapshot)
             if clones:
                 raise FailedPrecondition(f"snapshot {name} is being cloned to {', '.join(clones)}: wait until "
-                                         "the clone is available, or delete it first")
+                                         "the clone is available (repeat a failed clone to finish it), or delete "
+                                         "it first")
             with self.store.transaction():
                 op = self.service._begin("delete_snapshot", name, f"from {snapshot.owner_node}/{snapshot.disk}")
                 snapshot = replace(snapshot, state=DELETING)
@@ -210,7 +269,14 @@ class Snapshots:
         name = check.name(name, "volume name")
         kind, source_name = parse_source(source)
         pool = check.name(pool, "pool name") if pool else None
-        with self.service._volume_locks.hold(name):
+        # A first look, without locks, to know which source to lock with the clone (a repeat: the one recorded);
+        # under the locks everything is read again.
+        existing = self.store.get_volume(name)
+        if existing is not None:
+            self._check_same_clone(existing, kind, source_name, pool)
+            kind = existing.source.split("/", 1)[0]
+        kind = kind or self._kind_of(source_name)
+        with _holding(self.service._volume_locks, name, _source_key(kind, source_name)):
             existing = self.store.get_volume(name)
             if existing is not None:
                 self._check_same_clone(existing, kind, source_name, pool)
@@ -220,33 +286,34 @@ class Snapshots:
                     raise FailedPrecondition(f"volume {name} is being deleted: delete it again to finish, then "
                                              "clone it")
                 return self.finish_clone(existing)  # "creating" (copying) or "error": the repeat finishes it
-            kind = kind or self._kind_of(source_name)
-            key = _lock_key(source_name) if kind == SNAPSHOT else source_name
-            with self.service._volume_locks.hold(key):
-                origin, node_id, disk, size, thin, default_pool = self._source(kind, source_name)
-                pool_record = self.service.get_pool(pool or default_pool)
-                if not pool_record.includes(node_id, disk):
-                    raise FailedPrecondition(f"pool {pool_record.name} does not include {node_id}/{disk}, where "
-                                             f"{kind} {source_name} is: a clone lives beside its source; name a "
-                                             "pool that includes it, or none")
-                self.service._client(node_id, f"holding {kind} {source_name}")  # healthy, or Unavailable
-                with self.service._placement_lock, self.store.transaction():
-                    self._check_room(node_id, disk, pool_record, size, thin, name)
-                    volume = Volume(name, self.service._new_volume_id(), size, pool_record.name, node_id, disk,
-                                    CREATING, thin, self.service._clock(), source=f"{kind}/{source_name}")
-                    op = self.service._begin("clone_volume", name, f"from {origin} on {node_id}/{disk}")
-                    self.store.put_volume(volume)
-                log.info("volume %s (%s): clone of %s on %s/%s", name, volume.id, origin, node_id, disk)
-                return self.finish_clone(volume, op)
+            origin, node_id, disk, size, thin, default_pool = self._source(kind, source_name)
+            self._pool_beside(pool or default_pool, node_id, disk, kind, source_name)
+            self.service._client(node_id, f"holding {kind} {source_name}")  # healthy, or Unavailable
+            with self.service._placement_lock, self.store.transaction():
+                # Read again in the transaction delete_pool checks in: a pool deleted since is not used.
+                pool_record = self._pool_beside(pool or default_pool, node_id, disk, kind, source_name)
+                self._check_room(node_id, disk, pool_record, size, thin, name)
+                volume = Volume(name, self.service._new_volume_id(), size, pool_record.name, node_id, disk,
+                                CREATING, thin, self.service._clock(), source=f"{kind}/{source_name}")
+                op = self.service._begin("clone_volume", name, f"from {origin} on {node_id}/{disk}")
+                self.store.put_volume(volume)
+            log.info("volume %s (%s): clone of %s on %s/%s", name, volume.id, origin, node_id, disk)
+            return self.finish_clone(volume, op)
 
     def finish_clone(self, volume: Volume, op: int | None = None) -> Volume:
-        """Ask the owner to make (or tell how far it got with) the clone; record what it says."""
+        """Ask the owner to make (or tell how far it got with) the clone; record what it says.
+
+        A clone that failed is "creating" again before the agent is asked (the decision first, as everywhere):
+        what the agent answers then is recorded, a copy it made at once (a reflink) too.
+        """
         op = op if op is not None else self.service._begin("clone_volume", volume.name, "retry")
-        kind, source_name = volume.source.split("/", 1)
+        kind = volume.source.split("/", 1)[0]
         try:
+            ids = {"source_snapshot_id" if kind == SNAPSHOT else "source_volume_id": self._source_id(volume)}
             client = self.service._client(volume.owner_node, f"owning volume {volume.name}")
-            ids = {"source_snapshot_id" if kind == SNAPSHOT else "source_volume_id": self._source_id(kind,
-                                                                                                   source_name)}
+            if volume.state != CREATING:
+                volume = replace(volume, state=CREATING)
+                self.store.put_volume(volume)
             info = client.clone_volume(volume.id, volume.size_bytes, volume.disk, volume.thin, **ids)
         except Exception as exc:
             error = _error(exc, volume.owner_node, "clone_volume")
@@ -302,15 +369,16 @@ class Snapshots:
     # ---- what other operations ask -----------------------------------------------------------
 
     def check_volume_deletable(self, volume: Volume) -> None:
-        """``FailedPrecondition`` while the volume has snapshots, or clones are being copied from it."""
+        """``FailedPrecondition`` while the volume has snapshots, or clones of it not made yet (copying, or
+        failed: their repeat copies this volume, not one made later under its name)."""
         snapshots = [s.name for s in self.store.list_snapshots(volume.name)]
         if snapshots:
             raise FailedPrecondition(f"volume {volume.name} has snapshots ({', '.join(snapshots)}): delete them "
                                      f"first (shoalctl snapshot delete NAME)")
-        clones = self._clones_copying(VOLUME, volume.name)
+        clones = self._unfinished_clones(VOLUME, volume)
         if clones:
             raise FailedPrecondition(f"volume {volume.name} is being cloned to {', '.join(clones)}: wait until the "
-                                     "clone is available, or delete it first")
+                                     "clone is available (repeat a failed clone to finish it), or delete it first")
 
     def reconcile(self) -> list[str]:
         """Look at every copy still running (finishing what a stop left) and finish deletes; one line each
@@ -382,10 +450,23 @@ class Snapshots:
                                      "volume can be cloned")
         return f"volume {source_name}", volume.owner_node, volume.disk, volume.size_bytes, volume.thin, volume.pool
 
-    def _source_id(self, kind: str, source_name: str) -> str:
+    def _source_id(self, clone: Volume) -> str:
+        """The agent's id of the clone's source: the snapshot or volume it was asked from, or
+        ``FailedPrecondition``.
+
+        A source is not deleted while a clone of it is not made (``_unfinished_clones``), but a clone recorded
+        before that rule may name a source deleted since, and the name be reused: a source newer than the clone
+        is another one, and the clone is never made from it.
+        """
+        kind, source_name = clone.source.split("/", 1)
         record = (self.store.get_snapshot(source_name) if kind == SNAPSHOT else self.store.get_volume(source_name))
         if record is None:
-            raise FailedPrecondition(f"the {kind} {source_name} this clone is made from is gone: delete the clone")
+            raise FailedPrecondition(f"the {kind} {source_name} clone {clone.name} is made from is gone: delete "
+                                     "the clone")
+        if record.created_at > clone.created_at:
+            raise FailedPrecondition(f"the {kind} {source_name} clone {clone.name} was asked from is gone; {kind} "
+                                     f"{source_name} is now another one, made after the clone: delete the clone "
+                                     "(and clone again to copy the new one)")
         return record.id
 
     def _check_same_clone(self, volume: Volume, kind: str, source_name: str, pool: str | None) -> None:
@@ -402,16 +483,31 @@ class Snapshots:
     def _check_room(self, node_id: str, disk_name: str, pool, size: int, thin: bool, name: str) -> None:
         node = self.service.get_node(node_id)
         disk = node.disk(disk_name) or Disk(disk_name, "", 0, 0)
-        used, count = placement.provisioned(self.store.list_volumes()).get((node_id, disk_name), (0, 0))
-        candidate = placement.Candidate(node_id, disk, used, count)
+        candidate = placement.candidate(node, disk, self.store.list_volumes())
         if candidate.headroom(pool, thin) < size:
             raise ResourceExhausted(f"pool {pool.name}: {node_id}/{disk_name}, where clone {name} must live "
                                     f"beside its source, has room for {human_bytes(candidate.headroom(pool, thin))},"
                                     f" not {human_bytes(size)}")
 
-    def _clones_copying(self, kind: str, source_name: str) -> list[str]:
-        source = f"{kind}/{source_name}"
-        return [v.name for v in self.store.list_volumes() if v.source == source and v.state == CREATING]
+    def _pool_beside(self, pool_name: str, node_id: str, disk: str, kind: str, source_name: str) -> Pool:
+        """The clone's pool, which must include the source's disk (a clone lives beside its source)."""
+        pool_record = self.service.get_pool(pool_name)
+        if not pool_record.includes(node_id, disk):
+            raise FailedPrecondition(f"pool {pool_record.name} does not include {node_id}/{disk}, where "
+                                     f"{kind} {source_name} is: a clone lives beside its source; name a "
+                                     "pool that includes it, or none")
+        return pool_record
+
+    def _unfinished_clones(self, kind: str, source: Snapshot | Volume) -> list[str]:
+        """Clones of ``source`` not made yet: being copied, or failed (a repeat copies it again).
+
+        Both keep their source: a failed clone's repeat must find the very snapshot or volume it was asked
+        from under the name it recorded, not a newer one of that name.  Clones older than ``source`` were of
+        an earlier object of its name (``_source_id`` refuses them) and keep nothing.
+        """
+        name = f"{kind}/{source.name}"
+        return [v.name for v in self.store.list_volumes()
+                if v.source == name and v.state in (CREATING, ERROR) and v.created_at >= source.created_at]
 
 
 def _error(exc: Exception, node_id: str, method: str) -> DomainError:

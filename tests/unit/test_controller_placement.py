@@ -63,6 +63,29 @@ def test_thick_needs_real_free_space():
     assert place(4, nodes, thin=True) == ("node-a", "data0")
 
 
+def test_thick_volumes_the_last_report_cannot_count_are_taken_off_its_free_space():
+    """A disk reported 10 GiB free (heartbeat at t=100); a thick 8 GiB volume placed at t=101 takes its space
+    only when its agent makes it: a second thick 8 GiB one must not be promised the same bytes."""
+    from dataclasses import replace
+
+    from controller.domain.model import CREATING
+
+    reported = [replace(node("node-a", ("data0", 100, 10)), last_heartbeat=100.0)]
+    thick = replace(vol("t1", "node-a", "data0", 8, thin=False), created_at=101.0)
+    with pytest.raises(ResourceExhausted, match=r"\(thick: real free space\) \(largest: node-a/data0 2.0 GiB"):
+        place(8, reported, [thick], thin=False)
+    assert place(2, reported, [thick], thin=False) == ("node-a", "data0")
+    assert place(8, reported, [replace(thick, thin=True)], thin=False) == ("node-a", "data0")  # thin: no space
+    # A report after it counts it: what the disk says is free is what is free.
+    later = [replace(reported[0], last_heartbeat=102.0)]
+    assert place(8, later, [thick], thin=False) == ("node-a", "data0")
+    # Not made yet ("creating"): no report counts it, however late.
+    with pytest.raises(ResourceExhausted):
+        place(8, later, [replace(thick, state=CREATING)], thin=False)
+    room = placement.candidate(reported[0], reported[0].disks[0], [thick])
+    assert (room.unreported_thick_bytes, room.headroom(ALL, thin=False)) == (8 * GiB, 2 * GiB)
+
+
 def test_topology_constraints():
     nodes = [node("node-a", ("data0", 10, 10), zone="a"), node("node-b", ("data0", 10, 10), zone="b", ssd="yes")]
     assert place(1, nodes, zone="b") == ("node-b", "data0")

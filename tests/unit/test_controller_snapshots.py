@@ -226,3 +226,166 @@ def test_a_clone_left_creating_by_a_stop_is_finished_by_reconcile(env):
     env.store.put_volume(replace(env.store.get_volume("vol-c"), state=CREATING))
     assert "clone vol-c finished copying" in env.svc.reconcile_once()
     assert env.store.get_volume("vol-c").state == AVAILABLE
+
+
+# ---- repeats after failures, sources, locks ----------------------------------------------------------
+
+
+def test_a_failed_snapshot_is_taken_again_by_a_repeat_of_its_create(env):
+    env.agents.copy_steps = 3
+    snap = env.svc.create_snapshot("snap-1", "vol-1")
+    env.agents.fail_copy(snap.owner_node, snap.id, "copy failed: No space left on device")
+    assert env.svc.get_snapshot("snap-1").state == ERROR
+    env.clock.now += 10
+    again = env.svc.create_snapshot("snap-1", "vol-1")
+    # The same snapshot (same id), cut again now: not the failure answered as is, for ever.
+    assert (again.id, again.state, again.message, again.created_at) == (snap.id, CREATING, "", env.clock.now)
+    assert env.agents.agent(snap.owner_node).snapshots[snap.id]["state"] == "copying"
+    assert env.agents.count("delete_snapshot") == 1  # the failed copy went first
+    assert [(o.state, o.detail) for o in env.store.list_operations("snap-1")] == [
+        ("done", "copy; creating"), ("failed", "copy failed: No space left on device"), ("done", "copy; creating")]
+    assert [env.svc.get_snapshot("snap-1").state for _ in range(3)] == [CREATING, CREATING, READY]
+
+
+def test_a_snapshot_taken_after_its_failed_request_has_the_time_it_was_cut(env):
+    env.agents.fail_next("create_snapshot")
+    with pytest.raises(Unavailable):
+        env.svc.create_snapshot("snap-1", "vol-1")
+    asked_at = env.clock.now
+    assert env.store.get_snapshot("snap-1").created_at == asked_at
+    env.clock.now += 15  # the volume is written meanwhile; the snapshot holds what it has when it is cut
+    snap = env.svc.get_snapshot("snap-1")  # looked at: the agent never had it, so it is taken now
+    assert snap.state == READY and snap.created_at == asked_at + 15
+    assert env.store.get_snapshot("snap-1").created_at == asked_at + 15
+
+
+def test_a_failed_clone_is_made_by_its_repeat_when_the_agent_copies_at_once(env):
+    env.agents.fail_next("clone_volume")
+    with pytest.raises(Unavailable):
+        env.svc.clone_volume("vol-c", "vol-1")
+    assert env.store.get_volume("vol-c").state == ERROR
+    again = env.svc.clone_volume("vol-c", "vol-1")  # a reflink: the agent answers "ready"
+    assert again.state == AVAILABLE and env.store.get_volume("vol-c") == again
+    assert env.agents.agent(again.owner_node).volumes[again.id]["source"] == env.store.get_volume("vol-1").id
+    assert [(o.kind, o.state) for o in env.store.list_operations("vol-c")] == [
+        ("clone_volume", "failed"), ("clone_volume", "done")]
+    env.svc.attach_volume("vol-c", "node-b")
+
+
+def test_a_failed_clone_keeps_its_source_volume_or_snapshot(env):
+    env.svc.create_snapshot("snap-1", "vol-1")
+    env.agents.fail_next("clone_volume")
+    with pytest.raises(Unavailable):
+        env.svc.clone_volume("vol-s", "snapshot/snap-1")
+    env.agents.fail_next("clone_volume")
+    with pytest.raises(Unavailable):
+        env.svc.clone_volume("vol-v", "volume/vol-1")
+    assert [env.store.get_volume(n).state for n in ("vol-s", "vol-v")] == [ERROR, ERROR]
+    # Deleting a source here would let its name be reused, and the repeat copy the new one.
+    with pytest.raises(FailedPrecondition, match="being cloned to vol-s.*repeat a failed clone"):
+        env.svc.delete_snapshot("snap-1")
+    env.svc.delete_volume("vol-s")
+    env.svc.delete_snapshot("snap-1")
+    with pytest.raises(FailedPrecondition, match="being cloned to vol-v"):
+        env.svc.delete_volume("vol-1")
+    assert env.svc.clone_volume("vol-v", "volume/vol-1").state == AVAILABLE
+    env.svc.delete_volume("vol-1")  # a made clone keeps nothing
+
+
+@pytest.mark.parametrize("kind", ["volume", "snapshot"])
+def test_a_failed_clone_is_never_made_from_a_newer_source_of_the_same_name(env, kind):
+    """A failed clone recorded before failed clones kept their source: its source was deleted and the name
+    reused since.  The repeat refuses rather than copy the newer data under the old request."""
+    from dataclasses import replace
+
+    old = env.svc.create_snapshot("src", "vol-1") if kind == "snapshot" else env.svc.create_volume("src", GiB)
+    env.agents.fail_next("clone_volume")
+    with pytest.raises(Unavailable):
+        env.svc.clone_volume("vol-c", f"{kind}/src")
+    clone = env.store.get_volume("vol-c")
+    env.svc.delete_volume("vol-c")  # (as such a controller allowed:) the source goes, the clone's row stays
+    if kind == "snapshot":
+        env.svc.delete_snapshot("src")
+    else:
+        env.svc.delete_volume("src")
+    env.store.put_volume(clone)
+    env.clock.now += 5
+    new = env.svc.create_snapshot("src", "vol-1") if kind == "snapshot" else env.svc.create_volume(
+        "src", GiB, constraints={"zone": env.store.get_node(old.owner_node).labels["zone"]})
+    assert new.id != old.id
+    calls = env.agents.count("clone_volume")
+    with pytest.raises(FailedPrecondition, match=f"{kind} src is now another one, made after the clone"):
+        env.svc.clone_volume("vol-c", f"{kind}/src")
+    assert env.agents.count("clone_volume") == calls  # the agent was never asked to copy the new one
+    assert env.store.get_volume("vol-c") == replace(clone, state=ERROR)
+    # The dead clone keeps nothing: the new source goes when asked.
+    if kind == "snapshot":
+        env.svc.delete_snapshot("src")
+    else:
+        env.svc.delete_volume("src")
+
+
+def test_crossed_clones_take_their_locks_in_one_order(env):
+    """clone a <- volume/b and clone b <- volume/a at once: each takes both names' locks, in one order, so
+    neither waits for the other crosswise (both fail, NOT_FOUND) and later calls on a and b go on."""
+    import threading
+
+    from controller.domain.errors import DomainError
+
+    meet = threading.Barrier(2, timeout=5)
+    real = env.store.get_volume
+    met: set[str] = set()
+
+    def get_volume(name):  # each clone's first look meets the other's, so they run side by side
+        thread = threading.current_thread().name
+        if thread.startswith("clone-") and thread not in met:
+            met.add(thread)
+            meet.wait()
+        return real(name)
+
+    env.store.get_volume = get_volume
+    errors: list[DomainError] = []
+
+    def run(name, source):
+        try:
+            env.svc.clone_volume(name, source)
+        except DomainError as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=("a", "volume/b"), name="clone-1", daemon=True),
+               threading.Thread(target=run, args=("b", "volume/a"), name="clone-2", daemon=True)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(5)
+    env.store.get_volume = real
+    assert not any(t.is_alive() for t in threads), "the crossed clones wait for each other for ever"
+    assert sorted(type(e).__name__ for e in errors) == ["NotFound", "NotFound"]
+    assert env.svc.create_volume("a", GiB).state == AVAILABLE
+
+
+def test_a_clone_takes_its_own_lock_and_its_sources_in_one_order_for_all(env):
+    """The order the crossed clones above rely on: snapshot keys first (as create_snapshot takes them), then
+    volume names, sorted; whichever of the two is the clone."""
+    from contextlib import contextmanager
+
+    taken = []
+    hold = env.svc._volume_locks.hold
+
+    @contextmanager
+    def recording(name):
+        taken.append(name)
+        with hold(name):
+            yield
+
+    env.svc._volume_locks.hold = recording
+    for name, source in (("a", "volume/b"), ("b", "volume/a")):
+        with pytest.raises(NotFound):
+            env.svc.clone_volume(name, source)
+    assert taken == ["a", "b", "a", "b"]
+    env.svc._volume_locks.hold = hold
+    env.svc.create_snapshot("snap-1", "vol-1")
+    env.svc._volume_locks.hold = recording
+    taken.clear()
+    env.svc.clone_volume("a-clone", "snapshot/snap-1")
+    assert taken == ["snapshot/snap-1", "a-clone"]

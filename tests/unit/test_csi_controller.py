@@ -308,7 +308,9 @@ def test_expand(csi):
     again = csi.ctl.ControllerExpandVolume(Request(volume_id=volume.volume_id, volume_capability=block(),
                                                    capacity_range=csi_pb2.CapacityRange(required_bytes=GiB)))
     assert again.capacity_bytes == 2 * GiB and not again.node_expansion_required
-    assert csi.env.agents.count("expand_volume") == 1
+    assert csi.env.agents.count("expand_volume") == 2  # a size reached is asked again: the agent answers at once
+    owner = csi.env.store.get_volume("pvc-1").owner_node
+    assert csi.env.agents.agent(owner).volumes[volume.volume_id]["size_bytes"] == 2 * GiB
     assert code_of(csi.ctl.ControllerExpandVolume, Request(volume_id=volume.volume_id)) == Code.INVALID_ARGUMENT
     assert code_of(csi.ctl.ControllerExpandVolume, Request(
         volume_id="nope", capacity_range=csi_pb2.CapacityRange(required_bytes=GiB))) == Code.NOT_FOUND
@@ -367,6 +369,65 @@ def test_a_clone_still_copying_is_aborted_until_ready(csi):
             codes.append(exc.code())
     assert codes and set(codes) == {Code.ABORTED}
     assert clone.capacity_bytes == GiB and clone.content_source == source
+
+
+def test_a_clone_asked_larger_than_its_source_is_grown_once_copied(csi):
+    csi.env.agents.copy_steps = 2
+    source_volume = csi.create("pvc-src", GiB)
+    source = csi_pb2.VolumeContentSource(
+        volume=csi_pb2.VolumeContentSource.VolumeSource(volume_id=source_volume.volume_id))
+    answers = []
+    for _ in range(5):
+        try:
+            answers.append(csi.create("pvc-big", 2 * GiB, None, volume_content_source=source).capacity_bytes)
+            break
+        except grpc.RpcError as exc:
+            answers.append(exc.code())  # still copying, at its source's size: that is no difference
+    assert answers == [Code.ABORTED, Code.ABORTED, 2 * GiB]
+    clone = csi.env.store.get_volume("pvc-big")
+    assert csi.env.agents.agent(clone.owner_node).volumes[clone.id]["size_bytes"] == 2 * GiB
+    assert code_of(csi.create, "pvc-big", GiB, None, volume_content_source=source,
+                   capacity_range=csi_pb2.CapacityRange(limit_bytes=GiB)) == Code.ALREADY_EXISTS
+
+
+def test_a_larger_clone_whose_grow_failed_for_a_while_is_grown_by_the_repeat(csi):
+    source_volume = csi.create("pvc-src", GiB)
+    source = csi_pb2.VolumeContentSource(
+        volume=csi_pb2.VolumeContentSource.VolumeSource(volume_id=source_volume.volume_id))
+    csi.env.agents.fail_next("expand_volume")
+    assert code_of(csi.create, "pvc-big", 2 * GiB, None, volume_content_source=source) == Code.UNAVAILABLE
+    clone = csi.env.store.get_volume("pvc-big")
+    assert clone.size_bytes == 2 * GiB  # recorded, so reconcile finishes it; the LUN is not grown yet
+    assert csi.env.agents.agent(clone.owner_node).volumes[clone.id]["size_bytes"] == GiB
+    assert csi.create("pvc-big", 2 * GiB, None, volume_content_source=source).capacity_bytes == 2 * GiB
+    assert csi.env.agents.agent(clone.owner_node).volumes[clone.id]["size_bytes"] == 2 * GiB
+
+
+def test_expand_repeated_after_a_temporary_failure_grows_the_volume(csi):
+    volume = csi.create("pvc-1", GiB)
+    owner = csi.env.store.get_volume("pvc-1").owner_node
+    request = csi_pb2.ControllerExpandVolumeRequest(volume_id=volume.volume_id,
+                                                    capacity_range=csi_pb2.CapacityRange(required_bytes=2 * GiB))
+    csi.env.agents.fail_next("expand_volume")
+    assert code_of(csi.ctl.ControllerExpandVolume, request) == Code.UNAVAILABLE
+    assert csi.env.agents.agent(owner).volumes[volume.volume_id]["size_bytes"] == GiB
+    # The CO's retry: OK (and the node then grows its filesystem) only once the LUN is that large.
+    assert csi.ctl.ControllerExpandVolume(request).capacity_bytes == 2 * GiB
+    assert csi.env.agents.agent(owner).volumes[volume.volume_id]["size_bytes"] == 2 * GiB
+
+
+def test_a_failed_snapshot_is_taken_again_by_the_repeat_until_ready(csi):
+    csi.env.agents.copy_steps = 2
+    volume = csi.create("pvc-1", GiB)
+    request = csi_pb2.CreateSnapshotRequest(source_volume_id=volume.volume_id, name="snapshot-1")
+    snap = csi.ctl.CreateSnapshot(request).snapshot
+    assert not snap.ready_to_use
+    csi.env.agents.fail_copy(csi.env.store.get_volume("pvc-1").owner_node, snap.snapshot_id)
+    csi.env.clock.now += 10
+    answers = [csi.ctl.CreateSnapshot(request).snapshot for _ in range(3)]  # the CO repeats until ready
+    assert [a.ready_to_use for a in answers] == [False, False, True]
+    assert {a.snapshot_id for a in answers} == {snap.snapshot_id}
+    assert answers[-1].creation_time.seconds == int(csi.env.clock.now)  # cut again, later
 
 
 # ---- shoal controller --csi-endpoint -------------------------------------------------------------
