@@ -97,6 +97,10 @@ class ConnectionSettings:
     """Seconds a ping may stay unanswered before the connection is dropped."""
     login_timeout: float = 15.0
     """Seconds a connection may spend in the login phase (an idle login holds no resources for long)."""
+    max_logins_per_peer: int = 64
+    """Connections from one address that may be in the login phase at once; one more is closed at once.
+    Each holds its receive buffer (64 KiB) until it logs in or ``login_timeout`` ends it: one host opening
+    thousands of them and never logging in cannot take the portal's memory, nor crowd out other hosts."""
     max_write_buffer: int = 64 * 1024 * 1024
     """Largest Expected Data Transfer Length accepted for one write (bounds memory per command)."""
     io_workers: int = 32

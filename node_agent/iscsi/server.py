@@ -218,6 +218,7 @@ class PortalServer:
         self._sock: socket.socket | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._channels: set[_Channel] = set()
+        self._refused_logins: dict[str, int] = {}  # address -> connections refused since the last tick
         self._ticker: asyncio.TimerHandle | None = None
         self._freed = False  # a receive buffer shrank or a connection ended since the last tick
         self.loops = loops  # None: every connection on the portal's own loop
@@ -284,12 +285,27 @@ class PortalServer:
                 self.loops.release(loop)
             return
         with self.lock:
+            limit = self.connection_settings.max_logins_per_peer
+            logging_in = sum(1 for c in self._channels
+                             if c.peer_host == peer[0] and c.core.session is None and not c.closed)
+            if logging_in >= limit:
+                if not self._refused_logins.get(peer[0]):
+                    log.warning("connections from %s refused: %d already in the login phase (the most one "
+                                "address may have)", peer[0], logging_in)
+                self._refused_logins[peer[0]] = self._refused_logins.get(peer[0], 0) + 1
+                conn.close()
+                if self.loops is not None:
+                    self.loops.release(loop)
+                return
             core = TargetConnection(self.registry, self.settings, local_address=local,
                                     peer=f"{peer[0]}:{peer[1]}", config=self.connection_settings)
-            self._channels.add(_Channel(self, conn, core, loop))
+            channel = _Channel(self, conn, core, loop)
+            channel.peer_host = peer[0]
+            self._channels.add(channel)
 
     def _tick(self) -> None:
         with self.lock:
+            self._refused_logins.clear()  # the next refusal of an address is logged again
             channels = list(self._channels)
             trimmed = self.registry.buffers.tick()
         for channel in channels:
@@ -349,6 +365,7 @@ class _Channel:
         self.sock = sock
         self.fd = sock.fileno()
         self.core = core
+        self.peer_host = ""  # the peer's address (``max_logins_per_peer``)
         self.pending: list[Any] = []
         self.reading = False
         self.writing = False

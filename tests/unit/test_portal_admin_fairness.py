@@ -820,3 +820,51 @@ def test_fair_pool_holds_each_key_to_its_share_in_order():
         assert time.monotonic() < deadline, pool._running
         time.sleep(0.005)
     assert pool._waiting == {}
+
+
+def test_one_address_cannot_hold_more_than_its_share_of_logins(tmp_path):
+    """Connections that never log in each hold a receive buffer until the login timeout: one address may have
+    ``max_logins_per_peer`` (4 here) in the login phase at once; one more is closed at once, while another
+    address is still taken, and once those end, the first address logs in as ever."""
+    import socket
+
+    from node_agent.iscsi.connection import ConnectionSettings
+
+    portal = PortalThread(PortalConfig("127.0.0.1", 0, connection=ConnectionSettings(max_logins_per_peer=4)))
+    host, port = portal.start()
+    idle: list[socket.socket] = []
+    try:
+        portal.add_target(iqn("fast"), LunSpec(str(tmp_path / "fast.img"), 16 * MiB), chap=CHAP, mutual_chap=None,
+                          allowed_initiators=[INITIATOR])
+        channels = lambda: len(portal.service.portal._channels)  # noqa: E731
+        idle = [socket.create_connection((host, port)) for _ in range(4)]
+        deadline = time.monotonic() + 5
+        while portal.call(channels) < 4:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        extra = socket.create_connection((host, port))
+        extra.settimeout(5)
+        assert extra.recv(1) == b""  # closed by the portal, not by a timeout
+        extra.close()
+        other = socket.create_connection((host, port), source_address=("127.0.0.2", 0))
+        other.settimeout(0.3)
+        with pytest.raises(socket.timeout):  # another address: taken, waiting for its login
+            other.recv(1)
+        other.close()
+        for sock in idle:
+            sock.close()
+        idle = []
+
+        async def login() -> int:
+            async with client(host, port, "fast") as session:
+                return (await session.execute(bytes(6))).status
+
+        deadline = time.monotonic() + 5
+        while portal.call(channels):  # the idle ones are gone
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        assert asyncio.run(login()) in (0, 2)  # GOOD, or the power-on unit attention
+    finally:
+        for sock in idle:
+            sock.close()
+        portal.stop()
