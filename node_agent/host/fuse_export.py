@@ -44,7 +44,10 @@ import stat
 import threading
 import time
 from dataclasses import dataclass
-from typing import Callable, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Callable, Protocol, runtime_checkable
+
+if TYPE_CHECKING:
+    from node_agent.host.connector import ReportedIdentity
 
 log = logging.getLogger(__name__)
 
@@ -155,6 +158,9 @@ class BlockDevice(Protocol):
     def flush(self) -> None: ...
     def discard(self, offset: int, length: int) -> None: ...
     def identity(self) -> tuple[str, str]: ...
+    def reported_identity(self) -> "ReportedIdentity":
+        """Every NAA designator the device reports and its serial: what the identity check compares."""
+        ...
     def close(self) -> None: ...
     def refresh_capacity(self) -> int:
         """Read the capacity again (the volume grew), update ``size``, return it."""
@@ -207,6 +213,12 @@ class FileBlockDevice:
 
     def identity(self) -> tuple[str, str]:
         return self._identity
+
+    def reported_identity(self) -> "ReportedIdentity":
+        from node_agent.host.connector import ReportedIdentity
+
+        naa, serial = self._identity
+        return ReportedIdentity((naa.lower(),) if naa else (), serial or None)
 
     session_state = "up"  # a local file has no session
 

@@ -44,7 +44,6 @@ from node_agent.host.connector import (
     ConnectorError,
     IdentityMismatch,
     PermanentConnectorError,
-    ReportedIdentity,
     SessionRegistry,
     TargetLocks,
     TemporaryConnectorError,
@@ -97,12 +96,19 @@ class UserspaceSettings:
     """Digests offered at login, in order of preference (``AgentSettings.iscsi_header_digest``)."""
 
 
+class _SessionGone(TemporaryConnectorError):
+    """The detach released everything, but could not SYNCHRONIZE CACHE: the session ended for good."""
+
+
 @dataclass
 class _Attachment:
     device: AttachedDevice
     lun: BlockDevice
     export: FuseExport
     users: int = 1
+    loop_released: bool = False
+    """``losetup --detach`` of ``device.path`` succeeded: the number may now be another volume's loop device,
+    so a retried detach (after SYNCHRONIZE CACHE or the unmount failed) must never touch it again."""
 
 
 class UserspaceConnector(Connector):
@@ -143,11 +149,18 @@ class UserspaceConnector(Connector):
             if current is None:
                 self._clean_stale(target.volume_id)
                 return
-            self._teardown(current)
-            with self._guard:
-                del self._attached[target.volume_id]
-            self.sessions.release(target.session_key, target.lun)
+            try:
+                self._teardown(current)
+            except _SessionGone:  # torn down all the same: a retry finds nothing attached
+                self._forget(target)
+                raise
+            self._forget(target)
             log.info("detached %s from %s", target.volume_id, current.device.path)
+
+    def _forget(self, target: VolumeTarget) -> None:
+        with self._guard:
+            del self._attached[target.volume_id]
+        self.sessions.release(target.session_key, target.lun)
 
     def rescan(self, target: VolumeTarget) -> int:
         """READ CAPACITY again, grow the FUSE file to it, then ``losetup --set-capacity``; the new size."""
@@ -231,7 +244,10 @@ class UserspaceConnector(Connector):
         try:
             naa, serial = self._check(lun, target)
             mountpoint = os.path.join(self.volume_dir(target.volume_id), "mnt")
-            export_settings = dataclasses.replace(self.settings.export, fsname=f"shoal:{target.volume_id}")
+            # A punched range must read back as zeros: unmapped only where the LUN's UNMAP leaves zeros.
+            export_settings = dataclasses.replace(self.settings.export, fsname=f"shoal:{target.volume_id}",
+                                                  discard_zeroes=self.settings.export.discard_zeroes
+                                                  and getattr(lun, "discard_zeroes", False))
             export = FuseExport(lun, mountpoint, export_settings)
             export.start()
             loop = self._losetup(export.path, lun.block_size)
@@ -263,11 +279,14 @@ class UserspaceConnector(Connector):
             raise PermanentConnectorError(f"cannot open LUN {target.lun} of {target.target_iqn}: {exc}") from exc
 
     def _check(self, lun: BlockDevice, target: VolumeTarget) -> tuple[str, str]:
-        """The identity check (SPC-4 §7.8.6, §7.8.15): before anything is exported."""
-        naa, serial = lun.identity()
-        reported = ReportedIdentity((naa.lower(),) if naa else (), serial or None)
+        """The identity check (SPC-4 §7.8.6, §7.8.15), before anything is exported: the expected NAA must be
+        among every logical-unit NAA designator the LUN reports, not only its first (tgtd reports an NAA 3
+        and then an NAA 6).  Returns the designator that matched (else the first) and the serial."""
+        reported = lun.reported_identity()
         check_identity(target, reported)
-        return naa, serial
+        naa = target.expected_naa if target.expected_naa in reported.naas else \
+            (reported.naas[0] if reported.naas else "")
+        return naa, reported.serial or ""
 
     def _losetup(self, path: str, block_size: int) -> str:
         argv = ["losetup", "--find", "--show"]
@@ -286,9 +305,13 @@ class UserspaceConnector(Connector):
             raise ConnectorError(f"{loop} is backed by {backing!r}, not {path!r}")
         return loop
 
-    def _write_record(self, target: VolumeTarget, device: AttachedDevice) -> None:
-        """A note for people and for a restarted agent: which loop device, which LUN (no secrets)."""
-        record = {"volume_id": target.volume_id, "device": device.path, "file": device.handle,
+    def _write_record(self, target: VolumeTarget, device: AttachedDevice, *, released: bool = False) -> None:
+        """A note for people and for a restarted agent: which loop device, which LUN (no secrets).
+
+        ``released``: the loop device was detached (its number may be another volume's now) while the
+        session and the FUSE file remain, so the record names no device."""
+        record = {"volume_id": target.volume_id, "device": None if released else device.path,
+                  "file": device.handle,
                   "target_iqn": target.target_iqn, "portals": list(target.portals), "lun": target.lun,
                   "naa": device.naa, "serial": device.serial, "pid": os.getpid()}
         path = os.path.join(self.volume_dir(target.volume_id), "attachment.json")
@@ -302,15 +325,38 @@ class UserspaceConnector(Connector):
     # ------------------------------------------------------------------ detach
 
     def _teardown(self, current: _Attachment) -> None:
+        """Release the loop device, SYNCHRONIZE CACHE (SBC-3 §5.24), unmount the FUSE file, log out.
+
+        Each step may fail and the detach be retried; the loop device is released once only.  Once
+        ``losetup --detach`` succeeded its number is free for any other attach, so a retry skips it, and
+        a loop device is only ever detached while the kernel still backs it with this volume's file."""
         loop = current.device.path
-        _refuse_if_busy(loop)
+        if not current.loop_released:
+            if _backing_file(loop) == current.export.path:
+                _refuse_if_busy(loop)
+                try:
+                    self.runner.run(["blockdev", "--flushbufs", loop])
+                    self.runner.run(["losetup", "--detach", loop])
+                except CommandFailed as exc:
+                    raise TemporaryConnectorError(f"cannot release {loop}: {exc}") from exc
+            else:
+                log.warning("%s is no longer backed by %s: not detaching it", loop, current.export.path)
+            self._wait_released(loop, current.export.path)
+            current.loop_released = True
+            self._write_record(current.device.target, current.device, released=True)
         try:
-            self.runner.run(["blockdev", "--flushbufs", loop])
-            self.runner.run(["losetup", "--detach", loop])
-        except CommandFailed as exc:
-            raise TemporaryConnectorError(f"cannot release {loop}: {exc}") from exc
-        self._wait_released(loop, current.export.path)
-        current.lun.flush()  # SYNCHRONIZE CACHE before logout, whatever the loop device did
+            current.lun.flush()  # SYNCHRONIZE CACHE before logout, whatever the loop device did
+        except (OSError, TimeoutError) as exc:
+            message = f"{loop} is released, but SYNCHRONIZE CACHE of {current.device.volume_id} failed: {exc}"
+            if current.lun.session_state != "down":
+                raise TemporaryConnectorError(message) from exc  # a retry flushes again, then goes on
+            # The session is gone for good (the target stayed away past the reconnect timeout): no retry
+            # can flush, so finish the teardown and report it once.
+            self._stop_export(current)
+            raise _SessionGone(message) from exc
+        self._stop_export(current)
+
+    def _stop_export(self, current: _Attachment) -> None:
         try:
             current.export.stop()
         except ExportBusy:

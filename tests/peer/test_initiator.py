@@ -199,6 +199,49 @@ def test_dead_target_is_detected_and_reported(tmp_path):
         asyncio.run(run())
 
 
+@pytest.mark.parametrize("kind", ["shoal", "tgtd"])
+def test_a_discard_is_split_within_the_luns_unmap_limits_or_refused(kind, tmp_path):
+    """The whole of a 2 GiB LUN discarded: more blocks than one UNMAP descriptor takes on shoal target
+    (MAXIMUM UNMAP LBA COUNT 2^20, Block Limits page), so several descriptors; it reads back as zeros
+    (LBPRZ).  tgtd's LUN takes no UNMAP (LBPME 0): the discard is refused with EOPNOTSUPP, and the FUSE export
+    of such a LUN writes zeros for a punched range instead (``SyncLun.discard_zeroes``)."""
+    import errno
+
+    size = 2048 * MiB
+    if kind == "tgtd":
+        require_tools("tgtd", "tgtadm")
+    cm = running_shoal_target(tmp_path, luns=(("d", size),)) if kind == "shoal" else \
+        running_tgtd(tmp_path, luns=(("d", size),))
+    with cm as t:
+        lun = 0 if kind == "shoal" else 1
+
+        async def run():
+            client = await IscsiClient(t.host, t.port, t.iqn, settings=settings()).connect()
+            try:
+                device = LunDevice(client, lun)
+                with contextlib.suppress(Exception):
+                    await client.execute(bytes(6), lun)  # past the power-on unit attention
+                cap = await device.read_capacity()
+                await device.write(0, b"x" * 4096)
+                await device.write(cap.bytes - 4096, b"y" * 4096)
+                if kind == "tgtd":
+                    assert not (cap.lbpme and cap.lbprz)
+                    with pytest.raises(OSError) as refused:
+                        await device.discard(0, cap.bytes)
+                    assert refused.value.errno == errno.EOPNOTSUPP
+                    assert await device.read(0, 4096) == b"x" * 4096
+                    return
+                max_blocks, max_descriptors = await device.unmap_limits()
+                assert cap.lbpme and cap.lbprz and max_descriptors >= 1 and cap.blocks > max_blocks
+                await device.discard(0, cap.bytes)
+                assert await device.read(0, 4096) == bytes(4096)
+                assert await device.read(cap.bytes - 4096, 4096) == bytes(4096)
+            finally:
+                await client.close()
+
+        asyncio.run(run())
+
+
 def test_reservations_through_the_block_api(tmp_path):
     """Two initiators: one registers and reserves Write Exclusive; the other's writes conflict (SPC-4 §5.13)."""
     from node_agent.iscsi.initiator.client import CommandFailed

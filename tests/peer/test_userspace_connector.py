@@ -22,6 +22,7 @@ import random
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -200,6 +201,26 @@ def test_the_connector_knows_its_own_loop_device(tmp_path, connector):
             run("losetup", "-d", foreign)
 
 
+def test_discarding_the_whole_loop_device_of_a_large_volume_works(tmp_path, connector):
+    """blkdiscard of all of a 2 GiB volume's loop device (as mkfs does): the FUSE file is punched in ranges
+    larger than one UNMAP descriptor takes (shoal target: 2^20 blocks), which the initiator splits within
+    the LUN's Block Limits page.  It used to end in EIO, and the volume's condition turned abnormal."""
+    with running_shoal_target(tmp_path, luns=(("vol", 2048 << 20),)) as target:
+        vt = volume_target(target)
+        device = connector.attach(vt)
+        try:
+            with open(device.path, "r+b") as disk:
+                disk.write(b"\x5a" * 8192)
+                os.fsync(disk.fileno())
+            run("blkdiscard", device.path)
+            run("blkdiscard", "-z", "-o", "0", "-l", str(1 << 30), device.path)  # write zeroes: punched too
+            with open(device.path, "rb") as disk:
+                assert disk.read(8192) == bytes(8192)
+            assert connector.condition(vt) == ""
+        finally:
+            connector.detach(vt)
+
+
 def test_mounted_device_is_not_detached(tmp_path, connector):
     with running_shoal_target(tmp_path, luns=(("vol", 32 << 20),)) as target:
         vt = volume_target(target)
@@ -279,3 +300,96 @@ def test_state_left_by_a_killed_agent_is_cleaned_up(tmp_path, connector):
             connector.detach(vt)
         assert os.path.join(state, "disk") not in loop_devices().values()
         assert not is_mountpoint(state)
+
+
+def short_reconnect(target: VolumeTarget, settings: UserspaceSettings):
+    """``open_sync_lun`` with a one-second reconnect timeout: a killed target ends the session quickly."""
+    from node_agent.iscsi.initiator.blockdev import SyncLun
+    from node_agent.iscsi.initiator.client import ClientSettings
+
+    return SyncLun.open(target, initiator_iqn=settings.initiator_iqn, settings=ClientSettings(reconnect_timeout=1))
+
+
+class FlushFailsOnce:
+    """A ``SyncLun`` whose first SYNCHRONIZE CACHE from the detach fails while the session
+    stays up (a target answering CHECK CONDITION to it, which ``shoal target`` cannot be made to do): the
+    LUN is our own ``BlockDevice`` boundary, every other call goes to the real session."""
+
+    def __init__(self, lun):
+        self._lun, self.failed = lun, False
+
+    def __getattr__(self, name):
+        return getattr(self._lun, name)
+
+    def flush(self) -> None:
+        # The detach's own flush (the test's thread), not the FUSE file's fsync when the loop lets go of it.
+        if not self.failed and threading.current_thread() is threading.main_thread():
+            self.failed = True
+            raise OSError("SYNCHRONIZE CACHE failed (scripted)")
+        self._lun.flush()
+
+
+@pytest.mark.parametrize("failure", ["target-killed", "flush-fails-once"])
+def test_a_retried_detach_never_detaches_another_volumes_loop_device(tmp_path, failure):
+    """The detach ran ``losetup --detach``, then SYNCHRONIZE CACHE failed.  The loop number is free at once
+    and the next attach of another volume gets it; retrying the first detach must leave that device alone.
+    Killed target: the session ends (reconnect timeout), the detach finishes without the flush and says so,
+    the retry finds nothing attached.  Flush failing with the session up: the retry flushes again and goes on."""
+    opened = []
+
+    def open_lun(target, settings):
+        lun = short_reconnect(target, settings)
+        if failure == "flush-fails-once" and not opened:
+            lun = FlushFailsOnce(lun)
+        opened.append(lun)
+        return lun
+
+    with host_cleanup(tmp_path), running_shoal_target(tmp_path / "a", luns=(("vol", 32 << 20),)) as target_a, \
+            running_shoal_target(tmp_path / "b", luns=(("vol", 32 << 20),)) as target_b:
+        connector = UserspaceConnector(UserspaceSettings(state_dir=str(tmp_path / "state"), initiator_iqn=INITIATOR),
+                                       open_lun=open_lun)
+        a, b = volume_target(target_a, name="vol-a"), volume_target(target_b, name="vol-b")
+        device_a = connector.attach(a)
+        if failure == "target-killed":
+            os.kill(target_a.process.pid, signal.SIGKILL)
+            target_a.process.wait(10)
+        with pytest.raises(TemporaryConnectorError, match="SYNCHRONIZE CACHE"):
+            connector.detach(a)
+        assert loop_devices().get(device_a.path) != device_a.handle  # released before the flush
+        device_b = connector.attach(b)
+        try:
+            assert device_b.path == device_a.path  # losetup --find took the freed number
+            connector.detach(a)  # the retry
+            assert loop_devices().get(device_b.path) == device_b.handle
+            assert connector.condition(b) == ""
+            assert connector.users(a.volume_id) == 0
+            assert not is_mountpoint(os.path.dirname(device_a.handle))
+        finally:
+            connector.detach(b)
+
+
+def test_a_tgtd_lun_is_recognised_by_its_second_naa_designator(tmp_path, connector):
+    """tgtd's VPD page 83h lists an NAA 3 and then an NAA 6 designator for one LU (SPC-4 §7.8.6.6); a volume
+    known by its NAA 6 (its ``wwn-0x6...`` name) is that LUN, and the userspace identity check must say so as
+    the kernel connector's does, instead of comparing only the first designator."""
+    require_tools("tgtd", "tgtadm")
+    from node_agent.host.connector import parse_vpd_identity
+    from node_agent.iscsi.initiator.blockdev import SyncLun
+    from tests.support.tgtd import running_tgtd
+
+    with running_tgtd(tmp_path / "tgtd", luns=(("d", 16 << 20),)) as t:
+        probe = SyncLun(t.host, t.port, t.iqn, 1)
+        try:
+            pages = probe._call(probe.device.inquiry(0x83)), probe._call(probe.device.inquiry(0x80))
+        finally:
+            probe.close()
+        reported = parse_vpd_identity(*pages)
+        assert len(reported.naas) >= 2 and reported.naas[0][0] == "3", reported  # the order the bug missed
+        naa6 = next(naa for naa in reported.naas if naa[0] == "6")
+        vt = VolumeTarget(portals=(t.portal,), target_iqn=t.iqn, lun=1, volume_id="tgtd-vol",
+                          expected_naa=naa6, expected_serial=reported.serial)
+        device = connector.attach(vt)
+        try:
+            assert device.naa == naa6 and device.serial == reported.serial
+        finally:
+            connector.detach(vt)

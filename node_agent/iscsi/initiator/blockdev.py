@@ -10,13 +10,15 @@ threads, the userspace connector, the CLI).
 from __future__ import annotations
 
 import asyncio
+import errno
 import struct
 import threading
 from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from node_agent.iscsi.initiator.client import ClientSettings, IscsiClient
+from node_agent.host.connector import ReportedIdentity, parse_vpd_identity
+from node_agent.iscsi.initiator.client import ClientSettings, CommandFailed, IscsiClient
 
 if TYPE_CHECKING:
     from node_agent.host.connector import VolumeTarget
@@ -25,6 +27,7 @@ READ_16, WRITE_16, SYNCHRONIZE_CACHE_16 = 0x88, 0x8A, 0x91
 INQUIRY, REPORT_LUNS, UNMAP, SERVICE_ACTION_IN_16 = 0x12, 0xA0, 0x42, 0x9E
 PERSISTENT_RESERVE_IN, PERSISTENT_RESERVE_OUT = 0x5E, 0x5F
 MAX_IO_BLOCKS = 2048  # split larger ranges: 1 MiB of 512-byte blocks per command
+_UNMAP_DESCRIPTORS_MAX = (0xFFFF - 8) // 16  # what UNMAP's 16-bit parameter list length holds (SBC-3 §5.28.2)
 _RW16 = struct.Struct(">BBQIBB")  # READ(16)/WRITE(16)/SYNCHRONIZE CACHE(16): opcode, flags, LBA, blocks (SBC-3)
 
 
@@ -32,6 +35,10 @@ _RW16 = struct.Struct(">BBQIBB")  # READ(16)/WRITE(16)/SYNCHRONIZE CACHE(16): op
 class Capacity:
     blocks: int
     block_size: int
+    lbpme: bool = False
+    """Logical block provisioning management: the LUN deallocates (UNMAP) (READ CAPACITY(16), SBC-3 §5.16.2)."""
+    lbprz: bool = False
+    """A deallocated block reads back as zeros."""
 
     @property
     def bytes(self) -> int:
@@ -46,27 +53,35 @@ class LunDevice:
         self.lun = lun
         self.capacity: Capacity | None = None
         self._rmw = asyncio.Lock()
+        self._unmap_limits: tuple[int, int] | None = None
 
     async def read_capacity(self) -> Capacity:
         cdb = struct.pack(">BBQIBB", SERVICE_ACTION_IN_16, 0x10, 0, 32, 0, 0)
         done = await self.client.execute(cdb, self.lun, read_length=32)
-        last_lba, block_size = struct.unpack_from(">QI", bytes(done.data))
-        self.capacity = Capacity(last_lba + 1, block_size)
+        data = bytes(done.data)
+        last_lba, block_size = struct.unpack_from(">QI", data)
+        flags = data[14] if len(data) > 14 else 0
+        self.capacity = Capacity(last_lba + 1, block_size, lbpme=bool(flags & 0x80), lbprz=bool(flags & 0x40))
         return self.capacity
 
     async def _geometry(self) -> Capacity:
         return self.capacity or await self.read_capacity()
 
     async def read_blocks(self, lba: int, count: int) -> bytes | memoryview:
+        """``count`` blocks at ``lba``; a READ answered with fewer bytes (an underflow residual, SBC-3
+        §5.16) is an ``IOError``, never a shorter result (joined chunks would shift every later byte)."""
         cap = self.capacity or await self.read_capacity()
         if count <= MAX_IO_BLOCKS:
             cdb = _RW16.pack(READ_16, 0, lba, count, 0, 0)
-            return (await self.client.execute(cdb, self.lun, read_length=count * cap.block_size)).data
+            data = (await self.client.execute(cdb, self.lun, read_length=count * cap.block_size)).data
+            _check_length(data, count * cap.block_size, lba)
+            return data
         parts = []
         while count:
             n = min(count, MAX_IO_BLOCKS)
             cdb = struct.pack(">BBQIBB", READ_16, 0, lba, n, 0, 0)
             done = await self.client.execute(cdb, self.lun, read_length=n * cap.block_size)
+            _check_length(done.data, n * cap.block_size, lba)
             parts.append(bytes(done.data))
             lba, count = lba + n, count - n
         return b"".join(parts)
@@ -152,20 +167,53 @@ class LunDevice:
         cdb = bytes([UNMAP, 0, 0, 0, 0, 0, 0]) + len(params).to_bytes(2, "big") + b"\0"
         await self.client.execute(cdb, self.lun, data_out=params)
 
+    async def unmap_limits(self) -> tuple[int, int]:
+        """(MAXIMUM UNMAP LBA COUNT, MAXIMUM UNMAP BLOCK DESCRIPTOR COUNT) of the Block Limits VPD page
+        (SBC-3 §6.5.3); (0, 0) when the LUN has no such page, or takes no UNMAP."""
+        if self._unmap_limits is None:
+            try:
+                page = await self.inquiry(0xB0, 64)
+            except CommandFailed:  # no Block Limits page: nothing says how much UNMAP takes
+                page = b""
+            self._unmap_limits = struct.unpack_from(">II", page, 20) if len(page) >= 28 and page[1] == 0xB0 \
+                else (0, 0)
+        return self._unmap_limits
+
     async def discard(self, offset: int, length: int) -> None:
+        """Deallocate the whole blocks of ``[offset, offset+length)``, in UNMAP commands and descriptors within
+        the LUN's limits (its Block Limits page): one descriptor past MAXIMUM UNMAP LBA COUNT, or a command
+        past MAXIMUM UNMAP BLOCK DESCRIPTOR COUNT, is refused (ILLEGAL REQUEST).  ``OSError(EOPNOTSUPP)``
+        when the LUN takes no UNMAP."""
         cap = await self._geometry()
         first = -(-offset // cap.block_size)
         last = (offset + length) // cap.block_size
-        if last > first:
-            await self.unmap([(first, last - first)])
+        if last <= first:
+            return
+        max_blocks, max_descriptors = await self.unmap_limits()
+        if not (cap.lbpme and max_blocks and max_descriptors):
+            raise OSError(errno.EOPNOTSUPP, "the LUN takes no UNMAP (READ CAPACITY LBPME, Block Limits page)")
+        per_descriptor = min(max_blocks, 0xFFFFFFFF)  # FFFFFFFFh: no limit but the field's own
+        per_command = min(max_descriptors, _UNMAP_DESCRIPTORS_MAX)
+        ranges = [(lba, min(per_descriptor, last - lba)) for lba in range(first, last, per_descriptor)]
+        for start in range(0, len(ranges), per_command):
+            await self.unmap(ranges[start:start + per_command])
 
     async def inquiry(self, page: int | None = None, length: int = 255) -> bytes:
         cdb = bytes([INQUIRY, 1 if page is not None else 0, page or 0]) + length.to_bytes(2, "big") + b"\0"
         return bytes((await self.client.execute(cdb, self.lun, read_length=length)).data)
 
+    async def reported_identity(self) -> ReportedIdentity:
+        """Every logical-unit NAA designator of VPD 83h and the serial of 80h (SPC-4 §7.8.6, §7.8.15).
+
+        All of them: a LUN may report several (tgtd lists an NAA 3 and then an NAA 6 designator), and
+        the one a volume is known by need not be the first.  Decoded by ``parse_vpd_identity``, the
+        connectors' one decoder (which also strips the NUL padding some targets give the serial)."""
+        return parse_vpd_identity(await self.inquiry(0x83), await self.inquiry(0x80))
+
     async def identity(self) -> tuple[str, str]:
-        """(NAA designator as lowercase hex, unit serial number) from VPD 0x83 and 0x80 (SPC-4 §7.8)."""
-        return naa_designator(await self.inquiry(0x83)), unit_serial(await self.inquiry(0x80))
+        """(first NAA designator as lowercase hex, unit serial number); see ``reported_identity``."""
+        reported = await self.reported_identity()
+        return (reported.naas[0] if reported.naas else ""), reported.serial or ""
 
     async def report_luns(self) -> list[int]:
         cdb = bytes([REPORT_LUNS, 0, 0, 0, 0, 0]) + (4096).to_bytes(4, "big") + b"\0\0"
@@ -218,22 +266,9 @@ class LunDevice:
         await self.client.execute(bytes(6), self.lun)
 
 
-def naa_designator(page: bytes) -> str:
-    """The first NAA designator (type 3) of a Device Identification VPD page, as hex ('' if none)."""
-    length = int.from_bytes(page[2:4], "big")
-    pos = 4
-    while pos + 4 <= min(len(page), 4 + length):
-        dtype, dlen = page[pos + 1] & 0x0F, page[pos + 3]
-        association = (page[pos + 1] >> 4) & 0x03
-        if dtype == 3 and association == 0:
-            return page[pos + 4:pos + 4 + dlen].hex()
-        pos += 4 + dlen
-    return ""
-
-
-def unit_serial(page: bytes) -> str:
-    length = int.from_bytes(page[2:4], "big")
-    return page[4:4 + length].decode("ascii", "replace").strip()
+def _check_length(data: bytes | bytearray | memoryview, expected: int, lba: int) -> None:
+    if len(data) != expected:
+        raise IOError(f"READ(16) at LBA {lba} returned {len(data)} bytes, {expected} expected")
 
 
 class SyncLun:
@@ -254,6 +289,9 @@ class SyncLun:
             raise
         self.size = capacity.bytes
         self.block_size = capacity.block_size
+        # A discard (UNMAP) leaves zeros: only then may a punched range of the FUSE file be unmapped, as a
+        # punched range must read back as zeros (READ CAPACITY(16) LBPME and LBPRZ, SBC-3 §4.7.3.4).
+        self.discard_zeroes = capacity.lbpme and capacity.lbprz
 
     @classmethod
     def open(cls, target: "VolumeTarget", *, initiator_iqn: str, settings: ClientSettings | None = None) -> "SyncLun":
@@ -287,6 +325,9 @@ class SyncLun:
 
     def identity(self) -> tuple[str, str]:
         return self._call(self.device.identity())
+
+    def reported_identity(self) -> ReportedIdentity:
+        return self._call(self.device.reported_identity())
 
     @property
     def session_state(self) -> str:

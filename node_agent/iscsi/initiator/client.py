@@ -49,6 +49,11 @@ class CommandFailed(IOError):
         self.sense_key, self.asc, self.ascq = key, asc, ascq
 
 
+class CommandAborted(IOError):
+    """Task management ended the command (ABORT TASK, ABORT TASK SET, a LUN or target reset): it has no
+    status, and may or may not have run (RFC 7143 §4.2.3.3, §11.6.1)."""
+
+
 def sense_code(sense: bytes) -> tuple[int, int, int]:
     """(sense key, ASC, ASCQ) of fixed (70h/71h) or descriptor (72h/73h) sense data (SPC-4 §4.5)."""
     if len(sense) < 3:
@@ -350,16 +355,7 @@ class IscsiClient:
 
     def _after_io(self, proto: _Protocol) -> None:
         self._received = True
-        events = proto.conn.take_events()
-        if events:
-            futures, task_done = self._futures, C.TaskDone
-            for event in events:
-                if event.__class__ is task_done:  # the per-I/O event, first and without isinstance chains
-                    fut = futures.pop(event.itt, None)
-                    if fut is not None and not fut.done():
-                        fut.set_result(event)
-                else:
-                    self._event(event)
+        self._deliver(proto.conn.take_events())
         if not self._flush_scheduled:
             self._flush(proto)
         if proto.conn.held and not self._resume_scheduled:  # after the flush: the woken commands go out first
@@ -377,6 +373,17 @@ class IscsiClient:
             self._failed(proto, exc)
             return
         self._after_io(proto)
+
+    def _deliver(self, events: list[Any]) -> None:
+        if events:
+            futures, task_done = self._futures, C.TaskDone
+            for event in events:
+                if event.__class__ is task_done:  # the per-I/O event, first and without isinstance chains
+                    fut = futures.pop(event.itt, None)
+                    if fut is not None and not fut.done():
+                        fut.set_result(event)
+                else:
+                    self._event(event)
 
     def _event(self, event: Any) -> None:
         if isinstance(event, C.LoggedIn):
@@ -397,10 +404,25 @@ class IscsiClient:
             return
         if isinstance(event, C.TaskRejected):
             fut.set_exception(C.InitiatorError(f"target rejected the command (reason {event.reason:#04x})"))
+        elif isinstance(event, C.TaskFailed):
+            fut.set_exception(C.InitiatorError(event.reason))
         else:
+            if isinstance(event, C.TmfDone):
+                for aborted in event.aborted:  # no SCSI Response will come for these (§11.6.1)
+                    waiting = self._futures.pop(aborted, None)
+                    if waiting is not None and not waiting.done():
+                        waiting.set_exception(CommandAborted(
+                            f"command {aborted:#x} aborted by task management function (response "
+                            f"{event.response})"))
             fut.set_result(event)
 
     def _failed(self, proto: _Protocol, exc: Exception) -> None:
+        """The core found a protocol error: drop the connection (ERL 0; ``_lost`` reconnects).
+
+        What it decoded before the error is delivered first: a command whose SCSI Response came in the
+        same receive as the bad PDU is done, and is no longer among the commands a reconnect issues
+        again, so its completion would otherwise be lost and its caller wait forever."""
+        self._deliver(proto.conn.take_events())
         if self._login is not None and not self._login.done():
             self._login.set_exception(exc)
         if proto.transport is not None:

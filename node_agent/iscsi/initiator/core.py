@@ -73,6 +73,13 @@ _OP_DATA_OUT = int(Opcode.DATA_OUT)
 _pack_digest = P.pack_digest
 _crc, _RESIDUE = P.digest_value, P.DIGEST_RESIDUE
 _DATA_IN, _SCSI_RESPONSE = int(Opcode.DATA_IN), int(Opcode.SCSI_RESPONSE)
+# Task management (§11.5.1 functions, §11.6.1 responses): the functions that end commands without
+# a SCSI Response, and those of them that act on one LU.
+TMF_ABORT_TASK, TMF_ABORT_TASK_SET, TMF_CLEAR_TASK_SET, TMF_LUN_RESET = 1, 2, 4, 5
+TMF_TARGET_WARM_RESET, TMF_TARGET_COLD_RESET = 6, 7
+_TMF_PER_LUN = frozenset({TMF_ABORT_TASK_SET, TMF_CLEAR_TASK_SET, TMF_LUN_RESET})
+_TMF_ABORTING = _TMF_PER_LUN | {TMF_TARGET_WARM_RESET, TMF_TARGET_COLD_RESET}
+TMF_COMPLETE, TMF_NO_TASK = 0, 1
 
 
 LOGIN_STATUS_TEXT = {  # RFC 7143 §11.13.5
@@ -138,8 +145,26 @@ class TaskRejected:
 
 @dataclass
 class TmfDone:
+    """A Task Management Function Response (§11.6); ``aborted``: the ITTs of our commands it ended.
+
+    After ABORT TASK, ABORT TASK SET, CLEAR TASK SET, LOGICAL UNIT RESET or a target reset answered
+    "Function complete" (and ABORT TASK answered "Task does not exist"), no SCSI Response comes for the
+    tasks it covered (§4.2.3.3, §11.6.1): the core has forgotten them, and they are named here so
+    their callers can be failed instead of waiting forever (or being re-issued after a reconnect)."""
+
     itt: int
     response: int
+    aborted: tuple[int, ...] = ()
+
+
+@dataclass
+class TaskFailed:
+    """A command the target answered in a way that breaks the protocol (e.g. a residual larger than
+    the transfer, or GOOD status with Data-In missing): the command fails, the connection stays
+    (its PDUs were well framed; issuing the command again would get the same answer)."""
+
+    itt: int
+    reason: str
 
 
 @dataclass
@@ -179,6 +204,7 @@ class _Task:
     datasn: int = 0
     cmdsn: int = 0
     own_buffer: bool = True  # False: the caller's buffer (``submit(buffer=...)``), kept across a reconnect
+    received: int = 0  # Data-In bytes received: GOOD must come with EDTL - residual of them (§11.7.5)
 
 
 PduHook = Callable[[int, bytearray, bytes], tuple[bytearray, bytes] | None]
@@ -250,6 +276,7 @@ class InitiatorConnection:
         self._waiting: deque[_Task] = deque()  # commands waiting for the CmdSN window to open
         self._text: dict[int, list[tuple[str, str]]] = {}
         self._text_partial: dict[int, bytearray] = {}
+        self._tmf: dict[int, tuple[int, tuple[int, ...]]] = {}  # TMF ITT -> (function, commands it covers)
 
     # ------------------------------------------------------------------ I/O interface
     def receive(self, data: bytes | bytearray | memoryview) -> None:
@@ -449,7 +476,7 @@ class InitiatorConnection:
     def adopt(self, other: "InitiatorConnection") -> None:
         """Take over the unfinished commands of a lost connection (session reinstatement, ERL 0)."""
         for task in sorted(other._tasks.values(), key=lambda t: t.cmdsn):
-            task.datasn = 0
+            task.datasn = task.received = 0
             if task.read_length and task.own_buffer:
                 task.buffer = bytearray(task.read_length) if task.read_length < _DIRECT_MIN \
                     else aligned_buffer(task.read_length)
@@ -470,8 +497,24 @@ class InitiatorConnection:
         return itt
 
     def task_management(self, function: int, lun: int = 0, referenced_itt: int = P.RESERVED_TAG) -> int:
+        """Send a Task Management Function Request (§11.5); its answer arrives as ``TmfDone``.
+
+        The commands it covers are noted now: ABORT TASK the referenced one; ABORT TASK SET, CLEAR
+        TASK SET and LOGICAL UNIT RESET those of ``lun`` already sent, target resets every one already
+        sent.  Sent ones are those with a CmdSN below the TMF's (§4.2.3.3): one still waiting for the
+        CmdSN window goes out after it and is not affected."""
         itt = self.next_itt()
         ref = self._tasks.get(referenced_itt)
+        if function == TMF_ABORT_TASK:
+            covered: tuple[int, ...] = (referenced_itt,) if ref is not None else ()
+        elif function in _TMF_ABORTING:
+            lun_field = encode_lun(lun) if function in _TMF_PER_LUN else None
+            waiting = {task.itt for task in self._waiting}
+            covered = tuple(t.itt for t in self._tasks.values()
+                            if t.itt not in waiting and (lun_field is None or t.lun == lun_field))
+        else:
+            covered = ()
+        self._tmf[itt] = (function, covered)
         header = P.encode_header(Opcode.TASK_MGMT_REQUEST, immediate=True, final=True, function=function,
                                  lun=encode_lun(lun), itt=itt, referenced_task_tag=referenced_itt,
                                  cmdsn=self.cmdsn, expstatsn=self.expstatsn,
@@ -738,8 +781,11 @@ class InitiatorConnection:
                 if task.buffer is None or end > len(task.buffer):
                     raise InitiatorError("Data-In beyond the expected transfer length")
                 task.buffer[offset:end] = data
+                task.received += end - offset
+            else:
+                task.received += bhs[4] & 0xFFFFFF  # DataSegmentLength
             if flags & 0x01:
-                if flags & 0x06:  # O or U: residuals to report (§11.7.5)
+                if flags & 0x06 or task.received < task.read_length:  # O or U, or data missing (§11.7.5)
                     self._complete(task, status, b"", residual, bool(flags & 0x04), bool(flags & 0x02))
                 else:  # _complete, inlined for the common case
                     del self._tasks[itt]
@@ -767,7 +813,25 @@ class InitiatorConnection:
 
     def _complete(self, task: _Task, status: int, sense: bytes, residual: int, overflow: bool,
                   underflow: bool) -> None:
+        """End a command with its status; ``TaskFailed`` instead when the answer cannot be right.
+
+        An underflow residual counts bytes of the expected transfer that were not sent (§11.4.5.1),
+        so it is at most the Expected Data Transfer Length; and GOOD status ends a read whose
+        EDTL less that residual arrived as Data-In (§11.7.5): a buffer with unreceived bytes is
+        never handed to the caller as data."""
         del self._tasks[task.itt]
+        out = task.data_out
+        edtl = len(out) if out is not None and len(out) else task.read_length
+        if underflow and residual > edtl:
+            self._events.append(TaskFailed(task.itt, f"the target reported a residual of {residual} bytes, "
+                                                     f"more than the {edtl} expected (RFC 7143 §11.4.5.1)"))
+            return
+        if status == 0 and out is None and task.read_length:
+            expected = task.read_length - (residual if underflow else 0)
+            if task.received < expected:
+                self._events.append(TaskFailed(task.itt, f"GOOD status after {task.received} bytes of Data-In, "
+                                                         f"{expected} expected (RFC 7143 §11.7.5)"))
+                return
         data: Any = task.buffer
         if data is None:
             data = b""
@@ -797,7 +861,15 @@ class InitiatorConnection:
         self._events.append(TaskRejected(itt, header.reason))
 
     def _tmf_response(self, header: Any, data: memoryview) -> None:
-        self._events.append(TmfDone(header.itt, header.response))
+        """Forget the commands the function ended: no SCSI Response follows for them (§11.6.1)."""
+        function, covered = self._tmf.pop(header.itt, (0, ()))
+        aborted: list[int] = []
+        if header.response == TMF_COMPLETE or (function == TMF_ABORT_TASK and header.response == TMF_NO_TASK):
+            for itt in covered:
+                if itt in self._tasks:  # not those whose SCSI Response came before this answer
+                    self.forget(itt)
+                    aborted.append(itt)
+        self._events.append(TmfDone(header.itt, header.response, tuple(aborted)))
 
     def _text_response(self, header: Any, data: memoryview) -> None:
         partial = self._text_partial.setdefault(header.itt, bytearray())
