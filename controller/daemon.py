@@ -123,6 +123,10 @@ def kubernetes_client(kubeconfig: str = ""):
         config.load_kube_config(config_file=kubeconfig, client_configuration=configuration)
     else:
         config.load_incluster_config(client_configuration=configuration)
+    # One attempt per call: urllib3 would otherwise try a timed-out request 3 more times, each with the whole
+    # timeout, and a partitioned leader would notice its lost Lease (and stop writing) long after a standby
+    # took it over.  The callers retry on their own schedule.
+    configuration.retries = False
     return client.ApiClient(configuration)
 
 
@@ -258,6 +262,9 @@ class ControllerDaemon:
 
         k = self.settings.kubernetes
         store = KubernetesStore(api, KubernetesStoreSettings(namespace=k.namespace, api_group=k.api_group))
+        # Writes only while the Lease is ours by this process's own clock: a pass still running when it was lost
+        # (an agent call that hung) must not write after a standby may have taken over.
+        store.may_write = lambda: self.elector is not None and self.elector.holds_lease()
         self._recorder = EventRecorder(api, EventSettings(namespace=k.events_namespace, api_group=k.api_group,
                                                           instance=k.leader.identity),
                                        object_name=lambda kind, key: object_name(key))
@@ -292,9 +299,25 @@ class ControllerDaemon:
         self.leading.clear()
         with self._phase:
             self.leading.clear()
-            self._stop_acting(grace=0.0 if lost else self.settings.grace)
+            if not lost:
+                self._stop_acting(grace=self.settings.grace)
+                return
+            # A standby may take the Lease over once it has seen no renewal for lease_duration; renewals stopped
+            # renew_deadline ago at least.  What still runs then (a pass waiting on a hung agent) must be gone
+            # by that time: the store refuses its writes already, and this process ends before an agent call of
+            # it could cross a new leader's.
+            leader = self.settings.kubernetes.leader
+            margin = max(0.5, leader.lease_duration - leader.renew_deadline - 1.0)
+            running = self._stop_acting(grace=0.0, join_timeout=margin)
+            if running:
+                log.critical("lost the leader lease and %s did not stop within %.1f s: exiting now, before a new "
+                             "leader may act", ", ".join(running), margin)
+                logging.shutdown()
+                os._exit(1)
 
-    def _stop_acting(self, grace: float) -> None:
+    def _stop_acting(self, grace: float, join_timeout: float | None = None) -> list[str]:
+        """Stop serving and the loops; the names of loops still running after ``join_timeout`` (None: up to an
+        agent call's timeout and 10 s each)."""
         if self.csi_server is not None:
             self.csi_server.stop(grace=grace).wait(grace + 5)
             self.csi_server = None
@@ -306,12 +329,16 @@ class ControllerDaemon:
             self.server.stop(grace=grace).wait(grace + 5)
             self.server = None
         self._stop.set()
+        deadline = time.monotonic() + (self.settings.agents.timeout + 10 if join_timeout is None else join_timeout)
         for loop in self._loops:
-            loop.join(self.settings.agents.timeout + 10)
+            loop.join(max(0.0, deadline - time.monotonic()) if join_timeout is not None
+                      else self.settings.agents.timeout + 10)
+        running = [loop.name for loop in self._loops if loop.is_alive()]
         self._loops = []
         if self._recorder is not None:
             self._recorder.stop()
             self._recorder = None
+        return running
 
     def stop(self) -> None:
         self._stop.set()

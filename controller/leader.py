@@ -194,6 +194,13 @@ class LeaderElector:
         """This candidate held the lease at its last successful read or write."""
         return self.leader() == self.identity
 
+    def holds_lease(self) -> bool:
+        """The lease is this candidate's by its own clock: a renewal (begun at ``_last_renew``) succeeded less than
+        ``renew_deadline`` ago.  Unlike ``is_leader`` it turns False by itself when renewals stop succeeding,
+        before any other candidate may see the lease expire (``lease_duration`` after its last renewal)."""
+        last = self._last_renew
+        return last is not None and self.is_leader() and self.clock.monotonic() < last + self.settings.renew_deadline
+
     def observed(self) -> LeaderRecord | None:
         with self._lock:
             return self._observed

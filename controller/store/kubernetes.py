@@ -107,6 +107,8 @@ def label_value(value: str) -> str:
     return "h." + _digest(value)
 
 
+_WRITES = ("create_", "replace_", "delete_", "patch_")  # the API calls ``may_write`` guards
+
 # ------------------------------------------------------------------------------------------------ the kinds
 
 @dataclass(frozen=True)
@@ -244,10 +246,16 @@ class KubernetesStore:
         self._lock = threading.RLock()
         self._depth = 0
         self._buffer: dict[tuple[str, tuple[str, ...]], Any] | None = None  # (plural, key) -> record | _DELETED
-        # (plural or "secrets", object name) -> (resourceVersion, key) as this store last read or wrote it;
-        # (None, None) when it last saw no such object
-        self._seen: dict[tuple[str, str], tuple[str | None, tuple[str, ...] | None]] = {}
+        # Per thread (``_seen``): (plural or "secrets", object name) -> (resourceVersion, key) as this thread last
+        # read or wrote it; (None, None) when it last saw no such object.  Per thread, so that what one thread
+        # read (a metrics scrape's lists, a status call) never becomes the version another thread's write is
+        # based on: that write must conflict if the object changed since *its* read.
+        self._local = threading.local()
         self._next_op_id: int | None = None
+        self.may_write: Callable[[], bool] | None = None
+        """When set (the leader's daemon: "the Lease is still ours by our own clock"), every create, replace and
+        delete asks it first and fails with ``StoreUnavailable`` when it says no: a leader that lost its Lease
+        writes nothing, even from a thread still finishing a pass."""
 
     @classmethod
     def in_cluster(cls, settings: KubernetesStoreSettings | None = None) -> "KubernetesStore":
@@ -256,15 +264,19 @@ class KubernetesStore:
 
         configuration = client.Configuration()
         config.load_incluster_config(client_configuration=configuration)
+        configuration.retries = False  # one attempt per call, bounded by the request timeout
         return cls(client.ApiClient(configuration), settings)
 
     @classmethod
     def from_kubeconfig(cls, path: str | None = None, context: str | None = None,
                         settings: KubernetesStoreSettings | None = None) -> "KubernetesStore":
         """The store of a controller outside the cluster, from a kubeconfig file (``None``: $KUBECONFIG/~/.kube)."""
-        from kubernetes import config
+        from kubernetes import client, config
 
-        return cls(config.new_client_from_config(config_file=path, context=context), settings)
+        configuration = client.Configuration()
+        config.load_kube_config(config_file=path, context=context, client_configuration=configuration)
+        configuration.retries = False  # one attempt per call, bounded by the request timeout
+        return cls(client.ApiClient(configuration), settings)
 
     def __repr__(self) -> str:
         return f"KubernetesStore(group={self.settings.api_group!r}, namespace={self.settings.namespace!r})"
@@ -398,9 +410,19 @@ class KubernetesStore:
                    missing_ok=True)
         self._seen[(kind.plural, name)] = (None, None)
 
+    @property
+    def _seen(self) -> dict[tuple[str, str], tuple[str | None, tuple[str, ...] | None]]:
+        seen = getattr(self._local, "seen", None)
+        if seen is None:
+            seen = self._local.seen = {}
+        return seen
+
     def _call(self, method, *args, what: str, missing_ok: bool = False, **kwargs) -> Any:
         from kubernetes.client.exceptions import ApiException
 
+        if self.may_write is not None and method.__name__.startswith(_WRITES) and not self.may_write():
+            raise StoreUnavailable(f"{what}: this controller is no longer the leader (its Lease is not "
+                                   "renewed): it writes nothing")
         try:
             return method(*args, _request_timeout=self.settings.request_timeout, **kwargs)
         except ApiException as exc:

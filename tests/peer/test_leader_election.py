@@ -15,10 +15,12 @@ The ``run`` loop tests use the real clock with sub-second periods.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 import uuid
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
 
 import pytest
 from kubernetes.client import CoordinationV1Api, CoreV1Api, RbacAuthorizationV1Api
@@ -134,6 +136,40 @@ def test_acquire_creates_the_lease(lease_api, lease_name):
     assert lease.spec.lease_transitions == 0
     assert lease.spec.acquire_time == lease.spec.renew_time
     assert a.is_leader() and a.leader() == "a"
+
+
+def test_the_lease_is_held_only_until_the_renew_deadline_by_the_holders_own_clock(lease_api, lease_name):
+    """``holds_lease`` (what the daemon's store asks before every write) turns False by itself once no
+    renewal succeeded for renew_deadline (3 s here), before another candidate may see the lease expire
+    (lease_duration, 4 s), although ``is_leader`` still says what was last read."""
+    clock = FakeClock()
+    a = candidate(lease_api, lease_name, "a", clock)
+    assert not a.holds_lease()
+    assert a.try_acquire_or_renew() and a.holds_lease()
+    clock.advance(2.9)
+    assert a.holds_lease()
+    clock.advance(0.2)
+    assert a.is_leader() and not a.holds_lease()
+    assert a.try_acquire_or_renew() and a.holds_lease()
+
+
+def test_one_api_call_is_one_attempt():
+    """The daemon's clients make one attempt per call (urllib3 retried a timed-out request 3 more times, each
+    with the whole timeout: a partitioned leader noticed its lost lease long after a standby took over)."""
+    from controller.daemon import kubernetes_client
+
+    kubeconfig = Path(os.environ.get("TMPDIR", "/tmp")) / f"kubeconfig-{uuid.uuid4().hex[:8]}"
+    kubeconfig.write_text("apiVersion: v1\nkind: Config\nclusters: [{name: c, cluster: {server: "
+                          "'https://127.0.0.1:9'}}]\ncontexts: [{name: c, context: {cluster: c, user: u}}]\n"
+                          "current-context: c\nusers: [{name: u, user: {token: t}}]\n")
+    try:
+        api = kubernetes_client(str(kubeconfig))
+        assert api.configuration.retries is False
+        retries = api.rest_client.pool_manager.connection_pool_kw["retries"]
+        assert retries is False or retries.total is False  # urllib3: no retry, the first error is raised
+        api.close()
+    finally:
+        kubeconfig.unlink()
 
 
 def test_renew_keeps_acquire_time_and_moves_renew_time(lease_api, lease_name):

@@ -20,7 +20,7 @@ import json
 import pytest
 
 from controller.domain.model import AVAILABLE, CREATING, ChapCredential
-from controller.store import KubernetesStore, KubernetesStoreSettings, StoreConflict
+from controller.store import KubernetesStore, KubernetesStoreSettings, StoreConflict, StoreUnavailable
 from controller.store.kubernetes import KINDS, NODES, object_name
 from tests.support.chart_access import controller_access
 from tests.support.kube_apiserver import BUILD_TEST_TIMEOUT, kube_apiserver  # noqa: F401 - the session fixture
@@ -130,6 +130,38 @@ def test_a_conflict_in_a_transaction_flush_raises(store, second_store):
         with second_store.transaction():
             second_store.put_volume(volume("vol-1", size_bytes=3 << 30))
             assert second_store.get_volume("vol-1").size_bytes == 3 << 30  # reads see the buffered write
+    assert store.get_volume("vol-1").state == AVAILABLE
+
+
+def test_a_list_on_another_thread_does_not_refresh_the_version_a_write_is_based_on(store, second_store):
+    """A metrics scrape or a status call lists records on its own thread in the middle of a read-modify-write:
+    what it read must not become the version that write is based on, or a deposed leader's stale write (here:
+    an attachment "attached" over the successor's "fenced") silently goes through."""
+    import threading
+
+    store.put_volume(volume("vol-1"))
+    assert store.get_volume("vol-1").state == CREATING  # the old leader's read
+    second_store.put_volume(volume("vol-1", state=AVAILABLE))  # the successor's write
+    scrape = threading.Thread(target=store.list_volumes)  # the old leader's /metrics, meanwhile
+    scrape.start()
+    scrape.join()
+    with pytest.raises(StoreConflict):
+        store.put_volume(volume("vol-1", size_bytes=5 << 30))
+    assert second_store.get_volume("vol-1") == volume("vol-1", state=AVAILABLE)
+
+
+def test_a_store_whose_leader_lost_the_lease_writes_nothing(store):
+    """``may_write`` (the daemon: the Lease renewed within renew_deadline) says no: every create, replace and
+    delete is refused with StoreUnavailable, before it reaches the API server; reads go on."""
+    store.put_volume(volume("vol-1"))
+    store.may_write = lambda: False
+    with pytest.raises(StoreUnavailable, match="no longer the leader"):
+        store.put_volume(volume("vol-1", state=AVAILABLE))
+    with pytest.raises(StoreUnavailable, match="no longer the leader"):
+        store.delete_volume("vol-1")
+    assert store.get_volume("vol-1") == volume("vol-1")
+    store.may_write = lambda: True
+    store.put_volume(volume("vol-1", state=AVAILABLE))
     assert store.get_volume("vol-1").state == AVAILABLE
 
 
