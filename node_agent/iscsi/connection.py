@@ -155,13 +155,15 @@ class _Placed:
 class _Running:
     """A command whose I/O runs on a worker thread (``ScsiResult.blocking``)."""
 
-    __slots__ = ("lun_field", "lun", "edtl", "read", "counted", "data_out", "buffer", "aborted", "outlives_abort")
+    __slots__ = ("lun_field", "lun", "edtl", "read", "counted", "data_out", "buffer", "aborted", "outlives_abort",
+                 "preempted")
 
     def __init__(self, lun_field: bytes, lun: int, edtl: int, read: bool, counted: bool, data_out, buffer):
         self.lun_field, self.lun, self.edtl, self.read, self.counted = lun_field, lun, edtl, read, counted
         self.data_out, self.buffer = data_out, buffer  # kept alive (and out of the pool) until the I/O is done
         self.aborted = False
         self.outlives_abort = False  # ScsiResult.outlives_abort: an abort answers without waiting for it
+        self.preempted = False  # aborted by another nexus's PREEMPT AND ABORT: answered TASK ABORTED when done
 
 
 def _outlived_key(itt: int, entry: _Running) -> tuple:
@@ -854,7 +856,10 @@ class TargetConnection:
             self._pool.release(entry.buffer)
             entry.data_out = entry.buffer = None
         if not (self.closing or entry.aborted):
-            self._complete(itt, entry.lun_field, entry.edtl, entry.read, result)
+            if entry.preempted:  # its I/O ran (and ended before the PREEMPT AND ABORT's GOOD): not GOOD
+                self._respond(itt, TASK_ABORTED, b"", 0, entry.edtl, 0)
+            else:
+                self._complete(itt, entry.lun_field, entry.edtl, entry.read, result)
         if self._drained_waiters and not self.io_running():
             waiters, self._drained_waiters = self._drained_waiters, []
             for waiter in waiters:
@@ -1233,7 +1238,9 @@ class TargetConnection:
             self._drained_waiters.append(callback)
 
     def abort_tasks(self, lun: int) -> int:
-        """End this connection's commands to ``lun`` still collecting Data-Out with TASK ABORTED.
+        """End this connection's commands to ``lun`` with TASK ABORTED: those still collecting Data-Out at
+        once, those whose I/O runs on a worker when it ends (it cannot be called back; the PREEMPT AND ABORT
+        answers GOOD only after it, ``persistent_reserve._saved``).
 
         Called when another I_T nexus's PREEMPT AND ABORT preempted this one (SPC-4 §5.13.11.5;
         TAS=1 in the control mode page, so the status is reported: SAM-5 §5.6).  Data-Out still
@@ -1243,9 +1250,13 @@ class TargetConnection:
             del self._tasks[task.itt]
             self._dead_itts.add(task.itt)
             self._respond(task.itt, TASK_ABORTED, b"", 0, task.edtl, 0)
+        running = [entry for entry in self._running.values()
+                   if entry.lun == lun and not entry.aborted and not entry.outlives_abort]
+        for entry in running:
+            entry.preempted = True
         if aborted:
             self.wakeup()
-        return len(aborted)
+        return len(aborted) + len(running)
 
     def _abort_where(self, predicate: Callable[[Any], bool]) -> None:
         for itt, task in list(self._tasks.items()):

@@ -499,6 +499,14 @@ class LogicalUnit:
                 self._io_paused -= 1
                 self._io_lock.notify_all()
 
+    def wait_for_earlier_io(self) -> None:
+        """On a worker, inside ``_run_blocking``: wait until this unit's other I/O on workers has ended (the
+        FairPool starts one unit's jobs in the order they came, so all that came before is running or done).
+        PREEMPT AND ABORT's GOOD waits so: no WRITE of a preempted nexus lands after it."""
+        with self._io_lock:
+            while self._io_running > 1 and not self._closed:
+                self._io_lock.wait()
+
     def _after_earlier_io(self) -> None:
         """On a worker, inside ``_run_blocking``: wait until this unit's other I/O on workers has ended.  A
         SANITIZE's pass must not be overwritten by a WRITE (or UNMAP, WRITE SAME, EXTENDED COPY) accepted

@@ -7,8 +7,9 @@ PERSISTENT RESERVE OUT that changed it is saved when APTPL is active
 completing once the state is on disk).  RESERVATION CONFLICT is raised as
 ``ReservationConflict``.  PREEMPT AND ABORT also ends the preempted I_T
 nexuses' commands to the logical unit that are still outstanding (their
-Data-Out not all in yet) with TASK ABORTED, through ``lu.abort_tasks``; every
-other command completes before the device server accepts the next.
+Data-Out not all in yet, or I/O still running on a worker) with TASK ABORTED,
+through ``lu.abort_tasks``, and answers GOOD only once the unit's I/O already
+on workers has ended (``_saved``): no aborted WRITE lands after it.
 """
 
 from __future__ import annotations
@@ -169,18 +170,24 @@ def _unregister(lu, res: Reservations, nexus: Nexus) -> None:
         _announce(lu, S.RESERVATIONS_RELEASED, list(res.registrations), except_nexus=nexus)
 
 
-def _saved(lu, res: Reservations) -> ScsiResult | None:
+def _saved(lu, res: Reservations, *, after_earlier_io: bool = False) -> ScsiResult | None:
     """The answer of a PERSISTENT RESERVE OUT that changed the state: GOOD once the state is saved (APTPL=1;
     the saved copy is dropped with APTPL=0).  The save fsyncs twice, which can take as long as the disk
     likes: where the transport can (a store with non-blocking I/O) it runs on a worker thread and the
     command completes after it, so the other sessions are served meanwhile (issue 7, "fair under a slow
-    disk").  The state itself changed already: commands after this one see it."""
+    disk").  The state itself changed already: commands after this one see it.  ``after_earlier_io``
+    (PREEMPT AND ABORT): GOOD also waits until the unit's I/O already running on workers has ended, the
+    preempted nexuses' aborted WRITEs among it: none of them lands after the preempting initiator's GOOD."""
     save = res.save_later()
-    if save is None:
-        return None
-    if lu.write_nowait is not None:
-        return lu.deferred(save, ScsiResult(S.GOOD))
-    save()
+    if lu.write_nowait is not None and (save is not None or after_earlier_io):
+        def job() -> None:
+            if after_earlier_io:
+                lu.wait_for_earlier_io()
+            if save is not None:
+                save()
+        return lu.deferred(job, ScsiResult(S.GOOD))
+    if save is not None:
+        save()
     return None
 
 
@@ -260,22 +267,23 @@ def clear(lu, nexus, cdb, data_out, edtl):
 
 def preempt(lu, nexus, cdb, data_out, edtl):
     """PERSISTENT RESERVE OUT PREEMPT (SPC-4 §5.13.11.4)."""
-    return _preempt(lu, nexus, cdb, data_out)[1]
+    _preempt(lu, nexus, cdb, data_out)
+    return _saved(lu, lu.reservations)
 
 
 def _preempt(lu, nexus, cdb, data_out) -> tuple[list[Nexus], ScsiResult | None]:
-    """PREEMPT's work: the I_T nexuses whose registrations it removed, and the command's answer."""
-    pr_type = _scope_and_type(cdb)
+    """PREEMPT's work: the I_T nexuses whose registrations it removed (the caller saves the state).  SCOPE
+    and TYPE count only where a reservation is taken (§5.13.11.4.3 b: ignored when the key names no holder)."""
     p = _parameters(cdb, data_out, registering=False)
     res = lu.reservations
     _registered_with(res, nexus, p.reservation_key)
     victim = p.service_action_reservation_key
     if res.type is not None and res.type.registrants == "all" and victim == 0:
         removed = [n for n in res.registrations if n != nexus]  # §5.13.11.4.5: preempt every other registrant
-        _preempt_reservation(lu, res, nexus, pr_type, removed)
+        _preempt_reservation(lu, res, nexus, _scope_and_type(cdb), removed)
     elif res.type is not None and res.type.registrants != "all" and res.registrations.get(res.holder) == victim:
         removed = [n for n, key in res.registrations.items() if key == victim and n != nexus]  # §5.13.11.4.4
-        _preempt_reservation(lu, res, nexus, pr_type, removed)
+        _preempt_reservation(lu, res, nexus, _scope_and_type(cdb), removed)
     else:
         if victim == 0:
             raise CheckCondition(S.INVALID_FIELD_IN_PARAMETER_LIST, field_pointer=8, in_cdb=False)
@@ -286,7 +294,7 @@ def _preempt(lu, nexus, cdb, data_out) -> tuple[list[Nexus], ScsiResult | None]:
             res.unregister(gone)
         _announce(lu, S.REGISTRATIONS_PREEMPTED, removed, except_nexus=nexus)
     res.generation += 1
-    return removed, _saved(lu, res)
+    return removed, None
 
 
 def _preempt_reservation(lu, res: Reservations, nexus: Nexus, pr_type: PrType, removed: list[Nexus]) -> None:
@@ -302,10 +310,10 @@ def _preempt_reservation(lu, res: Reservations, nexus: Nexus, pr_type: PrType, r
 def preempt_and_abort(lu, nexus, cdb, data_out, edtl):
     """PERSISTENT RESERVE OUT PREEMPT AND ABORT (SPC-4 §5.13.11.5): PREEMPT, then abort the preempted
     I_T nexuses' outstanding commands to this logical unit (TASK ABORTED: TAS=1, SAM-5 §5.6)."""
-    removed, answer = _preempt(lu, nexus, cdb, data_out)
+    removed, _ = _preempt(lu, nexus, cdb, data_out)
     if removed:
         lu.abort_tasks(removed)
-    return answer
+    return _saved(lu, lu.reservations, after_earlier_io=bool(removed))
 
 
 

@@ -71,9 +71,16 @@ class Reservations:
         self.store = store  # a ``PtplStore``, or None: Persist Through Power Loss not offered
         self.aptpl = False  # APTPL of the last successful REGISTER (SPC-4 §5.13.5)
         self._taken = 0  # states taken to be saved (``save_later``)
-        saved = store.load() if store is not None else None
-        if saved is not None:
-            self.restore(saved)
+        try:
+            saved = store.load() if store is not None else None
+            if saved is not None:
+                self.restore(saved)
+        except (ValueError, KeyError, TypeError, IndexError, AttributeError, OSError) as exc:
+            # Not served without its reservations: an initiator fenced by them could write again.  Said plainly,
+            # with the file, so an operator can judge (and move it aside to serve the volume without them).
+            raise ValueError(f"{store.path}: the saved persistent reservations cannot be read "
+                             f"({type(exc).__name__}: {exc}); the volume is not served without them: "
+                             "repair the file, or move it aside to drop its reservations") from None
 
     # -- persistence (SPC-4 §5.13.5) ---------------------------------------------------
     def dump(self) -> dict:

@@ -255,3 +255,57 @@ def test_a_sanitize_with_immed_is_answered_at_once_and_its_pass_goes_on(make_ini
     assert ini.receive() == [] and ini.conn.in_flight() == 0  # no second answer for the SANITIZE
     ini.command(bytes(6))
     assert status_of(ini.receive()) == 0 and not lu.sanitizing
+
+
+def _prout(ini, service_action: int, key: int, sark: int, pr_type: int = 0) -> int:
+    """PERSISTENT RESERVE OUT(10) with a 24-byte parameter list (SPC-4 §6.16)."""
+    cdb = bytes([0x5F, service_action, pr_type, 0, 0, 0, 0, 0, 24, 0])
+    return ini.command(cdb, write=key.to_bytes(8, "big") + sark.to_bytes(8, "big") + bytes(8))
+
+
+def test_preempt_and_abort_answers_once_the_preempted_write_on_a_worker_has_ended(make_initiator):
+    """SPC-4 §5.13.11.5: PREEMPT AND ABORT aborts the preempted nexus's commands.  One whose WRITE already runs
+    on a worker cannot be called back: it now ends with TASK ABORTED (not GOOD), and the preempting initiator's
+    GOOD waits for it, so the stale data never lands after that GOOD (it used to: GOOD at once, the write later,
+    over what the new holder wrote)."""
+    import threading
+
+    registry, lu = slow_registry()
+    a, b = make_initiator(registry), make_initiator(registry, isid=0x400001370099)
+    a.login_normal(), b.login_normal()
+    for ini, key in ((a, 0x11), (b, 0x22)):
+        _prout(ini, 0, 0, key)  # REGISTER
+        assert status_of(ini.receive()) == 0
+    _prout(a, 1, 0x11, 0, pr_type=1)  # A: RESERVE Write Exclusive
+    assert status_of(a.receive()) == 0
+    a_jobs, b_jobs = with_worker_queue(a), with_worker_queue(b)
+    a.command(rw10(WRITE10, 0, 8), write=b"S" * 4096)
+    assert a.receive() == [] and len(a_jobs) == 1
+    landing, release = threading.Event(), threading.Event()
+    write = lu.backing.write
+
+    def held_write(offset, data, fua=False):
+        landing.set()
+        release.wait(10)
+        write(offset, data, fua)
+    lu.backing.write = held_write
+    a_io, a_done = a_jobs.pop()
+    a_result: list = []
+    a_thread = threading.Thread(target=lambda: a_result.append(a_io()))
+    a_thread.start()  # A's WRITE is on its worker, its data not yet on the medium
+    assert landing.wait(10)
+    _prout(b, 5, 0x22, 0x11, pr_type=1)  # B: PREEMPT AND ABORT of A's key
+    assert b.receive() == [] and len(b_jobs) == 1  # not answered: A's WRITE still runs
+    b_io, b_done = b_jobs.pop()
+    b_result: list = []
+    b_thread = threading.Thread(target=lambda: b_result.append(b_io()))
+    b_thread.start()
+    b_thread.join(0.3)
+    assert b_thread.is_alive()  # B's answer waits for A's write
+    release.set()
+    a_thread.join(10), b_thread.join(10)
+    a_done(a_result[0])
+    assert status_of(a.receive()) == 0x40  # TASK ABORTED, not GOOD
+    b_done(b_result[0])
+    assert status_of(b.receive()) == 0
+    assert bytes(lu.backing.buf[:4096]) == b"S" * 4096  # it landed before B's GOOD, never after

@@ -225,6 +225,15 @@ def test_preempt_removes_a_registration(lu):
     assert prout(lu, PREEMPT, K2, 42, pr_type=EA, nexus=OTHER).status == S.RESERVATION_CONFLICT
 
 
+@pytest.mark.parametrize("pr_type,scope", [(0, 0), (0x0F, 0), (WE, 2)], ids=["type 0", "type 15", "scope 2"])
+def test_preempt_of_a_key_that_holds_no_reservation_ignores_scope_and_type(lu, pr_type, scope):
+    """SPC-4 §5.13.11.4.3 b): SCOPE and TYPE are ignored when the key names no reservation holder (sg_persist
+    sends TYPE 0 when none is given); they used to be refused with INVALID FIELD IN CDB."""
+    both_registered(lu)
+    assert prout(lu, PREEMPT, K2, K1, pr_type=pr_type, scope=scope, nexus=OTHER).status == S.GOOD
+    assert keys(lu) == (3, [K2]) and reservation(lu) is None
+
+
 @pytest.mark.parametrize("sa", [PREEMPT, PREEMPT_AND_ABORT])
 def test_preempt_the_holder(lu, sa):
     """SPC-4 §5.13.11.4.4: the preempter holds a new reservation; the holder's registration goes."""
@@ -344,6 +353,17 @@ def test_aptpl_survives_a_restart_on_a_file(tmp_path):
     assert prout(again, REGISTER, K2, K2, nexus=OTHER).status == S.GOOD  # APTPL=0 now
     assert not sidecar.exists()
     again.close()
+
+
+@pytest.mark.parametrize("content", ['{"version": 1, "generation": 2, "aptpl"', '{"version": 7}', '[]'],
+                         ids=["truncated", "unknown version", "not an object"])
+def test_an_unreadable_reservation_file_is_named_and_nothing_is_served_without_it(tmp_path, content):
+    """A damaged ``.pr`` file: the unit is not opened without its reservations (an initiator they fence could
+    write again), and the error names the file and what to do, instead of a bare JSON message."""
+    (tmp_path / "lun.img.pr").write_text(content)
+    with pytest.raises(ValueError, match=r"lun\.img\.pr: the saved persistent reservations cannot be read .*"
+                                         "move it aside to drop its reservations"):
+        make_lu("file", tmp_path)
 
 
 def test_aptpl_refused_without_a_file(lu):
