@@ -16,8 +16,9 @@ from node_agent.iscsi.keys import encode_text, parse_text
 from node_agent.iscsi.pdu import Opcode
 from node_agent.iscsi.target import Credentials, TargetNode, TargetRegistry
 from node_agent.scsi.device import LogicalUnit, LunIdentity, LunMap
-from node_agent.storage.backing import FileBackingStore, MemoryBackingStore
+from node_agent.storage.backing import MemoryBackingStore
 from tests.protocol.conftest import BLOCKS, INITIATOR, TARGET, chap_response, keys_of, make_registry
+from tests.protocol.test_deferred_io import slow_registry
 
 NODE_A, NODE_B = "iqn.2026-11.io.shoal:node:a", "iqn.2026-11.io.shoal:node:b"
 VOL_A, VOL_B = "iqn.2026-11.io.shoal:target:vol-a", "iqn.2026-11.io.shoal:target:vol-b"
@@ -148,30 +149,12 @@ def test_a_reinstated_connection_keeps_what_the_session_negotiated(make_initiato
     assert reply.opcode == Opcode.SCSI_RESPONSE and reply.header.status == 0
 
 
-class ColdStore:
-    """A file store whose every read and write would block (``read_nowait``/``write_nowait`` decline): the
-    unit hands each to ``offload``, which the test below runs when it chooses (a slow disk, held still)."""
-
-    def __init__(self, inner):
-        self.inner = inner
-
-    def __getattr__(self, name):
-        return getattr(self.inner, name)
-
-    def read_nowait(self, offset, length):
-        return None
-
-    def write_nowait(self, offset, data, fua=False):
-        return False
-
-
-def test_a_reinstating_login_is_answered_once_the_old_sessions_writes_have_landed(make_initiator, tmp_path):
+def test_a_reinstating_login_is_answered_once_the_old_sessions_writes_have_landed(make_initiator):
     """RFC 7143 §6.3.5: a session reinstated ends with its tasks.  A WRITE of the old session still on a
     worker (a slow disk) used to land after the login was answered, so after the new session's own writes to
     the same blocks; the Login Response now waits for it (and the connection takes no PDU meanwhile)."""
-    store = FileBackingStore(tmp_path / "lun.img", BLOCKS * 512, block_size=512)
-    unit = LogicalUnit(ColdStore(store), LunIdentity(volume_id="vol-slow"), target_name=TARGET)
-    registry = TargetRegistry([TargetNode(TARGET, LunMap({0: unit}))])
+    registry, unit = slow_registry()  # every read and write would block: a worker's, run when the test says
+    store = unit.backing
     jobs = []
     first = make_initiator(registry)
     first.conn.offload = lambda io, done, key=None: jobs.append((io, done))
