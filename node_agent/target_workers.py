@@ -53,8 +53,6 @@ log = logging.getLogger("shoal.target.workers")
 _BHS = 48
 #: The largest first PDU the parent peeks at (header, AHS and text); a bigger one is served (refused) here.
 FIRST_PDU_LIMIT = _BHS + 255 * 4 + 64 * 1024
-#: How long a new connection may take to send its first PDU before the parent drops it.
-FIRST_PDU_TIMEOUT = 15.0
 _PEEK_RETRY = 0.002  # seconds between peeks while the first PDU is still arriving
 _LOGIN_REQUEST = 0x03
 _READY = b"ready"
@@ -127,6 +125,8 @@ class WorkerPool:
         self.failed = asyncio.Event()  # a worker died while serving
         self.stopping = False
         self._loop: asyncio.AbstractEventLoop | None = None
+        self.peeking: dict[str, int] = {}  # peer address -> connections waiting for their first PDU here
+        self._refused: set[str] = set()  # addresses whose refusal was logged (cleared when they drain)
 
     def specs(self) -> list[WorkerSpec]:
         config = self.config
@@ -213,8 +213,31 @@ class WorkerPool:
 
     # Router
     def route(self, conn: socket.socket, peer: Any, here: Callable[[socket.socket, Any], None]) -> None:
+        """Peek at a new connection's first PDU, then hand it on.  As in one process
+        (``ConnectionSettings.max_logins_per_peer``), one address may have only so many connections
+        waiting here at once, and each waits at most ``login_timeout`` for it, whether it sends or not: a
+        host that opens connections and sends nothing cannot use up the parent's file descriptors."""
         assert self._loop is not None
+        host = peer[0]
+        waiting = self.peeking.get(host, 0)
+        limit = self.config.connection.max_logins_per_peer
+        if waiting >= limit:
+            if host not in self._refused:
+                self._refused.add(host)
+                log.warning("connections from %s refused: %d already wait to send their first PDU (the most "
+                            "one address may have)", host, waiting)
+            conn.close()
+            return
+        self.peeking[host] = waiting + 1
         _Peek(self, conn, peer, here, self._loop).start()
+
+    def peek_ended(self, host: str) -> None:
+        left = self.peeking.get(host, 0) - 1
+        if left > 0:
+            self.peeking[host] = left
+        else:
+            self.peeking.pop(host, None)
+            self._refused.discard(host)
 
     def hand_over(self, conn: socket.socket, peer: Any, worker: _Worker) -> None:
         try:
@@ -253,16 +276,21 @@ class WorkerPool:
 
 
 class _Peek:
-    """Waits for a new connection's first PDU without consuming it, then routes the connection."""
+    """Waits for a new connection's first PDU without consuming it, then routes the connection; closes it
+    if no whole first PDU has come by its deadline (a timer: a peer that sends nothing is dropped too)."""
 
     def __init__(self, pool: WorkerPool, conn: socket.socket, peer: Any,
                  here: Callable[[socket.socket, Any], None], loop: asyncio.AbstractEventLoop):
         self.pool, self.conn, self.peer, self.here, self.loop = pool, conn, peer, here, loop
         self.need = _BHS
-        self.deadline = time.monotonic() + FIRST_PDU_TIMEOUT
         self.fd = conn.fileno()
+        self.retry: asyncio.TimerHandle | None = None
+        self.timeout = pool.config.connection.login_timeout
+        self.expiry = loop.call_later(self.timeout, self._expire)
+        self.done = False
 
     def start(self) -> None:
+        self.retry = None
         self.loop.add_reader(self.fd, self._readable)
 
     def _readable(self) -> None:
@@ -273,29 +301,38 @@ class _Peek:
         except OSError:
             peeked = b""
         if not peeked:  # closed before its first PDU
-            self._drop()
+            self._end()
+            self.conn.close()
             return
         decision = first_login(peeked)
         if isinstance(decision, int):
             self.need = decision
             self.loop.remove_reader(self.fd)  # the socket stays readable: look again a little later
-            if time.monotonic() > self.deadline:
-                log.info("connection from %s:%s sent no whole first PDU in %g s", self.peer[0], self.peer[1],
-                         FIRST_PDU_TIMEOUT)
-                self.conn.close()
-                return
-            self.loop.call_later(_PEEK_RETRY, self.start)
+            self.retry = self.loop.call_later(_PEEK_RETRY, self.start)
             return
-        self.loop.remove_reader(self.fd)
+        self._end()
         worker = self.pool.owner.get(decision.target) if decision.target is not None else None
         if worker is None:
             self.here(self.conn, self.peer)
         else:
             self.pool.hand_over(self.conn, self.peer, worker)
 
-    def _drop(self) -> None:
-        self.loop.remove_reader(self.fd)
+    def _expire(self) -> None:
+        log.info("connection from %s:%s sent no whole first PDU in %g s", self.peer[0], self.peer[1],
+                 self.timeout)
+        self._end()
         self.conn.close()
+
+    def _end(self) -> None:
+        """Stop watching the socket (exactly once); the caller then closes or hands on the connection."""
+        if self.done:
+            return
+        self.done = True
+        self.expiry.cancel()
+        if self.retry is not None:
+            self.retry.cancel()
+        self.loop.remove_reader(self.fd)
+        self.pool.peek_ended(self.peer[0])
 
 
 async def serve_sharded(config: TargetConfig, ready: Callable[[list[tuple[str, int]]], None] | None,

@@ -94,3 +94,58 @@ def test_targets_are_dealt_out_in_order():
     specs = WorkerPool(config).specs()
     assert [[t.iqn for t in spec.targets] for spec in specs] == [
         ["iqn.2026-11.io.x:a", "iqn.2026-11.io.x:c"], ["iqn.2026-11.io.x:b"]]
+
+
+def test_the_router_caps_and_times_out_connections_that_have_not_sent_their_first_pdu():
+    """The parent of ``--workers`` holds a new connection until its first PDU names a target.  Like one
+    process (``max_logins_per_peer``, ``login_timeout``), it holds at most so many per address, and drops
+    one that sends nothing by the deadline: idle connections cannot use up its file descriptors."""
+    import asyncio
+    import socket
+
+    from node_agent.iscsi.connection import ConnectionSettings
+
+    async def scenario() -> None:
+        config = TargetConfig("iqn.2026-11.io.shoal.test:t", [], connection=ConnectionSettings(
+            login_timeout=0.5, max_logins_per_peer=2))
+        pool = WorkerPool(config)
+        pool._loop = asyncio.get_running_loop()
+        served: list[socket.socket] = []
+        listener = socket.create_server(("127.0.0.1", 0))
+        clients, accepted = [], []
+        try:
+            for _ in range(3):
+                clients.append(socket.create_connection(listener.getsockname()))
+                conn, peer = listener.accept()
+                conn.setblocking(False)
+                accepted.append(conn)
+                pool.route(conn, peer, lambda c, p: served.append(c))
+            assert pool.peeking == {"127.0.0.1": 2}
+            clients[2].settimeout(2)
+            assert clients[2].recv(1) == b""  # the third was closed at once
+            clients[1].sendall(login(NORMAL)[:30])  # half a header: still waiting
+            await asyncio.sleep(0.8)
+            assert pool.peeking == {}  # both dropped at the deadline, the one that sent part of a PDU too
+            for client in clients[:2]:
+                client.settimeout(2)
+                try:
+                    assert client.recv(1) == b""
+                except ConnectionResetError:  # closed with bytes unread: a reset
+                    pass
+            # Drained: the next connection from the address is served again.
+            clients.append(socket.create_connection(listener.getsockname()))
+            conn, peer = listener.accept()
+            conn.setblocking(False)
+            accepted.append(conn)
+            pool.route(conn, peer, lambda c, p: served.append(c))
+            clients[-1].sendall(login(b"InitiatorName=iqn.2026-11.io.shoal.test:i\0SessionType=Discovery\0"))
+            for _ in range(100):
+                if served:
+                    break
+                await asyncio.sleep(0.01)
+            assert served == [conn] and pool.peeking == {}
+        finally:
+            for sock in clients + accepted + [listener]:
+                sock.close()
+
+    asyncio.run(scenario())
