@@ -10,8 +10,12 @@ How file operations reach the device (``BlockDevice``, the protocol
 ``SyncLun`` implements):
 
 - read/write -> ``pread``/``pwrite`` of whole blocks; unaligned ranges are
-  widened to block boundaries (read-modify-write for writes, serialised per
-  block so two partial writes to one block never lose each other's bytes);
+  widened to block boundaries (read-modify-write for writes).  A
+  read-modify-write holds its blocks exclusively from its read to the end of
+  its write, and every other write (aligned writes, discards, written zeros)
+  holds its blocks shared, so nothing written to those blocks meanwhile is
+  overwritten by the stale copy; aligned writes still run side by side
+  (``_RangeLock``);
 - a write on a file opened ``O_DSYNC``/``O_SYNC`` -> ``pwrite(fua=True)``;
 - fsync/fdatasync and close (FUSE ``flush``) -> ``flush()`` (SYNCHRONIZE
   CACHE): the loop device turns REQ_PREFLUSH/REQ_FUA into ``vfs_fsync`` on its
@@ -257,8 +261,71 @@ class ExportSettings:
     range is written with zeros instead, since a punched file range must read back as zeros."""
     fsname: str = "shoal"
     """Mount source shown in /proc/mounts; the connector puts the volume id in it."""
-    lock_stripes: int = 64
-    """Locks guarding read-modify-write of partial blocks, by block number modulo this."""
+
+
+class _Hold:
+    """One request's claim on the byte range [start, end) of the device."""
+
+    __slots__ = ("start", "end", "exclusive", "released")
+
+    def __init__(self, start: int, end: int, exclusive: bool):
+        self.start, self.end, self.exclusive, self.released = start, end, exclusive, False
+
+    def conflicts(self, other: "_Hold") -> bool:
+        return (self.exclusive or other.exclusive) and self.start < other.end and other.start < self.end
+
+
+class _RangeLock:
+    """Shared and exclusive holds on ranges of the device, granted in arrival order among conflicting holds.
+
+    A read-modify-write holds its covering blocks exclusively, from the read of its edge blocks
+    to the end of its write: a write landing on those blocks in between would be overwritten by
+    the stale copy (a lost write).  Every other write holds its blocks shared, so aligned writes
+    and discards run side by side and in whatever order the device completes them, as on a disk
+    (the kernel orders overlapping writes of its own).  Reads hold nothing: a read-modify-write
+    writes back the bytes it did not change as they were, so a read sees the old or the new
+    block, as with any write.
+
+    Each request takes one hold for its whole range (never one lock per block or stripe, so there
+    is no order of taking to get wrong), and never asks for another while it has one.  A hold
+    waits only for conflicting holds asked for before it, so the waits can form no cycle (no
+    deadlock, however many blocks a request spans), and a read-modify-write waiting for aligned
+    writes is not overtaken by newer ones (no starvation).  The bookkeeping
+    is one short critical section per acquire and per release over the holds outstanding — at
+    most one per FUSE thread — and the I/O runs outside it.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition(threading.Lock())
+        self._holds: list[_Hold] = []  # granted or waiting, in arrival order
+        self._waiting = 0
+
+    def acquire(self, start: int, end: int, *, exclusive: bool) -> _Hold:
+        hold = _Hold(start, end, exclusive)
+        with self._cond:
+            ahead = [h for h in self._holds if h.conflicts(hold)]
+            self._holds.append(hold)
+            if ahead:
+                self._waiting += 1
+                try:
+                    while not all(h.released for h in ahead):
+                        self._cond.wait()
+                except BaseException:
+                    self._release_locked(hold)
+                    raise
+                finally:
+                    self._waiting -= 1
+        return hold
+
+    def release(self, hold: _Hold) -> None:
+        with self._cond:
+            self._release_locked(hold)
+
+    def _release_locked(self, hold: _Hold) -> None:
+        hold.released = True
+        self._holds.remove(hold)
+        if self._waiting:
+            self._cond.notify_all()
 
 
 class BlockFile:
@@ -269,7 +336,7 @@ class BlockFile:
         self.settings = settings
         self.size = int(device.size)
         self.block = int(device.block_size)
-        self._stripes = [threading.Lock() for _ in range(settings.lock_stripes)]
+        self._ranges = _RangeLock()
 
     def read(self, offset: int, length: int) -> memoryview:
         if offset >= self.size or length <= 0:
@@ -290,13 +357,13 @@ class BlockFile:
         first = offset - offset % self.block
         last = -(-end // self.block) * self.block
         if first == offset and last == end:
-            self.device.pwrite(offset, data, fua)
+            hold = self._ranges.acquire(offset, end, exclusive=False)
+            try:
+                self.device.pwrite(offset, data, fua)
+            finally:
+                self._ranges.release(hold)
             return len(data)
-        edges = sorted({first // self.block, (last - 1) // self.block})
-        n = len(self._stripes)
-        locks = [self._stripes[i] for i in sorted({b % n for b in edges})]  # one order: no deadlock
-        for lock in locks:
-            lock.acquire()
+        hold = self._ranges.acquire(first, last, exclusive=True)
         try:
             merged = bytearray(last - first)
             if offset != first:
@@ -307,8 +374,7 @@ class BlockFile:
             merged[offset - first:end - first] = data
             self.device.pwrite(first, bytes(merged), fua)
         finally:
-            for lock in reversed(locks):
-                lock.release()
+            self._ranges.release(hold)
         return len(data)
 
     def _block_at(self, offset: int) -> bytes:
@@ -341,7 +407,11 @@ class BlockFile:
         inner_end = end - end % self.block
         punch = bool(mode & FALLOC_FL_PUNCH_HOLE) and self.settings.discard_zeroes
         if punch and inner_end > inner_first:
-            self.device.discard(inner_first, inner_end - inner_first)
+            hold = self._ranges.acquire(inner_first, inner_end, exclusive=False)  # a write, as for pwrite
+            try:
+                self.device.discard(inner_first, inner_end - inner_first)
+            finally:
+                self._ranges.release(hold)
             self._zero(offset, min(inner_first, end))
             self._zero(max(inner_end, offset), end)
         else:

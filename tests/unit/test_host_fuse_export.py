@@ -118,7 +118,7 @@ def test_reads_end_at_the_device_end_and_writes_beyond_it_fail(tmp_path):
 
 
 def test_concurrent_partial_writes_to_one_block_keep_every_byte(tmp_path):
-    """Two read-modify-writes of one block must not lose each other's bytes (per-block locks)."""
+    """Two read-modify-writes of one block must not lose each other's bytes (each holds its blocks exclusively)."""
     device, model = make_device(tmp_path, 4096, fill=False)
     bf = BlockFile(device, ExportSettings())
 
