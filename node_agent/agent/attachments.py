@@ -15,7 +15,11 @@ handed out.  This module adds the agent's idempotency and record:
   another export or mode for an attached volume is ``FailedPrecondition``;
 - detaching what is not attached succeeds; logging out what is not logged in too;
 - ``attachments.json`` (no secrets) lists them, ``attachment-secrets.json``
-  (0600) keeps the credentials a later login needs.  After a restart the
+  (0600) keeps the credentials a later login needs.  Each save writes the
+  secrets first (with those the record on disk still names), then the record,
+  then the secrets again without those no record names any more: a crash
+  between two writes leaves every recorded attachment its credentials, at
+  worst with a secret nobody names, which ``restore`` drops.  After a restart the
   kernel's sessions are usually still there and their records are kept, but
   the recorded ``/dev/sdX`` is not trusted until the connector has said so
   again (a host reboot ends the sessions, and the name may be another
@@ -95,6 +99,8 @@ class AttachmentManager:
         self._credentials: dict[str, _Credentials] = {}
         # Kernel records restored as logged in whose device path the connector has not confirmed since.
         self._unverified: set[str] = set()
+        # The secrets file's content as last written or read (volume id -> credentials map); None: not read yet.
+        self._saved_secrets: dict[str, dict[str, str]] | None = None
         self._lock = threading.RLock()
         self._volume_locks: dict[str, threading.RLock] = {}
 
@@ -249,11 +255,18 @@ class AttachmentManager:
         """Take the record back after a restart; see the module docstring."""
         data = read_json(os.path.join(self.data_dir, RECORD_FILE), {}).get("attachments", {})
         secrets = read_json(os.path.join(self.data_dir, SECRETS_FILE), {}).get("credentials", {})
+        self._saved_secrets = dict(secrets)
+        orphans = sorted(set(secrets) - set(data))
+        if orphans:  # a save that stopped before its record was written, or before the last cleanup
+            log.info("dropping the CHAP credentials of %s: no attachment record names them", ", ".join(orphans))
         for volume_id, entry in sorted(data.items()):
             export = ExportInfo(**{**entry["export"], "portals": tuple(entry["export"]["portals"])})
             record = AttachmentRecord(volume_id, entry["device_path"], entry["mode"], export)
             if volume_id in secrets:
                 self._credentials[volume_id] = _Credentials(**secrets[volume_id])
+            else:  # written by an agent that saved the record before its secrets, and stopped in between
+                log.warning("volume %s: its CHAP credentials are missing; a login needs them: unpublish and "
+                            "publish it again (or repeat its attach)", volume_id)
             if record.mode == USERSPACE and record.logged_in:
                 try:  # the FUSE server of this device was the previous process: clean what it left
                     self.connector(record.mode).detach(_target_without_secrets(export))
@@ -301,12 +314,25 @@ class AttachmentManager:
                 f"{known.export.target_iqn}); detach it first")
 
     def _save(self) -> None:
+        """Secrets (old and new), record, secrets (new only): see the module docstring."""
+        secrets_path = os.path.join(self.data_dir, SECRETS_FILE)
+        if self._saved_secrets is None:
+            self._saved_secrets = read_json(secrets_path, {}).get("credentials", {})
+        wanted = {vid: asdict(c) for vid, c in self._credentials.items() if vid in self._records}
+        both = {**self._saved_secrets, **wanted}
+        if both != self._saved_secrets:
+            self._write_secrets(secrets_path, both)
         write_json(os.path.join(self.data_dir, RECORD_FILE), {"attachments": {
             vid: {"device_path": r.device_path, "mode": r.mode,
                   "export": {**asdict(r.export), "portals": list(r.export.portals)}}
             for vid, r in self._records.items()}})
-        write_json(os.path.join(self.data_dir, SECRETS_FILE), {"credentials": {
-            vid: asdict(c) for vid, c in self._credentials.items() if vid in self._records}}, mode=0o600)
+        if wanted != self._saved_secrets:
+            self._write_secrets(secrets_path, wanted)
+
+    def _write_secrets(self, path: str, secrets: dict[str, dict[str, str]]) -> None:
+        self._saved_secrets = None  # unknown if the write fails half-way: read again next time
+        write_json(path, {"credentials": secrets}, mode=0o600)
+        self._saved_secrets = secrets
 
 
 def _target_without_secrets(export: ExportInfo) -> VolumeTarget:

@@ -11,7 +11,9 @@ The record: ``exports.json`` (volume, initiators, CHAP user names) and
 ``export-secrets.json`` (mode 0600: the secrets), both under the data
 directory, saved by write-temp, fsync, rename *before* the portal changes.
 ``restore()`` serves them again at start, before the gRPC server opens, so
-consumers keep working across an agent restart without the controller.
+consumers keep working across an agent restart without the controller.  An
+export whose volume is missing then (a disk mounted late) keeps its record
+and is served once the volume is back (``restore``'s docstring says how).
 
 Idempotency (agent.proto): exporting to an initiator already admitted with
 the same credentials returns the same ExportInfo; other credentials for an
@@ -120,6 +122,8 @@ class ExportManager:
         self.host = host
         self._records: dict[str, ExportRecord] = {}
         self._secrets: dict[str, _Secrets] = {}
+        # Records ``restore`` kept without serving them (volume id -> why); still in ``_records`` and the files.
+        self._unserved: dict[str, str] = {}
         self._lock = threading.RLock()
 
     # ------------------------------------------------------------------ queries
@@ -133,12 +137,21 @@ class ExportManager:
                           identity.serial, chap_user)
 
     def is_exported(self, volume_id: str) -> bool:
+        """True while a record names the volume, served or kept (``unserved``): the volume's delete waits for
+        an unexport, so a kept ACL never outlives the controller's decision about it."""
         with self._lock:
             return volume_id in self._records
 
     def records(self) -> list[ExportRecord]:
+        """The exports being served (GetState, metrics); the records kept unserved are ``unserved()``."""
         with self._lock:
-            return sorted(self._records.values(), key=lambda r: r.volume_id)
+            return sorted((r for r in self._records.values() if r.volume_id not in self._unserved),
+                          key=lambda r: r.volume_id)
+
+    def unserved(self) -> dict[str, str]:
+        """Exports whose record ``restore`` kept but could not serve (volume id -> why)."""
+        with self._lock:
+            return dict(self._unserved)
 
     def list(self) -> list[ExportInfo]:
         return [self.info(r.volume_id, r.chap_user) for r in self.records()]
@@ -160,6 +173,8 @@ class ExportManager:
                 return self._export_new(volume.path, ExportRecord(
                     volume_id, (initiator_iqn,), chap.user, mutual_chap.user if mutual_chap else ""), secrets)
             self._check_same_credentials(record, chap, mutual_chap)
+            if volume_id in self._unserved:
+                return self._serve_kept(volume.path, record, initiator_iqn)
             if initiator_iqn not in record.initiators:
                 updated = replace(record, initiators=record.initiators + (initiator_iqn,))
                 self._commit(updated, self._secrets[volume_id])
@@ -182,6 +197,9 @@ class ExportManager:
             iqn = self.target_iqn(volume_id)
             if remaining:
                 self._commit(replace(record, initiators=remaining), self._secrets[volume_id])
+                if volume_id in self._unserved:  # no target: the record was all there was
+                    log.info("volume %s: kept export to %s removed", volume_id, initiator_iqn)
+                    return True
                 try:  # closes its sessions and waits for their commands on workers
                     self.host.set_allowed_initiators(iqn, list(remaining))
                 except TimeoutError as exc:
@@ -209,7 +227,7 @@ class ExportManager:
             raise InvalidArgument(f"initiator_iqn: {exc}") from None
         with self._lock:
             volume_ids, records = [], dict(self._records)
-            for record in self.records():
+            for record in sorted(self._records.values(), key=lambda r: r.volume_id):  # kept ones too
                 if initiator_iqn in record.initiators:
                     volume_ids.append(record.volume_id)
                     records[record.volume_id] = replace(
@@ -236,6 +254,7 @@ class ExportManager:
                 self.host.remove_target(self.target_iqn(volume_id))
                 self._records.pop(volume_id, None)
                 self._secrets.pop(volume_id, None)
+                self._unserved.pop(volume_id, None)
         log.warning("initiator %s fenced: %d export(s) no longer admit it (%d target(s) removed)", initiator_iqn,
                     len(volume_ids), len(removed))
         return volume_ids, replace(result, commands_waited=waited)
@@ -258,11 +277,12 @@ class ExportManager:
         self.host.remove_target(self.target_iqn(volume_id))
         self._records.pop(volume_id, None)
         self._secrets.pop(volume_id, None)
+        self._unserved.pop(volume_id, None)
 
     def capacity_changed(self, volume_id: str, size: int) -> None:
         """An exported volume grew: its LUN reports the new capacity (and CAPACITY DATA HAS CHANGED)."""
         with self._lock:
-            if volume_id in self._records:
+            if volume_id in self._records and volume_id not in self._unserved:
                 self.host.resize_lun(self.target_iqn(volume_id), LUN, size)
 
     def quiesced(self, volume_id: str, fn: Callable[[], T]) -> T:
@@ -270,12 +290,24 @@ class ExportManager:
         them, once the LUN's I/O on worker threads has finished) when the volume is exported; right here
         otherwise.  ``fn`` must be short: every LUN of the portal waits for it."""
         with self._lock:  # an export cannot start meanwhile
-            if volume_id in self._records:
+            if volume_id in self._records and volume_id not in self._unserved:
                 return self.host.call_quiesced(self.target_iqn(volume_id), fn)
             return fn()
 
     def restore(self) -> list[str]:
-        """Serve what the record says was exported; volumes that are gone are dropped from it."""
+        """Serve what the record says was exported; the ids served.
+
+        An export whose volume is missing (its disk not mounted yet, its backing file moved away) or whose
+        target cannot be served is *kept*, not served: its record (ACL, CHAP user and secret) stays in the
+        files, ``unserved()`` says why, a warning is logged, and ``records()`` (so GetState) leaves it out.
+        The controller's reconcile, not seeing it, repeats the export: that repeat fails ``NotFound`` while
+        the volume is missing and serves the kept export (its own ACL, plus the repeat's initiator) once the
+        volume is back; so does the next ``restore``.  Nothing watches for the volume meanwhile.  Unexport
+        and fence change a kept record as any other (a fenced initiator does not come back with the disk).
+
+        Only a record whose secrets are missing is dropped: ``_save`` writes the secrets first, so that is
+        an unexport that stopped between its two writes, finished here.
+        """
         data = read_json(self._path(RECORD_FILE), {})
         secrets = read_json(self._path(SECRETS_FILE), {})
         restored = []
@@ -284,24 +316,42 @@ class ExportManager:
                 record = ExportRecord(volume_id, tuple(entry["initiators"]), entry["chap_user"],
                                       entry.get("mutual_chap_user", ""))
                 secret = secrets.get("secrets", {}).get(volume_id)
-                volume = self.volumes.get(volume_id)
-                if volume is None or secret is None:
-                    log.warning("export of volume %s not restored: %s", volume_id,
-                                "its volume is gone" if volume is None else "its CHAP secret is missing")
+                if secret is None:
+                    log.warning("export of volume %s dropped: its CHAP secret is missing (an unexport stopped "
+                                "half-way)", volume_id)
                     continue
                 self._records[volume_id] = record
                 self._secrets[volume_id] = _Secrets(secret["chap"], secret.get("mutual_chap", ""))
+                volume = self.volumes.get(volume_id)
+                if volume is None:
+                    self._keep_unserved(volume_id, "its volume is missing (a disk not mounted yet?)")
+                    continue
                 try:
                     self._serve(volume.path, record, self._secrets[volume_id])
                 except Exception as exc:
-                    log.error("export of volume %s not restored: %s", volume_id, exc)
-                    del self._records[volume_id], self._secrets[volume_id]
+                    self._keep_unserved(volume_id, f"serving it failed: {exc}")
                     continue
                 restored.append(volume_id)
             self._save()
         if restored:
             log.info("restored %d export(s): %s", len(restored), ", ".join(restored))
         return restored
+
+    def _keep_unserved(self, volume_id: str, why: str) -> None:
+        self._unserved[volume_id] = why
+        log.warning("export of volume %s kept but not served: %s; the controller's repeat of the export, or the "
+                    "next restart, serves it once the volume is there", volume_id, why)
+
+    def _serve_kept(self, path: str, record: ExportRecord, initiator_iqn: str) -> ExportInfo:
+        """Serve a record ``restore`` kept, its volume back: its own ACL (plus ``initiator_iqn``) and CHAP."""
+        if initiator_iqn not in record.initiators:
+            record = replace(record, initiators=record.initiators + (initiator_iqn,))
+            self._commit(record, self._secrets[record.volume_id])
+        self._serve(path, record, self._secrets[record.volume_id])  # a failure: still kept, a repeat tries again
+        del self._unserved[record.volume_id]
+        log.info("volume %s: kept export served again as %s to %s", record.volume_id,
+                 self.target_iqn(record.volume_id), ", ".join(record.initiators))
+        return self.info(record.volume_id, record.chap_user)
 
     # ------------------------------------------------------------------ helpers
 

@@ -146,9 +146,10 @@ def test_the_record_keeps_secrets_apart_and_restores_after_a_restart(tmp_path):
     assert json.loads((data / RECORD_FILE).read_text())["exports"]["vol-1"]["initiators"] == [X]
 
     again = Node(tmp_path, port)
-    again.volumes.delete("vol-gone")  # gone while the agent was down: dropped from the record
+    again.volumes.delete("vol-gone")  # gone while the agent was down: kept in the record, not served
     try:
         assert again.exports.restore() == ["vol-1"]
+        assert list(again.exports.unserved()) == ["vol-gone"]
         lun = again.login("vol-1", X)
         try:
             assert lun.pread(4096, 512) == b"kept" * 128
