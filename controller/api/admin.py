@@ -1,8 +1,9 @@
 """``AdminService`` (protos/shoal/v1/admin.proto) over ``ControllerService``.
 
 Each method: required fields (the ``rpc`` decorator), proto3 defaults made
-explicit (an unset pool is "default", an unset mode "userspace", an unset
-overcommit ratio 1.0), one domain call, the answer.  Idempotency is the
+explicit (an unset pool is the controller's configured default pool,
+``ControllerSettings.default_pool``, as for CSI; an unset mode "userspace",
+an unset overcommit ratio 1.0), one domain call, the answer.  Idempotency is the
 domain's, as admin.proto writes it per RPC; nothing here keeps state.
 """
 
@@ -67,7 +68,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
     # Volumes.
     @rpc("name", "size_bytes")
     def CreateVolume(self, request, context):
-        volume = self.service.create_volume(request.name, request.size_bytes, request.pool or "default",
+        volume = self.service.create_volume(request.name, request.size_bytes, request.pool or self._default_pool(),
                                             thin=not request.thick, constraints=dict(request.constraints))
         return self._volume(volume)
 
@@ -92,6 +93,10 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
     def DeleteVolume(self, request, context):
         self.service.delete_volume(request.name)
         return admin_pb2.DeleteVolumeResponse()
+
+    def _default_pool(self) -> str:
+        # "" disables the default pool's creation, not the name: "default", as the CSI controller does.
+        return self.service.settings.default_pool or "default"
 
     def _volume(self, volume):
         return convert.volume_to_proto(volume, [a.node for a in self.service.list_attachments(volume=volume.name)],

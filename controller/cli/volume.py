@@ -52,7 +52,8 @@ def register(sub) -> None:
     verb = noun.add_parser("create", help="create a volume (idempotent by name)")
     verb.add_argument("name")
     verb.add_argument("--size", type=size, required=True, help="e.g. 64MiB, 1GiB, 1G or bytes")
-    verb.add_argument("--pool", default="default", help="pool to place it in (default %(default)s)")
+    verb.add_argument("--pool", default="",
+                      help="pool to place it in (default: the controller's default pool, usually \"default\")")
     verb.add_argument("--thick", action="store_true", help="allocate it fully now (default: thin)")
     verb.add_argument("--constraint", type=label, action="append", default=[], metavar="KEY=VALUE",
                       help="a label its node must have (repeatable)")

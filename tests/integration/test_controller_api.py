@@ -78,10 +78,10 @@ class Secrets:
 
 
 class Served:
-    def __init__(self, tls: ServerTls | None = None):
+    def __init__(self, tls: ServerTls | None = None, settings: ControllerSettings | None = None):
         self.clock = Clock()
         self.agents = FakeAgents()
-        self.service = ControllerService(MemoryStore(), self.agents, settings=ControllerSettings(),
+        self.service = ControllerService(MemoryStore(), self.agents, settings=settings or ControllerSettings(),
                                          clock=self.clock, secrets=Secrets())
         self.server, port = build_server(self.service, "127.0.0.1:0", tls=tls, workers=4)
         self.address = f"127.0.0.1:{port}"
@@ -187,6 +187,21 @@ def test_volume_life_and_idempotency(served, stubs, caplog):
     admin.DeleteVolume(admin_pb2.DeleteVolumeRequest(name="vol1"))  # deleting what is gone: OK
     assert not admin.ListVolumes(admin_pb2.ListVolumesRequest()).volumes
     assert SECRET_MARK not in caplog.text
+
+
+def test_an_unset_pool_is_the_controllers_configured_default_pool():
+    """CreateVolume used to turn an unset pool into the literal "default", ignoring
+    ``ControllerSettings.default_pool``: with another default configured, it answered NOT_FOUND."""
+    served = Served(settings=ControllerSettings(default_pool="fast"))
+    try:
+        with grpc.insecure_channel(served.address) as channel:
+            admin = admin_pb2_grpc.AdminServiceStub(channel)
+            register(agent_pb2_grpc.RegistrationServiceStub(channel), "node-a")
+            volume = admin.CreateVolume(admin_pb2.CreateVolumeRequest(name="vol1", size_bytes=GiB))
+            assert volume.pool == "fast"
+            assert [p.name for p in served.service.list_pools()] == ["fast"]
+    finally:
+        served.server.stop(None)
 
 
 @pytest.mark.parametrize("request_, field", [

@@ -183,9 +183,13 @@ def test_volume_create_sends_bytes_pool_thickness_and_constraints(ctl, fake):
 
 
 def test_volume_create_defaults_to_thin_in_the_default_pool(ctl, fake):
+    """Without --pool the pool is left unset, for the controller's configured default pool (it used to send the
+    literal "default", which overrode a controller configured with another one)."""
     assert ctl("volume", "create", "data", "--size", "1G")[0] == 0
     request = fake.requests[0][1]
-    assert (request.pool, request.thick) == ("default", False)
+    assert (request.pool, request.thick) == ("", False)
+    code, out, _ = ctl("volume", "create", "--help")
+    assert code == 0 and "the controller's default pool" in " ".join(out.split())
 
 
 def test_pool_create_with_members_and_overcommit(ctl, fake):
