@@ -6,7 +6,8 @@ good SCSI Response, leave an aborted command unanswered on purpose, or claim a r
 the transfer; so these tests script the target's side.  ``ScriptedTarget`` is a small TCP peer on
 127.0.0.1 that logs the initiator in and then answers each SCSI command with what the test writes
 (our own boundary: what is checked is the initiator's bookkeeping, not a target's behaviour).  The
-core-level tests feed hand-built PDUs to ``InitiatorConnection`` for the same reason.
+core-level tests feed hand-built PDUs to ``InitiatorConnection`` for the same reason.  A short read
+needs no script: the PDU hook makes a READ ask Shoal's own target for less than its transfer length.
 """
 
 from __future__ import annotations
@@ -23,7 +24,11 @@ from node_agent.iscsi.initiator.blockdev import Capacity, LunDevice
 from node_agent.iscsi.initiator.client import ClientSettings, CommandAborted, IscsiClient
 from node_agent.iscsi.keys import InitiatorSettings, encode_text, parse_text
 from node_agent.iscsi.pdu import Opcode
+from node_agent.iscsi.target import TargetNode, TargetRegistry
+from node_agent.scsi.device import LogicalUnit, LunIdentity, LunMap
+from node_agent.storage.backing import MemoryBackingStore
 from tests.protocol.conftest import INITIATOR, TARGET
+from tests.protocol.test_initiator_reconnect_futures import portal
 
 READ_8_BLOCKS = struct.pack(">BBQIBB", 0x88, 0, 0, 8, 0, 0)  # READ(16), 4 KiB
 WRITE_8_BLOCKS = struct.pack(">BBQIBB", 0x8A, 0, 0, 8, 0, 0)
@@ -322,3 +327,71 @@ def test_read_blocks_refuses_a_short_read_instead_of_joining_it():
             await device.read_blocks(0, 4096)  # two commands of 2048 blocks
 
     run(ScriptedTarget(answer), scenario)
+
+
+# -- reads into the caller's buffer -------------------------------------------------------------------
+def shorter_reads(opcode, header, data):
+    """PDU hook: every READ(16) asks the target for one block less than its Expected Data Transfer Length,
+    so Shoal's own target answers GOOD with an underflow residual of 512 bytes (§11.4.5.1)."""
+    if opcode == Opcode.SCSI_COMMAND and header[32] == 0x88:
+        blocks = int.from_bytes(header[42:46], "big")
+        header[42:46] = (blocks - 1).to_bytes(4, "big")
+
+
+@pytest.mark.parametrize("blocks, known", [(8, True), (8, False), (4096, True)],
+                         ids=["one-command", "capacity-read-first", "two-commands"])
+def test_read_into_refuses_a_short_read_as_read_blocks_does(blocks, known):
+    """``read_into`` fills the caller's buffer in place: after an underflow the buffer's last bytes are
+    what was there before, so a short READ must fail as it does for ``read_blocks``, never pass as data.
+    Each path: one command (returned without a coroutine of its own), the capacity read first, and a
+    read split into commands of ``MAX_IO_BLOCKS``."""
+    lu = LogicalUnit(MemoryBackingStore(8192 * 512), LunIdentity(volume_id="vol-short"), target_name=TARGET)
+    registry = TargetRegistry([TargetNode(TARGET, LunMap({0: lu}))])
+
+    async def scenario():
+        async with portal(registry) as server:
+            client = IscsiClient(*server.address, TARGET, pdu_hook=shorter_reads, settings=ClientSettings(
+                initiator_iqn=INITIATOR, nop_interval=3600))
+            await client.connect()
+            try:
+                await client.execute(bytes(6), check=False)  # the power-on unit attention
+                device = LunDevice(client)
+                if known:
+                    device.capacity = Capacity(8192, 512)
+                buffer = bytearray(b"\xee" * blocks * 512)
+                with pytest.raises(IOError, match=r"transferred \d+ bytes, \d+ expected"):
+                    await device.read_into(0, buffer)
+                with pytest.raises(IOError, match="expected"):
+                    await device.read_blocks(0, blocks)
+            finally:
+                await client.close()
+
+    asyncio.run(scenario())
+
+
+def data_in(itt: int, data: bytes, datasn: int, offset: int, *, last: bool = False) -> bytes:
+    return pdu(Opcode.DATA_IN, data, final=last, status_present=last, status=0, itt=itt, ttt=0xFFFFFFFF,
+               datasn=datasn, buffer_offset=offset, statsn=1, expcmdsn=1, maxcmdsn=64)
+
+
+@pytest.mark.parametrize("size", [4096, 128 * 1024], ids=["copied", "placed-in-the-buffer"])
+@pytest.mark.parametrize("callers_buffer", [False, True], ids=["own-buffer", "callers-buffer"])
+def test_data_in_that_overlaps_instead_of_covering_the_buffer_fails_the_command(size, callers_buffer):
+    """With DataPDUInOrder and DataSequenceInOrder (both Yes here) Data-In comes at continuously
+    increasing offsets, with no gap or overlay (§13.18, §13.19).  Two halves both at offset 0 add up to
+    the transfer length, but the second half of the buffer was never written: the command fails instead
+    of GOOD with stale bytes (the caller's, or zeros)."""
+    conn = logged_in_core()
+    buffer = bytearray(b"\xee" * size) if callers_buffer else None
+    cdb = struct.pack(">BBQIBB", 0x88, 0, 0, size // 512, 0, 0)
+    itt = conn.submit(cdb, buffer=buffer) if callers_buffer else conn.submit(cdb, read_length=size)
+    conn.take_output()
+    half = size // 2
+    wire = data_in(itt, b"\xab" * half, 0, 0) + data_in(itt, b"\xcd" * half, 1, 0, last=True)
+    for start in range(0, len(wire), 1000):  # TCP-sized pieces: a large payload is then received in place
+        conn.receive(wire[start:start + 1000])
+    [event] = conn.take_events()
+    assert isinstance(event, C.TaskFailed) and f"offset 0, {half} expected" in event.reason, event
+    assert conn.outstanding() == []
+    if callers_buffer:  # the misplaced PDU was not written there either (nor placed in it directly)
+        assert buffer == b"\xab" * half + b"\xee" * half

@@ -89,6 +89,8 @@ class LunDevice:
     def read_into(self, lba: int, buffer: bytearray | memoryview) -> Awaitable[Any]:
         """Read ``len(buffer)`` bytes of whole blocks at ``lba`` into ``buffer``: Data-In is received
         there directly, with no buffer allocated per command (what a caller reusing buffers wants).
+        A READ answered with fewer bytes is an ``IOError``, as for ``read_blocks``: the rest of the buffer
+        would hold whatever was there before.
 
         Await the result (its value is not part of the API).  Not a coroutine itself: a read of one
         command returns ``execute``'s coroutine directly, one coroutine less to create and resume per I/O."""
@@ -101,7 +103,7 @@ class LunDevice:
             size, block_size = len(view), cap.block_size
             if size <= MAX_IO_BLOCKS * block_size and not size % block_size:  # one command: the common case
                 return self.client.execute(_RW16.pack(READ_16, 0, lba, size // block_size, 0, 0), self.lun,
-                                           buffer=view)
+                                           buffer=view, exact=True)
         return self._read_into(lba, view)
 
     async def _read_into(self, lba: int, view: bytearray | memoryview) -> None:
@@ -114,7 +116,7 @@ class LunDevice:
         for start in range(0, size, step):
             chunk = view[start:start + step]
             cdb = _RW16.pack(READ_16, 0, lba + start // block_size, len(chunk) // block_size, 0, 0)
-            await self.client.execute(cdb, self.lun, buffer=chunk)
+            await self.client.execute(cdb, self.lun, buffer=chunk, exact=True)
 
     async def write_blocks(self, lba: int, data: bytes | bytearray | memoryview, *, fua: bool = False) -> None:
         cap = self.capacity or await self.read_capacity()

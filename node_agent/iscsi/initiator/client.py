@@ -6,7 +6,10 @@ or the target stops answering NOP-Out pings, it reconnects with exponential
 backoff (tenacity), reinstates the session (same ISID, ErrorRecoveryLevel 0)
 and issues again every command that had no status, so a caller sees a delay
 rather than an error while the target comes back within ``reconnect_timeout``;
-after that every waiting command fails with ``SessionLost``.
+after that every waiting command fails with ``SessionLost``.  A NOP-Out, task
+management or Text request whose connection is lost fails at once with
+``ConnectionLost`` (only a SendTargets query is asked again after the
+reconnect; ``InitiatorConnection.lost`` gives the reasons per kind).
 
 Per command, ``execute`` does only what a command needs: take a slot (a
 counter; a queue only when full), hand the CDB to the core, await one future.
@@ -28,6 +31,7 @@ from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, w
 
 from node_agent.iscsi.initiator import core as C
 from node_agent.iscsi.keys import InitiatorSettings
+from node_agent.iscsi.pdu import Opcode
 
 log = logging.getLogger("shoal.iscsi.initiator")
 
@@ -37,6 +41,16 @@ UNIT_ATTENTION = 0x06
 
 class SessionLost(ConnectionError):
     """The target did not come back within the reconnect timeout."""
+
+
+class ConnectionLost(ConnectionError):
+    """The connection a NOP-Out, Task Management Function or Text request went out on was lost before its
+    answer came; it is not sent again (``InitiatorConnection.lost`` says why per kind).  The session
+    reconnects meanwhile: a request made again waits for it."""
+
+
+_REQUEST_NAMES = {Opcode.NOP_OUT: "NOP-Out", Opcode.TASK_MGMT_REQUEST: "Task Management Function Request",
+                  Opcode.TEXT_REQUEST: "Text Request", Opcode.LOGOUT_REQUEST: "Logout Request"}
 
 
 class CommandFailed(IOError):
@@ -236,6 +250,11 @@ class IscsiClient:
         except BaseException:
             transport.close()
             raise
+        if transport.is_closing():
+            # Lost after the final Login Response arrived but before this resumed: ``_lost`` saw a
+            # connection that was not the session's yet and left it alone; taken as the session's, it
+            # would be "up" on a dead socket, its commands never sent and its pings' aborts no-ops.
+            raise ConnectionResetError(f"connection to {self.host}:{self.port} lost right after the login")
         self.conn, self._proto = conn, proto  # only a logged-in connection is reconnected when lost
         self._received = True
         if previous is not None:
@@ -265,10 +284,13 @@ class IscsiClient:
     # ------------------------------------------------------------------ commands
     async def execute(self, cdb: bytes, lun: int = 0, *, data_out: bytes | bytearray | memoryview | None = None,
                       read_length: int = 0, buffer: bytearray | memoryview | None = None,
-                      check: bool = True) -> C.TaskDone:
+                      check: bool = True, exact: bool = False) -> C.TaskDone:
         """Run one SCSI command; raises ``CommandFailed`` unless GOOD (with ``check``).
 
-        Data-In lands in ``buffer`` when given (see ``InitiatorConnection.submit``)."""
+        Data-In lands in ``buffer`` when given (see ``InitiatorConnection.submit``).  With ``exact`` a GOOD
+        read that transferred less than asked (an underflow residual, §11.4.5.1) raises ``IOError``
+        instead of returning the shorter data: what a block read into a caller's buffer needs, whose
+        bytes past the transfer would otherwise pass for data."""
         slots = self._slots
         attempt = 0
         while True:
@@ -293,6 +315,9 @@ class IscsiClient:
                 else:  # release(), inlined for the common case: nobody waits for a slot
                     slots.free += 1
             if done.status == 0:
+                if exact and done.underflow and done.residual:
+                    raise IOError(f"command {cdb[0]:#04x} transferred {len(done.data)} bytes, "
+                                  f"{len(done.data) + done.residual} expected (underflow, RFC 7143 §11.4.5.1)")
                 return done
             if done.status == CHECK_CONDITION and attempt < self.settings.unit_attention_retries \
                     and sense_code(done.sense)[0] == UNIT_ATTENTION:
@@ -326,7 +351,9 @@ class IscsiClient:
             if self._closing:
                 raise SessionLost("session closed")
             if self._reconnecting is not None:
-                await asyncio.shield(self._reconnecting)
+                # Not through asyncio.shield: close() cancels the reconnect, and shield would pass that
+                # cancellation on to this caller as its own; here it sees the session closed instead.
+                await asyncio.wait((self._reconnecting,))
                 continue
             assert self.conn is not None and self._proto is not None
             return self.conn, self._proto
@@ -402,19 +429,28 @@ class IscsiClient:
         fut = self._futures.pop(itt, None) if itt is not None else None
         if fut is None or fut.done():
             return
-        if isinstance(event, C.TaskRejected):
+        if isinstance(event, C.RequestLost):
+            self._abort(event.aborted, "the connection was lost while a task management function for it was "
+                                       "outstanding; reinstating the session ends it on the target (RFC 7143 "
+                                       "§6.3.5), and it is not issued again")
+            fut.set_exception(ConnectionLost(
+                f"connection to {self.host}:{self.port} lost before the answer to a "
+                f"{_REQUEST_NAMES.get(event.opcode, 'request')} (ITT {event.itt:#x}); it is not sent again"))
+        elif isinstance(event, C.TaskRejected):
             fut.set_exception(C.InitiatorError(f"target rejected the command (reason {event.reason:#04x})"))
         elif isinstance(event, C.TaskFailed):
             fut.set_exception(C.InitiatorError(event.reason))
         else:
-            if isinstance(event, C.TmfDone):
-                for aborted in event.aborted:  # no SCSI Response will come for these (§11.6.1)
-                    waiting = self._futures.pop(aborted, None)
-                    if waiting is not None and not waiting.done():
-                        waiting.set_exception(CommandAborted(
-                            f"command {aborted:#x} aborted by task management function (response "
-                            f"{event.response})"))
+            if isinstance(event, C.TmfDone):  # no SCSI Response will come for these (§11.6.1)
+                self._abort(event.aborted, f"aborted by task management function (response {event.response})")
             fut.set_result(event)
+
+    def _abort(self, itts: tuple[int, ...], why: str) -> None:
+        """Fail the callers of commands a task management function ended with ``CommandAborted``."""
+        for itt in itts:
+            waiting = self._futures.pop(itt, None)
+            if waiting is not None and not waiting.done():
+                waiting.set_exception(CommandAborted(f"command {itt:#x} {why}"))
 
     def _failed(self, proto: _Protocol, exc: Exception) -> None:
         """The core found a protocol error: drop the connection (ERL 0; ``_lost`` reconnects).
@@ -435,6 +471,8 @@ class IscsiClient:
         if proto is not self._proto or self._closing or self._reconnecting is not None:
             return
         log.warning("connection to %s:%d lost (%s); reconnecting", self.host, self.port, exc or "closed")
+        proto.conn.lost()  # its pings, task management and negotiations end now (their answers are gone)
+        self._deliver(proto.conn.take_events())
         self._reconnecting = asyncio.get_running_loop().create_task(self._reconnect(proto.conn))
 
     async def _reconnect(self, previous: C.InitiatorConnection) -> None:

@@ -168,6 +168,18 @@ class TaskFailed:
 
 
 @dataclass
+class RequestLost:
+    """A NOP-Out, Task Management Function, Text or Logout request whose connection was lost before its
+    answer came (``InitiatorConnection.lost``): the answer belonged to that connection (ERL 0, §7.1.1),
+    and the request is not sent again.  ``aborted``: for a TMF, the commands it was ending, forgotten as
+    ``TmfDone.aborted`` ones are: the session's reinstatement ends them on the target (§6.3.5)."""
+
+    itt: int
+    opcode: int
+    aborted: tuple[int, ...] = ()
+
+
+@dataclass
 class NopReply:
     itt: int
     data: bytes
@@ -258,6 +270,9 @@ class InitiatorConnection:
         self.maxcmdsn = initial_cmdsn
         self.header_digest = self.data_digest = False
         self.max_xmit = 8192  # the target's MaxRecvDataSegmentLength: 8192 until declared (§13.12)
+        # DataPDUInOrder and DataSequenceInOrder (Yes until negotiated, §13.18, §13.19): each Data-In of a
+        # command must then start where the last one ended (with either No, only the byte count is checked).
+        self._in_order = True
         self.logged_in = False
         self.closed = False
         self._rx = ReceiveBuffer(256 * 1024)
@@ -274,7 +289,8 @@ class InitiatorConnection:
         self._login_keys_sent = False
         self._tasks: dict[int, _Task] = {}
         self._waiting: deque[_Task] = deque()  # commands waiting for the CmdSN window to open
-        self._text: dict[int, list[tuple[str, str]]] = {}
+        self._requests: dict[int, int] = {}  # ITT -> opcode of each NOP-Out, TMF, Text, Logout not answered yet
+        self._text: dict[int, list[tuple[str, str]]] = {}  # Text Request ITT -> its keys (asked again: ``adopt``)
         self._text_partial: dict[int, bytearray] = {}
         self._tmf: dict[int, tuple[int, tuple[int, ...]]] = {}  # TMF ITT -> (function, commands it covers)
 
@@ -414,6 +430,7 @@ class InitiatorConnection:
         self.header_digest = params.header_digest
         self.data_digest = params.data_digest
         self.max_xmit = params.max_xmit_data_segment_length
+        self._in_order = params.data_pdu_in_order and params.data_sequence_in_order
         self._events.append(LoggedIn(params, header.tsih))
         self._flush_waiting()
 
@@ -485,6 +502,33 @@ class InitiatorConnection:
         self._itt = other._itt
         if self.logged_in:
             self._flush_waiting()
+            for itt, pairs in other._text.items():  # the SendTargets queries ``lost`` kept: asked again
+                self._text[itt] = pairs
+                self._requests[itt] = Opcode.TEXT_REQUEST
+                self._send_text(itt, encode_text(pairs), P.RESERVED_TAG)
+
+    def lost(self) -> None:
+        """The connection is gone: end its NOP-Out, Task Management, Text and Logout requests without an
+        answer, each as ``RequestLost`` (their answers would have come on this connection only, §7.1.1).
+
+        Whether to send a request again on the next connection is decided per kind.  A ping tested this
+        connection: no.  A TMF acted on a task set that reinstating the session ends anyway (§6.3.5): not
+        repeated, and the commands it was ending are forgotten (not issued again: their caller asked for
+        them to end).  A Text Request with any key but SendTargets negotiates (§6.2), and may or may not
+        have taken effect: no.  A Text Request of SendTargets alone only reads the target's configuration
+        (§13.3): it stays, and ``adopt`` asks it again, as it issues again the SCSI commands left here."""
+        for itt, opcode in list(self._requests.items()):
+            if opcode == Opcode.TEXT_REQUEST and all(key == "SendTargets" for key, _ in self._text[itt]):
+                continue
+            del self._requests[itt]
+            self._text.pop(itt, None)
+            aborted: tuple[int, ...] = ()
+            if opcode == Opcode.TASK_MGMT_REQUEST:
+                aborted = tuple(task for task in self._tmf.pop(itt)[1] if task in self._tasks)
+                for task in aborted:
+                    self.forget(task)
+            self._events.append(RequestLost(itt, opcode, aborted))
+        self._text_partial.clear()  # a query asked again starts over
 
     def outstanding(self) -> list[int]:
         return list(self._tasks)
@@ -494,6 +538,7 @@ class InitiatorConnection:
         header = P.encode_header(Opcode.NOP_OUT, immediate=True, final=True, lun=bytes(8), itt=itt,
                                  ttt=P.RESERVED_TAG, cmdsn=self.cmdsn, expstatsn=self.expstatsn)
         self._queue(Opcode.NOP_OUT, header, data)
+        self._requests[itt] = Opcode.NOP_OUT
         return itt
 
     def task_management(self, function: int, lun: int = 0, referenced_itt: int = P.RESERVED_TAG) -> int:
@@ -515,6 +560,7 @@ class InitiatorConnection:
         else:
             covered = ()
         self._tmf[itt] = (function, covered)
+        self._requests[itt] = Opcode.TASK_MGMT_REQUEST
         header = P.encode_header(Opcode.TASK_MGMT_REQUEST, immediate=True, final=True, function=function,
                                  lun=encode_lun(lun), itt=itt, referenced_task_tag=referenced_itt,
                                  cmdsn=self.cmdsn, expstatsn=self.expstatsn,
@@ -524,7 +570,8 @@ class InitiatorConnection:
 
     def text(self, pairs: list[tuple[str, str]]) -> int:
         itt = self.next_itt()
-        self._text[itt] = []
+        self._text[itt] = list(pairs)
+        self._requests[itt] = Opcode.TEXT_REQUEST
         self._send_text(itt, encode_text(pairs), P.RESERVED_TAG)
         return itt
 
@@ -538,6 +585,7 @@ class InitiatorConnection:
         header = P.encode_header(Opcode.LOGOUT_REQUEST, immediate=True, final=True, reason=reason, itt=itt,
                                  cid=self.cid, cmdsn=self.cmdsn, expstatsn=self.expstatsn)
         self._queue(Opcode.LOGOUT_REQUEST, header, b"")
+        self._requests[itt] = Opcode.LOGOUT_REQUEST
         return itt
 
     def forget(self, itt: int) -> None:
@@ -712,8 +760,9 @@ class InitiatorConnection:
             raise InitiatorError("header digest error from the target")
         task = self._tasks.get(bhs[6])  # ITT
         offset = bhs[12]  # Buffer Offset; bhs[11] is the DataSN
-        if task is None or task.buffer is None or bhs[11] != task.datasn or offset + dsl > len(task.buffer):
-            return  # not a transfer we can place: framed and handled the ordinary way
+        if task is None or task.buffer is None or bhs[11] != task.datasn or offset != task.received \
+                or offset + dsl > len(task.buffer):
+            return  # not a transfer we can place (or not in order): framed and handled the ordinary way
         have = min(rx.end - payload, dsl)
         task.buffer[offset:offset + have] = view[payload:payload + have]
         rx.consume(payload + have - pos)
@@ -775,23 +824,36 @@ class InitiatorConnection:
         if task is not None:  # None: a command we gave up on
             if datasn != task.datasn:
                 raise InitiatorError(f"Data-In DataSN {datasn}, expected {task.datasn}")
-            task.datasn += 1
-            if data is not None:
-                end = offset + len(data)
-                if task.buffer is None or end > len(task.buffer):
-                    raise InitiatorError("Data-In beyond the expected transfer length")
-                task.buffer[offset:end] = data
-                task.received += end - offset
+            size = bhs[4] & 0xFFFFFF  # DataSegmentLength
+            if size and offset != task.received and self._in_order:
+                self._misplaced(task, offset)
             else:
-                task.received += bhs[4] & 0xFFFFFF  # DataSegmentLength
-            if flags & 0x01:
-                if flags & 0x06 or task.received < task.read_length:  # O or U, or data missing (§11.7.5)
-                    self._complete(task, status, b"", residual, bool(flags & 0x04), bool(flags & 0x02))
-                else:  # _complete, inlined for the common case
-                    del self._tasks[itt]
-                    self._events.append(TaskDone(itt, status, task.buffer, b"", residual, False, False))
+                task.datasn += 1
+                if data is not None:
+                    end = offset + size
+                    if task.buffer is None or end > len(task.buffer):
+                        raise InitiatorError("Data-In beyond the expected transfer length")
+                    task.buffer[offset:end] = data
+                task.received += size
+                if flags & 0x01:
+                    if flags & 0x06 or task.received < task.read_length:  # O or U, or data missing (§11.7.5)
+                        self._complete(task, status, b"", residual, bool(flags & 0x04), bool(flags & 0x02))
+                    else:  # _complete, inlined for the common case
+                        del self._tasks[itt]
+                        self._events.append(TaskDone(itt, status, task.buffer, b"", residual, False, False))
         if self._waiting:
             self._flush_waiting()
+
+    def _misplaced(self, task: _Task, offset: int) -> None:
+        """Fail a read whose Data-In left a gap or overlapped (the target's later PDUs for it are ignored).
+
+        With DataPDUInOrder and DataSequenceInOrder Yes, a command's Data-In comes at continuously
+        increasing offsets, without gaps or overlays (§13.18, §13.19), so each PDU must start where the
+        bytes received so far end.  Counting bytes alone would take two PDUs at one offset for the whole
+        transfer, and hand over as data the part of the buffer that neither of them wrote."""
+        del self._tasks[task.itt]
+        self._events.append(TaskFailed(task.itt, f"Data-In at buffer offset {offset}, {task.received} expected (a "
+                                                 f"gap or an overlap; RFC 7143 §13.18, §13.19)"))
 
     def _scsi_response(self, bhs: tuple, data: memoryview) -> None:
         """SCSI Response (§11.4), from its unpacked BHS."""
@@ -853,16 +915,22 @@ class InitiatorConnection:
                                     itt=P.RESERVED_TAG, ttt=header.ttt, cmdsn=self.cmdsn, expstatsn=self.expstatsn)
             self._queue(Opcode.NOP_OUT, reply, b"")
         elif header.itt != P.RESERVED_TAG:
+            self._requests.pop(header.itt, None)
             self._events.append(NopReply(header.itt, bytes(data)))
 
     def _reject(self, header: Any, data: memoryview) -> None:
         itt = int.from_bytes(data[16:20], "big") if len(data) >= 48 else P.RESERVED_TAG
         self._tasks.pop(itt, None)
+        if self._requests.pop(itt, None) is not None:
+            self._tmf.pop(itt, None)
+            self._text.pop(itt, None)
+            self._text_partial.pop(itt, None)
         self._events.append(TaskRejected(itt, header.reason))
 
     def _tmf_response(self, header: Any, data: memoryview) -> None:
         """Forget the commands the function ended: no SCSI Response follows for them (§11.6.1)."""
         function, covered = self._tmf.pop(header.itt, (0, ()))
+        self._requests.pop(header.itt, None)
         aborted: list[int] = []
         if header.response == TMF_COMPLETE or (function == TMF_ABORT_TASK and header.response == TMF_NO_TASK):
             for itt in covered:
@@ -878,9 +946,12 @@ class InitiatorConnection:
             self._send_text(header.itt, b"", header.ttt)
             return
         del self._text_partial[header.itt]
+        self._text.pop(header.itt, None)
+        self._requests.pop(header.itt, None)
         self._events.append(TextDone(header.itt, parse_text(bytes(partial))))
 
     def _logout_response(self, header: Any, data: memoryview) -> None:
+        self._requests.pop(header.itt, None)
         self._events.append(LoggedOut(header.itt, header.response))
         self.closed = True
 
