@@ -19,7 +19,13 @@ handed out.  This module adds the agent's idempotency and record:
   secrets first (with those the record on disk still names), then the record,
   then the secrets again without those no record names any more: a crash
   between two writes leaves every recorded attachment its credentials, at
-  worst with a secret nobody names, which ``restore`` drops.  After a restart the
+  worst with a secret nobody names, which ``restore`` drops (or the next save).
+  Writing the record commits a change: memory takes it only then (``_commit``,
+  as ``ExportManager._commit``), so a save that fails (disk full, EIO) leaves
+  memory, the files and a repeat of the call where they were before it; the
+  call fails with ``Unavailable`` (``ResourceExhausted`` for a full disk) and
+  its repeat does the whole of it again.  A failed cleanup of secrets nobody
+  names any more does not fail the committed change.  After a restart the
   kernel's sessions are usually still there and their records are kept, but
   the recorded ``/dev/sdX`` is not trusted until the connector has said so
   again (a host reboot ends the sessions, and the name may be another
@@ -31,13 +37,21 @@ handed out.  This module adds the agent's idempotency and record:
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, replace
 
-from node_agent.agent.errors import FailedPrecondition, InvalidArgument, NotFound
+from node_agent.agent.errors import (
+    AgentError,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    Unavailable,
+)
 from node_agent.agent.exports import ExportInfo
 from node_agent.agent.records import read_json, write_json
 from node_agent.host.connector import Connector, VolumeTarget
@@ -126,7 +140,8 @@ class AttachmentManager:
         """The local device of ``export``'s LUN, checked to be its volume.
 
         ``defer_login``: record the export and credentials only, and return the device if already logged
-        in, else "" (``login`` makes it).  A failed login leaves no new record behind.
+        in, else "" (``login`` makes it).  A failed login or save leaves the record and credentials as they
+        were (none for a new volume); see ``_login`` for the device.
         """
         mode = check_mode(mode)
         credentials = _Credentials(chap_secret, mutual_chap_user, mutual_chap_secret)
@@ -135,62 +150,73 @@ class AttachmentManager:
         with self._volume(export.volume_id):
             with self._lock:
                 known = self._records.get(export.volume_id)
-                new = known is None
                 if known is not None:
                     self._check_same(known, export, mode)
-                else:
-                    known = AttachmentRecord(export.volume_id, "", mode, export)
-                    self._records[export.volume_id] = known
-                previous = self._credentials.get(export.volume_id)
-                self._credentials[export.volume_id] = credentials
-                if defer_login or known.logged_in:
-                    self._save()
-            if defer_login:
-                if new:
-                    log.info("volume %s published here (%s): login deferred to NodeStageVolume",
-                             export.volume_id, mode)
-                return known.device_path
-            try:
-                device = self.login(export.volume_id)
-            except BaseException:
-                with self._lock:
-                    if new:
-                        self._records.pop(export.volume_id, None)
-                        self._credentials.pop(export.volume_id, None)
-                    elif previous is not None:
-                        self._credentials[export.volume_id] = previous
-                    self._save()
-                raise
-            return device
+            record = known or AttachmentRecord(export.volume_id, "", mode, export)
+            if not defer_login:  # the record and credentials are held (and saved) once the login succeeded
+                return self._login(record, credentials)
+            self._commit(export.volume_id, record, credentials, "publishing it")
+            if known is None:
+                log.info("volume %s published here (%s): login deferred to NodeStageVolume",
+                         export.volume_id, mode)
+            return record.device_path
 
     def login(self, volume_id: str) -> str:
         """Log in to a recorded volume's LUN and return its checked device; a repeat returns the same."""
         with self._volume(volume_id):
-            return self._login(volume_id)
+            with self._lock:
+                record = self._records.get(volume_id)
+                credentials = self._credentials.get(volume_id)
+            if record is None:
+                raise FailedPrecondition(f"volume {volume_id} is not published to this node: "
+                                         "ControllerPublishVolume (or an attach) first")
+            return self._login(record, credentials)
 
-    def _login(self, volume_id: str) -> str:
-        with self._lock:
-            record = self._records.get(volume_id)
-            credentials = self._credentials.get(volume_id)
-        if record is None:
-            raise FailedPrecondition(f"volume {volume_id} is not published to this node: "
-                                     "ControllerPublishVolume (or an attach) first")
+    def _login(self, record: AttachmentRecord, credentials: _Credentials | None) -> str:
+        """Log ``record`` in with ``credentials``, then hold both (saved first).
+
+        When the save fails, a login this call made is undone (the device was never handed out), so the
+        connector is where it was and a repeat logs in again; a session that was there before the call
+        (a kernel record restored as logged in, or a device in use) is left as it was.
+        """
+        volume_id = record.volume_id
         if record.logged_in and volume_id not in self._unverified:
+            with self._lock:
+                if (record, credentials) != (self._records.get(volume_id), self._credentials.get(volume_id)):
+                    self._commit(volume_id, record, credentials, "attaching it")  # a repeat with new credentials
             return record.device_path
         if credentials is None:
             raise FailedPrecondition(f"volume {volume_id}: its CHAP credentials are not known here any more: "
                                      "unpublish and publish it again")
         target = VolumeTarget.from_publish_context(record.export.publish_context(), credentials.as_map())
         device = self.connector(record.mode).attach(target)  # idempotent: a live session's checked device
-        with self._lock:
-            self._records[volume_id] = replace(record, device_path=device.path)
-            self._unverified.discard(volume_id)
-            self._save()
+        try:
+            self._commit(volume_id, replace(record, device_path=device.path), credentials, "logging it in",
+                         confirmed=True)
+        except Exception:
+            if not record.logged_in:  # this call's login, unless the device was there and in use already
+                self._undo_login(record, device.path)
+            raise
         log.info("volume %s logged in (%s) as %s", volume_id, record.mode, device.path)
         return device.path
 
+    def _undo_login(self, record: AttachmentRecord, device: str) -> None:
+        users = self.in_use(device)
+        if users:
+            log.warning("volume %s: its device %s stays: in use at %s", record.volume_id, device, ", ".join(users))
+            return
+        try:
+            self.connector(record.mode).detach(_target_without_secrets(record.export))
+        except Exception as exc:  # a repeat of the login finds the session (the connector's attach reuses it)
+            log.warning("volume %s: undoing its login after the failed save failed too: %s", record.volume_id, exc)
+        else:
+            log.info("volume %s: login undone (its record could not be saved)", record.volume_id)
+
     def logout(self, volume_id: str) -> bool:
-        """Flush, remove the device and log out; the record stays.  False when it was not logged in."""
+        """Flush, remove the device and log out; the record stays.  False when it was not logged in.
+
+        A logout cannot be taken back: when the save fails, the record still says logged in (in memory as
+        in the file) and a repeat logs out again (the connector's detach of what is gone succeeds)."""
         with self._volume(volume_id):
             return self._logout(volume_id)
 
@@ -206,8 +232,8 @@ class AttachmentManager:
         self.connector(record.mode).detach(_target_without_secrets(record.export))
         with self._lock:
             if volume_id in self._records:
-                self._records[volume_id] = replace(record, device_path="")
-                self._save()
+                self._commit(volume_id, replace(record, device_path=""), self._credentials.get(volume_id),
+                             "logging it out")
         log.info("volume %s logged out (%s) of %s", volume_id, record.mode, record.device_path)
         return True
 
@@ -237,7 +263,8 @@ class AttachmentManager:
         return self.connector(record.mode).foreign_device(_target_without_secrets(record.export), path)
 
     def detach(self, volume_id: str, mode: str = "") -> bool:
-        """Log out if logged in, and forget the record; False when there was none."""
+        """Log out if logged in, and forget the record; False when there was none.  When a save fails the
+        record stays (logged out if that much was saved) and a repeat does the rest."""
         with self._volume(volume_id):
             with self._lock:
                 record = self._records.get(volume_id)
@@ -245,9 +272,7 @@ class AttachmentManager:
                 return False
             self._logout(volume_id)
             with self._lock:
-                self._records.pop(volume_id, None)
-                self._credentials.pop(volume_id, None)
-                self._save()
+                self._commit(volume_id, None, None, "detaching it")
         log.info("volume %s detached (%s)", volume_id, record.mode)
         return True
 
@@ -279,7 +304,7 @@ class AttachmentManager:
                 self._unverified.add(volume_id)
             self._records[volume_id] = record
         with self._lock:
-            self._save()
+            self._save(self._records, self._credentials)
 
     def close(self) -> None:
         """At shutdown: userspace devices cannot outlive this process, so log them out (best effort);
@@ -313,26 +338,60 @@ class AttachmentManager:
                 f"volume {export.volume_id} is already attached here ({known.mode}, LUN {known.export.lun} of "
                 f"{known.export.target_iqn}); detach it first")
 
-    def _save(self) -> None:
-        """Secrets (old and new), record, secrets (new only): see the module docstring."""
+    def _commit(self, volume_id: str, record: AttachmentRecord | None, credentials: _Credentials | None,
+                doing: str, *, confirmed: bool = False) -> None:
+        """Save the attachments with the volume's ``record`` and ``credentials`` (None: without them), then
+        hold them in memory: a save that fails changes nothing here, and says so.  ``confirmed``: the
+        connector has just given the record's device path (it is no longer ``_unverified``)."""
+        with self._lock:
+            records, all_credentials = dict(self._records), dict(self._credentials)
+            records.pop(volume_id, None)
+            all_credentials.pop(volume_id, None)
+            if record is not None:
+                records[volume_id] = record
+            if credentials is not None:
+                all_credentials[volume_id] = credentials
+            try:
+                self._save(records, all_credentials)
+            except OSError as exc:
+                raise _save_failed(volume_id, doing, exc) from exc
+            self._records, self._credentials = records, all_credentials
+            if confirmed or record is None or not record.logged_in:
+                self._unverified.discard(volume_id)
+
+    def _save(self, records: dict[str, AttachmentRecord], credentials: dict[str, _Credentials]) -> None:
+        """Secrets (old and new), record, secrets (new only): see the module docstring.  Written the record,
+        the change is made: the cleanup's failure is only logged (the next save or ``restore`` drops them)."""
         secrets_path = os.path.join(self.data_dir, SECRETS_FILE)
         if self._saved_secrets is None:
             self._saved_secrets = read_json(secrets_path, {}).get("credentials", {})
-        wanted = {vid: asdict(c) for vid, c in self._credentials.items() if vid in self._records}
+        wanted = {vid: asdict(c) for vid, c in credentials.items() if vid in records}
         both = {**self._saved_secrets, **wanted}
         if both != self._saved_secrets:
             self._write_secrets(secrets_path, both)
         write_json(os.path.join(self.data_dir, RECORD_FILE), {"attachments": {
             vid: {"device_path": r.device_path, "mode": r.mode,
                   "export": {**asdict(r.export), "portals": list(r.export.portals)}}
-            for vid, r in self._records.items()}})
+            for vid, r in records.items()}})
         if wanted != self._saved_secrets:
-            self._write_secrets(secrets_path, wanted)
+            try:
+                self._write_secrets(secrets_path, wanted)
+            except OSError as exc:
+                log.warning("the CHAP credentials of %s stay in %s though no attachment names them: %s",
+                            ", ".join(sorted(set(both) - set(wanted))), SECRETS_FILE, exc)
 
     def _write_secrets(self, path: str, secrets: dict[str, dict[str, str]]) -> None:
         self._saved_secrets = None  # unknown if the write fails half-way: read again next time
         write_json(path, {"credentials": secrets}, mode=0o600)
         self._saved_secrets = secrets
+
+
+def _save_failed(volume_id: str, doing: str, exc: OSError) -> AgentError:
+    """A save that failed, as the RPC's answer: the record is as before the call, which the caller repeats."""
+    full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    message = (f"volume {volume_id}: {doing}: saving the attachment records failed ({exc.strerror or exc}); "
+               f"the agent's record of it is unchanged: repeat the call{' once there is space' if full else ''}")
+    return (ResourceExhausted if full else Unavailable)(message)
 
 
 def _target_without_secrets(export: ExportInfo) -> VolumeTarget:

@@ -19,6 +19,9 @@ Names (all prefixed ``shoal_agent_``):
   I/O errors;
 * ``iscsi_sessions``: logged-in iSCSI sessions on this node's portal;
 * ``exports``, ``export_initiators``: exported volumes, and initiators admitted over all of them;
+* ``exports_unserved{volume}``: 1 for each export kept but not served since the agent started (its volume
+  was missing, or serving it failed: ``ExportManager.unserved``; the log says why), until the controller's
+  repeat of the export serves it: its consumers cannot log in meanwhile, so this is one to alert on;
 * ``attachments{mode}``: volumes this node attached for its own use;
 * ``volumes``; ``disk_capacity_bytes{disk}``, ``disk_free_bytes{disk}``.
 """
@@ -106,6 +109,11 @@ class AgentCollector(Collector):
             yield GaugeMetricFamily(f"{PREFIX}_export_initiators",
                                     "Initiators admitted, over all exports.",
                                     value=sum(len(r.initiators) for r in records))
+            unserved = GaugeMetricFamily(f"{PREFIX}_exports_unserved", "1 for an export kept but not served "
+                                         "(its volume missing at start, or serving it failed).", labels=["volume"])
+            for volume_id in sorted(agent.exports.unserved()):
+                unserved.add_metric([volume_id], 1)
+            yield unserved
         if agent.attachments is not None:
             modes = Tally(a.mode for a in agent.attachments.list())
             family = GaugeMetricFamily(f"{PREFIX}_attachments", "Volumes attached on this node, by mode.",

@@ -195,7 +195,7 @@ def fake_agent(portal):
                SimpleNamespace(volume_id="vol-2", initiators=("iqn.a",))]
     return SimpleNamespace(
         portal=portal,
-        exports=SimpleNamespace(records=lambda: records),
+        exports=SimpleNamespace(records=lambda: records, unserved=lambda: {"vol-3": "its volume is missing"}),
         attachments=SimpleNamespace(list=lambda: [SimpleNamespace(mode="userspace")]),
         volumes=SimpleNamespace(list=lambda: [object()] * 3,
                                 disks=lambda: [SimpleNamespace(name="data0", capacity=100, free=60)]))
@@ -223,6 +223,7 @@ def test_agent_collector_reads_lun_counters_and_state():
     assert value("shoal_agent_iscsi_sessions") == 2
     assert value("shoal_agent_exports") == 2
     assert value("shoal_agent_export_initiators") == 3
+    assert value("shoal_agent_exports_unserved", {"volume": "vol-3"}) == 1
     assert value("shoal_agent_attachments", {"mode": "userspace"}) == 1
     assert value("shoal_agent_attachments", {"mode": "kernel"}) == 0
     assert value("shoal_agent_volumes") == 3
