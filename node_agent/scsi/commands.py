@@ -3,8 +3,11 @@
 Each row names the CDB layout, the handler, the data direction, the field
 that bounds Data-In (allocation length), whether it writes the medium, how
 persistent reservations treat it (``pr``: SPC-4 §5.13.1 table 66, SBC-3 §4.16
-table 13) and whether it runs while another I_T nexus holds an SPC-2
-reservation (``spc2_allowed``: SPC-2 §5.5.1); ``reservations.py`` enforces both.  Reserved CDB bits are derived from the layout:
+table 13), whether it runs while another I_T nexus holds an SPC-2
+reservation (``spc2_allowed``: SPC-2 §5.5.1 and annex B), and the CDB field
+values with which it runs under every reservation of either kind (``exempt``:
+START STOP UNIT with START=1 and POWER CONDITION 0, SBC-3 table 13, SPC-2
+table B.1); ``reservations.py`` enforces them.  Reserved CDB bits are derived from the layout:
 every bit no field claims must be zero.  REPORT SUPPORTED OPERATION CODES
 (§6.35) answers from this same table.
 """
@@ -44,10 +47,23 @@ class Command:
     writes: bool = False
     timeout_s: int = 30  # nominal command timeout reported with RCTD=1
     spc2_allowed: bool = False  # runs despite another I_T nexus's RESERVE(6)/(10)
+    exempt: tuple[tuple[str, int], ...] = ()  # (CDB field, value) pairs: then it runs under every reservation
     reserved: tuple[tuple[int, int], ...] = field(init=False, repr=False)
+    _exempt_bits: tuple[tuple[int, int, int, int], ...] = field(init=False, repr=False)
 
     def __post_init__(self):
         object.__setattr__(self, "reserved", reserved_bits(self.layout))
+        fields = {f.name: f for f in self.layout.fields}
+        object.__setattr__(self, "_exempt_bits", tuple(
+            (fields[name].offset, fields[name].width, fields[name].mask, value << fields[name].shift)
+            for name, value in self.exempt))
+
+    def runs_reserved(self, cdb) -> bool:
+        """Whether ``cdb`` (raw bytes) has every ``exempt`` field value: no reservation stops it."""
+        for offset, width, mask, value in self._exempt_bits:
+            if len(cdb) < offset + width or int.from_bytes(cdb[offset:offset + width], "big") & mask != value:
+                return False
+        return True
 
     @property
     def name(self) -> str:
@@ -82,8 +98,9 @@ def reserved_bits(layout: Layout) -> tuple[tuple[int, int], ...]:
     return tuple(out)
 
 
-def _c(opcode, layout, handler, direction, pr, *, sa=None, alloc=None, writes=False, timeout=30, spc2=False):
-    return Command(opcode, sa, layout, handler, direction, pr, alloc, writes, timeout, spc2)
+def _c(opcode, layout, handler, direction, pr, *, sa=None, alloc=None, writes=False, timeout=30, spc2=False,
+       exempt=()):
+    return Command(opcode, sa, layout, handler, direction, pr, alloc, writes, timeout, spc2, tuple(exempt))
 
 
 def report_supported_operation_codes(lu, nexus, cdb, data_out, edtl):
@@ -194,15 +211,18 @@ ALL_COMMANDS: tuple[Command, ...] = (
     # SBC-3
     _c(0x08, C.READ_6, sbc.read_6, IN, PR_READ),
     _c(0x0A, C.WRITE_6, sbc.write_6, OUT, PR_WRITE, writes=True),
-    _c(0x1B, C.START_STOP_UNIT, sbc.start_stop_unit, NONE, PR_WRITE),
-    _c(0x25, C.READ_CAPACITY_10, sbc.read_capacity_10, IN, PR_ALLOWED),
+    # SBC-3 table 13 and SPC-2 table B.1: START=1 with POWER CONDITION 0 runs under every reservation;
+    # every other form (a stop, an eject, a power condition) as a write.  READ CAPACITY under either kind.
+    _c(0x1B, C.START_STOP_UNIT, sbc.start_stop_unit, NONE, PR_WRITE, exempt=(("start", 1), ("power_condition", 0))),
+    _c(0x25, C.READ_CAPACITY_10, sbc.read_capacity_10, IN, PR_ALLOWED, spc2=True),
     _c(0x28, C.READ_10, sbc.read, IN, PR_READ),
     _c(0x2A, C.WRITE_10, sbc.write, OUT, PR_WRITE, writes=True),
     _c(0x2E, C.WRITE_AND_VERIFY_10, sbc.write_and_verify, OUT, PR_WRITE, writes=True),
     _c(0x2F, C.VERIFY_10, sbc.verify, OUT, PR_READ),
     _c(0x34, C.PRE_FETCH_10, sbc.pre_fetch, NONE, PR_READ),
     _c(0x35, C.SYNCHRONIZE_CACHE_10, sbc.synchronize_cache, NONE, PR_WRITE),
-    _c(0x37, C.READ_DEFECT_DATA_10, sbc.read_defect_data_10, IN, PR_READ, alloc="allocation_length"),
+    # READ DEFECT DATA conflicts with Write Exclusive too (SBC-3 table 13): it is no read of the medium's data.
+    _c(0x37, C.READ_DEFECT_DATA_10, sbc.read_defect_data_10, IN, PR_WRITE, alloc="allocation_length"),
     _c(0x41, C.WRITE_SAME_10, sbc.write_same, OUT, PR_WRITE, writes=True),
     _c(0x42, C.UNMAP, sbc.unmap, OUT, PR_WRITE, writes=True),
     _c(0x88, C.READ_16, sbc.read, IN, PR_READ),
@@ -216,14 +236,14 @@ ALL_COMMANDS: tuple[Command, ...] = (
     _c(0x93, C.WRITE_SAME_16, sbc.write_same, OUT, PR_WRITE, writes=True),
     _c(0x9C, C.WRITE_ATOMIC_16, sbc.write_atomic_16, OUT, PR_WRITE, writes=True),
     _c(SERVICE_ACTION_IN_16, C.READ_CAPACITY_16, sbc.read_capacity_16, IN, PR_ALLOWED, sa=0x10,
-       alloc="allocation_length"),
+       alloc="allocation_length", spc2=True),
     _c(SERVICE_ACTION_IN_16, C.GET_LBA_STATUS, sbc.get_lba_status, IN, PR_READ, sa=0x12,
        alloc="allocation_length"),
     _c(0xA8, C.READ_12, sbc.read, IN, PR_READ),
     _c(0xAA, C.WRITE_12, sbc.write, OUT, PR_WRITE, writes=True),
     _c(0xAE, C.WRITE_AND_VERIFY_12, sbc.write_and_verify, OUT, PR_WRITE, writes=True),
     _c(0xAF, C.VERIFY_12, sbc.verify, OUT, PR_READ),
-    _c(0xB7, C.READ_DEFECT_DATA_12, sbc.read_defect_data_12, IN, PR_READ, alloc="allocation_length"),
+    _c(0xB7, C.READ_DEFECT_DATA_12, sbc.read_defect_data_12, IN, PR_WRITE, alloc="allocation_length"),
 )
 
 

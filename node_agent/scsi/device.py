@@ -195,6 +195,8 @@ class LogicalUnit:
                 result = self._read_write(fast, cdb, data_out)
                 if result is not None:
                     return result
+            if self.reservations.pending:  # reservation saves that ended: undone or announced before all else
+                self.reservations.settle_saves()
             if self._gate:
                 early = self._gated(nexus, cdb[0])
                 if early is not None:
@@ -202,7 +204,7 @@ class LogicalUnit:
             cmd = COMMANDS_BY_OPCODE.get(cdb[0])
             if cmd is None or cmd.__class__ is dict:  # unknown, or chosen by service action: the full lookup
                 cmd = _lookup(cdb)
-            if self.reservations.engaged and self.reservations.conflicts(cmd, nexus):
+            if self.reservations.engaged and self.reservations.conflicts(cmd, nexus, cdb):
                 return ScsiResult(RESERVATION_CONFLICT)
             rec = _validate(cmd, cdb)
             if cmd.writes and self.read_only:

@@ -4,21 +4,38 @@ Each service action is its own row of the command table.  The state they read
 and change is the logical unit's ``Reservations`` (``reservations.py``); a
 PERSISTENT RESERVE OUT that changed it is saved when APTPL is active
 (``_saved``: on a worker thread where the transport can, the command
-completing once the state is on disk).  RESERVATION CONFLICT is raised as
+completing once the state is on disk).  A save that fails undoes the change
+(``Reservations.settle_saves``), with none of its unit attentions given, and
+ends the command with CHECK CONDITION: ILLEGAL REQUEST, INSUFFICIENT
+REGISTRATION RESOURCES when the file system is full (the state the device
+server must keep, SPC-4 §5.13.7, has no room), HARDWARE ERROR, INTERNAL TARGET
+FAILURE for any other error.  RESERVATION CONFLICT is raised as
 ``ReservationConflict``.  PREEMPT AND ABORT also ends the preempted I_T
 nexuses' commands to the logical unit that are still outstanding (their
 Data-Out not all in yet, or I/O still running on a worker) with TASK ABORTED,
 through ``lu.abort_tasks``, and answers GOOD only once the unit's I/O already
-on workers has ended (``_saved``): no aborted WRITE lands after it.
+on workers has ended (``_saved``): no aborted WRITE lands after it.  Those
+commands stay aborted if the save then fails (TASK ABORTED tells their
+initiator they may not have run, and it sends them again).
 """
 
 from __future__ import annotations
 
+import errno
+import logging
+from collections.abc import Callable
+
 from node_agent.scsi import sense as S
+from node_agent.scsi.ptpl import UnsavedChangeIncluded
 from node_agent.scsi.reservations import LU_SCOPE, PR_TYPES, PrType, ReservationConflict, Reservations
 from node_agent.scsi.result import Nexus, ScsiResult
-from node_agent.scsi.sense import CheckCondition
+from node_agent.scsi.sense import CheckCondition, SenseCode, build_sense
 from node_agent.wire import Field, Layout
+
+log = logging.getLogger("shoal.scsi")
+
+# SPC-4 §5.13.7: no room for the registration state.  Here: the file system of its ``.pr`` file is full.
+INSUFFICIENT_REGISTRATION_RESOURCES = SenseCode(S.ILLEGAL_REQUEST, 0x55, 0x04)
 
 # -- parameter data layouts -------------------------------------------------------
 PR_IN_HEADER = Layout("PERSISTENT RESERVE IN parameter data header", 8, (  # SPC-4 tables 171, 172
@@ -159,9 +176,11 @@ def _registered_with(res: Reservations, nexus: Nexus, key: int) -> None:
 
 
 def _announce(lu, code, nexuses, *, except_nexus: Nexus) -> None:
+    """Unit attentions for the other I_T nexuses, given once the change is saved (``Reservations.hold``)."""
+    res = lu.reservations
     for other in nexuses:
         if other != except_nexus:
-            lu.unit_attention(other, code)
+            res.hold(lambda other=other: lu.unit_attention(other, code))
 
 
 def _unregister(lu, res: Reservations, nexus: Nexus) -> None:
@@ -172,7 +191,8 @@ def _unregister(lu, res: Reservations, nexus: Nexus) -> None:
 
 def _saved(lu, res: Reservations, *, after_earlier_io: bool = False) -> ScsiResult | None:
     """The answer of a PERSISTENT RESERVE OUT that changed the state: GOOD once the state is saved (APTPL=1;
-    the saved copy is dropped with APTPL=0).  The save fsyncs twice, which can take as long as the disk
+    the saved copy is dropped with APTPL=0), CHECK CONDITION if that fails (``_answer``; the change is then
+    undone, ``Reservations.settle_saves``).  The save fsyncs twice, which can take as long as the disk
     likes: where the transport can (a store with non-blocking I/O) it runs on a worker thread and the
     command completes after it, so the other sessions are served meanwhile (issue 7, "fair under a slow
     disk").  The state itself changed already: commands after this one see it.  ``after_earlier_io``
@@ -180,15 +200,38 @@ def _saved(lu, res: Reservations, *, after_earlier_io: bool = False) -> ScsiResu
     preempted nexuses' aborted WRITEs among it: none of them lands after the preempting initiator's GOOD."""
     save = res.save_later()
     if lu.write_nowait is not None and (save is not None or after_earlier_io):
-        def job() -> None:
+        def job() -> ScsiResult:
             if after_earlier_io:
                 lu.wait_for_earlier_io()
-            if save is not None:
-                save()
-        return lu.deferred(job, ScsiResult(S.GOOD))
-    if save is not None:
+            return _answer(lu, save)
+        return lu.deferred(job)
+    if save is None:
+        return None
+    answer = _answer(lu, save)
+    res.settle_saves()  # here, on the event loop: a failed change is undone before the next command
+    return answer
+
+
+def _answer(lu, save: Callable[[], None] | None) -> ScsiResult:
+    """Run ``save`` (on any thread): GOOD, or the CHECK CONDITION that says why the state was not saved."""
+    if save is None:
+        return ScsiResult(S.GOOD)
+    try:
         save()
-    return None
+    except UnsavedChangeIncluded as exc:  # an earlier change's save failed; this one was made on top of it
+        log.warning("%s", exc)
+        code = S.INTERNAL_TARGET_FAILURE
+    except OSError as exc:
+        log.error("%s: saving the persistent reservations failed, the change is undone: %s",
+                  lu.reservations.store.path, exc)
+        full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
+        code = INSUFFICIENT_REGISTRATION_RESOURCES if full else S.INTERNAL_TARGET_FAILURE
+    except Exception:  # noqa: BLE001 - a bug: the change is undone all the same
+        log.exception("saving the persistent reservations of %s failed, the change is undone", lu.target_name)
+        code = S.INTERNAL_TARGET_FAILURE
+    else:
+        return ScsiResult(S.GOOD)
+    return ScsiResult(S.CHECK_CONDITION, sense=build_sense(code, descriptor=lu.mode.d_sense))
 
 
 def _register(lu, nexus, cdb, data_out, *, ignore_existing: bool):
@@ -245,10 +288,9 @@ def release(lu, nexus, cdb, data_out, edtl):
     if res.type is not pr_type:
         raise CheckCondition(S.INVALID_RELEASE_OF_PERSISTENT_RESERVATION)
     res.release()
-    answer = _saved(lu, res)
     if pr_type.registrants is not None:
         _announce(lu, S.RESERVATIONS_RELEASED, list(res.registrations), except_nexus=nexus)
-    return answer
+    return _saved(lu, res)
 
 
 def clear(lu, nexus, cdb, data_out, edtl):
@@ -260,9 +302,8 @@ def clear(lu, nexus, cdb, data_out, edtl):
     res.registrations.clear()
     res.release()
     res.generation += 1
-    answer = _saved(lu, res)
     _announce(lu, S.RESERVATIONS_PREEMPTED, registered, except_nexus=nexus)
-    return answer
+    return _saved(lu, res)
 
 
 def preempt(lu, nexus, cdb, data_out, edtl):
@@ -328,9 +369,12 @@ def remove_initiator(lu, initiator_name: str, *, save: bool = True) -> list[Nexu
     type get RESERVATIONS RELEASED (as §5.13.11.2.3 when its holder unregisters); removed I_T nexuses still
     logged in get REGISTRATIONS PREEMPTED, and their commands are aborted; the generation moves on and
     APTPL state is saved (``save=False``: the caller saves it, ``lu.reservations.save_later()``, off the event
-    loop).  Returns the removed nexuses (none: nothing changed).
+    loop).  Returns the removed nexuses (none: nothing changed).  The unit attentions go out once the state
+    is saved; a save that fails undoes the removal (``Reservations.settle_saves``), so that a retry of the
+    fence finds the registrations again and removes them again.
     """
     res = lu.reservations
+    res.settle_saves()  # a change whose save failed is undone first: not kept by being built on
     prefix = initiator_name + ",i,"
     removed = [n for n in res.registrations if n.initiator_port.startswith(prefix)]
     if not removed:
@@ -340,9 +384,9 @@ def remove_initiator(lu, initiator_name: str, *, save: bool = True) -> list[Nexu
         res.unregister(gone)
     if before is not None and res.type is None and before.registrants is not None:
         for other in res.registrations:
-            lu.unit_attention(other, S.RESERVATIONS_RELEASED)
+            res.hold(lambda other=other: lu.unit_attention(other, S.RESERVATIONS_RELEASED))
     for gone in removed:
-        lu.unit_attention(gone, S.REGISTRATIONS_PREEMPTED)
+        res.hold(lambda gone=gone: lu.unit_attention(gone, S.REGISTRATIONS_PREEMPTED))
     res.generation += 1
     if save:
         res.changed()

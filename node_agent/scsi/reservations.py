@@ -13,12 +13,25 @@ nexus loss release an SPC-2 reservation but leave persistent reservations
 alone (SPC-4 §5.13.1).  With APTPL=1 (and a regular backing file) the
 persistent state is saved after every change and restored at start-up
 (``ptpl.py``, SPC-4 §5.13.5).
+
+A change whose save fails is undone: nothing half-done.  A change takes effect
+in memory at once (the commands after it see it: a PREEMPT fences at once) and
+is saved after, on a worker thread; the unit attentions it gives other I_T
+nexuses wait for the save (``hold``).  Once the save has ended, on the event
+loop (``settle_saves``, before the next command looks at the state): saved, its
+unit attentions go out; not saved, the state before it comes back and its unit
+attentions are dropped, and so are the changes taken on top of it meanwhile
+(another initiator's PERSISTENT RESERVE OUT, a fence): the store refuses to
+save a state that holds a change whose save failed (``PtplStore.save_numbered``,
+by lineage), so their commands end with CHECK CONDITION too and what is on disk
+and what is in force stay the same.  A fence whose save was refused fails, and
+its retry finds the registrations back and removes them again.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from node_agent.scsi import sense as S
 from node_agent.scsi.result import Nexus
@@ -58,6 +71,16 @@ PR_TYPES = {t.code: t for t in (
     PrType(0x8, "Exclusive Access - All Registrants", True, "all", 0x0001),
 )}
 
+@dataclass(eq=False)
+class _Change:
+    """A change taken to be saved (``save_later``): what it undoes to and announces once its save has ended."""
+
+    number: int
+    before: dict  # the state before it (``dump``): restored if its save fails
+    announce: list[Callable[[], None]] = field(default_factory=list)  # its unit attentions, held until saved
+    saved: bool | None = None  # set by whichever thread ran the save; read on the event loop
+
+
 class Reservations:
     """Registrations, the persistent reservation and an SPC-2 reservation of one logical unit."""
 
@@ -71,10 +94,16 @@ class Reservations:
         self.store = store  # a ``PtplStore``, or None: Persist Through Power Loss not offered
         self.aptpl = False  # APTPL of the last successful REGISTER (SPC-4 §5.13.5)
         self._taken = 0  # states taken to be saved (``save_later``)
+        self.pending: list[_Change] = []  # changes whose save has not been settled, oldest first
+        self._held: list[Callable[[], None]] = []  # unit attentions of the change being made (``hold``)
+        self._lineage = 0  # changes undone so far: a state taken since then holds none of them
+        self._base: dict = {}  # the state as the last change left it (``dump``): what undoing the next restores
+        self._kept = False  # the store holds a saved state, or will once the pending saves are done
         try:
             saved = store.load() if store is not None else None
             if saved is not None:
                 self.restore(saved)
+            self._base, self._kept = self.dump(), saved is not None
         except (ValueError, KeyError, TypeError, IndexError, AttributeError, OSError) as exc:
             # Not served without its reservations: an initiator fenced by them could write again.  Said plainly,
             # with the file, so an operator can judge (and move it aside to serve the volume without them).
@@ -107,24 +136,68 @@ class Reservations:
         self._settle()
 
     def changed(self) -> None:
-        """Save the state after a PERSISTENT RESERVE OUT changed it, or drop the saved copy if APTPL=0."""
+        """Save the state after a change, or drop the saved copy if APTPL=0, here and now (on the event loop);
+        a failed save undoes the change (``settle_saves``) and raises."""
         save = self.save_later()
         if save is not None:
-            save()
+            try:
+                save()
+            finally:
+                self.settle_saves()
+
+    def hold(self, announce: Callable[[], None]) -> None:
+        """A unit attention the change being made gives another I_T nexus: given once the change is saved
+        (at once when nothing is saved), never for a change that was undone."""
+        self._held.append(announce)
 
     def save_later(self) -> Callable[[], None] | None:
         """``changed`` in two halves: the state is taken now, and the returned call saves it (fsyncs: a
-        worker thread's job) or drops the saved copy (APTPL=0).  None when nothing is kept.
+        worker thread's job) or drops the saved copy (APTPL=0), raising if it fails.  None when there is
+        nothing to save (no store; APTPL=0 with nothing saved): then the held unit attentions go out now.
 
         Saves may run in any order on any threads: each one taken is numbered, and one that finds a later
         one saved already does nothing (that later state includes its change), so the file always ends
-        with the latest state, and whoever's save returned knows its change is on disk."""
-        store = self.store
-        if store is None:
+        with the latest state, and whoever's save returned knows its change is on disk.  Its outcome is
+        acted on by ``settle_saves``, on the event loop."""
+        store, announce, self._held = self.store, self._held, []
+        now = self.dump()
+        state = now if self.aptpl else None
+        if store is None or (state is None and not self._kept and not self.pending):
+            self._base = now  # nothing saved, nothing being saved: nothing to drop, nothing that can fail
+            _run(announce)
             return None
         self._taken += 1
-        number, state = self._taken, self.dump() if self.aptpl else None
-        return lambda: store.save_numbered(number, state)
+        change = _Change(self._taken, self._base, announce)
+        self._base, self._kept = now, state is not None
+        self.pending.append(change)
+        self.engaged = True  # the dispatcher settles the save before the next command (``settle_saves``)
+        number, lineage = self._taken, self._lineage
+
+        def save() -> None:
+            try:
+                store.save_numbered(number, state, lineage)
+            except BaseException:
+                change.saved = False
+                raise
+            change.saved = True
+        return save
+
+    def settle_saves(self) -> None:
+        """On the event loop: act on the saves that have ended, oldest first, up to one still running.  Saved:
+        its unit attentions go out.  Not saved: the state before it is back, and every change taken after it
+        is undone with it (each was made on top of it; the store refuses their saves, so their commands
+        fail too); their unit attentions are dropped."""
+        pending = self.pending
+        while pending and pending[0].saved is not None:
+            change = pending.pop(0)
+            if change.saved:
+                _run(change.announce)
+                continue
+            pending.clear()
+            self._lineage += 1  # states taken from now on hold none of the undone changes
+            self.restore(change.before)
+            self._base, self._kept = change.before, change.before["aptpl"]
+        self._settle()
 
     # -- queries -------------------------------------------------------------------
     def is_holder(self, nexus: Nexus) -> bool:
@@ -140,8 +213,12 @@ class Reservations:
         return self.is_holder(nexus) or (self.type is not None and self.type.registrants is not None
                                          and nexus in self.registrations)
 
-    def conflicts(self, cmd, nexus: Nexus) -> bool:
-        """Whether ``cmd`` from ``nexus`` ends with RESERVATION CONFLICT (SPC-4 §5.13.1, SPC-2 §5.5.1)."""
+    def conflicts(self, cmd, nexus: Nexus, cdb=None) -> bool:
+        """Whether ``cmd`` from ``nexus`` ends with RESERVATION CONFLICT (SPC-4 §5.13.1, SPC-2 §5.5.1).
+        ``cdb``: its bytes, for a command whose row allows some forms under every reservation
+        (``Command.runs_reserved``: START STOP UNIT with START=1 and POWER CONDITION 0, SBC-3 table 13)."""
+        if cdb is not None and cmd.exempt and cmd.runs_reserved(cdb):
+            return False
         if self.spc2_holder is not None:
             if cmd.opcode in (PERSISTENT_RESERVE_IN, PERSISTENT_RESERVE_OUT):
                 return True  # SPC-3 §5.6.3 b): every PR command conflicts with an SPC-2 reservation
@@ -163,7 +240,7 @@ class Reservations:
             self.type = None  # the last registrant of an all-registrants reservation left
         if self.type is None:
             self.holder = None
-        self.engaged = self.type is not None or self.spc2_holder is not None
+        self.engaged = self.type is not None or self.spc2_holder is not None or bool(self.pending)
 
     def reserve(self, nexus: Nexus, pr_type: PrType) -> None:
         self.type = pr_type
@@ -187,6 +264,11 @@ class Reservations:
     def spc2_reserve(self, nexus: Nexus | None) -> None:
         self.spc2_holder = nexus
         self._settle()
+
+
+def _run(announce: list[Callable[[], None]]) -> None:
+    for give in announce:
+        give()
 
 
 # -- RESERVE / RELEASE (SPC-2 §7.17-7.22, with the SPC-3 §5.6.3 exceptions) ------------------------
