@@ -4,8 +4,10 @@ A unit whose state must outlive the process serving it (a restart of ``shoal
 target`` or the agent, a crash, a power loss) keeps it in ``<backing file>
 <suffix>``: persistent reservations (``ptpl.PtplStore``, ``.pr``) and the mark
 of a sanitize that has not finished (``SanitizeMark``, ``.sanitize``).  Only a
-regular backing file gets sidecars: never ``/dev/...`` or a memory store, and a
-read-only unit only looks for them (it writes none).  Writes go write-temp, fsync, rename, fsync of the
+regular backing file gets sidecars: never ``/dev/...`` or a memory store.  A
+read-only backing store only looks for a ``.sanitize`` mark (it writes none) but
+keeps its ``.pr`` (reservations are the device's metadata, not medium data, and
+a unit that reports PTPL_A=1 must keep later changes).  Writes go write-temp, fsync, rename, fsync of the
 directory; removals unlink and fsync the directory.
 """
 
