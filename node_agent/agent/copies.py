@@ -13,14 +13,17 @@ A snapshot or a clone starts as ``copy_image(source, tmp)``:
   every LUN the agent exports and asks the guards before each write (plain,
   gathered or handed to a worker thread) and punch (UNMAP, WRITE SAME); a
   write that would have to copy first goes to a worker, as I/O that would
-  block does, so the portal's other sessions go on meanwhile.
+  block does, so the portal's other sessions go on meanwhile.  A chunk that
+  cannot be saved (the copy's disk full) fails the copy, never the write: as
+  a device-mapper snapshot that overflows, the snapshot or clone is then lost
+  ("error"), and the volume's guest sees nothing of it.
 
 The point in time is taken by ``start`` while nothing else writes the source:
 the caller runs it on the iSCSI portal's event loop when the volume is exported
 (``ExportManager.quiesced``), once the LUN's I/O on worker threads has finished
 and with what a worker picks up meanwhile held back, so no SCSI command runs
 between the flush (fdatasync) and the reflink or the registration of the job's
-guard.  That
+guard (``quiesced_once``: a start its caller gave up waiting for never runs).  That
 makes a snapshot of an attached volume crash-consistent: it holds every write
 acknowledged before it and none after, as a power cut would.
 """
@@ -35,8 +38,10 @@ import os
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Generic, TypeVar
 
 log = logging.getLogger("shoal.agent.copies")
+T = TypeVar("T")
 
 FICLONE = 0x40049409  # _IOW(0x94, 9, int), linux/fs.h: share all extents of another file (reflink)
 _NO_REFLINK = (errno.EOPNOTSUPP, errno.ENOTTY, errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EPERM)
@@ -228,28 +233,49 @@ class CopyJob:
         return not all(self._copied[first:last + 1])
 
     def before_write(self, offset: int, length: int) -> None:
-        """The source is about to change ``[offset, offset+length)``: copy those chunks first (old data)."""
+        """The source is about to change ``[offset, offset+length)``: copy those chunks first (old data).
+
+        Never raises for the copy's sake: a chunk that cannot be saved (the copy's disk full, an I/O error
+        on it) fails the copy, not the write, as a device-mapper snapshot is invalidated when it overflows;
+        the write then goes ahead (``_copy_chunk``)."""
         if self.state != COPYING or length <= 0 or offset >= self.length:
             return
         first, last = offset // self.chunk, (min(offset + length, self.length) - 1) // self.chunk
         for index in range(first, last + 1):
             if not self._copied[index]:
-                self._copy_chunk(index)
+                self._copy_chunk(index, before_write=True)
 
-    def _copy_chunk(self, index: int, tidy_source: bool = False) -> None:
-        """Copy chunk ``index`` unless done.  ``tidy_source``: drop from the page cache what reading the
-        source's chunk brought in (a chunk none of which was cached when the copy began: see ``_cold``);
-        a chunk saved before a write is in use, and stays."""
+    def _copy_chunk(self, index: int, tidy_source: bool = False, *, before_write: bool = False) -> None:
+        """Copy chunk ``index`` unless done (or the copy failed).  ``tidy_source``: drop from the page cache
+        what reading the source's chunk brought in (a chunk none of which was cached when the copy began: see
+        ``_cold``); a chunk saved before a write is in use, and stays.  ``before_write``: an ``OSError``
+        fails the job (state, message, cancel: the thread stops at its next chunk) instead of being raised
+        into the write, which then changes the source under a copy that can never be complete."""
         with self._lock:
             if self._copied[index] or self.state != COPYING:
                 return
             start = index * self.chunk
             end = min(start + self.chunk, self.length)
-            copy_extents(self._src, self._dst, start, end)
+            try:
+                copy_extents(self._src, self._dst, start, end)
+            except OSError as exc:
+                if not before_write:
+                    raise  # the thread's own pass: _run records it
+                self._fail(f"copy failed: {exc.strerror or exc} (saving bytes {start}-{end} of the source "
+                           "before a write to it; the write went ahead)")
+                self._cancel.set()
+                log.error("copy %s failed: saving bytes %d-%d before a write: %s", self.key, start, end, exc)
+                return
             if tidy_source:
                 _drop_cached(self._src, start, end)
             self._copied[index] = 1
             self._done_chunks += 1
+
+    def _fail(self, message: str) -> None:
+        """Under ``_lock``: the copy failed; the first failure's message is the one kept (a cancel that
+        follows, the thread's own stop, says less)."""
+        if self.state == COPYING:
+            self.state, self.message = FAILED, message
 
     def _cold(self) -> bytearray | None:
         """1 for each chunk of the source none of which is in the page cache now (None: the kernel cannot
@@ -284,12 +310,12 @@ class CopyJob:
                 for start, end in _runs(cold, self.chunk, self.length):  # straddle two chunks go only so
                     _drop_cached(self._src, start, end)
             with self._lock:
-                self.state = READY
+                if self.state == COPYING:  # not when a chunk saved before a write failed meanwhile: the
+                    self.state = READY     # pass skipped it (and the rest), and the write changed it
         except BaseException as exc:  # reported through state/message; the thread ends here
             with self._lock:
-                self.state = FAILED
-                self.message = (f"copy failed: {exc.strerror or exc}" if isinstance(exc, OSError)
-                                and not isinstance(exc, InterruptedError) else str(exc))
+                self._fail(f"copy failed: {exc.strerror or exc}" if isinstance(exc, OSError)
+                           and not isinstance(exc, InterruptedError) else str(exc))
             if not isinstance(exc, InterruptedError):
                 log.error("copy %s failed: %s", self.key, exc)
         finally:
@@ -417,6 +443,70 @@ def flush_ahead(source: Source) -> None:
         os.fdatasync(fd)
     finally:
         os.close(fd)
+
+
+class StartAbandoned(Exception):
+    """A copy's start reached after its caller gave up waiting for it (``quiesced_once``): not run."""
+
+
+class _Once(Generic[T]):
+    """``fn`` run at most once, and not at all once ``give_up`` came first."""
+
+    def __init__(self, fn: Callable[[], T]):
+        self._fn = fn
+        self._lock = threading.Lock()
+        self._began = self._abandoned = False
+        self._done = threading.Event()
+        self._result: T | None = None
+        self._error: BaseException | None = None
+
+    def run(self) -> T:
+        with self._lock:
+            if self._abandoned:
+                log.warning("a copy's start was reached after its caller gave up waiting for it: not started")
+                raise StartAbandoned("its caller gave up waiting for it")
+            self._began = True
+        try:
+            self._result = self._fn()
+            return self._result
+        except BaseException as exc:
+            self._error = exc
+            raise
+        finally:
+            self._done.set()
+
+    def give_up(self) -> bool:
+        """True: ``fn`` has not begun, and now never will; False: it ran, or runs now (see ``outcome``)."""
+        with self._lock:
+            self._abandoned = not self._began
+            return self._abandoned
+
+    def outcome(self) -> T:
+        """What ``fn`` returned (or raised), once it has ended."""
+        self._done.wait()
+        if self._error is not None:
+            raise self._error
+        return self._result  # type: ignore[return-value]
+
+
+def quiesced_once(quiesce: Callable[[str, Callable[[], T]], T], volume_id: str, fn: Callable[[], T]) -> T:
+    """``quiesce(volume_id, fn)`` for a copy's start (``start_copy``), where ``fn`` runs only while this call
+    still waits for it.
+
+    ``quiesce`` can give up with ``fn`` still queued: ``PortalThread.call_within`` raises TimeoutError and
+    leaves it on the portal's loop.  The caller then removes the copy's file and record, and the controller's
+    retry may make them again before the loop gets to ``fn``; run then, the stale start would copy (or
+    reflink) another point in time into the retry's file, and its end would rename or fail the retry's
+    copy.  So ``fn`` refuses to run (``StartAbandoned``, on the loop, to nobody) once this call has given
+    up; and if it had begun by then, this call waits for it and its outcome is the call's, so that nothing
+    it started runs on unowned."""
+    once = _Once(fn)
+    try:
+        return quiesce(volume_id, once.run)
+    except BaseException:
+        if once.give_up():
+            raise  # never ran, and never will
+        return once.outcome()
 
 
 def start_copy(source: Source, dst_path: str, *, guards: WriteGuards, key: str,

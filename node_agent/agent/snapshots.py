@@ -27,7 +27,8 @@ import os
 import threading
 from dataclasses import dataclass, replace
 
-from node_agent.agent.copies import COPYING, FAILED, READY, CopyJob, Source, flush_ahead, start_copy
+from node_agent.agent.copies import (COPYING, FAILED, READY, CopyJob, Source, flush_ahead, quiesced_once,
+                                     start_copy)
 from node_agent.agent.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from node_agent.agent.records import fsync_dir, read_json, write_json
 from node_agent.agent.settings import DiskSpec, check_name
@@ -139,7 +140,7 @@ class SnapshotManager:
             try:
                 write_json(self._meta(spec, snapshot_id), meta)  # before the copy: a restart knows it was begun
                 flush_ahead(src)  # the bulk of the flush while the LUN runs on
-                job = self.volumes.quiesce(volume_id, lambda: start_copy(
+                job = quiesced_once(self.volumes.quiesce, volume_id, lambda: start_copy(
                     src, tmp, guards=self.volumes.guards, key=f"snapshot {snapshot_id}",
                     use_reflink=self.volumes.use_reflink, reflink_fn=self.volumes.reflink_fn,
                     pace=self.volumes.copy_pace,

@@ -35,7 +35,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from node_agent.agent.copies import (COPYING, FAILED, FICLONE, READY, CopyJob, Source, WriteGuards, copy_extents,
-                                     flush_ahead, reflink, start_copy)
+                                     flush_ahead, quiesced_once, reflink, start_copy)
 from node_agent.agent.errors import (AlreadyExists, FailedPrecondition, InvalidArgument, NotFound,
                                      ResourceExhausted)
 from node_agent.agent.records import fsync_dir, read_json, write_json
@@ -334,7 +334,7 @@ class VolumeManager:
             self._clones[volume_id] = clone
         try:
             flush_ahead(src)  # the bulk of the flush while the LUN runs on
-            job = self.quiesce(src.guard, lambda: start_copy(
+            job = quiesced_once(self.quiesce, src.guard, lambda: start_copy(
                 src, tmp, guards=self.guards, key=f"clone {volume_id}", use_reflink=self.use_reflink,
                 reflink_fn=self.reflink_fn, pace=self.copy_pace, on_done=lambda job: self._clone_done(clone, job)))
         except BaseException:
