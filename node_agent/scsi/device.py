@@ -150,6 +150,10 @@ class LogicalUnit:
         # Set to stop the running pass at its next chunk (a fence, a removal; ``sbc._replicate`` looks); one
         # left set after its pass ended stops nothing (``sanitizing`` is False) and the next SANITIZE clears it.
         self.sanitize_stopping = False
+        # SANITIZE commands that began a pass on this unit, counted on the event loop: an EXTENDED COPY of
+        # another unit that reaches this one stops once it changed since the copy began (``xcopy._reach``),
+        # however quickly that sanitize then ended.
+        self.sanitizes_begun = 0
         self._fua_always = False  # WCE=0 in the caching mode page
         self._range_threshold = settings.file_range_threshold
         # I/O counters (read by the agent's metrics at scrape time): READ and WRITE commands that
@@ -439,6 +443,7 @@ class LogicalUnit:
         self._sanitize_by = nexus
         self._sanitize_ause = ause
         self.sanitize_stopping = False
+        self.sanitizes_begun += 1
         # On a worker for a store that can block (an atomic unit's too: the gate keeps all other I/O of the
         # unit out meanwhile, so its one-command-at-a-time atomicity holds, and the loop serves the others).
         if _own_method(self.backing, "write_nowait") is None:
@@ -500,6 +505,30 @@ class LogicalUnit:
             with self._io_lock:
                 self._io_paused -= 1
                 self._io_lock.notify_all()
+
+    @contextlib.contextmanager
+    def foreign_io(self) -> Iterator[bool]:
+        """Count I/O that a command of another unit does to this one (EXTENDED COPY into or out of it, chunk
+        by chunk on that command's worker) as this unit's own while it runs: a SANITIZE's pass and PREEMPT
+        AND ABORT's GOOD (``_after_earlier_io``, ``wait_for_earlier_io``), ``io_paused`` and ``retire`` wait
+        for it.  The caller checks the unit's state (sanitize, reservations) inside, so a change made before
+        such a waiter started is seen, and one made after is waited for.  Yields True inside the counted
+        section; never waits: yields False, counting nothing, while the unit is closed or its I/O is paused
+        (``call_quiesced`` pauses a target's units one after another, waiting for the copy on one while the
+        copy would wait for the next)."""
+        with self._io_lock:
+            admitted = not (self._closed or self._io_paused)
+            self._io_running += admitted
+        if not admitted:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            with self._io_lock:
+                self._io_running -= 1
+                if self._io_running <= 1:  # as ``_run_blocking``: io_paused waits for 0, the others for 1
+                    self._io_lock.notify_all()
 
     def wait_for_earlier_io(self) -> None:
         """On a worker, inside ``_run_blocking``: wait until this unit's other I/O on workers has ended (the

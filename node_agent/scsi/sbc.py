@@ -382,12 +382,14 @@ def unmap(lu, nexus, cdb, data_out, edtl):
     if count > lu.settings.max_unmap_descriptors:
         raise CheckCondition(S.INVALID_FIELD_IN_PARAMETER_LIST, field_pointer=2, in_cdb=False)
     ranges = []
+    total = 0  # MAXIMUM UNMAP LBA COUNT bounds the sum over all descriptors (SBC-3 §5.28.2)
     for i in range(count):
         pos = UNMAP_PARAMETER_LIST_HEADER.size + i * UNMAP_BLOCK_DESCRIPTOR.size
         d = UNMAP_BLOCK_DESCRIPTOR.decode(data, pos)
         if d.lba + d.number_of_blocks > lu.num_blocks:
             raise CheckCondition(S.LBA_OUT_OF_RANGE)
-        if d.number_of_blocks > lu.settings.max_unmap_lba_count:
+        total += d.number_of_blocks
+        if total > lu.settings.max_unmap_lba_count:  # pointing at the count that went past it
             raise CheckCondition(S.INVALID_FIELD_IN_PARAMETER_LIST, field_pointer=pos + 8, in_cdb=False)
         if d.number_of_blocks:
             ranges.append((d.lba, d.number_of_blocks))

@@ -8,21 +8,48 @@ from VPD page 83h (NAA, T10 vendor id); the segments are block-to-block
 backing stores: nothing crosses the network.
 
 The whole parameter list is validated before any block moves (a malformed list
-changes nothing); a segment that cannot be processed (unknown or NUL copy
-target, a range past the end of a medium) ends the command with COPY ABORTED,
-leaving the earlier segments copied, as SPC-4 §6.4.3 allows.  What happened is
-kept per (I_T nexus, list identifier) for RECEIVE COPY RESULTS when the LIST ID
-USAGE says to hold it, and dropped when the nexus goes away.
+changes nothing), and so is every segment's access to its copy targets: a
+write-protected destination (DATA PROTECT, WRITE PROTECTED) or one the
+sender's reservations forbid (RESERVATION CONFLICT) ends the command before
+any segment is processed (SPC-5 §5.17.7.3: errors of that time are not
+COPY ABORTED).  A segment that cannot be processed (unknown or NUL copy target,
+a range past the end of a medium, a byte count that is not whole blocks on
+both sides, a target whose medium went out of reach or whose access changed
+meanwhile) ends the command with COPY ABORTED, leaving the earlier segments
+copied, as SPC-5 §5.17.7.4 allows.  Each side of a segment counts in its own
+block size: BLOCK DEVICE NUMBER OF BLOCKS is the source's blocks (DC=0) or the
+destination's (DC=1).
+
+A copy runs as I/O of the unit that received it (``lu.deferred``: a worker
+thread).  Each 1 MiB chunk that touches another unit runs inside that unit's
+``foreign_io``, and checks inside it that the unit's medium is still in reach
+(no SANITIZE begun since the copy was accepted) and the sender's access still
+allowed: another unit's SANITIZE, PREEMPT AND ABORT, pause or removal waits
+for the chunk in flight and stops the rest.  A unit whose I/O runs on the
+event loop (``write_nowait`` is None: an ``atomic`` unit, whose WRITE ATOMIC
+is atomic because all its I/O runs there, one command at a time) is reached
+only by a copy that runs there too: its own copies, kept to one maximum
+WRITE's worth of data per command (one segment of at most MAXIMUM TRANSFER
+LENGTH: ``segment_limits``, reported in OPERATING PARAMETERS and the
+Third-party Copy VPD page), and the copies of other such units.
+
+What happened is kept per (I_T nexus, list identifier) for RECEIVE COPY
+RESULTS when LIST ID USAGE is 00b, and dropped when the nexus goes away.  The
+held ``CopyOutcome`` is the one object the running copy updates in place:
+only the event loop adds to or removes from ``lu.copy_results``, so a copy
+that outlives its nexus (or whose list identifier was reused after a new
+login) changes nothing held.
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 from node_agent.scsi import sense as S
 from node_agent.scsi.reservations import PR_READ, PR_WRITE, ReservationConflict
 from node_agent.scsi.result import ScsiResult
-from node_agent.scsi.sense import CheckCondition, build_sense
+from node_agent.scsi.sense import CheckCondition, SenseCode, build_sense
 from node_agent.wire import Field, Layout
 
 EXTENDED_COPY_OPCODE = 0x83  # THIRD-PARTY COPY OUT
@@ -37,13 +64,18 @@ BLOCK_TO_BLOCK_SIZE = 28
 
 # Copy manager limits (OPERATING PARAMETERS, SPC-4 §6.18.4).
 MAX_TARGET_DESCRIPTORS = 8
-MAX_SEGMENT_DESCRIPTORS = 32
+MAX_SEGMENT_DESCRIPTORS = 32  # a copy on a worker (one on the event loop: ``segment_limits``)
 MAX_DESCRIPTOR_LIST_LENGTH = 1024  # bytes of target + segment descriptor lists
-MAX_SEGMENT_BYTES = 64 << 20  # one segment copies at most this much
+MAX_SEGMENT_BYTES = 64 << 20  # one segment copies at most this much (a copy on a worker)
 CHUNK_BYTES = 1 << 20  # a segment moves in pieces of this size
 
-LIST_ID_HOLD, LIST_ID_HOLD_ALT, LIST_ID_DISCARD, LIST_ID_NONE = 0b00, 0b01, 0b10, 0b11
+# LIST ID USAGE (SPC-4 §6.4.3.2): 01b is reserved; 11b (nothing held) requires LIST IDENTIFIER 0.
+LIST_ID_HOLD, LIST_ID_DISCARD, LIST_ID_NONE = 0b00, 0b10, 0b11
 COPY_IN_PROGRESS, COPY_COMPLETED, COPY_FAILED = 0x00, 0x01, 0x02
+
+# COPY ABORTED reasons sense.py has no name for (SPC-5 §5.17.7.2 table 116, §5.17.7.4).
+UNEXPECTED_INEXACT_SEGMENT = SenseCode(S.COPY_ABORTED, 0x26, 0x0A)  # residual data, PAD=0 and CAT=0
+THIRD_PARTY_DEVICE_FAILURE = SenseCode(S.COPY_ABORTED, 0x0D, 0x01)  # a copy target refused a read or write
 
 PARAMETER_LIST_HEADER = Layout("EXTENDED COPY(LID1) parameter list header", 16, (  # SPC-4 table 120
     Field("list_identifier", 0, 0xFF),
@@ -109,12 +141,20 @@ FAILED_SEGMENT_DETAILS_HEADER = Layout("RECEIVE COPY RESULTS failed segment deta
     Field("copy_command_status", 57, 0xFF),
     Field("sense_data_length", 60, 0xFFFF),
 ))
+GENERAL_COPY_OPERATIONS = Layout("General Copy Operations third-party copy descriptor body", 32, (  # SPC-5 §7.8.17.10
+    Field("total_concurrent_copies", 0, 0xFFFFFFFF),
+    Field("maximum_identified_concurrent_copies", 4, 0xFFFFFFFF),
+    Field("maximum_segment_length", 8, 0xFFFFFFFF),
+    Field("data_segment_granularity", 12, 0xFF),  # log2
+    Field("inline_data_granularity", 13, 0xFF),  # log2
+))
 TRANSFER_COUNT_KIB = 0x01  # TRANSFER COUNT UNITS: 2^10 bytes
 
 
 @dataclass
 class CopyOutcome:
-    """What one EXTENDED COPY did, held for RECEIVE COPY RESULTS."""
+    """What one EXTENDED COPY did, held for RECEIVE COPY RESULTS.  The copy updates it in place as it goes
+    (on its worker: ``status`` last, so a reader on the loop never sees an end without its counts)."""
 
     status: int  # COPY_IN_PROGRESS (on a worker still), COPY_COMPLETED or COPY_FAILED
     segments_processed: int
@@ -124,6 +164,10 @@ class CopyOutcome:
     def sense(self) -> bytes:
         """Fixed-format sense of the failure; INFORMATION is the number of segments completed."""
         return build_sense(self.sense_code, info=self.segments_processed) if self.sense_code else b""
+
+    def end(self, status: int, code: S.SenseCode | None = None) -> None:
+        self.sense_code = code
+        self.status = status
 
 
 @dataclass(frozen=True)
@@ -136,11 +180,23 @@ class _Segment:
     dc: bool
 
 
+@dataclass(frozen=True)
+class _Copy:
+    """One accepted EXTENDED COPY: what its segments need while they run (on a worker, or on the loop)."""
+
+    lu: object  # the copy manager: the logical unit that received the command
+    nexus: object
+    targets: list  # a LogicalUnit per target descriptor (None: NUL, or none reachable by that name)
+    segments: list
+    sanitizes: dict  # id(unit) -> unit.sanitizes_begun when the copy was accepted
+
+
 class _AccessProbe:
     """What ``Reservations.conflicts`` needs to judge a copy target's access (a read or a write)."""
 
     opcode = EXTENDED_COPY_OPCODE
     spc2_allowed = False
+    exempt = False
 
     def __init__(self, pr: str):
         self.pr = pr
@@ -160,6 +216,7 @@ def extended_copy(lu, nexus, cdb, data_out, edtl):
         raise CheckCondition(S.PARAMETER_LIST_LENGTH_ERROR)
     header = PARAMETER_LIST_HEADER.decode(data)
     targets_len, segments_len = header.target_descriptor_list_length, header.segment_descriptor_list_length
+    _check_list_id(header)
     if header.inline_data_length:
         raise CheckCondition(S.INVALID_FIELD_IN_PARAMETER_LIST, field_pointer=12, in_cdb=False)
     if PARAMETER_LIST_HEADER.size + targets_len + segments_len > length:
@@ -167,47 +224,50 @@ def extended_copy(lu, nexus, cdb, data_out, edtl):
     if targets_len + segments_len > MAX_DESCRIPTOR_LIST_LENGTH:
         raise CheckCondition(S.PARAMETER_LIST_LENGTH_ERROR)
     targets = _target_descriptors(lu, data, PARAMETER_LIST_HEADER.size, targets_len)
-    segments = _segment_descriptors(data, PARAMETER_LIST_HEADER.size + targets_len, segments_len)
+    segments = _segment_descriptors(data, PARAMETER_LIST_HEADER.size + targets_len, segments_len,
+                                    segment_limits(lu)[0])
+    _check_access(nexus, targets, segments)
+    job = _Copy(lu, nexus, targets, segments, {id(u): u.sanitizes_begun for u in targets if u is not None})
     key = (nexus, header.list_identifier)
     if header.list_id_usage != LIST_ID_NONE:
         held = lu.copy_results.get(key)
         if held is not None and held.status == COPY_IN_PROGRESS:  # SPC-4 §6.4.1: that list identifier is busy
             raise CheckCondition(S.OPERATION_IN_PROGRESS)
-        _forget(lu, nexus, header.list_identifier)
-    hold = header.list_id_usage in (LIST_ID_HOLD, LIST_ID_HOLD_ALT)
-    if lu.write_nowait is None:  # a store without non-blocking I/O (memory): here, at once
-        outcome = _run(lu, nexus, targets, segments)
-        if hold:
-            lu.copy_results[key] = outcome
+        lu.copy_results.pop(key, None)
+    outcome = CopyOutcome(COPY_IN_PROGRESS, 0, 0)
+    if header.list_id_usage == LIST_ID_HOLD:
+        lu.copy_results[key] = outcome  # RECEIVE COPY STATUS says "in progress" until the copy ends
+    if lu.write_nowait is None:  # all this unit's I/O runs here, on the loop: so does its copy (kept small)
+        _run(job, outcome)
         if outcome.status == COPY_FAILED:
             raise _Aborted(outcome)
         return None
-    # Up to 32 segments of 64 MiB: a worker thread's job, so that the portal's other sessions are served
-    # meanwhile (issue 7, "fair under a slow disk"); RECEIVE COPY STATUS says "in progress" until it ends.
-    if hold:
-        lu.copy_results[key] = CopyOutcome(COPY_IN_PROGRESS, 0, 0)
 
+    # Up to 32 segments of 64 MiB: a worker thread's job, so that the portal's other sessions are served
+    # meanwhile (issue 7, "fair under a slow disk").
     def copy() -> ScsiResult:
-        try:
-            outcome = _run(lu, nexus, targets, segments)
-        except BaseException:
-            if hold:
-                _forget(lu, nexus, header.list_identifier)
-            raise
-        if hold:
-            lu.copy_results[key] = outcome
+        _run(job, outcome)
         if outcome.status == COPY_FAILED:
             return ScsiResult(S.CHECK_CONDITION, sense=_Aborted(outcome).sense(lu.mode.d_sense))
         return ScsiResult(S.GOOD)
+    return lu.deferred(copy)
 
-    def answered() -> ScsiResult:  # what the dispatcher would make of the exceptions a segment raises
-        try:
-            return copy()
-        except ReservationConflict:
-            return ScsiResult(S.RESERVATION_CONFLICT)
-        except CheckCondition as cc:
-            return ScsiResult(S.CHECK_CONDITION, sense=cc.sense(lu.mode.d_sense))
-    return lu.deferred(answered)
+
+def _check_list_id(header) -> None:
+    """LIST ID USAGE 01b is reserved, and 11b (no list identifier) takes LIST IDENTIFIER 0 (SPC-4 §6.4.3.2)."""
+    if header.list_id_usage not in (LIST_ID_HOLD, LIST_ID_DISCARD, LIST_ID_NONE):
+        raise CheckCondition(S.INVALID_FIELD_IN_PARAMETER_LIST, field_pointer=1, bit_pointer=4, in_cdb=False)
+    if header.list_id_usage == LIST_ID_NONE and header.list_identifier:
+        raise CheckCondition(S.INVALID_FIELD_IN_PARAMETER_LIST, field_pointer=0, in_cdb=False)
+
+
+def segment_limits(lu) -> tuple[int, int]:
+    """(MAXIMUM SEGMENT DESCRIPTOR COUNT, MAXIMUM SEGMENT LENGTH) of ``lu``'s copy manager.  A copy that runs on
+    the event loop (a unit whose I/O all runs there) moves at most what one WRITE may per command: one segment
+    of MAXIMUM TRANSFER LENGTH, a stall of the portal no longer than that WRITE's."""
+    if lu.write_nowait is not None:
+        return MAX_SEGMENT_DESCRIPTORS, MAX_SEGMENT_BYTES
+    return 1, lu.max_transfer_blocks * lu.block_size
 
 
 class _Aborted(CheckCondition):
@@ -239,11 +299,22 @@ def _target_descriptors(lu, data: bytes, start: int, length: int) -> list:
         designator = (d.code_set, d.designator_type, data[pos + 8: pos + 8 + d.designator_length])
         unit = None
         if d.association == 0:  # a logical unit designator
-            unit = next((u for u in lu.copy_targets() if designator in _designators(u)), None)
-        if unit is not None and d.disk_block_length != unit.block_size:
+            unit = next((u for u in _reachable(lu) if designator in _designators(u)), None)
+        # DISK BLOCK LENGTH 0: the copy manager finds the block size out itself (SPC-4 §6.4.5.3).
+        if unit is not None and d.disk_block_length not in (0, unit.block_size):
             unit = None  # a different medium than the one named: not reachable as described
         units.append(unit)
     return units
+
+
+def _reachable(lu) -> list:
+    """The units a copy of ``lu`` may read and write.  A copy on a worker thread must not reach a unit whose
+    I/O all runs on the event loop: its WRITE ATOMIC would no longer be atomic against the copy's reads, and
+    its SANITIZE and PREEMPT AND ABORT, run there at once, would not wait for a chunk in flight."""
+    units = lu.copy_targets()
+    if lu.write_nowait is None:
+        return units
+    return [u for u in units if u.write_nowait is not None]
 
 
 def _designators(unit) -> set:
@@ -255,7 +326,7 @@ def _designators(unit) -> set:
             (V.CODE_SET_ASCII, V.DESIGNATOR_T10_VENDOR_ID, t10[:252])}
 
 
-def _segment_descriptors(data: bytes, start: int, length: int) -> list[_Segment]:
+def _segment_descriptors(data: bytes, start: int, length: int, most: int) -> list[_Segment]:
     segments: list[_Segment] = []
     pos, end = start, start + length
     while pos < end:
@@ -268,7 +339,7 @@ def _segment_descriptors(data: bytes, start: int, length: int) -> list[_Segment]
             raise CheckCondition(S.INVALID_FIELD_IN_PARAMETER_LIST, field_pointer=pos + 2, in_cdb=False)
         if pos + size > end:
             raise CheckCondition(S.PARAMETER_LIST_LENGTH_ERROR)
-        if len(segments) == MAX_SEGMENT_DESCRIPTORS:
+        if len(segments) == most:
             raise CheckCondition(S.TOO_MANY_SEGMENT_DESCRIPTORS)
         d = BLOCK_TO_BLOCK_SEGMENT.decode(data, pos)
         if d.cat:
@@ -280,15 +351,34 @@ def _segment_descriptors(data: bytes, start: int, length: int) -> list[_Segment]
     return segments
 
 
-def _run(lu, nexus, targets: list, segments: list[_Segment]) -> CopyOutcome:
-    done = copied = 0
+def _check_access(nexus, targets: list, segments: list[_Segment]) -> None:
+    """Before any segment is processed: the sender may read every source and write every destination
+    (RESERVATION CONFLICT, DATA PROTECT otherwise).  Unreachable targets are left to their segment."""
     for seg in segments:
-        try:
-            copied += _copy_segment(nexus, targets, seg)
-        except _SegmentFailed as failed:
-            return CopyOutcome(COPY_FAILED, done, copied, failed.code)
-        done += 1
-    return CopyOutcome(COPY_COMPLETED, done, copied)
+        if max(seg.source, seg.destination) >= len(targets):
+            continue
+        src, dst = targets[seg.source], targets[seg.destination]
+        for unit, access in ((src, _READ_ACCESS), (dst, _WRITE_ACCESS)):
+            if unit is not None and unit.reservations.engaged and unit.reservations.conflicts(access, nexus):
+                raise ReservationConflict()
+        if dst is not None and dst.read_only:
+            raise CheckCondition(S.WRITE_PROTECTED)
+
+
+def _run(job: _Copy, outcome: CopyOutcome) -> None:
+    """Process the segments in order, updating ``outcome`` (held for RECEIVE COPY RESULTS) as they end."""
+    try:
+        for seg in job.segments:
+            try:
+                outcome.bytes_copied += _copy_segment(job, seg)
+            except _SegmentFailed as failed:
+                outcome.end(COPY_FAILED, failed.code)
+                return
+            outcome.segments_processed += 1
+    except BaseException:  # an I/O error or a bug: the command says so; what is held must not stay "in progress"
+        outcome.end(COPY_FAILED, S.INTERNAL_TARGET_FAILURE)
+        raise
+    outcome.end(COPY_COMPLETED)
 
 
 class _SegmentFailed(Exception):
@@ -297,42 +387,52 @@ class _SegmentFailed(Exception):
         self.code = code
 
 
-def _copy_segment(nexus, targets: list, seg: _Segment) -> int:
+def _copy_segment(job: _Copy, seg: _Segment) -> int:
+    targets = job.targets
     if seg.source >= len(targets) or seg.destination >= len(targets):
         raise _SegmentFailed(S.COPY_TARGET_DEVICE_NOT_REACHABLE)
     src, dst = targets[seg.source], targets[seg.destination]
     if src is None or dst is None:
         raise _SegmentFailed(S.COPY_TARGET_DEVICE_NOT_REACHABLE)
-    for unit, access in ((src, _READ_ACCESS), (dst, _WRITE_ACCESS)):
-        if unit.reservations.engaged and unit.reservations.conflicts(access, nexus):
-            raise ReservationConflict()
-        # Its medium is out of reach as for a command sent to it: ejected, under a SANITIZE's pass, or left
-        # by a failed one (SBC-4 §4.11: a half-erased medium is neither read nor written).
-        if not unit.medium_present or unit.sanitizing or unit.sanitize_failed:
-            raise _SegmentFailed(S.COPY_TARGET_DEVICE_NOT_REACHABLE)
-    if dst.read_only:
-        raise CheckCondition(S.WRITE_PROTECTED)
-    bs = src.block_size
-    blocks = seg.blocks  # DC selects whose blocks count; with one block size throughout both agree
-    if blocks * bs > MAX_SEGMENT_BYTES:
+    # DC=0: the source's blocks; DC=1: the destination's (SPC-5 table 115).  Whole blocks on both sides, or the
+    # residue would need PAD or CAT, which this copy manager does not offer (SPC-5 §5.17.7.2, table 116).
+    total = seg.blocks * (dst.block_size if seg.dc else src.block_size)
+    if total % src.block_size or total % dst.block_size:
+        raise _SegmentFailed(UNEXPECTED_INEXACT_SEGMENT)
+    if total > segment_limits(job.lu)[1]:
         raise _SegmentFailed(S.COPY_ABORTED_NO_ADDITIONAL_SENSE)
-    if seg.source_lba + blocks > src.num_blocks or seg.destination_lba + blocks > dst.num_blocks:
+    if (seg.source_lba + total // src.block_size > src.num_blocks
+            or seg.destination_lba + total // dst.block_size > dst.num_blocks):
         raise _SegmentFailed(S.COPY_ABORTED_NO_ADDITIONAL_SENSE)
-    total = blocks * bs
-    src_off, dst_off = seg.source_lba * bs, seg.destination_lba * bs
+    src_off, dst_off = seg.source_lba * src.block_size, seg.destination_lba * dst.block_size
     pieces = [(o, min(CHUNK_BYTES, total - o)) for o in range(0, total, CHUNK_BYTES)]
     if src is dst and src_off < dst_off < src_off + total:
         pieces.reverse()  # overlapping forward move on one medium: copy from the end
-    fua = dst._fua_always
     for offset, n in pieces:
-        dst.backing.write(dst_off + offset, src.backing.read(src_off + offset, n), fua)
+        with _reach(job, src, _READ_ACCESS), _reach(job, dst, _WRITE_ACCESS):
+            dst.backing.write(dst_off + offset, src.backing.read(src_off + offset, n), dst._fua_always)
     dst.write_commands += 1
     dst.write_bytes += total
     return total
 
 
-def _forget(lu, nexus, list_id: int) -> None:
-    lu.copy_results.pop((nexus, list_id), None)
+@contextlib.contextmanager
+def _reach(job: _Copy, unit, access: _AccessProbe):
+    """One chunk's access to ``unit``: counted as its I/O when it is another unit than the copy manager (whose
+    own I/O this copy is), and refused when the unit changed since the copy began: its medium out of reach as
+    for a command sent to it (ejected, a SANITIZE begun since, or the failed state: SBC-4 §4.11), its
+    reservations now forbidding the sender, or it became write-protected (a failed command to a copy
+    target: THIRD PARTY DEVICE FAILURE, SPC-5 §5.17.7.4)."""
+    with contextlib.nullcontext(True) if unit is job.lu else unit.foreign_io() as admitted:
+        # Not admitted: closed (being removed) or paused (a snapshot's point in time): not now.
+        if (not admitted or not unit.medium_present or unit.sanitizing or unit.sanitize_failed
+                or unit.sanitizes_begun != job.sanitizes[id(unit)]):
+            raise _SegmentFailed(S.COPY_TARGET_DEVICE_NOT_REACHABLE)
+        if unit.reservations.engaged and unit.reservations.conflicts(access, job.nexus):
+            raise _SegmentFailed(THIRD_PARTY_DEVICE_FAILURE)
+        if access is _WRITE_ACCESS and unit.read_only:
+            raise _SegmentFailed(THIRD_PARTY_DEVICE_FAILURE)
+        yield
 
 
 # -- RECEIVE COPY RESULTS ----------------------------------------------------------------
@@ -366,9 +466,9 @@ def receive_operating_parameters(lu, nexus, cdb, data_out, edtl):
         available_data=OPERATING_PARAMETERS.size - 4 + len(implemented),
         snlid=True,
         maximum_target_descriptor_count=MAX_TARGET_DESCRIPTORS,
-        maximum_segment_descriptor_count=MAX_SEGMENT_DESCRIPTORS,
+        maximum_segment_descriptor_count=segment_limits(lu)[0],
         maximum_descriptor_list_length=MAX_DESCRIPTOR_LIST_LENGTH,
-        maximum_segment_length=MAX_SEGMENT_BYTES,
+        maximum_segment_length=segment_limits(lu)[1],
         total_concurrent_copies=1, maximum_concurrent_copies=1,
         implemented_descriptor_list_length=len(implemented))
     return bytes(head) + implemented
@@ -387,9 +487,12 @@ def third_party_copy_vpd(lu, nexus) -> bytes:
                       SA_FAILED_SEGMENT_DETAILS))
     supported_commands = _tpc_descriptor(0x0001, bytes((len(commands),)) + commands)
     parameter_data = _tpc_descriptor(0x0004, bytes(4) + MAX_TARGET_DESCRIPTORS.to_bytes(2, "big")
-                                     + MAX_SEGMENT_DESCRIPTORS.to_bytes(2, "big")
+                                     + segment_limits(lu)[0].to_bytes(2, "big")
                                      + MAX_DESCRIPTOR_LIST_LENGTH.to_bytes(4, "big") + bytes(4))
     kinds = bytes((BLOCK_TO_BLOCK, IDENTIFICATION_DESCRIPTOR))
     supported_descriptors = _tpc_descriptor(0x0008, bytes((len(kinds),)) + kinds)
     cscd_ids = _tpc_descriptor(0x000C, bytes(2))  # no CSCD IDs beyond the descriptor list's indexes
-    return supported_commands + parameter_data + supported_descriptors + cscd_ids
+    general = _tpc_descriptor(0x8001, bytes(GENERAL_COPY_OPERATIONS.encode(
+        total_concurrent_copies=1, maximum_identified_concurrent_copies=1,
+        maximum_segment_length=segment_limits(lu)[1])))
+    return supported_commands + parameter_data + supported_descriptors + cscd_ids + general

@@ -89,14 +89,20 @@ def test_copy_between_luns_and_copy_status(pair):
     assert not a.copy_results
 
 
-def test_overlapping_copy_on_one_lun_moves_data_intact(pair):
-    a, _ = pair
+def test_overlapping_copy_on_one_lun_moves_data_intact(tmp_path):
+    """2 MiB in 1 MiB chunks, overlapping forward, on a file unit: its copy runs on a worker (a memory unit's
+    copies run on the event loop, kept to one maximum WRITE's worth: ``xcopy.segment_limits``)."""
+    a = LogicalUnit(FileBackingStore(tmp_path / "a.img", SIZE, block_size=BS), LunIdentity("vol-a"),
+                    target_name="iqn.2026-01.io.shoal:t")
+    a.add_nexus(NEXUS)
+    run(a, bytes(6))
     pattern = bytes(range(256)) * (4096 * BS // 256)
     a.backing.write(0, pattern, False)
     params = parameter_list([target_descriptor(a)], [segment(0, 0, 4096, 0, 1024)], usage=X.LIST_ID_DISCARD)
     assert xcopy(a, params).status == S.GOOD
     assert a.backing.read(1024 * BS, 4096 * BS) == pattern
     assert sense_of(copy_results(a, X.SA_COPY_STATUS)) == S.INVALID_FIELD_IN_CDB  # DISCARD: nothing held
+    a.close()
 
 
 def test_parameter_list_errors_change_nothing(pair):
@@ -109,7 +115,8 @@ def test_parameter_list_errors_change_nothing(pair):
     assert sense_of(xcopy(a, too_many)) == S.TOO_MANY_TARGET_DESCRIPTORS
     fc = parameter_list([target_descriptor(a, kind=0xE0)], [segment(0, 0, 1, 0, 1)])
     assert sense_of(xcopy(a, fc)) == S.UNSUPPORTED_TARGET_DESCRIPTOR_TYPE_CODE
-    lu_id_type = parameter_list([target_descriptor(a, lu_id_type=3)], [segment(0, 0, 1, 0, 1)], usage=X.LIST_ID_NONE)
+    lu_id_type = parameter_list([target_descriptor(a, lu_id_type=3)], [segment(0, 0, 1, 0, 1)], list_id=0,
+                                usage=X.LIST_ID_NONE)
     assert xcopy(a, lu_id_type).status == S.GOOD  # SPC-4: LU ID TYPE is obsolete and ignored
     stream = parameter_list([target_descriptor(a)], [segment(0, 0, 1, 0, 1, kind=0x03)])
     assert sense_of(xcopy(a, stream)) == S.UNSUPPORTED_SEGMENT_DESCRIPTOR_TYPE_CODE
@@ -147,7 +154,7 @@ def test_operating_parameters_and_third_party_copy_vpd(pair):
     a, _ = pair
     rec = X.OPERATING_PARAMETERS.decode(copy_results(a, X.SA_OPERATING_PARAMETERS).data)
     assert (rec.maximum_target_descriptor_count, rec.maximum_segment_descriptor_count) == (
-        X.MAX_TARGET_DESCRIPTORS, X.MAX_SEGMENT_DESCRIPTORS)
+        X.MAX_TARGET_DESCRIPTORS, 1)  # a memory unit copies on the event loop: one segment per command
     page = run(a, bytes([0x12, 1, 0x8F, 4, 0, 0])).data
     assert page[1] == 0x8F and int.from_bytes(page[2:4], "big") == len(page) - 4
     assert page[4:6] == b"\x00\x01" and X.RECEIVE_COPY_RESULTS_OPCODE in page  # supported commands
