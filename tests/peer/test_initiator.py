@@ -201,9 +201,9 @@ def test_dead_target_is_detected_and_reported(tmp_path):
 
 @pytest.mark.parametrize("kind", ["shoal", "tgtd"])
 def test_a_discard_is_split_within_the_luns_unmap_limits_or_refused(kind, tmp_path):
-    """The whole of a 2 GiB LUN discarded: more blocks than one UNMAP descriptor takes on shoal target
-    (MAXIMUM UNMAP LBA COUNT 2^20, Block Limits page), so several descriptors; it reads back as zeros
-    (LBPRZ).  tgtd's LUN takes no UNMAP (LBPME 0): the discard is refused with EOPNOTSUPP, and the FUSE export
+    """The whole of a 2 GiB LUN discarded: more blocks than one UNMAP command takes on shoal target
+    (MAXIMUM UNMAP LBA COUNT 2^20, all descriptors of a command together, Block Limits page), so several
+    commands; it reads back as zeros (LBPRZ).  tgtd's LUN takes no UNMAP (LBPME 0): the discard is refused with EOPNOTSUPP, and the FUSE export
     of such a LUN writes zeros for a punched range instead (``SyncLun.discard_zeroes``)."""
     import errno
 

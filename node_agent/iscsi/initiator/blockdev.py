@@ -27,7 +27,6 @@ READ_16, WRITE_16, SYNCHRONIZE_CACHE_16 = 0x88, 0x8A, 0x91
 INQUIRY, REPORT_LUNS, UNMAP, SERVICE_ACTION_IN_16 = 0x12, 0xA0, 0x42, 0x9E
 PERSISTENT_RESERVE_IN, PERSISTENT_RESERVE_OUT = 0x5E, 0x5F
 MAX_IO_BLOCKS = 2048  # split larger ranges: 1 MiB of 512-byte blocks per command
-_UNMAP_DESCRIPTORS_MAX = (0xFFFF - 8) // 16  # what UNMAP's 16-bit parameter list length holds (SBC-3 §5.28.2)
 _RW16 = struct.Struct(">BBQIBB")  # READ(16)/WRITE(16)/SYNCHRONIZE CACHE(16): opcode, flags, LBA, blocks (SBC-3)
 
 
@@ -182,10 +181,11 @@ class LunDevice:
         return self._unmap_limits
 
     async def discard(self, offset: int, length: int) -> None:
-        """Deallocate the whole blocks of ``[offset, offset+length)``, in UNMAP commands and descriptors within
-        the LUN's limits (its Block Limits page): one descriptor past MAXIMUM UNMAP LBA COUNT, or a command
-        past MAXIMUM UNMAP BLOCK DESCRIPTOR COUNT, is refused (ILLEGAL REQUEST).  ``OSError(EOPNOTSUPP)``
-        when the LUN takes no UNMAP."""
+        """Deallocate the whole blocks of ``[offset, offset+length)`` in UNMAP commands within the LUN's
+        limits (its Block Limits page): MAXIMUM UNMAP LBA COUNT bounds the blocks of one *command*, all its
+        descriptors together (SBC-3 §5.28: more is INVALID FIELD IN PARAMETER LIST), so a contiguous range
+        goes as one descriptor per command of at most that many blocks.  ``OSError(EOPNOTSUPP)`` when the
+        LUN takes no UNMAP."""
         cap = await self._geometry()
         first = -(-offset // cap.block_size)
         last = (offset + length) // cap.block_size
@@ -194,11 +194,9 @@ class LunDevice:
         max_blocks, max_descriptors = await self.unmap_limits()
         if not (cap.lbpme and max_blocks and max_descriptors):
             raise OSError(errno.EOPNOTSUPP, "the LUN takes no UNMAP (READ CAPACITY LBPME, Block Limits page)")
-        per_descriptor = min(max_blocks, 0xFFFFFFFF)  # FFFFFFFFh: no limit but the field's own
-        per_command = min(max_descriptors, _UNMAP_DESCRIPTORS_MAX)
-        ranges = [(lba, min(per_descriptor, last - lba)) for lba in range(first, last, per_descriptor)]
-        for start in range(0, len(ranges), per_command):
-            await self.unmap(ranges[start:start + per_command])
+        per_command = min(max_blocks, 0xFFFFFFFF)  # FFFFFFFFh: no limit but the descriptor field's own
+        for lba in range(first, last, per_command):
+            await self.unmap([(lba, min(per_command, last - lba))])
 
     async def inquiry(self, page: int | None = None, length: int = 255) -> bytes:
         cdb = bytes([INQUIRY, 1 if page is not None else 0, page or 0]) + length.to_bytes(2, "big") + b"\0"
