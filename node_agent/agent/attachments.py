@@ -317,6 +317,13 @@ class AttachmentManager:
             except Exception as exc:
                 log.warning("volume %s: logout at shutdown failed: %s", record.volume_id, exc)
 
+    def hold(self, volume_id: str) -> threading.RLock:
+        """The volume's lock, for a caller whose steps must not interleave with this volume's attach, login,
+        logout or detach: the CSI Node service holds it across NodeStage, NodePublish, NodeUnstage and
+        NodeExpand (a detach waits for them, and then finds the device in use).  Reentrant: the holder's own
+        login or logout goes ahead."""
+        return self._volume(volume_id)
+
     def _volume(self, volume_id: str) -> threading.RLock:
         """The volume's own lock: the agent's RPCs and the CSI Node service (other threads) take turns."""
         with self._lock:

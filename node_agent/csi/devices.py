@@ -20,7 +20,7 @@ from __future__ import annotations
 import contextlib
 import os
 import stat
-from typing import Iterator, Mapping, Protocol
+from typing import ContextManager, Iterator, Mapping, Protocol
 
 import grpc
 
@@ -54,6 +54,8 @@ class AttachedVolumes(Protocol):
 
     def foreign_device(self, volume_id: str, path: str) -> str: ...
 
+    def hold(self, volume_id: str) -> ContextManager: ...
+
 
 def _same_naa(a: str, b: str) -> bool:
     try:
@@ -80,6 +82,12 @@ class DeviceResolver:
     def __init__(self, attachments: AttachedVolumes, sys_block: str = SYS_BLOCK):
         self.attachments = attachments
         self.sys_block = sys_block
+
+    def hold(self, volume_id: str) -> ContextManager:
+        """The agent's own per-volume lock (reentrant): while a Node RPC holds it, the agent's attach, login,
+        logout and detach of the volume (ControllerUnpublishVolume, ``shoalctl volume detach``) wait, so the
+        device checked at its start is still the volume's when it formats or mounts it."""
+        return self.attachments.hold(volume_id)
 
     def stage(self, volume_id: str, publish_context: Mapping[str, str]) -> str:
         """Log in (a repeat: the same device) and return the checked device path."""

@@ -1,30 +1,64 @@
-"""CSI Node service: stage (log in, mkfs only on a blank device, mount), publish (bind mounts), expand, stats.
+"""CSI Node service: stage (log in, mkfs only on a blank device nothing uses, mount), publish (bind mounts),
+expand, stats.
+
+Paths: ``staging_target_path``, ``target_path`` and ``volume_path`` must be absolute (the spec's "MUST be an
+absolute path"; INVALID_ARGUMENT otherwise, before anything is made or mounted).  A symbolic link at one of them
+is never followed: stage and publish refuse it (FAILED_PRECONDITION), unstage, unpublish and stats leave it
+alone.  A publish creates its mount point itself (``O_CREAT|O_EXCL|O_NOFOLLOW`` for a file, ``mkdir`` for a
+directory) and accepts an existing one only if it is an ordinary file or directory.
+
+Every RPC that uses the device (stage, publish, unstage, expand) holds the agent's own lock of the volume
+(``DeviceResolver.hold``): the agent's detach (ControllerUnpublishVolume, ``shoalctl volume detach``) waits for
+it, and then finds the device in use.  The device's identity is checked at the start and again right before
+mkfs and before mount.
 
 Idempotency, RPC by RPC (a repeat of a finished call answers as the first did):
 
 - NodeStageVolume: logs in to the LUN ControllerPublishVolume recorded with this
   node's agent (a repeat finds it logged in), through the agent's connector, which
   checks the LUN's identity before a device exists.  Staging path already mounted
-  from this volume's device -> OK; mounted from something else -> ALREADY_EXISTS.
-  An ext4 smaller than its device (the volume grew meanwhile) is grown before it is
-  mounted.  Block access mounts nothing at stage.
-- NodePublishVolume: target already mounted from the same source -> OK; from something
-  else -> ALREADY_EXISTS.  Mount access bind-mounts the staging path; block access
-  bind-mounts the device file onto a file at the target path.  ``readonly`` (or a
-  reader-only access mode) makes the bind mount read-only.  For block access that is what
-  other CSI drivers do too, and it is advisory: the kernel does not refuse a write through a
-  device node on a read-only mount (a read-only block publish is the CO's promise, not ours).
-- NodeUnpublishVolume / NodeUnstageVolume: unmount what is mounted there; a path that
-  is not mounted or does not exist -> OK.  Unpublish removes the target it leaves;
-  Unstage then logs out (the agent keeps the record until ControllerUnpublishVolume),
-  and refuses (FAILED_PRECONDITION) while the device is still published somewhere:
+  from this volume's device with the same filesystem, read-only-ness and mount flags (as far as mountinfo
+  shows them: ``mounts.flags_differ``) -> OK; mounted from something else or otherwise -> ALREADY_EXISTS.
+  Formatting: only a blank device (``mounts.reads_blank``: blkid finds no signature and the device reads back
+  zeros -- all of it up to 1 GiB, evenly spread windows of a larger one) that nothing uses (no mount of it,
+  no block publish of it, no exclusive opener); anything else is FAILED_PRECONDITION and never formatted.
+  Shoal's volumes are created zeroed (thin files), so a volume reads blank until something wrote to it.
+  A device published for raw block access is never mounted as a filesystem (FAILED_PRECONDITION).
+  A read-only stage (reader-only access mode) never writes the device: no mkfs, no offline growth, and the
+  filesystem is mounted ``ro`` with ``noload`` (ext4) or ``norecovery`` (xfs), so not even a journal replay
+  writes it.  An ext4 smaller than its device (the volume grew meanwhile) is grown before a writable mount.
+  A stage that fails after logging in logs out again (unless the device is in use), so a failed stage leaves
+  no session behind.  A failed mount answers FAILED_PRECONDITION with mount's message.  Block access mounts
+  nothing at stage.
+- Mount flags are filesystem options, one per flag; flags that change what is mounted or how
+  (``REFUSED_MOUNT_FLAGS``: ``ro``/``rw`` are the access mode's and ``readonly``'s to say; ``loop``,
+  ``offset=``, ``sizelimit=`` mount a loop device instead of the volume; ``bind``, ``remount``, ``X-mount.*``,
+  propagation flags, ...) are INVALID_ARGUMENT.
+- NodePublishVolume: no ``staging_target_path`` -> FAILED_PRECONDITION (the spec's row for a plugin with
+  STAGE_UNSTAGE_VOLUME).  Target already mounted from the same source, for the same access type and
+  read-only-ness -> OK; anything else there -> ALREADY_EXISTS.  Mount access bind-mounts the staging path;
+  block access bind-mounts the device file onto a file at the target path.  ``readonly`` (or a reader-only
+  access mode) makes the bind mount read-only, and for block access the device bound is a read-only loop
+  device over the volume's (``losetup --read-only``): the kernel refuses writes to it, where a read-only bind
+  mount of a device node refuses none.  FAILED_PRECONDITION (the spec's "published with another capability"):
+  block access while the volume's filesystem is mounted (staged), mount access while it is published for
+  block access, and a SINGLE_NODE_SINGLE_WRITER volume published at another target already.
+- NodeUnpublishVolume: unmount what is mounted there (and detach the read-only loop device a read-only block
+  publish made); remove the empty directory or file publish made; anything else there, or a path that is not
+  mounted or does not exist -> OK, left as it is.
+- NodeUnstageVolume: unmount the staging path if it holds this volume's device (another volume's staging mount
+  stays: this volume is not staged there), then log out (the agent keeps the record until
+  ControllerUnpublishVolume); refuses (FAILED_PRECONDITION) while the device is still published somewhere:
   a device path must not outlive its login.
-- NodeExpandVolume: the device re-reads its capacity (the connector's rescan), then
-  ``resize2fs`` (ext4) or ``xfs_growfs`` (xfs) for mount access, nothing more for
-  block.  A filesystem that already fills the device is left as it is.
-- NodeGetVolumeStats: NOT_FOUND for a path where nothing is mounted; volume_condition
-  is abnormal when the node is not logged in, the device is gone or not the volume's,
-  the session or its FUSE export is down, or I/O errors were seen.
+- NodeExpandVolume: an unsupported ``volume_capability`` -> INVALID_ARGUMENT (this RPC's "exceeds
+  capabilities").  The device re-reads its capacity (the connector's rescan); smaller than
+  ``required_bytes`` -> UNAVAILABLE (the LUN's new size is not seen yet: retry).  Then ``resize2fs`` (ext4)
+  or ``xfs_growfs`` (xfs) through a writable mount of the filesystem (the staging path when the publish at
+  ``volume_path`` is read-only), nothing more for block (read-only loop devices take the new size).  A
+  filesystem that already fills the device is left as it is.
+- NodeGetVolumeStats: NOT_FOUND for a path where nothing of this volume is mounted (another volume's mount
+  there too); volume_condition is abnormal when the node is not logged in, the device is gone or not the
+  volume's, the session or its FUSE export is down, or I/O errors were seen.
 
 The device comes from ``DeviceResolver`` (the agent's attachment, checked).  A second call
 on a volume while one is under way is ABORTED (``InFlight``).
@@ -41,19 +75,32 @@ from controller.csi import capabilities as caps
 from controller.csi.errors import InFlight, csi_rpc
 from controller.domain.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from node_agent.csi.devices import DeviceResolver
-from node_agent.csi.mounts import Mounter
+from node_agent.csi.mounts import Mount, Mounter, flags_differ
 from node_agent.host.runner import CommandFailed
 from protos.csi.v1 import csi_pb2, csi_pb2_grpc
 
 log = logging.getLogger("shoal.csi.node")
 
 NodeRPC = csi_pb2.NodeServiceCapability.RPC
+Mode = csi_pb2.VolumeCapability.AccessMode.Mode
 NODE_CAPABILITIES = (NodeRPC.STAGE_UNSTAGE_VOLUME, NodeRPC.EXPAND_VOLUME, NodeRPC.GET_VOLUME_STATS,
                      NodeRPC.VOLUME_CONDITION, NodeRPC.SINGLE_NODE_MULTI_WRITER)
 #: The same keys as the Controller's ``CsiSettings.topology_keys`` (kept equal by a test).
 DEFAULT_TOPOLOGY_KEYS = ("topology.kubernetes.io/region", "topology.kubernetes.io/zone", "region", "zone")
-#: Mount flags that would make ``mount -o`` do something else than mount the volume's filesystem.
-REFUSED_MOUNT_FLAGS = frozenset({"bind", "rbind", "remount", "move", "X-mount.mkdir"})
+#: Mount flags (the part before any "=") that would make ``mount -o`` do something else than mount the volume's
+#: filesystem as the access mode says: another source (loop devices, bind mounts), another program, other
+#: propagation, mount(8)'s own actions, or a read-only-ness of its own.
+REFUSED_MOUNT_FLAGS = frozenset({
+    "bind", "rbind", "remount", "move",
+    "ro", "rw",
+    "loop", "offset", "sizelimit", "encryption",
+    "helper", "uhelper",
+    "shared", "rshared", "slave", "rslave", "private", "rprivate", "unbindable", "runbindable",
+})
+#: Prefixes of mount(8)'s userspace options (``X-mount.mkdir``, ``X-mount.subdir=``, ``x-systemd.*``).
+REFUSED_MOUNT_FLAG_PREFIXES = ("X-", "x-")
+#: What a read-only stage adds to ``ro`` so that mounting writes nothing (no journal or log replay).
+NO_REPLAY = {"ext4": "noload", "xfs": "norecovery"}
 
 
 class NodeServicer(csi_pb2_grpc.NodeServicer):
@@ -84,162 +131,333 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
     @csi_rpc("volume_id", "staging_target_path", "volume_capability")
     def NodeStageVolume(self, request, context):
         capability = _supported(request.volume_capability)
-        with self.busy.hold(request.volume_id, f"volume {request.volume_id}"):
-            device = self.devices.stage(request.volume_id, request.publish_context)
-            path = request.staging_target_path
-            current = self.mounter.mounted_at(path)
-            read_only = capability.access_mode.mode in caps.READ_ONLY_MODES
-            if caps.is_block(capability):
-                if current is not None:  # staged before as a filesystem: not the same volume capability
-                    raise AlreadyExists(f"volume {request.volume_id} is staged at {path} with a filesystem, "
-                                        "not for block access")
-                return csi_pb2.NodeStageVolumeResponse()
-            fs_type = capability.mount.fs_type or caps.DEFAULT_FS_TYPE
-            if current is not None:
-                if current.dev != os.stat(device).st_rdev:
-                    raise AlreadyExists(f"{path} is already mounted from {current.source}, not volume "
-                                        f"{request.volume_id}'s device")
-                if current.fs_type != fs_type or ("ro" in current.options) != read_only:
-                    raise AlreadyExists(f"volume {request.volume_id} is staged at {path} as {current.fs_type} "
-                                        f"({'ro' if 'ro' in current.options else 'rw'}), not as the capability "
-                                        f"asks ({fs_type}, {'ro' if read_only else 'rw'})")
-                return csi_pb2.NodeStageVolumeResponse()
+        path = _absolute(request.staging_target_path, "staging_target_path")
+        volume_id = request.volume_id
+        with self.busy.hold(volume_id, f"volume {volume_id}"), self.devices.hold(volume_id):
+            logged_in_before = bool(self.devices.logged_in(volume_id))
+            device = self.devices.stage(volume_id, request.publish_context)
             try:
-                found = self.mounter.fs_type(device)
-            except OSError as exc:  # never taken for blank: formatting it could wipe a filesystem
-                raise Unavailable(f"volume {request.volume_id}: {device} could not be read to check what it "
-                                  f"holds ({exc}); retry") from None
-            if not found and read_only:
-                raise FailedPrecondition(f"volume {request.volume_id} holds no filesystem, and a read-only stage "
-                                         "never formats: stage it writable once")
-            if not found:
-                self.mounter.mkfs(device, fs_type)
-            elif found != fs_type:
-                raise FailedPrecondition(f"volume {request.volume_id} holds {found!r}, not {fs_type!r}: "
-                                         "it is never reformatted")
-            elif found == "ext4" and self.mounter.ext4_size(device) < _size(device):
-                # The volume grew while it was not staged (or where online growth is refused): grow it now,
-                # before it is mounted.  xfs grows only mounted: NodeExpandVolume does that.
-                self.mounter.grow_offline(device)
-            os.makedirs(path, exist_ok=True)
-            options = list(capability.mount.mount_flags)
-            if read_only:
-                options.append("ro")
-            self.mounter.mount(device, path, fs_type, options)
+                self._stage(request, capability, device, path)
+            except BaseException:
+                if not logged_in_before:  # the CO was told nothing is staged: no NodeUnstageVolume will come
+                    self._undo_login(volume_id, device)
+                raise
         return csi_pb2.NodeStageVolumeResponse()
+
+    def _stage(self, request, capability, device: str, path: str) -> None:
+        volume_id = request.volume_id
+        _not_a_symlink(path, "staging_target_path")
+        current = self.mounter.mounted_at(path)
+        if caps.is_block(capability):
+            if current is not None:  # staged before as a filesystem: not the same volume capability
+                raise AlreadyExists(f"volume {volume_id} is staged at {path} with a filesystem, not for block access")
+            return
+        fs_type = capability.mount.fs_type or caps.DEFAULT_FS_TYPE
+        read_only = capability.access_mode.mode in caps.READ_ONLY_MODES
+        flags = list(capability.mount.mount_flags)
+        if current is not None:
+            self._check_staged(volume_id, path, current, device, fs_type, read_only, flags)
+            return
+        raw = [use.mount_point for use in self.mounter.uses(device) if use.block]
+        if raw:  # a write through the device file would corrupt the filesystem under the mount
+            raise FailedPrecondition(f"volume {volume_id} is published for raw block access at {', '.join(raw)}: "
+                                     "its filesystem is not mounted as well (NodeUnpublishVolume those first)")
+        found = self._filesystem_on(volume_id, device)
+        if not found and read_only:
+            raise FailedPrecondition(f"volume {volume_id} holds no filesystem, and a read-only stage never formats: "
+                                     "stage it writable once")
+        if not found:
+            self._format(request, device, fs_type)
+        elif found != fs_type:
+            raise FailedPrecondition(f"volume {volume_id} holds {found!r}, not {fs_type!r}: it is never reformatted")
+        elif found == "ext4" and not read_only and self.mounter.ext4_size(device) < _size(device):
+            # The volume grew while it was not staged (or where online growth is refused): grow it now,
+            # before it is mounted.  xfs grows only mounted: NodeExpandVolume does that.
+            self.mounter.grow_offline(device)
+        _make_directory(path)
+        self._recheck(request, device)
+        options = flags + (["ro", NO_REPLAY[fs_type]] if read_only else [])
+        try:
+            self.mounter.mount(device, path, fs_type, options)
+        except CommandFailed as exc:  # a mount flag the filesystem refuses, a filesystem needing a check, ...
+            raise FailedPrecondition(f"volume {volume_id}: mounting its {fs_type} at {path} failed: {exc}") from None
+
+    def _check_staged(self, volume_id: str, path: str, current: Mount, device: str, fs_type: str,
+                      read_only: bool, flags: list[str]) -> None:
+        """A repeated stage: OK when ``current`` is what this one would have mounted, else ALREADY_EXISTS."""
+        if current.dev != os.stat(device).st_rdev:
+            raise AlreadyExists(f"{path} is already mounted from {current.source}, not volume {volume_id}'s device")
+        staged_ro = "ro" in current.options
+        differ = flags_differ(flags, current)
+        if current.fs_type != fs_type or staged_ro != read_only or differ:
+            raise AlreadyExists(f"volume {volume_id} is staged at {path} as {current.fs_type} "
+                                f"({'ro' if staged_ro else 'rw'}{', other mount flags: ' if differ else ''}"
+                                f"{', '.join(differ)}), not as the capability asks ({fs_type}, "
+                                f"{'ro' if read_only else 'rw'})")
+
+    def _filesystem_on(self, volume_id: str, device: str) -> str:
+        try:
+            return self.mounter.fs_type(device)
+        except OSError as exc:  # never taken for blank: formatting it could wipe a filesystem
+            raise Unavailable(f"volume {volume_id}: {device} could not be read to check what it holds ({exc}); "
+                              "retry") from None
+
+    def _format(self, request, device: str, fs_type: str) -> None:
+        """mkfs, on a device nothing uses: no mount or publish of it, no exclusive opener (an ``O_EXCL`` open
+        succeeds), and still the volume's."""
+        volume_id = request.volume_id
+        users = self.mounter.users(device)
+        if users:
+            raise FailedPrecondition(f"volume {volume_id} reads blank but is in use at {', '.join(users)}: "
+                                     "it is never formatted while in use")
+        try:
+            held = self.mounter.held_exclusively(device)
+        except OSError as exc:
+            raise Unavailable(f"volume {volume_id}: {device} could not be opened ({exc}); retry") from None
+        if held:
+            raise FailedPrecondition(f"volume {volume_id}: {device} is held open exclusively by something else on "
+                                     "this node: it is never formatted while in use")
+        self._recheck(request, device)
+        self.mounter.mkfs(device, fs_type)
+
+    def _recheck(self, request, device: str) -> None:
+        """The device is still the volume's (record, connector and VPD checks) right before mkfs or mount."""
+        again = self.devices.device(request.volume_id, request.publish_context)
+        if again != device:
+            raise FailedPrecondition(f"volume {request.volume_id} is now at {again}, not {device}: retry")
+
+    def _undo_login(self, volume_id: str, device: str) -> None:
+        users = self.mounter.users(device)
+        if users:
+            log.warning("volume %s: the failed stage leaves it logged in: %s is in use at %s", volume_id, device,
+                        ", ".join(users))
+            return
+        try:
+            self.devices.unstage(volume_id)
+        except Exception as exc:  # the stage's own error is the answer; a repeat logs in and tries again
+            log.warning("volume %s: logging out after the failed stage failed: %s", volume_id, exc)
+        else:
+            log.info("volume %s: logged out again after the failed stage", volume_id)
 
     @csi_rpc("volume_id", "staging_target_path")
     def NodeUnstageVolume(self, request, context):
-        staging = os.path.realpath(request.staging_target_path)
-        with self.busy.hold(request.volume_id, f"volume {request.volume_id}"):
-            device = self.devices.logged_in(request.volume_id)
+        path = _absolute(request.staging_target_path, "staging_target_path")
+        volume_id = request.volume_id
+        with self.busy.hold(volume_id, f"volume {volume_id}"), self.devices.hold(volume_id):
+            device = self.devices.logged_in(volume_id)
+            staging = os.path.realpath(path)
+            mount = None if _is_symlink(path) else self.mounter.mounted_at(path)
+            ours = mount is not None and bool(device) and _mounted_from(mount, device)
             elsewhere = [p for p in self.mounter.users(device) if p != staging] if device else []
             if elsewhere:  # logging out under a published device would leave its path to whoever comes next
-                raise FailedPrecondition(f"volume {request.volume_id} is still published at "
-                                         f"{', '.join(elsewhere)}: NodeUnpublishVolume first")
-            if self.mounter.mounted_at(staging) is not None:
-                self.mounter.umount(staging)
-            self.devices.unstage(request.volume_id)
+                raise FailedPrecondition(f"volume {volume_id} is still published at {', '.join(elsewhere)}: "
+                                         "NodeUnpublishVolume first")
+            if ours:
+                self.mounter.umount(path)
+            elif mount is not None:  # not this volume's: it is not staged there, and another's stays
+                log.warning("unstage of volume %s: %s holds %s, not this volume's device: left mounted", volume_id,
+                            path, mount.source)
+            if device:
+                self._detach_unused_loops(device)
+            self.devices.unstage(volume_id)
         return csi_pb2.NodeUnstageVolumeResponse()
 
     # -- publish ---------------------------------------------------------------------------------------------
-    @csi_rpc("volume_id", "staging_target_path", "target_path", "volume_capability")
+    @csi_rpc("volume_id", "target_path", "volume_capability")
     def NodePublishVolume(self, request, context):
         capability = _supported(request.volume_capability)
+        target = _absolute(request.target_path, "target_path")
+        if not request.staging_target_path:
+            raise FailedPrecondition("staging_target_path is not set: this plugin stages volumes "
+                                     "(STAGE_UNSTAGE_VOLUME): NodeStageVolume first")
+        staging = _absolute(request.staging_target_path, "staging_target_path")
         readonly = request.readonly or capability.access_mode.mode in caps.READ_ONLY_MODES
-        target = request.target_path
-        with self.busy.hold(request.volume_id, f"volume {request.volume_id}"):
-            if caps.is_block(capability):
-                device = self.devices.device(request.volume_id, request.publish_context)
-                source, source_dev = device, os.stat(device).st_rdev
-            else:
-                staged = self.mounter.mounted_at(request.staging_target_path)
+        block = caps.is_block(capability)
+        volume_id = request.volume_id
+        with self.busy.hold(volume_id, f"volume {volume_id}"), self.devices.hold(volume_id):
+            if not block:
+                staged = None if _is_symlink(staging) else self.mounter.mounted_at(staging)
                 if staged is None:
-                    raise FailedPrecondition(f"volume {request.volume_id} is not staged at "
-                                             f"{request.staging_target_path}: NodeStageVolume first")
-                device = self.devices.device(request.volume_id, request.publish_context)
-                if staged.dev != os.stat(device).st_rdev:  # another volume's staging path: never bind that
-                    raise FailedPrecondition(f"{request.staging_target_path} holds another volume's filesystem, "
-                                             f"not volume {request.volume_id}'s")
-                source, source_dev = request.staging_target_path, staged.dev
+                    raise FailedPrecondition(f"volume {volume_id} is not staged at {staging}: NodeStageVolume first")
+            device = self.devices.device(volume_id, request.publish_context)
+            rdev = os.stat(device).st_rdev
+            if not block and staged.dev != rdev:  # another volume's staging path: never bind that
+                raise FailedPrecondition(f"{staging} holds another volume's filesystem, not volume {volume_id}'s")
+            _not_a_symlink(target, "target_path")
             current = self.mounter.mounted_at(target)
             if current is not None:
-                if current.dev != source_dev and not _is_device_file_of(target, source_dev):
-                    raise AlreadyExists(f"{target} is already mounted from {current.source}")
-                if ("ro" in current.options) != readonly:
-                    raise AlreadyExists(f"volume {request.volume_id} is published at {target} "
-                                        f"{'read-only' if 'ro' in current.options else 'writable'}, not as asked")
+                self._check_published(volume_id, target, current, rdev, block, readonly)
                 return csi_pb2.NodePublishVolumeResponse()
-            if caps.is_block(capability):
-                os.makedirs(os.path.dirname(target) or "/", exist_ok=True)
-                if not os.path.exists(target):
-                    with open(target, "a"):
-                        pass
+            self._check_other_uses(volume_id, capability, device, staging, target)
+            if block:
+                self._publish_block(device, target, readonly)
             else:
-                os.makedirs(target, exist_ok=True)
-            self.mounter.bind(source, target, readonly)
+                _make_directory(target)
+                self.mounter.bind(staging, target, readonly)
         return csi_pb2.NodePublishVolumeResponse()
+
+    def _check_published(self, volume_id: str, target: str, current: Mount, rdev: int, block: bool,
+                         readonly: bool) -> None:
+        """A repeated publish: OK when ``target`` holds what this one would have bound, else ALREADY_EXISTS."""
+        held = self._held_at(target, current, rdev)
+        if held is None or held[0] != block:
+            raise AlreadyExists(f"{target} is already mounted from {current.source}, not volume {volume_id}'s "
+                                f"{'device' if block else 'filesystem'}")
+        published_ro = "ro" in current.options and (not block or held[1])
+        if published_ro != readonly:
+            raise AlreadyExists(f"volume {volume_id} is published at {target} "
+                                f"{'read-only' if published_ro else 'writable'}, not as asked")
+
+    def _held_at(self, path: str, mount: Mount, rdev: int) -> tuple[bool, bool] | None:
+        """What of the device ``rdev`` is mounted at ``path``: (block, through a read-only loop device) for its
+        device file or a read-only loop device over it, (False, False) for its filesystem, None for neither."""
+        try:
+            st = os.stat(path)
+        except OSError:
+            return None
+        if stat.S_ISBLK(st.st_mode):
+            if st.st_rdev == rdev:
+                return True, False
+            loop = self.mounter.loop_at(path)
+            return (True, True) if loop is not None and loop[1] == rdev else None
+        return (False, False) if mount.dev == rdev else None
+
+    def _check_other_uses(self, volume_id: str, capability, device: str, staging: str, target: str) -> None:
+        """FAILED_PRECONDITION for a publish that the device's other uses rule out (CSI NodePublishVolume:
+        published with another capability, or a single writer's second target)."""
+        uses = self.mounter.uses(device)
+        if caps.is_block(capability):
+            clash = [use.mount_point for use in uses if not use.block]
+            why = "its filesystem is mounted at {}: it is not published for raw block access as well"
+        else:
+            clash = [use.mount_point for use in uses if use.block]
+            why = "it is published for raw block access at {}: its filesystem is not published as well"
+        if clash:
+            raise FailedPrecondition(f"volume {volume_id}: {why.format(', '.join(clash))}")
+        if capability.access_mode.mode == Mode.SINGLE_NODE_SINGLE_WRITER:
+            own = {os.path.realpath(staging), os.path.realpath(target)}
+            others = [use.mount_point for use in uses if use.mount_point not in own]
+            if others:
+                raise FailedPrecondition(f"volume {volume_id} is SINGLE_NODE_SINGLE_WRITER and published at "
+                                         f"{', '.join(others)} already")
+
+    def _publish_block(self, device: str, target: str, readonly: bool) -> None:
+        _make_file(target)
+        source = self.mounter.read_only_loop(device) if readonly else device
+        try:
+            self.mounter.bind(source, target, readonly)
+        except BaseException:
+            if source != device:
+                self._detach_loop(source)
+            raise
 
     @csi_rpc("volume_id", "target_path")
     def NodeUnpublishVolume(self, request, context):
-        target = request.target_path
-        if not os.path.isabs(target):
-            raise InvalidArgument(f"target_path {target!r} is not an absolute path")
-        with self.busy.hold(request.volume_id, f"volume {request.volume_id}"):
+        target = _absolute(request.target_path, "target_path")
+        volume_id = request.volume_id
+        with self.busy.hold(volume_id, f"volume {volume_id}"):
+            if _is_symlink(target):  # never made by a publish, never followed
+                log.warning("unpublish of volume %s: %s is a symbolic link: left alone", volume_id, target)
+                return csi_pb2.NodeUnpublishVolumeResponse()
+            loops = set()
             while self.mounter.mounted_at(target) is not None:  # a repeated publish elsewhere may have stacked
+                loop = self.mounter.loop_at(target)
                 self.mounter.umount(target)
+                if loop is not None:
+                    loops.add(loop[0])
+            device = self.devices.logged_in(volume_id)
+            for loop in sorted(loops | set(self.mounter.loops_over(device) if device else ())):
+                if not self.mounter.users(loop):
+                    self._detach_loop(loop)
             _remove(target)
         return csi_pb2.NodeUnpublishVolumeResponse()
+
+    def _detach_unused_loops(self, device: str) -> None:
+        for loop in self.mounter.loops_over(device):
+            if not self.mounter.users(loop):
+                self._detach_loop(loop)
+
+    def _detach_loop(self, loop: str) -> None:
+        try:
+            self.mounter.detach_loop(loop)
+        except CommandFailed as exc:  # the next unpublish or unstage of the volume tries again
+            log.warning("read-only loop device %s stays: %s", loop, exc)
 
     # -- expand ------------------------------------------------------------------------------------------------
     @csi_rpc("volume_id", "volume_path")
     def NodeExpandVolume(self, request, context):
         if request.HasField("volume_capability"):
-            _supported(request.volume_capability)
+            reason = caps.unsupported(request.volume_capability)
+            if reason:  # this RPC's "exceeds capabilities" is INVALID_ARGUMENT
+                raise InvalidArgument(reason)
+        _absolute(request.volume_path, "volume_path")
         required, limit = request.capacity_range.required_bytes, request.capacity_range.limit_bytes
         if required < 0 or limit < 0 or (limit and required > limit):
             raise InvalidArgument("capacity_range: bytes must not be negative, required_bytes at most limit_bytes")
-        with self.busy.hold(request.volume_id, f"volume {request.volume_id}"):
-            device = self.devices.device(request.volume_id, {})
+        volume_id = request.volume_id
+        with self.busy.hold(volume_id, f"volume {volume_id}"), self.devices.hold(volume_id):
+            device = self.devices.device(volume_id, {})
             mount = self._filesystem_to_grow(request, device)
-            size = self.devices.rescan(request.volume_id)
-            if required and size < required:
-                raise FailedPrecondition(f"volume {request.volume_id} is {size} bytes on this node, less than "
-                                         f"the {required} bytes asked: ControllerExpandVolume first")
+            size = self.devices.rescan(volume_id)
+            if required and size < required:  # not FAILED_PRECONDITION: for this RPC that means "MUST NOT retry"
+                raise Unavailable(f"volume {volume_id} is {size} bytes on this node, not yet the {required} bytes "
+                                  "asked (ControllerExpandVolume first, or the LUN's new size is not seen yet): retry")
+            for loop in self.mounter.loops_over(device):
+                self.mounter.refresh_loop(loop)
             if mount is not None:
+                where = self._writable_mount(volume_id, device, request.volume_path)
                 try:
-                    self.mounter.grow(device, request.volume_path, mount.fs_type)
+                    self.mounter.grow(device, where, mount.fs_type)
                 except CommandFailed as exc:  # e.g. online ext4 growth without CAP_SYS_RESOURCE: EPERM
-                    raise FailedPrecondition(f"volume {request.volume_id}: growing its {mount.fs_type} at "
-                                             f"{request.volume_path} failed: {exc}") from None
+                    raise FailedPrecondition(f"volume {volume_id}: growing its {mount.fs_type} at {where} failed: "
+                                             f"{exc}") from None
         return csi_pb2.NodeExpandVolumeResponse(capacity_bytes=size)
 
-    def _filesystem_to_grow(self, request, device: str):
+    def _filesystem_to_grow(self, request, device: str) -> Mount | None:
         """The volume's filesystem mounted at volume_path, or None for block access (the device file there)."""
         path = request.volume_path
-        if not os.path.exists(path):
+        if _is_symlink(path) or not os.path.exists(path):
             raise NotFound(f"volume path {path} does not exist")
         rdev = os.stat(device).st_rdev
-        if _is_device_file_of(path, rdev) or (request.HasField("volume_capability")
+        mount = self.mounter.mounted_at(path)
+        held = self._held_at(path, mount, rdev) if mount is not None else None
+        if (held is not None and held[0]) or (request.HasField("volume_capability")
                                               and caps.is_block(request.volume_capability)):
             return None
-        mount = self.mounter.mounted_at(path)
-        if mount is None or mount.dev != rdev:
+        if held is None:
             raise NotFound(f"volume {request.volume_id} is not mounted at {path}")
         if mount.fs_type not in caps.FS_TYPES:
             raise FailedPrecondition(f"{path} holds {mount.fs_type}: Shoal grows only {' and '.join(caps.FS_TYPES)}")
         return mount
 
+    def _writable_mount(self, volume_id: str, device: str, volume_path: str) -> str:
+        """A writable mount of the volume's filesystem to grow it through: ``volume_path`` when it is one, else
+        another (the staging path under a read-only publish)."""
+        mounts = self.mounter.filesystem_mounts(device)
+        writable = [m.mount_point for m in mounts if "rw" in m.options and "ro" not in m.super_options]
+        here = os.path.realpath(volume_path)
+        if here in writable:
+            return here
+        if not writable:
+            raise FailedPrecondition(f"volume {volume_id}'s filesystem is mounted read-only only: it can grow once "
+                                     "it is staged writable")
+        return writable[0]
+
     # -- stats ------------------------------------------------------------------------------------------------
     @csi_rpc("volume_id", "volume_path")
     def NodeGetVolumeStats(self, request, context):
-        path = request.volume_path
-        if not os.path.exists(path) or self.mounter.mounted_at(path) is None:
+        path = _absolute(request.volume_path, "volume_path")
+        mount = None if _is_symlink(path) or not os.path.exists(path) else self.mounter.mounted_at(path)
+        if mount is None:
             raise NotFound(f"nothing of volume {request.volume_id} is mounted at {path}")
+        self._check_volume_at(request.volume_id, path, mount)
         reason = self.devices.condition(request.volume_id)
         Usage = csi_pb2.VolumeUsage
         if stat.S_ISBLK(os.stat(path).st_mode):
-            usage = [Usage(unit=Usage.BYTES, total=_size(path))]
+            try:
+                usage = [Usage(unit=Usage.BYTES, total=_size(path))]
+            except OSError as exc:  # the disk behind the device node is gone (ENXIO), or fails
+                reason, usage = reason or f"the device at {path} fails: {exc.strerror}", []
         else:
             try:
                 st = os.statvfs(path)
@@ -252,6 +470,17 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
                                used=st.f_files - st.f_ffree)]
         condition = csi_pb2.VolumeCondition(abnormal=bool(reason), message=reason or "healthy")
         return csi_pb2.NodeGetVolumeStatsResponse(usage=usage, volume_condition=condition)
+
+    def _check_volume_at(self, volume_id: str, path: str, mount: Mount) -> None:
+        """NOT_FOUND when ``path`` holds another device than the volume's.  A volume not logged in here, or
+        whose device is gone, cannot be compared: the volume condition reports that."""
+        device = self.devices.logged_in(volume_id)
+        try:
+            rdev = os.stat(device).st_rdev if device else None
+        except OSError:
+            rdev = None
+        if rdev is not None and self._held_at(path, mount, rdev) is None:
+            raise NotFound(f"{path} holds {mount.source}, not volume {volume_id}")
 
 
 def _size(path: str) -> int:
@@ -273,17 +502,60 @@ def _supported(capability: csi_pb2.VolumeCapability) -> csi_pb2.VolumeCapability
         raise FailedPrecondition(reason)
     if capability.WhichOneof("access_type") == "mount":
         for flag in capability.mount.mount_flags:
-            if not flag or "," in flag or flag.split("=", 1)[0] in REFUSED_MOUNT_FLAGS:
+            if not flag or "," in flag:
                 raise InvalidArgument(f"mount flag {flag!r} is not accepted: give one filesystem option per flag")
+            if flag.split("=", 1)[0] in REFUSED_MOUNT_FLAGS or flag.startswith(REFUSED_MOUNT_FLAG_PREFIXES):
+                raise InvalidArgument(f"mount flag {flag!r} is not accepted: mount flags are filesystem options; "
+                                      "read-only is the access mode's or the publish's readonly to say")
     return capability
 
 
-def _is_device_file_of(path: str, rdev: int) -> bool:
+def _absolute(path: str, field: str) -> str:
+    if not os.path.isabs(path):
+        raise InvalidArgument(f"{field} {path!r} is not an absolute path")
+    return path
+
+
+def _is_symlink(path: str) -> bool:
     try:
-        st = os.stat(path)
+        return stat.S_ISLNK(os.lstat(path).st_mode)
     except OSError:
         return False
-    return stat.S_ISBLK(st.st_mode) and st.st_rdev == rdev
+
+
+def _not_a_symlink(path: str, field: str) -> None:
+    if _is_symlink(path):
+        raise FailedPrecondition(f"{field} {path} is a symbolic link: it is never followed")
+
+
+def _make_directory(path: str) -> None:
+    """The mount point of a stage or of a mount publish: made here, or an existing directory (not a link)."""
+    os.makedirs(os.path.dirname(path) or "/", exist_ok=True)
+    try:
+        os.mkdir(path, 0o750)
+    except FileExistsError:
+        if not stat.S_ISDIR(os.lstat(path).st_mode):
+            raise FailedPrecondition(f"{path} exists and is not a directory") from None
+
+
+def _make_file(path: str) -> None:
+    """The mount point of a block publish: made here (never through a link), or an existing regular file."""
+    os.makedirs(os.path.dirname(path) or "/", exist_ok=True)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o640)
+    except FileExistsError:
+        if not stat.S_ISREG(os.lstat(path).st_mode):
+            raise FailedPrecondition(f"{path} exists and is not a regular file") from None
+    else:
+        os.close(fd)
+
+
+def _mounted_from(mount: Mount, device: str) -> bool:
+    """Whether ``mount`` is of ``device``'s filesystem (by its number; by its path if the device is gone)."""
+    try:
+        return mount.dev == os.stat(device).st_rdev
+    except OSError:
+        return mount.source == device
 
 
 def _remove(path: str) -> None:
@@ -300,3 +572,5 @@ def _remove(path: str) -> None:
                         "regular" if stat.S_ISREG(st.st_mode) else "special", st.st_size)
     except FileNotFoundError:
         pass
+    except OSError as exc:  # a directory with something in it: not (only) what a publish made
+        log.warning("unpublish: %s is left as it is: %s", path, exc.strerror)

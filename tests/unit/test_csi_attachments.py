@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import stat
+import threading
 from dataclasses import replace
 
 import pytest
@@ -168,6 +169,23 @@ def test_a_device_in_use_is_never_logged_out(tmp_path):
     assert connector.calls == [("attach", "vol-1")] and manager.list()[0].logged_in
     users.clear()
     assert manager.detach("vol-1") and connector.calls[-1] == ("detach", "vol-1")
+
+
+def test_hold_keeps_the_volumes_detach_and_logout_waiting_and_lets_the_holder_log_in(env):
+    """``hold`` (the CSI Node service's NodeStage, NodePublish, NodeUnstage, NodeExpand): the agent's own
+    lock of the volume, so a detach from another thread (ControllerUnpublishVolume) waits for the Node RPC
+    instead of logging the device out under it; reentrant, so the holder's login goes ahead."""
+    manager, connector, _ = env
+    manager.attach(EXPORT, SECRET, defer_login=True)
+    done = threading.Event()
+    with manager.hold("vol-1"):
+        assert manager.login("vol-1") == "/dev/fake-vol-1"
+        worker = threading.Thread(target=lambda: (manager.detach("vol-1"), done.set()))
+        worker.start()
+        assert not done.wait(0.5)  # waits while held
+        assert manager.get("vol-1").logged_in
+    worker.join(10)
+    assert done.is_set() and manager.get("vol-1") is None and connector.calls[-1] == ("detach", "vol-1")
 
 
 def test_a_kernel_device_path_from_before_a_restart_is_confirmed_by_the_connector_at_the_next_login(tmp_path):

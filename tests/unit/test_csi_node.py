@@ -18,6 +18,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import threading
 from dataclasses import dataclass, field, replace
 
 import grpc
@@ -92,6 +93,11 @@ class FakeAttachments:
     calls: list = field(default_factory=list)
     broken: str = ""
     foreign: str = ""
+    locks: dict = field(default_factory=dict)
+
+    def hold(self, volume_id):
+        """The agent's per-volume lock (``AttachmentManager.hold``)."""
+        return self.locks.setdefault(volume_id, threading.RLock())
 
     def publish(self, volume_id, device, export=None):
         self.records[volume_id] = Record(volume_id, "", export or Export(NAA, SERIAL))
@@ -396,7 +402,8 @@ def test_expand_grows_the_filesystem_and_repeats_are_no_ops(env, fs_type):
     before = os.statvfs(env.target)
     with open(env.backing, "r+b") as f:  # the volume grew on its owner
         f.truncate(2 * size)
-    assert code_of(env.expand, env.target, 4 * size) == Code.FAILED_PRECONDITION  # not that large
+    # not that large (yet): UNAVAILABLE, retried -- FAILED_PRECONDITION is this RPC's "in use, MUST NOT retry"
+    assert code_of(env.expand, env.target, 4 * size) == Code.UNAVAILABLE
     assert env.expand(env.target, 2 * size).capacity_bytes == 2 * size
     after = os.statvfs(env.target)
     assert after.f_blocks * after.f_frsize > before.f_blocks * before.f_frsize + size // 2
@@ -502,8 +509,8 @@ def test_block_readonly_publish(env):
     loop = env.attach_loop()
     env.stage(loop, block_cap())
     env.publish(loop, block_cap(), readonly=True)
-    # as other CSI drivers do: a read-only bind mount of the device file (the kernel does not stop writes
-    # through a device node on a read-only mount; see node_agent/csi/node.py)
+    # a read-only bind mount of a read-only loop device over the volume's (a read-only bind mount of the
+    # device node itself would not stop writes: tests/unit/test_csi_node_review.py checks with a real write)
     assert "ro" in env.servicer.mounter.mounted_at(env.target).options
     with open(env.target, "rb") as f:
         assert len(f.read(512)) == 512
