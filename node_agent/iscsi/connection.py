@@ -45,6 +45,16 @@ Errors follow RFC 7143 §7 for ErrorRecoveryLevel 0: a PDU that can be framed
 but is wrong gets a Reject (§11.17) and the connection goes on; one whose
 header cannot be trusted (header digest error, a length past the negotiated
 limit, a PDU in the wrong phase) ends the connection.
+
+Writes (``WriteTask``): a Data-Out PDU is taken only where its sequence goes
+on (DataPDUInOrder and DataSequenceInOrder are Yes), so a write runs only once
+each of its bytes came, once.  One that cannot be taken (out of order, a data
+digest error, unsolicited data where none may come, an R2T answered short)
+is rejected and its write ends with CHECK CONDITION once its Data-Out has
+stopped (§7.8), writing nothing.  Writes waiting for Data-Out keep their
+CmdSN window slot and are bounded in bytes per session
+(``ConnectionSettings.max_session_write_buffers``); one held for CmdSN order
+takes its unsolicited Data-Out meanwhile.
 """
 
 from __future__ import annotations
@@ -65,7 +75,8 @@ from node_agent.iscsi.serial import in_window, sn_add, sn_lt
 from node_agent.iscsi.names import check_iqn
 from node_agent.iscsi.target import Session, TargetRegistry
 from node_agent.scsi.device import FileRange, ScsiResult, decode_lun
-from node_agent.scsi.sense import INVALID_FIELD_IN_CDB, build_sense
+from node_agent.scsi.sense import (DATA_PHASE_ERROR, INCORRECT_AMOUNT_OF_DATA, INVALID_FIELD_IN_CDB,
+                                   PROTOCOL_SERVICE_CRC_ERROR, UNEXPECTED_UNSOLICITED_DATA, SenseCode, build_sense)
 
 log = logging.getLogger("shoal.iscsi.connection")
 _U32 = struct.Struct(">I").unpack_from
@@ -80,11 +91,13 @@ _OP_DATA_IN, _OP_SCSI_RESPONSE = int(Opcode.DATA_IN), int(Opcode.SCSI_RESPONSE)
 
 GOOD = 0x00
 CHECK_CONDITION = 0x02
-TASK_ABORTED = 0x40  # SAM-5 §5.3.1
+TASK_SET_FULL = 0x28  # SAM-5 §5.3.1
+TASK_ABORTED = 0x40
 _DIRECT_MIN = 16 * 1024  # Data-Out payloads at least this large are received straight into the task buffer
 _GATHER_MAX = 128  # writes per gathered ``pwritev`` (IOV_MAX is 1024)
 LOGIN_MAX_DATA = 65536  # bound on a login PDU's data segment before negotiation (RFC default is 8192)
 TEXT_MAX_DATA = 65536  # bound on the text of a Text Request continued over several PDUs (C bit), as for a login's
+_DEAD_ITTS_MAX = 256  # tags of ended writes whose late Data-Out is dropped silently (the oldest go first)
 
 
 @dataclass
@@ -103,6 +116,14 @@ class ConnectionSettings:
     thousands of them and never logging in cannot take the portal's memory, nor crowd out other hosts."""
     max_write_buffer: int = 64 * 1024 * 1024
     """Largest Expected Data Transfer Length accepted for one write (bounds memory per command)."""
+    max_session_write_buffers: int = 128 * 1024 * 1024
+    """Bytes of write buffers (their Expected Data Transfer Lengths) one session's writes waiting for their
+    Data-Out may hold together.  Such a write is allocated its whole buffer when its command comes, so without
+    this bound one initiator sending 48-byte commands with a large EDTL and never their data would take the
+    portal's memory.  Those writes also keep their CmdSN window slot (``Session.running``) until they end, as
+    in LIO and tgt, which bounds their number; this bounds their bytes: 128 MiB is 128 writes of 1 MiB (the
+    whole default window) or 16 of the largest transfer a unit accepts (8 MiB).  A write that would go past it
+    ends with TASK SET FULL (SAM-5 §5.3.1), which initiators retry (Linux, QEMU); one write always fits."""
     io_workers: int = 32
     """Threads of the portal's pool for I/O that would block the event loop (cold reads, FUA writes,
     flushes, slow devices).  Each runs one command's I/O at a time."""
@@ -117,7 +138,14 @@ class ConnectionSettings:
 
 @dataclass
 class WriteTask:
-    """A write command collecting its Data-Out (RFC 7143 §4.2.5.2, §11.8)."""
+    """A write command collecting its Data-Out (RFC 7143 §4.2.5.2, §11.8).
+
+    The target negotiates DataPDUInOrder=Yes and DataSequenceInOrder=Yes (it offers Yes and both keys are
+    OR-ed, §13.18, §13.19), so each sequence has one place its next PDU may start: the unsolicited one right
+    after what it got (the immediate data first), an R2T's at its offset plus what it got.  Only such a PDU
+    is taken, and the sequences never overlap, so ``received`` counts each byte of [0, EDTL) at most once and
+    reaches EDTL only when every one of them came: the buffer (pooled, holding an earlier write's bytes) is
+    never written with a hole."""
 
     itt: int
     lun_field: bytes
@@ -127,13 +155,18 @@ class WriteTask:
     buffer: bytearray
     received: int = 0
     unsolicited_end: int = 0  # end offset of the unsolicited (first burst) data
+    unsolicited_next: int = -1  # where the next unsolicited Data-Out starts; -1: none may come (any more)
     unsolicited_datasn: int = 0
     next_offset: int = 0  # first offset not yet covered by an R2T
     r2tsn: int = 0
     r2ts: dict[int, list[int]] = field(default_factory=dict)  # TTT -> [offset, length, next DataSN, got]
     gaps: list[tuple[int, int]] = field(default_factory=list)  # ranges to solicit before next_offset
     read: bool = False
-    counted: bool = True  # non-immediate: holds a CmdSN window slot while its I/O runs off the loop
+    counted: bool = True  # non-immediate: holds a CmdSN window slot until it ends (``Session.running``)
+    held: int = 0  # bytes it counts in ``Session.write_buffers``
+    cmdsn: int = 0
+    queued: bool = False  # held in ``Session.pending`` for CmdSN order; its unsolicited data is taken meanwhile
+    error: tuple[int, bytes] | None = None  # (status, sense) it ends with once its Data-Out has stopped
 
 
 class _Placed:
@@ -168,6 +201,11 @@ class _Running:
 
 def _outlived_key(itt: int, entry: _Running) -> tuple:
     return ("outlived", itt, id(entry))
+
+
+def _received(conn: "TargetConnection", header: Any, data: Any, raw: bytes) -> None:
+    """What runs for a CmdSN that is received but has nothing left to do: an aborted command still held for
+    CmdSN order, or one ABORT TASK says the target must consider received (RFC 7143 §11.5.1)."""
 
 
 def _run_inline(io: Callable[[], Any], done: Callable[[Any], None], key: Any = None) -> None:
@@ -220,7 +258,9 @@ class TargetConnection:
         self._header_read = False
         self._out: list[Any] = []
         self._tasks: dict[int, WriteTask] = {}
-        self._dead_itts: set[int] = set()
+        # Tags of writes ended before their Data-Out stopped (PREEMPT AND ABORT): that Data-Out is dropped
+        # silently until its F=1.  Bounded: an initiator that never sends it cannot grow this (the oldest go).
+        self._dead_itts: dict[int, None] = {}
         self._ttt = 0
         self._text_more: dict[int, bytes] = {}  # TTT -> the rest of a Text Response too long for one PDU
         self._text_in: tuple[int, int, bytearray] | None = None  # ITT, TTT, text of a request continued (C bit)
@@ -318,9 +358,11 @@ class TargetConnection:
             log.info("connection closed by %s (%s, tsih %d) without logout", self.peer,
                      self.session.initiator_name, self.session.tsih)
         self.closing = True
-        self._tasks.clear()
         if self.session is not None:
+            for task in list(self._tasks.values()):
+                self._drop_task(task)  # its window slot and buffer bytes, for the session's other connections
             self.registry.detach_connection(self.session, self)
+        self._tasks.clear()
 
     def close(self, reason: str) -> None:
         """End this connection (called by the core itself or by the registry)."""
@@ -441,6 +483,10 @@ class TargetConnection:
                 self._reject_raw(raw, RejectReason.DATA_DIGEST_ERROR)
                 if placed is not None:
                     self._pool.release(placed.buffer)
+                elif self._tasks.get(task.itt) is task:
+                    # Its bytes are in the buffer, where the next expected ones go, but not counted: the task
+                    # ends with CHECK CONDITION (never written) once its Data-Out has stopped (§7.8).
+                    self._data_out_digest_error(header)
                 return True
         rx.consume(need)
         if placed is not None:
@@ -460,6 +506,12 @@ class TargetConnection:
             padded_end = cursor + ((dsl + 3) & ~3)
             if _crc(view[cursor:padded_end + 4]) != _RESIDUE:
                 self._reject_raw(bytes(view[pos:pos + P.BHS_LENGTH]), RejectReason.DATA_DIGEST_ERROR)
+                if view[pos] & 0x3F == Opcode.DATA_OUT and self.session is not None:
+                    try:
+                        header = P.LAYOUTS[Opcode.DATA_OUT].decode(view, pos)
+                    except P.PduError:
+                        return
+                    self._data_out_digest_error(header)
                 return
         opcode = view[pos] & 0x3F
         if opcode == 0x01 and self._fast_commands and self._scsi_command_fast(view, pos, cursor, dsl):
@@ -577,6 +629,8 @@ class TargetConnection:
                 self._drain_pending()
         elif in_window(cmdsn, session.expcmdsn, session.maxcmdsn) and cmdsn not in session.pending:
             session.pending[cmdsn] = (self, handler, header, data, raw)
+            if opcode == Opcode.SCSI_COMMAND and header.write and not header.final:
+                self._queue_write(header, data)
         else:
             # RFC 7143 §4.2.2.1: outside the window, or a duplicate: silently ignored.
             log.debug("dropping CmdSN %d outside [%d, %d]", cmdsn, session.expcmdsn, session.maxcmdsn)
@@ -696,7 +750,11 @@ class TargetConnection:
             self._reject_raw(raw, RejectReason.PROTOCOL_ERROR)
             return
         itt = header.itt
-        if itt in self._tasks or itt in self._running:
+        task = self._tasks.get(itt)
+        if task is not None and task.queued and task.cmdsn == header.cmdsn and not header.immediate:
+            self._ordered(task)  # its CmdSN came up: the write made when it was held (``_queue_write``) goes on
+            return
+        if task is not None or itt in self._running:
             self._reject_raw(raw, RejectReason.TASK_IN_PROGRESS)
             return
         edtl = header.expected_data_transfer_length
@@ -715,26 +773,87 @@ class TargetConnection:
             self._execute(itt, header.lun, lun, header.cdb, data if header.write else None, edtl, header.read,
                           counted=not header.immediate)
             return
-        if edtl > self.config.max_write_buffer:
-            self._dead_itts.add(itt)
-            self._respond(itt, CHECK_CONDITION, build_sense(INVALID_FIELD_IN_CDB), 0, edtl, 0)
-            return
-        if placed is not None:  # the immediate data is already at the start of a buffer of edtl bytes
-            task = WriteTask(itt, header.lun, lun, header.cdb, edtl, placed.buffer, read=header.read,
-                             counted=not header.immediate)
+        task = self._write_task(header, data, lun)
+        if task.counted:
+            session.running += 1  # its window slot until it ends: MaxCmdSN stays where it was (it came in order)
+        if task.error is None:
+            self._send_r2ts(task)
         else:
-            task = WriteTask(itt, header.lun, lun, header.cdb, edtl, self._pool.acquire(edtl), read=header.read,
-                             counted=not header.immediate)
-            task.buffer[:len(data)] = data
+            self._end_now(task)
+
+    def _queue_write(self, header: Any, data) -> None:
+        """A write command held for CmdSN order whose unsolicited Data-Out follows it (InitialR2T=No, F=0):
+        its task is made now, so that data, sent right behind the command whatever its CmdSN (RFC 7143
+        §3.2.4.2: the initiator does not wait for the command to be delivered), is taken rather than refused
+        and lost.  It solicits nothing and runs nothing before its CmdSN comes up (``_ordered``).  Anything
+        the full check would refuse is left to it, when the command runs."""
+        session, params = self.session, self.params
+        assert session is not None and params is not None
+        itt, edtl = header.itt, header.expected_data_transfer_length
+        if (session.discovery or params.initial_r2t or itt in self._tasks or itt in self._running or len(data) >= edtl
+                or (data and (not params.immediate_data or len(data) > params.first_burst_length))):
+            return
+        self._write_task(header, data, _lun_number(header.lun), queued=True)
+
+    def _write_task(self, header: Any, data, lun: int, queued: bool = False) -> WriteTask:
+        """The task of a write whose Data-Out is still to come, its immediate data in its buffer.
+
+        A write past ``max_write_buffer`` (CHECK CONDITION) or past the session's ``max_session_write_buffers``
+        (TASK SET FULL) gets no buffer and a status to end with: at once (``_end_now``), or, held for CmdSN
+        order, when its CmdSN comes up, its data dropped meanwhile.  So does one past twice the
+        command window of writes waiting on this connection: those in order hold a window slot each, those
+        held for CmdSN order are within the window, and only immediate commands, which take no slot, could
+        go past it (each a task of its own that a malicious initiator need never finish)."""
+        session, params, config = self.session, self.params, self.config
+        assert session is not None and params is not None
+        itt, edtl = header.itt, header.expected_data_transfer_length
+        placed = data if data.__class__ is _Placed else None
+        task = WriteTask(itt, header.lun, lun, header.cdb, edtl, _NO_BUFFER, read=header.read,
+                         counted=not header.immediate, cmdsn=header.cmdsn, queued=queued)
         task.received = len(data)
         # F=1 on the command: no unsolicited Data-Out follows (§11.3.1); otherwise up to FirstBurstLength does.
-        unsolicited = not params.initial_r2t and not header.final
-        task.unsolicited_end = min(params.first_burst_length, edtl) if unsolicited else len(data)
+        if not params.initial_r2t and not header.final:
+            task.unsolicited_end = min(params.first_burst_length, edtl)
+            task.unsolicited_next = len(data)
+        else:
+            task.unsolicited_end = len(data)
         task.next_offset = task.unsolicited_end
+        held = session.write_buffers
+        if edtl > config.max_write_buffer:
+            task.error = (CHECK_CONDITION, build_sense(INVALID_FIELD_IN_CDB))
+        elif held and held + edtl > config.max_session_write_buffers or len(self._tasks) >= 2 * session.command_window:
+            log.info("write of %d bytes from %s refused with TASK SET FULL: %d writes hold %d bytes of buffers",
+                     edtl, self.peer, len(self._tasks), held)
+            task.error = (TASK_SET_FULL, b"")
+        elif placed is not None:  # the immediate data is already at the start of a buffer of edtl bytes
+            task.buffer = placed.buffer
+        else:
+            task.buffer = self._pool.acquire(edtl)
+            task.buffer[:len(data)] = data
+        if task.error is None:
+            task.held = edtl
+            session.write_buffers = held + edtl
+        elif placed is not None:
+            self._pool.release(placed.buffer)
         self._tasks[itt] = task
-        self._send_r2ts(task)
+        return task
+
+    def _ordered(self, task: WriteTask) -> None:
+        """A write made while it was held for CmdSN order (``_queue_write``) is now the next command: it takes
+        its window slot, and runs, solicits the rest of its data or ends as any write does."""
+        task.queued = False
+        if task.counted:
+            self.session.running += 1  # type: ignore[union-attr]
+        if task.error is not None:  # refused when it came, or its Data-Out went wrong meanwhile
+            self._end_if_idle(task)
+        elif task.received == task.edtl and not task.r2ts:
+            self._run_write(task)
+        else:
+            self._send_r2ts(task)
 
     def _send_r2ts(self, task: WriteTask) -> None:
+        if task.queued:
+            return  # not before its CmdSN comes up (``_ordered``)
         params = self.params
         assert params is not None
         session = self.session
@@ -753,16 +872,19 @@ class TargetConnection:
             task.r2tsn += 1
 
     def _data_out_task(self, header: Any, length: int) -> WriteTask | None:
-        """The task a Data-Out PDU belongs to, if it fits that task's sequence (§11.7); no side effects."""
+        """The task a Data-Out PDU belongs to, if it is the next PDU of one of that task's sequences: its
+        DataSN, and its buffer offset where that sequence goes on, within it (DataPDUInOrder=Yes and
+        DataSequenceInOrder=Yes, §13.18, §13.19: increasing addresses, no gaps, no overlays).  No side effects."""
         task = self._tasks.get(header.itt)
-        if task is None:
+        if task is None or task.error is not None:
             return None
         offset = header.buffer_offset
         if header.ttt == P.RESERVED_TAG:
-            ok = offset + length <= task.unsolicited_end and header.datasn == task.unsolicited_datasn
+            ok = (offset == task.unsolicited_next and offset + length <= task.unsolicited_end
+                  and header.datasn == task.unsolicited_datasn)
         else:
             r2t = task.r2ts.get(header.ttt)
-            ok = (r2t is not None and r2t[0] <= offset and offset + length <= r2t[0] + r2t[1]
+            ok = (r2t is not None and offset == r2t[0] + r2t[3] and offset + length <= r2t[0] + r2t[1]
                   and header.datasn == r2t[2])
         return task if ok else None
 
@@ -770,12 +892,7 @@ class TargetConnection:
         """A Data-Out PDU that arrived whole in the receive buffer."""
         task = self._data_out_task(header, len(data))
         if task is None:
-            if header.itt in self._dead_itts:
-                if header.final:
-                    self._dead_itts.discard(header.itt)
-                return
-            reason = RejectReason.PROTOCOL_ERROR if header.itt in self._tasks else RejectReason.INVALID_PDU_FIELD
-            self._reject_raw(raw, reason)
+            self._data_out_refused(header, raw)
             return
         offset = header.buffer_offset
         task.buffer[offset:offset + len(data)] = data
@@ -783,13 +900,17 @@ class TargetConnection:
 
     def _data_out_done(self, task: WriteTask, header: Any, length: int) -> None:
         """Account for a received Data-Out; solicit more, or run the command once all data is in."""
-        offset = header.buffer_offset
         if header.ttt == P.RESERVED_TAG:
             task.unsolicited_datasn += 1
-            if header.final and offset + length < task.unsolicited_end:
-                # The initiator ended its first burst early: solicit the rest of it too.
-                task.gaps.append((offset + length, task.unsolicited_end - offset - length))
-                task.unsolicited_end = offset + length
+            end = header.buffer_offset + length
+            if header.final:
+                task.unsolicited_next = -1
+                if end < task.unsolicited_end:
+                    # The initiator ended its first burst early: solicit the rest of it too.
+                    task.gaps.append((end, task.unsolicited_end - end))
+                    task.unsolicited_end = end
+            else:
+                task.unsolicited_next = end
         else:
             r2t = task.r2ts[header.ttt]
             r2t[2] += 1
@@ -797,15 +918,140 @@ class TargetConnection:
             if header.final:
                 del task.r2ts[header.ttt]
                 if r2t[3] != r2t[1]:
+                    # F=1 before the R2T's length (§11.7.1): its data can never all come.
                     log.warning("R2T %d of ITT %#x answered with %d of %d bytes", header.ttt, task.itt,
                                 r2t[3], r2t[1])
+                    self._fail(task, INCORRECT_AMOUNT_OF_DATA)
+                    self._end_if_idle(task)
+                    return
         task.received += length
-        if task.received >= task.edtl and not task.r2ts:
-            del self._tasks[task.itt]
-            self._execute(task.itt, task.lun_field, task.lun, task.cdb, memoryview(task.buffer)[:task.edtl],
-                          task.edtl, task.read, buffer=task.buffer, counted=task.counted)
+        if task.received == task.edtl and not task.r2ts:
+            if not task.queued:
+                self._run_write(task)
         elif header.final:
             self._send_r2ts(task)
+
+    def _run_write(self, task: WriteTask) -> None:
+        """All of a write's data is in: it leaves the tasks waiting for Data-Out and runs."""
+        del self._tasks[task.itt]
+        session = self.session
+        session.write_buffers -= task.held  # type: ignore[union-attr]
+        if task.counted:
+            session.running -= 1  # type: ignore[union-attr]  # ``_execute`` counts it again while it runs
+        self._execute(task.itt, task.lun_field, task.lun, task.cdb, memoryview(task.buffer)[:task.edtl],
+                      task.edtl, task.read, buffer=task.buffer, counted=task.counted)
+
+    # -- Data-Out that cannot be taken ------------------------------------------------
+    def _data_out_refused(self, header: Any, raw: bytes) -> None:
+        """A Data-Out PDU that is not the next of any of its task's sequences, or of no task.
+
+        For a live task it is rejected and nothing of it is written: Protocol Error for unsolicited data where
+        none may come (InitialR2T=Yes, §13.10; F=1 on the command, §11.3.1), ending the task with "Unexpected
+        unsolicited data" (§11.4.7.2); Invalid PDU Field for a TTT, buffer offset or DataSN that does not fit
+        (§11.17.1: the reason for invalid fields describing a data transfer).  A DataSN out of order means an
+        earlier PDU was lost to a digest error (§7.9): PROTOCOL SERVICE CRC ERROR as for one (§7.8); an offset
+        out of order, DATA PHASE ERROR.  At ErrorRecoveryLevel 0 (no recovery R2T) the task cannot get all its
+        data any more: it ends with CHECK CONDITION once its Data-Out has stopped (§7.3: a Reject does not end
+        a live task).  Later PDUs of such a task are dropped silently (one Reject per task: libiscsi fails the
+        task on the first and takes a Reject it cannot match for a protocol violation)."""
+        itt = header.itt
+        task = self._tasks.get(itt)
+        if task is None:
+            if itt in self._dead_itts:
+                if header.final:
+                    del self._dead_itts[itt]
+                return
+            self._reject_raw(raw, RejectReason.INVALID_PDU_FIELD)
+            return
+        if task.error is None:
+            if header.ttt == P.RESERVED_TAG and task.unsolicited_next < 0:
+                self._reject_raw(raw, RejectReason.PROTOCOL_ERROR)
+                self._fail(task, UNEXPECTED_UNSOLICITED_DATA)
+            else:
+                self._reject_raw(raw, RejectReason.INVALID_PDU_FIELD)
+                r2t = task.r2ts.get(header.ttt)
+                datasn = task.unsolicited_datasn if header.ttt == P.RESERVED_TAG else r2t[2] if r2t else None
+                self._fail(task, PROTOCOL_SERVICE_CRC_ERROR if datasn not in (None, header.datasn)
+                           else DATA_PHASE_ERROR)
+        self._sequence_ends(task, header)
+
+    def _data_out_digest_error(self, header: Any) -> None:
+        """A Data-Out PDU discarded for its data digest (already rejected, §7.8).  At ErrorRecoveryLevel 0 the
+        target cannot ask for it again (recovery R2T), so it takes §7.8's other choice: the task ends with CHECK
+        CONDITION, PROTOCOL SERVICE CRC ERROR, once the PDU with F=1 of each of its sequences has come (the
+        header, whose digest held, still counts for that)."""
+        task = self._tasks.get(header.itt)
+        if task is None:
+            if header.final:
+                self._dead_itts.pop(header.itt, None)
+            return
+        self._fail(task, PROTOCOL_SERVICE_CRC_ERROR)
+        self._sequence_ends(task, header)
+
+    def _fail(self, task: WriteTask, code: SenseCode) -> None:
+        """``task`` will end with CHECK CONDITION and ``code`` (the first reason wins) instead of running.
+
+        Its buffer goes back at once (no payload is being received into it now: this runs between PDUs): it
+        is never written, and an initiator that drops the task on the Reject (libiscsi does, against §7.3)
+        never sends the F=1 the response waits for, so the task may wait until the session ends; only its
+        window slot stays taken meanwhile."""
+        if task.error is None:
+            log.info("write ITT %#x from %s fails: sense %02x/%02x/%02x", task.itt, self.peer, *code)
+            task.error = (CHECK_CONDITION, build_sense(code))
+            if task.held:
+                self.session.write_buffers -= task.held  # type: ignore[union-attr]
+                task.held = 0
+                self._pool.release(task.buffer)
+                task.buffer = _NO_BUFFER
+
+    def _sequence_ends(self, task: WriteTask, header: Any) -> None:
+        """A failed task's Data-Out PDU (dropped): F=1 ends its sequence; with none left, the task ends."""
+        if header.final:
+            if header.ttt == P.RESERVED_TAG:
+                task.unsolicited_next = -1
+            else:
+                task.r2ts.pop(header.ttt, None)
+        self._end_if_idle(task)
+
+    def _end_now(self, task: WriteTask) -> None:
+        """End a write refused when its command came (``_write_task``) at once, as LIO does: nothing of it was
+        received, and a task kept for the unsolicited data it announced could be made without end by immediate
+        commands.  That data, should it come, is dropped silently (``_dead_itts``)."""
+        if task.unsolicited_next >= 0:
+            task.unsolicited_next = -1
+            self._dead(task.itt)
+        self._end_if_idle(task)
+
+    def _dead(self, itt: int) -> None:
+        dead = self._dead_itts
+        dead[itt] = None
+        if len(dead) > _DEAD_ITTS_MAX:
+            del dead[next(iter(dead))]
+
+    def _end_if_idle(self, task: WriteTask) -> None:
+        """End a failed task with its status once no Data-Out is owed for it: no R2T outstanding and no
+        unsolicited data announced (§7.8: the response waits for the F=1 of every outstanding R2T).  R2Ts
+        not sent yet never will be.  A task still held for CmdSN order ends when its CmdSN comes up."""
+        if task.unsolicited_next >= 0 or task.r2ts or task.queued:
+            return
+        self._drop_task(task)
+        status, sense = task.error  # type: ignore[misc]
+        self._respond(task.itt, status, sense, 0, task.edtl, 0)
+
+    def _drop_task(self, task: WriteTask) -> None:
+        """``task`` stops waiting for Data-Out without running: its window slot and its buffer's bytes are
+        given back; one still held for CmdSN order leaves its CmdSN received, with nothing to run (its pending
+        entry would otherwise run the command again, or, deleted, leave a CmdSN gap for ever)."""
+        del self._tasks[task.itt]
+        session = self.session
+        assert session is not None
+        session.write_buffers -= task.held
+        if task.queued:
+            item = session.pending.get(task.cmdsn)
+            if item is not None and item[0] is self and item[2] is not None and item[2].itt == task.itt:
+                session.pending[task.cmdsn] = (self, _received, None, b"", b"")
+        elif task.counted:
+            session.running -= 1
 
     def _execute(self, itt: int, lun_field: bytes, lun: int, cdb: bytes, data_out, edtl: int, read: bool, *,
                  buffer: bytearray | None = None, counted: bool = True) -> None:
@@ -1195,14 +1441,18 @@ class TargetConnection:
         if self._aborting:  # aborted commands whose I/O is still running: answer once it has ended
             self._tmf_waiting.append((self._aborting, answer))
             self._aborting = set()
-            return
-        answer()
+        else:
+            answer()
+        if session.pending:  # ABORT TASK may have filled a CmdSN gap (``_abort_task``): what waited behind it runs
+            self._drain_pending()
 
     def _abort_task(self, header: Any) -> bool:
         """ABORT TASK (RFC 7143 §11.5.1): True when the task is gone or may be considered received."""
         session = self.session
         assert session is not None
-        if self._tasks.pop(header.referenced_task_tag, None) is not None:
+        task = self._tasks.get(header.referenced_task_tag)
+        if task is not None:
+            self._drop_task(task)
             return True
         running = self._running.get(header.referenced_task_tag)
         if running is not None:
@@ -1213,13 +1463,23 @@ class TargetConnection:
                 self._aborting.add(header.referenced_task_tag)
             return True
         for cmdsn, item in list(session.pending.items()):
-            if item[0] is self and item[2].itt == header.referenced_task_tag:
-                del session.pending[cmdsn]  # held behind a CmdSN gap: it will never run
+            if item[0] is self and item[2] is not None and item[2].itt == header.referenced_task_tag:
+                # Held behind a CmdSN gap: it will never run, but its CmdSN was received and must still be
+                # passed in order (deleted, the gap behind it would never close).
+                session.pending[cmdsn] = (self, _received, None, b"", b"")
                 return True
-        # Not received yet: consider it received (and so aborted). A task that
+        # §11.5.1 b): not received yet (lost, e.g. discarded for a digest error), its RefCmdSN in the window and
+        # before the request's CmdSN: the target considers that CmdSN received (and the task aborted), so the
+        # commands held behind it run (``_task_management`` drains them after its answer).  A task that
         # already completed has a RefCmdSN below ExpCmdSN: "task does not exist".
-        return in_window(header.refcmdsn, session.expcmdsn, session.maxcmdsn) and \
-            sn_lt(header.refcmdsn, header.cmdsn)
+        refcmdsn = header.refcmdsn
+        if not (in_window(refcmdsn, session.expcmdsn, session.maxcmdsn) and sn_lt(refcmdsn, header.cmdsn)):
+            return False
+        if refcmdsn == session.expcmdsn:
+            session.expcmdsn = sn_add(refcmdsn, 1)
+        elif refcmdsn not in session.pending:
+            session.pending[refcmdsn] = (self, _received, None, b"", b"")
+        return True
 
     def in_flight(self) -> int:
         """Commands whose I/O still runs on a worker (also after ``close``): a fence waits for none left."""
@@ -1245,10 +1505,10 @@ class TargetConnection:
         Called when another I_T nexus's PREEMPT AND ABORT preempted this one (SPC-4 §5.13.11.5;
         TAS=1 in the control mode page, so the status is reported: SAM-5 §5.6).  Data-Out still
         on its way for them is dropped.  The rare path: the READ/WRITE path does not look here."""
-        aborted = [task for task in self._tasks.values() if task.lun == lun]
+        aborted = [task for task in self._tasks.values() if task.lun == lun and not task.queued]
         for task in aborted:
-            del self._tasks[task.itt]
-            self._dead_itts.add(task.itt)
+            self._drop_task(task)
+            self._dead(task.itt)
             self._respond(task.itt, TASK_ABORTED, b"", 0, task.edtl, 0)
         running = [entry for entry in self._running.values()
                    if entry.lun == lun and not entry.aborted and not entry.outlives_abort]
@@ -1259,9 +1519,9 @@ class TargetConnection:
         return len(aborted) + len(running)
 
     def _abort_where(self, predicate: Callable[[Any], bool]) -> None:
-        for itt, task in list(self._tasks.items()):
+        for task in list(self._tasks.values()):
             if predicate(task):
-                del self._tasks[itt]
+                self._drop_task(task)
         for itt, running in list(self._running.items()):
             if not running.aborted and predicate(running):
                 running.aborted = True
@@ -1324,6 +1584,7 @@ _SEQUENCED: dict[int, Callable[..., None]] = {
 
 
 _LUN_CACHE: dict[bytes, int] = {}
+_NO_BUFFER = bytearray()  # the buffer of a write that got none (it fails without receiving anything)
 
 
 def _lun_number(lun_field: bytes) -> int:

@@ -88,10 +88,14 @@ class Session:
         self.command_window = command_window
         self.connections: dict[int, ConnectionHandle] = {}
         self.pending: dict[int, Any] = {}  # CmdSN -> deferred command (arrived ahead of a gap)
-        # Commands whose I/O runs on a worker (a slow disk): each keeps a slot of the CmdSN window
-        # until it completes, so an initiator cannot queue unbounded blocked work.  In-order
-        # arrivals and completions keep MaxCmdSN from ever going backwards.
+        # Commands whose I/O runs on a worker (a slow disk), and writes waiting for their Data-Out: each
+        # keeps a slot of the CmdSN window until it completes, so an initiator cannot queue unbounded
+        # blocked work or write buffers (RFC 7143 §3.2.2.1: MaxCmdSN opens as commands end, as LIO and tgt
+        # do it).  In-order arrivals and completions keep MaxCmdSN from ever going backwards.
         self.running = 0
+        # Bytes of write buffers held by this session's writes waiting for their Data-Out (bounded by the
+        # connection settings' ``max_session_write_buffers``).
+        self.write_buffers = 0
         self.closed = False
         # The connections of the sessions this one reinstated (closed by ``open_session``): the login waits for
         # their commands still running on a worker before it answers (``TargetConnection._login``).

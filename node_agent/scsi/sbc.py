@@ -80,13 +80,23 @@ def read(lu, nexus, cdb, data_out, edtl):
 
 
 # -- WRITE ---------------------------------------------------------------------------
-def _write(lu, lba: int, count: int, data_out, fua: bool) -> ScsiResult:
+def _write(lu, lba: int, count: int, data_out, fua: bool, edtl: int) -> ScsiResult:
     """Write the whole blocks of ``data_out`` (at most ``count``); report ``count`` blocks as wanted.
+
+    ``data_out`` is None when the command came without the W bit: with an Expected Data Transfer
+    Length of 0 that is how a transfer of nothing is sent (RFC 7143 §11.3.1: R and W may both be 0
+    then), answered as with W=1 (nothing written, the residual says so).  With a length, the initiator
+    announced data it never sends (§11.3.1: W MUST be 1 then): CHECK CONDITION, INVALID FIELD IN
+    COMMAND INFORMATION UNIT, as SAM-5 transports answer a transfer inconsistent with the command and
+    LIO answers a WRITE whose transfer does not match its CDB; GOOD would say a write that never
+    happened succeeded.
 
     A write the backing store cannot do without blocking (``write_nowait`` says so: FUA, a
     slow device) goes to a worker thread; ``data_out`` stays untouched until it is done."""
     bs = lu.block_size
     want = written = count * bs
+    if data_out is None and want and edtl:
+        raise CheckCondition(S.INVALID_FIELD_IN_COMMAND_INFORMATION_UNIT)
     got = 0 if data_out is None else len(data_out)
     if got != want:
         written = min(got, want) // bs * bs
@@ -109,7 +119,7 @@ def write_6(lu, nexus, cdb, data_out, edtl):
     """WRITE(6) (SBC-3 §5.32)."""
     count = cdb.transfer_length or 256
     _transfer(lu, cdb.lba, count, 4)
-    return _write(lu, cdb.lba, count, data_out, False)
+    return _write(lu, cdb.lba, count, data_out, False, edtl)
 
 
 def write(lu, nexus, cdb, data_out, edtl):
@@ -119,7 +129,7 @@ def write(lu, nexus, cdb, data_out, edtl):
     lba, count = cdb.lba, cdb.transfer_length
     if lba + count > lu.num_blocks or count > lu.max_transfer_blocks:
         _transfer(lu, lba, count, offset_of(cdb, "transfer_length"))
-    return _write(lu, lba, count, data_out, cdb.fua)
+    return _write(lu, lba, count, data_out, cdb.fua, edtl)
 
 
 def write_atomic_16(lu, nexus, cdb, data_out, edtl):
@@ -152,7 +162,7 @@ def write_and_verify(lu, nexus, cdb, data_out, edtl):
     """WRITE AND VERIFY(10/12/16) (SBC-3 §5.37-5.39): write, stable; the verify is then trivially true."""
     _no_protection(cdb.wrprotect)
     _transfer(lu, cdb.lba, cdb.transfer_length, offset_of(cdb, "transfer_length"))
-    return _write(lu, cdb.lba, cdb.transfer_length, data_out, True)
+    return _write(lu, cdb.lba, cdb.transfer_length, data_out, True, edtl)
 
 
 def orwrite(lu, nexus, cdb, data_out, edtl):

@@ -158,7 +158,8 @@ def test_nop_text_tmf_logout(make_initiator):
 
 
 def test_pdu_hook_rewrites_outgoing_pdus(make_initiator):
-    """The negative-test hook: a corrupted DataSN makes our target reject the Data-Out (§11.7)."""
+    """The negative-test hook: a corrupted DataSN makes our target reject the Data-Out (§11.7) as an invalid
+    field describing a data transfer (§11.17.1: Invalid PDU Field, not Protocol Error)."""
     def hook(opcode, header, data):
         if opcode == Opcode.DATA_OUT:
             header[36:40] = (27).to_bytes(4, "big")
@@ -168,7 +169,7 @@ def test_pdu_hook_rewrites_outgoing_pdus(make_initiator):
     run(wire, initiator, bytes(6))
     itt = initiator.submit(rw16(0x8A, 0, 1024), data_out=os.urandom(512 * 1024))
     events = wire.pump()
-    assert any(isinstance(e, C.TaskRejected) and e.reason == P.RejectReason.PROTOCOL_ERROR for e in events)
+    assert any(isinstance(e, C.TaskRejected) and e.reason == P.RejectReason.INVALID_PDU_FIELD for e in events)
     assert itt not in [e.itt for e in events if isinstance(e, C.TaskDone)]
 
 

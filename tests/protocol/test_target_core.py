@@ -529,7 +529,13 @@ def test_first_burst_ended_early_is_solicited(make_initiator):
 
 
 def test_large_data_out_with_digests_placed_directly(make_initiator):
-    """Data-Out payloads of 16 KiB and more are received into the task buffer; digests still checked."""
+    """Data-Out payloads of 16 KiB and more are received into the task buffer; digests still checked.
+
+    A payload whose data digest fails is rejected (RFC 7143 §7.8).  At ErrorRecoveryLevel 0 nobody sends it
+    again (that takes a recovery R2T, ERL 1): the initiator goes on with the next PDU, and the target ends
+    the task with CHECK CONDITION, PROTOCOL SERVICE CRC ERROR once the R2T's last PDU came (§7.8), writing
+    nothing.  (This test used to resend the bad PDU with the same DataSN and expect GOOD: a recovery the
+    target never asked for, which a real ERL 0 initiator does not do.)  The command retried then succeeds."""
     ini = make_initiator(header_digest=True, data_digest=True)
     ini.login_normal()
     payload = os.urandom(128 * 1024)
@@ -543,6 +549,15 @@ def test_large_data_out_with_digests_placed_directly(make_initiator):
     ini.feed(bytes(raw))
     [reject] = ini.receive()
     assert reject.opcode == Opcode.REJECT and reject.header.reason == RejectReason.DATA_DIGEST_ERROR
+    ini.send(Opcode.DATA_OUT, payload[65536:], final=True, lun=bytes(8), itt=itt, ttt=r2t.header.ttt, datasn=1,
+             buffer_offset=65536)
+    [failed] = ini.receive()
+    assert failed.opcode == Opcode.SCSI_RESPONSE and failed.header.itt == itt and failed.header.status == 0x02
+    assert failed.data[2 + 2] & 0x0F == 0x0B and failed.data[2 + 12:2 + 14] == bytes([0x47, 0x05])
+    ini.command(rw10(READ10, 0, 256), read=len(payload))
+    assert b"".join(r.data for r in ini.receive() if r.opcode == Opcode.DATA_IN) == bytes(len(payload))
+    itt = ini.command(rw10(WRITE10, 0, 256), write=payload, immediate_bytes=0)
+    [r2t] = ini.receive()
     for datasn, offset in enumerate((0, 65536)):
         ini.send(Opcode.DATA_OUT, payload[offset:offset + 65536], final=offset == 65536, lun=bytes(8), itt=itt,
                  ttt=r2t.header.ttt, datasn=datasn, buffer_offset=offset)
