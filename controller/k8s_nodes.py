@@ -61,7 +61,7 @@ class KubernetesNodeLabels:
 
     def node_labels(self, node_id: str) -> dict[str, str]:
         """The Node's labels ({} when there is no Node of that name)."""
-        if not isinstance(node_id, str) or len(node_id) > 253 or not _DNS_SUBDOMAIN.match(node_id):
+        if not isinstance(node_id, str) or len(node_id) > 253 or not _DNS_SUBDOMAIN.fullmatch(node_id):
             return {}
         try:
             node = self.core.read_node(node_id, _request_timeout=self.timeout)

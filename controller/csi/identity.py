@@ -27,7 +27,7 @@ def vendor_version() -> str:
 def check_driver_name(name: str) -> str:
     """A CSI driver name as the spec wants it (GetPluginInfo): at most 63 characters, domain-name style,
     alphanumerics at both ends, dashes and dots between.  Raises ``ValueError`` otherwise."""
-    if not _DRIVER_NAME.match(name):
+    if not _DRIVER_NAME.fullmatch(name):
         raise ValueError(f"CSI driver name {name!r}: at most 63 characters, letters, digits, '-' and '.', "
                          "beginning and ending with a letter or digit (e.g. csi.shoal.io)")
     return name

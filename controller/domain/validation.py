@@ -19,7 +19,7 @@ _NODE_ID = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9.-]{0,251}[A-Za-z0-9])?$")
 _DISK = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 _LABEL_KEY = re.compile(r"^([a-z0-9.-]{1,253}/)?[A-Za-z0-9]([A-Za-z0-9._-]{0,61}[A-Za-z0-9])?$")
 _LABEL_VALUE = re.compile(r"^([A-Za-z0-9]([A-Za-z0-9._-]{0,61}[A-Za-z0-9])?)?$")
-_IQN = re.compile(r"^(iqn\.\d{4}-\d{2}\.[a-z0-9][a-z0-9.-]*(:[^\s]+)?|eui\.[0-9A-Fa-f]{16}|naa\.[0-9A-Fa-f]{16,32})$")
+_IQN = re.compile(r"^(iqn\.\d{4}-\d{2}\.[a-z0-9][a-z0-9.-]*(:[^\s\x00-\x1f\x7f]+)?|eui\.[0-9A-Fa-f]{16}|naa\.[0-9A-Fa-f]{16,32})$")
 _ADDRESS = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+):(\d{1,5})$")
 
 
@@ -39,7 +39,7 @@ def _text(value: Any, what: str) -> str:
 
 def name(value: Any, what: str = "name") -> str:
     value = _text(value, what)
-    if not _NAME.match(value):
+    if not _NAME.fullmatch(value):
         raise InvalidArgument(f"{what} {value!r} is not valid: use 1-63 lowercase letters, digits and '-', "
                               "starting and ending with a letter or digit")
     return value
@@ -47,21 +47,21 @@ def name(value: Any, what: str = "name") -> str:
 
 def node_id(value: Any) -> str:
     value = _text(value, "node id")
-    if not _NODE_ID.match(value):
+    if not _NODE_ID.fullmatch(value):
         raise InvalidArgument(f"node id {value!r} is not valid: use a host name (letters, digits, '-', '.')")
     return value
 
 
 def disk_name(value: Any) -> str:
     value = _text(value, "disk name")
-    if not _DISK.match(value):
+    if not _DISK.fullmatch(value):
         raise InvalidArgument(f"disk name {value!r} is not valid: use 1-63 letters, digits, '.', '_' or '-'")
     return value
 
 
 def iqn(value: Any) -> str:
     value = _text(value, "initiator IQN")
-    if not _IQN.match(value) or len(value.encode()) > 223:
+    if not _IQN.fullmatch(value) or len(value.encode()) > 223:
         raise InvalidArgument(f"initiator IQN {value!r} is not an iSCSI name "
                               "(iqn.YYYY-MM.reversed.domain[:id], eui.… or naa.…)")
     return value
@@ -69,7 +69,7 @@ def iqn(value: Any) -> str:
 
 def address(value: Any, what: str) -> str:
     value = _text(value, what)
-    match = _ADDRESS.match(value)
+    match = _ADDRESS.fullmatch(value)
     if not match or not 0 < int(match.group(2)) < 65536:
         raise InvalidArgument(f"{what} {value!r} is not host:port")
     return value
@@ -115,9 +115,9 @@ def labels(value: Any, what: str = "labels") -> dict[str, str]:
         raise InvalidArgument(f"{what} must be a mapping of key to value")
     out = {}
     for key, val in value.items():
-        if not isinstance(key, str) or not _LABEL_KEY.match(key):
+        if not isinstance(key, str) or not _LABEL_KEY.fullmatch(key):
             raise InvalidArgument(f"{what}: key {key!r} is not a label key (letters, digits, '.', '_', '-')")
-        if not isinstance(val, str) or not _LABEL_VALUE.match(val):
+        if not isinstance(val, str) or not _LABEL_VALUE.fullmatch(val):
             raise InvalidArgument(f"{what}: value {val!r} of {key} is not a label value")
         out[key] = val
     return dict(sorted(out.items()))

@@ -94,7 +94,7 @@ def _slug(text: str, limit: int) -> str:
 
 def object_name(*key: str, prefix: str = "") -> str:
     """The Kubernetes object name for a store key (one or more parts), deterministic and DNS-1123 valid."""
-    if len(key) == 1 and _SUBDOMAIN.match(prefix + key[0]) and len(prefix + key[0]) <= _MAX_NAME:
+    if len(key) == 1 and _SUBDOMAIN.fullmatch(prefix + key[0]) and len(prefix + key[0]) <= _MAX_NAME:
         return prefix + key[0]
     readable = ".".join(_slug(part, 60) for part in key)
     return f"{prefix}{readable}-{_digest(*key)}"
@@ -102,7 +102,7 @@ def object_name(*key: str, prefix: str = "") -> str:
 
 def label_value(value: str) -> str:
     """A label value standing for ``value``: itself when valid, else a hash (filters re-check exactly)."""
-    if len(value) <= 63 and _LABEL_VALUE.match(value):
+    if len(value) <= 63 and _LABEL_VALUE.fullmatch(value):
         return value
     return "h." + _digest(value)
 

@@ -21,7 +21,7 @@ def default_node_id() -> str:
 
 def check_name(what: str, value: str) -> str:
     """Ids that end up in IQNs and file names: lowercase letters, digits, ``.``, ``_``, ``-``; up to 63."""
-    if not _NAME.match(value):
+    if not _NAME.fullmatch(value):
         raise ValueError(f"{what} {value!r}: use 1-63 lowercase letters, digits, '.', '_' or '-', "
                          "starting with a letter or digit")
     return value

@@ -84,9 +84,16 @@ def check_volume_id(volume_id: str) -> str:
         raise InvalidArgument(str(exc)) from None
 
 
+#: The largest size a file offset can hold (``off_t`` is signed 64-bit): larger sizes are valid uint64 on the
+#: wire but no file can have them.
+MAX_SIZE = (1 << 63) - BLOCK_SIZE
+
+
 def check_size(size: int) -> int:
     if size <= 0:
         raise InvalidArgument("size_bytes must be positive")
+    if size > MAX_SIZE:
+        raise InvalidArgument(f"size_bytes {size} is larger than any file can be ({MAX_SIZE} bytes at most)")
     if size % BLOCK_SIZE:
         raise InvalidArgument(f"size_bytes {size} is not a multiple of the {BLOCK_SIZE}-byte block")
     return size

@@ -119,7 +119,7 @@ def normalise_naa(text: str) -> str:
     for prefix in ("naa.", "0x"):
         value = value.removeprefix(prefix)
     value = value.replace(":", "").replace("-", "")
-    if not _HEX.match(value) or len(value) not in (16, 32):
+    if not _HEX.fullmatch(value) or len(value) not in (16, 32):
         raise InvalidVolumeTarget(f"naa {text!r}: expected 16 or 32 hex digits (an 8- or 16-byte NAA designator)")
     return value
 

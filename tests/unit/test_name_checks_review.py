@@ -1,0 +1,94 @@
+"""Names, ids and IQNs that end in a newline (or hold control characters) are refused everywhere.
+
+Python's ``re.match(r"^...$")`` also matches just before a trailing newline, so a volume ``evil\\n`` used to
+become the file ``evil\\n.img`` and an IQN and VPD serial with a newline on the agent, a second volume ``vol\\n``
+beside ``vol`` on the controller, and lines injected into logs and ``shoalctl`` tables. The checks now match
+the whole string. Sizes a file offset cannot hold are refused as bad input, not an internal error.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from controller.domain import validation as check
+from controller.domain.errors import InvalidArgument as ControllerInvalid
+from controller.k8s_nodes import KubernetesNodeLabels
+from node_agent.agent.errors import InvalidArgument
+from node_agent.agent.settings import DiskSpec, check_name
+from node_agent.agent.volumes import VolumeManager
+from node_agent.iscsi.names import check_iqn
+
+MiB = 1 << 20
+
+
+@pytest.mark.parametrize("value", ["vol\n", "vol\r", "vol\x00", "\nvol"])
+def test_agent_ids_with_a_newline_or_control_character_are_refused(value):
+    with pytest.raises(ValueError):
+        check_name("volume_id", value)
+
+
+@pytest.mark.parametrize("value", ["iqn.2026-11.io.x:c\n", "iqn.2026-11.io.x:c\r", "iqn.2026-11.io.x:a b",
+                                   "iqn.2026-11.io.x:a\x00b", "eui.0123456789abcdef\n"])
+def test_iscsi_names_with_whitespace_or_control_characters_are_refused(value):
+    with pytest.raises(ValueError):
+        check_iqn(value)
+    with pytest.raises(ControllerInvalid):
+        check.iqn(value)
+
+
+def test_ordinary_iscsi_names_still_pass():
+    for value in ("iqn.2007-10.com.github:sahlberg:libiscsi:iscsi-test", "iqn.2026-11.io.shoal:node:node-a",
+                  "eui.0123456789abcdef", "naa.60014051234567890123456789abcdef"):
+        assert check_iqn(value) == value
+        assert check.iqn(value) == value
+
+
+@pytest.mark.parametrize("checker, value", [
+    (check.name, "vol\n"), (check.node_id, "node-a\n"), (check.disk_name, "data0\n"),
+    (lambda v: check.address(v, "portal"), "127.0.0.1:3260\n"),
+])
+def test_controller_names_with_a_trailing_newline_are_refused(checker, value):
+    with pytest.raises(ControllerInvalid):
+        checker(value)
+
+
+def test_labels_and_constraints_with_a_trailing_newline_are_refused():
+    with pytest.raises(ControllerInvalid, match="value"):
+        check.labels({"zone": "a\n"})
+    with pytest.raises(ControllerInvalid, match="key"):
+        check.labels({"zone\n": "a"})
+
+
+def test_a_kubernetes_node_name_with_a_newline_is_not_looked_up():
+    class NoApi:
+        def read_node(self, name):  # pragma: no cover - must not be reached
+            raise AssertionError(f"looked up {name!r}")
+    from kubernetes.client import ApiClient
+    labels = KubernetesNodeLabels(ApiClient())
+    labels.core = NoApi()
+    assert labels.node_labels("node-a\n") == {}
+
+
+@pytest.fixture
+def manager(tmp_path):
+    return VolumeManager([DiskSpec("data0", str(tmp_path / "d0"))])
+
+
+def test_a_volume_id_with_a_newline_creates_no_file(manager, tmp_path):
+    with pytest.raises(InvalidArgument):
+        manager.create("evil\n", MiB, "data0")
+    assert manager.list() == []
+    assert not any("\n" in name for _, _, names in os.walk(tmp_path) for name in names)
+
+
+@pytest.mark.parametrize("size", [1 << 63, (1 << 64) - 512])
+def test_a_size_no_file_can_have_is_invalid_argument_not_an_internal_error(manager, size):
+    with pytest.raises(InvalidArgument, match="larger than any file"):
+        manager.create("big", size, "data0")
+    assert manager.list() == []
+    manager.create("small", MiB, "data0")
+    with pytest.raises(InvalidArgument, match="larger than any file"):
+        manager.expand("small", size)
+    assert manager.get("small").size == MiB
