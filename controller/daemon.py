@@ -43,6 +43,7 @@ from controller.leader import LeaderElector, LeaderSettings
 from controller.metrics import ControllerMetrics
 from controller.store.sqlite import SqliteStore
 from node_agent.metrics_server import MetricsServer, new_registry, split_listen
+from node_agent.peer_names import ADMIN_NAMES, NODE_NAMES, parse_names
 
 log = logging.getLogger("shoal.controller")
 
@@ -421,6 +422,12 @@ def add_parser(sub) -> None:
     parser.add_argument("--tls-cert", default="", help="PEM certificate for the controller's port (enables TLS)")
     parser.add_argument("--tls-key", default="", help="PEM key for --tls-cert")
     parser.add_argument("--tls-client-ca", default="", help="require client certificates signed by this CA (mTLS)")
+    parser.add_argument("--tls-admin-names", default=",".join(ADMIN_NAMES), metavar="NAME[,NAME...]",
+                        help="with --tls-client-ca: client certificate names (CN or DNS SAN) AdminService admits "
+                             "(default %(default)s)")
+    parser.add_argument("--tls-node-names", default=",".join(NODE_NAMES), metavar="NAME[,NAME...]",
+                        help="with --tls-client-ca: client certificate names the agents' registration admits "
+                             "(default %(default)s)")
     parser.add_argument("--agent-ca", default="", help="CA that signed the agents' certificates (agent TLS)")
     parser.add_argument("--agent-cert", default="", help="client certificate towards agents (mTLS)")
     parser.add_argument("--agent-key", default="", help="key for --agent-cert")
@@ -462,7 +469,10 @@ def add_parser(sub) -> None:
 
 
 def settings_from_args(args: argparse.Namespace) -> tuple[DaemonSettings, ControllerSettings]:
-    tls = ServerTls(args.tls_cert, args.tls_key, args.tls_client_ca) if args.tls_cert or args.tls_key else None
+    tls = None
+    if args.tls_cert or args.tls_key:
+        tls = ServerTls(args.tls_cert, args.tls_key, args.tls_client_ca, admin_names=parse_names(args.tls_admin_names),
+                        node_names=parse_names(args.tls_node_names))
     if args.tls_client_ca and tls is None:
         raise ValueError("--tls-client-ca needs --tls-cert and --tls-key")
     agent_tls = None

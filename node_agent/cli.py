@@ -22,6 +22,7 @@ from node_agent import eventloop
 from node_agent.iscsi.connection import ConnectionSettings
 from node_agent.iscsi.initiator import tools as iscsi_tools
 from node_agent.iscsi.keys import TargetSettings, parse_digest_list
+from node_agent.peer_names import CONTROLLER_NAMES, parse_names
 from node_agent.iscsi.target import Credentials
 from node_agent.target_service import LunSpec, TargetConfig, TargetSpec, check_iqn, serve
 
@@ -180,6 +181,9 @@ def _agent_parser(sub) -> None:
     agent.add_argument("--tls-cert", default="", help="PEM certificate for AgentService (enables TLS)")
     agent.add_argument("--tls-key", default="", help="PEM key for --tls-cert")
     agent.add_argument("--tls-client-ca", default="", help="require client certificates signed by this CA")
+    agent.add_argument("--tls-controller-names", default=",".join(CONTROLLER_NAMES), metavar="NAME[,NAME...]",
+                       help="with --tls-client-ca: the client certificate names (CN or DNS SAN) AgentService admits, "
+                            "the controller's (default %(default)s)")
     agent.add_argument("--controller-ca", default="", help="CA that signed the controller's certificate (TLS)")
     agent.add_argument("--controller-cert", default="", help="client certificate towards the controller (mTLS)")
     agent.add_argument("--controller-key", default="", help="key for --controller-cert")
@@ -224,7 +228,8 @@ def _agent_settings(args: argparse.Namespace):
                          advertise_address=args.advertise_address, portal_listen=args.portal,
                          advertise_portals=tuple(args.advertise_portal), controller=args.controller,
                          initiator_iqn=args.initiator_iqn, target_prefix=args.target_prefix, labels=labels,
-                         server_tls=server_tls, controller_tls=controller_tls, metrics_listen=args.metrics_listen,
+                         server_tls=server_tls, controller_names=parse_names(args.tls_controller_names),
+                         controller_tls=controller_tls, metrics_listen=args.metrics_listen,
                          csi_endpoint=args.csi_endpoint, csi_driver_name=args.csi_driver_name,
                          iscsi_header_digest=args.iscsi_header_digest, iscsi_data_digest=args.iscsi_data_digest,
                          iscsi_nop_interval=args.iscsi_nop_interval, iscsi_nop_timeout=args.iscsi_nop_timeout,

@@ -11,6 +11,7 @@ from controller.api.admin import AdminServicer
 from controller.api.registration import RegistrationServicer
 from controller.domain.service import ControllerService
 from controller.metrics import ControllerMetrics
+from node_agent.peer_names import ADMIN_NAMES, ADMIN_SERVICE, NODE_NAMES, REGISTRATION_SERVICE, PeerNames
 from protos.shoal.v1 import admin_pb2_grpc, agent_pb2_grpc
 
 
@@ -24,6 +25,10 @@ class ServerTls:
     """Its private key."""
     client_ca: str = ""
     """When set, clients (shoalctl, agents) must present a certificate this CA signed (mutual TLS)."""
+    admin_names: tuple[str, ...] = ADMIN_NAMES
+    """With ``client_ca``: the certificate names AdminService admits (``node_agent.peer_names``)."""
+    node_names: tuple[str, ...] = NODE_NAMES
+    """With ``client_ca``: the certificate names RegistrationService admits (the agents')."""
 
     def __post_init__(self) -> None:
         if not self.cert or not self.key:
@@ -51,7 +56,11 @@ def build_server(service: ControllerService, listen: str, *, tls: ServerTls | No
 
     Raises ``OSError`` when the address cannot be bound (say, a busy port).
     """
-    server = grpc.server(ThreadPoolExecutor(max_workers=workers, thread_name_prefix="controller-rpc"))
+    interceptors = []
+    if tls is not None and tls.client_ca:  # who may call what, by client certificate name
+        interceptors.append(PeerNames({ADMIN_SERVICE: tls.admin_names, REGISTRATION_SERVICE: tls.node_names}))
+    server = grpc.server(ThreadPoolExecutor(max_workers=workers, thread_name_prefix="controller-rpc"),
+                         interceptors=interceptors)
     admin_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(service, metrics), server)
     agent_pb2_grpc.add_RegistrationServiceServicer_to_server(RegistrationServicer(service, node_labels), server)
     try:

@@ -43,6 +43,7 @@ from node_agent.csi.server import build_csi_node_server
 from node_agent.host.connector import CONNECTOR_LABEL, Connector, preferred_connector
 from node_agent.host.runner import SubprocessRunner
 from node_agent.metrics_server import MetricsServer, new_registry
+from node_agent.peer_names import AGENT_SERVICE, PeerNames
 from node_agent.iscsi.connection import ConnectionSettings
 from node_agent.iscsi.keys import TargetSettings
 from node_agent.target_service import PortalConfig
@@ -212,7 +213,11 @@ class Agent:
     def _serve(self) -> None:
         s = self.settings
         assert self.volumes and self.exports and self.attachments
-        server = grpc.server(ThreadPoolExecutor(max_workers=s.grpc_workers, thread_name_prefix="agent-rpc"))
+        interceptors = []
+        if s.server_tls is not None and s.server_tls.ca:  # mutual TLS: only the controller's certificate
+            interceptors.append(PeerNames({AGENT_SERVICE: s.controller_names}))
+        server = grpc.server(ThreadPoolExecutor(max_workers=s.grpc_workers, thread_name_prefix="agent-rpc"),
+                             interceptors=interceptors)
         agent_pb2_grpc.add_AgentServiceServicer_to_server(
             AgentServicer(s.node_id, self.volumes, self.exports, self.attachments, self.snapshots), server)
         host, port = split_host_port(s.listen)

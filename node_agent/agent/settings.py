@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 from node_agent.iscsi.keys import parse_digest_list
 from node_agent.iscsi.names import check_iqn
+from node_agent.peer_names import CONTROLLER_NAMES
 
 IQN_PREFIX = "iqn.2026-11.io.shoal"
 _NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
@@ -106,6 +107,9 @@ class AgentSettings:
     """Topology labels sent at registration (``zone=a``)."""
     server_tls: TlsFiles | None = None
     """TLS for AgentService; None serves plaintext (loopback / ``shoal up`` only)."""
+    controller_names: tuple[str, ...] = CONTROLLER_NAMES
+    """With ``server_tls.ca`` (mutual TLS): the client certificate names AgentService admits, the controller's
+    (``node_agent.peer_names``): a node's certificate signed by the same CA is refused."""
     controller_tls: TlsFiles | None = None
     """TLS towards the controller (``ca`` checks it; ``cert``/``key`` for mutual TLS); None: plaintext."""
     register_timeout: float = 10.0

@@ -300,15 +300,16 @@ def _openssl(*args: str, cwd) -> None:
 
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory):
-    """A CA, a server certificate for 127.0.0.1 and a client certificate, made by openssl."""
+    """A CA, a server certificate for 127.0.0.1 and client certificates (an admin's, a node's), made by openssl."""
     if shutil.which("openssl") is None:
         pytest.skip("needs openssl")
     d = tmp_path_factory.mktemp("pki")
     _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem", "-days", "1",
              "-subj", "/CN=shoal-test-ca", cwd=d)
-    for name, extra in (("server", "subjectAltName=IP:127.0.0.1,DNS:localhost"), ("client", "")):
+    for name, cn, extra in (("server", "shoal-server", "subjectAltName=IP:127.0.0.1,DNS:localhost"),
+                            ("client", "shoal-admin", ""), ("node", "shoal-node", ""), ("other", "other", "")):
         _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr",
-                 "-subj", f"/CN=shoal-{name}", cwd=d)
+                 "-subj", f"/CN={cn}", cwd=d)
         (d / f"{name}.ext").write_text(extra + "\n" if extra else "basicConstraints=CA:FALSE\n")
         _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
                  "-out", f"{name}.pem", "-days", "1", "-extfile", f"{name}.ext", cwd=d)
@@ -338,6 +339,54 @@ def test_tls_and_mutual_tls(pki, mutual):
                                admin_pb2.GetStatusRequest())[0] == grpc.StatusCode.UNAVAILABLE
     finally:
         s.server.stop(None)
+
+
+def _creds_of(pki, name: str) -> grpc.ChannelCredentials:
+    read = lambda file: (pki / file).read_bytes()  # noqa: E731
+    return grpc.ssl_channel_credentials(read("ca.pem"), read(f"{name}.key"), read(f"{name}.pem"))
+
+
+def test_mutual_tls_admits_each_service_only_its_callers_certificates(pki):
+    """One CA signs the controller's, the nodes' and the admins' certificates (the chart, the test PKI): a node's
+    certificate must not pass as an admin's (GetPublishSecret, DeleteVolume), nor an admin's as a node's."""
+    tls = ServerTls(str(pki / "server.pem"), str(pki / "server.key"), str(pki / "ca.pem"))
+    s = Served(tls)
+    try:
+        s.service.create_pool("default")
+        admin_call = lambda channel: admin_pb2_grpc.AdminServiceStub(channel).ListVolumes(  # noqa: E731
+            admin_pb2.ListVolumesRequest(), timeout=10)
+        register = lambda channel: agent_pb2_grpc.RegistrationServiceStub(channel).Register(  # noqa: E731
+            agent_pb2.RegisterRequest(node_id="node-a", initiator_iqn="iqn.2026-11.io.shoal:node:node-a",
+                                      agent_address="127.0.0.1:1", portals=["127.0.0.1:3260"]), timeout=10)
+        for name, call, allowed in (("client", admin_call, True), ("node", admin_call, False),
+                                    ("other", admin_call, False), ("node", register, True),
+                                    ("client", register, False), ("other", register, False)):
+            with grpc.secure_channel(s.address, _creds_of(pki, name)) as channel:
+                if allowed:
+                    call(channel)
+                    continue
+                with pytest.raises(grpc.RpcError) as refused:
+                    call(channel)
+            assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED, (name, refused.value)
+        assert [n.id for n in s.service.list_nodes()] == ["node-a"]  # only the node's own call registered
+    finally:
+        s.server.stop(None)
+
+
+def test_the_names_each_service_admits_can_be_set():
+    import argparse
+    from controller.daemon import add_parser, settings_from_args
+    parser = argparse.ArgumentParser()
+    add_parser(parser.add_subparsers())
+
+    def parse(*argv):
+        return settings_from_args(parser.parse_args(["controller", *argv]))[0].tls
+
+    tls = parse("--tls-cert", "c.pem", "--tls-key", "k.pem", "--tls-client-ca", "ca.pem",
+                "--tls-admin-names", "ops, shoal-controller", "--tls-node-names", "node")
+    assert tls.admin_names == ("ops", "shoal-controller") and tls.node_names == ("node",)
+    with pytest.raises(ValueError, match="at least one"):
+        parse("--tls-cert", "c", "--tls-key", "k", "--tls-admin-names", ",")
 
 
 def test_tls_needs_cert_and_key():

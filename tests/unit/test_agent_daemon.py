@@ -32,14 +32,15 @@ def make_certificates(tmp_path, san: str = "IP:127.0.0.1"):
     openssl("req", "-x509", *ec, "-keyout", str(tmp_path / "ca.key"), "-out", str(tmp_path / "ca.pem"),
             "-days", "1", "-subj", "/CN=shoal-test-ca")
     (tmp_path / "san.ext").write_text(f"subjectAltName={san}\n")
-    for name in ("server", "client"):
+    # the client certificates' names: the controller's, and a node's (the chart's shared node.crt)
+    for name, cn in (("server", "server"), ("client", "shoal-controller"), ("node", "shoal-node")):
         openssl("req", *ec, "-keyout", str(tmp_path / f"{name}.key"), "-out", str(tmp_path / f"{name}.csr"),
-                "-subj", f"/CN={name}")
+                "-subj", f"/CN={cn}")
         openssl("x509", "-req", "-in", str(tmp_path / f"{name}.csr"), "-CA", str(tmp_path / "ca.pem"),
                 "-CAkey", str(tmp_path / "ca.key"), "-CAcreateserial", "-out", str(tmp_path / f"{name}.pem"),
                 "-days", "1", "-extfile", str(tmp_path / "san.ext"))
     return {name: (tmp_path / name).read_bytes() for name in
-            ("ca.pem", "server.pem", "server.key", "client.pem", "client.key")}
+            ("ca.pem", "server.pem", "server.key", "client.pem", "client.key", "node.pem", "node.key")}
 
 
 def settings(tmp_path, **kw) -> AgentSettings:
@@ -59,6 +60,14 @@ def test_agent_service_with_mutual_tls(tmp_path):
         with grpc.secure_channel(agent.agent_address, good) as channel:
             state = agent_pb2_grpc.AgentServiceStub(channel).GetState(agent_pb2.GetStateRequest(), timeout=10)
             assert state.node_id == "n1" and [d.name for d in state.disks] == ["data0"]
+        # a certificate of the same CA with another name (a node's) may not call AgentService: it could export
+        # any volume on this node to itself and read it
+        node = grpc.ssl_channel_credentials(pem["ca.pem"], pem["node.key"], pem["node.pem"])
+        with grpc.secure_channel(agent.agent_address, node) as channel, pytest.raises(grpc.RpcError) as refused:
+            agent_pb2_grpc.AgentServiceStub(channel).ExportVolume(
+                agent_pb2.ExportVolumeRequest(volume_id="v1", initiator_iqn="iqn.2026-11.io.x:evil"), timeout=10)
+        assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert "shoal-node" in refused.value.details() and "AgentService" in refused.value.details()
         no_client_cert = grpc.ssl_channel_credentials(pem["ca.pem"])
         for channel in (grpc.secure_channel(agent.agent_address, no_client_cert),
                         grpc.insecure_channel(agent.agent_address)):
