@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import socket
+
 import grpc
 
 from protos.shoal.v1 import admin_pb2_grpc
@@ -18,14 +20,29 @@ class CliError(Exception):
         self.code = code
 
 
-def _read(path: str) -> bytes | None:
+def _read(path: str, flag: str = "", marker: bytes = b"") -> bytes | None:
+    """A PEM file's bytes; a usage error when it cannot be read or holds no ``marker`` block (gRPC would only
+    log "Could not load any root certificate" and time out)."""
     if not path:
         return None
     try:
         with open(path, "rb") as handle:
-            return handle.read()
+            data = handle.read()
     except OSError as exc:
         raise CliError(f"cannot read {path}: {exc.strerror}", EXIT_USAGE) from None
+    if marker and marker not in data:
+        raise CliError(f"{flag} {path}: no PEM {marker.decode().strip('- ').lower()} in it", EXIT_USAGE)
+    return data
+
+
+def _listening(address: str, timeout: float) -> bool:
+    """Whether something accepts TCP connections at ``address`` (HOST:PORT, [V6]:PORT)."""
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):
+            return True
+    except (OSError, ValueError):
+        return False
 
 
 class Api:
@@ -40,11 +57,14 @@ class Api:
         if tls_ca or tls_cert or tls_key:
             if bool(tls_cert) != bool(tls_key):
                 raise CliError("--tls-cert and --tls-key go together", EXIT_USAGE)
-            credentials = grpc.ssl_channel_credentials(root_certificates=_read(tls_ca), private_key=_read(tls_key),
-                                                       certificate_chain=_read(tls_cert))
+            credentials = grpc.ssl_channel_credentials(
+                root_certificates=_read(tls_ca, "--tls-ca", b"CERTIFICATE-----"),
+                private_key=_read(tls_key, "--tls-key", b"PRIVATE KEY-----"),
+                certificate_chain=_read(tls_cert, "--tls-cert", b"CERTIFICATE-----"))
             self.channel = grpc.secure_channel(address, credentials)
         else:
             self.channel = grpc.insecure_channel(address)
+        self.tls = bool(tls_ca or tls_cert or tls_key)
         self.stub = admin_pb2_grpc.AdminServiceStub(self.channel)
         self._connected = False
 
@@ -65,6 +85,13 @@ class Api:
         try:
             grpc.channel_ready_future(self.channel).result(timeout=self.connect_timeout)
         except grpc.FutureTimeoutError:
+            if _listening(self.address, self.connect_timeout):  # a port answers: the handshake is what failed
+                hint = ("the TLS handshake failed: check --tls-ca (the CA of the controller's certificate) and, "
+                        "for mutual TLS, --tls-cert/--tls-key" if self.tls else
+                        "it does not speak plaintext gRPC: if it serves TLS, give --tls-ca (and --tls-cert/"
+                        "--tls-key for mutual TLS)")
+                raise CliError(f"cannot talk to the controller at {self.address} (from {self.source}): {hint}") \
+                    from None
             raise CliError(f"controller unreachable at {self.address} (from {self.source}): is `shoal up` "
                            "running? Otherwise give --controller HOST:PORT or set SHOAL_CONTROLLER") from None
         self._connected = True

@@ -274,6 +274,25 @@ def test_unreachable_controller_says_what_to_do(capsys, monkeypatch, tmp_path):
     assert f"controller unreachable at 127.0.0.1:{port} (from --controller): is `shoal up` running?" in err
 
 
+def test_a_port_that_answers_but_fails_the_handshake_is_not_called_unreachable(capsys, monkeypatch, tmp_path):
+    """A TLS controller asked in plaintext (or with the wrong CA) used to be "unreachable ... is `shoal up`
+    running?" after the timeout: the port answers, so the handshake is what failed, and shoalctl says so."""
+    monkeypatch.setenv("SHOAL_CONTEXT", str(tmp_path / "none.json"))
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)  # accepts, never speaks gRPC (as a TLS port does to a plaintext client)
+        port = listener.getsockname()[1]
+        code = main(["--controller", f"127.0.0.1:{port}", "--timeout", "1", "status"])
+        err = capsys.readouterr().err
+        assert code == 1 and "unreachable" not in err
+        assert "it does not speak plaintext gRPC: if it serves TLS, give --tls-ca" in err
+        ca = tmp_path / "ca.pem"
+        ca.write_text("not a certificate\n")
+        code = main(["--controller", f"127.0.0.1:{port}", "--timeout", "1", "--tls-ca", str(ca), "status"])
+    err = capsys.readouterr().err
+    assert code == 2 and f"--tls-ca {ca}: no PEM certificate in it" in err
+
+
 # ---- where the controller is
 
 def test_controller_address_order(monkeypatch, tmp_path):
