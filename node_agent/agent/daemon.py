@@ -113,6 +113,7 @@ def default_connectors(settings: AgentSettings) -> dict[str, Callable[[], Connec
         from node_agent.host.kernel import KernelConnector, KernelSettings
 
         return KernelConnector(settings=KernelSettings(lock_dir=os.path.join(settings.data_dir, "locks"),
+                                                       initiator_iqn=settings.initiator_iqn,
                                                        header_digest=settings.iscsi_header_digest,
                                                        data_digest=settings.iscsi_data_digest))
 

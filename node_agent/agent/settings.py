@@ -99,8 +99,8 @@ class AgentSettings:
     controller: str = "127.0.0.1:7450"
     """The controller's RegistrationService (``HOST:PORT``); empty: do not register (tests, standalone)."""
     initiator_iqn: str = ""
-    """The name this node's userspace initiator logs in with; empty: ``iqn.2026-11.io.shoal:node:<node_id>``.
-    (The kernel connector logs in with open-iscsi's own name from /etc/iscsi/initiatorname.iscsi.)"""
+    """The name this node's initiators log in with; empty: ``iqn.2026-11.io.shoal:node:<node_id>`` (the kernel
+    connector through its own open-iscsi iface ``shoal``, never the host's /etc/iscsi/initiatorname.iscsi)."""
     target_prefix: str = ""
     """Exports are targets ``<prefix>:<volume_id>``; empty: ``iqn.2026-11.io.shoal:target:<node_id>``."""
     labels: dict[str, str] = field(default_factory=dict)

@@ -25,8 +25,9 @@ import fcntl
 import ipaddress
 import os
 import re
+import socket
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 from node_agent.iscsi.names import check_iqn
@@ -54,13 +55,42 @@ _HEX = re.compile(r"^[0-9a-f]+$")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
-def preferred_connector(sys_module: str = "/sys/module", iscsiadm: str | None = None) -> str:
-    """"kernel" where the kernel's iSCSI initiator can run (``iscsi_tcp`` loaded and open-iscsi's ``iscsiadm``
-    installed), else "userspace" (Shoal's initiator with FUSE and a loop device)."""
+#: iscsid's control socket, in the abstract namespace of the network namespace (open-iscsi
+#: usr/mgmt_ipc.h ``ISCSIADM_NAMESPACE``): iscsiadm sends every login and logout there.
+ISCSID_SOCKET = "\0ISCSIADM_ABSTRACT_NAMESPACE"
+
+
+def iscsid_reachable(address: str = ISCSID_SOCKET, timeout: float = 1.0) -> bool:
+    """True when something accepts connections on iscsid's control socket (iscsid, or systemd's
+    ``iscsid.socket`` that starts it).
+
+    ``iscsiadm -m session`` cannot tell: it reads sysfs and asks iscsid nothing while no session
+    exists (usr/session_info.c), and the commands that need iscsid (``--login``) exit
+    ISCSI_ERR_ISCSID_NOTCONN (20) only after running iscsid.conf's ``iscsid.startup`` and a second
+    try.  Connecting and closing is what iscsiadm's ``ipc_connect`` does first; iscsid drops a
+    connection that closes before a request (usr/mgmt_ipc.c ``mgmt_ipc_handle``).
+    """
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        try:
+            sock.connect(address)
+        except OSError:
+            return False
+    return True
+
+
+def preferred_connector(sys_module: str = "/sys/module", iscsiadm: str | None = None,
+                        iscsid: Callable[[], bool] = iscsid_reachable) -> str:
+    """"kernel" where the kernel's iSCSI initiator can run (``iscsi_tcp`` loaded, open-iscsi's ``iscsiadm``
+    installed and ``iscsid`` reachable), else "userspace" (Shoal's initiator with FUSE and a loop device).
+
+    ``iscsid`` is asked last, only where the other two hold (a connect on a local socket)."""
     import shutil
 
     iscsiadm = iscsiadm if iscsiadm is not None else (shutil.which("iscsiadm") or "")
-    return "kernel" if os.path.isdir(os.path.join(sys_module, "iscsi_tcp")) and iscsiadm else "userspace"
+    if not (os.path.isdir(os.path.join(sys_module, "iscsi_tcp")) and iscsiadm):
+        return "userspace"
+    return "kernel" if iscsid() else "userspace"
 
 
 # --------------------------------------------------------------------------- errors

@@ -6,17 +6,22 @@ connector), with the hygiene os-brick lacks or makes optional built in:
 attach
     1. rebuild the reference count from the system (``iscsiadm -m session -P 3``)
     2. if the LUN is already attached: re-read its identity and reuse it
-    3. node record: ``iscsiadm -m node -T IQN -p PORTAL --interface default -o new``
+    3. the connector's own iface record: ``iscsiadm -m iface -I shoal -o new`` (only
+       when absent), ``-o update`` of ``iface.transport_name=tcp`` and
+       ``iface.initiatorname=`` the agent's initiator name (only when they differ).
+       The login presents that name, the one every export's ACL admits, never the
+       host's ``/etc/iscsi/initiatorname.iscsi`` (what open-iscsi's ``default`` iface uses)
+    4. node record: ``iscsiadm -m node -T IQN -p PORTAL -I shoal -o new``
        (only when absent), then ``-o update`` of ``node.startup=manual``,
        ``node.session.scan=manual`` (login must not scan every LUN of the target
        into the host: only the one we ask for appears) and the CHAP settings
-    4. ``--login`` unless the target already has a session (exit 15, "session
-       exists", counts as success)
-    5. a targeted scan of the one LUN: ``0 0 LUN`` into the session's
+    5. ``-I shoal --login`` unless the target already has a session (exit 15,
+       "session exists", counts as success)
+    6. a targeted scan of the one LUN: ``0 0 LUN`` into the session's
        ``/sys/class/scsi_host/hostH/scan``
-    6. the device from sysfs (``session*/device/targetH:0:0/H:0:0:LUN/block/sdX``),
+    7. the device from sysfs (``session*/device/targetH:0:0/H:0:0:LUN/block/sdX``),
        cross-checked with ``/dev/disk/by-path/ip-PORTAL-iscsi-IQN-lun-LUN``
-    7. **identity**: ``/sys/block/sdX/device/vpd_pg83`` and ``vpd_pg80`` must hold the
+    8. **identity**: ``/sys/block/sdX/device/vpd_pg83`` and ``vpd_pg80`` must hold the
        expected NAA designator and serial; otherwise the SCSI device is deleted,
        the session logged out if nothing else uses it, and ``IdentityMismatch``
        raised: no device path leaves this module unchecked
@@ -25,7 +30,9 @@ detach
     identity check (never flush or delete a disk that is not this volume's),
     ``blockdev --flushbufs``, ``1`` into ``/sys/block/sdX/device/delete``, wait until
     it is gone; ``--logout`` and ``-o delete`` of the node record only when no
-    other LUN of the target remains attached.
+    other LUN of the target remains attached.  These two name no iface: they also
+    end the sessions and records an older Shoal made through the ``default`` iface
+    (sessions are matched by target and portal, whatever their iface).
 
 Processes go through an injectable ``Runner``; sysfs and ``/dev`` are
 injectable roots and sysfs writes an injectable function, so unit tests check
@@ -67,6 +74,13 @@ ISCSI_ERR_LOGIN_AUTH_FAILED = 24
 ISCSI_ERR_ACCESS = 13          # the target refused the initiator (ACL)
 _PERMANENT_LOGIN_ERRORS = {ISCSI_ERR_LOGIN_AUTH_FAILED, ISCSI_ERR_ACCESS}
 
+#: open-iscsi's built-in ifaces (usr/iface.c ``default_ifaces``): not stored in /etc/iscsi/ifaces
+#: and refused by ``-o update``, so they cannot carry the agent's initiator name.
+BUILTIN_IFACES = frozenset({"default", "iser"})
+#: The iface record fields the connector sets (open-iscsi usr/idbm_fields.h).
+IFACE_TRANSPORT = "iface.transport_name"
+IFACE_INITIATOR = "iface.initiatorname"
+
 Writer = Callable[[str, str], None]
 
 
@@ -91,8 +105,14 @@ class KernelSettings:
     removal_timeout: float = 10.0
     """Seconds to wait until a deleted SCSI device is gone."""
     poll_interval: float = 0.05
-    iface: str = "default"
-    """open-iscsi interface (``default`` is iscsi_tcp)."""
+    initiator_iqn: str | None = None
+    """The agent's initiator name (``iqn.2026-11.io.shoal:node:<node>``), the only one its exports' ACLs admit.
+
+    Logins present it through the ``iface`` record.  None refuses to log in: the host's
+    ``/etc/iscsi/initiatorname.iscsi`` is never used (the targets would refuse it anyway)."""
+    iface: str = "shoal"
+    """Name of the open-iscsi iface record the connector owns (iscsi_tcp, ``iface.initiatorname`` =
+    ``initiator_iqn``), created on first login; not one of open-iscsi's built-in ``default``/``iser``."""
     lock_dir: str | None = None
     """Directory for cross-process per-target lock files; None for in-process locks only."""
     header_digest: tuple[str, ...] = ("None",)
@@ -261,15 +281,49 @@ class KernelConnector(Connector):
         return mine
 
     def _node(self, target: VolumeTarget, portal: str, *args) -> list:
+        """A command on the target's node record bound to our iface."""
+        return self._any_node(target, portal, "-I", self.settings.iface, *args)
+
+    def _any_node(self, target: VolumeTarget, portal: str, *args) -> list:
+        """A command on the target's node records through any iface (logout and delete: cleanup)."""
         return ["iscsiadm", "-m", "node", "-T", target.target_iqn, "-p", portal, *args]
 
     def _update(self, target: VolumeTarget, portal: str, name: str, value) -> None:
         self.runner.run(self._node(target, portal, "-o", "update", "-n", name, "-v", value))
 
+    def _iface(self, *args) -> list:
+        return ["iscsiadm", "-m", "iface", "-I", self.settings.iface, *args]
+
+    def _ensure_iface(self) -> None:
+        """Create or correct our iface record so that logins present the agent's initiator name.
+
+        iscsid takes a session's InitiatorName from the node record's ``iface.initiatorname``
+        and falls back to /etc/iscsi/initiatorname.iscsi only when that is empty (open-iscsi
+        usr/initiator.c ``__session_create``).  ``-o new`` resets an existing record to its
+        defaults (usr/iscsiadm.c ``exec_iface_op``), so it runs only when ``-o show`` finds
+        none; updates run only for values that differ, and reach the node records bound to
+        the iface as well.
+        """
+        iqn, name = self.settings.initiator_iqn, self.settings.iface
+        if not iqn:
+            raise PermanentConnectorError("the kernel connector has no initiator name (KernelSettings.initiator_iqn); "
+                                          "it never logs in with the host's /etc/iscsi/initiatorname.iscsi")
+        if name in BUILTIN_IFACES:
+            raise PermanentConnectorError(f"iface {name!r} is built into open-iscsi and cannot carry "
+                                          "the agent's initiator name")
+        shown = self.runner.run(self._iface("-o", "show"), check=False)
+        values = parse_record(shown.stdout) if shown.returncode == 0 else None
+        if values is None:  # no such record (iscsiadm exits ISCSI_ERR_IDBM)
+            self.runner.run(self._iface("-o", "new"))
+            values = {}
+        for key, wanted in ((IFACE_TRANSPORT, "tcp"), (IFACE_INITIATOR, iqn)):
+            if values.get(key) != wanted:
+                self.runner.run(self._iface("-o", "update", "-n", key, "-v", wanted))
+
     def _configure_node(self, target: VolumeTarget, portal: str) -> None:
         shown = self.runner.run(self._node(target, portal), check=False)
         if shown.returncode == ISCSI_ERR_NO_OBJS_FOUND:
-            self.runner.run(self._node(target, portal, "--interface", self.settings.iface, "-o", "new"))
+            self.runner.run(self._node(target, portal, "-o", "new"))
         elif shown.returncode != 0:
             raise TemporaryConnectorError(f"iscsiadm cannot read the node record of {target.target_iqn} "
                                           f"at {portal}: exit {shown.returncode}")
@@ -300,6 +354,7 @@ class KernelConnector(Connector):
 
     def _login(self, target: VolumeTarget) -> Session:
         """Log in through the first portal that accepts us (one path; no multipath)."""
+        self._ensure_iface()
         errors = []
         for portal in target.portals:
             self._configure_node(target, portal)
@@ -308,7 +363,7 @@ class KernelConnector(Connector):
             except CommandFailed as exc:
                 if exc.result.returncode != ISCSI_ERR_SESS_EXISTS:
                     errors.append(exc)
-                    self.runner.run(self._node(target, portal, "-o", "delete"), check=False)
+                    self.runner.run(self._any_node(target, portal, "-o", "delete"), check=False)
                     continue
             session = next((s for s in self._sessions(target) if s.portal == portal), None)
             if session is None:
@@ -320,11 +375,15 @@ class KernelConnector(Connector):
                                       + "; ".join(str(e) for e in errors))
 
     def _logout(self, target: VolumeTarget, sessions: list[Session]) -> None:
-        """Log out of the target's sessions and forget the node records (absent ones are fine)."""
+        """Log out of the target's sessions and forget the node records (absent ones are fine).
+
+        No iface is named: ``sessions`` (matched by target and portal) may hold one an older
+        Shoal logged in through the ``default`` iface, and it ends with ours.
+        """
         for portal in target.portals:
             if any(s.portal == portal for s in sessions):
-                self.runner.run(self._node(target, portal, "--logout"), check=False)
-            self.runner.run(self._node(target, portal, "-o", "delete"), check=False)
+                self.runner.run(self._any_node(target, portal, "--logout"), check=False)
+            self.runner.run(self._any_node(target, portal, "-o", "delete"), check=False)
 
     # ---- the LUN
 
@@ -417,6 +476,17 @@ class KernelConnector(Connector):
 
     def _dev(self, disk: str) -> str:
         return os.path.join(self.settings.dev, disk)
+
+
+def parse_record(text: str) -> dict[str, str]:
+    """The ``name = value`` lines of an iscsiadm record (``-m iface -I NAME``); ``<empty>`` is ""."""
+    values = {}
+    for line in text.splitlines():
+        name, sep, value = line.partition(" = ")
+        if sep and not name.startswith("#"):
+            value = value.strip()
+            values[name.strip()] = "" if value == "<empty>" else value
+    return values
 
 
 def by_path_name(portal: str, target: VolumeTarget) -> str:

@@ -52,7 +52,7 @@ def test_kernel_connector_attaches_formats_and_detaches_in_a_guest(guest, tmp_pa
     nonce = f"shoal-{uuid.uuid4().hex}"
     with guest_network() as net, running_shoal_target(
             tmp_path, luns=(("vol0", 64 << 20), ("vol1", 16 << 20)), iqn=IQN, chap=CHAP, mutual_chap=MUTUAL,
-            netns=net.netns, listen=f"{net.host_ip}:3260") as target:
+            netns=net.netns, listen=f"{net.host_ip}:3260", allow=[INITIATOR]) as target:
         params = {
             "portal": f"{net.host_ip}:3260", "iqn": IQN, "initiator": INITIATOR, "nonce": nonce,
             "chap": CHAP, "mutual_chap": MUTUAL,

@@ -23,6 +23,11 @@ a QEMU (TCG) guest booted from a Debian root filesystem:
    drives ``KernelConnector`` and prints ``SHOAL-RESULT key=value`` lines on the
    serial console, then powers off with reboot(2).
 
+The guest's /etc/iscsi/initiatorname.iscsi holds a name of its own
+(``GUEST_HOST_INITIATOR``), never the agent's: the connector must present the
+agent's name (``params["initiator"]``) through its own iface record, as on a
+real host, and the driver fails the run when the session shows another name.
+
 Every process started here is stopped by PID, also on failure.
 """
 
@@ -58,6 +63,10 @@ from tests.support.kernel_guest import (
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_CACHE = REPO / ".cache" / "debian-guest"
+#: The guest host's own initiator name (/etc/iscsi/initiatorname.iscsi, what open-iscsi's ``default`` iface
+#: presents): a Debian-style name, not the agent's, so a session that shows it reveals the connector ignored
+#: the agent's name.
+GUEST_HOST_INITIATOR = "iqn.1993-08.org.debian:01:5a1e0fb2c3d4"
 
 SUITE = "bookworm"
 PACKAGES = ("python3", "python3-venv", "python3-wheel-whl", "open-iscsi", "e2fsprogs", "util-linux", "kmod",
@@ -181,9 +190,10 @@ def disks():
     return sorted(d for d in os.listdir("/sys/block") if d.startswith("sd")) or ["none"]
 
 
-def start_iscsid(initiator):
+def start_iscsid(host_initiator):
+    # The host's own name, not the agent's: the connector's iface must carry the agent's.
     with open("/etc/iscsi/initiatorname.iscsi", "w") as f:
-        f.write(f"InitiatorName={initiator}\n")
+        f.write(f"InitiatorName={host_initiator}\n")
     # iscsid killpg()s its own process group on SIGTERM: its own session.
     log = open("/tmp/iscsid.log", "wb")
     subprocess.Popen(["iscsid", "-f"], stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -212,14 +222,26 @@ def run(argv):
     subprocess.run(argv, check=True, capture_output=True, text=True)
 
 
+def field(text, name):
+    """The value of the first ``name: value`` or ``name = value`` line of iscsiadm output."""
+    for line in text.splitlines():
+        for sep in (": ", " = "):
+            key, found, value = line.strip().partition(sep)
+            if found and key == name:
+                return value.strip()
+    return "?"
+
+
 def scenario(p):
-    start_iscsid(p["initiator"])
+    if p["host_initiator"] == p["initiator"]:
+        raise RuntimeError("the guest's initiatorname.iscsi must not hold the agent's name")
+    start_iscsid(p["host_initiator"])
     stamp("iscsid")
     wait_for_portal(p["portal"])
     stamp("network")
     digests = {key: tuple(p[key]) for key in ("header_digest", "data_digest") if key in p}
     connector = KernelConnector(runner=SubprocessRunner(timeout=60),
-                                settings=KernelSettings(device_timeout=30, **digests))
+                                settings=KernelSettings(device_timeout=30, initiator_iqn=p["initiator"], **digests))
     chap = tuple(p["chap"]) if p.get("chap") else None
     mutual = tuple(p["mutual_chap"]) if p.get("mutual_chap") else None
     target = VolumeTarget(portals=(p["portal"],), target_iqn=p["iqn"], lun=0, volume_id=p["volumes"][0]["id"],
@@ -237,6 +259,15 @@ def scenario(p):
     say("by_path", os.path.realpath(link) if os.path.exists(link) else "missing")
     text, found = sessions()
     show("session-P3", text)
+    say("session_iface", field(text, "Iface Name"))
+    say("session_initiator", field(text, "Iface Initiatorname"))
+    if field(text, "Iface Initiatorname") != p["initiator"]:
+        raise RuntimeError(f"the session presents {field(text, 'Iface Initiatorname')}, not the agent's "
+                           f"{p['initiator']}")
+    record = subprocess.run(["iscsiadm", "-m", "iface", "-I", connector.settings.iface], capture_output=True,
+                            text=True).stdout
+    say("iface_initiatorname", field(record, "iface.initiatorname"))
+    say("iface_transport", field(record, "iface.transport_name"))
     say("sessions_after_attach", len(found))
     say("luns_in_session", ",".join(str(x.lun) for s in found for x in s.luns))
     node = subprocess.run(["iscsiadm", "-m", "node", "-T", p["iqn"], "-p", p["portal"]],
@@ -504,8 +535,11 @@ def _share_disk(workdir: Path, params: Mapping) -> Path:
 
 def run_connector_guest(guest: DebianGuest, network: GuestNetwork, params: Mapping, workdir: Path, *,
                         timeout: float = 150.0, memory_mib: int = 1024) -> GuestRun:
-    """Boot the guest once with ``params`` for the driver; return what it printed."""
-    share = _share_disk(workdir, params)
+    """Boot the guest once with ``params`` for the driver; return what it printed.
+
+    ``params["host_initiator"]`` (default ``GUEST_HOST_INITIATOR``) goes into the guest's
+    /etc/iscsi/initiatorname.iscsi; the agent's name is ``params["initiator"]``."""
+    share = _share_disk(workdir, {"host_initiator": GUEST_HOST_INITIATOR, **params})
     argv = kernel_guest.qemu_argv(guest.as_guest_image(), network,
                                   "console=ttyS0 quiet panic=-1 mitigations=off", memory_mib=memory_mib)
     argv += ["-drive", f"file={guest.rootfs},if=virtio,format=raw,snapshot=on",

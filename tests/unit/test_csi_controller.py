@@ -542,6 +542,6 @@ def test_publish_uses_the_connector_the_node_announced(csi, tmp_path):
     assert svc.store.get_attachment("pvc-1", "node-k").mode == "kernel"
     # where the agent finds iscsi_tcp and iscsiadm it announces "kernel", else "userspace"
     (tmp_path / "iscsi_tcp").mkdir()
-    assert preferred_connector(str(tmp_path), iscsiadm="/sbin/iscsiadm") == "kernel"
+    assert preferred_connector(str(tmp_path), iscsiadm="/sbin/iscsiadm", iscsid=lambda: True) == "kernel"
     assert preferred_connector(str(tmp_path), iscsiadm="") == "userspace"
     assert preferred_connector(str(tmp_path / "none"), iscsiadm="/sbin/iscsiadm") == "userspace"

@@ -7,8 +7,11 @@ below plays open-iscsi and the SCSI layer at those boundaries: ``iscsiadm``
 answers in the format of open-iscsi's ``usr/session_info.c``, a write of
 ``0 0 LUN`` to a host's ``scan`` file makes the LUN's disk appear in sysfs,
 ``/dev`` and ``/dev/disk/by-path`` with the VPD pages the target would report,
-and ``1`` into ``device/delete`` removes it.  The same sequences run against
-the real kernel in tests/peer/test_kernel_connector.py.
+and ``1`` into ``device/delete`` removes it.  Like open-iscsi, a login presents
+the ``iface.initiatorname`` of the node record's iface (the host's own name
+through ``default``), and the fake target admits only the agent's name, as every
+export's ACL does.  The same sequences run against the real kernel in
+tests/peer/test_kernel_connector.py.
 """
 
 from __future__ import annotations
@@ -36,6 +39,10 @@ from node_agent.scsi.vpd import LunIdentity, device_identification, naa_for, vpd
 
 IQN = "iqn.2026-11.io.shoal.test:target"
 PORTAL = "10.99.0.1:3260"
+AGENT_IQN = "iqn.2026-11.io.shoal:node:node-a"
+"""The agent's initiator name: the only one the fake target admits (the export's ACL)."""
+HOST_IQN = "iqn.1993-08.org.debian:01:5a1e0fb2c3d4"
+"""/etc/iscsi/initiatorname.iscsi of the host: what open-iscsi's ``default`` iface presents."""
 
 
 def identity_pages(volume_id: str) -> tuple[bytes, bytes]:
@@ -60,6 +67,17 @@ class FakeSession:
     host: int
     portal: str
     luns: dict[int, str] = dataclasses.field(default_factory=dict)
+    iface: str = "shoal"
+    initiator: str = AGENT_IQN
+
+
+def iface_record(name: str, values: dict[str, str]) -> str:
+    """``iscsiadm -m iface -I NAME`` (open-iscsi ``idbm_print``), the fields that matter here."""
+    lines = ["# BEGIN RECORD 2.1.8", f"iface.iscsi_ifacename = {name}", "iface.ipaddress = <empty>",
+             "iface.hwaddress = <empty>", f"iface.transport_name = {values.get('iface.transport_name') or '<empty>'}",
+             f"iface.initiatorname = {values.get('iface.initiatorname') or '<empty>'}",
+             "iface.net_ifacename = <empty>", "# END RECORD"]
+    return "\n".join(lines) + "\n"
 
 
 class FakeKernel:
@@ -70,7 +88,9 @@ class FakeKernel:
         self.sysfs.mkdir()
         (self.dev / "disk" / "by-path").mkdir(parents=True)
         self.target_luns = dict(target_luns)  # LUN -> volume id the target serves there
-        self.records: set[str] = set()
+        self.records: dict[str, str] = {}  # portal -> iface of its node record
+        self.ifaces: dict[str, dict[str, str]] = {}  # /etc/iscsi/ifaces
+        self.allowed = {AGENT_IQN}  # the target's ACL
         self.sessions: dict[str, FakeSession] = {}
         self.writes: list[tuple[str, str]] = []
         self.login_rc = 0
@@ -78,6 +98,7 @@ class FakeKernel:
         self.runner = RecordingRunner()
         self.runner.on("iscsiadm", "-m", "session", "-P", "3", call=lambda argv: self.session_p3())
         self.runner.on("iscsiadm", "-m", "node", call=self.node)
+        self.runner.on("iscsiadm", "-m", "iface", call=self.iface)
         self.now = 0.0
 
     # -- runner side
@@ -88,7 +109,8 @@ class FakeKernel:
         out = ["iSCSI Transport Class version 2.0-870", "version 2.1.8", f"Target: {IQN} (non-flash)"]
         for s in self.sessions.values():
             out += [f"\tCurrent Portal: {s.portal},1", f"\tPersistent Portal: {s.portal},1",
-                    "\t\t**********", "\t\tInterface:", "\t\t**********", "\t\tIface Name: default",
+                    "\t\t**********", "\t\tInterface:", "\t\t**********", f"\t\tIface Name: {s.iface}",
+                    "\t\tIface Transport: tcp", f"\t\tIface Initiatorname: {s.initiator}",
                     f"\t\tSID: {s.sid}", "\t\tiSCSI Connection State: LOGGED IN",
                     "\t\tiSCSI Session State: LOGGED_IN", "\t\tInternal iscsid Session State: NO CHANGE",
                     "\t\t************************", "\t\tAttached SCSI devices:", "\t\t************************",
@@ -99,32 +121,74 @@ class FakeKernel:
         return (0, "\n".join(out) + "\n")
 
     def node(self, argv):
+        """``iscsiadm -m node -T IQN -p PORTAL [-I IFACE] ...``: without ``-I``, records of every iface."""
         assert argv[:7] == ["iscsiadm", "-m", "node", "-T", IQN, "-p", argv[6]]
-        portal, rest = argv[6], argv[7:]
+        portal, rest, iface = argv[6], argv[7:], None
+        if "-I" in rest or "--interface" in rest:  # anywhere, as getopt takes it
+            at = rest.index("-I") if "-I" in rest else rest.index("--interface")
+            iface, rest = rest[at + 1], rest[:at] + rest[at + 2:]
+        mine = portal in self.records and iface in (None, self.records[portal])
         if not rest:
-            return (0, f"node.name = {IQN}\n") if portal in self.records else (21, "", "iscsiadm: No records found\n")
-        if rest[-2:] == ["-o", "new"]:
-            self.records.add(portal)
+            return (0, f"node.name = {IQN}\n") if mine else (21, "", "iscsiadm: No records found\n")
+        if rest == ["-o", "new"]:
+            assert iface is not None, "a node record is created for a named iface"
+            if iface != "default" and iface not in self.ifaces:
+                return (6, "", f"iscsiadm: Could not read iface info for {iface}.\n")
+            self.records[portal] = iface
         elif rest[:2] == ["-o", "update"]:
-            return (0, "") if portal in self.records else (21, "")
+            return (0, "") if mine else (21, "")
         elif rest == ["-o", "delete"]:
-            if portal not in self.records:
+            if not mine:
                 return (21, "")
-            self.records.discard(portal)
+            del self.records[portal]
         elif rest == ["--login"]:
+            if not mine:
+                return (21, "", "iscsiadm: No records found\n")
             if portal in self.sessions:
                 return (15, "", "iscsiadm: default: 1 session requested, but 1 already present.\n")
             if self.login_rc:
                 return (self.login_rc, "", "iscsiadm: Could not login\n")
-            self.sessions[portal] = FakeSession(self.next_sid, self.next_host, portal)
+            # iscsid: the iface's initiator name, else the host's (usr/initiator.c __session_create)
+            record_iface = self.records[portal]
+            initiator = self.ifaces.get(record_iface, {}).get("iface.initiatorname") or HOST_IQN
+            if initiator not in self.allowed:
+                return (24, "", "iscsiadm: initiator reported error (24 - iSCSI login failed due to "
+                                "authorization failure)\n")
+            self.sessions[portal] = FakeSession(self.next_sid, self.next_host, portal, iface=record_iface,
+                                                initiator=initiator)
             self.next_sid += 1
             self.next_host += 1
         elif rest == ["--logout"]:
-            if portal not in self.sessions:
+            session = self.sessions.get(portal)
+            if session is None or iface not in (None, session.iface):
                 return (21, "")
-            session = self.sessions.pop(portal)
+            del self.sessions[portal]
             assert not session.luns, "logout under attached disks"
         return (0, "")
+
+    def iface(self, argv):
+        """``iscsiadm -m iface -I NAME ...`` (usr/iscsiadm.c ``exec_iface_op``)."""
+        assert argv[:4] == ["iscsiadm", "-m", "iface", "-I"]
+        name, rest = argv[4], argv[5:]
+        if rest == ["-o", "show"]:
+            if name == "default":
+                return (0, iface_record(name, {"iface.transport_name": "tcp"}))
+            if name not in self.ifaces:
+                return (6, "", f"iscsiadm: Could not read iface {name} (6).\n")
+            return (0, iface_record(name, self.ifaces[name]))
+        if name in ("default", "iser"):
+            return (7, "", f"iscsiadm: iface {name} is a special interface and cannot be modified.\n")
+        if rest == ["-o", "new"]:
+            if any(s.iface == name for s in self.sessions.values()):
+                return (15, "", f"iscsiadm: Could not create new interface {name}.\n")
+            self.ifaces[name] = {"iface.transport_name": "tcp"}  # iface_setup_defaults
+        elif rest[:2] == ["-o", "update"] and rest[2] == "-n" and rest[4] == "-v":
+            if name not in self.ifaces:
+                return (7, "", f"iscsiadm: Could not update iface {name}\n")
+            self.ifaces[name][rest[3]] = rest[5]
+        else:
+            raise AssertionError(f"unexpected iface command {argv}")
+        return (0, f"{name} updated.\n")
 
     # -- sysfs side
 
@@ -181,7 +245,7 @@ class FakeKernel:
 
         return KernelSettings(sysfs=str(self.sysfs), dev=str(self.dev), write=self.write, sleep=sleep,
                               clock=lambda: self.now, device_timeout=1.0, by_path_timeout=0.5,
-                              removal_timeout=1.0)
+                              removal_timeout=1.0, initiator_iqn=AGENT_IQN)
 
     def connector(self) -> KernelConnector:
         return KernelConnector(runner=self.runner, settings=self.settings())
@@ -196,13 +260,29 @@ class FakeKernel:
 
 
 def node(*args: str, portal: str = PORTAL) -> list[str]:
+    """A command on the node record bound to the connector's iface."""
+    return any_node("-I", "shoal", *args, portal=portal)
+
+
+def any_node(*args: str, portal: str = PORTAL) -> list[str]:
+    """A command on the node records of every iface (logout and delete)."""
     return ["iscsiadm", "-m", "node", "-T", IQN, "-p", portal, *args]
 
 
+def iface(*args: str) -> list[str]:
+    return ["iscsiadm", "-m", "iface", "-I", "shoal", *args]
+
+
 SESSION_P3 = ["iscsiadm", "-m", "session", "-P", "3"]
+IFACE_SETUP = [
+    iface("-o", "show"),
+    iface("-o", "new"),
+    iface("-o", "update", "-n", "iface.transport_name", "-v", "tcp"),
+    iface("-o", "update", "-n", "iface.initiatorname", "-v", AGENT_IQN),
+]
 NODE_SETUP = [
     node(),
-    node("--interface", "default", "-o", "new"),
+    node("-o", "new"),
     node("-o", "update", "-n", "node.startup", "-v", "manual"),
     node("-o", "update", "-n", "node.session.scan", "-v", "manual"),
     node("-o", "update", "-n", "node.conn[0].iscsi.HeaderDigest", "-v", "None"),
@@ -223,6 +303,7 @@ def test_attach_creates_the_record_logs_in_scans_one_lun_and_checks_identity(ker
     calls, writes = kernel.take()
     assert calls == [
         SESSION_P3,
+        *IFACE_SETUP,
         *NODE_SETUP,
         node("-o", "update", "-n", "node.session.auth.authmethod", "-v", "None"),
         node("--login"),
@@ -279,7 +360,7 @@ def test_detaching_the_last_lun_logs_out_and_deletes_the_record(kernel):
     connector.detach(volume(0))
     calls, writes = kernel.take()
     assert calls == [SESSION_P3, ["blockdev", "--flushbufs", str(kernel.dev / "sda")],
-                     node("--logout"), node("-o", "delete")]
+                     any_node("--logout"), any_node("-o", "delete")]
     assert writes == [("block/sda/device/delete", "1")]
     assert not kernel.sessions and not kernel.records
     assert not (kernel.sysfs / "block" / "sda").exists()
@@ -294,7 +375,7 @@ def test_reference_count_is_rebuilt_from_the_system_after_a_restart(kernel):
     restarted = kernel.connector()
     restarted.detach(volume(1, "vol-b"))
     calls, _ = kernel.take()
-    assert node("--logout") not in calls
+    assert any_node("--logout") not in calls
     assert kernel.sessions[PORTAL].luns == {0: "sda"}
 
 
@@ -307,7 +388,7 @@ def test_a_lun_with_another_naa_is_deleted_and_never_handed_out(kernel):
         kernel.connector().attach(wrong)
     calls, writes = kernel.take()
     assert writes == [("class/scsi_host/host2/scan", "0 0 0"), ("block/sda/device/delete", "1")]
-    assert calls[-2:] == [node("--logout"), node("-o", "delete")]
+    assert calls[-2:] == [any_node("--logout"), any_node("-o", "delete")]
     assert "/dev/" not in str(caught.value) and "sda" not in str(caught.value)
     assert not list((kernel.sysfs / "block").iterdir()) and not (kernel.dev / "sda").exists()
     assert not kernel.sessions
@@ -373,7 +454,7 @@ def test_chap_and_mutual_chap_go_into_the_node_record_with_secrets_hidden(kernel
     target = volume(0, chap=("alice", "initiator-secret-1"), mutual_chap=("tgt", "target-secret-22"))
     kernel.connector().attach(target)
     calls = kernel.runner.calls
-    auth = [c[7:] for c in calls if c[7:9] == ["-o", "update"] and "auth" in c[10]]
+    auth = [c[9:] for c in calls if c[7:11] == ["-I", "shoal", "-o", "update"] and "auth" in c[12]]
     assert auth == [
         ["-o", "update", "-n", "node.session.auth.authmethod", "-v", "CHAP"],
         ["-o", "update", "-n", "node.session.auth.username", "-v", "alice"],
@@ -388,7 +469,7 @@ def test_chap_and_mutual_chap_go_into_the_node_record_with_secrets_hidden(kernel
 
 def test_one_way_chap_sets_no_incoming_credentials(kernel):
     kernel.connector().attach(volume(0, chap=("alice", "initiator-secret-1")))
-    names = [c[10] for c in kernel.runner.calls if c[7:9] == ["-o", "update"]]
+    names = [c[12] for c in kernel.runner.calls if c[7:11] == ["-I", "shoal", "-o", "update"]]
     assert "node.session.auth.username_in" not in names and "node.session.auth.password" in names
 
 
@@ -418,21 +499,23 @@ def test_detaching_what_is_gone_succeeds(kernel):
     kernel.take()
     connector.detach(volume(0))
     calls, writes = kernel.take()
-    assert calls == [SESSION_P3, node("-o", "delete")]  # exit 21 (no record) is fine
+    assert calls == [SESSION_P3, any_node("-o", "delete")]  # exit 21 (no record) is fine
     assert writes == []
 
 
 def test_an_existing_node_record_is_reused(kernel):
-    kernel.records.add(PORTAL)
+    kernel.ifaces["shoal"] = {"iface.transport_name": "tcp", "iface.initiatorname": AGENT_IQN}
+    kernel.records[PORTAL] = "shoal"
     kernel.connector().attach(volume(0))
     calls, _ = kernel.take()
-    assert node("--interface", "default", "-o", "new") not in calls
+    assert node("-o", "new") not in calls
 
 
 def test_session_exists_on_login_counts_as_logged_in(kernel):
     """Exit 15 from --login (another tool logged in between our look and our login) is success."""
     kernel.runner.on("iscsiadm", "-m", "session", "-P", "3", call=lambda argv: (
         kernel.session_p3() if kernel.runner.calls.count(SESSION_P3) > 1 else (21, "")))
+    kernel.ifaces["shoal"] = {"iface.transport_name": "tcp", "iface.initiatorname": AGENT_IQN}  # the other tool's
     kernel.sessions[PORTAL] = FakeSession(7, 9, PORTAL)
     device = kernel.connector().attach(volume(0))
     assert device.path.endswith("sda")
