@@ -6,7 +6,9 @@ agent to register again (after the controller lost its state, say).  A
 heartbeat without disks keeps the disks the controller knows.
 
 ``node_labels`` (``--store kubernetes``: ``controller.k8s_nodes.KubernetesNodeLabels``) merges the topology
-labels of the Kubernetes Node named like the registering node into the labels the agent sent.
+labels of the Kubernetes Node named like the registering node into the labels the agent sent.  Register
+answers the labels recorded (merged): the agent's CSI NodeGetInfo reports its topology from them, so
+CSINode's topology and CreateVolume's ``accessible_topology`` (the owner's recorded labels) agree.
 """
 
 from __future__ import annotations
@@ -30,9 +32,10 @@ class RegistrationServicer(agent_pb2_grpc.RegistrationServiceServicer):
         labels = dict(request.labels)
         if self.node_labels is not None:
             labels = dict(self.node_labels(request.node_id, labels))
-        self.service.register_node(request.node_id, request.initiator_iqn, request.agent_address,
-                                   list(request.portals), labels, convert.disks_from_proto(request.disks))
-        return agent_pb2.RegisterResponse(heartbeat_interval_seconds=self.service.settings.heartbeat_interval)
+        node = self.service.register_node(request.node_id, request.initiator_iqn, request.agent_address,
+                                          list(request.portals), labels, convert.disks_from_proto(request.disks))
+        return agent_pb2.RegisterResponse(heartbeat_interval_seconds=self.service.settings.heartbeat_interval,
+                                          labels=dict(node.labels))
 
     @rpc("node_id")
     def Heartbeat(self, request, context):

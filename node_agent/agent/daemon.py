@@ -6,7 +6,10 @@ target here (AttachVolume with ``defer_login``), NodeStageVolume logs in through
 ``AttachmentManager.login`` in this process, NodeUnstageVolume logs out.  The agent
 announces its connector as the node label ``shoal.io/connector`` ("kernel" where
 ``iscsi_tcp`` and open-iscsi are there, else "userspace"; a ``--label`` overrides
-it), and the CSI controller publishes in that mode.
+it), and the CSI controller publishes in that mode.  NodeGetInfo reports the
+topology labels the controller recorded at the last Register (``NodeLabels``):
+the CSI server opens before the first Register, and until it succeeds
+NodeGetInfo waits a few seconds, then answers UNAVAILABLE.
 
 Start order matters for consumers: the portal starts and the recorded exports
 are served again *before* the gRPC server opens or the controller hears from
@@ -38,7 +41,7 @@ from node_agent.agent.snapshots import SnapshotManager
 from node_agent.agent.volumes import VolumeManager
 from node_agent.csi.devices import DeviceResolver
 from node_agent.csi.mounts import Mounter
-from node_agent.csi.node import NodeServicer
+from node_agent.csi.node import NodeLabels, NodeServicer
 from node_agent.csi.server import build_csi_node_server
 from node_agent.host.connector import CONNECTOR_LABEL, Connector, preferred_connector
 from node_agent.host.runner import SubprocessRunner
@@ -143,6 +146,8 @@ class Agent:
         self.metrics_server: MetricsServer | None = None
         self.metrics_address = ""
         self.csi_server: grpc.Server | None = None
+        # NodeGetInfo's labels: the controller's record, set by every Register (the agent's own without one)
+        self.node_labels = NodeLabels(None if settings.controller else settings.labels)
 
     def start(self) -> None:
         s = self.settings
@@ -237,7 +242,8 @@ class Agent:
         """CSI Identity + Node on ``csi_endpoint``, over this agent's attachments and the host's mount tools."""
         s = self.settings
         assert self.attachments is not None
-        servicer = NodeServicer(s.node_id, s.labels, DeviceResolver(self.attachments), Mounter(SubprocessRunner()))
+        servicer = NodeServicer(s.node_id, self.node_labels, DeviceResolver(self.attachments),
+                                Mounter(SubprocessRunner()))
         self.csi_server = build_csi_node_server(servicer, s.csi_endpoint, driver_name=s.csi_driver_name)
 
     def _register(self, portals: tuple[str, ...]) -> None:
@@ -256,7 +262,8 @@ class Agent:
             NodeAnnouncement(s.node_id, s.initiator_iqn, advertised, portals, labels),
             self.volumes.disks, self.channel_factory(s.controller, s.controller_tls),
             timeout=s.register_timeout, max_backoff=s.max_register_backoff,
-            default_interval=s.default_heartbeat_interval, on_drop=self._drop_fenced)
+            default_interval=s.default_heartbeat_interval, on_drop=self._drop_fenced,
+            on_registered=self.node_labels.set)
         self.registrar.start()
 
     def _drop_fenced(self, volume_ids: list[str]) -> None:

@@ -6,6 +6,13 @@ before its controller simply waits for it, and serves AgentService meanwhile.
 Then a ``Heartbeat`` (liveness and free space) every interval the controller
 asked for; a ``NOT_FOUND`` answer (the controller forgot us, e.g. a new state
 store) registers again, other failures are logged and the next beat tries again.
+
+Every successful Register answers the labels the controller recorded for the
+node (with ``--store kubernetes``, the Kubernetes Node's topology labels merged
+in): they are kept in ``labels`` and handed to ``on_registered`` (the CSI Node
+service's ``NodeLabels.set``), so a re-registration refreshes them.  A
+controller that answers none (one from before RegisterResponse.labels) recorded
+the labels as sent: those are taken.
 """
 
 from __future__ import annotations
@@ -49,7 +56,8 @@ class Registrar:
 
     def __init__(self, announcement: NodeAnnouncement, disks: Callable[[], list[Disk]],
                  channel: grpc.Channel, *, timeout: float = 10.0, max_backoff: float = 30.0,
-                 default_interval: float = 10.0, on_drop: Callable[[list[str]], None] | None = None):
+                 default_interval: float = 10.0, on_drop: Callable[[list[str]], None] | None = None,
+                 on_registered: Callable[[dict[str, str]], None] | None = None):
         self.announcement = announcement
         self.disks = disks
         self.channel = channel
@@ -58,6 +66,8 @@ class Registrar:
         self.max_backoff = max_backoff
         self.default_interval = default_interval
         self.on_drop = on_drop  # the node is fenced: forget these volumes' attachments (HeartbeatResponse)
+        self.on_registered = on_registered  # gets the labels the controller recorded, after every Register
+        self.labels: dict[str, str] | None = None  # those labels; None until the first Register succeeded
         self.fenced = False
         self.registered = threading.Event()
         self.heartbeats = 0
@@ -95,6 +105,9 @@ class Registrar:
             answer = retrying(self._register)
         except grpc.RpcError:
             return None  # stopped while the controller was unreachable
+        self.labels = dict(answer.labels) or dict(self.announcement.labels)
+        if self.on_registered is not None:
+            self.on_registered(dict(self.labels))
         self.registered.set()
         interval = answer.heartbeat_interval_seconds or self.default_interval
         log.info("registered node %s with the controller; heartbeat every %.1fs", self.announcement.node_id,

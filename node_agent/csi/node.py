@@ -62,6 +62,14 @@ Idempotency, RPC by RPC (a repeat of a finished call answers as the first did):
 
 The device comes from ``DeviceResolver`` (the agent's attachment, checked).  A second call
 on a volume while one is under way is ABORTED (``InFlight``).
+
+NodeGetInfo reports, as ``accessible_topology``, the node's labels under the controller's topology keys
+(``CsiSettings.topology_keys``, the keys CreateVolume's ``accessible_topology`` is made of), taken from
+``NodeLabels``: with a controller, the labels it recorded at the agent's last successful Register (the
+Kubernetes Node's topology labels merged in with ``--store kubernetes``), so CSINode and the volumes' node
+affinity agree.  Before the first Register it waits up to ``labels_timeout`` and then answers UNAVAILABLE:
+an empty topology would stay in CSINode, while a failed plugin registration is retried (node-driver-registrar
+restarts).
 """
 
 from __future__ import annotations
@@ -69,9 +77,11 @@ from __future__ import annotations
 import logging
 import os
 import stat
+import threading
 from typing import Mapping
 
 from controller.csi import capabilities as caps
+from controller.csi.controller import CsiSettings
 from controller.csi.errors import InFlight, csi_rpc
 from controller.domain.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from node_agent.csi.devices import DeviceResolver
@@ -85,8 +95,11 @@ NodeRPC = csi_pb2.NodeServiceCapability.RPC
 Mode = csi_pb2.VolumeCapability.AccessMode.Mode
 NODE_CAPABILITIES = (NodeRPC.STAGE_UNSTAGE_VOLUME, NodeRPC.EXPAND_VOLUME, NodeRPC.GET_VOLUME_STATS,
                      NodeRPC.VOLUME_CONDITION, NodeRPC.SINGLE_NODE_MULTI_WRITER)
-#: The same keys as the Controller's ``CsiSettings.topology_keys`` (kept equal by a test).
-DEFAULT_TOPOLOGY_KEYS = ("topology.kubernetes.io/region", "topology.kubernetes.io/zone", "region", "zone")
+#: The Controller's keys: NodeGetInfo's segments are the same keys CreateVolume's accessible_topology uses.
+DEFAULT_TOPOLOGY_KEYS: tuple[str, ...] = CsiSettings().topology_keys
+#: How long NodeGetInfo waits for the agent's first Register (normally well under a second after start) before
+#: answering UNAVAILABLE; kubelet gives the call minutes, so a few seconds cost nothing.
+LABELS_TIMEOUT = 5.0
 #: Mount flags (the part before any "=") that would make ``mount -o`` do something else than mount the volume's
 #: filesystem as the access mode says: another source (loop devices, bind mounts), another program, other
 #: propagation, mount(8)'s own actions, or a read-only-ness of its own.
@@ -103,14 +116,36 @@ REFUSED_MOUNT_FLAG_PREFIXES = ("X-", "x-")
 NO_REPLAY = {"ext4": "noload", "xfs": "norecovery"}
 
 
+class NodeLabels:
+    """The node's labels for NodeGetInfo: given at once (an agent without a controller), or ``set`` by the
+    registration after every successful Register (the controller's record); thread-safe."""
+
+    def __init__(self, labels: Mapping[str, str] | None = None):
+        self._changed = threading.Condition()
+        self._labels = dict(labels) if labels is not None else None
+
+    def set(self, labels: Mapping[str, str]) -> None:
+        with self._changed:
+            self._labels = dict(labels)
+            self._changed.notify_all()
+
+    def wait(self, timeout: float) -> dict[str, str] | None:
+        """The labels, waiting up to ``timeout`` seconds for the first ``set``; None if none came."""
+        with self._changed:
+            self._changed.wait_for(lambda: self._labels is not None, timeout)
+            return dict(self._labels) if self._labels is not None else None
+
+
 class NodeServicer(csi_pb2_grpc.NodeServicer):
-    def __init__(self, node_id: str, labels: Mapping[str, str], devices: DeviceResolver, mounter: Mounter, *,
-                 topology_keys: tuple[str, ...] = DEFAULT_TOPOLOGY_KEYS):
+    def __init__(self, node_id: str, labels: Mapping[str, str] | NodeLabels, devices: DeviceResolver,
+                 mounter: Mounter, *, topology_keys: tuple[str, ...] = DEFAULT_TOPOLOGY_KEYS,
+                 labels_timeout: float = LABELS_TIMEOUT):
         self.node_id = node_id
-        self.labels = dict(labels)
+        self.labels = labels if isinstance(labels, NodeLabels) else NodeLabels(labels)
         self.devices = devices
         self.mounter = mounter
         self.topology_keys = topology_keys
+        self.labels_timeout = labels_timeout
         self.busy = InFlight()
 
     # -- information -------------------------------------------------------------------------------------
@@ -121,7 +156,11 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
 
     @csi_rpc()
     def NodeGetInfo(self, request, context):
-        segments = {k: self.labels[k] for k in self.topology_keys if k in self.labels}
+        labels = self.labels.wait(self.labels_timeout)
+        if labels is None:
+            raise Unavailable(f"node {self.node_id} has not registered with the Shoal controller yet, which "
+                              "records its topology labels: retry")
+        segments = {k: labels[k] for k in self.topology_keys if k in labels}
         response = csi_pb2.NodeGetInfoResponse(node_id=self.node_id)
         if segments:
             response.accessible_topology.CopyFrom(csi_pb2.Topology(segments=segments))

@@ -251,10 +251,19 @@ class RegisterRequest(_message.Message):
     def __init__(self, node_id: _Optional[str] = ..., initiator_iqn: _Optional[str] = ..., agent_address: _Optional[str] = ..., portals: _Optional[_Iterable[str]] = ..., labels: _Optional[_Mapping[str, str]] = ..., disks: _Optional[_Iterable[_Union[_common_pb2.Disk, _Mapping]]] = ...) -> None: ...
 
 class RegisterResponse(_message.Message):
-    __slots__ = ("heartbeat_interval_seconds",)
+    __slots__ = ("heartbeat_interval_seconds", "labels")
+    class LabelsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     HEARTBEAT_INTERVAL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
     heartbeat_interval_seconds: float
-    def __init__(self, heartbeat_interval_seconds: _Optional[float] = ...) -> None: ...
+    labels: _containers.ScalarMap[str, str]
+    def __init__(self, heartbeat_interval_seconds: _Optional[float] = ..., labels: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
     __slots__ = ("node_id", "disks")

@@ -674,7 +674,7 @@ class RegistrationServiceServicer:
     """
 
     def Register(self, request, context):
-        """Announce a node (and its disks). Repeat: updates the node's record.
+        """Announce a node (and its disks); answers the labels recorded for it. Repeat: updates the node's record.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
