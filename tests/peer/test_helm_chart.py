@@ -2,14 +2,18 @@
 
 - ``helm lint --strict`` with the default values and with a variant (TLS from an existing Secret, other images,
   another driver name, disks and labels);
-- ``helm template`` of both, validated with ``kubernetes-validate --strict -k 1.30.0`` (additional properties are
-  errors). kubernetes-validate knows the built-in kinds and the CustomResourceDefinition object itself, but not the
-  external-snapshotter's ``VolumeSnapshotClass`` (snapshot.storage.k8s.io/v1 is a CRD, not part of Kubernetes): it
-  is the one kind allowed to be reported as unknown, and it is checked field by field here instead. Our own CRDs
-  are validated as CRD objects by kubernetes-validate, and checked here to be structural (every node typed);
-- what the schemas cannot say: no wildcard in any RBAC rule, the node DaemonSet privileged on the host network with
-  Bidirectional propagation on the kubelet directory, one driver name everywhere, the controller's two replicas
-  with every sidecar leader-elected, the TLS Secret wiring, and values.schema.json rejecting bad values.
+- ``helm template`` of both, for a cluster that serves the external-snapshotter's kind
+  (``--api-versions snapshot.storage.k8s.io/v1/VolumeSnapshotClass``), validated with ``kubernetes-validate --strict
+  -k 1.30.0`` (additional properties are errors). kubernetes-validate knows the built-in kinds and the
+  CustomResourceDefinition object itself, but not ``VolumeSnapshotClass`` (snapshot.storage.k8s.io/v1 is a CRD, not
+  part of Kubernetes): it is the one kind allowed to be reported as unknown, and it is checked field by field here
+  instead; without that API version it is not rendered at all. Our own CRDs are validated as CRD objects by
+  kubernetes-validate, and checked here to be structural (every node typed);
+- what the schemas cannot say: no wildcard in any RBAC rule, the sidecars' rules their upstream RBAC asks for, the
+  node DaemonSet privileged on the host network with Bidirectional propagation on the kubelet directory and
+  updated only on delete, one driver name everywhere, the controller's two replicas with every sidecar
+  leader-elected and recreated on update, the TLS Secret wiring, and values.schema.json rejecting bad values;
+- the standalone target's systemd unit (deploy/systemd), with ``systemd-analyze verify`` where it is installed.
 
 ``helm install`` against a real kube-apiserver is not done here (issue 5's store tests bring the API server).
 """
@@ -18,6 +22,8 @@ from __future__ import annotations
 
 import argparse
 import base64
+import json
+import re
 import shutil
 import subprocess
 import sys
@@ -27,6 +33,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from controller.leader import LeaderSettings
 from node_agent import cli
 from tests.support.k8s_tools import helm_env, k8s_tools
 
@@ -91,8 +98,14 @@ def variant_file(tmp_path_factory) -> Path:
     return path
 
 
-def template_args(values: Path | None) -> list[str]:
+SNAPSHOT_CLASS_API = "snapshot.storage.k8s.io/v1/VolumeSnapshotClass"
+
+
+def template_args(values: Path | None, *, snapshots: bool = True) -> list[str]:
+    """``helm template`` for a 1.30 cluster; with ``snapshots`` one that has the external-snapshotter's CRDs."""
     args = ["template", RELEASE, str(CHART), "--namespace", NAMESPACE, "--kube-version", KUBE_VERSION]
+    if snapshots:
+        args += ["--api-versions", SNAPSHOT_CLASS_API]
     if values is not None:
         args += ["--values", str(values)]
     return args
@@ -162,6 +175,22 @@ def test_volume_snapshot_class_fields(rendered):
     assert isinstance(vsc["driver"], str) and vsc["driver"]
 
 
+@pytest.mark.parametrize("api_versions, create, expected", [
+    ([], True, 0),                        # a cluster without the external-snapshotter: install must not fail
+    ([SNAPSHOT_CLASS_API], True, 1),
+    ([SNAPSHOT_CLASS_API], False, 0),
+], ids=["no-snapshot-crds", "snapshot-crds", "create-false"])
+def test_volume_snapshot_class_only_where_its_kind_exists(helm, api_versions, create, expected):
+    """A VolumeSnapshotClass on a cluster without its CRD fails the whole ``helm install`` ("no matches for kind
+    VolumeSnapshotClass"), so it is rendered only when the API server serves snapshot.storage.k8s.io/v1."""
+    args = template_args(None, snapshots=False) + ["--set", f"volumeSnapshotClass.create={str(create).lower()}"]
+    for api in api_versions:
+        args += ["--api-versions", api]
+    objects = [doc for doc in yaml.safe_load_all(helm(*args).stdout) if doc]
+    assert len([o for o in objects if o["kind"] == "VolumeSnapshotClass"]) == expected
+    assert one(objects, "StorageClass")  # the rest of the chart is there either way
+
+
 def _check_structural(schema: dict, path: str) -> None:
     assert "type" in schema, f"{path}: no type (CRD schemas must be structural)"
     if schema["type"] == "object":
@@ -227,6 +256,33 @@ def test_rbac_least_privilege(rendered):
         assert subject["namespace"] == NAMESPACE
 
 
+def _granted(role: dict) -> set[tuple[str, str, str]]:
+    return {(group, resource, verb) for rule in role["rules"] for group in rule["apiGroups"]
+            for resource in rule["resources"] for verb in rule["verbs"]}
+
+
+def test_sidecar_rbac_follows_upstream(rendered):
+    """What the sidecars' own RBAC files grant and they cannot work without. csi-provisioner v5 adds and removes
+    its finalizer on the PVs it provisions by patch (external-provisioner CHANGELOG-5.0.md: "The external-provisioner
+    now needs permissions to patch persistentvolumes", pull 1155); without it deleted PVs stay Terminating."""
+    _, _, objects = rendered
+    provisioner = _granted(one(objects, "ClusterRole", "-provisioner"))
+    assert {("", "persistentvolumes", verb) for verb in ("get", "list", "watch", "create", "patch", "delete")} \
+        <= provisioner
+    attacher = _granted(one(objects, "ClusterRole", "-attacher"))
+    assert {("", "persistentvolumes", "patch"), ("storage.k8s.io", "volumeattachments", "patch"),
+            ("storage.k8s.io", "volumeattachments/status", "patch")} <= attacher
+    resizer = _granted(one(objects, "ClusterRole", "-resizer"))
+    assert {("", "persistentvolumes", "patch"), ("", "persistentvolumeclaims/status", "patch")} <= resizer
+    snapshotter = _granted(one(objects, "ClusterRole", "-snapshotter"))
+    assert {("snapshot.storage.k8s.io", "volumesnapshotcontents", "patch"),
+            ("snapshot.storage.k8s.io", "volumesnapshotcontents/status", "patch")} <= snapshotter
+    # every sidecar's leader election, in the release's namespace
+    leases = _granted(one(objects, "Role", "-controller"))
+    assert {("coordination.k8s.io", "leases", verb)
+            for verb in ("get", "watch", "list", "delete", "update", "create")} <= leases
+
+
 def test_controller_can_use_its_crds(rendered):
     _, _, objects = rendered
     crd_plurals = {o["spec"]["names"]["plural"] for o in objects if o["kind"] == "CustomResourceDefinition"}
@@ -261,6 +317,17 @@ def test_node_daemonset_privileged_bidirectional(rendered):
         if other["name"] != "shoal-agent":
             assert not other.get("securityContext", {}).get("privileged"), other["name"]
             assert all(m.get("mountPropagation") in (None, "None") for m in other["volumeMounts"])
+
+
+def test_node_agents_update_on_delete(rendered, helm):
+    """The userspace connector's FUSE server runs inside the agent (node_agent/host/userspace.py): a DaemonSet that
+    replaced agents by itself would break the I/O of every volume attached that way. OnDelete by default: the admin
+    drains a node, then deletes its agent pod."""
+    _, _, objects = rendered
+    assert one(objects, "DaemonSet", "-node")["spec"]["updateStrategy"] == {"type": "OnDelete"}
+    text = helm(*template_args(None), "--set", "node.updateStrategy=RollingUpdate").stdout
+    chosen = one([doc for doc in yaml.safe_load_all(text) if doc], "DaemonSet", "-node")
+    assert chosen["spec"]["updateStrategy"] == {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 1}}
 
 
 def test_agent_flags_exist_in_cli(rendered):
@@ -360,6 +427,40 @@ def test_controller_deployment(rendered):
     assert flag(agent_args, "--controller") == f"{service['metadata']['name']}.{NAMESPACE}.svc:{port}"
 
 
+def test_controller_replicas_are_replaced_at_once_on_update(rendered):
+    """Only the Lease holder is Ready (/readyz), so a one-by-one rolling update never finishes: its new replica
+    starts as a standby, stays unready while the old leader holds the Lease, and the old leader is never stopped.
+    All old replicas go at once (maxUnavailable 100%; not Recreate, under which `helm --wait` and `kubectl rollout
+    status` want every replica Ready); a leader releases the Lease on SIGTERM, so a new one takes over at once."""
+    _, _, objects = rendered
+    deploy = one(objects, "Deployment", "-controller")
+    assert deploy["spec"]["strategy"] == {"type": "RollingUpdate",
+                                          "rollingUpdate": {"maxUnavailable": "100%", "maxSurge": 0}}
+    shoal = container(deploy["spec"]["template"]["spec"], "shoal-controller")
+    assert shoal["readinessProbe"]["httpGet"]["path"] == "/readyz"  # the reason
+    assert LeaderSettings().release_on_stop, "Recreate relies on the leader releasing its Lease when stopped"
+
+
+def test_lease_name_reaches_only_shoal(rendered):
+    """controller.leaseName is the Shoal replicas' Lease ($SHOAL_LEASE_NAME, read by --lease-name); the sidecars
+    name their own Leases, and take no lease name from the chart."""
+    name, _, objects = rendered
+    spec = one(objects, "Deployment", "-controller")["spec"]["template"]["spec"]
+    env = {e["name"]: e.get("value") for e in container(spec, "shoal-controller")["env"]}
+    assert env["SHOAL_LEASE_NAME"] == "shoal-controller"
+    for sidecar in SIDECARS:
+        assert not [a for a in container(spec, sidecar)["args"] if "lease-name" in a], sidecar
+
+
+def test_store_values_are_controller_stores():
+    """Every controller.store the schema allows is a ``shoal controller --store`` choice."""
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    allowed = schema["properties"]["controller"]["properties"]["store"]["enum"]
+    sub = next(a for a in cli.build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    store = next(a for a in sub.choices["controller"]._actions if "--store" in a.option_strings)
+    assert set(allowed) <= set(store.choices)
+
+
 # --- TLS ---------------------------------------------------------------------------------------------------------
 
 def test_tls_secret(rendered):
@@ -376,6 +477,8 @@ def test_tls_secret(rendered):
     # the controller dials agents by IP and checks node.crt by the name the chart gave it
     shoal = container(one(objects, "Deployment", "-controller")["spec"]["template"]["spec"], "shoal-controller")
     assert flag(shoal["args"], "--agent-server-name") == "shoal-node"
+    # each service admits its callers' certificate names (node_agent/peer_names.py): registration the nodes'
+    assert flag(shoal["args"], "--tls-node-names") == "shoal-node"
     for kind, suffix in (("Deployment", "-controller"), ("DaemonSet", "-node")):
         spec = one(objects, kind, suffix)["spec"]["template"]["spec"]
         tls = next(v for v in spec["volumes"] if v["name"] == "tls")
@@ -394,6 +497,11 @@ def _check_certificates(data: dict) -> None:
     node = subprocess.run([openssl, "x509", "-noout", "-text"], input=pem["node.crt"], capture_output=True,
                           check=True, timeout=30).stdout.decode()
     assert "DNS:shoal-node" in node
+    # the names the services admit by default: the controller's (AgentService, AdminService), the nodes'
+    for cert, cn in (("controller.crt", "shoal-controller"), ("node.crt", "shoal-node")):
+        subject = subprocess.run([openssl, "x509", "-noout", "-subject", "-nameopt", "multiline"], input=pem[cert],
+                                 capture_output=True, check=True, timeout=30).stdout.decode()
+        assert f"commonName                = {cn}" in subject, (cert, subject)
     for cert in ("controller.crt", "node.crt"):
         with tempfile.NamedTemporaryFile(suffix=".pem") as ca:
             ca.write(pem["ca.crt"])
@@ -424,6 +532,7 @@ def test_tls_disabled(helm):
     ("node.iscsiDataDigest=MD5", "iscsiDataDigest"),
     ("node.iscsiNopInterval=-1", "iscsiNopInterval"),
     ("node.iscsiNopTimeout=0", "iscsiNopTimeout"),
+    ("node.updateStrategy=Always", "updateStrategy"),
 ])
 def test_schema_rejects(helm, setting, needle):
     result = helm(*template_args(None), "--set", setting, check=False)
@@ -443,3 +552,50 @@ def test_containerfile_matches_chart(rendered):
                                ("DaemonSet", "-node", "shoal-agent")):
         shoal = container(one(objects, kind, suffix)["spec"]["template"]["spec"], name)
         assert "command" not in shoal
+
+
+# --- the standalone target's systemd unit ------------------------------------------------------------------------
+
+TARGET_UNIT = REPO / "deploy" / "systemd" / "shoal-target@.service"
+
+
+def _unit_settings(text: str) -> list[tuple[str, str]]:
+    return [tuple(part.strip() for part in line.split("=", 1)) for line in text.splitlines()
+            if "=" in line and not line.lstrip().startswith(("#", ";"))]
+
+
+def test_target_unit():
+    """shoal-target@.service (systemd.exec(5)): ReadWritePaths= of a directory that does not exist fails the unit
+    unless prefixed with "-"; specifiers (%i) are expanded in unit settings but not inside an EnvironmentFile, so
+    the example env line must not rely on them; ExecStart runs the `shoal` console script the header says how to
+    install."""
+    text = TARGET_UNIT.read_text()
+    settings = _unit_settings(text)
+    for key, value in settings:
+        if key == "ReadWritePaths":
+            assert all(path.startswith("-") for path in value.split()), value
+    example = [line for line in text.splitlines() if line.lstrip("# ").startswith("SHOAL_TARGET_ARGS=")]
+    assert example, "the header shows an env file line"
+    assert not [line for line in example if re.search(r"%[a-zA-Z]", line)], example
+    exec_start = dict(settings)["ExecStart"].split()
+    binary = Path(exec_start[0])
+    pyproject = (REPO / "pyproject.toml").read_text()
+    assert re.search(rf'^{binary.name} = "node_agent\.cli:main"$', pyproject, re.M), binary.name
+    assert exec_start[1] == "target"
+    header = text.split("[Unit]", 1)[0]
+    assert "pip install" in header and f"ln -s /opt/shoal/bin/{binary.name} {binary}" in header
+
+
+def test_target_unit_verifies(tmp_path):
+    """``systemd-analyze verify`` on an instance of the unit (unknown keys, bad values), with ExecStart pointed at a
+    program that exists here."""
+    analyze = shutil.which("systemd-analyze")
+    if analyze is None:
+        pytest.skip("systemd-analyze is not installed")
+    text = TARGET_UNIT.read_text().replace("/usr/local/bin/shoal", "/bin/sh")
+    (tmp_path / TARGET_UNIT.name).write_text(text)
+    instance = tmp_path / "shoal-target@vol1.service"
+    instance.symlink_to(TARGET_UNIT.name)
+    result = subprocess.run([analyze, "verify", "--man=no", str(instance)], capture_output=True, text=True,
+                            timeout=60, check=False)
+    assert result.returncode == 0 and not result.stderr.strip(), result.stderr
