@@ -10,20 +10,27 @@ Idempotency, per RPC (the spec's rules):
 
 * CreateVolume: same name, compatible request (size within the range, same
   parameters and source, owner within the requisite topology) -> the same
-  volume; incompatible -> ALREADY_EXISTS.  A clone still being copied ->
-  ABORTED (retry with the same name).  A clone asked larger than its source
-  is grown once copied, by the call that finds it copied: a repeat may find
-  it still at its source's size (that is no difference), and asks the agent
-  to grow it again, as an earlier grow may have failed.
+  volume; incompatible -> ALREADY_EXISTS.  A repeat is judged before its
+  source is looked up: a clone's repeat succeeds after its source is deleted.
+  A clone still being copied -> ABORTED (retry with the same name).  A clone
+  asked larger than its source is grown once copied, by the call that finds
+  it copied: the size the first call asked for is recorded, so a repeat may
+  find it still at its source's size (that is no difference), and asks the
+  agent to grow it again, as an earlier grow may have failed.  A clone lives
+  beside its source: one the request's topology, capacity range or the
+  source's disk cannot take is refused before it is made, and one that fails
+  for good before any call answered it is deleted (the CO has no id for it).
 * DeleteVolume / DeleteSnapshot: an unknown id is OK.
 * ControllerPublishVolume: the owner exports the volume to the node's initiator
   with the volume's CHAP secret, and the node's agent is told the target and the
   credentials (it logs in at NodeStageVolume, not now).  The publish context
   names the target, LUN, identity (NAA, serial) and the node's initiator IQN (the
   ACL admits only it), never the secret.  A repeat for the same node returns the
-  same publish context; a volume published elsewhere (to a node not fenced) ->
-  FAILED_PRECONDITION unless the capability is MULTI_NODE_MULTI_WRITER raw block
-  (published ``shared``: live migration).
+  same publish context (in the mode it was published in, whatever the node's
+  connector label says now); a volume published elsewhere (to a node not fenced)
+  -> FAILED_PRECONDITION unless the capability is MULTI_NODE_MULTI_WRITER raw block
+  (published ``shared``: live migration) and every other node has it so too: a
+  node holding it SINGLE_NODE_* keeps it alone, and the reverse.
 * ControllerUnpublishVolume: the node's agent forgets the target (logging out if
   still logged in), then the owner drops the node's initiator.
   An unknown volume or node, or a repeat, is OK.
@@ -42,8 +49,10 @@ a token that is not one (or is past the end) -> ABORTED, as the spec says.
 from __future__ import annotations
 
 import hashlib
+import logging
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterable, Sequence
+from typing import Iterable, Iterator, Sequence
 
 from google.protobuf import timestamp_pb2, wrappers_pb2
 
@@ -51,10 +60,14 @@ from controller.csi import capabilities as caps
 from controller.csi.errors import Aborted, InFlight, OutOfRange, csi_rpc
 from controller.domain import placement
 from controller.domain import validation as check
-from controller.domain.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
-from controller.domain.model import AVAILABLE, ATTACHED, ERROR, HEALTHY, MODES, READY, Snapshot, Volume
+from controller.domain.errors import (AlreadyExists, DomainError, FailedPrecondition, InvalidArgument, NotFound,
+                                      ResourceExhausted)
+from controller.domain.model import AVAILABLE, ATTACHED, CREATING, ERROR, HEALTHY, MODES, READY, Disk, Snapshot, Volume
 from controller.domain.service import ControllerService
+from controller.domain.validation import human_bytes
 from protos.csi.v1 import csi_pb2, csi_pb2_grpc
+
+log = logging.getLogger("shoal.csi")
 
 GiB = 1 << 30
 RPC = csi_pb2.ControllerServiceCapability.RPC
@@ -125,21 +138,26 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):
         _require_supported(request.volume_capabilities)
         name = domain_name(request.name)
         pool, thin = self._parameters(request.parameters)
-        source = self._source(request) if request.HasField("volume_content_source") else ""
+        wanted = _content_source(request)
         with self.busy.hold(f"volume/{name}", f"volume {request.name}"):
-            volume = self._create_or_repeat(request, name, pool, thin, source)
+            volume = self._create_or_repeat(request, name, pool, thin, wanted)
         if volume.state != AVAILABLE and volume.state != ATTACHED:
             progress = self.service.clone_progress(volume)
             raise Aborted(f"volume {volume.name} is still being made ({volume.state}, {progress:.0%} copied): "
                           "retry CreateVolume with the same name")
-        return csi_pb2.CreateVolumeResponse(volume=self._csi_volume(volume))
+        result = self._csi_volume(volume)
+        if wanted[0]:
+            # The source asked for, also once it is deleted: external-provisioner deletes a volume answered
+            # without the content source its claim named.
+            result.content_source.CopyFrom(request.volume_content_source)
+        return csi_pb2.CreateVolumeResponse(volume=result)
 
-    def _create_or_repeat(self, request, name: str, pool: str, thin: bool, source: str) -> Volume:
+    def _create_or_repeat(self, request, name: str, pool: str, thin: bool, wanted: tuple[str, str]) -> Volume:
         existing = self.service.store.get_volume(name)
-        if existing is not None:
-            return self._repeat_create(existing, request, pool, thin, source)
-        if source:
-            return self._clone(name, source, pool, request.capacity_range)
+        if existing is not None:  # first: a repeat needs no source that still exists
+            return self._repeat_create(existing, request, pool, thin, wanted)
+        if wanted[0]:
+            return self._clone(name, self._source(*wanted), pool, request)
         size = self._size(request.capacity_range)
         return self._create(name, size, pool, thin, request.accessibility_requirements)
 
@@ -156,71 +174,142 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):
                 last = exc
         raise last  # type: ignore[misc]
 
-    def _repeat_create(self, volume: Volume, request, pool: str, thin: bool, source: str) -> Volume:
-        rng = request.capacity_range
-        required, limit = _range(rng)
+    def _repeat_create(self, volume: Volume, request, pool: str, thin: bool, wanted: tuple[str, str]) -> Volume:
+        required, limit = _range(request.capacity_range)
         problems = []
-        # A clone smaller than asked is one not grown yet (still copying, or its grow failed): grown below.
-        smaller = volume.size_bytes < required and not (source and volume.source == source)
-        if smaller or (limit and volume.size_bytes > limit):
-            problems.append(f"its size is {volume.size_bytes} bytes, asked {required or '-'}..{limit or '-'}")
-        if volume.source != source:
-            problems.append(f"its source is {volume.source or 'none'}, asked {source or 'none'}")
+        same_source = self._same_source(volume, *wanted)
+        # The size the first call asked for (a clone is made at its source's size and grown to it once copied).
+        size = max(volume.size_bytes, volume.requested_bytes)
+        # A clone recorded without that size and smaller than asked may not be grown yet: grown below.
+        smaller = size < required and not (volume.source and same_source and not volume.requested_bytes)
+        if smaller or (limit and size > limit):
+            problems.append(f"its size is {size} bytes, asked {required or '-'}..{limit or '-'}")
+        if not same_source:
+            asked = " ".join(wanted) if wanted[0] else "none"
+            problems.append(f"its source is {volume.source or 'none'}, asked {asked}")
         if volume.pool != pool:
             problems.append(f"its pool is {volume.pool}, asked {pool}")
-        if not source and volume.thin != thin:
+        if not wanted[0] and volume.thin != thin:
             problems.append(f"it is {'thin' if volume.thin else 'thick'}")
-        candidates = _constraints(request.accessibility_requirements)
-        owner = self.service.store.get_node(volume.owner_node)
-        if candidates and not any(owner is not None and placement.matches(owner, c) for c in candidates):
+        if not _within(self.service.store.get_node(volume.owner_node),
+                       _constraints(request.accessibility_requirements)):
             problems.append(f"its node {volume.owner_node} is outside the requisite topology")
         if problems:
             raise AlreadyExists(f"volume {request.name} already exists and differs: " + "; ".join(problems))
-        if source:
-            volume = self.service.clone_volume(volume.name, source, pool)
-            return self._grow_clone(volume, required, limit, again=True)
-        return self.service.create_volume(volume.name, volume.size_bytes, pool=pool, thin=thin)
+        if not volume.source:
+            return self.service.create_volume(volume.name, volume.size_bytes, pool=pool, thin=thin)
+        # No CreateVolume answered a clone still being made, or below the size it was asked to have: one that
+        # fails for good now is not left to the CO, which has no volume id to delete it by.
+        unanswered = volume.state in (CREATING, ERROR) or volume.size_bytes < volume.requested_bytes
+        with self._dropped_on_failure(volume.name, volume.source, unanswered):
+            clone = self.service.clone_volume(volume.name, volume.source, pool)
+            if not volume.requested_bytes:  # recorded before the size was: the repeat's own
+                size = self._round(required, limit) if required > clone.size_bytes else clone.size_bytes
+            return self._grow_clone(clone, size, again=bool(required))
 
-    def _clone(self, name: str, source: str, pool: str, rng: csi_pb2.CapacityRange) -> Volume:
-        required, limit = _range(rng)
-        source_size = self._source_size(source)
-        if limit and source_size > limit:
-            raise OutOfRange(f"the source is {source_size} bytes, more than limit_bytes {limit}")
-        volume = self.service.clone_volume(name, source, pool)
-        return self._grow_clone(volume, required, limit, again=False)
+    def _clone(self, name: str, source: str, pool: str, request) -> Volume:
+        """A new clone of ``source``, beside it (a reflink or a local copy needs both on one filesystem).
 
-    def _grow_clone(self, volume: Volume, required: int, limit: int, *, again: bool) -> Volume:
-        """A clone asked larger than its source, grown once it is copied (until then, ABORTED: the CO repeats).
+        Whatever the request asks that the clone cannot be is refused before it is made (CSI CreateVolume: a
+        call that fails leaves no volume; the CO has no id to delete it by): a source outside the requisite
+        topology (RESOURCE_EXHAUSTED), a size outside the capacity range or larger than the largest volume
+        (OUT_OF_RANGE), no room for that size on the source's disk (RESOURCE_EXHAUSTED).  A failure for good
+        after it is made (the room taken meanwhile, the copy refused) deletes it.
+        """
+        required, limit = _range(request.capacity_range)
+        origin = self._source_record(source)
+        if limit and origin.size_bytes > limit:
+            raise OutOfRange(f"the source is {origin.size_bytes} bytes, more than limit_bytes {limit}")
+        owner = self.service.store.get_node(origin.owner_node)
+        if not _within(owner, _constraints(request.accessibility_requirements)):
+            raise ResourceExhausted(f"a clone lives beside its source, on node {origin.owner_node}, which is "
+                                    "outside the requisite topology")
+        size = self._round(required, limit) if required > origin.size_bytes else origin.size_bytes
+        if size > origin.size_bytes:
+            self._check_clone_room(name, origin, pool, size)
+        with self._dropped_on_failure(name, source, True):
+            volume = self.service.clone_volume(name, source, pool, requested_bytes=size)
+            return self._grow_clone(volume, size, again=False)
+
+    def _grow_clone(self, volume: Volume, size: int, *, again: bool) -> Volume:
+        """A clone asked larger than its source, grown to ``size`` once it is copied (until then, ABORTED: the
+        CO repeats).
 
         ``again``: a repeat of CreateVolume asks the agent even when the recorded size is reached already; a
         grow that failed for a while (an agent unreachable) left the size recorded and the LUN as it was.
         """
-        if not required or volume.state not in (AVAILABLE, ATTACHED):
+        if volume.state not in (AVAILABLE, ATTACHED):
             return volume
-        if required > volume.size_bytes:
-            return self.service.expand_volume(volume.name, self._round(required, limit))
+        if size > volume.size_bytes:
+            return self.service.expand_volume(volume.name, size)
         if again:
             return self.service.expand_volume(volume.name, volume.size_bytes)
         return volume
 
-    def _source(self, request) -> str:
-        content = request.volume_content_source
-        kind = content.WhichOneof("type")
-        if kind == "snapshot":
-            if not content.snapshot.snapshot_id:
-                raise InvalidArgument("volume_content_source.snapshot.snapshot_id is required")
-            return f"snapshot/{self._snapshot_by_id(content.snapshot.snapshot_id).name}"
-        if kind == "volume":
-            if not content.volume.volume_id:
-                raise InvalidArgument("volume_content_source.volume.volume_id is required")
-            return f"volume/{self._volume_by_id(content.volume.volume_id).name}"
-        raise InvalidArgument("volume_content_source needs a snapshot or a volume")
+    @contextmanager
+    def _dropped_on_failure(self, name: str, source: str, unanswered: bool) -> Iterator[None]:
+        """Delete clone ``name`` (of ``source``) when the block fails for good and no call answered it yet.
 
-    def _source_size(self, source: str) -> int:
+        A temporary failure keeps it: the CO repeats CreateVolume, which finishes it.
+        """
+        try:
+            yield
+        except DomainError as exc:
+            volume = self.service.store.get_volume(name)
+            if unanswered and not exc.temporary and volume is not None and volume.source == source:
+                try:
+                    self.service.delete_volume(name)
+                except DomainError as failure:  # left "deleting": reconcile finishes the delete
+                    log.warning("clone %s failed (%s) and deleting it failed: %s", name, exc, failure)
+            raise
+
+    def _check_clone_room(self, name: str, origin: Snapshot | Volume, pool_name: str, size: int) -> None:
+        """``ResourceExhausted`` unless the source's disk has room for the clone at ``size``."""
+        pool = self.service.get_pool(pool_name)
+        node = self.service.store.get_node(origin.owner_node)
+        if node is None or not pool.includes(origin.owner_node, origin.disk):
+            return  # clone_volume refuses it, saying why
+        if isinstance(origin, Volume):
+            thin = origin.thin
+        else:
+            parent = self.service.store.get_volume(origin.volume)
+            thin = parent.thin if parent is not None else True
+        disk = node.disk(origin.disk) or Disk(origin.disk, "", 0, 0)
+        room = placement.candidate(node, disk, self.service.store.list_volumes()).headroom(pool, thin)
+        if room < size:
+            raise ResourceExhausted(f"pool {pool.name}: {node.id}/{disk.name}, where clone {name} must live "
+                                    f"beside its source, has room for {human_bytes(room)}, not {human_bytes(size)}")
+
+    def _source(self, kind: str, source_id: str) -> str:
+        """The domain's source (``snapshot/NAME`` or ``volume/NAME``) of a CSI content source; NotFound when gone."""
+        if kind == "snapshot":
+            return f"snapshot/{self._snapshot_by_id(source_id).name}"
+        return f"volume/{self._volume_by_id(source_id).name}"
+
+    def _same_source(self, volume: Volume, kind: str, source_id: str) -> bool:
+        """Whether ``volume`` was made from the CSI content source (kind, id) asked for, also once it is deleted.
+
+        Its record names its source; a source of that name made after the clone is another one.  When the id
+        asked for names nothing any more and the clone's source is gone too, they are taken to be the same: the
+        id a deleted source had is not kept.
+        """
+        if not volume.source or not kind:
+            return not volume.source and not kind
+        recorded_kind, recorded_name = volume.source.split("/", 1)
+        if recorded_kind != kind:
+            return False
+        store = self.service.store
+        asked = self._find_snapshot(source_id) if kind == "snapshot" else self._find_volume(source_id)
+        if asked is not None:
+            return asked.name == recorded_name and asked.created_at <= volume.created_at
+        recorded = store.get_snapshot(recorded_name) if kind == "snapshot" else store.get_volume(recorded_name)
+        return recorded is None or recorded.created_at > volume.created_at
+
+    def _source_record(self, source: str) -> Snapshot | Volume:
         kind, name = source.split("/", 1)
         if kind == "snapshot":
-            return self.service.get_snapshot(name).size_bytes
-        return self.service.get_volume(name).size_bytes
+            return self.service.get_snapshot(name)
+        return self.service.get_volume(name)
 
     def _parameters(self, parameters) -> tuple[str, bool]:
         pool = self.service.settings.default_pool or "default"
@@ -279,8 +368,14 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):
                 raise FailedPrecondition(f"volume {volume.id} is published to {', '.join(elsewhere)} with a "
                                          "single-node access mode: unpublish it there first")
         with self.busy.hold(f"publish/{volume.name}/{node.id}", f"volume {volume.id} on node {node.id}"):
-            attachment = self.service.attach_volume(volume.name, node.id, mode=self._mode(node), login=False,
-                                                    shared=shared)
+            # A repeat keeps the mode it was published in: the node's agent may have announced another
+            # connector since, and the same request must get the same answer (CSI ControllerPublishVolume).
+            existing = self.service.store.get_attachment(volume.name, node.id)
+            mode = existing.mode if existing is not None else self._mode(node)
+            # multi_writer: refused beside a node that has it as its single writer (checked under the volume's
+            # lock, so a concurrent single-writer publish cannot slip in between).
+            attachment = self.service.attach_volume(volume.name, node.id, mode=mode, login=False, shared=shared,
+                                                    multi_writer=shared)
         export = self.service.store.get_export(volume.name, node.initiator_iqn)
         context_ = {"mode": attachment.mode}
         if export is not None:  # what the node needs to find and check the device; never the CHAP secret
@@ -492,6 +587,28 @@ def _range(rng: csi_pb2.CapacityRange) -> tuple[int, int]:
     return required, limit
 
 
+def _content_source(request) -> tuple[str, str]:
+    """(kind, id) of a CreateVolume's ``volume_content_source``: ("snapshot", id), ("volume", id), or ("", "")."""
+    if not request.HasField("volume_content_source"):
+        return "", ""
+    content = request.volume_content_source
+    kind = content.WhichOneof("type")
+    if kind == "snapshot":
+        if not content.snapshot.snapshot_id:
+            raise InvalidArgument("volume_content_source.snapshot.snapshot_id is required")
+        return kind, content.snapshot.snapshot_id
+    if kind == "volume":
+        if not content.volume.volume_id:
+            raise InvalidArgument("volume_content_source.volume.volume_id is required")
+        return kind, content.volume.volume_id
+    raise InvalidArgument("volume_content_source needs a snapshot or a volume")
+
+
+def _within(node, candidates: list[dict[str, str]]) -> bool:
+    """Whether ``node`` is in one of the topologies asked for (none asked: anywhere is)."""
+    return not candidates or any(node is not None and placement.matches(node, c) for c in candidates)
+
+
 def _constraints(requirements: csi_pb2.TopologyRequirement) -> list[dict[str, str]]:
     """Label constraints to try in order: preferred topologies first, then the requisite ones."""
     seen: list[dict[str, str]] = []
@@ -511,7 +628,8 @@ def _page(items: list, max_entries: int, token: str) -> tuple[list, str]:
         raise InvalidArgument("max_entries must not be negative")
     start = 0
     if token:
-        if not token.isdigit() or int(token) > len(items):
+        # isdigit alone takes "²" and "①", which int() refuses
+        if not (token.isascii() and token.isdigit()) or int(token) > len(items):
             raise Aborted(f"starting_token {token!r} is not valid (any more): list again from the start")
         start = int(token)
     end = start + max_entries if max_entries else len(items)

@@ -117,6 +117,10 @@ class Volume:
     thin: bool
     created_at: float
     source: str = ""
+    requested_bytes: int = 0
+    """The size a clone was asked to have (CSI CreateVolume): it is made at its source's size and grown to this
+    once copied, so a repeat asking another size is told from one that finds it not grown yet.  0: none
+    recorded (not a clone, or a record from before this field): the repeat's own size is taken."""
 
 
 # Snapshot states (admin.proto Snapshot.state); "creating" while a full copy runs, with its progress.

@@ -21,8 +21,9 @@ Idempotency, per method (admin.proto says the same per RPC):
   ControllerPublishVolume, ``shoalctl volume connect``) the node's agent only records the target and
   credentials, the attachment is "published", and the node's CSI NodeStageVolume (or a hypervisor
   logging in as the node) logs in.  A second node is refused while another (not fenced) node has the
-  volume, unless the new publish is ``shared`` (live migration, multi-writer raw block).  Nothing is
-  published to a node that is fencing or fenced.
+  volume, unless the new publish is ``shared`` (live migration, multi-writer raw block); a
+  ``multi_writer`` publish (CSI MULTI_NODE_MULTI_WRITER) only while every other node has it shared too.
+  Nothing is published to a node that is fencing or fenced.
 * ``fence_node`` / ``unfence_node``: see ``controller.domain.fencing``.
 * ``detach_volume``: a repeat, or a detach of what is not attached, succeeds.
 * snapshots and clones: see ``controller.domain.snapshots``; ``delete_volume``
@@ -428,19 +429,21 @@ class ControllerService:
         return self.store.list_attachments(volume=volume, node=node)
 
     def attach_volume(self, name: str, node_id: str, mode: str = "userspace", *, login: bool = True,
-                      shared: bool = False) -> Attachment:
+                      shared: bool = False, multi_writer: bool = False) -> Attachment:
         """Publish a volume to a node: the owner exports it to the node's IQN with CHAP, the node attaches.
 
         ``login=False`` (CSI ControllerPublishVolume): the consumer's agent records the target and the
         credentials without logging in, and the attachment is "published"; the node's CSI NodeStageVolume
         logs in.  A repeat returns the same attachment; a plain attach of a published one logs in.
         ``shared``: another node may have the volume at the same time (see ``_check_single_writer``).
+        ``multi_writer`` (CSI MULTI_NODE_MULTI_WRITER): shared, but only beside nodes that have it shared too: a
+        node that holds the volume as its single writer was promised it alone.
         """
         name = check.name(name, "volume name")
         node_id = check.node_id(node_id)
         mode = check.mode(mode)
-        if not isinstance(shared, bool):
-            raise InvalidArgument(f"shared must be true or false, not {shared!r}")
+        if not isinstance(shared, bool) or not isinstance(multi_writer, bool):
+            raise InvalidArgument(f"shared and multi_writer must be true or false, not {shared!r}, {multi_writer!r}")
         with self._volume_locks.hold(name):
             volume = self.get_volume(name)
             consumer = self.get_node(node_id)
@@ -465,9 +468,9 @@ class ControllerService:
                                          "attached")
             if consumer.health != HEALTHY:
                 raise FailedPrecondition(f"{self._unhealthy(consumer)}: cannot attach volume {name} to it")
-            shared = shared or (existing is not None and existing.shared)
-            if not shared:
-                self._check_single_writer(name, node_id)
+            shared = shared or multi_writer or (existing is not None and existing.shared)
+            if not shared or multi_writer:
+                self._check_single_writer(name, node_id, beside_shared=multi_writer)
             with self.store.transaction():
                 if self.get_node(node_id).fenced:  # re-read: a fence marks the node in a transaction too
                     raise FailedPrecondition(f"node {node_id} is being fenced: nothing is published to it")
@@ -498,13 +501,20 @@ class ControllerService:
                 log.info("volume %s published to %s (the node logs in when it stages it)", name, node_id)
             return attachment
 
-    def _check_single_writer(self, name: str, node_id: str) -> None:
+    def _check_single_writer(self, name: str, node_id: str, *, beside_shared: bool = False) -> None:
         """Refuse a second node unless asked for: a volume has one writer except on purpose (``shared``).
 
-        A fenced node's attachment does not count (its owner cut it off); an unhealthy node's does: it may
-        still be writing, so its volumes move only once it is fenced.
+        ``beside_shared`` (a multi-writer publish): only the nodes that have the volume not shared count; they
+        were promised it alone.  A fenced node's attachment does not count (its owner cut it off); an unhealthy
+        node's does: it may still be writing, so its volumes move only once it is fenced.
         """
-        others = [a.node for a in self.store.list_attachments(volume=name) if a.node != node_id and a.writer]
+        others = [a.node for a in self.store.list_attachments(volume=name)
+                  if a.node != node_id and a.writer and not (beside_shared and a.shared)]
+        if others and beside_shared:
+            raise FailedPrecondition(
+                f"volume {name} is published to {', '.join(others)} as its single writer: a multi-writer publish "
+                "to another node is refused; unpublish it there first, or fence a failed node (shoalctl node "
+                "fence NODE)")
         if others:
             raise FailedPrecondition(
                 f"volume {name} is published to {', '.join(others)}: a second node is refused; detach it there "
@@ -611,9 +621,33 @@ class ControllerService:
     def delete_snapshot(self, name: str) -> None:
         self._snapshots.delete(name)
 
-    def clone_volume(self, name: str, source: str, pool: str | None = None) -> Volume:
-        """A new volume from a snapshot or a volume, on the source's node and disk."""
-        return self._snapshots.clone(name, source, pool)
+    def clone_volume(self, name: str, source: str, pool: str | None = None, *, requested_bytes: int = 0) -> Volume:
+        """A new volume from a snapshot or a volume, on the source's node and disk.
+
+        ``requested_bytes``: the size it was asked to have (CSI CreateVolume), recorded on a clone of ``source``
+        that has none, also when the clone failed half way (its repeat is then told from another request).  The
+        clone is made at its source's size; the caller grows it.
+        """
+        if requested_bytes:
+            requested_bytes = check.size(requested_bytes, multiple=self.settings.volume_size_multiple,
+                                         maximum=self.settings.max_volume_bytes, what="requested size")
+        try:
+            volume = self._snapshots.clone(name, source, pool)
+        except DomainError:
+            if requested_bytes:
+                self._record_requested(name, source, requested_bytes)
+            raise
+        return (self._record_requested(name, source, requested_bytes) or volume) if requested_bytes else volume
+
+    def _record_requested(self, name: str, source: str, size: int) -> Volume | None:
+        with self._volume_locks.hold(name):  # every write of the row re-reads it under this lock: none is lost
+            volume = self.store.get_volume(name)
+            if volume is None or volume.requested_bytes or volume.source not in (source, f"snapshot/{source}",
+                                                                                 f"volume/{source}"):
+                return volume
+            volume = replace(volume, requested_bytes=size)
+            self.store.put_volume(volume)
+            return volume
 
     def observe_volume(self, name: str) -> Volume:
         """``get_volume``, with a clone still being copied looked up on its agent (best effort)."""

@@ -93,4 +93,7 @@ MIGRATIONS: tuple[tuple[int, str, str], ...] = (
         ALTER TABLE nodes ADD COLUMN fence_steps TEXT NOT NULL DEFAULT '[]';
         ALTER TABLE attachments ADD COLUMN shared INTEGER NOT NULL DEFAULT 0;
     """),
+    (4, "the size a clone was asked to have", """
+        ALTER TABLE volumes ADD COLUMN requested_bytes INTEGER NOT NULL DEFAULT 0;
+    """),
 )

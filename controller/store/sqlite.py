@@ -135,12 +135,13 @@ class SqliteStore:
     # Volumes.
     def put_volume(self, v: Volume) -> None:
         # An upsert, not INSERT OR REPLACE: that would delete another volume with the same id.
-        self._write("INSERT INTO volumes VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (name) DO UPDATE SET "
+        self._write("INSERT INTO volumes VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (name) DO UPDATE SET "
                     "id = excluded.id, size_bytes = excluded.size_bytes, pool = excluded.pool, "
                     "owner_node = excluded.owner_node, disk = excluded.disk, state = excluded.state, "
-                    "thin = excluded.thin, created_at = excluded.created_at, source = excluded.source",
+                    "thin = excluded.thin, created_at = excluded.created_at, source = excluded.source, "
+                    "requested_bytes = excluded.requested_bytes",
                     (v.name, v.id, v.size_bytes, v.pool, v.owner_node, v.disk, v.state, int(v.thin),
-                     v.created_at, v.source))
+                     v.created_at, v.source, v.requested_bytes))
 
     def get_volume(self, name: str) -> Volume | None:
         rows = self._rows("SELECT * FROM volumes WHERE name = ?", (name,))
@@ -269,8 +270,8 @@ def _pool(row: tuple) -> Pool:
 
 
 def _volume(row: tuple) -> Volume:
-    name, vol_id, size, pool, owner, disk, state, thin, created, source = row
-    return Volume(name, vol_id, size, pool, owner, disk, state, bool(thin), created, source)
+    name, vol_id, size, pool, owner, disk, state, thin, created, source, requested = row
+    return Volume(name, vol_id, size, pool, owner, disk, state, bool(thin), created, source, requested)
 
 
 def _export(row: tuple) -> Export:

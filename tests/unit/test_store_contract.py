@@ -74,7 +74,9 @@ def test_pools_round_trip(store):
 
 
 def test_volumes_round_trip_and_filter(store):
-    v1, v2 = volume("vol-1"), volume("vol-2", pool="fast", thin=False, state=AVAILABLE, source="vol-1")
+    # requested_bytes: the size a clone was asked to have (a CSI repeat asking another size is ALREADY_EXISTS)
+    v1, v2 = volume("vol-1"), volume("vol-2", pool="fast", thin=False, state=AVAILABLE, source="vol-1",
+                                     requested_bytes=3 << 30)
     store.put_volume(v2)
     store.put_volume(v1)
     assert store.get_volume("vol-2") == v2
