@@ -11,7 +11,11 @@ handed out.  This module adds the agent's idempotency and record:
   NodeUnstageVolume; the record stays until ``detach`` (ControllerUnpublishVolume,
   or ``shoalctl volume detach``), which logs out first if needed;
 - attaching an attached volume (same export, same mode) returns the same device
-  without counting another user, so a retried RPC never leaks a reference;
+  without counting another user, so a retried RPC never leaks a reference, once
+  the connector has said that the recorded device is still the volume's
+  (``Connector.foreign_device``: for a loop device, bound to the FUSE file this
+  process serves); a device that is not (gone, another volume's by now, on a
+  dead FUSE file) is never answered: the volume is logged in again;
   another export or mode for an attached volume is ``FailedPrecondition``;
 - detaching what is not attached succeeds; logging out what is not logged in too;
 - ``attachments.json`` (no secrets) lists them, ``attachment-secrets.json``
@@ -30,9 +34,14 @@ handed out.  This module adds the agent's idempotency and record:
   the recorded ``/dev/sdX`` is not trusted until the connector has said so
   again (a host reboot ends the sessions, and the name may be another
   disk's by then): the next login asks it (``_unverified``); userspace
-  devices died with the process that served them, so their leftovers are
-  cleaned and their records kept as not logged in (the next NodeStageVolume,
-  or a repeated attach, logs in again).
+  devices died with the process that served them (a FUSE file served again at
+  the same path does not revive a loop device on the dead one: see
+  ``node_agent.host.userspace``), so their leftovers are cleaned and their
+  records kept as not logged in (the next NodeStageVolume, or a repeated
+  attach, logs in again).  A leftover still in use (mounted while the agent
+  stopped) cannot be cleaned then: a login of its volume refuses until it is
+  unmounted, and a logout or detach of its record cleans it (and refuses while
+  it is still mounted), so no dead loop device is forgotten.
 """
 
 from __future__ import annotations
@@ -181,6 +190,14 @@ class AttachmentManager:
         """
         volume_id = record.volume_id
         if record.logged_in and volume_id not in self._unverified:
+            stale = self.connector(record.mode).foreign_device(_target_without_secrets(record.export),
+                                                               record.device_path)
+            if stale:  # never answer a device that is gone or another's: log in again (the connector's
+                # attach tears down what is left of the stale one, or refuses while it is in use)
+                log.warning("volume %s: its recorded device %s is not its device any more (%s): logging in "
+                            "again", volume_id, record.device_path, stale)
+                record = replace(record, device_path="")
+        if record.logged_in and volume_id not in self._unverified:
             with self._lock:
                 if (record, credentials) != (self._records.get(volume_id), self._credentials.get(volume_id)):
                     self._commit(volume_id, record, credentials, "attaching it")  # a repeat with new credentials
@@ -223,7 +240,10 @@ class AttachmentManager:
     def _logout(self, volume_id: str) -> bool:
         with self._lock:
             record = self._records.get(volume_id)
-        if record is None or not record.logged_in:
+        if record is None:
+            return False
+        if not record.logged_in:
+            self._clean_leftovers(record)
             return False
         users = self.in_use(record.device_path)
         if users:
@@ -236,6 +256,17 @@ class AttachmentManager:
                              "logging it out")
         log.info("volume %s logged out (%s) of %s", volume_id, record.mode, record.device_path)
         return True
+
+    def _clean_leftovers(self, record: AttachmentRecord) -> None:
+        """Remove what a previous run left of a userspace attachment that was in use when it stopped (a loop
+        device on a dead FUSE file, the dead mount); raises while that device is still in use.  Asks only a
+        connector that can tell (``leftovers``: the userspace one), and only when there is something."""
+        if record.mode not in self._factories:
+            return
+        connector = self.connector(record.mode)
+        leftovers = getattr(connector, "leftovers", None)
+        if leftovers is not None and leftovers(record.volume_id):
+            connector.detach(_target_without_secrets(record.export))
 
     def rescan(self, volume_id: str) -> int:
         """Have the logged-in device see its LUN's current capacity (after an expand); its size in bytes."""
@@ -315,7 +346,9 @@ class AttachmentManager:
             try:
                 self.logout(record.volume_id)
             except Exception as exc:
-                log.warning("volume %s: logout at shutdown failed: %s", record.volume_id, exc)
+                log.error("volume %s: logout at shutdown failed: %s; %s fails every I/O (EIO) once this process "
+                          "has exited, and the next run removes it once it is unmounted, then attaches the "
+                          "volume again", record.volume_id, exc, record.device_path)
 
     def hold(self, volume_id: str) -> threading.RLock:
         """The volume's lock, for a caller whose steps must not interleave with this volume's attach, login,

@@ -13,10 +13,23 @@ Attach, under the target's lock:
    and check the kernel's ``backing_file`` is ours.
 
 Attaching an attached volume returns the same device and counts one more
-user; ``detach`` counts down and tears down at zero: refuse while the device
+user, once the device is checked to be still the one this process made and
+serves (``_bound``: the kernel backs it with the very FUSE file this process
+serves, by device and inode, not only by path); a device that is not (detached
+or replaced behind our back, its FUSE server gone) is torn down and the volume
+attached again, or the attach fails while that device is in use.  ``detach``
+counts down and tears down at zero: refuse while the device
 is mounted or held exclusively, ``blockdev --flushbufs``, ``losetup -d``,
 SYNCHRONIZE CACHE, unmount the FUSE file, log out.  Detaching what is not
 attached cleans up stale state and succeeds.
+
+A loop device cannot outlive the process serving its FUSE file: once that
+process is gone the kernel aborts the FUSE connection and every I/O on the loop
+device fails (EIO) for good.  A FUSE file served again at the same path does not
+revive it (the loop device holds the dead mount's inode, and
+``LOOP_CHANGE_FD`` only swaps the file of a read-only loop device), so a
+restarted agent never reuses such a device: it removes it (and the dead mount)
+before attaching the volume again, and refuses while it is still mounted.
 
 Sessions: ``SyncLun`` logs in once per LUN, so two volumes of one target hold
 two sessions; ``SessionRegistry`` still tracks the target's LUNs so a shared
@@ -28,11 +41,13 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
+import fcntl
 import hashlib
 import json
 import logging
 import os
 import re
+import struct
 import threading
 import time
 from collections.abc import Callable
@@ -133,7 +148,10 @@ class UserspaceConnector(Connector):
             with self._guard:
                 current = self._attached.get(target.volume_id)
             if current is not None:
-                return self._reuse(current, target)
+                stale = self._stale(current)
+                if not stale:
+                    return self._reuse(current, target)
+                self._drop_stale(current, stale)
             self._clean_stale(target.volume_id)
             return self._attach_new(target)
 
@@ -186,9 +204,9 @@ class UserspaceConnector(Connector):
             current = self._attached.get(target.volume_id)
         if current is None:
             return f"volume {target.volume_id} is not attached (its userspace session ended)"
-        loop = current.device.path
-        if _backing_file(loop) != current.export.path:
-            return f"{loop} is no longer backed by the volume's FUSE file"
+        unbound = _bound(current.device.path, current.export.path) if current.export.running else ""
+        if unbound:
+            return f"{unbound}: no longer the volume's device"
         session = current.lun.session_state
         if session != "up":
             return f"the iSCSI session of {target.volume_id} to {target.target_iqn} is {session}"
@@ -199,7 +217,9 @@ class UserspaceConnector(Connector):
         return ""
 
     def foreign_device(self, target: VolumeTarget, path: str) -> str:
-        """A loop device has no VPD pages: it is ours while the kernel backs it with the volume's FUSE file."""
+        """A loop device has no VPD pages: it is ours while the kernel backs it with the volume's FUSE file as
+        this process serves it (the same device and inode: a loop device left on the same path by a previous
+        agent's FUSE mount is not), and that export still serves."""
         with self._guard:
             current = self._attached.get(target.volume_id)
         if current is None:
@@ -208,7 +228,19 @@ class UserspaceConnector(Connector):
         if backing != current.export.path:
             return (f"{path} is backed by {backing or 'nothing'}, not by the FUSE file of {target.volume_id} "
                     f"({current.export.path})")
-        return ""
+        if not current.export.running:
+            return f"the FUSE export of {target.volume_id} at {current.export.path} stopped"
+        return _bound(path, current.export.path)
+
+    def leftovers(self, volume_id: str) -> list[str]:
+        """What a previous process left of ``volume_id`` while this one has not attached it: loop devices on
+        its FUSE file (dead: their server exited) and the FUSE mount itself; ``detach`` removes them."""
+        with self._guard:
+            if volume_id in self._attached:
+                return []
+        mountpoint = os.path.join(self.volume_dir(volume_id), "mnt")
+        found = _loops_backed_by(os.path.join(mountpoint, "disk"))
+        return found + [mountpoint] if is_mountpoint(mountpoint) else found
 
     def users(self, volume_id: str) -> int:
         """How many attaches of ``volume_id`` are outstanding (0 if not attached)."""
@@ -237,6 +269,26 @@ class UserspaceConnector(Connector):
             current.users += 1
         log.info("attach %s: reusing %s (%d users)", target.volume_id, current.device.path, current.users)
         return current.device
+
+    def _stale(self, current: _Attachment) -> str:
+        """Why ``current``'s device is no longer the volume's live device ("" while it is)."""
+        if current.loop_released:
+            return f"{current.device.path} was released by a detach that did not finish"
+        if not current.export.running:
+            return f"the FUSE export of {current.device.volume_id} at {current.export.path} stopped"
+        return _bound(current.device.path, current.export.path)
+
+    def _drop_stale(self, current: _Attachment, why: str) -> None:
+        """Tear down an attachment whose device is stale, so the volume is attached again: raises (and keeps
+        it) while its loop device is still bound to its file and in use; a device bound elsewhere (another
+        volume's by now) is never touched."""
+        log.warning("attach %s: %s is stale (%s): attaching it again", current.device.volume_id,
+                    current.device.path, why)
+        try:
+            self._teardown(current)
+        except _SessionGone:
+            pass  # everything released; the session had ended anyway
+        self._forget(current.device.target)
 
     def _attach_new(self, target: VolumeTarget) -> AttachedDevice:
         lun = self._login(target)
@@ -299,10 +351,11 @@ class UserspaceConnector(Connector):
             raise TemporaryConnectorError(f"losetup failed: {exc}") from exc
         if not re.fullmatch(r"/dev/loop\d+", loop):
             raise ConnectorError(f"losetup printed {loop!r}, not a loop device")
-        backing = _backing_file(loop)
-        if backing != path:  # the device node must be ours before it is handed out
-            self.runner.run(["losetup", "--detach", loop], check=False)
-            raise ConnectorError(f"{loop} is backed by {backing!r}, not {path!r}")
+        wrong = _bound(loop, path)
+        if wrong:  # the device node must be ours before it is handed out
+            if _backing_file(loop) == path:  # ours, but not as expected: do not leave it behind
+                self.runner.run(["losetup", "--detach", loop], check=False)
+            raise ConnectorError(wrong)
         return loop
 
     def _write_record(self, target: VolumeTarget, device: AttachedDevice, *, released: bool = False) -> None:
@@ -378,7 +431,13 @@ class UserspaceConnector(Connector):
         path = os.path.join(mountpoint, "disk")
         for loop in _loops_backed_by(path):
             log.warning("removing stale %s on %s", loop, path)
-            _refuse_if_busy(loop)
+            try:
+                _refuse_if_busy(loop)
+            except TemporaryConnectorError:
+                raise TemporaryConnectorError(
+                    f"{loop} is a stale device of volume {volume_id}: it was left on a FUSE file whose server has "
+                    f"exited (an agent stopped while it was in use), so all its I/O fails; it is in use "
+                    f"(mounted?): unmount it, then attach or detach the volume again") from None
             self.runner.run(["losetup", "--detach", loop], check=False)
             with contextlib.suppress(TemporaryConnectorError):
                 self._wait_released(loop, path)
@@ -408,6 +467,50 @@ def _backing_file(loop: str) -> str | None:
             return fh.read().rstrip("\n").removesuffix(" (deleted)")
     except OSError:
         return None
+
+
+LOOP_GET_STATUS64 = 0x4C05
+# struct loop_info64 (linux/loop.h): lo_device, lo_inode, lo_rdevice, lo_offset, lo_sizelimit (u64),
+# lo_number, lo_encrypt_type, lo_encrypt_key_size, lo_flags (u32), lo_file_name[64], lo_crypt_name[64],
+# lo_encrypt_key[32] (u8), lo_init[2] (u64)
+LOOP_INFO64 = struct.Struct("=5Q4I64s64s32s2Q")
+
+
+def _loop_inode(loop: str) -> tuple[int, int] | None:
+    """(st_dev, st_ino) of the file the loop device is bound to (``LOOP_GET_STATUS64``), or None when the
+    device is missing or unbound."""
+    try:
+        fd = os.open(loop, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+    except OSError:
+        return None
+    try:
+        info = fcntl.ioctl(fd, LOOP_GET_STATUS64, bytes(LOOP_INFO64.size))
+    except OSError:  # ENXIO: no file bound
+        return None
+    finally:
+        os.close(fd)
+    lo_device, lo_inode = LOOP_INFO64.unpack(info)[:2]
+    return lo_device, lo_inode
+
+
+def _bound(loop: str, path: str) -> str:
+    """Why ``loop`` is not bound to the file ``path`` serves now ("" when it is).
+
+    The path alone does not tell: a loop device left on a dead FUSE mount (an agent that stopped while the
+    device was in use) shows the same path as the live mount served again there.  The kernel's record of the
+    file's device and inode does: a new FUSE mount is a new device."""
+    backing = _backing_file(loop)
+    if backing != path:
+        return f"{loop} is backed by {backing or 'nothing'}, not by {path}"
+    bound = _loop_inode(loop)
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        return f"{path}, the backing file of {loop}, cannot be read: {exc.strerror}"
+    if bound is None or (os.major(bound[0]), os.minor(bound[0]), bound[1]) != \
+            (os.major(st.st_dev), os.minor(st.st_dev), st.st_ino):
+        return f"{loop} is bound to an earlier file at {path} (a FUSE mount that is gone), not the one served now"
+    return ""
 
 
 def _loops_backed_by(path: str) -> list[str]:
