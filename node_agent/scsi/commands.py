@@ -8,14 +8,17 @@ reservation (``spc2_allowed``: SPC-2 §5.5.1 and annex B), and the CDB field
 values with which it runs under every reservation of either kind (``exempt``:
 START STOP UNIT with START=1 and POWER CONDITION 0, SBC-3 table 13, SPC-2
 table B.1); ``reservations.py`` enforces them.  Reserved CDB bits are derived from the layout:
-every bit no field claims must be zero.  REPORT SUPPORTED OPERATION CODES
-(§6.35) answers from this same table.
+every bit no field claims must be zero.  A row whose command a unit may not offer (UNMAP on a
+fully provisioned unit, WRITE ATOMIC(16) where it was not opted in) names an ``available(lu)``
+predicate: where it says no, the dispatcher answers as for an unknown operation code, and
+REPORT SUPPORTED OPERATION CODES (§6.35), which answers from this same table, leaves the
+command out of its list and reports it not supported.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 from node_agent.scsi import cdb as C
 from node_agent.scsi import persistent_reserve as P
@@ -48,6 +51,7 @@ class Command:
     timeout_s: int = 30  # nominal command timeout reported with RCTD=1
     spc2_allowed: bool = False  # runs despite another I_T nexus's RESERVE(6)/(10)
     exempt: tuple[tuple[str, int], ...] = ()  # (CDB field, value) pairs: then it runs under every reservation
+    available: Callable[[Any], bool] | None = None  # available(lu): the unit offers it; None: every unit does
     reserved: tuple[tuple[int, int], ...] = field(init=False, repr=False)
     _exempt_bits: tuple[tuple[int, int, int, int], ...] = field(init=False, repr=False)
 
@@ -68,6 +72,10 @@ class Command:
     @property
     def name(self) -> str:
         return self.layout.name
+
+    def offered_by(self, lu) -> bool:
+        """Whether logical unit ``lu`` supports this command (its ``available`` predicate, if any)."""
+        return self.available is None or self.available(lu)
 
     def usage_data(self) -> bytes:
         """CDB USAGE DATA (SPC-4 §6.35.3): opcode, then a map of the bits this device server looks at."""
@@ -99,15 +107,17 @@ def reserved_bits(layout: Layout) -> tuple[tuple[int, int], ...]:
 
 
 def _c(opcode, layout, handler, direction, pr, *, sa=None, alloc=None, writes=False, timeout=30, spc2=False,
-       exempt=()):
-    return Command(opcode, sa, layout, handler, direction, pr, alloc, writes, timeout, spc2, tuple(exempt))
+       exempt=(), available=None):
+    return Command(opcode, sa, layout, handler, direction, pr, alloc, writes, timeout, spc2, tuple(exempt),
+                   available)
 
 
 def report_supported_operation_codes(lu, nexus, cdb, data_out, edtl):
-    """REPORT SUPPORTED OPERATION CODES (SPC-4 §6.35), from the command table."""
+    """REPORT SUPPORTED OPERATION CODES (SPC-4 §6.35), from the command table: a command this unit does not
+    offer (``Command.available``) is absent from the list and reported with SUPPORT 001b (not supported)."""
     option = cdb.reporting_options
     if option == 0b000:
-        return _all_commands(cdb.rctd)
+        return _all_commands(lu, cdb.rctd)
     if option not in (0b001, 0b010, 0b011):
         raise CheckCondition(S.INVALID_FIELD_IN_CDB, field_pointer=2, bit_pointer=2)
     entry = COMMANDS_BY_OPCODE.get(cdb.requested_operation_code)
@@ -120,16 +130,18 @@ def report_supported_operation_codes(lu, nexus, cdb, data_out, edtl):
         entry = entry.get(cdb.requested_service_action)
     elif option != 0b001 and cdb.requested_service_action:
         entry = None
-    if entry is None:
+    if entry is None or not entry.offered_by(lu):
         return bytes(ONE_COMMAND_HEADER.encode(support=0b001))
     usage = entry.usage_data()
     out = bytes(ONE_COMMAND_HEADER.encode(ctdp=cdb.rctd, support=0b011, cdb_size=len(usage))) + usage
     return out + (_timeouts(entry) if cdb.rctd else b"")
 
 
-def _all_commands(rctd: bool) -> bytes:
+def _all_commands(lu, rctd: bool) -> bytes:
     body = bytearray()
     for cmd in ALL_COMMANDS:
+        if not cmd.offered_by(lu):
+            continue
         body += COMMAND_DESCRIPTOR.encode(
             operation_code=cmd.opcode, service_action=cmd.service_action or 0, ctdp=rctd,
             servactv=cmd.service_action is not None, cdb_length=cmd.layout.size)
@@ -179,7 +191,8 @@ ALL_COMMANDS: tuple[Command, ...] = (
     _c(0x1A, C.MODE_SENSE_6, spc.mode_sense_6, IN, PR_READ, alloc="allocation_length"),
     _c(0x1E, C.PREVENT_ALLOW_MEDIUM_REMOVAL, spc.prevent_allow_medium_removal, NONE, PR_READ),
     _c(0x48, C.SANITIZE, sbc.sanitize_overwrite, OUT, PR_WRITE, sa=0x01, writes=True, timeout=600),
-    _c(0x48, C.SANITIZE, sbc.sanitize_block_erase, NONE, PR_WRITE, sa=0x02, writes=True, timeout=600),
+    _c(0x48, C.SANITIZE, sbc.sanitize_block_erase, NONE, PR_WRITE, sa=0x02, writes=True, timeout=600,
+       available=sbc.offers_thin_provisioning),
     _c(0x48, C.SANITIZE, sbc.sanitize_exit_failure_mode, NONE, PR_WRITE, sa=0x1F, writes=True),
     _c(0x55, C.MODE_SELECT_10, spc.mode_select_10, OUT, PR_WRITE),
     _c(0x56, C.RESERVE_10, R.spc2_reserve, NONE, PR_ALLOWED),
@@ -224,7 +237,7 @@ ALL_COMMANDS: tuple[Command, ...] = (
     # READ DEFECT DATA conflicts with Write Exclusive too (SBC-3 table 13): it is no read of the medium's data.
     _c(0x37, C.READ_DEFECT_DATA_10, sbc.read_defect_data_10, IN, PR_WRITE, alloc="allocation_length"),
     _c(0x41, C.WRITE_SAME_10, sbc.write_same, OUT, PR_WRITE, writes=True),
-    _c(0x42, C.UNMAP, sbc.unmap, OUT, PR_WRITE, writes=True),
+    _c(0x42, C.UNMAP, sbc.unmap, OUT, PR_WRITE, writes=True, available=sbc.offers_thin_provisioning),
     _c(0x88, C.READ_16, sbc.read, IN, PR_READ),
     _c(0x89, C.COMPARE_AND_WRITE, sbc.compare_and_write, OUT, PR_WRITE, writes=True),
     _c(0x8A, C.WRITE_16, sbc.write, OUT, PR_WRITE, writes=True),
@@ -234,11 +247,11 @@ ALL_COMMANDS: tuple[Command, ...] = (
     _c(0x90, C.PRE_FETCH_16, sbc.pre_fetch, NONE, PR_READ),
     _c(0x91, C.SYNCHRONIZE_CACHE_16, sbc.synchronize_cache, NONE, PR_WRITE),
     _c(0x93, C.WRITE_SAME_16, sbc.write_same, OUT, PR_WRITE, writes=True),
-    _c(0x9C, C.WRITE_ATOMIC_16, sbc.write_atomic_16, OUT, PR_WRITE, writes=True),
+    _c(0x9C, C.WRITE_ATOMIC_16, sbc.write_atomic_16, OUT, PR_WRITE, writes=True, available=sbc.offers_write_atomic),
     _c(SERVICE_ACTION_IN_16, C.READ_CAPACITY_16, sbc.read_capacity_16, IN, PR_ALLOWED, sa=0x10,
        alloc="allocation_length", spc2=True),
     _c(SERVICE_ACTION_IN_16, C.GET_LBA_STATUS, sbc.get_lba_status, IN, PR_READ, sa=0x12,
-       alloc="allocation_length"),
+       alloc="allocation_length", available=sbc.offers_thin_provisioning),
     _c(0xA8, C.READ_12, sbc.read, IN, PR_READ),
     _c(0xAA, C.WRITE_12, sbc.write, OUT, PR_WRITE, writes=True),
     _c(0xAE, C.WRITE_AND_VERIFY_12, sbc.write_and_verify, OUT, PR_WRITE, writes=True),

@@ -122,7 +122,13 @@ class LogicalUnit:
         self.max_transfer_blocks = max(1, settings.max_transfer_bytes // self.block_size)
         self.max_write_same_blocks = max(1, settings.max_write_same_bytes // self.block_size)
         self.max_atomic_blocks = min(settings.max_atomic_transfer_bytes // self.block_size, self.max_transfer_blocks)
+        # MAXIMUM PREFETCH LENGTH (Block Limits VPD), which PRE-FETCH enforces: SBC-4 §6.6.4 asks for no more
+        # than the MAXIMUM TRANSFER LENGTH, and a prefetch is only a page-cache hint here.
+        self.max_prefetch_blocks = self.max_transfer_blocks
         self.report_luns = lambda: [0]  # replaced by LunMap with the target's inventory
+        # REPORT LUNS went to this unit from an I_T nexus: its REPORTED LUNS DATA HAS CHANGED goes (SAM-5
+        # §5.14); LunMap replaces it to clear that unit attention on every unit the nexus reaches.
+        self.luns_reported = self.clear_reported_luns_changed
         # PREEMPT AND ABORT: end these I_T nexuses' outstanding commands to this unit; LunMap routes it
         # to the transport (``LunMap.on_abort``).  Returns how many were aborted.
         self.abort_tasks = lambda nexuses: 0
@@ -211,6 +217,10 @@ class LogicalUnit:
             if self.reservations.engaged and self.reservations.conflicts(cmd, nexus, cdb):
                 return ScsiResult(RESERVATION_CONFLICT)
             rec = _validate(cmd, cdb)
+            # A command this unit does not offer (UNMAP when thick, WRITE ATOMIC unless opted in) ends as an
+            # unknown one, once the checks every row gets have passed (a set reserved bit is still named).
+            if cmd.available is not None and not cmd.available(self):
+                raise CheckCondition(S.INVALID_COMMAND_OPERATION_CODE, field_pointer=0)
             if cmd.writes and self.read_only:
                 raise CheckCondition(S.WRITE_PROTECTED)
             out = cmd.handler(self, nexus, rec, data_out, expected_length)
@@ -668,6 +678,21 @@ class LogicalUnit:
         """REQUEST SENSE reports and clears the oldest unit attention."""
         return self._take_ua(nexus)
 
+    def clear_unit_attention(self, nexus: Nexus, code: SenseCode) -> None:
+        """Drop ``code`` from ``nexus``'s pending unit attentions, if it is there (unreported)."""
+        queue = self._ua.get(nexus)
+        if not queue or code not in queue:
+            return
+        queue.remove(code)
+        if not queue:
+            self._ua_pending -= 1
+            self._regate()
+
+    def clear_reported_luns_changed(self, nexus: Nexus) -> None:
+        """REPORT LUNS clears a pending REPORTED LUNS DATA HAS CHANGED for its I_T nexus (SAM-5 §5.14, SPC-4
+        §6.33; UA_INTLCK_CTRL is always 00b here: the control mode page does not let it change)."""
+        self.clear_unit_attention(nexus, S.REPORTED_LUNS_DATA_HAS_CHANGED)
+
     def retire(self) -> None:
         """The slow half of ``close``, for a thread other than the event loop once no session can send
         this unit another command: no deferred I/O starts after this, what runs finishes, and the
@@ -773,6 +798,7 @@ class LunMap:
 
     def _attach(self, number: int, unit: LogicalUnit) -> None:
         unit.report_luns = self.lun_numbers
+        unit.luns_reported = self.luns_reported
         unit.copy_targets = self.units
         unit.abort_tasks = lambda nexuses: self.on_abort(number, nexuses) if self.on_abort is not None else 0
 
@@ -795,6 +821,13 @@ class LunMap:
             return unit.execute(nexus, cdb, data_out, expected_length, defer)
         return self._absent(nexus, cdb)
 
+    def luns_reported(self, nexus: Nexus) -> None:
+        """REPORT LUNS from ``nexus`` (to any LUN, present or not) has returned the inventory: a pending
+        REPORTED LUNS DATA HAS CHANGED goes on every unit the nexus reaches, the inventory being the
+        target's, not one unit's (SAM-5 §5.14)."""
+        for unit in self.luns.values():
+            unit.clear_reported_luns_changed(nexus)
+
     def add_nexus(self, nexus: Nexus) -> None:
         for unit in self.luns.values():
             unit.add_nexus(nexus)
@@ -811,7 +844,9 @@ class LunMap:
             if op == 0xA0:
                 cmd = _lookup(cdb)
                 rec = _validate(cmd, cdb)
-                return ScsiResult(GOOD, spc.report_luns_data(self.lun_numbers(), rec)[: rec.allocation_length])
+                data = spc.report_luns_data(self.lun_numbers(), rec)
+                self.luns_reported(nexus)
+                return ScsiResult(GOOD, data[: rec.allocation_length])
             if op == 0x12:
                 cmd = _lookup(cdb)
                 rec = _validate(cmd, cdb)

@@ -149,7 +149,8 @@ class ModeState:
         if page_code == ALL_PAGES and subpage_code in (0x00, 0xFF):
             return b"".join(self.page_bytes(p, pc) for p in MODE_PAGES)
         page = PAGES_BY_CODE.get(page_code)
-        if page is None or subpage_code != 0:
+        # Subpage FFh: the page and all its subpages (SPC-4 §6.11 table); ours have none, so the page_0 page alone.
+        if page is None or subpage_code not in (0x00, 0xFF):
             raise CheckCondition(INVALID_FIELD_IN_CDB, field_pointer=field_pointer if page is None else 3)
         return self.page_bytes(page, pc)
 

@@ -138,10 +138,9 @@ def write_atomic_16(lu, nexus, cdb, data_out, edtl):
     We report no atomic alignment, granularity or boundary (Block Limits VPD), so
     a non-zero ATOMIC BOUNDARY is refused and the whole transfer is one atomic
     write operation (SBC-4 §4.29).  A short Data-Out writes nothing: a partial
-    atomic write is exactly what the command must never do.
+    atomic write is exactly what the command must never do.  Only on a unit that
+    ``offers_write_atomic`` (the command table's ``available``).
     """
-    if not lu.max_atomic_blocks:
-        raise CheckCondition(S.INVALID_COMMAND_OPERATION_CODE, field_pointer=0)
     if cdb.wrprotect:
         _no_protection(cdb.wrprotect)
     lba, count = cdb.lba, cdb.transfer_length
@@ -247,10 +246,14 @@ def compare_and_write(lu, nexus, cdb, data_out, edtl):
 
 # -- VERIFY --------------------------------------------------------------------------
 def verify(lu, nexus, cdb, data_out, edtl):
-    """VERIFY(10/12/16) (SBC-3 §5.24-5.26): BYTCHK 00b medium check, 01b compare, 11b compare one block."""
+    """VERIFY(10/12/16) (SBC-3 §5.24-5.26): BYTCHK 00b medium check, 01b compare, 11b compare one block.
+
+    Deallocated blocks are compared as the zeros they read as (LBPRZ), as VBULS=1 in the Block Device
+    Characteristics VPD page says (SBC-4 VERIFY(10): with VBULS=0 a compare over an unmapped LBA would have
+    to end in MISCOMPARE VERIFY OF UNMAPPED LBA)."""
     _no_protection(cdb.vrprotect)
     lba, count = cdb.lba, cdb.transfer_length
-    _transfer(lu, lba, count, 7)
+    _transfer(lu, lba, count, offset_of(cdb, "transfer_length"))  # the VERIFICATION LENGTH field
     if cdb.bytchk == 0b10:
         raise CheckCondition(S.INVALID_FIELD_IN_CDB, field_pointer=1, bit_pointer=2)
     if cdb.bytchk == 0 or count == 0:
@@ -317,10 +320,16 @@ def synchronize_cache(lu, nexus, cdb, data_out, edtl):
 
 
 def pre_fetch(lu, nexus, cdb, data_out, edtl):
-    """PRE-FETCH(10/16) (SBC-3 §5.3): GOOD (SBC-3: "no cache room" is GOOD, not CONDITION MET)."""
+    """PRE-FETCH(10/16) (SBC-3 §5.3): GOOD (SBC-3: "no cache room" is GOOD, not CONDITION MET).
+
+    A PREFETCH LENGTH above the MAXIMUM PREFETCH LENGTH of the Block Limits VPD page is refused with
+    INVALID FIELD IN CDB (SBC-4 §6.6.4, transfer limits table); 0 (up to the last block) names no
+    length, and a prefetch may stop short of what it asks anyway, so it is accepted."""
     count = cdb.prefetch_length
     if cdb.lba > lu.num_blocks or cdb.lba + count > lu.num_blocks:
         raise CheckCondition(S.LBA_OUT_OF_RANGE)
+    if count > lu.max_prefetch_blocks:
+        raise CheckCondition(S.INVALID_FIELD_IN_CDB, field_pointer=offset_of(cdb, "prefetch_length"))
     return None
 
 
@@ -355,12 +364,18 @@ def read_capacity_16(lu, nexus, cdb, data_out, edtl):
                                               lbppbe=lu.lbppbe, lbpme=thin, lbprz=thin))
 
 
+# -- which units offer a command (the command table's ``available``) ---------------------
+def offers_thin_provisioning(lu) -> bool:
+    """UNMAP, GET LBA STATUS and SANITIZE BLOCK ERASE: only on a thin (LBPME=1) unit (SBC-3 §4.7)."""
+    return lu.settings.thin_provisioning
+
+
+def offers_write_atomic(lu) -> bool:
+    """WRITE ATOMIC(16): only where an operator opted in (``LunSettings.max_atomic_transfer_bytes``)."""
+    return lu.max_atomic_blocks > 0
+
+
 # -- thin provisioning -----------------------------------------------------------------
-def _require_thin(lu) -> None:
-    if not lu.settings.thin_provisioning:
-        raise CheckCondition(S.INVALID_COMMAND_OPERATION_CODE, field_pointer=0)
-
-
 def _off_the_loop(lu, io, done: ScsiResult | None) -> ScsiResult | None:
     """Run ``io`` (a hole punch, a long write, a flush: it may take the disk's time) where it holds up no
     other session: on a worker thread when the transport can (a store with non-blocking I/O), the command
@@ -375,7 +390,6 @@ def _off_the_loop(lu, io, done: ScsiResult | None) -> ScsiResult | None:
 
 def unmap(lu, nexus, cdb, data_out, edtl):
     """UNMAP (SBC-3 §5.28): validate every descriptor, then punch them all."""
-    _require_thin(lu)
     if cdb.anchor:
         raise CheckCondition(S.INVALID_FIELD_IN_CDB, field_pointer=1, bit_pointer=0)
     length = cdb.parameter_list_length
@@ -463,7 +477,6 @@ def _replicate(lu, lba: int, count: int, block: bytes) -> None:
 
 def get_lba_status(lu, nexus, cdb, data_out, edtl):
     """GET LBA STATUS (SBC-3 §5.5): mapped/deallocated extents from SEEK_DATA/SEEK_HOLE."""
-    _require_thin(lu)
     lba = cdb.lba
     if lba >= lu.num_blocks:
         raise CheckCondition(S.LBA_OUT_OF_RANGE)
@@ -530,7 +543,6 @@ def sanitize_overwrite(lu, nexus, cdb, data_out, edtl):
 def sanitize_block_erase(lu, nexus, cdb, data_out, edtl):
     """SANITIZE BLOCK ERASE: deallocate every block (LBPRZ: they read back as zeros), then flush."""
     _sanitize_no_parameters(cdb)
-    _require_thin(lu)
     backing, size = lu.backing, lu.num_blocks * lu.block_size
 
     def erase() -> None:

@@ -60,7 +60,7 @@ def _block_limits(lu, nexus) -> bytes:
         optimal_transfer_length_granularity=lu.granularity,
         maximum_transfer_length=lu.max_transfer_blocks,
         optimal_transfer_length=max(1, s.optimal_transfer_bytes // lu.block_size),
-        maximum_prefetch_length=lu.max_transfer_blocks,
+        maximum_prefetch_length=lu.max_prefetch_blocks,
         maximum_unmap_lba_count=s.max_unmap_lba_count if thin else 0,
         maximum_unmap_block_descriptor_count=s.max_unmap_descriptors if thin else 0,
         optimal_unmap_granularity=lu.granularity if thin else 0,
@@ -74,8 +74,10 @@ def _block_limits(lu, nexus) -> bytes:
 
 def _block_device_characteristics(lu, nexus) -> bytes:
     # WABEREQ=01b: a read after SANITIZE BLOCK ERASE succeeds (deallocated blocks read as zeros).
+    # VBULS=1: VERIFY with BYTCHK 01b/11b compares unmapped LBAs too, as the zeros they read as (``sbc.verify``);
+    # with 0, SBC-4 would have it end in MISCOMPARE VERIFY OF UNMAPPED LBA.
     page = V.BLOCK_DEVICE_CHARACTERISTICS.encode(medium_rotation_rate=V.NON_ROTATING_MEDIUM,
-                                                 wabereq=1 if lu.settings.thin_provisioning else 0)
+                                                 wabereq=1 if lu.settings.thin_provisioning else 0, vbuls=True)
     return bytes(page[4:])
 
 
@@ -111,13 +113,16 @@ def request_sense(lu, nexus, cdb, data_out, edtl):
 
 
 def report_luns(lu, nexus, cdb, data_out, edtl):
-    """REPORT LUNS (SPC-4 §6.33)."""
-    return report_luns_data(lu.report_luns(), cdb)
+    """REPORT LUNS (SPC-4 §6.33); a pending REPORTED LUNS DATA HAS CHANGED of the I_T nexus is cleared (SAM-5
+    §5.14).  The dispatcher never fails it for a pending unit attention (``device._UA_EXEMPT``)."""
+    data = report_luns_data(lu.report_luns(), cdb)
+    lu.luns_reported(nexus)
+    return data
 
 
 def report_luns_data(luns, cdb) -> bytes:
-    if cdb.allocation_length < 16:
-        raise CheckCondition(S.INVALID_FIELD_IN_CDB, field_pointer=6)
+    """The parameter data, whole: the dispatcher cuts it to the ALLOCATION LENGTH, which "should be at least
+    16" (SPC-4 §6.33) but is no error when it is less (§4.2.5.6: the data is truncated)."""
     if cdb.select_report == 0x01:  # well-known logical units only: we have none
         luns = []
     elif cdb.select_report not in (0x00, 0x02):
