@@ -434,7 +434,8 @@ class ControllerService:
 
         ``login=False`` (CSI ControllerPublishVolume): the consumer's agent records the target and the
         credentials without logging in, and the attachment is "published"; the node's CSI NodeStageVolume
-        logs in.  A repeat returns the same attachment; a plain attach of a published one logs in.
+        logs in.  A repeated publish returns the same attachment; a plain attach of a published one logs in, and
+        a repeated attach asks the node's agent again (the device it answers is recorded).
         ``shared``: another node may have the volume at the same time (see ``_check_single_writer``).
         ``multi_writer`` (CSI MULTI_NODE_MULTI_WRITER): shared, but only beside nodes that have it shared too: a
         node that holds the volume as its single writer was promised it alone.
@@ -455,7 +456,10 @@ class ControllerService:
                 raise FailedPrecondition(f"node {node_id} is {consumer.fence} ({consumer.fence_reason}): nothing is "
                                          f"published to it; shoalctl node unfence {node_id} once the host is known "
                                          "clean")
-            if existing is not None and (existing.state == ATTACHED or (existing.state == PUBLISHED and not login)):
+            # A repeated publish is answered from the record. A repeated attach (login) asks the node again: its
+            # agent may have restarted meanwhile, and the device recorded then may be gone or, its number reused,
+            # another volume's; the agent's attach is idempotent and checks the device (AttachmentManager._login).
+            if existing is not None and existing.state in (ATTACHED, PUBLISHED) and not login:
                 if shared and not existing.shared:
                     existing = replace(existing, shared=True)
                     self.store.put_attachment(existing)

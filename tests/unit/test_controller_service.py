@@ -389,9 +389,19 @@ def test_attach_exports_to_the_consumer_with_chap_then_attaches(env):
     assert env.store.get_volume("vol-1").state == ATTACHED
     export = env.store.get_export("vol-1", iqn("node-b"))
     assert export.target_iqn == "iqn.2024-01.io.shoal:node-a" and export.chap_user == f"shoal-{volume.id}"
-    calls = len(env.agents.calls)
-    assert env.svc.attach_volume("vol-1", "node-b") == attachment  # repeat
-    assert len(env.agents.calls) == calls
+    assert env.svc.attach_volume("vol-1", "node-b") == attachment  # repeat: the same answer
+    assert env.agents.calls[-1] == ("node-b", "attach_volume", volume.id)  # from the node, asked again
+
+
+def test_a_repeated_attach_answers_the_device_the_node_has_now(env):
+    """The node's agent restarted meanwhile and attached the volume again on another device: the repeat used to
+    answer the recorded /dev/loopN, gone or, its number reused, another volume's."""
+    volume = env.svc.create_volume("vol-1", GiB)
+    assert env.svc.attach_volume("vol-1", "node-b").device_path == f"/dev/fake/{volume.id}"
+    env.agents.agent("node-b").attachments[volume.id]["device_path"] = "/dev/loop7"  # what the agent has now
+    again = env.svc.attach_volume("vol-1", "node-b")
+    assert (again.state, again.device_path) == (ATTACHED, "/dev/loop7")
+    assert env.store.get_attachment("vol-1", "node-b").device_path == "/dev/loop7"
 
 
 def test_attach_to_an_unhealthy_node_fails_clearly(env):
