@@ -43,7 +43,7 @@ from controller.leader import LeaderElector, LeaderSettings
 from controller.metrics import ControllerMetrics
 from controller.store.sqlite import SqliteStore
 from node_agent.metrics_server import MetricsServer, new_registry, split_listen
-from node_agent.peer_names import ADMIN_NAMES, NODE_NAMES, parse_names
+from node_agent.peer_names import ADMIN_NAMES, NODE_NAMES, exposure_warning, parse_names
 
 log = logging.getLogger("shoal.controller")
 
@@ -182,6 +182,11 @@ class ControllerDaemon:
             self.stop()
             raise
         log.info("controller serving on %s (state in %s%s)", self.address, s.db_path, ", TLS" if s.tls else "")
+        warning = exposure_warning(self.address, s.tls is not None, bool(s.tls and s.tls.client_ca),
+                                   "the controller's AdminService (CHAP secrets, delete, fence)",
+                                   "--tls-cert/--tls-key/--tls-client-ca")
+        if warning:
+            log.warning("%s", warning)
 
     def _serve(self, listen: str, node_labels=None) -> None:
         """Act on ``self.store``: the service, AdminService + RegistrationService, the CSI socket, the loop."""

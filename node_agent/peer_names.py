@@ -6,7 +6,8 @@ make them), a node's certificate used to pass everywhere: as the controller's on
 (``ExportVolume`` of any volume to an initiator name and CHAP secret it chose, then read the data over iSCSI)
 and as an admin's on the controller (``GetPublishSecret``, ``DeleteVolume``, fencing). So each service admits
 only client certificates whose subject common name, or one of whose DNS subject alternative names, is on its
-list (``PeerNames``):
+list (``node_agent.peer_check.PeerNames``; this module holds the names and
+loads no gRPC, as ``shoal target`` must not):
 
 - ``shoal.agent.v1.AgentService`` (on every agent) is called by the controller: ``shoal-controller``
   (agent ``--tls-controller-names``);
@@ -25,10 +26,6 @@ register as another node id (and receive the export calls meant for it).
 
 from __future__ import annotations
 
-from typing import Callable, Iterable, Mapping
-
-import grpc
-
 CONTROLLER_NAMES = ("shoal-controller",)
 ADMIN_NAMES = ("shoal-admin", "shoal-controller")
 NODE_NAMES = ("shoal-node",)
@@ -46,51 +43,18 @@ def parse_names(text: str) -> tuple[str, ...]:
     return names
 
 
-def peer_names(context: grpc.ServicerContext) -> set[str]:
-    """The client certificate's subject common name and DNS subject alternative names ({} without one)."""
-    auth = context.auth_context() or {}
-    names = set()
-    for key in ("x509_common_name", "x509_subject_alternative_name"):
-        for value in auth.get(key, ()):
-            names.add(value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value))
-    return names
+def exposure_warning(listen: str, tls: bool, client_ca: bool, service: str, flags: str) -> str:
+    """What to warn about when ``service`` listens on ``listen`` beyond loopback without mutual TLS ("" when it
+    does not): without client certificates anyone who reaches the port may call it."""
+    import ipaddress
 
-
-class PeerNames(grpc.ServerInterceptor):
-    """Admit a call to a listed service only from a client certificate with one of the service's names.
-
-    ``rules`` maps a service's full name (``package.Service``) to the names it admits; other services pass."""
-
-    def __init__(self, rules: Mapping[str, Iterable[str]]):
-        self.rules = {service: frozenset(names) for service, names in rules.items()}
-
-    def intercept_service(self, continuation: Callable, handler_call_details: grpc.HandlerCallDetails):
-        handler = continuation(handler_call_details)
-        service = handler_call_details.method.lstrip("/").partition("/")[0]
-        allowed = self.rules.get(service)
-        if handler is None or allowed is None:
-            return handler
-        return _guarded(handler, service, allowed)
-
-
-def _guarded(handler: grpc.RpcMethodHandler, service: str, allowed: frozenset[str]) -> grpc.RpcMethodHandler:
-    def check(context: grpc.ServicerContext) -> None:
-        names = peer_names(context)
-        if not names & allowed:
-            shown = ", ".join(sorted(names)) or "none"
-            context.abort(grpc.StatusCode.PERMISSION_DENIED,
-                          f"the client certificate (names: {shown}) may not call {service}: it admits "
-                          f"{', '.join(sorted(allowed))}")
-
-    kinds = (("unary_unary", grpc.unary_unary_rpc_method_handler), ("unary_stream", grpc.unary_stream_rpc_method_handler),
-             ("stream_unary", grpc.stream_unary_rpc_method_handler),
-             ("stream_stream", grpc.stream_stream_rpc_method_handler))
-    for kind, make in kinds:
-        behavior = getattr(handler, kind)
-        if behavior is not None:
-            def guarded(request, context, _behavior=behavior):
-                check(context)
-                return _behavior(request, context)
-            return make(guarded, request_deserializer=handler.request_deserializer,
-                        response_serializer=handler.response_serializer)
-    return handler
+    host = listen.rpartition(":")[0].strip("[]")
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False  # a host name: where it points is not known here
+    if loopback or (tls and client_ca):
+        return ""
+    what = "plaintext" if not tls else "TLS without client certificates"
+    return (f"{service} listens on {listen} ({what}): anyone who reaches that address may call it; give {flags} "
+            "(mutual TLS) unless the network is trusted")

@@ -11,7 +11,8 @@ from controller.api.admin import AdminServicer
 from controller.api.registration import RegistrationServicer
 from controller.domain.service import ControllerService
 from controller.metrics import ControllerMetrics
-from node_agent.peer_names import ADMIN_NAMES, ADMIN_SERVICE, NODE_NAMES, REGISTRATION_SERVICE, PeerNames
+from node_agent.peer_check import PeerNames
+from node_agent.peer_names import ADMIN_NAMES, ADMIN_SERVICE, NODE_NAMES, REGISTRATION_SERVICE
 from protos.shoal.v1 import admin_pb2_grpc, agent_pb2_grpc
 
 

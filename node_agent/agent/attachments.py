@@ -264,8 +264,7 @@ class AttachmentManager:
         if record.mode not in self._factories:
             return
         connector = self.connector(record.mode)
-        leftovers = getattr(connector, "leftovers", None)
-        if leftovers is not None and leftovers(record.volume_id):
+        if connector.leftovers(record.volume_id):
             connector.detach(_target_without_secrets(record.export))
 
     def rescan(self, volume_id: str) -> int:

@@ -46,7 +46,8 @@ from node_agent.csi.server import build_csi_node_server
 from node_agent.host.connector import CONNECTOR_LABEL, Connector, preferred_connector
 from node_agent.host.runner import SubprocessRunner
 from node_agent.metrics_server import MetricsServer, new_registry
-from node_agent.peer_names import AGENT_SERVICE, PeerNames
+from node_agent.peer_check import PeerNames
+from node_agent.peer_names import AGENT_SERVICE, exposure_warning
 from node_agent.iscsi.connection import ConnectionSettings
 from node_agent.iscsi.keys import TargetSettings
 from node_agent.target_service import PortalConfig
@@ -234,6 +235,11 @@ class Agent:
             bound = server.add_insecure_port(address)
         if not bound:
             raise OSError(f"cannot listen on {s.listen} for AgentService")
+        warning = exposure_warning(address, s.server_tls is not None, bool(s.server_tls and s.server_tls.ca),
+                                   "AgentService (export any volume of this node)",
+                                   "--tls-cert/--tls-key/--tls-client-ca")
+        if warning:
+            log.warning("%s", warning)
         server.start()
         self.server = server
         self.agent_address = join_host_port(host, bound)

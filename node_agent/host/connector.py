@@ -421,6 +421,11 @@ class Connector(abc.ABC):
         """Why the attached device is not healthy ("" when it is): session down, device gone, I/O errors."""
         return ""
 
+    def leftovers(self, volume_id: str) -> list[str]:
+        """What an earlier run left of ``volume_id``'s attachment on this host that ``detach`` would remove (a
+        userspace loop device on a dead FUSE file); [] where a restart leaves nothing behind."""
+        return []
+
     def foreign_device(self, target: VolumeTarget, path: str) -> str:
         """Why ``path`` is not the device this connector gave ``target`` ("" when it is, or when only the LUN's
         VPD pages could tell: the caller checks those)."""

@@ -92,3 +92,14 @@ def test_a_size_no_file_can_have_is_invalid_argument_not_an_internal_error(manag
     with pytest.raises(InvalidArgument, match="larger than any file"):
         manager.expand("small", size)
     assert manager.get("small").size == MiB
+
+
+def test_a_port_beyond_loopback_without_mutual_tls_is_warned_about():
+    from node_agent.peer_names import exposure_warning
+    for listen in ("127.0.0.1:7450", "[::1]:7450", "localhost:7450"):
+        assert exposure_warning(listen, False, False, "S", "--tls") == ""
+    assert exposure_warning("0.0.0.0:7450", True, True, "S", "--tls") == ""
+    plain = exposure_warning("0.0.0.0:7450", False, False, "AdminService", "--tls-cert")
+    assert "AdminService listens on 0.0.0.0:7450 (plaintext): anyone who reaches" in plain
+    assert "(TLS without client certificates)" in exposure_warning("10.0.0.5:7451", True, False, "S", "--tls")
+    assert exposure_warning("node-a.example:7451", False, False, "S", "--tls")  # a name: not known to be local

@@ -1,0 +1,58 @@
+"""The gRPC half of ``node_agent.peer_names``: the server interceptor that admits a call by the client
+certificate's name (a module of its own so that ``shoal target``, which imports the names, loads no gRPC)."""
+
+from __future__ import annotations
+
+from typing import Callable, Iterable, Mapping
+
+import grpc
+
+
+def peer_names(context: grpc.ServicerContext) -> set[str]:
+    """The client certificate's subject common name and DNS subject alternative names ({} without one)."""
+    auth = context.auth_context() or {}
+    names = set()
+    for key in ("x509_common_name", "x509_subject_alternative_name"):
+        for value in auth.get(key, ()):
+            names.add(value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value))
+    return names
+
+
+class PeerNames(grpc.ServerInterceptor):
+    """Admit a call to a listed service only from a client certificate with one of the service's names.
+
+    ``rules`` maps a service's full name (``package.Service``) to the names it admits; other services pass."""
+
+    def __init__(self, rules: Mapping[str, Iterable[str]]):
+        self.rules = {service: frozenset(names) for service, names in rules.items()}
+
+    def intercept_service(self, continuation: Callable, handler_call_details: grpc.HandlerCallDetails):
+        handler = continuation(handler_call_details)
+        service = handler_call_details.method.lstrip("/").partition("/")[0]
+        allowed = self.rules.get(service)
+        if handler is None or allowed is None:
+            return handler
+        return _guarded(handler, service, allowed)
+
+
+def _guarded(handler: grpc.RpcMethodHandler, service: str, allowed: frozenset[str]) -> grpc.RpcMethodHandler:
+    def check(context: grpc.ServicerContext) -> None:
+        names = peer_names(context)
+        if not names & allowed:
+            shown = ", ".join(sorted(names)) or "none"
+            context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                          f"the client certificate (names: {shown}) may not call {service}: it admits "
+                          f"{', '.join(sorted(allowed))}")
+
+    kinds = (("unary_unary", grpc.unary_unary_rpc_method_handler), ("unary_stream", grpc.unary_stream_rpc_method_handler),
+             ("stream_unary", grpc.stream_unary_rpc_method_handler),
+             ("stream_stream", grpc.stream_stream_rpc_method_handler))
+    for kind, make in kinds:
+        behavior = getattr(handler, kind)
+        if behavior is not None:
+            def guarded(request, context, _behavior=behavior):
+                check(context)
+                return _behavior(request, context)
+            return make(guarded, request_deserializer=handler.request_deserializer,
+                        response_serializer=handler.response_serializer)
+    return handler
