@@ -1260,8 +1260,9 @@ class TargetConnection:
         if header.ttt != P.RESERVED_TAG:
             self._reject_raw(raw, RejectReason.PROTOCOL_ERROR)  # §11.18.2: TTT must be reserved with a valid ITT
             return
-        self._send(Opcode.NOP_IN, data, final=True, lun=header.lun, itt=header.itt, ttt=P.RESERVED_TAG,
-                   statsn=self._advance_statsn(), **self._window())
+        # the ping data echoed, up to what the initiator takes in one PDU (§11.18.5, §13.12)
+        self._send(Opcode.NOP_IN, data[:self.max_xmit], final=True, lun=header.lun, itt=header.itt,
+                   ttt=P.RESERVED_TAG, statsn=self._advance_statsn(), **self._window())
 
     def _text(self, header: Any, data: bytes, raw: bytes) -> None:
         """Text Request (RFC 7143 §11.10), the request of one Text exchange.
@@ -1345,6 +1346,8 @@ class TargetConnection:
         session = self.session
         assert session is not None
         if value == "All":
+            if not session.discovery:  # RFC 7143 Appendix C: "MUST NOT be supported on an operational session"
+                return [("SendTargets", "Reject")]
             targets = self.registry.visible_targets(session.initiator_name)
         elif value == "" and session.target is not None:
             targets = [session.target]  # §12.3? an empty value names the session's own target
@@ -1411,17 +1414,23 @@ class TargetConnection:
         elif function == TmfFunction.ABORT_TASK:
             if not self._abort_task(header):
                 response = TmfResponse.TASK_DOES_NOT_EXIST
-        elif function in (TmfFunction.ABORT_TASK_SET, TmfFunction.CLEAR_TASK_SET):
-            self._abort_where(lambda t: t.lun == lun)
-        elif function == TmfFunction.LOGICAL_UNIT_RESET:
+        elif function in (TmfFunction.ABORT_TASK_SET, TmfFunction.CLEAR_TASK_SET, TmfFunction.LOGICAL_UNIT_RESET):
             unit = luns.luns.get(lun)
             if unit is None:
-                response = TmfResponse.LUN_DOES_NOT_EXIST
+                response = TmfResponse.LUN_DOES_NOT_EXIST  # §11.6.1 response 2
             else:
                 self._abort_where(lambda t: t.lun == lun)
-                unit.reset("lun")
+                # ABORT TASK SET ends this I_T nexus's tasks; CLEAR TASK SET the whole task set, every
+                # initiator's (the control mode page's TST is 000b: one task set for all), as LOGICAL UNIT
+                # RESET does (SAM-5 §7.4, §7.6): a WRITE another session left waiting for its Data-Out must
+                # not land after the answer
+                if function != TmfFunction.ABORT_TASK_SET:
+                    self._abort_other_nexuses(session, [lun])
+                if function == TmfFunction.LOGICAL_UNIT_RESET:
+                    unit.reset("lun")
         elif function in (TmfFunction.TARGET_WARM_RESET, TmfFunction.TARGET_COLD_RESET):
             self._abort_where(lambda t: True)
+            self._abort_other_nexuses(session, list(luns.luns))
             for unit in luns.luns.values():
                 unit.reset("target")
         elif function == TmfFunction.TASK_REASSIGN:
@@ -1496,6 +1505,15 @@ class TargetConnection:
             callback()
         else:
             self._drained_waiters.append(callback)
+
+    def _abort_other_nexuses(self, session: Any, lun_numbers: list[int]) -> None:
+        """A reset or CLEAR TASK SET: end the tasks of every session to this target on ``lun_numbers`` (each
+        connection answers them TASK ABORTED, as for PREEMPT AND ABORT); this connection's were ended already.
+        Commands of other sessions already running on a worker answer TASK ABORTED once their I/O ends."""
+        target = session.target
+        nexuses = [other.nexus for other in list(self.registry.sessions.values()) if other.target is target]
+        for number in lun_numbers:
+            self.registry.abort_tasks(target, number, nexuses)
 
     def abort_tasks(self, lun: int) -> int:
         """End this connection's commands to ``lun`` with TASK ABORTED: those still collecting Data-Out at

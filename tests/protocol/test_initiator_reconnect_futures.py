@@ -161,7 +161,8 @@ def test_a_sendtargets_query_is_asked_again_and_other_text_fails():
     async def scenario():
         async with portal() as server, session(server) as client:
             query, negotiation = await outstanding(
-                client, client.text([("SendTargets", "All")]), client.text([("MaxRecvDataSegmentLength", "65536")]))
+                # SendTargets with an empty value (the session's own target): All is for discovery sessions only
+                client, client.text([("SendTargets", "")]), client.text([("MaxRecvDataSegmentLength", "65536")]))
             drop(client)
             with pytest.raises(ConnectionError, match=LOST):
                 await asyncio.wait_for(negotiation, 2)
