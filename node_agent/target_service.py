@@ -13,6 +13,7 @@ import logging
 import os
 import re
 import uuid
+from fractions import Fraction
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -28,16 +29,22 @@ log = logging.getLogger("shoal.target")
 
 # Namespace of the volume ids derived for LUNs given only as files.
 _LUN_NAMESPACE = uuid.UUID("6f2d4c1e-3b8a-4f7e-9d15-5a0c2e7b9f31")
-_SIZE = re.compile(r"^(\d+)([KMGTP]?)(i?B)?$", re.IGNORECASE)
+_SIZE = re.compile(r"^(\d+(?:\.\d+)?)([KMGTP]?)(i?B)?$", re.IGNORECASE)
+# What a size given after a path looks like, valid or not (a path's own colons, as in /dev/disk/by-path
+# names, are followed by other text): a mistyped size is refused rather than taken into the path.
+_SIZE_LIKE = re.compile(r"^\s*\d[\d.]*\s*[A-Za-z]{0,3}\s*$")
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40, "P": 1 << 50}
 
 
 def parse_size(text: str) -> int:
-    """``64M``, ``1G``, ``4096``: binary units, as sizes are given for disks."""
+    """``64M``, ``1.5G``, ``4096``: binary units, as sizes are given for disks (a whole number of bytes)."""
     match = _SIZE.match(text.strip())
     if not match:
         raise ValueError(f"bad size {text!r}: use a number of bytes or a suffix K, M, G, T")
-    size = int(match.group(1)) * _UNITS[match.group(2).upper()]
+    exact = Fraction(match.group(1)) * _UNITS[match.group(2).upper()]
+    if exact.denominator != 1:
+        raise ValueError(f"bad size {text!r}: not a whole number of bytes")
+    size = int(exact)
     if size <= 0:
         raise ValueError(f"bad size {text!r}: must be positive")
     return size
@@ -80,7 +87,7 @@ class LunSpec:
         settings = LunSettings(read_only="ro" in options, removable="removable" in options,
                                max_atomic_transfer_bytes=ATOMIC_OPT_IN_BYTES if "atomic" in options else 0)
         path, sep, size = rest.rpartition(":")
-        if sep and _SIZE.match(size.strip()):
+        if sep and _SIZE_LIKE.match(size):
             return cls(path, parse_size(size), settings=settings)
         if not rest:
             raise ValueError(f"bad LUN {text!r}: expected PATH[:SIZE][:ro][:atomic][:removable]")

@@ -33,6 +33,7 @@ call instead of one per command; the per-call cost of a buffered ext4 write is
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import errno
@@ -105,14 +106,23 @@ class FileBackingStore:
         self.block_size = block_size
         self.read_only = read_only
         flags = os.O_RDONLY if read_only else os.O_RDWR
+        created = False
         if create and not read_only:
-            flags |= os.O_CREAT
-        self.fd: int | None = os.open(self.path, flags | os.O_CLOEXEC, 0o600)
+            try:  # made here (O_EXCL), so removed again if it cannot be used: a refusal leaves no stray file
+                self.fd: int | None = os.open(self.path, flags | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+                created = True
+            except FileExistsError:
+                pass
+        if not created:
+            self.fd = os.open(self.path, flags | os.O_CLOEXEC, 0o600)
         try:
             self.size = self._settle_size(size)
         except BaseException:
             os.close(self.fd)
             self.fd = None
+            if created:
+                with contextlib.suppress(OSError):
+                    os.unlink(self.path)
             raise
         self.fua_writes = 0  # writes done with RWF_DSYNC (observable by tests)
         self.flushes = 0

@@ -44,6 +44,22 @@ def test_sizes_and_lun_specs():
     assert LunSpec.parse("/srv/a.img") == LunSpec("/srv/a.img")
 
 
+def test_a_mistyped_lun_size_is_refused_and_leaves_no_file(tmp_path):
+    """``--lun x.img:64Q`` used to take ``x.img:64Q`` as the path, create it empty, then fail "empty file and no
+    size given"; a file made for a LUN that cannot be served is removed again."""
+    assert parse_size("1.5G") == 3 << 29 and parse_size("0.5K") == 512
+    for bad in ("64Q", "1.2.3G", "0.1"):
+        with pytest.raises(ValueError, match="bad size"):
+            LunSpec.parse(f"{tmp_path}/x.img:{bad}")
+    by_path = "/dev/disk/by-path/ip-10.0.0.1:3260-iscsi-iqn.2026-11.io.x:t-lun-0"  # a path's own colons
+    assert LunSpec.parse(by_path) == LunSpec(by_path)
+    for lun in (f"{tmp_path}/new.img", f"{tmp_path}/x.img:64Q", f"{tmp_path}/y.img:1000"):
+        proc = subprocess.run([sys.executable, "-m", "node_agent.cli", "target", "--listen", "127.0.0.1:0",
+                               "--lun", lun], capture_output=True, text=True, timeout=30)
+        assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == [], "a refused LUN left a file behind"
+
+
 def test_chap_from_file_keeps_secret_out_of_repr(tmp_path):
     path = tmp_path / "chap"
     path.write_text("alice:a-long-secret-1\n")
