@@ -15,9 +15,10 @@ EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
 class CliError(Exception):
     """What shoalctl prints (``shoalctl: <message>``) before exiting with ``code``."""
 
-    def __init__(self, message: str, code: int = EXIT_ERROR):
+    def __init__(self, message: str, code: int = EXIT_ERROR, status: str = ""):
         super().__init__(message)
         self.code = code
+        self.status = status  # the controller's gRPC status name (NOT_FOUND, ...); "" when none came
 
 
 def _read(path: str, flag: str = "", marker: bytes = b"") -> bytes | None:
@@ -78,6 +79,16 @@ class Api:
         except grpc.RpcError as exc:
             raise self._error(method, exc) from None
 
+    def exists(self, method: str, request) -> bool:
+        """Whether ``method`` (a Get) finds what ``request`` names: False on NOT_FOUND, other errors raised."""
+        try:
+            self.call(method, request)
+        except CliError as exc:
+            if exc.status == "NOT_FOUND":
+                return False
+            raise
+        return True
+
     def _connect(self) -> None:
         """Tell "nobody is listening" apart from "the controller said UNAVAILABLE" (an agent is down)."""
         if self._connected:
@@ -103,4 +114,4 @@ class Api:
                             "finish: check with a list or show, or raise --timeout")
         if code == grpc.StatusCode.UNIMPLEMENTED:
             return CliError(details or f"the controller does not implement {method}")
-        return CliError(f"{details} ({code.name})" if details else code.name)
+        return CliError(f"{details} ({code.name})" if details else code.name, status=code.name)

@@ -83,5 +83,6 @@ def show_pool(api, args) -> None:
 
 
 def delete_pool(api, args) -> None:
+    existed = api.exists("GetPool", admin_pb2.GetPoolRequest(name=args.name))
     api.call("DeletePool", admin_pb2.DeletePoolRequest(name=args.name))
-    print(f"pool {args.name} deleted")
+    print(f"pool {args.name} deleted" if existed else f"pool {args.name} does not exist: nothing deleted")

@@ -109,5 +109,6 @@ def list_snapshots(api, args) -> None:
 
 
 def delete_snapshot(api, args) -> None:
+    existed = api.exists("GetSnapshot", admin_pb2.GetSnapshotRequest(name=args.name))
     api.call("DeleteSnapshot", admin_pb2.DeleteSnapshotRequest(name=args.name))
-    print(f"snapshot {args.name} deleted")
+    print(f"snapshot {args.name} deleted" if existed else f"snapshot {args.name} does not exist: nothing deleted")

@@ -117,8 +117,10 @@ def expand_volume(api, args) -> None:
 
 
 def delete_volume(api, args) -> None:
+    # the call is idempotent (deleting what is gone succeeds, as CSI needs); the message tells a typo apart
+    existed = api.exists("GetVolume", admin_pb2.GetVolumeRequest(name=args.name))
     api.call("DeleteVolume", admin_pb2.DeleteVolumeRequest(name=args.name))
-    print(f"volume {args.name} deleted")
+    print(f"volume {args.name} deleted" if existed else f"volume {args.name} does not exist: nothing deleted")
 
 
 def attach_volume(api, args) -> None:

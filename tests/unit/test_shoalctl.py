@@ -72,6 +72,8 @@ class FakeAdmin(admin_pb2_grpc.AdminServiceServicer):
 
     def GetVolume(self, request, context):
         self._seen("GetVolume", request)
+        if request.name == "nosuch":
+            context.abort(grpc.StatusCode.NOT_FOUND, "volume nosuch does not exist")
         return VOLUME
 
     def CreateVolume(self, request, context):
@@ -83,6 +85,8 @@ class FakeAdmin(admin_pb2_grpc.AdminServiceServicer):
 
     def DeleteVolume(self, request, context):
         self._seen("DeleteVolume", request)
+        if request.name == "nosuch":  # deleting what is gone succeeds (idempotent, as CSI needs)
+            return admin_pb2.DeleteVolumeResponse()
         context.abort(grpc.StatusCode.FAILED_PRECONDITION, "volume vol1 is attached to node-b: detach it first")
 
     def AttachVolume(self, request, context):
@@ -256,6 +260,13 @@ def test_controller_errors_exit_1_with_its_message(ctl):
     assert code == 1 and "already exists with other parameters (ALREADY_EXISTS)" in err
     code, _, err = ctl("node", "show", "node-z")
     assert code == 1 and "not registered (NOT_FOUND)" in err
+
+
+def test_deleting_a_volume_that_does_not_exist_says_so(ctl, fake):
+    """The delete is idempotent, but "volume nosuch deleted" hid a mistyped name."""
+    code, out, err = ctl("volume", "delete", "nosuch")
+    assert (code, out, err) == (0, "volume nosuch does not exist: nothing deleted\n", "")
+    assert [name for name, _ in fake.requests] == ["GetVolume", "DeleteVolume"]
 
 
 def test_unimplemented_snapshots_are_a_clean_error(ctl):
