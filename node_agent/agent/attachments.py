@@ -163,12 +163,24 @@ class AttachmentManager:
                     self._check_same(known, export, mode)
             record = known or AttachmentRecord(export.volume_id, "", mode, export)
             if not defer_login:  # the record and credentials are held (and saved) once the login succeeded
-                return self._login(record, credentials)
+                device = self._login(record, credentials)
+                if known is not None and known.logged_in and device == known.device_path:
+                    self._refresh_size(known)
+                return device
             self._commit(export.volume_id, record, credentials, "publishing it")
             if known is None:
                 log.info("volume %s published here (%s): login deferred to NodeStageVolume",
                          export.volume_id, mode)
             return record.device_path
+
+    def _refresh_size(self, record: AttachmentRecord) -> None:
+        """A repeated attach of a logged-in volume: have its device show the LUN's capacity now (``shoalctl
+        volume expand`` grows the volume at its owner; CSI's NodeExpandVolume rescans, a plain attach did not).
+        Best effort: the device answered is the volume's either way."""
+        try:
+            self.connector(record.mode).rescan(_target_without_secrets(record.export))
+        except Exception as exc:  # noqa: BLE001 - the attach stands; the size shows at the next rescan
+            log.warning("volume %s: could not refresh the size of %s: %s", record.volume_id, record.device_path, exc)
 
     def login(self, volume_id: str) -> str:
         """Log in to a recorded volume's LUN and return its checked device; a repeat returns the same."""

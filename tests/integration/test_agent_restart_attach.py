@@ -276,3 +276,23 @@ def test_a_restart_with_a_device_in_use_then_released_attaches_the_volume_again(
             for volume_id in ("vol-held", "vol-free"):
                 manager.detach(volume_id)
         assert manager.list() == []
+
+
+def test_a_repeated_attach_shows_the_size_the_volume_grew_to(tmp_path):
+    """``shoalctl volume expand`` grows the volume at its owner; a device attached with a plain attach kept its
+    old size (only CSI's NodeExpandVolume rescanned): the repeated attach now refreshes it."""
+    path = image(tmp_path, "vol-a", b"A")
+    manager, _ = make_manager(tmp_path)
+    with cleaned(tmp_path):
+        try:
+            device = manager.attach(export_of("vol-a"))
+            size = lambda: int(subprocess.run(["blockdev", "--getsize64", device], capture_output=True,  # noqa: E731
+                                              text=True, check=True).stdout)
+            assert size() == 8 * MiB
+            os.truncate(path, 16 * MiB)  # the owner grew the volume
+            assert manager.attach(export_of("vol-a")) == device  # the same device ...
+            assert size() == 16 * MiB  # ... at the new size
+            assert first_block(device) == b"A" * BLOCK
+        finally:
+            manager.detach("vol-a")
+        assert manager.list() == []
