@@ -10,7 +10,7 @@ import argparse
 import sys
 from importlib.metadata import PackageNotFoundError, version
 
-from controller.cli import node, pool, snapshot, status, volume
+from controller.cli import node, output, pool, snapshot, status, volume
 from controller.cli.api import EXIT_OK, Api, CliError
 from controller.cli.context import controller_address
 
@@ -46,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tls-ca", default="", help="CA that signed the controller's certificate (enables TLS)")
     parser.add_argument("--tls-cert", default="", help="client certificate (controllers that require mTLS)")
     parser.add_argument("--tls-key", default="", help="key of --tls-cert")
+    output.add_global_output_flag(parser)
     sub = parser.add_subparsers(dest="noun", required=True, metavar="{node,pool,volume,snapshot,status}")
     for noun in NOUNS:
         noun.register(sub)

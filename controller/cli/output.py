@@ -6,6 +6,7 @@ columns a table shows; JSON and YAML print the dicts whole.
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 import time
@@ -45,7 +46,15 @@ def joined(value: Any) -> str:
 
 
 def add_output_flag(parser) -> None:
-    parser.add_argument("-o", "--output", choices=FORMATS, default="table", help="output format (default table)")
+    """``-o`` after a subcommand; it overrides a ``-o`` given before the noun (``add_global_output_flag``)."""
+    parser.add_argument("-o", "--output", choices=FORMATS, default=argparse.SUPPRESS,
+                        help="output format (default table)")
+
+
+def add_global_output_flag(parser) -> None:
+    """``shoalctl -o json status`` as well as ``shoalctl status -o json``."""
+    parser.add_argument("-o", "--output", choices=FORMATS, default="table",
+                        help="output format of commands that print objects (default table)")
 
 
 def _dump(data: Any, fmt: str) -> str:

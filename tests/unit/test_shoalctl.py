@@ -262,6 +262,16 @@ def test_controller_errors_exit_1_with_its_message(ctl):
     assert code == 1 and "not registered (NOT_FOUND)" in err
 
 
+def test_output_format_before_or_after_the_subcommand(ctl):
+    """``-o`` used to be taken only after the subcommand: ``shoalctl -o json status`` was a usage error."""
+    code, out, _ = ctl("-o", "json", "status")
+    assert code == 0 and json.loads(out)["nodes"] == 3
+    code, out, _ = ctl("-o", "json", "status", "-o", "yaml")  # the subcommand's own flag wins
+    assert code == 0 and not out.lstrip().startswith("{") and yaml.safe_load(out)["nodes"] == 3
+    code, out, _ = ctl("status")
+    assert code == 0 and not out.lstrip().startswith("{")
+
+
 def test_deleting_a_volume_that_does_not_exist_says_so(ctl, fake):
     """The delete is idempotent, but "volume nosuch deleted" hid a mistyped name."""
     code, out, err = ctl("volume", "delete", "nosuch")
