@@ -15,6 +15,7 @@ namespaces the tests create.
 
 from __future__ import annotations
 
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -31,3 +32,17 @@ def require_tools(*tools: str) -> None:
     missing = [tool for tool in tools if shutil.which(tool) is None]
     if missing:
         pytest.skip(f"needs {', '.join(missing)} (installed by `make test`)")
+
+
+def require_loop_and_fuse(*tools: str) -> None:
+    """Skip (saying why) where userspace attach cannot run: it needs root, /dev/fuse, loop devices, libfuse 3
+    (through mfusepy) and ``tools``."""
+    if os.geteuid() != 0:
+        pytest.skip("loop devices and mounts need root")
+    if not os.path.exists("/dev/fuse") or not os.path.exists("/dev/loop-control"):
+        pytest.skip("needs /dev/fuse and /dev/loop-control")
+    require_tools(*tools)
+    try:
+        import mfusepy  # noqa: F401
+    except (ImportError, OSError) as exc:
+        pytest.skip(f"mfusepy/libfuse3 unavailable: {exc}")

@@ -16,7 +16,7 @@ import pytest
 
 from node_agent.agent.settings import IQN_PREFIX
 from protos.shoal.v1 import agent_pb2 as pb
-from tests.conftest import require_tools
+from tests.conftest import require_loop_and_fuse
 from tests.integration.conftest import running_agent, stub_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
@@ -27,15 +27,7 @@ USER, SECRET = "attach-user", "attach-secret-0123"
 
 @pytest.fixture(autouse=True)
 def _requirements():
-    if os.geteuid() != 0:
-        pytest.skip("loop devices need root")
-    if not os.path.exists("/dev/fuse") or not os.path.exists("/dev/loop-control"):
-        pytest.skip("needs /dev/fuse and /dev/loop-control")
-    require_tools("losetup", "blockdev")
-    try:
-        import mfusepy  # noqa: F401
-    except (ImportError, OSError) as exc:
-        pytest.skip(f"mfusepy/libfuse3 unavailable: {exc}")
+    require_loop_and_fuse("losetup", "blockdev")
 
 
 def test_a_volume_of_agent_a_attached_on_agent_b(tmp_path):

@@ -35,7 +35,7 @@ from node_agent.host.connector import TemporaryConnectorError
 from node_agent.host.fuse_export import FileBlockDevice, is_mountpoint, unmount
 from node_agent.host.runner import SubprocessRunner
 from node_agent.host.userspace import UserspaceConnector, UserspaceSettings, _backing_file, _loops_backed_by
-from tests.conftest import require_tools
+from tests.conftest import require_loop_and_fuse
 from tests.support.shoal_target import REPO, stop_process
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
@@ -46,15 +46,7 @@ BLOCK = 4096
 
 @pytest.fixture(autouse=True)
 def _requirements():
-    if os.geteuid() != 0:
-        pytest.skip("loop devices need root")
-    if not os.path.exists("/dev/fuse") or not os.path.exists("/dev/loop-control"):
-        pytest.skip("needs /dev/fuse and /dev/loop-control")
-    require_tools("losetup", "blockdev")
-    try:
-        import mfusepy  # noqa: F401
-    except (ImportError, OSError) as exc:
-        pytest.skip(f"mfusepy/libfuse3 unavailable: {exc}")
+    require_loop_and_fuse("losetup", "blockdev")
 
 
 def export_of(volume_id: str) -> ExportInfo:

@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 
 from controller.store.sqlite import SqliteStore
-from tests.conftest import require_tools
+from tests.conftest import require_loop_and_fuse
 from tests.support.controller_process import running, shoalctl, start_agent, start_controller
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
@@ -34,15 +34,7 @@ GiB = 1 << 30
 
 @pytest.fixture(autouse=True)
 def _requirements():
-    if os.geteuid() != 0:
-        pytest.skip("loop devices and mounts need root")
-    if not os.path.exists("/dev/fuse") or not os.path.exists("/dev/loop-control"):
-        pytest.skip("needs /dev/fuse and /dev/loop-control")
-    require_tools("losetup", "mkfs.ext4", "mount", "umount")
-    try:
-        import mfusepy  # noqa: F401
-    except (ImportError, OSError) as exc:
-        pytest.skip(f"mfusepy/libfuse3 unavailable: {exc}")
+    require_loop_and_fuse("losetup", "mkfs.ext4", "mount", "umount")
 
 
 class Ctl:

@@ -34,7 +34,7 @@ from node_agent.host.fuse_export import is_mountpoint, unmount
 from node_agent.host.userspace import UserspaceConnector, UserspaceSettings
 from node_agent.scsi.vpd import naa_for
 from node_agent.target_service import _LUN_NAMESPACE
-from tests.conftest import require_tools
+from tests.conftest import require_loop_and_fuse, require_tools
 from tests.support.shoal_target import REPO, running_shoal_target, stop_process
 
 pytestmark = [pytest.mark.peer, pytest.mark.slow, pytest.mark.timeout(300)]
@@ -45,15 +45,7 @@ INITIATOR = "iqn.2026-11.io.shoal.test:userspace-host"
 
 @pytest.fixture(autouse=True)
 def _requirements():
-    if os.geteuid() != 0:
-        pytest.skip("loop devices and mounts need root")
-    if not os.path.exists("/dev/fuse") or not os.path.exists("/dev/loop-control"):
-        pytest.skip("needs /dev/fuse and /dev/loop-control")
-    require_tools("losetup", "mkfs.ext4", "mount", "umount", "blockdev", "e2fsck")
-    try:
-        import mfusepy  # noqa: F401
-    except (ImportError, OSError) as exc:
-        pytest.skip(f"mfusepy/libfuse3 unavailable: {exc}")
+    require_loop_and_fuse("losetup", "mkfs.ext4", "mount", "umount", "blockdev", "e2fsck")
 
 
 def volume_id_of(lun_path: Path) -> str:
