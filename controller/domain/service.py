@@ -641,7 +641,9 @@ class ControllerService:
             if requested_bytes:
                 self._record_requested(name, source, requested_bytes)
             raise
-        return (self._record_requested(name, source, requested_bytes) or volume) if requested_bytes else volume
+        if requested_bytes:
+            volume = self._record_requested(name, source, requested_bytes) or volume
+        return volume
 
     def _record_requested(self, name: str, source: str, size: int) -> Volume | None:
         with self._volume_locks.hold(name):  # every write of the row re-reads it under this lock: none is lost
