@@ -1113,12 +1113,17 @@ class TargetConnection:
         # An aborted SANITIZE that went on (``outlives_abort``) was waited for by no TMF, and its tag may name a
         # newer command by now: a TMF waiting for that one must go on waiting.
         if self._tmf_waiting and not (entry.aborted and entry.outlives_abort):
-            for waiting in list(self._tmf_waiting):
-                waiting[0].discard(itt)
-                if not waiting[0]:
-                    self._tmf_waiting.remove(waiting)
-                    if not self.closing:
-                        waiting[1]()
+            self._tmf_released(itt)
+
+    def _tmf_released(self, key: Any) -> None:
+        """What a task management answer waited for (an aborted command's task tag, or a unit's drain job) has
+        ended: answer those that now wait for nothing."""
+        for waiting in list(self._tmf_waiting):
+            waiting[0].discard(key)
+            if not waiting[0]:
+                self._tmf_waiting.remove(waiting)
+                if not self.closing:
+                    waiting[1]()
 
     def _complete(self, itt: int, lun_field: bytes, edtl: int, read: bool, result) -> None:
         data = result.data
@@ -1407,6 +1412,7 @@ class TargetConnection:
         function = header.function
         response = TmfResponse.FUNCTION_COMPLETE
         self._aborting = set()
+        drain: list = []  # units where other sessions' commands were aborted: the answer waits for their I/O
         luns = session.target.luns if session.target else None
         lun = _lun_number(header.lun)
         if luns is None:
@@ -1423,14 +1429,16 @@ class TargetConnection:
                 # ABORT TASK SET ends this I_T nexus's tasks; CLEAR TASK SET the whole task set, every
                 # initiator's (the control mode page's TST is 000b: one task set for all), as LOGICAL UNIT
                 # RESET does (SAM-5 §7.4, §7.6): a WRITE another session left waiting for its Data-Out must
-                # not land after the answer
-                if function != TmfFunction.ABORT_TASK_SET:
-                    self._abort_other_nexuses(session, [lun])
+                # not land after the answer, nor one already running on a worker
+                if function != TmfFunction.ABORT_TASK_SET and self._abort_other_nexuses(session, [lun])[0]:
+                    drain.append(unit)
                 if function == TmfFunction.LOGICAL_UNIT_RESET:
                     unit.reset("lun")
         elif function in (TmfFunction.TARGET_WARM_RESET, TmfFunction.TARGET_COLD_RESET):
             self._abort_where(lambda t: True)
-            self._abort_other_nexuses(session, list(luns.luns))
+            numbers = list(luns.luns)
+            drain += [luns.luns[number] for number, aborted in zip(numbers, self._abort_other_nexuses(session, numbers))
+                      if aborted]
             for unit in luns.luns.values():
                 unit.reset("target")
         elif function == TmfFunction.TASK_REASSIGN:
@@ -1447,11 +1455,19 @@ class TargetConnection:
                     if other.target is target:
                         self.registry.close_session(other, "target cold reset")
 
+        # Other sessions' aborted commands whose I/O runs (or waits) on a worker cannot be called back; they end
+        # TASK ABORTED once it has, and the answer waits for them (as PREEMPT AND ABORT's GOOD does): a job per
+        # unit behind them in the unit's worker order, ``wait_for_earlier_io``, marks when they have ended.
+        keys = [object() for _ in drain]
+        self._aborting.update(keys)
         if self._aborting:  # aborted commands whose I/O is still running: answer once it has ended
             self._tmf_waiting.append((self._aborting, answer))
             self._aborting = set()
         else:
             answer()
+        for unit, key in zip(drain, keys):
+            job = unit.deferred(unit.wait_for_earlier_io)
+            self.offload(job.blocking, lambda _result, key=key: self._tmf_released(key), unit)
         if session.pending:  # ABORT TASK may have filled a CmdSN gap (``_abort_task``): what waited behind it runs
             self._drain_pending()
 
@@ -1506,14 +1522,14 @@ class TargetConnection:
         else:
             self._drained_waiters.append(callback)
 
-    def _abort_other_nexuses(self, session: Any, lun_numbers: list[int]) -> None:
+    def _abort_other_nexuses(self, session: Any, lun_numbers: list[int]) -> list[int]:
         """A reset or CLEAR TASK SET: end the tasks of every session to this target on ``lun_numbers`` (each
         connection answers them TASK ABORTED, as for PREEMPT AND ABORT); this connection's were ended already.
-        Commands of other sessions already running on a worker answer TASK ABORTED once their I/O ends."""
+        Commands of other sessions already running on a worker answer TASK ABORTED once their I/O ends.  How
+        many were aborted, per number."""
         target = session.target
         nexuses = [other.nexus for other in list(self.registry.sessions.values()) if other.target is target]
-        for number in lun_numbers:
-            self.registry.abort_tasks(target, number, nexuses)
+        return [self.registry.abort_tasks(target, number, nexuses) for number in lun_numbers]
 
     def abort_tasks(self, lun: int) -> int:
         """End this connection's commands to ``lun`` with TASK ABORTED: those still collecting Data-Out at

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import os
 
+import pytest
+
 from node_agent.iscsi import pdu as P
 from node_agent.iscsi.pdu import Opcode, RejectReason
 from node_agent.iscsi.target import TargetNode, TargetRegistry
@@ -309,3 +311,63 @@ def test_preempt_and_abort_answers_once_the_preempted_write_on_a_worker_has_ende
     b_done(b_result[0])
     assert status_of(b.receive()) == 0
     assert bytes(lu.backing.buf[:4096]) == b"S" * 4096  # it landed before B's GOOD, never after
+
+
+@pytest.mark.parametrize("function, name", [(4, "clear task set"), (5, "logical unit reset"),
+                                            (6, "target warm reset")])
+def test_a_reset_answers_once_another_sessions_aborted_write_on_a_worker_has_ended(make_initiator, function, name):
+    """SAM-5 §7.4, §7.6: CLEAR TASK SET and the resets abort every initiator's tasks on the unit.  One whose WRITE
+    already runs on a worker cannot be called back: it ends with TASK ABORTED, and the reset's answer waits for
+    it, so its data never lands after that answer (it used to: FUNCTION COMPLETE at once, the write later)."""
+    import threading
+
+    registry, lu = slow_registry()
+    a, b = make_initiator(registry), make_initiator(registry, isid=0x400001370099)
+    a.login_normal(), b.login_normal()
+    a_jobs, b_jobs = with_worker_queue(a), with_worker_queue(b)
+    a.command(rw10(WRITE10, 0, 8), write=b"S" * 4096)
+    assert a.receive() == [] and len(a_jobs) == 1
+    landing, release = threading.Event(), threading.Event()
+    write = lu.backing.write
+
+    def held_write(offset, data, fua=False):
+        landing.set()
+        release.wait(10)
+        write(offset, data, fua)
+    lu.backing.write = held_write
+    a_io, a_done = a_jobs.pop()
+    a_result: list = []
+    a_thread = threading.Thread(target=lambda: a_result.append(a_io()))
+    a_thread.start()  # A's WRITE is on its worker, its data not yet on the medium
+    assert landing.wait(10)
+    b.send(Opcode.TASK_MGMT_REQUEST, final=True, immediate=True, function=function, lun=bytes(8),
+           itt=b.next_itt(), referenced_task_tag=P.RESERVED_TAG, cmdsn=b.cmdsn, refcmdsn=0)
+    assert b.receive() == [] and len(b_jobs) == 1, f"{name} answered while A's WRITE still runs"
+    b_io, b_done = b_jobs.pop()
+    b_result: list = []
+    b_thread = threading.Thread(target=lambda: b_result.append(b_io()))
+    b_thread.start()
+    b_thread.join(0.3)
+    assert b_thread.is_alive()  # B's answer waits for A's write
+    release.set()
+    a_thread.join(10), b_thread.join(10)
+    a_done(a_result[0])
+    [aborted] = [r for r in a.receive() if r.opcode == Opcode.SCSI_RESPONSE]
+    assert aborted.header.status == 0x40  # TASK ABORTED, not GOOD
+    assert b.receive() == []  # the drain job's completion answers, not A's
+    b_done(b_result[0])
+    [answer] = b.receive()
+    assert answer.opcode == Opcode.TASK_MGMT_RESPONSE and answer.header.response == 0
+    assert bytes(lu.backing.buf[:4096]) == b"S" * 4096  # it landed before the answer, never after
+
+
+def test_a_reset_with_no_other_sessions_io_is_answered_at_once(make_initiator):
+    """No other session had a command on the unit: no worker hop, the answer comes right away."""
+    registry, lu = slow_registry()
+    a, b = make_initiator(registry), make_initiator(registry, isid=0x400001370099)
+    a.login_normal(), b.login_normal()
+    b_jobs = with_worker_queue(b)
+    b.send(Opcode.TASK_MGMT_REQUEST, final=True, immediate=True, function=5, lun=bytes(8),
+           itt=b.next_itt(), referenced_task_tag=P.RESERVED_TAG, cmdsn=b.cmdsn, refcmdsn=0)
+    [answer] = b.receive()
+    assert answer.opcode == Opcode.TASK_MGMT_RESPONSE and answer.header.response == 0 and not b_jobs
