@@ -3,7 +3,9 @@
 Register, repeated, updates the node's record (the domain's ``register_node``);
 Heartbeat of a node that never registered is ``NOT_FOUND``, which tells the
 agent to register again (after the controller lost its state, say).  A
-heartbeat without disks keeps the disks the controller knows.
+heartbeat without disks keeps the disks the controller knows.  Every answer
+carries the heartbeat interval, so agents that registered with a controller
+started with other settings follow this one's.
 
 ``node_labels`` (``--store kubernetes``: ``controller.k8s_nodes.KubernetesNodeLabels``) merges the topology
 labels of the Kubernetes Node named like the registering node into the labels the agent sent.  Register
@@ -41,4 +43,5 @@ class RegistrationServicer(agent_pb2_grpc.RegistrationServiceServicer):
     def Heartbeat(self, request, context):
         node = self.service.heartbeat(request.node_id,
                                       convert.disks_from_proto(request.disks) if request.disks else None)
-        return agent_pb2.HeartbeatResponse(fenced=node.fenced, drop_volume_ids=self.service.volumes_to_drop(node))
+        return agent_pb2.HeartbeatResponse(fenced=node.fenced, drop_volume_ids=self.service.volumes_to_drop(node),
+                                           heartbeat_interval_seconds=self.service.settings.heartbeat_interval)

@@ -4,8 +4,13 @@
 by ``max_register_backoff``) for as long as the agent runs: an agent started
 before its controller simply waits for it, and serves AgentService meanwhile.
 Then a ``Heartbeat`` (liveness and free space) every interval the controller
-asked for; a ``NOT_FOUND`` answer (the controller forgot us, e.g. a new state
-store) registers again, other failures are logged and the next beat tries again.
+asked for (each answer says the interval again: a controller restarted with
+other settings is followed); a ``NOT_FOUND`` answer (the controller forgot us,
+e.g. a new state store) registers again, other failures are logged and the
+next beat tries again.  Nothing ends the loop but ``stop()``: a disk that
+cannot be read (unmounted for a moment) sends a beat without disks (the
+controller keeps those it knows), and an unexpected error is logged and retried,
+so a live agent never falls silent and gets fenced.
 
 Every successful Register answers the labels the controller recorded for the
 node (with ``--store kubernetes``, the Kubernetes Node's topology labels merged
@@ -97,14 +102,14 @@ class Registrar:
             wait=tenacity.wait_random_exponential(multiplier=0.5, max=self.max_backoff),
             stop=tenacity.stop_when_event_set(self._stop),
             sleep=self._stop.wait,
-            retry=tenacity.retry_if_exception_type(grpc.RpcError),
+            retry=tenacity.retry_if_exception_type(Exception),  # an unreadable disk too: try again later
             before_sleep=self._log_failure,
             reraise=True,
         )
         try:
             answer = retrying(self._register)
-        except grpc.RpcError:
-            return None  # stopped while the controller was unreachable
+        except Exception:  # noqa: BLE001 - only once stopped (the retry stops for nothing else)
+            return None
         self.labels = dict(answer.labels) or dict(self.announcement.labels)
         if self.on_registered is not None:
             self.on_registered(dict(self.labels))
@@ -118,7 +123,7 @@ class Registrar:
         while not self._stop.wait(interval):
             try:
                 answer = self.stub.Heartbeat(agent_pb2.HeartbeatRequest(
-                    node_id=self.announcement.node_id, disks=_disks_proto(self.disks())), timeout=self.timeout)
+                    node_id=self.announcement.node_id, disks=self._disks_or_none()), timeout=self.timeout)
                 self.heartbeats += 1
             except grpc.RpcError as exc:
                 if exc.code() == grpc.StatusCode.NOT_FOUND:
@@ -128,12 +133,27 @@ class Registrar:
                     return
                 log.warning("heartbeat failed (%s): %s", exc.code().name, exc.details())
                 continue
+            except Exception:  # noqa: BLE001 - a bug must not silence the node: the next beat tries again
+                log.exception("heartbeat failed")
+                continue
+            if answer.heartbeat_interval_seconds and answer.heartbeat_interval_seconds != interval:
+                log.info("the controller asks for a heartbeat every %.1fs (was %.1fs)",
+                         answer.heartbeat_interval_seconds, interval)
+                interval = answer.heartbeat_interval_seconds
             if answer.fenced != self.fenced:
                 self.fenced = answer.fenced
                 (log.warning if answer.fenced else log.info)("the controller %s node %s", "fenced" if answer.fenced
                                                              else "unfenced", self.announcement.node_id)
             if answer.drop_volume_ids and self.on_drop is not None:
                 self.on_drop(list(answer.drop_volume_ids))
+
+    def _disks_or_none(self) -> list[common_pb2.Disk]:
+        """The disks for a heartbeat; none (the controller keeps what it knows) when they cannot be read now."""
+        try:
+            return _disks_proto(self.disks())
+        except Exception as exc:  # noqa: BLE001 - a disk unmounted for a moment, say: the beat still goes
+            log.warning("reading the disks for the heartbeat failed (%s): sending it without them", exc)
+            return []
 
     def _register(self) -> agent_pb2.RegisterResponse:
         a = self.announcement

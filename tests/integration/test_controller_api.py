@@ -142,8 +142,9 @@ def test_registration_and_heartbeat(served, stubs):
     register(registration, "node-a")  # a repeat updates the record
     node = admin.GetNode(admin_pb2.GetNodeRequest(id="node-a"))
     assert (node.health, dict(node.labels), node.disks[0].capacity_bytes) == ("healthy", {"zone": "a"}, 100 * GiB)
-    registration.Heartbeat(agent_pb2.HeartbeatRequest(node_id="node-a", disks=[
+    beat = registration.Heartbeat(agent_pb2.HeartbeatRequest(node_id="node-a", disks=[
         common_pb2.Disk(name="data0", path="/srv/d0", capacity_bytes=100 * GiB, free_bytes=40 * GiB)]))
+    assert beat.heartbeat_interval_seconds == ControllerSettings().heartbeat_interval  # agents follow it
     assert admin.GetNode(admin_pb2.GetNodeRequest(id="node-a")).disks[0].free_bytes == 40 * GiB
     registration.Heartbeat(agent_pb2.HeartbeatRequest(node_id="node-a"))  # no disks: keeps them
     assert admin.GetNode(admin_pb2.GetNodeRequest(id="node-a")).disks[0].free_bytes == 40 * GiB

@@ -23,8 +23,9 @@ NODE = NodeAnnouncement("n1", "iqn.2026-11.io.shoal:node:n1", "127.0.0.1:7071", 
 
 
 class Controller(agent_pb2_grpc.RegistrationServiceServicer):
-    def __init__(self, interval: float):
+    def __init__(self, interval: float, beat_interval: float = 0.0):
         self.interval = interval
+        self.beat_interval = beat_interval  # what each HeartbeatResponse says (0: nothing, as before the field)
         self.registers: list[agent_pb2.RegisterRequest] = []
         self.heartbeats: list[agent_pb2.HeartbeatRequest] = []
         self.forget = threading.Event()
@@ -38,7 +39,7 @@ class Controller(agent_pb2_grpc.RegistrationServiceServicer):
         if self.forget.is_set():
             context.abort(grpc.StatusCode.NOT_FOUND, "unknown node")
         self.heartbeats.append(request)
-        return agent_pb2.HeartbeatResponse()
+        return agent_pb2.HeartbeatResponse(heartbeat_interval_seconds=self.beat_interval)
 
 
 def free_port() -> int:
@@ -114,4 +115,75 @@ def test_zero_interval_falls_back_to_the_default(interval):
         assert registrar.register_until_done() == 0.05
     finally:
         registrar.channel.close()
+        server.stop(None)
+
+
+def test_a_disk_that_cannot_be_read_does_not_silence_the_heartbeats():
+    """``disks()`` failing (a disk's directory gone while it is remounted) used to end the registration thread:
+    no heartbeat ever again, and the live node was marked unhealthy and could be fenced.  Now the beat goes
+    without disks (the controller keeps those it knows) and the disks come back with the next readable beat."""
+    port = free_port()
+    controller = Controller(interval=0.05)
+    server = serve(controller, port)
+    broken = threading.Event()
+
+    def flaky_disks():
+        if broken.is_set():
+            raise FileNotFoundError(2, "No such file or directory", "/srv/d0/volumes")
+        return disks()
+    registrar = Registrar(NODE, flaky_disks, grpc.insecure_channel(f"127.0.0.1:{port}"), timeout=1)
+    registrar.start()
+    try:
+        wait_for(lambda: len(controller.heartbeats) >= 1)
+        broken.set()
+        seen = len(controller.heartbeats)
+        wait_for(lambda: len(controller.heartbeats) >= seen + 3)
+        assert registrar._thread.is_alive()
+        assert not controller.heartbeats[-1].disks  # sent without disks
+        broken.clear()
+        seen = len(controller.heartbeats)
+        wait_for(lambda: len(controller.heartbeats) > seen and controller.heartbeats[-1].disks)
+    finally:
+        registrar.stop()
+        server.stop(None)
+
+
+def test_register_is_retried_when_the_disks_cannot_be_read():
+    port = free_port()
+    controller = Controller(interval=0.05)
+    server = serve(controller, port)
+    calls = []
+
+    def flaky_disks():
+        calls.append(1)
+        if len(calls) == 1:
+            raise PermissionError(13, "Permission denied", "/srv/d0")
+        return disks()
+    registrar = Registrar(NODE, flaky_disks, grpc.insecure_channel(f"127.0.0.1:{port}"), timeout=1,
+                          max_backoff=0.1)
+    registrar.start()
+    try:
+        wait_for(registrar.registered.is_set)
+        assert len(controller.registers) == 1 and len(calls) >= 2
+    finally:
+        registrar.stop()
+        server.stop(None)
+
+
+def test_the_heartbeat_follows_the_interval_each_answer_gives():
+    """A controller restarted with a shorter interval (and timeout) answers heartbeats without a new Register:
+    the agent used to keep the interval of its Register for good, so the new controller's timeout judged beats
+    it could never get in time, and the node flapped unhealthy (and was fenced)."""
+    port = free_port()
+    controller = Controller(interval=0.2, beat_interval=0.02)  # registered at 0.2 s; the beats now say 0.02 s
+    server = serve(controller, port)
+    registrar = Registrar(NODE, disks, grpc.insecure_channel(f"127.0.0.1:{port}"), timeout=1)
+    registrar.start()
+    try:
+        wait_for(lambda: len(controller.heartbeats) >= 1)
+        seen, started = len(controller.heartbeats), time.monotonic()
+        wait_for(lambda: len(controller.heartbeats) >= seen + 10)
+        assert time.monotonic() - started < 10 * 0.2  # at the shorter interval, not the Register's
+    finally:
+        registrar.stop()
         server.stop(None)

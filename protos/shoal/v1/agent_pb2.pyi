@@ -274,9 +274,11 @@ class HeartbeatRequest(_message.Message):
     def __init__(self, node_id: _Optional[str] = ..., disks: _Optional[_Iterable[_Union[_common_pb2.Disk, _Mapping]]] = ...) -> None: ...
 
 class HeartbeatResponse(_message.Message):
-    __slots__ = ("fenced", "drop_volume_ids")
+    __slots__ = ("fenced", "drop_volume_ids", "heartbeat_interval_seconds")
     FENCED_FIELD_NUMBER: _ClassVar[int]
     DROP_VOLUME_IDS_FIELD_NUMBER: _ClassVar[int]
+    HEARTBEAT_INTERVAL_SECONDS_FIELD_NUMBER: _ClassVar[int]
     fenced: bool
     drop_volume_ids: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, fenced: _Optional[bool] = ..., drop_volume_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+    heartbeat_interval_seconds: float
+    def __init__(self, fenced: _Optional[bool] = ..., drop_volume_ids: _Optional[_Iterable[str]] = ..., heartbeat_interval_seconds: _Optional[float] = ...) -> None: ...
