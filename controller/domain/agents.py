@@ -243,16 +243,19 @@ class FakeAgentClient:
                      source_snapshot_id: str = "") -> dict[str, Any]:
         self._agents._enter(self._state.node_id, "clone_volume", volume_id)
         source = ("snapshot:" + source_snapshot_id) if source_snapshot_id else source_volume_id
-        if source_snapshot_id and self._state.snapshots.get(source_snapshot_id, {}).get("state") != "ready":
-            raise NotFound(f"snapshot {source_snapshot_id} not found (or not ready)")
-        if source_volume_id and source_volume_id not in self._state.volumes:
-            raise NotFound(f"volume {source_volume_id} not found")
+        # The clone first, as the agent: a repeat of one made before is answered whatever became of its source.
         have = self._state.volumes.get(volume_id)
         if have is not None:
             if (have["size_bytes"], have["disk"], have.get("source")) != (size_bytes, disk, source):
                 raise AlreadyExists(f"volume {volume_id} exists with other parameters")
-            if have["state"] == "error":
-                self._start_copy(have)
+            if have["state"] != "error":
+                return self._look(have)
+        if source_snapshot_id and self._state.snapshots.get(source_snapshot_id, {}).get("state") != "ready":
+            raise NotFound(f"snapshot {source_snapshot_id} not found (or not ready)")
+        if source_volume_id and source_volume_id not in self._state.volumes:
+            raise NotFound(f"volume {source_volume_id} not found")
+        if have is not None:  # its copy failed: a repeat starts it again
+            self._start_copy(have)
             return self._look(have)
         have = {"volume_id": volume_id, "size_bytes": size_bytes, "disk": disk, "thin": thin, "source": source}
         self._start_copy(have)

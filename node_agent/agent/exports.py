@@ -34,9 +34,10 @@ from typing import Any, Protocol, TypeVar
 from node_agent.agent.copies import guarded
 from node_agent.agent.errors import AlreadyExists, FailedPrecondition, InvalidArgument, Unavailable
 from node_agent.agent.records import read_json, write_json
-from node_agent.agent.volumes import VolumeManager, check_volume_id
+from node_agent.agent.volumes import VolumeInfo, VolumeManager, check_volume_id
 from node_agent.iscsi.names import check_iqn
 from node_agent.iscsi.target import Credentials, TargetNode
+from node_agent.scsi.device import LunSettings
 from node_agent.scsi.vpd import LunIdentity
 from node_agent.target_service import LunSpec
 
@@ -170,18 +171,18 @@ class ExportManager:
             record = self._records.get(volume_id)
             secrets = _Secrets(chap.secret, mutual_chap.secret if mutual_chap else "")
             if record is None:
-                return self._export_new(volume.path, ExportRecord(
+                return self._export_new(volume, ExportRecord(
                     volume_id, (initiator_iqn,), chap.user, mutual_chap.user if mutual_chap else ""), secrets)
             self._check_same_credentials(record, chap, mutual_chap)
             if volume_id in self._unserved:
-                return self._serve_kept(volume.path, record, initiator_iqn)
+                return self._serve_kept(volume, record, initiator_iqn)
             if initiator_iqn not in record.initiators:
                 updated = replace(record, initiators=record.initiators + (initiator_iqn,))
                 self._commit(updated, self._secrets[volume_id])
                 self.host.set_allowed_initiators(self.target_iqn(volume_id), list(updated.initiators))
                 log.info("volume %s: export extended to %s", volume_id, initiator_iqn)
             elif self.target_iqn(volume_id) not in self.host.served():  # an earlier attempt did not get so far
-                self._serve(volume.path, record, self._secrets[volume_id])
+                self._serve(volume, record, self._secrets[volume_id])
             return self.info(volume_id, record.chap_user)
 
     def unexport(self, volume_id: str, initiator_iqn: str) -> bool:
@@ -327,7 +328,7 @@ class ExportManager:
                     self._keep_unserved(volume_id, "its volume is missing (a disk not mounted yet?)")
                     continue
                 try:
-                    self._serve(volume.path, record, self._secrets[volume_id])
+                    self._serve(volume, record, self._secrets[volume_id])
                 except Exception as exc:
                     self._keep_unserved(volume_id, f"serving it failed: {exc}")
                     continue
@@ -342,12 +343,12 @@ class ExportManager:
         log.warning("export of volume %s kept but not served: %s; the controller's repeat of the export, or the "
                     "next restart, serves it once the volume is there", volume_id, why)
 
-    def _serve_kept(self, path: str, record: ExportRecord, initiator_iqn: str) -> ExportInfo:
+    def _serve_kept(self, volume: VolumeInfo, record: ExportRecord, initiator_iqn: str) -> ExportInfo:
         """Serve a record ``restore`` kept, its volume back: its own ACL (plus ``initiator_iqn``) and CHAP."""
         if initiator_iqn not in record.initiators:
             record = replace(record, initiators=record.initiators + (initiator_iqn,))
             self._commit(record, self._secrets[record.volume_id])
-        self._serve(path, record, self._secrets[record.volume_id])  # a failure: still kept, a repeat tries again
+        self._serve(volume, record, self._secrets[record.volume_id])  # a failure: still kept, a repeat tries again
         del self._unserved[record.volume_id]
         log.info("volume %s: kept export served again as %s to %s", record.volume_id,
                  self.target_iqn(record.volume_id), ", ".join(record.initiators))
@@ -355,10 +356,10 @@ class ExportManager:
 
     # ------------------------------------------------------------------ helpers
 
-    def _export_new(self, path: str, record: ExportRecord, secrets: _Secrets) -> ExportInfo:
+    def _export_new(self, volume: VolumeInfo, record: ExportRecord, secrets: _Secrets) -> ExportInfo:
         self._commit(record, secrets)
         try:
-            self._serve(path, record, secrets)
+            self._serve(volume, record, secrets)
         except BaseException:
             self._forget(record.volume_id)
             raise
@@ -366,13 +367,16 @@ class ExportManager:
                  record.initiators[0])
         return self.info(record.volume_id, record.chap_user)
 
-    def _serve(self, path: str, record: ExportRecord, secrets: _Secrets) -> None:
+    def _serve(self, volume: VolumeInfo, record: ExportRecord, secrets: _Secrets) -> None:
         chap = Credentials(record.chap_user, secrets.chap)
         mutual = Credentials(record.mutual_chap_user, secrets.mutual_chap) if record.mutual_chap_user else None
         # Every LUN is guarded: a snapshot or clone of the volume copied in the background (copies.py) saves
         # the chunks a write is about to change, also when the copy began before this export.
         guards, volume_id = self.volumes.guards, record.volume_id
-        spec = LunSpec(path, volume_id=volume_id, wrap=lambda backing: guarded(backing, volume_id, guards))
+        # A fully allocated volume is no thin LUN (LBPME=0): UNMAP and WRITE SAME's unmap would punch holes in
+        # it, and the space it was given would go to the disk's other volumes.
+        spec = LunSpec(volume.path, volume_id=volume_id, wrap=lambda backing: guarded(backing, volume_id, guards),
+                       settings=LunSettings(thin_provisioning=volume.thin))
         self.host.add_target(self.target_iqn(volume_id), spec, chap=chap, mutual_chap=mutual,
                              allowed_initiators=list(record.initiators))
 

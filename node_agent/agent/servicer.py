@@ -23,7 +23,7 @@ from node_agent.agent.attachments import AttachmentManager, check_mode
 from node_agent.agent.errors import InvalidArgument, NotFound, grpc_status
 from node_agent.agent.exports import ExportInfo, ExportManager, refuse_if_exported
 from node_agent.agent.settings import check_name
-from node_agent.agent.snapshots import SnapshotInfo, SnapshotManager, check_snapshot_id
+from node_agent.agent.snapshots import SnapshotInfo, SnapshotManager, check_snapshot_id, source_name
 from node_agent.agent.volumes import VolumeInfo, VolumeManager, check_size, check_volume_id
 from node_agent.iscsi.names import check_iqn
 from node_agent.iscsi.target import Credentials
@@ -186,6 +186,11 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
                 raise InvalidArgument(str(exc)) from None
         # proto3 bool: an unset ``thin`` reads False; the proto says sparse is the default, but the field
         # cannot tell "unset" from "thick", so False means fully allocated as written.
+        # A repeat first: a clone made before is answered so after its snapshot was deleted.
+        existing = self.volumes.existing(volume_id, request.size_bytes, request.disk, request.thin,
+                                         source_name(snapshot) if snapshot else source)
+        if existing is not None:
+            return _volume_proto(existing)
         origin = self.snapshots.source(snapshot) if snapshot else source
         info = self.volumes.create(volume_id, request.size_bytes, request.disk, request.thin, origin)
         return _volume_proto(info)

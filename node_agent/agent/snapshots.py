@@ -11,8 +11,11 @@ snapshot of an attached volume is crash-consistent.
 
 A copy interrupted by a stop cannot be resumed: at start the temporary file is
 removed and the record says "error" (the snapshot's point in time is lost:
-delete it and take a new one).  A snapshot the controller asked for but this
-agent never started is simply not found, and the controller asks again.
+delete it and take a new one).  A copy the stop caught after its image was
+renamed into place (it is fsynced before) but before its record said so is
+complete: its record says "ready" at start.  A snapshot the controller asked
+for but this agent never started is simply not found, and the controller asks
+again.
 
 Idempotency (agent.proto): create returns the existing snapshot (ready,
 copying or failed) when it is of the same volume, ``AlreadyExists`` otherwise;
@@ -32,7 +35,7 @@ from node_agent.agent.copies import (COPYING, FAILED, READY, CopyJob, Source, fl
 from node_agent.agent.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from node_agent.agent.records import fsync_dir, read_json, write_json
 from node_agent.agent.settings import DiskSpec, check_name
-from node_agent.agent.volumes import VolumeManager, _unlink, raise_if_source_gone, refuse_half_erased
+from node_agent.agent.volumes import SNAPSHOTS_DIR, VolumeManager, _unlink, raise_if_source_gone, refuse_half_erased
 
 log = logging.getLogger("shoal.agent.snapshots")
 
@@ -240,7 +243,8 @@ class SnapshotManager:
         return replace(info, progress=0.0)
 
     def _clean_partial(self, spec: DiskSpec) -> None:
-        """A copy a stop interrupted: its temporary file goes, its record says so."""
+        """A copy a stop interrupted: its temporary file goes, its record says so; one whose image is in
+        place (``_finish`` renames it only complete and fsynced) is ready."""
         directory = self._dir(spec)
         for name in os.listdir(directory):
             if name.startswith(".") and name.endswith(".img.creating"):
@@ -249,14 +253,19 @@ class SnapshotManager:
             if name.endswith(".json") and not name.startswith("."):
                 snapshot_id = name[:-5]
                 meta = read_json(os.path.join(directory, name), None)
-                if meta is not None and meta.get("state") == COPYING:
+                if meta is None or meta.get("state") != COPYING:
+                    continue
+                if os.path.exists(self._image(spec, snapshot_id)):
+                    log.info("snapshot %s: its copy was done when the agent stopped; it is ready", snapshot_id)
+                    write_json(os.path.join(directory, name), dict(meta, state=READY))
+                else:
                     log.warning("snapshot %s: its copy was interrupted by a stop; delete it and take another",
                                 snapshot_id)
                     write_json(os.path.join(directory, name), dict(meta, state=FAILED, message=INTERRUPTED))
 
     @staticmethod
     def _dir(spec: DiskSpec) -> str:
-        return os.path.join(spec.path, "snapshots")
+        return os.path.join(spec.path, SNAPSHOTS_DIR)
 
     def _image(self, spec: DiskSpec, snapshot_id: str) -> str:
         return os.path.join(self._dir(spec), f"{snapshot_id}.img")

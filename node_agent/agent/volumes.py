@@ -7,7 +7,11 @@ sanitize runs or has failed, ``ID.img.sanitize`` (``scsi.sidecar.SanitizeMark``)
 files themselves are the record: a volume exists when its ``.img`` does, so a
 restarted agent finds its volumes by listing the disks.  A new image is built
 under a temporary name and renamed into place when complete, so a crash never
-leaves a half-made volume behind under its real name.
+leaves a half-made volume behind under its real name; a delete removes the
+sidecars and ``ID.json`` first and the image last, so a crash in between leaves
+a volume its repeat deletes, never sidecars without a volume (and a create
+removes any it finds, so a new volume never inherits reservations or a failed
+sanitize of an old one of the same id).
 
 A clone (of a volume, or of a snapshot: ``copies.Source``) is a reflink where
 the filesystem shares extents; otherwise, with ``background_copies``, a
@@ -16,11 +20,18 @@ the filesystem shares extents; otherwise, with ``background_copies``, a
 clone interrupted by a restart is gone (its temporary file is removed at
 start); the controller's repeat of the create starts it again.
 
-Idempotency (agent.proto): create returns the existing volume when size and
-disk match (a clone still copying, or failed, is returned as it is: a repeat
-after a failure starts the copy again) and raises ``AlreadyExists`` otherwise;
-delete of an unknown id succeeds, and stops a clone still copying; expand to a
-size not above the current one returns the volume as it is.
+Idempotency (agent.proto): create returns the existing volume when size,
+disk, thin and source match (a clone still copying is returned as it is; a
+repeat after a failed copy starts it again) and raises ``AlreadyExists``
+otherwise.  The existing volume is looked up before the source: a repeat of a
+clone made before is answered so after its source was deleted, or grew (a size
+of 0, "as large as the source", matches any).  Delete of an unknown id
+succeeds, and stops a clone still copying; expand to a size not above the
+current one returns the volume as it is; a failed expand changes nothing.
+
+A disk with a configured capacity counts as used what every file of its
+``volumes`` and ``snapshots`` directories holds: volumes, snapshots, and the
+temporary files of copies under way.
 """
 
 from __future__ import annotations
@@ -46,6 +57,7 @@ from node_agent.scsi.sidecar import SANITIZE_SUFFIX, SanitizeMark
 log = logging.getLogger("shoal.agent.volumes")
 
 BLOCK_SIZE = 512  # the LUN's logical block size: volume sizes are whole blocks
+VOLUMES_DIR, SNAPSHOTS_DIR = "volumes", "snapshots"  # a disk's directories (snapshots.py keeps the second)
 __all__ = ["BLOCK_SIZE", "FICLONE", "Disk", "VolumeInfo", "VolumeManager", "check_size", "check_volume_id",
            "copy_sparse", "reflink"]
 
@@ -214,6 +226,17 @@ class VolumeManager:
             return sorted(c.info.volume_id for c in self._clones.values()
                           if c.info.source == source_name and c.info.state == COPYING)
 
+    def existing(self, volume_id: str, size: int, disk: str, thin: bool, source: str) -> VolumeInfo | None:
+        """What a repeat of ``create`` finds: the volume as it is (a clone still copying too), or None when
+        there is none or its copy failed (the create starts it again); ``AlreadyExists`` when it was made with
+        other arguments.  ``source`` is only a name here (a volume id, or ``snapshot:ID``): a clone made before
+        is found whatever became of its source since."""
+        info = self.lookup(volume_id)
+        if info is None:
+            return None
+        self._compatible(info, size, disk, thin, source)
+        return info if info.state != FAILED else None
+
     # ------------------------------------------------------------------ changes
 
     def create(self, volume_id: str, size: int, disk: str = "", thin: bool = True,
@@ -221,23 +244,21 @@ class VolumeManager:
         """Create the backing file, or a clone of ``source`` (a volume id, or a ``Source``); see the module
         docstring for what a repeat does."""
         check_volume_id(volume_id)
-        if isinstance(source, str):
-            src = self.source(source) if source else None
-        else:
-            src = source
+        source_name = source if isinstance(source, str) else source.name
+        if size or not source_name:
+            check_size(size)
+        spec = self._spec(disk)
+        existing = self.existing(volume_id, size, disk, thin, source_name)
+        if existing is not None:
+            return existing
+        src = (self.source(source) if source else None) if isinstance(source, str) else source
         if src is not None and size == 0:
             size = src.size
-        check_size(size)
-        spec = self._spec(disk)
-        source_name = src.name if src is not None else ""
         with self._lock:
-            existing = self.lookup(volume_id)
-            if existing is not None:
-                self._compatible(existing, size, disk, source_name)
-                if existing.state != FAILED:
-                    return existing
-                self._drop_clone(volume_id)  # a failed copy: start again
-                spec = self.specs[existing.disk]
+            failed = self._clones.get(volume_id)
+        if failed is not None:  # a clone whose copy failed: start it again, on its disk
+            self._drop_clone(volume_id)
+            spec = self.specs[failed.info.disk]
         if src is not None:
             refuse_half_erased(src)
         if src is not None and size < src.size:
@@ -248,6 +269,7 @@ class VolumeManager:
                 raise ResourceExhausted(f"disk {spec.name} has {free} bytes free, volume {volume_id} needs {size}")
         path = self._image(spec, volume_id)
         tmp = self._tmp(spec, volume_id)
+        self._drop_sidecars(path)  # an old volume's of this id, an older agent's delete left: never this one's
         try:
             write_json(self._meta(spec, volume_id),
                        {"thin": thin, "source": source_name, "created_at": self.clock()}, mode=0o600)
@@ -284,8 +306,10 @@ class VolumeManager:
         if info is None:
             return False
         spec = self.specs[info.disk]
-        for path in (info.path, info.path + PTPL_SUFFIX, info.path + SANITIZE_SUFFIX, self._meta(spec, volume_id)):
-            _unlink(path)
+        # The image last: until it goes the volume exists, and a repeat after a crash finishes the delete.
+        self._drop_sidecars(info.path)
+        _unlink(self._meta(spec, volume_id))
+        _unlink(info.path)
         fsync_dir(self._dir(spec))
         log.info("deleted volume %s from disk %s", volume_id, info.disk)
         return True
@@ -297,14 +321,25 @@ class VolumeManager:
         info = self.require(volume_id)
         if size <= info.size:
             return info
+        if not info.thin:  # as create: the new part is allocated now, within the disk's free space
+            free = self._disk(self.specs[info.disk]).free
+            if size - info.size > free:
+                raise ResourceExhausted(f"disk {info.disk} has {free} bytes free, growing volume {volume_id} "
+                                        f"to {size} bytes needs {size - info.size}")
         try:
             fd = os.open(info.path, os.O_RDWR | os.O_CLOEXEC)
             try:
-                if info.thin:
-                    os.ftruncate(fd, size)
-                else:
-                    os.posix_fallocate(fd, info.size, size - info.size)
-                os.fsync(fd)
+                try:
+                    if info.thin:
+                        os.ftruncate(fd, size)
+                    else:
+                        os.posix_fallocate(fd, info.size, size - info.size)
+                    os.fsync(fd)
+                except BaseException:
+                    # A failed expand changes nothing: a posix_fallocate that ran out of space has grown the
+                    # file part of the way and holds what it got (the disk full); this releases it.
+                    os.ftruncate(fd, info.size)
+                    raise
             finally:
                 os.close(fd)
         except OSError as exc:
@@ -421,13 +456,22 @@ class VolumeManager:
 
     # ------------------------------------------------------------------ helpers
 
-    def _compatible(self, existing: VolumeInfo, size: int, disk: str, source: str) -> VolumeInfo:
-        if existing.size != size or (disk and existing.disk != disk) or (source and existing.source != source):
+    def _compatible(self, existing: VolumeInfo, size: int, disk: str, thin: bool, source: str) -> None:
+        """``AlreadyExists`` unless the arguments describe ``existing`` (agent.proto): its size (0, a clone's
+        "as large as the source": any), disk (empty: any), thin or not, and source (empty: none, not any)."""
+        if ((size and existing.size != size) or (disk and existing.disk != disk) or existing.thin != thin
+                or existing.source != source):
+            asked = f"{size} bytes" if size else "the source's size"
             raise AlreadyExists(
-                f"volume {existing.volume_id} exists with {existing.size} bytes on disk {existing.disk}"
-                + (f" (clone of {existing.source})" if existing.source else "")
-                + f"; asked for {size} bytes on disk {disk or 'any'}: delete it first or use another id")
-        return existing
+                f"volume {existing.volume_id} exists with {existing.size} bytes on disk {existing.disk} "
+                f"({_kind(existing.thin, existing.source)}); asked for {asked} on disk {disk or 'any'} "
+                f"({_kind(thin, source)}): delete it first or use another id")
+
+    @staticmethod
+    def _drop_sidecars(path: str) -> None:
+        """The image's persistent reservations and sanitize mark (scsi.ptpl, scsi.sidecar)."""
+        _unlink(path + PTPL_SUFFIX)
+        _unlink(path + SANITIZE_SUFFIX)
 
     def _build(self, tmp: str, size: int, thin: bool) -> None:
         fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
@@ -452,7 +496,7 @@ class VolumeManager:
         fs_capacity, fs_free = st.f_blocks * st.f_frsize, st.f_bavail * st.f_frsize
         if spec.capacity is None:
             return Disk(spec.name, spec.path, fs_capacity, fs_free)
-        used = sum(info.allocated for info in self.list() if info.disk == spec.name)
+        used = sum(_allocated(os.path.join(spec.path, name)) for name in (VOLUMES_DIR, SNAPSHOTS_DIR))
         return Disk(spec.name, spec.path, spec.capacity, max(0, min(fs_free, spec.capacity - used)))
 
     def _info(self, spec: DiskSpec, volume_id: str) -> VolumeInfo | None:
@@ -478,7 +522,7 @@ class VolumeManager:
 
     @staticmethod
     def _dir(spec: DiskSpec) -> str:
-        return os.path.join(spec.path, "volumes")
+        return os.path.join(spec.path, VOLUMES_DIR)
 
     def _image(self, spec: DiskSpec, volume_id: str) -> str:
         return os.path.join(self._dir(spec), f"{volume_id}.img")
@@ -504,6 +548,27 @@ def _space_error(exc: BaseException, disk: str, doing: str, size: int) -> BaseEx
     if isinstance(exc, OSError) and exc.errno == errno.EFBIG:
         return InvalidArgument(f"{size} bytes is too large for disk {disk}'s filesystem")
     return exc
+
+
+def _kind(thin: bool, source: str) -> str:
+    return ("thin" if thin else "fully allocated") + (f", clone of {source}" if source else "")
+
+
+def _allocated(directory: str) -> int:
+    """Bytes the files of ``directory`` hold (extents a reflink shares count in each file: an overstatement,
+    on the safe side)."""
+    total = 0
+    try:
+        entries = list(os.scandir(directory))
+    except FileNotFoundError:
+        return 0
+    for entry in entries:
+        try:
+            if entry.is_file(follow_symlinks=False):
+                total += entry.stat(follow_symlinks=False).st_blocks * 512
+        except FileNotFoundError:
+            pass  # removed meanwhile (a copy finished, a delete)
+    return total
 
 
 def _unlink(path: str) -> None:
