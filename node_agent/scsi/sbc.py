@@ -450,6 +450,8 @@ def write_same(lu, nexus, cdb, data_out, edtl):
             raise CheckCondition(S.INVALID_FIELD_IN_COMMAND_INFORMATION_UNIT)
         block = bytes(data_out)
     backing, fua = lu.backing, lu._fua_always
+    if block is None and not lu.settings.thin_provisioning:
+        block = bytes(bs)  # NDOB on a fully provisioned unit: zeros written, its blocks stay allocated
     if block is None or (lu.settings.thin_provisioning and not any(block)):
         def io() -> None:
             backing.punch(lba * bs, count * bs)

@@ -188,3 +188,19 @@ def test_vbuls_set_since_verify_compares_deallocated_blocks():
     assert status[8 + 12] & 0x0F == 0x1  # LBA 1000 is deallocated
     assert run(lu, cdb10(0x2F, 1000, 1, byte1=0x02), bytes(BS)).status == S.GOOD
     assert sense_of(run(lu, cdb10(0x2F, 1000, 1, byte1=0x02), b"\x01" * BS)) == S.MISCOMPARE_DURING_VERIFY
+
+
+def test_write_same_without_data_on_a_fully_provisioned_unit_writes_zeros_and_keeps_the_blocks(tmp_path):
+    """WRITE SAME(16) with NDOB (no Data-Out: zeros) on a unit that is not thin (LBPME=0, a thick volume) used to
+    punch holes like an UNMAP: the data read back as zeros, but the volume lost the space it was given."""
+    import os
+
+    lu = make_lu("file", tmp_path, thin_provisioning=False)
+    payload = bytes(range(256)) * (8 * BS // 256)
+    assert run(lu, cdb16(0x8A, 0, 8), payload).status == S.GOOD  # WRITE(16) of 8 blocks
+    lu.backing.flush()
+    allocated = os.stat(tmp_path / "lun.img").st_blocks
+    assert run(lu, cdb16(0x93, 0, 8, byte1=0x01), None, 0).status == S.GOOD  # WRITE SAME(16), NDOB
+    assert lu.backing.read(0, 8 * BS) == bytes(8 * BS)
+    lu.backing.flush()
+    assert os.stat(tmp_path / "lun.img").st_blocks >= allocated
