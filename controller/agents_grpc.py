@@ -1,7 +1,8 @@
 """``AgentClient`` over gRPC: the controller drives node agents through their ``AgentService``.
 
-``GrpcAgentDirectory`` keeps one channel per agent address (a node that
-registers with a new address gets a new channel); ``GrpcAgentClient`` turns
+``GrpcAgentDirectory`` keeps one channel per node, to its agent's address (a
+node that registers with a new address, such as a pod's new IP, gets a new
+channel and the old one is closed); ``GrpcAgentClient`` turns
 each ``controller.domain.agents.AgentClient`` call into one RPC with a
 deadline, retried with tenacity (exponential backoff with jitter) while the
 agent answers ``UNAVAILABLE`` or the deadline passes: every AgentService RPC is
@@ -23,6 +24,7 @@ import grpc
 import tenacity
 
 from controller.api.errors import domain_error
+from controller.domain.errors import Unavailable
 from controller.domain.model import Node
 from protos.shoal.v1 import agent_pb2, agent_pb2_grpc, common_pb2
 
@@ -101,7 +103,7 @@ def open_channel(address: str, tls: AgentTls | None) -> grpc.Channel:
 
 
 class GrpcAgentDirectory:
-    """``AgentDirectory``: a ``GrpcAgentClient`` for a node, on a channel shared per agent address."""
+    """``AgentDirectory``: a ``GrpcAgentClient`` for a node, on the node's channel (see the module docstring)."""
 
     def __init__(self, settings: AgentCallSettings | None = None, *,
                  channel_factory: Callable[[str, AgentTls | None], grpc.Channel] = open_channel,
@@ -111,21 +113,31 @@ class GrpcAgentDirectory:
         self._channel_factory = channel_factory
         self._sleep = sleep
         self._on_error = on_error  # (node id, method, code) of each call that failed for good: metrics
-        self._channels: dict[str, grpc.Channel] = {}
+        self._channels: dict[str, tuple[str, grpc.Channel]] = {}  # node id -> (agent address, channel)
         self._lock = threading.Lock()
+        self._closed = False
 
     def client(self, node: Node) -> "GrpcAgentClient":
+        """The node's agent; refused (``Unavailable``) once the directory is closed (the controller stops)."""
+        stale = None
         with self._lock:
-            channel = self._channels.get(node.agent_address)
-            if channel is None:
-                channel = self._channels[node.agent_address] = self._channel_factory(node.agent_address,
-                                                                                     self.settings.tls)
+            if self._closed:
+                raise Unavailable(f"agent of node {node.id}: the controller is stopping (its agent channels are "
+                                  "closed); retry")
+            address, channel = self._channels.get(node.id, ("", None))
+            if channel is None or address != node.agent_address:
+                stale = channel
+                channel = self._channel_factory(node.agent_address, self.settings.tls)
+                self._channels[node.id] = (node.agent_address, channel)
+        if stale is not None:  # the agent moved: its old address leads nowhere (or to another node's agent)
+            stale.close()
         return GrpcAgentClient(node.id, node.agent_address, agent_pb2_grpc.AgentServiceStub(channel),
                                self.settings, sleep=self._sleep, on_error=self._on_error)
 
     def close(self) -> None:
         with self._lock:
-            channels, self._channels = list(self._channels.values()), {}
+            self._closed = True
+            channels, self._channels = [channel for _, channel in self._channels.values()], {}
         for channel in channels:
             channel.close()
 
@@ -259,6 +271,8 @@ class GrpcAgentClient:
             reraise=True, **kwargs)
         try:
             return retrying(getattr(self._stub, method), request, timeout=deadline)
+        except ValueError as exc:  # grpc: "Cannot invoke RPC on closed channel!" (the agent moved, or we stop)
+            raise Unavailable(f"agent of node {self.node_id} at {self.address}: {exc}; retry") from None
         except grpc.RpcError as exc:
             if self._on_error is not None:
                 self._on_error(self.node_id, method, exc.code())

@@ -50,9 +50,6 @@ class Fencing:
         self.store = service.store
         self._locks: dict[str, threading.Lock] = {}
         self._guard = threading.Lock()
-        # Silence counts from when this controller started watching at the earliest: a controller that was down
-        # (or a new leader) must not fence every node whose last heartbeat it stored before the gap.
-        self._watching_since = service._clock()
 
     def _node_lock(self, node_id: str) -> threading.Lock:
         with self._guard:
@@ -82,11 +79,16 @@ class Fencing:
 
     def retry(self) -> list[str]:
         """Fence nodes silent for longer than ``fence_grace`` (when set), and try again the owners of every
-        node still fencing; one line per node that changed."""
+        node still fencing; one line per node that changed.
+
+        Silence is what this process measured on its monotonic clock (``ControllerService._silence``): never
+        more than it has been watching, so a restarted controller, a new leader or a resumed one does not fence
+        every node whose last heartbeat it stored (or received) before the gap, nor a step of the wall clock.
+        """
         lines = []
         grace = self.service.settings.fence_grace
         for node in self.store.list_nodes():
-            silent = min(self.service._silence(node), max(0.0, self.service._clock() - self._watching_since))
+            silent = self.service._silence(node)
             try:
                 if not node.fence and grace and silent > grace:
                     done = self.fence(node.id, f"no heartbeat for {silent:.0f} s (fence grace {grace:g} s)")

@@ -9,7 +9,9 @@ Repairs, each under the volume's lock and re-checked against the store first:
 * an attachment left "detaching" is detached;
 * an export that should exist (an attachment in any state but "fenced") but the owner does
   not report (its agent restarted without restoring it) is exported again;
-* an export the owner reports that no attachment wants is removed;
+* an export the owner reports that no attachment wants is removed; one of a volume the controller does not
+  know as the node's (its state was lost, or restored from an older copy) only while the agent no longer holds
+  the volume: otherwise it is logged and kept, since a consumer may be using it;
 * a volume smaller on its agent than recorded (an expand that failed
   temporarily) is grown;
 * snapshots and clones still being copied are looked at (progress, and the
@@ -18,7 +20,8 @@ Repairs, each under the volume's lock and re-checked against the store first:
 
 Agents that cannot be reached are skipped: the next pass tries again.
 Volumes an agent holds that the controller does not know are only logged, never
-deleted: data is not thrown away on a guess.
+deleted, nor their exports removed: data, and the sessions using it, are not
+thrown away on a guess.
 """
 
 from __future__ import annotations
@@ -110,11 +113,19 @@ class Reconciler:
             volume = owned[key[0]]
             self._try(f"re-exported volume {volume.name} to {key[1]}",
                       lambda v=volume, iqn=key[1]: self._reexport(v.name, iqn))
+        sizes = {v["volume_id"]: int(v.get("size_bytes", 0)) for v in observed.get("volumes", ())}
         for volume_id, iqn in sorted(seen - self._wanted(owned)):
-            name = owned[volume_id].name if volume_id in owned else f"(unknown id {volume_id})"
+            if volume_id in owned:
+                name = owned[volume_id].name
+            elif volume_id in sizes:
+                log.warning("reconcile: node %s exports volume id %s, which the controller does not know there, to "
+                            "%s: kept (a consumer may be using it; was the controller's state lost?)", node.id,
+                            volume_id, iqn)
+                continue
+            else:
+                name = f"(unknown id {volume_id}, gone from the node)"
             self._try(f"removed export of volume {name} to {iqn}",
                       lambda vid=volume_id, iqn=iqn: self._unexport(node, vid, iqn))
-        sizes = {v["volume_id"]: int(v.get("size_bytes", 0)) for v in observed.get("volumes", ())}
         for volume_id, size in sorted(sizes.items()):
             volume = owned.get(volume_id)
             if volume is None:

@@ -85,14 +85,65 @@ class _LockTable:
                     self._locks[name] = (lock, users - 1)
 
 
+class _Liveness:
+    """When this process last heard from each node, on a monotonic clock: what health and fencing decide on.
+
+    ``Node.last_heartbeat`` is wall-clock time, kept for display: a step of the system clock (NTP, a resumed VM)
+    would make every node look silent for the size of the step (and fence it, with ``fence_grace``), or a dead
+    one alive.  A node counts as heard when this process started watching at the latest: a restarted controller
+    (or a new leader) gives every node a whole timeout and grace of its own.  Watching starts again when the
+    health loop did not run for much longer than its interval: the process was paused (a stopped or frozen VM),
+    and the heartbeats sent meanwhile were not received, not missing.  Plain dict and float updates: heartbeats
+    of any thread need no lock.
+    """
+
+    PAUSE_FACTOR = 3.0
+    """A wait between two health passes this many times the usual one (and long enough to matter) is a pause."""
+
+    def __init__(self, monotonic: Callable[[], float], settings: ControllerSettings):
+        self._monotonic = monotonic
+        # A shorter pause is harmless: a node heard at most one interval before it is not silent past the timeout.
+        self._harmless_pause = settings.heartbeat_timeout - settings.heartbeat_interval
+        self._since = monotonic()
+        self._heard: dict[str, float] = {}
+        self._pass_ended: float | None = None
+        self._usual_wait: float | None = None  # the shortest wait seen between two passes: the loop's interval
+
+    def heard(self, node_id: str) -> None:
+        self._heard[node_id] = self._monotonic()
+
+    def silence(self, node_id: str) -> float:
+        seen = max(self._heard.get(node_id, self._since), self._since)
+        return max(0.0, self._monotonic() - seen)
+
+    def pass_starts(self) -> float:
+        """A health pass starts: how long the loop was paused (watching starts again), or 0."""
+        now = self._monotonic()
+        if self._pass_ended is None:
+            return 0.0
+        wait = now - self._pass_ended
+        if self._usual_wait is not None and wait > max(self.PAUSE_FACTOR * self._usual_wait, self._harmless_pause):
+            self._since = now
+            return wait
+        self._usual_wait = wait if self._usual_wait is None else min(self._usual_wait, wait)
+        return 0.0
+
+    def pass_ends(self) -> None:
+        self._pass_ended = self._monotonic()
+
+
 class ControllerService:
     def __init__(self, store: StateStore, agents: AgentDirectory, *,
                  settings: ControllerSettings | None = None, clock: Callable[[], float] = time.time,
-                 secrets: Any = _secrets):
+                 monotonic: Callable[[], float] | None = None, secrets: Any = _secrets):
+        """``clock``: wall-clock time, for records (heartbeats shown, fence and operation times).  ``monotonic``:
+        what liveness is measured on (see ``_Liveness``); by default ``time.monotonic``, or ``clock`` when a
+        test gives one clock only (its fake time then drives both)."""
         self.store = store
         self.agents = agents
         self.settings = settings or ControllerSettings()
         self._clock = clock
+        self._liveness = _Liveness(monotonic or (time.monotonic if clock is time.time else clock), self.settings)
         self._secrets = secrets
         self._volume_locks = _LockTable()
         self._placement_lock = threading.RLock()  # capacity is read, then promised: one decision at a time
@@ -135,6 +186,7 @@ class ControllerService:
                 node = replace(node, fence=known.fence, fence_since=known.fence_since,
                                fence_reason=known.fence_reason, fence_steps=known.fence_steps)
             self.store.put_node(node)
+        self._liveness.heard(node.id)
         log.info("node %s registered (%s, %d disks)", node.id, node.agent_address, len(node.disks))
         return node
 
@@ -147,6 +199,7 @@ class ControllerService:
             node = replace(node, health=HEALTHY, last_heartbeat=self._clock(),
                            disks=new_disks if new_disks is not None else node.disks)
             self.store.put_node(node)
+        self._liveness.heard(node_id)
         return node
 
     def fence_node(self, node_id: str, reason: str = "") -> Node:
@@ -157,7 +210,10 @@ class ControllerService:
 
     def fence_pass(self) -> list[str]:
         """Fence nodes silent past ``fence_grace``; retry fences still waiting for an owner (the loop's)."""
-        return self._fencing.retry()
+        try:
+            return self._fencing.retry()
+        finally:
+            self._liveness.pass_ends()
 
     def volumes_to_drop(self, node: Node) -> list[str]:
         """Volume ids whose attachments a fenced node's agent should forget (told in its heartbeat answer)."""
@@ -172,15 +228,25 @@ class ControllerService:
             raise NotFound(f"node {node_id} is not registered (shoalctl node list shows the nodes)")
         return self._effective(node)
 
-    def mark_unhealthy(self, now: float | None = None) -> list[str]:
-        """Mark nodes silent for longer than ``heartbeat_timeout`` unhealthy; return their ids."""
-        now = self._clock() if now is None else now
+    def mark_unhealthy(self) -> list[str]:
+        """Mark nodes silent for longer than ``heartbeat_timeout`` unhealthy; return their ids.
+
+        The health loop's pass starts here (then ``fence_pass``): a pass long overdue means the process was
+        paused, and every node's silence counts from now (``_Liveness``).
+        """
+        paused = self._liveness.pass_starts()
+        if paused:
+            log.warning("the health loop did not run for %.0f s (was the controller paused?): every node's silence "
+                        "counts from now", paused)
         marked = []
-        with self.store.transaction():
-            for node in self.store.list_nodes():
-                if node.health == HEALTHY and now - node.last_heartbeat > self.settings.heartbeat_timeout:
-                    self.store.put_node(replace(node, health=UNHEALTHY))
-                    marked.append(node.id)
+        try:
+            with self.store.transaction():
+                for node in self.store.list_nodes():
+                    if node.health == HEALTHY and self._silence(node) > self.settings.heartbeat_timeout:
+                        self.store.put_node(replace(node, health=UNHEALTHY))
+                        marked.append(node.id)
+        finally:
+            self._liveness.pass_ends()
         for node_id in marked:
             log.warning("node %s is unhealthy: no heartbeat for more than %g s", node_id,
                         self.settings.heartbeat_timeout)
@@ -193,7 +259,8 @@ class ControllerService:
         return node
 
     def _silence(self, node: Node) -> float:
-        return max(0.0, self._clock() - node.last_heartbeat)
+        """Seconds since this process last heard from ``node`` (monotonic; see ``_Liveness``)."""
+        return self._liveness.silence(node.id)
 
     def _unhealthy(self, node: Node) -> str:
         return f"node {node.id} is unhealthy (no heartbeat for {self._silence(node):.0f} s)"
@@ -568,6 +635,8 @@ class ControllerService:
 
         ``force`` skips the consumer node (for a node that is gone for good); the
         owner's export is removed now, or by reconcile when the owner is back.
+        A fenced attachment skips the consumer too (its node is cut off, maybe dead) and stays "fenced" until
+        the detach is done: "detaching" would make it a writer again, and its retry would ask the consumer.
         """
         name = check.name(name, "volume name")
         node_id = check.node_id(node_id)
@@ -582,7 +651,7 @@ class ControllerService:
                 return
             with self.store.transaction():
                 op = self._begin("detach_volume", name, f"from {node_id}" + (" (forced)" if force else ""))
-                if attachment is not None:
+                if attachment is not None and attachment.state != FENCED:
                     self.store.put_attachment(replace(attachment, state=DETACHING))
             try:
                 if attachment is not None and not force and attachment.state != FENCED:

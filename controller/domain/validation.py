@@ -108,11 +108,23 @@ def ratio(value: Any, *, maximum: float) -> float:
     return float(value)
 
 
+#: Caps of a label map (node labels, volume constraints, CSI topology segments): each is stored on its record and
+#: sent back in answers; topology needs a handful.  Checked before the labels themselves, so a huge map costs little.
+MAX_LABELS = 64
+MAX_LABEL_BYTES = 16 * 1024
+
+
 def labels(value: Any, what: str = "labels") -> dict[str, str]:
     if value is None:
         return {}
     if not isinstance(value, Mapping):
         raise InvalidArgument(f"{what} must be a mapping of key to value")
+    if len(value) > MAX_LABELS:
+        raise InvalidArgument(f"{what}: {len(value)} labels are too many: at most {MAX_LABELS} are accepted")
+    size = sum(len(str(k).encode()) + len(str(v).encode()) for k, v in value.items())
+    if size > MAX_LABEL_BYTES:
+        raise InvalidArgument(f"{what}: {human_bytes(size)} of keys and values is too much: at most "
+                              f"{human_bytes(MAX_LABEL_BYTES)} ({MAX_LABEL_BYTES} bytes) is accepted")
     out = {}
     for key, val in value.items():
         if not isinstance(key, str) or not _LABEL_KEY.fullmatch(key):
