@@ -68,7 +68,7 @@ from typing import Any, Callable
 
 from node_agent.iscsi import pdu as P
 from node_agent.iscsi.buffers import BufferPool, ReceiveBuffer, copy_in
-from node_agent.iscsi.keys import SessionParams, TargetSettings, encode_text, parse_text
+from node_agent.iscsi.keys import SessionParams, TargetSettings, encode_text, format_target_address, parse_text
 from node_agent.iscsi.login import LoginReply, LoginStatus, TargetLogin
 from node_agent.iscsi.pdu import Opcode, RejectReason, TmfFunction, TmfResponse
 from node_agent.iscsi.serial import in_window, sn_add, sn_lt
@@ -262,8 +262,9 @@ class TargetConnection:
         # silently until its F=1.  Bounded: an initiator that never sends it cannot grow this (the oldest go).
         self._dead_itts: dict[int, None] = {}
         self._ttt = 0
-        self._text_more: dict[int, bytes] = {}  # TTT -> the rest of a Text Response too long for one PDU
-        self._text_in: tuple[int, int, bytearray] | None = None  # ITT, TTT, text of a request continued (C bit)
+        # The Text exchange left open by our last Text Response with F=0 (see ``_text``): its ITT, the TTT of that
+        # response, the rest of an answer too long for one PDU, the text of a request continued (C bit).
+        self._text_exchange: tuple[int, int, bytes, bytearray] | None = None
         self._started = clock()
         self._last_rx = self._started
         self._ping: tuple[int, float] | None = None
@@ -1270,46 +1271,50 @@ class TargetConnection:
                    ttt=P.RESERVED_TAG, statsn=self._advance_statsn(), **self._window())
 
     def _text(self, header: Any, data: bytes, raw: bytes) -> None:
-        """Text Request (RFC 7143 §11.10), the request of one Text exchange.
+        """Text Request (RFC 7143 §11.10), one request of a Text exchange.
 
-        A request whose text does not fit one PDU comes in pieces with C=1 (§11.10.2).  Each piece is
-        answered with an empty Text Response (§6: the receiver of C=1 answers with no data) with F=0,
-        and so with a Target Transfer Tag (§11.10.4), which the initiator copies into the next piece,
-        sent with the same Initiator Task Tag (§11.10.3); the joined text is parsed and answered once
-        the piece with C=0 has come.  What is held is bounded (``TEXT_MAX_DATA``): a piece past that is
-        rejected with Long Operation Reject (§11.17.1: no resources to go on) and the pieces go.
+        The target answers every request; a response with F=0 carries a Target Transfer Tag (§11.11.4)
+        and leaves the exchange open: the initiator's next request carries that tag back, with the same
+        Initiator Task Tag (§11.10.3).  Three things leave it open:
+
+        * a request whose text does not fit one PDU comes in pieces with C=1 (§11.10.2), each answered
+          with an empty response (§6: the receiver of C=1 answers with no data); the joined text is
+          answered once the piece with C=0 has come.  What is held is bounded (``TEXT_MAX_DATA``): a
+          piece past that is rejected with Long Operation Reject (§11.17.1: no resources to go on) and
+          the pieces go;
+        * an answer too long for one PDU goes in pieces with C=1 (§11.11.2), the next one for each
+          (empty) request that continues the exchange;
+        * a request with F=0: the initiator has more to say, and a response with F=1 to it would be a
+          protocol error (§11.11.1), so its answer has F=0 too, and the exchange ends only with the
+          answer to a request with F=1.
+
         An initiator has at most one Text Request outstanding on a connection (§11.10), and one with the
-        reserved Target Transfer Tag starts a new exchange (§11.10.4), so such a request drops whatever
-        was held for an earlier one, whatever its Initiator Task Tag: the pieces of a continued request
-        and the rest of a long response.  A request with a Target Transfer Tag the target does not
-        hold, or with another Initiator Task Tag than the pieces it continues, is rejected."""
+        reserved Target Transfer Tag starts a new exchange (§11.10.4): it drops the open one, whatever its
+        Initiator Task Tag.  A request with another Target Transfer Tag than the open exchange's, or with
+        another Initiator Task Tag, is rejected (Invalid PDU Field); the exchange stays open."""
         if header.cont and header.final:
             self._reject_raw(raw, RejectReason.PROTOCOL_ERROR)  # §11.10.2: C=1 requires F=0
             return
         if header.ttt == P.RESERVED_TAG:
-            self._text_more = {}
-            self._text_in = None
-            if not header.cont:
-                self._answer_text(header, data, raw)
-                return
+            self._text_exchange = None
             text = bytearray()
         else:
-            rest = self._text_more.pop(header.ttt, None)
-            if rest is not None:
-                self._send_text(header, rest)
-                return
-            held, self._text_in = self._text_in, None
+            held = self._text_exchange
             if held is None or held[0] != header.itt or held[1] != header.ttt:
                 self._reject_raw(raw, RejectReason.INVALID_PDU_FIELD)
                 return
-            text = held[2]
+            self._text_exchange = None
+            _, _, rest, text = held
+            if rest:
+                self._send_text(header, rest)
+                return
         text += data
         if len(text) > TEXT_MAX_DATA:
             self._reject_raw(raw, RejectReason.LONG_OPERATION_REJECT)
             return
         if header.cont:
             ttt = self._next_ttt()
-            self._text_in = (header.itt, ttt, text)
+            self._text_exchange = (header.itt, ttt, b"", text)
             self._send(Opcode.TEXT_RESPONSE, final=False, lun=header.lun, itt=header.itt, ttt=ttt,
                        statsn=self._advance_statsn(), **self._window())
             return
@@ -1339,12 +1344,15 @@ class TargetConnection:
         self._send_text(header, encode_text(answer))
 
     def _send_text(self, header: Any, text: bytes) -> None:
+        """The (next piece of the) answer to ``header``'s request: F=1 only when it is the last piece and
+        the request had F=1 (§11.11.1); otherwise the exchange stays open under a new TTT (``_text``)."""
         chunk, rest = text[: self.max_xmit], text[self.max_xmit:]
+        final = header.final and not rest
         ttt = P.RESERVED_TAG
-        if rest:
+        if not final:
             ttt = self._next_ttt()
-            self._text_more = {ttt: rest}
-        self._send(Opcode.TEXT_RESPONSE, chunk, final=not rest, cont=bool(rest), lun=header.lun, itt=header.itt,
+            self._text_exchange = (header.itt, ttt, rest, bytearray())
+        self._send(Opcode.TEXT_RESPONSE, chunk, final=final, cont=bool(rest), lun=header.lun, itt=header.itt,
                    ttt=ttt, statsn=self._advance_statsn(), **self._window())
 
     def _send_targets(self, value: str) -> list[tuple[str, str]]:
@@ -1365,12 +1373,12 @@ class TargetConnection:
             except ValueError:
                 return [("SendTargets", "Reject")]  # neither All nor an iSCSI name
             targets = []
-        host, port = self.local_address
-        shown = f"[{host}]" if ":" in host else host
+        portals = self.registry.portal_addresses(self.local_address)  # Appendix C: every portal of the group
         answer: list[tuple[str, str]] = []
         for target in targets:
             answer.append(("TargetName", target.iqn))
-            answer.append(("TargetAddress", f"{shown}:{port},{target.portal_group_tag}"))
+            answer += [("TargetAddress", format_target_address(host, port, target.portal_group_tag))
+                       for host, port in portals]
         return answer
 
     def _logout(self, header: Any, data: bytes, raw: bytes) -> None:

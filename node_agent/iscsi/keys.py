@@ -439,7 +439,19 @@ class _Negotiator:
         value = getattr(self.local, rule.param)
         if rule.kind == "list":
             return tuple(value) if not isinstance(value, str) else (value,)
+        if rule.name == "FirstBurstLength":
+            # §13.14: FirstBurstLength MUST NOT exceed MaxBurstLength.  Neither offer nor accept more than the
+            # burst this session can have: an offer above it, answered with itself, would leave the initiator
+            # believing in unsolicited data the target then refuses.
+            return min(value, self.local.max_burst_length, self._max_burst_bound())
         return value
+
+    def _max_burst_bound(self) -> int:
+        """The most MaxBurstLength can end at: the agreed value; while our own offer is unanswered, that
+        offer (a minimum never exceeds it); else the value in force (RFC 7143 §13.13)."""
+        if "MaxBurstLength" not in self._values and "MaxBurstLength" in self._offered:
+            return self._offered["MaxBurstLength"]
+        return self._current("MaxBurstLength")
 
     def _offer_value(self, rule: KeyRule) -> object:
         local = self._local(rule)
@@ -502,6 +514,11 @@ class _Negotiator:
             if ok:
                 ok = rule.low <= result <= rule.high and (
                     result <= offered if rule.kind == "number_min" else result >= offered)
+            if ok and rule.name == "FirstBurstLength" and result > self._max_burst_bound():
+                # MaxBurstLength was agreed lower after our offer (both in one exchange): §13.14 is broken,
+                # and clamping in silence would leave the two sides with different first bursts.
+                raise NegotiationError(f"FirstBurstLength={result} answered above MaxBurstLength="
+                                       f"{self._max_burst_bound()} (RFC 7143 §13.14)")
         else:
             result = value
             if value not in str(offered).split(","):
@@ -557,7 +574,9 @@ class _Negotiator:
         params.max_recv_data_segment_length = (
             self.local.max_recv_data_segment_length if self._declared_mrdsl else 8192)
         params.max_xmit_data_segment_length = self._peer_mrdsl or 8192
-        # §13.14: FirstBurstLength MUST NOT exceed MaxBurstLength.
+        # §13.14: FirstBurstLength MUST NOT exceed MaxBurstLength.  Offers and answers keep to it (``_local``,
+        # ``_check_answer``); this covers a FirstBurstLength left at its default (irrelevant, or never offered)
+        # or agreed before a peer offered a lower MaxBurstLength.
         params.first_burst_length = min(params.first_burst_length, params.max_burst_length)
         return params
 
@@ -668,10 +687,7 @@ class TargetNegotiator(_Negotiator):
             return REJECT  # §13.25
         if rule.kind == "irrelevant" or not self._relevant(rule):
             return IRRELEVANT
-        local = self._local(rule)
-        if rule.name == "FirstBurstLength":
-            local = min(local, self._current("MaxBurstLength"), self.local.max_burst_length)
-        answer, result = self._respond(rule, value, local)
+        answer, result = self._respond(rule, value, self._local(rule))
         if result is not None:
             self._values[rule.name] = result
         return answer
@@ -784,12 +800,11 @@ class InitiatorNegotiator(_Negotiator):
         names = [key for key, _ in pairs if key != "TargetAddress"]
         if len(set(names)) != len(names):
             raise NegotiationError("a key appears twice in one response")
-        answers = []
-        for key, value in pairs:
-            answer = self._one(key, value)
-            if answer is not None:
-                answers.append((key, answer))
-        return answers
+        answers: dict[int, str | None] = {}
+        # As the target does: FirstBurstLength after the keys it depends on (§13.14), in whatever order they came.
+        for index in sorted(range(len(pairs)), key=lambda i: _PRIORITY.get(pairs[i][0], 2)):
+            answers[index] = self._one(*pairs[index])
+        return [(key, answers[index]) for index, (key, _) in enumerate(pairs) if answers[index] is not None]
 
     def _one(self, key: str, value: str) -> str | None:
         rule = KEY_TABLE.get(key)

@@ -23,6 +23,9 @@ from node_agent.iscsi.target import Session, TargetNode, TargetRegistry
 log = logging.getLogger("shoal.iscsi.login")
 
 SECURITY, OPERATIONAL, FULL_FEATURE = 0, 1, 3
+#: The most text one Login Response carries: during the login the target may assume no more than the
+#: default of the initiator's MaxRecvDataSegmentLength (RFC 7143 §13.12).
+LOGIN_RESPONSE_MAX = 8192
 
 
 class LoginStatus(tuple, enum.Enum):
@@ -142,8 +145,9 @@ class TargetLogin:
             if self.stage == SECURITY:
                 self._skip_security()
             response, done = self._operational(pairs)
-        if first_response and self.target is not None and not self.tsih:
-            # RFC 7143 §13.9: returned in the first response on a Normal session's leading connection.
+        if first_response and self.target is not None:
+            # RFC 7143 §13.9 (Use: IO by target): returned in the response to the first Login Request that
+            # gives a TargetName, on every connection of the session, not only the leading one.
             response.append(("TargetPortalGroupTag", str(self.target.portal_group_tag)))
         return self._reply(header, response, done)
 
@@ -270,6 +274,11 @@ class TargetLogin:
                 response += offers
                 nsg = OPERATIONAL
         text = encode_text(response)
+        if len(text) > LOGIN_RESPONSE_MAX:
+            # Refused rather than continued over several responses (C bit, §11.13.1): only a request full of
+            # keys the target must answer one by one (NotUnderstood) gets this far.
+            raise LoginFailed(LoginStatus.OUT_OF_RESOURCES, f"the answer to the login's keys takes {len(text)} "
+                              f"bytes, more than the {LOGIN_RESPONSE_MAX} the initiator takes in one PDU")
         reply = LoginReply(transit, csg, nsg if transit else 0, text, self.tsih)
         if transit:
             self.stage = nsg

@@ -216,6 +216,7 @@ class PortalServer:
         self.port = port
         self.connection_settings = connection_settings or ConnectionSettings()
         self._sock: socket.socket | None = None
+        self._bound: tuple[str, int] | None = None  # the address listened on, in ``registry.portals`` meanwhile
         self._loop: asyncio.AbstractEventLoop | None = None
         self._channels: set[_Channel] = set()
         self._refused_logins: dict[str, int] = {}  # address -> connections refused since the last tick
@@ -246,6 +247,9 @@ class PortalServer:
         sock.listen(128)
         sock.setblocking(False)
         self._sock = sock
+        self._bound = self.address
+        with self.lock:
+            self.registry.portals.append(self._bound)  # SendTargets reports every portal of the group
         self._loop.add_reader(sock.fileno(), self._accept)
         log.info("portal listening on %s:%d", *self.address)
 
@@ -331,6 +335,8 @@ class PortalServer:
             self._loop.remove_reader(self._sock.fileno())
             self._sock.close()
             self._sock = None
+            with self.lock:
+                self.registry.portals.remove(self._bound)
         if self._ticker is not None:
             self._ticker.cancel()
         with self.lock:

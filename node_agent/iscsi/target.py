@@ -10,6 +10,7 @@ closed.  It has no I/O; connections reach their transport through the
 
 from __future__ import annotations
 
+import ipaddress
 import itertools
 import logging
 import threading
@@ -116,6 +117,16 @@ class Session:
         return f"<Session tsih={self.tsih} {self.initiator_name} isid=0x{self.isid:012x} {kind}>"
 
 
+def _reported(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | str:
+    """The address ``host`` as an initiator knows it: an IPv4-mapped IPv6 address as its IPv4 address (a name,
+    which no bound socket reports, as it is)."""
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return host
+    return getattr(address, "ipv4_mapped", None) or address
+
+
 class TargetRegistry:
     """Targets served by one portal group, and the sessions logged in to them."""
 
@@ -128,8 +139,31 @@ class TargetRegistry:
         # portal runs several event loops (threads): the target's shared state changes one at a time.
         self.lock = threading.RLock()
         self._tsih = itertools.count(1)
+        # The addresses the portals of this group listen on, as bound (``PortalServer`` adds and removes them):
+        # SendTargets reports every one of them (``portal_addresses``).
+        self.portals: list[tuple[str, int]] = []
         for target in targets or []:
             self.add_target(target)
+
+    def portal_addresses(self, local: tuple[str, int]) -> list[tuple[str, int]]:
+        """The portals SendTargets reports to an initiator connected to ``local`` (RFC 7143 Appendix C: every
+        portal of the group through which the target is reached; §13.8 TargetAddress).
+
+        A wildcard portal (0.0.0.0, ::) has no address to report: the one the initiator reached stands for
+        it.  An IPv4-mapped IPv6 address (a dual-stack socket's view of an IPv4 peer) is reported as the IPv4
+        address the initiator knows.  Without registered portals (a worker process, handed its sockets):
+        ``local`` alone."""
+        here = _reported(local[0])
+        out: list[tuple[str, int]] = []
+        for host, port in self.portals or [local]:
+            address = _reported(host)
+            if not isinstance(address, str) and address.is_unspecified:
+                if address.version == 4 and getattr(here, "version", 4) == 6:
+                    continue  # an IPv4 wildcard does not listen on the IPv6 address this initiator used
+                address = here
+            if (str(address), port) not in out:
+                out.append((str(address), port))
+        return out
 
     def add_target(self, target: TargetNode) -> TargetNode:
         existing = self.targets.get(target.iqn)
