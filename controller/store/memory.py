@@ -55,11 +55,12 @@ class MemoryStore:
 
     def get_node(self, node_id: str) -> Node | None:
         with self._lock:
-            return self.nodes.get(node_id)
+            node = self.nodes.get(node_id)
+            return None if node is None else replace(node, labels=dict(node.labels))  # a copy, as SQLite's
 
     def list_nodes(self) -> list[Node]:
         with self._lock:
-            return [self.nodes[k] for k in sorted(self.nodes)]
+            return [replace(self.nodes[k], labels=dict(self.nodes[k].labels)) for k in sorted(self.nodes)]
 
     def delete_node(self, node_id: str) -> None:
         with self.transaction():

@@ -8,12 +8,21 @@ holds CHAP secrets, so it is created readable by its owner only (SQLite gives
 the -wal and -shm files the same permissions).
 
 One connection, shared by the controller's threads under a lock; a
-transaction is ``BEGIN IMMEDIATE`` ... ``COMMIT``, so a second process on the
-same file waits (``busy_timeout``) instead of failing.
+transaction is ``BEGIN IMMEDIATE`` ... ``COMMIT``.  One store per file: the
+store holds an exclusive ``flock`` on the file while it is open, so a second
+controller started on the same file fails at once, naming it (two would each
+pass their own in-process checks, such as "one writer per volume", and both
+act).  SQLite's own locks are POSIX record locks, which ``flock`` does not
+touch; the descriptor holding it is closed only after SQLite's connection.
+
+Opening refuses a file whose schema is newer than this code knows (rows it
+would misread) and a file it cannot write (it would serve, then fail every
+change).
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import sqlite3
@@ -30,15 +39,25 @@ from controller.store.migrations import MIGRATIONS
 class SqliteStore:
     def __init__(self, path: str, *, busy_timeout: float = 10.0):
         self.path = path
-        if path != ":memory:" and not os.path.exists(path):
-            os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
+        self._lock_fd: int | None = None
+        if path != ":memory:":
+            self._lock_fd = _lock_exclusively(path)
         self._lock = threading.RLock()
         self._depth = 0
-        self._db = sqlite3.connect(path, timeout=busy_timeout, isolation_level=None, check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.execute("PRAGMA foreign_keys=ON")
-        self._migrate()
+        try:
+            self._db = sqlite3.connect(path, timeout=busy_timeout, isolation_level=None, check_same_thread=False)
+            try:
+                self._db.execute("PRAGMA journal_mode=WAL")
+                self._db.execute("PRAGMA synchronous=FULL")
+                self._db.execute("PRAGMA foreign_keys=ON")
+                self._migrate()
+            except BaseException:
+                self._db.close()
+                raise
+        except BaseException:
+            if self._lock_fd is not None:
+                os.close(self._lock_fd)
+            raise
 
     def __repr__(self) -> str:
         return f"SqliteStore({self.path!r})"
@@ -46,6 +65,9 @@ class SqliteStore:
     def close(self) -> None:
         with self._lock:
             self._db.close()
+            if self._lock_fd is not None:  # after the connection: closing it drops the process's POSIX locks
+                os.close(self._lock_fd)
+                self._lock_fd = None
 
     # Schema.
     def _migrate(self) -> None:
@@ -53,6 +75,13 @@ class SqliteStore:
             self._db.execute("CREATE TABLE IF NOT EXISTS schema_migrations "
                              "(version INTEGER PRIMARY KEY, description TEXT NOT NULL, applied_at REAL NOT NULL)")
             done = {row[0] for row in self._db.execute("SELECT version FROM schema_migrations")}
+            known = MIGRATIONS[-1][0]
+            if done and max(done) > known:
+                raise sqlite3.DatabaseError(f"its schema is version {max(done)}, newer than this Shoal knows "
+                                            f"({known}): run the Shoal release that wrote it")
+            # A write every open makes (the database header): a file this process cannot write fails here, not
+            # at the first change after the controller said it was ready.
+            self._db.execute(f"PRAGMA user_version = {known}")
             for version, description, script in MIGRATIONS:
                 if version in done:
                     continue
@@ -80,7 +109,7 @@ class SqliteStore:
                 yield
             except BaseException:
                 self._depth -= 1
-                if outer:
+                if outer and self._db.in_transaction:  # SQLite may have rolled back itself (disk full, I/O)
                     self._db.execute("ROLLBACK")
                 raise
             else:
@@ -277,3 +306,21 @@ def _volume(row: tuple) -> Volume:
 def _export(row: tuple) -> Export:
     volume, iqn, target, portals, lun, naa, serial, user = row
     return Export(volume, iqn, target, tuple(json.loads(portals)), lun, naa, serial, user)
+
+
+def _lock_exclusively(path: str) -> int:
+    """Create ``path`` (owner-only) if missing and hold an exclusive ``flock`` on it: a descriptor to close last."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        raise sqlite3.OperationalError(f"cannot open it for writing: {exc.strerror}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise sqlite3.OperationalError("another Shoal controller has it open (one controller per state file)") \
+            from None
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd

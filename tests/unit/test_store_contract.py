@@ -62,6 +62,13 @@ def test_nodes_round_trip(store):
     assert store.get_node("node-b") is None and store.list_nodes() == [b]
 
 
+def test_a_node_read_is_a_copy_its_reader_cannot_change_the_store_through(store):
+    store.put_node(node("node-a", labels={"zone": "a"}))
+    store.get_node("node-a").labels["zone"] = "changed"
+    store.list_nodes()[0].labels["zone"] = "changed"
+    assert store.get_node("node-a").labels == {"zone": "a"}
+
+
 def test_pools_round_trip(store):
     p = Pool("fast", (("node-a", "data0"), ("node-b", "data1")), 2.5)
     store.put_pool(p)

@@ -6,6 +6,8 @@ import os
 import sqlite3
 import stat
 
+import pytest
+
 from controller.domain.model import AVAILABLE, ChapCredential, Pool, Volume
 from controller.store import SqliteStore
 from controller.store.migrations import MIGRATIONS
@@ -52,13 +54,84 @@ def test_state_survives_reopen(tmp_path):
     again.close()
 
 
-def test_two_connections_see_each_others_commits(tmp_path):
+def test_one_store_per_file_a_second_is_refused_until_the_first_closes(tmp_path):
+    """Two controllers on one state file each passed their own in-process checks (a volume attached to two
+    nodes as single writer, reproduced by a review): a second store on the file is refused, naming why."""
     path = str(tmp_path / "state.db")
-    one, two = SqliteStore(path), SqliteStore(path)
+    one = SqliteStore(path)
     one.put_pool(Pool("p1", ()))
-    assert two.get_pool("p1") is not None
+    with pytest.raises(sqlite3.OperationalError, match="another Shoal controller"):
+        SqliteStore(path)
+    assert one.get_pool("p1") is not None  # the first goes on serving
     one.close()
+    two = SqliteStore(path)
+    assert two.get_pool("p1") is not None
     two.close()
+
+
+def test_a_database_of_a_newer_schema_is_refused_at_open(tmp_path):
+    """Rows of a newer schema would be misread (``SELECT *`` into fewer fields): refuse to open, naming versions."""
+    path = str(tmp_path / "state.db")
+    SqliteStore(path).close()
+    db = sqlite3.connect(path)
+    db.execute("INSERT INTO schema_migrations VALUES (?, 'from the future', 0)", (MIGRATIONS[-1][0] + 1,))
+    db.commit()
+    db.close()
+    with pytest.raises(sqlite3.DatabaseError, match=f"version {MIGRATIONS[-1][0] + 1}, newer"):
+        SqliteStore(path)
+    # the lock the refused open took was given back: fixed, the file opens again
+    db = sqlite3.connect(path)
+    db.execute("DELETE FROM schema_migrations WHERE version > ?", (MIGRATIONS[-1][0],))
+    db.commit()
+    db.close()
+    SqliteStore(path).close()
+
+
+def test_a_state_file_that_cannot_be_written_is_refused_at_open():
+    """It used to open (and the controller say it was ready), then fail every change.  Root writes any file, so
+    the open is tried by a forked child that became nobody (uid 65534), on a file only readable to it."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="shoal-ro-") as directory:
+        os.chmod(directory, 0o777)  # only the file is read-only: SQLite may make its -wal and -shm beside it
+        path = os.path.join(directory, "state.db")
+        SqliteStore(path).close()
+        os.chmod(path, 0o444)
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: no pytest machinery, only the answer through the pipe
+            answer = b"opened"
+            try:
+                if os.geteuid() == 0:
+                    os.setgid(65534)
+                    os.setuid(65534)
+                SqliteStore(path)
+            except sqlite3.Error as exc:
+                answer = b"refused: " + str(exc).encode()
+            except BaseException as exc:  # noqa: BLE001 - reported to the parent, which fails the test
+                answer = repr(exc).encode()
+            os.write(write, answer)
+            os._exit(0)
+        os.close(write)
+        with os.fdopen(read, "rb") as pipe:
+            answer = pipe.read().decode()
+        os.waitpid(pid, 0)
+    assert answer.startswith("refused:"), answer
+
+
+def test_a_failed_statement_that_sqlite_rolled_back_reports_its_own_error(tmp_path):
+    """SQLite ends the transaction itself after some errors (disk full, I/O error); our ROLLBACK then raised
+    "no transaction is active" and hid the real error."""
+    store = SqliteStore(str(tmp_path / "state.db"))
+    with pytest.raises(sqlite3.OperationalError, match="stand-in for a full disk"):
+        with store.transaction():
+            store.put_pool(Pool("p1", ()))
+            store._db.execute("ROLLBACK")  # what SQLite does on its own after SQLITE_FULL / SQLITE_IOERR
+            raise sqlite3.OperationalError("stand-in for a full disk")
+    assert store.get_pool("p1") is None
+    store.put_pool(Pool("p2", ()))  # and it goes on working
+    assert store.get_pool("p2") is not None
+    store.close()
 
 
 def test_a_database_of_schema_1_gets_the_snapshots_table_and_keeps_its_rows(tmp_path):
