@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import signal
 import sqlite3
@@ -35,7 +36,7 @@ from controller.agents_grpc import AgentCallSettings, AgentTls, GrpcAgentDirecto
 from controller.api.server import ServerTls, build_server
 from controller.api.standby import build_standby_server
 from controller.csi.identity import PLUGIN_NAME, check_driver_name
-from controller.csi.server import build_csi_controller_server, socket_path
+from controller.csi.server import build_csi_controller_server, release_socket_path, socket_identity, socket_path
 from controller.domain.service import ControllerService
 from controller.domain.settings import ControllerSettings
 from controller.health import HealthServer
@@ -114,6 +115,13 @@ class DaemonSettings:
     health_listen: str = ""
     """Where ``/healthz`` and ``/readyz`` are served over plain HTTP (the chart's probes); empty: not served."""
 
+    def __post_init__(self) -> None:
+        # nan passes a plain "<= 0" test: the loop would then spin a core (and inf would end it)
+        if not (math.isfinite(self.loop_interval) and self.loop_interval > 0):
+            raise ValueError(f"loop_interval {self.loop_interval!r}: expected a positive number of seconds")
+        if not (math.isfinite(self.grace) and self.grace >= 0):
+            raise ValueError(f"grace {self.grace!r}: expected seconds, 0 or more")
+
 
 def kubernetes_client(kubeconfig: str = ""):
     """An ``ApiClient`` from ``kubeconfig``, or from the pod's service account when empty."""
@@ -158,6 +166,7 @@ class ControllerDaemon:
         self._standby = None
         self._recorder = None
         self._prepared = None
+        self._csi_socket: tuple[int, int] | None = None  # the socket file this process bound (socket_identity)
         self._api_clients: list = []
         self._phase = threading.Lock()  # becoming leader and stopping to lead, one at a time
         self._campaign_thread: threading.Thread | None = None
@@ -188,17 +197,21 @@ class ControllerDaemon:
         if warning:
             log.warning("%s", warning)
 
-    def _serve(self, listen: str, node_labels=None) -> None:
-        """Act on ``self.store``: the service, AdminService + RegistrationService, the CSI socket, the loop."""
+    def _serve(self, listen: str, node_labels=None, reuse_port: bool = False) -> None:
+        """Act on ``self.store``: the service, AdminService + RegistrationService, the CSI socket, the loop.
+
+        ``reuse_port``: the gRPC port is shared with this process's standby server for the handoff (``_lead``).
+        """
         s = self.settings
         self.agents = GrpcAgentDirectory(s.agents, on_error=self.metrics.agent_error)
         self.service = ControllerService(self.store, self.agents, settings=self.controller_settings)
         self.metrics.watch(self.service)
         self.server, port = build_server(self.service, listen, tls=s.tls, workers=s.workers,
-                                         metrics=self.metrics, node_labels=node_labels)
+                                         metrics=self.metrics, node_labels=node_labels, reuse_port=reuse_port)
         if s.csi_endpoint:
             self.csi_server = build_csi_controller_server(self.service, s.csi_endpoint,
                                                           driver_name=s.csi_driver_name)
+            self._csi_socket = socket_identity(socket_path(s.csi_endpoint))
         host = listen.rpartition(":")[0]
         self.address = f"{host}:{port}"
         # Two loops: a reconcile pass waits on agents (GetState of a hung agent takes its whole deadline and
@@ -285,8 +298,8 @@ class ControllerDaemon:
             try:
                 self.store, node_labels = self._prepared
                 self._recorder.start()
-                # The same port as the standby server (gRPC binds with SO_REUSEPORT); then the standby goes.
-                self._serve(self.address, node_labels=node_labels)
+                # The same port as the standby server (both bind with SO_REUSEPORT); then the standby goes.
+                self._serve(self.address, node_labels=node_labels, reuse_port=True)
                 self._standby.stop(0)
                 self._standby = None
             except Exception:  # noqa: BLE001 - holding the Lease without serving helps nobody: give it up
@@ -325,12 +338,11 @@ class ControllerDaemon:
         """Stop serving and the loops; the names of loops still running after ``join_timeout`` (None: up to an
         agent call's timeout and 10 s each)."""
         if self.csi_server is not None:
+            # The path first, while it surely is this socket (calls under way still get their grace)
+            release_socket_path(socket_path(self.settings.csi_endpoint), self._csi_socket)
+            self._csi_socket = None
             self.csi_server.stop(grace=grace).wait(grace + 5)
             self.csi_server = None
-            try:
-                os.unlink(socket_path(self.settings.csi_endpoint))
-            except FileNotFoundError:
-                pass
         if self.server is not None:
             self.server.stop(grace=grace).wait(grace + 5)
             self.server = None
@@ -404,6 +416,23 @@ class ControllerDaemon:
 
 # ----------------------------------------------------------------------------- command line
 
+DAY = 86400.0
+
+
+def _seconds(least: float, most: float = DAY):
+    """An argparse type: seconds from ``least`` to ``most``.  nan and inf are refused (a plain "<= 0" check lets
+    both through: a nan interval spins a loop, an infinite one ends it), and so is an interval so short it spins."""
+    def seconds(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        if not least <= value <= most:
+            raise argparse.ArgumentTypeError(f"{text!r}: expected seconds from {least:g} to {most:g}")
+        return value
+    return seconds
+
+
 def add_parser(sub) -> None:
     """``shoal controller``'s flags (node_agent/cli.py calls this beside ``target`` and ``agent``)."""
     defaults = DaemonSettings()
@@ -415,24 +444,25 @@ def add_parser(sub) -> None:
     parser.add_argument("--db", default=defaults.db_path, help="SQLite state file (default %(default)s)")
     parser.add_argument("--listen", default=defaults.listen, metavar="HOST:PORT",
                         help="gRPC address (default %(default)s; port 0 picks one)")
-    parser.add_argument("--heartbeat-interval", type=float, default=heartbeat.heartbeat_interval, metavar="SECONDS",
-                        help="agents heartbeat this often (default %(default)s)")
-    parser.add_argument("--heartbeat-timeout", type=float, default=heartbeat.heartbeat_timeout, metavar="SECONDS",
-                        help="a node silent this long is unhealthy (default %(default)s)")
-    parser.add_argument("--fence-grace", type=float, default=heartbeat.fence_grace, metavar="SECONDS",
+    parser.add_argument("--heartbeat-interval", type=_seconds(0.1), default=heartbeat.heartbeat_interval,
+                        metavar="SECONDS", help="agents heartbeat this often (default %(default)s)")
+    parser.add_argument("--heartbeat-timeout", type=_seconds(0.1), default=heartbeat.heartbeat_timeout,
+                        metavar="SECONDS", help="a node silent this long is unhealthy (default %(default)s)")
+    parser.add_argument("--fence-grace", type=_seconds(0), default=heartbeat.fence_grace, metavar="SECONDS",
                         help="fence a node silent this long (0: never on its own, only shoalctl node fence; "
                              "default %(default)s)")
-    parser.add_argument("--loop-interval", type=float, default=defaults.loop_interval, metavar="SECONDS",
+    parser.add_argument("--loop-interval", type=_seconds(0.1), default=defaults.loop_interval, metavar="SECONDS",
                         help="seconds between health/reconcile passes (default %(default)s)")
     parser.add_argument("--tls-cert", default="", help="PEM certificate for the controller's port (enables TLS)")
     parser.add_argument("--tls-key", default="", help="PEM key for --tls-cert")
     parser.add_argument("--tls-client-ca", default="", help="require client certificates signed by this CA (mTLS)")
-    parser.add_argument("--tls-admin-names", default=",".join(ADMIN_NAMES), metavar="NAME[,NAME...]",
+    # No default value: given without --tls-client-ca they are refused rather than ignored
+    parser.add_argument("--tls-admin-names", metavar="NAME[,NAME...]",
                         help="with --tls-client-ca: client certificate names (CN or DNS SAN) AdminService admits "
-                             "(default %(default)s)")
-    parser.add_argument("--tls-node-names", default=",".join(NODE_NAMES), metavar="NAME[,NAME...]",
+                             f"(default {','.join(ADMIN_NAMES)})")
+    parser.add_argument("--tls-node-names", metavar="NAME[,NAME...]",
                         help="with --tls-client-ca: client certificate names the agents' registration admits "
-                             "(default %(default)s)")
+                             f"(default {','.join(NODE_NAMES)})")
     parser.add_argument("--agent-ca", default="", help="CA that signed the agents' certificates (agent TLS)")
     parser.add_argument("--agent-cert", default="", help="client certificate towards agents (mTLS)")
     parser.add_argument("--agent-key", default="", help="key for --agent-cert")
@@ -466,18 +496,25 @@ def add_parser(sub) -> None:
     k8s.add_argument("--lease-duration", type=int, default=LeaderSettings.lease_duration, metavar="SECONDS",
                      help="a standby takes over after the leader failed to renew for this long "
                           "(default %(default)s)")
-    k8s.add_argument("--lease-renew-deadline", type=float, default=None, metavar="SECONDS",
+    k8s.add_argument("--lease-renew-deadline", type=_seconds(0.1), default=None, metavar="SECONDS",
                      help="the leader stops acting when it could not renew for this long "
                           "(default: 2/3 of --lease-duration)")
-    k8s.add_argument("--lease-retry-period", type=float, default=None, metavar="SECONDS",
+    k8s.add_argument("--lease-retry-period", type=_seconds(0.1), default=None, metavar="SECONDS",
                      help="seconds between renewals and attempts to acquire (default: 2/15 of --lease-duration)")
 
 
 def settings_from_args(args: argparse.Namespace) -> tuple[DaemonSettings, ControllerSettings]:
+    split_listen(args.listen, "--listen")  # a missing port would be gRPC's default, 443
+    names = {}
+    for flag, given, default in (("--tls-admin-names", args.tls_admin_names, ADMIN_NAMES),
+                                 ("--tls-node-names", args.tls_node_names, NODE_NAMES)):
+        names[flag] = default if given is None else parse_names(given)
+        if given is not None and not args.tls_client_ca:  # only client certificates carry names to check
+            raise ValueError(f"{flag} needs --tls-client-ca")
     tls = None
     if args.tls_cert or args.tls_key:
-        tls = ServerTls(args.tls_cert, args.tls_key, args.tls_client_ca, admin_names=parse_names(args.tls_admin_names),
-                        node_names=parse_names(args.tls_node_names))
+        tls = ServerTls(args.tls_cert, args.tls_key, args.tls_client_ca, admin_names=names["--tls-admin-names"],
+                        node_names=names["--tls-node-names"])
     if args.tls_client_ca and tls is None:
         raise ValueError("--tls-client-ca needs --tls-cert and --tls-key")
     agent_tls = None
@@ -486,10 +523,10 @@ def settings_from_args(args: argparse.Namespace) -> tuple[DaemonSettings, Contro
     if args.csi_endpoint:
         socket_path(args.csi_endpoint)  # ValueError now rather than after the store is open
     check_driver_name(args.csi_driver_name)
-    if args.loop_interval <= 0:
-        raise ValueError("--loop-interval must be positive")
     kubernetes = None
     if args.store == KUBERNETES:
+        if args.lease_duration > DAY:
+            raise ValueError(f"--lease-duration {args.lease_duration}: at most {DAY:g} seconds")
         namespace = args.namespace or pod_namespace()
         leader = LeaderSettings.for_duration(args.lease_duration, renew_deadline=args.lease_renew_deadline,
                                              retry_period=args.lease_retry_period, lease_name=args.lease_name,
@@ -497,7 +534,7 @@ def settings_from_args(args: argparse.Namespace) -> tuple[DaemonSettings, Contro
         kubernetes = KubernetesSettings(kubeconfig=args.kubeconfig, namespace=namespace, api_group=args.api_group,
                                         leader=leader)
     if args.health_listen:
-        split_listen(args.health_listen)
+        split_listen(args.health_listen, "--health-listen")
     daemon = DaemonSettings(db_path=args.db, listen=args.listen, loop_interval=args.loop_interval, tls=tls,
                             agents=AgentCallSettings(tls=agent_tls), metrics_listen=args.metrics_listen,
                             csi_endpoint=args.csi_endpoint, csi_driver_name=args.csi_driver_name,

@@ -4,17 +4,19 @@ Starts two child processes — ``shoal controller`` (state in
 ``<data-dir>/controller.db``) and ``shoal agent`` (records and one disk under
 ``<data-dir>/agent``) — waits until the agent has registered, writes the
 context file shoalctl reads its controller address from, prints how to use it,
-and stops both by PID on Ctrl-C / SIGTERM (agent first, so its exports close
-while the controller still answers).  The controller creates the pool
-``default`` over every disk, i.e. this agent's disk.  Everything lives under
-the data directory, so running it again picks up the same volumes.  Both
-serve Prometheus ``/metrics`` on loopback (``--controller-metrics``,
-``--agent-metrics``; '' turns one off).
+and stops both by PID on Ctrl-C / SIGTERM / SIGHUP / SIGQUIT (agent first, so
+its exports close while the controller still answers); should it die without
+that chance (SIGKILL), the kernel sends both SIGTERM (PR_SET_PDEATHSIG).  The
+controller creates the pool ``default`` over every disk, i.e. this agent's
+disk.  Everything lives under the data directory, so running it again picks up
+the same volumes.  Both serve Prometheus ``/metrics`` on loopback
+(``--controller-metrics``, ``--agent-metrics``; '' turns one off).
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
 import signal
@@ -33,6 +35,15 @@ from node_agent.agent.settings import default_node_id
 from protos.shoal.v1 import admin_pb2, admin_pb2_grpc
 
 STOP_TIMEOUT = 20.0  # seconds a child gets to exit after SIGTERM before SIGKILL (the agent syncs and logs out)
+# What stops ``shoal up``: Ctrl-C, kill, a closed terminal (SIGHUP), Ctrl-\ (SIGQUIT)
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
+_PR_SET_PDEATHSIG = 1
+# Looked up here, so the child after fork only calls it; Linux only (elsewhere children outlive a killed parent)
+_prctl = getattr(ctypes.CDLL(None, use_errno=True), "prctl", None)
+
+
+class _Stopped(Exception):
+    """A stop signal arrived while starting."""
 
 
 @dataclass
@@ -76,12 +87,23 @@ def add_parser(sub) -> None:
     parser.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the daemons to be ready")
 
 
+def _die_with(parent: int) -> None:
+    """In the child, before exec: SIGTERM when ``parent`` (the thread that forked it) ends, as it does if it dies
+    without stopping its children (SIGKILL, a crash).  Two system calls and nothing else: a fork of a process with
+    threads may only do little before exec."""
+    _prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    if os.getppid() != parent:  # it died before prctl: nobody would send the signal
+        os._exit(1)
+
+
 def _spawn(name: str, argv: list[str], log_path: Path) -> Child:
     log_file = open(log_path, "ab")
+    parent = os.getpid()
+    die_with_us = (lambda: _die_with(parent)) if _prctl else None
     try:
         # Their own session: a terminal's Ctrl-C reaches us only, and we stop them in order.
         process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file,
-                                   start_new_session=True)
+                                   start_new_session=True, preexec_fn=die_with_us)
     finally:
         log_file.close()
     return Child(name, process, log_path)
@@ -98,20 +120,24 @@ def _stop(child: Child) -> None:
         child.process.wait()
 
 
-def _wait_file(path: Path, child: Child, deadline: float) -> dict:
+def _wait_file(path: Path, child: Child, deadline: float, stop: threading.Event) -> dict:
     while time.monotonic() < deadline:
+        if stop.is_set():
+            raise _Stopped
         if path.exists():
             return json.loads(path.read_text())
         if child.process.poll() is not None:
             raise RuntimeError(f"{child.name} exited with status {child.process.returncode}:\n{child.tail()}")
-        time.sleep(0.1)
+        stop.wait(0.1)
     raise RuntimeError(f"{child.name} was not ready in time; its log ({child.log_path}):\n{child.tail()}")
 
 
-def _wait_registered(address: str, node_id: str, agent: Child, deadline: float) -> None:
+def _wait_registered(address: str, node_id: str, agent: Child, deadline: float, stop: threading.Event) -> None:
     with grpc.insecure_channel(address) as channel:
         stub = admin_pb2_grpc.AdminServiceStub(channel)
         while time.monotonic() < deadline:
+            if stop.is_set():
+                raise _Stopped
             if agent.process.poll() is not None:
                 raise RuntimeError(f"the agent exited with status {agent.process.returncode}:\n{agent.tail()}")
             try:
@@ -120,19 +146,17 @@ def _wait_registered(address: str, node_id: str, agent: Child, deadline: float) 
                     return
             except grpc.RpcError:
                 pass
-            time.sleep(0.2)
+            stop.wait(0.2)
     raise RuntimeError(f"node {node_id} did not register with the controller in time; see {agent.log_path}")
-
-
-def _interrupt(*_) -> None:
-    raise KeyboardInterrupt
 
 
 def run(args: argparse.Namespace) -> int:
     from controller.csi.identity import check_driver_name
+    from node_agent.metrics_server import split_listen
 
     try:
         check_driver_name(args.csi_driver_name)
+        split_listen(args.controller, "--controller")  # without a port the controller would bind 443
     except ValueError as exc:
         print(f"shoal up: {exc}", file=sys.stderr)
         return 2
@@ -143,9 +167,10 @@ def run(args: argparse.Namespace) -> int:
     ready = {"controller": data / "controller.ready", "agent": data / "agent.ready"}
     for path in ready.values():
         path.unlink(missing_ok=True)
+    # The handler only sets ``stop``: an exception raised from it could land between a child's fork and
+    # ``children.append`` and leave that child running.  The waits below check ``stop``.
     stop = threading.Event()
-    for signum in (signal.SIGINT, signal.SIGTERM):  # while starting: unwind through ``finally``
-        signal.signal(signum, _interrupt)
+    previous = {signum: signal.signal(signum, lambda *_: stop.set()) for signum in STOP_SIGNALS}
     children: list[Child] = []
     try:
         deadline = time.monotonic() + args.timeout
@@ -157,7 +182,7 @@ def run(args: argparse.Namespace) -> int:
                if csi else []),
             data / "controller.log")
         children.append(controller)
-        controller_ready = _wait_file(ready["controller"], controller, deadline)
+        controller_ready = _wait_file(ready["controller"], controller, deadline, stop)
         address = controller_ready["controller"]
         disk = str(data / "agent" / "disks" / "data0") + (f":{args.disk_size}" if args.disk_size else "")
         agent = _spawn("agent", shoal + [
@@ -167,16 +192,14 @@ def run(args: argparse.Namespace) -> int:
             + (["--csi-endpoint", f"unix://{csi['node']}", f"--csi-driver-name={args.csi_driver_name}"]
                if csi else []), data / "agent.log")
         children.append(agent)
-        agent_ready = _wait_file(ready["agent"], agent, deadline)
-        _wait_registered(address, node_id, agent, deadline)
+        agent_ready = _wait_file(ready["agent"], agent, deadline, stop)
+        _wait_registered(address, node_id, agent, deadline, stop)
         context = Path(args.context) if args.context else context_path()
         write_context(context, {"controller": address, "node": node_id, "data_dir": str(data)})
         _print_usage(address, node_id, data, context,
                      {"controller": controller_ready.get("metrics", ""), "agent": agent_ready.get("metrics", "")})
         if csi:
             print(f"CSI: controller {csi['controller']}, node {csi['node']}.", flush=True)
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(signum, lambda *_: stop.set())
         while not stop.wait(0.5):
             dead = next((c for c in children if c.process.poll() is not None), None)
             if dead is not None:
@@ -188,14 +211,14 @@ def run(args: argparse.Namespace) -> int:
     except RuntimeError as exc:
         print(f"shoal up: {exc}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
+    except _Stopped:
         print("\nshoal up: interrupted while starting; stopping what started.", file=sys.stderr)
         return 130
     finally:
-        for signum in (signal.SIGINT, signal.SIGTERM):  # a second Ctrl-C does not cut the stopping short
-            signal.signal(signum, lambda *_: stop.set())
         for child in reversed(children):  # the agent first: it closes exports while the controller answers
-            _stop(child)
+            _stop(child)  # a second signal only sets ``stop`` again: it does not cut this short
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 _SUN_PATH_MAX = 107  # bytes of a unix socket path (sockaddr_un.sun_path, less the NUL)

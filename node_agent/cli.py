@@ -181,9 +181,10 @@ def _agent_parser(sub) -> None:
     agent.add_argument("--tls-cert", default="", help="PEM certificate for AgentService (enables TLS)")
     agent.add_argument("--tls-key", default="", help="PEM key for --tls-cert")
     agent.add_argument("--tls-client-ca", default="", help="require client certificates signed by this CA")
-    agent.add_argument("--tls-controller-names", default=",".join(CONTROLLER_NAMES), metavar="NAME[,NAME...]",
+    # No default value: given without --tls-client-ca it is refused rather than ignored
+    agent.add_argument("--tls-controller-names", metavar="NAME[,NAME...]",
                        help="with --tls-client-ca: the client certificate names (CN or DNS SAN) AgentService admits, "
-                            "the controller's (default %(default)s)")
+                            f"the controller's (default {','.join(CONTROLLER_NAMES)})")
     agent.add_argument("--controller-ca", default="", help="CA that signed the controller's certificate (TLS)")
     agent.add_argument("--controller-cert", default="", help="client certificate towards the controller (mTLS)")
     agent.add_argument("--controller-key", default="", help="key for --controller-cert")
@@ -219,6 +220,11 @@ def _agent_settings(args: argparse.Namespace):
         if not sep or not key:
             raise ValueError(f"label {item!r}: expected KEY=VALUE")
         labels[key] = value
+    names = CONTROLLER_NAMES if args.tls_controller_names is None else parse_names(args.tls_controller_names)
+    if args.tls_controller_names is not None and not args.tls_client_ca:  # only client certificates carry names
+        raise ValueError("--tls-controller-names needs --tls-client-ca")
+    if args.tls_client_ca and not (args.tls_cert or args.tls_key):  # else AgentService would serve plaintext
+        raise ValueError("--tls-client-ca needs --tls-cert and --tls-key")
     server_tls = TlsFiles(args.tls_cert, args.tls_key, args.tls_client_ca) if args.tls_cert or args.tls_key else None
     controller_tls = None
     if args.controller_ca or args.controller_cert or args.controller_key:
@@ -228,7 +234,7 @@ def _agent_settings(args: argparse.Namespace):
                          advertise_address=args.advertise_address, portal_listen=args.portal,
                          advertise_portals=tuple(args.advertise_portal), controller=args.controller,
                          initiator_iqn=args.initiator_iqn, target_prefix=args.target_prefix, labels=labels,
-                         server_tls=server_tls, controller_names=parse_names(args.tls_controller_names),
+                         server_tls=server_tls, controller_names=names,
                          controller_tls=controller_tls, metrics_listen=args.metrics_listen,
                          csi_endpoint=args.csi_endpoint, csi_driver_name=args.csi_driver_name,
                          iscsi_header_digest=args.iscsi_header_digest, iscsi_data_digest=args.iscsi_data_digest,

@@ -28,17 +28,46 @@ def new_registry() -> CollectorRegistry:
     return registry
 
 
-def split_listen(text: str) -> tuple[str, int]:
-    """``HOST:PORT`` or ``[V6]:PORT`` -> (host, port); port 0 picks a free one."""
+def split_listen(text: str, what: str = "metrics address") -> tuple[str, int]:
+    """``HOST:PORT`` or ``[V6]:PORT`` -> (host, port); port 0 picks a free one.  ``what``: the error's subject."""
     host, sep, port = text.rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ValueError(f"metrics address {text!r}: expected HOST:PORT")
+        raise ValueError(f"{what} {text!r}: expected HOST:PORT")
     return host.strip("[]"), int(port)
 
 
 class _Server(ThreadingMixIn, WSGIServer):
+    """One thread per connection, at most ``max_connections`` at once: further ones are closed unanswered, so
+    clients that connect and never finish a request cannot pile up threads (each also times out, see
+    ``_QuietHandler``).  Scrapers and probes come one at a time, a few per minute."""
+
     daemon_threads = True
     allow_reuse_address = True
+    max_connections = 16
+
+    def server_activate(self) -> None:
+        self._slots = threading.BoundedSemaphore(self.max_connections)
+        super().server_activate()
+
+    def process_request(self, request, client_address) -> None:
+        if not self._slots.acquire(blocking=False):
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)  # the thread releases the slot
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request, client_address) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+    def handle_error(self, request, client_address) -> None:
+        # A client that timed out or hung up: not worth socketserver's traceback on stderr
+        log.debug("request from %s failed", client_address, exc_info=True)
 
 
 class _Server6(_Server):
@@ -46,6 +75,8 @@ class _Server6(_Server):
 
 
 class _QuietHandler(WSGIRequestHandler):
+    timeout = 10.0  # seconds a connection may take to send its request (and to read the answer)
+
     def log_message(self, format, *args):  # noqa: A002 - the base class's signature
         pass
 
@@ -61,7 +92,7 @@ class HttpEndpoint:
     path = "/"
 
     def __init__(self, listen: str, app):
-        self.host, self.port = split_listen(listen)
+        self.host, self.port = split_listen(listen, f"{self.what} address")
         self.app = app
         self._httpd: WSGIServer | None = None
         self._thread: threading.Thread | None = None

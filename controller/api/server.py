@@ -11,6 +11,7 @@ from controller.api.admin import AdminServicer
 from controller.api.registration import RegistrationServicer
 from controller.domain.service import ControllerService
 from controller.metrics import ControllerMetrics
+from node_agent.agent.settings import check_pems
 from node_agent.peer_check import PeerNames
 from node_agent.peer_names import ADMIN_NAMES, ADMIN_SERVICE, NODE_NAMES, REGISTRATION_SERVICE
 from protos.shoal.v1 import admin_pb2_grpc, agent_pb2_grpc
@@ -42,6 +43,8 @@ def _read(path: str) -> bytes:
 
 
 def server_credentials(tls: ServerTls) -> grpc.ServerCredentials:
+    """Raises ``ValueError`` naming the file for a PEM that does not load (gRPC would only fail to bind)."""
+    check_pems(tls.cert, tls.key, tls.client_ca)
     ca = _read(tls.client_ca) if tls.client_ca else None
     return grpc.ssl_server_credentials([(_read(tls.key), _read(tls.cert))], root_certificates=ca,
                                        require_client_auth=ca is not None)
@@ -49,26 +52,30 @@ def server_credentials(tls: ServerTls) -> grpc.ServerCredentials:
 
 def build_server(service: ControllerService, listen: str, *, tls: ServerTls | None = None,
                  workers: int = 16, metrics: ControllerMetrics | None = None,
-                 node_labels=None) -> tuple[grpc.Server, int]:
+                 node_labels=None, reuse_port: bool = False) -> tuple[grpc.Server, int]:
     """A started server for AdminService and RegistrationService on ``listen``; returns it and the bound port.
 
     ``metrics`` gets AdminService's observations (attach latency); None: a private, unserved registry.
     ``node_labels``: RegistrationService's label merger (``--store kubernetes``); None: the agent's labels as sent.
+    ``reuse_port``: bind with SO_REUSEPORT, only for a new leader taking the port over from its own standby
+    server (``controller.api.standby``).  Otherwise a port another process holds is refused: with gRPC's default
+    SO_REUSEPORT a second controller would start on it and take half the connections, with another state.
 
-    Raises ``OSError`` when the address cannot be bound (say, a busy port).
+    Raises ``OSError`` when the address cannot be bound (say, a busy port), ``ValueError`` for bad TLS files.
     """
     interceptors = []
     if tls is not None and tls.client_ca:  # who may call what, by client certificate name
         interceptors.append(PeerNames({ADMIN_SERVICE: tls.admin_names, REGISTRATION_SERVICE: tls.node_names}))
     server = grpc.server(ThreadPoolExecutor(max_workers=workers, thread_name_prefix="controller-rpc"),
-                         interceptors=interceptors)
+                         interceptors=interceptors, options=[("grpc.so_reuseport", int(reuse_port))])
     admin_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(service, metrics), server)
     agent_pb2_grpc.add_RegistrationServiceServicer_to_server(RegistrationServicer(service, node_labels), server)
+    credentials = server_credentials(tls) if tls else None
     try:
-        port = server.add_secure_port(listen, server_credentials(tls)) if tls else server.add_insecure_port(listen)
-    except RuntimeError as exc:  # grpcio raises RuntimeError for a port it cannot bind
-        raise OSError(f"cannot listen on {listen}: {exc}") from None
+        port = server.add_secure_port(listen, credentials) if credentials else server.add_insecure_port(listen)
+    except RuntimeError:  # grpcio raises RuntimeError for a port it cannot bind
+        port = 0
     if not port:
-        raise OSError(f"cannot listen on {listen} (address in use?)")
+        raise OSError(f"cannot listen on {listen}: the port is in use, or the address is not this host's")
     server.start()
     return server, port

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 KiB, MiB, GiB, TiB, PiB = 1 << 10, 1 << 20, 1 << 30, 1 << 40, 1 << 50
@@ -45,6 +46,10 @@ class ControllerSettings:
     configured to).  When set, at least ``heartbeat_timeout`` (a node is unhealthy before it is fenced)."""
 
     def __post_init__(self) -> None:
+        # None of the comparisons below refuses nan (agents told a nan interval heartbeat without a pause)
+        for name in ("heartbeat_interval", "heartbeat_timeout", "fence_grace"):
+            if not math.isfinite(getattr(self, name)):
+                raise ValueError(f"{name} must be a finite number, not {getattr(self, name)!r}")
         if self.fence_grace < 0 or (self.fence_grace and self.fence_grace < self.heartbeat_timeout):
             raise ValueError("fence_grace must be 0 (never) or at least heartbeat_timeout")
         if self.heartbeat_interval <= 0 or self.heartbeat_timeout <= self.heartbeat_interval:

@@ -29,14 +29,14 @@ from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 
-from controller.csi.server import socket_path
+from controller.csi.server import release_socket_path, socket_identity, socket_path
 from node_agent.agent.attachments import KERNEL, USERSPACE, AttachmentManager
 from node_agent.agent.exports import ExportManager, ExportSettings
 from node_agent.agent.metrics import AgentCollector
 from node_agent.agent.portal import PortalThread
 from node_agent.agent.registration import NodeAnnouncement, Registrar
 from node_agent.agent.servicer import AgentServicer
-from node_agent.agent.settings import AgentSettings, TlsFiles
+from node_agent.agent.settings import AgentSettings, TlsFiles, check_pems
 from node_agent.agent.snapshots import SnapshotManager
 from node_agent.agent.volumes import VolumeManager
 from node_agent.csi.devices import DeviceResolver
@@ -147,11 +147,14 @@ class Agent:
         self.metrics_server: MetricsServer | None = None
         self.metrics_address = ""
         self.csi_server: grpc.Server | None = None
+        self._csi_socket: tuple[int, int] | None = None  # the socket file this process bound (socket_identity)
         # NodeGetInfo's labels: the controller's record, set by every Register (the agent's own without one)
         self.node_labels = NodeLabels(None if settings.controller else settings.labels)
 
     def start(self) -> None:
         s = self.settings
+        if s.server_tls is not None:  # a bad PEM now, before anything is served (gRPC would only fail to bind)
+            check_pems(s.server_tls.cert, s.server_tls.key, s.server_tls.ca)
         os.makedirs(s.data_dir, mode=0o700, exist_ok=True)
         self.volumes = VolumeManager(s.effective_disks(), background_copies=True)
         self.snapshots = SnapshotManager(self.volumes)
@@ -186,12 +189,11 @@ class Agent:
 
     def stop(self) -> None:
         if self.csi_server is not None:
+            # The path first, while it surely is this socket (calls under way still get their grace)
+            release_socket_path(socket_path(self.settings.csi_endpoint), self._csi_socket)
+            self._csi_socket = None
             self.csi_server.stop(grace=5).wait(10)
             self.csi_server = None
-            try:
-                os.unlink(socket_path(self.settings.csi_endpoint))
-            except FileNotFoundError:
-                pass
         if self.server is not None:
             self.server.stop(grace=5).wait(10)
             self.server = None
@@ -223,18 +225,21 @@ class Agent:
         interceptors = []
         if s.server_tls is not None and s.server_tls.ca:  # mutual TLS: only the controller's certificate
             interceptors.append(PeerNames({AGENT_SERVICE: s.controller_names}))
+        # Not gRPC's default SO_REUSEPORT: a second agent on the port would start and take half the calls.
         server = grpc.server(ThreadPoolExecutor(max_workers=s.grpc_workers, thread_name_prefix="agent-rpc"),
-                             interceptors=interceptors)
+                             interceptors=interceptors, options=[("grpc.so_reuseport", 0)])
         agent_pb2_grpc.add_AgentServiceServicer_to_server(
             AgentServicer(s.node_id, self.volumes, self.exports, self.attachments, self.snapshots), server)
         host, port = split_host_port(s.listen)
         address = join_host_port(host, port)
-        if s.server_tls is not None:
-            bound = server.add_secure_port(address, server_credentials(s.server_tls))
-        else:
-            bound = server.add_insecure_port(address)
+        credentials = server_credentials(s.server_tls) if s.server_tls is not None else None
+        try:
+            bound = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
+        except RuntimeError:  # grpcio raises RuntimeError for a port it cannot bind
+            bound = 0
         if not bound:
-            raise OSError(f"cannot listen on {s.listen} for AgentService")
+            raise OSError(f"cannot listen on {s.listen} for AgentService: the port is in use, or the address is "
+                          "not this host's")
         warning = exposure_warning(address, s.server_tls is not None, bool(s.server_tls and s.server_tls.ca),
                                    "AgentService (export any volume of this node)",
                                    "--tls-cert/--tls-key/--tls-client-ca")
@@ -251,6 +256,7 @@ class Agent:
         servicer = NodeServicer(s.node_id, self.node_labels, DeviceResolver(self.attachments),
                                 Mounter(SubprocessRunner()))
         self.csi_server = build_csi_node_server(servicer, s.csi_endpoint, driver_name=s.csi_driver_name)
+        self._csi_socket = socket_identity(socket_path(s.csi_endpoint))
 
     def _register(self, portals: tuple[str, ...]) -> None:
         s = self.settings

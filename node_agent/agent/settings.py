@@ -50,14 +50,19 @@ class DiskSpec:
     @classmethod
     def parse(cls, text: str) -> "DiskSpec":
         """``NAME=PATH[:CAPACITY]`` (capacity with units, e.g. ``data0=/srv/shoal:100G``)."""
-        from node_agent.target_service import parse_size
+        from node_agent.target_service import _SIZE_LIKE, parse_size
 
         name, sep, rest = text.partition("=")
         if not sep:
             raise ValueError(f"disk {text!r}: expected NAME=PATH[:CAPACITY]")
         path, colon, size = rest.rpartition(":")
-        if colon and size and re.fullmatch(r"\d+[KMGTP]?(i?B)?", size, re.IGNORECASE):
-            return cls(name, path, parse_size(size))
+        # As LunSpec.parse: a suffix that looks like a size is one, and a mistyped one (100GG, 10 G) is refused
+        # rather than taken into the path; a path's own colons are followed by other text.
+        if colon and _SIZE_LIKE.match(size):
+            try:
+                return cls(name, path, parse_size(size))
+            except ValueError as exc:
+                raise ValueError(f"disk {text!r}: {exc}") from None
         return cls(name, rest)
 
 
@@ -76,6 +81,36 @@ class TlsFiles:
     def __post_init__(self):
         if bool(self.cert) != bool(self.key):
             raise ValueError("TLS needs both a certificate and its key")
+
+
+def check_pems(cert: str, key: str, ca: str = "") -> None:
+    """Raise ``ValueError`` naming the file unless ``cert`` and ``key`` are a PEM certificate chain and its
+    unencrypted private key, and ``ca`` (when given) holds PEM certificates.
+
+    gRPC reads them only when it binds the port, and then says no more than that it could not bind.
+    """
+    import ssl
+
+    for path in (cert, key, ca):
+        if path:
+            try:
+                with open(path, "rb"):
+                    pass
+            except OSError as exc:
+                raise ValueError(f"cannot read the TLS file {path}: {exc.strerror or exc}") from None
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        # An empty password: an encrypted key fails here instead of prompting on the terminal.
+        context.load_cert_chain(cert, key, password=lambda: b"")
+    except ssl.SSLError as exc:
+        why = f" ({exc.reason.lower().replace('_', ' ')})" if exc.reason else ""
+        raise ValueError(f"TLS certificate {cert} and key {key}: not a PEM certificate chain and its "
+                         f"unencrypted private key{why}") from None
+    if ca:
+        try:
+            context.load_verify_locations(cafile=ca)
+        except ssl.SSLError:
+            raise ValueError(f"TLS CA {ca}: no PEM certificate in it") from None
 
 
 @dataclass

@@ -2,37 +2,27 @@
 
 from __future__ import annotations
 
-import os
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 
 from controller.csi.identity import PLUGIN_NAME, IdentityServicer
-from controller.csi.server import socket_path
+from controller.csi.server import bind_socket
 from node_agent.csi.node import NodeServicer
 from protos.csi.v1 import csi_pb2_grpc
 
 
 def build_csi_node_server(servicer: NodeServicer, endpoint: str, *, workers: int = 8,
                           driver_name: str = PLUGIN_NAME) -> grpc.Server:
-    """A started server on ``endpoint`` (``unix:///path``); a stale socket file is replaced.
+    """A started server on ``endpoint`` (``unix:///path``, see ``bind_socket``).
 
     ``driver_name``: what GetPluginInfo answers (the same as the controller's).
 
     Raises ``OSError`` when the socket cannot be bound.
     """
-    path = socket_path(endpoint)
-    os.makedirs(os.path.dirname(path) or "/", exist_ok=True)
-    if os.path.exists(path):  # left by a previous run: the endpoint is owned by this process
-        os.unlink(path)
     server = grpc.server(ThreadPoolExecutor(max_workers=workers, thread_name_prefix="csi-node"))
     csi_pb2_grpc.add_IdentityServicer_to_server(IdentityServicer(controller=False, name=driver_name), server)
     csi_pb2_grpc.add_NodeServicer_to_server(servicer, server)
-    try:
-        port = server.add_insecure_port(f"unix://{path}")
-    except RuntimeError as exc:
-        raise OSError(f"cannot listen on {endpoint}: {exc}") from None
-    if not port:
-        raise OSError(f"cannot listen on {endpoint}")
+    bind_socket(server, endpoint)
     server.start()
     return server
