@@ -12,6 +12,7 @@ The real worker pool and a real slow device are exercised by
 from __future__ import annotations
 
 import os
+import threading
 
 import pytest
 
@@ -265,22 +266,10 @@ def _prout(ini, service_action: int, key: int, sark: int, pr_type: int = 0) -> i
     return ini.command(cdb, write=key.to_bytes(8, "big") + sark.to_bytes(8, "big") + bytes(8))
 
 
-def test_preempt_and_abort_answers_once_the_preempted_write_on_a_worker_has_ended(make_initiator):
-    """SPC-4 §5.13.11.5: PREEMPT AND ABORT aborts the preempted nexus's commands.  One whose WRITE already runs
-    on a worker cannot be called back: it now ends with TASK ABORTED (not GOOD), and the preempting initiator's
-    GOOD waits for it, so the stale data never lands after that GOOD (it used to: GOOD at once, the write later,
-    over what the new holder wrote)."""
-    import threading
-
-    registry, lu = slow_registry()
-    a, b = make_initiator(registry), make_initiator(registry, isid=0x400001370099)
-    a.login_normal(), b.login_normal()
-    for ini, key in ((a, 0x11), (b, 0x22)):
-        _prout(ini, 0, 0, key)  # REGISTER
-        assert status_of(ini.receive()) == 0
-    _prout(a, 1, 0x11, 0, pr_type=1)  # A: RESERVE Write Exclusive
-    assert status_of(a.receive()) == 0
-    a_jobs, b_jobs = with_worker_queue(a), with_worker_queue(b)
+def _write_held_on_a_worker(a, lu):
+    """A's 4 KiB WRITE at LBA 0 running on its worker (a thread), held before its data reaches the medium: the
+    event that lets it go on, the thread, where its result goes, and the ``done`` that completes it."""
+    a_jobs = with_worker_queue(a)
     a.command(rw10(WRITE10, 0, 8), write=b"S" * 4096)
     assert a.receive() == [] and len(a_jobs) == 1
     landing, release = threading.Event(), threading.Event()
@@ -294,8 +283,26 @@ def test_preempt_and_abort_answers_once_the_preempted_write_on_a_worker_has_ende
     a_io, a_done = a_jobs.pop()
     a_result: list = []
     a_thread = threading.Thread(target=lambda: a_result.append(a_io()))
-    a_thread.start()  # A's WRITE is on its worker, its data not yet on the medium
+    a_thread.start()
     assert landing.wait(10)
+    return release, a_thread, a_result, a_done
+
+
+def test_preempt_and_abort_answers_once_the_preempted_write_on_a_worker_has_ended(make_initiator):
+    """SPC-4 §5.13.11.5: PREEMPT AND ABORT aborts the preempted nexus's commands.  One whose WRITE already runs
+    on a worker cannot be called back: it now ends with TASK ABORTED (not GOOD), and the preempting initiator's
+    GOOD waits for it, so the stale data never lands after that GOOD (it used to: GOOD at once, the write later,
+    over what the new holder wrote)."""
+    registry, lu = slow_registry()
+    a, b = make_initiator(registry), make_initiator(registry, isid=0x400001370099)
+    a.login_normal(), b.login_normal()
+    for ini, key in ((a, 0x11), (b, 0x22)):
+        _prout(ini, 0, 0, key)  # REGISTER
+        assert status_of(ini.receive()) == 0
+    _prout(a, 1, 0x11, 0, pr_type=1)  # A: RESERVE Write Exclusive
+    assert status_of(a.receive()) == 0
+    b_jobs = with_worker_queue(b)
+    release, a_thread, a_result, a_done = _write_held_on_a_worker(a, lu)
     _prout(b, 5, 0x22, 0x11, pr_type=1)  # B: PREEMPT AND ABORT of A's key
     assert b.receive() == [] and len(b_jobs) == 1  # not answered: A's WRITE still runs
     b_io, b_done = b_jobs.pop()
@@ -319,27 +326,11 @@ def test_a_reset_answers_once_another_sessions_aborted_write_on_a_worker_has_end
     """SAM-5 §7.4, §7.6: CLEAR TASK SET and the resets abort every initiator's tasks on the unit.  One whose WRITE
     already runs on a worker cannot be called back: it ends with TASK ABORTED, and the reset's answer waits for
     it, so its data never lands after that answer (it used to: FUNCTION COMPLETE at once, the write later)."""
-    import threading
-
     registry, lu = slow_registry()
     a, b = make_initiator(registry), make_initiator(registry, isid=0x400001370099)
     a.login_normal(), b.login_normal()
-    a_jobs, b_jobs = with_worker_queue(a), with_worker_queue(b)
-    a.command(rw10(WRITE10, 0, 8), write=b"S" * 4096)
-    assert a.receive() == [] and len(a_jobs) == 1
-    landing, release = threading.Event(), threading.Event()
-    write = lu.backing.write
-
-    def held_write(offset, data, fua=False):
-        landing.set()
-        release.wait(10)
-        write(offset, data, fua)
-    lu.backing.write = held_write
-    a_io, a_done = a_jobs.pop()
-    a_result: list = []
-    a_thread = threading.Thread(target=lambda: a_result.append(a_io()))
-    a_thread.start()  # A's WRITE is on its worker, its data not yet on the medium
-    assert landing.wait(10)
+    b_jobs = with_worker_queue(b)
+    release, a_thread, a_result, a_done = _write_held_on_a_worker(a, lu)
     b.send(Opcode.TASK_MGMT_REQUEST, final=True, immediate=True, function=function, lun=bytes(8),
            itt=b.next_itt(), referenced_task_tag=P.RESERVED_TAG, cmdsn=b.cmdsn, refcmdsn=0)
     assert b.receive() == [] and len(b_jobs) == 1, f"{name} answered while A's WRITE still runs"
