@@ -43,6 +43,7 @@ from controller.health import HealthServer
 from controller.leader import LeaderElector, LeaderSettings
 from controller.metrics import ControllerMetrics
 from controller.store.sqlite import SqliteStore
+from node_agent.agent.settings import DAY, parse_seconds
 from node_agent.metrics_server import MetricsServer, new_registry, split_listen
 from node_agent.peer_names import ADMIN_NAMES, NODE_NAMES, exposure_warning, parse_names
 
@@ -416,20 +417,13 @@ class ControllerDaemon:
 
 # ----------------------------------------------------------------------------- command line
 
-DAY = 86400.0
-
-
-def _seconds(least: float, most: float = DAY):
-    """An argparse type: seconds from ``least`` to ``most``.  nan and inf are refused (a plain "<= 0" check lets
-    both through: a nan interval spins a loop, an infinite one ends it), and so is an interval so short it spins."""
+def _seconds(least: float):
+    """An argparse type: seconds from ``least`` (an interval shorter would spin) to a day (``parse_seconds``)."""
     def seconds(text: str) -> float:
         try:
-            value = float(text)
-        except ValueError:
-            value = math.nan
-        if not least <= value <= most:
-            raise argparse.ArgumentTypeError(f"{text!r}: expected seconds from {least:g} to {most:g}")
-        return value
+            return parse_seconds(text, least)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
     return seconds
 
 

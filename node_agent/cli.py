@@ -19,6 +19,7 @@ import signal
 import sys
 
 from node_agent import eventloop
+from node_agent.agent.settings import parse_seconds
 from node_agent.iscsi.connection import ConnectionSettings
 from node_agent.iscsi.initiator import tools as iscsi_tools
 from node_agent.iscsi.keys import TargetSettings, parse_digest_list
@@ -65,13 +66,6 @@ def target_layout(layout: list[tuple[str, object]]) -> list[TargetSpec]:
         else:
             targets[max(current, 0)].luns.append(value)  # type: ignore[arg-type]
     return targets
-
-
-def _seconds(text: str) -> float:
-    value = float(text)
-    if not 0 <= value <= 86400:  # also refuses nan and inf
-        raise ValueError(f"{text!r}: expected seconds from 0 to 86400")
-    return value
 
 
 def _typed(parse):
@@ -133,10 +127,10 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     target.add_argument("--workers", type=int, default=1, metavar="N",
                         help="processes serving sessions, to use N cores (default 1); each target is served by "
                              "one of them (needs at least N targets); this process routes logins to them")
-    target.add_argument("--nop-interval", type=_typed(_seconds), default=ConnectionSettings.nop_interval,
+    target.add_argument("--nop-interval", type=_typed(parse_seconds), default=ConnectionSettings.nop_interval,
                         metavar="SECONDS", help="ping an initiator silent this long with a NOP-In (default "
                         "%(default)g; 0: never ping, so a dead initiator's session lasts until TCP notices)")
-    target.add_argument("--nop-timeout", type=_typed(_seconds), default=ConnectionSettings.nop_timeout,
+    target.add_argument("--nop-timeout", type=_typed(parse_seconds), default=ConnectionSettings.nop_timeout,
                         metavar="SECONDS", help="drop a connection whose initiator leaves a ping unanswered this "
                         "long (default %(default)g); raise both for initiators that stop reading while idle")
     target.add_argument("--port-file", metavar="FILE",
@@ -200,10 +194,10 @@ def _agent_parser(sub) -> None:
                            "exports, offered by its attachments, in order of preference (default None,CRC32C: "
                            "digests only where the other side insists; CRC32C,None prefers them; CRC32C requires "
                            "them)")
-    agent.add_argument("--iscsi-nop-interval", type=_typed(_seconds), default=ConnectionSettings.nop_interval,
+    agent.add_argument("--iscsi-nop-interval", type=_typed(parse_seconds), default=ConnectionSettings.nop_interval,
                        metavar="SECONDS", help="ping an initiator of this node's exports silent this long with a "
                        "NOP-In (default %(default)g; 0: never ping)")
-    agent.add_argument("--iscsi-nop-timeout", type=_typed(_seconds), default=ConnectionSettings.nop_timeout,
+    agent.add_argument("--iscsi-nop-timeout", type=_typed(parse_seconds), default=ConnectionSettings.nop_timeout,
                        metavar="SECONDS", help="drop an export's connection whose initiator leaves a ping unanswered "
                        "this long (default %(default)g, more than 0)")
     agent.add_argument("--ready-file", metavar="FILE",

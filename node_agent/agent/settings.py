@@ -83,6 +83,22 @@ class TlsFiles:
             raise ValueError("TLS needs both a certificate and its key")
 
 
+DAY = 86400.0
+
+
+def parse_seconds(text: str, least: float = 0.0, most: float = DAY) -> float:
+    """A command line's seconds, from ``least`` to ``most``; ``ValueError`` otherwise.  nan and inf are refused
+    too (a plain "<= 0" check lets both through: a nan interval spins a loop, an infinite one ends it)."""
+    expected = f"{text!r}: expected seconds from {least:g} to {most:g}"
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"{expected} (could not convert it to a number)") from None
+    if not least <= value <= most:
+        raise ValueError(expected)
+    return value
+
+
 def check_pems(cert: str, key: str, ca: str = "") -> None:
     """Raise ``ValueError`` naming the file unless ``cert`` and ``key`` are a PEM certificate chain and its
     unencrypted private key, and ``ca`` (when given) holds PEM certificates.
