@@ -281,11 +281,17 @@ def _write_held_on_a_worker(a, lu):
         write(offset, data, fua)
     lu.backing.write = held_write
     a_io, a_done = a_jobs.pop()
-    a_result: list = []
-    a_thread = threading.Thread(target=lambda: a_result.append(a_io()))
-    a_thread.start()
+    a_thread, a_result = _on_a_thread(a_io)
     assert landing.wait(10)
     return release, a_thread, a_result, a_done
+
+
+def _on_a_thread(io):
+    """Run a worker's job ``io`` on a thread of its own, started: the thread and the list its result goes to."""
+    result: list = []
+    thread = threading.Thread(target=lambda: result.append(io()))
+    thread.start()
+    return thread, result
 
 
 def test_preempt_and_abort_answers_once_the_preempted_write_on_a_worker_has_ended(make_initiator):
@@ -306,9 +312,7 @@ def test_preempt_and_abort_answers_once_the_preempted_write_on_a_worker_has_ende
     _prout(b, 5, 0x22, 0x11, pr_type=1)  # B: PREEMPT AND ABORT of A's key
     assert b.receive() == [] and len(b_jobs) == 1  # not answered: A's WRITE still runs
     b_io, b_done = b_jobs.pop()
-    b_result: list = []
-    b_thread = threading.Thread(target=lambda: b_result.append(b_io()))
-    b_thread.start()
+    b_thread, b_result = _on_a_thread(b_io)
     b_thread.join(0.3)
     assert b_thread.is_alive()  # B's answer waits for A's write
     release.set()
@@ -335,9 +339,7 @@ def test_a_reset_answers_once_another_sessions_aborted_write_on_a_worker_has_end
            itt=b.next_itt(), referenced_task_tag=P.RESERVED_TAG, cmdsn=b.cmdsn, refcmdsn=0)
     assert b.receive() == [] and len(b_jobs) == 1, f"{name} answered while A's WRITE still runs"
     b_io, b_done = b_jobs.pop()
-    b_result: list = []
-    b_thread = threading.Thread(target=lambda: b_result.append(b_io()))
-    b_thread.start()
+    b_thread, b_result = _on_a_thread(b_io)
     b_thread.join(0.3)
     assert b_thread.is_alive()  # B's answer waits for A's write
     release.set()
