@@ -429,6 +429,7 @@ def benchmark_row(wl: Workload, sides: dict[str, Endpoint], args) -> dict:
     results = {name: Side() for name in sides}
     for round_no in range(args.runs):
         for name, ep in sides.items():
+            os.sync()  # the run before leaves no dirty data to be written back during this one
             wait_quiet(args.wait_quiet)
             run = run_side(wl, ep, name, count, args.seconds)
             results[name].runs.append(run)
