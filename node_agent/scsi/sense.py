@@ -208,3 +208,30 @@ def parse_sense(data: bytes) -> SenseCode:
         return SenseCode(r.sense_key, r.asc, r.ascq)
     r = FIXED_SENSE.decode(data.ljust(18, b"\0"))
     return SenseCode(r.sense_key, r.asc, r.ascq)
+
+
+# -- names, for messages ----------------------------------------------------------
+STATUS_NAMES = {GOOD: "GOOD", CHECK_CONDITION: "CHECK CONDITION", CONDITION_MET: "CONDITION MET", BUSY: "BUSY",
+                RESERVATION_CONFLICT: "RESERVATION CONFLICT", TASK_SET_FULL: "TASK SET FULL",
+                ACA_ACTIVE: "ACA ACTIVE", TASK_ABORTED: "TASK ABORTED"}  # SAM-5 table 37
+SENSE_KEY_NAMES = ("NO SENSE", "RECOVERED ERROR", "NOT READY", "MEDIUM ERROR", "HARDWARE ERROR",
+                   "ILLEGAL REQUEST", "UNIT ATTENTION", "DATA PROTECT", "BLANK CHECK", "VENDOR SPECIFIC",
+                   "COPY ABORTED", "ABORTED COMMAND", "RESERVED", "VOLUME OVERFLOW", "MISCOMPARE",
+                   "COMPLETED")  # SPC-4 table 45, by value
+_CODE_NAMES: dict[SenseCode, str] = {}
+for _name, _value in list(globals().items()):
+    if isinstance(_value, SenseCode):
+        _CODE_NAMES.setdefault(_value, _name.replace("LBA_", "LOGICAL_BLOCK_ADDRESS_").replace("_", " "))
+_ASC_NAMES = {(code.asc, code.ascq): name for code, name in reversed(list(_CODE_NAMES.items()))}
+
+
+def describe(status: int, key: int = 0, asc: int = 0, ascq: int = 0) -> str:
+    """A SCSI status and its sense code for a message, names first and numbers after, e.g.
+    ``CHECK CONDITION (0x02): ILLEGAL REQUEST, LOGICAL BLOCK ADDRESS OUT OF RANGE (sense key 0x5, ASC/ASCQ
+    0x21/0x00)``; the names are those of this module's constants (an unknown ASC/ASCQ: numbers only)."""
+    text = f"{STATUS_NAMES.get(status, 'unknown status')} ({status:#04x})"
+    if status != CHECK_CONDITION and not (key or asc or ascq):
+        return text
+    what = _CODE_NAMES.get(SenseCode(key, asc, ascq)) or _ASC_NAMES.get((asc, ascq))
+    return (f"{text}: {SENSE_KEY_NAMES[key & 0xF]}{', ' + what if what and (asc or ascq) else ''} "
+            f"(sense key {key:#x}, ASC/ASCQ {asc:#04x}/{ascq:#04x})")

@@ -261,6 +261,7 @@ def test_reservations_through_the_block_api(tmp_path):
                 with pytest.raises(CommandFailed) as exc:
                     await db.write(0, b"b" * 512)
                 assert exc.value.done.status == 0x18  # RESERVATION CONFLICT
+                assert str(exc.value) == "SCSI status RESERVATION CONFLICT (0x18)"
                 await da.release(0xA1, 1)
                 await db.write(0, b"b" * 512)
             finally:

@@ -48,6 +48,15 @@ def test_discover_inquiry_write_read(target, tmp_path):
     assert shoal("read", url, "--lba", "100", "--blocks", "16").stdout == payload.read_bytes()
 
 
+def test_scsi_errors_are_named(target):
+    """A command the target refuses exits 1 with the status and sense named, numbers after them."""
+    _, url = target
+    proc = shoal("read", url, "--lba", str((64 << 20) // 512), "--blocks", "1", check=False)
+    assert proc.returncode == 1 and proc.stdout == b""
+    assert ("SCSI status CHECK CONDITION (0x02): ILLEGAL REQUEST, LOGICAL BLOCK ADDRESS OUT OF RANGE "
+            "(sense key 0x5, ASC/ASCQ 0x21/0x00)") in proc.stderr.decode(), proc.stderr.decode()
+
+
 def test_bench_prints_figures(target):
     _, url = target
     for extra in ([], ["--write"]):

@@ -32,6 +32,7 @@ from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, w
 from node_agent.iscsi.initiator import core as C
 from node_agent.iscsi.keys import InitiatorSettings
 from node_agent.iscsi.pdu import Opcode
+from node_agent.scsi.sense import describe
 
 log = logging.getLogger("shoal.iscsi.initiator")
 
@@ -58,7 +59,7 @@ class CommandFailed(IOError):
 
     def __init__(self, done: C.TaskDone):
         key, asc, ascq = sense_code(done.sense)
-        super().__init__(f"SCSI status {done.status:#04x}, sense key {key:#x} ASC/ASCQ {asc:#04x}/{ascq:#04x}")
+        super().__init__(f"SCSI status {describe(done.status, key, asc, ascq)}")
         self.done = done
         self.sense_key, self.asc, self.ascq = key, asc, ascq
 
