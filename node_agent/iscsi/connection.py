@@ -402,7 +402,11 @@ class TargetConnection:
                         elif opcode == Opcode.SCSI_COMMAND and not ahs_len:
                             self._start_direct_command(view, pos, dsl, hd, dd)
                     break
-                self._one_pdu(view, pos, ahs_len, dsl, hd, dd)
+                # The common SCSI Command without digests goes straight to the fast path (``_one_pdu`` again
+                # when that declines it); everything else through ``_one_pdu``.
+                if (hd or dd or buf[pos] & 0x3F != 0x01 or not self._fast_commands
+                        or not self._scsi_command_fast(view, pos, pos + 48 + ahs_len, dsl)):
+                    self._one_pdu(view, pos, ahs_len, dsl, hd, dd)
                 rx.start += total  # rx.consume(total), inline: once per PDU
                 if rx.start == rx.end:
                     rx.start = rx.end = 0
@@ -719,7 +723,17 @@ class TargetConnection:
         gather[3].append(data)
         out = self._out
         mark = len(out)
-        self._respond(itt, GOOD, b"", 0, edtl, edtl)
+        # ``_respond(itt, GOOD, b"", 0, edtl, edtl)``, inline: once per gathered write
+        session = self.session
+        statsn = self.statsn
+        self.statsn = (statsn + 1) & 0xFFFFFFFF
+        expcmdsn = session.expcmdsn  # type: ignore[union-attr]
+        maxcmdsn = (expcmdsn + session.command_window - 1 - session.running) & 0xFFFFFFFF  # type: ignore[union-attr]
+        header = _pack_hot(_OP_SCSI_RESPONSE, 0x80, 0, GOOD, 0, _NO_LUN, itt, 0, statsn, expcmdsn, maxcmdsn, 0, 0, 0)
+        if self.header_digest:
+            out += (header, _pack_digest(_crc(header)))
+        else:
+            out.append(header)
         gather[4].append((mark, len(out) - mark, itt, edtl, cdb))
 
     def _flush_gather(self) -> None:
