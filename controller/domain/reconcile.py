@@ -21,7 +21,10 @@ Repairs, each under the volume's lock and re-checked against the store first:
 Agents that cannot be reached are skipped: the next pass tries again.
 Volumes an agent holds that the controller does not know are only logged, never
 deleted, nor their exports removed: data, and the sessions using it, are not
-thrown away on a guess.
+thrown away on a guess.  Such a standing condition (and a volume missing on its
+node) is logged at its level once, again every ``REPEAT_STANDING`` seconds while
+it lasts, and at once if it comes back after a pass without it; the passes
+between log it at debug level (a pass runs every few seconds).
 """
 
 from __future__ import annotations
@@ -38,25 +41,46 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("shoal.controller.reconcile")
 
+REPEAT_STANDING = 3600.0  # seconds between two log lines at its own level about one standing condition
+
 
 class Reconciler:
     def __init__(self, service: "ControllerService"):
         self.service = service
         self.store = service.store
         self.repaired: list[str] = []
+        self._seen: set[tuple] = set()  # standing conditions found in this pass
 
     def run(self) -> list[str]:
         self._finish_rows()
+        skipped = set()
         for node in self.service.list_nodes():
             if node.health != HEALTHY:
+                skipped.add(node.id)
                 continue
             try:
                 observed = self.service.agents.client(node).get_state()
             except DomainError as exc:
                 log.warning("reconcile: node %s: %s", node.id, exc)
+                skipped.add(node.id)
                 continue
             self._reconcile_node(node, observed)
+        standing = self.service._standing
+        for key in list(standing):
+            if key not in self._seen and key[0] not in skipped:  # gone: if it comes back, it is news again
+                del standing[key]
         return self.repaired
+
+    def _report_standing(self, key: tuple, level: int, message: str, *args: Any) -> None:
+        """Log a standing condition (``key``: node id first) at ``level`` when it is news, debug otherwise."""
+        self._seen.add(key)
+        now = self.service._monotonic()
+        last = self.service._standing.get(key)
+        if last is None or now - last >= REPEAT_STANDING:
+            self.service._standing[key] = now
+            log.log(level, message, *args)
+        else:
+            log.debug(message, *args)
 
     def _try(self, what: str, action) -> None:
         """Run one repair; it counts unless it fails or returns False (someone else finished it meanwhile)."""
@@ -118,9 +142,10 @@ class Reconciler:
             if volume_id in owned:
                 name = owned[volume_id].name
             elif volume_id in sizes:
-                log.warning("reconcile: node %s exports volume id %s, which the controller does not know there, to "
-                            "%s: kept (a consumer may be using it; was the controller's state lost?)", node.id,
-                            volume_id, iqn)
+                self._report_standing((node.id, "unknown export", volume_id, iqn), logging.WARNING,
+                               "reconcile: node %s exports volume id %s, which the controller does not know there, "
+                               "to %s: kept (a consumer may be using it; was the controller's state lost?)", node.id,
+                               volume_id, iqn)
                 continue
             else:
                 name = f"(unknown id {volume_id}, gone from the node)"
@@ -129,14 +154,16 @@ class Reconciler:
         for volume_id, size in sorted(sizes.items()):
             volume = owned.get(volume_id)
             if volume is None:
-                log.warning("reconcile: node %s holds volume id %s that the controller does not know",
-                            node.id, volume_id)
+                self._report_standing((node.id, "unknown volume", volume_id), logging.WARNING,
+                               "reconcile: node %s holds volume id %s that the controller does not know", node.id,
+                               volume_id)
             elif volume.state in (AVAILABLE, ATTACHED) and size < volume.size_bytes:
                 self._try(f"expanded volume {volume.name} to {volume.size_bytes} bytes",
                           lambda v=volume: self._expand(v.name))
         for volume in owned.values():
             if volume.state in (AVAILABLE, ATTACHED) and volume.id not in sizes:
-                log.error("reconcile: volume %s (%s) is missing on its node %s", volume.name, volume.id, node.id)
+                self._report_standing((node.id, "missing volume", volume.id), logging.ERROR,
+                               "reconcile: volume %s (%s) is missing on its node %s", volume.name, volume.id, node.id)
 
     def _wanted(self, owned: dict) -> set[tuple[str, str]]:
         """(volume id, initiator IQN) the owner should export: every attachment, detaching ones included

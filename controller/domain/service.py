@@ -143,7 +143,11 @@ class ControllerService:
         self.agents = agents
         self.settings = settings or ControllerSettings()
         self._clock = clock
-        self._liveness = _Liveness(monotonic or (time.monotonic if clock is time.time else clock), self.settings)
+        self._monotonic = monotonic or (time.monotonic if clock is time.time else clock)
+        self._liveness = _Liveness(self._monotonic, self.settings)
+        # Standing conditions reconcile found (an unknown volume, a missing one) -> when last logged at their own
+        # level (``Reconciler._standing``): once, not on every pass.
+        self._standing: dict[tuple, float] = {}
         self._secrets = secrets
         self._volume_locks = _LockTable()
         self._placement_lock = threading.RLock()  # capacity is read, then promised: one decision at a time

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from dataclasses import replace
@@ -132,3 +133,48 @@ def test_observed_exports_may_list_their_initiators(env):
     assert _initiators({"volume_id": "v", "initiators": ["iqn.a", "iqn.b"]}) == ["iqn.a", "iqn.b"]
     assert _initiators({"volume_id": "v", "initiator_iqn": "iqn.a"}) == ["iqn.a"]
     assert _initiators({"volume_id": "v"}) == []
+
+
+def test_a_standing_condition_is_logged_once_not_on_every_pass(env, caplog):
+    """A pass runs every few seconds: an unknown volume, its export and a volume missing on its node are
+    logged at their level when first found, hourly while they last, and at once when they come back after
+    a pass without them; the passes between say them at debug level."""
+    volume = env.svc.create_volume("vol-1", GiB)
+    owner_id = volume.owner_node
+    owner = env.agents.agent(owner_id)
+    other = "node-b" if owner_id != "node-b" else "node-c"
+    owner.volumes.pop(volume.id)  # missing on its node
+    owner.volumes["orphan-id"] = {"volume_id": "orphan-id", "size_bytes": GiB, "disk": "data0"}
+    env.agents.client(env.store.get_node(owner_id)).export_volume("orphan-id", iqn(other), "u",
+                                                                   "stray-secret-123456")
+    caplog.set_level(logging.DEBUG, logger="shoal.controller.reconcile")
+
+    def loud():
+        lines = sorted(r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING)
+        caplog.clear()
+        return lines
+
+    expected = sorted([
+        f"reconcile: node {owner_id} exports volume id orphan-id, which the controller does not know there, to "
+        f"{iqn(other)}: kept (a consumer may be using it; was the controller's state lost?)",
+        f"reconcile: node {owner_id} holds volume id orphan-id that the controller does not know",
+        f"reconcile: volume vol-1 ({volume.id}) is missing on its node {owner_id}"])
+    env.svc.reconcile_once()
+    assert loud() == expected
+    for _ in range(3):
+        env.svc.reconcile_once()
+    debug = [r for r in caplog.records if r.levelno == logging.DEBUG and "orphan-id" in r.getMessage()]
+    assert loud() == [] and len(debug) == 6
+    env.clock.now += 3600  # an hour later, still there: said again, once
+    for node in env.store.list_nodes():
+        env.svc.heartbeat(node.id)
+    env.svc.reconcile_once()
+    env.svc.reconcile_once()
+    assert loud() == expected
+    del owner.volumes["orphan-id"]  # gone (and its export with it: nothing holds the volume any more) ...
+    assert env.svc.reconcile_once() == [
+        f"removed export of volume (unknown id orphan-id, gone from the node) to {iqn(other)}"]
+    assert loud() == []  # the missing volume is still missing: not news
+    owner.volumes["orphan-id"] = {"volume_id": "orphan-id", "size_bytes": GiB, "disk": "data0"}  # ... and back
+    env.svc.reconcile_once()
+    assert loud() == [f"reconcile: node {owner_id} holds volume id orphan-id that the controller does not know"]
