@@ -11,9 +11,9 @@ from controller.api.admin import AdminServicer
 from controller.api.registration import RegistrationServicer
 from controller.domain.service import ControllerService
 from controller.metrics import ControllerMetrics
-from node_agent.agent.settings import check_pems
 from node_agent.peer_check import PeerNames
 from node_agent.peer_names import ADMIN_NAMES, ADMIN_SERVICE, NODE_NAMES, REGISTRATION_SERVICE
+from node_agent.tls_reload import ReloadingServerTls
 from protos.shoal.v1 import admin_pb2_grpc, agent_pb2_grpc
 
 
@@ -37,17 +37,11 @@ class ServerTls:
             raise ValueError("TLS needs both a certificate (--tls-cert) and its key (--tls-key)")
 
 
-def _read(path: str) -> bytes:
-    with open(path, "rb") as handle:
-        return handle.read()
-
-
 def server_credentials(tls: ServerTls) -> grpc.ServerCredentials:
-    """Raises ``ValueError`` naming the file for a PEM that does not load (gRPC would only fail to bind)."""
-    check_pems(tls.cert, tls.key, tls.client_ca)
-    ca = _read(tls.client_ca) if tls.client_ca else None
-    return grpc.ssl_server_credentials([(_read(tls.key), _read(tls.cert))], root_certificates=ca,
-                                       require_client_auth=ca is not None)
+    """Credentials that follow the files (a renewed certificate is served to new connections without a restart:
+    ``node_agent.tls_reload``).  Raises ``ValueError`` naming the file for a PEM that does not load (gRPC would
+    only fail to bind)."""
+    return ReloadingServerTls(tls.cert, tls.key, tls.client_ca).credentials()
 
 
 def build_server(service: ControllerService, listen: str, *, tls: ServerTls | None = None,

@@ -51,6 +51,7 @@ from node_agent.peer_names import AGENT_SERVICE, exposure_warning
 from node_agent.iscsi.connection import ConnectionSettings
 from node_agent.iscsi.keys import TargetSettings
 from node_agent.target_service import PortalConfig
+from node_agent.tls_reload import ReloadingServerTls
 from protos.shoal.v1 import agent_pb2_grpc
 
 log = logging.getLogger("shoal.agent")
@@ -83,10 +84,9 @@ def _read(path: str) -> bytes | None:
 
 
 def server_credentials(tls: TlsFiles) -> grpc.ServerCredentials:
-    """TLS for AgentService; with a CA, clients must present a certificate it signed (mutual TLS)."""
-    ca = _read(tls.ca)
-    return grpc.ssl_server_credentials([(_read(tls.key), _read(tls.cert))], root_certificates=ca,
-                                       require_client_auth=ca is not None)
+    """TLS for AgentService; with a CA, clients must present a certificate it signed (mutual TLS).  The files
+    are read again when they change (``node_agent.tls_reload``)."""
+    return ReloadingServerTls(tls.cert, tls.key, tls.ca).credentials()
 
 
 #: gRPC's reconnect backoff grows to 120 s while the controller is down (heartbeats fail at once

@@ -342,6 +342,46 @@ def test_tls_and_mutual_tls(pki, mutual):
         s.server.stop(None)
 
 
+def test_a_renewed_certificate_is_served_without_a_restart(pki, tmp_path, caplog):
+    """The server's TLS files are read again when they change (a Secret volume swapped, cert-manager's renewal):
+    the next connection gets the new certificate.  A change that does not load (the new certificate written
+    before its key) is not taken: the old pair goes on being served, and a warning says why, once."""
+    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca2.key", "-out", "ca2.pem", "-days", "1",
+             "-subj", "/CN=shoal-test-ca-2", cwd=tmp_path)
+    _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server2.key", "-out", "server2.csr",
+             "-subj", "/CN=shoal-server", cwd=tmp_path)
+    (tmp_path / "server2.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+    _openssl("x509", "-req", "-in", "server2.csr", "-CA", "ca2.pem", "-CAkey", "ca2.key", "-CAcreateserial",
+             "-out", "server2.pem", "-days", "1", "-extfile", "server2.ext", cwd=tmp_path)
+    cert, key = tmp_path / "tls.crt", tmp_path / "tls.key"
+    cert.write_bytes((pki / "server.pem").read_bytes())
+    key.write_bytes((pki / "server.key").read_bytes())
+    s = Served(ServerTls(str(cert), str(key)))
+
+    def trusted_by(ca) -> bool:  # a new channel: a new connection and handshake
+        with grpc.secure_channel(s.address, grpc.ssl_channel_credentials(ca.read_bytes())) as channel:
+            try:
+                admin_pb2_grpc.AdminServiceStub(channel).GetStatus(admin_pb2.GetStatusRequest(), timeout=5)
+            except grpc.RpcError as exc:
+                assert exc.code() == grpc.StatusCode.UNAVAILABLE, exc
+                return False
+            return True
+
+    try:
+        assert trusted_by(pki / "ca.pem") and not trusted_by(tmp_path / "ca2.pem")
+        caplog.set_level(logging.INFO, logger="shoal.tls")
+        cert.write_bytes((tmp_path / "server2.pem").read_bytes())  # half of the renewal
+        assert trusted_by(pki / "ca.pem") and trusted_by(pki / "ca.pem")
+        warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+        assert len(warnings) == 1 and "still serving the previous certificate" in warnings[0], warnings
+        assert "PRIVATE KEY" not in caplog.text
+        key.write_bytes((tmp_path / "server2.key").read_bytes())  # ... and the rest
+        assert trusted_by(tmp_path / "ca2.pem") and not trusted_by(pki / "ca.pem")
+        assert f"TLS certificate {cert} reloaded" in caplog.text
+    finally:
+        s.server.stop(None)
+
+
 def _creds_of(pki, name: str) -> grpc.ChannelCredentials:
     read = lambda file: (pki / file).read_bytes()  # noqa: E731
     return grpc.ssl_channel_credentials(read("ca.pem"), read(f"{name}.key"), read(f"{name}.pem"))
