@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -26,6 +27,7 @@ import tenacity
 from controller.api.errors import domain_error
 from controller.domain.errors import Unavailable
 from controller.domain.model import Node
+from node_agent.tls_reload import ChangedFiles, client_files_problem
 from protos.shoal.v1 import agent_pb2, agent_pb2_grpc, common_pb2
 
 log = logging.getLogger("shoal.controller.agents")
@@ -90,6 +92,9 @@ def _read(path: str) -> bytes | None:
 #: channel finds it again within about a second of its return (the controller calls only a few agents).
 CHANNEL_OPTIONS = (("grpc.initial_reconnect_backoff_ms", 200), ("grpc.max_reconnect_backoff_ms", 1000))
 
+#: Seconds a channel replaced after a TLS renewal stays open: longer than any call's deadline and retries.
+RETIRE_AFTER = 600.0
+
 
 def open_channel(address: str, tls: AgentTls | None) -> grpc.Channel:
     if tls is None:
@@ -108,7 +113,8 @@ class GrpcAgentDirectory:
     def __init__(self, settings: AgentCallSettings | None = None, *,
                  channel_factory: Callable[[str, AgentTls | None], grpc.Channel] = open_channel,
                  sleep: Callable[[float], None] | None = None,
-                 on_error: Callable[[str, str, grpc.StatusCode], None] | None = None):
+                 on_error: Callable[[str, str, grpc.StatusCode], None] | None = None,
+                 monotonic: Callable[[], float] = time.monotonic):
         self.settings = settings or AgentCallSettings()
         self._channel_factory = channel_factory
         self._sleep = sleep
@@ -116,14 +122,27 @@ class GrpcAgentDirectory:
         self._channels: dict[str, tuple[str, grpc.Channel]] = {}  # node id -> (agent address, channel)
         self._lock = threading.Lock()
         self._closed = False
+        tls = self.settings.tls
+        self._tls_files = ChangedFiles(tls.ca, tls.cert, tls.key) if tls is not None else None
+        self._retired: list[tuple[float, grpc.Channel]] = []  # (when to close, channel) after a TLS renewal
+        self._monotonic = monotonic
 
     def client(self, node: Node) -> "GrpcAgentClient":
-        """The node's agent; refused (``Unavailable``) once the directory is closed (the controller stops)."""
+        """The node's agent; refused (``Unavailable``) once the directory is closed (the controller stops).
+
+        When the TLS files changed (a renewed client certificate or CA) and load, every agent gets a new channel
+        with them; the old channels stay open ``RETIRE_AFTER`` seconds for the calls still on them."""
         stale = None
         with self._lock:
             if self._closed:
                 raise Unavailable(f"agent of node {node.id}: the controller is stopping (its agent channels are "
                                   "closed); retry")
+            now = self._monotonic()
+            if self._tls_files is not None and self._tls_files.changed():
+                self._renew_channels(now)
+            due = [channel for when, channel in self._retired if when <= now]
+            if due:
+                self._retired = [(when, channel) for when, channel in self._retired if when > now]
             address, channel = self._channels.get(node.id, ("", None))
             if channel is None or address != node.agent_address:
                 stale = channel
@@ -131,13 +150,30 @@ class GrpcAgentDirectory:
                 self._channels[node.id] = (node.agent_address, channel)
         if stale is not None:  # the agent moved: its old address leads nowhere (or to another node's agent)
             stale.close()
+        for old in due:
+            old.close()
         return GrpcAgentClient(node.id, node.agent_address, agent_pb2_grpc.AgentServiceStub(channel),
                                self.settings, sleep=self._sleep, on_error=self._on_error)
+
+    def _renew_channels(self, now: float) -> None:
+        tls = self.settings.tls
+        assert tls is not None
+        problem = client_files_problem(tls.cert, tls.key, tls.ca)
+        if problem:
+            log.warning("TLS files towards agents changed but do not load; the channels keep the previous ones: %s",
+                        problem)
+            return
+        self._retired += [(now + RETIRE_AFTER, channel) for _, channel in self._channels.values()]
+        self._channels = {}
+        log.info("TLS files towards agents changed: new channels use them (the old ones close within %.0f s)",
+                 RETIRE_AFTER)
 
     def close(self) -> None:
         with self._lock:
             self._closed = True
             channels, self._channels = [channel for _, channel in self._channels.values()], {}
+            channels += [channel for _, channel in self._retired]
+            self._retired = []
         for channel in channels:
             channel.close()
 

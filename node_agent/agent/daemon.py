@@ -51,7 +51,7 @@ from node_agent.peer_names import AGENT_SERVICE, exposure_warning
 from node_agent.iscsi.connection import ConnectionSettings
 from node_agent.iscsi.keys import TargetSettings
 from node_agent.target_service import PortalConfig
-from node_agent.tls_reload import ReloadingServerTls
+from node_agent.tls_reload import ChangedFiles, ReloadingServerTls, client_files_problem
 from protos.shoal.v1 import agent_pb2_grpc
 
 log = logging.getLogger("shoal.agent")
@@ -275,8 +275,28 @@ class Agent:
             self.volumes.disks, self.channel_factory(s.controller, s.controller_tls),
             timeout=s.register_timeout, max_backoff=s.max_register_backoff,
             default_interval=s.default_heartbeat_interval, on_drop=self._drop_fenced,
-            on_registered=self.node_labels.set)
+            on_registered=self.node_labels.set, renew=self._controller_channel_renewal())
         self.registrar.start()
+
+    def _controller_channel_renewal(self) -> Callable[[], grpc.Channel | None] | None:
+        """For the Registrar: a new channel to the controller once the client TLS files changed and load."""
+        s = self.settings
+        tls = s.controller_tls
+        if tls is None:
+            return None
+        files = ChangedFiles(tls.ca, tls.cert, tls.key)
+
+        def renew() -> grpc.Channel | None:
+            if not files.changed():
+                return None
+            problem = client_files_problem(tls.cert, tls.key, tls.ca)
+            if problem:
+                log.warning("TLS files towards the controller changed but do not load; keeping the previous "
+                            "ones: %s", problem)
+                return None
+            log.info("TLS files towards the controller changed: a new channel uses them")
+            return self.channel_factory(s.controller, tls)
+        return renew
 
     def _drop_fenced(self, volume_ids: list[str]) -> None:
         """This node was fenced: forget the attachments the controller names (their owners refuse the

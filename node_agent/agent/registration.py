@@ -62,7 +62,10 @@ class Registrar:
     def __init__(self, announcement: NodeAnnouncement, disks: Callable[[], list[Disk]],
                  channel: grpc.Channel, *, timeout: float = 10.0, max_backoff: float = 30.0,
                  default_interval: float = 10.0, on_drop: Callable[[list[str]], None] | None = None,
-                 on_registered: Callable[[dict[str, str]], None] | None = None):
+                 on_registered: Callable[[dict[str, str]], None] | None = None,
+                 renew: Callable[[], grpc.Channel | None] | None = None):
+        """``renew``: asked before each call; a new channel to use from then on (the TLS files changed), or
+        None for the same."""
         self.announcement = announcement
         self.disks = disks
         self.channel = channel
@@ -72,6 +75,7 @@ class Registrar:
         self.default_interval = default_interval
         self.on_drop = on_drop  # the node is fenced: forget these volumes' attachments (HeartbeatResponse)
         self.on_registered = on_registered  # gets the labels the controller recorded, after every Register
+        self.renew = renew
         self.labels: dict[str, str] | None = None  # those labels; None until the first Register succeeded
         self.fenced = False
         self.registered = threading.Event()
@@ -119,9 +123,18 @@ class Registrar:
                  interval)
         return interval
 
+    def _renewed(self) -> None:
+        """Take a new channel when ``renew`` has one (only this thread calls through the channel)."""
+        channel = self.renew() if self.renew is not None else None
+        if channel is not None:
+            old, self.channel = self.channel, channel
+            self.stub = agent_pb2_grpc.RegistrationServiceStub(channel)
+            old.close()
+
     def beat_until_forgotten(self, interval: float) -> None:
         while not self._stop.wait(interval):
             try:
+                self._renewed()
                 answer = self.stub.Heartbeat(agent_pb2.HeartbeatRequest(
                     node_id=self.announcement.node_id, disks=self._disks_or_none()), timeout=self.timeout)
                 self.heartbeats += 1
@@ -156,6 +169,7 @@ class Registrar:
             return []
 
     def _register(self) -> agent_pb2.RegisterResponse:
+        self._renewed()
         a = self.announcement
         return self.stub.Register(agent_pb2.RegisterRequest(
             node_id=a.node_id, initiator_iqn=a.initiator_iqn, agent_address=a.agent_address,

@@ -18,6 +18,7 @@ from controller.agents_grpc import AgentTls, open_channel
 from node_agent.agent.daemon import Agent
 from node_agent.agent.settings import AgentSettings, TlsFiles
 from node_agent.host.connector import preferred_connector
+from node_agent.tls_reload import ReloadingServerTls
 from protos.shoal.v1 import agent_pb2, agent_pb2_grpc
 from tests.conftest import require_tools
 
@@ -144,3 +145,76 @@ def test_a_wildcard_portal_needs_an_advertised_address(tmp_path):
     finally:
         agent.stop()
     assert time.monotonic() - started < 20
+
+
+class PeerRecordingController(agent_pb2_grpc.RegistrationServiceServicer):
+    """Registers and heartbeats answered every 0.1 s; records the client certificate of each call."""
+
+    def __init__(self):
+        self.peers: list[bytes] = []
+
+    def _peer(self, context) -> None:
+        self.peers.append(b"".join(context.auth_context().get("x509_pem_cert", [b""])))
+
+    def Register(self, request, context):
+        self._peer(context)
+        return agent_pb2.RegisterResponse(heartbeat_interval_seconds=0.1)
+
+    def Heartbeat(self, request, context):
+        self._peer(context)
+        return agent_pb2.HeartbeatResponse(heartbeat_interval_seconds=0.1)
+
+
+def test_renewed_certificates_are_used_without_a_restart(tmp_path):
+    """Every certificate and CA of a mutual-TLS pair of agent and controller is replaced on disk by one of
+    another CA (a renewal with a new issuer: the hardest case).  The agent's AgentService serves its new
+    certificate to new connections, and its heartbeats go out on a new channel with its new client
+    certificate, without a restart; clients of the old CA are refused from then on."""
+    (tmp_path / "old").mkdir()
+    (tmp_path / "new").mkdir()
+    old, new = make_certificates(tmp_path / "old"), make_certificates(tmp_path / "new")
+    live = tmp_path / "live"
+    live.mkdir()
+
+    def install(pem) -> None:  # as a renewal does: every file replaced
+        for name in ("ca.pem", "server.pem", "server.key", "node.pem", "node.key"):
+            (live / name).write_bytes(pem[name])
+
+    install(old)
+    controller = PeerRecordingController()
+    server = grpc.server(ThreadPoolExecutor(2))
+    agent_pb2_grpc.add_RegistrationServiceServicer_to_server(controller, server)
+    port = server.add_secure_port("127.0.0.1:0", ReloadingServerTls(
+        str(live / "server.pem"), str(live / "server.key"), str(live / "ca.pem")).credentials())
+    server.start()
+    agent = Agent(settings(
+        tmp_path, controller=f"127.0.0.1:{port}",
+        server_tls=TlsFiles(str(live / "server.pem"), str(live / "server.key"), str(live / "ca.pem")),
+        controller_tls=TlsFiles(str(live / "node.pem"), str(live / "node.key"), str(live / "ca.pem"))),
+        connectors={})
+    agent.start()
+
+    def get_state(pem) -> bool:  # a new channel: a new connection and handshake
+        creds = grpc.ssl_channel_credentials(pem["ca.pem"], pem["client.key"], pem["client.pem"])
+        with grpc.secure_channel(agent.agent_address, creds) as channel:
+            try:
+                return agent_pb2_grpc.AgentServiceStub(channel).GetState(agent_pb2.GetStateRequest(),
+                                                                          timeout=5).node_id == "n1"
+            except grpc.RpcError as exc:
+                assert exc.code() == grpc.StatusCode.UNAVAILABLE, exc
+                return False
+
+    try:
+        assert agent.registrar.registered.wait(10)
+        assert controller.peers[-1] == old["node.pem"]
+        assert get_state(old) and not get_state(new)
+        install(new)
+        deadline = time.monotonic() + 10
+        while controller.peers[-1] != new["node.pem"] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert controller.peers[-1] == new["node.pem"]  # heartbeats carry the new client certificate
+        assert get_state(new) and not get_state(old)
+        assert agent.registrar.registered.is_set()  # never lost: no registration again
+    finally:
+        agent.stop()
+        server.stop(None)

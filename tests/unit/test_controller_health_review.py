@@ -10,10 +10,12 @@ except for the channel tests (a real gRPC channel to nowhere).
 
 from __future__ import annotations
 
+import logging
+
 import grpc
 import pytest
 
-from controller.agents_grpc import AgentCallSettings, GrpcAgentDirectory
+from controller.agents_grpc import RETIRE_AFTER, AgentCallSettings, AgentTls, GrpcAgentDirectory
 from controller.api.errors import grpc_status
 from controller.domain import validation
 from controller.domain.agents import FakeAgents
@@ -22,6 +24,7 @@ from controller.domain.model import FENCE_DONE, FENCED, HEALTHY, UNHEALTHY, Disk
 from controller.domain.service import ControllerService
 from controller.domain.settings import ControllerSettings
 from controller.store import MemoryStore, SqliteStore
+from tests.unit.test_agent_daemon import make_certificates
 from tests.unit.test_controller_service import Clock, GiB, env, iqn  # noqa: F401 (env: the fixture)
 
 NODES = ("node-a", "node-b", "node-c")
@@ -213,6 +216,41 @@ def test_the_agent_directory_keeps_one_channel_per_node_and_closes_the_old_one()
     with pytest.raises(Unavailable, match="stopping"):
         directory.client(_node("n1", "127.0.0.1:11"))
     assert len(channels.opened) == 12
+
+
+def test_agent_channels_take_renewed_tls_files_and_close_the_old_ones_later(tmp_path, caplog):
+    """New client TLS files (a renewed certificate) give every agent a new channel on its next call; the old
+    channels stay open ``RETIRE_AFTER`` seconds for the calls still on them.  Files that do not load (a key
+    written before its certificate) are not taken, and a warning says so once."""
+    pem = make_certificates(tmp_path)
+    for name in ("client.pem", "client.key"):
+        (tmp_path / f"live-{name}").write_bytes(pem[name])
+    tls = AgentTls(ca=str(tmp_path / "ca.pem"), cert=str(tmp_path / "live-client.pem"),
+                   key=str(tmp_path / "live-client.key"))
+    channels, now = _Channels(), [0.0]
+    directory = GrpcAgentDirectory(AgentCallSettings(timeout=1, attempts=1, tls=tls), channel_factory=channels,
+                                   monotonic=lambda: now[0])
+    try:
+        directory.client(_node("n1", "127.0.0.1:1"))
+        directory.client(_node("n2", "127.0.0.1:2"))
+        (tmp_path / "live-client.key").write_bytes(pem["node.key"])  # half a renewal: key and certificate differ
+        directory.client(_node("n1", "127.0.0.1:1"))
+        directory.client(_node("n1", "127.0.0.1:1"))
+        assert (len(channels.opened), channels.closed) == (2, [])
+        warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+        assert len(warnings) == 1 and "do not load" in warnings[0] and "live-client" in warnings[0], warnings
+        (tmp_path / "live-client.pem").write_bytes(pem["node.pem"])  # ... and the rest
+        directory.client(_node("n1", "127.0.0.1:1"))
+        assert (len(channels.opened), channels.closed) == (3, [])
+        now[0] += RETIRE_AFTER - 1
+        directory.client(_node("n2", "127.0.0.1:2"))
+        assert (len(channels.opened), channels.closed) == (4, [])
+        now[0] += 2
+        directory.client(_node("n1", "127.0.0.1:1"))
+        assert (len(channels.opened), channels.closed) == (4, channels.opened[:2])
+    finally:
+        directory.close()
+    assert sorted(map(id, channels.closed)) == sorted(map(id, channels.opened))
 
 
 # ---- label maps are capped (bug 7) -----------------------------------------------------------------------------
