@@ -17,6 +17,7 @@ from fractions import Fraction
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from node_agent.iscsi.chap import MIN_SECRET_BYTES
 from node_agent.iscsi.connection import ConnectionSettings
 from node_agent.iscsi.keys import TargetSettings
 from node_agent.iscsi.names import check_iqn
@@ -164,8 +165,14 @@ class TargetConfig:
         if self.mutual_chap is not None and self.chap is not None and self.mutual_chap.secret == self.chap.secret:
             # RFC 7143 §9.2.1: a secret that authenticates initiators must not authenticate the target.
             raise ValueError("the mutual CHAP secret must differ from the initiator's CHAP secret")
+        if self.allowed_initiators is not None and not self.allowed_initiators:
+            raise ValueError("an initiator ACL needs at least one initiator name (no ACL admits every initiator)")
         for name in self.allowed_initiators or []:
             check_iqn(name)
+        for role, creds in (("initiator", self.chap), ("target (mutual)", self.mutual_chap)):
+            if creds is not None and len(creds.secret.encode()) < MIN_SECRET_BYTES:
+                log.warning("the %s CHAP secret for user %r is shorter than %d bytes (RFC 7143 §9.2.1): easy "
+                            "to guess from one captured login", role, creds.user, MIN_SECRET_BYTES)
 
 
 def open_lun(spec: LunSpec, iqn: str) -> LogicalUnit:
@@ -268,7 +275,7 @@ class TargetService:
         if self.registry is None:
             self.registry = TargetRegistry()
         node = TargetNode(iqn=iqn, luns=LunMap({}), chap=chap, mutual_chap=mutual_chap,
-                          allowed_initiators=frozenset(allowed_initiators) if allowed_initiators else None,
+                          allowed_initiators=None if allowed_initiators is None else frozenset(allowed_initiators),
                           elsewhere=True)
         with self.registry.lock:
             return self.registry.add_target(node)
@@ -333,7 +340,7 @@ class TargetService:
             luns=LunMap(dict(enumerate(units))),
             chap=chap,
             mutual_chap=mutual_chap,
-            allowed_initiators=frozenset(allowed_initiators) if allowed_initiators else None,
+            allowed_initiators=None if allowed_initiators is None else frozenset(allowed_initiators),
         )
         self._units[iqn] = units
         return self.registry.add_target(node)

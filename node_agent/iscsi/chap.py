@@ -90,14 +90,16 @@ class _Secret:
         return "<secret>"
 
 
-def _credentials(pair, role: str) -> tuple[str, _Secret] | None:
+def _credentials(pair, role: str, *, warn: bool = True) -> tuple[str, _Secret] | None:
+    """``warn``: log a secret shorter than RFC 7143 asks.  A target's side does not: it builds these per
+    login, which any peer may start, so its configuration is warned of once (``TargetConfig.validate``)."""
     if pair is None:
         return None
     user, secret = pair
     if not user or not secret:
         raise ValueError(f"{role} CHAP credentials need a user name and a secret")
     secret = _Secret(secret)
-    if len(secret) < MIN_SECRET_BYTES:
+    if warn and len(secret) < MIN_SECRET_BYTES:
         log.warning("%s CHAP secret for user %r is shorter than %d bytes (RFC 7143 §9.2.1)",
                     role, user, MIN_SECRET_BYTES)
     return str(user), secret
@@ -162,10 +164,11 @@ class ChapTargetAuth:
                  mutual: tuple[str, str | bytes] | None = None, rng=_secrets,
                  algorithms: tuple[int, ...] = (MD5, SHA1, SHA256, SHA3_256), *,
                  alternatives: Sequence[tuple[tuple[str, str | bytes], tuple[str, str | bytes] | None]] = ()):
-        self._credentials = _credentials(credentials, "initiator")
-        self._mutual = _credentials(mutual, "target")
+        self._credentials = _credentials(credentials, "initiator", warn=False)
+        self._mutual = _credentials(mutual, "target", warn=False)
         _check_distinct(self._credentials, self._mutual)
-        self._alternatives = [(_credentials(c, "initiator"), _credentials(m, "target")) for c, m in alternatives]
+        self._alternatives = [(_credentials(c, "initiator", warn=False), _credentials(m, "target", warn=False))
+                              for c, m in alternatives]
         for pair in self._alternatives:
             _check_distinct(*pair)
         if not set(algorithms) <= set(ALGORITHMS):

@@ -115,7 +115,9 @@ class TargetLogin:
             raise LoginFailed(LoginStatus.INITIATOR_ERROR, "ISID/TSIH/CID changed during login")
         if header.csg != self.stage and not (self.first and header.csg == OPERATIONAL):
             raise LoginFailed(LoginStatus.INITIATOR_ERROR, f"login request in stage {header.csg}, expected {self.stage}")
-        if header.csg == 2 or header.csg == FULL_FEATURE or (header.transit and header.nsg in (0, 2)):
+        # RFC 7143 §6.3: a transit goes forward only (0 -> 1, 0 -> 3, 1 -> 3), never to stage 2 or back.
+        if header.csg == 2 or header.csg == FULL_FEATURE or (header.transit and (header.nsg == 2
+                                                                                  or header.nsg <= header.csg)):
             raise LoginFailed(LoginStatus.INITIATOR_ERROR, "invalid login stage transition")
         if header.transit and header.cont:
             raise LoginFailed(LoginStatus.INITIATOR_ERROR, "T and C bits both set")

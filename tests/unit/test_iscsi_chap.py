@@ -262,9 +262,26 @@ def test_empty_credentials_refused(creds):
 
 def test_short_secret_warns_without_revealing_it(caplog):
     with caplog.at_level(logging.WARNING):
-        ChapTargetAuth((USER, "short"))
+        ChapInitiatorAuth((USER, "short"))
     assert "shorter than 12" in caplog.text
     assert "short" not in caplog.text.replace("shorter", "")
+
+
+def test_a_targets_short_secret_is_warned_of_once_at_configuration_not_per_login(caplog):
+    """A target builds its CHAP state for every login, which any peer may start: a warning there would let
+    anyone fill the log.  ``TargetConfig.validate`` warns once instead."""
+    from node_agent.iscsi.target import Credentials
+    from node_agent.target_service import LunSpec, TargetConfig
+
+    with caplog.at_level(logging.WARNING):
+        for _ in range(5):
+            ChapTargetAuth((USER, "short"), alternatives=[((USER, "tiny"), None)])
+    assert not caplog.records
+    with caplog.at_level(logging.WARNING):
+        TargetConfig("iqn.2026-11.io.shoal.test:t", [LunSpec("/nonexistent")], chap=Credentials(USER, "short"),
+                     mutual_chap=Credentials(TUSER, "also-short")).validate()
+    assert [r.getMessage().split(" CHAP")[0] for r in caplog.records] == ["the initiator", "the target (mutual)"]
+    assert "shorter than 12" in caplog.text and "short" not in caplog.text.replace("shorter", "")
 
 
 def test_secrets_never_shown(caplog):
