@@ -312,15 +312,16 @@ class TargetService:
     # -- run-time changes ------------------------------------------------------------
     def add_target(self, iqn: str, luns: list[LunSpec], *, chap: Credentials | None = None,
                    mutual_chap: Credentials | None = None,
-                   allowed_initiators: list[str] | frozenset[str] | None = None) -> TargetNode:
+                   allowed_initiators: list[str] | frozenset[str] | None = None,
+                   per_initiator_chap: bool = False) -> TargetNode:
         """Serve a new target with ``luns`` (0, 1, ...).  A target of that name already served is returned
-        unchanged (its LUNs are not reopened)."""
+        unchanged (its LUNs are not reopened).  ``per_initiator_chap``: see ``TargetNode``."""
         if self.registry is None:
             self.registry = TargetRegistry()
         with self.registry.lock:
-            return self._add_target(iqn, luns, chap, mutual_chap, allowed_initiators)
+            return self._add_target(iqn, luns, chap, mutual_chap, allowed_initiators, per_initiator_chap)
 
-    def _add_target(self, iqn, luns, chap, mutual_chap, allowed_initiators) -> TargetNode:
+    def _add_target(self, iqn, luns, chap, mutual_chap, allowed_initiators, per_initiator_chap=False) -> TargetNode:
         assert self.registry is not None
         existing = self.registry.targets.get(iqn)
         if existing is not None:
@@ -341,6 +342,7 @@ class TargetService:
             chap=chap,
             mutual_chap=mutual_chap,
             allowed_initiators=None if allowed_initiators is None else frozenset(allowed_initiators),
+            per_initiator_chap=per_initiator_chap,
         )
         self._units[iqn] = units
         return self.registry.add_target(node)

@@ -57,6 +57,7 @@ from controller.domain.settings import ControllerSettings
 from controller.domain.snapshots import Snapshots
 from controller.domain.validation import human_bytes
 from controller.store.base import StateStore
+from node_agent.iscsi.chap import initiator_secret
 
 log = logging.getLogger("shoal.controller")
 
@@ -555,13 +556,14 @@ class ControllerService:
                 if existing is None or existing.shared != shared:
                     self.store.put_attachment(replace(existing, shared=shared) if existing is not None
                                               else Attachment(name, node_id, mode, ATTACHING, shared=shared))
+            own = initiator_secret(chap.secret, consumer.initiator_iqn)  # the node's own secret for it
             try:
                 export = self._export(volume, consumer, chap)
                 consumer_client = self._client(node_id, f"attaching volume {name}")
-                device = consumer_client.attach_volume(export.to_agent(volume.id), chap.secret, mode,
+                device = consumer_client.attach_volume(export.to_agent(volume.id), own, mode,
                                                        defer_login=not login)
             except Exception as exc:
-                error = _as_domain_error(exc, node_id, "attach_volume", secret=chap.secret)
+                error = _as_domain_error(exc, node_id, "attach_volume", secret=chap.secret, also=own)
                 self._end(op, OP_FAILED, str(error))
                 raise error from None
             attachment = Attachment(name, node_id, mode, ATTACHED if login else PUBLISHED, device, shared)
@@ -613,7 +615,9 @@ class ControllerService:
         chap = self.store.get_chap(name)
         if chap is None:
             raise FailedPrecondition(f"volume {name} has no CHAP credentials yet: publish it first")
-        return chap
+        # The node's own secret, never the volume's: the owner's target checks each initiator name against a
+        # secret derived from the volume's, so a node cannot log in under another's name (RFC 7143 §9.2.1).
+        return ChapCredential(chap.user, initiator_secret(chap.secret, node.initiator_iqn))
 
     def _chap(self, volume: Volume) -> ChapCredential:
         chap = self.store.get_chap(volume.name)
@@ -787,17 +791,19 @@ class ControllerService:
         self.store.finish_operation(op, state, detail)
 
 
-def _as_domain_error(exc: Exception, node_id: str, method: str, *, secret: str = "") -> DomainError:
+def _as_domain_error(exc: Exception, node_id: str, method: str, *, secret: str = "",
+                     also: str = "") -> DomainError:
     """The error to raise after an agent call failed: ours as is, anything else as ``Unavailable``.
 
-    Either way, a secret that got into the message is cut out.
+    Either way, a secret (``secret``, ``also``) that got into the message is cut out.
     """
     if isinstance(exc, DomainError):
         error = exc
     else:
         error = Unavailable(f"agent of node {node_id} failed on {method}: {type(exc).__name__}: {exc}")
-    if secret and secret in str(error):
-        error = type(error)(str(error).replace(secret, "<secret>"))
+    for value in (secret, also):
+        if value and value in str(error):
+            error = type(error)(str(error).replace(value, "<secret>"))
     return error
 
 

@@ -85,8 +85,10 @@ class PortalThread:
     # -- the changes, run on the loop -------------------------------------------------
     def add_target(self, iqn: str, spec: LunSpec, *, chap: Credentials | None,
                    mutual_chap: Credentials | None, allowed_initiators: list[str]) -> TargetNode:
+        # Each initiator of an export proves its own secret, derived from the volume's (the controller hands
+        # each node only its own): one node cannot log in under another's name.
         return self.call(self.service.add_target, iqn, [spec], chap=chap, mutual_chap=mutual_chap,
-                         allowed_initiators=allowed_initiators)
+                         allowed_initiators=allowed_initiators, per_initiator_chap=True)
 
     def remove_target(self, iqn: str) -> bool:
         """Stop serving ``iqn``; its LUNs are flushed and closed when this returns (False: not served).

@@ -19,6 +19,7 @@ Secrets never appear in reprs, log lines or exception messages.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import hmac
 import logging
@@ -43,6 +44,20 @@ ALGORITHMS = {MD5: "md5", SHA1: "sha1", SHA256: "sha256", SHA3_256: "sha3_256"}
 MIN_SECRET_BYTES = 12
 #: Longest challenge we accept from a peer (the Linux target accepts up to 4096 hex digits).
 MAX_CHALLENGE_BYTES = 1024
+
+
+def initiator_secret(secret: str, initiator_name: str) -> str:
+    """The CHAP secret of one initiator of a target whose ``secret`` is shared by several (Shoal's exports):
+    base64url of HMAC-SHA256(secret, "shoal-chap-initiator" NUL initiator name), 43 characters.
+
+    RFC 7143 §9.2.1: the same secret SHOULD NOT be given to several initiators.  With one secret for every
+    initiator of a volume, any of them could log in under another's name (and so reinstate its session,
+    take its reservations, or come back after a fence of its own name).  The controller gives each
+    initiator only its own derived secret; the target, which knows ``secret``, derives the one to check
+    from the InitiatorName of the login."""
+    digest = hmac.new(secret.encode("utf-8"), b"shoal-chap-initiator\0" + initiator_name.encode("utf-8"),
+                      hashlib.sha256).digest()
+    return base64.urlsafe_b64encode(digest).rstrip(b"=").decode("ascii")
 
 
 def chap_response(algorithm: int, identifier: int, secret: bytes, challenge: bytes) -> bytes:
@@ -179,6 +194,8 @@ class ChapTargetAuth:
         self._algorithm = MD5
         self._identifier = 0
         self._challenge = b""
+        self.proved_index: int | None = None
+        """Which credentials the initiator proved: 0 the first, 1 the first alternative, ...; None until then."""
 
     def __repr__(self) -> str:
         return f"<ChapTargetAuth state={self._state} mutual={self._mutual is not None}>"
@@ -248,11 +265,12 @@ class ChapTargetAuth:
         response = _binary(pairs["CHAP_R"], "CHAP_R")
         name = pairs["CHAP_N"].encode("utf-8")
         proved = None
-        for credentials, mutual in [(self._credentials, self._mutual), *self._alternatives]:
+        for index, (credentials, mutual) in enumerate([(self._credentials, self._mutual), *self._alternatives]):
             user, secret = credentials
             expected = chap_response(self._algorithm, self._identifier, secret.reveal(), self._challenge)
             if _same(response, expected) & _same(name, user.encode("utf-8")) and proved is None:
                 proved = (credentials, mutual)  # every pair is computed: the time says nothing of which
+                self.proved_index = index
         if proved is None:
             raise _fail("CHAP authentication failed")
         self._credentials, self._mutual = proved

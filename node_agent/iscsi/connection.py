@@ -1375,12 +1375,12 @@ class TargetConnection:
         if value == "All":
             if not session.discovery:  # RFC 7143 Appendix C: "MUST NOT be supported on an operational session"
                 return [("SendTargets", "Reject")]
-            targets = self.registry.visible_targets(session.initiator_name)
+            targets = self.registry.visible_targets(session)
         elif value == "" and session.target is not None:
             targets = [session.target]  # §12.3? an empty value names the session's own target
         elif value in self.registry.targets:
             target = self.registry.targets[value]
-            targets = [target] if target.admits(session.initiator_name) else []
+            targets = [target] if target.shown_to(session) else []
         else:
             try:
                 check_iqn(value)

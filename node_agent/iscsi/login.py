@@ -86,6 +86,7 @@ class TargetLogin:
         self.stage = SECURITY
         self.first = True
         self.auth: ChapTargetAuth | None = None
+        self._chap_choices: list = []  # the credentials ``auth`` accepts, in its order (``proved_index``)
         self.auth_done = False
         self.negotiator: TargetNegotiator | None = None
         self.existing: Session | None = None
@@ -197,18 +198,29 @@ class TargetLogin:
         prove instead (``ChapTargetAuth`` alternatives)."""
         target = self.target
         if target is not None:
-            return target.chap, target.mutual_chap, ()
+            return target.chap_for(self.initiator_name), target.mutual_chap, ()
         # Discovery: the credentials of a target whose ACL admits this initiator name, its own mutual secret
         # with them (the one CHAP_N and CHAP_R prove is chosen).  Never another tenant's: its mutual secret
         # would answer this initiator's challenges, and the claimed name would see that tenant's targets.
+        # SendTargets then lists only the targets those proved credentials open (``Session.chap``), and the
+        # open targets: an initiator that only open targets admit discovers them without CHAP.
         targets = self.registry.targets.values()
         if not any(t.chap for t in targets):
             return None, None, ()
-        pairs = [(t.chap, t.mutual_chap) for t in targets if t.chap and t.admits(self.initiator_name)]
+        pairs = [(t.chap_for(self.initiator_name), t.mutual_chap) for t in targets
+                 if t.chap and t.admits(self.initiator_name)]
         if not pairs:
+            if any(t.chap is None and t.admits(self.initiator_name) for t in targets):
+                return None, None, ()
             raise LoginFailed(LoginStatus.AUTHORIZATION_FAILURE,
                               f"initiator {self.initiator_name!r} is in no target's ACL")
         return pairs[0][0], pairs[0][1], tuple(pairs[1:])
+
+    def _proved(self):
+        """The CHAP credentials this login proved (None: no CHAP)."""
+        if self.auth is None or self.auth.proved_index is None:
+            return None
+        return self._chap_choices[self.auth.proved_index]
 
     # -- security stage ------------------------------------------------------------------
     def _security(self, pairs: list[tuple[str, str]]) -> tuple[list[tuple[str, str]], bool]:
@@ -224,6 +236,7 @@ class TargetLogin:
                 if "CHAP" not in offered:
                     raise LoginFailed(LoginStatus.AUTHENTICATION_FAILURE, "target requires CHAP")
                 response.append(("AuthMethod", "CHAP"))
+                self._chap_choices = [creds, *(c for c, _ in alternatives)]
                 self.auth = ChapTargetAuth(
                     (creds.user, creds.secret), mutual and (mutual.user, mutual.secret),
                     alternatives=[((c.user, c.secret), m and (m.user, m.secret)) for c, m in alternatives])
@@ -318,6 +331,7 @@ class TargetLogin:
             return session
         session = self.registry.open_session(self.initiator_name, self.isid, self.target, params,
                                              self.initial_cmdsn, self.connection)
+        session.chap = self._proved()
         self._replaced = session.replaced
         log.info("login: %s isid=0x%012x to %s (tsih %d, %s, HeaderDigest=%s DataDigest=%s)",
                  self.initiator_name, self.isid, self.target.iqn if self.target else "discovery", session.tsih,

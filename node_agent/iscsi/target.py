@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 from node_agent.iscsi.buffers import BufferPool
+from node_agent.iscsi.chap import initiator_secret
 from node_agent.scsi.device import LunMap, Nexus
 
 if TYPE_CHECKING:
@@ -59,6 +60,9 @@ class TargetNode:
     chap: Credentials | None = None  # initiators must authenticate with this (one-way CHAP)
     mutual_chap: Credentials | None = None  # the target proves itself with this (mutual CHAP)
     allowed_initiators: frozenset[str] | None = None  # None admits every initiator name
+    per_initiator_chap: bool = False
+    """Each initiator proves its own secret, derived from ``chap``'s and its name (``chap.initiator_secret``),
+    so that knowing one's own secret does not let it log in under another admitted name."""
     portal_group_tag: int = 1
     elsewhere: bool = False
     """Served by another process of a ``shoal target --workers N`` (which routes its logins there): this
@@ -66,6 +70,21 @@ class TargetNode:
 
     def admits(self, initiator_name: str) -> bool:
         return self.allowed_initiators is None or initiator_name in self.allowed_initiators
+
+    def chap_for(self, initiator_name: str) -> Credentials | None:
+        """The CHAP credentials ``initiator_name`` must prove (None: no CHAP)."""
+        if self.chap is None or not self.per_initiator_chap:
+            return self.chap
+        return Credentials(self.chap.user, initiator_secret(self.chap.secret, initiator_name))
+
+    def shown_to(self, session: "Session") -> bool:
+        """Whether SendTargets may name this target to ``session``: its ACL admits the session's initiator
+        name, and the session proved this target's CHAP credentials (or the target has none).  A name is
+        only claimed; the secret proved is what says who is asking."""
+        if not self.admits(session.initiator_name):
+            return False
+        chap = self.chap_for(session.initiator_name)
+        return chap is None or chap == session.chap
 
 
 class ConnectionHandle(Protocol):
@@ -102,6 +121,7 @@ class Session:
         # their commands still running on a worker before it answers (``TargetConnection._login``).
         self.replaced: list[ConnectionHandle] = []
         self.nexus: Nexus | None = None
+        self.chap: Credentials | None = None  # the CHAP credentials its login proved (None: no CHAP)
         if target is not None:
             self.nexus = Nexus(
                 initiator_port=f"{initiator_name},i,0x{isid:012x}",
@@ -220,9 +240,9 @@ class TargetRegistry:
                 self.close_session(session, reason)
         return closed
 
-    def visible_targets(self, initiator_name: str) -> list[TargetNode]:
-        """Targets SendTargets may reveal to this initiator (its ACL admits it)."""
-        return [t for t in self.targets.values() if t.admits(initiator_name)]
+    def visible_targets(self, session: Session) -> list[TargetNode]:
+        """Targets SendTargets may reveal to ``session`` (``TargetNode.shown_to``)."""
+        return [t for t in self.targets.values() if t.shown_to(session)]
 
     def find_session(self, initiator_name: str, isid: int, tsih: int | None = None) -> Session | None:
         for session in self.sessions.values():

@@ -15,6 +15,7 @@ import grpc
 import pytest
 
 from node_agent.agent.settings import IQN_PREFIX
+from node_agent.iscsi.chap import initiator_secret
 from protos.shoal.v1 import agent_pb2 as pb
 from tests.conftest import require_loop_and_fuse
 from tests.integration.conftest import running_agent, stub_for
@@ -23,6 +24,11 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
 MiB = 1 << 20
 USER, SECRET = "attach-user", "attach-secret-0123"
+
+
+def own(node: str) -> str:
+    """The secret the controller gives ``node`` for an export made with SECRET (its own, chap.py)."""
+    return initiator_secret(SECRET, f"{IQN_PREFIX}:node:{node}")
 
 
 @pytest.fixture(autouse=True)
@@ -48,7 +54,7 @@ def test_a_volume_of_agent_a_attached_on_agent_b(tmp_path):
             assert "wrong-secret" not in caught.value.details()
 
             # An export that claims another identity is refused before any device exists.
-            forged = pb.AttachVolumeRequest(export=export, chap_secret=SECRET)
+            forged = pb.AttachVolumeRequest(export=export, chap_secret=own("node-b"))
             forged.export.serial = "vol-other"
             with pytest.raises(grpc.RpcError) as caught:
                 b.AttachVolume(forged)
@@ -56,10 +62,10 @@ def test_a_volume_of_agent_a_attached_on_agent_b(tmp_path):
             assert "is not volume" in caught.value.details()
             assert list(b.GetState(pb.GetStateRequest()).attachments) == []
 
-            device = b.AttachVolume(pb.AttachVolumeRequest(export=export, chap_secret=SECRET)).device_path
+            device = b.AttachVolume(pb.AttachVolumeRequest(export=export, chap_secret=own("node-b"))).device_path
             try:
                 assert device.startswith("/dev/loop")
-                assert b.AttachVolume(pb.AttachVolumeRequest(export=export, chap_secret=SECRET)).device_path \
+                assert b.AttachVolume(pb.AttachVolumeRequest(export=export, chap_secret=own("node-b"))).device_path \
                     == device  # repeat: the same device
                 state = b.GetState(pb.GetStateRequest())
                 assert [(x.volume_id, x.device_path, x.mode) for x in state.attachments] == \
@@ -78,7 +84,7 @@ def test_a_volume_of_agent_a_attached_on_agent_b(tmp_path):
             with open(volume.path, "rb") as backing:
                 backing.seek(3 * MiB)
                 assert backing.read(4096) == payload
-        assert SECRET not in b_process.log_path.read_text()
+        assert SECRET not in b_process.log_path.read_text() and own("node-b") not in b_process.log_path.read_text()
 
 
 def test_digests_between_agents(tmp_path):
@@ -102,11 +108,11 @@ def test_digests_between_agents(tmp_path):
                     chap_secret=SECRET))
 
             with pytest.raises(grpc.RpcError) as caught:
-                c.AttachVolume(pb.AttachVolumeRequest(export=export, chap_secret=SECRET))
+                c.AttachVolume(pb.AttachVolumeRequest(export=export, chap_secret=own("node-c")))
             assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION, caught.value.details()
             assert list(c.GetState(pb.GetStateRequest()).attachments) == []
 
-            device = b.AttachVolume(pb.AttachVolumeRequest(export=export, chap_secret=SECRET)).device_path
+            device = b.AttachVolume(pb.AttachVolumeRequest(export=export, chap_secret=own("node-b"))).device_path
             try:
                 payload = b"digested".ljust(4096, b"!")
                 fd = os.open(device, os.O_WRONLY)

@@ -18,6 +18,7 @@ import subprocess
 import grpc
 import pytest
 
+from node_agent.iscsi.chap import initiator_secret
 from node_agent.iscsi.initiator.blockdev import SyncLun
 from node_agent.iscsi.initiator.client import ClientSettings
 from node_agent.scsi.vpd import LunIdentity
@@ -31,7 +32,9 @@ USER, SECRET = "vol-int-user", "int-secret-0123456789"
 VOLUME = "vol-int"
 
 
-def login(portal: str, target_iqn: str, initiator: str, secret: str = SECRET, **settings) -> SyncLun:
+def login(portal: str, target_iqn: str, initiator: str, secret: str | None = None, **settings) -> SyncLun:
+    """A login as ``initiator`` with ``secret``, by default the one the controller would give it (chap.py)."""
+    secret = initiator_secret(SECRET, initiator) if secret is None else secret
     host, _, port = portal.rpartition(":")
     options = dict(initiator_iqn=initiator, login_timeout=5.0)
     options.update(settings)
@@ -39,7 +42,7 @@ def login(portal: str, target_iqn: str, initiator: str, secret: str = SECRET, **
 
 
 def iscsi_inq(portal: str, target_iqn: str, initiator: str, *args: str) -> subprocess.CompletedProcess:
-    url = f"iscsi://{USER}%{SECRET}@{portal}/{target_iqn}/0"
+    url = f"iscsi://{USER}%{initiator_secret(SECRET, initiator)}@{portal}/{target_iqn}/0"
     result = subprocess.run(["iscsi-inq", "-i", initiator, *args, url], capture_output=True, timeout=30)
     result.stdout = result.stdout.decode(errors="replace")
     result.stderr = result.stderr.decode(errors="replace")

@@ -36,6 +36,7 @@ import grpc
 import pytest
 
 from node_agent.csi.mounts import parse_mountinfo
+from node_agent.iscsi.chap import initiator_secret
 from protos.csi.v1 import csi_pb2, csi_pb2_grpc
 from tests.conftest import require_tools
 from tests.integration.conftest import closed_port
@@ -328,6 +329,7 @@ def test_a_filesystem_moves_between_nodes_and_grows(driver, fs_type, tmp_path):
     db_path = os.path.join(driver.root, "ctl", "controller.db")
     with contextlib.closing(sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)) as db:
         [(secret,)] = db.execute("SELECT secret FROM chap_secrets WHERE volume = ?", (f"pvc-{fs_type}",)).fetchall()
+        [(node_a_iqn,)] = db.execute("SELECT initiator_iqn FROM nodes WHERE id = 'node-a'").fetchall()
     assert {"target_iqn", "portals", "lun", "naa", "serial"} <= set(context)
     assert "device_path" not in context and not any("secret" in k for k in context)
     assert context["mode"] == "userspace"  # as the node announced (shoal.io/connector)
@@ -337,8 +339,11 @@ def test_a_filesystem_moves_between_nodes_and_grows(driver, fs_type, tmp_path):
     with driver.used_on(a, vid, cap, repeat=True) as target:
         assert len(node_loops(driver, "node-a")) == 1  # NodeStage logged in
         agent_data = Path(driver.root) / "node-a" / "data"  # the CHAP secret the agent keeps for its logins
+        own = initiator_secret(secret, node_a_iqn)  # node-a's own secret for the volume (chap.py)
         assert secret not in (agent_data / "attachments.json").read_text()
-        assert secret in (agent_data / "attachment-secrets.json").read_text()
+        assert own not in (agent_data / "attachments.json").read_text()
+        assert own in (agent_data / "attachment-secrets.json").read_text()
+        assert secret not in (agent_data / "attachment-secrets.json").read_text()  # never the volume's
         assert stat.S_IMODE((agent_data / "attachment-secrets.json").stat().st_mode) == 0o600
         mounted = {m.mount_point: m for m in parse_mountinfo(Path("/proc/self/mountinfo").read_text())}
         staged = mounted[a.staging(vid)]
@@ -375,7 +380,7 @@ def test_a_filesystem_moves_between_nodes_and_grows(driver, fs_type, tmp_path):
         assert tree_digest(Path(target)) == expected  # the files, intact, on the other node
         assert b.stats(vid).usage[0].total > total_before + SIZE * 9 // 10  # grown (ext4 here: at NodeStage)
         assert b.expand(vid, 2 * SIZE).capacity_bytes == 2 * SIZE  # kubelet's NodeExpand after it: nothing left
-    assert not any(secret in daemon.log() for daemon in driver.daemons)  # never logged
+    assert not any(secret in daemon.log() or own in daemon.log() for daemon in driver.daemons)  # never logged
     driver.delete(vid)
     driver.delete(vid)  # repeated: OK
     assert code_of(driver.ctl.ControllerGetVolume, csi_pb2.ControllerGetVolumeRequest(volume_id=vid)) \

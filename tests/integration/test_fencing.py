@@ -134,6 +134,8 @@ def test_fence_cuts_a_writing_host_off_and_unfence_lets_it_back(tmp_path):
         c = json.loads(ctl(address, "volume", "connect", "vm1", "--node", "node-c", "--format", "qemu", "--shared",
                            "--secret-file", str(tmp_path / "c.secret"), "-o", "json").stdout)
         chap = (b["chap_user"], (tmp_path / "b.secret").read_text())
+        chap_c = (c["chap_user"], (tmp_path / "c.secret").read_text())
+        assert chap[1] != chap_c[1]  # each node has its own secret for the volume
         portal, target = b["portal"], b["target_iqn"]
 
         host_b = HostB(portal, target, b["initiator_iqn"], chap)
@@ -141,7 +143,7 @@ def test_fence_cuts_a_writing_host_off_and_unfence_lets_it_back(tmp_path):
         loop = asyncio.new_event_loop()
         try:
             assert host_b.registered.wait(20)
-            client_c = loop.run_until_complete(login(portal, target, c["initiator_iqn"], chap))
+            client_c = loop.run_until_complete(login(portal, target, c["initiator_iqn"], chap_c))
             cdb, data = prout_register(K_C, aptpl=True)
             loop.run_until_complete(client_c.execute(cdb, data_out=data))
             generation, keys = loop.run_until_complete(read_keys(client_c))
@@ -173,6 +175,9 @@ def test_fence_cuts_a_writing_host_off_and_unfence_lets_it_back(tmp_path):
             assert keys == [K_C] and generation_after > generation
             with pytest.raises(Exception):
                 loop.run_until_complete(login(portal, target, b["initiator_iqn"], chap))
+            # Nor under C's name, which the target still admits: B's secret is B's alone.
+            with pytest.raises(Exception, match="authentication failed"):
+                loop.run_until_complete(login(portal, target, c["initiator_iqn"], chap))
             # No record B submitted after the fence returned reached A's disk; those acked before did.
             on_disk = records_on_disk(backing_file(tmp_path / "a", 64 * MiB))
             assert not on_disk & host_b.after_fence

@@ -19,6 +19,7 @@ import grpc
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from node_agent.iscsi.chap import initiator_secret
 from node_agent.iscsi.initiator.blockdev import SyncLun
 from node_agent.iscsi.initiator.client import ClientSettings
 from protos.shoal.v1 import admin_pb2, admin_pb2_grpc, agent_pb2, agent_pb2_grpc
@@ -98,7 +99,7 @@ def test_metrics_of_a_controller_and_its_agents(tmp_path):
             assert value(samples, "shoal_agent_exports") == 1
             assert value(samples, "shoal_agent_lun_write_bytes_total", volume=volume.id) == 0
             host, _, port = info.portals[0].rpartition(":")
-            lun = SyncLun(host, int(port), info.target_iqn, 0, chap=(USER, SECRET),
+            lun = SyncLun(host, int(port), info.target_iqn, 0, chap=(USER, initiator_secret(SECRET, CONSUMER)),
                           settings=ClientSettings(initiator_iqn=CONSUMER, login_timeout=5.0))
             try:
                 before = scrape(am)

@@ -59,3 +59,67 @@ def test_an_empty_acl_admits_nobody_and_is_refused_as_configuration(tmp_path):
     assert not node.admits(INITIATOR)  # a routed target's (worker) empty ACL: nobody, as fence leaves it
     assert service.add_routed_target(TARGET + "2", chap=None, mutual_chap=None,
                                      allowed_initiators=None).admits(INITIATOR)
+
+
+# -- discovery: what the proved secret opens --------------------------------------------------------------
+NODE_A, NODE_B = "iqn.2026-11.io.shoal.test:node-a", "iqn.2026-11.io.shoal.test:node-b"
+VOL_B, VOL_C = "iqn.2026-11.io.shoal.test:target:vol-b", "iqn.2026-11.io.shoal.test:target:vol-c"
+OPEN = "iqn.2026-11.io.shoal.test:target:open"
+
+
+def _node(iqn, chap, initiators):
+    from node_agent.scsi.device import LogicalUnit, LunIdentity, LunMap
+    from node_agent.storage.backing import MemoryBackingStore
+    from node_agent.iscsi.target import TargetNode
+
+    unit = LogicalUnit(MemoryBackingStore(2048 * 512), LunIdentity(volume_id=iqn), target_name=iqn)
+    return TargetNode(iqn, LunMap({0: unit}), chap=chap, allowed_initiators=frozenset(initiators))
+
+
+def _discover(ini, name, *, secret=None, user=None) -> tuple[tuple[int, int], list[str]]:
+    """A discovery login as ``name`` (with CHAP when ``secret`` is given), then SendTargets=All."""
+    from node_agent.iscsi import pdu as P
+    from node_agent.iscsi.keys import parse_text
+    from node_agent.iscsi.pdu import Opcode
+    from tests.protocol.conftest import chap_response
+
+    keys = [("InitiatorName", name), ("SessionType", "Discovery"), ("AuthMethod", "CHAP" if secret else "None")]
+    reply = ini.login(keys, csg=0, nsg=3, transit=secret is None)
+    if secret is not None and _status(reply) == (0, 0):
+        reply = ini.login([("CHAP_A", "5")], csg=0, nsg=3, transit=False)
+        k = keys_of(reply)
+        reply = ini.login([("CHAP_N", user), ("CHAP_R", chap_response(int(k["CHAP_I"]), secret, k["CHAP_C"]))],
+                          csg=0, nsg=3, transit=True)
+    if _status(reply) != (0, 0):
+        return _status(reply), []
+    ini.send(Opcode.TEXT_REQUEST, b"SendTargets=All\0", final=True, itt=ini.next_itt(), ttt=P.RESERVED_TAG,
+             cmdsn=ini.cmdsn, expstatsn=0)
+    [text] = ini.receive()
+    return (0, 0), [v for k, v in parse_text(text.data) if k == "TargetName"]
+
+
+def test_discovery_lists_only_the_targets_the_proved_secret_opens(make_initiator):
+    """Node A knows the secret of vol-c (exported to A and B) and claims node B's name: it used to be shown
+    vol-b too, B's own target, whose secret it never proved."""
+    from node_agent.iscsi.target import Credentials, TargetRegistry
+
+    registry = TargetRegistry([_node(VOL_B, Credentials("user-b", "secret-of-vol-b-1"), [NODE_B]),
+                               _node(VOL_C, Credentials("user-c", "secret-of-vol-c-1"), [NODE_A, NODE_B]),
+                               _node(OPEN, None, [NODE_B])])
+    status, names = _discover(make_initiator(registry), NODE_B, secret="secret-of-vol-c-1", user="user-c")
+    assert status == (0, 0) and sorted(names) == [OPEN, VOL_C]
+    status, names = _discover(make_initiator(registry), NODE_B, secret="secret-of-vol-b-1", user="user-b")
+    assert status == (0, 0) and sorted(names) == [OPEN, VOL_B]  # vol-b's secret does not open vol-c
+
+
+def test_an_initiator_only_open_targets_admit_discovers_them_without_chap(make_initiator):
+    """With a CHAP target on the portal, an initiator admitted only by an open target was refused discovery
+    (AUTHORIZATION FAILURE) though it could log in to that target."""
+    from node_agent.iscsi.target import Credentials, TargetRegistry
+
+    registry = TargetRegistry([_node(OPEN, None, [NODE_A]),
+                               _node(VOL_B, Credentials("user-b", "secret-of-vol-b-1"), [NODE_B])])
+    assert _discover(make_initiator(registry), NODE_A) == ((0, 0), [OPEN])
+    # one a CHAP target admits must still use CHAP, and a name no target admits is refused
+    assert _discover(make_initiator(registry), NODE_B)[0] == (2, 1)
+    assert _discover(make_initiator(registry), "iqn.2026-11.io.shoal.test:stranger")[0] == (2, 2)

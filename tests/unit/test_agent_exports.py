@@ -20,6 +20,7 @@ from node_agent.agent.settings import DiskSpec
 from node_agent.agent.volumes import VolumeManager
 from node_agent.iscsi.initiator.blockdev import SyncLun
 from node_agent.iscsi.initiator.client import ClientSettings
+from node_agent.iscsi.chap import initiator_secret
 from node_agent.iscsi.target import Credentials
 from node_agent.scsi.vpd import LunIdentity
 from node_agent.target_service import PortalConfig
@@ -45,7 +46,7 @@ class Node:
     def login(self, volume_id: str, initiator: str, chap: Credentials | None = CHAP) -> SyncLun:
         settings = ClientSettings(initiator_iqn=initiator, login_timeout=5, reconnect_timeout=1)
         return SyncLun(self.host, self.port, f"{PREFIX}:{volume_id}", 0, settings=settings,
-                       chap=(chap.user, chap.secret) if chap else None)
+                       chap=(chap.user, initiator_secret(chap.secret, initiator)) if chap else None)
 
     def stop(self):
         self.portal.stop()
@@ -80,6 +81,34 @@ def test_other_initiators_and_wrong_credentials_are_refused(node, initiator, cha
     node.exports.export("vol-1", X, CHAP)
     with pytest.raises(Exception):
         node.login("vol-1", initiator, chap).close()
+
+
+def _login_with(node, volume_id: str, initiator: str, secret: str) -> SyncLun:
+    settings = ClientSettings(initiator_iqn=initiator, login_timeout=5, reconnect_timeout=1)
+    return SyncLun(node.host, node.port, f"{PREFIX}:{volume_id}", 0, settings=settings, chap=(CHAP.user, secret))
+
+
+def test_each_initiator_proves_its_own_secret_not_the_volumes(node):
+    """RFC 7143 §9.2.1: one secret SHOULD NOT serve several initiators.  With the volume's secret shared by
+    X and Y, X could log in under Y's name: reinstate (close) Y's session, take Y's reservations, and come
+    back after a fence of its own name.  Each initiator now proves a secret derived from the volume's and
+    its own name, the only one the controller gives it."""
+    node.exports.export("vol-1", X, CHAP)
+    node.exports.export("vol-1", Y, CHAP)
+    _login_with(node, "vol-1", X, initiator_secret(CHAP.secret, X)).close()
+    with pytest.raises(Exception, match="authentication failed"):
+        _login_with(node, "vol-1", X, CHAP.secret).close()  # the volume's secret itself opens nothing
+    with pytest.raises(Exception, match="authentication failed"):
+        _login_with(node, "vol-1", Y, initiator_secret(CHAP.secret, X)).close()  # X's secret, Y's name
+    y = _login_with(node, "vol-1", Y, initiator_secret(CHAP.secret, Y))
+    try:
+        assert node.exports.fence(X)[0] == ["vol-1"]
+        with pytest.raises(Exception, match="authentication failed"):
+            _login_with(node, "vol-1", Y, initiator_secret(CHAP.secret, X)).close()
+        y.pwrite(0, b"Y" * 512)  # Y's session was not reinstated by any of that
+        assert y.pread(0, 512) == b"Y" * 512
+    finally:
+        y.close()
 
 
 def test_repeat_export_returns_the_same_info_and_other_credentials_are_refused(node):
@@ -180,7 +209,7 @@ def test_a_login_begun_before_a_fence_or_unexport_does_not_end_in_a_session(node
     node.exports.export("vol-1", X, CHAP)
     node.exports.export("vol-1", Y, CHAP)  # the other host: the target stays served
     conn = InitiatorConnection(InitiatorSettings(X, f"{PREFIX}:vol-1"), isid=random_isid(),
-                               chap=(CHAP.user, CHAP.secret))
+                               chap=(CHAP.user, initiator_secret(CHAP.secret, X)))
     with socket.create_connection((node.host, node.port), timeout=5) as sock:
         conn.start_login()
         _send(sock, conn)
@@ -253,7 +282,7 @@ def _stuck_write(node, entered):
 
     sock = socket.create_connection((node.host, node.port), timeout=5)
     conn = InitiatorConnection(InitiatorSettings(X, f"{PREFIX}:vol-1"), isid=random_isid(),
-                               chap=(CHAP.user, CHAP.secret))
+                               chap=(CHAP.user, initiator_secret(CHAP.secret, X)))
     conn.start_login()
     _pump(sock, conn, LoggedIn)
     conn.submit(bytes(6))  # TEST UNIT READY: the power-on unit attention

@@ -4,6 +4,7 @@ the device server itself, ``persistent_reserve.remove_initiator``) and its sessi
 
 from __future__ import annotations
 
+from node_agent.iscsi.chap import initiator_secret
 from node_agent.iscsi.target import TargetNode, TargetRegistry
 from node_agent.scsi import sense as S
 from node_agent.scsi.device import LunMap
@@ -116,7 +117,8 @@ def test_portal_fence_waits_for_commands_running_on_workers(tmp_path):
 
         async def scenario():
             settings = ClientSettings(initiator_iqn=x, login_timeout=5, reconnect_timeout=0.5)
-            client = await IscsiClient(host, port, iqn, settings=settings, chap=(chap.user, chap.secret)).connect()
+            own = (chap.user, initiator_secret(chap.secret, x))  # each initiator's own secret (chap.py)
+            client = await IscsiClient(host, port, iqn, settings=settings, chap=own).connect()
             await client.execute(bytes(6))  # TEST UNIT READY: past the first unit attention
             writes = [asyncio.ensure_future(client.execute(bytes([0x2A, 0, 0, 0, 0, 8 * i, 0, 0, 1, 0]),
                                                            data_out=bytes([0xA0 + i]) * 512)) for i in range(4)]
@@ -143,7 +145,8 @@ def test_portal_fence_waits_for_commands_running_on_workers(tmp_path):
         settings = ClientSettings(initiator_iqn=x, login_timeout=5, reconnect_timeout=0.5)
 
         async def relogin():
-            await IscsiClient(host, port, iqn, settings=settings, chap=(chap.user, chap.secret)).connect()
+            await IscsiClient(host, port, iqn, settings=settings,
+                              chap=(chap.user, initiator_secret(chap.secret, x))).connect()
 
         with pytest.raises(Exception):
             asyncio.run(relogin())

@@ -40,6 +40,7 @@ from node_agent.agent.snapshots import SnapshotManager
 from node_agent.agent.volumes import VolumeManager
 from node_agent.iscsi.initiator.blockdev import LunDevice
 from node_agent.iscsi.initiator.client import ClientSettings, IscsiClient
+from node_agent.iscsi.chap import initiator_secret
 from node_agent.iscsi.target import Credentials
 from node_agent.scsi.device import GOOD, LogicalUnit, LunIdentity, Nexus
 from node_agent.storage.backing import FileBackingStore, MemoryBackingStore
@@ -221,7 +222,7 @@ def portal(tmp_path):
 def client(host: str, port: int, name: str, depth: int) -> IscsiClient:
     settings = ClientSettings(initiator_iqn=INITIATOR, queue_depth=depth, reconnect_timeout=5)
     return IscsiClient(host, port, f"iqn.2026-01.io.shoal:target:{name}", settings=settings,
-                       chap=(CHAP.user, CHAP.secret))
+                       chap=(CHAP.user, initiator_secret(CHAP.secret, INITIATOR)))
 
 
 @pytest.mark.slow

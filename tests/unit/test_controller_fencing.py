@@ -10,8 +10,9 @@ from __future__ import annotations
 import pytest
 
 from controller.domain.errors import FailedPrecondition, InvalidArgument, NotFound
-from controller.domain.model import ATTACHED, AVAILABLE, FENCE_DONE, FENCED, FENCING, PUBLISHED
+from controller.domain.model import ATTACHED, AVAILABLE, FENCE_DONE, FENCED, FENCING, PUBLISHED, ChapCredential
 from controller.domain.settings import ControllerSettings
+from node_agent.iscsi.chap import initiator_secret
 from tests.unit.test_controller_service import GiB, iqn
 from tests.unit.test_controller_service import env  # noqa: F401 - the fixture, used by name
 
@@ -213,7 +214,11 @@ def test_publish_secret_only_for_a_published_node(env):
         env.svc.publish_secret("vol-1", "node-b")
     env.svc.attach_volume("vol-1", "node-b", login=False)
     chap = env.svc.publish_secret("vol-1", "node-b")
-    assert chap == env.store.get_chap("vol-1")
+    volume = env.store.get_chap("vol-1")
+    # node-b's own secret, derived from the volume's and its initiator name: never the volume's itself,
+    # which would let node-b log in under another node's name (RFC 7143 §9.2.1)
+    assert chap == ChapCredential(volume.user, initiator_secret(volume.secret, iqn("node-b")))
+    assert chap.secret != volume.secret
     export, node = env.svc.publish_info("vol-1", "node-b")
     assert (export.initiator_iqn, node.initiator_iqn) == (iqn("node-b"), iqn("node-b"))
     env.svc.fence_node("node-b")

@@ -20,6 +20,7 @@ from controller.domain.model import (ATTACHED, ATTACHING, AVAILABLE, CREATING, D
 from controller.domain.service import ControllerService
 from controller.domain.settings import ControllerSettings
 from controller.store import MemoryStore, SqliteStore
+from node_agent.iscsi.chap import initiator_secret
 
 GiB = 1 << 30
 SECRET_MARK = "TOPSECRET"
@@ -511,6 +512,12 @@ def test_secrets_never_in_errors_reprs_logs_or_the_operations_log(env, caplog):
     env.agents.fail_next("attach_volume", Unavailable(f"login failed with secret {secret}"))
     with pytest.raises(Unavailable) as info:
         env.svc.attach_volume("vol-1", "node-b")
+    errors.append(info.value)
+    own = initiator_secret(secret, iqn("node-b"))  # the one node-b is given (and so could echo)
+    env.agents.fail_next("attach_volume", Unavailable(f"login failed with secret {own}"))
+    with pytest.raises(Unavailable) as info:
+        env.svc.attach_volume("vol-1", "node-b")
+    assert own not in str(info.value)
     errors.append(info.value)
     env.svc.attach_volume("vol-1", "node-b")
     texts = [str(e) for e in errors] + [repr(e) for e in errors]

@@ -358,3 +358,19 @@ def test_initiator_refuses_algorithm_not_offered():
     initiator.step({"AuthMethod": "CHAP"})
     with fails(0x01):
         initiator.step({"CHAP_A": "7", "CHAP_I": "1", "CHAP_C": "0x0102"})
+
+
+def test_an_initiators_own_secret_is_derived_from_the_targets_and_its_name():
+    """``initiator_secret``: HMAC-SHA256(secret, "shoal-chap-initiator" NUL name), base64url without padding.
+    Checked against hmac/hashlib directly; one per name, never the secret itself, and long enough."""
+    import hmac as _hmac
+
+    from node_agent.iscsi.chap import initiator_secret
+
+    x, y = "iqn.2026-11.io.shoal.test:node-x", "iqn.2026-11.io.shoal.test:node-y"
+    expected = base64.urlsafe_b64encode(_hmac.new(SECRET.encode(), b"shoal-chap-initiator\0" + x.encode(),
+                                                  hashlib.sha256).digest()).rstrip(b"=").decode()
+    assert initiator_secret(SECRET, x) == expected and len(expected) == 43
+    assert initiator_secret(SECRET, x) == initiator_secret(SECRET, x)
+    assert len({initiator_secret(SECRET, x), initiator_secret(SECRET, y), SECRET,
+                initiator_secret("another-secret-1", x)}) == 4

@@ -28,6 +28,7 @@ import pytest
 from node_agent.agent.portal import PortalThread
 from node_agent.iscsi.initiator.blockdev import LunDevice
 from node_agent.iscsi.initiator.client import ClientSettings, IscsiClient
+from node_agent.iscsi.chap import initiator_secret
 from node_agent.iscsi.target import Credentials
 from node_agent.scsi.ptpl import PtplStore
 from node_agent.target_service import LunSpec, PortalConfig
@@ -69,7 +70,8 @@ def portal(tmp_path):
 
 def client(host: str, port: int, name: str, depth: int = 1, initiator: str = INITIATOR) -> IscsiClient:
     settings = ClientSettings(initiator_iqn=initiator, queue_depth=depth, reconnect_timeout=0.5)
-    return IscsiClient(host, port, iqn(name), settings=settings, chap=(CHAP.user, CHAP.secret))
+    return IscsiClient(host, port, iqn(name), settings=settings,
+                       chap=(CHAP.user, initiator_secret(CHAP.secret, initiator)))
 
 
 async def worst_read_while(fast: LunDevice, start_work) -> tuple[float, object]:
