@@ -148,4 +148,4 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
     # Status.
     @rpc()
     def GetStatus(self, request, context):
-        return admin_pb2.Status(**self.service.status())
+        return convert.status_to_proto(self.service.status())

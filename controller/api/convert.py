@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 from controller.domain.model import Attachment, Disk, Export, Node, Pool, PoolUsage, Snapshot, Volume
 from protos.shoal.v1 import admin_pb2, common_pb2
+
+
+UINT64_MAX = (1 << 64) - 1
+
+
+def uint64(n: int) -> int:
+    """A sum of bytes for a uint64 field: a sum over many disks can pass 2**64 - 1, which protobuf refuses."""
+    return min(max(n, 0), UINT64_MAX)
 
 
 def disk_to_proto(disk: Disk) -> common_pb2.Disk:
@@ -30,9 +38,15 @@ def pool_to_proto(pool: Pool, usage: PoolUsage | None = None) -> admin_pb2.Pool:
     message = admin_pb2.Pool(name=pool.name, overcommit_ratio=pool.overcommit_ratio,
                              members=[admin_pb2.PoolMember(node_id=n, disk=d) for n, d in pool.members])
     if usage is not None:
-        message.capacity_bytes = usage.capacity_bytes
-        message.provisioned_bytes = usage.provisioned_bytes
+        message.capacity_bytes = uint64(usage.capacity_bytes)
+        message.provisioned_bytes = uint64(usage.provisioned_bytes)
     return message
+
+
+def status_to_proto(status: Mapping[str, int]) -> admin_pb2.Status:
+    """``ControllerService.status()``; its byte sums clamped to a uint64."""
+    return admin_pb2.Status(**{key: uint64(value) if key.endswith("_bytes") else value
+                               for key, value in status.items()})
 
 
 def volume_to_proto(volume: Volume, attached_nodes: Iterable[str] = (), progress: float = 0.0) -> admin_pb2.Volume:

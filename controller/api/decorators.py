@@ -4,8 +4,9 @@ Required-field checks (``INVALID_ARGUMENT`` naming the field, before anything
 is read or written), one log line per call (the request's fields, never a
 secret: no admin or registration request carries one, and fields named like
 one are left out anyway; answers are never logged, and GetPublishSecret's is the only one with a secret), and errors turned into statuses through the one
-table of ``errors.GRPC_CODES``.  Anything else is a bug: logged with its
-traceback and answered ``INTERNAL`` without details.
+table of ``errors.GRPC_CODES``, their messages cut to ``MAX_DETAILS_BYTES``.
+Anything else is a bug: logged with its traceback and answered ``INTERNAL``
+without details.
 """
 
 from __future__ import annotations
@@ -23,6 +24,10 @@ from controller.domain.errors import InvalidArgument
 log = logging.getLogger("shoal.controller.api")
 
 _SECRET_WORDS = ("secret", "password", "token", "key")
+
+MAX_DETAILS_BYTES = 2048
+"""A status message travels in the grpc-message trailer, percent-encoded (up to 3 bytes a byte): a client refuses
+trailers past 8 KiB (16 KiB for certain) with RESOURCE_EXHAUSTED, which would hide the real code."""
 
 
 def summary(request: Message, limit: int = 200) -> str:
@@ -45,6 +50,14 @@ def summary(request: Message, limit: int = 200) -> str:
     return text if len(text) <= limit else text[:limit] + "…"
 
 
+def capped(details: str, limit: int = MAX_DETAILS_BYTES) -> str:
+    """``details`` cut to ``limit`` bytes of UTF-8 (at a character), saying so: the code stays the one answered."""
+    data = details.encode()
+    if len(data) <= limit:
+        return details
+    return data[:limit].decode(errors="ignore") + f"… (cut: {len(details)} characters)"
+
+
 def rpc(*required: str):
     """Wrap a servicer method: ``required`` fields must be set (non-empty, non-zero)."""
     def wrap(method):
@@ -64,6 +77,7 @@ def rpc(*required: str):
                     log.exception("%s(%s) failed", name, summary(request))
                     status = (grpc.StatusCode.INTERNAL, f"{name} failed inside the controller; see its log")
                 else:
+                    status = (status[0], capped(status[1]))
                     log.info("%s(%s): %s: %s", name, summary(request), status[0].name, status[1])
                 context.abort(*status)
             if log.isEnabledFor(logging.DEBUG):

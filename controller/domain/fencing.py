@@ -63,7 +63,7 @@ class Fencing:
         A repeat of a fenced node returns it; of a node still fencing, tries the missing owners again.
         """
         node_id = check.node_id(node_id)
-        reason = (reason or "shoalctl node fence").strip()[:500]
+        reason = check.line(reason or "shoalctl node fence", "fence reason", limit=500)
         with self._node_lock(node_id):
             with self.store.transaction():
                 node = self.service.get_node(node_id)

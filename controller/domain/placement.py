@@ -9,9 +9,10 @@ Rules, in order:
 3. Capacity: what the disk's volumes promise (all volumes on it, of any pool,
    in any state but gone) plus the new size must stay within
    ``capacity * overcommit_ratio``; a thick volume also needs that much real
-   free space: what the disk last reported, less the thick volumes that
-   report cannot count yet (``unreported_thick``), so two thick volumes
-   placed between two heartbeats are not both promised the same free bytes.
+   free space: what the disk last reported, less the thick volumes (and the
+   growth of thick volumes) that report cannot count yet
+   (``unreported_thick``), so two thick volumes placed or grown between two
+   heartbeats are not both promised the same free bytes.
 4. Spreading: the disk promising the fewest bytes wins, then the one with the
    fewest volumes, then node id and disk name, so the choice is deterministic.
 
@@ -22,7 +23,7 @@ node, no node with the labels, or the largest room there is.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable, Mapping
+from typing import Iterable, Mapping, Sequence
 
 from controller.domain.errors import ResourceExhausted
 from controller.domain.model import CREATING, HEALTHY, Disk, Node, Pool, PoolUsage, Volume
@@ -68,12 +69,18 @@ def provisioned(volumes: Iterable[Volume]) -> dict[tuple[str, str], tuple[int, i
     return out
 
 
-def unreported_thick(nodes: Iterable[Node], volumes: Iterable[Volume]) -> dict[tuple[str, str], int]:
+Growth = Mapping[str, Sequence[tuple[float, int]]]
+"""Volume id -> (when, bytes) of each time the volume grew (``unreported_thick``)."""
+
+
+def unreported_thick(nodes: Iterable[Node], volumes: Iterable[Volume],
+                     grown: Growth | None = None) -> dict[tuple[str, str], int]:
     """(node, disk) -> bytes of thick volumes the disk's last reported free space does not count yet.
 
     A node reports free space with each heartbeat; a thick volume takes its space when its agent makes it.
     One placed at or after the node's last heartbeat, or not made yet ("creating"), is not in what the disk
-    reported: its bytes are taken off that, until a heartbeat after it says what is really free.
+    reported: its bytes are taken off that, until a heartbeat after it says what is really free.  The same
+    holds for the bytes a thick volume grew by (``grown``) at or after the last heartbeat.
     """
     last_report = {node.id: node.last_heartbeat for node in nodes}
     out: dict[tuple[str, str], int] = {}
@@ -82,16 +89,21 @@ def unreported_thick(nodes: Iterable[Node], volumes: Iterable[Volume]) -> dict[t
         if volume.thin or reported is None:
             continue
         if volume.state == CREATING or volume.created_at >= reported:
+            unreported = volume.size_bytes
+        else:
+            unreported = sum(extra for at, extra in (grown or {}).get(volume.id, ()) if at >= reported)
+        if unreported:
             key = (volume.owner_node, volume.disk)
-            out[key] = out.get(key, 0) + volume.size_bytes
+            out[key] = out.get(key, 0) + unreported
     return out
 
 
-def candidate(node: Node, disk: Disk, volumes: Iterable[Volume]) -> Candidate:
+def candidate(node: Node, disk: Disk, volumes: Iterable[Volume], grown: Growth | None = None) -> Candidate:
     """One disk of ``node``, with what ``volumes`` (every volume, of any pool) promise on it."""
     volumes = list(volumes)
     used, count = provisioned(volumes).get((node.id, disk.name), (0, 0))
-    return Candidate(node.id, disk, used, count, unreported_thick([node], volumes).get((node.id, disk.name), 0))
+    return Candidate(node.id, disk, used, count,
+                     unreported_thick([node], volumes, grown).get((node.id, disk.name), 0))
 
 
 def pool_disks(pool: Pool, nodes: Iterable[Node], *, healthy_only: bool = True) -> list[tuple[Node, Disk]]:
@@ -104,21 +116,22 @@ def matches(node: Node, constraints: Mapping[str, str] | None) -> bool:
 
 
 def candidates(pool: Pool, nodes: Iterable[Node], volumes: Iterable[Volume],
-               constraints: Mapping[str, str] | None = None) -> list[Candidate]:
+               constraints: Mapping[str, str] | None = None, grown: Growth | None = None) -> list[Candidate]:
     """Rules 1 and 2, with what each disk already holds, best first (rule 4)."""
     nodes, volumes = list(nodes), list(volumes)
     used = provisioned(volumes)
-    unreported = unreported_thick(nodes, volumes)
+    unreported = unreported_thick(nodes, volumes, grown)
     out = [Candidate(node.id, disk, *used.get((node.id, disk.name), (0, 0)),
                      unreported_thick_bytes=unreported.get((node.id, disk.name), 0))
            for node, disk in pool_disks(pool, nodes) if matches(node, constraints)]
     return sorted(out, key=lambda c: c.key)
 
 
-def place(request: Request, pool: Pool, nodes: Iterable[Node], volumes: Iterable[Volume]) -> tuple[str, str]:
+def place(request: Request, pool: Pool, nodes: Iterable[Node], volumes: Iterable[Volume],
+          grown: Growth | None = None) -> tuple[str, str]:
     """The (node id, disk name) for a new volume, or ``ResourceExhausted`` saying why there is none."""
     nodes = list(nodes)
-    options = candidates(pool, nodes, volumes, request.constraints)
+    options = candidates(pool, nodes, volumes, request.constraints, grown)
     for candidate in options:
         if candidate.headroom(pool, request.thin) >= request.size_bytes:
             return candidate.node_id, candidate.disk.name

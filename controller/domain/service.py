@@ -152,6 +152,9 @@ class ControllerService:
         self._secrets = secrets
         self._volume_locks = _LockTable()
         self._placement_lock = threading.RLock()  # capacity is read, then promised: one decision at a time
+        # Thick growth, for placement.unreported_thick: volume id -> (when, bytes) of each expand, under the
+        # placement lock.  In memory: a restart forgets growth no heartbeat counted yet, for one heartbeat at most.
+        self._grown: dict[str, tuple[tuple[float, int], ...]] = {}
         self._snapshots = Snapshots(self)
         self._fencing = Fencing(self)
         if self.settings.default_pool and self.store.get_pool(self.settings.default_pool) is None:
@@ -282,7 +285,7 @@ class ControllerService:
         wanted = []
         for member in members:
             if not isinstance(member, (tuple, list)) or len(member) != 2:
-                raise InvalidArgument(f"pool member {member!r} is not a (node, disk) pair")
+                raise InvalidArgument(f"pool member {check.shown(member)} is not a (node, disk) pair")
             wanted.append((check.node_id(member[0]), check.disk_name(member[1])))
         pool = Pool(name, tuple(sorted(set(wanted))), ratio)
         with self.store.transaction():
@@ -339,7 +342,7 @@ class ControllerService:
                           maximum=self.settings.max_volume_bytes)
         pool = check.name(pool, "pool name")
         if not isinstance(thin, bool):
-            raise InvalidArgument(f"thin must be true or false, not {thin!r}")
+            raise InvalidArgument(f"thin must be true or false, not {check.shown(thin)}")
         constraints = check.labels(constraints, "constraints")
         with self._volume_locks.hold(name):
             existing = self.store.get_volume(name)
@@ -355,7 +358,7 @@ class ControllerService:
             with self._placement_lock, self.store.transaction():
                 pool_record = self.get_pool(pool)  # again, where delete_pool decides: not deleted meanwhile
                 node_id, disk = placement.place(placement.Request(size, thin, constraints), pool_record,
-                                                self.list_nodes(), self.store.list_volumes())
+                                                self.list_nodes(), self.store.list_volumes(), self._grown)
                 volume = Volume(name, self._new_volume_id(), size, pool, node_id, disk, CREATING, thin,
                                 self._clock())
                 op = self._begin("create_volume", name, f"{human_bytes(size)} on {node_id}/{disk}")
@@ -429,18 +432,39 @@ class ControllerService:
                     self._check_growth(volume, size - volume.size_bytes)
                     volume = replace(volume, size_bytes=size)
                     self.store.put_volume(volume)  # desired size first: reconcile finishes a temporary failure
+                    self._note_growth(volume, size - old.size_bytes)
                 op = self._begin("expand_volume", name, f"{human_bytes(old.size_bytes)} -> {human_bytes(size)}")
             try:
                 self._client(volume.owner_node, f"owning volume {name}").expand_volume(volume.id, size)
             except Exception as exc:
                 error = _as_domain_error(exc, volume.owner_node, "expand_volume")
-                with self.store.transaction():
-                    if not error.temporary:
-                        self.store.put_volume(old)
+                restored = None if error.temporary else self._size_on_agent(old, size)
+                with self._placement_lock, self.store.transaction():
+                    if restored is not None:
+                        self.store.put_volume(restored)
+                        self._note_growth(restored, restored.size_bytes - volume.size_bytes)
                     self._end(op, OP_FAILED, str(error))
                 raise error from None
             self._end(op, OP_DONE)
             return volume
+
+    def _size_on_agent(self, volume: Volume, asked: int) -> Volume:
+        """``volume`` at the size its agent has, after the agent refused to grow it to ``asked`` for good.
+
+        The record read before this expand may already hold an earlier expand's size, kept because that one
+        failed for a while (reconcile retries it): going back to it would keep a size the agent now refused.
+        When the agent cannot say, the record stays as it was read.
+        """
+        try:
+            have = int(self._client(volume.owner_node, f"owning volume {volume.name}")
+                       .get_volume(volume.id)["size_bytes"])
+        except Exception as exc:  # noqa: BLE001 - best effort: the expand's own error is what is raised
+            log.warning("volume %s: its agent refused to grow it to %d bytes and cannot say its size now (%s); "
+                        "the record keeps %d bytes", volume.name, asked, exc, volume.size_bytes)
+            return volume
+        if not 0 < have <= asked:
+            return volume
+        return replace(volume, size_bytes=have)
 
     def _check_growth(self, volume: Volume, extra: int) -> None:
         node = self.get_node(volume.owner_node)
@@ -448,11 +472,41 @@ class ControllerService:
             raise Unavailable(f"{self._unhealthy(node)}; it owns volume {volume.name}: retry when it is back")
         disk = node.disk(volume.disk)
         pool = self.get_pool(volume.pool)
-        candidate = placement.candidate(node, disk or Disk(volume.disk, "", 0, 0), self.store.list_volumes())
+        candidate = placement.candidate(node, disk or Disk(volume.disk, "", 0, 0), self.store.list_volumes(),
+                                        self._grown)
         if not placement.fits_growth(candidate, pool, volume.thin, extra):
             raise ResourceExhausted(f"pool {pool.name}: {node.id}/{volume.disk}, which holds volume {volume.name}, "
                                     f"has room for {human_bytes(candidate.headroom(pool, volume.thin))} more, "
                                     f"not {human_bytes(extra)}")
+
+    def _note_growth(self, volume: Volume, extra: int) -> None:
+        """Record that thick ``volume`` grew by ``extra`` bytes now (less than 0: shrank back, the newest growth
+        undone first), so the disk's free space its node reported before is not promised twice.  Growth a
+        heartbeat has counted since, or of a volume gone, is forgotten here.  Under the placement lock."""
+        reported = {n.id: n.last_heartbeat for n in self.store.list_nodes()}
+        owners = {v.id: v.owner_node for v in self.store.list_volumes()}
+        for volume_id, entries in list(self._grown.items()):
+            if volume_id in owners:
+                entries = tuple(e for e in entries if e[0] >= reported.get(owners[volume_id], e[0]))
+            if volume_id not in owners or not entries:
+                del self._grown[volume_id]
+            else:
+                self._grown[volume_id] = entries
+        if volume.thin or not extra:
+            return
+        entries = list(self._grown.get(volume.id, ()))
+        if extra > 0:
+            entries.append((self._clock(), extra))
+        undo = -extra
+        while undo > 0 and entries:
+            at, grew = entries.pop()
+            if grew > undo:
+                entries.append((at, grew - undo))
+            undo -= grew
+        if entries:
+            self._grown[volume.id] = tuple(entries)
+        else:
+            self._grown.pop(volume.id, None)
 
     def delete_volume(self, name: str) -> None:
         """Delete a volume that is not attached.  Deleting what is gone succeeds."""
@@ -516,7 +570,8 @@ class ControllerService:
         node_id = check.node_id(node_id)
         mode = check.mode(mode)
         if not isinstance(shared, bool) or not isinstance(multi_writer, bool):
-            raise InvalidArgument(f"shared and multi_writer must be true or false, not {shared!r}, {multi_writer!r}")
+            raise InvalidArgument(f"shared and multi_writer must be true or false, not {check.shown(shared)}, "
+                                  f"{check.shown(multi_writer)}")
         with self._volume_locks.hold(name):
             volume = self.get_volume(name)
             consumer = self.get_node(node_id)
@@ -545,7 +600,10 @@ class ControllerService:
             if consumer.health != HEALTHY:
                 raise FailedPrecondition(f"{self._unhealthy(consumer)}: cannot attach volume {name} to it")
             shared = shared or multi_writer or (existing is not None and existing.shared)
-            if not shared or multi_writer:
+            # A node that holds the volume passed this check when it got it; a second node came only shared
+            # since (live migration): a repeat, or the login of a publish, is not a second writer.
+            held = existing is not None and existing.writer
+            if multi_writer or not (shared or held):
                 self._check_single_writer(name, node_id, beside_shared=multi_writer)
             with self.store.transaction():
                 if self.get_node(node_id).fenced:  # re-read: a fence marks the node in a transaction too
@@ -705,32 +763,15 @@ class ControllerService:
     def clone_volume(self, name: str, source: str, pool: str | None = None, *, requested_bytes: int = 0) -> Volume:
         """A new volume from a snapshot or a volume, on the source's node and disk.
 
-        ``requested_bytes``: the size it was asked to have (CSI CreateVolume), recorded on a clone of ``source``
-        that has none, also when the clone failed half way (its repeat is then told from another request).  The
-        clone is made at its source's size; the caller grows it.
+        ``requested_bytes``: the size it was asked to have (CSI CreateVolume), recorded on the clone (also when it
+        failed half way: its repeat is then told from another request), or on the clone this call repeats when
+        that has none; a request refused for another source or pool changes nothing.  The clone is made at its
+        source's size; the caller grows it.
         """
         if requested_bytes:
             requested_bytes = check.size(requested_bytes, multiple=self.settings.volume_size_multiple,
                                          maximum=self.settings.max_volume_bytes, what="requested size")
-        try:
-            volume = self._snapshots.clone(name, source, pool)
-        except DomainError:
-            if requested_bytes:
-                self._record_requested(name, source, requested_bytes)
-            raise
-        if requested_bytes:
-            volume = self._record_requested(name, source, requested_bytes) or volume
-        return volume
-
-    def _record_requested(self, name: str, source: str, size: int) -> Volume | None:
-        with self._volume_locks.hold(name):  # every write of the row re-reads it under this lock: none is lost
-            volume = self.store.get_volume(name)
-            if volume is None or volume.requested_bytes or volume.source not in (source, f"snapshot/{source}",
-                                                                                 f"volume/{source}"):
-                return volume
-            volume = replace(volume, requested_bytes=size)
-            self.store.put_volume(volume)
-            return volume
+        return self._snapshots.clone(name, source, pool, requested_bytes)
 
     def observe_volume(self, name: str) -> Volume:
         """``get_volume``, with a clone still being copied looked up on its agent (best effort)."""

@@ -72,7 +72,7 @@ def parse_source(value: Any) -> tuple[str, str]:
     if not sep:
         return "", check.name(text, "source")
     if kind not in (SNAPSHOT, VOLUME):
-        raise InvalidArgument(f"source {text!r}: give NAME, snapshot/NAME or volume/NAME")
+        raise InvalidArgument(f"source {check.shown(text)}: give NAME, snapshot/NAME or volume/NAME")
     return kind, check.name(name, f"{kind} name")
 
 
@@ -265,7 +265,9 @@ class Snapshots:
 
     # ---- clones ----------------------------------------------------------------------------
 
-    def clone(self, name: str, source: str, pool: str | None = None) -> Volume:
+    def clone(self, name: str, source: str, pool: str | None = None, requested_bytes: int = 0) -> Volume:
+        """``requested_bytes`` (checked by the caller): recorded on the clone this request makes, or on the one it
+        repeats when that has none; never on a clone the request was refused for (another source or pool)."""
         name = check.name(name, "volume name")
         kind, source_name = parse_source(source)
         pool = check.name(pool, "pool name") if pool else None
@@ -280,11 +282,14 @@ class Snapshots:
             existing = self.store.get_volume(name)
             if existing is not None:
                 self._check_same_clone(existing, kind, source_name, pool)
-                if existing.state in (AVAILABLE, ATTACHED):
-                    return existing
                 if existing.state == DELETING:
                     raise FailedPrecondition(f"volume {name} is being deleted: delete it again to finish, then "
                                              "clone it")
+                if requested_bytes and not existing.requested_bytes:
+                    existing = replace(existing, requested_bytes=requested_bytes)
+                    self.store.put_volume(existing)
+                if existing.state in (AVAILABLE, ATTACHED):
+                    return existing
                 return self.finish_clone(existing)  # "creating" (copying) or "error": the repeat finishes it
             origin, node_id, disk, size, thin, default_pool = self._source(kind, source_name)
             self._pool_beside(pool or default_pool, node_id, disk, kind, source_name)
@@ -294,7 +299,8 @@ class Snapshots:
                 pool_record = self._pool_beside(pool or default_pool, node_id, disk, kind, source_name)
                 self._check_room(node_id, disk, pool_record, size, thin, name)
                 volume = Volume(name, self.service._new_volume_id(), size, pool_record.name, node_id, disk,
-                                CREATING, thin, self.service._clock(), source=f"{kind}/{source_name}")
+                                CREATING, thin, self.service._clock(), source=f"{kind}/{source_name}",
+                                requested_bytes=requested_bytes)
                 op = self.service._begin("clone_volume", name, f"from {origin} on {node_id}/{disk}")
                 self.store.put_volume(volume)
             log.info("volume %s (%s): clone of %s on %s/%s", name, volume.id, origin, node_id, disk)
@@ -483,7 +489,7 @@ class Snapshots:
     def _check_room(self, node_id: str, disk_name: str, pool, size: int, thin: bool, name: str) -> None:
         node = self.service.get_node(node_id)
         disk = node.disk(disk_name) or Disk(disk_name, "", 0, 0)
-        candidate = placement.candidate(node, disk, self.store.list_volumes())
+        candidate = placement.candidate(node, disk, self.store.list_volumes(), self.service._grown)
         if candidate.headroom(pool, thin) < size:
             raise ResourceExhausted(f"pool {pool.name}: {node_id}/{disk_name}, where clone {name} must live "
                                     f"beside its source, has room for {human_bytes(candidate.headroom(pool, thin))},"

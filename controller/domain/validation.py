@@ -19,8 +19,11 @@ _NODE_ID = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9.-]{0,251}[A-Za-z0-9])?$")
 _DISK = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 _LABEL_KEY = re.compile(r"^([a-z0-9.-]{1,253}/)?[A-Za-z0-9]([A-Za-z0-9._-]{0,61}[A-Za-z0-9])?$")
 _LABEL_VALUE = re.compile(r"^([A-Za-z0-9]([A-Za-z0-9._-]{0,61}[A-Za-z0-9])?)?$")
-_IQN = re.compile(r"^(iqn\.\d{4}-\d{2}\.[a-z0-9][a-z0-9.-]*(:[^\s\x00-\x1f\x7f]+)?|eui\.[0-9A-Fa-f]{16}|naa\.[0-9A-Fa-f]{16,32})$")
-_ADDRESS = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+):(\d{1,5})$")
+# [0-9], not \d: \d matches any Unicode digit ("\uff18\uff10"), which int() reads as a number.
+_IQN = re.compile(r"^(iqn\.[0-9]{4}-[0-9]{2}\.[a-z0-9][a-z0-9.-]*(:[^\s\x00-\x1f\x7f]+)?|eui\.[0-9A-Fa-f]{16}"
+                  r"|naa\.[0-9A-Fa-f]{16,32})$")
+_ADDRESS = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+):([0-9]{1,5})$")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 
 def human_bytes(n: int | float) -> str:
@@ -29,6 +32,18 @@ def human_bytes(n: int | float) -> str:
         if abs(n) >= scale:
             return f"{n / scale:.1f} {unit}"
     return f"{int(n)} B"
+
+
+SHOWN_CHARS = 64
+"""How much of a value a message quotes: a status message travels in a header, whose size gRPC limits (8 KiB)."""
+
+
+def shown(value: Any, limit: int = SHOWN_CHARS) -> str:
+    """``value`` quoted for a message (its repr), cut to its first ``limit`` characters when longer."""
+    if isinstance(value, str) and len(value) > limit:
+        return f"{value[:limit]!r}… ({len(value)} characters)"
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}… ({len(text)} characters)"
 
 
 def _text(value: Any, what: str) -> str:
@@ -40,7 +55,7 @@ def _text(value: Any, what: str) -> str:
 def name(value: Any, what: str = "name") -> str:
     value = _text(value, what)
     if not _NAME.fullmatch(value):
-        raise InvalidArgument(f"{what} {value!r} is not valid: use 1-63 lowercase letters, digits and '-', "
+        raise InvalidArgument(f"{what} {shown(value)} is not valid: use 1-63 lowercase letters, digits and '-', "
                               "starting and ending with a letter or digit")
     return value
 
@@ -48,21 +63,21 @@ def name(value: Any, what: str = "name") -> str:
 def node_id(value: Any) -> str:
     value = _text(value, "node id")
     if not _NODE_ID.fullmatch(value):
-        raise InvalidArgument(f"node id {value!r} is not valid: use a host name (letters, digits, '-', '.')")
+        raise InvalidArgument(f"node id {shown(value)} is not valid: use a host name (letters, digits, '-', '.')")
     return value
 
 
 def disk_name(value: Any) -> str:
     value = _text(value, "disk name")
     if not _DISK.fullmatch(value):
-        raise InvalidArgument(f"disk name {value!r} is not valid: use 1-63 letters, digits, '.', '_' or '-'")
+        raise InvalidArgument(f"disk name {shown(value)} is not valid: use 1-63 letters, digits, '.', '_' or '-'")
     return value
 
 
 def iqn(value: Any) -> str:
     value = _text(value, "initiator IQN")
     if not _IQN.fullmatch(value) or len(value.encode()) > 223:
-        raise InvalidArgument(f"initiator IQN {value!r} is not an iSCSI name "
+        raise InvalidArgument(f"initiator IQN {shown(value)} is not an iSCSI name "
                               "(iqn.YYYY-MM.reversed.domain[:id], eui.… or naa.…)")
     return value
 
@@ -71,13 +86,24 @@ def address(value: Any, what: str) -> str:
     value = _text(value, what)
     match = _ADDRESS.fullmatch(value)
     if not match or not 0 < int(match.group(2)) < 65536:
-        raise InvalidArgument(f"{what} {value!r} is not host:port")
+        raise InvalidArgument(f"{what} {shown(value)} is not host:port")
     return value
+
+
+def line(value: Any, what: str, *, limit: int) -> str:
+    """One line of free text (a fence reason), stripped, at most ``limit`` characters: no control characters
+    within, which would forge log lines or drive the terminal that shows it."""
+    value = _text(value, what).strip()
+    bad = _CONTROL.search(value)
+    if bad:
+        raise InvalidArgument(f"{what} has a control character ({ascii(bad.group())} at {bad.start()}): "
+                              "give one line of text")
+    return value[:limit]
 
 
 def count(value: Any, what: str, *, minimum: int = 0, maximum: int | None = None) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise InvalidArgument(f"{what} must be a whole number of bytes, not {value!r}")
+        raise InvalidArgument(f"{what} must be a whole number of bytes, not {shown(value)}")
     if value < minimum or (maximum is not None and value > maximum):
         top = f" and at most {maximum} ({human_bytes(maximum)})" if maximum is not None else ""
         raise InvalidArgument(f"{what} {value} is out of range: it must be at least {minimum}{top}")
@@ -87,7 +113,7 @@ def count(value: Any, what: str, *, minimum: int = 0, maximum: int | None = None
 def size(value: Any, *, multiple: int, maximum: int, what: str = "size") -> int:
     """A volume size: positive, a multiple of the block size, at most ``maximum``."""
     if isinstance(value, bool) or not isinstance(value, int):
-        raise InvalidArgument(f"{what} must be a whole number of bytes, not {value!r}")
+        raise InvalidArgument(f"{what} must be a whole number of bytes, not {shown(value)}")
     if value <= 0:
         raise InvalidArgument(f"{what} {value} is not positive: give the size in bytes, e.g. 1073741824 for 1 GiB")
     if value > maximum:
@@ -101,7 +127,7 @@ def size(value: Any, *, multiple: int, maximum: int, what: str = "size") -> int:
 
 def ratio(value: Any, *, maximum: float) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise InvalidArgument(f"overcommit ratio must be a number, not {value!r}")
+        raise InvalidArgument(f"overcommit ratio must be a number, not {shown(value)}")
     if not 1.0 <= value <= maximum:
         raise InvalidArgument(f"overcommit ratio {value} is out of range: use 1.0 (no overcommit) "
                               f"up to {maximum}")
@@ -128,16 +154,16 @@ def labels(value: Any, what: str = "labels") -> dict[str, str]:
     out = {}
     for key, val in value.items():
         if not isinstance(key, str) or not _LABEL_KEY.fullmatch(key):
-            raise InvalidArgument(f"{what}: key {key!r} is not a label key (letters, digits, '.', '_', '-')")
+            raise InvalidArgument(f"{what}: key {shown(key)} is not a label key (letters, digits, '.', '_', '-')")
         if not isinstance(val, str) or not _LABEL_VALUE.fullmatch(val):
-            raise InvalidArgument(f"{what}: value {val!r} of {key} is not a label value")
+            raise InvalidArgument(f"{what}: value {shown(val)} of {key} is not a label value")
         out[key] = val
     return dict(sorted(out.items()))
 
 
 def mode(value: Any) -> str:
     if value not in MODES:
-        raise InvalidArgument(f"mode {value!r} is not one of {', '.join(MODES)}")
+        raise InvalidArgument(f"mode {shown(value)} is not one of {', '.join(MODES)}")
     return value
 
 
