@@ -197,11 +197,30 @@ class Reconciler:
             self.store.delete_export(volume.name, iqn)
 
     def _expand(self, name: str) -> None:
-        with self.service._volume_locks.hold(name):
+        """Finish an expand that failed for a while.  One the agent now refuses for good (no room left on a
+        thick volume's disk, say) puts the record back to the agent's size, as ``expand_volume`` does: else
+        every pass would ask again for a size it will not get, and the capacity would stay promised."""
+        service = self.service
+        with service._volume_locks.hold(name):
             volume = self.store.get_volume(name)
-            if volume is not None:
-                self.service._client(volume.owner_node, f"owning volume {name}").expand_volume(
-                    volume.id, volume.size_bytes)
+            if volume is None:
+                return
+            try:
+                service._client(volume.owner_node, f"owning volume {name}").expand_volume(volume.id,
+                                                                                          volume.size_bytes)
+            except Exception as exc:
+                from controller.domain.service import _as_domain_error  # (service imports this module)
+
+                error = _as_domain_error(exc, volume.owner_node, "expand_volume")
+                if not error.temporary:
+                    back = service._size_on_agent(volume, volume.size_bytes)
+                    if back.size_bytes != volume.size_bytes:
+                        with service._placement_lock, self.store.transaction():
+                            self.store.put_volume(back)
+                            service._note_growth(back, back.size_bytes - volume.size_bytes)
+                        log.warning("reconcile: volume %s cannot grow to %d bytes (%s): its record goes back to "
+                                    "the %d bytes its node has", name, volume.size_bytes, error, back.size_bytes)
+                raise error from None
 
 
 def _initiators(export: dict[str, Any]) -> list[str]:

@@ -75,6 +75,20 @@ def test_an_expand_refused_for_good_after_a_temporary_failure_goes_back_to_the_a
     assert env.svc.expand_volume("v", 2 * GiB).size_bytes == 2 * GiB  # a smaller growth is not refused
 
 
+def test_reconcile_finishing_an_expand_the_agent_now_refuses_goes_back_to_the_agents_size(env):
+    """The same when reconcile, not a caller, makes the retry: it used to ask again on every pass."""
+    volume = env.svc.create_volume("v", GiB)
+    env.agents.fail_next("expand_volume", Unavailable("agent restarting"))
+    with pytest.raises(Unavailable):
+        env.svc.expand_volume("v", 50 * GiB)
+    env.agents.fail_next("expand_volume", ResourceExhausted("disk data0 has no room to grow"))
+    assert not any("expanded" in what for what in env.svc.reconcile_once())
+    assert env.store.get_volume("v").size_bytes == GiB == env.agents.agent("node-a").volumes[volume.id]["size_bytes"]
+    calls = len(env.agents.calls)
+    assert env.svc.reconcile_once() == []  # nothing asked again
+    assert not any(c[1] == "expand_volume" for c in env.agents.calls[calls:])
+
+
 def test_an_expand_refused_for_good_keeps_the_record_when_the_agent_cannot_say_its_size(env):
     env.svc.create_volume("v", GiB)
     env.agents.fail_next("expand_volume", ResourceExhausted("no room"))
