@@ -545,3 +545,19 @@ def test_publish_uses_the_connector_the_node_announced(csi, tmp_path):
     assert preferred_connector(str(tmp_path), iscsiadm="/sbin/iscsiadm", iscsid=lambda: True) == "kernel"
     assert preferred_connector(str(tmp_path), iscsiadm="") == "userspace"
     assert preferred_connector(str(tmp_path / "none"), iscsiadm="/sbin/iscsiadm") == "userspace"
+
+
+def test_get_capacity_counts_thick_growth_no_heartbeat_has_reported_yet(csi):
+    """As placement does: a thick volume grown since the node's last heartbeat took real free space the
+    disk's last report still shows as free; GetCapacity for thick volumes must not offer it again."""
+    thick = {"thick": "true"}
+    topology = csi_pb2.Topology(segments={"zone": "a"})
+    csi.env.svc.create_volume("t1", GiB, thin=False, constraints={"zone": "a"})
+    csi.env.clock.now += 5
+    for node in csi.env.svc.list_nodes():
+        csi.env.svc.heartbeat(node.id, list(node.disks))  # t1 counted in what the disks report
+    before = csi.ctl.GetCapacity(csi_pb2.GetCapacityRequest(parameters=thick, accessible_topology=topology))
+    csi.env.clock.now += 1
+    csi.env.svc.expand_volume("t1", 3 * GiB)
+    after = csi.ctl.GetCapacity(csi_pb2.GetCapacityRequest(parameters=thick, accessible_topology=topology))
+    assert after.available_capacity == before.available_capacity - 2 * GiB
