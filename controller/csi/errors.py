@@ -19,7 +19,7 @@ from typing import Iterator
 
 import grpc
 
-from controller.api.decorators import summary
+from controller.api.decorators import capped, summary
 from controller.api.errors import GRPC_CODES
 from controller.domain.errors import DomainError, InvalidArgument
 
@@ -75,6 +75,7 @@ def csi_rpc(*required: str):
                     log.exception("%s(%s) failed", name, summary(request))
                     status = (grpc.StatusCode.INTERNAL, f"{name} failed inside the plugin; see its log")
                 else:
+                    status = (status[0], capped(status[1]))  # a long message would turn the code into another
                     log.info("%s(%s): %s: %s", name, summary(request), status[0].name, status[1])
                 context.abort(*status)
             if log.isEnabledFor(logging.DEBUG):

@@ -204,6 +204,21 @@ def test_any_long_status_message_is_cut_and_keeps_its_code():
     assert len(details.encode()) <= MAX_DETAILS_BYTES + 40
 
 
+def test_a_long_csi_status_message_is_cut_too_and_keeps_its_code():
+    from controller.csi.errors import csi_rpc
+
+    class Servicer:
+        @csi_rpc()
+        def Refuse(self, request, context):
+            raise FailedPrecondition("volume v is attached to " + ", ".join(f"node-{i}" for i in range(5000)))
+
+    with pytest.raises(RuntimeError) as raised:
+        Servicer().Refuse(admin_pb2.GetStatusRequest(), Context())
+    code, details = raised.value.args
+    assert code == grpc.StatusCode.FAILED_PRECONDITION and "characters)" in details
+    assert len(details.encode()) <= MAX_DETAILS_BYTES + 40
+
+
 # ---- 5: a refused clone request ----------------------------------------------------------------------------
 
 
