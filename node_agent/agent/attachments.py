@@ -33,7 +33,10 @@ handed out.  This module adds the agent's idempotency and record:
   kernel's sessions are usually still there and their records are kept, but
   the recorded ``/dev/sdX`` is not trusted until the connector has said so
   again (a host reboot ends the sessions, and the name may be another
-  disk's by then): the next login asks it (``_unverified``); userspace
+  disk's by then): the next login asks it (``_unverified``), and a logout
+  never asks who uses a recorded path the connector says is another's by now
+  (``Connector.reassigned``: a volume mounted from that ``/dev/sdX`` since
+  then does not block it); userspace
   devices died with the process that served them (a FUSE file served again at
   the same path does not revive a loop device on the dead one: see
   ``node_agent.host.userspace``), so their leftovers are cleaned and their
@@ -41,7 +44,9 @@ handed out.  This module adds the agent's idempotency and record:
   attach, logs in again).  A leftover still in use (mounted while the agent
   stopped) cannot be cleaned then: a login of its volume refuses until it is
   unmounted, and a logout or detach of its record cleans it (and refuses while
-  it is still mounted), so no dead loop device is forgotten.
+  it is still mounted), so no dead loop device is forgotten.  NodeUnstageVolume
+  takes a staging mount of such a leftover for the volume's (``unstage_devices``)
+  and unmounts it before that logout.
 """
 
 from __future__ import annotations
@@ -49,6 +54,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import stat
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, replace
@@ -257,17 +263,41 @@ class AttachmentManager:
         if not record.logged_in:
             self._clean_leftovers(record)
             return False
-        users = self.in_use(record.device_path)
-        if users:
-            raise FailedPrecondition(f"volume {volume_id} is in use at {', '.join(users)} ({record.device_path}): "
-                                     "unpublish and unstage it (or unmount it) first")
-        self.connector(record.mode).detach(_target_without_secrets(record.export))
+        connector, target = self.connector(record.mode), _target_without_secrets(record.export)
+        reassigned = connector.reassigned(target, record.device_path)
+        if reassigned:  # its users are another volume's by now: the connector's detach finds what is this one's
+            log.warning("volume %s: its recorded device %s is not its device any more (%s): logging out "
+                        "without asking who uses that path", volume_id, record.device_path, reassigned)
+        else:
+            users = self.in_use(record.device_path)
+            if users:
+                raise FailedPrecondition(f"volume {volume_id} is in use at {', '.join(users)} "
+                                         f"({record.device_path}): unpublish and unstage it (or unmount it) first")
+        connector.detach(target)
         with self._lock:
             if volume_id in self._records:
                 self._commit(volume_id, replace(record, device_path=""), self._credentials.get(volume_id),
                              "logging it out")
         log.info("volume %s logged out (%s) of %s", volume_id, record.mode, record.device_path)
         return True
+
+    def unstage_devices(self, volume_id: str) -> list[str]:
+        """The devices a staging mount of the volume may be on, for NodeUnstageVolume: its logged-in device
+        unless the connector says that path is another's by now (``Connector.reassigned``), or, while it is not
+        logged in, the block devices an earlier run left of it (``Connector.leftovers``: a dead loop device the
+        staging mount made before the agent stopped still holds), which its logout removes once unmounted."""
+        with self._volume(volume_id):
+            with self._lock:
+                record = self._records.get(volume_id)
+            if record is None:
+                return []
+            if record.logged_in:
+                target = _target_without_secrets(record.export)
+                return [] if self.connector(record.mode).reassigned(target, record.device_path) \
+                    else [record.device_path]
+            if record.mode not in self._factories:
+                return []
+            return [path for path in self.connector(record.mode).leftovers(volume_id) if _block_device(path)]
 
     def _clean_leftovers(self, record: AttachmentRecord) -> None:
         """Remove what a previous run left of a userspace attachment that was in use when it stopped (a loop
@@ -443,6 +473,13 @@ def _save_failed(volume_id: str, doing: str, exc: OSError) -> AgentError:
     message = (f"volume {volume_id}: {doing}: saving the attachment records failed ({exc.strerror or exc}); "
                f"the agent's record of it is unchanged: repeat the call{' once there is space' if full else ''}")
     return (ResourceExhausted if full else Unavailable)(message)
+
+
+def _block_device(path: str) -> bool:
+    try:
+        return stat.S_ISBLK(os.stat(path).st_mode)
+    except OSError:
+        return False
 
 
 def _target_without_secrets(export: ExportInfo) -> VolumeTarget:

@@ -54,6 +54,8 @@ class AttachedVolumes(Protocol):
 
     def foreign_device(self, volume_id: str, path: str) -> str: ...
 
+    def unstage_devices(self, volume_id: str) -> list[str]: ...
+
     def hold(self, volume_id: str) -> ContextManager: ...
 
 
@@ -113,6 +115,17 @@ class DeviceResolver:
         """The device of a volume logged in here, unchecked ("" when there is none): for tearing down."""
         record = self.attachments.get(volume_id)
         return record.device_path if record is not None else ""
+
+    def unstage_devices(self, volume_id: str) -> list[str]:
+        """The devices whose mounts NodeUnstageVolume takes for the volume's, unchecked (for tearing down): its
+        logged-in device unless the agent's connector says that path is another's by now, or the dead devices an
+        earlier agent left of it.  Attachments that cannot tell (no ``unstage_devices``): the logged-in device."""
+        devices = getattr(self.attachments, "unstage_devices", None)
+        if devices is None:
+            path = self.logged_in(volume_id)
+            return [path] if path else []
+        with _agent_errors():
+            return devices(volume_id)
 
     def unstage(self, volume_id: str) -> None:
         """Log out (flush, remove the device); the agent keeps the record.  Nothing logged in: OK."""

@@ -49,7 +49,10 @@ Idempotency, RPC by RPC (a repeat of a finished call answers as the first did):
 - NodeUnstageVolume: unmount the staging path if it holds this volume's device (another volume's staging mount
   stays: this volume is not staged there), then log out (the agent keeps the record until
   ControllerUnpublishVolume); refuses (FAILED_PRECONDITION) while the device is still published somewhere:
-  a device path must not outlive its login.
+  a device path must not outlive its login.  The volume's devices are the agent's answer
+  (``DeviceResolver.unstage_devices``): a recorded ``/dev/sdX`` that is another volume's disk by now (a host
+  reboot) is not, so that volume's mounts neither block nor are taken; a dead loop device a stopped agent left
+  of a userspace volume is, so the staging mount made on it is unmounted and the logout removes the device.
 - NodeExpandVolume: an unsupported ``volume_capability`` -> INVALID_ARGUMENT (this RPC's "exceeds
   capabilities").  The device re-reads its capacity (the connector's rescan); smaller than
   ``required_bytes`` -> UNAVAILABLE (the LUN's new size is not seen yet: retry).  Then ``resize2fs`` (ext4)
@@ -283,11 +286,11 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
         path = _absolute(request.staging_target_path, "staging_target_path")
         volume_id = request.volume_id
         with self.busy.hold(volume_id, f"volume {volume_id}"), self.devices.hold(volume_id):
-            device = self.devices.logged_in(volume_id)
+            devices = self.devices.unstage_devices(volume_id)
             staging = os.path.realpath(path)
             mount = None if _is_symlink(path) else self.mounter.mounted_at(path)
-            ours = mount is not None and bool(device) and _mounted_from(mount, device)
-            elsewhere = [p for p in self.mounter.users(device) if p != staging] if device else []
+            ours = mount is not None and any(_mounted_from(mount, device) for device in devices)
+            elsewhere = [p for device in devices for p in self.mounter.users(device) if p != staging]
             if elsewhere:  # logging out under a published device would leave its path to whoever comes next
                 raise FailedPrecondition(f"volume {volume_id} is still published at {', '.join(elsewhere)}: "
                                          "NodeUnpublishVolume first")
@@ -296,7 +299,7 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
             elif mount is not None:  # not this volume's: it is not staged there, and another's stays
                 log.warning("unstage of volume %s: %s holds %s, not this volume's device: left mounted", volume_id,
                             path, mount.source)
-            if device:
+            for device in devices:
                 self._detach_unused_loops(device)
             self.devices.unstage(volume_id)
         return csi_pb2.NodeUnstageVolumeResponse()

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import errno
 import fcntl
 import ipaddress
 import os
@@ -430,3 +431,26 @@ class Connector(abc.ABC):
         """Why ``path`` is not the device this connector gave ``target`` ("" when it is, or when only the LUN's
         VPD pages could tell: the caller checks those)."""
         return ""
+
+    def reassigned(self, target: VolumeTarget, path: str) -> str:
+        """Why ``path``, a device this connector gave ``target``, names something else by now (nothing, or
+        another volume's disk: after a host reboot ``/dev/sdX`` is whichever disk came first), so whoever
+        uses it is not the volume's user ("" when it may still be the volume's device, a dead one too).  A
+        logout asks nobody about the users of a reassigned path.  The base says "": its users are asked."""
+        return ""
+
+
+def refuse_if_busy(device: str) -> None:
+    """Raise while a filesystem or anyone else with ``O_EXCL`` (device-mapper, LVM, md, a running mkfs) holds
+    ``device``: a detach must not flush, delete or release a disk from under them.  A device that is gone is
+    not busy."""
+    try:
+        fd = os.open(device, os.O_RDONLY | os.O_EXCL | os.O_CLOEXEC)
+    except OSError as exc:
+        if exc.errno == errno.EBUSY:
+            raise TemporaryConnectorError(f"{device} is in use (mounted, or held by device-mapper, LVM or md); "
+                                          "release it before detaching") from None
+        if exc.errno in (errno.ENOENT, errno.ENXIO):
+            return
+        raise
+    os.close(fd)

@@ -44,6 +44,7 @@ import ctypes.util
 import errno
 import logging
 import os
+import re
 import stat
 import threading
 import time
@@ -130,14 +131,23 @@ def unmount(path: str, *, lazy: bool = False) -> bool:
     raise OSError(err, os.strerror(err), path)
 
 
+_OCTAL = re.compile(r"\\([0-7]{3})")
+
+
+def _unescape_mountinfo(text: str) -> str:
+    """A mountinfo field as the path it is: the kernel escapes only space, tab, newline and backslash, as
+    ``\\NNN`` octal, and writes every other byte as it is (UTF-8 names stay UTF-8); as
+    ``node_agent.csi.mounts`` reads it (this lower layer does not import that one)."""
+    return _OCTAL.sub(lambda m: chr(int(m.group(1), 8)), text)
+
+
 def is_mountpoint(path: str) -> bool:
     """True if ``path`` is a mount point in /proc/self/mountinfo (works for a dead FUSE mount too)."""
     real = os.path.realpath(path)
-    with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as fh:
+    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as fh:
         for line in fh:
             fields = line.split()
-            mount_point = fields[4].encode().decode("unicode_escape")  # \040 etc.
-            if mount_point == real:
+            if _unescape_mountinfo(fields[4]) == real:
                 return True
     return False
 

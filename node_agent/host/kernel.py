@@ -25,14 +25,20 @@ attach
        expected NAA designator and serial; otherwise the SCSI device is deleted,
        the session logged out if nothing else uses it, and ``IdentityMismatch``
        raised: no device path leaves this module unchecked
+    9. any other failure after a login this attach made (no disk within
+       ``device_timeout``, several disks, no SCSI host) deletes what the scan brought
+       in and logs out too, unless another LUN of the target has a disk: a failed
+       attach leaves no session nor node record that no detach would end
 
 detach
-    identity check (never flush or delete a disk that is not this volume's),
-    ``blockdev --flushbufs``, ``1`` into ``/sys/block/sdX/device/delete``, wait until
-    it is gone; ``--logout`` and ``-o delete`` of the node record only when no
-    other LUN of the target remains attached.  These two name no iface: they also
-    end the sessions and records an older Shoal made through the ``default`` iface
-    (sessions are matched by target and portal, whatever their iface).
+    identity check (never flush or delete a disk that is not this volume's), a
+    refusal while anyone holds the disk with ``O_EXCL`` (a mounted filesystem,
+    device-mapper, LVM, md, a running mkfs), ``blockdev --flushbufs``, ``1`` into
+    ``/sys/block/sdX/device/delete``, wait until it is gone; ``--logout`` and
+    ``-o delete`` of the node record only when no other LUN of the target remains
+    attached.  These two name no iface: they also end the sessions and records an
+    older Shoal made through the ``default`` iface (sessions are matched by target
+    and portal, whatever their iface).
 
 Processes go through an injectable ``Runner``; sysfs and ``/dev`` are
 injectable roots and sysfs writes an injectable function, so unit tests check
@@ -62,6 +68,7 @@ from node_agent.host.connector import (
     VolumeTarget,
     check_identity,
     parse_vpd_identity,
+    refuse_if_busy,
 )
 from node_agent.host.runner import CommandFailed, Hidden, Runner, SubprocessRunner
 
@@ -213,8 +220,16 @@ class KernelConnector(Connector):
                 disk = session.disk(target.lun)
                 if disk:
                     return self._reuse(target, session, disk)
-            session = sessions[0] if sessions else self._login(target)
-            return self._attach_lun(target, session)
+            if sessions:
+                return self._attach_lun(target, sessions[0])
+            session = self._login(target)
+            try:
+                return self._attach_lun(target, session)
+            except IdentityMismatch:
+                raise  # _attach_lun removed the disk and logged out already
+            except BaseException:
+                self._abandon_login(target, session)
+                raise
 
     def detach(self, target: VolumeTarget) -> None:
         with self._locks.hold(target.session_key), _system_errors(target):
@@ -223,6 +238,7 @@ class KernelConnector(Connector):
                 disk = session.disk(target.lun)
                 if disk:
                     self._check(target, disk)  # never flush or delete another volume's disk
+                    refuse_if_busy(self._dev(disk))  # nor one a mount, device-mapper, LVM, md or mkfs holds
                     self.runner.run(["blockdev", "--flushbufs", self._dev(disk)])
                     self._delete_disk(disk)
             self.registry.release(target.session_key, target.lun)
@@ -254,6 +270,31 @@ class KernelConnector(Connector):
         if state and state.strip() != b"running":
             return f"{disk}: SCSI device state {state.strip().decode(errors='replace')}"
         return ""
+
+    def foreign_device(self, target: VolumeTarget, path: str) -> str:
+        """Why ``path`` is not the disk of ``target``'s LUN ("" when it is): a session of the target must show
+        the LUN with that disk, and the disk's VPD pages must name the volume.  A session that ended behind
+        the agent's back (a host reboot, ``iscsiadm --logoutall``) leaves a recorded ``/dev/sdX`` that may
+        be another volume's disk by now.  Sessions that cannot be read raise ``TemporaryConnectorError``:
+        no answer is a guess."""
+        disk = os.path.basename(path)
+        if path != self._dev(disk):
+            return f"{path} is not a disk in {self.settings.dev}"
+        with self._locks.hold(target.session_key), _system_errors(target):
+            shown = sorted({d for s in self._sessions(target) if (d := s.disk(target.lun))})
+            if disk not in shown:
+                return (f"no session of {target.target_iqn} shows {disk} as LUN {target.lun} "
+                        f"(they show {', '.join(shown) or 'no disk'} there)")
+            try:
+                self._check(target, disk)
+            except IdentityMismatch as exc:
+                return f"{disk}: {exc}"
+        return ""
+
+    def reassigned(self, target: VolumeTarget, path: str) -> str:
+        """A disk that is not the LUN's (``foreign_device``) is another's or nothing: a SCSI disk has no dead
+        state that would still be the volume's."""
+        return self.foreign_device(target, path)
 
     def _attached_disk(self, target: VolumeTarget) -> str:
         for session in self._sessions(target):
@@ -374,6 +415,25 @@ class KernelConnector(Connector):
         raise TemporaryConnectorError(f"login to {target.target_iqn} failed on every portal: "
                                       + "; ".join(str(e) for e in errors))
 
+    def _abandon_login(self, target: VolumeTarget, session: Session) -> None:
+        """Undo the login of an attach that failed before it had a device (no disk within ``device_timeout``,
+        several disks, no SCSI host yet): delete what the scan brought in, then log out and forget the node
+        record, unless another LUN of the target shows a disk by now.  Nobody was given a disk of this
+        session.  Best effort: the attach's own error is the answer, and a repeat logs in again."""
+        try:
+            for disk in self._lun_disks(target, session):
+                self._delete_disk(disk)
+            sessions = self._sessions(target)
+            others = self.registry.holders(target.session_key) - {target.lun}
+            if others:
+                log.warning("%s: the session of the failed attach of LUN %d stays: LUNs %s have disks",
+                            target.target_iqn, target.lun, sorted(others))
+                return
+            self._logout(target, sessions or [session])
+        except Exception as exc:
+            log.warning("%s: logging out after the failed attach of LUN %d failed: %s", target.target_iqn,
+                        target.lun, exc)
+
     def _logout(self, target: VolumeTarget, sessions: list[Session]) -> None:
         """Log out of the target's sessions and forget the node records (absent ones are fine).
 
@@ -438,15 +498,21 @@ class KernelConnector(Connector):
             raise IdentityMismatch(f"{link} points to {os.path.realpath(link)}, but LUN {target.lun} "
                                    f"of session {session.sid} is {disk}")
 
-    def _wait_for_disk(self, target: VolumeTarget, session: Session) -> str:
+    def _lun_disks(self, target: VolumeTarget, session: Session) -> list[str]:
+        """The block devices sysfs shows for the LUN in ``session``."""
+        if session.host is None:
+            return []
         # iscsi_tcp gives each session its own SCSI host with channel 0 and
         # target id 0; the glob accepts any, the LUN must be ours.
         pattern = self._sys("class", "iscsi_session", f"session{session.sid}", "device",
                             f"target{session.host}:*:*", f"{session.host}:*:*:{target.lun}", "block", "*")
+        return sorted(os.path.basename(p) for p in glob.glob(pattern))
+
+    def _wait_for_disk(self, target: VolumeTarget, session: Session) -> str:
         address = f"{session.host}:0:0:{target.lun}"
         deadline = self.settings.clock() + self.settings.device_timeout
         while True:
-            names = sorted(os.path.basename(p) for p in glob.glob(pattern))
+            names = self._lun_disks(target, session)
             if len(names) > 1:
                 raise PermanentConnectorError(f"LUN {target.lun} of session {session.sid} has several disks: {names}")
             if names and os.path.exists(self._dev(names[0])):

@@ -10,7 +10,9 @@ Attach, under the target's lock:
 3. export the LUN as ``<state_dir>/volumes/<volume>/mnt/disk`` through FUSE
    (``fuse_export``), served by threads of this process;
 4. ``losetup --find --show --direct-io=on --sector-size <block>`` on that file
-   and check the kernel's ``backing_file`` is ours.
+   and check the kernel's ``backing_file`` is ours;
+5. write the attachment note (``attachment.json``); only then does the volume
+   count as attached: a note that cannot be written undoes steps 2-4.
 
 Attaching an attached volume returns the same device and counts one more
 user, once the device is checked to be still the one this process made and
@@ -40,7 +42,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import errno
 import fcntl
 import hashlib
 import json
@@ -64,6 +65,7 @@ from node_agent.host.connector import (
     TemporaryConnectorError,
     VolumeTarget,
     check_identity,
+    refuse_if_busy,
 )
 from node_agent.host.fuse_export import BlockDevice, ExportBusy, ExportSettings, FuseExport, is_mountpoint, unmount
 from node_agent.host.runner import CommandFailed, Runner, SubprocessRunner
@@ -303,6 +305,16 @@ class UserspaceConnector(Connector):
             export = FuseExport(lun, mountpoint, export_settings)
             export.start()
             loop = self._losetup(export.path, lun.block_size)
+            device = AttachedDevice(path=loop, volume_id=target.volume_id, target=target, naa=naa or None,
+                                    serial=serial or None, handle=export.path)
+            # Noted before it counts as attached: a note that cannot be written undoes the attach (nobody was
+            # given the device yet) and a repeat attaches afresh, never a second user of a half-made one.
+            try:
+                self._write_record(target, device)
+            except OSError as exc:
+                self._release_unused(loop, export.path)
+                raise TemporaryConnectorError(f"attach of {target.volume_id} undone: cannot write its attachment "
+                                              f"note under {self.volume_dir(target.volume_id)}: {exc}") from exc
         except BaseException:
             if export is not None:
                 with contextlib.suppress(Exception):
@@ -310,14 +322,21 @@ class UserspaceConnector(Connector):
             with contextlib.suppress(Exception):
                 lun.close()
             raise
-        device = AttachedDevice(path=loop, volume_id=target.volume_id, target=target, naa=naa or None,
-                                serial=serial or None, handle=export.path)
         with self._guard:
             self._attached[target.volume_id] = _Attachment(device, lun, export)
         self.sessions.acquire(target.session_key, target.lun)
-        self._write_record(target, device)
         log.info("attached %s as %s (%d bytes)", target.volume_id, loop, lun.size)
         return device
+
+    def _release_unused(self, loop: str, path: str) -> None:
+        """Detach the loop device a failed attach made (handed to nobody).  Best effort: one left behind is on a
+        FUSE file about to stop, a dead device the next attach of the volume removes (``_clean_stale``)."""
+        try:
+            self.runner.run(["losetup", "--detach", loop])
+            self._wait_released(loop, path)
+        except (CommandFailed, ConnectorError) as exc:
+            log.warning("%s of the failed attach stays on %s until the next attach of its volume: %s", loop, path,
+                        exc)
 
     def _login(self, target: VolumeTarget) -> BlockDevice:
         try:
@@ -369,11 +388,16 @@ class UserspaceConnector(Connector):
                   "naa": device.naa, "serial": device.serial, "pid": os.getpid()}
         path = os.path.join(self.volume_dir(target.volume_id), "attachment.json")
         tmp = path + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as fh:
-            json.dump(record, fh, indent=1)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        try:
+            with open(tmp, "w", encoding="utf-8") as fh:
+                json.dump(record, fh, indent=1)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
 
     # ------------------------------------------------------------------ detach
 
@@ -386,7 +410,7 @@ class UserspaceConnector(Connector):
         loop = current.device.path
         if not current.loop_released:
             if _backing_file(loop) == current.export.path:
-                _refuse_if_busy(loop)
+                refuse_if_busy(loop)
                 try:
                     self.runner.run(["blockdev", "--flushbufs", loop])
                     self.runner.run(["losetup", "--detach", loop])
@@ -396,7 +420,10 @@ class UserspaceConnector(Connector):
                 log.warning("%s is no longer backed by %s: not detaching it", loop, current.export.path)
             self._wait_released(loop, current.export.path)
             current.loop_released = True
-            self._write_record(current.device.target, current.device, released=True)
+            try:
+                self._write_record(current.device.target, current.device, released=True)
+            except OSError as exc:  # only a note: the detach goes on, and its end removes the note
+                log.warning("could not note that %s of %s is released: %s", loop, current.device.volume_id, exc)
         try:
             current.lun.flush()  # SYNCHRONIZE CACHE before logout, whatever the loop device did
         except (OSError, TimeoutError) as exc:
@@ -432,7 +459,7 @@ class UserspaceConnector(Connector):
         for loop in _loops_backed_by(path):
             log.warning("removing stale %s on %s", loop, path)
             try:
-                _refuse_if_busy(loop)
+                refuse_if_busy(loop)
             except TemporaryConnectorError:
                 raise TemporaryConnectorError(
                     f"{loop} is a stale device of volume {volume_id}: it was left on a FUSE file whose server has "
@@ -521,16 +548,3 @@ def _loops_backed_by(path: str) -> list[str]:
             if name.startswith("loop") and _backing_file(f"/dev/{name}") == path:
                 found.append(f"/dev/{name}")
     return found
-
-
-def _refuse_if_busy(loop: str) -> None:
-    """Raise while a filesystem (or anyone with O_EXCL) holds the device: detaching must not yank it."""
-    try:
-        fd = os.open(loop, os.O_RDONLY | os.O_EXCL | os.O_CLOEXEC)
-    except OSError as exc:
-        if exc.errno == errno.EBUSY:
-            raise TemporaryConnectorError(f"{loop} is in use (mounted?); unmount it before detaching") from None
-        if exc.errno in (errno.ENOENT, errno.ENXIO):
-            return
-        raise
-    os.close(fd)
