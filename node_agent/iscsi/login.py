@@ -317,6 +317,11 @@ class TargetLogin:
         if self.existing is not None and (self.existing.closed
                                           or self.registry.sessions.get(self.existing.tsih) is not self.existing):
             raise LoginFailed(LoginStatus.SESSION_DOES_NOT_EXIST, f"session {self.tsih} ended during the login")
+        existing = self.existing
+        if (existing is not None and self.cid not in existing.connections
+                and len(existing.connections) >= existing.params.max_connections):
+            # Checked on the first PDU too; another connection may have joined since (both logins at once).
+            raise LoginFailed(LoginStatus.TOO_MANY_CONNECTIONS, "MaxConnections reached")
         params = self.negotiator.params()
         params.initiator_name = self.initiator_name
         if self.target is not None:

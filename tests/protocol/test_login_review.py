@@ -123,3 +123,24 @@ def test_an_initiator_only_open_targets_admit_discovers_them_without_chap(make_i
     # one a CHAP target admits must still use CHAP, and a name no target admits is refused
     assert _discover(make_initiator(registry), NODE_B)[0] == (2, 1)
     assert _discover(make_initiator(registry), "iqn.2026-11.io.shoal.test:stranger")[0] == (2, 2)
+
+
+def test_logins_adding_connections_at_once_cannot_pass_max_connections():
+    """MaxConnections was checked on a login's first PDU only: two connections added to a session at the
+    same time both passed it and both joined, one more than agreed.  It is checked again as one joins."""
+    from node_agent.iscsi.keys import TargetSettings, encode_text
+    from tests.protocol.conftest import make_registry
+    from tests.protocol.test_text_negotiation_review import NORMAL, initiator, login_pdu
+
+    registry, settings = make_registry(), TargetSettings(max_connections=2)
+    leading = initiator(registry, settings)
+    tsih = leading.login_normal(extra=[("MaxConnections", "2")]).header.tsih
+    one = initiator(registry, settings, isid=leading.isid, tsih=tsih)
+    two = initiator(registry, settings, isid=leading.isid, tsih=tsih)
+    assert _status(login_pdu(one, encode_text(NORMAL), transit=False, cid=1)) == (0, 0)
+    assert _status(login_pdu(two, encode_text(NORMAL), transit=False, cid=2)) == (0, 0)
+    first = login_pdu(one, b"", cid=1)
+    assert _status(first) == (0, 0) and first.header.transit and first.header.nsg == 3
+    assert _status(login_pdu(two, b"", cid=2)) == (2, 0x06)  # Too many connections (§11.13.5)
+    [session] = [s for s in registry.sessions.values() if s.tsih == tsih]
+    assert sorted(session.connections) == [0, 1]
