@@ -10,8 +10,10 @@ scrape time; nothing here knows what they are.
 from __future__ import annotations
 
 import logging
+import math
 import socket
 import threading
+import time
 from socketserver import ThreadingMixIn
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
@@ -36,34 +38,62 @@ def split_listen(text: str, what: str = "metrics address") -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+def _cut(connection: socket.socket) -> None:
+    """End ``connection`` under its handler's feet: a blocked read returns end-of-file, a write fails."""
+    try:
+        connection.shutdown(socket.SHUT_RDWR)
+    except OSError:  # the client is already gone
+        pass
+
+
 class _Server(ThreadingMixIn, WSGIServer):
     """One thread per connection, at most ``max_connections`` at once: further ones are closed unanswered, so
-    clients that connect and never finish a request cannot pile up threads (each also times out, see
-    ``_QuietHandler``).  Scrapers and probes come one at a time, a few per minute."""
+    clients that connect and never finish a request cannot pile up threads.  Each connection is cut
+    ``_QuietHandler.timeout`` seconds after it was accepted, whatever it sends meanwhile: a per-read timeout
+    alone let a client that sends a byte every few seconds keep its slot forever (and 16 of them every slot).
+    Scrapers and probes come one at a time, a few per minute."""
 
     daemon_threads = True
     allow_reuse_address = True
     max_connections = 16
+    request_queue_size = 64  # listen backlog: socketserver's 5 drops a burst's SYNs (a 1 s retry each)
 
-    def server_activate(self) -> None:
-        self._slots = threading.BoundedSemaphore(self.max_connections)
-        super().server_activate()
+    def __init__(self, *args, **kwargs) -> None:
+        self._lock = threading.Lock()  # before TCPServer.__init__: a failed bind calls server_close
+        self._open: dict[socket.socket, float] = {}  # connection -> when to cut it (monotonic; inf: cut)
+        super().__init__(*args, **kwargs)
 
     def process_request(self, request, client_address) -> None:
-        if not self._slots.acquire(blocking=False):
+        with self._lock:
+            full = len(self._open) >= self.max_connections
+            if not full:
+                self._open[request] = time.monotonic() + self.RequestHandlerClass.timeout
+        if full:
             self.shutdown_request(request)
             return
-        try:
-            super().process_request(request, client_address)  # the thread releases the slot
-        except BaseException:
-            self._slots.release()
-            raise
+        super().process_request(request, client_address)  # the thread frees the slot (shutdown_request)
 
-    def process_request_thread(self, request, client_address) -> None:
-        try:
-            super().process_request_thread(request, client_address)
-        finally:
-            self._slots.release()
+    def shutdown_request(self, request) -> None:
+        with self._lock:  # from here on service_actions no longer touches the socket
+            self._open.pop(request, None)
+        super().shutdown_request(request)
+
+    def service_actions(self) -> None:
+        """Every poll interval (0.2 s) of serve_forever: cut the connections past their deadline (each keeps its
+        slot until its thread has ended)."""
+        super().service_actions()
+        now = time.monotonic()
+        with self._lock:
+            for request, deadline in self._open.items():
+                if deadline <= now:
+                    _cut(request)
+                    self._open[request] = math.inf
+
+    def server_close(self) -> None:
+        with self._lock:
+            for request in self._open:
+                _cut(request)
+        super().server_close()
 
     def handle_error(self, request, client_address) -> None:
         # A client that timed out or hung up: not worth socketserver's traceback on stderr
@@ -75,7 +105,7 @@ class _Server6(_Server):
 
 
 class _QuietHandler(WSGIRequestHandler):
-    timeout = 10.0  # seconds a connection may take to send its request (and to read the answer)
+    timeout = 10.0  # seconds a connection may last, from accept to close (_Server cuts it then)
 
     def log_message(self, format, *args):  # noqa: A002 - the base class's signature
         pass

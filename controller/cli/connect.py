@@ -12,6 +12,10 @@ secret without a newline), libvirt through ``virsh secret-set-value --file``.
 ``--shared`` asks for a second writer on purpose (live migration); without it a volume another node has is
 refused.  ``disconnect`` is ``detach``.
 
+Nothing is published when the secret cannot be written: the directory is tried (a temporary file created and
+removed) before AttachVolume, and when writing still fails after publishing, a publish this command made is
+undone (DetachVolume) before the one-line error.
+
 The renderers (``qemu_connection``, ``libvirt_connection``) are pure functions of the attachment, so the tests
 check their output without a controller.
 """
@@ -50,6 +54,7 @@ def register(noun) -> None:
     verb = noun.add_parser("disconnect", help="unpublish a volume from a node (= detach; repeat: OK)")
     verb.add_argument("name")
     verb.add_argument("--node", required=True)
+    output.add_output_flag(verb)
     verb.set_defaults(func=disconnect_volume)
 
 
@@ -67,14 +72,19 @@ def connect_volume(api, args) -> None:
         raise CliError(f"--format {args.fmt} needs --secret-file PATH: the CHAP secret is written there (mode "
                        "0600), never printed", EXIT_USAGE)
     secret_file = os.path.abspath(args.secret_file)
-    if not os.path.isdir(os.path.dirname(secret_file)):
-        raise CliError(f"--secret-file {args.secret_file}: its directory does not exist", EXIT_USAGE)
+    check_secret_file(secret_file, args.secret_file)
+    # whether NODE had it already (a repeated connect): only a publish made here is undone on failure
+    volume = api.call("GetVolume", admin_pb2.GetVolumeRequest(name=args.name))
+    published_before = args.node in volume.attached_nodes
     request = admin_pb2.AttachVolumeRequest(name=args.name, node=args.node, publish_only=True, shared=args.shared)
     attachment = api.call("AttachVolume", request)
-    if not attachment.export.target_iqn:
-        raise CliError(f"the controller did not say how {args.node} reaches volume {args.name}; try again")
-    secret = api.call("GetPublishSecret", admin_pb2.GetPublishSecretRequest(name=args.name, node=args.node))
-    write_secret(secret_file, secret.chap_secret)
+    try:
+        if not attachment.export.target_iqn:
+            raise CliError(f"the controller did not say how {args.node} reaches volume {args.name}; try again")
+        secret = api.call("GetPublishSecret", admin_pb2.GetPublishSecretRequest(name=args.name, node=args.node))
+        write_secret(secret_file, secret.chap_secret)
+    except CliError as exc:
+        raise _after_publishing(api, args, exc, undo=not published_before) from None
     data = connection(attachment, args.fmt, secret_file)
     if args.output != "table":
         output.emit_message("", data, args.output)
@@ -89,26 +99,64 @@ def connect_volume(api, args) -> None:
               f"--file {shlex.quote(secret_file)} (the CHAP secret is in that file only)")
 
 
+def _after_publishing(api, args, exc: CliError, *, undo: bool) -> CliError:
+    """``exc`` (a failure once AttachVolume published the volume), saying what became of the publish."""
+    if not undo:
+        return CliError(f"{exc}; volume {args.name} stays published to {args.node} as it was before", exc.code)
+    try:
+        api.call("DetachVolume", admin_pb2.DetachVolumeRequest(name=args.name, node=args.node))
+    except CliError as undo_error:
+        return CliError(f"{exc}; volume {args.name} is still published to {args.node} (undoing it failed: "
+                        f"{undo_error}): run shoalctl volume disconnect {args.name} --node {args.node}", exc.code)
+    return CliError(f"{exc}; the publish to {args.node} was undone", exc.code)
+
+
 def disconnect_volume(api, args) -> None:
+    detach(api, args, "disconnect")
+
+
+def detach(api, args, verb: str) -> None:
+    """``volume detach`` / ``volume disconnect``: DetachVolume succeeds whatever it finds (idempotent, as CSI
+    needs), so whether NODE had the volume is asked first; a volume that does not exist is NOT_FOUND, as for
+    ``volume show``."""
+    volume = api.call("GetVolume", admin_pb2.GetVolumeRequest(name=args.name))
     api.call("DetachVolume", admin_pb2.DetachVolumeRequest(name=args.name, node=args.node))
-    print(f"volume {args.name} disconnected from {args.node}")
+    output.emit_detached(args.name, args.node, args.node in volume.attached_nodes, args.output, verb=verb)
+
+
+def check_secret_file(path: str, given: str) -> None:
+    """A usage error, before anything is published, when no secret can be written at ``path``."""
+    directory = os.path.dirname(path) or "."
+    if not os.path.isdir(directory):
+        raise CliError(f"--secret-file {given}: its directory does not exist", EXIT_USAGE)
+    if os.path.isdir(path):
+        raise CliError(f"--secret-file {given}: is a directory", EXIT_USAGE)
+    try:  # os.access says yes to root on a read-only or pseudo file system (/proc): try for real
+        fd, tmp = tempfile.mkstemp(prefix=".shoal-secret-", dir=directory)
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as exc:
+        raise CliError(f"--secret-file {given}: cannot create a file in {directory}: {exc.strerror}",
+                       EXIT_USAGE) from None
 
 
 def write_secret(path: str, secret: str) -> None:
     """``secret`` into ``path`` (mode 0600, no newline: QEMU's raw secret is the file's bytes), atomically."""
     directory = os.path.dirname(path) or "."
-    fd, tmp = tempfile.mkstemp(prefix=".shoal-secret-", dir=directory)  # mkstemp: mode 0600, O_EXCL
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(prefix=".shoal-secret-", dir=directory)  # mkstemp: mode 0600, O_EXCL
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             handle.write(secret)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
     except OSError as exc:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
+        if tmp is not None:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
         raise CliError(f"cannot write --secret-file {path}: {exc.strerror}") from None
 
 

@@ -96,3 +96,17 @@ def emit_message(text: str, data: dict | None, fmt: str, out=None) -> None:
         print(_dump(data, fmt), file=out)
     else:
         print(text, file=out)
+
+
+def emit_deleted(kind: str, name: str, existed: bool, fmt: str, out=None) -> None:
+    """An idempotent delete's result: whether there was something to delete (a typo is not "deleted")."""
+    emit_message(f"{kind} {name} deleted" if existed else f"{kind} {name} does not exist: nothing deleted",
+                 {"name": name, "deleted": existed}, fmt, out)
+
+
+def emit_detached(name: str, node: str, was_attached: bool, fmt: str, *, verb: str = "detach", out=None) -> None:
+    """An idempotent detach's result (``verb``: detach or disconnect): whether ``node`` had the volume."""
+    past, participle = ("disconnected", "connected") if verb == "disconnect" else ("detached", "attached")
+    emit_message(f"volume {name} {past} from {node}" if was_attached else
+                 f"volume {name} was not {participle} to {node}: nothing {past}",
+                 {"name": name, "node": node, "detached": was_attached}, fmt, out)

@@ -63,6 +63,7 @@ def register(sub) -> None:
     verb.set_defaults(func=show_pool)
     verb = noun.add_parser("delete", help="delete a pool without volumes (deleting what is gone succeeds)")
     verb.add_argument("name")
+    output.add_output_flag(verb)
     verb.set_defaults(func=delete_pool)
 
 
@@ -85,4 +86,4 @@ def show_pool(api, args) -> None:
 def delete_pool(api, args) -> None:
     existed = api.exists("GetPool", admin_pb2.GetPoolRequest(name=args.name))
     api.call("DeletePool", admin_pb2.DeletePoolRequest(name=args.name))
-    print(f"pool {args.name} deleted" if existed else f"pool {args.name} does not exist: nothing deleted")
+    output.emit_deleted("pool", args.name, existed, args.output)

@@ -33,6 +33,7 @@ def register(sub) -> None:
     verb.set_defaults(func=list_snapshots)
     verb = noun.add_parser("delete", help="delete a snapshot (repeat: OK; refused while a clone copies from it)")
     verb.add_argument("name")
+    output.add_output_flag(verb)
     verb.set_defaults(func=delete_snapshot)
     verb = noun.add_parser("create", help="snapshot a volume (the same as volume snapshot VOLUME --snapshot NAME)")
     verb.add_argument("snapshot", metavar="name")
@@ -111,4 +112,4 @@ def list_snapshots(api, args) -> None:
 def delete_snapshot(api, args) -> None:
     existed = api.exists("GetSnapshot", admin_pb2.GetSnapshotRequest(name=args.name))
     api.call("DeleteSnapshot", admin_pb2.DeleteSnapshotRequest(name=args.name))
-    print(f"snapshot {args.name} deleted" if existed else f"snapshot {args.name} does not exist: nothing deleted")
+    output.emit_deleted("snapshot", args.name, existed, args.output)

@@ -74,6 +74,7 @@ def register(sub) -> None:
     verb.set_defaults(func=expand_volume)
     verb = noun.add_parser("delete", help="delete a detached volume (deleting what is gone succeeds)")
     verb.add_argument("name")
+    output.add_output_flag(verb)
     verb.set_defaults(func=delete_volume)
     verb = noun.add_parser("attach", help="attach a volume to a node; prints its device there")
     verb.add_argument("name")
@@ -87,6 +88,7 @@ def register(sub) -> None:
     verb = noun.add_parser("detach", help="detach a volume from a node (repeat: OK)")
     verb.add_argument("name")
     verb.add_argument("--node", required=True)
+    output.add_output_flag(verb)
     verb.set_defaults(func=detach_volume)
     connect.register(noun)
     snapshot.register_volume_verbs(noun)
@@ -120,7 +122,7 @@ def delete_volume(api, args) -> None:
     # the call is idempotent (deleting what is gone succeeds, as CSI needs); the message tells a typo apart
     existed = api.exists("GetVolume", admin_pb2.GetVolumeRequest(name=args.name))
     api.call("DeleteVolume", admin_pb2.DeleteVolumeRequest(name=args.name))
-    print(f"volume {args.name} deleted" if existed else f"volume {args.name} does not exist: nothing deleted")
+    output.emit_deleted("volume", args.name, existed, args.output)
 
 
 def attach_volume(api, args) -> None:
@@ -131,5 +133,4 @@ def attach_volume(api, args) -> None:
 
 
 def detach_volume(api, args) -> None:
-    api.call("DetachVolume", admin_pb2.DetachVolumeRequest(name=args.name, node=args.node))
-    print(f"volume {args.name} detached from {args.node}")
+    connect.detach(api, args, "detach")
