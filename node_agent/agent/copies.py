@@ -40,6 +40,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
+from node_agent.agent.errors import Unavailable
+
 log = logging.getLogger("shoal.agent.copies")
 T = TypeVar("T")
 
@@ -151,11 +153,36 @@ def copy_extents(src_fd: int, dst_fd: int, start: int, end: int) -> None:
             hole = end
         pos = data
         while pos < hole:
-            n = os.copy_file_range(src_fd, dst_fd, min(_COPY_STEP, hole - pos), pos, pos)
+            try:
+                n = os.copy_file_range(src_fd, dst_fd, min(_COPY_STEP, hole - pos), pos, pos)
+            except OSError as exc:
+                if exc.errno not in _NO_COPY_RANGE:
+                    raise
+                n = _copy_by_hand(src_fd, dst_fd, pos, min(_COPY_STEP, hole - pos))
             if n <= 0:
                 raise OSError(errno.EIO, "copy_file_range made no progress")
             pos += n
         offset = hole
+
+
+_NO_COPY_RANGE = (errno.EXDEV, errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS)
+"""``copy_file_range`` cannot copy between these two files: two filesystems (EXDEV: the kernel refuses that
+between most filesystems since 5.19), or one that does not support it."""
+
+
+def _copy_by_hand(src_fd: int, dst_fd: int, offset: int, length: int) -> int:
+    """``length`` bytes at ``offset`` through user memory, 1 MiB at a time; the bytes copied."""
+    done = 0
+    while done < length:
+        chunk = os.pread(src_fd, min(1 << 20, length - done), offset + done)
+        if not chunk:
+            break  # the source ended early (truncated meanwhile): the caller sees no progress
+        view = memoryview(chunk)
+        while view:
+            written = os.pwrite(dst_fd, view, offset + done)
+            view = view[written:]
+            done += written
+    return done
 
 
 @dataclass(frozen=True)
@@ -503,9 +530,12 @@ def quiesced_once(quiesce: Callable[[str, Callable[[], T]], T], volume_id: str, 
     once = _Once(fn)
     try:
         return quiesce(volume_id, once.run)
-    except BaseException:
-        if once.give_up():
-            raise  # never ran, and never will
+    except BaseException as exc:
+        if once.give_up():  # never ran, and never will
+            if isinstance(exc, TimeoutError):  # the portal was busy (long I/O on a worker): worth a retry
+                raise Unavailable(f"volume {volume_id}: the iSCSI portal did not get to the copy's start in time "
+                                  "(busy with I/O); nothing was made: retry") from None
+            raise
         return once.outcome()
 
 

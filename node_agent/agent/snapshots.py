@@ -214,7 +214,7 @@ class SnapshotManager:
 
     def _finish(self, spec: DiskSpec, snapshot_id: str, meta: dict) -> None:
         tmp = self._tmp(spec, snapshot_id)
-        os.chmod(tmp, 0o444)
+        os.chmod(tmp, 0o400)  # read-only, and as private as the volume's own 0600 image
         os.replace(tmp, self._image(spec, snapshot_id))
         write_json(self._meta(spec, snapshot_id), dict(meta, state=READY))
         fsync_dir(self._dir(spec))

@@ -53,6 +53,7 @@ from node_agent.agent.records import fsync_dir, read_json, write_json
 from node_agent.agent.settings import DiskSpec, check_name
 from node_agent.scsi.ptpl import SUFFIX as PTPL_SUFFIX
 from node_agent.scsi.sidecar import SANITIZE_SUFFIX, SanitizeMark
+from node_agent.storage.backing import unshare
 
 log = logging.getLogger("shoal.agent.volumes")
 
@@ -429,6 +430,9 @@ class VolumeManager:
         try:
             os.ftruncate(fd, size)
             if not thin:
+                # A reflinked clone shares its source's blocks, which posix_fallocate counts as allocated: a
+                # write to them would need new space later, and could fail for want of it.
+                unshare(fd, 0, size)
                 os.posix_fallocate(fd, 0, size)
             os.fsync(fd)
         finally:

@@ -86,6 +86,21 @@ def _load_fallocate():
 
 
 _fallocate = _load_fallocate()
+_FALLOC_FL_UNSHARE_RANGE = 0x40
+
+
+def unshare(fd: int, offset: int, length: int) -> bool:
+    """Give the file its own blocks for a range it shares with another file (a reflink), so that a fully
+    allocated ("thick") image cannot run out of space when it is written later.  False where the filesystem
+    has no such operation (nothing can be shared there); an error (ENOSPC) raises."""
+    if _fallocate is None:
+        return False
+    if _fallocate(fd, _FALLOC_FL_UNSHARE_RANGE, offset, length) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+        return False
+    raise OSError(err, os.strerror(err))
 
 
 

@@ -112,7 +112,7 @@ def test_snapshot_by_copy_holds_the_data_as_of_the_snapshot(tmp_path):
     assert (snap.state, snap.progress, snap.method, snap.size) == (READY, 1.0, "copy", 4 * MiB)
     write_at(volume.path, MiB, b"after!" * 100)
     assert read_at(snap.path, MiB, 600) == b"before" * 100
-    assert stat.S_IMODE(os.stat(snap.path).st_mode) == 0o444  # read-only
+    assert stat.S_IMODE(os.stat(snap.path).st_mode) == 0o400  # read-only, and no one else's to read
     assert snap.allocated < 2 * MiB  # holes stay holes
     assert snapshots.list() == [snap]
 
