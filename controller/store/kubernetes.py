@@ -18,8 +18,9 @@ Optimistic concurrency. The store remembers the ``resourceVersion`` of every obj
 update and delete carries it, so a write based on an older read than the API server's current object fails with
 409 and raises ``StoreConflict`` (a deposed leader cannot overwrite its successor's writes). Creating an object
 the store last saw missing, which someone created meanwhile, is a conflict too (409 AlreadyExists); so is updating
-one that was deleted meanwhile (404). A key the store has not seen at all is read first. After a conflict the
-caller re-reads (which refreshes what the store has seen) and decides again.
+one that was deleted meanwhile (404). A key the store has not seen at all is read first, and so is one a delete
+last saw missing (another writer may have made it since: a delete must not skip it). After a conflict the store
+forgets what it saw of that object, so the next call reads it again; the caller re-reads and decides again.
 
 Transactions. The API server has no multi-object transactions. The outermost ``transaction()`` buffers its writes
 (reads inside it see them) and applies them, one request per changed key, when it ends; an exception inside it
@@ -53,8 +54,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
-from controller.domain.model import (Attachment, ChapCredential, Disk, Export, Node, Operation, Pool, Snapshot,
-                                     Volume)
+from controller.domain.model import (OP_STARTED, Attachment, ChapCredential, Disk, Export, Node, Operation, Pool,
+                                     Snapshot, Volume)
 from controller.store.base import StoreConflict, StoreUnavailable
 
 VERSION = "v1"
@@ -317,6 +318,10 @@ class KubernetesStore:
             self._delete_object(kind, key)
         else:
             self._put_object(kind, value)
+            if kind is OPERATIONS and value.state != OP_STARTED:
+                # An ended operation is not written again (a prune reads before it deletes): what this thread
+                # saw of it need not be kept, or every thread's memory would grow with every operation.
+                self._seen.pop((plural, kind.name(key)), None)
 
     # -------------------------------------------------------------------------------------- generic records
 
@@ -387,29 +392,46 @@ class KubernetesStore:
         if (kind.plural, name) not in self._seen:
             self._read(kind, name)
         version, current = self._seen[(kind.plural, name)]
-        if version is None:  # last seen missing: if someone created it since, that is a conflict (409)
-            obj = self._call(self._custom.create_cluster_custom_object, self.settings.api_group, VERSION,
-                             kind.plural, body, what=f"creating {kind.kind} {name}")
-        else:
-            if current != key:
-                raise ValueError(f"{kind.kind} object {name} holds another key than {key}: "
-                                 "two keys map to one object name")
-            body["metadata"]["resourceVersion"] = version
-            obj = self._call(self._custom.replace_cluster_custom_object, self.settings.api_group, VERSION,
-                             kind.plural, name, body, what=f"updating {kind.kind} {name}")
+        with self._forgotten_on_conflict(kind.plural, name):
+            if version is None:  # last seen missing: if someone created it since, that is a conflict (409)
+                obj = self._call(self._custom.create_cluster_custom_object, self.settings.api_group, VERSION,
+                                 kind.plural, body, what=f"creating {kind.kind} {name}")
+            else:
+                if current != key:
+                    raise ValueError(f"{kind.kind} object {name} holds another key than {key}: "
+                                     "two keys map to one object name")
+                body["metadata"]["resourceVersion"] = version
+                obj = self._call(self._custom.replace_cluster_custom_object, self.settings.api_group, VERSION,
+                                 kind.plural, name, body, what=f"updating {kind.kind} {name}")
         self._seen[(kind.plural, name)] = (obj["metadata"]["resourceVersion"], key)
 
     def _delete_object(self, kind: Kind, key: tuple[str, ...]) -> None:
         name = kind.name(key)
-        if (kind.plural, name) not in self._seen:
+        if self._seen.get((kind.plural, name), (None, None))[0] is None:
+            # Not seen, or last seen missing by this thread: another may have made it since.  A delete must not
+            # skip what is there (as a create must not overwrite it): read again.
             self._read(kind, name)
         version, current = self._seen[(kind.plural, name)]
         if version is None or current != key:
             return  # deleting what is gone is a no-op
-        self._call(self._custom.delete_cluster_custom_object, self.settings.api_group, VERSION, kind.plural, name,
-                   body={"preconditions": {"resourceVersion": version}}, what=f"deleting {kind.kind} {name}",
-                   missing_ok=True)
-        self._seen[(kind.plural, name)] = (None, None)
+        with self._forgotten_on_conflict(kind.plural, name):
+            self._call(self._custom.delete_cluster_custom_object, self.settings.api_group, VERSION, kind.plural,
+                       name, body={"preconditions": {"resourceVersion": version}},
+                       what=f"deleting {kind.kind} {name}", missing_ok=True)
+        if kind is OPERATIONS:
+            self._seen.pop((kind.plural, name), None)  # an id is never used again: nothing to remember
+        else:
+            self._seen[(kind.plural, name)] = (None, None)
+
+    @contextmanager
+    def _forgotten_on_conflict(self, plural: str, name: str):
+        """What this thread saw of an object is stale once a write of it conflicted: the next call reads it
+        again (else every retry on this thread would send the same stale version and conflict again)."""
+        try:
+            yield
+        except StoreConflict:
+            self._seen.pop((plural, name), None)
+            raise
 
     @property
     def _seen(self) -> dict[tuple[str, str], tuple[str | None, tuple[str, ...] | None]]:
@@ -564,10 +586,17 @@ class KubernetesStore:
         if version is not None and owner != (volume,):
             raise ValueError(f"Secret {name} belongs to another volume: two volume names map to one Secret name")
         if value is _DELETED:
+            if version is None:  # last seen missing by this thread: another may have made it since
+                self.get_chap(volume)
+                version, owner = self._seen[("secrets", name)]
+                if version is not None and owner != (volume,):
+                    raise ValueError(f"Secret {name} belongs to another volume: two volume names map to one "
+                                     "Secret name")
             if version is not None:
-                self._call(self._core.delete_namespaced_secret, name, self.settings.namespace,
-                           body={"preconditions": {"resourceVersion": version}},
-                           what=f"deleting Secret {name}", missing_ok=True)
+                with self._forgotten_on_conflict("secrets", name):
+                    self._call(self._core.delete_namespaced_secret, name, self.settings.namespace,
+                               body={"preconditions": {"resourceVersion": version}},
+                               what=f"deleting Secret {name}", missing_ok=True)
                 self._seen[("secrets", name)] = (None, None)
             return
         body = {"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
@@ -575,13 +604,14 @@ class KubernetesStore:
                              "annotations": {self._label("volume"): volume}},
                 "data": {"user": base64.b64encode(value.user.encode()).decode(),
                          "secret": base64.b64encode(value.secret.encode()).decode()}}
-        if version is None:
-            secret = self._call(self._core.create_namespaced_secret, self.settings.namespace, body,
-                                what=f"creating Secret {name}")
-        else:
-            body["metadata"]["resourceVersion"] = version
-            secret = self._call(self._core.replace_namespaced_secret, name, self.settings.namespace, body,
-                                what=f"updating Secret {name}")
+        with self._forgotten_on_conflict("secrets", name):
+            if version is None:
+                secret = self._call(self._core.create_namespaced_secret, self.settings.namespace, body,
+                                    what=f"creating Secret {name}")
+            else:
+                body["metadata"]["resourceVersion"] = version
+                secret = self._call(self._core.replace_namespaced_secret, name, self.settings.namespace, body,
+                                    what=f"updating Secret {name}")
         self._seen[("secrets", name)] = (secret.metadata.resource_version, (volume,))
 
     # -------------------------------------------------------------------------------------- operations log

@@ -207,3 +207,42 @@ def test_chap_secret_is_in_a_secret_and_in_no_custom_resource(store, admin):
         assert SECRET not in json.dumps(_objects(admin, kind.plural))
     store.put_chap("vol-1", ChapCredential("shoal-vol-1", SECRET + "-2"))  # an update, with resourceVersion
     assert store.get_chap("vol-1").secret == SECRET + "-2"
+
+
+def test_a_delete_after_this_store_saw_it_missing_deletes_what_another_made_since(store, second_store):
+    """What a thread last saw missing is not known to be missing: a delete read again and did nothing, so
+    a volume's CHAP Secret outlived the volume, and a new volume of the same name got the old secret."""
+    from tests.unit.test_store_contract import export
+
+    assert store.get_export("vol-1", export().initiator_iqn) is None
+    assert store.get_chap("vol-1") is None
+    second_store.put_export(export())
+    second_store.put_chap("vol-1", ChapCredential("u", SECRET))
+    store.delete_export("vol-1", export().initiator_iqn)
+    store.delete_chap("vol-1")
+    assert second_store.get_export("vol-1", export().initiator_iqn) is None
+    assert second_store.get_chap("vol-1") is None
+
+
+def test_after_a_conflict_the_next_call_reads_again(store, second_store):
+    """A write that conflicted left this thread's stale version in place: every retry of a delete that does
+    not read first (the service's ``delete_chap``) conflicted again, for ever, on that thread."""
+    store.put_chap("vol-1", ChapCredential("u", SECRET))
+    second_store.get_chap("vol-1")
+    store.put_chap("vol-1", ChapCredential("u", SECRET + "-2"))  # another writer's change
+    with pytest.raises(StoreConflict):
+        second_store.delete_chap("vol-1")
+    second_store.delete_chap("vol-1")  # the retry reads again, and deletes what is there now
+    assert store.get_chap("vol-1") is None
+
+
+def test_ended_operations_are_not_remembered_by_each_thread(store):
+    """``_seen`` kept an entry per operation ever recorded, in every thread that wrote one: memory growing
+    with the operations log's whole history, not with what is kept."""
+    from controller.domain.model import OP_DONE
+    from controller.store.kubernetes import OPERATIONS
+
+    for i in range(30):
+        store.finish_operation(store.record_operation(1000.0 + i, "create_volume", f"vol-{i}", "started"), OP_DONE)
+    assert not [key for key in store._seen if key[0] == OPERATIONS.plural]
+    assert [op.state for op in store.list_operations()][-30:] == [OP_DONE] * 30
