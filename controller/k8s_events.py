@@ -6,6 +6,9 @@ Two parts:
   broadcaster: recording never blocks an RPC and never fails one (a full queue or a refused post is logged and
   dropped; Events are a report, not state).  ``involvedObject`` is the Shoal CustomResource (``Volume``,
   ``Snapshot`` of the chart's API group) with its uid when it still exists, so ``kubectl describe`` finds them.
+  The same Event again (object, type, reason and message: a repair that fails the same way on every reconcile
+  pass) raises the ``count`` and ``lastTimestamp`` of the one posted before, as client-go's correlator does,
+  instead of posting another: one stuck volume made 720 Events an hour.
 * ``OperationEvents`` wraps the ``StateStore`` and turns the operations log into Events: every outcome written
   with ``finish_operation`` (or an operation recorded already finished, as the snapshot and clone copies and
   the reconcile loop do) becomes one Event, sent only once the store transaction holding it has committed, so
@@ -30,6 +33,7 @@ import queue
 import threading
 import time
 import uuid
+from collections import OrderedDict
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -68,6 +72,7 @@ PLURALS = {"Volume": "volumes", "Snapshot": "snapshots", "Pool": "pools", "Shoal
 
 MESSAGE_LIMIT = 1024
 """Characters of an Event's message (events.k8s.io's ``note`` limit; core/v1 has none, kubectl shows one line)."""
+SIMILAR_KEPT = 4096  # Events remembered to count a repeat on (client-go's correlator keeps as many)
 
 
 @dataclass(frozen=True)
@@ -111,6 +116,8 @@ class EventRecorder:
         self.settings = settings
         self.object_name = object_name
         self._queue: queue.Queue[Event | None] = queue.Queue(settings.queue_size)
+        self._posted: OrderedDict[tuple, tuple[str, int]] = OrderedDict()  # Event's kind..message -> (name, count)
+        self._posted_lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self.posted = 0
         self.dropped = 0
@@ -152,18 +159,36 @@ class EventRecorder:
                 log.warning("cannot post event %s about %s/%s: %s", event.reason, event.kind, event.name, status)
 
     def post(self, event: Event) -> None:
-        """Create the Event now (the background thread's job; tests call it directly too)."""
+        """Create the Event now, or count it again on the same one posted before (the background thread's job;
+        tests call it directly too)."""
         s = self.settings
+        stamp = datetime.fromtimestamp(event.time, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+        key = (event.kind, event.name, event.type, event.reason, event.message)
+        with self._posted_lock:
+            known = self._posted.get(key)
+        if known is not None:
+            posted, count = known
+            try:
+                self.core.patch_namespaced_event(posted, s.namespace, {"count": count + 1, "lastTimestamp": stamp},
+                                                 _request_timeout=s.timeout)
+            except ApiException as exc:
+                if exc.status != 404:
+                    raise
+                # gone (Events expire, an hour by default): post it anew below
+            else:
+                with self._posted_lock:
+                    self._posted[key] = (posted, count + 1)
+                    self._posted.move_to_end(key)
+                return
         name = self.object_name(event.kind, event.name)
         involved = {"apiVersion": f"{s.api_group}/v1", "kind": event.kind, "name": name}
         uid = self._uid(event.kind, name)
         if uid:
             involved["uid"] = uid
-        stamp = datetime.fromtimestamp(event.time, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+        event_name = f"{name}.{uuid.uuid4().hex[:16]}"  # client-go's naming: the object's name, a unique suffix
         body = {
             "apiVersion": "v1", "kind": "Event",
-            # client-go's naming: the object's name and a unique suffix
-            "metadata": {"name": f"{name}.{uuid.uuid4().hex[:16]}", "namespace": s.namespace},
+            "metadata": {"name": event_name, "namespace": s.namespace},
             "involvedObject": involved,
             "type": event.type, "reason": event.reason, "message": event.message,
             "source": {"component": s.component, **({"host": s.instance} if s.instance else {})},
@@ -171,6 +196,10 @@ class EventRecorder:
             "firstTimestamp": stamp, "lastTimestamp": stamp, "count": 1,
         }
         self.core.create_namespaced_event(s.namespace, body, _request_timeout=s.timeout)
+        with self._posted_lock:
+            self._posted[key] = (event_name, 1)
+            while len(self._posted) > SIMILAR_KEPT:
+                self._posted.popitem(last=False)
 
     def _uid(self, kind: str, name: str) -> str:
         """The CR's uid, or "" when it is gone (a deleted volume's Event) or cannot be read."""

@@ -246,3 +246,31 @@ def test_ended_operations_are_not_remembered_by_each_thread(store):
         store.finish_operation(store.record_operation(1000.0 + i, "create_volume", f"vol-{i}", "started"), OP_DONE)
     assert not [key for key in store._seen if key[0] == OPERATIONS.plural]
     assert [op.state for op in store.list_operations()][-30:] == [OP_DONE] * 30
+
+
+def test_the_same_event_again_counts_on_the_one_posted_before(cluster, admin):
+    """A repair that fails the same way on every reconcile pass posted a new Event each time (720 an hour for
+    one stuck volume); now, as client-go's correlator, the repeat raises the first Event's count.  As the
+    controller's user, so the chart's RBAC (create, patch) is what allows it."""
+    import time as _time
+
+    from kubernetes import client
+
+    from controller.k8s_events import Event, EventRecorder, EventSettings
+
+    api = cluster.client(USER)
+    try:
+        recorder = EventRecorder(api, EventSettings(api_group=GROUP))
+        subject = f"stuck-{_time.monotonic_ns()}"
+        for i in range(3):
+            recorder.post(Event("Volume", subject, "Warning", "DeleteVolumeFailed", "node-a is unreachable",
+                                1_800_000_000.0 + i))
+        recorder.post(Event("Volume", subject, "Warning", "DeleteVolumeFailed", "another message", 1_800_000_010.0))
+    finally:
+        api.close()
+    events = client.CoreV1Api(admin).list_namespaced_event(
+        "default", field_selector=f"involvedObject.name={subject}").items
+    counted = sorted((e.message, e.count) for e in events)
+    assert counted == [("another message", 1), ("node-a is unreachable", 3)]
+    repeated = next(e for e in events if e.count == 3)
+    assert repeated.last_timestamp > repeated.first_timestamp
