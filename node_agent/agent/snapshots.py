@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import os
+import stat
 import threading
 from dataclasses import dataclass, replace
 
@@ -249,6 +250,10 @@ class SnapshotManager:
         for name in os.listdir(directory):
             if name.startswith(".") and name.endswith(".img.creating"):
                 _unlink(os.path.join(directory, name))
+            elif name.endswith(".img"):
+                path = os.path.join(directory, name)
+                if stat.S_IMODE(os.stat(path).st_mode) & 0o077:  # an older agent made them readable by all
+                    os.chmod(path, 0o400)
         for name in os.listdir(directory):
             if name.endswith(".json") and not name.startswith("."):
                 snapshot_id = name[:-5]

@@ -144,6 +144,15 @@ def test_a_snapshot_is_readable_by_root_only(tmp_path):
     assert stat.S_IMODE(os.stat(snapshot.path).st_mode) == 0o400
 
 
+def test_a_snapshot_an_older_agent_left_readable_by_all_is_made_private_at_start(tmp_path):
+    volumes = VolumeManager([DiskSpec("data0", str(tmp_path / "d"))])
+    volumes.create("v", MiB)
+    snapshot = SnapshotManager(volumes).create("s1", "v")
+    os.chmod(snapshot.path, 0o444)
+    SnapshotManager(volumes)  # the next start
+    assert stat.S_IMODE(os.stat(snapshot.path).st_mode) == 0o400
+
+
 def test_a_copy_start_the_busy_portal_did_not_reach_is_unavailable_not_internal(tmp_path):
     """``PortalThread.call_within`` gives up with a bare TimeoutError when the portal's loop is busy: that
     answered INTERNAL ("a bug, see the log"), which the controller does not retry.  Nothing is left."""
