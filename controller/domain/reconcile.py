@@ -42,6 +42,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("shoal.controller.reconcile")
 
 REPEAT_STANDING = 3600.0  # seconds between two log lines at its own level about one standing condition
+RETRY_AT_ONCE = 2  # failures of one repair in a row retried on the next passes; then it backs off
+RETRY_DELAY, RETRY_DELAY_MAX = 10.0, 300.0  # seconds: the first back-off, doubled each further failure, and cap
 
 
 class Reconciler:
@@ -50,6 +52,7 @@ class Reconciler:
         self.store = service.store
         self.repaired: list[str] = []
         self._seen: set[tuple] = set()  # standing conditions found in this pass
+        self._tried: set[str] = set()  # repairs that failed, or wait for their next try, in this pass
 
     def run(self) -> list[str]:
         self._finish_rows()
@@ -69,6 +72,10 @@ class Reconciler:
         for key in list(standing):
             if key not in self._seen and key[0] not in skipped:  # gone: if it comes back, it is news again
                 del standing[key]
+        failures = self.service._repair_failures
+        for what in list(failures):
+            if what not in self._tried:  # not needed any more (or its node was skipped): forget its failures
+                del failures[what]
         return self.repaired
 
     def _report_standing(self, key: tuple, level: int, message: str, *args: Any) -> None:
@@ -83,12 +90,30 @@ class Reconciler:
             log.debug(message, *args)
 
     def _try(self, what: str, action) -> None:
-        """Run one repair; it counts unless it fails or returns False (someone else finished it meanwhile)."""
+        """Run one repair; it counts unless it fails or returns False (someone else finished it meanwhile).
+
+        A repair that keeps failing (an agent that refuses a delete, say) is retried on the next passes, then
+        less and less often (``RETRY_DELAY`` doubling up to ``RETRY_DELAY_MAX``): each attempt writes an
+        operation (and, under Kubernetes, its Event), and a retry every pass would wear the operations log
+        out in an hour.  Any success, or a repair no longer needed, forgets its failures."""
+        failures = self.service._repair_failures
+        now = self.service._monotonic()
+        count, not_before = failures.get(what, (0, 0.0))
+        if now < not_before:
+            self._tried.add(what)
+            return
         try:
             done = action()
         except DomainError as exc:
-            log.warning("reconcile: %s failed: %s", what, exc)
+            count += 1
+            delay = 0.0 if count <= RETRY_AT_ONCE else min(RETRY_DELAY * 2 ** (count - RETRY_AT_ONCE - 1),
+                                                            RETRY_DELAY_MAX)
+            failures[what] = (count, now + delay)
+            self._tried.add(what)
+            log.warning("reconcile: %s failed%s: %s", what,
+                        f" ({count} times in a row; next try in {delay:g} s)" if delay else "", exc)
         else:
+            failures.pop(what, None)
             if done is not False:
                 self.repaired.append(what)
 

@@ -149,6 +149,8 @@ class ControllerService:
         # Standing conditions reconcile found (an unknown volume, a missing one) -> when last logged at their own
         # level (``Reconciler._standing``): once, not on every pass.
         self._standing: dict[tuple, float] = {}
+        # Repairs that failed, by description: (failures in a row, monotonic time before which not to retry).
+        self._repair_failures: dict[str, tuple[int, float]] = {}
         self._secrets = secrets
         self._volume_locks = _LockTable()
         self._placement_lock = threading.RLock()  # capacity is read, then promised: one decision at a time

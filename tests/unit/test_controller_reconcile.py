@@ -178,3 +178,41 @@ def test_a_standing_condition_is_logged_once_not_on_every_pass(env, caplog):
     owner.volumes["orphan-id"] = {"volume_id": "orphan-id", "size_bytes": GiB, "disk": "data0"}  # ... and back
     env.svc.reconcile_once()
     assert loud() == [f"reconcile: node {owner_id} holds volume id orphan-id that the controller does not know"]
+
+
+def test_a_repair_that_keeps_failing_backs_off_and_one_that_succeeds_is_forgotten(env):
+    """A delete the owner's agent keeps refusing was tried on every pass, each try an operation (and under
+    Kubernetes an Event): the 1,000-entry operations log wore out in about an hour.  It is now retried on the
+    next two passes, then after 10 s, 20 s, ... up to 5 minutes; a success forgets its failures."""
+    from controller.domain.errors import FailedPrecondition
+
+    volume = env.svc.create_volume("vol-1", GiB)
+    env.store.put_volume(replace(env.store.get_volume("vol-1"), state=DELETING))  # a delete left half done
+
+    def attempts():
+        return [c for c in env.agents.calls if c[1] == "delete_volume" and c[2] == volume.id]
+
+    def later(seconds):  # the nodes heartbeat meanwhile: the owner stays healthy
+        env.clock.now += seconds
+        for node in env.svc.list_nodes():
+            env.svc.heartbeat(node.id, list(node.disks))
+
+    for _ in range(6):
+        env.agents.fail_next("delete_volume", FailedPrecondition("the agent refuses: volume busy"))
+    for _ in range(5):
+        env.svc.reconcile_once()
+    assert len(attempts()) == 3  # two retried at once, the third failure backs off 10 s
+    later(10)
+    env.svc.reconcile_once()
+    env.svc.reconcile_once()
+    assert len(attempts()) == 4  # tried once more; now 20 s
+    later(19)
+    env.svc.reconcile_once()
+    assert len(attempts()) == 4
+    later(1)
+    env.svc.reconcile_once()
+    assert len(attempts()) == 5
+    later(40)
+    env.agents.failures.clear()  # the agent lets it go now
+    assert any("vol-1" in line for line in env.svc.reconcile_once())
+    assert env.store.get_volume("vol-1") is None and env.svc._repair_failures == {}
