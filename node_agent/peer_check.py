@@ -9,12 +9,14 @@ import grpc
 
 
 def peer_names(context: grpc.ServicerContext) -> set[str]:
-    """The client certificate's subject common name and DNS subject alternative names ({} without one)."""
+    """The client certificate's subject common name and DNS subject alternative names, lower-cased (DNS names
+    compare without case); {} without one.  Not ``x509_subject_alternative_name``: that holds every SAN
+    type, so a certificate with a URI, e-mail or IP SAN ``shoal-admin`` would pass as that name."""
     auth = context.auth_context() or {}
     names = set()
-    for key in ("x509_common_name", "x509_subject_alternative_name"):
+    for key in ("x509_common_name", "peer_dns"):
         for value in auth.get(key, ()):
-            names.add(value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value))
+            names.add((value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)).lower())
     return names
 
 
@@ -24,7 +26,7 @@ class PeerNames(grpc.ServerInterceptor):
     ``rules`` maps a service's full name (``package.Service``) to the names it admits; other services pass."""
 
     def __init__(self, rules: Mapping[str, Iterable[str]]):
-        self.rules = {service: frozenset(names) for service, names in rules.items()}
+        self.rules = {service: frozenset(name.lower() for name in names) for service, names in rules.items()}
 
     def intercept_service(self, continuation: Callable, handler_call_details: grpc.HandlerCallDetails):
         handler = continuation(handler_call_details)

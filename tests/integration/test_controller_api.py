@@ -308,7 +308,10 @@ def pki(tmp_path_factory):
     _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem", "-days", "1",
              "-subj", "/CN=shoal-test-ca", cwd=d)
     for name, cn, extra in (("server", "shoal-server", "subjectAltName=IP:127.0.0.1,DNS:localhost"),
-                            ("client", "shoal-admin", ""), ("node", "shoal-node", ""), ("other", "other", "")):
+                            ("client", "shoal-admin", ""), ("node", "shoal-node", ""), ("other", "other", ""),
+                            ("uri", "node-7", "subjectAltName=URI:shoal-admin"),
+                            ("email", "node-7", "subjectAltName=email:shoal-admin"),
+                            ("upper", "node-7", "subjectAltName=DNS:SHOAL-ADMIN")):
         _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr",
                  "-subj", f"/CN={cn}", cwd=d)
         (d / f"{name}.ext").write_text(extra + "\n" if extra else "basicConstraints=CA:FALSE\n")
@@ -385,6 +388,22 @@ def test_a_renewed_certificate_is_served_without_a_restart(pki, tmp_path, caplog
 def _creds_of(pki, name: str) -> grpc.ChannelCredentials:
     read = lambda file: (pki / file).read_bytes()  # noqa: E731
     return grpc.ssl_channel_credentials(read("ca.pem"), read(f"{name}.key"), read(f"{name}.pem"))
+
+
+@pytest.mark.parametrize("name, admitted", [("uri", False), ("email", False), ("upper", True)])
+def test_only_the_common_name_and_dns_names_of_a_certificate_count(pki, name, admitted):
+    """The names a service admits are a certificate's CN or a DNS SAN (README): a URI or e-mail SAN
+    ``shoal-admin`` passed as the admin's name too.  DNS names compare without case."""
+    s = Served(ServerTls(str(pki / "server.pem"), str(pki / "server.key"), str(pki / "ca.pem")))
+    try:
+        with grpc.secure_channel(s.address, _creds_of(pki, name)) as channel:
+            call = lambda r: admin_pb2_grpc.AdminServiceStub(channel).ListVolumes(r, timeout=10)  # noqa: E731
+            if admitted:
+                call(admin_pb2.ListVolumesRequest())
+            else:
+                assert code_of(call, admin_pb2.ListVolumesRequest())[0] == grpc.StatusCode.PERMISSION_DENIED
+    finally:
+        s.server.stop(None)
 
 
 def test_mutual_tls_admits_each_service_only_its_callers_certificates(pki):
