@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import certifi
 import pytest
 
 from node_agent.agent.settings import AgentSettings, DiskSpec, TlsFiles
 from node_agent.cli import _agent_settings, build_parser
+
+SYSTEM_CAS = certifi.where()  # a CA bundle that loads (certifi: the kubernetes client's dependency)
 
 
 def test_defaults_derive_names_from_the_node_id():
@@ -61,14 +64,25 @@ def test_the_agent_command_line_builds_settings():
         "agent", "--node-id", "n2", "--data-dir", "/var/tmp/a", "--disk", "data0=/srv/d0:1G", "--disk", "data1=/srv/d1",
         "--listen", "0.0.0.0:7071", "--advertise-address", "10.0.0.2:7071", "--portal", "0.0.0.0:3260",
         "--advertise-portal", "10.0.0.2:3260", "--controller", "10.0.0.1:7070", "--label", "zone=a",
-        "--tls-cert", "/c.pem", "--tls-key", "/k.pem", "--controller-ca", "/ca.pem"])
+        "--tls-cert", "/c.pem", "--tls-key", "/k.pem", "--controller-ca", SYSTEM_CAS])
     settings = _agent_settings(args)
     assert settings.node_id == "n2" and settings.labels == {"zone": "a"}
     assert settings.disks == (DiskSpec("data0", "/srv/d0", 1 << 30), DiskSpec("data1", "/srv/d1"))
     assert settings.advertise_portals == ("10.0.0.2:3260",)
     assert settings.server_tls == TlsFiles("/c.pem", "/k.pem", "")
-    assert settings.controller_tls == TlsFiles("", "", "/ca.pem")
+    assert settings.controller_tls == TlsFiles("", "", SYSTEM_CAS)
     assert settings.iscsi_header_digest == settings.iscsi_data_digest == ("None", "CRC32C")  # the default
+
+
+def test_client_tls_files_that_do_not_load_stop_the_start():
+    """The agent's files for its calls to the controller used to be read at the first heartbeat: a missing or
+    broken one looked like a controller that is down (one INFO line), and the agent never registered."""
+    for files, why in ((["--controller-ca", "/nonexistent/ca.pem"], "cannot be read"),
+                       (["--controller-ca", SYSTEM_CAS, "--controller-cert", SYSTEM_CAS, "--controller-key",
+                         SYSTEM_CAS], "not a PEM certificate chain and its unencrypted private key")):
+        args = build_parser().parse_args(["agent", "--node-id", "n2", *files])
+        with pytest.raises(ValueError, match=f"--controller-ca/--controller-cert/--controller-key: .*{why}"):
+            _agent_settings(args)
 
 
 def test_the_agent_digest_flags():

@@ -239,3 +239,16 @@ def test_an_operation_begun_in_a_rolled_back_transaction_is_forgotten(env):
             raise RuntimeError("the store write failed")
     store.finish_operation(op, OP_DONE)  # whatever now has that id, the rolled-back begin is not reported
     assert recorder.events == []
+
+
+def test_agent_client_tls_files_that_do_not_load_stop_the_start():
+    """The controller's files for its calls to agents used to be read at the first call: a missing CA file
+    came back to API clients as a retryable UNAVAILABLE naming the file, and a wrong pair as every agent
+    'unreachable'."""
+    import certifi
+
+    with pytest.raises(ValueError, match="--agent-ca/--agent-cert/--agent-key: TLS CA .* cannot be read"):
+        _settings("--agent-ca", "/nonexistent/ca.pem")
+    with pytest.raises(ValueError, match="--agent-ca/--agent-cert/--agent-key: .*not a PEM certificate chain"):
+        _settings("--agent-ca", certifi.where(), "--agent-cert", certifi.where(), "--agent-key", certifi.where())
+    _settings("--agent-ca", certifi.where())  # a CA bundle that loads
