@@ -37,6 +37,7 @@ import asyncio
 import logging
 import pickle
 import signal
+import select
 import socket
 import subprocess
 import sys
@@ -54,6 +55,7 @@ _BHS = 48
 #: The largest first PDU the parent peeks at (header, AHS and text); a bigger one is served (refused) here.
 FIRST_PDU_LIMIT = _BHS + 255 * 4 + 64 * 1024
 _PEEK_RETRY = 0.002  # seconds between peeks while the first PDU is still arriving
+_PEEK_RETRY_MAX = 0.2  # ... doubled while nothing new arrives, up to this: a stalled sender costs ~5 peeks/s
 _LOGIN_REQUEST = 0x03
 _READY = b"ready"
 _STOP_WAIT = 30.0
@@ -81,7 +83,10 @@ def first_login(peeked: bytes) -> FirstLogin | int:
     if len(peeked) < end:
         return end
     keys: dict[bytes, bytes] = {}
-    for item in peeked[start:end].split(b"\0"):
+    items = peeked[start:end].split(b"\0")
+    if peeked[1] & 0x40:  # C: the text goes on in the next PDU, and its last pair may be cut short here
+        items = items[:-1]
+    for item in items:
         key, sep, value = item.partition(b"=")
         if sep:
             keys.setdefault(key, value)
@@ -123,6 +128,7 @@ class WorkerPool:
         self.workers: list[_Worker] = []
         self.owner: dict[str, _Worker] = {}
         self.failed = asyncio.Event()  # a worker died while serving
+        self.ended = asyncio.Event()  # a worker stopped cleanly on its own (SIGTERM to it): the target stops
         self.stopping = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self.peeking: dict[str, int] = {}  # peer address -> connections waiting for their first PDU here
@@ -206,9 +212,22 @@ class WorkerPool:
             return  # nothing more is expected from a running worker
         assert self._loop is not None
         self._loop.remove_reader(worker.control.fileno())
-        if not self.stopping:
-            log.error("worker %d (pid %d, %s) exited while serving: stopping the target", worker.index,
-                      worker.process.pid, ", ".join(worker.targets))
+        if self.stopping:
+            return
+        try:  # its control socket closes a moment before it exits
+            status = worker.process.wait(timeout=1.0)
+        except subprocess.TimeoutExpired:
+            status = None
+        if status == 0:
+            # It stopped on its own SIGTERM: systemd's KillMode=control-group signals the workers too, often
+            # before this process has begun its own stop.  A stop, then, not a failure.
+            log.info("worker %d (pid %d, %s) stopped: stopping the target", worker.index, worker.process.pid,
+                     ", ".join(worker.targets))
+            self.ended.set()
+        else:
+            log.error("worker %d (pid %d, %s) exited while serving (status %s): stopping the target",
+                      worker.index, worker.process.pid, ", ".join(worker.targets),
+                      "unknown" if status is None else status)
             self.failed.set()
 
     # Router
@@ -275,6 +294,13 @@ class WorkerPool:
         self.workers.clear()
 
 
+def _peer_closed(fd: int) -> bool:
+    """Whether the peer has shut down its side (POLLRDHUP), though bytes of it still wait to be read."""
+    poller = select.poll()
+    poller.register(fd, select.POLLRDHUP)
+    return any(events & (select.POLLRDHUP | select.POLLHUP | select.POLLERR) for _, events in poller.poll(0))
+
+
 class _Peek:
     """Waits for a new connection's first PDU without consuming it, then routes the connection; closes it
     if no whole first PDU has come by its deadline (a timer: a peer that sends nothing is dropped too)."""
@@ -283,6 +309,8 @@ class _Peek:
                  here: Callable[[socket.socket, Any], None], loop: asyncio.AbstractEventLoop):
         self.pool, self.conn, self.peer, self.here, self.loop = pool, conn, peer, here, loop
         self.need = _BHS
+        self.seen = 0  # bytes the last peek saw
+        self.delay = _PEEK_RETRY
         self.fd = conn.fileno()
         self.retry: asyncio.TimerHandle | None = None
         self.timeout = pool.config.connection.login_timeout
@@ -306,9 +334,17 @@ class _Peek:
             return
         decision = first_login(peeked)
         if isinstance(decision, int):
-            self.need = decision
+            if decision > self.need or len(peeked) > self.seen:  # progress: look again soon
+                self.delay = _PEEK_RETRY
+            elif _peer_closed(self.fd):  # a peek sees no end behind the bytes waiting: poll does
+                self._end()
+                self.conn.close()
+                return
+            else:  # nothing new since the last look: less and less often (a slow or stalled sender)
+                self.delay = min(self.delay * 2, _PEEK_RETRY_MAX)
+            self.need, self.seen = decision, len(peeked)
             self.loop.remove_reader(self.fd)  # the socket stays readable: look again a little later
-            self.retry = self.loop.call_later(_PEEK_RETRY, self.start)
+            self.retry = self.loop.call_later(self.delay, self.start)
             return
         self._end()
         worker = self.pool.owner.get(decision.target) if decision.target is not None else None
@@ -348,12 +384,12 @@ async def serve_sharded(config: TargetConfig, ready: Callable[[list[tuple[str, i
         await front.start_portals(router=pool)
         if ready is not None:
             ready(front.addresses)
-        stopped = asyncio.ensure_future(stop.wait())
-        failed = asyncio.ensure_future(pool.failed.wait())
-        await asyncio.wait([stopped, failed], return_when=asyncio.FIRST_COMPLETED)
-        stopped.cancel()
-        failed.cancel()
+        waits = [asyncio.ensure_future(event.wait()) for event in (stop, pool.failed, pool.ended)]
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        for wait in waits:
+            wait.cancel()
     finally:
+        pool.stopping = True  # the workers' ends from here on are this stop's (they may have had SIGTERM too)
         await front.stop()
         await pool.stop()
     if pool.failed.is_set():

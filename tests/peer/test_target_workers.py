@@ -203,3 +203,46 @@ def test_more_workers_than_targets_is_a_usage_error(tmp_path):
     assert result.returncode == 2 and "--workers 2 needs at least 2 targets" in result.stderr
     assert not (tmp_path / "a.img").exists()
 
+
+
+def test_sigterm_to_every_process_at_once_is_a_clean_stop(tmp_path):
+    """systemd's KillMode=control-group sends SIGTERM to the workers too, often before the parent has begun
+    its own stop: a worker that stopped cleanly on it was taken for one that died (exit 1, ERROR lines)."""
+    for _ in range(3):
+        with started(tmp_path) as t:
+            workers = children(t.pid)
+            for pid in [t.pid, *workers]:
+                os.kill(pid, signal.SIGTERM)
+            assert t.process.wait(30) == 0, t.log()
+            wait_gone(workers)
+            assert "exited while serving" not in t.log()
+
+
+def test_connections_that_send_part_of_a_first_pdu_cost_the_parent_little(tmp_path):
+    """The parent peeked at a connection whose first PDU had not all come every 2 ms: 64 such connections
+    from one address took a quarter of its core.  Peeks back off while nothing new arrives."""
+    with started(tmp_path) as t:
+        host, port = t.url(0).split("//")[1].split("/")[0].rsplit(":", 1)
+        conns = [socket.create_connection((host, int(port))) for _ in range(64)]
+        try:
+            for conn in conns:
+                conn.sendall(b"\x43")  # one byte of a Login Request, then nothing
+            time.sleep(1.0)  # the back-off reaches its longest
+            before = _cpu_seconds(t.pid)
+            time.sleep(3.0)
+            share = (_cpu_seconds(t.pid) - before) / 3.0
+        finally:
+            for conn in conns:
+                conn.close()
+        assert share < 0.05, f"the parent used {share:.0%} of a core on 64 stalled first PDUs"
+        # Closed, they are let go at the next peek (not after the 15 s login timeout): the address, which
+        # had all the 64 connections it may have waiting, may connect again.
+        require_tools("qemu-io")
+        time.sleep(0.5)
+        run("qemu-io", "-f", "raw", "-c", "read 0 4k", url(t, A))
+
+
+def _cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as handle:
+        fields = handle.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")

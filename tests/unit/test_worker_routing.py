@@ -149,3 +149,15 @@ def test_the_router_caps_and_times_out_connections_that_have_not_sent_their_firs
                 sock.close()
 
     asyncio.run(scenario())
+
+
+def test_a_login_continued_in_the_next_pdu_routes_on_its_whole_pairs_only():
+    """With C set the text goes on in the next PDU, so its last pair may be cut short: a TargetName cut in
+    two must not send the connection to the wrong (or no) worker."""
+    cut = b"InitiatorName=iqn.2026-11.io.shoal.test:i\0TargetName=iqn.2026-11.io.shoal.test:t"
+    continued = bytearray(login(cut))
+    continued[1] |= 0x40
+    assert first_login(bytes(continued)) == FirstLogin(None)  # served here: it waits for the rest
+    whole = bytearray(login(NORMAL + b"MaxRecvDataSegmentLength=26"))
+    whole[1] |= 0x40
+    assert first_login(bytes(whole)) == FirstLogin("iqn.2026-11.io.shoal.test:t")
