@@ -18,7 +18,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import grpc
@@ -50,9 +50,20 @@ class AgentTls:
     A cluster whose nodes share one certificate (the Helm chart's generated ``shoal-node``) sets it: the
     controller dials agents by IP, and a per-IP certificate would have to be made for every node."""
 
+    pems: tuple[bytes | None, bytes | None, bytes | None] | None = field(default=None, repr=False, compare=False)
+    """The files' contents as last found loading (CA, key, certificate): what channels are opened with, so that a
+    renewal half written, which is not taken, is not used by a channel opened meanwhile either."""
+
     def __post_init__(self) -> None:
         if bool(self.cert) != bool(self.key):
             raise ValueError("an agent client certificate needs its key (and the key its certificate)")
+
+    def loaded(self) -> "AgentTls":
+        """These paths with their contents now (after ``client_files_problem`` found them loading)."""
+        try:
+            return replace(self, pems=(_read(self.ca), _read(self.key), _read(self.cert)))
+        except OSError:  # gone meanwhile: read when a channel is opened, as without this
+            return replace(self, pems=None)
 
 
 @dataclass(frozen=True)
@@ -102,9 +113,9 @@ def open_channel(address: str, tls: AgentTls | None) -> grpc.Channel:
     options = CHANNEL_OPTIONS
     if tls.server_name:
         options += (("grpc.ssl_target_name_override", tls.server_name),)
+    ca, key, cert = tls.pems if tls.pems is not None else (_read(tls.ca), _read(tls.key), _read(tls.cert))
     return grpc.secure_channel(address, grpc.ssl_channel_credentials(
-        root_certificates=_read(tls.ca), private_key=_read(tls.key), certificate_chain=_read(tls.cert)),
-        options=options)
+        root_certificates=ca, private_key=key, certificate_chain=cert), options=options)
 
 
 class GrpcAgentDirectory:
@@ -124,6 +135,7 @@ class GrpcAgentDirectory:
         self._closed = False
         tls = self.settings.tls
         self._tls_files = ChangedFiles(tls.ca, tls.cert, tls.key) if tls is not None else None
+        self._tls = tls.loaded() if tls is not None else None  # (checked at start: controller.daemon)
         self._retired: list[tuple[float, grpc.Channel]] = []  # (when to close, channel) after a TLS renewal
         self._monotonic = monotonic
 
@@ -146,7 +158,7 @@ class GrpcAgentDirectory:
             address, channel = self._channels.get(node.id, ("", None))
             if channel is None or address != node.agent_address:
                 stale = channel
-                channel = self._channel_factory(node.agent_address, self.settings.tls)
+                channel = self._channel_factory(node.agent_address, self._tls)
                 self._channels[node.id] = (node.agent_address, channel)
         if stale is not None:  # the agent moved: its old address leads nowhere (or to another node's agent)
             stale.close()
@@ -163,6 +175,7 @@ class GrpcAgentDirectory:
             log.warning("TLS files towards agents changed but do not load; the channels keep the previous ones: %s",
                         problem)
             return
+        self._tls = tls.loaded()
         self._retired += [(now + RETIRE_AFTER, channel) for _, channel in self._channels.values()]
         self._channels = {}
         log.info("TLS files towards agents changed: new channels use them (the old ones close within %.0f s)",

@@ -182,8 +182,10 @@ class _Channels:
     def __init__(self):
         self.opened: list[grpc.Channel] = []
         self.closed: list[grpc.Channel] = []
+        self.tls: list = []  # the AgentTls each channel was opened with
 
     def __call__(self, address, tls):
+        self.tls.append(tls)
         channel = grpc.insecure_channel(address)
         real_close = channel.close
         channel.close = lambda: (self.closed.append(channel), real_close())
@@ -251,6 +253,28 @@ def test_agent_channels_take_renewed_tls_files_and_close_the_old_ones_later(tmp_
     finally:
         directory.close()
     assert sorted(map(id, channels.closed)) == sorted(map(id, channels.opened))
+
+
+def test_a_channel_opened_while_a_renewal_is_half_written_uses_the_files_that_loaded(tmp_path):
+    """The half-written renewal was not taken for the channels there were, but a channel opened meanwhile (a
+    new node, an agent back at a new address) read the files as they were then, and could not reach its agent."""
+    pem = make_certificates(tmp_path)
+    for name in ("client.pem", "client.key"):
+        (tmp_path / f"live-{name}").write_bytes(pem[name])
+    tls = AgentTls(ca=str(tmp_path / "ca.pem"), cert=str(tmp_path / "live-client.pem"),
+                   key=str(tmp_path / "live-client.key"))
+    channels = _Channels()
+    directory = GrpcAgentDirectory(AgentCallSettings(timeout=1, attempts=1, tls=tls), channel_factory=channels)
+    try:
+        directory.client(_node("n1", "127.0.0.1:1"))
+        (tmp_path / "live-client.pem").write_bytes(pem["node.pem"])  # half a renewal: no key for it yet
+        directory.client(_node("n2", "127.0.0.1:2"))  # a new channel meanwhile
+        assert channels.tls[-1].pems == (pem["ca.pem"], pem["client.key"], pem["client.pem"])
+        (tmp_path / "live-client.key").write_bytes(pem["node.key"])  # ... and the rest
+        directory.client(_node("n3", "127.0.0.1:3"))
+        assert channels.tls[-1].pems == (pem["ca.pem"], pem["node.key"], pem["node.pem"])
+    finally:
+        directory.close()
 
 
 # ---- label maps are capped (bug 7) -----------------------------------------------------------------------------
