@@ -197,6 +197,13 @@ class ControllerService:
                                fence_reason=known.fence_reason, fence_steps=known.fence_steps)
             self.store.put_node(node)
         self._liveness.heard(node.id)
+        if (known is not None and known.agent_address != node.agent_address and known.health == HEALTHY
+                and node.last_heartbeat - known.last_heartbeat < self.settings.heartbeat_timeout):
+            # An agent that restarted at a new address does this too; so do two agents with one node id (two
+            # hosts of the same host name): each registration then moves the node to the other.  Say so.
+            log.warning("node %s registered from %s while its agent at %s was heard %.0f s ago: an agent that "
+                        "moved, or two agents with one node id (give each --node-id its own name)", node.id,
+                        node.agent_address, known.agent_address, node.last_heartbeat - known.last_heartbeat)
         log.info("node %s registered (%s, %d disks)", node.id, node.agent_address, len(node.disks))
         return node
 

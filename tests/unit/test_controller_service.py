@@ -563,3 +563,19 @@ def test_restart_on_the_same_sqlite_file_sees_the_same_state(tmp_path):
     svc.delete_volume("vol-1")
     assert [v.name for v in svc.list_volumes()] == ["vol-2"]
     store.close()
+
+
+def test_a_node_registered_from_another_address_while_its_agent_is_heard_is_warned_of(env, caplog):
+    """Two hosts with the same host name (the default node id) took the node from each other at every
+    registration, silently; the move of a live node is now logged as a warning."""
+    import logging
+
+    node = env.svc.get_node("node-a")
+    caplog.set_level(logging.WARNING, logger="shoal.controller")
+    env.clock.now += 1
+    env.svc.register_node("node-a", node.initiator_iqn, "127.0.0.1:7999", node.portals, node.labels, node.disks)
+    assert any("two agents with one node id" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    env.clock.now += 1
+    env.svc.register_node("node-a", node.initiator_iqn, "127.0.0.1:7999", node.portals, node.labels, node.disks)
+    assert caplog.records == []  # the same address again: a restart, nothing to say
