@@ -58,6 +58,12 @@ class ChangedFiles:
         return True
 
 
+TLS_BIND_HINT = (", or gRPC could not use the TLS certificate and key (it takes RSA, ECDSA P-256/P-384/P-521 and "
+                 "Ed25519 keys; not RSA-PSS or Ed448)")
+"""Said when a port with TLS does not bind: gRPC (BoringSSL) refuses some keys Python's OpenSSL loads, and then
+only fails to bind."""
+
+
 def client_files_problem(cert: str, key: str, ca: str) -> str:
     """Why the client side's PEM files (``cert`` and ``key`` optional, together) do not load; "" when they do."""
     try:

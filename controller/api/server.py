@@ -13,7 +13,7 @@ from controller.domain.service import ControllerService
 from controller.metrics import ControllerMetrics
 from node_agent.peer_check import PeerNames
 from node_agent.peer_names import ADMIN_NAMES, ADMIN_SERVICE, NODE_NAMES, REGISTRATION_SERVICE
-from node_agent.tls_reload import ReloadingServerTls
+from node_agent.tls_reload import TLS_BIND_HINT, ReloadingServerTls
 from protos.shoal.v1 import admin_pb2_grpc, agent_pb2_grpc
 
 
@@ -70,6 +70,7 @@ def build_server(service: ControllerService, listen: str, *, tls: ServerTls | No
     except RuntimeError:  # grpcio raises RuntimeError for a port it cannot bind
         port = 0
     if not port:
-        raise OSError(f"cannot listen on {listen}: the port is in use, or the address is not this host's")
+        raise OSError(f"cannot listen on {listen}: the port is in use, or the address is not this host's"
+                      + (TLS_BIND_HINT if credentials else ""))
     server.start()
     return server, port

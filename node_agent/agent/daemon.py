@@ -51,7 +51,7 @@ from node_agent.peer_names import AGENT_SERVICE, exposure_warning
 from node_agent.iscsi.connection import ConnectionSettings
 from node_agent.iscsi.keys import TargetSettings
 from node_agent.target_service import PortalConfig
-from node_agent.tls_reload import ChangedFiles, ReloadingServerTls, client_files_problem
+from node_agent.tls_reload import TLS_BIND_HINT, ChangedFiles, ReloadingServerTls, client_files_problem
 from protos.shoal.v1 import agent_pb2_grpc
 
 log = logging.getLogger("shoal.agent")
@@ -239,7 +239,7 @@ class Agent:
             bound = 0
         if not bound:
             raise OSError(f"cannot listen on {s.listen} for AgentService: the port is in use, or the address is "
-                          "not this host's")
+                          "not this host's" + (TLS_BIND_HINT if credentials else ""))
         warning = exposure_warning(address, s.server_tls is not None, bool(s.server_tls and s.server_tls.ca),
                                    "AgentService (export any volume of this node)",
                                    "--tls-cert/--tls-key/--tls-client-ca")

@@ -390,6 +390,17 @@ def _creds_of(pki, name: str) -> grpc.ChannelCredentials:
     return grpc.ssl_channel_credentials(read("ca.pem"), read(f"{name}.key"), read(f"{name}.pem"))
 
 
+def test_a_tls_key_grpc_cannot_use_is_named_as_a_possible_cause_when_the_port_does_not_bind(tmp_path):
+    """Python's OpenSSL loads an RSA-PSS key (so the start's check passes), gRPC's BoringSSL does not, and then
+    only fails to bind: the message said "the port is in use" and nothing else."""
+    if shutil.which("openssl") is None:
+        pytest.skip("needs openssl")
+    _openssl("req", "-x509", "-newkey", "rsa-pss", "-pkeyopt", "rsa_keygen_bits:2048", "-nodes", "-keyout",
+             "pss.key", "-out", "pss.pem", "-days", "1", "-subj", "/CN=shoal-server", cwd=tmp_path)
+    with pytest.raises(OSError, match="the port is in use.*or gRPC could not use the TLS certificate and key"):
+        Served(ServerTls(str(tmp_path / "pss.pem"), str(tmp_path / "pss.key")))
+
+
 @pytest.mark.parametrize("name, admitted", [("uri", False), ("email", False), ("upper", True)])
 def test_only_the_common_name_and_dns_names_of_a_certificate_count(pki, name, admitted):
     """The names a service admits are a certificate's CN or a DNS SAN (README): a URI or e-mail SAN
