@@ -34,6 +34,7 @@ restart is clearer than a target that half serves.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import pickle
 import signal
@@ -58,6 +59,7 @@ _PEEK_RETRY = 0.002  # seconds between peeks while the first PDU is still arrivi
 _PEEK_RETRY_MAX = 0.2  # ... doubled while nothing new arrives, up to this: a stalled sender costs ~5 peeks/s
 _LOGIN_REQUEST = 0x03
 _READY = b"ready"
+_PORTALS = b"portals "  # from the parent: the JSON list of [host, port] it listens on
 _STOP_WAIT = 30.0
 
 
@@ -258,6 +260,16 @@ class WorkerPool:
             self.peeking.pop(host, None)
             self._refused.discard(host)
 
+    def announce_portals(self, addresses: list[tuple[str, int]]) -> None:
+        """Tell each worker the portals this process listens on: its own sessions' SendTargets lists every
+        portal of the group (RFC 7143 Appendix C), as one process does; a worker listens on none itself."""
+        message = _PORTALS + json.dumps([[host, port] for host, port in addresses]).encode()
+        for worker in self.workers:
+            try:
+                worker.control.send(message)
+            except OSError as exc:  # gone: its end is noticed (and reported) on its control socket
+                log.debug("worker %d: portals not sent: %s", worker.index, exc)
+
     def hand_over(self, conn: socket.socket, peer: Any, worker: _Worker) -> None:
         try:
             socket.send_fds(worker.control, [b"c"], [conn.fileno()])
@@ -382,6 +394,7 @@ async def serve_sharded(config: TargetConfig, ready: Callable[[list[tuple[str, i
             front.add_routed_target(target.iqn, chap=config.chap, mutual_chap=config.mutual_chap,
                                     allowed_initiators=config.allowed_initiators)
         await front.start_portals(router=pool)
+        pool.announce_portals(front.addresses)
         if ready is not None:
             ready(front.addresses)
         waits = [asyncio.ensure_future(event.wait()) for event in (stop, pool.failed, pool.ended)]
@@ -418,11 +431,20 @@ async def _serve_worker(spec: WorkerSpec, control: socket.socket) -> int:
     def control_readable() -> None:
         while True:
             try:
-                message, fds, _flags, _addr = socket.recv_fds(control, 16, 8)
+                message, fds, _flags, _addr = socket.recv_fds(control, 65536, 8)
             except (BlockingIOError, InterruptedError):
                 return
             except OSError:
                 message, fds = b"", []
+            if message.startswith(_PORTALS) and not fds:
+                try:
+                    portals = [(str(host), int(port)) for host, port in json.loads(message[len(_PORTALS):])]
+                except (ValueError, TypeError):
+                    log.warning("portals from the parent not understood: %r", message[:200])
+                else:
+                    assert service.registry is not None
+                    service.registry.portals[:] = portals
+                continue
             for fd in fds:
                 conn = socket.socket(fileno=fd)
                 try:

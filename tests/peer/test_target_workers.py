@@ -246,3 +246,21 @@ def _cpu_seconds(pid: int) -> float:
     with open(f"/proc/{pid}/stat") as handle:
         fields = handle.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_sendtargets_in_a_workers_session_lists_every_portal(tmp_path):
+    """RFC 7143 Appendix C: SendTargets lists every portal of the group.  A worker listens on none itself, so
+    in its sessions it listed only the address the initiator reached; the parent now tells it its portals."""
+    from node_agent.iscsi.initiator.client import ClientSettings, IscsiClient
+
+    with started(tmp_path, extra=["--listen", "127.0.0.2:0"]) as t:
+        host, port = t.url(0).split("//")[1].split("/")[0].rsplit(":", 1)
+
+        async def ask():
+            settings = ClientSettings(initiator_iqn="iqn.2026-11.io.shoal.test:st", login_timeout=10)
+            async with IscsiClient(host, int(port), A, settings=settings) as client:
+                return await client.text([("SendTargets", "")])
+
+        answer = asyncio.run(ask())
+    addresses = [value for key, value in answer if key == "TargetAddress"]
+    assert len(addresses) == 2 and any(a.startswith("127.0.0.2:") for a in addresses), answer
