@@ -40,6 +40,7 @@ import pickle
 import signal
 import select
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -270,9 +271,11 @@ class WorkerPool:
             except OSError as exc:  # gone: its end is noticed (and reported) on its control socket
                 log.debug("worker %d: portals not sent: %s", worker.index, exc)
 
-    def hand_over(self, conn: socket.socket, peer: Any, worker: _Worker) -> None:
+    def hand_over(self, conn: socket.socket, peer: Any, worker: _Worker, accepted: float) -> None:
+        """Pass ``conn`` to ``worker``, with when it was accepted (``time.monotonic``, the same clock in every
+        process): its login time limit counts from then, not again from the hand-over."""
         try:
-            socket.send_fds(worker.control, [b"c"], [conn.fileno()])
+            socket.send_fds(worker.control, [b"c" + struct.pack("<d", accepted)], [conn.fileno()])
         except OSError as exc:  # the worker is not taking connections (gone, or a flood): the initiator retries
             log.warning("connection from %s:%s to worker %d dropped: %s", peer[0], peer[1], worker.index, exc)
         else:
@@ -320,6 +323,7 @@ class _Peek:
     def __init__(self, pool: WorkerPool, conn: socket.socket, peer: Any,
                  here: Callable[[socket.socket, Any], None], loop: asyncio.AbstractEventLoop):
         self.pool, self.conn, self.peer, self.here, self.loop = pool, conn, peer, here, loop
+        self.accepted = time.monotonic()
         self.need = _BHS
         self.seen = 0  # bytes the last peek saw
         self.delay = _PEEK_RETRY
@@ -363,7 +367,7 @@ class _Peek:
         if worker is None:
             self.here(self.conn, self.peer)
         else:
-            self.pool.hand_over(self.conn, self.peer, worker)
+            self.pool.hand_over(self.conn, self.peer, worker, self.accepted)
 
     def _expire(self) -> None:
         log.info("connection from %s:%s sent no whole first PDU in %g s", self.peer[0], self.peer[1],
@@ -445,6 +449,7 @@ async def _serve_worker(spec: WorkerSpec, control: socket.socket) -> int:
                     assert service.registry is not None
                     service.registry.portals[:] = portals
                 continue
+            accepted = struct.unpack_from("<d", message, 1)[0] if len(message) == 9 else None
             for fd in fds:
                 conn = socket.socket(fileno=fd)
                 try:
@@ -453,7 +458,7 @@ async def _serve_worker(spec: WorkerSpec, control: socket.socket) -> int:
                 except OSError:  # gone already
                     conn.close()
                     continue
-                portal.adopt(conn, peer)
+                portal.adopt(conn, peer, accepted=accepted)
             if not message and not fds:  # the parent closed it: stop
                 loop.remove_reader(control.fileno())
                 stop.set()

@@ -218,7 +218,8 @@ class TargetConnection:
 
     def __init__(self, registry: TargetRegistry, settings: TargetSettings, *,
                  local_address: tuple[str, int] = ("127.0.0.1", 3260), peer: str = "?",
-                 config: ConnectionSettings | None = None, clock: Callable[[], float] = time.monotonic):
+                 config: ConnectionSettings | None = None, clock: Callable[[], float] = time.monotonic,
+                 started: float | None = None):
         self.registry = registry
         self.settings = settings
         self.config = config or ConnectionSettings()
@@ -265,7 +266,7 @@ class TargetConnection:
         # The Text exchange left open by our last Text Response with F=0 (see ``_text``): its ITT, the TTT of that
         # response, the rest of an answer too long for one PDU, the text of a request continued (C bit).
         self._text_exchange: tuple[int, int, bytes, bytearray] | None = None
-        self._started = clock()
+        self._started = clock() if started is None else min(started, clock())  # whence login time counts
         self._last_rx = self._started
         self._ping: tuple[int, float] | None = None
         self._fast_commands = False  # full feature phase of a normal session: ``_scsi_command_fast`` applies

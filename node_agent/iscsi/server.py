@@ -270,16 +270,18 @@ class PortalServer:
             else:
                 self.adopt(conn, peer)
 
-    def adopt(self, conn: socket.socket, peer: Any) -> None:
-        """Serve a connected, non-blocking socket (accepted here, or handed over by a parent process)."""
+    def adopt(self, conn: socket.socket, peer: Any, *, accepted: float | None = None) -> None:
+        """Serve a connected, non-blocking socket (accepted here, or handed over by a parent process, which
+        says when it accepted it: ``time.monotonic``, whence the login time limit counts)."""
         assert self._loop is not None
         loop = self.loops.pick() if self.loops is not None else self._loop
         if loop is self._loop:
-            self._adopt(conn, peer, loop)
+            self._adopt(conn, peer, loop, accepted)
         else:
-            loop.call_soon_threadsafe(self._adopt, conn, peer, loop)
+            loop.call_soon_threadsafe(self._adopt, conn, peer, loop, accepted)
 
-    def _adopt(self, conn: socket.socket, peer: Any, loop: asyncio.AbstractEventLoop) -> None:
+    def _adopt(self, conn: socket.socket, peer: Any, loop: asyncio.AbstractEventLoop,
+               accepted: float | None = None) -> None:
         """Serve an accepted socket on ``loop`` (run on that loop's thread)."""
         try:
             local = conn.getsockname()[:2]
@@ -302,7 +304,7 @@ class PortalServer:
                     self.loops.release(loop)
                 return
             core = TargetConnection(self.registry, self.settings, local_address=local,
-                                    peer=f"{peer[0]}:{peer[1]}", config=self.connection_settings)
+                                    peer=f"{peer[0]}:{peer[1]}", config=self.connection_settings, started=accepted)
             channel = _Channel(self, conn, core, loop)
             channel.peer_host = peer[0]
             self._channels.add(channel)

@@ -14,6 +14,7 @@ worker's death stops the target with status 1 (no process left behind).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import socket
@@ -264,3 +265,29 @@ def test_sendtargets_in_a_workers_session_lists_every_portal(tmp_path):
         answer = asyncio.run(ask())
     addresses = [value for key, value in answer if key == "TargetAddress"]
     assert len(addresses) == 2 and any(a.startswith("127.0.0.2:") for a in addresses), answer
+
+
+def test_the_login_time_limit_counts_from_the_parents_accept_not_from_the_hand_over(tmp_path):
+    """A first Login PDU the parent waited 10 s for, then a login that goes no further: the worker gave it
+    another 15 s from the hand-over (25 s in all); one process closes it 15 s after it connected."""
+    from node_agent.iscsi import pdu as P
+    from node_agent.iscsi.keys import encode_text
+
+    text = encode_text([("InitiatorName", "iqn.2026-11.io.shoal.test:slow"), ("TargetName", A),
+                        ("SessionType", "Normal"), ("AuthMethod", "None")])
+    first = b"".join(bytes(p) for p in P.encode_pdu(P.Opcode.LOGIN_REQUEST, text, immediate=True, transit=False,
+                                                     csg=0, nsg=1, isid=0x400001370001, tsih=0, itt=1, cid=0,
+                                                     cmdsn=1, expstatsn=0))
+    with started(tmp_path) as t:
+        host, port = t.url(0).split("//")[1].split("/")[0].rsplit(":", 1)
+        with socket.create_connection((host, int(port))) as conn:
+            start = time.monotonic()
+            conn.sendall(first[:-1])
+            time.sleep(10)
+            conn.sendall(first[-1:])  # now the parent hands it to the worker, which answers and waits
+            conn.settimeout(40)
+            with contextlib.suppress(OSError):
+                while conn.recv(4096):
+                    pass
+            held = time.monotonic() - start
+    assert 14 <= held <= 18, f"closed after {held:.1f} s (login timeout 15 s)"
