@@ -127,6 +127,47 @@ def check_pems(cert: str, key: str, ca: str = "") -> None:
             context.load_verify_locations(cafile=ca)
         except ssl.SSLError:
             raise ValueError(f"TLS CA {ca}: no PEM certificate in it") from None
+    refused = _key_grpc_refuses(key)
+    if refused:
+        raise ValueError(f"TLS key {key}: {refused}, which gRPC cannot use (it takes RSA, ECDSA on P-256, "
+                         "P-384 or P-521, and Ed25519 keys)")
+
+
+# DER of the object identifiers that tell a private key's type (RFC 8017, 5480, 8410).
+_OID_RSA_PSS = bytes.fromhex("06092a864886f70d01010a")
+_OID_EC = bytes.fromhex("06072a8648ce3d0201")
+_OID_ED448 = bytes.fromhex("06032b6571")
+_OID_X_KEYS = (bytes.fromhex("06032b656e"), bytes.fromhex("06032b656f"))  # X25519, X448: no signing keys
+_EC_CURVES_GRPC_TAKES = (bytes.fromhex("06082a8648ce3d030107"), bytes.fromhex("06052b81040022"),
+                         bytes.fromhex("06052b81040023"))  # P-256, P-384, P-521
+
+
+def _key_grpc_refuses(path: str) -> str:
+    """What kind of key in ``path`` gRPC (BoringSSL) would refuse though Python's OpenSSL loads it ("" for one
+    it takes, or one this cannot tell).  gRPC then only fails to bind, or, at a renewal, keeps serving the
+    old certificate while the new one looked loaded."""
+    import base64
+    import re
+
+    with open(path, "rb") as handle:
+        text = handle.read()
+    found = re.search(rb"-----BEGIN (RSA |EC |)PRIVATE KEY-----(.*?)-----END", text, re.S)
+    if found is None or found.group(1) == b"RSA ":
+        return ""
+    try:
+        der = base64.b64decode(b"".join(found.group(2).split()), validate=True)
+    except ValueError:
+        return ""
+    if found.group(1) == b"EC " or _OID_EC in der[:32]:  # SEC1, or PKCS#8 with an EC algorithm
+        return "" if any(curve in der for curve in _EC_CURVES_GRPC_TAKES) else "an ECDSA key on another curve"
+    head = der[:32]  # PKCS#8: the algorithm identifier comes right after the version
+    if _OID_RSA_PSS in head:
+        return "an RSA-PSS key"
+    if _OID_ED448 in head:
+        return "an Ed448 key"
+    if any(oid in head for oid in _OID_X_KEYS):
+        return "a key-agreement (X25519/X448) key"
+    return ""
 
 
 @dataclass

@@ -390,15 +390,36 @@ def _creds_of(pki, name: str) -> grpc.ChannelCredentials:
     return grpc.ssl_channel_credentials(read("ca.pem"), read(f"{name}.key"), read(f"{name}.pem"))
 
 
-def test_a_tls_key_grpc_cannot_use_is_named_as_a_possible_cause_when_the_port_does_not_bind(tmp_path):
-    """Python's OpenSSL loads an RSA-PSS key (so the start's check passes), gRPC's BoringSSL does not, and then
-    only fails to bind: the message said "the port is in use" and nothing else."""
+@pytest.mark.parametrize("newkey, refused", [
+    (["rsa:2048"], ""), (["rsa-pss", "-pkeyopt", "rsa_keygen_bits:2048"], "an RSA-PSS key"),
+    (["ec", "-pkeyopt", "ec_paramgen_curve:prime256v1"], ""), (["ec", "-pkeyopt", "ec_paramgen_curve:secp384r1"], ""),
+    (["ec", "-pkeyopt", "ec_paramgen_curve:secp256k1"], "an ECDSA key on another curve"),
+    (["ec", "-pkeyopt", "ec_paramgen_curve:secp224r1"], "an ECDSA key on another curve"),
+    (["ed25519"], ""), (["ed448"], "an Ed448 key")], ids=lambda v: v if isinstance(v, str) else v[-1])
+def test_a_tls_key_grpc_cannot_use_is_refused_by_name_before_binding(tmp_path, newkey, refused):
+    """Python's OpenSSL loads keys gRPC's BoringSSL does not: gRPC then only failed to bind ("the port is in
+    use"), or, at a renewal, kept the old certificate while the new one was logged as loaded.  The check at
+    start (and at each renewal) now refuses them by name: exactly those gRPC itself refuses (asked here)."""
     if shutil.which("openssl") is None:
         pytest.skip("needs openssl")
-    _openssl("req", "-x509", "-newkey", "rsa-pss", "-pkeyopt", "rsa_keygen_bits:2048", "-nodes", "-keyout",
-             "pss.key", "-out", "pss.pem", "-days", "1", "-subj", "/CN=shoal-server", cwd=tmp_path)
-    with pytest.raises(OSError, match="the port is in use.*or gRPC could not use the TLS certificate and key"):
-        Served(ServerTls(str(tmp_path / "pss.pem"), str(tmp_path / "pss.key")))
+    _openssl("req", "-x509", "-newkey", *newkey, "-nodes", "-keyout", "k.key", "-out", "k.pem", "-days", "1",
+             "-subj", "/CN=shoal-server", cwd=tmp_path)
+    probe = grpc.server(ThreadPoolExecutor(1))
+    try:
+        pair = ((tmp_path / "k.key").read_bytes(), (tmp_path / "k.pem").read_bytes())
+        credentials = grpc.ssl_server_credentials([pair])
+        try:
+            grpc_takes = bool(probe.add_secure_port("127.0.0.1:0", credentials))
+        except RuntimeError:
+            grpc_takes = False
+    finally:
+        probe.stop(None)
+    assert grpc_takes == (not refused)
+    if refused:
+        with pytest.raises(ValueError, match=f"TLS key {tmp_path / 'k.key'}: {refused}, which gRPC cannot use"):
+            Served(ServerTls(str(tmp_path / "k.pem"), str(tmp_path / "k.key")))
+    else:
+        Served(ServerTls(str(tmp_path / "k.pem"), str(tmp_path / "k.key"))).server.stop(None)
 
 
 @pytest.mark.parametrize("name, admitted", [("uri", False), ("email", False), ("upper", True)])
