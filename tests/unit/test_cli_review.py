@@ -19,7 +19,6 @@ import subprocess
 import threading
 import time
 import urllib.request
-from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import pytest
@@ -32,6 +31,7 @@ from node_agent.metrics_server import MetricsServer, new_registry
 from protos.shoal.v1 import admin_pb2, admin_pb2_grpc, common_pb2
 from tests.support.controller_process import SHOALCTL
 from tests.support.shoal_target import REPO
+from tests.unit.test_shoalctl import serving, shoalctl_against
 
 SECRET = "Zx9-chap-secret-never-printed"
 
@@ -99,32 +99,16 @@ class FakeAdmin(admin_pb2_grpc.AdminServiceServicer):
 
 @pytest.fixture(scope="module")
 def fake():
-    servicer = FakeAdmin()
-    server = grpc.server(ThreadPoolExecutor(max_workers=4))
-    admin_pb2_grpc.add_AdminServiceServicer_to_server(servicer, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    servicer.address = f"127.0.0.1:{port}"
-    yield servicer
-    server.stop(None)
+    with serving(FakeAdmin()) as servicer:
+        yield servicer
 
 
 @pytest.fixture
 def ctl(fake, capsys, monkeypatch, tmp_path):
     """Run shoalctl in this process against the fake; returns (exit code, stdout, stderr)."""
-    monkeypatch.delenv("SHOAL_CONTROLLER", raising=False)
-    monkeypatch.setenv("SHOAL_CONTEXT", str(tmp_path / "no-context.json"))
     fake.requests.clear()
     fake.on_secret = None
-
-    def run(*args: str):
-        try:
-            code = main(["--controller", fake.address, *args])
-        except SystemExit as exc:  # argparse: usage errors
-            code = exc.code
-        out = capsys.readouterr()
-        return code, out.out, out.err
-    return run
+    return shoalctl_against(fake.address, capsys, monkeypatch, tmp_path)
 
 
 def sent(fake) -> list[str]:

@@ -10,6 +10,7 @@ tests/integration/test_pool_e2e.py.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import time
@@ -104,33 +105,47 @@ class FakeAdmin(admin_pb2_grpc.AdminServiceServicer):
                                 free_bytes=200 * GiB, provisioned_bytes=GiB)
 
 
-@pytest.fixture(scope="module")
-def fake():
-    servicer = FakeAdmin()
+@contextlib.contextmanager
+def serving(servicer):
+    """``servicer`` (an AdminService fake) served on 127.0.0.1, its ``address`` set, until the block ends."""
     server = grpc.server(ThreadPoolExecutor(max_workers=4))
     admin_pb2_grpc.add_AdminServiceServicer_to_server(servicer, server)
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
     servicer.address = f"127.0.0.1:{port}"
-    yield servicer
-    server.stop(None)
+    try:
+        yield servicer
+    finally:
+        server.stop(None)
 
 
-@pytest.fixture
-def ctl(fake, capsys, monkeypatch, tmp_path):
-    """Run shoalctl against the fake; returns (exit code, stdout, stderr)."""
+def shoalctl_against(address: str, capsys, monkeypatch, tmp_path):
+    """shoalctl run in this process against ``address``, with no context file; returns (exit code, stdout,
+    stderr) per call."""
     monkeypatch.delenv("SHOAL_CONTROLLER", raising=False)
     monkeypatch.setenv("SHOAL_CONTEXT", str(tmp_path / "no-context.json"))
-    fake.requests.clear()
 
     def run(*args: str):
         try:
-            code = main(["--controller", fake.address, *args])
+            code = main(["--controller", address, *args])
         except SystemExit as exc:  # argparse: usage errors
             code = exc.code
         out = capsys.readouterr()
         return code, out.out, out.err
     return run
+
+
+@pytest.fixture(scope="module")
+def fake():
+    with serving(FakeAdmin()) as servicer:
+        yield servicer
+
+
+@pytest.fixture
+def ctl(fake, capsys, monkeypatch, tmp_path):
+    """Run shoalctl against the fake; returns (exit code, stdout, stderr)."""
+    fake.requests.clear()
+    return shoalctl_against(fake.address, capsys, monkeypatch, tmp_path)
 
 
 # ---- sizes
