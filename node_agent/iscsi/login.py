@@ -186,12 +186,16 @@ class TargetLogin:
             existing = self.registry.find_session(self.initiator_name, self.isid, self.tsih)
             if existing is None or existing.target is not self.target:
                 raise LoginFailed(LoginStatus.SESSION_DOES_NOT_EXIST, f"no session with TSIH {self.tsih}")
-            if self.cid not in existing.connections and len(existing.connections) >= existing.params.max_connections:
-                raise LoginFailed(LoginStatus.TOO_MANY_CONNECTIONS, "MaxConnections reached")
+            self._check_room(existing)
             self.existing = existing
         # A connection added to a session (or reinstated) works with what the session negotiated (§6.3.4).
         self.negotiator = TargetNegotiator(self.settings, leading=self.tsih == 0, session_type=self.session_type,
                                            session=self.existing.params if self.existing is not None else None)
+
+    def _check_room(self, existing: Session) -> None:
+        """A connection added to ``existing`` (not one reinstating its CID) must fit its MaxConnections."""
+        if self.cid not in existing.connections and len(existing.connections) >= existing.params.max_connections:
+            raise LoginFailed(LoginStatus.TOO_MANY_CONNECTIONS, "MaxConnections reached")
 
     def _credentials(self):
         """(CHAP credentials, mutual ones) to check, and for discovery the other pairs the initiator may
@@ -317,11 +321,8 @@ class TargetLogin:
         if self.existing is not None and (self.existing.closed
                                           or self.registry.sessions.get(self.existing.tsih) is not self.existing):
             raise LoginFailed(LoginStatus.SESSION_DOES_NOT_EXIST, f"session {self.tsih} ended during the login")
-        existing = self.existing
-        if (existing is not None and self.cid not in existing.connections
-                and len(existing.connections) >= existing.params.max_connections):
-            # Checked on the first PDU too; another connection may have joined since (both logins at once).
-            raise LoginFailed(LoginStatus.TOO_MANY_CONNECTIONS, "MaxConnections reached")
+        if self.existing is not None:  # as on the first PDU: another connection may have joined since
+            self._check_room(self.existing)
         params = self.negotiator.params()
         params.initiator_name = self.initiator_name
         if self.target is not None:
