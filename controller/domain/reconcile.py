@@ -241,8 +241,7 @@ class Reconciler:
                     back = service._size_on_agent(volume, volume.size_bytes)
                     if back.size_bytes != volume.size_bytes:
                         with service._placement_lock, self.store.transaction():
-                            self.store.put_volume(back)
-                            service._note_growth(back, back.size_bytes - volume.size_bytes)
+                            service._record_size(volume, back)
                         log.warning("reconcile: volume %s cannot grow to %d bytes (%s): its record goes back to "
                                     "the %d bytes its node has", name, volume.size_bytes, error, back.size_bytes)
                 raise error from None

@@ -450,12 +450,17 @@ class ControllerService:
                 restored = None if error.temporary else self._size_on_agent(old, size)
                 with self._placement_lock, self.store.transaction():
                     if restored is not None:
-                        self.store.put_volume(restored)
-                        self._note_growth(restored, restored.size_bytes - volume.size_bytes)
+                        self._record_size(volume, restored)
                     self._end(op, OP_FAILED, str(error))
                 raise error from None
             self._end(op, OP_DONE)
             return volume
+
+    def _record_size(self, recorded: Volume, restored: Volume) -> None:
+        """Put ``restored`` (the size the agent has) in place of ``recorded``, the growth noted undone.  Under
+        the placement lock, in a transaction."""
+        self.store.put_volume(restored)
+        self._note_growth(restored, restored.size_bytes - recorded.size_bytes)
 
     def _size_on_agent(self, volume: Volume, asked: int) -> Volume:
         """``volume`` at the size its agent has, after the agent refused to grow it to ``asked`` for good.

@@ -580,18 +580,14 @@ class KubernetesStore:
 
     def _apply_chap(self, volume: str, value: Any) -> None:
         name = self._secret_name(volume)
-        if ("secrets", name) not in self._seen:
+        seen = self._seen.get(("secrets", name))
+        if seen is None or (value is _DELETED and seen[0] is None):
+            # Not seen, or a delete of what this thread last saw missing (another may have made it since).
             self.get_chap(volume)  # learns the resourceVersion, if the Secret exists
         version, owner = self._seen[("secrets", name)]
         if version is not None and owner != (volume,):
             raise ValueError(f"Secret {name} belongs to another volume: two volume names map to one Secret name")
         if value is _DELETED:
-            if version is None:  # last seen missing by this thread: another may have made it since
-                self.get_chap(volume)
-                version, owner = self._seen[("secrets", name)]
-                if version is not None and owner != (volume,):
-                    raise ValueError(f"Secret {name} belongs to another volume: two volume names map to one "
-                                     "Secret name")
             if version is not None:
                 with self._forgotten_on_conflict("secrets", name):
                     self._call(self._core.delete_namespaced_secret, name, self.settings.namespace,
