@@ -45,7 +45,7 @@ from controller.metrics import ControllerMetrics
 from controller.store.sqlite import SqliteStore
 from node_agent.agent.settings import DAY, parse_seconds
 from node_agent.metrics_server import MetricsServer, new_registry, split_listen
-from node_agent.tls_reload import client_files_problem
+from node_agent.tls_reload import require_client_files
 from node_agent.peer_names import ADMIN_NAMES, NODE_NAMES, exposure_warning, parse_names
 
 log = logging.getLogger("shoal.controller")
@@ -515,10 +515,7 @@ def settings_from_args(args: argparse.Namespace) -> tuple[DaemonSettings, Contro
     agent_tls = None
     if args.agent_ca or args.agent_cert or args.agent_key or args.agent_server_name:
         agent_tls = AgentTls(args.agent_ca, args.agent_cert, args.agent_key, args.agent_server_name)
-        # Now, not at the first agent call: files that do not load would look like every agent being down.
-        problem = client_files_problem(agent_tls.cert, agent_tls.key, agent_tls.ca)
-        if problem:
-            raise ValueError(f"--agent-ca/--agent-cert/--agent-key: {problem}")
+        require_client_files(agent_tls.cert, agent_tls.key, agent_tls.ca, "--agent-ca/--agent-cert/--agent-key")
     if args.csi_endpoint:
         socket_path(args.csi_endpoint)  # ValueError now rather than after the store is open
     check_driver_name(args.csi_driver_name)

@@ -223,12 +223,10 @@ def _agent_settings(args: argparse.Namespace):
     controller_tls = None
     if args.controller_ca or args.controller_cert or args.controller_key:
         controller_tls = TlsFiles(args.controller_cert, args.controller_key, args.controller_ca)
-        # Now, not at the first heartbeat: files that do not load would look like a controller that is down.
-        from node_agent.tls_reload import client_files_problem  # (gRPC's: not for `shoal target`)
+        from node_agent.tls_reload import require_client_files  # (gRPC's: not for `shoal target`)
 
-        problem = client_files_problem(controller_tls.cert, controller_tls.key, controller_tls.ca)
-        if problem:
-            raise ValueError(f"--controller-ca/--controller-cert/--controller-key: {problem}")
+        require_client_files(controller_tls.cert, controller_tls.key, controller_tls.ca,
+                             "--controller-ca/--controller-cert/--controller-key")
     extra = {"node_id": args.node_id} if args.node_id else {}
     return AgentSettings(data_dir=args.data_dir, disks=tuple(args.disk or ()), listen=args.listen,
                          advertise_address=args.advertise_address, portal_listen=args.portal,

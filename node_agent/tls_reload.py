@@ -64,6 +64,14 @@ TLS_BIND_HINT = (", or gRPC could not use the TLS certificate and key (it takes 
 only fails to bind."""
 
 
+def require_client_files(cert: str, key: str, ca: str, flags: str) -> None:
+    """``ValueError`` naming ``flags`` at start when the client side's files do not load: found only at the first
+    call, they would look like a peer that is down."""
+    problem = client_files_problem(cert, key, ca)
+    if problem:
+        raise ValueError(f"{flags}: {problem}")
+
+
 def client_files_problem(cert: str, key: str, ca: str) -> str:
     """Why the client side's PEM files (``cert`` and ``key`` optional, together) do not load; "" when they do."""
     try:
