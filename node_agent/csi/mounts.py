@@ -8,16 +8,15 @@ from __future__ import annotations
 
 import errno
 import os
-import re
 import stat
 from dataclasses import dataclass
 
+from node_agent.host.fuse_export import unescape_mountinfo
 from node_agent.host.runner import CommandFailed, Runner
 
 MOUNTINFO = "/proc/self/mountinfo"
 SYS_BLOCK = "/sys/class/block"
 SYS_DEV_BLOCK = "/sys/dev/block"
-_OCTAL = re.compile(r"\\([0-7]{3})")
 
 
 BLANK_PROBE = 1 << 20
@@ -89,10 +88,6 @@ class Mount:
     """The filesystem's options, shared by every mount of it (``sync``, ``commit=30``, ...)."""
 
 
-def _unescape(text: str) -> str:
-    return _OCTAL.sub(lambda m: chr(int(m.group(1), 8)), text)
-
-
 def parse_mountinfo(text: str) -> list[Mount]:
     mounts = []
     for line in text.splitlines():
@@ -101,9 +96,9 @@ def parse_mountinfo(text: str) -> list[Mount]:
             continue
         sep = fields.index("-")
         major, minor = (int(n) for n in fields[2].split(":"))
-        mounts.append(Mount(mount_point=_unescape(fields[4]), dev=os.makedev(major, minor),
-                            root=_unescape(fields[3]), fs_type=fields[sep + 1],
-                            source=_unescape(fields[sep + 2]) if len(fields) > sep + 2 else "",
+        mounts.append(Mount(mount_point=unescape_mountinfo(fields[4]), dev=os.makedev(major, minor),
+                            root=unescape_mountinfo(fields[3]), fs_type=fields[sep + 1],
+                            source=unescape_mountinfo(fields[sep + 2]) if len(fields) > sep + 2 else "",
                             options=tuple(fields[5].split(",")),
                             super_options=tuple(fields[sep + 3].split(",")) if len(fields) > sep + 3 else ()))
     return mounts

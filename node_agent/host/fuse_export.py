@@ -134,10 +134,10 @@ def unmount(path: str, *, lazy: bool = False) -> bool:
 _OCTAL = re.compile(r"\\([0-7]{3})")
 
 
-def _unescape_mountinfo(text: str) -> str:
+def unescape_mountinfo(text: str) -> str:
     """A mountinfo field as the path it is: the kernel escapes only space, tab, newline and backslash, as
-    ``\\NNN`` octal, and writes every other byte as it is (UTF-8 names stay UTF-8); as
-    ``node_agent.csi.mounts`` reads it (this lower layer does not import that one)."""
+    ``\\NNN`` octal, and writes every other byte as it is (UTF-8 names stay UTF-8).  ``node_agent.csi.mounts``
+    reads mountinfo with it too."""
     return _OCTAL.sub(lambda m: chr(int(m.group(1), 8)), text)
 
 
@@ -147,7 +147,7 @@ def is_mountpoint(path: str) -> bool:
     with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as fh:
         for line in fh:
             fields = line.split()
-            if _unescape_mountinfo(fields[4]) == real:
+            if unescape_mountinfo(fields[4]) == real:
                 return True
     return False
 
