@@ -550,7 +550,7 @@ def parse_args(argv=None):
     p.add_argument("--only", action="append", choices=TARGETS, help="measure only these targets (repeatable)")
     p.add_argument("--workload", action="append", choices=[wl.name for wl in WORKLOADS],
                    help="limit to these rows (repeatable)")
-    p.add_argument("--runs", type=int, default=3, help="alternating measured runs per side and row (3)")
+    p.add_argument("--runs", type=int, default=5, help="alternating measured runs per side and row (5)")
     p.add_argument("--seconds", type=float, default=4.0, help="aimed length of one run (4)")
     p.add_argument("--size", type=int, default=GiB, help="backing store bytes per target, a multiple of 1 MiB (1 GiB)")
     p.add_argument("--wait-quiet", type=float, default=0.0, metavar="SECONDS",
