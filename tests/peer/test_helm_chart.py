@@ -427,6 +427,27 @@ def test_controller_deployment(rendered):
     assert flag(agent_args, "--controller") == f"{service['metadata']['name']}.{NAMESPACE}.svc:{port}"
 
 
+def test_controller_pod_runs_unprivileged(rendered):
+    """The controller needs no root: state is in the API server, its ports are above 1024 and its root
+    filesystem is read-only. It runs as a non-root user with the runtime's seccomp profile, every container
+    drops all capabilities, and the TLS Secret it must read is group-readable for the pod's fsGroup."""
+    _, _, objects = rendered
+    spec = one(objects, "Deployment", "-controller")["spec"]["template"]["spec"]
+    pod = spec["securityContext"]
+    assert pod["runAsNonRoot"] is True and pod["runAsUser"] > 0 and pod["runAsGroup"] > 0
+    assert pod["seccompProfile"] == {"type": "RuntimeDefault"}
+    for each in spec["containers"]:
+        context = each["securityContext"]
+        assert context["allowPrivilegeEscalation"] is False, each["name"]
+        assert context["readOnlyRootFilesystem"] is True, each["name"]
+        assert context["capabilities"] == {"drop": ["ALL"]}, each["name"]
+        assert not context.get("privileged") and context.get("runAsUser", 1) != 0, each["name"]
+    tls = next(v for v in spec["volumes"] if v["name"] == "tls")
+    assert tls["secret"]["defaultMode"] == 0o440 and pod["fsGroup"] > 0  # root-owned, readable by the group
+    # No PodDisruptionBudget: only the Lease holder is Ready, so any budget would block every drain of its node.
+    assert not [o for o in objects if o["kind"] == "PodDisruptionBudget"]
+
+
 def test_controller_replicas_are_replaced_at_once_on_update(rendered):
     """Only the Lease holder is Ready (/readyz), so a one-by-one rolling update never finishes: its new replica
     starts as a standby, stays unready while the old leader holds the Lease, and the old leader is never stopped.
