@@ -5,8 +5,9 @@ node that registers with a new address, such as a pod's new IP, gets a new
 channel and the old one is closed); ``GrpcAgentClient`` turns
 each ``controller.domain.agents.AgentClient`` call into one RPC with a
 deadline, retried with tenacity (exponential backoff with jitter) while the
-agent answers ``UNAVAILABLE`` or the deadline passes: every AgentService RPC is
-idempotent (agent.proto says what a repeat does), so a repeat is safe.  The
+agent answers ``UNAVAILABLE`` or an attempt's deadline passes, all attempts
+within the call's one deadline: every AgentService RPC is idempotent
+(agent.proto says what a repeat does), so a repeat is safe.  The
 final status becomes a domain error through ``controller.api.errors`` (the
 one table, read backwards), the message naming the node.  CHAP secrets go
 into requests only: never into a log line, a repr or an error message.
@@ -71,13 +72,16 @@ class AgentCallSettings:
     """Deadlines and retries of calls to node agents."""
 
     timeout: float = 30.0
-    """Deadline of one quick call (create, delete, expand, export, unexport, get state), seconds.
-    Creating a thick volume writes it out, so this is generous."""
+    """Deadline of one quick call (create, delete, expand, export, unexport, get state), seconds, its
+    retries included. Creating a thick volume writes it out, so this is generous."""
     attach_timeout: float = 120.0
-    """Deadline of one attach or detach: an iSCSI login, the identity check, FUSE and a loop device
-    (or open-iscsi's own timeouts, which reach 120 s when a portal does not answer)."""
+    """Deadline of one attach or detach, its retries included: an iSCSI login, the identity check, FUSE
+    and a loop device (or open-iscsi's own timeouts, which reach 120 s when a portal does not answer).
+    The chart's csi-attacher gives up on ControllerPublish after the same 120 s (``--timeout``): a
+    call of ours must not go on after its caller has stopped waiting and sent the next."""
     attempts: int = 3
-    """Calls made in all while the agent answers UNAVAILABLE / the deadline passes."""
+    """Calls made at most while the agent answers UNAVAILABLE (or one attempt's deadline passes), all
+    within the call's one deadline: each attempt gets what is left of it, none starts after it."""
     initial_backoff: float = 0.2
     """First wait between attempts; it doubles (with jitter) up to ``max_backoff``."""
     max_backoff: float = 2.0
@@ -226,13 +230,15 @@ class GrpcAgentClient:
 
     def __init__(self, node_id: str, address: str, stub: agent_pb2_grpc.AgentServiceStub,
                  settings: AgentCallSettings, *, sleep: Callable[[float], None] | None = None,
-                 on_error: Callable[[str, str, grpc.StatusCode], None] | None = None):
+                 on_error: Callable[[str, str, grpc.StatusCode], None] | None = None,
+                 clock: Callable[[], float] = time.monotonic):
         self.node_id = node_id
         self.address = address
         self._stub = stub
         self._settings = settings
         self._sleep = sleep
         self._on_error = on_error
+        self._clock = clock
 
     def __repr__(self) -> str:
         return f"GrpcAgentClient({self.node_id!r}, {self.address!r})"
@@ -311,15 +317,22 @@ class GrpcAgentClient:
         settings = self._settings
         deadline = timeout or settings.timeout
         kwargs = {"sleep": self._sleep} if self._sleep is not None else {}
+        rpc = getattr(self._stub, method)
+        ends = self._clock() + deadline
+
+        def attempt():  # what is left of the call's deadline (the retries share it)
+            return rpc(request, timeout=max(ends - self._clock(), 0.001))
+
         retrying = tenacity.Retrying(
             retry=tenacity.retry_if_exception(lambda e: isinstance(e, grpc.RpcError) and e.code() in RETRY_CODES),
-            stop=tenacity.stop_after_attempt(settings.attempts),
+            # no attempt after the deadline, nor one that its backoff would start past it
+            stop=tenacity.stop_after_attempt(settings.attempts) | tenacity.stop_before_delay(deadline),
             wait=(tenacity.wait_exponential(multiplier=settings.initial_backoff, max=settings.max_backoff)
                   + tenacity.wait_random(0, settings.initial_backoff)),  # jitter: agents not hit in step
             before_sleep=lambda state: self._log_retry(method, state, secret),
             reraise=True, **kwargs)
         try:
-            return retrying(getattr(self._stub, method), request, timeout=deadline)
+            return retrying(attempt)
         except ValueError as exc:  # grpc: "Cannot invoke RPC on closed channel!" (the agent moved, or we stop)
             raise Unavailable(f"agent of node {self.node_id} at {self.address}: {exc}; retry") from None
         except grpc.RpcError as exc:

@@ -497,9 +497,13 @@ class FlakyAgent(agent_pb2_grpc.AgentServiceServicer):
         self.failures: list[grpc.StatusCode] = []
         self.calls: list[str] = []
         self.secrets: list[str] = []
+        self.stall = 0.0  # seconds each call takes before it answers
+        self.deadlines: list[float] = []  # the time each call had left when it arrived
 
     def _enter(self, name, context):
         self.calls.append(name)
+        self.deadlines.append(context.time_remaining())
+        time.sleep(self.stall)
         if self.failures:
             context.abort(self.failures.pop(0), f"{name} failed on purpose")
 
@@ -555,6 +559,27 @@ def test_agent_client_gives_up_with_a_domain_error_naming_the_node(flaky):
     with pytest.raises(errors.ResourceExhausted, match="agent of node node-a: CreateVolume"):
         client.create_volume("v", GiB, "data0", True)
     assert agent.calls.count("CreateVolume") == 4  # permanent errors are not retried
+
+
+def test_agent_client_retries_share_one_deadline(flaky):
+    """A call's deadline covers its retries: an agent that is slow to answer is not asked again after the
+    deadline (nor given a fresh one per attempt), so the controller never goes on with a call its caller (a
+    CSI sidecar with the same timeout) has given up on and is about to send again."""
+    agent, client = flaky
+    client._settings = AgentCallSettings(timeout=1.5, attempts=3, initial_backoff=0.01, max_backoff=0.02)
+    agent.stall = 0.6
+    agent.failures = [grpc.StatusCode.UNAVAILABLE] * 3  # each after 0.6 s: a third attempt would end at 1.8 s
+    started = time.monotonic()
+    with pytest.raises(errors.Unavailable, match="node-a"):
+        client.create_volume("v", GiB, "data0", True)
+    assert time.monotonic() - started < 1.5 + 0.5
+    assert agent.calls == ["CreateVolume"] * 3 and 0.8 < agent.deadlines[0] <= 1.6
+    assert agent.deadlines[1] < 0.95 and agent.deadlines[2] < 0.35  # what was left, not 1.5 s each time
+    agent.calls.clear()
+    agent.stall, agent.failures = 2.0, []  # the first attempt uses up the deadline: no second one
+    with pytest.raises(errors.Unavailable, match="did not answer CreateVolume in time"):
+        client.create_volume("v", GiB, "data0", True)
+    assert agent.calls == ["CreateVolume"]
 
 
 def test_agent_client_keeps_secrets_out_of_errors(flaky):
