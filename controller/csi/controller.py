@@ -357,6 +357,12 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):
     @csi_rpc("volume_id", "node_id", "volume_capability")
     def ControllerPublishVolume(self, request, context):
         _require_supported([request.volume_capability])
+        if request.readonly:
+            # The spec: the CO MUST set readonly false when the plugin lacks PUBLISH_READONLY, which Shoal does
+            # not offer (the owner's target exports a volume writable to every initiator it admits). Taken
+            # silently, a read-only PV would be staged writable, its journal replayed.
+            raise InvalidArgument("readonly publish is not offered (no PUBLISH_READONLY controller capability): "
+                                  "use a READER_ONLY access mode or a read-only NodePublishVolume")
         volume = self._volume_by_id(request.volume_id)
         node = self.service.store.get_node(request.node_id)
         if node is None:
@@ -372,6 +378,10 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):
             # A repeat keeps the mode it was published in: the node's agent may have announced another
             # connector since, and the same request must get the same answer (CSI ControllerPublishVolume).
             existing = self.service.store.get_attachment(volume.name, node.id)
+            if existing is not None and existing.shared != shared:  # "published but incompatible"
+                raise AlreadyExists(f"volume {volume.id} is published to node {node.id} "
+                                    f"{'with' if existing.shared else 'without'} a multi-node multi-writer "
+                                    "access mode: unpublish it there first to publish it otherwise")
             mode = existing.mode if existing is not None else self._mode(node)
             # multi_writer: refused beside a node that has it as its single writer (checked under the volume's
             # lock, so a concurrent single-writer publish cannot slip in between).
@@ -476,9 +486,9 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):
             # A size already recorded is asked again: a temporary failure records it before the LUN grows.
             with self.busy.hold(f"volume/{volume.name}", f"volume {volume.id}"):
                 volume = self.service.expand_volume(volume.name, max(size, volume.size_bytes))
-        block = request.HasField("volume_capability") and caps.is_block(request.volume_capability)
-        return csi_pb2.ControllerExpandVolumeResponse(capacity_bytes=volume.size_bytes,
-                                                      node_expansion_required=not block)
+        # Always: a block volume's node sees the new size only after NodeExpandVolume rescans its device (and
+        # renews its read-only loop devices); the CO skips that call when this is false.
+        return csi_pb2.ControllerExpandVolumeResponse(capacity_bytes=volume.size_bytes, node_expansion_required=True)
 
     # ---- snapshots -----------------------------------------------------------------------------
 

@@ -597,13 +597,15 @@ class ControllerService:
                 raise FailedPrecondition(f"node {node_id} is {consumer.fence} ({consumer.fence_reason}): nothing is "
                                          f"published to it; shoalctl node unfence {node_id} once the host is known "
                                          "clean")
+            if existing is not None and (shared or multi_writer) and not existing.shared:
+                # Its single writer, as it was promised: made shared, it would let a multi-writer publish in
+                # elsewhere beside a node that may have a filesystem mounted on the volume.
+                raise AlreadyExists(f"volume {name} is attached to {node_id} as its single writer: a repeat "
+                                    "cannot make it shared; detach it first to attach it shared")
             # A repeated publish is answered from the record. A repeated attach (login) asks the node again: its
             # agent may have restarted meanwhile, and the device recorded then may be gone or, its number reused,
             # another volume's; the agent's attach is idempotent and checks the device (AttachmentManager._login).
             if existing is not None and existing.state in (ATTACHED, PUBLISHED) and not login:
-                if shared and not existing.shared:
-                    existing = replace(existing, shared=True)
-                    self.store.put_attachment(existing)
                 return existing
             if existing is not None and existing.state == DETACHING:
                 raise FailedPrecondition(f"volume {name} is being detached from {node_id}: detach it again to "

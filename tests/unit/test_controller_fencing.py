@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from controller.domain.errors import FailedPrecondition, InvalidArgument, NotFound
+from controller.domain.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from controller.domain.model import ATTACHED, AVAILABLE, FENCE_DONE, FENCED, FENCING, PUBLISHED, ChapCredential
 from controller.domain.settings import ControllerSettings
 from node_agent.iscsi.chap import initiator_secret
@@ -30,6 +30,20 @@ def test_a_second_node_is_refused_unless_shared(env):
     assert env.store.get_attachment("vol-1", "node-c").shared
     assert not env.store.get_attachment("vol-1", "node-b").shared
     assert env.svc.attach_volume("vol-1", "node-c", login=False) == shared  # a repeat needs no flag
+
+
+def test_a_repeat_cannot_make_a_single_writer_shared(env):
+    """A node that has the volume as its single writer keeps that promise: a repeated attach or publish asking
+    for shared (or multi-writer) is refused, so no multi-writer publish gets in beside it afterwards."""
+    env.svc.create_volume("vol-1", GiB)
+    env.svc.attach_volume("vol-1", "node-b", login=False)
+    before = env.snapshot()
+    for kwargs in ({"shared": True}, {"multi_writer": True}, {"shared": True, "login": True}):
+        with pytest.raises(AlreadyExists, match="node-b as its single writer: a repeat cannot make it shared"):
+            env.svc.attach_volume("vol-1", "node-b", login=kwargs.pop("login", False), **kwargs)
+    assert env.snapshot() == before and not env.store.get_attachment("vol-1", "node-b").shared
+    with pytest.raises(FailedPrecondition, match="node-b as its single writer"):
+        env.svc.attach_volume("vol-1", "node-c", login=False, multi_writer=True)
 
 
 def test_an_unhealthy_node_still_counts_as_a_writer(env):

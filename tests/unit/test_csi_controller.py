@@ -245,6 +245,29 @@ def test_block_multi_node_multi_writer_publishes_to_two_nodes(csi):
     assert csi.env.store.list_attachments() == []
 
 
+def test_a_repeat_publish_with_another_capability_or_readonly_is_refused(csi):
+    """ALREADY_EXISTS for a repeat that is incompatible with the publish (CSI ControllerPublishVolume): a
+    single-writer publish repeated as multi-writer must not make room for a second writer beside a mounted
+    filesystem. readonly is refused: Shoal has no PUBLISH_READONLY capability, so a CO must not set it."""
+    volume = csi.create("pvc-x", GiB, [mount(), block(Mode.MULTI_NODE_MULTI_WRITER)])
+    publish(csi, volume.volume_id, "node-a")
+    rwx = block(Mode.MULTI_NODE_MULTI_WRITER)
+    before = csi.env.snapshot()
+    assert code_of(publish, csi, volume.volume_id, "node-a", rwx) == Code.ALREADY_EXISTS
+    assert code_of(publish, csi, volume.volume_id, "node-b", rwx) == Code.FAILED_PRECONDITION
+    assert csi.env.snapshot() == before
+    readonly = csi_pb2.ControllerPublishVolumeRequest(volume_id=volume.volume_id, node_id="node-a",
+                                                      volume_capability=mount(), readonly=True)
+    assert code_of(csi.ctl.ControllerPublishVolume, readonly) == Code.INVALID_ARGUMENT
+    capabilities = csi.ctl.ControllerGetCapabilities(csi_pb2.ControllerGetCapabilitiesRequest()).capabilities
+    assert csi_pb2.ControllerServiceCapability.RPC.PUBLISH_READONLY not in {c.rpc.type for c in capabilities}
+    # the other way round: published multi-writer, repeated single-writer
+    csi.ctl.ControllerUnpublishVolume(csi_pb2.ControllerUnpublishVolumeRequest(volume_id=volume.volume_id))
+    publish(csi, volume.volume_id, "node-a", rwx)
+    assert code_of(publish, csi, volume.volume_id, "node-a", block()) == Code.ALREADY_EXISTS
+    assert publish(csi, volume.volume_id, "node-a", rwx)["target_iqn"]
+
+
 # ---- validate, list, get, capacity, expand -----------------------------------------------------
 
 
@@ -307,7 +330,7 @@ def test_expand(csi):
     assert grown.capacity_bytes == 2 * GiB and grown.node_expansion_required
     again = csi.ctl.ControllerExpandVolume(Request(volume_id=volume.volume_id, volume_capability=block(),
                                                    capacity_range=csi_pb2.CapacityRange(required_bytes=GiB)))
-    assert again.capacity_bytes == 2 * GiB and not again.node_expansion_required
+    assert again.capacity_bytes == 2 * GiB and again.node_expansion_required  # block too: the node rescans
     assert csi.env.agents.count("expand_volume") == 2  # a size reached is asked again: the agent answers at once
     owner = csi.env.store.get_volume("pvc-1").owner_node
     assert csi.env.agents.agent(owner).volumes[volume.volume_id]["size_bytes"] == 2 * GiB
