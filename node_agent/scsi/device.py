@@ -237,10 +237,8 @@ class LogicalUnit:
             return ScsiResult(CHECK_CONDITION, sense=cc.sense(self.mode.d_sense))
         except ReservationConflict:
             return ScsiResult(RESERVATION_CONFLICT)
-        except Exception:  # a bug or an I/O error: never leak it to the transport
-            log.exception("SCSI command %s failed", bytes(cdb[:16]).hex())
-            return ScsiResult(CHECK_CONDITION, sense=build_sense(S.INTERNAL_TARGET_FAILURE,
-                                                                 descriptor=self.mode.d_sense))
+        except Exception as exc:  # a bug or an I/O error: never leak it to the transport
+            return self._failed(exc, f"SCSI command {bytes(cdb[:16]).hex()}")
 
     def execute_inline(self, cdb, data_out) -> ScsiResult | None:
         """A common READ/WRITE(10/16) (see ``_read_write``) done now, or None (nothing done): then
@@ -560,6 +558,16 @@ class LogicalUnit:
         if self._closed or self.sanitize_stopping:  # a removal or a fence came first: nothing was erased
             raise InterruptedError("the sanitize was stopped before its pass began")
 
+    def _failed(self, exc: Exception, what: str) -> ScsiResult:
+        """CHECK CONDITION for a command that raised ``exc``: out of space says so (``S.failure_code``) and is
+        logged in one line (a full disk fails every write until it is freed); anything else with its trace."""
+        code = S.failure_code(exc)
+        if code is S.INTERNAL_TARGET_FAILURE:
+            log.error("%s failed", what, exc_info=exc)
+        else:
+            log.warning("%s failed: %s: the backing store is out of space", what, exc)
+        return ScsiResult(CHECK_CONDITION, sense=build_sense(code, descriptor=self.mode.d_sense))
+
     def _run_blocking(self, io: Callable[[], Any], done: ScsiResult | None) -> ScsiResult:
         with self._io_lock:
             while self._io_paused and not self._closed:
@@ -570,10 +578,8 @@ class LogicalUnit:
             self._io_running += 1
         try:
             data = io()
-        except Exception:
-            log.exception("deferred I/O of %s failed", self.target_name)
-            return ScsiResult(CHECK_CONDITION, sense=build_sense(S.INTERNAL_TARGET_FAILURE,
-                                                                 descriptor=self.mode.d_sense))
+        except Exception as exc:
+            return self._failed(exc, f"deferred I/O of {self.target_name}")
         finally:
             with self._io_lock:
                 self._io_running -= 1

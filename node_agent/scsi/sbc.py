@@ -314,7 +314,7 @@ def read_defect_data_12(lu, nexus, cdb, data_out, edtl):
 def synchronize_cache(lu, nexus, cdb, data_out, edtl):
     """SYNCHRONIZE CACHE(10/16) (SBC-3 §5.22): fdatasync; GOOD means stable (even with IMMED)."""
     count = cdb.number_of_blocks
-    if cdb.lba > lu.num_blocks or (count and cdb.lba + count > lu.num_blocks):
+    if cdb.lba >= lu.num_blocks or (count and cdb.lba + count > lu.num_blocks):  # the LBA itself must exist
         raise CheckCondition(S.LBA_OUT_OF_RANGE)
     return _off_the_loop(lu, lu.backing.flush, None)  # fdatasync
 
@@ -326,7 +326,7 @@ def pre_fetch(lu, nexus, cdb, data_out, edtl):
     INVALID FIELD IN CDB (SBC-4 §6.6.4, transfer limits table); 0 (up to the last block) names no
     length, and a prefetch may stop short of what it asks anyway, so it is accepted."""
     count = cdb.prefetch_length
-    if cdb.lba > lu.num_blocks or cdb.lba + count > lu.num_blocks:
+    if cdb.lba >= lu.num_blocks or cdb.lba + count > lu.num_blocks:
         raise CheckCondition(S.LBA_OUT_OF_RANGE)
     if count > lu.max_prefetch_blocks:
         raise CheckCondition(S.INVALID_FIELD_IN_CDB, field_pointer=offset_of(cdb, "prefetch_length"))
@@ -335,6 +335,8 @@ def pre_fetch(lu, nexus, cdb, data_out, edtl):
 
 def start_stop_unit(lu, nexus, cdb, data_out, edtl):
     """START STOP UNIT (SBC-3 §5.20): LOEJ loads/ejects a removable medium; stopping flushes."""
+    # Reserved POWER CONDITION codes are not refused: libiscsi's StartStopUnit.PwrCnd sends all sixteen with
+    # LOEJ and expects GOOD with nothing ejected (any code but START_VALID leaves START and LOEJ unused).
     if cdb.loej:
         if not lu.settings.removable:
             raise CheckCondition(S.INVALID_FIELD_IN_CDB, field_pointer=4, bit_pointer=1)
@@ -477,6 +479,9 @@ def _replicate(lu, lba: int, count: int, block: bytes) -> None:
         done += n
 
 
+_LBA_STATUS_LOOKUPS = 4096  # backing store extent lookups one GET LBA STATUS makes at most
+
+
 def get_lba_status(lu, nexus, cdb, data_out, edtl):
     """GET LBA STATUS (SBC-3 §5.5): mapped/deallocated extents from SEEK_DATA/SEEK_HOLE."""
     lba = cdb.lba
@@ -484,14 +489,30 @@ def get_lba_status(lu, nexus, cdb, data_out, edtl):
         raise CheckCondition(S.LBA_OUT_OF_RANGE)
     bs = lu.block_size
     room = max(1, (min(cdb.allocation_length, 1 << 16) - LBA_STATUS_HEADER.size) // LBA_STATUS_DESCRIPTOR.size)
-    out = bytearray()
-    while lba < lu.num_blocks and len(out) // LBA_STATUS_DESCRIPTOR.size < room:
+    runs: list[list[int]] = []  # [lba, blocks, status], adjacent runs of one status merged
+    end = min(lu.num_blocks, lba + 0xFFFFFFFF)
+    for _ in range(_LBA_STATUS_LOOKUPS):  # bounded: fewer LBAs described is an answer too; the client asks on
+        if lba >= lu.num_blocks:
+            break
         mapped, run = lu.backing.extent(lba * bs, min(lu.num_blocks - lba, 0xFFFFFFFF) * bs)
-        blocks = max(1, -(-run // bs))
-        out += LBA_STATUS_DESCRIPTOR.encode(
-            lba=lba, number_of_blocks=blocks,
-            provisioning_status=PROVISIONING_MAPPED if mapped else PROVISIONING_DEALLOCATED)
+        # An LBA is deallocated only if all of it is a hole: the backing file's holes may be finer than the
+        # LBA (a 1 KiB-block filesystem under 4 KiB LBAs), and with LBPRZ=1 "deallocated" promises zeros, which
+        # sparse-aware copiers skip. A hole's run is rounded down; one shorter than an LBA leaves it mapped.
+        blocks = -(-run // bs) if mapped else run // bs
+        if not blocks:
+            mapped, blocks = True, 1
+        status = PROVISIONING_MAPPED if mapped else PROVISIONING_DEALLOCATED
+        if runs and runs[-1][2] == status and runs[-1][1] + blocks <= 0xFFFFFFFF:
+            runs[-1][1] += blocks
+        elif len(runs) < room:
+            runs.append([lba, blocks, status])
+        else:
+            break
         lba += blocks
+        if lba >= end:
+            break
+    out = b"".join(bytes(LBA_STATUS_DESCRIPTOR.encode(lba=start, number_of_blocks=count, provisioning_status=status))
+                   for start, count, status in runs)
     header = LBA_STATUS_HEADER.encode(parameter_data_length=len(out) + 4)
     return bytes(header) + out
 

@@ -8,6 +8,7 @@ bytes, fixed format (response code 70h, §4.5.3) or descriptor format (72h,
 
 from __future__ import annotations
 
+import errno
 from typing import NamedTuple
 
 from node_agent.wire import Field, Layout
@@ -79,6 +80,9 @@ CAPACITY_DATA_HAS_CHANGED = SenseCode(UNIT_ATTENTION, 0x2A, 0x09)
 REPORTED_LUNS_DATA_HAS_CHANGED = SenseCode(UNIT_ATTENTION, 0x3F, 0x0E)
 WRITE_PROTECTED = SenseCode(DATA_PROTECT, 0x27, 0x00)
 SOFTWARE_WRITE_PROTECTED = SenseCode(DATA_PROTECT, 0x27, 0x02)
+# SBC-3 §4.7.3.7: a write the logical unit has no room for. Linux's scsi_check_sense turns it into ENOSPC (a
+# full filesystem to the guest, not EIO) and VMware pauses the VM until space is freed.
+SPACE_ALLOCATION_FAILED_WRITE_PROTECT = SenseCode(DATA_PROTECT, 0x27, 0x07)
 # iSCSI conditions that end a write whose Data-Out went wrong (RFC 7143 §11.4.7.2; ASC/ASCQ names from SPC-4)
 UNEXPECTED_UNSOLICITED_DATA = SenseCode(ABORTED_COMMAND, 0x0C, 0x0C)  # WRITE ERROR - UNEXPECTED UNSOLICITED DATA
 INCORRECT_AMOUNT_OF_DATA = SenseCode(ABORTED_COMMAND, 0x0C, 0x0D)  # WRITE ERROR - NOT ENOUGH UNSOLICITED DATA
@@ -235,3 +239,11 @@ def describe(status: int, key: int = 0, asc: int = 0, ascq: int = 0) -> str:
     what = _CODE_NAMES.get(SenseCode(key, asc, ascq)) or _ASC_NAMES.get((asc, ascq))
     return (f"{text}: {SENSE_KEY_NAMES[key & 0xF]}{', ' + what if what and (asc or ascq) else ''} "
             f"(sense key {key:#x}, ASC/ASCQ {asc:#04x}/{ascq:#04x})")
+
+
+def failure_code(exc: BaseException) -> SenseCode:
+    """The sense of a command that ``exc`` ended: the backing store out of space (ENOSPC, EDQUOT: a thin volume
+    whose disk filled up) is SPACE ALLOCATION FAILED WRITE PROTECT; anything else INTERNAL TARGET FAILURE."""
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return SPACE_ALLOCATION_FAILED_WRITE_PROTECT
+    return INTERNAL_TARGET_FAILURE

@@ -375,8 +375,8 @@ def _run(job: _Copy, outcome: CopyOutcome) -> None:
                 outcome.end(COPY_FAILED, failed.code)
                 return
             outcome.segments_processed += 1
-    except BaseException:  # an I/O error or a bug: the command says so; what is held must not stay "in progress"
-        outcome.end(COPY_FAILED, S.INTERNAL_TARGET_FAILURE)
+    except BaseException as exc:  # an I/O error or a bug: the command says so; what is held must not stay
+        outcome.end(COPY_FAILED, S.failure_code(exc))  # "in progress" (a full disk: out of space, not a failure)
         raise
     outcome.end(COPY_COMPLETED)
 

@@ -204,3 +204,58 @@ def test_write_same_without_data_on_a_fully_provisioned_unit_writes_zeros_and_ke
     assert lu.backing.read(0, 8 * BS) == bytes(8 * BS)
     lu.backing.flush()
     assert os.stat(tmp_path / "lun.img").st_blocks >= allocated
+
+
+# ---- out of space, and holes finer than an LBA ---------------------------------------------------------------
+
+
+def test_a_write_the_backing_store_has_no_room_for_is_space_allocation_failed(monkeypatch):
+    """SBC-3 §4.7.3.7: a thin unit whose disk is full answers DATA PROTECT, SPACE ALLOCATION FAILED WRITE
+    PROTECT (27h/07h), which Linux turns into ENOSPC and VMware into a paused VM, not HARDWARE ERROR (EIO):
+    inline (WRITE(10)), on the full path (WRITE(12)) and deferred to a worker (WRITE SAME(16))."""
+    import errno
+
+    lu = make_lu("memory")
+    run(lu, bytes(6))  # TEST UNIT READY: the unit attention
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(lu.backing, "write", full)
+    monkeypatch.setattr(lu.backing, "writev", full, raising=False)
+    for cdb, data in ((cdb10(0x2A, 0, 8), b"\x5a" * 8 * BS), (cdb12(0xAA, 8, 8), b"\x5a" * 8 * BS),
+                      (cdb16(0x93, 16, 8), b"\x01" * BS)):
+        result = run(lu, cdb, data)
+        assert sense_of(result) == S.SPACE_ALLOCATION_FAILED_WRITE_PROTECT, cdb.hex()
+    monkeypatch.setattr(lu.backing, "write", lambda *a, **k: (_ for _ in ()).throw(OSError(errno.EIO, "I/O")))
+    assert sense_of(run(lu, cdb10(0x2A, 0, 8), b"\x5a" * 8 * BS)) == S.INTERNAL_TARGET_FAILURE
+
+
+def test_get_lba_status_calls_no_lba_with_data_in_it_deallocated(monkeypatch):
+    """SBC-3 §5.5: with LBPRZ=1 "deallocated" promises zeros, so sparse-aware copiers skip such LBAs. A backing
+    file's holes can be finer than an LBA (a 1 KiB-block filesystem under 4 KiB LBAs, here bytes under 512-byte
+    LBAs): an LBA is deallocated only when all of it is a hole."""
+    lu = make_lu("memory")
+    size = lu.num_blocks * BS
+    layout = [(False, 0, 300), (True, 300, 512), (False, 512, 2148), (True, 2148, 2198), (False, 2198, size)]
+
+    def extent(offset, limit):
+        end = min(offset + limit, size)
+        mapped, _, stop = next(part for part in layout if part[1] <= offset < part[2])
+        return mapped, min(stop, end) - offset
+
+    monkeypatch.setattr(lu.backing, "extent", extent)
+    data = bytes(run(lu, bytes([0x9E, 0x12]) + bytes(8) + (128).to_bytes(4, "big") + b"\0\0", edtl=128).data)
+    descriptors = [(int.from_bytes(data[o:o + 8], "big"), int.from_bytes(data[o + 8:o + 12], "big"), data[o + 12])
+                   for o in range(8, len(data), 16)]
+    # LBA 0 and LBA 4 each hold some data: mapped; LBAs 1-3 and 5 on are holes through and through.
+    assert descriptors == [(0, 1, 0), (1, 3, 1), (4, 1, 0), (5, lu.num_blocks - 5, 1)]
+
+
+@pytest.mark.parametrize("opcode", [0x35, 0x34], ids=["SYNCHRONIZE CACHE(10)", "PRE-FETCH(10)"])
+def test_an_lba_past_the_last_is_out_of_range_even_with_no_length(opcode):
+    """SBC-3 §5.22/§5.3: the LBA names a block that must exist; a length of 0 means "to the last block"."""
+    lu = make_lu("memory")
+    run(lu, bytes(6))
+    assert sense_of(run(lu, cdb10(opcode, lu.num_blocks, 0))) == S.LBA_OUT_OF_RANGE
+    assert run(lu, cdb10(opcode, lu.num_blocks - 1, 0)).status == S.GOOD
