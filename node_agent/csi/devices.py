@@ -111,6 +111,10 @@ class DeviceResolver:
         self._check_device(volume_id, record.device_path, record.export.naa, record.export.serial)
         return record.device_path
 
+    def known(self, volume_id: str) -> bool:
+        """Whether the agent has a record of the volume (ControllerPublishVolume to this node, not unpublished)."""
+        return self.attachments.get(volume_id) is not None
+
     def logged_in(self, volume_id: str) -> str:
         """The device of a volume logged in here, unchecked ("" when there is none): for tearing down."""
         record = self.attachments.get(volume_id)

@@ -28,31 +28,40 @@ Idempotency, RPC by RPC (a repeat of a finished call answers as the first did):
   filesystem is mounted ``ro`` with ``noload`` (ext4) or ``norecovery`` (xfs), so not even a journal replay
   writes it.  An ext4 smaller than its device (the volume grew meanwhile) is grown before a writable mount.
   A stage that fails after logging in logs out again (unless the device is in use), so a failed stage leaves
-  no session behind.  A failed mount answers FAILED_PRECONDITION with mount's message.  Block access mounts
-  nothing at stage.
+  no session behind.  A failed mount, and an ext4 that ``dumpe2fs`` or the offline growth fail on (damaged),
+  answer FAILED_PRECONDITION with the command's message.  Block access mounts nothing at stage: it leaves a
+  marker file holding the volume id (``BLOCK_STAGE_MARKER``) in the staging directory, so that a stage with
+  mount access at that path is ALREADY_EXISTS, as a block stage where a filesystem is staged is (also after
+  the agent restarted); NodeUnstageVolume removes it.
 - Mount flags are filesystem options, one per flag; flags that change what is mounted or how
   (``REFUSED_MOUNT_FLAGS``: ``ro``/``rw`` are the access mode's and ``readonly``'s to say; ``loop``,
   ``offset=``, ``sizelimit=`` mount a loop device instead of the volume; ``bind``, ``remount``, ``X-mount.*``,
-  propagation flags, ...) are INVALID_ARGUMENT.
+  propagation flags, ...) are INVALID_ARGUMENT; so are ``noload``/``norecovery`` (no journal replay: the plugin
+  adds them itself to a read-only stage, a writable mount never goes without) and mount(8)'s ``user``,
+  ``users``, ``owner``, ``group`` (meaningless for root's mount, and they add nosuid/nodev/noexec of their own).
 - NodePublishVolume: no ``staging_target_path`` -> FAILED_PRECONDITION (the spec's row for a plugin with
   STAGE_UNSTAGE_VOLUME).  Target already mounted from the same source, for the same access type and
-  read-only-ness -> OK; anything else there -> ALREADY_EXISTS.  Mount access bind-mounts the staging path;
-  block access bind-mounts the device file onto a file at the target path.  ``readonly`` (or a reader-only
+  read-only-ness (and for mount access: staged with the capability's filesystem and mount flags, as far as
+  mountinfo shows them) -> OK; anything else there -> ALREADY_EXISTS.  Mount access bind-mounts the staging
+  path; block access bind-mounts the device file onto a file at the target path.  ``readonly`` (or a reader-only
   access mode) makes the bind mount read-only, and for block access the device bound is a read-only loop
   device over the volume's (``losetup --read-only``): the kernel refuses writes to it, where a read-only bind
   mount of a device node refuses none.  FAILED_PRECONDITION (the spec's "published with another capability"):
   block access while the volume's filesystem is mounted (staged), mount access while it is published for
-  block access, and a SINGLE_NODE_SINGLE_WRITER volume published at another target already.
+  block access, mount access with another filesystem or mount flags than the staging mount's (a first
+  publish; its repeat would be ALREADY_EXISTS), and a SINGLE_NODE_SINGLE_WRITER volume published at another
+  target already.
 - NodeUnpublishVolume: unmount what is mounted there (and detach the read-only loop device a read-only block
   publish made); remove the empty directory or file publish made; anything else there, or a path that is not
   mounted or does not exist -> OK, left as it is.
 - NodeUnstageVolume: unmount the staging path if it holds this volume's device (another volume's staging mount
   stays: this volume is not staged there), then log out (the agent keeps the record until
-  ControllerUnpublishVolume); refuses (FAILED_PRECONDITION) while the device is still published somewhere:
-  a device path must not outlive its login.  The volume's devices are the agent's answer
-  (``DeviceResolver.unstage_devices``): a recorded ``/dev/sdX`` that is another volume's disk by now (a host
-  reboot) is not, so that volume's mounts neither block nor are taken; a dead loop device a stopped agent left
-  of a userspace volume is, so the staging mount made on it is unmounted and the logout removes the device.
+  ControllerUnpublishVolume), then remove the block stage marker; refuses (FAILED_PRECONDITION) while the
+  device is still published somewhere: a device path must not outlive its login.  The volume's devices are the
+  agent's answer (``DeviceResolver.unstage_devices``): a recorded ``/dev/sdX`` that is another volume's disk by
+  now (a host reboot) is not, so that volume's mounts neither block nor are taken; a dead loop device a stopped
+  agent left of a userspace volume is, so the staging mount made on it is unmounted and the logout removes the
+  device.
 - NodeExpandVolume: an unsupported ``volume_capability`` -> INVALID_ARGUMENT (this RPC's "exceeds
   capabilities").  The device re-reads its capacity (the connector's rescan); smaller than
   ``required_bytes`` -> UNAVAILABLE (the LUN's new size is not seen yet: retry).  Then ``resize2fs`` (ext4)
@@ -60,8 +69,9 @@ Idempotency, RPC by RPC (a repeat of a finished call answers as the first did):
   ``volume_path`` is read-only), nothing more for block (read-only loop devices take the new size).  A
   filesystem that already fills the device is left as it is.
 - NodeGetVolumeStats: NOT_FOUND for a path where nothing of this volume is mounted (another volume's mount
-  there too); volume_condition is abnormal when the node is not logged in, the device is gone or not the
-  volume's, the session or its FUSE export is down, or I/O errors were seen.
+  there too), and for a volume this node has no record of (not ControllerPublishVolume'd here);
+  volume_condition is abnormal when the node is not logged in, the device is gone or not the volume's, the
+  session or its FUSE export is down, or I/O errors were seen.
 
 The device comes from ``DeviceResolver`` (the agent's attachment, checked).  A second call
 on a volume while one is under way is ABORTED (``InFlight``).
@@ -112,11 +122,33 @@ REFUSED_MOUNT_FLAGS = frozenset({
     "loop", "offset", "sizelimit", "encryption",
     "helper", "uhelper",
     "shared", "rshared", "slave", "rslave", "private", "rprivate", "unbindable", "runbindable",
+    "noload", "norecovery",
+    "user", "users", "owner", "group",
 })
+#: Why some of ``REFUSED_MOUNT_FLAGS`` are refused, where it is not the general "not a filesystem option".
+REFUSED_BECAUSE = {
+    # A writable ext4 mounted with noload runs without its journal (and skips its replay): the next crash leaves it
+    # inconsistent.  A read-only stage gets them from the plugin itself (NO_REPLAY): a mount flag is never needed.
+    **dict.fromkeys(("noload", "norecovery"),
+                    "it skips the filesystem's journal replay: a read-only stage gets it from the plugin, a writable "
+                    "mount must never go without"),
+    # mount(8)'s options for an fstab entry that a user other than root may mount: they mean nothing for a mount
+    # the plugin makes as root, except that mount(8) adds nosuid,nodev(,noexec) of its own, which a repeated
+    # stage would then see as flags not asked for (ALREADY_EXISTS for an identical repeat).  Refused rather than
+    # expanded in flags_differ: what they imply is mount(8)'s rule (a later "exec" undoes "user"'s noexec, ...),
+    # and a StorageClass that wants nosuid, nodev or noexec can say so.
+    **dict.fromkeys(("user", "users", "owner", "group"),
+                    "it is mount(8)'s option for mounts by users other than root, and adds nosuid, nodev (and "
+                    "noexec) of its own: ask for those flags themselves"),
+}
 #: Prefixes of mount(8)'s userspace options (``X-mount.mkdir``, ``X-mount.subdir=``, ``x-systemd.*``).
 REFUSED_MOUNT_FLAG_PREFIXES = ("X-", "x-")
 #: What a read-only stage adds to ``ro`` so that mounting writes nothing (no journal or log replay).
 NO_REPLAY = {"ext4": "noload", "xfs": "norecovery"}
+#: The file a block stage leaves in its staging directory (it mounts nothing there), holding the volume id: the
+#: record that the path is staged for block access, which a later stage with mount access at the same path must
+#: see (ALREADY_EXISTS), also after the agent restarted.  NodeUnstageVolume removes it.
+BLOCK_STAGE_MARKER = ".shoal-block-stage"
 
 
 class NodeLabels:
@@ -190,10 +222,19 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
         volume_id = request.volume_id
         _not_a_symlink(path, "staging_target_path")
         current = self.mounter.mounted_at(path)
+        marked = None if current is not None else _block_stage_of(path)
         if caps.is_block(capability):
             if current is not None:  # staged before as a filesystem: not the same volume capability
                 raise AlreadyExists(f"volume {volume_id} is staged at {path} with a filesystem, not for block access")
+            if marked and marked != volume_id:
+                raise AlreadyExists(f"{path} is the staging path of volume {marked} for block access, not of "
+                                    f"volume {volume_id}")
+            if marked is None:
+                _mark_block_stage(path, volume_id)
             return
+        if marked is not None:  # staged before for block access: not the same volume capability
+            raise AlreadyExists(f"volume {marked or volume_id} is staged at {path} for block access, not with a "
+                                "filesystem")
         fs_type = capability.mount.fs_type or caps.DEFAULT_FS_TYPE
         read_only = capability.access_mode.mode in caps.READ_ONLY_MODES
         flags = list(capability.mount.mount_flags)
@@ -212,10 +253,8 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
             self._format(request, device, fs_type)
         elif found != fs_type:
             raise FailedPrecondition(f"volume {volume_id} holds {found!r}, not {fs_type!r}: it is never reformatted")
-        elif found == "ext4" and not read_only and self.mounter.ext4_size(device) < _size(device):
-            # The volume grew while it was not staged (or where online growth is refused): grow it now,
-            # before it is mounted.  xfs grows only mounted: NodeExpandVolume does that.
-            self.mounter.grow_offline(device)
+        elif found == "ext4" and not read_only:
+            self._grow_ext4_offline(volume_id, device)
         _make_directory(path)
         self._recheck(request, device)
         options = flags + (["ro", NO_REPLAY[fs_type]] if read_only else [])
@@ -223,6 +262,18 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
             self.mounter.mount(device, path, fs_type, options)
         except CommandFailed as exc:  # a mount flag the filesystem refuses, a filesystem needing a check, ...
             raise FailedPrecondition(f"volume {volume_id}: mounting its {fs_type} at {path} failed: {exc}") from None
+
+    def _grow_ext4_offline(self, volume_id: str, device: str) -> None:
+        """The volume grew while it was not staged (or where online growth is refused): grow its ext4 now,
+        before it is mounted.  xfs grows only mounted: NodeExpandVolume does that.  A filesystem that
+        ``dumpe2fs``, ``e2fsck -p`` or ``resize2fs`` fail on (damaged: a checksum that does not match, ...) is
+        FAILED_PRECONDITION, as a failed mount is: it needs a check by hand, which no retry of the stage does."""
+        try:
+            if self.mounter.ext4_size(device) < _size(device):
+                self.mounter.grow_offline(device)
+        except CommandFailed as exc:
+            raise FailedPrecondition(f"volume {volume_id}: its ext4 on {device} could not be checked or grown to "
+                                     f"the device's size (it needs e2fsck by hand): {exc}") from None
 
     def _check_staged(self, volume_id: str, path: str, current: Mount, device: str, fs_type: str,
                       read_only: bool, flags: list[str]) -> None:
@@ -302,6 +353,10 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
             for device in devices:
                 self._detach_unused_loops(device)
             self.devices.unstage(volume_id)
+            # Only once logged out: an unstage that fails before is repeated, and finds the volume still staged
+            # for block access meanwhile (a stage with mount access there stays refused).
+            if mount is None or ours:
+                _unmark_block_stage(path, volume_id)
         return csi_pb2.NodeUnstageVolumeResponse()
 
     # -- publish ---------------------------------------------------------------------------------------------
@@ -329,7 +384,17 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
             current = self.mounter.mounted_at(target)
             if current is not None:
                 self._check_published(volume_id, target, current, rdev, block, readonly)
+                if not block:
+                    unlike = _unlike_staged(capability, staged)
+                    if unlike:  # the spec's "published ... but is incompatible with the specified volume_capability"
+                        raise AlreadyExists(f"volume {volume_id} is published at {target} from its staging at "
+                                            f"{staging}, staged {unlike}: not as the capability asks")
                 return csi_pb2.NodePublishVolumeResponse()
+            if not block:
+                unlike = _unlike_staged(capability, staged)
+                if unlike:  # a first publish that would answer OK, and then its identical repeat ALREADY_EXISTS
+                    raise FailedPrecondition(f"volume {volume_id} is staged at {staging} {unlike}: it is published "
+                                             "with the capability it was staged with only (NodeStageVolume again)")
             self._check_other_uses(volume_id, capability, device, staging, target)
             if block:
                 self._publish_block(device, target, readonly)
@@ -514,8 +579,12 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
         return csi_pb2.NodeGetVolumeStatsResponse(usage=usage, volume_condition=condition)
 
     def _check_volume_at(self, volume_id: str, path: str, mount: Mount) -> None:
-        """NOT_FOUND when ``path`` holds another device than the volume's.  A volume not logged in here, or
-        whose device is gone, cannot be compared: the volume condition reports that."""
+        """NOT_FOUND for a volume this node has no record of (the spec's "Volume does not exist ... on specified
+        volume_path": nothing of it can be there, whatever is mounted), and when ``path`` holds another device
+        than the volume's.  A volume published here but not logged in, or whose device is gone, cannot be
+        compared: the volume condition reports that."""
+        if not self.devices.known(volume_id):
+            raise NotFound(f"volume {volume_id} is not published to this node: {path} holds nothing of it")
         device = self.devices.logged_in(volume_id)
         try:
             rdev = os.stat(device).st_rdev if device else None
@@ -523,6 +592,65 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
             rdev = None
         if rdev is not None and self._held_at(path, mount, rdev) is None:
             raise NotFound(f"{path} holds {mount.source}, not volume {volume_id}")
+
+
+def _block_stage_of(path: str) -> str | None:
+    """The volume id the block stage marker at staging path ``path`` names ("" if it names none: written by
+    hand), or None when there is no marker (nothing staged there for block access)."""
+    marker = os.path.join(path, BLOCK_STAGE_MARKER)
+    try:
+        fd = os.open(marker, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except OSError as exc:  # a symbolic link (ELOOP) or unreadable: never taken as "nothing staged"
+        raise FailedPrecondition(f"the block stage marker {marker} cannot be read ({exc.strerror})") from None
+    try:
+        return os.read(fd, 4096).decode("utf-8", "replace").strip()
+    finally:
+        os.close(fd)
+
+
+def _mark_block_stage(path: str, volume_id: str) -> None:
+    """Leave the marker of a block stage in the staging directory (made here if the CO did not), whole or not at
+    all (written aside, then renamed over), and on disk before the stage answers."""
+    _make_directory(path)
+    marker = os.path.join(path, BLOCK_STAGE_MARKER)
+    partial = marker + ".new"
+    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o640)
+    try:
+        os.write(fd, volume_id.encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(partial, marker)
+
+
+def _unmark_block_stage(path: str, volume_id: str) -> None:
+    """Remove the block stage marker of ``volume_id`` at ``path`` (another volume's stays, as its mounts do)."""
+    if _is_symlink(path):
+        return
+    marked = _block_stage_of(path)
+    if marked == volume_id or marked == "":
+        try:
+            os.unlink(os.path.join(path, BLOCK_STAGE_MARKER))
+        except FileNotFoundError:
+            pass
+    elif marked is not None:
+        log.warning("unstage of volume %s: %s is the block staging path of volume %s: left as it is", volume_id,
+                    path, marked)
+
+
+def _unlike_staged(capability: csi_pb2.VolumeCapability, staged: Mount) -> str:
+    """How the staging mount ``staged`` differs from a mount publish's capability: its filesystem type, and the
+    mount flags as far as mountinfo shows them (``flags_differ``, as a repeated stage compares them); "" when it
+    does not.  A publish binds the staging mount as it is: a filesystem or mount flags it asks for otherwise are
+    not what it gets.  (The CO gives a publish the capability of the stage: kubelet does.)"""
+    fs_type = capability.mount.fs_type or caps.DEFAULT_FS_TYPE
+    unlike = [f"as {staged.fs_type}, not {fs_type}"] if staged.fs_type != fs_type else []
+    differ = flags_differ(list(capability.mount.mount_flags), staged)
+    if differ:
+        unlike.append(f"with other mount flags: {', '.join(differ)}")
+    return " and ".join(unlike)
 
 
 def _size(path: str) -> int:
@@ -546,7 +674,10 @@ def _supported(capability: csi_pb2.VolumeCapability) -> csi_pb2.VolumeCapability
         for flag in capability.mount.mount_flags:
             if not flag or "," in flag:
                 raise InvalidArgument(f"mount flag {flag!r} is not accepted: give one filesystem option per flag")
-            if flag.split("=", 1)[0] in REFUSED_MOUNT_FLAGS or flag.startswith(REFUSED_MOUNT_FLAG_PREFIXES):
+            name = flag.split("=", 1)[0]
+            if name in REFUSED_BECAUSE:
+                raise InvalidArgument(f"mount flag {flag!r} is not accepted: {REFUSED_BECAUSE[name]}")
+            if name in REFUSED_MOUNT_FLAGS or flag.startswith(REFUSED_MOUNT_FLAG_PREFIXES):
                 raise InvalidArgument(f"mount flag {flag!r} is not accepted: mount flags are filesystem options; "
                                       "read-only is the access mode's or the publish's readonly to say")
     return capability

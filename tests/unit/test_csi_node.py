@@ -460,7 +460,7 @@ def test_mount_flags_and_readonly_publish(env):
     loop = env.attach_loop()
     env.stage(loop, mount_cap(flags=["noatime"]))
     assert "noatime" in env.servicer.mounter.mounted_at(env.staging).options
-    env.publish(loop, readonly=True)
+    env.publish(loop, mount_cap(flags=["noatime"]), readonly=True)  # the stage's capability, as kubelet gives it
     with pytest.raises(OSError) as info:
         open(os.path.join(env.target, "x"), "w")
     assert info.value.errno == errno.EROFS
