@@ -182,6 +182,12 @@ class LogicalUnit:
         self.rmw_lock = threading.Lock()  # COMPARE AND WRITE, ORWRITE: read to write (``sbc._read_modify_write``)
         self._io_running = 0  # deferred I/O running on worker threads
         self._io_paused = 0  # ``io_paused`` holders: deferred I/O waits before it starts
+        # Deferred I/O in order: a ticket per job from when the event loop hands it out (``deferred``) until it
+        # has run (and per ``foreign_io`` section while it runs), so that ``wait_for_earlier_io`` waits for the
+        # jobs before its own, whether running or still queued for a worker, and for none after it.
+        self._tickets = 0
+        self._unfinished: set[int] = set()
+        self._worker = threading.local()  # .ticket: the job this worker thread runs
         self._closed = False
 
     # -- the dispatcher --------------------------------------------------------
@@ -496,7 +502,19 @@ class LogicalUnit:
         ``ScsiResult`` it returned).
 
         Every check of the command has already passed on the event loop; only the I/O moves."""
-        return ScsiResult(GOOD, blocking=lambda: self._run_blocking(io, done))
+        ticket = self._take_ticket()
+        return ScsiResult(GOOD, blocking=lambda: self._run_blocking(io, done, ticket))
+
+    def _take_ticket(self) -> int:
+        with self._io_lock:
+            self._tickets += 1
+            self._unfinished.add(self._tickets)
+            return self._tickets
+
+    def _return_ticket(self, ticket: int) -> None:  # under ``_io_lock``
+        self._unfinished.discard(ticket)
+        if not self._unfinished or min(self._unfinished) > ticket:  # the oldest ended: a waiter may go on
+            self._io_lock.notify_all()
 
     @contextlib.contextmanager
     def io_paused(self) -> Iterator[None]:
@@ -527,6 +545,10 @@ class LogicalUnit:
         with self._io_lock:
             admitted = not (self._closed or self._io_paused)
             self._io_running += admitted
+            if admitted:
+                self._tickets += 1
+                ticket = self._tickets
+                self._unfinished.add(ticket)
         if not admitted:
             yield False
             return
@@ -535,15 +557,18 @@ class LogicalUnit:
         finally:
             with self._io_lock:
                 self._io_running -= 1
-                if self._io_running <= 1:  # as ``_run_blocking``: io_paused waits for 0, the others for 1
+                self._return_ticket(ticket)
+                if self._io_running <= 1:  # as ``_run_blocking``: io_paused waits for 0
                     self._io_lock.notify_all()
 
     def wait_for_earlier_io(self) -> None:
-        """On a worker, inside ``_run_blocking``: wait until this unit's other I/O on workers has ended (the
-        FairPool starts one unit's jobs in the order they came, so all that came before is running or done).
-        PREEMPT AND ABORT's GOOD waits so: no WRITE of a preempted nexus lands after it."""
+        """On a worker, inside ``_run_blocking``: wait until this unit's deferred I/O handed out before this job
+        (running, or still queued for a worker) has ended; what was handed out after it is not waited for, so
+        a steady stream of later I/O cannot hold it back.  PREEMPT AND ABORT's GOOD, and a reset's answer,
+        wait so: no WRITE of a preempted or aborted nexus lands after them."""
+        mine = getattr(self._worker, "ticket", None)
         with self._io_lock:
-            while self._io_running > 1 and not self._closed:
+            while not self._closed and self._unfinished and (mine is None or min(self._unfinished) < mine):
                 self._io_lock.wait()
 
     def _after_earlier_io(self) -> None:
@@ -552,9 +577,7 @@ class LogicalUnit:
         before it and still running: that data would outlive a sanitize that answers GOOD.  The portal's
         pool starts one unit's jobs in the order they came (``FairPool``), so what came before is running
         or done by now; commands that come after are refused (SANITIZE IN PROGRESS) and add none."""
-        with self._io_lock:
-            while self._io_running > 1 and not self._closed:
-                self._io_lock.wait()
+        self.wait_for_earlier_io()
         if self._closed or self.sanitize_stopping:  # a removal or a fence came first: nothing was erased
             raise InterruptedError("the sanitize was stopped before its pass began")
 
@@ -568,22 +591,26 @@ class LogicalUnit:
             log.warning("%s failed: %s: the backing store is out of space", what, exc)
         return ScsiResult(CHECK_CONDITION, sense=build_sense(code, descriptor=self.mode.d_sense))
 
-    def _run_blocking(self, io: Callable[[], Any], done: ScsiResult | None) -> ScsiResult:
+    def _run_blocking(self, io: Callable[[], Any], done: ScsiResult | None, ticket: int) -> ScsiResult:
         with self._io_lock:
             while self._io_paused and not self._closed:
                 self._io_lock.wait()
             if self._closed:  # the unit was closed while the command waited for a worker
+                self._return_ticket(ticket)
                 return ScsiResult(CHECK_CONDITION, sense=build_sense(S.INTERNAL_TARGET_FAILURE,
                                                                      descriptor=self.mode.d_sense))
             self._io_running += 1
+        self._worker.ticket = ticket
         try:
             data = io()
         except Exception as exc:
             return self._failed(exc, f"deferred I/O of {self.target_name}")
         finally:
+            self._worker.ticket = None
             with self._io_lock:
                 self._io_running -= 1
-                if self._io_running <= 1:  # io_paused waits for 0, a sanitize's pass for itself alone
+                self._return_ticket(ticket)
+                if self._io_running <= 1:  # io_paused waits for 0
                     self._io_lock.notify_all()
         if done is not None:
             return done
@@ -707,6 +734,7 @@ class LogicalUnit:
         self.stop_sanitize()  # a pass over the whole medium would hold the removal for minutes
         with self._io_lock:
             self._closed = True
+            self._io_lock.notify_all()  # a job waiting for earlier I/O gives up (``wait_for_earlier_io``)
             while self._io_running:
                 self._io_lock.wait()
         if not self.read_only:
@@ -719,6 +747,7 @@ class LogicalUnit:
         """Close the backing store once no deferred I/O uses it (none starts after this)."""
         with self._io_lock:
             self._closed = True
+            self._io_lock.notify_all()
             while self._io_running:
                 self._io_lock.wait()
         self.backing.close()

@@ -259,3 +259,33 @@ def test_an_lba_past_the_last_is_out_of_range_even_with_no_length(opcode):
     run(lu, bytes(6))
     assert sense_of(run(lu, cdb10(opcode, lu.num_blocks, 0))) == S.LBA_OUT_OF_RANGE
     assert run(lu, cdb10(opcode, lu.num_blocks - 1, 0)).status == S.GOOD
+
+
+# ---- PREEMPT AND ABORT's and a reset's wait: for the I/O before it, not after ----------------------------------
+
+
+def test_waiting_for_earlier_io_waits_for_queued_jobs_and_not_for_later_ones():
+    """SPC-4 §5.13.11.5: PREEMPT AND ABORT's GOOD (and a reset's answer) waits for the I/O handed to workers
+    before it (``wait_for_earlier_io``). That includes a job still waiting for its worker thread: counted only
+    once it ran, its WRITE could land after the GOOD. And it excludes I/O handed out after it: counted, a
+    steady stream of a surviving initiator's slow writes held the GOOD back for many seconds (fence_scsi and
+    cluster arbitration time out)."""
+    import threading
+
+    lu = make_lu("memory")
+    log: list[str] = []
+    later_may_end = threading.Event()
+    earlier = lu.deferred(lambda: log.append("earlier I/O"))       # handed out first, not started yet
+    barrier = lu.deferred(lambda: lu.wait_for_earlier_io() or log.append("answer"))
+    later = lu.deferred(lambda: later_may_end.wait(10))            # handed out after: runs all along
+    threads = [threading.Thread(target=job.blocking) for job in (later, barrier)]
+    for thread in threads:
+        thread.start()
+    threads[1].join(0.3)
+    assert threads[1].is_alive() and log == []   # the earlier job, not yet on a worker, is waited for
+    earlier.blocking()
+    threads[1].join(5)
+    assert not threads[1].is_alive() and log == ["earlier I/O", "answer"]  # while the later job still runs
+    later_may_end.set()
+    threads[0].join(5)
+    assert lu._unfinished == set()
