@@ -51,6 +51,16 @@ class ReservationConflict(Exception):
     """Raised by a handler: the command ends with RESERVATION CONFLICT status (SAM-5 §5.3.1)."""
 
 
+def _uint(value, bits: int) -> bool:
+    """``value`` is an int (not a bool) that fits in ``bits`` unsigned bits."""
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 1 << bits
+
+
+def _expect(ok: bool, problem: str) -> None:
+    if not ok:
+        raise ValueError(problem)
+
+
 @dataclass(frozen=True)
 class PrType:
     """A persistent reservation type (SPC-4 §6.16.3 table 205)."""
@@ -125,14 +135,32 @@ class Reservations:
         }
 
     def restore(self, state: dict) -> None:
+        """Take a saved state (``dump``), checked whole first: a file that is valid JSON but holds a value of the
+        wrong kind (hand-edited, or damaged) is refused as an unreadable one is (ValueError), rather than loaded
+        to make every later PR command fail (INTERNAL TARGET FAILURE) while its reservation stays enforced and
+        no initiator can PREEMPT or CLEAR it."""
         if state.get("version") != 1:
             raise ValueError(f"unknown reservation state version {state.get('version')!r}")
-        nexuses = [Nexus(r["initiator_port"], r["target_port"], r["relative_target_port"])
-                   for r in state["registrations"]]
-        self.registrations = {n: r["key"] for n, r in zip(nexuses, state["registrations"])}
-        self.generation, self.aptpl = state["generation"], state["aptpl"]
-        self.type = PR_TYPES[state["type"]] if state["type"] is not None else None
-        self.holder = nexuses[state["holder"]] if state["holder"] is not None else None
+        registrations = state["registrations"]
+        _expect(isinstance(registrations, list), "registrations: not a list")
+        for r in registrations:
+            _expect(isinstance(r, dict) and isinstance(r["initiator_port"], str) and isinstance(r["target_port"], str)
+                    and _uint(r["relative_target_port"], 16) and _uint(r["key"], 64) and r["key"] != 0,
+                    f"registration {r!r}: ports are names, the relative port a 16-bit and the key a non-zero "
+                    "64-bit number")
+        nexuses = [Nexus(r["initiator_port"], r["target_port"], r["relative_target_port"]) for r in registrations]
+        _expect(len(set(nexuses)) == len(nexuses), "an I_T nexus registered twice")
+        generation, aptpl, code, holder = state["generation"], state["aptpl"], state["type"], state["holder"]
+        _expect(_uint(generation, 32), f"generation {generation!r}: not a 32-bit number")
+        _expect(isinstance(aptpl, bool), f"aptpl {aptpl!r}: not true or false")
+        _expect(code is None or (not isinstance(code, bool) and code in PR_TYPES), f"type {code!r}: no such type")
+        wants_holder = code is not None and PR_TYPES[code].registrants != "all"
+        _expect(holder is None or (_uint(holder, 16) and holder < len(nexuses)), f"holder {holder!r}: no such nexus")
+        _expect((holder is not None) == wants_holder, "a reservation's holder and its type do not agree")
+        self.registrations = {n: r["key"] for n, r in zip(nexuses, registrations)}
+        self.generation, self.aptpl = generation, aptpl
+        self.type = PR_TYPES[code] if code is not None else None
+        self.holder = nexuses[holder] if holder is not None else None
         self._settle()
 
     def changed(self) -> None:

@@ -3,6 +3,8 @@ between two I_T nexuses on one logical unit."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from node_agent.scsi import sense as S
@@ -363,6 +365,29 @@ def test_an_unreadable_reservation_file_is_named_and_nothing_is_served_without_i
     (tmp_path / "lun.img.pr").write_text(content)
     with pytest.raises(ValueError, match=r"lun\.img\.pr: the saved persistent reservations cannot be read .*"
                                          "move it aside to drop its reservations"):
+        make_lu("file", tmp_path)
+
+
+_REGISTERED = {"initiator_port": "iqn.2007-10.com.example:init,i,0x000000000001",
+               "target_port": "iqn.2026-01.io.shoal:t,t,0x0001", "relative_target_port": 1, "key": 17}
+_SAVED = {"version": 1, "generation": 3, "aptpl": True, "registrations": [_REGISTERED], "type": 1, "holder": 0}
+
+
+@pytest.mark.parametrize("change", [
+    {"generation": "5"}, {"generation": True}, {"generation": -1}, {"aptpl": 1}, {"type": 2}, {"type": "1"},
+    {"holder": 1}, {"holder": None}, {"type": 7}, {"registrations": {}},
+    {"registrations": [dict(_REGISTERED, key="17")]}, {"registrations": [dict(_REGISTERED, key=1 << 64)]},
+    {"registrations": [dict(_REGISTERED, key=0)]}, {"registrations": [dict(_REGISTERED, initiator_port=5)]},
+    {"registrations": [_REGISTERED, _REGISTERED]},
+], ids=lambda change: json.dumps(change)[:40])
+def test_a_reservation_file_with_a_value_of_the_wrong_kind_is_refused_as_unreadable(tmp_path, change):
+    """Valid JSON holding a value of the wrong kind (a hand edit, damage) is refused whole, as a file that is
+    not JSON is: loaded, it left a unit whose PR commands all failed (INTERNAL TARGET FAILURE) while its
+    reservation stayed enforced, so no initiator could PREEMPT or CLEAR it."""
+    (tmp_path / "lun.img.pr").write_text(json.dumps(_SAVED))
+    make_lu("file", tmp_path).close()  # the file as dump() writes it loads
+    (tmp_path / "lun.img.pr").write_text(json.dumps(dict(_SAVED, **change)))
+    with pytest.raises(ValueError, match=r"lun\.img\.pr: the saved persistent reservations cannot be read"):
         make_lu("file", tmp_path)
 
 
