@@ -63,6 +63,7 @@ import logging
 import os
 import struct
 import time
+from types import SimpleNamespace
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -93,6 +94,10 @@ GOOD = 0x00
 CHECK_CONDITION = 0x02
 TASK_SET_FULL = 0x28  # SAM-5 §5.3.1
 TASK_ABORTED = 0x40
+try:
+    _PORTAL_WRITE_BUFFERS = max(1 << 30, os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 4)
+except (ValueError, OSError):  # no such sysconf names here
+    _PORTAL_WRITE_BUFFERS = 1 << 30
 _DIRECT_MIN = 16 * 1024  # Data-Out payloads at least this large are received straight into the task buffer
 _GATHER_MAX = 128  # writes per gathered ``pwritev`` (IOV_MAX is 1024)
 LOGIN_MAX_DATA = 65536  # bound on a login PDU's data segment before negotiation (RFC default is 8192)
@@ -124,6 +129,11 @@ class ConnectionSettings:
     in LIO and tgt, which bounds their number; this bounds their bytes: 128 MiB is 128 writes of 1 MiB (the
     whole default window) or 16 of the largest transfer a unit accepts (8 MiB).  A write that would go past it
     ends with TASK SET FULL (SAM-5 §5.3.1), which initiators retry (Linux, QEMU); one write always fits."""
+    max_portal_write_buffers: int = field(default_factory=lambda: _PORTAL_WRITE_BUFFERS)
+    """``max_session_write_buffers`` for all the sessions of a portal (of one process) together: each session
+    keeping to its own bound, 24 of them held 3 GiB.  A write past it ends with TASK SET FULL as well.  By
+    default a quarter of the machine's memory, at least 1 GiB (64 sessions with 32 writes of 1 MiB each in
+    flight hold 2 GiB)."""
     io_workers: int = 32
     """Threads of the portal's pool for I/O that would block the event loop (cold reads, FUA writes,
     flushes, slow devices).  Each runs one command's I/O at a time."""
@@ -447,8 +457,18 @@ class TargetConnection:
         payload = pos + P.BHS_LENGTH + (4 if hd else 0)
         if rx.end < payload or self.session.discovery:  # type: ignore[union-attr]
             return
-        _, flags, _, _, edtl, _, _ = _SCSI_COMMAND(view, pos)
+        b0, flags, _, _, edtl, cmdsn, _ = _SCSI_COMMAND(view, pos)
         if not flags & 0x20 or dsl > edtl or dsl > self._immediate_limit or edtl > self.config.max_write_buffer:
+            return
+        session = self.session
+        # Only a command that runs now (the next CmdSN in the window, or immediate) and whose buffer the
+        # session's write budget has room for: one held behind a CmdSN gap, or dropped outside the window,
+        # must not get an EDTL-sized buffer first (127 of them, 16 KiB sent each, held 8 GiB).  The others are
+        # framed the ordinary way: their immediate data, at most FirstBurstLength, is copied as it is.
+        held, portal = session.write_buffers, self.registry.write_buffers  # type: ignore[union-attr]
+        if (not b0 & 0x40 and (cmdsn != session.expcmdsn or session.running >= session.command_window)  # type: ignore[union-attr]
+                or held and held + edtl > self.config.max_session_write_buffers
+                or portal and portal + edtl > self.config.max_portal_write_buffers):
             return
         if hd and view[payload - 4:payload] != P.digest_bytes(view[pos:payload - 4]):
             self.close("header digest error")
@@ -773,6 +793,14 @@ class TargetConnection:
         if task is not None or itt in self._running:
             self._reject_raw(raw, RejectReason.TASK_IN_PROGRESS)
             return
+        if header.immediate and sum(not entry.counted for entry in self._running.values()) >= session.command_window:
+            # Immediate commands take no CmdSN window slot: without a bound, a flood of them on a LUN whose I/O
+            # blocks queued without end (2000 writes of 256 KiB held 500 MiB).  As many may run as the window
+            # lets ordinary ones; past that, "too many immediate commands" (§11.17.1), which the initiator retries.
+            if data.__class__ is _Placed:
+                self._pool.release(data.buffer)
+            self._reject_raw(raw, RejectReason.IMMEDIATE_COMMAND_REJECT)
+            return
         edtl = header.expected_data_transfer_length
         params = self.params
         if data and (not header.write or not params.immediate_data or len(data) > edtl
@@ -834,12 +862,13 @@ class TargetConnection:
         else:
             task.unsolicited_end = len(data)
         task.next_offset = task.unsolicited_end
-        held = session.write_buffers
+        held, portal = session.write_buffers, self.registry.write_buffers
         if edtl > config.max_write_buffer:
             task.error = (CHECK_CONDITION, build_sense(INVALID_FIELD_IN_CDB))
-        elif held and held + edtl > config.max_session_write_buffers or len(self._tasks) >= 2 * session.command_window:
-            log.info("write of %d bytes from %s refused with TASK SET FULL: %d writes hold %d bytes of buffers",
-                     edtl, self.peer, len(self._tasks), held)
+        elif (held and held + edtl > config.max_session_write_buffers or len(self._tasks) >= 2 * session.command_window
+              or portal and portal + edtl > config.max_portal_write_buffers):
+            log.info("write of %d bytes from %s refused with TASK SET FULL: %d writes hold %d bytes of buffers "
+                     "(the portal's sessions %d)", edtl, self.peer, len(self._tasks), held, portal)
             task.error = (TASK_SET_FULL, b"")
         elif placed is not None:  # the immediate data is already at the start of a buffer of edtl bytes
             task.buffer = placed.buffer
@@ -849,6 +878,7 @@ class TargetConnection:
         if task.error is None:
             task.held = edtl
             session.write_buffers = held + edtl
+            self.registry.write_buffers = portal + edtl
         elif placed is not None:
             self._pool.release(placed.buffer)
         self._tasks[itt] = task
@@ -952,6 +982,7 @@ class TargetConnection:
         del self._tasks[task.itt]
         session = self.session
         session.write_buffers -= task.held  # type: ignore[union-attr]
+        self.registry.write_buffers -= task.held
         if task.counted:
             session.running -= 1  # type: ignore[union-attr]  # ``_execute`` counts it again while it runs
         self._execute(task.itt, task.lun_field, task.lun, task.cdb, memoryview(task.buffer)[:task.edtl],
@@ -1016,6 +1047,7 @@ class TargetConnection:
             task.error = (CHECK_CONDITION, build_sense(code))
             if task.held:
                 self.session.write_buffers -= task.held  # type: ignore[union-attr]
+                self.registry.write_buffers -= task.held
                 task.held = 0
                 self._pool.release(task.buffer)
                 task.buffer = _NO_BUFFER
@@ -1054,14 +1086,19 @@ class TargetConnection:
         status, sense = task.error  # type: ignore[misc]
         self._respond(task.itt, status, sense, 0, task.edtl, 0)
 
-    def _drop_task(self, task: WriteTask) -> None:
+    def _drop_task(self, task: WriteTask, owed: bool = False) -> None:
         """``task`` stops waiting for Data-Out without running: its window slot and its buffer's bytes are
         given back; one still held for CmdSN order leaves its CmdSN received, with nothing to run (its pending
-        entry would otherwise run the command again, or, deleted, leave a CmdSN gap for ever)."""
+        entry would otherwise run the command again, or, deleted, leave a CmdSN gap for ever).  ``owed`` (an
+        abort): Data-Out the initiator still sends for it (an outstanding R2T, announced unsolicited data,
+        which it answers after the abort, §11.5.1) is dropped silently, not rejected."""
+        if owed and (task.r2ts or task.unsolicited_next >= 0):
+            self._dead(task.itt)
         del self._tasks[task.itt]
         session = self.session
         assert session is not None
         session.write_buffers -= task.held
+        self.registry.write_buffers -= task.held
         if task.queued:
             item = session.pending.get(task.cmdsn)
             if item is not None and item[0] is self and item[2] is not None and item[2].itt == task.itt:
@@ -1448,7 +1485,7 @@ class TargetConnection:
             if unit is None:
                 response = TmfResponse.LUN_DOES_NOT_EXIST  # §11.6.1 response 2
             else:
-                self._abort_where(lambda t: t.lun == lun)
+                self._abort_where(lambda t: t.lun == lun, before=header.cmdsn)
                 # ABORT TASK SET ends this I_T nexus's tasks; CLEAR TASK SET the whole task set, every
                 # initiator's (the control mode page's TST is 000b: one task set for all), as LOGICAL UNIT
                 # RESET does (SAM-5 §7.4, §7.6): a WRITE another session left waiting for its Data-Out must
@@ -1458,7 +1495,7 @@ class TargetConnection:
                 if function == TmfFunction.LOGICAL_UNIT_RESET:
                     unit.reset("lun")
         elif function in (TmfFunction.TARGET_WARM_RESET, TmfFunction.TARGET_COLD_RESET):
-            self._abort_where(lambda t: True)
+            self._abort_where(lambda t: True, before=header.cmdsn)
             numbers = list(luns.luns)
             drain += [luns.luns[number] for number, aborted in zip(numbers, self._abort_other_nexuses(session, numbers))
                       if aborted]
@@ -1500,7 +1537,7 @@ class TargetConnection:
         assert session is not None
         task = self._tasks.get(header.referenced_task_tag)
         if task is not None:
-            self._drop_task(task)
+            self._drop_task(task, owed=True)
             return True
         running = self._running.get(header.referenced_task_tag)
         if running is not None:
@@ -1575,10 +1612,23 @@ class TargetConnection:
             self.wakeup()
         return len(aborted) + len(running)
 
-    def _abort_where(self, predicate: Callable[[Any], bool]) -> None:
+    def _abort_where(self, predicate: Callable[[Any], bool], before: int | None = None) -> None:
+        """Abort this connection's tasks that ``predicate`` takes (their Data-Out still owed is dropped
+        silently, ``_drop_task(owed=True)``), and, with ``before`` (the CmdSN of a task management request),
+        this session's SCSI commands held behind a CmdSN gap that came before it (RFC 7143 §11.5.1: the
+        function acts on every task with a lower CmdSN): held, they would run once the gap closes, after the
+        answer said they were aborted.  Their CmdSNs stay received (the gap behind them must still close)."""
         for task in list(self._tasks.values()):
             if predicate(task):
-                self._drop_task(task)
+                self._drop_task(task, owed=True)
+        session = self.session
+        if before is None or session is None:
+            return
+        for cmdsn, item in list(session.pending.items()):
+            header = item[2]
+            if (item[1] is _SEQUENCED[Opcode.SCSI_COMMAND] and sn_lt(cmdsn, before)
+                    and predicate(SimpleNamespace(lun=_lun_number(header.lun)))):
+                session.pending[cmdsn] = (item[0], _received, None, b"", b"")
         for itt, running in list(self._running.items()):
             if not running.aborted and predicate(running):
                 running.aborted = True

@@ -155,6 +155,9 @@ class TargetRegistry:
         self.sessions: dict[int, Session] = {}
         self.command_window = command_window
         self.buffers = BufferPool()  # write buffers shared by every connection of this portal group
+        # Bytes of write buffers all sessions' writes waiting for their Data-Out hold together (bounded by the
+        # connection settings' ``max_portal_write_buffers``; each session's share by ``Session.write_buffers``).
+        self.write_buffers = 0
         # Held around every call into a connection core, the registry or a logical unit when the
         # portal runs several event loops (threads): the target's shared state changes one at a time.
         self.lock = threading.RLock()
