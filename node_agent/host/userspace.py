@@ -93,6 +93,14 @@ def open_sync_lun(target: VolumeTarget, settings: "UserspaceSettings") -> BlockD
         raise PermanentConnectorError(f"login to {target.target_iqn} failed: {exc}") from exc
 
 
+def _initiator_error() -> type[Exception]:
+    """``InitiatorError``: what Shoal's initiator raises for a command the target answered against the
+    protocol (a Reject, an impossible residual) rather than an ``OSError``; the connector takes it as
+    the I/O failure it is (a temporary error: a retry may find the target sane again)."""
+    from node_agent.iscsi.initiator.core import InitiatorError  # the initiator is only needed to attach
+    return InitiatorError
+
+
 @dataclass(frozen=True)
 class UserspaceSettings:
     """Where and how the userspace connector works."""
@@ -195,7 +203,7 @@ class UserspaceConnector(Connector):
                 self.runner.run(["losetup", "--set-capacity", current.device.path])
             except CommandFailed as exc:
                 raise TemporaryConnectorError(f"losetup --set-capacity {current.device.path}: {exc}") from exc
-            except (OSError, TimeoutError) as exc:
+            except (OSError, TimeoutError, _initiator_error()) as exc:
                 raise TemporaryConnectorError(f"cannot read the capacity of {target.volume_id}: {exc}") from exc
             log.info("rescanned %s: %s is %d bytes", target.volume_id, current.device.path, size)
             return _device_size(current.device.path)
@@ -426,7 +434,7 @@ class UserspaceConnector(Connector):
                 log.warning("could not note that %s of %s is released: %s", loop, current.device.volume_id, exc)
         try:
             current.lun.flush()  # SYNCHRONIZE CACHE before logout, whatever the loop device did
-        except (OSError, TimeoutError) as exc:
+        except (OSError, TimeoutError, _initiator_error()) as exc:
             message = f"{loop} is released, but SYNCHRONIZE CACHE of {current.device.volume_id} failed: {exc}"
             if current.lun.session_state != "down":
                 raise TemporaryConnectorError(message) from exc  # a retry flushes again, then goes on

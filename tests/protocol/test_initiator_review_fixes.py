@@ -81,9 +81,17 @@ class ScriptedTarget:
                    header_digest=self.header_digest, **self.sn())
 
     def data_in(self, itt: int, data: bytes, *, status: int = 0, flags: int = 0, residual: int = 0) -> bytes:
-        return pdu(Opcode.DATA_IN, data, final=True, status_present=True, status=status, itt=itt, ttt=0xFFFFFFFF,
-                   datasn=0, buffer_offset=0, residual_count=residual, flags=flags,
-                   header_digest=self.header_digest, **self.sn())
+        """``data`` in Data-In PDUs of at most the initiator's MaxRecvDataSegmentLength (256 KiB: more is a
+        protocol error, §13.12), the last with the status."""
+        step = 262144
+        out = b""
+        for datasn, offset in enumerate(range(0, len(data) - step, step)):
+            out += pdu(Opcode.DATA_IN, data[offset:offset + step], itt=itt, ttt=0xFFFFFFFF, datasn=datasn,
+                       buffer_offset=offset, header_digest=self.header_digest, **self.sn(advance=False))
+        last = max(0, (len(data) - 1) // step * step)
+        return out + pdu(Opcode.DATA_IN, data[last:], final=True, status_present=True, status=status, itt=itt,
+                         ttt=0xFFFFFFFF, datasn=last // step, buffer_offset=last, residual_count=residual,
+                         flags=flags, header_digest=self.header_digest, **self.sn())
 
     def tmf_response(self, itt: int, response: int) -> bytes:
         return pdu(Opcode.TASK_MGMT_RESPONSE, final=True, response=response, itt=itt,
@@ -195,6 +203,7 @@ def logged_in_core() -> C.InitiatorConnection:
     these tests only feed it hand-built TMF Responses)."""
     conn = C.InitiatorConnection(InitiatorSettings(INITIATOR, TARGET), isid=C.random_isid())
     conn.params = conn.negotiator.params()
+    conn.params.max_recv_data_segment_length = 262144  # as declared in a login (8192 if never declared)
     conn.logged_in, conn.stage, conn.maxcmdsn = True, C.FULL_FEATURE, 64
     return conn
 

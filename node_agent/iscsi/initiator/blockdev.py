@@ -13,6 +13,7 @@ import asyncio
 import errno
 import struct
 import threading
+from collections import deque
 from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -44,6 +45,60 @@ class Capacity:
         return self.blocks * self.block_size
 
 
+class _WriteGate:
+    """Whole-block writes share it; a read-modify-write holds it alone, from its READ to its WRITE.
+
+    A whole-block write to a block between an RMW's READ and WRITE would be overwritten by the RMW's
+    stale copy of the block (and one in flight when the RMW reads would be, too).  Partial writes are
+    rare (FUSE's ``BlockFile`` merges its own and writes whole blocks), so an RMW simply holds every
+    write off instead of tracking ranges.  Taking a free gate is a counter: it is on every write's path.
+    Waiters are served in order, so a stream of writes cannot starve an RMW."""
+
+    def __init__(self) -> None:
+        self.writers = 0  # whole-block writes in flight
+        self.exclusive = False  # a read-modify-write holds the gate
+        self.waiters: deque[tuple[bool, asyncio.Future]] = deque()
+
+    async def wait(self, exclusive: bool) -> None:
+        """Wait for the gate (call when it is not free for this kind); it is then the caller's."""
+        fut = asyncio.get_running_loop().create_future()
+        self.waiters.append((exclusive, fut))
+        try:
+            await fut
+        except asyncio.CancelledError:
+            if fut.done() and not fut.cancelled():  # handed the gate, then cancelled: give it back
+                self.release(exclusive)
+            else:
+                self.wake()  # those behind us may go now
+            raise
+
+    def release(self, exclusive: bool) -> None:
+        if exclusive:
+            self.exclusive = False
+        else:
+            self.writers -= 1
+        if self.waiters:
+            self.wake()
+
+    def wake(self) -> None:
+        waiters = self.waiters
+        while waiters:
+            exclusive, fut = waiters[0]
+            if fut.done():  # its waiter was cancelled
+                waiters.popleft()
+            elif self.exclusive or (exclusive and self.writers):
+                return
+            else:
+                waiters.popleft()
+                if exclusive:
+                    self.exclusive = True
+                else:
+                    self.writers += 1
+                fut.set_result(None)
+                if exclusive:
+                    return
+
+
 class LunDevice:
     """Block-level access to one LUN of a session."""
 
@@ -51,13 +106,14 @@ class LunDevice:
         self.client = client
         self.lun = lun
         self.capacity: Capacity | None = None
-        self._rmw = asyncio.Lock()
+        self._gate = _WriteGate()  # whole-block writes against read-modify-writes (``write``)
         self._unmap_limits: tuple[int, int] | None = None
 
     async def read_capacity(self) -> Capacity:
         cdb = struct.pack(">BBQIBB", SERVICE_ACTION_IN_16, 0x10, 0, 32, 0, 0)
         done = await self.client.execute(cdb, self.lun, read_length=32)
         data = bytes(done.data)
+        _check_parameter_data(data, 12, "READ CAPACITY(16)")  # RETURNED LOGICAL BLOCK ADDRESS, BLOCK LENGTH
         last_lba, block_size = struct.unpack_from(">QI", data)
         flags = data[14] if len(data) > 14 else 0
         self.capacity = Capacity(last_lba + 1, block_size, lbpme=bool(flags & 0x80), lbprz=bool(flags & 0x40))
@@ -118,6 +174,17 @@ class LunDevice:
             await self.client.execute(cdb, self.lun, buffer=chunk, exact=True)
 
     async def write_blocks(self, lba: int, data: bytes | bytearray | memoryview, *, fua: bool = False) -> None:
+        gate = self._gate
+        if gate.exclusive or gate.waiters:  # a read-modify-write holds or waits for the gate: after it
+            await gate.wait(False)
+        else:
+            gate.writers += 1
+        try:
+            await self._write_blocks(lba, data, fua=fua)
+        finally:
+            gate.release(False)
+
+    async def _write_blocks(self, lba: int, data: bytes | bytearray | memoryview, *, fua: bool = False) -> None:
         cap = self.capacity or await self.read_capacity()
         view = memoryview(data).cast("B")
         if len(view) % cap.block_size:
@@ -149,14 +216,22 @@ class LunDevice:
         if offset % bs == 0 and len(data) % bs == 0:
             await self.write_blocks(offset // bs, data, fua=fua)
             return
-        # Read-modify-write of the edge blocks; serialised so two partial writes to one block
-        # cannot lose each other's bytes (aligned writes never take this path).
-        async with self._rmw:
+        # Read-modify-write of the edge blocks, holding every other write off (``_WriteGate``): two partial
+        # writes to one block, or a whole-block write landing between the READ and the WRITE, would
+        # otherwise lose bytes to the stale copy written back.
+        gate = self._gate
+        if gate.exclusive or gate.writers or gate.waiters:
+            await gate.wait(True)
+        else:
+            gate.exclusive = True
+        try:
             first, last = offset // bs, (offset + len(data) + bs - 1) // bs
             merged = bytearray(await self.read_blocks(first, last - first))
             skip = offset - first * bs
             merged[skip:skip + len(data)] = data
-            await self.write_blocks(first, merged, fua=fua)
+            await self._write_blocks(first, merged, fua=fua)
+        finally:
+            gate.release(True)
 
     async def flush(self) -> None:
         await self.client.execute(struct.pack(">BBQIBB", SYNCHRONIZE_CACHE_16, 0, 0, 0, 0, 0), self.lun)
@@ -251,19 +326,33 @@ class LunDevice:
         """PERSISTENT RESERVE IN READ KEYS: (generation, registered keys) (SPC-4 §6.15.2)."""
         cdb = bytes([PERSISTENT_RESERVE_IN, 0x00]) + bytes(5) + (8192).to_bytes(2, "big") + b"\0"
         data = bytes((await self.client.execute(cdb, self.lun, read_length=8192)).data)
+        _check_parameter_data(data, 8, "PERSISTENT RESERVE IN READ KEYS")
         generation, length = struct.unpack_from(">II", data)
-        return generation, [int.from_bytes(data[8 + i:16 + i], "big") for i in range(0, length, 8)]
+        # ADDITIONAL LENGTH counts every key, even those past our allocation length (SPC-4 §6.15.2): the
+        # data must hold the keys up to there, whole.
+        _check_parameter_data(data, min(8 + length, 8192), "PERSISTENT RESERVE IN READ KEYS")
+        keys = min(length, len(data) - 8) // 8
+        return generation, [int.from_bytes(data[8 + 8 * i:16 + 8 * i], "big") for i in range(keys)]
 
     async def read_reservation(self) -> tuple[int, int] | None:
         """PERSISTENT RESERVE IN READ RESERVATION: (holder key, type) or None."""
         cdb = bytes([PERSISTENT_RESERVE_IN, 0x01]) + bytes(5) + (24).to_bytes(2, "big") + b"\0"
         data = bytes((await self.client.execute(cdb, self.lun, read_length=24)).data)
+        _check_parameter_data(data, 8, "PERSISTENT RESERVE IN READ RESERVATION")
         if int.from_bytes(data[4:8], "big") < 16:
             return None
+        _check_parameter_data(data, 24, "PERSISTENT RESERVE IN READ RESERVATION")  # the reservation descriptor
         return int.from_bytes(data[8:16], "big"), data[21] & 0x0F
 
     async def test_unit_ready(self) -> None:
         await self.client.execute(bytes(6), self.lun)
+
+
+def _check_parameter_data(data: bytes, needed: int, command: str) -> None:
+    """Parameter data shorter than its fields (GOOD with an underflow residual, §11.4.5.1 of RFC 7143) is an
+    ``IOError`` naming the command, never a ``struct.error`` or fields read as zeros."""
+    if len(data) < needed:
+        raise IOError(f"{command} returned {len(data)} bytes of parameter data, {needed} needed")
 
 
 def _check_length(data: bytes | bytearray | memoryview, expected: int, lba: int) -> None:

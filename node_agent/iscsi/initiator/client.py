@@ -11,6 +11,13 @@ management or Text request whose connection is lost fails at once with
 ``ConnectionLost`` (only a SendTargets query is asked again after the
 reconnect; ``InitiatorConnection.lost`` gives the reasons per kind).
 
+A command ends, one way or another: one the target answers against the
+protocol fails alone (``TaskFailed``), one outstanding through repeated
+protocol-error drops fails rather than loop, one without status after
+``command_timeout`` fails with ``CommandTimedOut``, and one whose caller
+stops waiting (cancellation) is forgotten and aborted, never issued again.
+An Asynchronous Message asking for a logout is obeyed (log out, log in again).
+
 Per command, ``execute`` does only what a command needs: take a slot (a
 counter; a queue only when full), hand the CDB to the core, await one future.
 The core's output is sent once per event-loop pass (``writelines``: uvloop
@@ -64,6 +71,12 @@ class CommandFailed(IOError):
         self.sense_key, self.asc, self.ascq = key, asc, ascq
 
 
+class CommandTimedOut(TimeoutError):
+    """A command had no status within ``ClientSettings.command_timeout``: the session dropped its connection,
+    and reinstating it ends the command on the target (RFC 7143 §6.3.5), so it may or may not have run,
+    but will not run later."""
+
+
 class CommandAborted(IOError):
     """Task management ended the command (ABORT TASK, ABORT TASK SET, a LUN or target reset): it has no
     status, and may or may not have run (RFC 7143 §4.2.3.3, §11.6.1)."""
@@ -102,6 +115,14 @@ class ClientSettings:
     """Idle seconds before we ping the target with a NOP-Out."""
     nop_timeout: float = 10.0
     """Seconds a ping may go unanswered before the connection counts as dead."""
+    command_timeout: float | None = 120.0
+    """Seconds a SCSI command may wait for its status (from ``execute`` handing it over, a reconnect
+    included) before it fails with ``CommandTimedOut`` (an ``OSError``: EIO through FUSE); 0 or None: no
+    limit.  Checked four times per timeout, so a command fails between 1 and 1.25 timeouts after it was
+    issued.  The connection is then dropped: the reinstatement ends the command on the target (RFC 7143
+    §6.3.5), and the other commands are issued again as after any connection loss.  The pings only tell
+    that the target answers at all; this bounds a command it never answers (Linux's SCSI layer times out
+    a command after 30 s; this is longer, as an UNMAP or SYNCHRONIZE CACHE on a busy backend may be slow)."""
     unit_attention_retries: int = 5
     """Times a command is retried after UNIT ATTENTION (e.g. the reset a reinstatement causes)."""
     completions_per_pass: int | None = None
@@ -192,6 +213,9 @@ class IscsiClient:
         self._resume_scheduled = False
         self._reconnecting: asyncio.Task | None = None
         self._pinger: asyncio.Task | None = None
+        self._expirer: asyncio.Task | None = None
+        self._logout: asyncio.Task | None = None  # the logout an Async Message asked for (a reference keeps it)
+        self._time2wait = 0.0  # seconds to wait before the next reconnect (an Async Message said so)
         self._received = False  # bytes arrived since the pinger last looked (no clock read per receive)
 
     def __repr__(self) -> str:
@@ -210,6 +234,8 @@ class IscsiClient:
         self._loop = asyncio.get_running_loop()
         await self._login_once(None)
         self._pinger = asyncio.get_running_loop().create_task(self._ping_loop())
+        if self.settings.command_timeout:
+            self._expirer = asyncio.get_running_loop().create_task(self._expire_loop(self.settings.command_timeout))
         return self
 
     async def __aenter__(self) -> "IscsiClient":
@@ -265,7 +291,7 @@ class IscsiClient:
     async def close(self) -> None:
         """Log out (best effort) and close; waiting commands fail with ``SessionLost``."""
         self._closing = True
-        for task in (self._pinger, self._reconnecting):
+        for task in (self._pinger, self._expirer, self._logout, self._reconnecting):
             if task is not None:
                 task.cancel()
         conn, proto = self.conn, self._proto
@@ -309,7 +335,11 @@ class IscsiClient:
                 self._futures[itt] = fut
                 if not self._flush_scheduled:
                     self._flush(proto)
-                done = await fut
+                try:
+                    done = await fut
+                except BaseException:  # cancelled (a caller's timeout), or failed: it must not run later
+                    self._give_up(conn, itt)
+                    raise
             finally:
                 if slots._waiters:
                     slots.release()
@@ -328,6 +358,26 @@ class IscsiClient:
             if check:
                 raise CommandFailed(done)
             return done
+
+    def _give_up(self, conn: C.InitiatorConnection, itt: int) -> None:
+        """The caller of command ``itt`` stopped waiting for it (cancelled, or its future failed).
+
+        Forgotten by the core of the connection it went out on and by the session's current one (the
+        same ITT, after a reconnect adopted it): else a reconnect would issue it again, long after its
+        caller went on (a cancelled WRITE landing after a later one to the same blocks), and its Data-In
+        would still be written into the caller's buffer.  If it is out on the live connection, ABORT
+        TASK (§11.5.1) asks the target to drop it too; its answer is not waited for.  A no-op for a
+        command the core ended already (its failure is what raised)."""
+        self._futures.pop(itt, None)
+        current, proto = self.conn, self._proto
+        if current is not None:
+            live = proto is not None and proto.conn is current and proto.transport is not None \
+                and not proto.transport.is_closing() and self._reconnecting is None and not self._closing
+            if not live:
+                current.forget(itt)
+            elif current.cancel(itt) is not None:  # it had gone out: ABORT TASK queued
+                self._flush(proto)
+        conn.forget(itt)
 
     async def nop(self, data: bytes = b"") -> bytes:
         conn, proto = await self._ready()
@@ -424,7 +474,7 @@ class IscsiClient:
                 self._login.set_exception(C.LoginError(f"redirected to {event.target_address}", 0x01, 0x01))
             return
         if isinstance(event, C.AsyncEvent):
-            log.info("asynchronous event %d from %s", event.event, self.target_iqn)
+            self._async_event(event)
             return
         itt = getattr(event, "itt", None)
         fut = self._futures.pop(itt, None) if itt is not None else None
@@ -440,11 +490,53 @@ class IscsiClient:
         elif isinstance(event, C.TaskRejected):
             fut.set_exception(C.InitiatorError(f"target rejected the command (reason {event.reason:#04x})"))
         elif isinstance(event, C.TaskFailed):
+            log.warning("command %#x to %s failed: %s", event.itt, self.target_iqn, event.reason)
             fut.set_exception(C.InitiatorError(event.reason))
         else:
             if isinstance(event, C.TmfDone):  # no SCSI Response will come for these (§11.6.1)
                 self._abort(event.aborted, f"aborted by task management function (response {event.response})")
             fut.set_result(event)
+
+    def _async_event(self, event: C.AsyncEvent) -> None:
+        """An Asynchronous Message (RFC 7143 §11.9.1).
+
+        AsyncEvent 1, the target requests a Logout: we must send one within Parameter3 seconds.  The
+        session logs out at once and logs in again (``_logout_requested``); commands without status are
+        issued again, as after a connection loss.  AsyncEvent 2 and 3, the target will drop the connection
+        (or all of them): Parameter2 is the Time2Wait the next login waits for (at most our reconnect
+        timeout).  Other events are only logged."""
+        _, time2wait, time2retain = event.parameters
+        proto = self._proto
+        if event.event == 1:
+            log.warning("target %s requests a logout within %ds: logging out and in again", self.target_iqn,
+                        time2retain)
+            if proto is not None and not self._closing and self._reconnecting is None \
+                    and (self._logout is None or self._logout.done()):
+                self._logout = self._loop.create_task(self._logout_requested(proto, time2retain))
+        elif event.event in (2, 3):
+            self._time2wait = min(float(time2wait), self.settings.reconnect_timeout)
+            log.warning("target %s will drop the connection (asynchronous event %d): reconnecting after %ds "
+                        "(Time2Wait)", self.target_iqn, event.event, self._time2wait)
+        else:
+            log.info("asynchronous event %d from %s", event.event, self.target_iqn)
+
+    async def _logout_requested(self, proto: _Protocol, within: int) -> None:
+        """Log the connection out (reason "close the session", §11.14.1), then close it: ``_lost``
+        reconnects and issues again the commands that had no status."""
+        conn = proto.conn
+        if proto is not self._proto or conn.closed or proto.transport is None or proto.transport.is_closing():
+            return
+        itt = conn.logout(0)
+        fut = self._future(itt)
+        self._flush(proto)
+        try:  # the target closes the connection after the answer, or after Parameter3 seconds without one
+            await asyncio.wait_for(fut, max(1, min(within, self.settings.login_timeout)))
+        except (asyncio.TimeoutError, ConnectionError, C.InitiatorError):
+            pass
+        finally:
+            self._futures.pop(itt, None)
+        if proto.transport is not None:
+            proto.transport.close()
 
     def _abort(self, itts: tuple[int, ...], why: str) -> None:
         """Fail the callers of commands a task management function ended with ``CommandAborted``."""
@@ -462,6 +554,11 @@ class IscsiClient:
         self._deliver(proto.conn.take_events())
         if self._login is not None and not self._login.done():
             self._login.set_exception(exc)
+        elif proto is self._proto:
+            log.warning("protocol error from %s:%d (%s): dropping the connection", self.host, self.port, exc)
+            # A command outstanding through several such drops fails rather than loop (MAX_PROTOCOL_ERROR_DROPS).
+            proto.conn.protocol_error(str(exc))
+            self._deliver(proto.conn.take_events())
         if proto.transport is not None:
             proto.transport.close()
 
@@ -478,6 +575,9 @@ class IscsiClient:
 
     async def _reconnect(self, previous: C.InitiatorConnection) -> None:
         try:
+            wait, self._time2wait = self._time2wait, 0.0
+            if wait > 0:  # the target's Async Message gave a Time2Wait (RFC 7143 §11.9.1)
+                await asyncio.sleep(wait)
             async for attempt in AsyncRetrying(
                     stop=stop_after_delay(self.settings.reconnect_timeout),
                     wait=wait_exponential(multiplier=0.1, max=2.0),
@@ -502,6 +602,39 @@ class IscsiClient:
         for fut in futures.values():
             if not fut.done():
                 fut.set_exception(exc)
+
+    async def _expire_loop(self, timeout: float) -> None:
+        """Fail the commands outstanding for ``command_timeout`` (see ``ClientSettings.command_timeout``).
+
+        Nothing is timed per command (a timer per I/O would cost the fast path): every quarter of the
+        timeout this notes the commands outstanding, and one noted five times in a row has waited at
+        least the timeout.  Each is forgotten (never issued again) and its caller gets ``CommandTimedOut``;
+        then the connection is dropped, so that reinstating the session ends it on the target (§6.3.5)
+        before anything issued after it runs."""
+        steps = 4
+        seen: dict[int, int] = {}
+        while not self._closing:
+            await asyncio.sleep(timeout / steps)
+            conn, futures = self.conn, self._futures
+            if conn is None:
+                continue
+            seen = {itt: seen.get(itt, 0) + 1 for itt in conn.outstanding() if itt in futures}
+            expired = [itt for itt, count in seen.items() if count > steps]
+            if not expired:
+                continue
+            log.warning("%d command(s) to %s without status for %.0fs: failing them, dropping the connection",
+                        len(expired), self.target_iqn, timeout)
+            for itt in expired:
+                del seen[itt]
+                conn.forget(itt)
+                fut = futures.pop(itt, None)
+                if fut is not None and not fut.done():
+                    fut.set_exception(CommandTimedOut(f"command {itt:#x} to {self.target_iqn} had no status "
+                                                      f"within {timeout:.0f}s"))
+            proto = self._proto
+            if self._reconnecting is None and proto is not None and proto.conn is conn \
+                    and proto.transport is not None:
+                proto.transport.abort()
 
     async def _ping_loop(self) -> None:
         """NOP-Out pings on an idle connection detect a dead target (RFC 7143 §11.18)."""

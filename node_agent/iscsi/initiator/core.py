@@ -97,6 +97,13 @@ class InitiatorError(Exception):
     """A protocol failure of the connection (the session must be recovered)."""
 
 
+# A command still outstanding when the connection is dropped for a protocol error this many times fails
+# instead of being issued again: a target that answers it with the same broken PDU every time (or breaks
+# the framing whenever it runs) would otherwise keep the session in a loop of reconnects, its caller
+# waiting forever (each login starts a fresh reconnect timeout).
+MAX_PROTOCOL_ERROR_DROPS = 3
+
+
 class LoginError(InitiatorError):
     """The target refused the login (RFC 7143 §11.13.5 status class and detail)."""
 
@@ -160,8 +167,10 @@ class TmfDone:
 @dataclass
 class TaskFailed:
     """A command the target answered in a way that breaks the protocol (e.g. a residual larger than
-    the transfer, or GOOD status with Data-In missing): the command fails, the connection stays
-    (its PDUs were well framed; issuing the command again would get the same answer)."""
+    the transfer, GOOD status with Data-In missing or with data to write not taken, a wrong DataSN, an
+    R2T the command cannot answer): the command fails, the connection stays (its PDUs were well
+    framed; issuing the command again would get the same answer).  Also a command outstanding through
+    ``MAX_PROTOCOL_ERROR_DROPS`` connection drops (``protocol_error``)."""
 
     itt: int
     reason: str
@@ -217,6 +226,8 @@ class _Task:
     cmdsn: int = 0
     own_buffer: bool = True  # False: the caller's buffer (``submit(buffer=...)``), kept across a reconnect
     received: int = 0  # Data-In bytes received: GOOD must come with EDTL - residual of them (§11.7.5)
+    sent: int = 0  # Data-Out bytes sent (immediate, unsolicited, solicited): GOOD must come after all of them
+    drops: int = 0  # connections dropped for a protocol error while it was outstanding (``protocol_error``)
 
 
 PduHook = Callable[[int, bytearray, bytes], tuple[bytearray, bytes] | None]
@@ -493,7 +504,7 @@ class InitiatorConnection:
     def adopt(self, other: "InitiatorConnection") -> None:
         """Take over the unfinished commands of a lost connection (session reinstatement, ERL 0)."""
         for task in sorted(other._tasks.values(), key=lambda t: t.cmdsn):
-            task.datasn = task.received = 0
+            task.datasn = task.received = task.sent = 0
             if task.read_length and task.own_buffer:
                 task.buffer = bytearray(task.read_length) if task.read_length < _DIRECT_MIN \
                     else aligned_buffer(task.read_length)
@@ -589,10 +600,64 @@ class InitiatorConnection:
         return itt
 
     def forget(self, itt: int) -> None:
-        """Drop a command the caller gave up on (after ABORT TASK, or a timeout)."""
+        """Drop a command the caller gave up on (after ABORT TASK, a cancellation or a timeout).
+
+        Its later PDUs are ignored, and its read buffer is never written again: a Data-In payload being
+        received straight into it (``_start_direct``) goes on into a private copy instead, which its
+        data digest is checked against (the caller may reuse its buffer as soon as this returns)."""
         task = self._tasks.pop(itt, None)
-        if task is not None and task in self._waiting:
+        if task is None:
+            return
+        if task in self._waiting:
             self._waiting.remove(task)
+        if self._trailer is not None and self._trailer[1] is task:
+            bhs, _, length, pad, dd = self._trailer
+            offset = bhs[12]
+            placed = length - (len(self._sink) if self._sink is not None else 0)
+            copy = bytearray(offset + length)
+            copy[offset:offset + placed] = memoryview(task.buffer)[offset:offset + placed]  # type: ignore[arg-type]
+            if self._sink is not None:
+                self._sink = memoryview(copy)[offset + placed:offset + length]
+            stand_in = _Task(itt, task.lun, task.cdb, None, task.read_length, copy)
+            self._trailer = (bhs, stand_in, length, pad, dd)
+
+    def cancel(self, itt: int) -> int | None:
+        """The caller gave up on a command: ``forget`` it and, when it went out on this connection, send
+        ABORT TASK (§11.5.1) so that the target does not run it later either (a cancelled WRITE landing
+        after a later one would undo it).  The abort's answer is not waited for; its ITT is returned."""
+        task = self._tasks.get(itt)
+        if task is None:
+            return None
+        sent = self.logged_in and not self.closed and task not in self._waiting
+        tmf = self._abort_task(task) if sent else None
+        self.forget(itt)
+        return tmf
+
+    def _abort_task(self, task: _Task) -> int:
+        """Queue ABORT TASK for ``task`` (§11.5.1); nobody waits for its answer (the caller forgets the task)."""
+        itt = self.next_itt()
+        self._tmf[itt] = (TMF_ABORT_TASK, (task.itt,))
+        self._requests[itt] = Opcode.TASK_MGMT_REQUEST
+        header = P.encode_header(Opcode.TASK_MGMT_REQUEST, immediate=True, final=True, function=TMF_ABORT_TASK,
+                                 lun=task.lun, itt=itt, referenced_task_tag=task.itt, cmdsn=self.cmdsn,
+                                 expstatsn=self.expstatsn, refcmdsn=task.cmdsn)
+        self._queue(Opcode.TASK_MGMT_REQUEST, header, b"")
+        return itt
+
+    def protocol_error(self, reason: str, limit: int = MAX_PROTOCOL_ERROR_DROPS) -> list[int]:
+        """The connection is being dropped for a protocol error (ERL 0, §7.1.1): count it against every
+        outstanding command, and fail (``TaskFailed``) those it happened to ``limit`` times instead of
+        leaving them to be issued again after the reconnect.  Their ITTs are returned."""
+        failed = []
+        for task in list(self._tasks.values()):
+            task.drops += 1
+            if task.drops >= limit:
+                self.forget(task.itt)
+                self._events.append(TaskFailed(task.itt, f"the connection was dropped {task.drops} times for a "
+                                                         f"protocol error while this command was outstanding "
+                                                         f"(last: {reason}); it is not issued again"))
+                failed.append(task.itt)
+        return failed
 
     # ------------------------------------------------------------------ sending commands
     def _flush_waiting(self) -> None:
@@ -614,6 +679,7 @@ class InitiatorConnection:
             first_burst = min(params.first_burst_length, edtl)
             if params.immediate_data:
                 immediate = data[:min(first_burst, self.max_xmit)]
+            task.sent = len(immediate)
             unsolicited_end = len(immediate) if params.initial_r2t else first_burst
             final = unsolicited_end <= len(immediate)
             flags = (0x80 if final else 0) | (0x40 if task.read_length else 0) | 0x20 | ATTR_SIMPLE
@@ -637,6 +703,7 @@ class InitiatorConnection:
 
     def _send_data_out(self, task: _Task, offset: int, length: int, ttt: int) -> None:
         assert task.data_out is not None
+        task.sent += length
         end = offset + length
         datasn = 0
         while offset < end:
@@ -701,6 +768,7 @@ class InitiatorConnection:
         unpack = _TARGET_BHS.unpack_from
         # Only a Login Response (the generic path below) changes these: read again after it.
         logged_in, hd, dd_on = self.logged_in, self.header_digest, self.data_digest
+        max_recv = self.params.max_recv_data_segment_length if self.params is not None else 8192
         limit = self.completions_per_pass
         self.held = False
         try:
@@ -717,6 +785,10 @@ class InitiatorConnection:
                 bhs = unpack(buf, pos)  # the BHS, read once
                 lengths = bhs[4]
                 ahs, dsl = (lengths >> 24) * 4, lengths & 0xFFFFFF
+                if dsl > max_recv and logged_in:  # §13.12: more than we declared we take in one PDU
+                    self.closed = True  # not framed the way we can trust: the connection ends
+                    raise InitiatorError(f"a PDU with a {dsl}-byte data segment, more than our "
+                                         f"MaxRecvDataSegmentLength of {max_recv} (RFC 7143 §13.12)")
                 dd = dd_on and dsl  # digests start with full feature phase (set by _finish_login)
                 cursor = pos + P.BHS_LENGTH + ahs
                 total = cursor - pos + ((dsl + 3) & ~3) + (4 if hd else 0) + (4 if dd else 0)
@@ -742,6 +814,8 @@ class InitiatorConnection:
                     opcode, header = P.decode_header(view[pos:pos + P.BHS_LENGTH])
                     self._dispatch(opcode, header, data)
                     logged_in, hd, dd_on = self.logged_in, self.header_digest, self.data_digest
+                    if self.params is not None:
+                        max_recv = self.params.max_recv_data_segment_length
                 rx.start = pos + total  # rx.consume(total), inlined (writable() rewinds an empty buffer)
         except (P.PduError, NegotiationError) as exc:
             self.closed = True
@@ -822,18 +896,19 @@ class InitiatorConnection:
             self.maxcmdsn = maxcmdsn
         task = self._tasks.get(itt)
         if task is not None:  # None: a command we gave up on
-            if datasn != task.datasn:
-                raise InitiatorError(f"Data-In DataSN {datasn}, expected {task.datasn}")
             size = bhs[4] & 0xFFFFFF  # DataSegmentLength
-            if size and offset != task.received and self._in_order:
+            if datasn != task.datasn:
+                self._fail_task(task, f"Data-In DataSN {datasn}, {task.datasn} expected (RFC 7143 §11.7)",
+                                not flags & 0x01)
+            elif size and offset != task.received and self._in_order:
                 self._misplaced(task, offset)
+            elif data is not None and (task.buffer is None or offset + size > len(task.buffer)):
+                self._fail_task(task, f"Data-In for bytes {offset}-{offset + size} of a command that reads "
+                                      f"{task.read_length} (beyond its expected transfer length)", not flags & 0x01)
             else:
                 task.datasn += 1
                 if data is not None:
-                    end = offset + size
-                    if task.buffer is None or end > len(task.buffer):
-                        raise InitiatorError("Data-In beyond the expected transfer length")
-                    task.buffer[offset:end] = data
+                    task.buffer[offset:offset + size] = data  # type: ignore[index]
                 task.received += size
                 if flags & 0x01:
                     if flags & 0x06 or task.received < task.read_length:  # O or U, or data missing (§11.7.5)
@@ -843,6 +918,20 @@ class InitiatorConnection:
                         self._events.append(TaskDone(itt, status, task.buffer, b"", residual, False, False))
         if self._waiting:
             self._flush_waiting()
+
+    def _fail_task(self, task: _Task, reason: str, abort: bool) -> None:
+        """End one command with ``TaskFailed`` for a PDU of the target's that breaks the protocol for it
+        alone (a wrong DataSN, Data-In past its transfer, an R2T it cannot answer).
+
+        The PDU was well framed, so the connection and the other commands carry on: dropping the
+        connection would only issue the command again, to get the same answer, in a loop (ERL 0 allows
+        the drop, §7.1.1, but nothing in it bounds the retries).  With ``abort`` (the target has not
+        ended the command: no status came with the PDU) ABORT TASK tells the target to end it as well,
+        rather than wait for Data-Out or send more Data-In; later PDUs for it are ignored either way."""
+        if abort and self.logged_in and not self.closed:
+            self._abort_task(task)
+        self.forget(task.itt)
+        self._events.append(TaskFailed(task.itt, reason))
 
     def _misplaced(self, task: _Task, offset: int) -> None:
         """Fail a read whose Data-In left a gap or overlapped (the target's later PDUs for it are ignored).
@@ -866,6 +955,12 @@ class InitiatorConnection:
             sense = b""
             if len(data) >= 2:
                 length = int.from_bytes(data[:2], "big")
+                if 2 + length > len(data):  # SenseLength, then the sense data, in the segment (§11.4.7.1)
+                    self._fail_task(task, f"SCSI Response with a SenseLength of {length} bytes in a data segment "
+                                          f"of {len(data)} (RFC 7143 §11.4.7)", False)
+                    if self._waiting:
+                        self._flush_waiting()
+                    return
                 sense = bytes(data[2:2 + length])
             if response != 0:  # a target failure, not a SCSI status (§11.4.3)
                 status = 0xFF
@@ -888,6 +983,21 @@ class InitiatorConnection:
             self._events.append(TaskFailed(task.itt, f"the target reported a residual of {residual} bytes, "
                                                      f"more than the {edtl} expected (RFC 7143 §11.4.5.1)"))
             return
+        if status == 0 and out is not None and len(out):
+            # A write is done only when the target took every byte: an underflow residual counts bytes
+            # "not transferred" (§11.4.5.1), and bytes it neither took unsolicited nor asked for with an
+            # R2T (§11.8) never reached it.  GOOD then still means data not written (Linux's sd takes it
+            # as a partial completion): never a success for the caller.
+            if underflow and residual:
+                self._events.append(TaskFailed(task.itt, f"the target reported {residual} of the {edtl} bytes "
+                                                         f"to write as not transferred (underflow, RFC 7143 "
+                                                         f"§11.4.5.1): the write is incomplete"))
+                return
+            if task.sent < edtl:
+                self._events.append(TaskFailed(task.itt, f"GOOD status after {task.sent} of the {edtl} bytes to "
+                                                         f"write were sent (RFC 7143 §11.8): the write is "
+                                                         f"incomplete"))
+                return
         if status == 0 and out is None and task.read_length:
             expected = task.read_length - (residual if underflow else 0)
             if task.received < expected:
@@ -902,12 +1012,25 @@ class InitiatorConnection:
         self._events.append(TaskDone(task.itt, status, data, sense, residual, overflow, underflow))
 
     def _r2t(self, header: Any, data: memoryview) -> None:
+        """Send the Data-Out an R2T asks for (§11.8); one we cannot answer fails its command."""
         task = self._tasks.get(header.itt)
-        if task is None or task.data_out is None:
+        if task is None:
+            return  # a command we gave up on
+        offset, length = header.buffer_offset, header.desired_data_transfer_length
+        params = self.params
+        problem = ""
+        if task.data_out is None or not len(task.data_out):
+            problem = "an R2T for a command with no data to write"
+        elif length == 0:  # §11.8: the Desired Data Transfer Length MUST NOT be 0
+            problem = "an R2T for 0 bytes (RFC 7143 §11.8)"
+        elif offset + length > len(task.data_out):
+            problem = f"an R2T for bytes {offset}-{offset + length} of a {len(task.data_out)}-byte write"
+        elif params is not None and length > params.max_burst_length:  # §13.13
+            problem = f"an R2T for {length} bytes, more than the MaxBurstLength of {params.max_burst_length}"
+        if problem:
+            self._fail_task(task, f"the target sent {problem}", True)
             return
-        if header.buffer_offset + header.desired_data_transfer_length > len(task.data_out):
-            raise InitiatorError("R2T beyond the data to write")
-        self._send_data_out(task, header.buffer_offset, header.desired_data_transfer_length, header.ttt)
+        self._send_data_out(task, offset, length, header.ttt)
 
     def _nop_in(self, header: Any, data: memoryview) -> None:
         if header.ttt != P.RESERVED_TAG:  # the target pings us: answer (§11.18)
