@@ -593,3 +593,31 @@ def test_a_whole_block_write_waits_for_a_read_modify_write_of_its_block():
     target = Target(answer)
     run(target, scenario)
     assert bytes(target.disk[:BS]) == b"N" * BS
+
+
+# -- a target out of room for now: TASK SET FULL / BUSY are retried ---------------------------------------
+@pytest.mark.parametrize("status", [0x28, 0x08], ids=["task set full", "busy"])
+def test_task_set_full_and_busy_are_sent_again_after_a_pause(status):
+    """SAM-5 §5.3.1: TASK SET FULL and BUSY say the target ran nothing and has no room for the command now
+    (Shoal's target answers TASK SET FULL when its write buffers are taken): the command is sent again after
+    a pause, as Linux's SCSI layer does, not failed at once; past ``busy_retries`` the status is the caller's."""
+    refused, limit = [], [3]
+
+    async def answer(target, connection, header, data, reader, writer):
+        if header.cdb[0] != 0x00 or len(refused) >= limit[0]:
+            return False
+        refused.append(time.monotonic())
+        writer.write(target.response(header.itt, status=status))
+        return True
+
+    async def scenario(client):
+        started = time.monotonic()
+        done = await client.execute(TEST_UNIT_READY)
+        assert done.status == 0 and len(refused) == 3 and time.monotonic() - started >= 0.005 + 0.01 + 0.02
+        refused.clear()
+        limit[0] = 4  # one more refusal than the retries
+        with pytest.raises(Exception, match=f"{status:#04x}"):  # CommandFailed: no retries left
+            await client.execute(TEST_UNIT_READY)
+        assert len(refused) == 4
+
+    run(Target(answer), scenario, busy_retries=3)

@@ -44,6 +44,8 @@ from node_agent.scsi.sense import describe
 log = logging.getLogger("shoal.iscsi.initiator")
 
 CHECK_CONDITION = 0x02
+BUSY = 0x08
+TASK_SET_FULL = 0x28
 UNIT_ATTENTION = 0x06
 
 
@@ -125,6 +127,9 @@ class ClientSettings:
     a command after 30 s; this is longer, as an UNMAP or SYNCHRONIZE CACHE on a busy backend may be slow)."""
     unit_attention_retries: int = 5
     """Times a command is retried after UNIT ATTENTION (e.g. the reset a reinstatement causes)."""
+    busy_retries: int = 50
+    """Times a command is sent again after BUSY or TASK SET FULL (a target out of room for it for now), with
+    a pause from 5 ms doubling up to 0.5 s (about 20 s in all); then the status is the caller's."""
     completions_per_pass: int | None = None
     """Commands completed per event-loop pass before the new commands they let in are sent (None: a third
     of the queue depth; 0: all that one receive holds).  A receive often holds the whole queue's responses:
@@ -319,7 +324,7 @@ class IscsiClient:
         instead of returning the shorter data: what a block read into a caller's buffer needs, whose
         bytes past the transfer would otherwise pass for data."""
         slots = self._slots
-        attempt = 0
+        attempt = busy = 0
         while True:
             if slots.free > 0:
                 slots.free -= 1
@@ -354,6 +359,12 @@ class IscsiClient:
                     and sense_code(done.sense)[0] == UNIT_ATTENTION:
                 self.unit_attentions.append(sense_code(done.sense))
                 attempt += 1
+                continue
+            if done.status in (BUSY, TASK_SET_FULL) and busy < self.settings.busy_retries:
+                # The target has no room for the command now (its write buffers are taken, SAM-5 §5.3.1): it
+                # ran nothing, so it is sent again after a pause that doubles, as Linux's SCSI layer does.
+                await asyncio.sleep(min(0.005 * 2 ** busy, 0.5))
+                busy += 1
                 continue
             if check:
                 raise CommandFailed(done)
