@@ -156,7 +156,9 @@ class Agent:
         if s.server_tls is not None:  # a bad PEM now, before anything is served (gRPC would only fail to bind)
             check_pems(s.server_tls.cert, s.server_tls.key, s.server_tls.ca)
         os.makedirs(s.data_dir, mode=0o700, exist_ok=True)
-        self.volumes = VolumeManager(s.effective_disks(), background_copies=True)
+        # With the data directory as its state: a disk that is not the disk the agent set up (not mounted yet,
+        # another disk) is left alone and reported unavailable (volumes.py, "Disk identity").
+        self.volumes = VolumeManager(s.effective_disks(), background_copies=True, state_dir=s.data_dir)
         self.snapshots = SnapshotManager(self.volumes)
         host, port = split_host_port(s.portal_listen)
         self.portal = PortalThread(PortalConfig(host, port, TargetSettings(header_digest=s.iscsi_header_digest,

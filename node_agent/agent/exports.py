@@ -12,8 +12,11 @@ The record: ``exports.json`` (volume, initiators, CHAP user names) and
 directory, saved by write-temp, fsync, rename *before* the portal changes.
 ``restore()`` serves them again at start, before the gRPC server opens, so
 consumers keep working across an agent restart without the controller.  An
-export whose volume is missing then (a disk mounted late) keeps its record
-and is served once the volume is back (``restore``'s docstring says how).
+export whose volume is missing then (a disk mounted late) or unreadable (its
+record corrupt: state "error") keeps its record and is served once the volume
+is back (``restore``'s docstring says how).  Either file corrupt stops the start,
+with a message naming it: serving without it would drop ACLs and credentials
+the controller relies on.
 
 Idempotency (agent.proto): exporting to an initiator already admitted with
 the same credentials returns the same ExportInfo; other credentials for an
@@ -31,9 +34,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any, Protocol, TypeVar
 
-from node_agent.agent.copies import guarded
+from node_agent.agent.copies import READY, guarded
 from node_agent.agent.errors import AlreadyExists, FailedPrecondition, InvalidArgument, Unavailable
-from node_agent.agent.records import read_json, write_json
+from node_agent.agent.records import CorruptRecord, read_json, write_json
 from node_agent.agent.volumes import VolumeInfo, VolumeManager, check_volume_id
 from node_agent.iscsi.names import check_iqn
 from node_agent.iscsi.target import Credentials, TargetNode
@@ -307,25 +310,29 @@ class ExportManager:
         and fence change a kept record as any other (a fenced initiator does not come back with the disk).
 
         Only a record whose secrets are missing is dropped: ``_save`` writes the secrets first, so that is
-        an unexport that stopped between its two writes, finished here.
+        an unexport that stopped between its two writes, finished here.  A volume whose own record is corrupt
+        (state "error") is kept as a missing one is.  ``exports.json`` or ``export-secrets.json`` corrupt:
+        ``CorruptRecord`` naming the file, and the agent does not start.
         """
-        data = read_json(self._path(RECORD_FILE), {})
-        secrets = read_json(self._path(SECRETS_FILE), {})
+        loaded = self._load()
         restored = []
         with self._lock:
-            for volume_id, entry in sorted(data.get("exports", {}).items()):
-                record = ExportRecord(volume_id, tuple(entry["initiators"]), entry["chap_user"],
-                                      entry.get("mutual_chap_user", ""))
-                secret = secrets.get("secrets", {}).get(volume_id)
-                if secret is None:
+            for record, secrets in loaded:
+                volume_id = record.volume_id
+                if secrets is None:
                     log.warning("export of volume %s dropped: its CHAP secret is missing (an unexport stopped "
                                 "half-way)", volume_id)
                     continue
                 self._records[volume_id] = record
-                self._secrets[volume_id] = _Secrets(secret["chap"], secret.get("mutual_chap", ""))
+                self._secrets[volume_id] = secrets
                 volume = self.volumes.get(volume_id)
                 if volume is None:
-                    self._keep_unserved(volume_id, "its volume is missing (a disk not mounted yet?)")
+                    unavailable = sorted(self.volumes.unavailable)
+                    self._keep_unserved(volume_id, "its volume is missing (a disk not mounted yet?" + (
+                        f" disk(s) {', '.join(unavailable)} are unavailable)" if unavailable else ")"))
+                    continue
+                if volume.state != READY:  # its record unreadable (VolumeManager._info): the message says which
+                    self._keep_unserved(volume_id, volume.message)
                     continue
                 try:
                     self._serve(volume, record, self._secrets[volume_id])
@@ -337,6 +344,40 @@ class ExportManager:
         if restored:
             log.info("restored %d export(s): %s", len(restored), ", ".join(restored))
         return restored
+
+    def _load(self) -> list[tuple[ExportRecord, _Secrets | None]]:
+        """The records of both files, each with its secrets (None: missing); ``CorruptRecord`` naming the file
+        that does not hold what ``_save`` writes."""
+        hint = "; the agent does not start without its exports: repair the file or restore it from a backup"
+        record_path, secrets_path = self._path(RECORD_FILE), self._path(SECRETS_FILE)
+        try:
+            data = read_json(record_path, {}, dict)
+            secrets = read_json(secrets_path, {}, dict)
+        except CorruptRecord as exc:
+            raise CorruptRecord(exc.path, exc.why + hint) from None
+        loaded = []
+        for volume_id, entry in sorted(_mapping(data.get("exports", {}), record_path, "exports", hint).items()):
+            try:
+                record = ExportRecord(volume_id, tuple(entry["initiators"]), entry["chap_user"],
+                                      entry.get("mutual_chap_user", ""))
+                if not (all(isinstance(name, str) for name in record.initiators)
+                        and isinstance(entry["initiators"], list) and isinstance(record.chap_user, str)
+                        and isinstance(record.mutual_chap_user, str)):
+                    raise TypeError("initiators must be a list of names, chap users strings")
+            except (KeyError, TypeError, AttributeError) as exc:
+                raise CorruptRecord(record_path, f"the export of volume {volume_id}: {_why(exc)}{hint}") from None
+            secret = _mapping(secrets.get("secrets", {}), secrets_path, "secrets", hint).get(volume_id)
+            if secret is None:
+                loaded.append((record, None))
+                continue
+            try:
+                chap, mutual = secret["chap"], secret.get("mutual_chap", "")
+                if not isinstance(chap, str) or not isinstance(mutual, str):
+                    raise TypeError("secrets must be strings")
+            except (KeyError, TypeError, AttributeError) as exc:
+                raise CorruptRecord(secrets_path, f"the secrets of volume {volume_id}: {_why(exc)}{hint}") from None
+            loaded.append((record, _Secrets(chap, mutual)))
+        return loaded
 
     def _keep_unserved(self, volume_id: str, why: str) -> None:
         self._unserved[volume_id] = why
@@ -420,6 +461,16 @@ class ExportManager:
 
     def _path(self, name: str) -> str:
         return os.path.join(self.settings.data_dir, name)
+
+
+def _mapping(value: Any, path: str, key: str, hint: str) -> dict:
+    if not isinstance(value, dict):
+        raise CorruptRecord(path, f"{key!r} must be a JSON object{hint}")
+    return value
+
+
+def _why(exc: BaseException) -> str:
+    return f"{exc} is missing" if isinstance(exc, KeyError) else str(exc)
 
 
 def refuse_if_exported(exports: ExportManager, volume_id: str) -> None:

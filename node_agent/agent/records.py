@@ -1,7 +1,10 @@
 """The agent's own records: JSON files saved by write-temp, fsync, rename (then fsync of the directory).
 
 A reader sees the old file or the new one, never a torn one, also after a
-power loss.  Secrets go in files created 0600.
+power loss.  Secrets go in files created 0600.  A file that is there but does
+not hold what it should (empty, not JSON, not the expected type: a filesystem
+repaired after a crash, a hand edit) is ``CorruptRecord``, whose message names
+the file: whoever reads it decides whether that stops the agent or one volume.
 """
 
 from __future__ import annotations
@@ -34,13 +37,36 @@ def write_json(path: str, data: Any, *, mode: int = 0o644) -> None:
     fsync_dir(directory)
 
 
-def read_json(path: str, default: Any) -> Any:
-    """The file's JSON, or ``default`` when it does not exist."""
+class CorruptRecord(ValueError):
+    """A record that exists but cannot be read as what it should be; the message names the file."""
+
+    def __init__(self, path: str, why: str):
+        super().__init__(f"{path}: corrupt record ({why})")
+        self.path = path
+        self.why = why
+
+
+def read_json(path: str, default: Any, expect: type | None = None) -> Any:
+    """The file's JSON, or ``default`` when it does not exist; ``CorruptRecord`` (naming the file) when it is
+    not JSON, or, with ``expect``, not of that type (``dict``: a JSON object)."""
     try:
         with open(path, encoding="utf-8") as handle:
-            return json.load(handle)
+            data = json.load(handle)
     except FileNotFoundError:
         return default
+    except ValueError as exc:  # JSONDecodeError (an empty file too), UnicodeDecodeError (binary garbage)
+        raise CorruptRecord(path, str(exc) or type(exc).__name__) from None
+    if expect is not None and not isinstance(data, expect):
+        raise CorruptRecord(path, f"expected {_KINDS.get(expect, expect.__name__)}, found {_kind(data)}")
+    return data
+
+
+_KINDS = {dict: "a JSON object", list: "a JSON array", str: "a JSON string", bool: "a JSON boolean",
+          int: "a JSON number", float: "a JSON number"}
+
+
+def _kind(value: Any) -> str:
+    return "null" if value is None else _KINDS.get(type(value), f"a JSON {type(value).__name__}")
 
 
 def fsync_dir(directory: str) -> None:

@@ -35,7 +35,8 @@ class DiskSpec:
     name: str
     """Unique on this node (``data0``); the controller's pools name it."""
     path: str
-    """The directory; created when missing."""
+    """The directory; created when missing the first time the agent sets the disk up.  Later a directory
+    without the disk's marker (its disk not mounted yet, say) is left alone (volumes.py, "Disk identity")."""
     capacity: int | None = None
     """Bytes this disk offers; None takes the filesystem's size (statvfs).  Set it when several
     disks share a filesystem, or to give Shoal only part of one."""
@@ -64,6 +65,25 @@ class DiskSpec:
             except ValueError as exc:
                 raise ValueError(f"disk {text!r}: {exc}") from None
         return cls(name, rest)
+
+
+def check_disk_paths(disks: "tuple[DiskSpec, ...] | list[DiskSpec]") -> None:
+    """``ValueError`` when two disks are one directory (after symlinks, ``..`` and a trailing ``/``) or one
+    lies inside the other: a volume would then show up on both, the first one listed claiming it (so the
+    repeat of its create on the other is refused), and the same space would be offered twice."""
+    import os
+
+    real = [(spec, os.path.realpath(spec.path)) for spec in disks]
+    for i, (a, path_a) in enumerate(real):
+        for b, path_b in real[i + 1:]:
+            if path_a == path_b:
+                raise ValueError(f"disks {a.name} ({a.path}) and {b.name} ({b.path}) are the same directory "
+                                 f"{path_a}: give each disk its own directory")
+            common = os.path.commonpath([path_a, path_b])  # whole components: /srv/d1 is not inside /srv/d
+            if common in (path_a, path_b):
+                inner, outer = (b, a) if common == path_a else (a, b)
+                raise ValueError(f"disk {inner.name} ({inner.path}) lies inside disk {outer.name} ({outer.path}): "
+                                 "give each disk its own directory, neither inside the other")
 
 
 @dataclass(frozen=True)
@@ -261,6 +281,7 @@ class AgentSettings:
         names = [d.name for d in self.disks]
         if len(set(names)) != len(names):
             raise ValueError(f"disk names must be unique: {names}")
+        check_disk_paths(self.disks)
 
     def effective_disks(self) -> tuple[DiskSpec, ...]:
         import os

@@ -31,16 +31,60 @@ current one returns the volume as it is; a failed expand changes nothing.
 
 A disk with a configured capacity counts as used what every file of its
 ``volumes`` and ``snapshots`` directories holds: volumes, snapshots, and the
-temporary files of copies under way.
+temporary files of copies under way.  A fully allocated create or expand holds
+the disk's lock from its free-space check until the space is allocated (a thick
+clone's, when its image is finished), so creates of different ids that run at
+once cannot all pass the check and overcommit the disk together.
+
+A failed create leaves nothing: an error after the image was renamed into
+place (an fsync of the directory failing, a dying disk) removes the image too,
+before its ``ID.json``.  An image without its record would be a volume that
+looks thin and made from no source, and the create's repeat would be refused
+where agent.proto says it creates the volume.
+
+A volume whose ``ID.json`` cannot be read (empty, not JSON, not an object, a
+field of the wrong type: a filesystem repaired after a crash, a hand edit) is
+listed in state "error", its message naming the file; it is not exported
+(``ExportManager.restore`` keeps its export unserved), cloned, snapshotted or
+grown (``FailedPrecondition`` naming the file) until the file is repaired, and
+can be deleted.  The node's other volumes are not affected.
+
+Disk identity (with ``state_dir``, as the agent runs): a disk's directory is
+often a mount point, and a disk mounted late (or not at all, or another disk
+mounted there) must not be taken for the disk: volumes made there would land on
+the filesystem under the mount point and vanish once the disk is mounted.  So
+the first time the agent sets a disk up it writes ``<disk>/.shoal-disk`` (the
+disk's name and a random uuid) and records the uuid in ``<state_dir>/disks.json``.
+At start a disk whose marker is missing, or holds another uuid, is
+*unavailable*: nothing is created in its directory, its volumes are neither
+listed nor served (their exports are kept unserved, ``ExportManager.restore``),
+it is reported with capacity and free space 0 (common.proto Disk has no state:
+the controller keeps the disk in its pools and places nothing on it), a create
+on it answers ``Unavailable``, and an error in the log says what to do (mount
+it and restart the agent).  Before each create, expand, lookup or listing the
+disk's directory is compared (device and inode) with the one checked at start;
+when it changed the marker is read again, and a disk without its marker is
+unavailable from then on, until it is back: no create there, none of its
+volumes found, reported with capacity 0 (what is served keeps being served).  A disk with a marker but no recorded uuid (the
+agent's data directory was lost) is adopted when the marker names the same
+disk.  A disk with neither (a new disk, or one an agent from before these
+markers set up, volumes and all) is set up as new: its marker is written and
+recorded, so an upgraded agent keeps its disks.  That cannot tell a disk that
+an older agent used and that is not mounted at the upgrade from a new empty
+one; the marker then lands under the mount point, and once the disk is mounted
+it is refused as unmarked, whose log error says how to adopt it.  Without
+``state_dir`` (tests, tools) no marker is written or checked.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
 import threading
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -48,9 +92,9 @@ from typing import Any
 from node_agent.agent.copies import (COPYING, FAILED, FICLONE, READY, CopyJob, Source, WriteGuards, copy_extents,
                                      flush_ahead, quiesced_once, reflink, start_copy)
 from node_agent.agent.errors import (AlreadyExists, FailedPrecondition, InvalidArgument, NotFound,
-                                     ResourceExhausted)
-from node_agent.agent.records import fsync_dir, read_json, write_json
-from node_agent.agent.settings import DiskSpec, check_name
+                                     ResourceExhausted, Unavailable)
+from node_agent.agent.records import CorruptRecord, fsync_dir, read_json, write_json
+from node_agent.agent.settings import DiskSpec, check_disk_paths, check_name
 from node_agent.scsi.ptpl import SUFFIX as PTPL_SUFFIX
 from node_agent.scsi.sidecar import SANITIZE_SUFFIX, SanitizeMark
 from node_agent.storage.backing import unshare
@@ -59,6 +103,8 @@ log = logging.getLogger("shoal.agent.volumes")
 
 BLOCK_SIZE = 512  # the LUN's logical block size: volume sizes are whole blocks
 VOLUMES_DIR, SNAPSHOTS_DIR = "volumes", "snapshots"  # a disk's directories (snapshots.py keeps the second)
+DISK_MARKER = ".shoal-disk"  # in a disk's directory: which disk it is (see "Disk identity" above)
+DISKS_FILE = "disks.json"  # in the state directory: the uuid of each disk this agent set up
 __all__ = ["BLOCK_SIZE", "FICLONE", "Disk", "VolumeInfo", "VolumeManager", "check_size", "check_volume_id",
            "copy_sparse", "reflink"]
 
@@ -146,10 +192,23 @@ class VolumeManager:
     def __init__(self, disks: Sequence[DiskSpec], *, statvfs: Callable[[str], os.statvfs_result] = os.statvfs,
                  clock: Callable[[], float] = time.time, guards: WriteGuards | None = None,
                  background_copies: bool = False, use_reflink: bool = True,
-                 reflink_fn: Callable[[int, int], bool] = reflink, copy_pace: Callable[[], None] | None = None):
+                 reflink_fn: Callable[[int, int], bool] = reflink, copy_pace: Callable[[], None] | None = None,
+                 state_dir: str | None = None):
         if not disks:
             raise ValueError("a node agent needs at least one disk")
-        self.specs = {spec.name: spec for spec in disks}
+        check_disk_paths(disks)
+        self.configured = {spec.name: spec for spec in disks}
+        """Every disk given, available or not (``disks()`` reports them all)."""
+        self.state_dir = state_dir
+        """Where ``disks.json`` records each disk's uuid; None: disks are not checked (module docstring)."""
+        self.unavailable: dict[str, str] = {}
+        """Disks found not to be the disks this agent set up, at start (name -> why): not in ``specs``."""
+        self._uuids: dict[str, str] = {}
+        self._identity: dict[str, tuple[int, int]] = {}  # (st_dev, st_ino) of each disk's directory at start
+        self._lost: dict[str, str] = {}  # disks whose directory changed since the start, and why they are refused
+        # One per disk: a fully allocated create or expand holds it from the free-space check through the
+        # allocation, so that two of them cannot both count the same free space.
+        self._disk_locks = {spec.name: threading.Lock() for spec in disks}
         self.statvfs = statvfs
         self.clock = clock
         self.guards = guards or WriteGuards()
@@ -164,18 +223,24 @@ class VolumeManager:
         self.quiesce: Callable[[str, Callable[[], Any]], Any] = _run_now
         self._clones: dict[str, _Clone] = {}
         self._lock = threading.RLock()
-        for spec in disks:
+        usable = self._check_disks(disks) if state_dir is not None else list(disks)
+        self.specs = {spec.name: spec for spec in usable}
+        """The disks in use; snapshots.py, too, looks only at these."""
+        for spec in usable:
             os.makedirs(self._dir(spec), exist_ok=True)
             self._clean_partial(spec)
+            if state_dir is not None:
+                self._identity[spec.name] = _identity(spec.path)
 
     # ------------------------------------------------------------------ queries
 
     def disks(self) -> list[Disk]:
-        return [self._disk(spec) for spec in self.specs.values()]
+        """Every configured disk; an unavailable one with capacity and free space 0 (nothing goes there)."""
+        return [self._disk(spec) for spec in self.configured.values()]
 
     def get(self, volume_id: str) -> VolumeInfo | None:
         """A volume that is ready (its image in place), or None."""
-        for spec in self.specs.values():
+        for spec in self._present():
             info = self._info(spec, volume_id)
             if info is not None:
                 return info
@@ -193,6 +258,8 @@ class VolumeManager:
         """A ready volume; ``FailedPrecondition`` for a clone still copying, ``NotFound`` when absent."""
         info = self.get(volume_id)
         if info is not None:
+            if info.state == FAILED:  # on disk, yet "error": its record is unreadable (``_info``)
+                raise FailedPrecondition(info.message)
             return info
         pending = self.lookup(volume_id)
         if pending is not None:
@@ -205,7 +272,7 @@ class VolumeManager:
     def list(self) -> list[VolumeInfo]:
         """Ready volumes and clones being copied (or failed), by id."""
         found = {}
-        for spec in self.specs.values():
+        for spec in self._present():
             for name in sorted(os.listdir(self._dir(spec))):
                 if name.endswith(".img") and not name.startswith("."):
                     info = self._info(spec, name[:-4])
@@ -235,6 +302,10 @@ class VolumeManager:
         info = self.lookup(volume_id)
         if info is None:
             return None
+        if info.state == FAILED and self.get(volume_id) is not None:
+            # Not a failed clone (that has no image in place) but a volume whose record is unreadable: its
+            # arguments cannot be compared, and making it again would write over its image.
+            raise FailedPrecondition(info.message)
         self._compatible(info, size, disk, thin, source)
         return info if info.state != FAILED else None
 
@@ -264,30 +335,35 @@ class VolumeManager:
             refuse_half_erased(src)
         if src is not None and size < src.size:
             raise InvalidArgument(f"a clone of {source_name} needs at least its {src.size} bytes, not {size}")
-        if not thin:
-            free = self._disk(spec).free
-            if size > free:
-                raise ResourceExhausted(f"disk {spec.name} has {free} bytes free, volume {volume_id} needs {size}")
-        path = self._image(spec, volume_id)
-        tmp = self._tmp(spec, volume_id)
-        self._drop_sidecars(path)  # an old volume's of this id, an older agent's delete left: never this one's
-        try:
-            write_json(self._meta(spec, volume_id),
-                       {"thin": thin, "source": source_name, "created_at": self.clock()}, mode=0o600)
-            if src is not None:
-                job = self._start_clone(volume_id, spec, tmp, size, thin, src)
-                if job is not None:
-                    return self._wait_or_report(volume_id, job)
-            else:
-                self._build(tmp, size, thin)
-                os.replace(tmp, path)
-                fsync_dir(self._dir(spec))
-        except BaseException as exc:
-            _unlink(tmp)
-            _unlink(self._meta(spec, volume_id))
-            if src is not None:
-                raise_if_source_gone(exc, src, f"clone {volume_id}")
-            raise _space_error(exc, spec.name, f"creating volume {volume_id}", size) from None
+        # A thick volume: the disk's lock from the check through the allocation.  Not around a clone, whose
+        # copy may run long after this returns: its check here is an early answer, and ``_finish_image``
+        # checks again under the lock when it allocates.
+        with self._disk_locks[spec.name] if not thin and src is None else contextlib.nullcontext():
+            if not thin:
+                free = self._disk(spec).free
+                if size > free:
+                    raise ResourceExhausted(f"disk {spec.name} has {free} bytes free, volume {volume_id} needs "
+                                            f"{size}")
+            path = self._image(spec, volume_id)
+            tmp = self._tmp(spec, volume_id)
+            self._drop_sidecars(path)  # an old volume's of this id, an older agent's delete left: never this one's
+            try:
+                write_json(self._meta(spec, volume_id),
+                           {"thin": thin, "source": source_name, "created_at": self.clock()}, mode=0o600)
+                if src is not None:
+                    job = self._start_clone(volume_id, spec, tmp, size, thin, src)
+                    if job is not None:
+                        return self._wait_or_report(volume_id, job)
+                else:
+                    self._build(tmp, size, thin)
+                    self._put_in_place(tmp, spec, volume_id)
+            except BaseException as exc:
+                # ``_put_in_place`` removed the image if the error came after its rename: nothing is left.
+                _unlink(tmp)
+                _unlink(self._meta(spec, volume_id))
+                if src is not None:
+                    raise_if_source_gone(exc, src, f"clone {volume_id}")
+                raise _space_error(exc, spec.name, f"creating volume {volume_id}", size) from None
         log.info("created volume %s: %d bytes on disk %s (%s%s)", volume_id, size, spec.name,
                  "thin" if thin else "allocated", f", reflinked from {source_name}" if src else "")
         return self.require(volume_id)
@@ -322,6 +398,18 @@ class VolumeManager:
         info = self.require(volume_id)
         if size <= info.size:
             return info
+        spec = self.specs[info.disk]
+        gone = self._gone(spec)
+        if gone:
+            raise Unavailable(gone)
+        with self._disk_locks[spec.name] if not info.thin else contextlib.nullcontext():
+            self._expand(info, size)
+        return self.require(volume_id)
+
+    def _expand(self, info: VolumeInfo, size: int) -> None:
+        """``expand``'s check and growth (a fully allocated volume's under its disk's lock, which nothing holds
+        while it takes ``_lock``: a clone's end takes them the other way round)."""
+        volume_id = info.volume_id
         if not info.thin:  # as create: the new part is allocated now, within the disk's free space
             free = self._disk(self.specs[info.disk]).free
             if size - info.size > free:
@@ -351,7 +439,6 @@ class VolumeManager:
                 raise InvalidArgument(f"{size} bytes is too large for disk {info.disk}'s filesystem") from None
             raise
         log.info("expanded volume %s: %d -> %d bytes", volume_id, info.size, size)
-        return self.require(volume_id)
 
     def close(self) -> None:
         """Stop every background copy (their clones are gone; the controller starts them again)."""
@@ -426,19 +513,40 @@ class VolumeManager:
             clone.info = replace(clone.info, state=FAILED, message=job.message)
 
     def _finish_image(self, tmp: str, size: int, thin: bool, spec: DiskSpec, volume_id: str) -> None:
-        fd = os.open(tmp, os.O_RDWR | os.O_CLOEXEC)
+        """A clone's copy is complete: allocate it (a thick one, under the disk's lock, within the disk's free
+        space: ENOSPC otherwise) and put it in place.  On an error nothing is left in place."""
+        with self._disk_locks[spec.name] if not thin else contextlib.nullcontext():
+            fd = os.open(tmp, os.O_RDWR | os.O_CLOEXEC)
+            try:
+                os.ftruncate(fd, size)
+                if not thin:
+                    # What the allocation adds to what the copy already holds (counted as used: it is a file of
+                    # the volumes directory), checked as create checks a new volume's size.
+                    needed = max(0, size - os.fstat(fd).st_blocks * 512)
+                    free = self._disk(spec).free
+                    if needed > free:
+                        raise OSError(errno.ENOSPC, f"disk {spec.name} has {free} bytes free, clone {volume_id} "
+                                                    f"needs {needed} more")
+                    # A reflinked clone shares its source's blocks, which posix_fallocate counts as allocated: a
+                    # write to them would need new space later, and could fail for want of it.
+                    unshare(fd, 0, size)
+                    os.posix_fallocate(fd, 0, size)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            self._put_in_place(tmp, spec, volume_id)
+
+    def _put_in_place(self, tmp: str, spec: DiskSpec, volume_id: str) -> None:
+        """Rename a complete image to its real name, durably.  When that fails after the rename the image is
+        removed again: the create fails, and its caller then removes ``ID.json``, so nothing is left (an image
+        kept without its record would pass for a thin volume made from no source)."""
+        path = self._image(spec, volume_id)
+        os.replace(tmp, path)
         try:
-            os.ftruncate(fd, size)
-            if not thin:
-                # A reflinked clone shares its source's blocks, which posix_fallocate counts as allocated: a
-                # write to them would need new space later, and could fail for want of it.
-                unshare(fd, 0, size)
-                os.posix_fallocate(fd, 0, size)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, self._image(spec, volume_id))
-        fsync_dir(self._dir(spec))
+            fsync_dir(self._dir(spec))
+        except BaseException:
+            _unlink(path)
+            raise
 
     def _drop_clone(self, volume_id: str) -> bool:
         with self._lock:
@@ -488,14 +596,27 @@ class VolumeManager:
             os.close(fd)
 
     def _spec(self, disk: str) -> DiskSpec:
+        """The disk to create on (``disk``, or the one with the most free space): ``NotFound`` for a name not
+        configured, ``Unavailable`` for a disk that is not the disk this agent set up (not mounted?)."""
         if not disk:
-            return max(self.specs.values(), key=lambda spec: self._disk(spec).free)
+            usable = self._present()
+            if not usable:
+                why = "; ".join(list(self.unavailable.values()) + list(self._lost.values()))
+                raise Unavailable(f"no disk of this node is available: {why}")
+            return max(usable, key=lambda spec: self._disk(spec).free)
         spec = self.specs.get(disk)
         if spec is None:
-            raise NotFound(f"no disk {disk!r} on this node (disks: {', '.join(sorted(self.specs))})")
+            if disk in self.unavailable:
+                raise Unavailable(self.unavailable[disk])
+            raise NotFound(f"no disk {disk!r} on this node (disks: {', '.join(sorted(self.configured))})")
+        gone = self._gone(spec)
+        if gone:
+            raise Unavailable(gone)
         return spec
 
     def _disk(self, spec: DiskSpec) -> Disk:
+        if spec.name in self.unavailable or self._gone(spec):
+            return Disk(spec.name, spec.path, 0, 0)  # its directory's filesystem is not the disk's
         st = self.statvfs(spec.path)
         fs_capacity, fs_free = st.f_blocks * st.f_frsize, st.f_bavail * st.f_frsize
         if spec.capacity is None:
@@ -509,9 +630,141 @@ class VolumeManager:
             st = os.stat(path)
         except FileNotFoundError:
             return None
-        meta = read_json(self._meta(spec, volume_id), {})
-        return VolumeInfo(volume_id, st.st_size, spec.name, path, st.st_blocks * 512,
-                          bool(meta.get("thin", True)), str(meta.get("source", "")))
+        meta_path = self._meta(spec, volume_id)
+        try:
+            meta = read_json(meta_path, {}, dict)
+            thin, source = meta.get("thin", True), meta.get("source", "")
+            if not isinstance(thin, bool) or not isinstance(source, str):
+                raise CorruptRecord(meta_path, f"'thin' must be true or false and 'source' a string, not "
+                                               f"{thin!r} and {source!r}")
+        except (CorruptRecord, OSError) as exc:
+            # This volume only: the node's others are listed and served.  Not thin: nothing is known of it.
+            why = exc if isinstance(exc, CorruptRecord) else f"{meta_path}: unreadable ({exc.strerror or exc})"
+            return VolumeInfo(volume_id, st.st_size, spec.name, path, st.st_blocks * 512, thin=False,
+                              state=FAILED, progress=0.0,
+                              message=f"{why}: volume {volume_id} is not exported, cloned, snapshotted or grown "
+                                      'until that file is repaired (a JSON object such as {"thin": false, '
+                                      '"source": ""}) or the volume is deleted')
+        return VolumeInfo(volume_id, st.st_size, spec.name, path, st.st_blocks * 512, thin, source)
+
+    # ------------------------------------------------------------------ disk identity
+
+    def _check_disks(self, disks: Sequence[DiskSpec]) -> list[DiskSpec]:
+        """The disks that are the disks this agent set up (see "Disk identity" in the module docstring); the
+        others go to ``unavailable``, with an error in the log.  A disk set up now gets its marker before
+        ``disks.json`` records it: a stop in between leaves a marker, adopted at the next start."""
+        assert self.state_dir is not None
+        record_path = os.path.join(self.state_dir, DISKS_FILE)
+        # Corrupt: no start (the message names the file), since nothing could tell the disks apart then.
+        recorded = read_json(record_path, {}, dict)
+        entries = recorded.get("disks", {})
+        if not isinstance(entries, dict) or not all(isinstance(e, dict) and isinstance(e.get("uuid"), str)
+                                                    for e in entries.values()):
+            raise CorruptRecord(record_path, 'expected {"disks": {NAME: {"uuid": ..., "path": ...}}}')
+        entries = dict(entries)
+        usable, owners, changed = [], {}, False
+        for spec in disks:
+            known = entries[spec.name]["uuid"] if spec.name in entries else None
+            try:
+                marker = self._read_marker(spec)
+            except CorruptRecord as exc:
+                self._refuse(spec, f"its marker is unreadable: {exc}",
+                             f"repair it ({{\"disk\": \"{spec.name}\", \"uuid\": \"{known or '...'}\"}}) and restart "
+                             "the agent")
+                continue
+            if marker is None and known is None:  # a new disk, or one an agent without markers set up: adopt
+                adopted = os.path.isdir(self._dir(spec)) and any(not n.startswith(".")
+                                                                  for n in os.listdir(self._dir(spec)))
+                marker = {"disk": spec.name, "uuid": uuid.uuid4().hex, "created_at": self.clock()}
+                write_json(self._marker(spec), marker)
+                log.info("disk %s at %s: %s (marker %s, uuid %s)", spec.name, spec.path,
+                         "adopted, volumes and all (set up before disk markers)" if adopted else "set up",
+                         self._marker(spec), marker["uuid"])
+            elif marker is None:
+                self._refuse(spec, f"this agent set it up (uuid {known}) but {self._marker(spec)} is missing: "
+                                   "the disk is not mounted there (yet)", self._mount_or_forget(spec, record_path))
+                continue
+            elif known is None and marker["disk"] != spec.name:
+                self._refuse(spec, f"its marker {self._marker(spec)} says it is disk {marker['disk']!r} "
+                                   f"(uuid {marker['uuid']}), not {spec.name!r}",
+                             f"mount disk {spec.name} at {spec.path} and restart the agent (or, if the disk was "
+                             f"renamed on purpose, write its new name into the marker)")
+                continue
+            elif known is not None and marker["uuid"] != known:
+                self._refuse(spec, f"its marker {self._marker(spec)} says it is disk {marker['disk']!r} with uuid "
+                                   f"{marker['uuid']}, but this agent set disk {spec.name} up with uuid {known}",
+                             self._mount_or_forget(spec, record_path))
+                continue
+            if marker["uuid"] in owners:
+                self._refuse(spec, f"it is the same disk as {owners[marker['uuid']]} (uuid {marker['uuid']}): "
+                                   "one disk mounted twice?", f"give disk {spec.name} its own disk")
+                continue
+            owners[marker["uuid"]] = spec.name
+            if known is None:
+                entries[spec.name] = {"uuid": marker["uuid"], "path": spec.path}
+                changed = True
+            self._uuids[spec.name] = marker["uuid"]
+            usable.append(spec)
+        if changed:
+            write_json(record_path, {"disks": entries})
+        return usable
+
+    def _refuse(self, spec: DiskSpec, why: str, fix: str) -> None:
+        message = (f"disk {spec.name} at {spec.path} is unavailable: {why}.  Nothing is created there and its "
+                   f"volumes are not served: {fix}")
+        self.unavailable[spec.name] = message
+        log.error("%s", message)
+
+    @staticmethod
+    def _mount_or_forget(spec: DiskSpec, record_path: str) -> str:
+        return (f"mount the disk at {spec.path} and restart the agent.  If it is a new disk meant to replace it (or "
+                f"an older agent's, whose marker went under its mount point at the upgrade), remove disk "
+                f"{spec.name} from {record_path} and restart: the agent then sets it up as it finds it")
+
+    def _present(self) -> list[DiskSpec]:
+        """The disks in use whose directory is still the disk's (what is under a disk unmounted since the start
+        is not its volumes)."""
+        return [spec for spec in self.specs.values() if not self._gone(spec)]
+
+    def _gone(self, spec: DiskSpec) -> str:
+        """Why ``spec``'s directory is no longer the disk checked at start ("" while it is): cheap while its
+        device and inode have not changed; else its marker is read again."""
+        expected = self._identity.get(spec.name)
+        if expected is None:
+            return ""
+        try:
+            now = _identity(spec.path)
+        except OSError:
+            now = None
+        if now != expected:
+            try:
+                marker = self._read_marker(spec) if now is not None else None
+            except CorruptRecord:
+                marker = None
+            if marker is None or marker["uuid"] != self._uuids[spec.name]:
+                why = (f"disk {spec.name}: {spec.path} is no longer the directory of the disk checked at start, and "
+                       f"{self._marker(spec)} does not hold its uuid {self._uuids[spec.name]} (unmounted?): nothing "
+                       "is created there until the disk is back (mount it again)")
+                if spec.name not in self._lost:
+                    log.error("%s", why)
+                self._lost[spec.name] = why
+                return why
+            self._identity[spec.name] = now  # the same disk (mounted again): its directory from now on
+        if self._lost.pop(spec.name, None) is not None:
+            log.warning("disk %s at %s is back", spec.name, spec.path)
+        return ""
+
+    def _read_marker(self, spec: DiskSpec) -> dict | None:
+        path = self._marker(spec)
+        marker = read_json(path, None, dict)
+        if marker is not None and not (isinstance(marker.get("uuid"), str) and marker["uuid"]
+                                       and isinstance(marker.get("disk"), str)):
+            raise CorruptRecord(path, 'expected {"disk": NAME, "uuid": UUID}')
+        return marker
+
+    @staticmethod
+    def _marker(spec: DiskSpec) -> str:
+        return os.path.join(spec.path, DISK_MARKER)
 
     def _clean_partial(self, spec: DiskSpec) -> None:
         """Remove what a create or clone interrupted by a stop left (``.ID.img.creating`` and its meta)."""
@@ -573,6 +826,12 @@ def _allocated(directory: str) -> int:
         except FileNotFoundError:
             pass  # removed meanwhile (a copy finished, a delete)
     return total
+
+
+def _identity(path: str) -> tuple[int, int]:
+    """What tells a directory from another at the same path (a mount over it, or its removal, changes it)."""
+    st = os.stat(path)
+    return st.st_dev, st.st_ino
 
 
 def _unlink(path: str) -> None:
