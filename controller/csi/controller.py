@@ -457,7 +457,7 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):
         pool_name, thin = self._parameters(request.parameters)
         pool = self.service.get_pool(pool_name)
         segments = dict(request.accessible_topology.segments) if request.HasField("accessible_topology") else {}
-        nodes = [n for n in self.service.list_nodes() if n.health == HEALTHY and placement.matches(n, segments)]
+        nodes = [n for n in self.service.list_nodes() if placement.placeable(n) and placement.matches(n, segments)]
         volumes = self.service.store.list_volumes()
         available = largest = 0
         for node, disk in placement.pool_disks(pool, nodes):

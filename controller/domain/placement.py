@@ -2,8 +2,8 @@
 
 Rules, in order:
 
-1. Candidates are the disks of healthy nodes that belong to the pool (a pool
-   without members has every disk of every node).
+1. Candidates are the disks of healthy, unfenced nodes that belong to the pool
+   (a pool without members has every disk of every node).
 2. Topology: the node's labels must contain every ``constraints`` key with
    the same value.
 3. Capacity: what the disk's volumes promise (all volumes on it, of any pool,
@@ -106,8 +106,15 @@ def candidate(node: Node, disk: Disk, volumes: Iterable[Volume], grown: Growth |
                      unreported_thick([node], volumes, grown).get((node.id, disk.name), 0))
 
 
+def placeable(node: Node) -> bool:
+    """A node new volumes may go to: healthy and not fenced (a fenced node, which may keep sending heartbeats,
+    is one the operator has not known clean since; unfenced, it is placeable again)."""
+    return node.health == HEALTHY and not node.fenced
+
+
 def pool_disks(pool: Pool, nodes: Iterable[Node], *, healthy_only: bool = True) -> list[tuple[Node, Disk]]:
-    return [(node, disk) for node in nodes if node.health == HEALTHY or not healthy_only
+    """The pool's disks, of placeable nodes only unless ``healthy_only`` is false (then of every node)."""
+    return [(node, disk) for node in nodes if not healthy_only or placeable(node)
             for disk in node.disks if pool.includes(node.id, disk.name)]
 
 
@@ -157,8 +164,8 @@ def _why_nothing_fits(request: Request, pool: Pool, nodes: list[Node], options: 
         return (f"{prefix} no disks (no node that has its disks registered){_members(pool)}; "
                 "start an agent or add members to the pool")
     if not pool_disks(pool, nodes):
-        unhealthy = sorted({n.id for n, _ in pool_disks(pool, nodes, healthy_only=False)})
-        return f"{prefix} no healthy node (unhealthy: {', '.join(unhealthy)}); retry when an agent is back"
+        others = sorted({f"{n.id} ({n.fence or 'unhealthy'})" for n, _ in pool_disks(pool, nodes, healthy_only=False)})
+        return f"{prefix} no healthy, unfenced node ({', '.join(others)}); retry when an agent is back"
     if not options:
         wanted = ",".join(f"{k}={v}" for k, v in sorted((request.constraints or {}).items()))
         return f"{prefix} no healthy node has labels {wanted}"

@@ -41,8 +41,22 @@ def test_only_healthy_nodes_and_pool_members():
              node("node-b", ("data0", 100, 100), ("data1", 100, 100))]
     assert place(1, nodes) == ("node-b", "data0")
     assert place(1, nodes, pool=Pool("p", (("node-b", "data1"),))) == ("node-b", "data1")
-    with pytest.raises(ResourceExhausted, match="no healthy node .*unhealthy: node-a"):
+    with pytest.raises(ResourceExhausted, match=r"no healthy, unfenced node \(node-a \(unhealthy\)\)"):
         place(1, nodes, pool=Pool("p", (("node-a", "data0"),)))
+
+
+@pytest.mark.parametrize("fence", ["fencing", "fenced"])
+def test_no_new_volume_goes_to_a_fenced_node(fence):
+    """A fenced node may keep sending heartbeats (healthy), but the operator has not known it clean since:
+    nothing new is placed on it (a pool of only its disks has no room), until it is unfenced."""
+    import dataclasses
+
+    fenced = dataclasses.replace(node("node-a", ("data0", 100, 100)), fence=fence)
+    nodes = [fenced, node("node-b", ("data0", 10, 10))]
+    assert place(1, nodes) == ("node-b", "data0")
+    with pytest.raises(ResourceExhausted, match=f"no healthy, unfenced node \\(node-a \\({fence}\\)\\)"):
+        place(1, nodes, pool=Pool("p", (("node-a", "data0"),)))
+    assert place(1, [dataclasses.replace(fenced, fence=""), nodes[1]]) == ("node-a", "data0")
 
 
 def test_thin_overcommit_ratio():
