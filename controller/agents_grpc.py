@@ -142,6 +142,10 @@ class GrpcAgentDirectory:
         self._tls = tls.loaded() if tls is not None else None  # (checked at start: controller.daemon)
         self._retired: list[tuple[float, grpc.Channel]] = []  # (when to close, channel) after a TLS renewal
         self._monotonic = monotonic
+        self.may_call: Callable[[], bool] | None = None
+        """Asked before every attempt of every call (None: always yes): a replica elected by a Lease calls
+        agents only while the Lease is surely its own (``LeaderElector.holds_lease``), as it writes the store,
+        so that after renewals stop no call of its starts that could cross a new leader's."""
 
     def client(self, node: Node) -> "GrpcAgentClient":
         """The node's agent; refused (``Unavailable``) once the directory is closed (the controller stops).
@@ -169,7 +173,10 @@ class GrpcAgentDirectory:
         for old in due:
             old.close()
         return GrpcAgentClient(node.id, node.agent_address, agent_pb2_grpc.AgentServiceStub(channel),
-                               self.settings, sleep=self._sleep, on_error=self._on_error)
+                               self.settings, sleep=self._sleep, on_error=self._on_error, may_call=self._may_call)
+
+    def _may_call(self) -> bool:
+        return self.may_call is None or self.may_call()
 
     def _renew_channels(self, now: float) -> None:
         tls = self.settings.tls
@@ -231,7 +238,7 @@ class GrpcAgentClient:
     def __init__(self, node_id: str, address: str, stub: agent_pb2_grpc.AgentServiceStub,
                  settings: AgentCallSettings, *, sleep: Callable[[float], None] | None = None,
                  on_error: Callable[[str, str, grpc.StatusCode], None] | None = None,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic, may_call: Callable[[], bool] | None = None):
         self.node_id = node_id
         self.address = address
         self._stub = stub
@@ -239,6 +246,7 @@ class GrpcAgentClient:
         self._sleep = sleep
         self._on_error = on_error
         self._clock = clock
+        self._may_call = may_call
 
     def __repr__(self) -> str:
         return f"GrpcAgentClient({self.node_id!r}, {self.address!r})"
@@ -321,6 +329,9 @@ class GrpcAgentClient:
         ends = self._clock() + deadline
 
         def attempt():  # what is left of the call's deadline (the retries share it)
+            if self._may_call is not None and not self._may_call():
+                raise Unavailable(f"agent of node {self.node_id}: {method} not sent: this controller is not "
+                                  "surely the leader any more (its Lease); retry")
             return rpc(request, timeout=max(ends - self._clock(), 0.001))
 
         retrying = tenacity.Retrying(

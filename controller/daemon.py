@@ -206,6 +206,8 @@ class ControllerDaemon:
         """
         s = self.settings
         self.agents = GrpcAgentDirectory(s.agents, on_error=self.metrics.agent_error)
+        if self.elector is not None:  # agent calls, like store writes, only while the Lease is surely ours
+            self.agents.may_call = self.elector.holds_lease
         self.service = ControllerService(self.store, self.agents, settings=self.controller_settings)
         self.metrics.watch(self.service)
         self.server, port = build_server(self.service, listen, tls=s.tls, workers=s.workers,
@@ -320,25 +322,28 @@ class ControllerDaemon:
         self.leading.clear()
         with self._phase:
             self.leading.clear()
-            if not lost:
-                self._stop_acting(grace=self.settings.grace)
-                return
-            # A standby may take the Lease over once it has seen no renewal for lease_duration; renewals stopped
-            # renew_deadline ago at least.  What still runs then (a pass waiting on a hung agent) must be gone
-            # by that time: the store refuses its writes already, and this process ends before an agent call of
-            # it could cross a new leader's.
+            # A standby may take the Lease over once it has seen no renewal for lease_duration (or at once, when a
+            # clean stop releases it); renewals stopped renew_deadline ago at least when it was lost, and stopped
+            # now on a clean stop (SIGTERM, a rolling update).  What still runs then (a pass waiting on a hung
+            # agent) must be gone by that time: the store refuses its writes and no agent call of it starts once
+            # the Lease is not surely ours (``holds_lease``); calls under way are cut by closing the agent
+            # channels; and should a loop still run, this process ends before a call of it could cross a new
+            # leader's.  The clean stop first gives the gRPC calls under way their grace.
             leader = self.settings.kubernetes.leader
             margin = max(0.5, leader.lease_duration - leader.renew_deadline - 1.0)
-            running = self._stop_acting(grace=0.0, join_timeout=margin)
+            running = self._stop_acting(grace=0.0 if lost else self.settings.grace, join_timeout=margin)
+            if running and self.agents is not None:
+                self.agents.close()  # a call hung on an agent fails at once (CANCELLED), and none starts
+                running = self._stop_acting(grace=0.0, join_timeout=1.0)
             if running:
-                log.critical("lost the leader lease and %s did not stop within %.1f s: exiting now, before a new "
-                             "leader may act", ", ".join(running), margin)
+                log.critical("%s and %s did not stop within %.1f s: exiting now, before a new leader may act",
+                             "lost the leader lease" if lost else "stopping", ", ".join(running), margin)
                 logging.shutdown()
                 os._exit(1)
 
     def _stop_acting(self, grace: float, join_timeout: float | None = None) -> list[str]:
         """Stop serving and the loops; the names of loops still running after ``join_timeout`` (None: up to an
-        agent call's timeout and 10 s each)."""
+        agent call's timeout and 10 s each).  Those stay known: a later call waits for them again."""
         if self.csi_server is not None:
             # The path first, while it surely is this socket (calls under way still get their grace)
             release_socket_path(socket_path(self.settings.csi_endpoint), self._csi_socket)
@@ -354,7 +359,7 @@ class ControllerDaemon:
             loop.join(max(0.0, deadline - time.monotonic()) if join_timeout is not None
                       else self.settings.agents.timeout + 10)
         running = [loop.name for loop in self._loops if loop.is_alive()]
-        self._loops = []
+        self._loops = [loop for loop in self._loops if loop.is_alive()]  # still to be waited for
         if self._recorder is not None:
             self._recorder.stop()
             self._recorder = None

@@ -582,6 +582,32 @@ def test_agent_client_retries_share_one_deadline(flaky):
     assert agent.calls == ["CreateVolume"]
 
 
+def test_agent_calls_only_while_the_directory_may_call(flaky):
+    """A replica elected by a Lease calls agents only while the Lease is surely its own (``may_call``, set to
+    ``LeaderElector.holds_lease`` by the daemon), as it writes the store: after renewals stop, no call of it
+    starts (nor its next retry) that could cross a new leader's."""
+    agent, client = flaky
+    allowed = [True]
+    client._may_call = lambda: allowed[0]
+    client.create_volume("v", GiB, "data0", True)
+    allowed[0] = False
+    with pytest.raises(errors.Unavailable, match="not surely the leader any more"):
+        client.create_volume("v", GiB, "data0", True)
+    assert agent.calls == ["CreateVolume"]
+    allowed[0] = True
+    agent.failures = [grpc.StatusCode.UNAVAILABLE]  # the first attempt fails; before the retry, the Lease is gone
+
+    def lost_after_first_attempt():
+        ok = allowed[0]
+        allowed[0] = False
+        return ok
+
+    client._may_call = lost_after_first_attempt
+    with pytest.raises(errors.Unavailable, match="not surely the leader any more"):
+        client.create_volume("v", GiB, "data0", True)
+    assert agent.calls == ["CreateVolume"] * 2
+
+
 def test_agent_client_keeps_secrets_out_of_errors(flaky):
     agent, client = flaky
     with pytest.raises(errors.InvalidArgument) as caught:
