@@ -23,11 +23,10 @@ import pytest
 from node_agent.iscsi import pdu as P
 from node_agent.iscsi.initiator import core as C
 from node_agent.iscsi.initiator.blockdev import Capacity, LunDevice
-from node_agent.iscsi.initiator.client import ClientSettings, CommandTimedOut, IscsiClient
-from node_agent.iscsi.keys import encode_text, parse_text
+from node_agent.iscsi.initiator.client import CommandTimedOut, IscsiClient
 from node_agent.iscsi.pdu import Opcode
-from tests.protocol.conftest import INITIATOR, TARGET
-from tests.protocol.test_initiator_review_fixes import logged_in_core, pdu
+from tests.protocol.test_initiator_review_fixes import answer_login, logged_in_core, pdu
+from tests.protocol.test_initiator_review_fixes import run as run_scripted
 
 BS = 512
 RESERVED = 0xFFFFFFFF
@@ -148,19 +147,7 @@ class Target:
         number = self.connections
         self.writers.append(writer)
         try:
-            while True:  # login: the initiator's first choice of every key (or ``keys``), transit at once
-                opcode, header, data = await self.read_pdu(reader)
-                self.expcmdsn = header.cmdsn
-                answers = [(k, self.keys.get(k, v.split(",")[0])) for k, v in parse_text(data)
-                           if k not in ("InitiatorName", "TargetName", "SessionType", "InitiatorAlias",
-                                        "MaxRecvDataSegmentLength")]
-                nsg = header.nsg if header.transit else 0
-                writer.write(pdu(Opcode.LOGIN_RESPONSE, encode_text(answers), transit=header.transit,
-                                 csg=header.csg, nsg=nsg, version_max=0, version_active=0, isid=header.isid,
-                                 tsih=7 if nsg == 3 else 0, itt=header.itt, status_class=0, status_detail=0,
-                                 **self.sn()))
-                if header.transit and nsg == 3:
-                    break
+            await answer_login(self, lambda: self.read_pdu(reader), writer, self.keys)
             while True:
                 opcode, header, data = await self.read_pdu(reader)
                 self.received.append((number, Opcode(opcode).name, header.itt))
@@ -186,16 +173,7 @@ class Target:
 
 def run(target: Target, scenario: Callable[[IscsiClient], Awaitable], **settings) -> object:
     """Connect a client to ``target`` and run ``scenario`` with it (10 s at most: these cases used to hang)."""
-    async def main():
-        async with target:
-            values = dict(initiator_iqn=INITIATOR, reconnect_timeout=5, nop_interval=3600, login_timeout=2) | settings
-            client = IscsiClient("127.0.0.1", target.port, TARGET, settings=ClientSettings(**values))
-            await client.connect()
-            try:
-                return await asyncio.wait_for(scenario(client), 10)
-            finally:
-                await client.close()
-    return asyncio.run(main())
+    return run_scripted(target, scenario, **(dict(nop_interval=3600, login_timeout=2) | settings))
 
 
 async def until(condition: Callable[[], bool], timeout: float = 3.0) -> None:

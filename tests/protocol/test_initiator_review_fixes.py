@@ -36,6 +36,24 @@ TEST_UNIT_READY = bytes(6)
 UNDECODABLE = bytes([0x3E]) + bytes(47)  # a reserved target opcode: the initiator drops the connection
 
 
+async def answer_login(target, read: Callable[[], Awaitable[tuple]], writer: asyncio.StreamWriter,
+                       keys: dict[str, str] | None = None) -> None:
+    """A scripted target's side of a login: the initiator's first choice of every key (``keys`` overrides),
+    transit at once; ``target`` keeps ``expcmdsn`` and gives ``sn()``."""
+    while True:
+        opcode, header, data = await read()
+        target.expcmdsn = header.cmdsn
+        answers = [(k, (keys or {}).get(k, v.split(",")[0])) for k, v in parse_text(data)
+                   if k not in ("InitiatorName", "TargetName", "SessionType", "InitiatorAlias",
+                                "MaxRecvDataSegmentLength")]
+        nsg = header.nsg if header.transit else 0
+        writer.write(pdu(Opcode.LOGIN_RESPONSE, encode_text(answers), transit=header.transit, csg=header.csg,
+                         nsg=nsg, version_max=0, version_active=0, isid=header.isid, tsih=7 if nsg == 3 else 0,
+                         itt=header.itt, status_class=0, status_detail=0, **target.sn()))
+        if header.transit and nsg == 3:
+            return
+
+
 def pdu(opcode: Opcode, data: bytes = b"", *, flags: int = 0, header_digest: bool = False,
         bad_digest: bool = False, **values) -> bytes:
     """One PDU as a target sends it; ``flags`` are OR-ed into byte 1 (the U/O/S bits of §11.4, §11.7)."""
@@ -110,19 +128,7 @@ class ScriptedTarget:
         self.connections += 1
         number = self.connections
         try:
-            while True:  # login: take the initiator's first choice of every key, say we transit
-                opcode, header, data = await self._read(reader, False)
-                self.expcmdsn = header.cmdsn
-                answers = [(k, v.split(",")[0]) for k, v in parse_text(data)
-                           if k not in ("InitiatorName", "TargetName", "SessionType", "InitiatorAlias",
-                                        "MaxRecvDataSegmentLength")]
-                nsg = header.nsg if header.transit else 0
-                writer.write(pdu(Opcode.LOGIN_RESPONSE, encode_text(answers), transit=header.transit,
-                                 csg=header.csg, nsg=nsg, version_max=0, version_active=0, isid=header.isid,
-                                 tsih=7 if nsg == 3 else 0, itt=header.itt, status_class=0, status_detail=0,
-                                 **self.sn()))
-                if header.transit and nsg == 3:
-                    break
+            await answer_login(self, lambda: self._read(reader, False), writer)
             while True:
                 opcode, header, data = await self._read(reader, self.header_digest)
                 if opcode == Opcode.LOGOUT_REQUEST:
@@ -143,12 +149,13 @@ class ScriptedTarget:
             writer.close()
 
 
-def run(target: ScriptedTarget, scenario: Callable[[IscsiClient], Awaitable], **settings) -> object:
-    """Connect a client to ``target`` and run ``scenario`` with it (10 s at most: a lost completion hangs)."""
+def run(target, scenario: Callable[[IscsiClient], Awaitable], **settings) -> object:
+    """Connect a client to ``target`` (a scripted target, served while the run lasts) and run ``scenario``
+    with it (10 s at most: a lost completion hangs)."""
     async def main():
         async with target:
             client = IscsiClient("127.0.0.1", target.port, TARGET, settings=ClientSettings(
-                initiator_iqn=INITIATOR, reconnect_timeout=5, **settings))
+                **(dict(initiator_iqn=INITIATOR, reconnect_timeout=5) | settings)))
             await client.connect()
             try:
                 return await asyncio.wait_for(scenario(client), 10)
