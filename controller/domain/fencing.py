@@ -13,12 +13,15 @@ A fence of node N (``shoalctl node fence N``, or the controller's loop once N is
    published elsewhere), its export records go, and N is "fenced".
 
 An owner that cannot be reached leaves N "fencing", with a step saying so; ``retry`` (the loop) calls the
-owners that have not answered yet.  Each owner's answer is one step (``Node.fence_steps``) and one line of
-the operations log.  N itself, as the owner of volumes attached to it, is asked too: a fence by hand of a
-node that still runs must cut its own sessions to its own targets before those volumes go elsewhere.  If N
-cannot be reached, its own volumes stay attached to it (their data is on N: no other node could use them
-before N answers anyway) while the rest of the fence completes; a repeat of the fence, or the loop, asks N
-again, and once it answers those attachments are fenced too.
+owners that have not answered yet.  The owners to ask are those of N's attachments and export records (an
+export record outlives a detach that could not reach the owner: ``ControllerService.detach_volume``), and every
+owner with a "not yet" step, even once no record names it any more: a record going (a detach, forced or not)
+does not make its owner stop admitting N; only the owner's answer does.  Each owner's answer is one step
+(``Node.fence_steps``) and one line of the operations log.  N itself, as the owner of volumes attached to it,
+is asked too: a fence by hand of a node that still runs must cut its own sessions to its own targets before
+those volumes go elsewhere.  If N cannot be reached, its own volumes stay attached to it (their data is on N:
+no other node could use them before N answers anyway) while the rest of the fence completes; a repeat of the
+fence, or the loop, asks N again, and once it answers those attachments are fenced too.
 
 ``unfence`` (only of a fenced node) forgets N's fenced attachments and lets N back in.  While N is fenced,
 its heartbeats are accepted and answered with the volumes whose attachments it should drop.
@@ -155,6 +158,12 @@ class Fencing:
                 volume = self.store.get_volume(name)
                 if volume is not None:
                     owners.setdefault(volume.owner_node, []).append(name)
+            # An owner asked before that has not answered is asked again, whether or not a record names it now:
+            # the records that made it one may be gone meanwhile (a detach, forced or not, or reconcile), but not
+            # what the owner admits: only its own answer says it no longer admits N.
+            for owner, line in steps.items():
+                if not line.startswith(owner + DONE_MARK):
+                    owners.setdefault(owner, [])
             missing = []
             for owner, volumes in sorted(owners.items()):
                 if steps.get(owner, "").startswith(owner + DONE_MARK):
@@ -179,13 +188,14 @@ class Fencing:
 
     def _fence_at(self, node: Node, owner: str, volumes: list[str]) -> str:
         """One owner's step: what it did, or why it did not."""
-        op = self.service._begin("fence_initiator", node.id, f"at {owner} ({', '.join(volumes)})")
+        held = ", ".join(volumes) or f"volumes exported to {node.id} when it was asked before"
+        op = self.service._begin("fence_initiator", node.id, f"at {owner} ({held})")
         try:
-            client = self.service._client(owner, f"owning {', '.join(volumes)}")
+            client = self.service._client(owner, f"owning {held}")
             done = client.fence_initiator(node.initiator_iqn)
         except DomainError as exc:
             line = f"{owner}: not yet: {exc}"
-            if owner == node.id:
+            if owner == node.id and volumes:
                 line += f" ({', '.join(volumes)} stay attached to it: their data is there)"
             self.service._end(op, OP_FAILED, line)
             return line

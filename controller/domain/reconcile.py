@@ -9,9 +9,10 @@ Repairs, each under the volume's lock and re-checked against the store first:
 * an attachment left "detaching" is detached;
 * an export that should exist (an attachment in any state but "fenced") but the owner does
   not report (its agent restarted without restoring it) is exported again;
-* an export the owner reports that no attachment wants is removed; one of a volume the controller does not
-  know as the node's (its state was lost, or restored from an older copy) only while the agent no longer holds
-  the volume: otherwise it is logged and kept, since a consumer may be using it;
+* an export the owner reports, or the store records (a detach that could not reach the owner keeps the
+  record), that no attachment wants is removed: the owner drops it, then the record goes; one of a volume the
+  controller does not know as the node's (its state was lost, or restored from an older copy) only while the
+  agent no longer holds the volume: otherwise it is logged and kept, since a consumer may be using it;
 * a volume smaller on its agent than recorded (an expand that failed
   temporarily) is grown;
 * snapshots and clones still being copied are looked at (progress, and the
@@ -130,7 +131,7 @@ class Reconciler:
                           lambda v=volume: self._create(v.name))
             elif volume.state == DELETING:
                 self._try(f"deleted volume {volume.name}", lambda v=volume: self._delete(v.name))
-        self.repaired.extend(self.service._snapshots.reconcile())
+        self.repaired.extend(self.service._snapshots.reconcile(self._try))
         for attachment in self.store.list_attachments():
             if attachment.state == DETACHING:
                 self._try(f"detached volume {attachment.volume} from {attachment.node}",
@@ -163,7 +164,10 @@ class Reconciler:
             self._try(f"re-exported volume {volume.name} to {key[1]}",
                       lambda v=volume, iqn=key[1]: self._reexport(v.name, iqn))
         sizes = {v["volume_id"]: int(v.get("size_bytes", 0)) for v in observed.get("volumes", ())}
-        for volume_id, iqn in sorted(seen - self._wanted(owned)):
+        # Export records nobody wants any more are the owner's to drop too, reported or not: a detach that could
+        # not reach the owner kept the record (the owner may still admit the node) until the owner confirms.
+        recorded = {(v.id, e.initiator_iqn) for v in owned.values() for e in self.store.list_exports(v.name)}
+        for volume_id, iqn in sorted((seen | recorded) - self._wanted(owned)):
             if volume_id in owned:
                 name = owned[volume_id].name
             elif volume_id in sizes:

@@ -188,7 +188,8 @@ class ControllerService:
                     # a fence cuts off the IQN on record: the old one's sessions would outlive it (two writers)
                     raise FailedPrecondition(
                         f"node {node.id} holds {', '.join(held)} as {known.initiator_iqn}: it cannot register "
-                        f"as {node.initiator_iqn} until those are detached (or the node is fenced and unfenced)")
+                        f"as {node.initiator_iqn} until those are detached and their owners no longer export "
+                        "them to it (or the node is fenced and unfenced)")
             if known is not None and known.fence:
                 if known.initiator_iqn != node.initiator_iqn:
                     raise FailedPrecondition(f"node {node.id} is {known.fence} as {known.initiator_iqn}: it cannot "
@@ -702,8 +703,23 @@ class ControllerService:
         return chap
 
     def _export(self, volume: Volume, consumer: Node, chap: ChapCredential) -> Export:
-        """Ask the owner to export ``volume`` to ``consumer``'s initiator; record what it answered."""
+        """Ask the owner to export ``volume`` to ``consumer``'s initiator; record what it answered.
+
+        Exports the owner may still have to nodes that no longer hold the volume (a detach that could not reach
+        the owner kept their records) go first: else the volume would be exported to a node that let it go, maybe
+        one that is fenced or gone (a forced detach), beside the new one until reconcile removes it.
+        """
         owner = self._client(volume.owner_node, f"owning volume {volume.name}")
+        iqns = {n.initiator_iqn: n.id for n in self.store.list_nodes()}
+        for stale in self.store.list_exports(volume.name):
+            holder = iqns.get(stale.initiator_iqn)
+            if stale.initiator_iqn == consumer.initiator_iqn or (
+                    holder is not None and self.store.get_attachment(volume.name, holder) is not None):
+                continue
+            owner.unexport_volume(volume.id, stale.initiator_iqn)
+            self.store.delete_export(volume.name, stale.initiator_iqn)
+            log.info("volume %s: its owner %s no longer exports it to %s (detached while %s was unreachable)",
+                     volume.name, volume.owner_node, stale.initiator_iqn, volume.owner_node)
         info = owner.export_volume(volume.id, consumer.initiator_iqn, chap.user, chap.secret)
         export = Export(volume=volume.name, initiator_iqn=consumer.initiator_iqn,
                         target_iqn=str(info["target_iqn"]), portals=tuple(info.get("portals") or ()),
@@ -719,6 +735,13 @@ class ControllerService:
         owner's export is removed now, or by reconcile when the owner is back.
         A fenced attachment skips the consumer too (its node is cut off, maybe dead) and stays "fenced" until
         the detach is done: "detaching" would make it a writer again, and its retry would ask the consumer.
+
+        An owner that is unhealthy is not asked either (the detach succeeds: the consumer is done with it), but
+        it may still admit the node's initiator, so the export record stays until the owner drops it: it is
+        what tells a later fence of the node to ask that owner (``controller.domain.fencing``), reconcile to
+        remove the export once the owner is back, and an attach elsewhere to remove it first (``_export``).
+        An attachment whose export was never recorded (its export failed, maybe after the owner did it) gets a
+        record without target details for the same reason.  A repeat of the detach asks the owner again.
         """
         name = check.name(name, "volume name")
         node_id = check.node_id(node_id)
@@ -740,27 +763,38 @@ class ControllerService:
                     consumer = self._client(node_id, f"detaching volume {name}",
                                             hint=f"; or detach with force if {node_id} is gone for good")
                     consumer.detach_volume(volume.id, attachment.mode)
-                self._unexport(volume, node.initiator_iqn)
+                unexported = self._unexport(volume, node.initiator_iqn)
             except Exception as exc:
                 error = _as_domain_error(exc, node_id, "detach_volume")
                 self._end(op, OP_FAILED, str(error))
                 raise error from None
             with self.store.transaction():
-                self.store.delete_export(name, node.initiator_iqn)
+                if unexported:
+                    self.store.delete_export(name, node.initiator_iqn)
+                elif export is None and attachment is not None and attachment.state != FENCED:
+                    # Its export failed, or timed out after the owner made it: the owner may admit the node.
+                    self.store.put_export(Export(name, node.initiator_iqn, "", (), 0, "", "", ""))
                 self.store.delete_attachment(name, node_id)
                 if volume.state == ATTACHED and not self.store.list_attachments(volume=name):
                     self.store.put_volume(replace(volume, state=AVAILABLE))
-                self._end(op, OP_DONE)
+                self._end(op, OP_DONE, "" if unexported else
+                          f"owner {volume.owner_node} not reached: its export to {node_id} stays on record until "
+                          "it drops it (reconcile, once it is back)")
             log.info("volume %s detached from %s", name, node_id)
 
-    def _unexport(self, volume: Volume, initiator_iqn: str) -> None:
+    def _unexport(self, volume: Volume, initiator_iqn: str) -> bool:
+        """The owner drops ``initiator_iqn`` from the volume's export; False when the owner is unhealthy (not
+        asked: it may still admit the initiator, and the caller keeps the export record for it)."""
         owner = self.store.get_node(volume.owner_node)
-        if owner is None or self._effective(owner).health != HEALTHY:
+        if owner is None:
+            return True  # a node removed for good admits nobody
+        if self._effective(owner).health != HEALTHY:
             # Reconcile removes the export ("nobody should have it") when the owner is back.
-            log.warning("volume %s: owner %s is unhealthy; its export is removed when it is back",
-                        volume.name, volume.owner_node)
-            return
+            log.warning("volume %s: owner %s is unhealthy; its export to %s stays on record and is removed when "
+                        "it is back", volume.name, volume.owner_node, initiator_iqn)
+            return False
         self.agents.client(owner).unexport_volume(volume.id, initiator_iqn)
+        return True
 
     # ---- snapshots and clones (controller.domain.snapshots says how, and what a repeat does) ---
 

@@ -45,7 +45,7 @@ from __future__ import annotations
 import logging
 from contextlib import ExitStack, contextmanager
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from controller.domain import placement
 from controller.domain import validation as check
@@ -386,9 +386,13 @@ class Snapshots:
             raise FailedPrecondition(f"volume {volume.name} is being cloned to {', '.join(clones)}: wait until the "
                                      "clone is available (repeat a failed clone to finish it), or delete it first")
 
-    def reconcile(self) -> list[str]:
+    def reconcile(self, try_: Callable[[str, Callable[[], Any]], None]) -> list[str]:
         """Look at every copy still running (finishing what a stop left) and finish deletes; one line each
-        for what finished."""
+        for what finished.
+
+        ``try_`` (``Reconciler._try``) runs each delete left "deleting": a delete the agent keeps refusing is
+        retried less and less often, as a volume's repairs are (each attempt writes an operation, and under
+        Kubernetes an Event); it counts what it finished among the pass's repairs itself."""
         done = []
         healthy = {n.id for n in self.service.list_nodes() if n.health == HEALTHY}
         for snapshot in self.store.list_snapshots():
@@ -401,12 +405,7 @@ class Snapshots:
                             self._observe(current).state != CREATING:
                         done.append(f"snapshot {snapshot.name} finished copying")
             elif snapshot.state == DELETING:
-                try:
-                    self.delete(snapshot.name)
-                except DomainError as exc:
-                    log.warning("reconcile: deleting snapshot %s failed: %s", snapshot.name, exc)
-                else:
-                    done.append(f"deleted snapshot {snapshot.name}")
+                try_(f"deleted snapshot {snapshot.name}", lambda s=snapshot: self._finish_deleting(s.name))
         for volume in self.store.list_volumes():
             if volume.state == CREATING and volume.source and volume.owner_node in healthy:
                 with self.service._volume_locks.hold(volume.name):
@@ -419,6 +418,15 @@ class Snapshots:
                     except DomainError as exc:
                         log.warning("reconcile: clone %s: %s", volume.name, exc)
         return done
+
+    def _finish_deleting(self, name: str) -> bool:
+        """Reconcile's repeat of a delete left "deleting"; False when a repeat by hand finished it meanwhile."""
+        with self.service._volume_locks.hold(_lock_key(name)):
+            current = self.store.get_snapshot(name)
+            if current is None or current.state != DELETING:
+                return False
+            self.delete(name)
+            return True
 
     # ---- helpers -----------------------------------------------------------------------------
 
