@@ -202,7 +202,8 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):
         # fails for good now is not left to the CO, which has no volume id to delete it by.
         unanswered = volume.state in (CREATING, ERROR) or volume.size_bytes < volume.requested_bytes
         with self._dropped_on_failure(volume.name, volume.source, unanswered):
-            clone = self.service.clone_volume(volume.name, volume.source, pool)
+            # A failed copy is the CO's answer (a final error; the clone is dropped), not restarted unseen.
+            clone = self.service.clone_volume(volume.name, volume.source, pool, restart_failed=False)
             if not volume.requested_bytes:  # recorded before the size was: the repeat's own
                 size = self._round(required, limit) if required > clone.size_bytes else clone.size_bytes
             return self._grow_clone(clone, size, again=bool(required))
@@ -228,7 +229,7 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):
         if size > origin.size_bytes:
             self._check_clone_room(name, origin, pool, size)
         with self._dropped_on_failure(name, source, True):
-            volume = self.service.clone_volume(name, source, pool, requested_bytes=size)
+            volume = self.service.clone_volume(name, source, pool, requested_bytes=size, restart_failed=False)
             return self._grow_clone(volume, size, again=False)
 
     def _grow_clone(self, volume: Volume, size: int, *, again: bool) -> Volume:
@@ -290,15 +291,18 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):
     def _same_source(self, volume: Volume, kind: str, source_id: str) -> bool:
         """Whether ``volume`` was made from the CSI content source (kind, id) asked for, also once it is deleted.
 
-        Its record names its source; a source of that name made after the clone is another one.  When the id
-        asked for names nothing any more and the clone's source is gone too, they are taken to be the same: the
-        id a deleted source had is not kept.
+        Its record keeps its source's id (``source_id``, the CSI id of a snapshot or volume): the same id is the
+        same source, deleted since or not.  A clone recorded before that id was has only its source's name and
+        times: a source of that name made after the clone is another one, and when the id asked for names
+        nothing any more and the clone's source is gone too, they are taken to be the same.
         """
         if not volume.source or not kind:
             return not volume.source and not kind
         recorded_kind, recorded_name = volume.source.split("/", 1)
         if recorded_kind != kind:
             return False
+        if volume.source_id:
+            return volume.source_id == source_id
         store = self.service.store
         asked = self._find_snapshot(source_id) if kind == "snapshot" else self._find_volume(source_id)
         if asked is not None:

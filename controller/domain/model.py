@@ -121,6 +121,10 @@ class Volume:
     """The size a clone was asked to have (CSI CreateVolume): it is made at its source's size and grown to this
     once copied, so a repeat asking another size is told from one that finds it not grown yet.  0: none
     recorded (not a clone, or a record from before this field): the repeat's own size is taken."""
+    source_id: str = ""
+    """The id of the snapshot or volume a clone was made from (``source`` names it): the name may be reused
+    once that one is deleted, and ids, unlike creation times read off a wall clock that may step back, never
+    say a newer object is the same one.  "": not a clone, or a record from before this field."""
 
 
 # Snapshot states (admin.proto Snapshot.state); "creating" while a full copy runs, with its progress.

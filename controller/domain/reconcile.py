@@ -20,12 +20,13 @@ Repairs, each under the volume's lock and re-checked against the store first:
   (``Snapshots.reconcile``).
 
 Agents that cannot be reached are skipped: the next pass tries again.
-Volumes an agent holds that the controller does not know are only logged, never
-deleted, nor their exports removed: data, and the sessions using it, are not
-thrown away on a guess.  Such a standing condition (and a volume missing on its
-node) is logged at its level once, again every ``REPEAT_STANDING`` seconds while
-it lasts, and at once if it comes back after a pass without it; the passes
-between log it at debug level (a pass runs every few seconds).
+Volumes (and snapshots) an agent holds that the controller does not know are
+only logged, never deleted, nor their exports removed: data, and the sessions
+using it, are not thrown away on a guess.  Such a standing condition (and a
+volume, or a ready snapshot, missing on its node) is logged at its level once,
+again every ``REPEAT_STANDING`` seconds while it lasts, and at once if it comes
+back after a pass without it; the passes between log it at debug level (a pass
+runs every few seconds).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 
 from controller.domain.errors import DomainError
 from controller.domain.model import (ATTACHED, AVAILABLE, CREATING, DELETING, DETACHING, HEALTHY,
-                                     OP_STARTED, Node)
+                                     OP_STARTED, READY, Node)
 
 if TYPE_CHECKING:
     from controller.domain.service import ControllerService
@@ -193,6 +194,24 @@ class Reconciler:
             if volume.state in (AVAILABLE, ATTACHED) and volume.id not in sizes:
                 self._report_standing((node.id, "missing volume", volume.id), logging.ERROR,
                                "reconcile: volume %s (%s) is missing on its node %s", volume.name, volume.id, node.id)
+        self._compare_snapshots(node, observed)
+
+    def _compare_snapshots(self, node: Node, observed: dict[str, Any]) -> None:
+        """Snapshots as for volumes: a ready one missing on its node (clones of it would fail, CSI says it is
+        ready to use) is logged at ERROR, one the node holds that the controller does not know at WARNING;
+        neither is changed (a snapshot is data, and the report says what is wrong, not a guess what to do).
+        Those still being copied or deleted are ``Snapshots.reconcile``'s."""
+        held = {str(s.get("snapshot_id")) for s in observed.get("snapshots", ())}
+        known = {s.id: s for s in self.store.list_snapshots() if s.owner_node == node.id}
+        for snapshot_id in sorted(held - set(known)):
+            self._report_standing((node.id, "unknown snapshot", snapshot_id), logging.WARNING,
+                                  "reconcile: node %s holds snapshot id %s that the controller does not know",
+                                  node.id, snapshot_id)
+        for snapshot in known.values():
+            if snapshot.state == READY and snapshot.id not in held:
+                self._report_standing((node.id, "missing snapshot", snapshot.id), logging.ERROR,
+                                      "reconcile: snapshot %s (%s) of volume %s is missing on its node %s",
+                                      snapshot.name, snapshot.id, snapshot.volume, node.id)
 
     def _wanted(self, owned: dict) -> set[tuple[str, str]]:
         """(volume id, initiator IQN) the owner should export: every attachment, detaching ones included

@@ -436,6 +436,15 @@ class ControllerService:
             if size < volume.size_bytes:
                 raise InvalidArgument(f"volume {name} is {human_bytes(volume.size_bytes)} ({volume.size_bytes} "
                                       f"bytes); volumes only grow: ask for {volume.size_bytes} bytes or more")
+            if size > volume.size_bytes:
+                # A clone not made yet is copied again (a repeat, reconcile after an agent restart) at the size it
+                # recorded, which its agent refuses once the source is larger: the clone could never be made.
+                # (Under this volume's lock, which a clone of it takes too.)
+                clones = self._snapshots._unfinished_clones("volume", volume)
+                if clones:
+                    raise FailedPrecondition(f"volume {name} is being cloned to {', '.join(clones)}: it grows once "
+                                             "the clone is available (repeat a failed clone to finish it, or "
+                                             "delete it)")
             old = volume
             with self._placement_lock, self.store.transaction():
                 if size > volume.size_bytes:
@@ -810,18 +819,22 @@ class ControllerService:
     def delete_snapshot(self, name: str) -> None:
         self._snapshots.delete(name)
 
-    def clone_volume(self, name: str, source: str, pool: str | None = None, *, requested_bytes: int = 0) -> Volume:
+    def clone_volume(self, name: str, source: str, pool: str | None = None, *, requested_bytes: int = 0,
+                     restart_failed: bool = True) -> Volume:
         """A new volume from a snapshot or a volume, on the source's node and disk.
 
         ``requested_bytes``: the size it was asked to have (CSI CreateVolume), recorded on the clone (also when it
         failed half way: its repeat is then told from another request), or on the clone this call repeats when
         that has none; a request refused for another source or pool changes nothing.  The clone is made at its
         source's size; the caller grows it.
+
+        A clone whose copy failed is ``FailedPrecondition`` saying why; ``restart_failed`` false: its repeat does
+        not copy it again (CSI, whose CO is told the failure, and deletes it).
         """
         if requested_bytes:
             requested_bytes = check.size(requested_bytes, multiple=self.settings.volume_size_multiple,
                                          maximum=self.settings.max_volume_bytes, what="requested size")
-        return self._snapshots.clone(name, source, pool, requested_bytes)
+        return self._snapshots.clone(name, source, pool, requested_bytes, restart_failed=restart_failed)
 
     def observe_volume(self, name: str) -> Volume:
         """``get_volume``, with a clone still being copied looked up on its agent (best effort)."""

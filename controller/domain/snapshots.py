@@ -9,7 +9,10 @@ copy needs both files on one filesystem), in the source volume's pool unless
 another pool that includes that disk is named, and stays "creating" with its
 progress while it is copied.  Progress is looked up from the agent when a
 snapshot or clone is read and by every reconcile pass, which also finishes
-what a stop left half done.
+what a stop left half done.  A read only looks: it never asks an agent to take
+a snapshot, nor writes a snapshot's row (a read racing a delete would bring the
+deleted snapshot back); what it sees is recorded by the repeat of the create, or
+by reconcile, each under the snapshot's lock with its row read again.
 
 As everywhere in the controller, each decision is recorded (a row in a
 transitional state and a line in the operations log) before an agent is
@@ -18,14 +21,25 @@ called, and calls are safe to repeat.
 Idempotency, per method (admin.proto says the same per RPC):
 
 * ``create_snapshot``: the existing snapshot when it is of the same volume
-  (still creating, or ready), ``AlreadyExists`` when not; a failed one is
-  taken again (its failed copy dropped, the new one cut now, which its
-  ``created_at`` says), as a retry would.
+  (still creating, or ready), ``AlreadyExists`` when not.  One whose copy
+  failed after its agent took it is ``FailedPrecondition`` (delete it and take
+  a new one): its point in time was answered (``created_at``; CSI's
+  creation_time), and the CO let the application write on; taken again now,
+  it would silently hold later data under that time.  Only one no agent ever
+  took (its agent does not have it: the controller stopped before asking, or
+  the agent refused) is taken now, which its ``created_at`` says.
 * ``clone_volume``: the existing volume when it is a clone of the same source
   (and, if one is named, in the same pool), ``AlreadyExists`` when not; a
-  clone left "creating" or "error" is finished (its copy started again) by the
-  repeat, from the very snapshot or volume it was asked from:
-  ``FailedPrecondition`` if that name now names a newer one.
+  clone left "creating" is looked at first (as a snapshot's repeat does): a
+  copy its agent reports failed is ``FailedPrecondition`` saying why, not
+  hidden by a new copy; one its agent does not have is started.  A clone in
+  "error" is finished (its copy started again) by the repeat, from the very
+  snapshot or volume it was asked from (``source_id``): ``FailedPrecondition``
+  if that name now names another one.  CSI asks not to restart a failed copy
+  (``restart_failed``): the CO gets the failure, and the clone it has no id
+  for is deleted.
+* Snapshots and clones are made only on a placeable node
+  (``placement.placeable``): a fenced one is ``FailedPrecondition``.
 * ``delete_snapshot``: deleting what is gone succeeds; refused
   (``FailedPrecondition``) while a clone of the snapshot is not made yet
   (being copied, or failed and waiting for its repeat).
@@ -33,6 +47,9 @@ Idempotency, per method (admin.proto says the same per RPC):
   clones not made yet (being copied, or failed): delete those first (a
   snapshot outliving its volume would be a copy nobody can place a clone
   beside for sure, and the refusal is easy to lift later).
+  ``ControllerService.expand_volume`` refuses to grow it meanwhile: the copy
+  a clone's repeat starts again is asked at the size the clone recorded, and
+  an agent refuses a clone smaller than its source.
 
 Locks: a call that needs a snapshot's lock and a volume's takes them in one
 order (``_holding``: snapshots first, then volumes, each by name), so two
@@ -52,7 +69,7 @@ from controller.domain import validation as check
 from controller.domain.errors import (AlreadyExists, DomainError, FailedPrecondition, InvalidArgument, NotFound,
                                       ResourceExhausted)
 from controller.domain.model import (ATTACHED, AVAILABLE, CREATING, DELETING, ERROR, HEALTHY, OP_DONE, OP_FAILED,
-                                     READY, Disk, Pool, Snapshot, Volume)
+                                     READY, Disk, Node, Pool, Snapshot, Volume)
 from controller.domain.validation import human_bytes
 
 if TYPE_CHECKING:
@@ -117,30 +134,64 @@ class Snapshots:
                 if existing.state == DELETING:
                     raise FailedPrecondition(f"snapshot {name} is being deleted: delete it again to finish, then "
                                              "take it")
-                if existing.state == CREATING:
-                    existing = self._observe(existing)
-                return self._retake(existing) if existing.state == ERROR else existing
+                if existing.state == CREATING:  # under its lock, read again: the look may start it, and record
+                    existing = self._observe(existing, record=True)
+                elif existing.state == ERROR:
+                    existing = self._repeat_failed(existing)
+                return self._answer(existing)
             with locks.hold(volume_name):
                 volume = self.service.get_volume(volume_name)
                 if volume.state not in (AVAILABLE, ATTACHED):
                     raise FailedPrecondition(f"volume {volume_name} is {volume.state}: only an available or "
                                              "attached volume can be snapshotted")
                 self.service._client(volume.owner_node, f"owning volume {volume_name}")  # healthy, or Unavailable
+                _require_placeable(self.service.get_node(volume.owner_node), f"snapshot {name}")
                 snapshot = Snapshot(name, self.service._new_volume_id(), volume.name, volume.id, volume.size_bytes,
                                     volume.owner_node, volume.disk, CREATING, self.service._clock())
                 with self.store.transaction():
                     op = self.service._begin("create_snapshot", name, f"of volume {volume_name} on "
                                                                       f"{volume.owner_node}/{volume.disk}")
                     self.store.put_snapshot(snapshot)
-                return self._start(snapshot, op)
+                return self._answer(self._start(snapshot, op))
+
+    @staticmethod
+    def _answer(snapshot: Snapshot) -> Snapshot:
+        """What ``create`` answers: the snapshot, or ``FailedPrecondition`` when its copy failed.
+
+        Answered as a snapshot "not ready to use", a failure would leave a CSI CreateSnapshot waiting for good
+        (the CO repeats it until it is ready); taken again, it would hold data written after the point in time
+        already answered.  An error is final: the user (or CO) deletes it and takes a new one.
+        """
+        if snapshot.state != ERROR:
+            return snapshot
+        raise FailedPrecondition(f"snapshot {snapshot.name} of volume {snapshot.volume} failed after it was taken "
+                                 f"({snapshot.message or 'no reason given'}): it is not taken again at a later "
+                                 f"point in time under the same name; delete it (shoalctl snapshot delete "
+                                 f"{snapshot.name}) and take a new one")
+
+    def _repeat_failed(self, snapshot: Snapshot) -> Snapshot:
+        """A repeat of the create of a snapshot in "error": its agent says whether it was ever taken.
+
+        A copy the agent reports failed was cut, and that cut answered: the failure stands (``_answer``).  One
+        the agent does not have (it refused the cut for good, so no point in time was ever answered) is taken
+        now (``_retake``), as is one the agent has but the row says failed (an answer lost on the way).
+        """
+        client = self.service._client(snapshot.owner_node, f"holding volume {snapshot.volume}")
+        try:
+            info = client.get_snapshot(snapshot.id)
+        except NotFound:
+            return self._retake(snapshot)
+        except Exception as exc:
+            raise _error(exc, snapshot.owner_node, "get_snapshot") from None
+        if _AGENT_STATES.get(str(info.get("state") or "ready"), ERROR) == ERROR:
+            if info.get("message") and not snapshot.message:
+                snapshot = replace(snapshot, message=str(info["message"]))  # (answered, not written: a repeat)
+            return snapshot
+        return self._retake(snapshot)
 
     def _retake(self, snapshot: Snapshot) -> Snapshot:
-        """A failed snapshot taken again (a repeat of its create): the agent answers a repeat with the failed
-        copy as it is, so that copy is dropped first; the new one is cut now.
-
-        Answering the failure as is would leave a CSI CreateSnapshot "not ready to use" for good: the CO
-        repeats it and waits, and nothing ever changes.
-        """
+        """A failed snapshot no agent took, taken again (a repeat of its create): whatever its agent has of it
+        is dropped first (``_repeat_failed`` says when); the new one is cut now."""
         with self.service._volume_locks.hold(snapshot.volume):
             volume = self.service.get_volume(snapshot.volume)
             if volume.state not in (AVAILABLE, ATTACHED):
@@ -165,7 +216,12 @@ class Snapshots:
         """Ask the owner to take the snapshot (a repeat returns how far it got); record what it says.
 
         ``created_at`` becomes the time of this call: the point in time the copy holds is when the agent cuts
-        it, not when an earlier attempt that failed was asked for.
+        it, not when an earlier attempt that failed was asked for.  Only for a snapshot no agent took yet
+        (``create`` and reconcile make sure, under the snapshot's lock): one taken answered its point in time.
+
+        The row is written only while it is still this snapshot (same id) in "creating": the callers hold the
+        snapshot's lock, which a delete takes too, but a row written from a stale read must never bring back
+        a snapshot deleted meanwhile.
         """
         op = op if op is not None else self.service._begin("create_snapshot", snapshot.name, "retry")
         try:
@@ -175,12 +231,16 @@ class Snapshots:
         except Exception as exc:
             error = _error(exc, snapshot.owner_node, "create_snapshot")
             with self.store.transaction():  # temporary: still "creating", a repeat or reconcile sends it again
-                if not error.temporary:
+                if not error.temporary and self._still_creating(snapshot) is not None:
                     self.store.put_snapshot(replace(snapshot, state=ERROR, message=str(error)))
                 self.service._end(op, OP_FAILED, str(error))
             raise error from None
         snapshot = self._apply(snapshot, info)
         with self.store.transaction():
+            current = self._still_creating(snapshot)
+            if current is None:  # deleted (or taken by another call) meanwhile: nothing of it is written back
+                self.service._end(op, OP_FAILED, "the snapshot changed meanwhile: not recorded")
+                return self.store.get_snapshot(snapshot.name) or snapshot
             self.store.put_snapshot(snapshot)
             self.service._end(op, OP_DONE, f"{info.get('method') or 'copy'}; {snapshot.state}")
         log.info("snapshot %s of volume %s: %s (%s)", snapshot.name, snapshot.volume, snapshot.state,
@@ -193,25 +253,34 @@ class Snapshots:
         return replace(snapshot, state=state, progress=progress,
                        message=str(info.get("message") or "") if state == ERROR else "")
 
-    def _observe(self, snapshot: Snapshot) -> Snapshot:
-        """A "creating" snapshot as its agent sees it now (best effort: the row as it is when unreachable)."""
+    def _still_creating(self, snapshot: Snapshot) -> Snapshot | None:
+        """The row of ``snapshot`` if it is still that snapshot (same id) in "creating", else None."""
+        current = self.store.get_snapshot(snapshot.name)
+        return current if current is not None and current.id == snapshot.id and current.state == CREATING else None
+
+    def _observe(self, snapshot: Snapshot, *, record: bool = False) -> Snapshot:
+        """A "creating" snapshot as its agent sees it now (best effort: the row as it is when unreachable).
+
+        ``record`` false (a read): only looked at, nothing written, nothing started; a read racing a delete
+        must not bring the snapshot back.  ``record`` true: the caller holds the snapshot's lock and read its
+        row under it (``create``'s repeat, reconcile): what the agent says is recorded, and a snapshot the
+        agent never took (the controller stopped, or a temporary failure, before it asked) is taken now; a
+        failure taking it is raised.
+        """
         try:
             client = self.service._client(snapshot.owner_node, f"holding volume {snapshot.volume}")
             info = client.get_snapshot(snapshot.id)
-        except NotFound:  # the agent never took it (the controller stopped before asking): ask now
-            try:
-                return self._start(snapshot)
-            except DomainError:
-                return self.store.get_snapshot(snapshot.name) or snapshot
+        except NotFound:  # the agent never took it: only the lock holder asks now
+            return self._start(snapshot) if record else snapshot
         except DomainError as exc:
             log.debug("snapshot %s: progress unknown: %s", snapshot.name, exc)
             return snapshot
         updated = self._apply(snapshot, info)
-        if updated != snapshot:
+        if record and updated != snapshot:
             with self.store.transaction():
-                current = self.store.get_snapshot(snapshot.name)
-                if current is None or current.state != CREATING:
-                    return current or snapshot  # deleted or finished meanwhile
+                current = self._still_creating(snapshot)
+                if current is None:
+                    return self.store.get_snapshot(snapshot.name) or snapshot  # deleted or finished meanwhile
                 self.store.put_snapshot(updated)
                 if updated.state != CREATING:
                     self.store.record_operation(self.service._clock(), "create_snapshot", snapshot.name,
@@ -265,9 +334,16 @@ class Snapshots:
 
     # ---- clones ----------------------------------------------------------------------------
 
-    def clone(self, name: str, source: str, pool: str | None = None, requested_bytes: int = 0) -> Volume:
+    def clone(self, name: str, source: str, pool: str | None = None, requested_bytes: int = 0, *,
+              restart_failed: bool = True) -> Volume:
         """``requested_bytes`` (checked by the caller): recorded on the clone this request makes, or on the one it
-        repeats when that has none; never on a clone the request was refused for (another source or pool)."""
+        repeats when that has none; never on a clone the request was refused for (another source or pool).
+
+        A clone whose copy failed is ``FailedPrecondition`` saying why (its row says "error").  Its repeat
+        starts the copy again unless ``restart_failed`` is false (CSI: the failure is the CO's answer), and
+        then only when its agent has no failed copy of it (a temporary failure left it "error" before the
+        agent copied anything).
+        """
         name = check.name(name, "volume name")
         kind, source_name = parse_source(source)
         pool = check.name(pool, "pool name") if pool else None
@@ -290,21 +366,52 @@ class Snapshots:
                     self.store.put_volume(existing)
                 if existing.state in (AVAILABLE, ATTACHED):
                     return existing
-                return self.finish_clone(existing)  # "creating" (copying) or "error": the repeat finishes it
-            origin, node_id, disk, size, thin, default_pool = self._source(kind, source_name)
+                if existing.state == CREATING:  # looked at first: a failed copy is answered, not restarted unseen
+                    made, failure = self._look_clone(existing)
+                elif restart_failed:
+                    made, failure = self._finish_clone(existing)  # "error": the repeat copies it again
+                else:
+                    made, failure = self._failed_or_finish(existing)
+                return self._clone_answer(made, failure, restart_failed)
+            origin, origin_id, node_id, disk, size, thin, default_pool = self._source(kind, source_name)
             self._pool_beside(pool or default_pool, node_id, disk, kind, source_name)
             self.service._client(node_id, f"holding {kind} {source_name}")  # healthy, or Unavailable
+            _require_placeable(self.service.get_node(node_id), f"clone {name}")
             with self.service._placement_lock, self.store.transaction():
                 # Read again in the transaction delete_pool checks in: a pool deleted since is not used.
                 pool_record = self._pool_beside(pool or default_pool, node_id, disk, kind, source_name)
                 self._check_room(node_id, disk, pool_record, size, thin, name)
                 volume = Volume(name, self.service._new_volume_id(), size, pool_record.name, node_id, disk,
                                 CREATING, thin, self.service._clock(), source=f"{kind}/{source_name}",
-                                requested_bytes=requested_bytes)
+                                requested_bytes=requested_bytes, source_id=origin_id)
                 op = self.service._begin("clone_volume", name, f"from {origin} on {node_id}/{disk}")
                 self.store.put_volume(volume)
             log.info("volume %s (%s): clone of %s on %s/%s", name, volume.id, origin, node_id, disk)
-            return self.finish_clone(volume, op)
+            return self._clone_answer(*self._finish_clone(volume, op), restart_failed)
+
+    @staticmethod
+    def _clone_answer(volume: Volume, failure: str, restart_failed: bool) -> Volume:
+        """What ``clone`` answers: the clone, or ``FailedPrecondition`` saying why its copy failed."""
+        if volume.state != ERROR:
+            return volume
+        again = "repeat the clone to copy it again, or delete it" if restart_failed else "delete it and clone again"
+        raise FailedPrecondition(f"the copy of clone {volume.name} from {volume.source} failed "
+                                 f"({failure or 'no reason given'}): {again}")
+
+    def _failed_or_finish(self, volume: Volume) -> tuple[Volume, str]:
+        """A clone in "error" whose failed copy is not to be restarted: (it, why) when its agent reports its
+        copy failed; else (its agent has none: a temporary failure before it copied anything, or one it
+        finished meanwhile) finished as a repeat would."""
+        client = self.service._client(volume.owner_node, f"owning volume {volume.name}")
+        try:
+            info = client.get_volume(volume.id)
+        except NotFound:
+            return self._finish_clone(volume)
+        except Exception as exc:
+            raise _error(exc, volume.owner_node, "get_volume") from None
+        if _AGENT_STATES.get(str(info.get("state") or "ready"), ERROR) == ERROR:
+            return volume, str(info.get("message") or "the copy failed")
+        return self._finish_clone(volume)
 
     def finish_clone(self, volume: Volume, op: int | None = None) -> Volume:
         """Ask the owner to make (or tell how far it got with) the clone; record what it says.
@@ -312,6 +419,10 @@ class Snapshots:
         A clone that failed is "creating" again before the agent is asked (the decision first, as everywhere):
         what the agent answers then is recorded, a copy it made at once (a reflink) too.
         """
+        return self._finish_clone(volume, op)[0]
+
+    def _finish_clone(self, volume: Volume, op: int | None = None) -> tuple[Volume, str]:
+        """``finish_clone``, and why the copy failed ("" unless the agent answered it failed)."""
         op = op if op is not None else self.service._begin("clone_volume", volume.name, "retry")
         kind = volume.source.split("/", 1)[0]
         try:
@@ -329,21 +440,33 @@ class Snapshots:
             self.progress.pop(volume.name, None)
             raise error from None
         volume = self._record_clone(volume, info)
+        failure = str(info.get("message") or "the copy failed") if volume.state == ERROR else ""
         self.service._end(op, OP_DONE if volume.state != ERROR else OP_FAILED,
-                          "copying in the background" if volume.state == CREATING else
-                          str(info.get("message") or volume.state))
-        return volume
+                          "copying in the background" if volume.state == CREATING else failure or volume.state)
+        return volume, failure
 
     def observe_clone(self, volume: Volume) -> Volume:
-        """A clone still "creating" as its agent sees it now (best effort)."""
+        """A clone still "creating" as its agent sees it now (best effort); started if its agent has none."""
+        return self._look_clone(volume, best_effort=True)[0]
+
+    def _look_clone(self, volume: Volume, *, best_effort: bool = False) -> tuple[Volume, str]:
+        """A clone still "creating" as its agent sees it now, recorded, and why its copy failed ("" unless it
+        did).  One its agent does not have (never started, or lost by an agent restart) is started; an agent
+        that cannot be reached is ``Unavailable``, or with ``best_effort`` the row as it is."""
         try:
-            info = self.service._client(volume.owner_node, f"owning volume {volume.name}").get_volume(volume.id)
+            client = self.service._client(volume.owner_node, f"owning volume {volume.name}")
+            info = client.get_volume(volume.id)
         except NotFound:
-            return self.finish_clone(volume)  # never started (or lost by an agent restart): start it
+            return self._finish_clone(volume)
         except DomainError as exc:
+            if not best_effort:
+                raise
             log.debug("clone %s: progress unknown: %s", volume.name, exc)
-            return volume
-        return self._record_clone(volume, info)
+            return volume, ""
+        except Exception as exc:
+            raise _error(exc, volume.owner_node, "get_volume") from None
+        volume = self._record_clone(volume, info)
+        return volume, str(info.get("message") or "the copy failed") if volume.state == ERROR else ""
 
     def _record_clone(self, volume: Volume, info: dict[str, Any]) -> Volume:
         state = _AGENT_STATES.get(str(info.get("state") or "ready"), ERROR)
@@ -401,9 +524,15 @@ class Snapshots:
             if snapshot.state == CREATING:
                 with self.service._volume_locks.hold(_lock_key(snapshot.name)):
                     current = self.store.get_snapshot(snapshot.name)
-                    if current is not None and current.state == CREATING and \
-                            self._observe(current).state != CREATING:
-                        done.append(f"snapshot {snapshot.name} finished copying")
+                    if current is None or current.state != CREATING or current.id != snapshot.id:
+                        continue
+                    try:
+                        seen = self._observe(current, record=True)
+                    except DomainError as exc:
+                        log.warning("reconcile: snapshot %s: %s", snapshot.name, exc)
+                        continue
+                    if seen.state != CREATING:
+                        done.append(_copy_ended("snapshot", snapshot.name, seen.state, seen.message))
             elif snapshot.state == DELETING:
                 try_(f"deleted snapshot {snapshot.name}", lambda s=snapshot: self._finish_deleting(s.name))
         for volume in self.store.list_volumes():
@@ -413,8 +542,9 @@ class Snapshots:
                     if current is None or current.state != CREATING:
                         continue
                     try:
-                        if self.observe_clone(current).state != CREATING:
-                            done.append(f"clone {volume.name} finished copying")
+                        seen, failure = self._look_clone(current, best_effort=True)
+                        if seen.state != CREATING:
+                            done.append(_copy_ended("clone", volume.name, seen.state, failure))
                     except DomainError as exc:
                         log.warning("reconcile: clone %s: %s", volume.name, exc)
         return done
@@ -440,14 +570,14 @@ class Snapshots:
             raise NotFound(f"no snapshot or volume {source_name} (shoalctl snapshot list, volume list)")
         return SNAPSHOT if snapshot is not None else VOLUME
 
-    def _source(self, kind: str, source_name: str) -> tuple[str, str, str, int, bool, str]:
-        """(description, node, disk, size, thin, default pool) of a ready source."""
+    def _source(self, kind: str, source_name: str) -> tuple[str, str, str, str, int, bool, str]:
+        """(description, id, node, disk, size, thin, default pool) of a ready source."""
         if kind == SNAPSHOT:
             snapshot = self.store.get_snapshot(source_name)
             if snapshot is None:
                 raise NotFound(f"snapshot {source_name} does not exist (shoalctl snapshot list)")
             if snapshot.state == CREATING:
-                snapshot = self._observe(snapshot)
+                snapshot = self._observe(snapshot)  # a look only: reconcile records it
             if snapshot.state != READY:
                 raise FailedPrecondition(f"snapshot {source_name} is {snapshot.state}"
                                          + (f" ({snapshot.progress:.0%} copied)" if snapshot.state == CREATING
@@ -455,29 +585,32 @@ class Snapshots:
             volume = self.store.get_volume(snapshot.volume)
             thin = volume.thin if volume is not None else True
             pool = volume.pool if volume is not None else (self.service.settings.default_pool or "default")
-            return (f"snapshot {source_name}", snapshot.owner_node, snapshot.disk, snapshot.size_bytes, thin, pool)
+            return (f"snapshot {source_name}", snapshot.id, snapshot.owner_node, snapshot.disk, snapshot.size_bytes,
+                    thin, pool)
         volume = self.store.get_volume(source_name)
         if volume is None:
             raise NotFound(f"volume {source_name} does not exist (shoalctl volume list)")
         if volume.state not in (AVAILABLE, ATTACHED):
             raise FailedPrecondition(f"volume {source_name} is {volume.state}: only an available or attached "
                                      "volume can be cloned")
-        return f"volume {source_name}", volume.owner_node, volume.disk, volume.size_bytes, volume.thin, volume.pool
+        return (f"volume {source_name}", volume.id, volume.owner_node, volume.disk, volume.size_bytes, volume.thin,
+                volume.pool)
 
     def _source_id(self, clone: Volume) -> str:
         """The agent's id of the clone's source: the snapshot or volume it was asked from, or
         ``FailedPrecondition``.
 
         A source is not deleted while a clone of it is not made (``_unfinished_clones``), but a clone recorded
-        before that rule may name a source deleted since, and the name be reused: a source newer than the clone
-        is another one, and the clone is never made from it.
+        before that rule may name a source deleted since, and the name be reused: a source with another id than
+        the one the clone recorded is another one, and the clone is never made from it.  (A clone recorded
+        before its source's id was, has only times to go by: a source created after it is another one.)
         """
         kind, source_name = clone.source.split("/", 1)
         record = (self.store.get_snapshot(source_name) if kind == SNAPSHOT else self.store.get_volume(source_name))
         if record is None:
             raise FailedPrecondition(f"the {kind} {source_name} clone {clone.name} is made from is gone: delete "
                                      "the clone")
-        if record.created_at > clone.created_at:
+        if not _is_source_of(record, clone):
             raise FailedPrecondition(f"the {kind} {source_name} clone {clone.name} was asked from is gone; {kind} "
                                      f"{source_name} is now another one, made after the clone: delete the clone "
                                      "(and clone again to copy the new one)")
@@ -516,12 +649,38 @@ class Snapshots:
         """Clones of ``source`` not made yet: being copied, or failed (a repeat copies it again).
 
         Both keep their source: a failed clone's repeat must find the very snapshot or volume it was asked
-        from under the name it recorded, not a newer one of that name.  Clones older than ``source`` were of
-        an earlier object of its name (``_source_id`` refuses them) and keep nothing.
+        from under the name it recorded, not a newer one of that name.  Clones of an earlier object of its
+        name (another id; ``_source_id`` refuses them) keep nothing.
         """
         name = f"{kind}/{source.name}"
         return [v.name for v in self.store.list_volumes()
-                if v.source == name and v.state in (CREATING, ERROR) and v.created_at >= source.created_at]
+                if v.source == name and v.state in (CREATING, ERROR) and _is_source_of(source, v)]
+
+
+def _is_source_of(source: Snapshot | Volume, clone: Volume) -> bool:
+    """Whether ``source`` (of the name ``clone.source`` names) is the very one the clone was made from: the
+    same id.  A clone recorded before ``source_id`` was has only wall-clock times to go by (a source created
+    after it is another one), which a clock stepping back can get wrong; those records are the old ones."""
+    if clone.source_id:
+        return source.id == clone.source_id
+    return source.created_at <= clone.created_at
+
+
+def _require_placeable(node: Node, what: str) -> None:
+    """``FailedPrecondition`` unless ``node`` may take new data (``placement.placeable``): a snapshot or clone
+    takes room on its source's node as a new volume does, and a fenced node is one the operator has not known
+    clean since.  (An unhealthy node is refused before, ``Unavailable``: worth retrying.)"""
+    if not placement.placeable(node):
+        raise FailedPrecondition(f"node {node.id} is {node.fence or node.health}: no new {what.split()[0]} is made "
+                                 f"there ({what} would live beside its source); unfence it first "
+                                 "(shoalctl node unfence)")
+
+
+def _copy_ended(what: str, name: str, state: str, message: str) -> str:
+    """Reconcile's line for a copy that ended: finished, or failed and why."""
+    if state == ERROR:
+        return f"{what} {name} failed copying: {message or 'no reason given'}"
+    return f"{what} {name} finished copying"
 
 
 def _error(exc: Exception, node_id: str, method: str) -> DomainError:

@@ -163,12 +163,13 @@ def _pool(s: dict) -> Pool:
 def _volume_spec(v: Volume) -> dict:
     return {"name": v.name, "volumeId": v.id, "sizeBytes": v.size_bytes, "pool": v.pool, "ownerNode": v.owner_node,
             "disk": v.disk, "state": v.state, "thin": v.thin, "createdAt": float(v.created_at), "source": v.source,
-            "requestedBytes": v.requested_bytes}
+            "requestedBytes": v.requested_bytes, "sourceId": v.source_id}
 
 
 def _volume(s: dict) -> Volume:
     return Volume(s["name"], s["volumeId"], int(s["sizeBytes"]), s["pool"], s["ownerNode"], s["disk"], s["state"],
-                  bool(s["thin"]), float(s["createdAt"]), s["source"], int(s.get("requestedBytes", 0)))
+                  bool(s["thin"]), float(s["createdAt"]), s["source"], int(s.get("requestedBytes", 0)),
+                  s.get("sourceId", ""))
 
 
 def _snapshot_spec(s: Snapshot) -> dict:

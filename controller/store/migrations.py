@@ -96,4 +96,7 @@ MIGRATIONS: tuple[tuple[int, str, str], ...] = (
     (4, "the size a clone was asked to have", """
         ALTER TABLE volumes ADD COLUMN requested_bytes INTEGER NOT NULL DEFAULT 0;
     """),
+    (5, "the id of a clone's source", """
+        ALTER TABLE volumes ADD COLUMN source_id TEXT NOT NULL DEFAULT '';
+    """),
 )

@@ -164,22 +164,24 @@ class SqliteStore:
     # Volumes.
     def put_volume(self, v: Volume) -> None:
         # An upsert, not INSERT OR REPLACE: that would delete another volume with the same id.
-        self._write("INSERT INTO volumes VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (name) DO UPDATE SET "
+        self._write(f"INSERT INTO volumes ({_VOLUME_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                    "ON CONFLICT (name) DO UPDATE SET "
                     "id = excluded.id, size_bytes = excluded.size_bytes, pool = excluded.pool, "
                     "owner_node = excluded.owner_node, disk = excluded.disk, state = excluded.state, "
                     "thin = excluded.thin, created_at = excluded.created_at, source = excluded.source, "
-                    "requested_bytes = excluded.requested_bytes",
+                    "requested_bytes = excluded.requested_bytes, source_id = excluded.source_id",
                     (v.name, v.id, v.size_bytes, v.pool, v.owner_node, v.disk, v.state, int(v.thin),
-                     v.created_at, v.source, v.requested_bytes))
+                     v.created_at, v.source, v.requested_bytes, v.source_id))
 
     def get_volume(self, name: str) -> Volume | None:
-        rows = self._rows("SELECT * FROM volumes WHERE name = ?", (name,))
+        rows = self._rows(f"SELECT {_VOLUME_COLUMNS} FROM volumes WHERE name = ?", (name,))
         return _volume(rows[0]) if rows else None
 
     def list_volumes(self, pool: str | None = None) -> list[Volume]:
         if pool is None:
-            return [_volume(r) for r in self._rows("SELECT * FROM volumes ORDER BY name")]
-        return [_volume(r) for r in self._rows("SELECT * FROM volumes WHERE pool = ? ORDER BY name", (pool,))]
+            return [_volume(r) for r in self._rows(f"SELECT {_VOLUME_COLUMNS} FROM volumes ORDER BY name")]
+        return [_volume(r) for r in self._rows(f"SELECT {_VOLUME_COLUMNS} FROM volumes WHERE pool = ? ORDER BY name",
+                                               (pool,))]
 
     def delete_volume(self, name: str) -> None:
         self._write("DELETE FROM volumes WHERE name = ?", (name,))
@@ -269,9 +271,12 @@ class SqliteStore:
         return [Operation(*r) for r in rows]
 
 
-# Named, so a later migration that adds a column does not shift what ``Snapshot(*row)`` (or ``_node``) gets.
+# Named, so a later migration that adds a column does not shift what ``Snapshot(*row)`` (or ``_node``, ``_volume``)
+# gets.
 _NODE_COLUMNS = ("id, initiator_iqn, agent_address, portals, labels, disks, health, last_heartbeat, fence, "
                  "fence_since, fence_reason, fence_steps")
+_VOLUME_COLUMNS = ("name, id, size_bytes, pool, owner_node, disk, state, thin, created_at, source, requested_bytes, "
+                   "source_id")
 _ATTACHMENT_COLUMNS = "volume, node, mode, state, device_path, shared"
 _SNAPSHOT_COLUMNS = "name, id, volume, volume_id, size_bytes, owner_node, disk, state, created_at, progress, message"
 
@@ -299,8 +304,8 @@ def _pool(row: tuple) -> Pool:
 
 
 def _volume(row: tuple) -> Volume:
-    name, vol_id, size, pool, owner, disk, state, thin, created, source, requested = row
-    return Volume(name, vol_id, size, pool, owner, disk, state, bool(thin), created, source, requested)
+    name, vol_id, size, pool, owner, disk, state, thin, created, source, requested, source_id = row
+    return Volume(name, vol_id, size, pool, owner, disk, state, bool(thin), created, source, requested, source_id)
 
 
 def _export(row: tuple) -> Export:

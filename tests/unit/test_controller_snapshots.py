@@ -84,7 +84,9 @@ def test_a_temporary_failure_leaves_it_creating_and_a_repeat_or_reconcile_finish
     with pytest.raises(Unavailable):
         env.svc.create_snapshot("snap-1", "vol-1")
     assert env.store.get_snapshot("snap-1").state == CREATING  # recorded before acting
-    assert env.svc.get_snapshot("snap-1").state == READY  # looked at: the agent never had it, so it is asked again
+    assert env.svc.get_snapshot("snap-1").state == CREATING  # a read only looks: it never takes a snapshot
+    assert env.svc.create_snapshot("snap-1", "vol-1").state == READY  # the repeat: the agent never had it, so it
+    # is asked again (reconcile does the same, under the snapshot's lock)
 
 
 def test_a_failed_copy_is_an_error(env):
@@ -231,20 +233,22 @@ def test_a_clone_left_creating_by_a_stop_is_finished_by_reconcile(env):
 # ---- repeats after failures, sources, locks ----------------------------------------------------------
 
 
-def test_a_failed_snapshot_is_taken_again_by_a_repeat_of_its_create(env):
+def test_a_snapshot_whose_copy_failed_after_it_was_taken_is_not_taken_again(env):
+    """Its point in time was answered (created_at): taken again now, it would hold later writes under that time.
+    The failure is the answer, for good; the way out is to delete it and take a new one."""
     env.agents.copy_steps = 3
     snap = env.svc.create_snapshot("snap-1", "vol-1")
     env.agents.fail_copy(snap.owner_node, snap.id, "copy failed: No space left on device")
     assert env.svc.get_snapshot("snap-1").state == ERROR
     env.clock.now += 10
-    again = env.svc.create_snapshot("snap-1", "vol-1")
-    # The same snapshot (same id), cut again now: not the failure answered as is, for ever.
-    assert (again.id, again.state, again.message, again.created_at) == (snap.id, CREATING, "", env.clock.now)
-    assert env.agents.agent(snap.owner_node).snapshots[snap.id]["state"] == "copying"
-    assert env.agents.count("delete_snapshot") == 1  # the failed copy went first
+    with pytest.raises(FailedPrecondition, match="failed after it was taken"):
+        env.svc.create_snapshot("snap-1", "vol-1")
+    assert env.agents.count("create_snapshot") == 1 and env.agents.count("delete_snapshot") == 0
     assert [(o.state, o.detail) for o in env.store.list_operations("snap-1")] == [
-        ("done", "copy; creating"), ("failed", "copy failed: No space left on device"), ("done", "copy; creating")]
-    assert [env.svc.get_snapshot("snap-1").state for _ in range(3)] == [CREATING, CREATING, READY]
+        ("done", "copy; creating"), ("failed", "copy failed: No space left on device")]
+    env.svc.delete_snapshot("snap-1")
+    again = env.svc.create_snapshot("snap-1", "vol-1")
+    assert again.id != snap.id and (again.state, again.created_at) == (CREATING, env.clock.now)
 
 
 def test_a_snapshot_taken_after_its_failed_request_has_the_time_it_was_cut(env):
@@ -254,7 +258,7 @@ def test_a_snapshot_taken_after_its_failed_request_has_the_time_it_was_cut(env):
     asked_at = env.clock.now
     assert env.store.get_snapshot("snap-1").created_at == asked_at
     env.clock.now += 15  # the volume is written meanwhile; the snapshot holds what it has when it is cut
-    snap = env.svc.get_snapshot("snap-1")  # looked at: the agent never had it, so it is taken now
+    snap = env.svc.create_snapshot("snap-1", "vol-1")  # the repeat: the agent never had it, so it is taken now
     assert snap.state == READY and snap.created_at == asked_at + 15
     assert env.store.get_snapshot("snap-1").created_at == asked_at + 15
 

@@ -439,7 +439,11 @@ def test_expand_repeated_after_a_temporary_failure_grows_the_volume(csi):
     assert csi.env.agents.agent(owner).volumes[volume.volume_id]["size_bytes"] == 2 * GiB
 
 
-def test_a_failed_snapshot_is_taken_again_by_the_repeat_until_ready(csi):
+def test_a_snapshot_whose_copy_failed_after_its_cut_was_answered_is_a_final_error(csi):
+    """The first answer gave the CO the snapshot's creation_time (the cut), and the CO let the application write
+    on.  Taken again later (as this test once pinned), the snapshot would hold those later writes under the
+    time first answered.  The CSI spec: an error after the cut is answered with an error code; a final one
+    (FAILED_PRECONDITION), so the CO stops repeating and the user deletes it and takes a new one."""
     csi.env.agents.copy_steps = 2
     volume = csi.create("pvc-1", GiB)
     request = csi_pb2.CreateSnapshotRequest(source_volume_id=volume.volume_id, name="snapshot-1")
@@ -447,10 +451,15 @@ def test_a_failed_snapshot_is_taken_again_by_the_repeat_until_ready(csi):
     assert not snap.ready_to_use
     csi.env.agents.fail_copy(csi.env.store.get_volume("pvc-1").owner_node, snap.snapshot_id)
     csi.env.clock.now += 10
-    answers = [csi.ctl.CreateSnapshot(request).snapshot for _ in range(3)]  # the CO repeats until ready
-    assert [a.ready_to_use for a in answers] == [False, False, True]
-    assert {a.snapshot_id for a in answers} == {snap.snapshot_id}
-    assert answers[-1].creation_time.seconds == int(csi.env.clock.now)  # cut again, later
+    calls = csi.env.agents.count("create_snapshot")
+    for _ in range(2):  # the CO's repeats: the same final error, never a new cut
+        assert code_of(csi.ctl.CreateSnapshot, request) == Code.FAILED_PRECONDITION
+    assert csi.env.agents.count("create_snapshot") == calls
+    listed = csi.ctl.ListSnapshots(csi_pb2.ListSnapshotsRequest(snapshot_id=snap.snapshot_id)).entries
+    assert [(e.snapshot.ready_to_use, e.snapshot.creation_time) for e in listed] == [(False, snap.creation_time)]
+    csi.ctl.DeleteSnapshot(csi_pb2.DeleteSnapshotRequest(snapshot_id=snap.snapshot_id))
+    again = csi.ctl.CreateSnapshot(request).snapshot  # a new one, cut now
+    assert again.snapshot_id != snap.snapshot_id and again.creation_time.seconds == int(csi.env.clock.now)
 
 
 # ---- shoal controller --csi-endpoint -------------------------------------------------------------
