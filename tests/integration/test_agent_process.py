@@ -22,6 +22,7 @@ from node_agent.iscsi.chap import initiator_secret
 from node_agent.iscsi.initiator.blockdev import SyncLun
 from node_agent.iscsi.initiator.client import ClientSettings
 from node_agent.scsi.vpd import LunIdentity
+from node_agent.iscsi.initiator.core import LoginError
 from protos.shoal.v1 import agent_pb2 as pb
 from tests.integration.conftest import running_agent, stub_for
 
@@ -80,7 +81,7 @@ def test_agent_process_volume_life_across_a_restart(tmp_path):
             assert lun.identity() == (info.naa, VOLUME)
             lun.pwrite(MiB, b"before restart" * 64)
             lun.flush()
-            with pytest.raises(Exception):
+            with pytest.raises(LoginError):
                 login(portal, info.target_iqn, Y).close()
 
             grown = stub.ExpandVolume(pb.ExpandVolumeRequest(volume_id=VOLUME, size_bytes=128 * MiB))
@@ -127,7 +128,7 @@ def test_agent_process_volume_life_across_a_restart(tmp_path):
         assert lun.pread(MiB, 14) == b"before restart"  # reconnected by the initiator
         lun.pwrite(2 * MiB, b"after restart" * 40, fua=True)
         lun.close()
-        with pytest.raises(Exception):
+        with pytest.raises(LoginError):
             login(portal, info.target_iqn, Y).close()
 
         channel, stub = stub_for(agent_address)
@@ -136,7 +137,7 @@ def test_agent_process_volume_life_across_a_restart(tmp_path):
             assert [e.target_iqn for e in state.exports] == [info.target_iqn]
             stub.UnexportVolume(pb.UnexportVolumeRequest(volume_id=VOLUME, initiator_iqn=X))
             stub.UnexportVolume(pb.UnexportVolumeRequest(volume_id=VOLUME, initiator_iqn=X))
-            with pytest.raises(Exception):
+            with pytest.raises(LoginError):
                 login(portal, info.target_iqn, X).close()
             stub.DeleteVolume(pb.DeleteVolumeRequest(volume_id=VOLUME))
             stub.DeleteVolume(pb.DeleteVolumeRequest(volume_id=VOLUME))

@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from node_agent.iscsi.initiator.client import ClientSettings, IscsiClient
+from node_agent.iscsi.initiator.core import LoginError
 from protos.shoal.v1 import agent_pb2
 from tests.integration.conftest import stub_for
 from tests.integration.test_connect import backing_file, ctl, wait_nodes
@@ -173,7 +174,7 @@ def test_fence_cuts_a_writing_host_off_and_unfence_lets_it_back(tmp_path):
             # B's key is gone (C, still admitted, sees it), B cannot log in again.
             generation_after, keys = loop.run_until_complete(read_keys(client_c))
             assert keys == [K_C] and generation_after > generation
-            with pytest.raises(Exception):
+            with pytest.raises(LoginError):
                 loop.run_until_complete(login(portal, target, b["initiator_iqn"], chap))
             # Nor under C's name, which the target still admits: B's secret is B's alone.
             with pytest.raises(Exception, match="authentication failed"):

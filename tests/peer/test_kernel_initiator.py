@@ -28,6 +28,7 @@ from pathlib import Path
 import pytest
 
 from tests.support import kernel_guest
+from tests.support.shoal_target import running_shoal_target
 
 pytestmark = [pytest.mark.peer, pytest.mark.slow]
 
@@ -230,10 +231,6 @@ def test_tgtd_harness_wrong_secret(guest_image, guest_net, tmp_path):
 
 
 def _shoal_target():
-    try:
-        from tests.support.shoal_target import running_shoal_target
-    except ImportError as exc:
-        pytest.skip(f"tests/support/shoal_target.py is not available: {exc}")
     return running_shoal_target
 
 

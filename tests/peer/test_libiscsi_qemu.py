@@ -114,7 +114,6 @@ def test_qemu_img_round_trip_with_chap(tmp_path):
 
 
 def test_qemu_img_round_trip_with_mutual_chap(tmp_path):
-    require_tools("qemu-img")
     """Mutual CHAP: the target proves itself with its own secret (RFC 7143 §12.1.3).
 
     QEMU 7.2 reads user and password from the URL but ignores libiscsi's
@@ -154,8 +153,12 @@ def test_initiator_outside_allow_list_is_refused(tmp_path):
         assert t.iqn not in listing
 
 
-def test_fua_write_survives_sigkill(tmp_path):
-    """Check 5: a FUA write acknowledged by the target is in the file even if the target dies at once."""
+def test_an_acknowledged_fua_write_is_in_the_file_after_sigkill(tmp_path):
+    """Check 5: a FUA write acknowledged by the target is in the file even if the target dies at once.
+
+    This shows the target answers only after writing: SIGKILL keeps the page cache, so it cannot tell a FUA
+    write flushed from one left in the cache.  That FUA flushes (fdatasync before GOOD) is checked where it
+    can be seen, ``tests/unit/test_scsi_commands.py::test_fua_write_is_durable_path``."""
     require_tools("qemu-io")
     with running_shoal_target(tmp_path, luns=(("disk", 8 * MiB),)) as t:
         run("qemu-io", "-f", "raw", "-c", "write -f -P 0xa5 1048576 65536", t.url(0))

@@ -104,7 +104,11 @@ def test_two_targets_two_workers_with_chap(tmp_path):
 def test_reservations_and_reinstatement_inside_a_worker(tmp_path):
     with started(tmp_path) as t:
         asyncio.run(_scenario(t.host, t.port, B))  # B's sessions all in worker 1
-        asyncio.run(_scenario(t.host, t.port, A))
+        asyncio.run(_scenario(t.host, t.port, A))  # A's in worker 0
+        log = t.log()
+    for iqn, worker in ((A, "[worker 0]"), (B, "[worker 1]")):
+        logins = [line for line in log.splitlines() if "login: " in line and f" to {iqn} " in line]
+        assert logins and all(worker in line for line in logins), (iqn, logins)
 
 
 def _login_pdu(text: bytes, opcode: int = 0x43) -> bytes:

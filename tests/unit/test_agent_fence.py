@@ -9,6 +9,7 @@ from node_agent.iscsi.target import TargetNode, TargetRegistry
 from node_agent.scsi import sense as S
 from node_agent.scsi.device import LunMap
 from node_agent.scsi.persistent_reserve import remove_initiator
+from node_agent.iscsi.initiator.core import LoginError
 from test_scsi_reservations import (EA_AR, K1, K2, OTHER, RESERVE, REGISTER, WE_RO, keys, lu, make_lu,  # noqa: F401
                                     prout, reservation, run, both_registered, write)
 from test_scsi_support import NEXUS
@@ -148,7 +149,7 @@ def test_portal_fence_waits_for_commands_running_on_workers(tmp_path):
             await IscsiClient(host, port, iqn, settings=settings,
                               chap=(chap.user, initiator_secret(chap.secret, x))).connect()
 
-        with pytest.raises(Exception):
+        with pytest.raises(LoginError):
             asyncio.run(relogin())
     finally:
         portal.stop()

@@ -25,6 +25,7 @@ from node_agent.agent.attachments import RECORD_FILE as ATTACH_RECORD, SECRETS_F
 from node_agent.agent.attachments import AttachmentManager
 from node_agent.agent.errors import FailedPrecondition, NotFound
 from node_agent.agent.exports import RECORD_FILE, SECRETS_FILE, refuse_if_exported
+from node_agent.iscsi.initiator.core import LoginError
 from tests.unit.test_agent_exports import CHAP, MiB, OTHER, PREFIX, X, Y, Node
 from tests.unit.test_csi_attachments import EXPORT, SECRET, FakeConnector
 
@@ -74,7 +75,7 @@ def _check_served_as_before(node: Node) -> None:
             assert lun.pread(4096, 512) == b"kept" * 128
         finally:
             lun.close()
-    with pytest.raises(Exception):
+    with pytest.raises(LoginError):
         node.login("vol-1", X, OTHER).close()
 
 
@@ -156,7 +157,7 @@ def test_a_kept_export_follows_fence_and_unexport_while_its_volume_is_missing(tm
         assert _recorded(tmp_path)[0]["vol-1"]["initiators"] == [X]
         _bring_back(tmp_path)
         node.exports.export("vol-1", X, CHAP)
-        with pytest.raises(Exception):
+        with pytest.raises(LoginError):
             node.login("vol-1", Y).close()
         node.login("vol-1", X).close()
     finally:

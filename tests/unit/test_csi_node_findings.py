@@ -184,7 +184,7 @@ def test_8_stats_of_an_unknown_volume_is_not_found(env):
 
 # -- 9: a damaged ext4 at stage ------------------------------------------------------------------------------------------
 @needs_root
-@pytest.mark.skipif(shutil.which("debugfs") is None, reason="debugfs (e2fsprogs) damages the test's ext4")
+@pytest.mark.skipif(shutil.which("debugfs") is None, reason="needs debugfs (e2fsprogs) to damage the test's ext4")
 def test_9_a_damaged_ext4_is_failed_precondition_not_internal(env):
     """Finding 9: ``dumpe2fs -h`` (the size check before a writable mount) failing on a damaged ext4 answered
     INTERNAL.  Now FAILED_PRECONDITION with its message, as a failed mount is; nothing mounted, and the

@@ -535,7 +535,7 @@ def test_f18_expand_through_a_read_only_publish_grows_through_the_staging_mount(
     """F18: kubelet's volume_path is the publish target; read-only there (xfs_growfs fails with EROFS), the
     filesystem grows through its writable staging mount."""
     if shutil.which("mkfs.xfs") is None:
-        pytest.skip("xfsprogs")
+        pytest.skip("needs mkfs.xfs (xfsprogs)")
     size = 320 << 20
     loop = env.attach_loop(size=size)
     cap = mount_cap(fs_type="xfs")
