@@ -43,8 +43,8 @@ from controller.health import HealthServer
 from controller.leader import LeaderElector, LeaderSettings
 from controller.metrics import ControllerMetrics
 from controller.store.sqlite import SqliteStore
-from node_agent.agent.settings import DAY, parse_seconds
-from node_agent.metrics_server import MetricsServer, new_registry, split_listen
+from node_agent.agent.settings import DAY, check_address, parse_seconds
+from node_agent.metrics_server import MetricsServer, new_registry
 from node_agent.tls_reload import require_client_files
 from node_agent.peer_names import ADMIN_NAMES, NODE_NAMES, exposure_warning, parse_names
 
@@ -504,7 +504,13 @@ def add_parser(sub) -> None:
 
 
 def settings_from_args(args: argparse.Namespace) -> tuple[DaemonSettings, ControllerSettings]:
-    split_listen(args.listen, "--listen")  # a missing port would be gRPC's default, 443
+    # Every address now, before the state file is created: a missing port would be gRPC's default, 443, and a
+    # host that does not resolve would fail only at the bind, after the store was opened.
+    check_address(args.listen, "--listen", bind=True)
+    if args.metrics_listen:
+        check_address(args.metrics_listen, "--metrics-listen", bind=True)
+    if args.health_listen:
+        check_address(args.health_listen, "--health-listen", bind=True)
     names = {}
     for flag, given, default in (("--tls-admin-names", args.tls_admin_names, ADMIN_NAMES),
                                  ("--tls-node-names", args.tls_node_names, NODE_NAMES)):
@@ -534,8 +540,6 @@ def settings_from_args(args: argparse.Namespace) -> tuple[DaemonSettings, Contro
                                              namespace=namespace)
         kubernetes = KubernetesSettings(kubeconfig=args.kubeconfig, namespace=namespace, api_group=args.api_group,
                                         leader=leader)
-    if args.health_listen:
-        split_listen(args.health_listen, "--health-listen")
     daemon = DaemonSettings(db_path=args.db, listen=args.listen, loop_interval=args.loop_interval, tls=tls,
                             agents=AgentCallSettings(tls=agent_tls), metrics_listen=args.metrics_listen,
                             csi_endpoint=args.csi_endpoint, csi_driver_name=args.csi_driver_name,
@@ -545,20 +549,22 @@ def settings_from_args(args: argparse.Namespace) -> tuple[DaemonSettings, Contro
 
 
 def _write_json(path: str, data: dict) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as handle:
-        json.dump(data, handle)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    """Through a fresh temporary file of an unguessable name (``write_file_atomically``): never through
+    whatever another user put at a fixed ``PATH.tmp`` in a shared directory."""
+    from node_agent.cli import write_file_atomically
+
+    write_file_atomically(path, json.dumps(data))
 
 
 def run(args: argparse.Namespace) -> int:
     """Serve until SIGINT or SIGTERM (0), or until the Lease is lost (1: come back as a standby)."""
+    from node_agent.cli import remove_file
+
     daemon = ControllerDaemon(*settings_from_args(args))
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
+    remove_file(args.ready_file)  # a previous run's would name ports nobody serves (removed again once stopped)
     daemon.start()
     try:
         if args.ready_file:
@@ -571,6 +577,7 @@ def run(args: argparse.Namespace) -> int:
                 break
     finally:
         daemon.stop()
+    remove_file(args.ready_file)
     if daemon.lost.is_set():
         log.error("controller stopped: it lost the leader lease (a restart comes back as a standby)")
         return 1

@@ -31,7 +31,7 @@ import grpc
 
 from controller.cli.context import context_path, write_context
 from controller.daemon import DEFAULT_LISTEN
-from node_agent.agent.settings import default_node_id
+from node_agent.agent.settings import DAY, check_address, default_node_id
 from protos.shoal.v1 import admin_pb2, admin_pb2_grpc
 
 STOP_TIMEOUT = 20.0  # seconds a child gets to exit after SIGTERM before SIGKILL (the agent syncs and logs out)
@@ -152,11 +152,23 @@ def _wait_registered(address: str, node_id: str, agent: Child, deadline: float, 
 
 def run(args: argparse.Namespace) -> int:
     from controller.csi.identity import check_driver_name
-    from node_agent.metrics_server import split_listen
+    from node_agent.target_service import parse_size
 
     try:
         check_driver_name(args.csi_driver_name)
-        split_listen(args.controller, "--controller")  # without a port the controller would bind 443
+        # Every argument the children would refuse is refused here, before the controller starts and creates
+        # its state file (a bad --disk-size was the agent's error about a --disk the user never gave).
+        for flag, value in (("--controller", args.controller), ("--agent", args.agent), ("--portal", args.portal),
+                            ("--controller-metrics", args.controller_metrics), ("--agent-metrics", args.agent_metrics)):
+            if value or not flag.endswith("-metrics"):  # '' turns metrics off
+                check_address(value, flag, bind=True)  # without a port the controller would bind 443
+        if args.disk_size:
+            try:
+                parse_size(args.disk_size)
+            except ValueError as exc:
+                raise ValueError(f"--disk-size: {exc}") from None
+        if not 0 < args.timeout <= DAY:  # also nan and inf
+            raise ValueError(f"--timeout {args.timeout}: expected seconds from more than 0 to {DAY:g}")
     except ValueError as exc:
         print(f"shoal up: {exc}", file=sys.stderr)
         return 2

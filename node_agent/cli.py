@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import ipaddress
 import logging
 import os
+import secrets
 import signal
 import sys
 
@@ -31,10 +33,60 @@ DEFAULT_IQN = "iqn.2026-11.io.shoal:target"
 
 
 def _listen(text: str) -> tuple[str, int]:
+    """``HOST:PORT``, an IPv6 host in brackets (``[::1]:3260``): a bare ``::1`` would read as host ``:``
+    and port 1, and ``fd00::1:3260`` could be an address without a port as well as one with it."""
+    expected = f"{text!r}: expected HOST:PORT (an IPv6 address as [ADDR]:PORT)"
     host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected HOST:PORT")
-    return host.strip("[]") or "0.0.0.0", int(port)
+    if not sep or not port.isascii() or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise argparse.ArgumentTypeError(expected)
+    if host.startswith("[") or host.endswith("]"):
+        if not (host.startswith("[") and host.endswith("]") and ":" in host):
+            raise argparse.ArgumentTypeError(expected)
+        host = host[1:-1]
+    elif ":" in host:
+        raise argparse.ArgumentTypeError(expected)
+    return host or "0.0.0.0", int(port)
+
+
+def join_host_port(host: str, port: int) -> str:
+    """``HOST:PORT``, an IPv6 host in brackets: the form ``--listen`` and ``shoal iscsi`` take."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def write_file_atomically(path: str, text: str) -> None:
+    """Replace ``path`` with ``text`` at once (readers see the old file or the whole new one).
+
+    The temporary file is a fresh one of an unguessable name, made with O_EXCL|O_NOFOLLOW beside ``path``:
+    a fixed ``PATH.tmp`` would be opened through whatever another user of a shared directory (/tmp) put
+    there first, a symlink to a file of ours included, and that file overwritten.  Its mode is 0666 less the
+    umask, as ``open(path, "w")`` gives (the file holds addresses only; readers may be other users)."""
+    directory, name = os.path.split(os.path.abspath(path))
+    for _ in range(100):
+        tmp = os.path.join(directory, f".{name}.{secrets.token_hex(8)}.tmp")
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
+        except FileExistsError:
+            continue
+        break
+    else:
+        raise FileExistsError(f"no free temporary name for {path}")
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def remove_file(path: str | None) -> None:
+    """Remove a port or ready file (gone already is fine): a stale one would name a port nobody serves."""
+    if path:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
 
 
 class _ListenAction(argparse.Action):
@@ -240,31 +292,29 @@ def _agent_settings(args: argparse.Namespace):
                          **extra)
 
 
-def _run_agent(args: argparse.Namespace) -> int:
+def _run_agent(args: argparse.Namespace, settings) -> int:
     import json
     import threading
 
     from node_agent.agent.daemon import Agent
 
-    agent = Agent(_agent_settings(args))
+    agent = Agent(settings)
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
+    remove_file(args.ready_file)  # a previous run's would name ports nobody serves
     agent.start()
     eventloop.freeze_startup_objects()
     try:
         if args.ready_file:
-            tmp = f"{args.ready_file}.tmp"
-            with open(tmp, "w") as handle:
-                json.dump({"agent": agent.agent_address, "portal": agent.portal_address,
-                           "metrics": agent.metrics_address}, handle)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp, args.ready_file)
+            write_file_atomically(args.ready_file, json.dumps({"agent": agent.agent_address,
+                                                               "portal": agent.portal_address,
+                                                               "metrics": agent.metrics_address}))
         while not stop.wait(1.0):  # a timed wait keeps the main thread responsive to signals
             pass
     finally:
         agent.stop()
+    remove_file(args.ready_file)
     logging.getLogger("shoal.agent").info("stopped: exports closed, data synced")
     return 0
 
@@ -277,13 +327,9 @@ def _is_loopback(host: str) -> bool:
 
 
 def _write_port_file(path: str, addresses: list[tuple[str, int]]) -> None:
-    """``HOST:PORT`` of every portal, one a line, the first ``--listen`` first."""
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as handle:
-        handle.write("".join(f"{host}:{port}\n" for host, port in addresses))
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    """``HOST:PORT`` of every portal, one a line, the first ``--listen`` first; an IPv6 host in brackets, so
+    that each line is what ``--listen`` and ``shoal iscsi`` take."""
+    write_file_atomically(path, "".join(f"{join_host_port(host, port)}\n" for host, port in addresses))
 
 
 def target_config(args: argparse.Namespace) -> TargetConfig:
@@ -308,14 +354,20 @@ async def _run_target(args: argparse.Namespace, config: TargetConfig) -> int:
     def ready(addresses: list[tuple[str, int]]) -> None:
         names = ", ".join(f"{t.iqn} ({len(t.luns)} LUN(s))" for t in config.targets)
         logging.getLogger("shoal.target").info(
-            "serving %s on %s%s%s", names, ", ".join(f"{h}:{p}" for h, p in addresses),
+            "serving %s on %s%s%s", names, ", ".join(join_host_port(h, p) for h, p in addresses),
             f" with {config.workers} worker processes" if config.workers > 1 else "",
             " (CHAP required)" if args.chap else "")
         if args.port_file:
             _write_port_file(args.port_file, addresses)
         eventloop.freeze_startup_objects()
 
-    await serve(config, ready=ready, stop=stop)
+    # A port file left by an earlier run would name a port nobody serves (a script waiting for the file would
+    # read it at once): removed before starting, and again once stopped.
+    remove_file(args.port_file)
+    try:
+        await serve(config, ready=ready, stop=stop)
+    finally:
+        remove_file(args.port_file)
     logging.getLogger("shoal.target").info("stopped: sessions closed, data synced")
     return 0
 
@@ -324,24 +376,37 @@ def _run(coro) -> int:
     return eventloop.run(coro)
 
 
+def _subparser(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser:
+    """The parser of subcommand ``name``: its ``error`` prints that command's usage, not ``shoal``'s."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction) and name in action.choices:
+            return action.choices[name]
+    return parser
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser(next((a for a in argv if not a.startswith("-")), None))  # -v is the only option before it
+    # Logging is set up before the options are parsed: parsing them may warn already (a CHAP secret given on
+    # the command line, or in a file others can read), and that warning should look like every other line.
+    configured_here = not logging.getLogger().handlers  # (a caller's own logging set-up is left as it is)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.verbose and configured_here:
+        logging.getLogger().setLevel(logging.DEBUG)
     if args.command == "target":
+        usage = _subparser(parser, "target")
         if args.mutual_chap and not args.chap:
-            parser.error("--mutual-chap needs --chap")
+            usage.error("--mutual-chap needs --chap")
         hosts = [args.listen[0]] + [h for h, _ in args.more_listen]
         host = next((h for h in hosts if not _is_loopback(h)), hosts[0])
         if not args.chap and not args.allow_anonymous and not _is_loopback(host):
-            parser.error(f"refusing to serve without CHAP on {host} (not loopback): give --chap USER:SECRET, "
-                         "or --allow-anonymous to accept that risk")
+            usage.error(f"refusing to serve without CHAP on {host} (not loopback): give --chap USER:SECRET, "
+                        "or --allow-anonymous to accept that risk")
         try:
             config = target_config(args)
         except ValueError as exc:  # two targets of one name, a file served twice, --workers beyond the targets
-            parser.error(str(exc))
+            usage.error(str(exc))
         try:
             return _run(_run_target(args, config))
         except (OSError, ValueError, RuntimeError) as exc:  # a busy port, a bad LUN file, a worker's death
@@ -349,15 +414,28 @@ def main(argv: list[str] | None = None) -> int:
             return 1
     if args.command == "iscsi":
         return iscsi_tools.run(args)
+    # Bad settings are usage errors (exit 2, as argparse's own, which a supervisor need not retry: see
+    # RestartPreventExitStatus in deploy/systemd); what fails while starting or serving exits 1.
     if args.command == "agent":
         try:
-            return _run_agent(args)
+            settings = _agent_settings(args)
+        except ValueError as exc:
+            print(f"shoal agent: {exc}", file=sys.stderr)
+            return 2
+        try:
+            return _run_agent(args, settings)
         except (OSError, ValueError) as exc:  # a busy port, a bad disk: say so, no traceback
             print(f"shoal agent: {exc}", file=sys.stderr)
             return 1
     if args.command in ("controller", "up"):
         from controller import daemon, up
 
+        if args.command == "controller":
+            try:
+                daemon.settings_from_args(args)  # (run() takes them again: this only sorts out usage errors)
+            except ValueError as exc:
+                print(f"shoal controller: {exc}", file=sys.stderr)
+                return 2
         try:
             return (daemon.run if args.command == "controller" else up.run)(args)
         except (OSError, ValueError) as exc:  # a busy port, an unreadable state file: say so, no traceback

@@ -9,9 +9,11 @@ command lines.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
 import re
+import stat
 import uuid
 from fractions import Fraction
 from collections.abc import Callable
@@ -24,7 +26,7 @@ from node_agent.iscsi.names import check_iqn
 from node_agent.iscsi.server import FairPool, LoopPool, PortalServer, Router, worker_pool
 from node_agent.iscsi.target import Credentials, TargetNode, TargetRegistry
 from node_agent.scsi.device import LogicalUnit, LunIdentity, LunMap, LunSettings
-from node_agent.storage.backing import BackingStore, FileBackingStore
+from node_agent.storage.backing import BackingStore, FileBackingStore, StorageError
 
 log = logging.getLogger("shoal.target")
 
@@ -88,11 +90,19 @@ class LunSpec:
         settings = LunSettings(read_only="ro" in options, removable="removable" in options,
                                max_atomic_transfer_bytes=ATOMIC_OPT_IN_BYTES if "atomic" in options else 0)
         path, sep, size = rest.rpartition(":")
-        if sep and _SIZE_LIKE.match(size):
-            return cls(path, parse_size(size), settings=settings)
-        if not rest:
+        if not (sep and _SIZE_LIKE.match(size)):
+            path, size = rest, ""
+        if not path:
             raise ValueError(f"bad LUN {text!r}: expected PATH[:SIZE][:ro][:atomic][:removable]")
-        return cls(rest, settings=settings)
+        # What is left must not still end in an option: ``a.img:ro:1M`` (an option before the size) or
+        # ``a.img:1G:RO`` (options are lower case) would otherwise serve a new, writable file named
+        # ``a.img:ro`` or ``a.img:1G:RO`` instead of the write-protected ``a.img`` that was meant.
+        last = path.rpartition(":")[2]
+        if ":" in path and last.lower() in LUN_OPTIONS:
+            where = ("options go after SIZE" if last in LUN_OPTIONS
+                     else f"options are lower case ({last.lower()}, not {last})")
+            raise ValueError(f"bad LUN {text!r}: {where}: PATH[:SIZE][:ro][:atomic][:removable]")
+        return cls(path, parse_size(size) if size else None, settings=settings)
 
 
 @dataclass
@@ -138,7 +148,7 @@ class TargetConfig:
 
     def validate(self) -> None:
         names: set[str] = set()
-        paths: dict[str, str] = {}
+        paths: dict[object, str] = {}
         for target in self.targets:
             check_iqn(target.iqn)
             if target.iqn in names:
@@ -147,10 +157,17 @@ class TargetConfig:
             if not target.luns:
                 raise ValueError(f"target {target.iqn} needs at least one LUN")
             for spec in target.luns:  # two LUNs on one file would keep two sets of reservations for one medium
+                # An existing file is known by its inode: a hard link is another path to the same medium (and
+                # would get another VPD identity, so a multipath initiator would see two disks).
                 real = os.path.realpath(spec.path)
-                if real in paths:
-                    raise ValueError(f"{spec.path} is served twice (by {paths[real]} and {target.iqn})")
-                paths[real] = target.iqn
+                try:
+                    st = os.stat(real)
+                    key: object = (st.st_dev, st.st_ino)
+                except OSError:  # not there yet (created at start): its path is all there is
+                    key = real
+                if key in paths:
+                    raise ValueError(f"{spec.path} is served twice (by {paths[key]} and {target.iqn})")
+                paths[key] = target.iqn
         if not 1 <= self.loops <= 64:
             raise ValueError(f"--loops must be 1 to 64, not {self.loops}")
         if not 1 <= self.workers <= 64:
@@ -177,7 +194,13 @@ class TargetConfig:
 
 def open_lun(spec: LunSpec, iqn: str) -> LogicalUnit:
     real = os.path.realpath(spec.path)
-    backing: BackingStore = FileBackingStore(real, size=spec.size)
+    read_only = spec.settings.read_only
+    if not os.path.exists(real) and (read_only or spec.size is None):
+        raise StorageError(errno.ENOENT, f"{spec.path} does not exist" + (
+            " (a :ro LUN is never created)" if read_only else ", and no size was given to create it (PATH:SIZE)"))
+    # A write-protected LUN is opened O_RDONLY: never created or extended, and servable from a file or mount
+    # this process may not write (a smaller file than SIZE is refused).
+    backing: BackingStore = FileBackingStore(real, size=spec.size, read_only=read_only)
     if spec.wrap is not None:
         backing = spec.wrap(backing)
     volume_id = spec.volume_id or str(uuid.uuid5(_LUN_NAMESPACE, real))
@@ -238,9 +261,13 @@ class TargetService:
         self.registry = TargetRegistry()
         config = self.config
         if config is not None:
-            for target in config.targets:
-                self.add_target(target.iqn, target.luns, chap=config.chap, mutual_chap=config.mutual_chap,
-                                allowed_initiators=config.allowed_initiators)
+            try:
+                for target in config.targets:
+                    self.add_target(target.iqn, target.luns, chap=config.chap, mutual_chap=config.mutual_chap,
+                                    allowed_initiators=config.allowed_initiators)
+            except BaseException:  # the targets opened before the one that failed are closed too
+                self._close_units()
+                raise
         return await self.start_portals()
 
     async def start_portals(self, *, listen: bool = True, router: Router | None = None) -> tuple[str, int]:
@@ -435,21 +462,107 @@ def _close_all(units: list[LogicalUnit]) -> None:
     units.clear()
 
 
+@dataclass(frozen=True)
+class _LunFileBefore:
+    """A LUN file as it was before a start (``size`` None: it did not exist), and the size the start gives it."""
+
+    path: str
+    size: int | None
+    inode: tuple[int, int] | None
+    wanted: int | None
+
+
+def lun_files_before(config: TargetConfig) -> list[_LunFileBefore]:
+    """The regular LUN files of ``config`` (and the missing ones) as they are now, for ``undo_lun_files``."""
+    found = []
+    for target in config.targets:
+        for spec in target.luns:
+            real = os.path.realpath(spec.path)
+            try:
+                st = os.stat(real)
+            except FileNotFoundError:
+                found.append(_LunFileBefore(real, None, None, spec.size))
+                continue
+            except OSError:
+                continue
+            if stat.S_ISREG(st.st_mode):
+                found.append(_LunFileBefore(real, st.st_size, (st.st_dev, st.st_ino), spec.size))
+    return found
+
+
+def undo_lun_files(before: list[_LunFileBefore]) -> None:
+    """After a start that failed: remove the LUN files it created and shrink back the ones it extended, so
+    that nothing is left changed on disk by a target that never served.  Only what surely holds no data is
+    undone: a created file still of the size it was made with and with no block allocated, an extended one
+    still the same inode, of the extended size and with nothing written past its old end (SEEK_DATA)."""
+    for was in before:
+        if was.wanted is None:
+            continue
+        try:
+            try:
+                st = os.stat(was.path)
+            except FileNotFoundError:  # not created (or removed again by its store)
+                continue
+            if not stat.S_ISREG(st.st_mode) or st.st_size != was.wanted:
+                continue
+            if was.size is None:
+                if st.st_blocks == 0:
+                    os.unlink(was.path)
+                    log.info("removed %s again: the target did not start", was.path)
+            elif (st.st_dev, st.st_ino) == was.inode and was.size < was.wanted:
+                fd = os.open(was.path, os.O_WRONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+                try:
+                    if _only_hole_after(fd, was.size):
+                        os.ftruncate(fd, was.size)
+                        log.info("shrank %s back to %d bytes: the target did not start", was.path, was.size)
+                finally:
+                    os.close(fd)
+        except OSError as exc:
+            log.warning("could not undo the start's change to %s: %s", was.path, exc)
+
+
+def _only_hole_after(fd: int, offset: int) -> bool:
+    """Whether nothing was written at or after ``offset`` (SEEK_DATA finds no data there)."""
+    try:
+        os.lseek(fd, offset, os.SEEK_DATA)
+    except OSError as exc:
+        return exc.errno == errno.ENXIO
+    return False
+
+
 async def serve(config: TargetConfig, ready=None, stop: asyncio.Event | None = None) -> None:
     """Run a target until ``stop`` is set; ``ready(addresses)`` is called once every portal listens.
-    With ``config.workers`` > 1 the sessions are served by worker processes (node_agent.target_workers)."""
-    if config.workers > 1:
-        from node_agent.target_workers import serve_sharded
+    With ``config.workers`` > 1 the sessions are served by worker processes (node_agent.target_workers).
 
-        config.validate()
-        await serve_sharded(config, ready, stop or asyncio.Event())
-        return
-    service = TargetService(config)
-    stop = stop or asyncio.Event()
-    await service.start()
-    try:
+    A start that fails (a busy port, a bad LUN after good ones, a worker that could not open its LUNs)
+    leaves the LUN files as they were: the LUNs are opened before the portals listen (an initiator that
+    reconnects must never find the target missing), so what this start created or extended is undone
+    (``undo_lun_files``)."""
+    before = lun_files_before(config)
+    serving = False
+
+    def started(addresses: list[tuple[str, int]]) -> None:
+        nonlocal serving
         if ready is not None:
-            ready(service.addresses)
-        await stop.wait()
-    finally:
-        await service.stop()
+            ready(addresses)
+        serving = True
+
+    try:
+        if config.workers > 1:
+            from node_agent.target_workers import serve_sharded
+
+            config.validate()
+            await serve_sharded(config, started, stop or asyncio.Event())
+            return
+        service = TargetService(config)
+        stop = stop or asyncio.Event()
+        await service.start()
+        try:
+            started(service.addresses)
+            await stop.wait()
+        finally:
+            await service.stop()
+    except BaseException:
+        if not serving:  # every LUN is closed by now (the service or the workers stopped)
+            undo_lun_files(before)
+        raise

@@ -86,6 +86,61 @@ def check_disk_paths(disks: "tuple[DiskSpec, ...] | list[DiskSpec]") -> None:
                                  "give each disk its own directory, neither inside the other")
 
 
+def check_address(text: str, what: str, *, bind: bool = False, ip: bool = False,
+                  empty_host: str = "") -> tuple[str, int]:
+    """``HOST:PORT`` -> (host, port), or ``ValueError`` naming ``what``; checked before anything is written, so a
+    mistyped address is a usage error rather than a daemon that set up its state and then failed.
+
+    An IPv6 host goes in brackets (``[fd00::1]:7451``); without them the host before the last ``:`` must itself
+    be an IPv6 address (``fd00::1:7451``, as a pod's ``$(NODE_IP):PORT`` gives it), so ``::1`` alone (host
+    ``:``, port 1) is refused.  ``bind``: an address to listen on: port 0 picks a free one, and a host that is
+    not an IP address must resolve now (the bind would fail on it later).  Otherwise an address to dial, its
+    port 1-65535 (without a port, gRPC would dial 443).  ``ip``: the host must be an IP address, not a
+    wildcard (a portal written into exports, which initiators connect to).  ``empty_host``: what an empty
+    host means (``:7451``); "" refuses it."""
+    expected = f"{what} {text!r}: expected HOST:PORT (an IPv6 address as [ADDR]:PORT)"
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isascii() or not port.isdigit():
+        raise ValueError(expected)
+    least = 0 if bind else 1
+    if not least <= int(port) <= 65535:
+        raise ValueError(f"{what} {text!r}: the port must be {least} to 65535")
+    if host.startswith("[") or host.endswith("]"):
+        if not (host.startswith("[") and host.endswith("]")):
+            raise ValueError(expected)
+        host = host[1:-1]
+        if _ip(host) is None or ":" not in host:
+            raise ValueError(f"{what} {text!r}: {host!r} in brackets is not an IPv6 address")
+    elif ":" in host and _ip(host) is None:
+        raise ValueError(expected)
+    host = host or empty_host
+    if not host:
+        raise ValueError(expected)
+    if ip:
+        address = _ip(host)
+        if address is None or address.is_unspecified:
+            raise ValueError(f"{what} {text!r}: {host!r} is not an IP address initiators can connect to")
+    elif bind and _ip(host) is None:
+        try:
+            socket.getaddrinfo(host, None, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        except (OSError, UnicodeError) as exc:
+            raise ValueError(f"{what} {text!r}: cannot resolve {host!r} ({exc})") from None
+    return host, int(port)
+
+
+#: gRPC target URIs (``dns:///controller:7450``, ``unix:/run/shoal.sock``): the controller address may be one.
+_GRPC_SCHEMES = ("dns:", "ipv4:", "ipv6:", "unix:", "unix-abstract:", "vsock:")
+
+
+def _ip(text: str):
+    import ipaddress
+
+    try:
+        return ipaddress.ip_address(text)
+    except ValueError:
+        return None
+
+
 @dataclass(frozen=True)
 class TlsFiles:
     """PEM files for gRPC TLS."""
@@ -255,6 +310,17 @@ class AgentSettings:
 
     def __post_init__(self):
         check_name("node id", self.node_id)
+        # Every address now, before the agent writes its data directory and disk markers (Agent.start).
+        check_address(self.listen, "--listen", bind=True, empty_host="0.0.0.0")
+        check_address(self.portal_listen, "--portal", bind=True, empty_host="0.0.0.0")
+        if self.metrics_listen:
+            check_address(self.metrics_listen, "--metrics-listen", bind=True)
+        if self.advertise_address:
+            check_address(self.advertise_address, "--advertise-address")
+        for portal in self.advertise_portals:
+            check_address(portal, "--advertise-portal", ip=True)
+        if self.controller and not self.controller.startswith(_GRPC_SCHEMES):  # a gRPC target URI: gRPC's to read
+            check_address(self.controller, "--controller")
         if not self.initiator_iqn:
             self.initiator_iqn = f"{IQN_PREFIX}:node:{self.node_id}"
         if not self.target_prefix:

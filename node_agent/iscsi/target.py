@@ -13,6 +13,8 @@ from __future__ import annotations
 import ipaddress
 import itertools
 import logging
+import os
+import stat
 import threading
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
@@ -40,14 +42,27 @@ class Credentials:
 
     @classmethod
     def parse(cls, text: str) -> "Credentials":
-        """``USER:SECRET``, or ``@FILE`` holding that line (keeps the secret out of the process list)."""
-        if text.startswith("@"):
+        """``USER:SECRET``, or ``@FILE`` holding that line (keeps the secret out of the process list).
+
+        Either way is accepted with a warning where the secret is open to other local users: inline, any of
+        them reads it in /proc/PID/cmdline; a file with permissions for its group or others (not 0600)
+        lets them read or replace it.  The warnings never show the secret."""
+        inline = not text.startswith("@")
+        if not inline:
             with open(text[1:], encoding="utf-8") as handle:
+                mode = os.fstat(handle.fileno()).st_mode
+                if mode & 0o077:
+                    log.warning("the CHAP secret file %s is open to other users (mode %04o): chmod 600 it",
+                                text[1:], stat.S_IMODE(mode))
                 text = handle.readline().strip()
         user, sep, secret = text.partition(":")
         if not sep:
             raise ValueError("CHAP credentials are USER:SECRET")
-        return cls(user, secret)
+        credentials = cls(user, secret)
+        if inline:
+            log.warning("the CHAP secret of user %r was given on the command line, where every local user can read "
+                        "it (the process list): give it as @FILE, a file of mode 0600 holding USER:SECRET", user)
+        return credentials
 
 
 @dataclass

@@ -85,6 +85,9 @@ def running_shoal_target(tmp_path: Path, luns=(("disk0", 64 * 2**20),), *, iqn: 
     for name, size, *options in luns:
         path = Path(name) if os.path.isabs(str(name)) else tmp_path / f"{name}.img"
         lun_paths.append(path)
+        if "ro" in options and size and not path.exists():
+            with open(path, "wb") as handle:  # the target never creates (nor grows) a read-only LUN's file
+                handle.truncate(size)
         args += ["--lun", ":".join([str(path)] + ([str(size)] if size else []) + list(options))]
     if chap:
         args += ["--chap", f"{chap[0]}:{chap[1]}"]
@@ -109,7 +112,9 @@ def running_shoal_target(tmp_path: Path, luns=(("disk0", 64 * 2**20),), *, iqn: 
             if time.monotonic() > deadline:
                 raise TimeoutError(f"shoal target did not listen within {timeout}s:\n{log_path.read_text()}")
             time.sleep(0.02)
-        addresses = [line.rpartition(":") for line in port_file.read_text().split()]
+        # HOST:PORT per line, an IPv6 host in brackets ([::1]:PORT): kept bare here (``url()`` brackets it)
+        addresses = [(h.strip("[]"), _, p) for h, _, p in (line.rpartition(":")
+                                                            for line in port_file.read_text().split())]
         (host, _, port), more = addresses[0], [(h, int(p)) for h, _, p in addresses[1:]]
         yield ShoalTarget(host, int(port), iqn, process.pid, lun_paths, process, log_path, more)
     finally:

@@ -12,10 +12,11 @@ import asyncio
 import json
 import os
 import random
+import re
 import sys
 import time
 from dataclasses import dataclass
-from urllib.parse import parse_qs, unquote, urlsplit
+from urllib.parse import unquote, urlsplit
 
 from node_agent import eventloop
 from node_agent.iscsi.initiator.blockdev import LunDevice
@@ -24,6 +25,26 @@ from node_agent.iscsi.initiator.core import InitiatorError, LoginError, aligned_
 from node_agent.iscsi.keys import parse_digest_list
 
 DEFAULT_INITIATOR = "iqn.2026-11.io.shoal:initiator"
+MAX_LUN = 16384  # SAM-5 flat space addressing: LUNs 0 to 16383 (``encode_lun``)
+MAX_LBA = 1 << 64  # SBC: a 64-bit logical block address
+
+
+def masked_url(text: str) -> str:
+    """``text`` with the secrets of an iSCSI URL replaced by ``***`` (the initiator's, after the user name,
+    and ``target_password``): what error messages quote, as they end up in terminals, logs and CI output."""
+    scheme, sep, rest = text.partition("://")
+    if not sep:
+        scheme, rest = "", text
+    end = min((i for i in (rest.find("/"), rest.find("?"), rest.find("#")) if i >= 0), default=len(rest))
+    netloc, tail = rest[:end], rest[end:]
+    userinfo, at, host = netloc.rpartition("@")
+    if at:
+        cut = userinfo.find("%") if "%" in userinfo else userinfo.find(":")
+        if cut >= 0:
+            userinfo = userinfo[:cut + 1] + "***"
+        netloc = f"{userinfo}@{host}"
+    tail = re.sub(r"(target_password=)[^&#]*", r"\1***", tail)
+    return f"{scheme}{sep}{netloc}{tail}"
 
 
 @dataclass(frozen=True)
@@ -37,30 +58,48 @@ class IscsiUrl:
 
     @classmethod
     def parse(cls, text: str, *, need_lun: bool = True) -> "IscsiUrl":
+        """As libiscsi's ``iscsi_parse_url``: the user part is split at its first ``%`` (else its first ``:``)
+        into user and secret, and each is percent-decoded after the split (so a ``%`` in a secret is written
+        ``%25``); an empty user or secret means no CHAP.  Query values are percent-decoded, a ``+`` staying
+        a ``+`` (it is no space here).  Unlike libiscsi, a ``target_user`` without ``target_password`` (or the
+        reverse) is refused rather than dropped: the target would go unauthenticated without a word.  Port 0
+        is refused.  Errors quote the URL with its secrets masked (``masked_url``)."""
+        shown = repr(masked_url(text))
         parts = urlsplit(text)
         if parts.scheme != "iscsi" or not parts.hostname:
-            raise ValueError(f"{text!r}: expected iscsi://[user%secret@]host[:port]/target-iqn/lun")
+            raise ValueError(f"{shown}: expected iscsi://[user%secret@]host[:port]/target-iqn/lun")
         chap = None
-        if parts.username is not None:
-            user, _, secret = unquote(parts.netloc.rpartition("@")[0]).partition("%")
-            chap = (user, secret)
+        userinfo, at, _ = parts.netloc.rpartition("@")
+        if at:
+            cut = userinfo.find("%") if "%" in userinfo else userinfo.find(":")
+            user, secret = (userinfo[:cut], userinfo[cut + 1:]) if cut >= 0 else (userinfo, "")
+            user, secret = unquote(user), unquote(secret)
+            chap = (user, secret) if user and secret else None
         path = [p for p in parts.path.split("/") if p]
         if need_lun and len(path) != 2:
-            raise ValueError(f"{text!r}: the path must be /target-iqn/lun")
+            raise ValueError(f"{shown}: the path must be /target-iqn/lun")
         lun = None
         if len(path) >= 2:
-            if not path[1].isdigit():
-                raise ValueError(f"{text!r}: LUN {path[1]!r} is not a number")
+            if not (path[1].isascii() and path[1].isdigit()) or int(path[1]) >= MAX_LUN:
+                raise ValueError(f"{shown}: LUN {path[1]!r} is not a number from 0 to {MAX_LUN - 1}")
             lun = int(path[1])
-        query = parse_qs(parts.query)
-        mutual = None
-        if "target_user" in query:
-            mutual = (query["target_user"][0], query.get("target_password", [""])[0])
+        query: dict[str, str] = {}
+        for item in parts.query.split("&"):
+            key, _, value = item.partition("=")
+            query.setdefault(unquote(key), unquote(value))
+        target_user, target_password = query.get("target_user", ""), query.get("target_password", "")
+        if bool(target_user) != bool(target_password):
+            # libiscsi would drop mutual CHAP without a word: the target would then go unauthenticated
+            raise ValueError(f"{shown}: target_user and target_password go together (mutual CHAP)")
+        mutual = (target_user, target_password) if target_user else None
         try:
-            port = parts.port or 3260
+            port = parts.port
         except ValueError as exc:
-            raise ValueError(f"{text!r}: {exc}") from None
-        return cls(parts.hostname, port, path[0] if path else "", lun, chap, mutual)
+            raise ValueError(f"{shown}: {exc}") from None
+        if port == 0:
+            raise ValueError(f"{shown}: port 0 is no port to connect to")
+        # An IPv6 zone is written %25 in a URL (RFC 6874): fe80::1%25eth0 is fe80::1%eth0
+        return cls(unquote(parts.hostname), port or 3260, path[0] if path else "", lun, chap, mutual)
 
 
 def build_parser(sub: argparse._SubParsersAction) -> None:
@@ -81,12 +120,12 @@ def build_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-o", "--output", choices=("table", "json"), default="table")
     p = verbs.add_parser("read", help="read blocks and write them to stdout (or --out FILE)")
     p.add_argument("url")
-    p.add_argument("--lba", type=_natural, required=True)
+    p.add_argument("--lba", type=_lba, required=True)
     p.add_argument("--blocks", type=_positive, required=True)
     p.add_argument("--out", help="file to write the data to (default: stdout)")
     p = verbs.add_parser("write", help="write blocks from --in FILE (or stdin) at --lba")
     p.add_argument("url")
-    p.add_argument("--lba", type=_natural, required=True)
+    p.add_argument("--lba", type=_lba, required=True)
     p.add_argument("--in", dest="infile", help="file with the data (a multiple of the block size)")
     p.add_argument("--fua", action="store_true", help="Force Unit Access: durable before the write returns")
     p = verbs.add_parser("bench", help="a small load generator: random I/O at a queue depth")
@@ -99,10 +138,17 @@ def build_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-o", "--output", choices=("table", "json"), default="table")
 
 
-def _natural(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError("must not be negative")
+def _whole(text: str) -> int:
+    if not (text.isascii() and text.strip().isdigit()):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number")
+    return int(text)
+
+
+def _lba(text: str) -> int:
+    """A logical block address: 0 to 2**64 - 1 (READ(16)/WRITE(16) carry 64 bits)."""
+    value = _whole(text)
+    if value >= MAX_LBA:
+        raise argparse.ArgumentTypeError(f"{value} is beyond the last possible LBA ({MAX_LBA - 1})")
     return value
 
 
@@ -114,25 +160,25 @@ def _digests(text: str) -> tuple[str, ...]:
 
 
 def _positive(text: str) -> int:
-    value = int(text)
+    value = _whole(text)
     if value <= 0:
         raise argparse.ArgumentTypeError("must be positive")
     return value
 
 
 def _size(text: str) -> int:
+    """Bytes per I/O: ``4096``, ``64k``, ``1m``; a positive multiple of 512."""
     units = {"k": 1 << 10, "m": 1 << 20}
-    suffix = text[-1].lower()
-    value = int(text[:-1]) * units[suffix] if suffix in units else int(text)
-    if value <= 0 or value % 512:
-        raise argparse.ArgumentTypeError("a positive multiple of 512")
-    return value
+    number, unit = (text[:-1], units[text[-1].lower()]) if text[-1:].lower() in units else (text, 1)
+    if not (number.isascii() and number.isdigit()) or int(number) * unit <= 0 or int(number) * unit % 512:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a positive multiple of 512 bytes (a suffix k or m)")
+    return int(number) * unit
 
 
 def run(args: argparse.Namespace) -> int:
     try:
         return _run_loop(_VERBS[args.verb](args))
-    except ValueError as exc:
+    except ValueError as exc:  # a bad URL or argument (whose message masks the URL's secrets)
         print(f"shoal iscsi: {exc}", file=sys.stderr)
         return 2
     except (LoginError, InitiatorError, SessionLost, CommandFailed, OSError) as exc:
@@ -189,6 +235,8 @@ async def _inquiry(args) -> int:
 
 async def _read(args) -> int:
     url = IscsiUrl.parse(args.url)
+    if args.lba + args.blocks > MAX_LBA:
+        raise ValueError(f"--lba {args.lba} --blocks {args.blocks} goes past the last possible LBA ({MAX_LBA - 1})")
     async with _client(args, url) as client:
         data = await LunDevice(client, url.lun or 0).read_blocks(args.lba, args.blocks)
     if args.out:
