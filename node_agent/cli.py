@@ -32,6 +32,10 @@ from node_agent.target_service import LunSpec, TargetConfig, TargetSpec, check_i
 DEFAULT_IQN = "iqn.2026-11.io.shoal:target"
 
 
+# What stops ``shoal target`` and ``shoal agent`` cleanly (LUNs flushed, sessions logged out, port and ready files
+# removed): Ctrl-C, kill, and a closed terminal (SIGHUP), whose default would end the process on the spot.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
 def _listen(text: str) -> tuple[str, int]:
     """``HOST:PORT``, an IPv6 host in brackets (``[::1]:3260``): a bare ``::1`` would read as host ``:``
     and port 1, and ``fd00::1:3260`` could be an address without a port as well as one with it."""
@@ -300,7 +304,7 @@ def _run_agent(args: argparse.Namespace, settings) -> int:
 
     agent = Agent(settings)
     stop = threading.Event()
-    for signum in (signal.SIGINT, signal.SIGTERM):
+    for signum in STOP_SIGNALS:
         signal.signal(signum, lambda *_: stop.set())
     remove_file(args.ready_file)  # a previous run's would name ports nobody serves
     agent.start()
@@ -348,7 +352,7 @@ def target_config(args: argparse.Namespace) -> TargetConfig:
 async def _run_target(args: argparse.Namespace, config: TargetConfig) -> int:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for signum in (signal.SIGINT, signal.SIGTERM):
+    for signum in STOP_SIGNALS:
         loop.add_signal_handler(signum, stop.set)
 
     def ready(addresses: list[tuple[str, int]]) -> None:

@@ -484,7 +484,8 @@ def worker_main(argv: list[str]) -> int:
     spec: WorkerSpec = pickle.load(sys.stdin.buffer)  # from our own parent (never from the network)
     logging.basicConfig(level=logging.DEBUG if spec.verbose else logging.INFO, stream=sys.stderr,
                         format=f"%(asctime)s %(levelname)s %(name)s[worker {spec.index}]: %(message)s")
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent stops its workers
+    for signum in (signal.SIGINT, signal.SIGHUP):  # a terminal's Ctrl-C or hang-up: the parent stops its workers
+        signal.signal(signum, signal.SIG_IGN)
     return eventloop.run(_serve_worker(spec, control))
 
 

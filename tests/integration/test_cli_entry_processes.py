@@ -190,3 +190,32 @@ def test_controller_ready_file_is_replaced_at_start_and_removed_when_stopped(tmp
         os.kill(controller.pid, signal.SIGTERM)
         assert controller.wait(30) == 0
     assert not ready.exists()
+
+
+# -- a closed terminal (SIGHUP) stops the target and the agent as SIGTERM does --------------------------------------
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_a_hang_up_stops_the_target_cleanly(tmp_path, workers):
+    """SIGHUP (the terminal it ran in closed) used to end ``shoal target`` on the spot (status 129), its port
+    file left behind; it stops as on SIGTERM now, its workers (which ignore a hang-up) stopped by it."""
+    port_file, log_path = tmp_path / "port", tmp_path / "target.log"
+    targets = ["--iqn", IQN, "--lun", f"{tmp_path / 'd.img'}:1M",
+               "--iqn", IQN + "2", "--lun", f"{tmp_path / 'e.img'}:1M"]
+    with started(shoal("target", "--listen", "127.0.0.1:0", "--workers", workers, *targets,
+                       "--port-file", str(port_file)), log_path) as target:
+        wait_for(port_file, target, log_path)
+        os.kill(target.pid, signal.SIGHUP)
+        assert target.wait(30) == 0, log_path.read_text()
+    assert not port_file.exists()
+
+
+def test_a_hang_up_stops_the_agent_cleanly(tmp_path):
+    ready, log_path = tmp_path / "ready.json", tmp_path / "agent.log"
+    with started(shoal("agent", "--node-id", "hup", "--data-dir", str(tmp_path / "data"),
+                       "--disk", f"data0={tmp_path / 'disk0'}", "--listen", "127.0.0.1:0",
+                       "--portal", "127.0.0.1:0", "--controller", f"127.0.0.1:{closed_port()}",
+                       "--ready-file", str(ready)), log_path) as agent:
+        wait_for(ready, agent, log_path)
+        os.kill(agent.pid, signal.SIGHUP)
+        assert agent.wait(30) == 0, log_path.read_text()
+    assert not ready.exists()
+
