@@ -14,6 +14,14 @@ from typing import Any
 
 WIDTH = 30
 CREATING = "creating"
+STALL = 600.0  # seconds without progress after which ``wait`` stops waiting (the copy goes on without it)
+
+
+_clock, _sleep = time.monotonic, time.sleep  # what ``wait`` measures a stall and waits with (tests give others)
+
+
+class Stalled(Exception):
+    """The copy made no progress for ``STALL`` seconds (its owner unreachable, say): waiting stops."""
 
 
 def bar(progress: float, width: int = WIDTH) -> str:
@@ -24,14 +32,25 @@ def bar(progress: float, width: int = WIDTH) -> str:
 
 
 def wait(fetch: Callable[[], Any], what: str, *, first: Any = None, interval: float = 0.5, out=None,
-         sleep: Callable[[float], None] = time.sleep, show: bool = True) -> Any:
+         sleep: Callable[[float], None] | None = None, show: bool = True, stall: float = STALL,
+         clock: Callable[[], float] | None = None) -> Any:
     """Call ``fetch()`` (a message with ``state`` and ``progress``) until its state is no longer "creating";
-    return the last answer.  ``first``: an answer already in hand (the create's)."""
+    return the last answer.  ``first``: an answer already in hand (the create's).  ``Stalled`` when its
+    progress has not moved for ``stall`` seconds: a copy whose owner stopped answering would otherwise keep
+    the command (and a script calling it) waiting for ever."""
     out = out or sys.stderr
+    clock, sleep = clock or _clock, sleep or _sleep
     tty = hasattr(out, "isatty") and out.isatty()
     shown = -1
     current = first if first is not None else fetch()
+    seen, since = current.progress, clock()
     while current.state == CREATING:
+        if current.progress != seen:
+            seen, since = current.progress, clock()
+        elif clock() - since >= stall:
+            if show and shown >= 0 and tty:
+                print(file=out)
+            raise Stalled(f"{what}: no progress for {stall:.0f} s (at {current.progress * 100:.0f}%)")
         if show:
             step = int(current.progress * 10)
             if tty:

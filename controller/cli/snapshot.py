@@ -69,8 +69,8 @@ def add_wait_flags(verb) -> None:
 def create_snapshot(api, args) -> None:
     answer = api.call("CreateSnapshot", admin_pb2.CreateSnapshotRequest(name=args.snapshot, volume=args.name))
     if not args.no_wait and answer.state == progress.CREATING:
-        answer = progress.wait(lambda: api.call("GetSnapshot", admin_pb2.GetSnapshotRequest(name=args.snapshot)),
-                               f"copying snapshot {args.snapshot}", first=answer, show=args.output == "table")
+        answer = _waited(lambda: api.call("GetSnapshot", admin_pb2.GetSnapshotRequest(name=args.snapshot)),
+                         f"copying snapshot {args.snapshot}", answer, args)
     snapshot = to_dict(answer)
     _fail_on_error("snapshot", snapshot)
     output.emit_message(_sentence("snapshot", snapshot["name"], f"of {snapshot['volume']}", snapshot), snapshot,
@@ -83,12 +83,21 @@ def clone_volume(api, args) -> None:
     request = admin_pb2.CloneVolumeRequest(name=args.name, source=args.source, pool=args.pool)
     answer = api.call("CloneVolume", request)
     if not args.no_wait and answer.state == progress.CREATING:
-        answer = progress.wait(lambda: api.call("GetVolume", admin_pb2.GetVolumeRequest(name=args.name)),
-                               f"copying {args.source} to {args.name}", first=answer, show=args.output == "table")
+        answer = _waited(lambda: api.call("GetVolume", admin_pb2.GetVolumeRequest(name=args.name)),
+                         f"copying {args.source} to {args.name}", answer, args)
     volume = volume_dict(answer)
     _fail_on_error("volume", volume)
     output.emit_message(_sentence("volume", volume["name"], f"cloned from {volume['source']}, on "
                                   f"{volume['owner_node']}/{volume['disk']}", volume), volume, args.output)
+
+
+def _waited(fetch, what: str, first, args):
+    """``progress.wait``; a stalled copy is an error that says the copy goes on and how to look at it."""
+    try:
+        return progress.wait(fetch, what, first=first, show=args.output == "table")
+    except progress.Stalled as exc:
+        raise CliError(f"{exc}; it goes on in the background: see `shoalctl snapshot list` or `shoalctl volume "
+                       "show`, and whether its owner node is healthy (`shoalctl node list`)") from None
 
 
 def _sentence(kind: str, name: str, detail: str, record: dict) -> str:

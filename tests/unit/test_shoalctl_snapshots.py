@@ -78,7 +78,7 @@ class FakeAdmin(admin_pb2_grpc.AdminServiceServicer):
 def fake(monkeypatch, tmp_path):
     monkeypatch.delenv("SHOAL_CONTROLLER", raising=False)
     monkeypatch.setenv("SHOAL_CONTEXT", str(tmp_path / "no-context.json"))
-    monkeypatch.setattr(progress.time, "sleep", lambda s: None)  # no waiting between looks
+    monkeypatch.setattr(progress, "_sleep", lambda s: None)  # no waiting between looks
     servicer = FakeAdmin()
     server = grpc.server(ThreadPoolExecutor(max_workers=2))
     admin_pb2_grpc.add_AdminServiceServicer_to_server(servicer, server)
@@ -151,3 +151,20 @@ def test_the_bar_off_a_terminal_prints_a_line_per_tenth():
     assert final.state == "ready"
     assert [line.split()[-1] for line in out.getvalue().splitlines()] == ["0%", "50%", "100%"]
     assert progress.bar(0.5, width=4) == "[##--]  50%"
+
+
+def test_a_copy_without_progress_stops_the_wait_with_an_error(fake, capsys, monkeypatch):
+    """A copy whose progress does not move for ``progress.STALL`` seconds (its owner stopped answering) ends the
+    wait with exit 1 and a message saying the copy goes on and where to look; it used to wait for ever."""
+    now = [0.0]
+
+    def sleep(seconds):
+        now[0] += seconds
+
+    monkeypatch.setattr(progress, "_sleep", sleep)
+    monkeypatch.setattr(progress, "_clock", lambda: now[0])
+    monkeypatch.setattr(fake, "_progress", lambda: ("creating", 0.25))
+    code, out, err = run(fake, capsys, "volume", "snapshot", "vol1", "--snapshot", "snap1")
+    assert code == 1 and out == ""
+    assert "copying snapshot snap1: no progress for 600 s (at 25%); it goes on in the background" in err
+    assert now[0] == 600 and len(fake.requests) == 1 + 1200  # the create, then one look per 0.5 s until it gave up
