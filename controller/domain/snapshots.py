@@ -177,17 +177,12 @@ class Snapshots:
         now (``_retake``), as is one the agent has but the row says failed (an answer lost on the way).
         """
         client = self.service._client(snapshot.owner_node, f"holding volume {snapshot.volume}")
-        try:
-            info = client.get_snapshot(snapshot.id)
-        except NotFound:
+        failure = _agent_failure(lambda: client.get_snapshot(snapshot.id), snapshot.owner_node, "get_snapshot")
+        if failure is None:
             return self._retake(snapshot)
-        except Exception as exc:
-            raise _error(exc, snapshot.owner_node, "get_snapshot") from None
-        if _AGENT_STATES.get(str(info.get("state") or "ready"), ERROR) == ERROR:
-            if info.get("message") and not snapshot.message:
-                snapshot = replace(snapshot, message=str(info["message"]))  # (answered, not written: a repeat)
-            return snapshot
-        return self._retake(snapshot)
+        if failure and not snapshot.message:
+            snapshot = replace(snapshot, message=failure)  # (answered, not written: a repeat)
+        return snapshot
 
     def _retake(self, snapshot: Snapshot) -> Snapshot:
         """A failed snapshot no agent took, taken again (a repeat of its create): whatever its agent has of it
@@ -403,15 +398,10 @@ class Snapshots:
         copy failed; else (its agent has none: a temporary failure before it copied anything, or one it
         finished meanwhile) finished as a repeat would."""
         client = self.service._client(volume.owner_node, f"owning volume {volume.name}")
-        try:
-            info = client.get_volume(volume.id)
-        except NotFound:
+        failure = _agent_failure(lambda: client.get_volume(volume.id), volume.owner_node, "get_volume")
+        if failure is None:
             return self._finish_clone(volume)
-        except Exception as exc:
-            raise _error(exc, volume.owner_node, "get_volume") from None
-        if _AGENT_STATES.get(str(info.get("state") or "ready"), ERROR) == ERROR:
-            return volume, str(info.get("message") or "the copy failed")
-        return self._finish_clone(volume)
+        return volume, failure or "the copy failed"
 
     def finish_clone(self, volume: Volume, op: int | None = None) -> Volume:
         """Ask the owner to make (or tell how far it got with) the clone; record what it says.
@@ -681,6 +671,20 @@ def _copy_ended(what: str, name: str, state: str, message: str) -> str:
     if state == ERROR:
         return f"{what} {name} failed copying: {message or 'no reason given'}"
     return f"{what} {name} finished copying"
+
+
+def _agent_failure(look: Callable[[], dict], node: str, method: str) -> str | None:
+    """What an agent says of a copy (``look``: its GetSnapshot or GetVolume): None when it has none (NotFound)
+    or not a failed one, else its failure message ("" when it gives none); other errors as domain errors."""
+    try:
+        info = look()
+    except NotFound:
+        return None
+    except Exception as exc:
+        raise _error(exc, node, method) from None
+    if _AGENT_STATES.get(str(info.get("state") or "ready"), ERROR) != ERROR:
+        return None
+    return str(info.get("message") or "")
 
 
 def _error(exc: Exception, node_id: str, method: str) -> DomainError:
