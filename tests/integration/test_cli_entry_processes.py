@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 
 from tests.integration.conftest import closed_port
+from tests.unit.test_cli_entry_review import busy_port  # noqa: F401 - the fixture, used by name
 from tests.support.shoal_target import REPO, stop_process
 
 IQN = "iqn.2026-11.io.shoal.test:entry"
@@ -59,12 +60,6 @@ def run(argv: list[str], timeout: float = 60.0) -> subprocess.CompletedProcess:
     return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=ENV, cwd=REPO)
 
 
-@pytest.fixture
-def busy_port():
-    with socket.socket() as busy:
-        busy.bind(("127.0.0.1", 0))
-        busy.listen()
-        yield busy.getsockname()[1]
 
 
 # -- F1: a read-only image served :ro by a user who cannot write it --------------------------------------------
