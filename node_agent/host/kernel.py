@@ -14,7 +14,11 @@ attach
     4. node record: ``iscsiadm -m node -T IQN -p PORTAL -I shoal -o new``
        (only when absent), then ``-o update`` of ``node.startup=manual``,
        ``node.session.scan=manual`` (login must not scan every LUN of the target
-       into the host: only the one we ask for appears) and the CHAP settings
+       into the host: only the one we ask for appears), the digests and
+       ``node.session.auth.authmethod``.  The CHAP user names and secrets never go
+       on a command line (argv is public in /proc/PID/cmdline): they are written
+       into the record's file under ``/etc/iscsi/nodes`` (mode 0600, replaced
+       atomically, stale ones removed) and ``-o show`` must read them back
     5. ``-I shoal --login`` unless the target already has a session (exit 15,
        "session exists", counts as success)
     6. a targeted scan of the one LUN: ``0 0 LUN`` into the session's
@@ -87,6 +91,24 @@ BUILTIN_IFACES = frozenset({"default", "iser"})
 #: The iface record fields the connector sets (open-iscsi usr/idbm_fields.h).
 IFACE_TRANSPORT = "iface.transport_name"
 IFACE_INITIATOR = "iface.initiatorname"
+#: The node record's CHAP fields (usr/idbm.c ``idbm_recinfo_node``), in the order iscsiadm writes them.
+AUTH_METHOD = "node.session.auth.authmethod"
+AUTH_USERNAME = "node.session.auth.username"
+AUTH_PASSWORD = "node.session.auth.password"
+AUTH_USERNAME_IN = "node.session.auth.username_in"
+AUTH_PASSWORD_IN = "node.session.auth.password_in"
+CREDENTIAL_FIELDS = (AUTH_USERNAME, AUTH_PASSWORD, AUTH_USERNAME_IN, AUTH_PASSWORD_IN)
+#: What ``-o show`` prints for a secret that is set (``IDBM_MASKED``).
+MASKED = "********"
+#: The fields that name a node record and its file (usr/idbm.c ``idbm_rec_read``).
+RECORD_NAME = "node.name"
+RECORD_TPGT = "node.tpgt"
+RECORD_ADDRESS = "node.conn[0].address"
+RECORD_PORT = "node.conn[0].port"
+RECORD_IFACE = "iface.iscsi_ifacename"
+RECORD_KEYS = (RECORD_NAME, RECORD_TPGT, RECORD_ADDRESS, RECORD_PORT, RECORD_IFACE)
+#: open-iscsi keeps CHAP values in 256-byte buffers (``AUTH_STR_MAX_LEN``), NUL included.
+AUTH_STR_MAX_LEN = 256
 
 Writer = Callable[[str, str], None]
 
@@ -125,6 +147,10 @@ class KernelSettings:
     header_digest: tuple[str, ...] = ("None",)
     data_digest: tuple[str, ...] = ("None",)
     """Digests offered at login, in order of preference (open-iscsi ``node.conn[0].iscsi.*Digest``)."""
+    node_dirs: tuple[str, ...] = ("/etc/iscsi/nodes", "/var/lib/iscsi/nodes")
+    """Where open-iscsi may keep node records (its build's ``NODE_CONFIG_DIR``: Debian and Ubuntu use the
+    first, Fedora, RHEL and SUSE the second).  The CHAP credentials go into the record's file in the first
+    that has it; ``-o show`` then proves iscsiadm reads them there."""
     write: Writer = write_sysfs
     """How sysfs attributes are written (a test records and simulates the kernel)."""
     sleep: Callable[[float], None] = time.sleep
@@ -377,28 +403,82 @@ class KernelConnector(Connector):
         self._configure_chap(target, portal)
 
     def _configure_chap(self, target: VolumeTarget, portal: str) -> None:
-        # Secrets travel as iscsiadm argv values: open-iscsi has no other way
-        # to set them in a node record.  argv is readable in /proc/PID/cmdline
-        # by every local user while iscsiadm runs (mount /proc with hidepid=2
-        # on shared hosts); Hidden keeps them out of our logs and errors.
-        if target.chap is None:
-            self._update(target, portal, "node.session.auth.authmethod", "None")
-            return
-        user, secret = target.chap
-        self._update(target, portal, "node.session.auth.authmethod", "CHAP")
-        self._update(target, portal, "node.session.auth.username", user)
-        self._update(target, portal, "node.session.auth.password", Hidden(secret))
-        if target.mutual_chap is not None:
-            user_in, secret_in = target.mutual_chap
-            self._update(target, portal, "node.session.auth.username_in", user_in)
-            self._update(target, portal, "node.session.auth.password_in", Hidden(secret_in))
+        """The CHAP settings of the node record, with no secret on any command line.
+
+        ``-o update -n node.session.auth.password -v SECRET`` (what os-brick runs) would put the secret
+        in iscsiadm's argv, which every local user reads in /proc/PID/cmdline while it runs.  iscsiadm
+        sets the method; the four credential lines go into the record's file in iscsiadm's own
+        ``name = value`` format (usr/idbm.c ``idbm_print``), through the runner, where iscsiadm runs.
+        Lines left by an earlier attach (another secret, CHAP since turned off) are replaced or removed.
+        ``-o show`` afterwards must show the user names and a masked secret exactly where one is set:
+        that is iscsiadm reading the file written, which the login then reads too.
+        """
+        wanted = _credentials(target)
+        self._update(target, portal, AUTH_METHOD, "None" if target.chap is None else "CHAP")
+        records = self._records(target, portal)
+        written = [self._write_credentials(record, wanted) for record in records]
+        if any(written):
+            records = self._records(target, portal)  # what iscsiadm reads now
+        expected = {key: MASKED if value and key in (AUTH_PASSWORD, AUTH_PASSWORD_IN) else value
+                    for key, value in wanted.items()}
+        for record in records:
+            if {key: record.get(key, "") for key in CREDENTIAL_FIELDS} != expected:
+                raise TemporaryConnectorError(f"iscsiadm does not show the CHAP settings put into the node "
+                                              f"record of {target.target_iqn} at {portal} (are its node "
+                                              f"records in {' or '.join(self.settings.node_dirs)}?)")
+
+    def _records(self, target: VolumeTarget, portal: str) -> list[dict[str, str]]:
+        """The node records ``-o show`` prints for the target and portal on our iface (one per TPGT)."""
+        records = parse_records(self.runner.run(self._node(target, portal, "-o", "show")).stdout)
+        if not records:
+            raise TemporaryConnectorError(f"iscsiadm shows no node record of {target.target_iqn} at {portal}")
+        return records
+
+    def _write_credentials(self, record: dict[str, str], wanted: dict[str, str]) -> bool:
+        """Put ``wanted`` into the file of ``record``; whether it had to be written.
+
+        The file is where usr/idbm.c ``idbm_rec_read`` looks: ``TARGET/ADDR,PORT`` (what ``-o new`` makes
+        without a TPGT), else ``TARGET/ADDR,PORT,TPGT/IFACE``.  It must name the record ``-o show`` printed.
+        The agent's per-target lock keeps its own iscsiadm runs off the record meanwhile, so iscsiadm's
+        database lock is not taken; the rename makes the change atomic for any reader.
+        """
+        name, tpgt, address, port, iface = (record.get(key, "") for key in RECORD_KEYS)
+        portal_dir = f"{address},{port}"
+        for part in (name, address, port, tpgt, iface):
+            if not part or "/" in part or part in (".", ".."):
+                raise TemporaryConnectorError("iscsiadm shows a node record without a usable name: "
+                                              + ", ".join(f"{key} = {record.get(key, '')}" for key in RECORD_KEYS))
+        for root in self.settings.node_dirs:
+            target_dir = os.path.join(root, name)
+            for path in (os.path.join(target_dir, portal_dir),
+                         os.path.join(target_dir, f"{portal_dir},{tpgt}", iface)):
+                text = self.runner.read_private(path)
+                if text is None:
+                    continue
+                found = parse_record(text)
+                if any(found.get(key) != record[key] for key in RECORD_KEYS):
+                    raise TemporaryConnectorError(f"{path} is not the node record iscsiadm shows for {name} "
+                                                  f"at {portal_dir} (TPGT {tpgt}, iface {iface})")
+                updated = with_credentials(text, wanted)
+                if updated == text:
+                    return False
+                self.runner.write_private(path, Hidden(updated), temp_dir=target_dir)
+                log.debug("%s: CHAP settings of the node record at %s written into %s", name, portal_dir, path)
+                return True
+        raise TemporaryConnectorError(f"no file of the node record of {name} at {portal_dir} (TPGT {tpgt}, "
+                                      f"iface {iface}) in {', '.join(self.settings.node_dirs)}")
 
     def _login(self, target: VolumeTarget) -> Session:
         """Log in through the first portal that accepts us (one path; no multipath)."""
         self._ensure_iface()
         errors = []
         for portal in target.portals:
-            self._configure_node(target, portal)
+            try:
+                self._configure_node(target, portal)
+            except BaseException:
+                # No half-configured record (it may hold a secret by now) outlives the failed attach.
+                self.runner.run(self._any_node(target, portal, "-o", "delete"), check=False)
+                raise
             try:
                 self.runner.run(self._node(target, portal, "--login"))
             except CommandFailed as exc:
@@ -553,6 +633,54 @@ def parse_record(text: str) -> dict[str, str]:
             value = value.strip()
             values[name.strip()] = "" if value == "<empty>" else value
     return values
+
+
+def parse_records(text: str) -> list[dict[str, str]]:
+    """The records of ``iscsiadm -m node ... -o show``, each opened by a ``# BEGIN RECORD`` line."""
+    records: list[dict[str, str]] = []
+    for line in text.splitlines(keepends=True):
+        if line.startswith("# BEGIN RECORD") or not records:
+            records.append({})
+        records[-1].update(parse_record(line))
+    return [r for r in records if r]
+
+
+def _credentials(target: VolumeTarget) -> dict[str, str]:
+    """The four credential fields the record must hold for ``target`` ("" for none)."""
+    user, secret = target.chap or ("", "")
+    user_in, secret_in = target.mutual_chap or ("", "")
+    values = {AUTH_USERNAME: user, AUTH_PASSWORD: secret, AUTH_USERNAME_IN: user_in, AUTH_PASSWORD_IN: secret_in}
+    for value in values.values():
+        # open-iscsi strips a line before reading its value and copies at most 255 bytes:
+        # such a value would be read back as another one, and every login refused.
+        if value != value.strip() or len(value.encode()) >= AUTH_STR_MAX_LEN:
+            raise PermanentConnectorError(f"{target.target_iqn}: a CHAP user or secret with blanks at either end "
+                                          f"or over {AUTH_STR_MAX_LEN - 1} bytes cannot go into a node record")
+    return values
+
+
+def _field_name(line: str) -> str:
+    """The setting a record line sets, read as open-iscsi does (usr/idbm.c ``idbm_recinfo_config``)."""
+    line = line.strip()
+    if not line or line.startswith("#"):
+        return ""
+    return re.split(r"[\s=]", line, maxsplit=1)[0]
+
+
+def with_credentials(text: str, values: dict[str, str]) -> str:
+    """The node record file ``text`` with its credential lines replaced by ``values`` (empty ones left out, as
+    iscsiadm leaves out every empty field), right after the ``authmethod`` line where iscsiadm puts them."""
+    # Lines as iscsiadm's fgets() reads them: ended by "\n" alone.
+    lines = [line for line in re.split(r"(?<=\n)", text) if line and _field_name(line) not in values]
+    ours = [f"{key} = {value}\n" for key, value in values.items() if value]
+    names = [_field_name(line) for line in lines]
+    if AUTH_METHOD in names:
+        at = names.index(AUTH_METHOD) + 1
+    else:
+        at = next((i for i, line in enumerate(lines) if line.startswith("# END RECORD")), len(lines))
+    if at == len(lines) and lines and not lines[-1].endswith("\n"):
+        lines[-1] += "\n"
+    return "".join(lines[:at] + ours + lines[at:])
 
 
 def by_path_name(portal: str, target: VolumeTarget) -> str:

@@ -5,7 +5,9 @@ with a debootstrapped root holding python3, open-iscsi and udev; a driver
 imports ``node_agent.host.kernel`` from the repository as it is now and
 attaches two LUNs of a ``shoal target`` on the host side of a network
 namespace, with mutual CHAP (RFC 7143 §12.1.3) and CRC32C header and data digests offered
-through the node record (as ``shoal agent --iscsi-*-digest CRC32C,None`` sets them).  Checked: the identity check
+through the node record (as ``shoal agent --iscsi-*-digest CRC32C,None`` sets them).  The CHAP
+secrets reach open-iscsi only through the node record file the connector writes (no iscsiadm argv
+carries them), so the target accepting the login is iscsiadm reading that file.  Checked: the identity check
 against VPD 83h/80h (SPC-4 §7.8.6, §7.8.15), one session for two LUNs and no
 logout while one remains, an ext4 filesystem made, mounted and written
 through the device, detach with logout, idempotent detach, and a LUN whose

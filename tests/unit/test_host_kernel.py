@@ -10,14 +10,18 @@ answers in the format of open-iscsi's ``usr/session_info.c``, a write of
 and ``1`` into ``device/delete`` removes it.  Like open-iscsi, a login presents
 the ``iface.initiatorname`` of the node record's iface (the host's own name
 through ``default``), and the fake target admits only the agent's name, as every
-export's ACL does.  The same sequences run against the real kernel in
-tests/peer/test_kernel_connector.py.
+export's ACL does.  Node records are files in the runner's ``files`` (under
+/etc/iscsi/nodes, in iscsiadm's ``name = value`` format): ``-o update`` rewrites
+them, ``-o show`` prints them with secrets masked, and a login presents the CHAP
+credentials the file holds to a target that may require them.  The same
+sequences run against the real kernel in tests/peer/test_kernel_connector.py.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -80,6 +84,48 @@ def iface_record(name: str, values: dict[str, str]) -> str:
     return "\n".join(lines) + "\n"
 
 
+NODE_DIR = "/etc/iscsi/nodes"
+"""open-iscsi's ``NODE_CONFIG_DIR`` on Debian."""
+#: The node record fields FakeKernel keeps, in iscsiadm's order (usr/idbm.c ``idbm_recinfo_node``).
+RECORD_FIELDS = ("node.name", "node.tpgt", "node.startup", "iface.iscsi_ifacename", "iface.transport_name",
+                 "node.discovery_type", "node.session.auth.authmethod", "node.session.auth.username",
+                 "node.session.auth.password", "node.session.auth.username_in", "node.session.auth.password_in",
+                 "node.session.auth.chap_algs", "node.session.scan", "node.conn[0].address", "node.conn[0].port",
+                 "node.conn[0].iscsi.HeaderDigest", "node.conn[0].iscsi.DataDigest")
+SECRET_FIELDS = ("node.session.auth.password", "node.session.auth.password_in")
+
+
+def record_path(portal: str = PORTAL, tpgt: int = -1, iface_name: str = "shoal", root: str = NODE_DIR) -> str:
+    """Where iscsiadm keeps the record: ``ADDR,PORT`` when made without a TPGT, else ``ADDR,PORT,TPGT/IFACE``."""
+    address, _, port = portal.rpartition(":")
+    base = f"{root}/{IQN}/{address.strip('[]')},{port}"
+    return base if tpgt == -1 else f"{base},{tpgt}/{iface_name}"
+
+
+def read_record_file(text: str) -> dict[str, str]:
+    """A record file as iscsiadm reads it (usr/idbm.c ``idbm_recinfo_config``): lines stripped, ``#`` skipped,
+    the name up to a blank or ``=``, the value after ``=`` and blanks; a line without a value sets nothing."""
+    values = {}
+    for line in text.split("\n"):
+        line = line.strip()
+        if match := re.fullmatch(r"([^\s=#][^\s=]*)\s*=\s*(.+)", line):
+            values[match.group(1)] = match.group(2)
+    return values
+
+
+def render_record(values: dict[str, str], *, show: bool) -> str:
+    """usr/idbm.c ``idbm_print``: into the file every non-empty field; for ``-o show`` every field, empty
+    ones as ``<empty>`` and secrets as ``********``."""
+    lines = ["# BEGIN RECORD 2.1.8"]
+    for key in RECORD_FIELDS:
+        value = values.get(key, "")
+        if show and value and key in SECRET_FIELDS:
+            value = "********"
+        if value or show:
+            lines.append(f"{key} = {value or '<empty>'}")
+    return "\n".join(lines + ["# END RECORD"]) + "\n"
+
+
 class FakeKernel:
     """open-iscsi + the SCSI layer, as seen through the runner, sysfs and /dev."""
 
@@ -89,6 +135,9 @@ class FakeKernel:
         (self.dev / "disk" / "by-path").mkdir(parents=True)
         self.target_luns = dict(target_luns)  # LUN -> volume id the target serves there
         self.records: dict[str, str] = {}  # portal -> iface of its node record
+        self.record_files: dict[str, str] = {}  # portal -> the record's file in runner.files
+        self.chap: tuple[str, str] | None = None  # what the target requires of the initiator
+        self.mutual_chap: tuple[str, str] | None = None  # what the target answers a mutual challenge with
         self.ifaces: dict[str, dict[str, str]] = {}  # /etc/iscsi/ifaces
         self.allowed = {AGENT_IQN}  # the target's ACL
         self.sessions: dict[str, FakeSession] = {}
@@ -120,6 +169,40 @@ class FakeKernel:
                         f"\t\t\tAttached scsi disk {disk}\t\tState: running"]
         return (0, "\n".join(out) + "\n")
 
+    def add_record(self, portal: str = PORTAL, iface_name: str = "shoal", tpgt: int = -1, root: str = NODE_DIR,
+                   **values: str) -> str:
+        """A node record as ``-o new`` writes it (or discovery, with a TPGT); ``values`` by field name."""
+        address, _, port = portal.rpartition(":")
+        fields = {"node.name": IQN, "node.tpgt": str(tpgt), "node.startup": "manual",
+                  "iface.iscsi_ifacename": iface_name, "iface.transport_name": "tcp", "node.discovery_type": "static",
+                  "node.session.auth.authmethod": "None", "node.session.auth.chap_algs": "MD5",
+                  "node.session.scan": "auto", "node.conn[0].address": address.strip("[]"),
+                  "node.conn[0].port": port, "node.conn[0].iscsi.HeaderDigest": "None",
+                  "node.conn[0].iscsi.DataDigest": "None", **values}
+        path = record_path(portal, tpgt, iface_name, root)
+        self.records[portal], self.record_files[portal] = iface_name, path
+        self.runner.files[path] = render_record(fields, show=False)
+        return path
+
+    def record(self, portal: str = PORTAL) -> dict[str, str]:
+        """The node record as iscsiadm reads it from its file."""
+        return read_record_file(self.runner.files[self.record_files[portal]])
+
+    def chap_refusal(self, record: dict[str, str]) -> str:
+        """Why the CHAP exchange of a login with ``record`` fails ("" when it succeeds), RFC 7143 §12.1.3."""
+        def pair(user, secret):
+            return (record.get(user, ""), record.get(secret, "")) if record.get(secret) else None
+
+        offered = pair("node.session.auth.username", "node.session.auth.password")
+        if record.get("node.session.auth.authmethod") != "CHAP":
+            offered = None
+        if self.chap is not None and offered != self.chap:
+            return "the target refused the initiator's CHAP response"
+        challenge = pair("node.session.auth.username_in", "node.session.auth.password_in")
+        if offered is not None and challenge is not None and challenge != self.mutual_chap:
+            return "the initiator refused the target's CHAP response"
+        return ""
+
     def node(self, argv):
         """``iscsiadm -m node -T IQN -p PORTAL [-I IFACE] ...``: without ``-I``, records of every iface."""
         assert argv[:7] == ["iscsiadm", "-m", "node", "-T", IQN, "-p", argv[6]]
@@ -128,19 +211,27 @@ class FakeKernel:
             at = rest.index("-I") if "-I" in rest else rest.index("--interface")
             iface, rest = rest[at + 1], rest[:at] + rest[at + 2:]
         mine = portal in self.records and iface in (None, self.records[portal])
-        if not rest:
-            return (0, f"node.name = {IQN}\n") if mine else (21, "", "iscsiadm: No records found\n")
+        if not rest or rest == ["-o", "show"]:
+            if not mine:
+                return (21, "", "iscsiadm: No records found\n")
+            return (0, render_record(self.record(portal), show=True))
         if rest == ["-o", "new"]:
             assert iface is not None, "a node record is created for a named iface"
             if iface != "default" and iface not in self.ifaces:
                 return (6, "", f"iscsiadm: Could not read iface info for {iface}.\n")
-            self.records[portal] = iface
+            self.add_record(portal, iface)
         elif rest[:2] == ["-o", "update"]:
-            return (0, "") if mine else (21, "")
+            if not mine:
+                return (21, "")
+            assert rest[2] == "-n" and rest[4] == "-v" and len(rest) == 6, rest
+            values = self.record(portal)  # iscsiadm reads the record, sets the field and writes it all anew
+            values[rest[3]] = rest[5]
+            self.runner.files[self.record_files[portal]] = render_record(values, show=False)
         elif rest == ["-o", "delete"]:
             if not mine:
                 return (21, "")
             del self.records[portal]
+            self.runner.files.pop(self.record_files.pop(portal, ""), None)
         elif rest == ["--login"]:
             if not mine:
                 return (21, "", "iscsiadm: No records found\n")
@@ -154,6 +245,9 @@ class FakeKernel:
             if initiator not in self.allowed:
                 return (24, "", "iscsiadm: initiator reported error (24 - iSCSI login failed due to "
                                 "authorization failure)\n")
+            if refusal := self.chap_refusal(self.record(portal)):
+                return (24, "", f"iscsiadm: initiator reported error (24 - iSCSI login failed due to "
+                                f"authorization failure: {refusal})\n")
             self.sessions[portal] = FakeSession(self.next_sid, self.next_host, portal, iface=record_iface,
                                                 initiator=initiator)
             self.next_sid += 1
@@ -288,6 +382,10 @@ NODE_SETUP = [
     node("-o", "update", "-n", "node.conn[0].iscsi.HeaderDigest", "-v", "None"),
     node("-o", "update", "-n", "node.conn[0].iscsi.DataDigest", "-v", "None"),
 ]
+NO_CHAP = [
+    node("-o", "update", "-n", "node.session.auth.authmethod", "-v", "None"),
+    node("-o", "show"),  # no credential lines to remove: nothing written, the record as shown is checked
+]
 
 
 @pytest.fixture
@@ -305,7 +403,7 @@ def test_attach_creates_the_record_logs_in_scans_one_lun_and_checks_identity(ker
         SESSION_P3,
         *IFACE_SETUP,
         *NODE_SETUP,
-        node("-o", "update", "-n", "node.session.auth.authmethod", "-v", "None"),
+        *NO_CHAP,
         node("--login"),
         SESSION_P3,
     ]
@@ -450,27 +548,36 @@ def test_a_by_path_link_naming_another_disk_is_refused(kernel):
 
 # --------------------------------------------------------------------------- CHAP
 
-def test_chap_and_mutual_chap_go_into_the_node_record_with_secrets_hidden(kernel):
-    target = volume(0, chap=("alice", "initiator-secret-1"), mutual_chap=("tgt", "target-secret-22"))
-    kernel.connector().attach(target)
+def test_chap_secrets_go_into_the_node_record_file_and_never_on_a_command_line(kernel):
+    """iscsiadm's argv is public in /proc/PID/cmdline: the secrets go into the record's file (iscsiadm's own
+    ``name = value`` lines, right after the method), ``-o show`` reads them back masked, and the target, which
+    requires both ways of CHAP, accepts the login made with what the file holds."""
+    kernel.chap, kernel.mutual_chap = ("alice", "initiator-secret-1"), ("tgt", "target-secret-22")
+    target = volume(0, chap=kernel.chap, mutual_chap=kernel.mutual_chap)
+    assert kernel.connector().attach(target).path.endswith("sda")
     calls = kernel.runner.calls
-    auth = [c[9:] for c in calls if c[7:11] == ["-I", "shoal", "-o", "update"] and "auth" in c[12]]
-    assert auth == [
-        ["-o", "update", "-n", "node.session.auth.authmethod", "-v", "CHAP"],
-        ["-o", "update", "-n", "node.session.auth.username", "-v", "alice"],
-        ["-o", "update", "-n", "node.session.auth.password", "-v", "initiator-secret-1"],
-        ["-o", "update", "-n", "node.session.auth.username_in", "-v", "tgt"],
-        ["-o", "update", "-n", "node.session.auth.password_in", "-v", "target-secret-22"],
-    ]
+    assert not [argv for argv in calls if any("secret" in arg for arg in argv)]
+    assert [c[9:] for c in calls if c[9:11] == ["-o", "update"] and "auth" in c[12]] == [
+        ["-o", "update", "-n", "node.session.auth.authmethod", "-v", "CHAP"]]
+    # Written once, between the show that found the record and the show that reads it back; then the login.
+    [(at, path)] = kernel.runner.file_writes
+    assert path == record_path() == kernel.record_files[PORTAL]
+    assert calls[at - 1] == calls[at] == node("-o", "show") and calls[at + 1] == node("--login")
+    text = kernel.runner.files[path]
+    assert ("node.session.auth.authmethod = CHAP\nnode.session.auth.username = alice\n"
+            "node.session.auth.password = initiator-secret-1\nnode.session.auth.username_in = tgt\n"
+            "node.session.auth.password_in = target-secret-22\n") in text
     shown = repr(kernel.runner.shown_calls) + repr(target) + str(target)
     assert "initiator-secret-1" not in shown and "target-secret-22" not in shown
     assert "alice" in repr(target)
 
 
 def test_one_way_chap_sets_no_incoming_credentials(kernel):
-    kernel.connector().attach(volume(0, chap=("alice", "initiator-secret-1")))
-    names = [c[12] for c in kernel.runner.calls if c[7:11] == ["-I", "shoal", "-o", "update"]]
-    assert "node.session.auth.username_in" not in names and "node.session.auth.password" in names
+    kernel.chap = ("alice", "initiator-secret-1")
+    kernel.connector().attach(volume(0, chap=kernel.chap))
+    record = kernel.record()
+    assert record["node.session.auth.password"] == "initiator-secret-1"
+    assert "node.session.auth.username_in" not in record and "node.session.auth.password_in" not in record
 
 
 def test_a_failed_command_shows_hidden_values_masked():
@@ -505,7 +612,7 @@ def test_detaching_what_is_gone_succeeds(kernel):
 
 def test_an_existing_node_record_is_reused(kernel):
     kernel.ifaces["shoal"] = {"iface.transport_name": "tcp", "iface.initiatorname": AGENT_IQN}
-    kernel.records[PORTAL] = "shoal"
+    kernel.add_record()
     kernel.connector().attach(volume(0))
     calls, _ = kernel.take()
     assert node("-o", "new") not in calls

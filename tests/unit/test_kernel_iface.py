@@ -123,7 +123,8 @@ def legacy_session(kernel: FakeKernel, luns: dict[int, str]) -> FakeSession:
     """A session an older Shoal logged in through the ``default`` iface (the host's name)."""
     session = FakeSession(kernel.next_sid, kernel.next_host, PORTAL, iface="default", initiator=HOST_IQN)
     kernel.next_sid, kernel.next_host = kernel.next_sid + 1, kernel.next_host + 1
-    kernel.sessions[PORTAL], kernel.records[PORTAL] = session, "default"
+    kernel.sessions[PORTAL] = session
+    kernel.add_record(iface_name="default")
     for lun, volume_id in luns.items():
         disk = "sd" + chr(ord("a") + kernel.next_disk)
         kernel.next_disk += 1
