@@ -42,10 +42,14 @@ Answer = Callable[["Target", int, object, bytes, asyncio.StreamReader, asyncio.S
 
 class Target:
     """A scripted target; see the module docstring.  ``answer(target, connection, header, data, reader,
-    writer)`` may write anything and returns True when it handled the command (False: served correctly)."""
+    writer)`` may write anything and returns True when it handled the command (False: served correctly).
+    TMF Requests are noted and answered with ``tmf_response``: a response code, or ``tmf_response(target,
+    header)`` giving the bytes to send (None: never answered)."""
 
-    def __init__(self, answer: Answer | None = None, *, keys: dict[str, str] | None = None, blocks: int = 64):
+    def __init__(self, answer: Answer | None = None, *, keys: dict[str, str] | None = None, blocks: int = 64,
+                 tmf_response: int | Callable[["Target", object], bytes] | None = None):
         self.answer = answer
+        self.tmf_response = tmf_response
         self.keys = keys or {}
         self.disk = bytearray(blocks * BS)
         self.blocks = blocks
@@ -90,6 +94,9 @@ class Target:
     def r2t(self, itt: int, offset: int, length: int, ttt: int = 0x100) -> bytes:
         return pdu(Opcode.R2T, final=True, itt=itt, ttt=ttt, r2tsn=0, buffer_offset=offset,
                    desired_data_transfer_length=length, lun=bytes(8), **self.sn(advance=False))
+
+    def tmf_answer(self, itt: int, response: int) -> bytes:
+        return pdu(Opcode.TASK_MGMT_RESPONSE, final=True, response=response, itt=itt, **self.sn())
 
     def async_message(self, event: int, parameter2: int = 0, parameter3: int = 0) -> bytes:
         return pdu(Opcode.ASYNC_MESSAGE, final=True, lun=bytes(8), itt=RESERVED, async_event=event,
@@ -158,8 +165,12 @@ class Target:
                 if opcode == Opcode.NOP_OUT and header.itt != RESERVED:
                     writer.write(pdu(Opcode.NOP_IN, data, final=True, lun=bytes(8), itt=header.itt, ttt=RESERVED,
                                      **self.sn()))
-                elif opcode == Opcode.TASK_MGMT_REQUEST:  # noted, not answered: the initiator must not wait
+                elif opcode == Opcode.TASK_MGMT_REQUEST:  # noted; unanswered by default: the initiator must not wait
                     self.tmfs.append((header.function, header.referenced_task_tag))
+                    if callable(self.tmf_response):
+                        writer.write(self.tmf_response(self, header))
+                    elif self.tmf_response is not None:
+                        writer.write(self.tmf_answer(header.itt, self.tmf_response))
                 elif opcode == Opcode.SCSI_COMMAND:
                     self.expcmdsn = header.cmdsn + 1
                     if self.answer is None or not await self.answer(self, number, header, data, reader, writer):
@@ -401,9 +412,11 @@ def test_a_command_outstanding_through_repeated_protocol_error_drops_fails(caplo
 
 # -- F5: a command the target never answers times out ----------------------------------------------------
 def test_a_command_never_answered_fails_after_the_command_timeout():
-    """The target answers pings but never one READ: the pings cannot tell, the command timeout does.  The
-    command fails with ``CommandTimedOut`` (an ``OSError``: EIO through FUSE) between one and 1.25 timeouts;
-    the connection is dropped so that the reinstatement ends it on the target, and it is not issued again."""
+    """The target answers pings but never one READ, nor the ABORT TASK sent for it: the pings cannot tell, the
+    command timeout does.  Between one and 1.25 timeouts ABORT TASK goes out; unanswered for ``abort_timeout``,
+    the connection is dropped so that the reinstatement ends the command on the target, and it fails with
+    ``CommandTimedOut`` (an ``OSError``: EIO through FUSE), not issued again.  (An abort the target answers:
+    tests/protocol/test_initiator_timeouts.py.)"""
     held: list[int] = []
 
     async def answer(target, connection, header, data, reader, writer):
@@ -422,8 +435,9 @@ def test_a_command_never_answered_fails_after_the_command_timeout():
         return elapsed
 
     target = Target(answer)
-    elapsed = run(target, scenario, command_timeout=0.4, nop_interval=0.1, nop_timeout=1)
-    assert 0.4 <= elapsed < 1.0
+    elapsed = run(target, scenario, command_timeout=0.4, abort_timeout=0.3, nop_interval=0.1, nop_timeout=1)
+    assert 0.4 + 0.3 <= elapsed < 1.3
+    assert target.tmfs == [(C.TMF_ABORT_TASK, held[0])]
     assert target.connections == 2 and held[0] not in target.commands(2)
 
 

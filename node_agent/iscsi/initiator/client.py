@@ -14,8 +14,10 @@ reconnect; ``InitiatorConnection.lost`` gives the reasons per kind).
 A command ends, one way or another: one the target answers against the
 protocol fails alone (``TaskFailed``), one outstanding through repeated
 protocol-error drops fails rather than loop, one without status after
-``command_timeout`` fails with ``CommandTimedOut``, and one whose caller
-stops waiting (cancellation) is forgotten and aborted, never issued again.
+``command_timeout`` is aborted (ABORT TASK; the connection is dropped only
+when that fails) and fails with ``CommandTimedOut`` while the others carry
+on, and one whose caller stops waiting (cancellation) is forgotten and
+aborted, never issued again.
 An Asynchronous Message asking for a logout is obeyed (log out, log in again).
 
 Per command, ``execute`` does only what a command needs: take a slot (a
@@ -74,9 +76,17 @@ class CommandFailed(IOError):
 
 
 class CommandTimedOut(TimeoutError):
-    """A command had no status within ``ClientSettings.command_timeout``: the session dropped its connection,
-    and reinstating it ends the command on the target (RFC 7143 §6.3.5), so it may or may not have run,
-    but will not run later."""
+    """A command had no status within ``ClientSettings.command_timeout``.  The target ended it before this
+    was raised, by ABORT TASK (RFC 7143 §11.5.1) or, when that was not answered within ``abort_timeout``,
+    by the reinstatement that follows dropping the connection (§6.3.5): it will not run later, and none of
+    its Data-In lands in the caller's buffer after this.  ``possibly_applied``: it went out to the target, so
+    it may have run, in whole or in part (a WRITE's blocks may hold the new data, the old, or a mix of
+    both): the caller must not take it as not done.  False only for a command that never left the
+    initiator (it waited for the CmdSN window all along)."""
+
+    def __init__(self, message: str, possibly_applied: bool = True):
+        super().__init__(message)
+        self.possibly_applied = possibly_applied
 
 
 class CommandAborted(IOError):
@@ -119,12 +129,22 @@ class ClientSettings:
     """Seconds a ping may go unanswered before the connection counts as dead."""
     command_timeout: float | None = 120.0
     """Seconds a SCSI command may wait for its status (from ``execute`` handing it over, a reconnect
-    included) before it fails with ``CommandTimedOut`` (an ``OSError``: EIO through FUSE); 0 or None: no
-    limit.  Checked four times per timeout, so a command fails between 1 and 1.25 timeouts after it was
-    issued.  The connection is then dropped: the reinstatement ends the command on the target (RFC 7143
-    §6.3.5), and the other commands are issued again as after any connection loss.  The pings only tell
-    that the target answers at all; this bounds a command it never answers (Linux's SCSI layer times out
-    a command after 30 s; this is longer, as an UNMAP or SYNCHRONIZE CACHE on a busy backend may be slow)."""
+    included) before it is given up on; 0 or None: no limit.  Checked four times per timeout, so this
+    happens between 1 and 1.25 timeouts after it was issued.  Task management comes first (RFC 7143 §7.1,
+    as Linux's SCSI error handling does): ABORT TASK (§11.5.1) for that command alone, the other commands
+    carrying on; when the target answers that it ended it, the command fails with ``CommandTimedOut`` (an
+    ``OSError``: EIO through FUSE).  Only when the abort is refused, unanswered for ``abort_timeout``, or
+    answered "Task does not exist" while the command had no status (the target never got it) is the
+    connection dropped: the reinstatement ends the command on the target (§6.3.5), it fails, and the
+    other commands are issued again as after any connection loss.  Never LOGICAL UNIT RESET: on a shared
+    volume it would end other hosts' commands too.  A command still waiting for the CmdSN window has
+    nothing to abort: it fails at once.  The pings only tell that the target answers at all; this bounds a
+    command it never answers (Linux's SCSI layer times out a command after 30 s; this is longer, as an
+    UNMAP or SYNCHRONIZE CACHE on a busy backend may be slow)."""
+    abort_timeout: float = 15.0
+    """Seconds the ABORT TASK for a timed-out command may go unanswered before the connection is dropped
+    instead (open-iscsi's default abort timeout).  Its caller waits meanwhile: a command is reported failed
+    only once the target has ended it, so that nothing issued after that runs before it."""
     unit_attention_retries: int = 5
     """Times a command is retried after UNIT ATTENTION (e.g. the reset a reinstatement causes)."""
     busy_retries: int = 50
@@ -219,6 +239,8 @@ class IscsiClient:
         self._reconnecting: asyncio.Task | None = None
         self._pinger: asyncio.Task | None = None
         self._expirer: asyncio.Task | None = None
+        self._expiring: dict[int, bool] = {}  # timed-out command -> possibly applied, while its ABORT TASK is out
+        self._aborts: set[asyncio.Task] = set()  # the waits for those answers (references keep them)
         self._logout: asyncio.Task | None = None  # the logout an Async Message asked for (a reference keeps it)
         self._time2wait = 0.0  # seconds to wait before the next reconnect (an Async Message said so)
         self._received = False  # bytes arrived since the pinger last looked (no clock read per receive)
@@ -296,7 +318,7 @@ class IscsiClient:
     async def close(self) -> None:
         """Log out (best effort) and close; waiting commands fail with ``SessionLost``."""
         self._closing = True
-        for task in (self._pinger, self._expirer, self._logout, self._reconnecting):
+        for task in (self._pinger, self._expirer, self._logout, self._reconnecting, *self._aborts):
             if task is not None:
                 task.cancel()
         conn, proto = self.conn, self._proto
@@ -550,8 +572,11 @@ class IscsiClient:
             proto.transport.close()
 
     def _abort(self, itts: tuple[int, ...], why: str) -> None:
-        """Fail the callers of commands a task management function ended with ``CommandAborted``."""
+        """Fail the callers of commands a task management function ended with ``CommandAborted`` (not those
+        that timed out: ``_await_abort`` ends them, from the answer to their ABORT TASK)."""
         for itt in itts:
+            if itt in self._expiring:
+                continue
             waiting = self._futures.pop(itt, None)
             if waiting is not None and not waiting.done():
                 waiting.set_exception(CommandAborted(f"command {itt:#x} {why}"))
@@ -615,37 +640,104 @@ class IscsiClient:
                 fut.set_exception(exc)
 
     async def _expire_loop(self, timeout: float) -> None:
-        """Fail the commands outstanding for ``command_timeout`` (see ``ClientSettings.command_timeout``).
+        """Give up on the commands outstanding for ``command_timeout`` (see ``ClientSettings.command_timeout``).
 
         Nothing is timed per command (a timer per I/O would cost the fast path): every quarter of the
         timeout this notes the commands outstanding, and one noted five times in a row has waited at
-        least the timeout.  Each is forgotten (never issued again) and its caller gets ``CommandTimedOut``;
-        then the connection is dropped, so that reinstating the session ends it on the target (§6.3.5)
-        before anything issued after it runs."""
+        least the timeout: ``_time_out`` ends it."""
         steps = 4
         seen: dict[int, int] = {}
         while not self._closing:
             await asyncio.sleep(timeout / steps)
-            conn, futures = self.conn, self._futures
+            conn, futures, expiring = self.conn, self._futures, self._expiring
             if conn is None:
                 continue
-            seen = {itt: seen.get(itt, 0) + 1 for itt in conn.outstanding() if itt in futures}
+            seen = {itt: seen.get(itt, 0) + 1 for itt in conn.outstanding() if itt in futures and itt not in expiring}
             expired = [itt for itt, count in seen.items() if count > steps]
             if not expired:
                 continue
-            log.warning("%d command(s) to %s without status for %.0fs: failing them, dropping the connection",
-                        len(expired), self.target_iqn, timeout)
+            log.warning("%d command(s) to %s without status for %gs: aborting them", len(expired),
+                        self.target_iqn, timeout)
             for itt in expired:
                 del seen[itt]
-                conn.forget(itt)
-                fut = futures.pop(itt, None)
-                if fut is not None and not fut.done():
-                    fut.set_exception(CommandTimedOut(f"command {itt:#x} to {self.target_iqn} had no status "
-                                                      f"within {timeout:.0f}s"))
-            proto = self._proto
-            if self._reconnecting is None and proto is not None and proto.conn is conn \
-                    and proto.transport is not None:
+                self._time_out(conn, itt)
+
+    def _time_out(self, conn: C.InitiatorConnection, itt: int) -> None:
+        """End command ``itt`` of ``conn``, outstanding for ``command_timeout``, and fail its caller.
+
+        One that went out on the live connection gets ABORT TASK, and its caller waits for the answer
+        (``_await_abort``): failed before the target ended it, it could be followed by a command of its
+        caller's that the target runs first (a WRITE of the same blocks, undone by the late one).  One that
+        did not (it waits for the CmdSN window, or for a reconnect, whose reinstatement ends on the target
+        whatever went out before, §6.3.5) is forgotten and fails at once."""
+        fut = self._futures.get(itt)
+        if fut is None or fut.done():
+            return
+        possibly_applied = conn.issued(itt)
+        proto = self._proto
+        live = proto is not None and proto.conn is conn and proto.transport is not None \
+            and not proto.transport.is_closing() and self._reconnecting is None and not self._closing
+        tmf = conn.abort(itt) if live else None
+        if tmf is None:
+            conn.forget(itt)
+            del self._futures[itt]
+            fut.set_exception(self._timed_out(itt, possibly_applied, "it was waiting for the CmdSN window" if live
+                                              else "the session was being reinstated, which ends it on the target"))
+            return
+        self._expiring[itt] = possibly_applied
+        answer = self._future(tmf)
+        self._flush(proto)
+        task = self._loop.create_task(self._await_abort(conn, proto, itt, tmf, answer))
+        self._aborts.add(task)
+        task.add_done_callback(self._aborts.discard)
+
+    async def _await_abort(self, conn: C.InitiatorConnection, proto: _Protocol, itt: int, tmf: int,
+                           answer: asyncio.Future) -> None:
+        """Wait ``abort_timeout`` for the answer to the ABORT TASK of timed-out command ``itt``, then fail it.
+
+        Ended on the target: "Function complete" for it, or the connection's loss (the reinstatement ends
+        it, §6.3.5); its own status may also come first (then its caller has it).  Anything else, the
+        target may still run it: refused, rejected, unanswered, and "Task does not exist" for a command we
+        have outstanding (the target never got it, or holds it behind a CmdSN it never got, which
+        §11.5.1 b would have it take as received: tgtd answers so and keeps the gap, every later command
+        stuck behind it).  Then the connection is dropped before its caller hears (what the caller issues
+        next waits for the reinstatement, which ends it on the target), and the others are issued again."""
+        try:
+            done: Any = await asyncio.wait_for(answer, self.settings.abort_timeout)
+        except asyncio.TimeoutError:
+            done = None
+        except (ConnectionError, C.InitiatorError) as exc:
+            done = exc
+        finally:
+            self._futures.pop(tmf, None)
+        possibly_applied = self._expiring.pop(itt, True)
+        fut = self._futures.get(itt)
+        if fut is None or fut.done():
+            return  # ended: its own status came first, or its caller gave up on it
+        if isinstance(done, C.TmfDone) and itt not in conn.outstanding() \
+                and (done.response == C.TMF_COMPLETE or itt not in done.aborted):
+            how = "ended by ABORT TASK"  # (or by another task management function before its answer)
+        elif isinstance(done, ConnectionLost):
+            how = "the connection was lost; reinstating the session ends it on the target"
+        else:
+            if done is None:
+                what = f"unanswered for {self.settings.abort_timeout:g}s"
+            elif isinstance(done, C.TmfDone):
+                what = f"answered {done.response}"
+            else:
+                what = f"failed ({done})"
+            log.warning("ABORT TASK of command %#x to %s %s: dropping the connection", itt, self.target_iqn, what)
+            how = f"ABORT TASK {what}: the connection was dropped"
+            if proto is self._proto and self._reconnecting is None and proto.transport is not None:
                 proto.transport.abort()
+        self._give_up(conn, itt)  # forgotten here, and by a connection that adopted it meanwhile
+        fut.set_exception(self._timed_out(itt, possibly_applied, how))
+
+    def _timed_out(self, itt: int, possibly_applied: bool, how: str) -> CommandTimedOut:
+        timeout = self.settings.command_timeout or 0
+        outcome = "it may have been applied, in whole or in part" if possibly_applied else "it was not applied"
+        return CommandTimedOut(f"command {itt:#x} to {self.target_iqn} had no status within {timeout:g}s ({how}); "
+                               f"{outcome}", possibly_applied)
 
     async def _ping_loop(self) -> None:
         """NOP-Out pings on an idle connection detect a dead target (RFC 7143 §11.18)."""

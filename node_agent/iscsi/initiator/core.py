@@ -223,7 +223,7 @@ class _Task:
     read_length: int
     buffer: bytearray | memoryview | None = None
     datasn: int = 0
-    cmdsn: int = 0
+    cmdsn: int = -1  # -1 until it goes out (``issued``); kept across a reconnect
     own_buffer: bool = True  # False: the caller's buffer (``submit(buffer=...)``), kept across a reconnect
     received: int = 0  # Data-In bytes received: GOOD must come with EDTL - residual of them (§11.7.5)
     sent: int = 0  # Data-Out bytes sent (immediate, unsolicited, solicited): GOOD must come after all of them
@@ -485,7 +485,7 @@ class InitiatorConnection:
             own = False
         elif read_length:
             buffer = bytearray(read_length) if read_length < _DIRECT_MIN else aligned_buffer(read_length)
-        task = _Task(itt, lun_field, cdb, data_out, read_length, buffer, 0, 0, own)
+        task = _Task(itt, lun_field, cdb, data_out, read_length, buffer, 0, -1, own)
         self._tasks[itt] = task
         if self.logged_in and not self._waiting and (self.maxcmdsn - self.cmdsn) & _SN_MASK < _SN_HALF:
             self._send_command(task)  # the window is open and nothing queues before it
@@ -575,7 +575,7 @@ class InitiatorConnection:
         header = P.encode_header(Opcode.TASK_MGMT_REQUEST, immediate=True, final=True, function=function,
                                  lun=encode_lun(lun), itt=itt, referenced_task_tag=referenced_itt,
                                  cmdsn=self.cmdsn, expstatsn=self.expstatsn,
-                                 refcmdsn=ref.cmdsn if ref else self.cmdsn)
+                                 refcmdsn=ref.cmdsn if ref is not None and ref.cmdsn >= 0 else self.cmdsn)
         self._queue(Opcode.TASK_MGMT_REQUEST, header, b"")
         return itt
 
@@ -632,6 +632,25 @@ class InitiatorConnection:
         tmf = self._abort_task(task) if sent else None
         self.forget(itt)
         return tmf
+
+    def abort(self, itt: int) -> int | None:
+        """Send ABORT TASK (§11.5.1) for a command that went out on this connection, and keep it outstanding
+        until the answer, unlike ``cancel``: a SCSI Response that comes first still ends it as usual.  The
+        answer is a ``TmfDone``, naming it in ``aborted`` after "Function complete" or "Task does not exist"
+        (the core has forgotten it then: none of its later Data-In lands in its buffer); after any other
+        answer it stays outstanding.  The caller can so report the command ended only once the target has
+        ended it, and nothing issued after that runs before it.  None when it is not outstanding, or has not
+        gone out on this connection (it waits for the CmdSN window: there is nothing to abort, ``forget`` it)."""
+        task = self._tasks.get(itt)
+        if task is None or not self.logged_in or self.closed or task in self._waiting:
+            return None
+        return self._abort_task(task)
+
+    def issued(self, itt: int) -> bool:
+        """Whether command ``itt`` went out to the target, on this connection or on one it was adopted from:
+        if so it may have run (in part), whatever becomes of it."""
+        task = self._tasks.get(itt)
+        return task is not None and task.cmdsn >= 0
 
     def _abort_task(self, task: _Task) -> int:
         """Queue ABORT TASK for ``task`` (§11.5.1); nobody waits for its answer (the caller forgets the task)."""
@@ -873,8 +892,8 @@ class InitiatorConnection:
         if opcode != Opcode.R2T:
             self._advance(header)
         maxcmdsn = getattr(header, "maxcmdsn", None)
-        if maxcmdsn is not None and sn_le(sn_add(header.expcmdsn, -1), maxcmdsn):
-            self.maxcmdsn = maxcmdsn  # §4.2.2.1: ignored when MaxCmdSN < ExpCmdSN - 1
+        if maxcmdsn is not None and sn_le(sn_add(header.expcmdsn, -1), maxcmdsn) and sn_le(self.maxcmdsn, maxcmdsn):
+            self.maxcmdsn = maxcmdsn  # §4.2.2.1: ignored when MaxCmdSN < ExpCmdSN - 1, or older than ours
         handler = _HANDLERS.get(opcode)
         if handler is None:
             raise InitiatorError(f"unexpected {Opcode(opcode).name} from the target")
@@ -892,7 +911,9 @@ class InitiatorConnection:
         _, flags, _, status, _, _, itt, _, statsn, expcmdsn, maxcmdsn, datasn, offset, residual = bhs
         if flags & 0x01:  # S: the status is in this PDU, and so is a StatSN (§11.7.4)
             self.expstatsn = (statsn + 1) & _SN_MASK
-        if (maxcmdsn - expcmdsn + 1) & _SN_MASK < _SN_HALF:  # §4.2.2.1: ignored when MaxCmdSN < ExpCmdSN - 1
+        # §4.2.2.1: ignored when MaxCmdSN < ExpCmdSN - 1, or when older than ours (an out-of-date value must not
+        # take back room the target granted: the commands let in would wait for a NOP-Out to ask again).
+        if (maxcmdsn - expcmdsn + 1) & _SN_MASK < _SN_HALF and (maxcmdsn - self.maxcmdsn) & _SN_MASK < _SN_HALF:
             self.maxcmdsn = maxcmdsn
         task = self._tasks.get(itt)
         if task is not None:  # None: a command we gave up on
@@ -948,8 +969,8 @@ class InitiatorConnection:
         """SCSI Response (§11.4), from its unpacked BHS."""
         _, flags, response, status, _, _, itt, _, statsn, expcmdsn, maxcmdsn, _, _, residual = bhs
         self.expstatsn = (statsn + 1) & _SN_MASK
-        if (maxcmdsn - expcmdsn + 1) & _SN_MASK < _SN_HALF:  # §4.2.2.1
-            self.maxcmdsn = maxcmdsn
+        if (maxcmdsn - expcmdsn + 1) & _SN_MASK < _SN_HALF and (maxcmdsn - self.maxcmdsn) & _SN_MASK < _SN_HALF:
+            self.maxcmdsn = maxcmdsn  # §4.2.2.1, as in _data_in
         task = self._tasks.get(itt)
         if task is not None:
             sense = b""
