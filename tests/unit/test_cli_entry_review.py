@@ -361,6 +361,11 @@ def test_target_config_errors_print_the_target_usage(tmp_path, capsys):
     (["bench", "--size", ""], "positive multiple of 512"),
     (["bench", "--size", "k"], "positive multiple of 512"),
     (["bench", "--size", "100"], "positive multiple of 512"),
+    (["bench", "--seconds", "nan"], "expected seconds"),
+    (["bench", "--seconds", "inf"], "expected seconds"),
+    (["bench", "--seconds", "0"], "expected seconds"),
+    (["bench", "--seconds", "-1"], "expected seconds"),
+    (["bench", "--seconds", "1e9"], "expected seconds"),
 ])
 def test_iscsi_arguments_are_usage_errors(verb, message, capsys):
     url = f"iscsi://127.0.0.1:1/{IQN}/0"

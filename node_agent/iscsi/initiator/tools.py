@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import os
 import random
 import re
@@ -132,7 +133,7 @@ def build_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("url")
     p.add_argument("--size", type=_size, default=4096, help="bytes per I/O (default 4096)")
     p.add_argument("--depth", type=_positive, default=32)
-    p.add_argument("--seconds", type=float, default=5.0)
+    p.add_argument("--seconds", type=_duration, default=5.0, help="how long to run (default 5)")
     p.add_argument("--write", action="store_true", help="write instead of read")
     p.add_argument("--sequential", action="store_true", help="sequential instead of random offsets")
     p.add_argument("-o", "--output", choices=("table", "json"), default="table")
@@ -163,6 +164,17 @@ def _positive(text: str) -> int:
     value = _whole(text)
     if value <= 0:
         raise argparse.ArgumentTypeError("must be positive")
+    return value
+
+
+def _duration(text: str) -> float:
+    """Seconds to run: a finite number above 0 and at most a day (``float`` alone takes nan, inf and -1)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 < value <= 86400:  # nan compares false: refused too
+        raise argparse.ArgumentTypeError(f"{text!r}: expected seconds, a number above 0 and at most 86400")
     return value
 
 
