@@ -53,6 +53,7 @@ class StateCollector(Collector):
         pools = service.list_pools()
         volumes = service.store.list_volumes()
         attachments = service.store.list_attachments()
+        snapshots = service.store.list_snapshots()
 
         by_state = Tally((v.pool, v.state) for v in volumes)
         family = GaugeMetricFamily(f"{PREFIX}_volumes", "Volumes by pool and state.", labels=["pool", "state"])
@@ -65,10 +66,10 @@ class StateCollector(Collector):
                                      labels=["pool"])
         free = GaugeMetricFamily(f"{PREFIX}_pool_free_bytes", "Free space on the pool's disks.", labels=["pool"])
         provisioned = GaugeMetricFamily(f"{PREFIX}_pool_provisioned_bytes",
-                                        "Sizes of the pool's volumes added up (thin ones included).",
+                                        "Sizes of the pool's volumes and their snapshots added up (thin ones included).",
                                         labels=["pool"])
         for pool in pools:
-            usage = placement.usage(pool, nodes, volumes)
+            usage = placement.usage(pool, nodes, volumes, snapshots)  # as ``shoalctl pool show``
             capacity.add_metric([pool.name], usage.capacity_bytes)
             free.add_metric([pool.name], usage.free_bytes)
             provisioned.add_metric([pool.name], usage.provisioned_bytes)

@@ -276,8 +276,8 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):
             parent = self.service.store.get_volume(origin.volume)
             thin = parent.thin if parent is not None else True
         disk = node.disk(origin.disk) or Disk(origin.disk, "", 0, 0)
-        room = placement.candidate(node, disk, self.service.store.list_volumes(),
-                                   self.service._grown).headroom(pool, thin)  # thick growth unreported yet too
+        room = placement.candidate(node, disk, self.service.store.list_volumes(), self.service._grown,
+                                   self.service.store.list_snapshots()).headroom(pool, thin)  # thick growth unreported yet too
         if room < size:
             raise ResourceExhausted(f"pool {pool.name}: {node.id}/{disk.name}, where clone {name} must live "
                                     f"beside its source, has room for {human_bytes(room)}, not {human_bytes(size)}")
@@ -462,10 +462,10 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):
         pool = self.service.get_pool(pool_name)
         segments = dict(request.accessible_topology.segments) if request.HasField("accessible_topology") else {}
         nodes = [n for n in self.service.list_nodes() if placement.placeable(n) and placement.matches(n, segments)]
-        volumes = self.service.store.list_volumes()
+        volumes, snapshots = self.service.store.list_volumes(), self.service.store.list_snapshots()
         available = largest = 0
         for node, disk in placement.pool_disks(pool, nodes):
-            room = max(0, placement.candidate(node, disk, volumes, self.service._grown).headroom(pool, thin))
+            room = max(0, placement.candidate(node, disk, volumes, self.service._grown, snapshots).headroom(pool, thin))
             available += room
             largest = max(largest, room)
         multiple = self.service.settings.volume_size_multiple

@@ -6,13 +6,21 @@ Rules, in order:
    (a pool without members has every disk of every node).
 2. Topology: the node's labels must contain every ``constraints`` key with
    the same value.
-3. Capacity: what the disk's volumes promise (all volumes on it, of any pool,
-   in any state but gone) plus the new size must stay within
+3. Capacity: what the disk's volumes and snapshots promise (all volumes on
+   it, of any pool, in any state but gone, and every snapshot kept there at
+   its volume's size) plus the new size must stay within
    ``capacity * overcommit_ratio``; a thick volume also needs that much real
    free space: what the disk last reported, less the thick volumes (and the
-   growth of thick volumes) that report cannot count yet
+   growth of thick volumes) and the snapshots that report cannot count yet
    (``unreported_thick``), so two thick volumes placed or grown between two
    heartbeats are not both promised the same free bytes.
+
+   A snapshot counts its volume's whole size, as a volume does, whatever it
+   holds now: a full copy holds up to that much, and a reflinked one comes to
+   hold it as its volume is written over (each write then needs new room).
+   So a pool that does not overcommit (ratio 1) keeps that promise with
+   snapshots too: no write to a volume, nor a copy, runs out of room; a pool
+   whose snapshots mostly share their volumes' blocks sets a ratio above 1.
 4. Spreading: the disk promising the fewest bytes wins, then the one with the
    fewest volumes, then node id and disk name, so the choice is deterministic.
 
@@ -26,7 +34,7 @@ from dataclasses import dataclass
 from typing import Iterable, Mapping, Sequence
 
 from controller.domain.errors import ResourceExhausted
-from controller.domain.model import CREATING, HEALTHY, Disk, Node, Pool, PoolUsage, Volume
+from controller.domain.model import CREATING, HEALTHY, Disk, Node, Pool, PoolUsage, Snapshot, Volume
 from controller.domain.validation import human_bytes
 
 
@@ -60,12 +68,16 @@ class Candidate:
         return (self.provisioned_bytes, self.volumes, self.node_id, self.disk.name)
 
 
-def provisioned(volumes: Iterable[Volume]) -> dict[tuple[str, str], tuple[int, int]]:
-    """(node, disk) -> (bytes promised, number of volumes)."""
+def provisioned(volumes: Iterable[Volume],
+                snapshots: Iterable[Snapshot] = ()) -> dict[tuple[str, str], tuple[int, int]]:
+    """(node, disk) -> (bytes promised, number of volumes): volumes and snapshots (rule 3) promise their size."""
     out: dict[tuple[str, str], tuple[int, int]] = {}
     for volume in volumes:
         size, n = out.get((volume.owner_node, volume.disk), (0, 0))
         out[(volume.owner_node, volume.disk)] = (size + volume.size_bytes, n + 1)
+    for snapshot in snapshots:
+        size, n = out.get((snapshot.owner_node, snapshot.disk), (0, 0))
+        out[(snapshot.owner_node, snapshot.disk)] = (size + snapshot.size_bytes, n)
     return out
 
 
@@ -73,14 +85,16 @@ Growth = Mapping[str, Sequence[tuple[float, int]]]
 """Volume id -> (when, bytes) of each time the volume grew (``unreported_thick``)."""
 
 
-def unreported_thick(nodes: Iterable[Node], volumes: Iterable[Volume],
-                     grown: Growth | None = None) -> dict[tuple[str, str], int]:
-    """(node, disk) -> bytes of thick volumes the disk's last reported free space does not count yet.
+def unreported_thick(nodes: Iterable[Node], volumes: Iterable[Volume], grown: Growth | None = None,
+                     snapshots: Iterable[Snapshot] = ()) -> dict[tuple[str, str], int]:
+    """(node, disk) -> bytes of thick volumes (and snapshots) the disk's last reported free space does not
+    count yet.
 
     A node reports free space with each heartbeat; a thick volume takes its space when its agent makes it.
     One placed at or after the node's last heartbeat, or not made yet ("creating"), is not in what the disk
     reported: its bytes are taken off that, until a heartbeat after it says what is really free.  The same
-    holds for the bytes a thick volume grew by (``grown``) at or after the last heartbeat.
+    holds for the bytes a thick volume grew by (``grown``) at or after the last heartbeat, and for a snapshot
+    taken at or after it or still being copied (its copy fills the disk as it goes), at its volume's size.
     """
     last_report = {node.id: node.last_heartbeat for node in nodes}
     out: dict[tuple[str, str], int] = {}
@@ -95,15 +109,22 @@ def unreported_thick(nodes: Iterable[Node], volumes: Iterable[Volume],
         if unreported:
             key = (volume.owner_node, volume.disk)
             out[key] = out.get(key, 0) + unreported
+    for snapshot in snapshots:
+        reported = last_report.get(snapshot.owner_node)
+        if reported is not None and (snapshot.state == CREATING or snapshot.created_at >= reported):
+            key = (snapshot.owner_node, snapshot.disk)
+            out[key] = out.get(key, 0) + snapshot.size_bytes
     return out
 
 
-def candidate(node: Node, disk: Disk, volumes: Iterable[Volume], grown: Growth | None = None) -> Candidate:
-    """One disk of ``node``, with what ``volumes`` (every volume, of any pool) promise on it."""
-    volumes = list(volumes)
-    used, count = provisioned(volumes).get((node.id, disk.name), (0, 0))
+def candidate(node: Node, disk: Disk, volumes: Iterable[Volume], grown: Growth | None = None,
+              snapshots: Iterable[Snapshot] = ()) -> Candidate:
+    """One disk of ``node``, with what ``volumes`` (every volume, of any pool) and ``snapshots`` (every
+    snapshot) promise on it."""
+    volumes, snapshots = list(volumes), list(snapshots)
+    used, count = provisioned(volumes, snapshots).get((node.id, disk.name), (0, 0))
     return Candidate(node.id, disk, used, count,
-                     unreported_thick([node], volumes, grown).get((node.id, disk.name), 0))
+                     unreported_thick([node], volumes, grown, snapshots).get((node.id, disk.name), 0))
 
 
 def placeable(node: Node) -> bool:
@@ -123,11 +144,12 @@ def matches(node: Node, constraints: Mapping[str, str] | None) -> bool:
 
 
 def candidates(pool: Pool, nodes: Iterable[Node], volumes: Iterable[Volume],
-               constraints: Mapping[str, str] | None = None, grown: Growth | None = None) -> list[Candidate]:
+               constraints: Mapping[str, str] | None = None, grown: Growth | None = None,
+               snapshots: Iterable[Snapshot] = ()) -> list[Candidate]:
     """Rules 1 and 2, with what each disk already holds, best first (rule 4)."""
-    nodes, volumes = list(nodes), list(volumes)
-    used = provisioned(volumes)
-    unreported = unreported_thick(nodes, volumes, grown)
+    nodes, volumes, snapshots = list(nodes), list(volumes), list(snapshots)
+    used = provisioned(volumes, snapshots)
+    unreported = unreported_thick(nodes, volumes, grown, snapshots)
     out = [Candidate(node.id, disk, *used.get((node.id, disk.name), (0, 0)),
                      unreported_thick_bytes=unreported.get((node.id, disk.name), 0))
            for node, disk in pool_disks(pool, nodes) if matches(node, constraints)]
@@ -135,10 +157,10 @@ def candidates(pool: Pool, nodes: Iterable[Node], volumes: Iterable[Volume],
 
 
 def place(request: Request, pool: Pool, nodes: Iterable[Node], volumes: Iterable[Volume],
-          grown: Growth | None = None) -> tuple[str, str]:
+          grown: Growth | None = None, snapshots: Iterable[Snapshot] = ()) -> tuple[str, str]:
     """The (node id, disk name) for a new volume, or ``ResourceExhausted`` saying why there is none."""
     nodes = list(nodes)
-    options = candidates(pool, nodes, volumes, request.constraints, grown)
+    options = candidates(pool, nodes, volumes, request.constraints, grown, snapshots)
     for candidate in options:
         if candidate.headroom(pool, request.thin) >= request.size_bytes:
             return candidate.node_id, candidate.disk.name
@@ -150,12 +172,17 @@ def fits_growth(candidate: Candidate, pool: Pool, thin: bool, extra_bytes: int) 
     return candidate.headroom(pool, thin) >= extra_bytes
 
 
-def usage(pool: Pool, nodes: Iterable[Node], volumes: Iterable[Volume]) -> PoolUsage:
-    """Capacity and free space of every pool disk (healthy or not); bytes its volumes promise."""
+def usage(pool: Pool, nodes: Iterable[Node], volumes: Iterable[Volume],
+          snapshots: Iterable[Snapshot] = ()) -> PoolUsage:
+    """Capacity and free space of every pool disk (healthy or not); bytes its volumes, and the snapshots of
+    its volumes, promise (rule 3)."""
     disks = pool_disks(pool, nodes, healthy_only=False)
+    volumes = list(volumes)
+    mine = {v.name for v in volumes if v.pool == pool.name}
     return PoolUsage(capacity_bytes=sum(d.capacity_bytes for _, d in disks),
                      free_bytes=sum(d.free_bytes for _, d in disks),
-                     provisioned_bytes=sum(v.size_bytes for v in volumes if v.pool == pool.name))
+                     provisioned_bytes=sum(v.size_bytes for v in volumes if v.pool == pool.name)
+                     + sum(s.size_bytes for s in snapshots if s.volume in mine))
 
 
 def _why_nothing_fits(request: Request, pool: Pool, nodes: list[Node], options: list[Candidate]) -> str:

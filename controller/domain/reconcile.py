@@ -187,11 +187,13 @@ class Reconciler:
                 self._report_standing((node.id, "unknown volume", volume_id), logging.WARNING,
                                "reconcile: node %s holds volume id %s that the controller does not know", node.id,
                                volume_id)
-            elif volume.state in (AVAILABLE, ATTACHED) and size < volume.size_bytes:
+            elif volume.state in (AVAILABLE, ATTACHED) and 0 < size < volume.size_bytes:
                 self._try(f"expanded volume {volume.name} to {volume.size_bytes} bytes",
                           lambda v=volume: self._expand(v.name))
         for volume in owned.values():
-            if volume.state in (AVAILABLE, ATTACHED) and volume.id not in sizes:
+            # Size 0: no volume has it; the agent lists a record whose image is missing (an "error" volume):
+            # missing as well, not a volume to grow.
+            if volume.state in (AVAILABLE, ATTACHED) and not sizes.get(volume.id):
                 self._report_standing((node.id, "missing volume", volume.id), logging.ERROR,
                                "reconcile: volume %s (%s) is missing on its node %s", volume.name, volume.id, node.id)
         self._compare_snapshots(node, observed)

@@ -326,7 +326,7 @@ class ControllerService:
 
     def pool_usage(self, name: str) -> PoolUsage:
         pool = self.get_pool(name)
-        return placement.usage(pool, self.store.list_nodes(), self.store.list_volumes())
+        return placement.usage(pool, self.store.list_nodes(), self.store.list_volumes(), self.store.list_snapshots())
 
     def delete_pool(self, name: str) -> None:
         """Delete a pool without volumes.  Deleting what is gone succeeds.
@@ -368,7 +368,8 @@ class ControllerService:
             with self._placement_lock, self.store.transaction():
                 pool_record = self.get_pool(pool)  # again, where delete_pool decides: not deleted meanwhile
                 node_id, disk = placement.place(placement.Request(size, thin, constraints), pool_record,
-                                                self.list_nodes(), self.store.list_volumes(), self._grown)
+                                                self.list_nodes(), self.store.list_volumes(), self._grown,
+                                                self.store.list_snapshots())
                 volume = Volume(name, self._new_volume_id(), size, pool, node_id, disk, CREATING, thin,
                                 self._clock())
                 op = self._begin("create_volume", name, f"{human_bytes(size)} on {node_id}/{disk}")
@@ -437,14 +438,13 @@ class ControllerService:
                 raise InvalidArgument(f"volume {name} is {human_bytes(volume.size_bytes)} ({volume.size_bytes} "
                                       f"bytes); volumes only grow: ask for {volume.size_bytes} bytes or more")
             if size > volume.size_bytes:
-                # A clone not made yet is copied again (a repeat, reconcile after an agent restart) at the size it
+                # A clone being made is copied again (a repeat, reconcile after an agent restart) at the size it
                 # recorded, which its agent refuses once the source is larger: the clone could never be made.
-                # (Under this volume's lock, which a clone of it takes too.)
+                # (Under this volume's lock, which a clone of it takes too.)  One failed for good holds nothing.
                 clones = self._snapshots._unfinished_clones("volume", volume)
                 if clones:
                     raise FailedPrecondition(f"volume {name} is being cloned to {', '.join(clones)}: it grows once "
-                                             "the clone is available (repeat a failed clone to finish it, or "
-                                             "delete it)")
+                                             "the clone is available (or delete the clone)")
             old = volume
             with self._placement_lock, self.store.transaction():
                 if size > volume.size_bytes:
@@ -497,7 +497,7 @@ class ControllerService:
         disk = node.disk(volume.disk)
         pool = self.get_pool(volume.pool)
         candidate = placement.candidate(node, disk or Disk(volume.disk, "", 0, 0), self.store.list_volumes(),
-                                        self._grown)
+                                        self._grown, self.store.list_snapshots())
         if not placement.fits_growth(candidate, pool, volume.thin, extra):
             raise ResourceExhausted(f"pool {pool.name}: {node.id}/{volume.disk}, which holds volume {volume.name}, "
                                     f"has room for {human_bytes(candidate.headroom(pool, volume.thin))} more, "
@@ -863,7 +863,9 @@ class ControllerService:
                 "volumes": len(volumes), "attachments": len(self.store.list_attachments()),
                 "capacity_bytes": sum(d.capacity_bytes for n in nodes for d in n.disks),
                 "free_bytes": sum(d.free_bytes for n in nodes for d in n.disks),
-                "provisioned_bytes": sum(v.size_bytes for v in volumes)}
+                # What volumes and snapshots promise (placement, rule 3), as each pool's figure.
+                "provisioned_bytes": sum(v.size_bytes for v in volumes)
+                + sum(s.size_bytes for s in self.store.list_snapshots())}
 
     def reconcile_once(self) -> list[str]:
         """Compare desired state with what each healthy agent reports and repair the difference.

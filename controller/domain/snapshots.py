@@ -32,24 +32,32 @@ Idempotency, per method (admin.proto says the same per RPC):
   (and, if one is named, in the same pool), ``AlreadyExists`` when not; a
   clone left "creating" is looked at first (as a snapshot's repeat does): a
   copy its agent reports failed is ``FailedPrecondition`` saying why, not
-  hidden by a new copy; one its agent does not have is started.  A clone in
-  "error" is finished (its copy started again) by the repeat, from the very
-  snapshot or volume it was asked from (``source_id``): ``FailedPrecondition``
-  if that name now names another one.  CSI asks not to restart a failed copy
+  hidden by a new copy; one its agent does not have is started.  A temporary
+  failure asking the agent (``Unavailable``: unreachable, busy) leaves a
+  clone being made "creating", as a snapshot's: the repeat, or reconcile once
+  the node answers, asks again.  A failure for good (the agent refused the
+  copy, or its copy failed) makes it "error".  A clone in "error" is finished
+  (its copy started again) by the repeat, from the very snapshot or volume it
+  was asked from (``source_id``): ``FailedPrecondition`` if that one is gone
+  or the name now names another one; a repeat that cannot reach the agent
+  leaves it "error", for the next repeat.  CSI asks not to restart a failed copy
   (``restart_failed``): the CO gets the failure, and the clone it has no id
   for is deleted.
 * Snapshots and clones are made only on a placeable node
   (``placement.placeable``): a fenced one is ``FailedPrecondition``.
 * ``delete_snapshot``: deleting what is gone succeeds; refused
-  (``FailedPrecondition``) while a clone of the snapshot is not made yet
-  (being copied, or failed and waiting for its repeat).
+  (``FailedPrecondition``) while a clone of the snapshot is being made
+  ("creating": copying, or waiting for its agent after a temporary failure).
+  A clone in "error" does not hold its source: nothing may ever repeat it,
+  and the user who deletes the source gives it up (its repeat then says the
+  source is gone: delete the clone).
 * ``ControllerService.delete_volume`` refuses a volume that has snapshots or
-  clones not made yet (being copied, or failed): delete those first (a
-  snapshot outliving its volume would be a copy nobody can place a clone
-  beside for sure, and the refusal is easy to lift later).
-  ``ControllerService.expand_volume`` refuses to grow it meanwhile: the copy
-  a clone's repeat starts again is asked at the size the clone recorded, and
-  an agent refuses a clone smaller than its source.
+  clones being made: delete those first (a snapshot outliving its volume
+  would be a copy nobody can place a clone beside for sure, and the refusal
+  is easy to lift later).  ``ControllerService.expand_volume`` refuses to
+  grow it meanwhile: the copy a clone's repeat or reconcile starts again is
+  asked at the size the clone recorded, and an agent refuses a clone smaller
+  than its source.
 
 Locks: a call that needs a snapshot's lock and a volume's takes them in one
 order (``_holding``: snapshots first, then volumes, each by name), so two
@@ -148,7 +156,9 @@ class Snapshots:
                 _require_placeable(self.service.get_node(volume.owner_node), f"snapshot {name}")
                 snapshot = Snapshot(name, self.service._new_volume_id(), volume.name, volume.id, volume.size_bytes,
                                     volume.owner_node, volume.disk, CREATING, self.service._clock())
-                with self.store.transaction():
+                # Under the placement lock: placement counts snapshots (placement, rule 3), and a volume placed
+                # at the same time must see this one or come before it.
+                with self.service._placement_lock, self.store.transaction():
                     op = self.service._begin("create_snapshot", name, f"of volume {volume_name} on "
                                                                       f"{volume.owner_node}/{volume.disk}")
                     self.store.put_snapshot(snapshot)
@@ -305,8 +315,7 @@ class Snapshots:
             clones = self._unfinished_clones(SNAPSHOT, snapshot)
             if clones:
                 raise FailedPrecondition(f"snapshot {name} is being cloned to {', '.join(clones)}: wait until "
-                                         "the clone is available (repeat a failed clone to finish it), or delete "
-                                         "it first")
+                                         "the clone is available, or delete it first")
             with self.store.transaction():
                 op = self.service._begin("delete_snapshot", name, f"from {snapshot.owner_node}/{snapshot.disk}")
                 snapshot = replace(snapshot, state=DELETING)
@@ -336,8 +345,8 @@ class Snapshots:
 
         A clone whose copy failed is ``FailedPrecondition`` saying why (its row says "error").  Its repeat
         starts the copy again unless ``restart_failed`` is false (CSI: the failure is the CO's answer), and
-        then only when its agent has no failed copy of it (a temporary failure left it "error" before the
-        agent copied anything).
+        then only when its agent has no failed copy of it (the agent refused the copy before it began, or a
+        controller before this one left a temporary failure "error").
         """
         name = check.name(name, "volume name")
         kind, source_name = parse_source(source)
@@ -415,6 +424,7 @@ class Snapshots:
         """``finish_clone``, and why the copy failed ("" unless the agent answered it failed)."""
         op = op if op is not None else self.service._begin("clone_volume", volume.name, "retry")
         kind = volume.source.split("/", 1)[0]
+        before = volume.state
         try:
             ids = {"source_snapshot_id" if kind == SNAPSHOT else "source_volume_id": self._source_id(volume)}
             client = self.service._client(volume.owner_node, f"owning volume {volume.name}")
@@ -424,8 +434,13 @@ class Snapshots:
             info = client.clone_volume(volume.id, volume.size_bytes, volume.disk, volume.thin, **ids)
         except Exception as exc:
             error = _error(exc, volume.owner_node, "clone_volume")
-            with self.store.transaction():  # a repeat of the clone finishes it, a delete cleans it up
-                self.store.put_volume(replace(volume, state=ERROR))
+            # Temporary (the agent unreachable, busy): as it was, so a clone being made stays "creating", which
+            # the repeat and reconcile ask again (its agent does not have it, or reports how far it got); a
+            # failed one's repeat that did not reach the agent leaves it "error" (its agent still reports the
+            # failed copy: reconcile would only record that again), for the next repeat.  For good: "error",
+            # which only a repeat of the clone finishes (or a delete cleans up).
+            with self.store.transaction():
+                self.store.put_volume(replace(volume, state=before if error.temporary else ERROR))
                 self.service._end(op, OP_FAILED, str(error))
             self.progress.pop(volume.name, None)
             raise error from None
@@ -488,8 +503,8 @@ class Snapshots:
     # ---- what other operations ask -----------------------------------------------------------
 
     def check_volume_deletable(self, volume: Volume) -> None:
-        """``FailedPrecondition`` while the volume has snapshots, or clones of it not made yet (copying, or
-        failed: their repeat copies this volume, not one made later under its name)."""
+        """``FailedPrecondition`` while the volume has snapshots, or clones of it being made (``_unfinished_clones``:
+        their copy reads this volume, not one made later under its name)."""
         snapshots = [s.name for s in self.store.list_snapshots(volume.name)]
         if snapshots:
             raise FailedPrecondition(f"volume {volume.name} has snapshots ({', '.join(snapshots)}): delete them "
@@ -497,7 +512,7 @@ class Snapshots:
         clones = self._unfinished_clones(VOLUME, volume)
         if clones:
             raise FailedPrecondition(f"volume {volume.name} is being cloned to {', '.join(clones)}: wait until the "
-                                     "clone is available (repeat a failed clone to finish it), or delete it first")
+                                     "clone is available, or delete it first")
 
     def reconcile(self, try_: Callable[[str, Callable[[], Any]], None]) -> list[str]:
         """Look at every copy still running (finishing what a stop left) and finish deletes; one line each
@@ -620,7 +635,8 @@ class Snapshots:
     def _check_room(self, node_id: str, disk_name: str, pool, size: int, thin: bool, name: str) -> None:
         node = self.service.get_node(node_id)
         disk = node.disk(disk_name) or Disk(disk_name, "", 0, 0)
-        candidate = placement.candidate(node, disk, self.store.list_volumes(), self.service._grown)
+        candidate = placement.candidate(node, disk, self.store.list_volumes(), self.service._grown,
+                                        self.store.list_snapshots())
         if candidate.headroom(pool, thin) < size:
             raise ResourceExhausted(f"pool {pool.name}: {node_id}/{disk_name}, where clone {name} must live "
                                     f"beside its source, has room for {human_bytes(candidate.headroom(pool, thin))},"
@@ -636,15 +652,17 @@ class Snapshots:
         return pool_record
 
     def _unfinished_clones(self, kind: str, source: Snapshot | Volume) -> list[str]:
-        """Clones of ``source`` not made yet: being copied, or failed (a repeat copies it again).
+        """Clones of ``source`` being made: "creating" (copying, or to be asked again after a temporary failure,
+        by their repeat or reconcile), which keep their source as it is.
 
-        Both keep their source: a failed clone's repeat must find the very snapshot or volume it was asked
-        from under the name it recorded, not a newer one of that name.  Clones of an earlier object of its
-        name (another id; ``_source_id`` refuses them) keep nothing.
+        A clone in "error" failed for good and keeps nothing: it may never be repeated, and a source held for
+        it could never be deleted (nor grown) by a user who gave it up.  Its repeat finds the very snapshot or
+        volume it was asked from, or is refused (``_source_id``: gone, or another one of that name).  Clones
+        of an earlier object of its name (another id) keep nothing either.
         """
         name = f"{kind}/{source.name}"
         return [v.name for v in self.store.list_volumes()
-                if v.source == name and v.state in (CREATING, ERROR) and _is_source_of(source, v)]
+                if v.source == name and v.state == CREATING and _is_source_of(source, v)]
 
 
 def _is_source_of(source: Snapshot | Volume, clone: Volume) -> bool:

@@ -69,6 +69,33 @@ def _kind(value: Any) -> str:
     return "null" if value is None else _KINDS.get(type(value), f"a JSON {type(value).__name__}")
 
 
+TEMP_SUFFIX = ".tmp"
+"""Of the temporary file of an atomic write: ``write_json`` here, and ``scsi.sidecar.write_durably`` (a LUN's
+persistent reservations and sanitize mark) beside a volume's image."""
+
+
+def remove_stale_temps(directory: str) -> list[str]:
+    """Remove the temporary files (``*.tmp``) a stop left in ``directory``; the names removed.
+
+    Only at start, before anything writes there: such a file is a write the stop cut before its rename, so
+    the record it was to replace is still whole under its own name (or was never made), and nothing reads
+    the temporary file.  No file of a volume or snapshot ends so (theirs end in ``.img``, ``.json``,
+    ``.pr``, ``.sanitize``, ``.creating``, whatever the id), so no user data goes."""
+    removed = []
+    try:
+        entries = list(os.scandir(directory))
+    except FileNotFoundError:
+        return removed
+    for entry in entries:
+        if entry.name.endswith(TEMP_SUFFIX) and entry.is_file(follow_symlinks=False):
+            try:
+                os.unlink(entry.path)
+            except FileNotFoundError:
+                continue
+            removed.append(entry.name)
+    return sorted(removed)
+
+
 def fsync_dir(directory: str) -> None:
     fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:

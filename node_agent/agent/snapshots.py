@@ -17,6 +17,15 @@ complete: its record says "ready" at start.  A snapshot the controller asked
 for but this agent never started is simply not found, and the controller asks
 again.
 
+A snapshot whose record ``ID.json`` cannot be read (empty, not JSON, not an
+object, a field of the wrong type: a filesystem repaired after a crash, a hand
+edit) is listed in state "error", its message naming the file, as a volume's
+(volumes.py): it is not cloned, a create of its id is ``FailedPrecondition``,
+it can be deleted, and the node's other snapshots (and the agent's start) are
+not affected.  At start the temporary files of record writes a stop cut
+(``*.tmp``) are removed; an image without its record is reported in the log
+and left alone (a snapshot's data, for whoever knows what it was).
+
 Idempotency (agent.proto): create returns the existing snapshot (ready,
 copying or failed) when it is of the same volume, ``AlreadyExists`` otherwise;
 delete of an unknown id succeeds, stops a copy still running, and is refused
@@ -34,7 +43,7 @@ from dataclasses import dataclass, replace
 from node_agent.agent.copies import (COPYING, FAILED, READY, CopyJob, Source, flush_ahead, quiesced_once,
                                      start_copy)
 from node_agent.agent.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
-from node_agent.agent.records import fsync_dir, read_json, write_json
+from node_agent.agent.records import CorruptRecord, fsync_dir, read_json, remove_stale_temps, write_json
 from node_agent.agent.settings import DiskSpec, check_name
 from node_agent.agent.volumes import SNAPSHOTS_DIR, VolumeManager, _unlink, raise_if_source_gone, refuse_half_erased
 
@@ -59,6 +68,8 @@ class SnapshotInfo:
     message: str = ""
     method: str = REFLINK
     created_at: float = 0.0
+    corrupt: bool = False
+    """Its record is unreadable (``message`` says which file): only a delete helps."""
 
 
 def check_snapshot_id(snapshot_id: str) -> str:
@@ -126,6 +137,8 @@ class SnapshotManager:
         with self._lock:
             existing = self.get(snapshot_id)
             if existing is not None:
+                if existing.corrupt:  # of which volume, and taken when, is unknown: nothing to compare
+                    raise FailedPrecondition(existing.message)
                 if existing.volume_id != volume_id:
                     raise AlreadyExists(f"snapshot {snapshot_id} exists, of volume {existing.volume_id}, not "
                                         f"{volume_id}: delete it first or use another id")
@@ -225,18 +238,31 @@ class SnapshotManager:
         write_json(self._meta(spec, snapshot_id), dict(meta, state=FAILED, message=message))
 
     def _info(self, spec: DiskSpec, snapshot_id: str) -> SnapshotInfo | None:
-        meta = read_json(self._meta(spec, snapshot_id), None)
-        if meta is None:
-            return None
-        info = SnapshotInfo(snapshot_id, str(meta.get("volume_id", "")), int(meta.get("size", 0)), spec.name,
-                            self._image(spec, snapshot_id), state=str(meta.get("state", READY)),
-                            message=str(meta.get("message", "")), method=str(meta.get("method", COPY)),
-                            created_at=float(meta.get("created_at", 0.0)))
+        meta_path = self._meta(spec, snapshot_id)
+        try:
+            meta = read_json(meta_path, None, dict)
+            if meta is None:
+                return None
+            info = _from_record(meta_path, snapshot_id, spec.name, self._image(spec, snapshot_id), meta)
+        except (CorruptRecord, OSError) as exc:
+            # This snapshot only: the node's others are listed, and GetState answers.
+            why = exc if isinstance(exc, CorruptRecord) else f"{meta_path}: unreadable ({exc.strerror or exc})"
+            path = self._image(spec, snapshot_id)
+            try:
+                st = os.stat(path)
+                size, allocated = st.st_size, st.st_blocks * 512
+            except OSError:
+                size = allocated = 0
+            return SnapshotInfo(snapshot_id, "", size, spec.name, path, allocated, state=FAILED, progress=0.0,
+                                message=f"{why}: snapshot {snapshot_id} cannot be cloned until that file is "
+                                        'repaired (a JSON object such as {"volume_id": "...", "size": BYTES, '
+                                        '"state": "ready"}) or the snapshot is deleted', corrupt=True)
         if info.state == READY:
             try:
                 st = os.stat(info.path)
             except FileNotFoundError:
-                return replace(info, state=FAILED, progress=0.0, message="its image is missing")
+                return replace(info, state=FAILED, progress=0.0,
+                               message=f"its image {info.path} is missing (deleted or lost): delete the snapshot")
             return replace(info, allocated=st.st_blocks * 512)
         if info.state == COPYING:
             job = self._jobs.get(snapshot_id)
@@ -247,17 +273,32 @@ class SnapshotManager:
         """A copy a stop interrupted: its temporary file goes, its record says so; one whose image is in
         place (``_finish`` renames it only complete and fsynced) is ready."""
         directory = self._dir(spec)
-        for name in os.listdir(directory):
+        stale = remove_stale_temps(directory)
+        if stale:
+            log.info("disk %s: removed %s, left by record writes a stop interrupted (the records are whole)",
+                     spec.name, ", ".join(stale))
+        names = set(os.listdir(directory))
+        for name in sorted(names):
             if name.startswith(".") and name.endswith(".img.creating"):
                 _unlink(os.path.join(directory, name))
             elif name.endswith(".img"):
                 path = os.path.join(directory, name)
                 if stat.S_IMODE(os.stat(path).st_mode) & 0o077:  # an older agent made them readable by all
                     os.chmod(path, 0o400)
-        for name in os.listdir(directory):
+                if name[:-len(".img")] + ".json" not in names:
+                    log.warning("disk %s: snapshot image %s has no record %s: it is not listed (its volume and "
+                                "time are unknown) and is left alone, %d bytes; remove it once it is known not to "
+                                "be needed", spec.name, path, self._meta(spec, name[:-len(".img")]),
+                                os.stat(path).st_blocks * 512)
+        for name in sorted(os.listdir(directory)):
             if name.endswith(".json") and not name.startswith("."):
                 snapshot_id = name[:-5]
-                meta = read_json(os.path.join(directory, name), None)
+                try:
+                    meta = read_json(os.path.join(directory, name), None, dict)
+                except (CorruptRecord, OSError) as exc:
+                    log.error("snapshot %s: %s: it is in state error until its record is repaired, or it is "
+                              "deleted", snapshot_id, exc)
+                    continue
                 if meta is None or meta.get("state") != COPYING:
                     continue
                 if os.path.exists(self._image(spec, snapshot_id)):
@@ -281,3 +322,15 @@ class SnapshotManager:
     def _meta(self, spec: DiskSpec, snapshot_id: str) -> str:
         return os.path.join(self._dir(spec), f"{snapshot_id}.json")
 
+
+def _from_record(meta_path: str, snapshot_id: str, disk: str, image: str, meta: dict) -> SnapshotInfo:
+    """The snapshot a record (a JSON object) describes; ``CorruptRecord`` for a field of the wrong type."""
+    fields = {"volume_id": (str,), "size": (int,), "state": (str,), "message": (str,), "method": (str,),
+              "created_at": (int, float)}
+    wrong = [f"{key!r}: {meta[key]!r}" for key, kinds in fields.items()
+             if key in meta and (not isinstance(meta[key], kinds) or isinstance(meta[key], bool))]
+    if wrong or meta.get("size", 0) < 0:
+        raise CorruptRecord(meta_path, "fields of the wrong type: " + ", ".join(wrong or [f"'size': {meta['size']}"]))
+    return SnapshotInfo(snapshot_id, meta.get("volume_id", ""), meta.get("size", 0), disk, image,
+                        state=meta.get("state", READY), message=meta.get("message", ""),
+                        method=meta.get("method", COPY), created_at=float(meta.get("created_at", 0.0)))

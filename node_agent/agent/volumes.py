@@ -49,6 +49,18 @@ listed in state "error", its message naming the file; it is not exported
 grown (``FailedPrecondition`` naming the file) until the file is repaired, and
 can be deleted.  The node's other volumes are not affected.
 
+What a stop can leave is looked at when the agent starts (``_clean_partial``):
+the temporary file of an interrupted create or clone goes with its ``ID.json``;
+the ``*.tmp`` of an atomic write the stop cut (a record, a LUN's reservations)
+goes, the file it was to replace being whole; the rest is data or may be, and
+is only reported.  An ``ID.json`` whose image is missing (the image deleted or
+lost, or a create stopped between its record and its image) is a volume in
+state "error" whose message says so: not served, deletable, and made afresh by
+a create of its id (there is no image to write over).  An image without its
+``ID.json`` (a delete stopped between the two, which its repeat finishes; an
+agent from before records) is served as before, a thin volume made from no
+source, with a warning in the log.
+
 Disk identity (with ``state_dir``, as the agent runs): a disk's directory is
 often a mount point, and a disk mounted late (or not at all, or another disk
 mounted there) must not be taken for the disk: volumes made there would land on
@@ -93,7 +105,8 @@ from node_agent.agent.copies import (COPYING, FAILED, FICLONE, READY, CopyJob, S
                                      flush_ahead, quiesced_once, reflink, start_copy)
 from node_agent.agent.errors import (AlreadyExists, FailedPrecondition, InvalidArgument, NotFound,
                                      ResourceExhausted, Unavailable)
-from node_agent.agent.records import CorruptRecord, fsync_dir, read_json, write_json
+from node_agent.agent.records import (TEMP_SUFFIX, CorruptRecord, fsync_dir, read_json, remove_stale_temps,
+                                      write_json)
 from node_agent.agent.settings import DiskSpec, check_disk_paths, check_name
 from node_agent.scsi.ptpl import SUFFIX as PTPL_SUFFIX
 from node_agent.scsi.sidecar import SANITIZE_SUFFIX, SanitizeMark
@@ -222,7 +235,12 @@ class VolumeManager:
         # put in ``ExportManager.quiesced`` so an exported volume's LUN is held still meanwhile.
         self.quiesce: Callable[[str, Callable[[], Any]], Any] = _run_now
         self._clones: dict[str, _Clone] = {}
+        # Records found at start without their image (volume id -> disk name): volumes in state "error" until
+        # deleted or made again (module docstring).
+        self._orphans: dict[str, str] = {}
         self._lock = threading.RLock()
+        if state_dir is not None:
+            _remove_temp(os.path.join(state_dir, DISKS_FILE))
         usable = self._check_disks(disks) if state_dir is not None else list(disks)
         self.specs = {spec.name: spec for spec in usable}
         """The disks in use; snapshots.py, too, looks only at these."""
@@ -230,6 +248,7 @@ class VolumeManager:
             os.makedirs(self._dir(spec), exist_ok=True)
             self._clean_partial(spec)
             if state_dir is not None:
+                _remove_temp(self._marker(spec))  # the disk's own (only a usable one's: the others are not ours)
                 self._identity[spec.name] = _identity(spec.path)
 
     # ------------------------------------------------------------------ queries
@@ -239,12 +258,16 @@ class VolumeManager:
         return [self._disk(spec) for spec in self.configured.values()]
 
     def get(self, volume_id: str) -> VolumeInfo | None:
-        """A volume that is ready (its image in place), or None."""
+        """A volume that is ready (its image in place), or None; or a record without its image ("error"),
+        unless another disk has the image."""
+        orphan = None
         for spec in self._present():
             info = self._info(spec, volume_id)
-            if info is not None:
+            if info is not None and self._orphans.get(volume_id) == spec.name and not os.path.exists(info.path):
+                orphan = orphan or info
+            elif info is not None:
                 return info
-        return None
+        return orphan
 
     def lookup(self, volume_id: str) -> VolumeInfo | None:
         """A ready volume, or a clone still copying (or failed), or None."""
@@ -270,7 +293,7 @@ class VolumeManager:
         raise NotFound(f"volume {volume_id} does not exist on this node")
 
     def list(self) -> list[VolumeInfo]:
-        """Ready volumes and clones being copied (or failed), by id."""
+        """Ready volumes, clones being copied (or failed), and records without their image ("error"), by id."""
         found = {}
         for spec in self._present():
             for name in sorted(os.listdir(self._dir(spec))):
@@ -278,6 +301,14 @@ class VolumeManager:
                     info = self._info(spec, name[:-4])
                     if info is not None:
                         found[info.volume_id] = info
+        with self._lock:
+            orphans = list(self._orphans.items())
+        for volume_id, disk in orphans:
+            spec = self.specs.get(disk)
+            if volume_id not in found and spec is not None and not self._gone(spec):
+                info = self._info(spec, volume_id)
+                if info is not None:
+                    found[volume_id] = info
         with self._lock:
             for volume_id, clone in self._clones.items():
                 found.setdefault(volume_id, self._clone_info(clone))
@@ -302,6 +333,8 @@ class VolumeManager:
         info = self.lookup(volume_id)
         if info is None:
             return None
+        if info.state == FAILED and self._orphan(volume_id):
+            return None  # a record without its image: nothing to write over, the create makes it afresh
         if info.state == FAILED and self.get(volume_id) is not None:
             # Not a failed clone (that has no image in place) but a volume whose record is unreadable: its
             # arguments cannot be compared, and making it again would write over its image.
@@ -331,6 +364,9 @@ class VolumeManager:
         if failed is not None:  # a clone whose copy failed: start it again, on its disk
             self._drop_clone(volume_id)
             spec = self.specs[failed.info.disk]
+        elif not disk and self._orphans.get(volume_id) in self.specs:  # a record without its image: there too
+            orphan_spec = self.specs[self._orphans[volume_id]]
+            spec = orphan_spec if not self._gone(orphan_spec) else spec
         if src is not None:
             refuse_half_erased(src)
         if src is not None and size < src.size:
@@ -348,6 +384,11 @@ class VolumeManager:
             tmp = self._tmp(spec, volume_id)
             self._drop_sidecars(path)  # an old volume's of this id, an older agent's delete left: never this one's
             try:
+                with self._lock:
+                    orphan = self._orphans.pop(volume_id, None)  # a record without its image: written anew
+                if orphan is not None and orphan != spec.name:
+                    # The id lives on this disk now: the record on the other one held no data.
+                    _unlink(self._meta(self.specs[orphan], volume_id))
                 write_json(self._meta(spec, volume_id),
                            {"thin": thin, "source": source_name, "created_at": self.clock()}, mode=0o600)
                 if src is not None:
@@ -388,6 +429,8 @@ class VolumeManager:
         _unlink(self._meta(spec, volume_id))
         _unlink(info.path)
         fsync_dir(self._dir(spec))
+        with self._lock:
+            self._orphans.pop(volume_id, None)
         log.info("deleted volume %s from disk %s", volume_id, info.disk)
         return True
 
@@ -629,7 +672,7 @@ class VolumeManager:
         try:
             st = os.stat(path)
         except FileNotFoundError:
-            return None
+            return self._orphan_info(spec, volume_id) if self._orphans.get(volume_id) == spec.name else None
         meta_path = self._meta(spec, volume_id)
         try:
             meta = read_json(meta_path, {}, dict)
@@ -646,6 +689,30 @@ class VolumeManager:
                                       'until that file is repaired (a JSON object such as {"thin": false, '
                                       '"source": ""}) or the volume is deleted')
         return VolumeInfo(volume_id, st.st_size, spec.name, path, st.st_blocks * 512, thin, source)
+
+    def _orphan(self, volume_id: str) -> bool:
+        """Whether ``volume_id`` is a record found at start without its image, the image still missing."""
+        disk = self._orphans.get(volume_id)
+        return disk is not None and disk in self.specs and not os.path.exists(self._image(self.specs[disk],
+                                                                                           volume_id))
+
+    def _orphan_info(self, spec: DiskSpec, volume_id: str) -> VolumeInfo | None:
+        """A record whose image is missing, as a volume in "error" (None once its record is gone too)."""
+        meta_path = self._meta(spec, volume_id)
+        try:
+            meta = read_json(meta_path, None, dict)
+        except (CorruptRecord, OSError):
+            meta = {}  # its own damage says nothing more than the missing image does
+        if meta is None:
+            return None
+        thin, source = meta.get("thin", True), meta.get("source", "")
+        return VolumeInfo(volume_id, 0, spec.name, self._image(spec, volume_id), 0,
+                          thin=thin if isinstance(thin, bool) else False,
+                          source=source if isinstance(source, str) else "", state=FAILED, progress=0.0,
+                          message=f"{meta_path}: the record of volume {volume_id} is there but its image "
+                                  f"{self._image(spec, volume_id)} is missing (deleted or lost): its data is "
+                                  "not on this node; put the image back and restart the agent, or delete the "
+                                  "volume")
 
     # ------------------------------------------------------------------ disk identity
 
@@ -767,7 +834,9 @@ class VolumeManager:
         return os.path.join(spec.path, DISK_MARKER)
 
     def _clean_partial(self, spec: DiskSpec) -> None:
-        """Remove what a create or clone interrupted by a stop left (``.ID.img.creating`` and its meta)."""
+        """Remove what a create or clone interrupted by a stop left (``.ID.img.creating`` and its meta) and the
+        temporary files of atomic writes; report records without their image, and images without their record
+        (see the module docstring: neither is removed)."""
         directory = self._dir(spec)
         for name in os.listdir(directory):
             if name.startswith(".") and name.endswith(".img.creating"):
@@ -776,6 +845,26 @@ class VolumeManager:
                 _unlink(os.path.join(directory, name))
                 if not os.path.exists(self._image(spec, volume_id)):
                     _unlink(self._meta(spec, volume_id))
+        stale = remove_stale_temps(directory)
+        if stale:
+            log.info("disk %s: removed %s, left by writes a stop interrupted (the files they were to replace "
+                     "are whole)", spec.name, ", ".join(stale))
+        names = set(os.listdir(directory))
+        for name in sorted(names):
+            if name.startswith(".") or not os.path.isfile(os.path.join(directory, name)):
+                continue
+            if name.endswith(".json") and name[:-len(".json")] + ".img" not in names:
+                volume_id = name[:-len(".json")]
+                self._orphans[volume_id] = spec.name
+                log.error("volume %s on disk %s: its record %s is there but its image %s is missing: the volume "
+                          "is in state error (its data is not on this node) until the image is put back, or the "
+                          "volume is deleted", volume_id, spec.name, os.path.join(directory, name),
+                          self._image(spec, volume_id))
+            elif name.endswith(".img") and name[:-len(".img")] + ".json" not in names:
+                log.warning("volume %s on disk %s: its image %s has no record %s (a delete a stop interrupted, "
+                            "which its repeat finishes, or an older agent's volume): served as a thin volume made "
+                            "from no source", name[:-len(".img")], spec.name, os.path.join(directory, name),
+                            self._meta(spec, name[:-len(".img")]))
 
     @staticmethod
     def _dir(spec: DiskSpec) -> str:
@@ -832,6 +921,13 @@ def _identity(path: str) -> tuple[int, int]:
     """What tells a directory from another at the same path (a mount over it, or its removal, changes it)."""
     st = os.stat(path)
     return st.st_dev, st.st_ino
+
+
+def _remove_temp(path: str) -> None:
+    """The temporary file a stop left of ``write_json(path)`` (the file itself is whole, or was never made)."""
+    if os.path.isfile(path + TEMP_SUFFIX):
+        log.info("removing %s, left by a write a stop interrupted", path + TEMP_SUFFIX)
+        _unlink(path + TEMP_SUFFIX)
 
 
 def _unlink(path: str) -> None:

@@ -14,7 +14,7 @@ from dataclasses import replace
 import pytest
 
 from controller.domain.errors import FailedPrecondition, ResourceExhausted, Unavailable
-from controller.domain.model import AVAILABLE, CREATING, ERROR, READY, Volume
+from controller.domain.model import AVAILABLE, CREATING, ERROR, READY, Disk, Volume
 from protos.csi.v1 import csi_pb2
 from tests.unit.test_controller_service import GiB, Env
 from tests.unit.test_csi_controller import Code, Csi, code_of
@@ -350,12 +350,23 @@ def test_csi_a_clone_failed_seen_by_reconcile_is_a_final_error_too(csi):
     assert csi.env.store.get_volume("pvc-clone") is None and csi.env.agents.count("clone_volume") == 1
 
 
-def test_csi_a_clone_left_error_by_a_temporary_failure_is_still_made_by_the_repeat(csi):
+def test_csi_a_clone_left_by_a_temporary_failure_is_still_made_by_the_repeat(csi):
     source = csi.create("pvc-src", GiB)
     src = volume_source(source.volume_id)
     csi.env.agents.fail_next("clone_volume")
     assert code_of(csi.create, "pvc-clone", GiB, None, volume_content_source=src) == Code.UNAVAILABLE
-    assert csi.env.store.get_volume("pvc-clone").state == ERROR  # the agent never copied anything
+    assert csi.env.store.get_volume("pvc-clone").state == CREATING  # the agent never copied anything
+    assert csi.create("pvc-clone", GiB, None, volume_content_source=src).capacity_bytes == GiB
+
+
+def test_csi_a_clone_a_controller_before_left_error_after_a_temporary_failure_is_made_by_the_repeat(csi):
+    """Rows such a controller wrote (a temporary failure made them "error"): the CSI repeat still makes them,
+    its agent having no failed copy of them."""
+    source = csi.create("pvc-src", GiB)
+    src = volume_source(source.volume_id)
+    csi.env.agents.fail_next("clone_volume")
+    assert code_of(csi.create, "pvc-clone", GiB, None, volume_content_source=src) == Code.UNAVAILABLE
+    csi.env.store.put_volume(replace(csi.env.store.get_volume("pvc-clone"), state=ERROR))
     assert csi.create("pvc-clone", GiB, None, volume_content_source=src).capacity_bytes == GiB
 
 
@@ -407,3 +418,150 @@ def test_reconcile_reports_snapshots_missing_on_their_node_or_unknown(env, caplo
         (logging.ERROR, f"reconcile: snapshot snap-1 ({snap.id}) of volume vol-1 is missing on its node "
                         f"{snap.owner_node}")]
     assert env.store.get_snapshot("snap-1").state == READY  # reported, not changed
+
+
+# ---- F10: snapshots count in capacity (placement, pool and status figures) ---------------------------------
+
+
+@pytest.fixture
+def small(env):
+    """Pool "small": node-a's 11 GiB disk alone (reported all free), no overcommit; volume "big" (6 GiB) there,
+    beside vol-1 (1 GiB, pool default)."""
+    env.svc.heartbeat("node-a", [Disk("data0", "/srv/data0", 11 * GiB, 11 * GiB)])
+    env.svc.create_pool("small", [("node-a", "data0")])
+    env.svc.create_volume("big", 6 * GiB, pool="small")
+    return env
+
+
+def test_a_snapshot_promises_its_volumes_size_on_its_disk(small):
+    """A 6 GiB volume's snapshot promises 6 GiB (a copy holds that much, a reflink once the volume is written
+    over): beside it nothing more is promised on the 11 GiB disk without overcommit."""
+    env = small
+    env.svc.create_volume("fits", 4 * GiB, pool="small")  # before any snapshot: 1 + 6 + 4 of 11
+    env.svc.delete_volume("fits")
+    env.svc.create_snapshot("snap-big", "big")
+    with pytest.raises(ResourceExhausted, match=r"largest: node-a/data0 0 B"):
+        env.svc.create_volume("more", 4 * GiB, pool="small")
+    with pytest.raises(ResourceExhausted, match="node-a/data0"):
+        env.svc.expand_volume("big", 7 * GiB)
+    with pytest.raises(ResourceExhausted, match="where clone c must live beside its source"):
+        env.svc.clone_volume("c", "snapshot/snap-big")
+    assert env.svc.pool_usage("small").provisioned_bytes == 12 * GiB
+    assert env.svc.status()["provisioned_bytes"] == (1 + 6 + 6) * GiB  # vol-1, big, snap-big
+    env.svc.delete_snapshot("snap-big")  # its room is free again
+    assert env.svc.create_volume("more", 4 * GiB, pool="small").owner_node == "node-a"
+    assert env.svc.pool_usage("small").provisioned_bytes == 10 * GiB
+
+
+def test_an_overcommitting_pool_takes_snapshots_within_its_ratio(env):
+    env.svc.heartbeat("node-a", [Disk("data0", "/srv/data0", 10 * GiB, 10 * GiB)])
+    env.svc.create_pool("over", [("node-a", "data0")], overcommit_ratio=2.0)
+    env.svc.create_volume("big", 6 * GiB, pool="over")
+    env.svc.create_snapshot("snap-big", "big")
+    assert env.svc.create_volume("more", 7 * GiB, pool="over").owner_node == "node-a"  # 1 + 6 + 6 + 7 of 20
+    with pytest.raises(ResourceExhausted):
+        env.svc.create_volume("too-much", GiB, pool="over")
+
+
+def test_a_snapshot_taken_since_the_last_heartbeat_is_not_in_its_free_space_yet(small):
+    """Thick placement goes by the free space the node reported: a snapshot cut (or still copied) since then
+    takes room that report does not show, as a thick volume placed since does."""
+    env = small
+    env.clock.now += 5
+    env.svc.heartbeat("node-a", [Disk("data0", "/srv/data0", 40 * GiB, 14 * GiB)])  # "big" made, thin: 0 used
+    env.clock.now += 5
+    env.svc.create_snapshot("snap-big", "big")
+    with pytest.raises(ResourceExhausted, match=r"thick: real free space\) \(largest: node-a/data0 8.0 GiB"):
+        env.svc.create_volume("thick", 10 * GiB, pool="small", thin=False)  # 14 reported - 6 unreported
+    env.clock.now += 5
+    env.svc.heartbeat("node-a", [Disk("data0", "/srv/data0", 40 * GiB, 14 * GiB)])  # the reflink took nothing
+    assert env.svc.create_volume("thick", 10 * GiB, pool="small", thin=False).owner_node == "node-a"
+
+
+# ---- F11: a clone failed for a while is retried; one failed for good stays an error ------------------------
+
+
+def test_a_clone_the_agent_could_not_be_asked_for_stays_creating_and_reconcile_makes_it(env):
+    node = owner(env)
+    env.agents.down.add(node)  # unreachable for a moment, still healthy to the controller
+    with pytest.raises(Unavailable):
+        env.svc.clone_volume("vol-c", "volume/vol-1")
+    assert env.store.get_volume("vol-c").state == CREATING  # not given up: a repeat or reconcile asks again
+    assert env.svc.reconcile_once() == [] and env.store.get_volume("vol-c").state == CREATING  # still down
+    env.agents.down.discard(node)
+    assert env.svc.reconcile_once() == ["clone vol-c finished copying"]
+    clone = env.store.get_volume("vol-c")
+    assert clone.state == AVAILABLE and clone.id in env.agents.agent(node).volumes
+    assert [(o.kind, o.state) for o in env.store.list_operations("vol-c")] == [
+        ("clone_volume", "failed"), ("clone_volume", "done")]
+
+
+def test_a_clone_the_agent_refused_for_good_stays_an_error_that_reconcile_leaves_alone(env):
+    env.agents.fail_next("clone_volume", ResourceExhausted("fake agent: disk data0 has 0 bytes free"))
+    with pytest.raises(ResourceExhausted):
+        env.svc.clone_volume("vol-c", "volume/vol-1")
+    assert env.store.get_volume("vol-c").state == ERROR
+    calls = env.agents.count("clone_volume")
+    env.svc.reconcile_once()
+    assert env.store.get_volume("vol-c").state == ERROR and env.agents.count("clone_volume") == calls
+    assert env.svc.clone_volume("vol-c", "volume/vol-1").state == AVAILABLE  # shoalctl's repeat asks again
+
+
+def test_a_repeat_of_a_failed_clone_that_fails_for_a_while_leaves_it_failed_for_the_next_repeat(env):
+    """Its agent still reports the copy that failed: "creating" would only have reconcile record that failure
+    again.  The repeat's caller got UNAVAILABLE, and repeats."""
+    env.agents.copy_steps = 2
+    clone = env.svc.clone_volume("vol-c", "volume/vol-1")
+    env.agents.fail_copy(clone.owner_node, clone.id)
+    with pytest.raises(FailedPrecondition):
+        env.svc.clone_volume("vol-c", "volume/vol-1")  # failed for good: "error"
+    env.agents.copy_steps = 0
+    env.agents.fail_next("clone_volume")
+    with pytest.raises(Unavailable):
+        env.svc.clone_volume("vol-c", "volume/vol-1")
+    assert env.store.get_volume("vol-c").state == ERROR
+    assert env.svc.clone_volume("vol-c", "volume/vol-1").state == AVAILABLE
+
+
+# ---- F12: a clone failed for good does not hold its source ---------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["snapshot", "volume"])
+def test_a_clone_failed_for_good_does_not_pin_its_source(env, kind):
+    source = "snap-1" if kind == "snapshot" else "vol-1"
+    if kind == "snapshot":
+        env.svc.create_snapshot("snap-1", "vol-1")
+    env.agents.copy_steps = 2
+    clone = env.svc.clone_volume("vol-c", f"{kind}/{source}")
+    with pytest.raises(FailedPrecondition, match="being cloned to vol-c"):  # copying: kept
+        env.svc.delete_snapshot("snap-1") if kind == "snapshot" else env.svc.delete_volume("vol-1")
+    env.agents.fail_copy(clone.owner_node, clone.id, "copy failed: Input/output error")
+    with pytest.raises(FailedPrecondition, match="Input/output error"):
+        env.svc.clone_volume("vol-c", f"{kind}/{source}")
+    assert env.store.get_volume("vol-c").state == ERROR
+    if kind == "volume":
+        assert env.svc.expand_volume("vol-1", 2 * GiB).size_bytes == 2 * GiB  # grows, too
+        env.svc.delete_volume("vol-1")
+    else:
+        env.svc.delete_snapshot("snap-1")
+        assert env.store.get_snapshot("snap-1") is None
+    calls = env.agents.count("clone_volume")
+    with pytest.raises(FailedPrecondition, match=f"the {kind} {source} clone vol-c is made from is gone: delete"):
+        env.svc.clone_volume("vol-c", f"{kind}/{source}")
+    assert env.agents.count("clone_volume") == calls
+    env.svc.delete_volume("vol-c")
+    assert env.store.get_volume("vol-c") is None
+
+
+def test_csi_get_capacity_counts_snapshots(csi):
+    """GetCapacity offers what placement would take: a snapshot's promise is off it, as for create and clone."""
+    pool = {"pool": "default"}
+    before = csi.ctl.GetCapacity(csi_pb2.GetCapacityRequest(parameters=pool)).available_capacity
+    csi.env.svc.create_volume("vol-snapped", 2 * GiB)
+    with_volume = csi.ctl.GetCapacity(csi_pb2.GetCapacityRequest(parameters=pool)).available_capacity
+    assert with_volume == before - 2 * GiB
+    csi.env.svc.create_snapshot("snap-1", "vol-snapped")
+    assert csi.ctl.GetCapacity(csi_pb2.GetCapacityRequest(parameters=pool)).available_capacity \
+        == with_volume - 2 * GiB
+    csi.env.svc.delete_snapshot("snap-1")
+    assert csi.ctl.GetCapacity(csi_pb2.GetCapacityRequest(parameters=pool)).available_capacity == with_volume

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import pytest
 
-from controller.domain.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from controller.domain.errors import (AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted,
+                                      Unavailable)
 from controller.domain.model import AVAILABLE, CREATING, DELETING, ERROR, READY, Disk
 from tests.unit.test_controller_service import GiB, Env, iqn
 
@@ -217,15 +218,20 @@ def test_clone_needs_room_on_the_source_disk(env):
     assert env.store.get_volume("vol-c") is None
 
 
-def test_a_clone_left_creating_by_a_stop_is_finished_by_reconcile(env):
-    env.agents.fail_next("clone_volume")
-    with pytest.raises(Unavailable):
-        env.svc.clone_volume("vol-c", "vol-1")
-    assert env.store.get_volume("vol-c").state == ERROR
-    # As if the controller had stopped after recording: the row says "creating".
-    from dataclasses import replace
+class Stop(BaseException):
+    """The controller process stopping where it is (nothing after it runs, no ``except Exception`` sees it)."""
 
-    env.store.put_volume(replace(env.store.get_volume("vol-c"), state=CREATING))
+
+def test_a_clone_left_creating_by_a_stop_is_finished_by_reconcile(env):
+    def stop(node, method, volume_id):
+        if method == "clone_volume":
+            raise Stop()
+
+    env.agents.before_call = stop
+    with pytest.raises(Stop):
+        env.svc.clone_volume("vol-c", "vol-1")
+    env.agents.before_call = None
+    assert env.store.get_volume("vol-c").state == CREATING  # recorded before the agent was asked
     assert "clone vol-c finished copying" in env.svc.reconcile_once()
     assert env.store.get_volume("vol-c").state == AVAILABLE
 
@@ -264,10 +270,10 @@ def test_a_snapshot_taken_after_its_failed_request_has_the_time_it_was_cut(env):
 
 
 def test_a_failed_clone_is_made_by_its_repeat_when_the_agent_copies_at_once(env):
-    env.agents.fail_next("clone_volume")
-    with pytest.raises(Unavailable):
+    env.agents.fail_next("clone_volume", ResourceExhausted("fake agent: disk data0 has 0 bytes free"))
+    with pytest.raises(ResourceExhausted):
         env.svc.clone_volume("vol-c", "vol-1")
-    assert env.store.get_volume("vol-c").state == ERROR
+    assert env.store.get_volume("vol-c").state == ERROR  # refused for good: only a repeat asks again
     again = env.svc.clone_volume("vol-c", "vol-1")  # a reflink: the agent answers "ready"
     assert again.state == AVAILABLE and env.store.get_volume("vol-c") == again
     assert env.agents.agent(again.owner_node).volumes[again.id]["source"] == env.store.get_volume("vol-1").id
@@ -276,7 +282,7 @@ def test_a_failed_clone_is_made_by_its_repeat_when_the_agent_copies_at_once(env)
     env.svc.attach_volume("vol-c", "node-b")
 
 
-def test_a_failed_clone_keeps_its_source_volume_or_snapshot(env):
+def test_a_clone_failed_for_a_while_keeps_its_source_volume_or_snapshot(env):
     env.svc.create_snapshot("snap-1", "vol-1")
     env.agents.fail_next("clone_volume")
     with pytest.raises(Unavailable):
@@ -284,9 +290,9 @@ def test_a_failed_clone_keeps_its_source_volume_or_snapshot(env):
     env.agents.fail_next("clone_volume")
     with pytest.raises(Unavailable):
         env.svc.clone_volume("vol-v", "volume/vol-1")
-    assert [env.store.get_volume(n).state for n in ("vol-s", "vol-v")] == [ERROR, ERROR]
-    # Deleting a source here would let its name be reused, and the repeat copy the new one.
-    with pytest.raises(FailedPrecondition, match="being cloned to vol-s.*repeat a failed clone"):
+    # Still being made (its repeat or reconcile asks again): its source is kept as it is.
+    assert [env.store.get_volume(n).state for n in ("vol-s", "vol-v")] == [CREATING, CREATING]
+    with pytest.raises(FailedPrecondition, match="being cloned to vol-s: wait until the clone is available"):
         env.svc.delete_snapshot("snap-1")
     env.svc.delete_volume("vol-s")
     env.svc.delete_snapshot("snap-1")

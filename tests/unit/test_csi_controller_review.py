@@ -124,7 +124,7 @@ def test_a_clone_that_fails_for_a_while_is_kept_for_the_repeat(csi):
     csi.env.agents.fail_next("clone_volume")
     assert code_of(csi.create, "pvc-clone", 2 * GiB, None, volume_content_source=of_volume(source.volume_id)) \
         == Code.UNAVAILABLE
-    assert csi.env.store.get_volume("pvc-clone").state == "error"
+    assert csi.env.store.get_volume("pvc-clone").state == "creating"  # temporary: not an error
     clone = csi.create("pvc-clone", 2 * GiB, None, volume_content_source=of_volume(source.volume_id))
     assert clone.capacity_bytes == 2 * GiB and clone.volume_id == csi.env.store.get_volume("pvc-clone").id
 

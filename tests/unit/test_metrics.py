@@ -263,3 +263,11 @@ def test_agent_collector_reports_what_it_can_when_the_portal_does_not_answer():
 def test_agent_collector_of_an_agent_not_started_is_empty():
     agent = SimpleNamespace(portal=None, exports=None, attachments=None, volumes=None)
     assert generate_latest(agent_registry(agent)) == b""
+
+
+def test_provisioned_bytes_count_snapshots_as_the_pool_figures_do(controller):
+    svc, value = controller.service, controller.value
+    svc.create_volume("vol-1", 3 * GiB)
+    svc.create_snapshot("snap-1", "vol-1")
+    assert value("shoal_controller_pool_provisioned_bytes", pool="default") == 6 * GiB \
+        == svc.pool_usage("default").provisioned_bytes
