@@ -53,8 +53,9 @@ digest error, unsolicited data where none may come, an R2T answered short)
 is rejected and its write ends with CHECK CONDITION once its Data-Out has
 stopped (§7.8), writing nothing.  Writes waiting for Data-Out keep their
 CmdSN window slot and are bounded in bytes per session
-(``ConnectionSettings.max_session_write_buffers``); one held for CmdSN order
-takes its unsolicited Data-Out meanwhile.
+(``ConnectionSettings.max_session_write_buffers``) and in time: one that gets
+none of its Data-Out for ``data_out_timeout`` ends with CHECK CONDITION; one
+held for CmdSN order takes its unsolicited Data-Out meanwhile.
 """
 
 from __future__ import annotations
@@ -76,7 +77,7 @@ from node_agent.iscsi.serial import in_window, sn_add, sn_lt
 from node_agent.iscsi.names import check_iqn
 from node_agent.iscsi.target import Session, TargetRegistry
 from node_agent.scsi.device import FileRange, ScsiResult, decode_lun
-from node_agent.scsi.sense import (DATA_PHASE_ERROR, INCORRECT_AMOUNT_OF_DATA, INVALID_FIELD_IN_CDB,
+from node_agent.scsi.sense import (ABORTED_COMMAND, DATA_PHASE_ERROR, INCORRECT_AMOUNT_OF_DATA, INVALID_FIELD_IN_CDB,
                                    PROTOCOL_SERVICE_CRC_ERROR, UNEXPECTED_UNSOLICITED_DATA, SenseCode, build_sense)
 
 log = logging.getLogger("shoal.iscsi.connection")
@@ -94,6 +95,8 @@ GOOD = 0x00
 CHECK_CONDITION = 0x02
 TASK_SET_FULL = 0x28  # SAM-5 §5.3.1
 TASK_ABORTED = 0x40
+# SPC-4 (ASC 4Bh, ASCQ 06h): the data a command was waiting for from its initiator did not come in time.
+INITIATOR_RESPONSE_TIMEOUT = SenseCode(ABORTED_COMMAND, 0x4B, 0x06)
 try:
     _PORTAL_WRITE_BUFFERS = max(1 << 30, os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 4)
 except (ValueError, OSError):  # no such sysconf names here
@@ -140,6 +143,14 @@ class ConnectionSettings:
     io_workers_per_lun: int = 8
     """The most of those threads one logical unit's I/O may hold at once; its further I/O waits in its own
     queue, so a hung disk leaves the other LUNs' I/O threads to run on (``server.FairPool``)."""
+    data_out_timeout: float = 60.0
+    """Seconds a write waiting for its Data-Out (the unsolicited data its command announced with F=0, or the
+    answer to an R2T) may go without any of it coming.  Such a write keeps its CmdSN window slot
+    (``max_session_write_buffers``), and one whose data never comes, as an initiator that announced unsolicited
+    data and sent none, kept it for as long as the session lived: enough of them closed the window.  Past this
+    it ends with CHECK CONDITION, ABORTED COMMAND, INITIATOR RESPONSE TIMEOUT (which initiators retry), or with
+    the error it already had; its slot and buffer are given back and Data-Out still coming for it is dropped
+    silently.  Well past the 30 s after which the Linux initiator aborts a command itself; 0: no limit."""
     close_linger: float = 10.0
     """Seconds a connection the target closed (logout, a removed target, a fence, a protocol error) may
     spend sending what it had queued to a peer that takes none of it (a hung host); then its socket
@@ -272,6 +283,8 @@ class TargetConnection:
         # Tags of writes ended before their Data-Out stopped (PREEMPT AND ABORT): that Data-Out is dropped
         # silently until its F=1.  Bounded: an initiator that never sends it cannot grow this (the oldest go).
         self._dead_itts: dict[int, None] = {}
+        # Writes waiting for Data-Out as ``tick`` last saw them: ITT -> (task, its progress, since when unchanged).
+        self._stalls: dict[int, tuple[WriteTask, tuple[int, int, int], float]] = {}
         self._ttt = 0
         # The Text exchange left open by our last Text Response with F=0 (see ``_text``): its ITT, the TTT of that
         # response, the rest of an answer too long for one PDU, the text of a request continued (C bit).
@@ -352,6 +365,8 @@ class TargetConnection:
             if now - self._started > self.config.login_timeout:
                 self.close("login timed out")
             return shrunk
+        if self._tasks and self.config.data_out_timeout:
+            self._end_stalled_writes(now)
         if self._ping is not None:
             if now - self._ping[1] > self.config.nop_timeout:
                 self.close("initiator did not answer NOP-In ping")
@@ -397,27 +412,30 @@ class TargetConnection:
                 if end - pos < P.BHS_LENGTH:
                     break
                 self._header_read = False
-                lengths = _U32(buf, pos + 4)[0]  # TotalAHSLength (words) and DataSegmentLength, §11.2.1
-                ahs_len, dsl = (lengths >> 24) * 4, lengths & 0xFFFFFF
-                if dsl > self.max_recv:
-                    self._reject_raw(bytes(view[pos:pos + P.BHS_LENGTH]), RejectReason.PROTOCOL_ERROR)
-                    self.close(f"data segment of {dsl} bytes exceeds MaxRecvDataSegmentLength {self.max_recv}")
-                    break
+                # TotalAHSLength (words: the top byte) and DataSegmentLength (§11.2.1).  MaxRecvDataSegmentLength is
+                # below 2**24, so one test finds both a data segment past it and any AHS (``_uncommon_pdu``); a PDU
+                # with neither is taken as it is.
+                dsl = _U32(buf, pos + 4)[0]
                 hd, dd = self.header_digest, self.data_digest
-                total = 48 + ahs_len + ((dsl + 3) & ~3) + (4 if hd else 0) + (4 if dd and dsl else 0)  # 48: BHS
-                if end - pos < total:
-                    if dsl >= _DIRECT_MIN and self.session is not None:
-                        opcode = buf[pos] & 0x3F
-                        if opcode == Opcode.DATA_OUT:
-                            self._start_direct(view, pos, ahs_len, dsl, hd, dd)
-                        elif opcode == Opcode.SCSI_COMMAND and not ahs_len:
-                            self._start_direct_command(view, pos, dsl, hd, dd)
-                    break
-                # The common SCSI Command without digests goes straight to the fast path (``_one_pdu`` again
-                # when that declines it); everything else through ``_one_pdu``.
-                if (hd or dd or buf[pos] & 0x3F != 0x01 or not self._fast_commands
-                        or not self._scsi_command_fast(view, pos, pos + 48 + ahs_len, dsl)):
-                    self._one_pdu(view, pos, ahs_len, dsl, hd, dd)
+                if dsl > self.max_recv:
+                    total = self._uncommon_pdu(view, pos, dsl, hd, dd)
+                    if not total:
+                        break
+                else:
+                    total = 48 + ((dsl + 3) & ~3) + (4 if hd else 0) + (4 if dd and dsl else 0)  # 48: BHS
+                    if end - pos < total:
+                        if dsl >= _DIRECT_MIN and self.session is not None:
+                            opcode = buf[pos] & 0x3F
+                            if opcode == Opcode.DATA_OUT:
+                                self._start_direct(view, pos, 0, dsl, hd, dd)
+                            elif opcode == Opcode.SCSI_COMMAND:
+                                self._start_direct_command(view, pos, dsl, hd, dd)
+                        break
+                    # The common SCSI Command without digests goes straight to the fast path (``_one_pdu`` again
+                    # when that declines it); everything else through ``_one_pdu``.
+                    if (hd or dd or buf[pos] & 0x3F != 0x01 or not self._fast_commands
+                            or not self._scsi_command_fast(view, pos, pos + 48, dsl)):
+                        self._one_pdu(view, pos, 0, dsl, hd, dd)
                 rx.start += total  # rx.consume(total), inline: once per PDU
                 if rx.start == rx.end:
                     rx.start = rx.end = 0
@@ -425,6 +443,98 @@ class TargetConnection:
             if self._gather is not None:  # before the transport may receive into the buffer again
                 self._flush_gather()
             view.release()
+
+    def _uncommon_pdu(self, view: memoryview, pos: int, lengths: int, hd: bool, dd: bool) -> int:
+        """``_process``: a PDU whose header announces an AHS, or a data segment past MaxRecvDataSegmentLength.
+        The bytes it takes once all of it came and was handled; 0 while it has not, or when the connection ends.
+
+        A PDU with an AHS is never placed directly nor taken by the fast path: a SCSI Command's CDB may go on
+        in it (``_command_with_ahs``).  Other PDUs define no AHS; theirs is skipped, as it always was."""
+        ahs_len, dsl = (lengths >> 24) * 4, lengths & 0xFFFFFF
+        if dsl > self.max_recv:
+            self._reject_raw(bytes(view[pos:pos + P.BHS_LENGTH]), RejectReason.PROTOCOL_ERROR)
+            self.close(f"data segment of {dsl} bytes exceeds MaxRecvDataSegmentLength {self.max_recv}")
+            return 0
+        total = 48 + ahs_len + ((dsl + 3) & ~3) + (4 if hd else 0) + (4 if dd and dsl else 0)
+        if len(self._rx) < total:  # at most 1020 bytes of AHS more than an ordinary PDU: wait for all of it
+            return 0
+        if view[pos] & 0x3F == Opcode.SCSI_COMMAND and self.session is not None:
+            self._command_with_ahs(view, pos, ahs_len, dsl, hd, dd)
+        else:
+            self._one_pdu(view, pos, ahs_len, dsl, hd, dd)
+        return total
+
+    def _command_with_ahs(self, view: memoryview, pos: int, ahs_len: int, dsl: int, hd: bool, dd: bool) -> None:
+        """A SCSI Command with Additional Header Segments (RFC 7143 §11.2.2), checked as ``_one_pdu`` checks
+        any PDU.  An Extended CDB AHS (§11.2.2.3) carries the bytes of a CDB longer than 16: the command runs
+        with all of them (the logical unit answers a CDB it does not know as it does any, INVALID COMMAND
+        OPERATION CODE), never with the first 16 alone.  A Bidirectional Read Expected Data Transfer Length
+        AHS (§11.2.2.4) is taken on a command with R and W: the unit has no bidirectional command, so its read
+        length bounds nothing.  Any other AHS type, a second AHS of one type, a bidirectional one without R
+        and W, or an AHS whose length does not fit its type or TotalAHSLength is refused with a Reject, in
+        the command's CmdSN order, as LIO does (Command not supported for an unknown type, Protocol Error
+        otherwise): the command does not run, as its meaning is not known."""
+        if self._gather is not None:
+            self._flush_gather()
+        cursor = pos + P.BHS_LENGTH + ahs_len
+        if hd:
+            if _crc(view[pos:cursor + 4]) != _RESIDUE:  # the digest covers the BHS and the AHS (§11.2.3)
+                self.close("header digest error")
+                return
+            cursor += 4
+        raw = bytes(view[pos:pos + P.BHS_LENGTH])
+        if dd and dsl and _crc(view[cursor:cursor + ((dsl + 3) & ~3) + 4]) != _RESIDUE:
+            self._reject_raw(raw, RejectReason.DATA_DIGEST_ERROR)
+            return
+        header = P.LAYOUTS[Opcode.SCSI_COMMAND].decode(view, pos)
+        data = view[cursor:cursor + dsl] if dsl else b""
+        ahs = view[pos + P.BHS_LENGTH:pos + P.BHS_LENGTH + ahs_len]
+        cdb, refusal = bytes(header.cdb), None
+        extended = bidirectional = False
+        at = 0
+        while at < ahs_len and refusal is None:
+            length, kind = int.from_bytes(ahs[at:at + 2], "big"), ahs[at + 2]
+            size = (3 + length + 3) & ~3  # AHSLength, AHSType, then AHSLength bytes, padded to 4 (§11.2.2.2)
+            if at + size > ahs_len:
+                refusal = RejectReason.PROTOCOL_ERROR
+            elif kind == 1:  # AHSLength = CDB length - 15: a reserved byte, then the CDB's bytes past the 16th
+                if extended or length < 2:  # "MUST NOT be used if the CDBLength is less than 17"
+                    refusal = RejectReason.PROTOCOL_ERROR
+                cdb, extended = cdb + bytes(ahs[at + 4:at + 3 + length]), True
+            elif kind == 2:  # AHSLength 5: a reserved byte, then the 4-byte read length
+                if bidirectional or length != 5 or not (header.read and header.write):
+                    refusal = RejectReason.PROTOCOL_ERROR
+                bidirectional = True
+            else:  # reserved (3-59) or a vendor's (60-63): what it would change in the command is not known
+                refusal = RejectReason.COMMAND_NOT_SUPPORTED
+            at += size
+        if refusal is not None:
+            log.info("SCSI command ITT %#x from %s refused: its AHS %s", header.itt, self.peer, bytes(ahs).hex())
+        ahs.release()
+        if refusal is None:
+            self._full_feature(Opcode.SCSI_COMMAND, header._replace(cdb=cdb), data, raw)
+            return
+        if not header.final:
+            self._dead(header.itt)  # its unsolicited Data-Out: dropped silently
+        self._in_order(header, b"", raw, lambda conn, _header, _data, raw: conn._reject_raw(raw, refusal))
+
+    def _in_order(self, header: Any, data: Any, raw: bytes, handler: Callable[..., None]) -> None:
+        """Run ``handler`` for a command in its CmdSN order: what ``_full_feature`` does (inline there, the hot
+        path) for a handler of its own (``_command_with_ahs``)."""
+        session = self.session
+        assert session is not None
+        if header.immediate:
+            handler(self, header, data, raw)
+            return
+        cmdsn = header.cmdsn
+        if cmdsn == session.expcmdsn and session.running < session.command_window:
+            session.expcmdsn = sn_add(cmdsn, 1)
+            handler(self, header, data, raw)
+            if session.pending:
+                self._drain_pending()
+        elif in_window(cmdsn, session.expcmdsn, session.maxcmdsn) and cmdsn not in session.pending:
+            session.pending[cmdsn] = (self, handler, header, data, raw)
+        # else: outside the window, or a duplicate: silently ignored (§4.2.2.1)
 
     def _start_direct(self, view: memoryview, pos: int, ahs_len: int, dsl: int, hd: bool, dd: bool) -> None:
         """Receive the rest of a large Data-Out payload straight into its task's buffer."""
@@ -624,7 +734,8 @@ class TargetConnection:
         self.params = params
         self.header_digest = params.header_digest
         self.data_digest = params.data_digest
-        self.max_recv = params.max_recv_data_segment_length
+        # At most 2**24 - 1 (§13.12): ``_process`` finds an AHS by the top byte of its lengths word being past it.
+        self.max_recv = min(params.max_recv_data_segment_length, 0xFFFFFF)
         self.max_xmit = params.max_xmit_data_segment_length
         self._fast_commands = not session.discovery
         self._immediate_limit = params.first_burst_length if params.immediate_data else 0
@@ -1040,8 +1151,8 @@ class TargetConnection:
 
         Its buffer goes back at once (no payload is being received into it now: this runs between PDUs): it
         is never written, and an initiator that drops the task on the Reject (libiscsi does, against §7.3)
-        never sends the F=1 the response waits for, so the task may wait until the session ends; only its
-        window slot stays taken meanwhile."""
+        never sends the F=1 the response waits for, so the task may wait until ``data_out_timeout`` ends it;
+        only its window slot stays taken meanwhile."""
         if task.error is None:
             log.info("write ITT %#x from %s fails: sense %02x/%02x/%02x", task.itt, self.peer, *code)
             task.error = (CHECK_CONDITION, build_sense(code))
@@ -1085,6 +1196,38 @@ class TargetConnection:
         self._drop_task(task)
         status, sense = task.error  # type: ignore[misc]
         self._respond(task.itt, status, sense, 0, task.edtl, 0)
+
+    def _end_stalled_writes(self, now: float) -> None:
+        """``tick``: end the writes that waited ``data_out_timeout`` for Data-Out without any coming.
+
+        RFC 7143 has no timer for this at ErrorRecoveryLevel 0 (the initiator is expected to send what it
+        announced, or abort the task); LIO ends such a connection when its Data-Out timer runs out.  Ending
+        the task alone, as §7.8 does for Data-Out that can no longer all come, leaves the session and its other
+        tasks alone.  Only here, once a second, is anything measured: the Data-Out path adds nothing.  A write
+        still held for CmdSN order is left alone: it waits for a command, not for its data."""
+        stalls: dict[int, tuple[WriteTask, tuple[int, int, int], float]] = {}
+        timeout, ended = self.config.data_out_timeout, False
+        placing = self._trailer[2] if self._trailer is not None else None
+        for itt, task in list(self._tasks.items()):
+            if task.queued or task is placing:  # a payload being received straight into its buffer: data comes
+                continue
+            progress = (task.received, task.r2tsn, task.unsolicited_datasn)
+            last = self._stalls.get(itt)
+            if last is None or last[0] is not task or last[1] != progress:
+                stalls[itt] = (task, progress, now)
+            elif now - last[2] < timeout:
+                stalls[itt] = last
+            else:
+                log.warning("write ITT %#x from %s got no Data-Out for %.0f s (%d of %d bytes): ended", itt,
+                            self.peer, now - last[2], task.received, task.edtl)
+                self._fail(task, INITIATOR_RESPONSE_TIMEOUT)  # a task that failed already keeps its error
+                status, sense = task.error  # type: ignore[misc]
+                self._drop_task(task, owed=True)  # Data-Out that still comes: dropped silently
+                self._respond(itt, status, sense, 0, task.edtl, 0)
+                ended = True
+        self._stalls = stalls
+        if ended:
+            self.wakeup()
 
     def _drop_task(self, task: WriteTask, owed: bool = False) -> None:
         """``task`` stops waiting for Data-Out without running: its window slot and its buffer's bytes are
@@ -1416,8 +1559,7 @@ class TargetConnection:
             targets = self.registry.visible_targets(session)
         elif value == "" and session.target is not None:
             targets = [session.target]  # §12.3? an empty value names the session's own target
-        elif value in self.registry.targets:
-            target = self.registry.targets[value]
+        elif (target := self.registry.find_target(value)) is not None:  # a name in any case (RFC 7143 §4.2.7.2)
             targets = [target] if target.shown_to(session) else []
         else:
             try:

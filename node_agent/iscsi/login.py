@@ -18,7 +18,7 @@ from typing import Any
 
 from node_agent.iscsi.chap import ChapTargetAuth
 from node_agent.iscsi.keys import NegotiationError, TargetNegotiator, TargetSettings, encode_text, parse_text
-from node_agent.iscsi.target import Session, TargetNode, TargetRegistry
+from node_agent.iscsi.target import Session, TargetNode, TargetRegistry, same_name
 
 log = logging.getLogger("shoal.iscsi.login")
 
@@ -139,7 +139,10 @@ class TargetLogin:
         else:
             said = {"InitiatorName": self.initiator_name, "SessionType": self.session_type,
                     "TargetName": self.target.iqn if self.target is not None else None}
-            if any(key in said and value != said[key] for key, value in pairs):
+            # The names compare as iSCSI names do (``same_name``): in another case they are the same.
+            if any(key in said and value != said[key]
+                   and (key == "SessionType" or said[key] is None or not same_name(value, said[key]))
+                   for key, value in pairs):
                 raise LoginFailed(LoginStatus.INITIATOR_ERROR, "InitiatorName, TargetName or SessionType changed "
                                   "during the login")
         if header.csg == SECURITY:
@@ -173,7 +176,7 @@ class TargetLogin:
             name = keys.get("TargetName")
             if not name:
                 raise LoginFailed(LoginStatus.MISSING_PARAMETER, "TargetName missing")
-            target = self.registry.targets.get(name)
+            target = self.registry.find_target(name)  # RFC 7143 §4.2.7.2: in any case (``normalize_name``)
             if target is None:
                 raise LoginFailed(LoginStatus.NOT_FOUND, f"no target {name!r}")
             if not target.admits(self.initiator_name):

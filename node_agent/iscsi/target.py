@@ -17,10 +17,12 @@ import os
 import stat
 import threading
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import TYPE_CHECKING, Any, Protocol
 
 from node_agent.iscsi.buffers import BufferPool
 from node_agent.iscsi.chap import initiator_secret
+from node_agent.iscsi.names import normalize_name
 from node_agent.scsi.device import LunMap, Nexus
 
 if TYPE_CHECKING:
@@ -83,8 +85,24 @@ class TargetNode:
     """Served by another process of a ``shoal target --workers N`` (which routes its logins there): this
     process knows the target only to answer discovery, and refuses logins to it."""
 
+    # ``allowed_initiators`` in the form names are compared in (``normalize_name``), made again when it changes.
+    _acl: tuple[frozenset[str] | None, frozenset[str]] = field(default=(None, frozenset()), init=False, repr=False,
+                                                              compare=False)
+
     def admits(self, initiator_name: str) -> bool:
-        return self.allowed_initiators is None or initiator_name in self.allowed_initiators
+        """Whether the ACL lists ``initiator_name``, compared as iSCSI names are (RFC 7143 §4.2.7.2,
+        ``normalize_name``): an entry in another case admits that initiator, and no other."""
+        allowed = self.allowed_initiators
+        if allowed is None or initiator_name in allowed:
+            return True
+        if self._acl[0] is not allowed:
+            self._acl = (allowed, frozenset(normalize_name(name) for name in allowed))
+        return normalize_name(initiator_name) in self._acl[1]
+
+    @cached_property
+    def name_key(self) -> str:
+        """``iqn`` as names are compared (``normalize_name``)."""
+        return normalize_name(self.iqn)
 
     def chap_for(self, initiator_name: str) -> Credentials | None:
         """The CHAP credentials ``initiator_name`` must prove (None: no CHAP)."""
@@ -152,6 +170,11 @@ class Session:
         return f"<Session tsih={self.tsih} {self.initiator_name} isid=0x{self.isid:012x} {kind}>"
 
 
+def same_name(a: str, b: str) -> bool:
+    """Whether ``a`` and ``b`` are one iSCSI name (RFC 7143 §4.2.7.2: compared after RFC 3722's stringprep)."""
+    return a == b or normalize_name(a) == normalize_name(b)
+
+
 def _reported(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | str:
     """The address ``host`` as an initiator knows it: an IPv4-mapped IPv6 address as its IPv4 address (a name,
     which no bound socket reports, as it is)."""
@@ -203,6 +226,16 @@ class TargetRegistry:
                 out.append((str(address), port))
         return out
 
+    def find_target(self, name: str) -> TargetNode | None:
+        """The target ``name`` names, compared as iSCSI names are (RFC 7143 §4.2.7.2, ``normalize_name``): a
+        TargetName or SendTargets value in another case than configured finds it.  The login and SendTargets
+        use this; the management API (``targets``) goes by the configured spelling."""
+        target = self.targets.get(name)
+        if target is None:
+            key = normalize_name(name)
+            target = next((t for t in self.targets.values() if t.name_key == key), None)
+        return target
+
     def add_target(self, target: TargetNode) -> TargetNode:
         existing = self.targets.get(target.iqn)
         if existing is not None:
@@ -237,7 +270,8 @@ class TargetRegistry:
         whose commands still running on a worker the caller may wait for."""
         closed: list[ConnectionHandle] = []
         for session in list(self.sessions.values()):
-            if session.target is not None and session.target.iqn == iqn and session.initiator_name == initiator_name:
+            if (session.target is not None and session.target.iqn == iqn
+                    and same_name(session.initiator_name, initiator_name)):
                 closed.extend(session.connections.values())
                 self.close_session(session, reason)
         return closed
@@ -246,14 +280,19 @@ class TargetRegistry:
         """Cut ``initiator_name`` off every target: it leaves each ACL (a target left with an empty ACL admits
         nobody: ``admits`` is False for every name) and every session it has, on any target, is closed.
 
+        Names are compared as iSCSI names are (``normalize_name``): an ACL entry or a session of the same name in
+        another case goes too, or ``admits``, which compares that way, would let the fenced initiator back in.
+
         Returns the connections closed, so the caller can wait for their commands still running on a
         worker (a fence answers only once none is left).  Idempotent."""
+        key = normalize_name(initiator_name)
         for target in self.targets.values():
-            if target.allowed_initiators is not None and initiator_name in target.allowed_initiators:
-                target.allowed_initiators = target.allowed_initiators - {initiator_name}
+            if target.allowed_initiators is not None and target.admits(initiator_name):
+                target.allowed_initiators = frozenset(name for name in target.allowed_initiators
+                                                      if normalize_name(name) != key)
         closed: list[ConnectionHandle] = []
         for session in list(self.sessions.values()):
-            if session.initiator_name == initiator_name and not session.discovery:
+            if normalize_name(session.initiator_name) == key and not session.discovery:
                 closed.extend(session.connections.values())
                 self.close_session(session, reason)
         return closed
@@ -264,7 +303,7 @@ class TargetRegistry:
 
     def find_session(self, initiator_name: str, isid: int, tsih: int | None = None) -> Session | None:
         for session in self.sessions.values():
-            if session.initiator_name == initiator_name and session.isid == isid and not session.closed:
+            if session.isid == isid and not session.closed and same_name(session.initiator_name, initiator_name):
                 if tsih is None or session.tsih == tsih:
                     return session
         return None
@@ -279,11 +318,11 @@ class TargetRegistry:
                      params: "SessionParams", initial_cmdsn: int, conn: ConnectionHandle) -> Session:
         """Create a session; an existing one with the same I_T nexus (initiator name, ISID and target: the
         same name and ISID to another target, or in discovery, is another session) is reinstated: closed
-        first, whatever else shares the name and ISID."""
+        first, whatever else shares the name and ISID.  The name compares as iSCSI names do (``same_name``)."""
         replaced: list[ConnectionHandle] = []
         for old in [s for s in self.sessions.values()
-                    if s.initiator_name == initiator_name and s.isid == isid and s.target is target
-                    and not s.closed]:
+                    if s.isid == isid and s.target is target and not s.closed
+                    and same_name(s.initiator_name, initiator_name)]:
             log.info("session reinstatement: %s replaces tsih %d", initiator_name, old.tsih)
             replaced += self.close_session(old, "session reinstatement")
         session = Session(self._next_tsih(), initiator_name, isid, target, params, initial_cmdsn,

@@ -18,7 +18,7 @@ from controller.k8s_nodes import KubernetesNodeLabels
 from node_agent.agent.errors import InvalidArgument
 from node_agent.agent.settings import DiskSpec, check_name
 from node_agent.agent.volumes import VolumeManager
-from node_agent.iscsi.names import check_iqn
+from node_agent.iscsi.names import check_iqn, normalize_name
 
 MiB = 1 << 20
 
@@ -103,3 +103,18 @@ def test_a_port_beyond_loopback_without_mutual_tls_is_warned_about():
     assert "AdminService listens on 0.0.0.0:7450 (plaintext): anyone who reaches" in plain
     assert "(TLS without client certificates)" in exposure_warning("10.0.0.5:7451", True, False, "S", "--tls")
     assert exposure_warning("node-a.example:7451", False, False, "S", "--tls")  # a name: not known to be local
+
+
+@pytest.mark.parametrize("given, normalized", [
+    ("IQN.2026-11.IO.Shoal:Node-A", "iqn.2026-11.io.shoal:node-a"),  # B.2: case folded
+    ("eui.02004567A425678D", "eui.02004567a425678d"),
+    ("iqn.2026-11.io.shoal:\ufb01le\u00ad", "iqn.2026-11.io.shoal:file"),  # NFKC (the fi ligature); B.1 (soft hyphen)
+    ("iqn.2026-11.io.shoal:\uff28\uff2f\uff33\uff34", "iqn.2026-11.io.shoal:host"),  # full-width letters
+    ("iqn.2026-11.io.shoal:stra\u00dfe", "iqn.2026-11.io.shoal:strasse"),
+])
+def test_iscsi_names_compare_in_the_form_rfc_3722_normalizes_them_to(given, normalized):
+    """RFC 7143 §4.2.7.2: names go through RFC 3722's stringprep (RFC 3454 B.1, B.2, NFKC) before they are
+    compared; a name differing in anything else stays another name."""
+    assert normalize_name(given) == normalized
+    assert normalize_name(normalized) == normalized
+    assert normalize_name("iqn.2026-11.io.shoal:node-b") != normalize_name("IQN.2026-11.IO.Shoal:Node-A")
