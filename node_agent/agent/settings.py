@@ -91,9 +91,13 @@ def check_address(text: str, what: str, *, bind: bool = False, ip: bool = False,
     """``HOST:PORT`` -> (host, port), or ``ValueError`` naming ``what``; checked before anything is written, so a
     mistyped address is a usage error rather than a daemon that set up its state and then failed.
 
-    An IPv6 host goes in brackets (``[fd00::1]:7451``); without them the host before the last ``:`` must itself
-    be an IPv6 address (``fd00::1:7451``, as a pod's ``$(NODE_IP):PORT`` gives it), so ``::1`` alone (host
-    ``:``, port 1) is refused.  ``bind``: an address to listen on: port 0 picks a free one, and a host that is
+    An IPv6 host goes in brackets (``[fd00::1]:7451``).  An IPv4 address may be bracketed too (``[10.0.0.1]:7451``,
+    as Go's ``net.SplitHostPort`` takes it): that lets one template, the chart's ``[$(NODE_IP)]:PORT``, give a
+    correct address whichever family the node's IP is.  Unbracketed, the port is whatever follows the last ``:``
+    and the host before it must itself be an IPv6 address (``fd00::1:7451`` is host ``fd00::1``, port 7451; kept
+    for addresses written that way before), so ``::1`` alone (host ``:``, port 1) is refused.  A port is always
+    required, so that rule is the only reading; write ``[ADDR]:PORT`` to leave no doubt.  ``bind``: an address to
+    listen on: port 0 picks a free one, and a host that is
     not an IP address must resolve now (the bind would fail on it later).  Otherwise an address to dial, its
     port 1-65535 (without a port, gRPC would dial 443).  ``ip``: the host must be an IP address, not a
     wildcard (a portal written into exports, which initiators connect to).  ``empty_host``: what an empty
@@ -109,8 +113,8 @@ def check_address(text: str, what: str, *, bind: bool = False, ip: bool = False,
         if not (host.startswith("[") and host.endswith("]")):
             raise ValueError(expected)
         host = host[1:-1]
-        if _ip(host) is None or ":" not in host:
-            raise ValueError(f"{what} {text!r}: {host!r} in brackets is not an IPv6 address")
+        if _ip(host) is None:
+            raise ValueError(f"{what} {text!r}: {host!r} in brackets is not an IP address")
     elif ":" in host and _ip(host) is None:
         raise ValueError(expected)
     host = host or empty_host

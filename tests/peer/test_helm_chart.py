@@ -35,6 +35,9 @@ import yaml
 
 from controller.leader import LeaderSettings
 from node_agent import cli
+from node_agent.agent.daemon import split_host_port
+from node_agent.agent.settings import check_address
+from node_agent.metrics_server import split_listen
 from tests.support.k8s_tools import helm_env, k8s_tools
 
 pytestmark = [pytest.mark.peer, pytest.mark.timeout(600)]
@@ -356,6 +359,66 @@ def test_agent_iscsi_flags_follow_the_values(rendered):
             assert not [a for a in args if a.startswith(option + "=")], args
 
 
+def _env_field(each: dict, name: str) -> str:
+    return next(e["valueFrom"]["fieldRef"]["fieldPath"] for e in each["env"] if e["name"] == name)
+
+
+def _expand(args: list[str], **variables: str) -> list[str]:
+    """``$(VAR)`` in ``args`` as the kubelet expands it from the container's env."""
+    out = []
+    for arg in args:
+        for name, value in variables.items():
+            arg = arg.replace(f"$({name})", value)
+        out.append(arg)
+    return out
+
+
+def test_addresses_for_either_family(rendered):
+    """Every address the chart builds from the node's or the pod's IP is ``[$(VAR)]:PORT``: the kubelet substitutes
+    the bare IP, and ``$(NODE_IP):PORT`` on an IPv6 node gave ``fd00::5:7451`` (ambiguous for `shoal agent`, and
+    refused by the livenessprobe sidecar, Go's net.Listen: "too many colons in address"). Expanded for an IPv4 and
+    an IPv6 node, the agent's arguments make valid settings whose addresses are that IP. The controller's HTTP
+    endpoints bind its pod IP (0.0.0.0 is IPv4 only: the kubelet's probes to an IPv6 pod IP were refused)."""
+    name, _, objects = rendered
+    node_values = {**{"agentPort": 7451, "portalPort": 3260, "metricsPort": 9451, "healthPort": 9809},
+                   **(VARIANT["node"] if name == "variant" else {})}
+    spec = one(objects, "DaemonSet", "-node")["spec"]["template"]["spec"]
+    agent = container(spec, "shoal-agent")
+    probe = container(spec, "liveness-probe")
+    for each in (agent, probe):
+        assert _env_field(each, "NODE_IP") == "status.hostIP", each["name"]
+    expected = {"--listen": node_values["agentPort"], "--portal": node_values["portalPort"]}
+    if node_values["metricsPort"]:
+        expected["--metrics-listen"] = node_values["metricsPort"]
+    else:
+        assert not [a for a in agent["args"] if a.startswith("--metrics-listen=")]
+    for option, port in expected.items():
+        assert flag(agent["args"], option) == f"[$(NODE_IP)]:{port}"
+    assert flag(probe["args"], "--http-endpoint") == f"[$(NODE_IP)]:{node_values['healthPort']}"
+    assert not [a for a in agent["args"] + probe["args"] if "$(NODE_IP)" in a and "[$(NODE_IP)]" not in a]
+
+    for node_ip in ("10.0.0.5", "fd00::5"):
+        args = _expand(agent["args"], NODE_IP=node_ip, NODE_NAME="node-1")
+        # (the TLS files are the Secret's, not here: those flags are left out)
+        args = [a for a in args if not a.startswith(("--tls-", "--controller-ca=", "--controller-cert=",
+                                                       "--controller-key="))]
+        settings = cli._agent_settings(cli.build_parser("agent").parse_args(args))
+        for option, address in (("--listen", settings.listen), ("--portal", settings.portal_listen)):
+            assert split_host_port(address) == (node_ip, expected[option]), (option, address)
+        if "--metrics-listen" in expected:
+            assert split_listen(settings.metrics_listen) == (node_ip, expected["--metrics-listen"])
+
+    shoal = container(one(objects, "Deployment", "-controller")["spec"]["template"]["spec"], "shoal-controller")
+    assert _env_field(shoal, "POD_IP") == "status.podIP"
+    ports = {p["name"]: p["containerPort"] for p in shoal["ports"]}
+    http = {"--health-listen": ports["health"], "--metrics-listen": ports["metrics"]}
+    for option, port in http.items():
+        assert flag(shoal["args"], option) == f"[$(POD_IP)]:{port}"
+        for pod_ip in ("10.244.0.7", "fd00:10:244::7"):
+            value = flag(_expand(shoal["args"], POD_IP=pod_ip), option)
+            assert check_address(value, option, bind=True) == (pod_ip, port)
+
+
 def test_controller_flags_exist_in_cli(rendered):
     """Likewise `shoal controller`."""
     sub = next(a for a in cli.build_parser()._actions if isinstance(a, argparse._SubParsersAction))
@@ -416,7 +479,7 @@ def test_controller_deployment(rendered):
         assert flag(args, "--leader-election-namespace") == "$(POD_NAMESPACE)"
     # Shoal's own probes: ready only on the Lease holder; liveness not through the CSI socket a standby lacks
     health = next(p["containerPort"] for p in shoal["ports"] if p["name"] == "health")
-    assert flag(shoal["args"], "--health-listen") == f"0.0.0.0:{health}"
+    assert flag(shoal["args"], "--health-listen") == f"[$(POD_IP)]:{health}"  # test_addresses_for_either_family
     assert shoal["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "health"}
     assert shoal["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "health"}
     assert flag(shoal["args"], "--api-group") == "shoal.io"
@@ -573,6 +636,50 @@ def test_containerfile_matches_chart(rendered):
                                ("DaemonSet", "-node", "shoal-agent")):
         shoal = container(one(objects, kind, suffix)["spec"]["template"]["spec"], name)
         assert "command" not in shoal
+
+
+def _image_user() -> tuple[int, int]:
+    """The final stage's ``USER UID:GID`` of deploy/Containerfile."""
+    final = (REPO / "deploy" / "Containerfile").read_text().rsplit("\nFROM ", 1)[1]
+    users = re.findall(r"^USER\s+(\S+)\s*$", final, re.M)
+    assert len(users) == 1, users
+    uid, _, gid = users[0].partition(":")
+    return int(uid), int(gid or uid)
+
+
+def test_image_runs_unprivileged_and_the_agent_as_root(rendered):
+    """The image does not default to root (the controller and shoalctl need none; a `podman run` of it should not
+    get root by accident); the controller pod's user is the image's, and the node agent, which must be root, asks
+    for it explicitly instead of relying on the image's default."""
+    uid, gid = _image_user()
+    assert uid > 0 and gid > 0
+    _, _, objects = rendered
+    pod = one(objects, "Deployment", "-controller")["spec"]["template"]["spec"]["securityContext"]
+    assert (pod["runAsUser"], pod["runAsGroup"]) == (uid, gid)
+    agent = container(one(objects, "DaemonSet", "-node")["spec"]["template"]["spec"], "shoal-agent")
+    assert agent["securityContext"]["runAsUser"] == 0 and agent["securityContext"]["runAsGroup"] == 0
+
+
+def test_shoal_containers_request_resources_without_limits(rendered):
+    """Requests by default (no BestEffort pods, the kubelet's first evictions); no limits (throttling or an OOM
+    kill of the agent is an I/O outage of its volumes)."""
+    _, _, objects = rendered
+    for kind, suffix, name in (("Deployment", "-controller", "shoal-controller"),
+                               ("DaemonSet", "-node", "shoal-agent")):
+        resources = container(one(objects, kind, suffix)["spec"]["template"]["spec"], name)["resources"]
+        assert set(resources) == {"requests"}, (name, resources)
+        assert set(resources["requests"]) == {"cpu", "memory"}, (name, resources)
+
+
+def test_disk_mounts_see_later_host_mounts(rendered):
+    """A disk (node.disks) the host mounts after the agent started must show in the agent: HostToContainer.
+    Without it the agent saw the bare mount point until its pod was deleted (OnDelete), the disk unavailable."""
+    name, _, objects = rendered
+    agent = container(one(objects, "DaemonSet", "-node")["spec"]["template"]["spec"], "shoal-agent")
+    disks = [m for m in agent["volumeMounts"] if m["name"].startswith("disk-")]
+    assert len(disks) == (len(VARIANT["node"]["disks"]) if name == "variant" else 0)
+    for mount in disks:
+        assert mount["mountPropagation"] == "HostToContainer", mount
 
 
 # --- the standalone target's systemd unit ------------------------------------------------------------------------
