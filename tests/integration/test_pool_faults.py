@@ -267,7 +267,9 @@ def test_controller_killed_mid_create(tmp_path):
         controller = start_controller(workdir, listen=listen)
         by_name = {v["name"]: v for v in volume_list(listen)}
         assert by_name["before"] == said_before[0]
-        assert {n: by_name[n]["state"] for n in slow} == {n: "creating" for n in slow}
+        # Kept, none failed: still "creating", or already finished by the new controller's first reconcile, which
+        # may run before this list on a loaded machine (CI saw all three "available" here).
+        assert all(by_name[n]["state"] in ("creating", "available") for n in slow), by_name
         wait_for(lambda: all(v["state"] == "available" for v in volume_list(listen)), 30,
                  "reconcile to finish the creates")
 
