@@ -284,9 +284,10 @@ class GrpcAgentClient:
 
     def get_state(self) -> dict[str, Any]:
         state = self._call("GetState", agent_pb2.GetStateRequest())
+        # Each volume's state and message too: reconcile names the agent's own error for a volume in "error" (its
+        # record damaged, its image missing) rather than guessing at it from the size.
         return {"node_id": state.node_id,
-                "volumes": [{"volume_id": v.volume_id, "size_bytes": v.size_bytes, "disk": v.disk, "path": v.path,
-                             "allocated_bytes": v.allocated_bytes} for v in state.volumes],
+                "volumes": [_volume_to_dict(v) for v in state.volumes],
                 "exports": [_export_to_dict(e) for e in state.exports],
                 "attachments": [{"volume_id": a.volume_id, "device_path": a.device_path, "mode": a.mode}
                                 for a in state.attachments],

@@ -22,8 +22,12 @@ Repairs, each under the volume's lock and re-checked against the store first:
 Agents that cannot be reached are skipped: the next pass tries again.
 Volumes (and snapshots) an agent holds that the controller does not know are
 only logged, never deleted, nor their exports removed: data, and the sessions
-using it, are not thrown away on a guess.  Such a standing condition (and a
-volume, or a ready snapshot, missing on its node) is logged at its level once,
+using it, are not thrown away on a guess.  A volume its agent reports in state
+"error" (its record damaged, its image missing) is reported with the agent's
+message, never re-exported or grown: the agent refuses both until someone
+repairs or deletes it, and each refused attempt would be one more operation.
+Such a standing condition (and a volume, or a ready snapshot, missing on its
+node, or in error there) is logged at its level once,
 again every ``REPEAT_STANDING`` seconds while it lasts, and at once if it comes
 back after a pass without it; the passes between log it at debug level (a pass
 runs every few seconds).
@@ -46,6 +50,7 @@ log = logging.getLogger("shoal.controller.reconcile")
 REPEAT_STANDING = 3600.0  # seconds between two log lines at its own level about one standing condition
 RETRY_AT_ONCE = 2  # failures of one repair in a row retried on the next passes; then it backs off
 RETRY_DELAY, RETRY_DELAY_MAX = 10.0, 300.0  # seconds: the first back-off, doubled each further failure, and cap
+AGENT_ERROR = "error"  # the agent's state of a volume it holds but cannot serve (agent.proto VolumeInfo.state)
 
 
 class Reconciler:
@@ -160,7 +165,12 @@ class Reconciler:
     def _reconcile_node(self, node: Node, observed: dict[str, Any]) -> None:
         owned = {v.id: v for v in self.store.list_volumes() if v.owner_node == node.id}
         seen = {(e["volume_id"], iqn) for e in observed.get("exports", ()) for iqn in _initiators(e)}
+        # Volumes the agent holds in "error", with its message: reported below, neither re-exported nor grown.
+        broken = {str(v["volume_id"]): str(v.get("message") or "")
+                  for v in observed.get("volumes", ()) if v.get("state") == AGENT_ERROR}
         for key in sorted(self._wanted(owned) - seen):
+            if key[0] in broken:
+                continue
             volume = owned[key[0]]
             self._try(f"re-exported volume {volume.name} to {key[1]}",
                       lambda v=volume, iqn=key[1]: self._reexport(v.name, iqn))
@@ -187,15 +197,26 @@ class Reconciler:
                 self._report_standing((node.id, "unknown volume", volume_id), logging.WARNING,
                                "reconcile: node %s holds volume id %s that the controller does not know", node.id,
                                volume_id)
-            elif volume.state in (AVAILABLE, ATTACHED) and 0 < size < volume.size_bytes:
+            elif volume.state in (AVAILABLE, ATTACHED) and 0 < size < volume.size_bytes and volume_id not in broken:
                 self._try(f"expanded volume {volume.name} to {volume.size_bytes} bytes",
                           lambda v=volume: self._expand(v.name))
         for volume in owned.values():
+            if volume.state not in (AVAILABLE, ATTACHED):
+                continue
+            why = broken.get(volume.id, "")
+            # The agent's message in the key: a volume whose error changes (its image put back, its record
+            # still damaged) is news again.
+            if volume.id in broken and sizes.get(volume.id):  # its image is there, the agent cannot serve it
+                self._report_standing((node.id, "volume in error", volume.id, why), logging.ERROR,
+                                      "reconcile: volume %s (%s) is in error on its node %s: %s; it is not exported "
+                                      "again or grown until it is repaired there (or deleted)", volume.name,
+                                      volume.id, node.id, why or "the agent gives no reason")
             # Size 0: no volume has it; the agent lists a record whose image is missing (an "error" volume):
-            # missing as well, not a volume to grow.
-            if volume.state in (AVAILABLE, ATTACHED) and not sizes.get(volume.id):
-                self._report_standing((node.id, "missing volume", volume.id), logging.ERROR,
-                               "reconcile: volume %s (%s) is missing on its node %s", volume.name, volume.id, node.id)
+            # missing as well, not a volume to grow, and the agent's message says where the image should be.
+            elif not sizes.get(volume.id):
+                self._report_standing((node.id, "missing volume", volume.id, why), logging.ERROR,
+                                      "reconcile: volume %s (%s) is missing on its node %s%s", volume.name, volume.id,
+                                      node.id, f": {why}" if why else "")
         self._compare_snapshots(node, observed)
 
     def _compare_snapshots(self, node: Node, observed: dict[str, Any]) -> None:

@@ -67,8 +67,8 @@ from node_agent.agent.errors import (
     ResourceExhausted,
     Unavailable,
 )
-from node_agent.agent.exports import ExportInfo
-from node_agent.agent.records import read_json, write_json
+from node_agent.agent.exports import ExportInfo, remove_temp
+from node_agent.agent.records import CorruptRecord, read_json, write_json
 from node_agent.host.connector import Connector, VolumeTarget
 
 log = logging.getLogger("shoal.agent.attachments")
@@ -349,18 +349,25 @@ class AttachmentManager:
         return True
 
     def restore(self) -> None:
-        """Take the record back after a restart; see the module docstring."""
-        data = read_json(os.path.join(self.data_dir, RECORD_FILE), {}).get("attachments", {})
-        secrets = read_json(os.path.join(self.data_dir, SECRETS_FILE), {}).get("credentials", {})
-        self._saved_secrets = dict(secrets)
+        """Take the record back after a restart; see the module docstring.
+
+        The temporary files of both records (a write a crash cut before its rename) are removed first.  A
+        record that is not what ``_save`` writes is ``CorruptRecord`` naming the file (the agent does not
+        start: a login needs what it holds).  Writing the records again at the end (userspace devices
+        cleaned, credentials nobody names dropped) is best effort: a full or read-only data directory is
+        logged, memory holds the change and the next save writes it."""
+        record_path, secrets_path = (os.path.join(self.data_dir, name) for name in (RECORD_FILE, SECRETS_FILE))
+        for path in (secrets_path, record_path):
+            remove_temp(path)
+        data, secrets = _load(record_path, secrets_path)
+        self._saved_secrets = {vid: asdict(c) for vid, c in secrets.items()}
         orphans = sorted(set(secrets) - set(data))
         if orphans:  # a save that stopped before its record was written, or before the last cleanup
             log.info("dropping the CHAP credentials of %s: no attachment record names them", ", ".join(orphans))
-        for volume_id, entry in sorted(data.items()):
-            export = ExportInfo(**{**entry["export"], "portals": tuple(entry["export"]["portals"])})
-            record = AttachmentRecord(volume_id, entry["device_path"], entry["mode"], export)
+        for volume_id, record in sorted(data.items()):
+            export = record.export
             if volume_id in secrets:
-                self._credentials[volume_id] = _Credentials(**secrets[volume_id])
+                self._credentials[volume_id] = secrets[volume_id]
             else:  # written by an agent that saved the record before its secrets, and stopped in between
                 log.warning("volume %s: its CHAP credentials are missing; a login needs them: unpublish and "
                             "publish it again (or repeat its attach)", volume_id)
@@ -376,7 +383,11 @@ class AttachmentManager:
                 self._unverified.add(volume_id)
             self._records[volume_id] = record
         with self._lock:
-            self._save(self._records, self._credentials)
+            try:
+                self._save(self._records, self._credentials)
+            except OSError as exc:
+                log.warning("attachments: the records could not be written again after the restore (%s); the "
+                            "next change writes them", exc.strerror or exc)
 
     def close(self) -> None:
         """At shutdown: userspace devices cannot outlive this process, so log them out (best effort);
@@ -465,6 +476,52 @@ class AttachmentManager:
         self._saved_secrets = None  # unknown if the write fails half-way: read again next time
         write_json(path, {"credentials": secrets}, mode=0o600)
         self._saved_secrets = secrets
+
+
+_HINT = "; the agent does not start without its attachment records: repair the file or restore it from a backup"
+
+
+def _load(record_path: str, secrets_path: str) -> tuple[dict[str, AttachmentRecord], dict[str, _Credentials]]:
+    """Both records as ``_save`` writes them; ``CorruptRecord`` naming the file that holds something else (a
+    filesystem repaired after a crash, a hand edit), not a bare KeyError that names no file."""
+    try:
+        records = _section(read_json(record_path, {}, dict), "attachments", record_path)
+        credentials = _section(read_json(secrets_path, {}, dict), "credentials", secrets_path)
+    except CorruptRecord as exc:
+        raise CorruptRecord(exc.path, exc.why if exc.why.endswith(_HINT) else exc.why + _HINT) from None
+    data, secrets = {}, {}
+    for volume_id, entry in records.items():
+        try:
+            export = dict(entry["export"])
+            export["portals"] = tuple(export["portals"])
+            record = AttachmentRecord(volume_id, entry["device_path"], entry["mode"], ExportInfo(**export))
+            if not (isinstance(record.device_path, str) and record.mode in MODES
+                    and all(isinstance(p, str) for p in export["portals"]) and isinstance(export["lun"], int)
+                    and all(isinstance(export[k], str) for k in ("volume_id", "target_iqn", "naa", "serial",
+                                                                 "chap_user"))):
+                raise TypeError("a value of the wrong kind (or an unknown mode)")
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CorruptRecord(record_path, f"the attachment of volume {volume_id}: {_why(exc)}{_HINT}") from None
+        data[volume_id] = record
+    for volume_id, entry in credentials.items():
+        try:
+            secrets[volume_id] = _Credentials(**entry)
+            if not all(isinstance(v, str) for v in secrets[volume_id].as_map().values()):
+                raise TypeError("credentials must be strings")
+        except TypeError as exc:
+            raise CorruptRecord(secrets_path, f"the credentials of volume {volume_id}: {exc}{_HINT}") from None
+    return data, secrets
+
+
+def _section(data: dict, key: str, path: str) -> dict:
+    value = data.get(key, {})
+    if not isinstance(value, dict):
+        raise CorruptRecord(path, f"{key!r} must be a JSON object{_HINT}")
+    return value
+
+
+def _why(exc: BaseException) -> str:
+    return f"{exc} is missing" if isinstance(exc, KeyError) else str(exc)
 
 
 def _save_failed(volume_id: str, doing: str, exc: OSError) -> AgentError:

@@ -21,7 +21,10 @@ the controller relies on.
 Idempotency (agent.proto): exporting to an initiator already admitted with
 the same credentials returns the same ExportInfo; other credentials for an
 exported volume are ``AlreadyExists``; unexporting what is not exported
-succeeds; the target goes with its last initiator.
+succeeds; the target goes with its last initiator.  Initiator names compare
+as the target's ACL compares them (case-blind, ``same_name``): an export,
+unexport or fence names an initiator in any spelling, and takes every
+spelling of it out of the record.
 """
 
 from __future__ import annotations
@@ -36,10 +39,10 @@ from typing import Any, Protocol, TypeVar
 
 from node_agent.agent.copies import READY, guarded
 from node_agent.agent.errors import AlreadyExists, FailedPrecondition, InvalidArgument, Unavailable
-from node_agent.agent.records import CorruptRecord, read_json, write_json
+from node_agent.agent.records import TEMP_SUFFIX, CorruptRecord, read_json, write_json
 from node_agent.agent.volumes import VolumeInfo, VolumeManager, check_volume_id
 from node_agent.iscsi.names import check_iqn
-from node_agent.iscsi.target import Credentials, TargetNode
+from node_agent.iscsi.target import Credentials, TargetNode, same_name
 from node_agent.scsi.device import LunSettings
 from node_agent.scsi.vpd import LunIdentity
 from node_agent.target_service import LunSpec
@@ -179,7 +182,7 @@ class ExportManager:
             self._check_same_credentials(record, chap, mutual_chap)
             if volume_id in self._unserved:
                 return self._serve_kept(volume, record, initiator_iqn)
-            if initiator_iqn not in record.initiators:
+            if not _admits(record, initiator_iqn):
                 updated = replace(record, initiators=record.initiators + (initiator_iqn,))
                 self._commit(updated, self._secrets[volume_id])
                 self.host.set_allowed_initiators(self.target_iqn(volume_id), list(updated.initiators))
@@ -194,10 +197,10 @@ class ExportManager:
         check_volume_id(volume_id)
         with self._lock:
             record = self._records.get(volume_id)
-            if record is None or initiator_iqn not in record.initiators:
+            if record is None or not _admits(record, initiator_iqn):
                 self._drain(initiator_iqn)  # a repeat after a timeout: its commands may still run
                 return False
-            remaining = tuple(name for name in record.initiators if name != initiator_iqn)
+            remaining = _without_name(record.initiators, initiator_iqn)
             iqn = self.target_iqn(volume_id)
             if remaining:
                 self._commit(replace(record, initiators=remaining), self._secrets[volume_id])
@@ -232,10 +235,10 @@ class ExportManager:
         with self._lock:
             volume_ids, records = [], dict(self._records)
             for record in sorted(self._records.values(), key=lambda r: r.volume_id):  # kept ones too
-                if initiator_iqn in record.initiators:
+                if _admits(record, initiator_iqn):
                     volume_ids.append(record.volume_id)
-                    records[record.volume_id] = replace(
-                        record, initiators=tuple(name for name in record.initiators if name != initiator_iqn))
+                    records[record.volume_id] = replace(record,
+                                                        initiators=_without_name(record.initiators, initiator_iqn))
             # Exports left with nobody (now, or by an earlier attempt that timed out): gone from the file at once,
             # kept in memory with an empty ACL until their targets go below (a delete is refused meanwhile).
             emptied = [volume_id for volume_id, record in records.items() if not record.initiators]
@@ -313,7 +316,14 @@ class ExportManager:
         an unexport that stopped between its two writes, finished here.  A volume whose own record is corrupt
         (state "error") is kept as a missing one is.  ``exports.json`` or ``export-secrets.json`` corrupt:
         ``CorruptRecord`` naming the file, and the agent does not start.
+
+        The temporary files of both (a write a crash cut before its rename: the file it was to replace is whole)
+        are removed first.  The files are then written again without what was dropped; that write failing (a
+        full or read-only data directory) is only logged: memory holds what it would have written, the next
+        change writes it, and the exports restored stay served (the agent's start does not fail on it).
         """
+        for name in (SECRETS_FILE, RECORD_FILE):
+            remove_temp(self._path(name))
         loaded = self._load()
         restored = []
         with self._lock:
@@ -340,7 +350,11 @@ class ExportManager:
                     self._keep_unserved(volume_id, f"serving it failed: {exc}")
                     continue
                 restored.append(volume_id)
-            self._save()
+            try:
+                self._save()
+            except OSError as exc:
+                log.warning("exports: the records could not be written again after the restore (%s); what was "
+                            "dropped from them goes at the next change", exc.strerror or exc)
         if restored:
             log.info("restored %d export(s): %s", len(restored), ", ".join(restored))
         return restored
@@ -386,7 +400,7 @@ class ExportManager:
 
     def _serve_kept(self, volume: VolumeInfo, record: ExportRecord, initiator_iqn: str) -> ExportInfo:
         """Serve a record ``restore`` kept, its volume back: its own ACL (plus ``initiator_iqn``) and CHAP."""
-        if initiator_iqn not in record.initiators:
+        if not _admits(record, initiator_iqn):
             record = replace(record, initiators=record.initiators + (initiator_iqn,))
             self._commit(record, self._secrets[record.volume_id])
         self._serve(volume, record, self._secrets[record.volume_id])  # a failure: still kept, a repeat tries again
@@ -461,6 +475,30 @@ class ExportManager:
 
     def _path(self, name: str) -> str:
         return os.path.join(self.settings.data_dir, name)
+
+
+def remove_temp(path: str) -> None:
+    """The temporary file a crash left of ``write_json(path)``; ``path`` itself is never touched."""
+    if not os.path.isfile(path + TEMP_SUFFIX):
+        return
+    try:
+        os.unlink(path + TEMP_SUFFIX)
+    except FileNotFoundError:
+        return
+    log.info("removed %s, left by a write a stop interrupted (%s itself is whole)", path + TEMP_SUFFIX,
+             os.path.basename(path))
+
+
+def _admits(record: ExportRecord, initiator_iqn: str) -> bool:
+    """Whether the record names ``initiator_iqn``, in any spelling: iSCSI names compare case-blind (RFC 7143
+    §4.2.7.2, ``same_name``), as the target's ACL does."""
+    return any(same_name(name, initiator_iqn) for name in record.initiators)
+
+
+def _without_name(initiators: tuple[str, ...], initiator_iqn: str) -> tuple[str, ...]:
+    """``initiators`` without ``initiator_iqn`` in any spelling: a spelling left behind would admit the initiator
+    an unexport or fence cut off, at the next ACL change or restart."""
+    return tuple(name for name in initiators if not same_name(name, initiator_iqn))
 
 
 def _mapping(value: Any, path: str, key: str, hint: str) -> dict:

@@ -19,7 +19,8 @@ from typing import Any, Callable
 
 from node_agent import eventloop
 from node_agent.agent.errors import FailedPrecondition
-from node_agent.iscsi.target import Credentials, TargetNode
+from node_agent.iscsi.names import normalize_name
+from node_agent.iscsi.target import Credentials, TargetNode, same_name
 from node_agent.scsi import persistent_reserve
 from node_agent.target_service import LunSpec, PortalConfig, TargetService
 
@@ -57,7 +58,8 @@ class PortalThread:
         self.address: tuple[str, int] | None = None
         # Connections a fence or an ACL change closed whose commands still ran when a wait for them timed out,
         # by initiator name: a repeat of that fence or unexport waits for them (their sessions are gone from the
-        # registry, so it would find nothing to wait for and answer at once, the writes still to land).
+        # registry, so it would find nothing to wait for and answer at once, the writes still to land).  Keyed by
+        # the name as names compare (``normalize_name``): a repeat that spells it in another case is the same one.
         self._draining: dict[str, list] = {}
         self._draining_lock = threading.Lock()
 
@@ -124,8 +126,9 @@ class PortalThread:
     def _drain(self, initiator_name: str, connections: list, timeout: float) -> int:
         """Wait for ``connections`` and those an earlier wait for ``initiator_name`` left.  They stay listed
         until drained, so that callers waiting at the same time (a fence and an unexport) all wait for them."""
+        key = normalize_name(initiator_name)
         with self._draining_lock:
-            pending = self._draining.setdefault(initiator_name, [])
+            pending = self._draining.setdefault(key, [])
             pending.extend(c for c in connections if all(c is not p for p in pending))
             watched = list(pending)
         deadline = time.monotonic() + timeout
@@ -136,11 +139,11 @@ class PortalThread:
             time.sleep(0.01)
             running = self.call(lambda: sum(_in_flight(c) for c in watched))
         with self._draining_lock:
-            left = [c for c in self._draining.get(initiator_name, []) if all(c is not w for w in watched)]
+            left = [c for c in self._draining.get(key, []) if all(c is not w for w in watched)]
             if left:
-                self._draining[initiator_name] = left
+                self._draining[key] = left
             else:
-                self._draining.pop(initiator_name, None)
+                self._draining.pop(key, None)
         return waited
 
     def resize_lun(self, iqn: str, lun: int, size: int) -> int:
@@ -162,7 +165,7 @@ class PortalThread:
         for save in saves:  # the reservation state (APTPL), saved here: fsyncs, off the loop
             save()
         with self._draining_lock:
-            pending = self._draining.setdefault(initiator_name, [])
+            pending = self._draining.setdefault(normalize_name(initiator_name), [])
             pending.extend(c for c in connections if all(c is not p for p in pending))
         return result
 
@@ -170,17 +173,32 @@ class PortalThread:
         registry = self.service.registry
         if registry is None:
             return FenceResult(), [], []
+        # Every spelling of the name counts, as iSCSI names compare (RFC 7143 §4.2.7.2, ``same_name``): the registry's
+        # fence cuts ACL entries and sessions of the name in any case, so must the counts and the registrations
+        # here, or an initiator that logged in (and registered) as ``...:HOST-X`` keeps its reservation key after a
+        # fence of ``...:host-x``.  Registrations keep the name as the login (or a TransportID) spelled it, and
+        # ``remove_initiator`` and ``stop_sanitize`` match it exactly: each spelling found is handed to them.
         with registry.lock:
-            admitted = tuple(iqn for iqn, t in registry.targets.items()
-                             if t.allowed_initiators is not None and initiator_name in t.allowed_initiators)
-            sessions = sum(1 for session in registry.sessions.values()
-                           if session.initiator_name == initiator_name and not session.discovery)
+            admitted = tuple(iqn for iqn, t in registry.targets.items() if t.allowed_initiators is not None
+                             and any(same_name(name, initiator_name) for name in t.allowed_initiators))
+            spellings = {initiator_name}
+            sessions = 0
+            for session in registry.sessions.values():
+                if same_name(session.initiator_name, initiator_name) and not session.discovery:
+                    sessions += 1
+                    spellings.add(session.initiator_name)
             connections = registry.fence_initiator(initiator_name)
             removed, saves = 0, []
             for target in registry.targets.values():
                 for unit in target.luns.luns.values():
-                    unit.stop_sanitize(initiator_name)  # its pass writes on; the fence waits for none of it
-                    gone = persistent_reserve.remove_initiator(unit, initiator_name, save=False)
+                    unit.reservations.settle_saves()  # as ``remove_initiator`` does: an undone change is back
+                    names = spellings | {nexus.initiator_port.rpartition(",i,")[0]
+                                         for nexus in unit.reservations.registrations}
+                    names = sorted(name for name in names if same_name(name, initiator_name))
+                    for name in names:
+                        unit.stop_sanitize(name)  # its pass writes on; the fence waits for none of it
+                    gone = [nexus for name in names
+                            for nexus in persistent_reserve.remove_initiator(unit, name, save=False)]
                     save = unit.reservations.save_later() if gone else None
                     if save is not None:
                         saves.append(save)

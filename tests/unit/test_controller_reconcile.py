@@ -216,3 +216,63 @@ def test_a_repair_that_keeps_failing_backs_off_and_one_that_succeeds_is_forgotte
     env.agents.failures.clear()  # the agent lets it go now
     assert any("vol-1" in line for line in env.svc.reconcile_once())
     assert env.store.get_volume("vol-1") is None and env.svc._repair_failures == {}
+
+
+def test_a_volume_its_agent_reports_in_error_is_reported_with_the_agents_message_not_repaired(env, caplog):
+    """The agent lists a volume it cannot serve (its record damaged, its image missing) in state "error" with a
+    message saying why.  Reconcile did not see the state: it tried a re-export (refused on every pass, each try
+    an operation), grew a damaged volume smaller than its row, and said nothing (size above 0: not "missing").
+    It now logs the agent's message at ERROR once per condition, and neither re-exports nor grows it."""
+    volume = env.svc.create_volume("vol-1", GiB)
+    env.svc.attach_volume("vol-1", "node-b")
+    owner = env.agents.agent(volume.owner_node)
+    env.agents.restart(volume.owner_node)  # its export is not served (the agent keeps it until repaired)
+    message = f"/data/{volume.id}.json: corrupt record (Expecting value: line 1 column 1 (char 0))"
+    owner.volumes[volume.id].update(state="error", message=message, size_bytes=GiB // 2)
+    caplog.set_level(logging.DEBUG, logger="shoal.controller.reconcile")
+
+    def loud():
+        lines = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+        caplog.clear()
+        return lines
+
+    report = (f"reconcile: volume vol-1 ({volume.id}) is in error on its node {volume.owner_node}: {message}; it is "
+              "not exported again or grown until it is repaired there (or deleted)")
+    assert env.svc.reconcile_once() == [] and loud() == [report]
+    assert env.svc.reconcile_once() == [] and loud() == []  # still so: not news
+    assert env.agents.count("export_volume", volume.owner_node) == 1  # the attach's own, no re-export
+    assert env.agents.count("expand_volume") == 0 and owner.volumes[volume.id]["size_bytes"] == GiB // 2
+    owner.volumes[volume.id].update(state="ready", message="", size_bytes=GiB)  # repaired on the node
+    assert env.svc.reconcile_once() == [f"re-exported volume vol-1 to {iqn('node-b')}"] and loud() == []
+
+
+def test_the_grpc_client_passes_each_volumes_state_and_message_to_reconcile():
+    """``GrpcAgentClient.get_state`` kept size, disk and path of each volume and dropped its state and message."""
+    from controller.agents_grpc import AgentCallSettings, GrpcAgentClient
+    from protos.shoal.v1 import agent_pb2
+
+    class Stub:
+        def GetState(self, request, timeout):  # noqa: N802 - the stub's method name
+            return agent_pb2.AgentState(node_id="node-a", volumes=[
+                agent_pb2.VolumeInfo(volume_id="v1", size_bytes=GiB, disk="data0", state="error",
+                                     message="v1.json: corrupt record"),
+                agent_pb2.VolumeInfo(volume_id="v2", size_bytes=GiB, disk="data0")])  # an agent without states
+
+    volumes = GrpcAgentClient("node-a", "127.0.0.1:1", Stub(), AgentCallSettings()).get_state()["volumes"]
+    assert [(v["volume_id"], v["size_bytes"], v["state"], v["message"]) for v in volumes] == [
+        ("v1", GiB, "error", "v1.json: corrupt record"), ("v2", GiB, "ready", "")]
+
+
+def test_a_volume_whose_image_is_missing_on_its_agent_is_reported_missing_with_the_agents_message(env, caplog):
+    """A record without its image: state "error", size 0.  Reported missing, as before, now with the agent's
+    message (which names the image the agent looked for), and not re-exported."""
+    volume = env.svc.create_volume("vol-1", GiB)
+    env.svc.attach_volume("vol-1", "node-b")
+    env.agents.restart(volume.owner_node)
+    message = f"the record of volume {volume.id} is there but its image /d/{volume.id}.img is missing"
+    env.agents.agent(volume.owner_node).volumes[volume.id].update(state="error", message=message, size_bytes=0)
+    with caplog.at_level(logging.ERROR, logger="shoal.controller.reconcile"):
+        assert env.svc.reconcile_once() == []
+    assert [r.getMessage() for r in caplog.records] == [
+        f"reconcile: volume vol-1 ({volume.id}) is missing on its node {volume.owner_node}: {message}"]
+    assert env.agents.count("export_volume", volume.owner_node) == 1  # the attach's own, no re-export
