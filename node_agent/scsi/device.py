@@ -39,6 +39,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from node_agent.iscsi.names import normalize_name
 from node_agent.scsi import sense as S
 from node_agent.scsi.commands import COMMANDS_BY_OPCODE, CONTROL_RESERVED, Command
 from node_agent.scsi.lun import decode_lun, encode_lun  # noqa: F401  (re-exported)
@@ -431,7 +432,8 @@ class LogicalUnit:
         land, and for removing the unit.  True if one was running."""
         by = self._sanitize_by
         if not self.sanitizing or (initiator_name is not None and by is not None
-                                   and by.initiator_port.rpartition(",i,")[0] != initiator_name):
+                                   and normalize_name(by.initiator_port.rpartition(",i,")[0])
+                                   != normalize_name(initiator_name)):  # names compare case-blind (RFC 3722)
             return False
         self.sanitize_stopping = True
         log.warning("%s: stopping the running sanitize; the unit stays in the failed-sanitize state",

@@ -25,6 +25,7 @@ import errno
 import logging
 from collections.abc import Callable
 
+from node_agent.iscsi.names import normalize_name
 from node_agent.scsi import sense as S
 from node_agent.scsi.ptpl import UnsavedChangeIncluded
 from node_agent.scsi.reservations import LU_SCOPE, PR_TYPES, PrType, ReservationConflict, Reservations
@@ -375,8 +376,9 @@ def remove_initiator(lu, initiator_name: str, *, save: bool = True) -> list[Nexu
     """
     res = lu.reservations
     res.settle_saves()  # a change whose save failed is undone first: not kept by being built on
-    prefix = initiator_name + ",i,"
-    removed = [n for n in res.registrations if n.initiator_port.startswith(prefix)]
+    # The name as iSCSI names compare (RFC 7143 §4.2.7.2): a registration made under it in another case is its.
+    key = normalize_name(initiator_name)
+    removed = [n for n in res.registrations if normalize_name(n.initiator_port.rpartition(",i,")[0]) == key]
     if not removed:
         return []
     before = res.type

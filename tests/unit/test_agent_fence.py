@@ -34,6 +34,15 @@ def test_removes_every_registration_of_the_name_and_releases_its_reservation(lu)
     assert remove_initiator(lu, FENCED) == [] and keys(lu) == (4, [K2])  # a repeat changes nothing
 
 
+def test_a_registration_under_the_name_in_another_case_is_the_initiators_too(lu):
+    """iSCSI names compare case-blind (RFC 7143 §4.2.7.2): the device server's fence of a name removes the
+    registration made under it in another case, and only that initiator's."""
+    both_registered(lu)
+    assert FENCED != FENCED.upper()
+    removed = remove_initiator(lu, FENCED.upper())
+    assert removed == [NEXUS] and keys(lu)[1] == [K2]
+
+
 def test_an_all_registrants_reservation_stays_with_the_others(lu):
     both_registered(lu)
     prout(lu, RESERVE, K1, pr_type=EA_AR)
@@ -153,3 +162,12 @@ def test_portal_fence_waits_for_commands_running_on_workers(tmp_path):
             asyncio.run(relogin())
     finally:
         portal.stop()
+
+
+def test_a_fence_stops_a_sanitize_its_initiator_started_under_another_spelling(lu):
+    """``stop_sanitize(name)`` compares names as iSCSI does: the pass of ``NAME`` is stopped for ``name``, and
+    not for another initiator.  (The running pass is set up directly: a real one is in
+    test_portal_admin_fairness.py; here only whose it is matters.)"""
+    lu._sanitize, lu._sanitize_by = [False], NEXUS  # a pass of NEXUS's initiator, running
+    assert not lu.stop_sanitize(OTHER.initiator_port.split(",")[0]) and not lu.sanitize_stopping
+    assert lu.stop_sanitize(FENCED.upper()) and lu.sanitize_stopping
