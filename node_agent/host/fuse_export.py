@@ -21,12 +21,15 @@ How file operations reach the device (``BlockDevice``, the protocol
   CACHE): the loop device turns REQ_PREFLUSH/REQ_FUA into ``vfs_fsync`` on its
   backing file, so a filesystem barrier on ``/dev/loopN`` reaches the LUN;
 - fallocate ``PUNCH_HOLE`` (the loop device's discard and write-zeroes) ->
-  ``discard()`` of whole blocks, zeros written to partial blocks;
+  ``discard()`` of whole blocks, zeros written to partial blocks (on a device
+  whose discard leaves no zeros: zeros written, or ``EOPNOTSUPP`` with
+  ``ExportSettings.zero_punched_ranges`` off);
   ``ZERO_RANGE`` (write-zeroes with NOUNMAP) -> zeros written.
 
-Any exception a device raises becomes ``EIO`` for the caller, never a crash of
+Any exception a device raises becomes an errno for the caller, never a crash of
 the FUSE thread (a Python exception escaping a ctypes callback would be
-printed and reported to the kernel as success).
+printed and reported to the kernel as success): ``ENOSPC`` when the storage
+has no room for a write (``_errno_for``), ``EIO`` for anything else.
 
 The FUSE session is driven with libfuse3's low-level lifecycle calls
 (``fuse_new``/``fuse_mount``/``fuse_loop_mt``/``fuse_unmount``/``fuse_destroy``)
@@ -50,6 +53,8 @@ import threading
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Protocol, runtime_checkable
+
+from node_agent.scsi.sense import SPACE_ALLOCATION_FAILED_WRITE_PROTECT
 
 if TYPE_CHECKING:
     from node_agent.host.connector import ReportedIdentity
@@ -269,6 +274,14 @@ class ExportSettings:
     discard_zeroes: bool = True
     """The device's discard leaves zeros (SBC-3 LBPRZ; Shoal's thin LUNs do).  When False a punched
     range is written with zeros instead, since a punched file range must read back as zeros."""
+    zero_punched_ranges: bool = True
+    """With ``discard_zeroes`` False: write zeros over a punched range (True), or refuse the punch with
+    EOPNOTSUPP (False), as a filesystem without hole punching does.  The userspace connector refuses: the
+    loop device above takes EOPNOTSUPP from fallocate as "no discard here" and stops offering it (as the
+    kernel's sd offers none for a LUN without LBPME), where zeros written instead turn every discard into a
+    write of that much over the network (mkfs discards the whole device: the whole volume written).  A
+    write-zeroes request still zeroes: as ZERO_RANGE, or, its punch refused, by the block layer writing
+    zeros itself."""
     fsname: str = "shoal"
     """Mount source shown in /proc/mounts; the connector puts the volume id in it."""
 
@@ -410,6 +423,8 @@ class BlockFile:
             raise _FsError(errno.EOPNOTSUPP)
         if mode & FALLOC_FL_PUNCH_HOLE and not mode & FALLOC_FL_KEEP_SIZE:
             raise _FsError(errno.EOPNOTSUPP)  # fallocate(2): PUNCH_HOLE must be ORed with KEEP_SIZE
+        if mode & FALLOC_FL_PUNCH_HOLE and not (self.settings.discard_zeroes or self.settings.zero_punched_ranges):
+            raise _FsError(errno.EOPNOTSUPP)  # no discard that zeros, and no zeros written instead
         if offset >= self.size:
             return
         end = min(offset + length, self.size)
@@ -644,15 +659,38 @@ class FuseExport:
         return 0
 
 
+def _errno_for(exc: BaseException) -> int:
+    """The errno a device's failure is answered with: ENOSPC where the storage has no room for the write,
+    EIO for anything else (a medium or hardware error, a session gone).
+
+    No room is the target's SPACE ALLOCATION FAILED WRITE PROTECT (SBC-3 §4.7.3.7: its thin volume's disk is
+    full), which Linux's sd turns into ENOSPC as well, or ENOSPC/EDQUOT from a local file.  The loop device
+    passes ENOSPC on (BLK_STS_NOSPC) and makes every errno the block layer does not know EIO, so EDQUOT is
+    answered as ENOSPC.  The sense is read off the exception (``CommandFailed`` of Shoal's initiator carries
+    it) so that this module needs no initiator."""
+    sense = (getattr(exc, "sense_key", None), getattr(exc, "asc", None), getattr(exc, "ascq", None))
+    if sense == tuple(SPACE_ALLOCATION_FAILED_WRITE_PROTECT):
+        return errno.ENOSPC
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return errno.ENOSPC
+    return errno.EIO
+
+
 def _guarded(name: str, handler, on_eio: Callable[[], None] = lambda: None):
-    """Wrap a callback: our own ``_FsError`` returns its errno, any other exception ``-EIO`` (counted)."""
+    """Wrap a callback: our own ``_FsError`` returns its errno, any other exception ``_errno_for``'s, EIO
+    counted.  No room (ENOSPC) is logged in one line and not counted: a full disk fails every write until
+    space is freed, the device itself is sound, and the application is told why."""
 
     def call(*args):
         try:
             return handler(*args)
         except _FsError as exc:
             return -exc.code
-        except BaseException:  # noqa: BLE001 - nothing may escape into libfuse
+        except BaseException as exc:  # noqa: BLE001 - nothing may escape into libfuse
+            code = _errno_for(exc)
+            if code != errno.EIO:
+                log.warning("FUSE %s failed: %s; answering %s", name, exc, errno.errorcode[code])
+                return -code
             log.exception("FUSE %s failed; answering EIO", name)
             on_eio()
             return -errno.EIO

@@ -83,7 +83,8 @@ def open_sync_lun(target: VolumeTarget, settings: "UserspaceSettings") -> BlockD
     from node_agent.iscsi.initiator.client import ClientSettings
     from node_agent.iscsi.initiator.core import InitiatorError, LoginError
 
-    client = ClientSettings(header_digest=settings.header_digest, data_digest=settings.data_digest)
+    client = ClientSettings(header_digest=settings.header_digest, data_digest=settings.data_digest,
+                            reconnect_timeout=settings.reconnect_timeout)
     try:
         return SyncLun.open(target, initiator_iqn=settings.initiator_iqn, settings=client)
     except LoginError as exc:
@@ -112,8 +113,12 @@ class UserspaceSettings:
     loop_direct_io: bool = True
     """``losetup --direct-io=on``: the loop device reads and writes the FUSE file with O_DIRECT,
     so no page cache sits between the filesystem on /dev/loopN and the LUN (one cache, not two)."""
-    export: ExportSettings = field(default_factory=ExportSettings)
-    """FUSE export settings; ``fsname`` is set per volume."""
+    export: ExportSettings = field(default_factory=lambda: ExportSettings(zero_punched_ranges=False))
+    """FUSE export settings; ``fsname`` is set per volume.  A punch on a LUN whose UNMAP leaves no zeros is
+    refused, so the loop device offers no discard there (``ExportSettings.zero_punched_ranges``)."""
+    reconnect_timeout: float = 30.0
+    """Seconds a lost session is retried (``ClientSettings.reconnect_timeout``): I/O on the loop device
+    waits that long for the target to come back, then fails with EIO, and the volume's session is down."""
     release_timeout: float = 10.0
     """Seconds to wait for the kernel to let go of the FUSE file after ``losetup -d``."""
     header_digest: tuple[str, ...] = ("None",)
