@@ -243,7 +243,12 @@ class PortalServer:
         family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((self.host, self.port))
+        try:
+            sock.bind((self.host, self.port))
+        except OSError as exc:  # "Address already in use" alone does not say which: another target on it?
+            sock.close()
+            shown = f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+            raise OSError(exc.errno, f"cannot listen on {shown}: {exc.strerror}") from None
         sock.listen(128)
         sock.setblocking(False)
         self._sock = sock

@@ -162,8 +162,8 @@ def test_a_start_on_a_busy_port_removes_what_it_created_and_shrinks_what_it_grew
     grown = tmp_path / "existing.img"
     grown.write_bytes(b"\x5a" * (1 << 20))
     config = TargetConfig(IQN, [LunSpec(str(tmp_path / "new.img"), 1 << 30), LunSpec(str(grown), 1 << 30)])
-    with pytest.raises(OSError):
-        _serve_on(busy_port, config)
+    with pytest.raises(OSError, match=rf"cannot listen on 127\.0\.0\.1:{busy_port}: Address already in use"):
+        _serve_on(busy_port, config)  # the address named: which of several targets holds it is the question
     assert not (tmp_path / "new.img").exists()
     assert grown.stat().st_size == 1 << 20 and grown.read_bytes() == b"\x5a" * (1 << 20)
 
@@ -397,3 +397,13 @@ def test_systemd_unit_does_not_restart_usage_errors():
     unit = (REPO / "deploy" / "systemd" / "shoal-target@.service").read_text()
     service = unit.split("[Service]", 1)[1].split("\n[", 1)[0]
     assert "\nRestartPreventExitStatus=2\n" in service and "\nRestart=on-failure\n" in service
+
+
+def test_shoal_iscsi_names_the_portal_it_cannot_reach(capsys):
+    """A refused connection says where: "[Errno 111] Connection refused" alone left the user guessing."""
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]  # nothing listens there once closed
+    code = cli.main(["iscsi", "inquiry", f"iscsi://127.0.0.1:{port}/{IQN}/0"])
+    err = capsys.readouterr().err
+    assert code == 1 and f"shoal iscsi: 127.0.0.1:{port}: Connection refused" in err, err

@@ -193,9 +193,18 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:  # a bad URL or argument (whose message masks the URL's secrets)
         print(f"shoal iscsi: {exc}", file=sys.stderr)
         return 2
+    except ConnectionError as exc:  # "[Errno 111] Connection refused" alone does not say where
+        print(f"shoal iscsi: {_portal_of(args)}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
     except (LoginError, InitiatorError, SessionLost, CommandFailed, OSError) as exc:
         print(f"shoal iscsi: {exc}", file=sys.stderr)
         return 1
+
+
+def _portal_of(args: argparse.Namespace) -> str:
+    """``HOST:PORT`` of the URL the command was given (it parsed before anything connected)."""
+    url = IscsiUrl.parse(args.url, need_lun=False)
+    return f"[{url.host}]:{url.port}" if ":" in url.host else f"{url.host}:{url.port}"
 
 
 def _run_loop(coro) -> int:
