@@ -24,7 +24,8 @@ unknown targets (answered "not found") and first PDUs that are not a login
 Workers are ``python -m node_agent.target_workers`` processes started with
 their part of the configuration (pickled on stdin: only between our own
 processes).  They stop, closing their sessions and flushing their LUNs, when
-the parent closes their control socket (or dies), or on SIGTERM; they run in
+the parent closes their control socket (or dies), or on SIGTERM (one sent
+while they start is held back until their handler is in place); they run in
 their own session, so a Ctrl-C or a signal to the parent's group reaches the
 parent only, and it stops them.  The parent waits for each by PID.  A worker that dies while serving stops the whole target
 with exit status 1: its sessions are gone either way, and a supervisor's
@@ -34,6 +35,7 @@ restart is clearer than a target that half serves.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import pickle
@@ -48,6 +50,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 from node_agent import eventloop
+from node_agent.iscsi.names import normalize_name
 from node_agent.iscsi.target import Credentials
 from node_agent.target_service import PortalConfig, TargetConfig, TargetService, TargetSpec
 
@@ -121,6 +124,7 @@ class _Worker:
     process: subprocess.Popen
     control: socket.socket
     targets: list[str] = field(default_factory=list)
+    reported: bool = False  # its death was logged (as an ERROR) already: stop() does not log it again
 
 
 class WorkerPool:
@@ -129,13 +133,15 @@ class WorkerPool:
     def __init__(self, config: TargetConfig):
         self.config = config
         self.workers: list[_Worker] = []
-        self.owner: dict[str, _Worker] = {}
+        self.owner: dict[str, _Worker] = {}  # by the configured spelling of each target's name
+        self.owner_by_key: dict[str, _Worker] = {}  # by its normalize_name: a TargetName in another case
         self.failed = asyncio.Event()  # a worker died while serving
         self.ended = asyncio.Event()  # a worker stopped cleanly on its own (SIGTERM to it): the target stops
         self.stopping = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self.peeking: dict[str, int] = {}  # peer address -> connections waiting for their first PDU here
         self._refused: set[str] = set()  # addresses whose refusal was logged (cleared when they drain)
+        self._peeks: set[_Peek] = set()  # connections waiting here for their first PDU (closed at the stop)
 
     def specs(self) -> list[WorkerSpec]:
         config = self.config
@@ -163,11 +169,24 @@ class WorkerPool:
             self._loop.add_reader(worker.control.fileno(), self._control_readable, worker)
             for iqn in worker.targets:
                 self.owner[iqn] = worker
+                self.owner_by_key.setdefault(normalize_name(iqn), worker)
             log.info("worker %d (pid %d) serves %s", worker.index, worker.process.pid, ", ".join(worker.targets))
+
+    def owner_of(self, target: str) -> _Worker | None:
+        """The worker serving the target a TargetName names, compared as iSCSI names are (RFC 7143 §4.2.7.2,
+        as ``TargetRegistry.find_target``): in another case than configured it reached the parent, whose
+        copy of the target serves no session, and got "service unavailable" at every retry."""
+        worker = self.owner.get(target)
+        return worker if worker is not None else self.owner_by_key.get(normalize_name(target))
 
     @staticmethod
     def _spawn(spec: WorkerSpec) -> _Worker:
         parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        # The worker starts with SIGTERM blocked (a thread's signal mask goes through fork and exec) and
+        # unblocks it once its handler is in place: a SIGTERM sent while it starts (systemd's control group
+        # on a stop soon after the start) then stops it cleanly once it can, where the default action killed
+        # it (-15) and failed the start with exit status 1.
+        held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
         try:
             process = subprocess.Popen(
                 [sys.executable, "-m", "node_agent.target_workers", str(child_end.fileno())],
@@ -177,6 +196,7 @@ class WorkerPool:
             parent_end.close()
             raise
         finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, held)
             child_end.close()
         assert process.stdin is not None
         try:
@@ -231,6 +251,7 @@ class WorkerPool:
             log.error("worker %d (pid %d, %s) exited while serving (status %s): stopping the target",
                       worker.index, worker.process.pid, ", ".join(worker.targets),
                       "unknown" if status is None else status)
+            worker.reported = status is not None
             self.failed.set()
 
     # Router
@@ -240,6 +261,9 @@ class WorkerPool:
         waiting here at once, and each waits at most ``login_timeout`` for it, whether it sends or not: a
         host that opens connections and sends nothing cannot use up the parent's file descriptors."""
         assert self._loop is not None
+        if self.stopping:  # a portal not closed yet (they close one after the other): nothing is routed now
+            conn.close()
+            return
         host = peer[0]
         waiting = self.peeking.get(host, 0)
         limit = self.config.connection.max_logins_per_peer
@@ -251,9 +275,18 @@ class WorkerPool:
             conn.close()
             return
         self.peeking[host] = waiting + 1
-        _Peek(self, conn, peer, here, self._loop).start()
+        peek = _Peek(self, conn, peer, here, self._loop)
+        self._peeks.add(peek)
+        peek.start()
 
-    def peek_ended(self, host: str) -> None:
+    def drop_peeks(self) -> None:
+        """Close the connections still waiting for their first PDU: at the stop, one whose PDU came later was
+        handed to a worker whose control socket was closed already (EBADF), or to the closed front portal."""
+        for peek in list(self._peeks):
+            peek.drop()
+
+    def peek_ended(self, peek: "_Peek", host: str) -> None:
+        self._peeks.discard(peek)
         left = self.peeking.get(host, 0) - 1
         if left > 0:
             self.peeking[host] = left
@@ -287,6 +320,7 @@ class WorkerPool:
         """Close the workers' control sockets (each then stops: sessions closed, LUNs flushed) and wait for
         each by PID; one that has not exited after 30 s is killed."""
         self.stopping = True
+        self.drop_peeks()
         for worker in self.workers:
             if self._loop is not None:
                 try:
@@ -303,7 +337,7 @@ class WorkerPool:
                           worker.process.pid, _STOP_WAIT)
                 worker.process.kill()
                 worker.process.wait()
-            elif worker.process.returncode:
+            elif worker.process.returncode and not worker.reported:
                 log.error("worker %d (pid %d) exited with status %d", worker.index, worker.process.pid,
                           worker.process.returncode)
         self.workers.clear()
@@ -363,7 +397,7 @@ class _Peek:
             self.retry = self.loop.call_later(self.delay, self.start)
             return
         self._end()
-        worker = self.pool.owner.get(decision.target) if decision.target is not None else None
+        worker = self.pool.owner_of(decision.target) if decision.target is not None else None
         if worker is None:
             self.here(self.conn, self.peer)
         else:
@@ -372,6 +406,9 @@ class _Peek:
     def _expire(self) -> None:
         log.info("connection from %s:%s sent no whole first PDU in %g s", self.peer[0], self.peer[1],
                  self.timeout)
+        self.drop()
+
+    def drop(self) -> None:
         self._end()
         self.conn.close()
 
@@ -384,7 +421,7 @@ class _Peek:
         if self.retry is not None:
             self.retry.cancel()
         self.loop.remove_reader(self.fd)
-        self.pool.peek_ended(self.peer[0])
+        self.pool.peek_ended(self, self.peer[0])
 
 
 async def serve_sharded(config: TargetConfig, ready: Callable[[list[tuple[str, int]]], None] | None,
@@ -407,6 +444,7 @@ async def serve_sharded(config: TargetConfig, ready: Callable[[list[tuple[str, i
             wait.cancel()
     finally:
         pool.stopping = True  # the workers' ends from here on are this stop's (they may have had SIGTERM too)
+        pool.drop_peeks()  # before the front portal closes: none is routed to it (or a worker) from here on
         await front.stop()
         await pool.stop()
     if pool.failed.is_set():
@@ -418,6 +456,8 @@ async def _serve_worker(spec: WorkerSpec, control: socket.socket) -> int:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
+    # Held back since the start (WorkerPool._spawn): one that came meanwhile is delivered now, to the handler.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
     service = TargetService(portal=spec.portal)
     try:
         for target in spec.targets:
@@ -425,7 +465,8 @@ async def _serve_worker(spec: WorkerSpec, control: socket.socket) -> int:
                                allowed_initiators=spec.allowed_initiators)
         await service.start_portals(listen=False)
     except (OSError, ValueError) as exc:
-        control.send(str(exc).encode("utf-8", "replace")[:4000])
+        with contextlib.suppress(OSError):  # the parent may be gone (it stops the others when one fails)
+            control.send(str(exc).encode("utf-8", "replace")[:4000])
         await service.stop()
         return 1
     portal = service.portal
@@ -465,7 +506,11 @@ async def _serve_worker(spec: WorkerSpec, control: socket.socket) -> int:
                 return
 
     control.setblocking(False)
-    control.send(_READY)
+    try:
+        control.send(_READY)
+    except OSError:  # the parent closed its end while this started (another worker failed): a stop
+        await service.stop()
+        return 0
     loop.add_reader(control.fileno(), control_readable)
     try:
         await stop.wait()

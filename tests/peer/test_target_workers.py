@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import pickle
 import signal
 import socket
 import subprocess
@@ -28,7 +29,7 @@ import pytest
 from tests.conftest import require_tools
 from tests.peer.test_target_loops import _scenario
 from tests.perf.bench_targets import process_tree
-from tests.support.shoal_target import running_shoal_target
+from tests.support.shoal_target import REPO, running_shoal_target, stop_process
 
 pytestmark = pytest.mark.peer
 MiB = 1 << 20
@@ -168,15 +169,27 @@ def test_bad_first_pdus_and_unknown_targets_get_answers_and_harm_nothing(tmp_pat
 
 
 def test_a_dying_worker_stops_the_target(tmp_path):
+    """A worker killed while serving stops the whole target with status 1 (its death logged once, not again by
+    the stop); the other worker's data is synced, and a restart on the same port serves both targets."""
     require_tools("qemu-io")
     with started(tmp_path) as t:
         run("qemu-io", "-f", "raw", "-c", "write -P 0x77 0 64k", url(t, A))
+        run("qemu-io", "-f", "raw", "-c", "write -P 0x78 0 64k", url(t, B))
         workers = children(t.pid)
         os.kill(workers[1], signal.SIGKILL)
         assert t.process.wait(30) == 1
         wait_gone(workers)
-        assert "exited while serving" in t.log()
+        log = t.log()
+        port = t.port
+    assert "exited while serving (status -9)" in log
+    assert [line for line in log.splitlines() if " ERROR " in line and "status -9" in line] == [
+        line for line in log.splitlines() if "exited while serving (status -9)" in line], log
     assert (tmp_path / "a.img").read_bytes()[:65536] == b"\x77" * 65536
+    with started(tmp_path, listen=f"127.0.0.1:{port}") as again:
+        run("qemu-io", "-f", "raw", "-c", "read -P 0x77 0 64k", url(again, A))
+        run("qemu-io", "-f", "raw", "-c", "read -P 0x78 0 64k", url(again, B))
+        workers = children(again.pid)
+    wait_gone(workers)
 
 
 def worker_processes() -> set[int]:
@@ -295,3 +308,131 @@ def test_the_login_time_limit_counts_from_the_parents_accept_not_from_the_hand_o
                     pass
             held = time.monotonic() - start
     assert 14 <= held <= 18, f"closed after {held:.1f} s (login timeout 15 s)"
+
+
+def _spawn_target(tmp_path: Path) -> tuple[subprocess.Popen, Path]:
+    """``shoal target --workers 2`` started without waiting for it to serve (``started`` waits)."""
+    log_path = tmp_path / f"target-{time.monotonic_ns()}.log"
+    args = [sys.executable, "-m", "node_agent.cli", "target", "--listen", "127.0.0.1:0", "--iqn", A, "--lun",
+            f"{tmp_path / 'a.img'}:16M", "--iqn", B, "--lun", f"{tmp_path / 'b.img'}:16M", "--workers", "2",
+            "--port-file", str(tmp_path / "port")]
+    with open(log_path, "wb") as log_file:
+        process = subprocess.Popen(args, stdout=log_file, stderr=subprocess.STDOUT, cwd=REPO)
+    return process, log_path
+
+
+def test_sigterm_to_workers_while_they_start_is_a_clean_stop(tmp_path):
+    """systemd's default KillMode (control-group) signals the workers too: on a stop soon after the start one
+    could come before a worker's handler was in place, and Python's default killed it (-15): the start
+    failed (exit 1, "exited with status -15", a BrokenPipeError traceback from a worker whose parent had
+    gone).  The parent now starts them with SIGTERM held back until their handler is in place."""
+    for delay in (0.0, 0.1, 0.3):
+        process, log_path = _spawn_target(tmp_path)
+        workers: list[int] = []
+        try:
+            deadline = time.monotonic() + 20
+            while len(workers) < 2:
+                assert process.poll() is None and time.monotonic() < deadline, log_path.read_text()
+                workers = children(process.pid)
+                time.sleep(0.005)
+            time.sleep(delay)
+            for pid in workers:
+                os.kill(pid, signal.SIGTERM)
+            assert process.wait(30) == 0, log_path.read_text()
+        finally:
+            stop_process(process)
+            wait_gone(workers)
+        log = log_path.read_text()
+        assert "ERROR" not in log and "Traceback" not in log, log
+        assert log.count("stopped: sessions closed, data synced") == 3, log  # both workers and the parent
+
+
+def test_a_worker_whose_parent_went_away_while_it_started_stops_without_a_traceback(tmp_path):
+    """When one worker fails to start the parent closes the others' control sockets: a worker still starting
+    then died of a BrokenPipeError (exit 1, a traceback in the log) telling its parent it was ready."""
+    from node_agent.target_service import LunSpec, PortalConfig, TargetSpec
+    from node_agent.target_workers import WorkerSpec
+
+    spec = WorkerSpec(0, [TargetSpec(A, [LunSpec(str(tmp_path / "a.img"), MiB)])], PortalConfig(), None, None,
+                      None)
+    parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    try:
+        process = subprocess.Popen([sys.executable, "-m", "node_agent.target_workers", str(child_end.fileno())],
+                                   stdin=subprocess.PIPE, stderr=subprocess.PIPE, pass_fds=[child_end.fileno()],
+                                   cwd=REPO)
+    finally:
+        child_end.close()
+        parent_end.close()  # gone before the worker could say it is ready
+    try:
+        _, stderr = process.communicate(pickle.dumps(spec), timeout=30)
+    finally:
+        stop_process(process)
+    assert process.returncode == 0 and b"Traceback" not in stderr, stderr.decode(errors="replace")
+
+
+def test_sigterm_to_one_serving_worker_stops_the_target_cleanly(tmp_path):
+    """``kill`` of one worker (or systemd signalling the group): it closes its sessions, syncs and exits 0, and
+    the parent takes that for a stop (exit 0, no ERROR), not for a crash."""
+    require_tools("qemu-io")
+    with started(tmp_path) as t:
+        run("qemu-io", "-f", "raw", "-c", "write -P 0x5e 0 1M", url(t, B))
+        workers = children(t.pid)
+        os.kill(workers[1], signal.SIGTERM)
+        assert t.process.wait(30) == 0, t.log()
+        wait_gone(workers)
+        log = t.log()
+    assert "ERROR" not in log and "worker 1 stopped: sessions closed, data synced" in log, log
+    assert (tmp_path / "b.img").read_bytes()[:MiB] == b"\x5e" * MiB
+
+
+def test_a_target_name_in_another_case_reaches_its_worker(tmp_path):
+    """RFC 7143 §4.2.7.2: a TargetName in another case names the same target, and one process serves it; the
+    router looked it up as given, served the login itself and answered "service unavailable" forever."""
+    require_tools("iscsi-inq")
+    with started(tmp_path) as t:
+        answer = run("iscsi-inq", url(t, B.upper())).stdout
+        assert "DIRECT_ACCESS" in answer, answer
+        log = t.log()
+    assert "served by another process" not in log
+    assert any("[worker 1]" in line and "login: " in line for line in log.splitlines()), log
+
+
+def _raw_login(host: str, port: int, target: str, wait: bool) -> None:
+    """One connection whose first PDU is a whole Normal-session login to ``target``, closed after its answer
+    (``wait``) or at once."""
+    text = f"InitiatorName=iqn.2026-11.io.shoal.test:fd\0TargetName={target}\0AuthMethod=None\0".encode()
+    with socket.create_connection((host, port)) as sock:
+        sock.sendall(_login_pdu(text, opcode=0x43))
+        if wait:
+            assert len(_answer(sock)) == 48
+
+
+def test_a_stopped_worker_leaves_the_others_served_and_hand_overs_leak_no_descriptor(tmp_path):
+    """A hung worker (SIGSTOP) takes no connections: the ones for its target queue on its control socket, then
+    are dropped; the parent goes on answering discovery and routing to the other worker.  After 200
+    hand-overs, some dropped, the parent holds exactly the file descriptors it held before."""
+    require_tools("iscsi-inq", "iscsi-ls")
+    with started(tmp_path) as t:
+        workers = children(t.pid)
+        fds = lambda: len(os.listdir(f"/proc/{t.pid}/fd"))  # noqa: E731
+        before = fds()
+        os.kill(workers[1], signal.SIGSTOP)
+        try:
+            for _ in range(100):
+                _raw_login(t.host, t.port, A, wait=True)
+                _raw_login(t.host, t.port, B, wait=False)
+            assert "DIRECT_ACCESS" in run("iscsi-inq", url(t, A), timeout=20).stdout
+            assert B in run("iscsi-ls", f"iscsi://{t.portal}/", timeout=20).stdout
+        finally:
+            os.kill(workers[1], signal.SIGCONT)
+        # Served again, once the worker has taken (and closed) the connections queued for it meanwhile: their
+        # initiators gone, they count a moment among the address's connections in the login phase.
+        deadline = time.monotonic() + 10
+        while "DIRECT_ACCESS" not in run("iscsi-inq", url(t, B), check=False, timeout=20).stdout:
+            assert time.monotonic() < deadline, t.log()[-3000:]
+            time.sleep(0.2)
+        deadline = time.monotonic() + 5
+        while fds() != before and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert fds() == before
+        assert len(children(t.pid)) == 2
