@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from node_agent.iscsi.chap import MIN_SECRET_BYTES
 from node_agent.iscsi.connection import ConnectionSettings
 from node_agent.iscsi.keys import TargetSettings
-from node_agent.iscsi.names import check_iqn
+from node_agent.iscsi.names import check_iqn, normalize_name
 from node_agent.iscsi.server import FairPool, LoopPool, PortalServer, Router, worker_pool
 from node_agent.iscsi.target import Credentials, TargetNode, TargetRegistry
 from node_agent.scsi.device import LogicalUnit, LunIdentity, LunMap, LunSettings
@@ -151,9 +151,10 @@ class TargetConfig:
         paths: dict[object, str] = {}
         for target in self.targets:
             check_iqn(target.iqn)
-            if target.iqn in names:
-                raise ValueError(f"target {target.iqn} is given twice")
-            names.add(target.iqn)
+            key = normalize_name(target.iqn)  # iSCSI names compare case-blind (RFC 7143 §4.2.7.2): one target
+            if key in names:
+                raise ValueError(f"target {target.iqn} is given twice (iSCSI names do not differ by case alone)")
+            names.add(key)
             if not target.luns:
                 raise ValueError(f"target {target.iqn} needs at least one LUN")
             for spec in target.luns:  # two LUNs on one file would keep two sets of reservations for one medium

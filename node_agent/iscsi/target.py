@@ -240,6 +240,8 @@ class TargetRegistry:
         existing = self.targets.get(target.iqn)
         if existing is not None:
             return existing
+        if self.find_target(target.iqn) is not None:  # logins find targets case-blind: which one would it be?
+            raise ValueError(f"target {target.iqn}: another target's name differs from it only by case")
         self.targets[target.iqn] = target
         target.luns.on_abort = lambda lun, nexuses: self.abort_tasks(target, lun, nexuses)
         return target

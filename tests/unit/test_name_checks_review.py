@@ -118,3 +118,15 @@ def test_iscsi_names_compare_in_the_form_rfc_3722_normalizes_them_to(given, norm
     assert normalize_name(given) == normalized
     assert normalize_name(normalized) == normalized
     assert normalize_name("iqn.2026-11.io.shoal:node-b") != normalize_name("IQN.2026-11.IO.Shoal:Node-A")
+
+
+def test_a_target_whose_name_differs_only_by_case_is_refused():
+    """Logins find targets case-blind (``find_target``): two such targets would make a login's target a guess."""
+    from node_agent.iscsi.target import TargetNode, TargetRegistry
+    from node_agent.scsi.device import LunMap
+
+    registry = TargetRegistry([TargetNode("iqn.2026-11.io.x:one", LunMap({}))])
+    assert registry.add_target(TargetNode("iqn.2026-11.io.x:one", LunMap({}))).iqn == "iqn.2026-11.io.x:one"
+    with pytest.raises(ValueError, match="differs from it only by case"):
+        registry.add_target(TargetNode("iqn.2026-11.io.x:ONE", LunMap({})))
+    assert list(registry.targets) == ["iqn.2026-11.io.x:one"]

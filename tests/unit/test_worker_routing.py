@@ -77,6 +77,8 @@ def test_without_iqn_the_default_target_takes_every_lun():
     (("--lun", "a.img", "--workers", "2"), "--workers 2 needs at least 2 targets"),
     (("--iqn", "iqn.2026-11.io.x:one", "--lun", "a.img", "--iqn", "iqn.2026-11.io.x:one", "--lun", "b.img"),
      "given twice"),
+    (("--iqn", "iqn.2026-11.io.x:one", "--lun", "a.img", "--iqn", "iqn.2026-11.io.x:ONE", "--lun", "b.img"),
+     "given twice"),  # iSCSI names do not differ by case alone
     (("--iqn", "iqn.2026-11.io.x:one", "--lun", "a.img", "--iqn", "iqn.2026-11.io.x:two", "--lun", "a.img"),
      "served twice"),
     (("--iqn", "iqn.2026-11.io.x:one", "--lun", "a.img", "--iqn", "iqn.2026-11.io.x:two"), "needs at least one LUN"),
