@@ -278,9 +278,9 @@ class GrpcAgentClient:
         return self._call("AttachVolume", request, secret=chap_secret,
                           timeout=self._settings.attach_timeout).device_path
 
-    def detach_volume(self, volume_id: str, mode: str) -> None:
+    def detach_volume(self, volume_id: str, mode: str, *, timeout: float | None = None) -> None:
         self._call("DetachVolume", agent_pb2.DetachVolumeRequest(volume_id=volume_id, mode=mode),
-                   timeout=self._settings.attach_timeout)
+                   timeout=timeout or self._settings.attach_timeout)
 
     def get_state(self) -> dict[str, Any]:
         state = self._call("GetState", agent_pb2.GetStateRequest())

@@ -76,7 +76,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
     def ListVolumes(self, request, context):
         attached = defaultdict(list)
         for attachment in self.service.list_attachments():
-            attached[attachment.volume].append(attachment.node)
+            attached[attachment.volume].append(convert.attached_node(attachment))
         volumes = self.service.list_volumes(request.pool or None)
         return admin_pb2.ListVolumesResponse(volumes=[
             convert.volume_to_proto(v, attached[v.name], self.service.clone_progress(v)) for v in volumes])
@@ -99,8 +99,8 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         return self.service.settings.default_pool or "default"
 
     def _volume(self, volume):
-        return convert.volume_to_proto(volume, [a.node for a in self.service.list_attachments(volume=volume.name)],
-                                       self.service.clone_progress(volume))
+        attached = [convert.attached_node(a) for a in self.service.list_attachments(volume=volume.name)]
+        return convert.volume_to_proto(volume, attached, self.service.clone_progress(volume))
 
     # Attachments.
     @rpc("name", "node")

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 
-from controller.domain.model import Attachment, Disk, Export, Node, Pool, PoolUsage, Snapshot, Volume
+from controller.domain.model import (ATTACHING, DETACHING, Attachment, Disk, Export, Node, Pool, PoolUsage, Snapshot,
+                                     Volume)
 from protos.shoal.v1 import admin_pb2, common_pb2
 
 
@@ -47,6 +48,15 @@ def status_to_proto(status: Mapping[str, int]) -> admin_pb2.Status:
     """``ControllerService.status()``; its byte sums clamped to a uint64."""
     return admin_pb2.Status(**{key: uint64(value) if key.endswith("_bytes") else value
                                for key, value in status.items()})
+
+
+def attached_node(attachment: Attachment) -> str:
+    """How ``Volume.attached_nodes`` names the node of ``attachment``: its id, and "(attaching)" or "(detaching)"
+    after it while a call left the row unfinished (failed for a while: its repeat, or a detach, finishes it), so
+    list and show never say a node has a volume its attach has not given it."""
+    if attachment.state in (ATTACHING, DETACHING):
+        return f"{attachment.node} ({attachment.state})"
+    return attachment.node
 
 
 def volume_to_proto(volume: Volume, attached_nodes: Iterable[str] = (), progress: float = 0.0) -> admin_pb2.Volume:

@@ -121,7 +121,9 @@ def detach(api, args, verb: str) -> None:
     ``volume show``."""
     volume = api.call("GetVolume", admin_pb2.GetVolumeRequest(name=args.name))
     api.call("DetachVolume", admin_pb2.DetachVolumeRequest(name=args.name, node=args.node))
-    output.emit_detached(args.name, args.node, args.node in volume.attached_nodes, args.output, verb=verb)
+    # "NODE (attaching)": an attach that failed for a while left its row, which the detach removed
+    had = any(shown.partition(" (")[0] == args.node for shown in volume.attached_nodes)
+    output.emit_detached(args.name, args.node, had, args.output, verb=verb)
 
 
 def check_secret_file(path: str, given: str) -> None:

@@ -64,7 +64,9 @@ class AgentClient(Protocol):
         """The device ("" with ``defer_login``: the agent records the export, its CSI NodeStage logs in)."""
         ...
 
-    def detach_volume(self, volume_id: str, mode: str) -> None: ...
+    def detach_volume(self, volume_id: str, mode: str, *, timeout: float | None = None) -> None:
+        """``timeout``: seconds to wait for the agent at most (None: as long as an attach may take)."""
+        ...
 
     def get_state(self) -> dict[str, Any]: ...
 
@@ -235,7 +237,7 @@ class FakeAgentClient:
             have["device_path"] = f"/dev/fake/{volume_id}"
         return have["device_path"]
 
-    def detach_volume(self, volume_id: str, mode: str) -> None:
+    def detach_volume(self, volume_id: str, mode: str, *, timeout: float | None = None) -> None:
         self._agents._enter(self._state.node_id, "detach_volume", volume_id)
         self._state.attachments.pop(volume_id, None)
 

@@ -23,8 +23,10 @@ those volumes go elsewhere.  If N cannot be reached, its own volumes stay attach
 no other node could use them before N answers anyway) while the rest of the fence completes; a repeat of the
 fence, or the loop, asks N again, and once it answers those attachments are fenced too.
 
-``unfence`` (only of a fenced node) forgets N's fenced attachments and lets N back in.  While N is fenced,
-its heartbeats are accepted and answered with the volumes whose attachments it should drop.
+``unfence`` (only of a fenced node) forgets N's fenced attachments and lets N back in; N's agent is asked to
+detach them, but not waited for longer than ``FORGET_WAIT`` in all.  While N is fenced, its heartbeats are
+accepted and answered with the volumes whose attachments it should drop (its agent drops them off its heartbeat
+thread, so its heartbeats go on while a drop waits on a session that was cut off).
 """
 
 from __future__ import annotations
@@ -45,6 +47,12 @@ if TYPE_CHECKING:
 log = logging.getLogger("shoal.controller.fencing")
 
 DONE_MARK = ": fenced"
+#: Seconds an unfence waits, for all its fenced attachments together, for the node's agent to forget them.  Best
+#: effort: the agent was told to drop them with every heartbeat while fenced, and a drop of a volume whose owner
+#: cut the node off waits until its session's reconnect gives up (30 s for a userspace one, open-iscsi's
+#: replacement timeout for a kernel one): waiting for that would hold the unfence, and the agent's threads,
+#: for as long.  An agent that did not answer in time goes on with the detach it was asked for.
+FORGET_WAIT = 5.0
 
 
 class Fencing:
@@ -118,11 +126,12 @@ class Fencing:
                 state = "still being fenced" if node.fence else "not fenced"
                 raise FailedPrecondition(f"node {node_id} is {state}: only a fenced node can be unfenced"
                                          + (f" ({_pending(node)})" if node.fence else ""))
+            ends = self.service._monotonic() + FORGET_WAIT
             for attachment in self.store.list_attachments(node=node_id):
                 if attachment.state != FENCED:
                     continue
                 with self.service._volume_locks.hold(attachment.volume):
-                    self._forget_on_node(node, attachment)
+                    self._forget_on_node(node, attachment, ends - self.service._monotonic())
                     self.store.delete_attachment(attachment.volume, node_id)
             with self.store.transaction():
                 node = replace(self.service.get_node(node_id), fence="", fence_since=0.0, fence_reason="",
@@ -220,13 +229,19 @@ class Fencing:
         self.service._end(self.service._begin("fence_node", node.id), OP_DONE,
                           f"fenced; {len(names)} attachment(s) fenced")
 
-    def _forget_on_node(self, node: Node, attachment) -> None:
-        """Best effort: the unfenced node's agent forgets the attachment (its session is gone anyway)."""
+    def _forget_on_node(self, node: Node, attachment, wait: float) -> None:
+        """Best effort: the unfenced node's agent forgets the attachment (its session is gone anyway), if it
+        answers within ``wait`` seconds (what is left of ``FORGET_WAIT``); not asked once that is spent."""
         volume = self.store.get_volume(attachment.volume)
         if volume is None:
             return
+        if wait <= 0:
+            log.info("unfence %s: %s not detached there (its agent did not answer the detaches before in time); "
+                     "its heartbeat no longer names it", node.id, attachment.volume)
+            return
         try:
-            self.service._client(node.id, "being unfenced").detach_volume(volume.id, attachment.mode)
+            self.service._client(node.id, "being unfenced").detach_volume(volume.id, attachment.mode,
+                                                                          timeout=wait)
         except DomainError as exc:
             log.info("unfence %s: %s not detached there (%s); its heartbeat no longer names it", node.id,
                      attachment.volume, exc)

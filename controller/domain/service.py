@@ -648,6 +648,11 @@ class ControllerService:
                                                        defer_login=not login)
             except Exception as exc:
                 error = _as_domain_error(exc, node_id, "attach_volume", secret=chap.secret, also=own)
+                if not error.temporary and (existing is None or existing.state == ATTACHING):
+                    # Failed for good (the node cannot attach this way, the LUN is not the volume): no repeat
+                    # finishes it, so a row would only claim the node has the volume.  A temporary failure
+                    # keeps its "attaching" row for the repeat (or a detach) to finish.
+                    self._forget_failed_attach(volume, consumer, mode, error)
                 self._end(op, OP_FAILED, str(error))
                 raise error from None
             attachment = Attachment(name, node_id, mode, ATTACHED if login else PUBLISHED, device, shared)
@@ -661,6 +666,28 @@ class ControllerService:
             else:
                 log.info("volume %s published to %s (the node logs in when it stages it)", name, node_id)
             return attachment
+
+    def _forget_failed_attach(self, volume: Volume, consumer: Node, mode: str, error: DomainError) -> None:
+        """Undo what an attach that failed for good recorded: its "attaching" row, and the owner's export to the
+        node (the consumer's agent keeps no record of a login that failed).  The owner is asked even when no
+        export was recorded: its answer may have been lost after it exported.  An owner that cannot drop it now
+        leaves an export record (without target details when there was none), as a detach does: reconcile
+        removes it once the owner is back, and a fence of the node asks that owner."""
+        export = self.store.get_export(volume.name, consumer.initiator_iqn)
+        try:
+            unexported = self._unexport(volume, consumer.initiator_iqn)
+        except Exception as exc:  # noqa: BLE001 - the attach's own error is the answer
+            log.warning("volume %s: its owner %s could not drop the export to %s after the failed attach (%s); "
+                        "reconcile removes it", volume.name, volume.owner_node, consumer.id, exc)
+            unexported = False
+        with self.store.transaction():
+            if unexported:
+                self.store.delete_export(volume.name, consumer.initiator_iqn)
+            elif export is None:
+                self.store.put_export(Export(volume.name, consumer.initiator_iqn, "", (), 0, "", "", ""))
+            self.store.delete_attachment(volume.name, consumer.id)
+        log.warning("volume %s: attach to %s (%s) failed for good, nothing recorded: %s", volume.name, consumer.id,
+                    mode, error)
 
     def _check_single_writer(self, name: str, node_id: str, *, beside_shared: bool = False) -> None:
         """Refuse a second node unless asked for: a volume has one writer except on purpose (``shared``).

@@ -334,13 +334,17 @@ class AttachmentManager:
             return f"volume {volume_id} is not published to this node"
         return self.connector(record.mode).foreign_device(_target_without_secrets(record.export), path)
 
-    def detach(self, volume_id: str, mode: str = "") -> bool:
+    def detach(self, volume_id: str, mode: str = "", *, only: AttachmentRecord | None = None) -> bool:
         """Log out if logged in, and forget the record; False when there was none.  When a save fails the
-        record stays (logged out if that much was saved) and a repeat does the rest."""
+        record stays (logged out if that much was saved) and a repeat does the rest.
+
+        ``only``: detach only while the record is still that very one (False otherwise).  A fenced node's drop
+        is decided from a heartbeat and may wait here behind a long detach; an attach made meanwhile (the node
+        unfenced) has a record of its own, which that late drop must not take away."""
         with self._volume(volume_id):
             with self._lock:
                 record = self._records.get(volume_id)
-            if record is None:
+            if record is None or (only is not None and record is not only):
                 return False
             self._logout(volume_id)
             with self._lock:

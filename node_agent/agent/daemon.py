@@ -24,6 +24,7 @@ import ipaddress
 import logging
 import os
 import socket
+import threading
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 
@@ -150,6 +151,9 @@ class Agent:
         self._csi_socket: tuple[int, int] | None = None  # the socket file this process bound (socket_identity)
         # NodeGetInfo's labels: the controller's record, set by every Register (the agent's own without one)
         self.node_labels = NodeLabels(None if settings.controller else settings.labels)
+        # Volumes whose fenced attachment a thread is dropping now (``_drop_fenced``).
+        self._dropping: set[str] = set()
+        self._drops_guard = threading.Lock()
 
     def start(self) -> None:
         s = self.settings
@@ -302,13 +306,30 @@ class Agent:
 
     def _drop_fenced(self, volume_ids: list[str]) -> None:
         """This node was fenced: forget the attachments the controller names (their owners refuse the
-        sessions anyway); a logout that fails on a dead session is only logged."""
-        for volume_id in volume_ids:
-            if self.attachments is None or self.attachments.get(volume_id) is None:
-                continue
-            try:
-                self.attachments.detach(volume_id)
-            except Exception as exc:  # noqa: BLE001 - the record goes on the next heartbeat's retry
-                log.warning("fenced: volume %s not detached yet: %s", volume_id, exc)
-            else:
+        sessions anyway), each on a thread of its own, one at a time per volume.
+
+        Called on the heartbeat thread, which must not wait for them: a detach flushes first, and a flush on a
+        session its owner cut off waits until the reconnect gives up (30 s for a userspace one, open-iscsi's
+        replacement timeout for a kernel one), longer than the controller's heartbeat timeout, so the node
+        would be marked unhealthy, and its next attach refused, for as long."""
+        with self._drops_guard:
+            if self.attachments is None:
+                return
+            new = {v: record for v in volume_ids
+                   if v not in self._dropping and (record := self.attachments.get(v)) is not None}
+            self._dropping.update(new)
+        for volume_id, record in new.items():
+            threading.Thread(target=self._drop_one, args=(volume_id, record), name=f"fence-drop-{volume_id[:8]}",
+                             daemon=True).start()
+
+    def _drop_one(self, volume_id: str, record) -> None:
+        """Detach ``record`` (only that one: an attach made once unfenced is another).  A logout that fails on
+        a dead session is only logged: the next heartbeat names the volume again."""
+        try:
+            if self.attachments.detach(volume_id, only=record):
                 log.warning("fenced: volume %s detached (its owner no longer exports it here)", volume_id)
+        except Exception as exc:  # noqa: BLE001 - the record goes on the next heartbeat's retry
+            log.warning("fenced: volume %s not detached yet: %s", volume_id, exc)
+        finally:
+            with self._drops_guard:
+                self._dropping.discard(volume_id)

@@ -73,7 +73,9 @@ class Registrar:
         self.timeout = timeout
         self.max_backoff = max_backoff
         self.default_interval = default_interval
-        self.on_drop = on_drop  # the node is fenced: forget these volumes' attachments (HeartbeatResponse)
+        # The node is fenced: forget these volumes' attachments (HeartbeatResponse).  Called on the heartbeat
+        # thread, so it must return at once: a detach may wait long on a session its owner cut off.
+        self.on_drop = on_drop
         self.on_registered = on_registered  # gets the labels the controller recorded, after every Register
         self.renew = renew
         self.labels: dict[str, str] | None = None  # those labels; None until the first Register succeeded

@@ -33,6 +33,10 @@ attach
        ``device_timeout``, several disks, no SCSI host) deletes what the scan brought
        in and logs out too, unless another LUN of the target has a disk: a failed
        attach leaves no session nor node record that no detach would end
+   10. a host where the kernel initiator cannot run is told apart from a failure a retry may mend: no tcp
+       transport in sysfs once iscsiadm failed on the iface (it loads iscsi_tcp itself, and exits 7 when
+       it cannot), or a login that exits 12 (no transport) or 20 (iscsid does not answer, after iscsiadm
+       ran ``iscsid.startup``), is a ``PermanentConnectorError`` saying what is missing
 
 detach
     identity check (never flush or delete a disk that is not this volume's), a
@@ -83,7 +87,11 @@ ISCSI_ERR_SESS_EXISTS = 15
 ISCSI_ERR_NO_OBJS_FOUND = 21
 ISCSI_ERR_LOGIN_AUTH_FAILED = 24
 ISCSI_ERR_ACCESS = 13          # the target refused the initiator (ACL)
+ISCSI_ERR_TRANS_NOT_FOUND = 12  # no such transport: iscsi_tcp is not loaded and could not be
+ISCSI_ERR_ISCSID_NOTCONN = 20   # iscsid does not answer, even after iscsid.conf's iscsid.startup
 _PERMANENT_LOGIN_ERRORS = {ISCSI_ERR_LOGIN_AUTH_FAILED, ISCSI_ERR_ACCESS}
+#: What to do on a host where the kernel initiator cannot run (the end of those errors' messages).
+USE_USERSPACE = "attach with --mode userspace (Shoal's own initiator) on this node"
 
 #: open-iscsi's built-in ifaces (usr/iface.c ``default_ifaces``): not stored in /etc/iscsi/ifaces
 #: and refused by ``-o update``, so they cannot carry the agent's initiator name.
@@ -380,12 +388,29 @@ class KernelConnector(Connector):
                                           "the agent's initiator name")
         shown = self.runner.run(self._iface("-o", "show"), check=False)
         values = parse_record(shown.stdout) if shown.returncode == 0 else None
-        if values is None:  # no such record (iscsiadm exits ISCSI_ERR_IDBM)
-            self.runner.run(self._iface("-o", "new"))
-            values = {}
-        for key, wanted in ((IFACE_TRANSPORT, "tcp"), (IFACE_INITIATOR, iqn)):
-            if values.get(key) != wanted:
-                self.runner.run(self._iface("-o", "update", "-n", key, "-v", wanted))
+        try:
+            if values is None:  # no such record (iscsiadm exits ISCSI_ERR_IDBM)
+                self.runner.run(self._iface("-o", "new"))
+                values = {}
+            for key, wanted in ((IFACE_TRANSPORT, "tcp"), (IFACE_INITIATOR, iqn)):
+                if values.get(key) != wanted:
+                    self.runner.run(self._iface("-o", "update", "-n", key, "-v", wanted))
+        except CommandFailed as exc:
+            # iscsiadm loads the transport's module itself (libkmod) and exits ISCSI_ERR_INVAL ("Cound not
+            # locate transport for iface") when it cannot: a kernel without iscsi_tcp (a container, a VM
+            # kernel built without it).  No retry makes one appear, so the caller must hear "not here".
+            if not self._has_tcp_transport():
+                raise PermanentConnectorError(self._no_transport(exc)) from exc
+            raise
+
+    def _has_tcp_transport(self) -> bool:
+        """The kernel has the iscsi_tcp transport (loaded or built in): what iscsiadm looks up in sysfs."""
+        return os.path.isdir(self._sys("class", "iscsi_transport", "tcp"))
+
+    def _no_transport(self, exc: CommandFailed) -> str:
+        return (f"the kernel connector cannot work on this node: its kernel has no iscsi_tcp transport "
+                f"(no {self._sys('class', 'iscsi_transport', 'tcp')}; {exc}); load it (modprobe iscsi_tcp, on "
+                f"the host for a container) and run iscsid, or {USE_USERSPACE}")
 
     def _configure_node(self, target: VolumeTarget, portal: str) -> None:
         shown = self.runner.run(self._node(target, portal), check=False)
@@ -490,6 +515,13 @@ class KernelConnector(Connector):
             if session is None:
                 raise TemporaryConnectorError(f"logged in to {target.target_iqn} at {portal} but no session shows")
             return session
+        if errors and all(e.result.returncode == ISCSI_ERR_ISCSID_NOTCONN for e in errors):
+            # iscsiadm already ran iscsid.startup and tried again: the host's open-iscsi is not set up.
+            raise PermanentConnectorError(
+                f"the kernel connector cannot work on this node: iscsid does not answer on its control socket "
+                f"({errors[-1]}); start it (systemctl enable --now iscsid.socket) or {USE_USERSPACE}")
+        if errors and all(e.result.returncode == ISCSI_ERR_TRANS_NOT_FOUND for e in errors):
+            raise PermanentConnectorError(self._no_transport(errors[-1]))
         if errors and all(e.result.returncode in _PERMANENT_LOGIN_ERRORS for e in errors):
             raise PermanentConnectorError(f"login to {target.target_iqn} refused: {errors[-1]}")
         raise TemporaryConnectorError(f"login to {target.target_iqn} failed on every portal: "
