@@ -277,3 +277,20 @@ def test_a_reconnect_whose_connection_is_lost_as_its_login_completes_tries_again
                 await client.close()
 
     asyncio.run(scenario())
+
+
+def test_a_reconnect_the_target_refuses_as_not_authorized_gives_up_at_once():
+    """After a fence (the initiator out of the ACL, its sessions closed) every reconnect login is refused with
+    "authorization failure" (0202h), which no retry changes: the callers hear SessionLost at once instead of
+    after ``reconnect_timeout`` (30 s by default: a self-fenced node's own drop waited that long)."""
+    async def run():
+        registry = make_registry(allow=frozenset({INITIATOR}))
+        async with portal(registry) as server, session(server, reconnect_timeout=30) as client:
+            with server.lock:
+                registry.fence_initiator(INITIATOR)
+            started = asyncio.get_running_loop().time()
+            with pytest.raises(SessionLost, match="authoriz"):
+                await asyncio.wait_for(client.execute(READ_8_BLOCKS), 20)
+            return asyncio.get_running_loop().time() - started
+
+    assert asyncio.run(run()) < 5

@@ -36,7 +36,7 @@ from collections import deque
 from dataclasses import dataclass, replace
 from typing import Any
 
-from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, wait_exponential
+from tenacity import AsyncRetrying, retry_if_exception, stop_after_delay, wait_exponential
 
 from node_agent.iscsi.initiator import core as C
 from node_agent.iscsi.keys import InitiatorSettings
@@ -211,6 +211,18 @@ class _Protocol(asyncio.BufferedProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.client._lost(self, exc)
+
+
+
+def _worth_another_login(exc: BaseException) -> bool:
+    """Whether a reconnect tries again after ``exc``: a lost or refused connection, a target error (class 3:
+    restarting, out of resources) and the like may pass; a login the target refused as not authenticated or
+    not authorized (RFC 7143 §11.13.5, 0201h/0202h: a wrong secret, an ACL without this initiator, as after a
+    fence) will not, and retrying it for ``reconnect_timeout`` only held every caller that long.  "Not found"
+    (0203h) is tried again: a restarting target listens before it has served its targets again."""
+    if isinstance(exc, C.LoginError) and exc.permanent and exc.status_detail in (0x01, 0x02):
+        return False
+    return isinstance(exc, (OSError, asyncio.TimeoutError, C.InitiatorError))
 
 
 class IscsiClient:
@@ -617,7 +629,7 @@ class IscsiClient:
             async for attempt in AsyncRetrying(
                     stop=stop_after_delay(self.settings.reconnect_timeout),
                     wait=wait_exponential(multiplier=0.1, max=2.0),
-                    retry=retry_if_exception_type((OSError, asyncio.TimeoutError, C.InitiatorError)),
+                    retry=retry_if_exception(_worth_another_login),
                     reraise=True):
                 with attempt:
                     if self._closing:
