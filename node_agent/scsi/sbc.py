@@ -8,6 +8,10 @@ the caller's buffer.
 
 from __future__ import annotations
 
+import contextlib
+import threading
+from collections.abc import Iterator
+
 from node_agent.scsi import sense as S
 from node_agent.scsi.cdb import (
     DEFECT_DATA_10_HEADER,
@@ -111,7 +115,7 @@ def _write(lu, lba: int, count: int, data_out, fua: bool, edtl: int) -> ScsiResu
             lu.backing.write(lba * bs, data_out, fua)
         elif not write_nowait(lba * bs, data_out, fua):
             backing, offset = lu.backing, lba * bs
-            return lu.deferred(lambda: backing.write(offset, data_out, fua), result)
+            return lu.deferred(write_fence(lu).shared(lambda: backing.write(offset, data_out, fua)), result)
     return result
 
 
@@ -180,47 +184,156 @@ def orwrite(lu, nexus, cdb, data_out, edtl):
     return done
 
 
+class WriteFence:
+    """Keeps every other write of a logical unit out of a COMPARE AND WRITE (or ORWRITE) between its read and
+    its write: SBC-3 §5.2 asks for the read, the compare and the write as "an uninterrupted series of actions".
+    A WRITE of another session landing in between would end GOOD and then be overwritten by a COMPARE AND
+    WRITE that compared the data it replaced: no order of the two commands gives that (an ATS lock taken over
+    a lock record someone else just wrote).
+
+    Writes run inline on the event loop (``write_nowait``, the transport's gathered ``writev``) or on workers
+    (``LogicalUnit.deferred``: a FUA write, one that would block, UNMAP, WRITE SAME), the latter through
+    ``shared``.  A read-modify-write on the loop keeps the loop's writes out by running there, and runs only
+    while no worker writes (``try_exclusive``, holding them off until ``release``).  One on a worker (a cold
+    page, FUA, WCE=0) waits for the workers' writes to end (``exclusive``) and, from its hand-off to its end,
+    turns the loop's writes into workers' ones (``fence``): the unit's ``write_nowait`` says "would block"
+    and nothing is gathered, so while no read-modify-write is out the inline paths do no work for this."""
+
+    __slots__ = ("_cond", "_writers", "_held", "_waiting", "_fenced", "_saved")
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition(threading.Lock())
+        self._writers = 0  # deferred writes of the unit doing their I/O (``shared``)
+        self._held = False  # a read-modify-write is between its read and its write
+        self._waiting = 0  # read-modify-writes on workers waiting for ``_writers`` to drain (no new one starts)
+        self._fenced = 0  # read-modify-writes handed to workers and not ended (``fence``)
+        self._saved: tuple | None = None  # the unit's own ``write_nowait`` and ``_writev`` while fenced
+
+    def shared(self, io):
+        """``io`` (a write on a worker) made to wait while a read-modify-write holds the unit or waits for it."""
+        def run():
+            cond = self._cond
+            with cond:
+                while self._held or self._waiting:
+                    cond.wait()
+                self._writers += 1
+            try:
+                return io()
+            finally:
+                with cond:
+                    self._writers -= 1
+                    if not self._writers:
+                        cond.notify_all()
+        return run
+
+    def try_exclusive(self) -> bool:
+        """On the event loop: hold the unit if no write runs on a worker and none is fenced; never waits."""
+        with self._cond:
+            if self._held or self._waiting or self._writers or self._fenced:
+                return False
+            self._held = True
+            return True
+
+    @contextlib.contextmanager
+    def exclusive(self) -> Iterator[None]:
+        """On a worker: hold the unit once the writes running on workers have ended (new ones wait)."""
+        cond = self._cond
+        with cond:
+            self._waiting += 1
+            try:
+                while self._held or self._writers:
+                    cond.wait()
+            finally:
+                self._waiting -= 1
+            self._held = True
+        try:
+            yield
+        finally:
+            self.release()
+
+    def release(self) -> None:
+        with self._cond:
+            self._held = False
+            self._cond.notify_all()
+
+    def fence(self, lu) -> None:
+        """On the event loop, handing a read-modify-write to a worker: until ``unfence``, the unit's inline
+        writes would block (so they go to workers, through ``shared``) and it gathers none."""
+        with self._cond:
+            self._fenced += 1
+            if self._fenced == 1:
+                self._saved = (lu.write_nowait, lu._writev)
+                lu.write_nowait, lu._writev = _would_block, None
+
+    def unfence(self, lu) -> None:
+        with self._cond:
+            self._fenced -= 1
+            if not self._fenced:
+                lu.write_nowait, lu._writev = self._saved
+                self._saved = None
+
+
+def _would_block(offset: int, data, fua: bool = False) -> bool:
+    return False
+
+
+def write_fence(lu) -> WriteFence:
+    """The unit's ``WriteFence``, made on first use (``setdefault``: one per unit even if two threads race)."""
+    fence = lu.__dict__.get("write_fence")
+    if fence is None:
+        fence = lu.__dict__.setdefault("write_fence", WriteFence())
+    return fence
+
+
 def _read_modify_write(lu, offset: int, length: int, change, fua: bool, done: ScsiResult) -> ScsiResult:
     """Write ``change(stored)`` over the ``length`` bytes stored at ``offset`` (``change`` raises
     ``CheckCondition`` to write nothing), with no other read-modify-write of the unit (COMPARE AND WRITE,
-    ORWRITE) between the read and the write: both under the unit's ``rmw_lock``.  On the event loop when the
-    blocks are in the page cache, the write needs no flush and the lock is free; otherwise on a worker, so
-    a cold page or a FUA write holds up no other session (issue 7, "fair under a slow disk").  A store that
-    never blocks, or a WRITE ATOMIC unit (all of its I/O inline, one command at a time), does it here."""
+    ORWRITE) between the read and the write (the unit's ``rmw_lock``), nor any other write (its
+    ``WriteFence``).  On the event loop when the blocks are in the page cache, the write needs no flush and
+    no write runs on a worker; otherwise on a worker, so a cold page or a FUA write holds up no other session
+    (issue 7, "fair under a slow disk").  A store that never blocks, or a WRITE ATOMIC unit (all of its I/O
+    inline, one command at a time), does it here."""
     backing, lock = lu.backing, lu.rmw_lock
     read_nowait = lu.read_nowait
     if read_nowait is None:
         backing.write(offset, change(backing.read(offset, length)), fua)
         return done
+    fence = write_fence(lu)
     would_copy = getattr(backing, "would_copy", None)  # the agent's copy-before-write guard (agent.copies)
     if not fua and not (would_copy is not None and would_copy(offset, length)) and lock.acquire(blocking=False):
         try:
-            stored = read_nowait(offset, length)
-            if stored is not None:
-                new = change(stored)
-                if not lu.write_nowait(offset, new, False):  # the pages were just read: this is rare
-                    backing.write(offset, new, False)  # under the lock still: nothing comes between
-                return done
+            if fence.try_exclusive():
+                try:
+                    stored = read_nowait(offset, length)
+                    if stored is not None:
+                        new = change(stored)
+                        if not lu.write_nowait(offset, new, False):  # the pages were just read: this is rare
+                            backing.write(offset, new, False)  # held still: nothing comes between
+                        return done
+                finally:
+                    fence.release()
         finally:
             lock.release()
 
     def whole() -> ScsiResult:
-        with lock:
-            try:
-                new = change(backing.read(offset, length))
-            except CheckCondition as refused:
-                return ScsiResult(S.CHECK_CONDITION, sense=refused.sense(lu.mode.d_sense))
-            backing.write(offset, new, fua)
-        return done
+        try:
+            with lock, fence.exclusive():
+                try:
+                    new = change(backing.read(offset, length))
+                except CheckCondition as refused:
+                    return ScsiResult(S.CHECK_CONDITION, sense=refused.sense(lu.mode.d_sense))
+                backing.write(offset, new, fua)
+            return done
+        finally:
+            fence.unfence(lu)
+    fence.fence(lu)
     return lu.deferred(whole)
 
 
 def compare_and_write(lu, nexus, cdb, data_out, edtl):
-    """COMPARE AND WRITE (SBC-3 §5.2): the read, compare and write run under the unit's read-modify-write
-    lock (``_read_modify_write``), so no other COMPARE AND WRITE (or ORWRITE) comes between them; on the
-    event loop when the blocks are cached, on a worker when they are not.  Other writes are not held back:
-    as with LIO, whose ``caw_sem`` orders only COMPARE AND WRITEs, atomicity is among the commands that lock
-    with it (VMware ATS uses it alone)."""
+    """COMPARE AND WRITE (SBC-3 §5.2): the read, compare and write run as one uninterrupted series
+    (``_read_modify_write``): no other COMPARE AND WRITE or ORWRITE, and no other write of any session, comes
+    between them; on the event loop when the blocks are cached, on a worker when they are not."""
     _no_protection(cdb.wrprotect)
     count = cdb.number_of_logical_blocks
     lu.check_range(cdb.lba, count)
@@ -378,6 +491,15 @@ def offers_write_atomic(lu) -> bool:
 
 
 # -- thin provisioning -----------------------------------------------------------------
+def _write_off_the_loop(lu, io, done: ScsiResult | None) -> ScsiResult | None:
+    """``_off_the_loop`` for ``io`` that writes the medium (a hole punch, WRITE SAME's blocks): on a worker it
+    waits for a COMPARE AND WRITE between its read and its write (``WriteFence.shared``)."""
+    if lu.write_nowait is not None:
+        return lu.deferred(write_fence(lu).shared(io), done)
+    result = io()
+    return done if done is not None else result
+
+
 def _off_the_loop(lu, io, done: ScsiResult | None) -> ScsiResult | None:
     """Run ``io`` (a hole punch, a long write, a flush: it may take the disk's time) where it holds up no
     other session: on a worker thread when the transport can (a store with non-blocking I/O), the command
@@ -428,7 +550,7 @@ def unmap(lu, nexus, cdb, data_out, edtl):
             backing.punch(lba * bs, n * bs)
         if fua:
             backing.flush()
-    return _off_the_loop(lu, deallocate, None)
+    return _write_off_the_loop(lu, deallocate, None)
 
 
 def write_same(lu, nexus, cdb, data_out, edtl):
@@ -462,7 +584,7 @@ def write_same(lu, nexus, cdb, data_out, edtl):
     else:
         def io() -> None:
             _replicate(lu, lba, count, block)
-    return _off_the_loop(lu, io, ScsiResult(S.GOOD, data_out_length=0 if ndob else bs))
+    return _write_off_the_loop(lu, io, ScsiResult(S.GOOD, data_out_length=0 if ndob else bs))
 
 
 def _replicate(lu, lba: int, count: int, block: bytes) -> None:

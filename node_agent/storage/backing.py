@@ -145,6 +145,7 @@ class FileBackingStore:
         self._nowait_writes = _RWF_NOWAIT != 0
         self._probe = bytearray(1)
         self._punch_supported = _fallocate is not None
+        self._flush_failed: OSError | None = None  # the fdatasync error every later flush repeats (``flush``)
 
     def cached(self, offset: int, length: int) -> bool:
         """Whether the first and last page of ``[offset, offset+length)`` are in the page cache.
@@ -192,9 +193,25 @@ class FileBackingStore:
     # -- data path -----------------------------------------------------------
     def read(self, offset: int, length: int) -> bytes:
         data = os.pread(self.fd, length, offset)
-        if len(data) != length:  # short read: a file shrunk under us, or EOF of a device
-            data += bytes(length - len(data))
+        if len(data) != length:  # rare: the rest is read, or the read fails (never GOOD with made-up data)
+            data = self._read_rest(offset, length, data)
         return data
+
+    def _read_rest(self, offset: int, length: int, data: bytes) -> bytes:
+        """Finish a short read.  A file system may return less than asked (FUSE, NFS); the end of the file
+        before the medium's (``size``) means the file was truncated, or the device shrunk, under the unit:
+        the blocks there are lost, and padding them with zeros would answer GOOD with data the initiator
+        never wrote.  EIO then: the READ ends with CHECK CONDITION, never GOOD for a transfer that did not
+        happen."""
+        parts, done = [data], len(data)
+        while done < length:
+            more = os.pread(self.fd, length - done, offset + done)
+            if not more:
+                raise OSError(errno.EIO, f"{self.path} ends at byte {offset + done}, inside the medium of "
+                                         f"{self.size} bytes (truncated or shrunk under the unit?)")
+            parts.append(more)
+            done += len(more)
+        return b"".join(parts)
 
     def readinto(self, offset: int, buf) -> int:
         return os.preadv(self.fd, [buf], offset)
@@ -213,10 +230,8 @@ class FileBackingStore:
                 raise
             self._nowait_reads = False  # a file system without RWF_NOWAIT: plain reads from now on
             return self.read(offset, length)
-        if n != length:
-            if offset + n < self.size:
-                return None  # partly cached: the rest would block
-            buf[n:] = bytes(length - n)  # EOF of a device or a file shrunk under us, as ``read``
+        if n != length:  # partly cached (the rest would block), or the file ends early: ``read`` decides
+            return None
         return buf
 
     def write_nowait(self, offset: int, data, fua: bool = False) -> bool:
@@ -274,7 +289,20 @@ class FileBackingStore:
             os.fdatasync(self.fd)
 
     def flush(self) -> None:
-        os.fdatasync(self.fd)
+        """Make every earlier write stable (SYNCHRONIZE CACHE, SBC-3 §5.22).  A failed write-back is reported
+        by one fdatasync only (the kernel's per-file error sequence): the next would succeed although the
+        pages it lost were never written, and a SYNCHRONIZE CACHE of another session, whose writes were
+        among them, would end GOOD.  So a failure sticks: every later flush fails the same way, until the
+        store is opened again (the data is gone; the initiator must learn it, not the first asker alone)."""
+        if self._flush_failed is not None:
+            raise OSError(self._flush_failed.errno, f"an earlier flush of {self.path} failed, writes were lost: "
+                                                    f"{self._flush_failed.strerror}")
+        try:
+            os.fdatasync(self.fd)
+        except OSError as exc:
+            if exc.errno not in (errno.EBADF, errno.EINVAL):  # a lost write-back, not a misuse of the call
+                self._flush_failed = exc
+            raise
         self.flushes += 1
 
     def punch(self, offset: int, length: int) -> None:
@@ -292,11 +320,13 @@ class FileBackingStore:
         self._write_zeros(offset, length)
 
     def _write_zeros(self, offset: int, length: int) -> None:
-        chunk = bytes(min(length, 1 << 20))
+        chunk = memoryview(bytes(min(length, 1 << 20)))
         end = offset + length
         while offset < end:
             n = min(len(chunk), end - offset)
-            os.pwrite(self.fd, chunk[:n] if n != len(chunk) else chunk, offset)
+            done = os.pwrite(self.fd, chunk[:n], offset)
+            if done != n:  # a short write left the rest of the range unzeroed: finish it, or fail
+                self._write_rest(offset, chunk[:n], done, False)
             offset += n
 
     def extent(self, offset: int, limit: int) -> tuple[bool, int]:
@@ -324,9 +354,18 @@ class FileBackingStore:
         return mapped or run < length
 
     def resize(self, new_size: int) -> None:
+        """Grow the medium to ``new_size``: a file is extended; a block device cannot be (ftruncate fails
+        with EINVAL), its owner grows it (lvextend, ``losetup --set-capacity``) and this takes up to what
+        it has become (its size as ``BLKGETSIZE64`` gives it: the end ``lseek`` finds)."""
         if new_size % self.block_size or new_size < self.size:
             raise StorageError(errno.EINVAL, f"cannot resize {self.size} -> {new_size}")
-        os.ftruncate(self.fd, new_size)
+        if stat.S_ISBLK(os.fstat(self.fd).st_mode):
+            device = os.lseek(self.fd, 0, os.SEEK_END)
+            if device < new_size:
+                raise StorageError(errno.EINVAL, f"{self.path}: block device is {device} bytes, less than "
+                                                 f"{new_size}: grow the device first")
+        else:
+            os.ftruncate(self.fd, new_size)
         self.size = new_size
 
     def close(self) -> None:
