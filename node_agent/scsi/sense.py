@@ -243,7 +243,12 @@ def describe(status: int, key: int = 0, asc: int = 0, ascq: int = 0) -> str:
 
 def failure_code(exc: BaseException) -> SenseCode:
     """The sense of a command that ``exc`` ended: the backing store out of space (ENOSPC, EDQUOT: a thin volume
-    whose disk filled up) is SPACE ALLOCATION FAILED WRITE PROTECT; anything else INTERNAL TARGET FAILURE."""
-    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        return SPACE_ALLOCATION_FAILED_WRITE_PROTECT
+    whose disk filled up) is SPACE ALLOCATION FAILED WRITE PROTECT; a file system that went read-only under it
+    (EROFS: ext4 after an error with errors=remount-ro) WRITE PROTECTED, which says the medium takes no writes
+    now (QEMU reports EACCES, not an I/O error); anything else INTERNAL TARGET FAILURE."""
+    if isinstance(exc, OSError):
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return SPACE_ALLOCATION_FAILED_WRITE_PROTECT
+        if exc.errno == errno.EROFS:
+            return WRITE_PROTECTED
     return INTERNAL_TARGET_FAILURE

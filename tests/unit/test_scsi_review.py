@@ -231,6 +231,19 @@ def test_a_write_the_backing_store_has_no_room_for_is_space_allocation_failed(mo
     assert sense_of(run(lu, cdb10(0x2A, 0, 8), b"\x5a" * 8 * BS)) == S.INTERNAL_TARGET_FAILURE
 
 
+def test_a_write_to_a_file_system_gone_read_only_is_write_protected(monkeypatch):
+    """EROFS (ext4 remounted read-only after an error) is DATA PROTECT, WRITE PROTECTED (27h/00h): the medium
+    takes no writes now, which is not a failure of the target's hardware."""
+    import errno
+
+    lu = make_lu("memory")
+    run(lu, bytes(6))  # TEST UNIT READY: the unit attention
+    monkeypatch.setattr(lu.backing, "write", lambda *a, **k: (_ for _ in ()).throw(OSError(errno.EROFS, "ro")))
+    monkeypatch.setattr(lu.backing, "writev", lambda *a, **k: (_ for _ in ()).throw(OSError(errno.EROFS, "ro")),
+                        raising=False)
+    assert sense_of(run(lu, cdb10(0x2A, 0, 8), b"\x5a" * 8 * BS)) == S.WRITE_PROTECTED
+
+
 def test_get_lba_status_calls_no_lba_with_data_in_it_deallocated(monkeypatch):
     """SBC-3 §5.5: with LBPRZ=1 "deallocated" promises zeros, so sparse-aware copiers skip such LBAs. A backing
     file's holes can be finer than an LBA (a 1 KiB-block filesystem under 4 KiB LBAs, here bytes under 512-byte
