@@ -691,11 +691,32 @@ def _guarded(name: str, handler, on_eio: Callable[[], None] = lambda: None):
             if code != errno.EIO:
                 log.warning("FUSE %s failed: %s; answering %s", name, exc, errno.errorcode[code])
                 return -code
-            log.exception("FUSE %s failed; answering EIO", name)
+            if _first_in_a_while((name, type(exc), str(exc)[:200])):
+                log.exception("FUSE %s failed; answering EIO (the same failure again within %g s: at debug level)",
+                              name, _EIO_LOG_EVERY)
+            else:
+                log.debug("FUSE %s failed; answering EIO", name, exc_info=True)
             on_eio()
             return -errno.EIO
 
     return call
+
+
+_EIO_LOG_EVERY = 60.0
+"""Seconds between two tracebacks of one failure (callback, exception type and text): a session gone fails
+every I/O of a busy file system the same way, hundreds a second, which would flood the log."""
+_eio_logged: dict[tuple, float] = {}
+
+
+def _first_in_a_while(key: tuple) -> bool:
+    now = time.monotonic()
+    last = _eio_logged.get(key)
+    if last is not None and now - last < _EIO_LOG_EVERY:
+        return False
+    if len(_eio_logged) > 1000:  # failures whose texts vary (offsets in them): bounded, forgetting the oldest
+        _eio_logged.clear()
+    _eio_logged[key] = now
+    return True
 
 
 def _copy_into(buf, data: memoryview) -> None:

@@ -49,6 +49,7 @@ from dataclasses import dataclass
 from node_agent.scsi import sense as S
 from node_agent.scsi.reservations import PR_READ, PR_WRITE, ReservationConflict
 from node_agent.scsi.result import ScsiResult
+from node_agent.scsi.sbc import write_fence
 from node_agent.scsi.sense import CheckCondition, SenseCode, build_sense
 from node_agent.wire import Field, Layout
 
@@ -410,7 +411,12 @@ def _copy_segment(job: _Copy, seg: _Segment) -> int:
         pieces.reverse()  # overlapping forward move on one medium: copy from the end
     for offset, n in pieces:
         with _reach(job, src, _READ_ACCESS), _reach(job, dst, _WRITE_ACCESS):
-            dst.backing.write(dst_off + offset, src.backing.read(src_off + offset, n), dst._fua_always)
+            def chunk(at=dst_off + offset, data_at=src_off + offset, n=n) -> None:
+                dst.backing.write(at, src.backing.read(data_at, n), dst._fua_always)
+            if dst.write_nowait is None:  # all of that unit's I/O runs on its loop, as this copy does
+                chunk()
+            else:  # a write on a worker: none comes between a COMPARE AND WRITE's read and write (SBC-3 §5.2)
+                write_fence(dst).shared(chunk)()
     dst.write_commands += 1
     dst.write_bytes += total
     return total

@@ -253,3 +253,41 @@ def test_unmap_and_write_same_on_workers_wait_for_a_compare_and_write(lu, comman
     thread.join(10)
     assert out["caw"].status == S.GOOD and out["other"].status == S.GOOD
     assert lu.backing.read(0, BS) == (bytes(BS) if command == "unmap" else b"W" * BS)
+
+
+def test_an_extended_copy_into_the_unit_waits_for_a_compare_and_write(tmp_path):
+    """An EXTENDED COPY's chunk written into a unit is a write of that unit like any other: it must not land
+    between a COMPARE AND WRITE's read and its write (it did: both GOOD, the copied block overwritten)."""
+    from node_agent.scsi.device import LunMap
+    from test_scsi_copy_sanitize import parameter_list, segment, target_descriptor
+    from test_xcopy_review import file_unit, ready, xcopy_cdb
+    from node_agent.scsi import xcopy as X
+
+    a, b = ready(file_unit(tmp_path, "vol-a"), file_unit(tmp_path, "vol-b"))
+    try:
+        LunMap({0: a, 1: b})
+        a.backing.write(0, b"X" * BS)
+        b.backing.write(0, b"A" * BS)
+        caw = b.execute_deferrable(NEXUS, CAW_FUA, b"A" * BS + b"C" * BS, 2 * BS)
+        assert caw.blocking is not None
+        gate = _Gate(b.backing, "read")
+        out = {}
+        worker = threading.Thread(target=lambda: out.setdefault("caw", caw.blocking()))
+        worker.start()
+        assert gate.entered.wait(10)
+        gate.undo()
+        params = parameter_list([target_descriptor(a), target_descriptor(b)], [segment(0, 1, 1, 0, 0)],
+                                usage=X.LIST_ID_DISCARD)
+        copy = a.execute(NEXUS, xcopy_cdb(params), params, len(params), defer=True)
+        assert copy.blocking is not None  # a file unit's copy runs on a worker
+        landed = threading.Event()
+        copier = threading.Thread(target=lambda: (out.setdefault("copy", copy.blocking()), landed.set()))
+        copier.start()
+        assert not landed.wait(0.3)  # its chunk waits for the COMPARE AND WRITE
+        gate.go.set()
+        worker.join(10)
+        copier.join(10)
+        assert out["caw"].status == S.GOOD and out["copy"].status == S.GOOD
+        assert b.backing.read(0, BS) == b"X" * BS  # the copy ended last: its block is there
+    finally:
+        a.close(), b.close()

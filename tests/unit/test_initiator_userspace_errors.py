@@ -150,3 +150,29 @@ def test_the_reconnect_timeout_reaches_the_initiator(monkeypatch):
                                                      seen.setdefault("settings", settings)))
     userspace.open_sync_lun(TARGET, UserspaceSettings(state_dir="/nonexistent", reconnect_timeout=7.5))
     assert seen["settings"].reconnect_timeout == 7.5
+
+
+def test_one_failure_repeated_logs_one_traceback_a_minute(caplog):
+    """A session gone fails every I/O of a busy file system the same way: one ERROR with its traceback, the
+    repeats at debug level (the EIO answered, and counted, each time); another failure is logged at once."""
+    import logging
+
+    from node_agent.host import fuse_export
+
+    fuse_export._eio_logged.clear()
+    counts = []
+
+    def gone(*args):
+        raise ConnectionError("session to iqn.x closed")
+
+    def other(*args):
+        raise TimeoutError("command timed out")
+
+    with caplog.at_level(logging.DEBUG, logger="node_agent.host.fuse_export"):
+        for _ in range(50):
+            assert _guarded("write", gone, lambda: counts.append(1))() == -errno.EIO
+        assert _guarded("read", other, lambda: counts.append(1))() == -errno.EIO
+    errors = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(counts) == 51
+    assert [(r.args[0], r.exc_info[0]) for r in errors] == [("write", ConnectionError), ("read", TimeoutError)]
+    assert sum(1 for r in caplog.records if r.levelno == logging.DEBUG and "failed" in r.getMessage()) == 49
