@@ -572,6 +572,9 @@ def test_a_sanitize_with_immed_answers_at_once_and_a_fence_still_waits_for_its_p
             answered = time.perf_counter() - start
             with pytest.raises(CommandFailed) as refused:
                 await one.execute(bytes(6))
+            # Inside its first chunk (SLOW long): a pass stopped before it wrote anything ends at once, and the
+            # fence has nothing to wait for (CI once fenced that early: commands_waited 0).
+            await asyncio.sleep(SLOW / 4)
             fenced = await loop.run_in_executor(None, portal.fence_initiator, INITIATOR)
             tail = path.read_bytes()[-2:]
         return answered, sense_code(refused.value.done.sense), fenced, tail
