@@ -7,10 +7,11 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-# Real peers and tools the tests drive (see tests/README.md for which test uses which).
+# Real peers and tools the tests drive (the README's test table says which test uses which; systemd and
+# python3: tests/peer/test_systemd_unit.py runs the unit under a real systemd with the distribution's Python).
 DEB_PACKAGES := libiscsi-bin qemu-utils qemu-block-extra tgt qemu-system-x86 busybox-static \
 	open-iscsi e2fsprogs kmod cpio iproute2 util-linux mount fuse3 debootstrap openssl \
-	xfsprogs golang-go rsync etcd-server istgt iperf3
+	xfsprogs golang-go rsync etcd-server istgt iperf3 systemd python3
 PYTEST_ARGS ?=
 UP_LISTEN ?= 127.0.0.1:3260
 UP_IQN ?= iqn.2026-11.io.shoal:up
