@@ -494,10 +494,7 @@ def offers_write_atomic(lu) -> bool:
 def _write_off_the_loop(lu, io, done: ScsiResult | None) -> ScsiResult | None:
     """``_off_the_loop`` for ``io`` that writes the medium (a hole punch, WRITE SAME's blocks): on a worker it
     waits for a COMPARE AND WRITE between its read and its write (``WriteFence.shared``)."""
-    if lu.write_nowait is not None:
-        return lu.deferred(write_fence(lu).shared(io), done)
-    result = io()
-    return done if done is not None else result
+    return _off_the_loop(lu, write_fence(lu).shared(io) if lu.write_nowait is not None else io, done)
 
 
 def _off_the_loop(lu, io, done: ScsiResult | None) -> ScsiResult | None:
