@@ -67,8 +67,8 @@ from node_agent.agent.errors import (
     ResourceExhausted,
     Unavailable,
 )
-from node_agent.agent.exports import ExportInfo, remove_temp
-from node_agent.agent.records import CorruptRecord, read_json, write_json
+from node_agent.agent.exports import ExportInfo
+from node_agent.agent.records import CorruptRecord, read_json, remove_temp, write_json
 from node_agent.host.connector import Connector, VolumeTarget
 
 log = logging.getLogger("shoal.agent.attachments")

@@ -39,7 +39,7 @@ from typing import Any, Protocol, TypeVar
 
 from node_agent.agent.copies import READY, guarded
 from node_agent.agent.errors import AlreadyExists, FailedPrecondition, InvalidArgument, Unavailable
-from node_agent.agent.records import TEMP_SUFFIX, CorruptRecord, read_json, write_json
+from node_agent.agent.records import CorruptRecord, read_json, remove_temp, write_json
 from node_agent.agent.volumes import VolumeInfo, VolumeManager, check_volume_id
 from node_agent.iscsi.names import check_iqn
 from node_agent.iscsi.target import Credentials, TargetNode, same_name
@@ -475,18 +475,6 @@ class ExportManager:
 
     def _path(self, name: str) -> str:
         return os.path.join(self.settings.data_dir, name)
-
-
-def remove_temp(path: str) -> None:
-    """The temporary file a crash left of ``write_json(path)``; ``path`` itself is never touched."""
-    if not os.path.isfile(path + TEMP_SUFFIX):
-        return
-    try:
-        os.unlink(path + TEMP_SUFFIX)
-    except FileNotFoundError:
-        return
-    log.info("removed %s, left by a write a stop interrupted (%s itself is whole)", path + TEMP_SUFFIX,
-             os.path.basename(path))
 
 
 def _admits(record: ExportRecord, initiator_iqn: str) -> bool:

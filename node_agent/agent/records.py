@@ -10,8 +10,11 @@ the file: whoever reads it decides whether that stops the agent or one volume.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from typing import Any
+
+log = logging.getLogger("shoal.agent.records")
 
 
 def write_json(path: str, data: Any, *, mode: int = 0o644) -> None:
@@ -94,6 +97,19 @@ def remove_stale_temps(directory: str) -> list[str]:
                 continue
             removed.append(entry.name)
     return sorted(removed)
+
+
+def remove_temp(path: str) -> None:
+    """The temporary file a stop left of ``write_json(path)``, removed; ``path`` itself (whole, or never made) is
+    never touched."""
+    if not os.path.isfile(path + TEMP_SUFFIX):
+        return
+    try:
+        os.unlink(path + TEMP_SUFFIX)
+    except FileNotFoundError:
+        return
+    log.info("removed %s, left by a write a stop interrupted (%s itself is whole)", path + TEMP_SUFFIX,
+             os.path.basename(path))
 
 
 def fsync_dir(directory: str) -> None:

@@ -105,8 +105,8 @@ from node_agent.agent.copies import (COPYING, FAILED, FICLONE, READY, CopyJob, S
                                      flush_ahead, quiesced_once, reflink, start_copy)
 from node_agent.agent.errors import (AlreadyExists, FailedPrecondition, InvalidArgument, NotFound,
                                      ResourceExhausted, Unavailable)
-from node_agent.agent.records import (TEMP_SUFFIX, CorruptRecord, fsync_dir, read_json, remove_stale_temps,
-                                      write_json)
+from node_agent.agent.records import (CorruptRecord, fsync_dir, read_json, remove_stale_temps,
+                                      remove_temp, write_json)
 from node_agent.agent.settings import DiskSpec, check_disk_paths, check_name
 from node_agent.scsi.ptpl import SUFFIX as PTPL_SUFFIX
 from node_agent.scsi.sidecar import SANITIZE_SUFFIX, SanitizeMark
@@ -240,7 +240,7 @@ class VolumeManager:
         self._orphans: dict[str, str] = {}
         self._lock = threading.RLock()
         if state_dir is not None:
-            _remove_temp(os.path.join(state_dir, DISKS_FILE))
+            remove_temp(os.path.join(state_dir, DISKS_FILE))
         usable = self._check_disks(disks) if state_dir is not None else list(disks)
         self.specs = {spec.name: spec for spec in usable}
         """The disks in use; snapshots.py, too, looks only at these."""
@@ -248,7 +248,7 @@ class VolumeManager:
             os.makedirs(self._dir(spec), exist_ok=True)
             self._clean_partial(spec)
             if state_dir is not None:
-                _remove_temp(self._marker(spec))  # the disk's own (only a usable one's: the others are not ours)
+                remove_temp(self._marker(spec))  # the disk's own (only a usable one's: the others are not ours)
                 self._identity[spec.name] = _identity(spec.path)
 
     # ------------------------------------------------------------------ queries
@@ -921,13 +921,6 @@ def _identity(path: str) -> tuple[int, int]:
     """What tells a directory from another at the same path (a mount over it, or its removal, changes it)."""
     st = os.stat(path)
     return st.st_dev, st.st_ino
-
-
-def _remove_temp(path: str) -> None:
-    """The temporary file a stop left of ``write_json(path)`` (the file itself is whole, or was never made)."""
-    if os.path.isfile(path + TEMP_SUFFIX):
-        log.info("removing %s, left by a write a stop interrupted", path + TEMP_SUFFIX)
-        _unlink(path + TEMP_SUFFIX)
 
 
 def _unlink(path: str) -> None:
