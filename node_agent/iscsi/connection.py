@@ -81,6 +81,15 @@ from node_agent.scsi.sense import (ABORTED_COMMAND, DATA_PHASE_ERROR, INCORRECT_
                                    PROTOCOL_SERVICE_CRC_ERROR, UNEXPECTED_UNSOLICITED_DATA, SenseCode, build_sense)
 
 log = logging.getLogger("shoal.iscsi.connection")
+# The gathered-write run in C (``_fastpath.c``, built by setup.py where a C compiler is): the same checks and
+# answers as ``_scsi_command_fast`` and ``_gather_write``, without their bytecode per command.  Without it, or
+# with SHOAL_FASTPATH=off in the environment (to compare), the Python path does all of it.
+_GATHER_RUN: Callable[..., tuple] | None = None
+if os.environ.get("SHOAL_FASTPATH", "on") != "off":
+    try:
+        from node_agent.iscsi._fastpath import gather_run as _GATHER_RUN
+    except ImportError:
+        pass
 _U32 = struct.Struct(">I").unpack_from
 # SCSI Command BHS (§11.3): byte 0 (I, opcode), byte 1 (F R W ATTR), LUN, ITT, EDTL, CmdSN, CDB.
 _SCSI_COMMAND = struct.Struct(">BB6x8sIII4x16s").unpack_from
@@ -103,6 +112,7 @@ except (ValueError, OSError):  # no such sysconf names here
     _PORTAL_WRITE_BUFFERS = 1 << 30
 _DIRECT_MIN = 16 * 1024  # Data-Out payloads at least this large are received straight into the task buffer
 _GATHER_MAX = 128  # writes per gathered ``pwritev`` (IOV_MAX is 1024)
+_WRITE_OPCODES = frozenset((0x2A, 0x8A))  # WRITE(10), WRITE(16): the C run's
 LOGIN_MAX_DATA = 65536  # bound on a login PDU's data segment before negotiation (RFC default is 8192)
 TEXT_MAX_DATA = 65536  # bound on the text of a Text Request continued over several PDUs (C bit), as for a login's
 _DEAD_ITTS_MAX = 256  # tags of ended writes whose late Data-Out is dropped silently (the oldest go first)
@@ -432,9 +442,13 @@ class TargetConnection:
                                 self._start_direct_command(view, pos, dsl, hd, dd)
                         break
                     # The common SCSI Command without digests goes straight to the fast path (``_one_pdu`` again
-                    # when that declines it); everything else through ``_one_pdu``.
-                    if (hd or dd or buf[pos] & 0x3F != 0x01 or not self._fast_commands
-                            or not self._scsi_command_fast(view, pos, pos + 48, dsl)):
+                    # when that declines it); everything else through ``_one_pdu``.  A WRITE(10/16) first to the
+                    # C run (``_gather_run``), which takes it and the writes that follow it or leaves it.
+                    if hd or dd or buf[pos] & 0x3F != 0x01 or not self._fast_commands:
+                        self._one_pdu(view, pos, 0, dsl, hd, dd)
+                    elif buf[pos + 32] in _WRITE_OPCODES and _GATHER_RUN is not None and self._gather_run(buf, view):
+                        total = 0  # it moved rx.start past what it took
+                    elif not self._scsi_command_fast(view, pos, pos + 48, dsl):
                         self._one_pdu(view, pos, 0, dsl, hd, dd)
                 rx.start += total  # rx.consume(total), inline: once per PDU
                 if rx.start == rx.end:
@@ -813,7 +827,7 @@ class TargetConnection:
         if data is not None and unit is not None:
             offset = unit.gather_offset(cdb, data)
             if offset is not None:
-                self._gather_write(unit, offset, data, itt, edtl, cdb)
+                self._gather_write(unit, offset, data, itt, edtl, cdb, lun_field)
                 if session.pending:  # type: ignore[union-attr]
                     self._drain_pending()
                 return True
@@ -843,14 +857,15 @@ class TargetConnection:
             self._drain_pending()
         return True
 
-    def _gather_write(self, unit: Any, offset: int, data: memoryview, itt: int, edtl: int, cdb: bytes) -> None:
+    def _gather_write(self, unit: Any, offset: int, data: memoryview, itt: int, edtl: int, cdb: bytes,
+                      lun_field: bytes) -> None:
         """Answer a write ``gather_offset`` accepted now and write its data with its neighbours'."""
         gather = self._gather
         if gather is not None and (gather[2] != offset or gather[0] is not unit or len(gather[3]) >= _GATHER_MAX):
             self._flush_gather()
             gather = None
         if gather is None:
-            gather = self._gather = [unit, offset, offset, [], []]
+            gather = self._gather = [unit, offset, offset, [], [], lun_field]
         gather[2] = offset + len(data)
         gather[3].append(data)
         out = self._out
@@ -868,10 +883,55 @@ class TargetConnection:
             out.append(header)
         gather[4].append((mark, len(out) - mark, itt, edtl, cdb))
 
+    def _gather_run(self, buf: bytearray, view: memoryview) -> bool:
+        """``_process``, at a WRITE(10/16) without digests: that SCSI Command and those that follow it, taken
+        by ``_fastpath.gather_run`` (C) exactly as ``_scsi_command_fast`` and ``_gather_write`` would take
+        each, into the open gather (or a new one) as long as they continue it.  True when it took any (rx.start
+        is past them); False: nothing was done, the Python path takes the command.  Only for a logical unit
+        that takes gathered writes now (``gather_limits``), with nothing held for CmdSN order and room in the
+        command window (gathered commands are answered at once: they do not use it)."""
+        session = self.session
+        if session.pending or session.running >= session.command_window:  # type: ignore[union-attr]
+            return False
+        rx = self._rx
+        start = rx.start
+        lun_field = bytes(buf[start + 8:start + 16])
+        gather = self._gather
+        if gather is not None and gather[5] == lun_field:  # continue it
+            unit, gather_end, pieces, commands = gather[0], gather[2], gather[3], gather[4]
+        else:  # start one
+            lun = _LUN_CACHE.get(lun_field)
+            if lun is None:
+                lun = _lun_number(lun_field)
+            unit = session.target.luns.luns.get(lun)  # type: ignore[union-attr]
+            if unit is None:
+                return False
+            gather_end, pieces, commands = -1, [], []
+        limits = unit.gather_limits()
+        if limits is None:
+            return False
+        if gather is not None and gather_end == -1:  # another LUN's is open: written first, as the Python path does
+            self._flush_gather()
+        pos, taken, statsn, expcmdsn, first, end = _GATHER_RUN(
+            view, start, rx.end, min(self.max_recv, self._immediate_limit),
+            session.expcmdsn, session.command_window - 1 - session.running,  # type: ignore[union-attr]
+            self._tasks, self._running, lun_field, *limits, gather_end, _GATHER_MAX - len(pieces), self.statsn,
+            pieces, self._out, commands)
+        if not taken:
+            return False
+        rx.start = pos
+        self.statsn = statsn
+        session.expcmdsn = expcmdsn  # type: ignore[union-attr]
+        if gather_end == -1:
+            self._gather = [unit, first, end, pieces, commands, lun_field]
+        else:
+            gather[2] = end  # type: ignore[index]
+        return True
+
     def _flush_gather(self) -> None:
         """Write the gathered data.  If that fails, run each of its commands again the full way and
         put the answer of any that fails in place of its queued GOOD response (same StatSN)."""
-        unit, start, end, pieces, commands = self._gather  # type: ignore[misc]
+        unit, start, end, pieces, commands, _ = self._gather  # type: ignore[misc]
         self._gather = None
         if unit.write_gathered(start, pieces, end - start, len(commands)):
             return

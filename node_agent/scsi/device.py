@@ -290,6 +290,16 @@ class LogicalUnit:
         plain = self._plain_range(fast, cdb, data_out)  # the same tests as ``_read_write``'s write
         return None if plain is None else plain[0] * self.block_size
 
+    def gather_limits(self) -> tuple[int, int, int] | None:
+        """The unit's half of ``gather_offset`` for the target's C run (``iscsi/_fastpath.c``), which does the
+        CDB's half itself: (blocks, block size, most blocks per command) while this unit takes gathered writes
+        (a store that writes inline and offers ``writev``; no unit attention, reservation, read-only medium
+        or forced FUA), else None.  Valid until anything else runs on the unit (one receive)."""
+        if (self._writev is None or self._gate or self.reservations.engaged or self.read_only or self._fua_always
+                or self.write_nowait is not None and not self.backing.inline_writes):
+            return None
+        return self.num_blocks, self.block_size, self.max_transfer_blocks
+
     def write_gathered(self, offset: int, pieces: list, length: int, commands: int) -> bool:
         """Write the data of ``commands`` WRITEs accepted by ``gather_offset`` (adjacent, in order:
         ``length`` bytes from ``offset``) with one ``writev``.  False if that failed (nothing counted;
