@@ -491,10 +491,16 @@ def offers_write_atomic(lu) -> bool:
 
 
 # -- thin provisioning -----------------------------------------------------------------
+def fenced_write(lu, io):
+    """``io``, which writes the unit's medium, made to wait for a COMPARE AND WRITE between its read and its
+    write (``WriteFence.shared``) where the unit's writes can run on workers; as it is where all of the unit's
+    I/O runs on its loop (no ``write_nowait``), one command at a time."""
+    return write_fence(lu).shared(io) if lu.write_nowait is not None else io
+
+
 def _write_off_the_loop(lu, io, done: ScsiResult | None) -> ScsiResult | None:
-    """``_off_the_loop`` for ``io`` that writes the medium (a hole punch, WRITE SAME's blocks): on a worker it
-    waits for a COMPARE AND WRITE between its read and its write (``WriteFence.shared``)."""
-    return _off_the_loop(lu, write_fence(lu).shared(io) if lu.write_nowait is not None else io, done)
+    """``_off_the_loop`` for ``io`` that writes the medium (a hole punch, WRITE SAME's blocks), fenced."""
+    return _off_the_loop(lu, fenced_write(lu, io), done)
 
 
 def _off_the_loop(lu, io, done: ScsiResult | None) -> ScsiResult | None:

@@ -49,7 +49,7 @@ from dataclasses import dataclass
 from node_agent.scsi import sense as S
 from node_agent.scsi.reservations import PR_READ, PR_WRITE, ReservationConflict
 from node_agent.scsi.result import ScsiResult
-from node_agent.scsi.sbc import write_fence
+from node_agent.scsi.sbc import fenced_write
 from node_agent.scsi.sense import CheckCondition, SenseCode, build_sense
 from node_agent.wire import Field, Layout
 
@@ -413,10 +413,7 @@ def _copy_segment(job: _Copy, seg: _Segment) -> int:
         with _reach(job, src, _READ_ACCESS), _reach(job, dst, _WRITE_ACCESS):
             def chunk(at=dst_off + offset, data_at=src_off + offset, n=n) -> None:
                 dst.backing.write(at, src.backing.read(data_at, n), dst._fua_always)
-            if dst.write_nowait is None:  # all of that unit's I/O runs on its loop, as this copy does
-                chunk()
-            else:  # a write on a worker: none comes between a COMPARE AND WRITE's read and write (SBC-3 §5.2)
-                write_fence(dst).shared(chunk)()
+            fenced_write(dst, chunk)()  # none comes between a COMPARE AND WRITE's read and write (SBC-3 §5.2)
     dst.write_commands += 1
     dst.write_bytes += total
     return total
