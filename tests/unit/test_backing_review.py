@@ -161,24 +161,37 @@ def _other_write(lu, data: bytes):
     return result
 
 
-def test_write_from_another_session_waits_for_a_compare_and_write_on_a_worker(lu):
-    """The COMPARE AND WRITE read LBA 0 (matching), a WRITE from another session landed GOOD, then the COMPARE
-    AND WRITE wrote over it: GOOD for both with its data left, which no order of the two gives."""
-    run(lu, cdb10(0x2A, 0, 1), b"A" * BS)
-    caw = lu.execute_deferrable(NEXUS, CAW_FUA, b"A" * BS + b"C" * BS, 2 * BS)
+def _caw_held_at_its_read(unit, out: dict):
+    """Start a COMPARE AND WRITE (FUA) of LBA 0, A to C, on a worker thread and hold it once it is inside its read
+    of the block: (the gate that lets it go on, the thread).  Its result goes to ``out["caw"]``."""
+    caw = unit.execute_deferrable(NEXUS, CAW_FUA, b"A" * BS + b"C" * BS, 2 * BS)
     assert caw.blocking is not None
-    gate = _Gate(lu.backing, "read")
-    out = {}
+    gate = _Gate(unit.backing, "read")
     worker = threading.Thread(target=lambda: out.setdefault("caw", caw.blocking()))
     worker.start()
     assert gate.entered.wait(10)
     gate.undo()
+    return gate, worker
+
+
+def _still_waiting(out: dict, key: str, blocking, seconds: float = 0.2) -> threading.Thread:
+    """Run ``blocking`` on a thread (its result to ``out[key]``) and check it has not ended after ``seconds``."""
+    landed = threading.Event()
+    thread = threading.Thread(target=lambda: (out.setdefault(key, blocking()), landed.set()))
+    thread.start()
+    assert not landed.wait(seconds)
+    return thread
+
+
+def test_write_from_another_session_waits_for_a_compare_and_write_on_a_worker(lu):
+    """The COMPARE AND WRITE read LBA 0 (matching), a WRITE from another session landed GOOD, then the COMPARE
+    AND WRITE wrote over it: GOOD for both with its data left, which no order of the two gives."""
+    run(lu, cdb10(0x2A, 0, 1), b"A" * BS)
+    out = {}
+    gate, worker = _caw_held_at_its_read(lu, out)
     write = _other_write(lu, b"B" * BS)
     assert write.blocking is not None  # not written on the loop while the COMPARE AND WRITE holds the block
-    landed = threading.Event()
-    writer = threading.Thread(target=lambda: (out.setdefault("write", write.blocking()), landed.set()))
-    writer.start()
-    assert not landed.wait(0.2)  # waits for the COMPARE AND WRITE
+    writer = _still_waiting(out, "write", write.blocking)  # waits for the COMPARE AND WRITE
     gate.go.set()
     worker.join(10)
     writer.join(10)
@@ -216,10 +229,7 @@ def test_compare_and_write_waits_for_a_write_running_on_a_worker(lu):
     gate.undo()
     caw = lu.execute_deferrable(NEXUS, CAW, b"A" * BS + b"C" * BS, 2 * BS)  # compares with the A stored now
     assert caw.blocking is not None
-    done = threading.Event()
-    worker = threading.Thread(target=lambda: (out.setdefault("caw", caw.blocking()), done.set()))
-    worker.start()
-    assert not done.wait(0.2)
+    worker = _still_waiting(out, "caw", caw.blocking)
     gate.go.set()
     writer.join(10)
     worker.join(10)
@@ -231,23 +241,15 @@ def test_compare_and_write_waits_for_a_write_running_on_a_worker(lu):
 @pytest.mark.parametrize("command", ["unmap", "write same"])
 def test_unmap_and_write_same_on_workers_wait_for_a_compare_and_write(lu, command):
     run(lu, cdb10(0x2A, 0, 8), b"A" * 8 * BS)
-    caw = lu.execute_deferrable(NEXUS, CAW_FUA, b"A" * BS + b"C" * BS, 2 * BS)
-    gate = _Gate(lu.backing, "read")
     out = {}
-    worker = threading.Thread(target=lambda: out.setdefault("caw", caw.blocking()))
-    worker.start()
-    assert gate.entered.wait(10)
-    gate.undo()
+    gate, worker = _caw_held_at_its_read(lu, out)
     if command == "unmap":
         params = bytes([0, 22, 0, 16]) + bytes(4) + bytes(8) + (8).to_bytes(4, "big") + bytes(4)
         other = lu.execute_deferrable(OTHER, bytes([0x42, 0, 0, 0, 0, 0, 0, 0, 24, 0]), params, 24)
     else:
         other = lu.execute_deferrable(OTHER, bytes([0x93, 0]) + bytes(8) + (8).to_bytes(4, "big") + bytes(2),
                                       b"W" * BS, BS)
-    landed = threading.Event()
-    thread = threading.Thread(target=lambda: (out.setdefault("other", other.blocking()), landed.set()))
-    thread.start()
-    assert not landed.wait(0.2)
+    thread = _still_waiting(out, "other", other.blocking)
     gate.go.set()
     worker.join(10)
     thread.join(10)
@@ -268,22 +270,13 @@ def test_an_extended_copy_into_the_unit_waits_for_a_compare_and_write(tmp_path):
         LunMap({0: a, 1: b})
         a.backing.write(0, b"X" * BS)
         b.backing.write(0, b"A" * BS)
-        caw = b.execute_deferrable(NEXUS, CAW_FUA, b"A" * BS + b"C" * BS, 2 * BS)
-        assert caw.blocking is not None
-        gate = _Gate(b.backing, "read")
         out = {}
-        worker = threading.Thread(target=lambda: out.setdefault("caw", caw.blocking()))
-        worker.start()
-        assert gate.entered.wait(10)
-        gate.undo()
+        gate, worker = _caw_held_at_its_read(b, out)
         params = parameter_list([target_descriptor(a), target_descriptor(b)], [segment(0, 1, 1, 0, 0)],
                                 usage=X.LIST_ID_DISCARD)
         copy = a.execute(NEXUS, xcopy_cdb(params), params, len(params), defer=True)
         assert copy.blocking is not None  # a file unit's copy runs on a worker
-        landed = threading.Event()
-        copier = threading.Thread(target=lambda: (out.setdefault("copy", copy.blocking()), landed.set()))
-        copier.start()
-        assert not landed.wait(0.3)  # its chunk waits for the COMPARE AND WRITE
+        copier = _still_waiting(out, "copy", copy.blocking, 0.3)  # its chunk waits for the COMPARE AND WRITE
         gate.go.set()
         worker.join(10)
         copier.join(10)
