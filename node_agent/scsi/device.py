@@ -279,11 +279,8 @@ class LogicalUnit:
         run inline and which offers ``writev``: the byte offset ``data_out`` goes to, and nothing
         done yet; the caller writes it together with its neighbours (``write_gathered``), keeping
         ``data_out`` unchanged until then.  None: not such a write (``execute_inline`` decides)."""
-        writev = self._writev
-        if writev is None or self._gate or self.reservations.engaged or data_out is None:
+        if data_out is None or self.gather_limits() is None:
             return None
-        if self.write_nowait is not None and not self.backing.inline_writes:
-            return None  # the store can say "would block": each write asks it on its own
         fast = _FAST_RW.get(cdb[0])
         if fast is None or not fast[2]:
             return None
@@ -291,11 +288,12 @@ class LogicalUnit:
         return None if plain is None else plain[0] * self.block_size
 
     def gather_limits(self) -> tuple[int, int, int] | None:
-        """The unit's half of ``gather_offset`` for the target's C run (``iscsi/_fastpath.c``), which does the
-        CDB's half itself: (blocks, block size, most blocks per command) while this unit takes gathered writes
+        """The unit's half of ``gather_offset``, also for the target's C run (``iscsi/_fastpath.c``), which does
+        the CDB's half itself: (blocks, block size, most blocks per command) while this unit takes gathered writes
         (a store that writes inline and offers ``writev``; no unit attention, reservation, read-only medium
         or forced FUA), else None.  Valid until anything else runs on the unit (one receive)."""
         if (self._writev is None or self._gate or self.reservations.engaged or self.read_only or self._fua_always
+                # a store that can say "would block": each write asks it on its own
                 or self.write_nowait is not None and not self.backing.inline_writes):
             return None
         return self.num_blocks, self.block_size, self.max_transfer_blocks
