@@ -441,11 +441,16 @@ class TargetConnection:
                             elif opcode == Opcode.SCSI_COMMAND:
                                 self._start_direct_command(view, pos, dsl, hd, dd)
                         break
-                    # The common SCSI Command without digests goes straight to the fast path (``_one_pdu`` again
-                    # when that declines it); everything else through ``_one_pdu``.  A WRITE(10/16) first to the
+                    # The common SCSI Command without a data digest goes straight to the fast path (its header
+                    # digest, if any, checked first; ``_one_pdu`` again when that declines it); everything else
+                    # through ``_one_pdu``.  A WRITE(10/16) first to the
                     # C run (``_gather_run``), which takes it and the writes that follow it or leaves it.
-                    if hd or dd or buf[pos] & 0x3F != 0x01 or not self._fast_commands:
+                    if dd or buf[pos] & 0x3F != 0x01 or not self._fast_commands:
                         self._one_pdu(view, pos, 0, dsl, hd, dd)
+                    elif hd:  # a header digest alone (what QEMU asks for): checked here, then the fast path
+                        if _crc(view[pos:pos + 52]) != _RESIDUE or not self._scsi_command_fast(view, pos, pos + 52,
+                                                                                                dsl):
+                            self._one_pdu(view, pos, 0, dsl, hd, dd)  # it checks the digest again: closes on error
                     elif buf[pos + 32] in _WRITE_OPCODES and _GATHER_RUN is not None and self._gather_run(buf, view):
                         total = 0  # it moved rx.start past what it took
                     elif not self._scsi_command_fast(view, pos, pos + 48, dsl):
@@ -878,9 +883,8 @@ class TargetConnection:
         maxcmdsn = (expcmdsn + session.command_window - 1 - session.running) & 0xFFFFFFFF  # type: ignore[union-attr]
         header = _pack_hot(_OP_SCSI_RESPONSE, 0x80, 0, GOOD, 0, _NO_LUN, itt, 0, statsn, expcmdsn, maxcmdsn, 0, 0, 0)
         if self.header_digest:
-            out += (header, _pack_digest(_crc(header)))
-        else:
-            out.append(header)
+            header += _pack_digest(_crc(header))  # one buffer: one iovec fewer for sendmsg
+        out.append(header)
         gather[4].append((mark, len(out) - mark, itt, edtl, cdb))
 
     def _gather_run(self, buf: bytearray, view: memoryview) -> bool:
@@ -1414,11 +1418,11 @@ class TargetConnection:
                            statsn, session.expcmdsn, session.maxcmdsn, 0, 0, 0)  # type: ignore[union-attr]
         if self.data_digest:
             if self.header_digest:
-                self._out += (header, _pack_digest(_crc(header)), data, _pack_digest(_crc(data)))
+                self._out += (header + _pack_digest(_crc(header)), data, _pack_digest(_crc(data)))
             else:
                 self._out += (header, data, _pack_digest(_crc(data)))
         elif self.header_digest:
-            self._out += (header, _pack_digest(_crc(header)), data)
+            self._out += (header + _pack_digest(_crc(header)), data)
         else:
             self._out += (header, data)
 
@@ -1495,9 +1499,8 @@ class TargetConnection:
             header = _pack_hot(_OP_SCSI_RESPONSE, 0x80, 0, status, 0, _NO_LUN, itt, 0, statsn,  # pack_scsi_response
                                session.expcmdsn, session.maxcmdsn, expdatasn, 0, 0)
             if self.header_digest:
-                self._out += (header, _pack_digest(_crc(header)))
-            else:
-                self._out.append(header)
+                header += _pack_digest(_crc(header))
+            self._out.append(header)
             return
         self._out += self._response_frames(itt, status, sense, expdatasn, edtl, datalen, statsn, session.expcmdsn,
                                            session.maxcmdsn)

@@ -13,6 +13,7 @@ Each tree's target is ``python -P -m node_agent.cli target`` with ``PYTHONPATH``
 set to that tree (``-P``: the working directory is not put on ``sys.path``), so
 the interpreter and installed packages are the same for all.
 
+``--workload hd-4k-read`` / ``hd-4k-write``: qemu-img with a header digest (CRC32C).
 ``--workload hdd-4k-read`` / ``hdd-4k-write``: header and data digests instead.  libiscsi has no
 data digest, so each run is a pair of ``digest_client.py`` runs of ``--seconds`` (Shoal's initiator,
 from the same tree as the target), digests off then on; per tree it prints the medians of both
@@ -41,7 +42,8 @@ sys.path.insert(0, str(REPO))
 from tests.support.shoal_target import running_shoal_target  # noqa: E402
 
 WORKLOADS = {"4k-read": (4096, 32, False, 40000), "4k-write": (4096, 32, True, 40000),
-             "1m-read": (1 << 20, 8, False, 3000), "1m-write": (1 << 20, 8, True, 2000)}
+             "1m-read": (1 << 20, 8, False, 3000), "1m-write": (1 << 20, 8, True, 2000),
+             "hd-4k-read": (4096, 32, False, 40000), "hd-4k-write": (4096, 32, True, 40000)}
 DIGEST_WORKLOADS = {"hdd-4k-read": False, "hdd-4k-write": True}  # name -> write
 
 
@@ -56,7 +58,13 @@ def cpu_seconds(pid: int) -> tuple[float, float]:
 def one_run(url: str, pid: int, workload: str, count: int) -> tuple[float, float, float]:
     """(IOPS, target µs CPU per I/O, of which system) of one ``qemu-img bench`` run."""
     size, depth, write, _ = WORKLOADS[workload]
-    args = ["qemu-img", "bench", "-f", "raw", "-t", "none", "-c", str(count), "-d", str(depth), "-s", str(size)]
+    args = ["qemu-img", "bench", "-t", "none", "-c", str(count), "-d", str(depth), "-s", str(size)]
+    if workload.startswith("hd-"):  # QEMU asks for HeaderDigest=CRC32C (as bench_targets.py's HD rows)
+        portal, iqn, lun = url.removeprefix("iscsi://").split("/")
+        url = f"driver=iscsi,transport=tcp,portal={portal},target={iqn},lun={lun},header-digest=crc32c"
+        args.append("--image-opts")
+    else:
+        args += ["-f", "raw"]
     if write:
         args += ["-w", "--pattern", "0x5a"]
     cpu0, start = cpu_seconds(pid), time.perf_counter()

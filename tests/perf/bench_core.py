@@ -16,7 +16,8 @@ compared in alternating rounds:
     .venv/bin/python tests/perf/bench_core.py --tree new=. --tree old=/tmp/wt-3f33269
 
 ``--workload 4k-read-digests`` / ``4k-write-digests``: the same with header and data digests
-(CRC32C) negotiated.  ``--profile FILE`` writes a cProfile of one tree's run instead.
+(CRC32C) negotiated; ``4k-read-hd`` / ``4k-write-hd``: header digest only (``bench_targets.py``'s
+HD rows).  ``--profile FILE`` writes a cProfile of one tree's run instead.
 """
 
 from __future__ import annotations
@@ -67,21 +68,23 @@ def _child(workload: str, batches: int, profile: str | None) -> dict:
                 view = view[n:]
 
         digests = workload.endswith("-digests")  # header and data digests (CRC32C) on
+        header_only = workload.endswith("-hd")  # header digest only, as qemu-img's HD rows negotiate
 
         def pdu(opcode, data=b"", *, login=False, **fields) -> bytes:
-            on = digests and not login
-            return b"".join(bytes(p) for p in P.encode_pdu(opcode, data, header_digest=on, data_digest=on,
-                                                            **fields))
+            hd = (digests or header_only) and not login
+            return b"".join(bytes(p) for p in P.encode_pdu(opcode, data, header_digest=hd,
+                                                            data_digest=digests and not login, **fields))
 
         digest = "CRC32C" if digests else "None"
         keys = [("InitiatorName", initiator), ("TargetName", target), ("SessionType", "Normal"),
-                ("HeaderDigest", digest), ("DataDigest", digest), ("ImmediateData", "Yes"),
+                ("HeaderDigest", "CRC32C" if header_only else digest), ("DataDigest", digest),
+                ("ImmediateData", "Yes"),
                 ("InitialR2T", "No"), ("MaxRecvDataSegmentLength", "262144"), ("MaxBurstLength", "1048576"),
                 ("FirstBurstLength", "262144")]
         feed(pdu(Opcode.LOGIN_REQUEST, encode_text(keys), login=True, immediate=True, transit=True, csg=1, nsg=3,
                  isid=0x400001370000, tsih=0, itt=1, cid=0, cmdsn=1, expstatsn=0))
         conn.take_output()
-        assert conn.header_digest == conn.data_digest == digests
+        assert conn.header_digest == (digests or header_only) and conn.data_digest == digests
         cmdsn = 1
         write = workload.startswith("4k-write")
         payload = os.urandom(4096)
@@ -139,7 +142,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tree", action="append", default=[], help="NAME=PATH of a source tree (repeatable)")
     parser.add_argument("--workload", action="append",
-                        choices=["4k-read", "4k-write", "4k-read-digests", "4k-write-digests"])
+                        choices=["4k-read", "4k-write", "4k-read-hd", "4k-write-hd", "4k-read-digests",
+                                 "4k-write-digests"])
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--batch", type=int, default=BATCH,
                         help="commands per receive (32; QEMU's 4 KiB writes at depth 32 arrive ~4 at a time)")

@@ -107,14 +107,24 @@ def main(argv=None) -> int:
         with open(path, "wb") as handle:  # 64 MiB, written once: the runs rewrite cached pages
             for _ in range(64):
                 handle.write(b"\x01" * (1 << 20))
-        for _ in range(args.runs):
-            for mode in modes:
-                results[mode].append(one_run(mode, args.mib, path))
+        alternate(results, args.runs, lambda mode: one_run(mode, args.mib, path))
+    print_medians(results, "receiver")
+    return 0
+
+
+def alternate(results: dict[str, list[tuple[float, float]]], runs: int, run) -> None:
+    """``runs`` rounds of ``run(mode)`` for each mode of ``results`` in turn, appended there."""
+    for _ in range(runs):
+        for mode in results:
+            results[mode].append(run(mode))
+
+
+def print_medians(results: dict[str, list[tuple[float, float]]], side: str) -> None:
+    """Per mode: the medians of MiB/s and of ``side``'s CPU per MiB, and each run's CPU."""
     for mode, runs in results.items():
         print(f"{mode:9s} {statistics.median(r[0] for r in runs):7.0f} MiB/s"
-              f"   receiver {statistics.median(r[1] for r in runs):5.0f} µs CPU per MiB"
+              f"   {side} {statistics.median(r[1] for r in runs):5.0f} µs CPU per MiB"
               f"   (runs: {' '.join(f'{r[1]:.0f}' for r in runs)})")
-    return 0
 
 
 if __name__ == "__main__":

@@ -1,0 +1,98 @@
+"""What sending a large read costs the kernel here: ``sendfile`` versus ``pread`` + ``send``.
+
+Issue 7 asks for 1 MiB reads at 3x tgtd.  Shoal's target sends a read of 64 KiB
+or more (``LunSettings.file_range_threshold``) with ``os.sendfile`` straight
+from the page cache; tgtd and istgt ``pread`` into a buffer and send that.  On
+some hosts of this lab ``sendfile`` over loopback costs several times what it
+did on others, and Shoal's 1 MiB read row moves with it, whatever Shoal's own
+code does.  This measures the sending end alone, without iSCSI: a child
+process receives over one loopback TCP connection (1 MiB ``recv_into`` calls)
+and this process sends ``--mib`` MiB of a file in the page cache in 1 MiB
+pieces, one of three ways:
+
+- ``sendfile``: ``os.sendfile`` from the file (Shoal's target today);
+- ``pread``: ``os.preadv`` into one reused buffer, then ``sendall`` (what
+  tgtd and istgt do);
+- ``send``: ``sendall`` of a buffer already in memory: the floor of any sender.
+
+It prints, per mode, the medians over ``--runs`` alternating runs of MiB/s and
+of the sender's CPU per MiB (``getrusage``: user + system; over loopback the
+sender also pays for delivering into the receiver's socket).  Run:
+``.venv/bin/python tests/perf/bench_sendfile.py --runs 6``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import socket
+import tempfile
+import time
+
+from bench_splice import alternate, print_medians  # this directory is sys.path[0] when run as a script
+
+PIECE = 1 << 20
+FILE_MIB = 256
+
+
+def one_run(mode: str, mib: int, path: str) -> tuple[float, float]:
+    """(MiB/s, sender CPU µs per MiB) of one run."""
+    fd = os.open(path, os.O_RDONLY)
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    pid = os.fork()
+    if pid == 0:  # the receiver
+        try:
+            with socket.create_connection(listener.getsockname()) as into:
+                buf = bytearray(PIECE)
+                while into.recv_into(buf):
+                    pass
+        finally:
+            os._exit(0)
+    sock, _ = listener.accept()
+    listener.close()
+    buf = bytearray(PIECE)
+    start, usage = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
+    for piece in range(mib):
+        offset = piece % FILE_MIB * PIECE
+        if mode == "sendfile":
+            left = PIECE
+            while left:
+                sent = os.sendfile(sock.fileno(), fd, offset, left)
+                offset += sent
+                left -= sent
+        elif mode == "pread":
+            os.preadv(fd, [buf], offset)
+            sock.sendall(buf)
+        else:
+            sock.sendall(buf)
+    end, after = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
+    sock.close()
+    os.waitpid(pid, 0)
+    os.close(fd)
+    cpu = after.ru_utime - usage.ru_utime + after.ru_stime - usage.ru_stime
+    return mib / (end - start), cpu / mib * 1e6
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--mode", action="append", choices=["sendfile", "pread", "send"])
+    parser.add_argument("--runs", type=int, default=6)
+    parser.add_argument("--mib", type=int, default=2048, help="MiB per run")
+    args = parser.parse_args(argv)
+    modes = args.mode or ["sendfile", "pread", "send"]
+    results: dict[str, list[tuple[float, float]]] = {mode: [] for mode in modes}
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "source.img")
+        with open(path, "wb") as handle:  # written once, so every run reads cached pages
+            for _ in range(FILE_MIB):
+                handle.write(os.urandom(PIECE))
+        alternate(results, args.runs, lambda mode: one_run(mode, args.mib, path))
+    print_medians(results, "sender")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
