@@ -463,6 +463,10 @@ def add_parser(sub) -> None:
     parser.add_argument("--tls-node-names", metavar="NAME[,NAME...]",
                         help="with --tls-client-ca: client certificate names the agents' registration admits "
                              f"(default {','.join(NODE_NAMES)})")
+    parser.add_argument("--tls-node-id-in-certificate", action="store_true",
+                        help="with --tls-client-ca: a node registers and heartbeats only under a node id its "
+                             "certificate also names (CN or DNS SAN): per-node certificates, so no node can act "
+                             "as another")
     parser.add_argument("--agent-ca", default="", help="CA that signed the agents' certificates (agent TLS)")
     parser.add_argument("--agent-cert", default="", help="client certificate towards agents (mTLS)")
     parser.add_argument("--agent-key", default="", help="key for --agent-cert")
@@ -520,7 +524,10 @@ def settings_from_args(args: argparse.Namespace) -> tuple[DaemonSettings, Contro
     tls = None
     if args.tls_cert or args.tls_key:
         tls = ServerTls(args.tls_cert, args.tls_key, args.tls_client_ca, admin_names=names["--tls-admin-names"],
-                        node_names=names["--tls-node-names"])
+                        node_names=names["--tls-node-names"],
+                        node_id_in_certificate=args.tls_node_id_in_certificate)
+    elif args.tls_node_id_in_certificate:
+        raise ValueError("--tls-node-id-in-certificate needs --tls-cert, --tls-key and --tls-client-ca")
     if args.tls_client_ca and tls is None:
         raise ValueError("--tls-client-ca needs --tls-cert and --tls-key")
     agent_tls = None

@@ -23,10 +23,14 @@ def peer_names(context: grpc.ServicerContext) -> set[str]:
 class PeerNames(grpc.ServerInterceptor):
     """Admit a call to a listed service only from a client certificate with one of the service's names.
 
-    ``rules`` maps a service's full name (``package.Service``) to the names it admits; other services pass."""
+    ``rules`` maps a service's full name (``package.Service``) to the names it admits; other services pass.
+    ``own_names`` maps a service's full name to a request field (``node_id``) that must also be one of the
+    certificate's names: each caller then acts only as itself (a node registers and heartbeats as the node
+    its certificate names, not as another node)."""
 
-    def __init__(self, rules: Mapping[str, Iterable[str]]):
+    def __init__(self, rules: Mapping[str, Iterable[str]], own_names: Mapping[str, str] | None = None):
         self.rules = {service: frozenset(name.lower() for name in names) for service, names in rules.items()}
+        self.own_names = dict(own_names or {})
 
     def intercept_service(self, continuation: Callable, handler_call_details: grpc.HandlerCallDetails):
         handler = continuation(handler_call_details)
@@ -34,18 +38,28 @@ class PeerNames(grpc.ServerInterceptor):
         allowed = self.rules.get(service)
         if handler is None or allowed is None:
             return handler
-        return _guarded(handler, service, allowed)
+        return _guarded(handler, _checker(service, allowed, self.own_names.get(service)))
 
 
-def _guarded(handler: grpc.RpcMethodHandler, service: str, allowed: frozenset[str]) -> grpc.RpcMethodHandler:
-    def check(context: grpc.ServicerContext) -> None:
+def _checker(service: str, allowed: frozenset[str], own_field: str | None) -> Callable:
+    def check(request, context: grpc.ServicerContext) -> None:
         names = peer_names(context)
+        shown = ", ".join(sorted(names)) or "none"
         if not names & allowed:
-            shown = ", ".join(sorted(names)) or "none"
             context.abort(grpc.StatusCode.PERMISSION_DENIED,
                           f"the client certificate (names: {shown}) may not call {service}: it admits "
                           f"{', '.join(sorted(allowed))}")
+        if own_field is not None:
+            own = getattr(request, own_field, None)
+            if not isinstance(own, str) or own.lower() not in names:
+                context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                              f"the client certificate (names: {shown}) does not name {own_field} {own!r}: "
+                              f"{service} takes a caller only as what its certificate names")
+    return check
 
+
+def _guarded(handler: grpc.RpcMethodHandler, check: Callable) -> grpc.RpcMethodHandler:
+    """``handler`` with ``check(request, context)`` before it (a stream's request: its iterator)."""
     kinds = (("unary_unary", grpc.unary_unary_rpc_method_handler), ("unary_stream", grpc.unary_stream_rpc_method_handler),
              ("stream_unary", grpc.stream_unary_rpc_method_handler),
              ("stream_stream", grpc.stream_stream_rpc_method_handler))
@@ -53,7 +67,7 @@ def _guarded(handler: grpc.RpcMethodHandler, service: str, allowed: frozenset[st
         behavior = getattr(handler, kind)
         if behavior is not None:
             def guarded(request, context, _behavior=behavior):
-                check(context)
+                check(request, context)
                 return _behavior(request, context)
             return make(guarded, request_deserializer=handler.request_deserializer,
                         response_serializer=handler.response_serializer)

@@ -31,10 +31,17 @@ class ServerTls:
     """With ``client_ca``: the certificate names AdminService admits (``node_agent.peer_names``)."""
     node_names: tuple[str, ...] = NODE_NAMES
     """With ``client_ca``: the certificate names RegistrationService admits (the agents')."""
+    node_id_in_certificate: bool = False
+    """With ``client_ca``: a node registers and heartbeats only under a name its certificate also carries (its
+    node id as CN or DNS SAN, beside one of ``node_names``), so a node cannot act as another: per-node
+    certificates (``--tls-node-id-in-certificate``)."""
 
     def __post_init__(self) -> None:
         if not self.cert or not self.key:
             raise ValueError("TLS needs both a certificate (--tls-cert) and its key (--tls-key)")
+        if self.node_id_in_certificate and not self.client_ca:
+            raise ValueError("--tls-node-id-in-certificate needs --tls-client-ca: only client certificates carry "
+                             "names to check")
 
 
 def server_credentials(tls: ServerTls) -> grpc.ServerCredentials:
@@ -59,7 +66,8 @@ def build_server(service: ControllerService, listen: str, *, tls: ServerTls | No
     """
     interceptors = []
     if tls is not None and tls.client_ca:  # who may call what, by client certificate name
-        interceptors.append(PeerNames({ADMIN_SERVICE: tls.admin_names, REGISTRATION_SERVICE: tls.node_names}))
+        interceptors.append(PeerNames({ADMIN_SERVICE: tls.admin_names, REGISTRATION_SERVICE: tls.node_names},
+                                      {REGISTRATION_SERVICE: "node_id"} if tls.node_id_in_certificate else None))
     server = grpc.server(ThreadPoolExecutor(max_workers=workers, thread_name_prefix="controller-rpc"),
                          interceptors=interceptors, options=[("grpc.so_reuseport", int(reuse_port))])
     admin_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(service, metrics), server)

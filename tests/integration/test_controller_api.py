@@ -311,7 +311,8 @@ def pki(tmp_path_factory):
                             ("client", "shoal-admin", ""), ("node", "shoal-node", ""), ("other", "other", ""),
                             ("uri", "node-7", "subjectAltName=URI:shoal-admin"),
                             ("email", "node-7", "subjectAltName=email:shoal-admin"),
-                            ("upper", "node-7", "subjectAltName=DNS:SHOAL-ADMIN")):
+                            ("upper", "node-7", "subjectAltName=DNS:SHOAL-ADMIN"),
+                            ("node-a", "shoal-node", "subjectAltName=DNS:Node-A")):
         _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr",
                  "-subj", f"/CN={cn}", cwd=d)
         (d / f"{name}.ext").write_text(extra + "\n" if extra else "basicConstraints=CA:FALSE\n")
@@ -465,6 +466,55 @@ def test_mutual_tls_admits_each_service_only_its_callers_certificates(pki):
         s.server.stop(None)
 
 
+@pytest.mark.parametrize("bound", [False, True], ids=["shared-certificates", "node-id-in-certificate"])
+def test_a_node_registers_only_as_the_node_its_certificate_names(pki, bound):
+    """With ``node_id_in_certificate`` (``--tls-node-id-in-certificate``) Register and Heartbeat take a node id
+    only from a certificate that names it (CN or DNS SAN, without case) beside the nodes' name: node-a's
+    certificate cannot register node-b or heartbeat for it, and the shared node certificate registers no one.
+    Without it, any node certificate acts for any node (one certificate for all agents, as the chart makes)."""
+    s = Served(ServerTls(str(pki / "server.pem"), str(pki / "server.key"), str(pki / "ca.pem"),
+                         node_id_in_certificate=bound))
+
+    def outcome(cert: str, rpc: str, node_id: str) -> tuple[grpc.StatusCode, str] | None:
+        with grpc.secure_channel(s.address, _creds_of(pki, cert)) as channel:
+            stub = agent_pb2_grpc.RegistrationServiceStub(channel)
+            try:
+                if rpc == "register":
+                    stub.Register(agent_pb2.RegisterRequest(
+                        node_id=node_id, initiator_iqn=f"iqn.2026-11.io.shoal:node:{node_id}",
+                        agent_address="127.0.0.1:1", portals=["127.0.0.1:3260"]), timeout=10)
+                else:
+                    stub.Heartbeat(agent_pb2.HeartbeatRequest(node_id=node_id), timeout=10)
+            except grpc.RpcError as error:
+                return error.code(), error.details()
+        return None
+
+    try:
+        s.service.create_pool("default")
+        assert outcome("node-a", "register", "node-a") is None
+        assert outcome("node-a", "heartbeat", "node-a") is None
+        denied = grpc.StatusCode.PERMISSION_DENIED
+        refused = outcome("node-a", "heartbeat", "node-b")
+        if bound:
+            assert refused[0] == denied and "does not name node_id 'node-b'" in refused[1], refused
+        else:
+            assert refused[0] == grpc.StatusCode.NOT_FOUND  # taken: node-b never registered
+        refused = outcome("node-a", "register", "node-b")
+        assert (refused[0] == denied) if bound else refused is None, refused
+        refused = outcome("node", "register", "node-c")  # the shared certificate: shoal-node, no node id
+        assert (refused[0] == denied) if bound else refused is None, refused
+        assert outcome("client", "register", "shoal-admin")[0] == denied  # an admin's certificate: never a node
+        assert sorted(n.id for n in s.service.list_nodes()) == (["node-a"] if bound else ["node-a", "node-b",
+                                                                                            "node-c"])
+    finally:
+        s.server.stop(None)
+
+
+def test_node_id_in_certificate_needs_mutual_tls(tmp_path):
+    with pytest.raises(ValueError, match="--tls-client-ca"):
+        ServerTls("c.pem", "k.pem", node_id_in_certificate=True)
+
+
 def test_the_names_each_service_admits_can_be_set():
     import argparse
     from controller.daemon import add_parser, settings_from_args
@@ -479,6 +529,12 @@ def test_the_names_each_service_admits_can_be_set():
     assert tls.admin_names == ("ops", "shoal-controller") and tls.node_names == ("node",)
     with pytest.raises(ValueError, match="at least one"):
         parse("--tls-cert", "c", "--tls-key", "k", "--tls-admin-names", ",")
+    assert not tls.node_id_in_certificate
+    assert parse("--tls-cert", "c.pem", "--tls-key", "k.pem", "--tls-client-ca", "ca.pem",
+                 "--tls-node-id-in-certificate").node_id_in_certificate
+    for without in ((), ("--tls-cert", "c.pem", "--tls-key", "k.pem")):  # no client certificates: nothing to check
+        with pytest.raises(ValueError, match="--tls-node-id-in-certificate needs"):
+            parse(*without, "--tls-node-id-in-certificate")
 
 
 def test_tls_needs_cert_and_key():
