@@ -256,6 +256,9 @@ def _agent_parser(sub) -> None:
     agent.add_argument("--iscsi-nop-timeout", type=_typed(parse_seconds), default=ConnectionSettings.nop_timeout,
                        metavar="SECONDS", help="drop an export's connection whose initiator leaves a ping unanswered "
                        "this long (default %(default)g, more than 0)")
+    agent.add_argument("--userspace-reconnect-timeout", type=_typed(parse_seconds), default=30.0, metavar="SECONDS",
+                       help="retry a userspace attachment's lost session this long before its I/O fails with EIO "
+                       "(default %(default)g, more than 0)")
     agent.add_argument("--ready-file", metavar="FILE",
                        help="write {\"agent\": HOST:PORT, \"portal\": HOST:PORT, \"metrics\": HOST:PORT} as JSON "
                             "here once serving")
@@ -293,7 +296,7 @@ def _agent_settings(args: argparse.Namespace):
                          csi_endpoint=args.csi_endpoint, csi_driver_name=args.csi_driver_name,
                          iscsi_header_digest=args.iscsi_header_digest, iscsi_data_digest=args.iscsi_data_digest,
                          iscsi_nop_interval=args.iscsi_nop_interval, iscsi_nop_timeout=args.iscsi_nop_timeout,
-                         **extra)
+                         userspace_reconnect_timeout=args.userspace_reconnect_timeout, **extra)
 
 
 def _run_agent(args: argparse.Namespace, settings) -> int:

@@ -112,7 +112,8 @@ def default_connectors(settings: AgentSettings) -> dict[str, Callable[[], Connec
         return UserspaceConnector(UserspaceSettings(state_dir=os.path.join(settings.data_dir, "userspace"),
                                                     initiator_iqn=settings.initiator_iqn,
                                                     header_digest=settings.iscsi_header_digest,
-                                                    data_digest=settings.iscsi_data_digest))
+                                                    data_digest=settings.iscsi_data_digest,
+                                                    reconnect_timeout=settings.userspace_reconnect_timeout))
 
     def kernel() -> Connector:
         from node_agent.host.kernel import KernelConnector, KernelSettings

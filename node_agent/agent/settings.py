@@ -311,6 +311,11 @@ class AgentSettings:
     iscsi_nop_timeout: float = 30.0
     """Seconds a ping may go unanswered before the portal drops the connection (more than 0).  Raise both for
     initiators that stop reading while idle."""
+    userspace_reconnect_timeout: float = 30.0
+    """Seconds a userspace attachment's lost session is retried before its I/O fails with EIO (more than 0;
+    ``UserspaceSettings.reconnect_timeout``): what ``replacement_timeout`` is to the kernel's initiator.
+    Longer rides out a longer outage of the owner; shorter fails I/O sooner (a multipath layer above, or a
+    database that must not wait)."""
 
     def __post_init__(self):
         check_name("node id", self.node_id)
@@ -335,7 +340,8 @@ class AgentSettings:
         self.iscsi_data_digest = parse_digest_list(",".join(self.iscsi_data_digest))
         check_iqn(f"{self.target_prefix}:volume")
         for name, value, least in (("iscsi nop interval", self.iscsi_nop_interval, 0),
-                                   ("iscsi nop timeout", self.iscsi_nop_timeout, 1e-9)):
+                                   ("iscsi nop timeout", self.iscsi_nop_timeout, 1e-9),
+                                   ("userspace reconnect timeout", self.userspace_reconnect_timeout, 1e-9)):
             if not least <= value <= 86400:  # also refuses nan and inf
                 raise ValueError(f"{name} {value!r}: expected seconds from {'0' if least == 0 else 'more than 0'} "
                                  f"to 86400")

@@ -72,6 +72,7 @@ VARIANT = {
         "iscsiDataDigest": "CRC32C",
         "iscsiNopInterval": 0,
         "iscsiNopTimeout": 120,
+        "userspaceReconnectTimeout": 90,
     },
     "storageClass": {"isDefault": True, "mountOptions": ["noatime"], "parameters": {"pool": "fast", "thin": False}},
     "volumeSnapshotClass": {"isDefault": True, "deletionPolicy": "Retain"},
@@ -346,12 +347,13 @@ def test_agent_flags_exist_in_cli(rendered):
 
 
 def test_agent_iscsi_flags_follow_the_values(rendered):
-    """Digests and ping timers reach ``shoal agent`` when set (0, never ping, included); unset, the agent's own
+    """Digests, ping timers and the userspace reconnect timeout reach ``shoal agent`` when set (0, never ping, included); unset, the agent's own
     defaults apply (no flag)."""
     name, _, objects = rendered
     args = container(one(objects, "DaemonSet", "-node")["spec"]["template"]["spec"], "shoal-agent")["args"]
     flags = {"--iscsi-header-digest": "iscsiHeaderDigest", "--iscsi-data-digest": "iscsiDataDigest",
-             "--iscsi-nop-interval": "iscsiNopInterval", "--iscsi-nop-timeout": "iscsiNopTimeout"}
+             "--iscsi-nop-interval": "iscsiNopInterval", "--iscsi-nop-timeout": "iscsiNopTimeout",
+             "--userspace-reconnect-timeout": "userspaceReconnectTimeout"}
     for option, key in flags.items():
         if name == "variant":
             assert flag(args, option) == str(VARIANT["node"][key])
@@ -616,6 +618,7 @@ def test_tls_disabled(helm):
     ("node.iscsiDataDigest=MD5", "iscsiDataDigest"),
     ("node.iscsiNopInterval=-1", "iscsiNopInterval"),
     ("node.iscsiNopTimeout=0", "iscsiNopTimeout"),
+    ("node.userspaceReconnectTimeout=0", "userspaceReconnectTimeout"),
     ("node.updateStrategy=Always", "updateStrategy"),
 ])
 def test_schema_rejects(helm, setting, needle):

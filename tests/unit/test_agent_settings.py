@@ -33,6 +33,8 @@ def test_the_default_node_id_is_a_valid_name():
     (dict(node_id="n1", iscsi_nop_interval=float("nan")), "iscsi nop interval"),
     (dict(node_id="n1", iscsi_nop_timeout=0), "iscsi nop timeout"),
     (dict(node_id="n1", iscsi_nop_timeout=86401), "iscsi nop timeout"),
+    (dict(node_id="n1", userspace_reconnect_timeout=0), "userspace reconnect timeout"),
+    (dict(node_id="n1", userspace_reconnect_timeout=float("inf")), "userspace reconnect timeout"),
 ])
 def test_bad_settings_are_refused(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -116,8 +118,23 @@ def test_the_agent_ping_flags_reach_its_portal(tmp_path):
         agent.stop()
 
 
+def test_the_userspace_reconnect_timeout_reaches_the_userspace_connector(tmp_path):
+    """``--userspace-reconnect-timeout`` ends in the userspace connector's settings, which its sessions
+    retry for (``ClientSettings.reconnect_timeout``); the default is the connector's own."""
+    from node_agent.agent.daemon import default_connectors
+    from node_agent.host.userspace import UserspaceSettings
+
+    args = build_parser().parse_args(["agent", "--node-id", "n2", "--userspace-reconnect-timeout", "7.5"])
+    assert _agent_settings(args).userspace_reconnect_timeout == 7.5
+    default = _agent_settings(build_parser().parse_args(["agent", "--node-id", "n2"]))
+    assert default.userspace_reconnect_timeout == UserspaceSettings.reconnect_timeout
+    settings = AgentSettings(node_id="n2", data_dir=str(tmp_path), controller="", userspace_reconnect_timeout=7.5)
+    connector = default_connectors(settings)["userspace"]()
+    assert connector.settings.reconnect_timeout == 7.5
+
+
 @pytest.mark.parametrize("flag, value", [("--iscsi-nop-interval", "-1"), ("--iscsi-nop-timeout", "nan"),
-                                         ("--iscsi-nop-interval", "1e9")])
+                                         ("--iscsi-nop-interval", "1e9"), ("--userspace-reconnect-timeout", "-5")])
 def test_bad_agent_ping_flags_are_refused(flag, value, capsys):
     with pytest.raises(SystemExit) as exit_info:
         build_parser().parse_args(["agent", flag, value])
