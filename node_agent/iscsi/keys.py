@@ -496,7 +496,9 @@ class _Negotiator:
                 # We offered only values other than the default (HeaderDigest=CRC32C: digests required),
                 # so the default is not acceptable to us: end the login rather than go on without it.
                 raise NegotiationError(f"{rule.name}: the peer answered {value} to our offer {offered}, and the "
-                                       f"default {rule.default} is not one we offered")
+                                       f"default {rule.default} is not one we offered (the peer does not take "
+                                       f"{offered}: offer {offered},{rule.default} to go on without it, or turn it "
+                                       f"on at the peer)")
             return
         ok = True
         if rule.kind in ("bool_and", "bool_or"):
@@ -769,6 +771,10 @@ class InitiatorNegotiator(_Negotiator):
             keys.append(("TargetName", self.local.target_name))
         keys.append(("SessionType", self.local.session_type))
         return keys
+
+    def offered(self, name: str) -> str | None:
+        """What we offered for key ``name`` (as sent), or None if we did not offer it."""
+        return _fmt(self._offered[name]) if name in self._offered else None
 
     def offers(self) -> list[tuple[str, str]]:
         """Our operational offers, each key once; later calls return only what is new."""

@@ -130,4 +130,5 @@ def test_a_target_that_requires_digests(tmp_path):
         assert normal_logins(t) == [("CRC32C", "CRC32C")], t.log()
         plain = shoal_iscsi()
         assert plain.returncode == 1 and "login failed: initiator error" in plain.stderr, plain.stderr
+        assert "this login offered HeaderDigest=None, DataDigest=None" in plain.stderr, plain.stderr
         assert normal_logins(t) == [("CRC32C", "CRC32C")], t.log()  # no session without digests

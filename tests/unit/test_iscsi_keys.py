@@ -577,8 +577,10 @@ def test_initiator_insisting_on_digests_ends_a_login_without_them(offer, target_
     tgt = TargetNegotiator(TargetSettings(header_digest=target_supports, data_digest=target_supports),
                            leading=True, session_type="Normal")
     if outcome is None:
-        with pytest.raises(NegotiationError, match="Digest"):
+        with pytest.raises(NegotiationError, match="Digest") as refused:
             run_login(initiator, tgt)
+        # what to do is in the message: offer the default as well, or turn digests on at the peer
+        assert "offer CRC32C,None to go on without it, or turn it on at the peer" in str(refused.value)
         return
     run_login(initiator, tgt)
     assert initiator.params().header_digest is outcome and tgt.params().data_digest is outcome
