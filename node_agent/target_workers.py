@@ -65,6 +65,7 @@ _LOGIN_REQUEST = 0x03
 _READY = b"ready"
 _PORTALS = b"portals "  # from the parent: the JSON list of [host, port] it listens on
 _STOP_WAIT = 30.0
+_DROP_WARN_EVERY = 60.0  # seconds between two warnings of connections one worker could not take
 
 
 # -- the first PDU ----------------------------------------------------------------------------
@@ -142,6 +143,7 @@ class WorkerPool:
         self.peeking: dict[str, int] = {}  # peer address -> connections waiting for their first PDU here
         self._refused: set[str] = set()  # addresses whose refusal was logged (cleared when they drain)
         self._peeks: set[_Peek] = set()  # connections waiting here for their first PDU (closed at the stop)
+        self._drops: dict[int, tuple[float, int]] = {}  # worker index -> (its last drop warning, drops since)
 
     def specs(self) -> list[WorkerSpec]:
         config = self.config
@@ -310,11 +312,25 @@ class WorkerPool:
         try:
             socket.send_fds(worker.control, [b"c" + struct.pack("<d", accepted)], [conn.fileno()])
         except OSError as exc:  # the worker is not taking connections (gone, or a flood): the initiator retries
-            log.warning("connection from %s:%s to worker %d dropped: %s", peer[0], peer[1], worker.index, exc)
+            self._dropped(peer, worker, exc)
         else:
             log.debug("connection from %s:%s served by worker %d", peer[0], peer[1], worker.index)
         finally:
             conn.close()
+
+    def _dropped(self, peer: Any, worker: _Worker, exc: OSError) -> None:
+        """A warning for the first connection ``worker`` could not take, then at most one every
+        ``_DROP_WARN_EVERY`` seconds saying how many more went meanwhile (debug for each): a worker that
+        stopped taking connections under a flood of initiators retrying would flood the log too."""
+        now = time.monotonic()
+        last, since = self._drops.get(worker.index, (None, 0))
+        if last is not None and now - last < _DROP_WARN_EVERY:
+            self._drops[worker.index] = (last, since + 1)
+            log.debug("connection from %s:%s to worker %d dropped: %s", peer[0], peer[1], worker.index, exc)
+            return
+        self._drops[worker.index] = (now, 0)
+        more = f" ({since} more since the last warning)" if since else ""
+        log.warning("connection from %s:%s to worker %d dropped: %s%s", peer[0], peer[1], worker.index, exc, more)
 
     async def stop(self) -> None:
         """Close the workers' control sockets (each then stops: sessions closed, LUNs flushed) and wait for

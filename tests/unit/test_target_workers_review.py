@@ -128,6 +128,37 @@ def test_connections_waiting_for_their_first_pdu_are_closed_at_the_stop_not_rout
     asyncio.run(scenario())
 
 
+def test_connections_a_worker_cannot_take_are_warned_of_once_a_minute(caplog, monkeypatch):
+    """A worker that takes no connections (gone, or its control socket full under a flood) made one WARNING per
+    connection, each retried by its initiator: now the first is a warning, the rest within a minute debug
+    lines, and the next warning says how many went meanwhile.  Each connection is closed all the same."""
+    from node_agent import target_workers
+
+    now = [1000.0]
+    monkeypatch.setattr(target_workers.time, "monotonic", lambda: now[0])
+    pool, workers = pool_of_two()  # unconnected control sockets: every hand-over fails
+    caplog.set_level("DEBUG", logger=target_workers.log.name)
+    try:
+        conns = []
+        for second in (0, 1, 2, 30, 61, 62):
+            now[0] = 1000.0 + second
+            a, b = socket.socketpair()
+            conns.append(a)
+            b.close()
+            pool.hand_over(a, ("192.0.2.1", 40000 + second), workers[0], now[0])
+        pool.hand_over(socket.socket(), ("192.0.2.2", 1), workers[1], now[0])  # another worker: its own count
+        warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+        assert len(warnings) == 3, warnings
+        assert "192.0.2.1:40000 to worker 0 dropped" in warnings[0] and "more since" not in warnings[0]
+        assert "192.0.2.1:40061 to worker 0 dropped" in warnings[1] and "(3 more since the last warning)" in warnings[1]
+        assert "to worker 1 dropped" in warnings[2] and "more since" not in warnings[2]
+        assert len([r for r in caplog.records if r.levelname == "DEBUG" and "dropped" in r.getMessage()]) == 4
+        assert all(conn.fileno() == -1 for conn in conns)  # closed: the initiator retries
+    finally:
+        for worker in workers:
+            worker.control.close()
+
+
 def test_a_death_already_logged_is_not_logged_again_at_the_stop(caplog):
     """A worker killed while serving was logged twice as an ERROR: "exited while serving (status -9)" when it
     died, then "exited with status -9" by the stop that followed."""
