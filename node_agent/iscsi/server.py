@@ -37,6 +37,7 @@ import gc
 import logging
 import os
 import socket
+import stat
 import threading
 import time
 from typing import Any, Callable, Protocol
@@ -319,6 +320,7 @@ class PortalServer:
             self._refused_logins.clear()  # the next refusal of an address is logged again
             channels = list(self._channels)
             trimmed = self.registry.buffers.tick()
+            check_backing_files(self.registry)
         for channel in channels:
             channel.call(channel.tick)
         if trimmed or self._freed:  # after a burst: give the freed memory back to the kernel
@@ -364,6 +366,34 @@ class PortalServer:
             await asyncio.sleep(0.02)
         if self._own_executor:  # running I/O finishes (the backing stores close after); queued I/O is dropped
             self.executor.shutdown(wait=True, cancel_futures=True)
+
+
+def check_backing_files(registry: TargetRegistry) -> list[Any]:
+    """Log once, as an ERROR, each LUN whose backing file was deleted while it is served; return those newly found.
+
+    A LUN serves the file it opened: deleted (``rm``, a cleanup gone wrong), it is still read and written, but
+    it has no name any more, and everything in it, written before or since, is gone when the LUN closes (a
+    stop, a removal).  No target notices on its own (tgtd and LIO serve on as well); this says so while the
+    data can still be copied out of the open file (``/proc/PID/fd/N``).  Regular files only: a device node
+    removed leaves its device.  One ``fstat`` per LUN per tick."""
+    found = []
+    for target in list(registry.targets.values()):
+        for number, lu in list(target.luns.luns.items()):
+            fd = getattr(lu.backing, "fd", None)
+            if fd is None or lu.__dict__.get("backing_deleted"):
+                continue
+            try:
+                st = os.fstat(fd)
+            except OSError:  # closed meanwhile (a removal): nothing to say
+                continue
+            if stat.S_ISREG(st.st_mode) and st.st_nlink == 0:
+                lu.backing_deleted = True
+                found.append(lu)
+                log.error("LUN %d of %s: its backing file %s was deleted while served; it is still served from the "
+                          "open file, and all of its data is lost when the LUN closes: copy it out from /proc/%d/fd/%d "
+                          "before this LUN is stopped", number,
+                          target.iqn, getattr(lu.backing, "path", "?"), os.getpid(), fd)
+    return found
 
 
 class _Channel:
