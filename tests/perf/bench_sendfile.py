@@ -30,7 +30,7 @@ import socket
 import tempfile
 import time
 
-from bench_splice import alternate, print_medians  # this directory is sys.path[0] when run as a script
+from bench_splice import alternate, forked_peer, print_medians  # this directory is sys.path[0] when run as a script
 
 PIECE = 1 << 20
 FILE_MIB = 256
@@ -39,20 +39,12 @@ FILE_MIB = 256
 def one_run(mode: str, mib: int, path: str) -> tuple[float, float]:
     """(MiB/s, sender CPU µs per MiB) of one run."""
     fd = os.open(path, os.O_RDONLY)
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(1)
-    pid = os.fork()
-    if pid == 0:  # the receiver
-        try:
-            with socket.create_connection(listener.getsockname()) as into:
-                buf = bytearray(PIECE)
-                while into.recv_into(buf):
-                    pass
-        finally:
-            os._exit(0)
-    sock, _ = listener.accept()
-    listener.close()
+
+    def receive(into: socket.socket) -> None:
+        buf = bytearray(PIECE)
+        while into.recv_into(buf):
+            pass
+    sock, pid = forked_peer(receive)
     buf = bytearray(PIECE)
     start, usage = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
     for piece in range(mib):

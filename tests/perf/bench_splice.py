@@ -42,20 +42,12 @@ def one_run(mode: str, mib: int, path: str) -> tuple[float, float]:
     """(MiB/s, receiver CPU µs per MiB) of one run."""
     fd = os.open(path, os.O_RDWR)
     limit = os.fstat(fd).st_size
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(1)
-    pid = os.fork()
-    if pid == 0:  # the sender
-        try:
-            with socket.create_connection(listener.getsockname()) as out:
-                data = b"\x5a" * PIECE
-                for _ in range(mib * (1 << 20) // PIECE):
-                    out.sendall(data)
-        finally:
-            os._exit(0)
-    sock, _ = listener.accept()
-    listener.close()
+
+    def send(out: socket.socket) -> None:
+        data = b"\x5a" * PIECE
+        for _ in range(mib * (1 << 20) // PIECE):
+            out.sendall(data)
+    sock, pid = forked_peer(send)
     got = offset = 0
     start, usage = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
     if mode == "splice":
@@ -110,6 +102,24 @@ def main(argv=None) -> int:
         alternate(results, args.runs, lambda mode: one_run(mode, args.mib, path))
     print_medians(results, "receiver")
     return 0
+
+
+def forked_peer(run) -> tuple[socket.socket, int]:
+    """One loopback TCP connection whose other end is a child process running ``run(its socket)``: (this end,
+    the child's PID, to ``waitpid``)."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    pid = os.fork()
+    if pid == 0:
+        try:
+            with socket.create_connection(listener.getsockname()) as peer:
+                run(peer)
+        finally:
+            os._exit(0)
+    sock, _ = listener.accept()
+    listener.close()
+    return sock, pid
 
 
 def alternate(results: dict[str, list[tuple[float, float]]], runs: int, run) -> None:
