@@ -27,10 +27,13 @@ import argparse
 import os
 import resource
 import socket
+import sys
 import tempfile
 import time
+from pathlib import Path
 
-from bench_splice import alternate, forked_peer, print_medians  # this directory is sys.path[0] when run as a script
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # its neighbour, also when imported from elsewhere
+from bench_splice import alternate, forked_peer, print_medians  # noqa: E402
 
 PIECE = 1 << 20
 FILE_MIB = 256
