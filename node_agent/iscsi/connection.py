@@ -441,16 +441,19 @@ class TargetConnection:
                             elif opcode == Opcode.SCSI_COMMAND:
                                 self._start_direct_command(view, pos, dsl, hd, dd)
                         break
-                    # The common SCSI Command without a data digest goes straight to the fast path (its header
-                    # digest, if any, checked first; ``_one_pdu`` again when that declines it); everything else
-                    # through ``_one_pdu``.  A WRITE(10/16) first to the
+                    # The common SCSI Command without a data digest to check goes straight to the fast path (its
+                    # header digest, if any, checked first; ``_one_pdu`` again when that declines it); everything
+                    # else through ``_one_pdu``.  A WRITE(10/16) first to the
                     # C run (``_gather_run``), which takes it and the writes that follow it or leaves it.
-                    if dd or buf[pos] & 0x3F != 0x01 or not self._fast_commands:
+                    if buf[pos] & 0x3F != 0x01 or not self._fast_commands or (dd and dsl):
                         self._one_pdu(view, pos, 0, dsl, hd, dd)
-                    elif hd:  # a header digest alone (what QEMU asks for): checked here, then the fast path
+                    elif hd:  # a header digest (and no data, or no data digest): checked here, then the fast path
                         if _crc(view[pos:pos + 52]) != _RESIDUE or not self._scsi_command_fast(view, pos, pos + 52,
                                                                                                 dsl):
                             self._one_pdu(view, pos, 0, dsl, hd, dd)  # it checks the digest again: closes on error
+                    elif dd:  # a data digest alone, and no data: nothing to check (never the C run: the
+                        if not self._scsi_command_fast(view, pos, pos + 48, dsl):  # commands behind may have data)
+                            self._one_pdu(view, pos, 0, dsl, hd, dd)
                     elif buf[pos + 32] in _WRITE_OPCODES and _GATHER_RUN is not None and self._gather_run(buf, view):
                         total = 0  # it moved rx.start past what it took
                     elif not self._scsi_command_fast(view, pos, pos + 48, dsl):

@@ -9,7 +9,7 @@ import pytest
 from node_agent.iscsi import pdu as P
 from node_agent.iscsi.connection import TEXT_MAX_DATA
 from node_agent.iscsi.pdu import Opcode, RejectReason
-from node_agent.iscsi.target import TargetNode
+from node_agent.iscsi.target import TargetNode, TargetRegistry
 from node_agent.scsi.device import LogicalUnit, LunIdentity, LunMap
 from node_agent.storage.backing import MemoryBackingStore
 from tests.protocol.conftest import (BLOCKS, INITIATOR, TARGET, chap_response, keys_of, make_registry)
@@ -239,13 +239,15 @@ def test_header_digest_error_drops_the_connection(make_initiator):
     assert ini.conn.closing
 
 
+@pytest.mark.parametrize("data_digest", [False, True], ids=["hd", "hd+dd"])
 @pytest.mark.parametrize("corrupt", [8, 33, 49], ids=["lun", "cdb", "digest"])
 @pytest.mark.parametrize("write", [False, True], ids=["read", "write"])
-def test_header_digest_only_scsi_commands(make_initiator, corrupt, write):
-    """A session with a header digest and no data digest (what QEMU asks for) takes its SCSI Commands
-    through the fast path after checking the digest there: good ones are answered with digested headers,
-    in one batch; one whose header or digest was changed in flight drops the connection and runs nothing."""
-    ini = make_initiator(header_digest=True)
+def test_header_digest_scsi_commands(make_initiator, corrupt, write, data_digest):
+    """A session with a header digest (what QEMU asks for; or both digests, for a command without data) takes
+    its SCSI Commands through the fast path after checking the digest there: good ones are answered with
+    digested headers, in one batch; one whose header or digest was changed in flight drops the connection and
+    runs nothing."""
+    ini = make_initiator(header_digest=True, data_digest=data_digest)
     ini.login_normal()
     first, second = os.urandom(512), os.urandom(512)
     ini.command(rw10(WRITE10, 4, 1), write=first)
@@ -253,7 +255,8 @@ def test_header_digest_only_scsi_commands(make_initiator, corrupt, write):
     replies = ini.receive()  # the initiator checks the header digest of every reply
     assert [r.opcode for r in replies] == [Opcode.SCSI_RESPONSE, Opcode.DATA_IN]
     assert replies[0].header.status == 0 and replies[1].data == first
-    pieces = P.encode_pdu(Opcode.SCSI_COMMAND, second if write else b"", header_digest=True, final=True,
+    pieces = P.encode_pdu(Opcode.SCSI_COMMAND, second if write else b"", header_digest=True,
+                          data_digest=data_digest, final=True,
                           write=write, read=not write, attr=1, lun=bytes(8), itt=ini.next_itt(),
                           expected_data_transfer_length=512, cmdsn=ini.cmdsn, expstatsn=0,
                           cdb=rw10(WRITE10 if write else READ10, 4, 1).ljust(16, b"\0"))
@@ -262,11 +265,51 @@ def test_header_digest_only_scsi_commands(make_initiator, corrupt, write):
     ini.feed(bytes(raw))
     assert ini.conn.closing and ini.conn.close_reason == "header digest error"
     assert ini.receive() == []
-    check = make_initiator(ini.conn.registry, header_digest=True)
+    check = make_initiator(ini.conn.registry, header_digest=True, data_digest=data_digest)
     check.login_normal()
     check.command(rw10(READ10, 4, 1), read=512)
     [data_in] = check.receive()
     assert data_in.data == first  # the corrupted write wrote nothing
+
+
+def test_a_data_digest_session_checks_every_write_of_a_run(make_initiator, tmp_path):
+    """DataDigest=CRC32C without a header digest: reads (no data) take the fast path, and a run of sequential
+    writes in one receive, on a file-backed unit that gathers writes, is never taken by the C run, which checks
+    no digests: the write whose data digest is wrong is rejected and writes nothing, its neighbours are written."""
+    from node_agent.storage.backing import FileBackingStore
+
+    store = FileBackingStore(str(tmp_path / "lun.img"), size=BLOCKS * 512)
+    lu = LogicalUnit(store, LunIdentity(volume_id="vol-dd"), target_name=TARGET)
+    ini = make_initiator(TargetRegistry([TargetNode(TARGET, LunMap({0: lu}))]), data_digest=True)
+    try:
+        ini.login_normal()
+        ini.command(rw10(READ10, 0, 1), read=512)
+        [data_in] = ini.receive()  # the unit attention of a new unit comes with a status: drain it first
+        ini.command(rw10(READ10, 0, 1), read=512)
+        [data_in] = ini.receive()
+        assert data_in.opcode == Opcode.DATA_IN and data_in.data == bytes(512)
+        blocks = [os.urandom(512) for _ in range(3)]
+        encoded = []
+        for n, block in enumerate(blocks):
+            pieces = P.encode_pdu(Opcode.SCSI_COMMAND, block, data_digest=True, final=True, write=True, attr=1,
+                                  lun=bytes(8), itt=ini.next_itt(), expected_data_transfer_length=512,
+                                  cmdsn=ini.cmdsn, expstatsn=0, cdb=rw10(WRITE10, 8 + n, 1).ljust(16, b"\0"))
+            encoded.append(b"".join(bytes(p) for p in pieces))
+            ini.cmdsn += 1
+        bad = bytearray(encoded[1])
+        bad[-1] ^= 0xFF  # the middle write's data digest
+        ini.feed(encoded[0] + bytes(bad) + encoded[2])
+        replies = ini.receive()
+        # RFC 7143 §7.8: the damaged command is rejected and counts as not received, so the one behind it waits
+        # for its CmdSN; nothing of either is written meanwhile.
+        assert [r.opcode for r in replies] == [Opcode.SCSI_RESPONSE, Opcode.REJECT]
+        assert replies[1].header.reason == RejectReason.DATA_DIGEST_ERROR
+        assert store.read(8 * 512, 3 * 512) == blocks[0] + bytes(1024)
+        ini.feed(encoded[1])  # sent again, whole: both run, in order
+        assert [r.opcode for r in ini.receive()] == [Opcode.SCSI_RESPONSE] * 2
+        assert store.read(8 * 512, 3 * 512) == b"".join(blocks)
+    finally:
+        store.close()
 
 
 def test_unknown_opcode_is_rejected_and_service_continues(make_initiator):
