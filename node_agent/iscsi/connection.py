@@ -447,13 +447,11 @@ class TargetConnection:
                     # C run (``_gather_run``), which takes it and the writes that follow it or leaves it.
                     if buf[pos] & 0x3F != 0x01 or not self._fast_commands or (dd and dsl):
                         self._one_pdu(view, pos, 0, dsl, hd, dd)
-                    elif hd:  # a header digest (and no data, or no data digest): checked here, then the fast path
-                        if _crc(view[pos:pos + 52]) != _RESIDUE or not self._scsi_command_fast(view, pos, pos + 52,
-                                                                                                dsl):
+                    elif hd or dd:  # its header digest checked here (no data to check); never the C run, which
+                        cursor = pos + 52 if hd else pos + 48  # checks no digests of the commands behind
+                        if hd and _crc(view[pos:cursor]) != _RESIDUE or not self._scsi_command_fast(view, pos, cursor,
+                                                                                                     dsl):
                             self._one_pdu(view, pos, 0, dsl, hd, dd)  # it checks the digest again: closes on error
-                    elif dd:  # a data digest alone, and no data: nothing to check (never the C run: the
-                        if not self._scsi_command_fast(view, pos, pos + 48, dsl):  # commands behind may have data)
-                            self._one_pdu(view, pos, 0, dsl, hd, dd)
                     elif buf[pos + 32] in _WRITE_OPCODES and _GATHER_RUN is not None and self._gather_run(buf, view):
                         total = 0  # it moved rx.start past what it took
                     elif not self._scsi_command_fast(view, pos, pos + 48, dsl):

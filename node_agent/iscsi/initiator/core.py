@@ -386,11 +386,12 @@ class InitiatorConnection:
             self.closed = True
             status = (header.status_class, header.status_detail)
             reason = LOGIN_STATUS_TEXT.get(status, "refused")
-            digests = [f"{name}={value}" for name in ("HeaderDigest", "DataDigest")
-                       if (value := self.negotiator.offered(name)) is not None]
-            if status == (0x02, 0x00) and digests:  # the usual cause, which the status cannot name
-                reason += (f": the target refused a key of this login (its log names it), most often a digest it "
-                           f"requires that was not offered; this login offered {', '.join(digests)}")
+            if status == (0x02, 0x00):  # the usual cause, which the status cannot name: a digest not offered
+                digests = [f"{name}={value}" for name in ("HeaderDigest", "DataDigest")
+                           if (value := self.negotiator.offered(name)) is not None]
+                if digests:
+                    reason += (f": the target refused a key of this login (its log names it), most often a digest "
+                               f"it requires that was not offered; this login offered {', '.join(digests)}")
             raise LoginError(f"login failed: {reason} (status {status[0]:#04x}/{status[1]:#04x})", *status)
         self.expstatsn = sn_add(header.statsn, 1)
         self.maxcmdsn = header.maxcmdsn
