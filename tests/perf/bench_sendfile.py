@@ -24,6 +24,7 @@ sender also pays for delivering into the receiver's socket).  Run:
 from __future__ import annotations
 
 import argparse
+import mmap
 import os
 import resource
 import socket
@@ -49,6 +50,8 @@ def one_run(mode: str, mib: int, path: str) -> tuple[float, float]:
             pass
     sock, pid = forked_peer(receive)
     buf = bytearray(PIECE)
+    mapped = mmap.mmap(fd, FILE_MIB * PIECE, mmap.MAP_SHARED, mmap.PROT_READ) if mode == "mmap" else None
+    view = memoryview(mapped) if mapped is not None else None
     start, usage = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
     for piece in range(mib):
         offset = piece % FILE_MIB * PIECE
@@ -61,11 +64,16 @@ def one_run(mode: str, mib: int, path: str) -> tuple[float, float]:
         elif mode == "pread":
             os.preadv(fd, [buf], offset)
             sock.sendall(buf)
+        elif mode == "mmap":
+            sock.sendall(view[offset:offset + PIECE])
         else:
             sock.sendall(buf)
     end, after = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
     sock.close()
     os.waitpid(pid, 0)
+    if mapped is not None:
+        view.release()
+        mapped.close()
     os.close(fd)
     cpu = after.ru_utime - usage.ru_utime + after.ru_stime - usage.ru_stime
     return mib / (end - start), cpu / mib * 1e6
@@ -73,11 +81,11 @@ def one_run(mode: str, mib: int, path: str) -> tuple[float, float]:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--mode", action="append", choices=["sendfile", "pread", "send"])
+    parser.add_argument("--mode", action="append", choices=["sendfile", "pread", "mmap", "send"])
     parser.add_argument("--runs", type=int, default=6)
     parser.add_argument("--mib", type=int, default=2048, help="MiB per run")
     args = parser.parse_args(argv)
-    modes = args.mode or ["sendfile", "pread", "send"]
+    modes = args.mode or ["sendfile", "pread", "mmap", "send"]
     results: dict[str, list[tuple[float, float]]] = {mode: [] for mode in modes}
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "source.img")

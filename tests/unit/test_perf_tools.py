@@ -122,6 +122,12 @@ def test_verdict_of_a_missed_1m_ratio_names_the_loopback_baseline_and_still_fail
     assert missed["status"] == "FAIL", missed
     assert "[2.5x tgtd is 3,591 MB/s; one TCP stream over loopback carried 2,434 MB/s in this run]" in missed["text"]
     assert "loopback" not in report.verdict(row)["text"]  # no baseline in the run: nothing to say
+    row["shoal"]["median"]["client_cpu_us_per_io"] = 333.0  # the client's thread bounds what any target gets
+    bound = report.verdict(row, tcp_mb_s=2434.0)
+    assert bound["status"] == "FAIL", bound
+    assert bound["text"].endswith("carried 2,434 MB/s in this run; the client's one thread, at 333 µs CPU per "
+                                  "I/O, could issue at most 3,149 MB/s]"), bound
+    assert "at most 3,149 MB/s]" in report.verdict(row)["text"]
     met = report.verdict(_row("1m-read", shoal=(3000, 200.0), tgtd=(900, 900.0), istgt=(1500, 500.0)), tcp_mb_s=2434.0)
     assert met["status"] == "PASS" and "loopback" not in met["text"]
 
