@@ -8,11 +8,13 @@ did on others, and Shoal's 1 MiB read row moves with it, whatever Shoal's own
 code does.  This measures the sending end alone, without iSCSI: a child
 process receives over one loopback TCP connection (1 MiB ``recv_into`` calls)
 and this process sends ``--mib`` MiB of a file in the page cache in 1 MiB
-pieces, one of three ways:
+pieces, one of four ways:
 
 - ``sendfile``: ``os.sendfile`` from the file (Shoal's target today);
 - ``pread``: ``os.preadv`` into one reused buffer, then ``sendall`` (what
   tgtd and istgt do);
+- ``mmap``: ``sendall`` of a slice of a read-only shared mapping of the file (one copy, from the page
+  cache; inside the target this lost to ``sendfile``: tests/perf/README.md);
 - ``send``: ``sendall`` of a buffer already in memory: the floor of any sender.
 
 It prints, per mode, the medians over ``--runs`` alternating runs of MiB/s and
