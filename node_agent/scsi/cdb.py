@@ -3,8 +3,8 @@
 Every bit a CDB defines is a ``Field``; every bit no field covers is reserved,
 and the dispatcher rejects a CDB with a reserved bit set (INVALID FIELD IN
 CDB with a field pointer) by computing the reserved mask from these tables.
-Obsolete bits that initiators still send (FUA_NV, SYNC_NV, PBDATA/LBDATA) are
-listed so they are accepted and ignored.  The CONTROL byte is the last byte
+Obsolete bits that initiators still send (FUA_NV, SYNC_NV, PBDATA/LBDATA, INQUIRY's
+SCSI-2 LUN field) are listed so they are accepted and ignored.  The CONTROL byte is the last byte
 of every CDB (SAM-5 §5.2); its NACA bit is checked by the dispatcher.
 """
 
@@ -37,6 +37,12 @@ REQUEST_SENSE = _cdb("REQUEST SENSE", 6,  # SPC-4 §6.39
     Field("desc", 1, 0x01),
     Field("allocation_length", 4, 0xFF))
 INQUIRY = _cdb("INQUIRY", 6,  # SPC-4 §6.6
+    # Bits 7-5 of byte 1: the LUN field of SCSI-2, reserved since SPC-3 but still sent by Linux.  Its SCSI layer
+    # fills it in while it holds a target for SCSI-2 (``scsi_dispatch_cmd``), which it does until an INQUIRY
+    # of one of its LUNs has answered: a first scan of LUN 1 sends 0x20 there, and refusing it leaves the LUN
+    # without a disk (no other command carries it: the answer's version ends it).  Accepted and ignored, as
+    # LIO and tgt do; iSCSI addresses the LUN in the PDU header.
+    Field("scsi2_lun", 1, 0xE0),
     Field("evpd", 1, 0x01),
     Field("page_code", 2, 0xFF),
     Field("allocation_length", 3, 0xFFFF))

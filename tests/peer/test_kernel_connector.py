@@ -9,7 +9,9 @@ through the node record (as ``shoal agent --iscsi-*-digest CRC32C,None`` sets th
 secrets reach open-iscsi only through the node record file the connector writes (no iscsiadm argv
 carries them), so the target accepting the login is iscsiadm reading that file.  Checked: the identity check
 against VPD 83h/80h (SPC-4 §7.8.6, §7.8.15), one session for two LUNs and no
-logout while one remains, an ext4 filesystem made, mounted and written
+logout while one remains, what a connector made anew (a restarted agent) says of
+recorded devices before and after the session ends (``foreign_device``, ``reassigned``), LUN 1
+as the first LUN of a new session, an ext4 filesystem made, mounted and written
 through the device, detach with logout, idempotent detach, and a LUN whose
 NAA is not the expected one refused with no disk left behind.
 """
@@ -83,6 +85,16 @@ def test_kernel_connector_attaches_formats_and_detaches_in_a_guest(guest, tmp_pa
     assert r["sessions_after_attach"] == "1" and r["luns_in_session"] == "0", context  # only LUN 0 scanned
     assert r["reattach_same"] == "True" and r["sessions_after_reattach"] == "1", context
     assert r["sessions_with_two_luns"] == "1", context              # the second LUN shares the session
+    # A connector made anew (the agent restarted, the kernel's sessions stayed) confirms the recorded disk
+    # of the volume and no other: the other LUN's disk of the same session, or something that is no disk.
+    assert r["restart_own_disk"] == "ok" and r["restart_reassigned"] == "ok", context
+    assert r["restart_other_luns_disk"] == "refused" and r["restart_not_a_disk"] == "refused", context
+    # Once the session is gone (a reboot, a logout behind its back) the recorded /dev/sdX is not the volume's.
+    assert r["restart_after_logout"] == "refused" and r["restart_after_logout_reassigned"] == "yes", context
+    # LUN 1 as the first LUN of a new session (Linux's probe sends INQUIRY with the SCSI-2 LUN field set) ...
+    assert r["lun1_first_device"].startswith("/dev/sd"), context
+    # ... and a restarted agent's recorded name, taken by that other volume's disk, is not the volume's.
+    assert r["restart_reused_name"] == "refused" and r["restart_reused_name_reassigned"] == "yes", context
     assert r["sessions_after_lun1_detach"] == "1" and r["lun1_gone"] == "True", context
     assert r["filesystem"] == "ok", context
     assert r["device_gone"] == "True" and r["sessions_after_detach"] == "0", context
@@ -95,4 +107,5 @@ def test_kernel_connector_attaches_formats_and_detaches_in_a_guest(guest, tmp_pa
     assert debugfs_cat(target.lun_paths[0], "/shoal/hello.txt") == (nonce + "\n").encode()
     fsck = subprocess.run(["e2fsck", "-fn", str(target.lun_paths[0])], capture_output=True, text=True)
     assert fsck.returncode == 0, fsck.stdout + fsck.stderr
-    print(f"guest run {run.elapsed:.1f} s; attach at {r.get('t_attach')} s, end at {r.get('t_end')} s")
+    print(f"guest run {run.elapsed:.1f} s; attach at {r.get('t_attach')} s, end at {r.get('t_end')} s; "
+          f"the other LUN took the recorded name again: {r.get('reuse_same_name')}")

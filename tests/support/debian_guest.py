@@ -288,6 +288,16 @@ def scenario(p):
     stamp("attach_lun1")
     say("lun1_device", second.path)
     say("sessions_with_two_luns", len(sessions()[1]))
+    # An agent restarted while the kernel's sessions stayed trusts a recorded /dev/sdX only once a connector
+    # it makes anew says it is the volume's (AttachmentManager.restore, ``_unverified``): its own disk, not
+    # the other LUN's of the same session.
+    restarted = KernelConnector(runner=SubprocessRunner(timeout=60),
+                                settings=KernelSettings(device_timeout=30, initiator_iqn=p["initiator"], **digests))
+    say("restart_own_disk", restarted.foreign_device(target, device.path) or "ok")
+    show("restart-other-lun", restarted.foreign_device(target, second.path))
+    say("restart_other_luns_disk", "refused" if restarted.foreign_device(target, second.path) else "accepted")
+    say("restart_not_a_disk", "refused" if restarted.foreign_device(target, "/dev/null") else "accepted")
+    say("restart_reassigned", restarted.reassigned(target, device.path) or "ok")
     connector.detach(other)
     stamp("detach_lun1")
     say("sessions_after_lun1_detach", len(sessions()[1]))
@@ -309,10 +319,26 @@ def scenario(p):
     connector.detach(target)
     stamp("detach")
     say("device_gone", not os.path.exists(f"/sys/block/{os.path.basename(device.path)}"))
+    # The session ended behind a restarted agent's back (a host reboot, ``iscsiadm --logoutall``): the
+    # recorded /dev/sdX is not the volume's any more, and a logout asks nobody who uses it.
+    stale = restarted.foreign_device(target, device.path)
+    show("restart-stale", stale)
+    say("restart_after_logout", "refused" if stale else "accepted")
+    say("restart_after_logout_reassigned", "yes" if restarted.reassigned(target, device.path) else "no")
     say("sessions_after_detach", len(sessions()[1]))
     say("node_records_after_detach", subprocess.run(["iscsiadm", "-m", "node"], capture_output=True).returncode)
     connector.detach(target)
     say("detach_again", "ok")
+    # The hazard itself: another volume's disk now has the recorded name (the kernel hands out the lowest
+    # free sdX, so LUN 1 attached now usually becomes the old /dev/sda of LUN 0).  This is also LUN 1 first
+    # in a new session: Linux probes it with the SCSI-2 LUN field set in INQUIRY's byte 1.
+    reused = connector.attach(other)
+    stamp("attach_lun1_first")
+    say("lun1_first_device", reused.path)
+    say("reuse_same_name", reused.path == device.path)
+    say("restart_reused_name", "refused" if restarted.foreign_device(target, device.path) else "accepted")
+    say("restart_reused_name_reassigned", "yes" if restarted.reassigned(target, device.path) else "no")
+    connector.detach(other)
 
     wrong = dataclasses.replace(target, expected_naa=p["wrong_naa"])
     try:

@@ -81,6 +81,28 @@ def test_inquiry_errors_and_allocation_length(lu):
     assert len(run(lu, bytes([0x12, 0, 0, 0, 5, 0])).data) == 5
 
 
+def test_inquiry_takes_the_scsi2_lun_field_linux_sends_while_probing(lu):
+    """Linux fills byte 1 bits 7-5 with the LUN (SCSI-2) until one INQUIRY of the target has answered, so its
+    first scan of LUN 1 sends 0x20 there: answered as if it were 0 (standard and VPD data); the other reserved
+    bits of byte 1, and CMDDT, still end with INVALID FIELD IN CDB naming the bit."""
+    plain = run(lu, bytes([0x12, 0, 0, 0, 36, 0]))
+    for byte1 in (0x20, 0xE0):
+        scanned = run(lu, bytes([0x12, byte1, 0, 0, 36, 0]))
+        assert scanned.status == S.GOOD and scanned.data == plain.data, byte1
+    pages = run(lu, bytes([0x12, 0x21, 0x83, 0, 255, 0]))
+    assert pages.status == S.GOOD and pages.data == run(lu, bytes([0x12, 1, 0x83, 0, 255, 0])).data
+    for byte1, bit in ((0x04, 2), (0x08, 3), (0x10, 4), (0x02, 1)):
+        refused = run(lu, bytes([0x12, byte1, 0, 0, 36, 0]))
+        assert refused.status == S.CHECK_CONDITION and sense_of(refused) == S.INVALID_FIELD_IN_CDB, byte1
+        assert refused.sense[15:18] == bytes([0xC8 | bit, 0, 1]), refused.sense.hex()  # C/D, BPV, byte 1
+
+
+def test_absent_lun_inquiry_takes_the_scsi2_lun_field_too():
+    """A LUN the target does not have answers peripheral qualifier 011b whatever that field holds."""
+    answer = LunMap({}).execute(NEXUS, 3, bytes([0x12, 0x60, 0, 0, 36, 0]), None, 36)
+    assert answer.status == S.GOOD and answer.data[0] == 0x7F
+
+
 def test_read_write_round_trip_all_sizes(lu):
     payload = bytes(range(256)) * 8  # 4 blocks
     for cdb in (bytes([0x0A, 0, 0, 8, 4, 0]), cdb10(0x2A, 8, 4), cdb12(0xAA, 8, 4), cdb16(0x8A, 8, 4)):
