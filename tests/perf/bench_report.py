@@ -80,7 +80,7 @@ def verdict(row: dict, shoal_1m_read_mb_s: float | None = None, tcp_mb_s: float 
             client = row["shoal"]["median"].get("client_cpu_us_per_io")
             if client:  # qemu-img bench drives libiscsi from one thread: it cannot issue faster than this
                 notes.append(f"the client's one thread, at {client:.0f} µs CPU per I/O, could issue at most "
-                             f"{1e6 / client * MiB / 1e6:,.0f} MB/s")
+                             f"{MiB / client:,.0f} MB/s")  # bytes per µs
             if len(notes) > 1:
                 text += f" [{'; '.join(notes)}]"
         return {"status": "PASS" if ok else "FAIL", "text": text + suffix}

@@ -291,11 +291,11 @@ def scenario(p):
     # An agent restarted while the kernel's sessions stayed trusts a recorded /dev/sdX only once a connector
     # it makes anew says it is the volume's (AttachmentManager.restore, ``_unverified``): its own disk, not
     # the other LUN's of the same session.
-    restarted = KernelConnector(runner=SubprocessRunner(timeout=60),
-                                settings=KernelSettings(device_timeout=30, initiator_iqn=p["initiator"], **digests))
+    restarted = KernelConnector(runner=SubprocessRunner(timeout=60), settings=connector.settings)
     say("restart_own_disk", restarted.foreign_device(target, device.path) or "ok")
-    show("restart-other-lun", restarted.foreign_device(target, second.path))
-    say("restart_other_luns_disk", "refused" if restarted.foreign_device(target, second.path) else "accepted")
+    other_lun = restarted.foreign_device(target, second.path)
+    show("restart-other-lun", other_lun)
+    say("restart_other_luns_disk", "refused" if other_lun else "accepted")
     say("restart_not_a_disk", "refused" if restarted.foreign_device(target, "/dev/null") else "accepted")
     say("restart_reassigned", restarted.reassigned(target, device.path) or "ok")
     connector.detach(other)
