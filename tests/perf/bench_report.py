@@ -46,7 +46,10 @@ def verdict(row: dict, shoal_1m_read_mb_s: float | None = None, tcp_mb_s: float 
     """One line saying whether issue 7's goal holds for ``row``: {"status": PASS|FAIL|n/a|info, "text": ...}.
 
     ``tcp_mb_s``: the loopback TCP baseline of the same run; a 1 MiB row that misses its ratio says what
-    the ratio would take next to it (the goal is still judged, and still fails)."""
+    the ratio would take next to it (the goal is still judged, and still fails).  Any row that misses its
+    ratio also says how fast the client's one thread could issue at the CPU it spent per I/O, and one that
+    misses the CPU goal how busy target and client were: with both near a core each, the target's CPU per
+    I/O is its share of a saturated machine, not a cost of its own."""
     name = row["workload"]
     suffix = " [disturbed: rerun on a quiet machine]" if row.get("disturbed") else ""
 
@@ -72,17 +75,26 @@ def verdict(row: dict, shoal_1m_read_mb_s: float | None = None, tcp_mb_s: float 
             checks.append((cpu <= goal.cpu_us_per_io, f"shoal {cpu:.1f} µs CPU/IO (goal <= {goal.cpu_us_per_io:g})"))
         ok = all(passed for passed, _ in checks)
         text = "; ".join(text + ("" if passed else " ✗") for passed, text in checks)
-        if not checks[0][0] and name.startswith("1m-"):
-            need = goal.vs_tgtd * med("tgtd", "mb_per_s")
-            notes = [f"{goal.vs_tgtd:g}x tgtd is {need:,.0f} MB/s"]
-            if tcp_mb_s:
-                notes.append(f"one TCP stream over loopback carried {tcp_mb_s:,.0f} MB/s in this run")
-            client = row["shoal"]["median"].get("client_cpu_us_per_io")
-            if client:  # qemu-img bench drives libiscsi from one thread: it cannot issue faster than this
-                notes.append(f"the client's one thread, at {client:.0f} µs CPU per I/O, could issue at most "
-                             f"{MiB / client:,.0f} MB/s")  # bytes per µs
-            if len(notes) > 1:
-                text += f" [{'; '.join(notes)}]"
+        client = row["shoal"]["median"].get("client_cpu_us_per_io")
+        notes = []
+        if not checks[0][0]:  # what the missed ratio would take, next to what the run could carry
+            if name.startswith("1m-"):
+                notes.append(f"{goal.vs_tgtd:g}x tgtd is {goal.vs_tgtd * med('tgtd', 'mb_per_s'):,.0f} MB/s")
+                if tcp_mb_s:
+                    notes.append(f"one TCP stream over loopback carried {tcp_mb_s:,.0f} MB/s in this run")
+                if client:  # qemu-img bench drives libiscsi from one thread: it cannot issue faster than this
+                    notes.append(f"the client's one thread, at {client:.0f} µs CPU per I/O, could issue at most "
+                                 f"{MiB / client:,.0f} MB/s")  # bytes per µs
+            elif client:
+                notes.append(f"{goal.vs_tgtd:g}x tgtd is {goal.vs_tgtd * med('tgtd', 'iops'):,.0f} IOPS")
+                notes.append(f"the client's one thread, at {client:.1f} µs CPU per I/O, could issue at most "
+                             f"{1e6 / client:,.0f} IOPS")
+        if goal.cpu_us_per_io is not None and not checks[-1][0] and client:
+            iops = med("shoal", "iops")  # CPU per I/O is a share of the machine when both sides are busy
+            notes.append(f"target {med('shoal', 'target_cpu_us_per_io') * iops / 1e6:.2f} and client "
+                         f"{client * iops / 1e6:.2f} cores busy")
+        if len(notes) > 1 or notes and not name.startswith("1m-"):
+            text += f" [{'; '.join(notes)}]"
         return {"status": "PASS" if ok else "FAIL", "text": text + suffix}
     if name.startswith(("hd-", "hdd-")):
         if "off" not in row or "on" not in row:

@@ -132,6 +132,23 @@ def test_verdict_of_a_missed_1m_ratio_names_the_loopback_baseline_and_still_fail
     assert met["status"] == "PASS" and "loopback" not in met["text"]
 
 
+def test_verdict_of_a_missed_4k_row_names_the_client_bound_and_how_busy_both_sides_were():
+    row = _row("4k-write", shoal=(70_280, 12.32), tgtd=(42_379, 26.6), istgt=(52_781, 21.4))
+    plain = report.verdict(row)
+    assert plain["status"] == "FAIL" and "[" not in plain["text"], plain  # no client figure: nothing to add
+    row["shoal"]["median"]["client_cpu_us_per_io"] = 14.12
+    bound = report.verdict(row)
+    assert bound["status"] == "FAIL", bound
+    assert bound["text"].endswith("[2x tgtd is 84,758 IOPS; the client's one thread, at 14.1 µs CPU per I/O, "
+                                  "could issue at most 70,822 IOPS; target 0.87 and client 0.99 cores busy]"), bound
+    cheap = _row("4k-write", shoal=(90_000, 12.0), tgtd=(42_000, 26.6), istgt=(52_000, 21.4))
+    cheap["shoal"]["median"]["client_cpu_us_per_io"] = 11.0  # ratio met, CPU goal missed: only the cores
+    assert report.verdict(cheap)["text"].endswith("✗ [target 1.08 and client 0.99 cores busy]")
+    met = _row("4k-read", shoal=(100_000, 8.0), tgtd=(37_000, 28.0), istgt=(40_000, 25.0))
+    met["shoal"]["median"]["client_cpu_us_per_io"] = 9.0
+    assert "[" not in report.verdict(met)["text"]
+
+
 def test_verdict_needs_all_three_targets_and_flags_disturbed_rows():
     assert report.verdict(_row("4k-write", shoal=(1, 1.0), tgtd=(1, 1.0)))["status"] == "n/a"
     noisy = report.verdict(_row("4k-write", True, shoal=(90_000, 9.0), tgtd=(34_000, 30.0), istgt=(32_000, 30.0)))
