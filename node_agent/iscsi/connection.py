@@ -307,6 +307,7 @@ class TargetConnection:
         # Adjacent fast-path writes of this receive not written yet: [unit, start offset, end offset,
         # data views (in the receive buffer), [(index in _out, pieces of the response, itt, edtl, cdb)]].
         self._gather: list | None = None
+        self.gathered = 0  # writes gathered since the transport last looked (``server._Pacer``)
 
     # ------------------------------------------------------------------ I/O interface
     def receive(self, data: bytes | bytearray | memoryview) -> None:
@@ -938,6 +939,7 @@ class TargetConnection:
         put the answer of any that fails in place of its queued GOOD response (same StatSN)."""
         unit, start, end, pieces, commands, _ = self._gather  # type: ignore[misc]
         self._gather = None
+        self.gathered += len(commands)
         if unit.write_gathered(start, pieces, end - start, len(commands)):
             return
         session = self.session

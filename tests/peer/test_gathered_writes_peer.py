@@ -19,7 +19,7 @@ import subprocess
 import pytest
 
 from tests.conftest import require_tools
-from tests.support.shoal_target import running_shoal_target
+from tests.support.shoal_target import running_shoal_target, shoal_command
 
 pytestmark = pytest.mark.peer
 MiB = 1 << 20
@@ -46,3 +46,22 @@ def test_adjacent_writes_in_flight_land_on_disk_block_by_block(tmp_path):
         assert disk[block * BLOCK:(block + 1) * BLOCK] == bytes([number % 255 + 1]) * BLOCK, block
     written = set(blocks)
     assert all(disk[b * BLOCK:(b + 1) * BLOCK] == bytes(BLOCK) for b in range(400) if b not in written)
+
+
+def test_a_paced_stream_of_writes_lands_whole(tmp_path):
+    """A long sequential stream at depth 32 from ``qemu-img bench``: the connection is alone on the
+    target's loop, so receive pacing (``server._Pacer``) runs its trials (one window waiting after each
+    gathered receive, one not) and decides; every block of the LUN, written over and over, holds the
+    stream's pattern at the end."""
+    require_tools("qemu-img")
+    size = 16 * MiB
+    with running_shoal_target(tmp_path, luns=(("disk", size),), command=shoal_command() + ["-v"]) as target:
+        result = subprocess.run(["qemu-img", "bench", "-f", "raw", "-t", "none", "-w", "--pattern", "0x5a",
+                                 "-c", "60000", "-d", "32", "-s", str(BLOCK), target.url(0)],
+                                capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stdout + result.stderr
+        log = target.log()
+        with open(target.lun_paths[0], "rb") as handle:
+            disk = handle.read()
+    assert "receive pacing " in log, log[-3000:]  # both trial windows ran and a decision was taken
+    assert disk == b"\x5a" * size
