@@ -52,7 +52,7 @@ from node_agent.scsi.device import FileRange
 log = logging.getLogger("shoal.iscsi.server")
 
 _MAX_IOV = 512
-_PLACED_READS = 8
+_PLACED_READS = 8  # receives of directly placed payloads (up to 2 MiB) before the replies are sent
 _CHANNELS_ON_LOOP: collections.Counter = collections.Counter()  # open channels per event loop (``_Pacer``)
 _CHANNELS_MUTEX = threading.Lock()
 _SLACK = threading.local()  # the loop threads whose timer slack ``_pace`` has set
@@ -119,7 +119,7 @@ class _Pacer:
 
 
 def _pace(seconds: float) -> None:
-    """Sleep ``seconds`` (microseconds) on a loop thread, its timer slack set to 1 µs once (the default
+    """Sleep ``seconds`` on a loop thread, its timer slack set to 1 µs once (the default
     50 µs would stretch each wait fourfold)."""
     if not getattr(_SLACK, "set", False):
         _SLACK.set = True
@@ -127,7 +127,9 @@ def _pace(seconds: float) -> None:
             ctypes.CDLL(None, use_errno=True).prctl(29, 1000, 0, 0, 0)  # PR_SET_TIMERSLACK, ns
         except (OSError, AttributeError):  # not Linux: the wait is longer, nothing else changes
             pass
-    time.sleep(seconds)  # receives of directly placed payloads (up to 2 MiB) before the replies are sent
+    time.sleep(seconds)
+
+
 _TICK = 1.0
 
 
