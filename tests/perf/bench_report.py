@@ -78,18 +78,16 @@ def verdict(row: dict, shoal_1m_read_mb_s: float | None = None, tcp_mb_s: float 
         client = row["shoal"]["median"].get("client_cpu_us_per_io")
         notes = []
         if not checks[0][0]:  # what the missed ratio would take, next to what the run could carry
-            if name.startswith("1m-"):
-                if tcp_mb_s:
-                    notes.append(f"one TCP stream over loopback carried {tcp_mb_s:,.0f} MB/s in this run")
-                if client:  # qemu-img bench drives libiscsi from one thread: it cannot issue faster than this
-                    notes.append(f"the client's one thread, at {client:.0f} µs CPU per I/O, could issue at most "
-                                 f"{MiB / client:,.0f} MB/s")  # bytes per µs
-                if notes:  # the goal in MB/s, only beside something to compare it with
-                    notes.insert(0, f"{goal.vs_tgtd:g}x tgtd is {goal.vs_tgtd * med('tgtd', 'mb_per_s'):,.0f} MB/s")
-            elif client:
-                notes.append(f"{goal.vs_tgtd:g}x tgtd is {goal.vs_tgtd * med('tgtd', 'iops'):,.0f} IOPS")
-                notes.append(f"the client's one thread, at {client:.1f} µs CPU per I/O, could issue at most "
-                             f"{1e6 / client:,.0f} IOPS")
+            large = name.startswith("1m-")  # 1 MiB rows in MB/s, the others in IOPS
+            if large and tcp_mb_s:
+                notes.append(f"one TCP stream over loopback carried {tcp_mb_s:,.0f} MB/s in this run")
+            if client:  # qemu-img bench drives libiscsi from one thread: it cannot issue faster than this
+                bound = f"{MiB / client:,.0f} MB/s" if large else f"{1e6 / client:,.0f} IOPS"  # MiB / µs = MB/s
+                notes.append(f"the client's one thread, at {client:.{0 if large else 1}f} µs CPU per I/O, could "
+                             f"issue at most {bound}")
+            if notes:  # the goal, only beside something to compare it with
+                need = goal.vs_tgtd * med("tgtd", "mb_per_s" if large else "iops")
+                notes.insert(0, f"{goal.vs_tgtd:g}x tgtd is {need:,.0f} {'MB/s' if large else 'IOPS'}")
         if goal.cpu_us_per_io is not None and not checks[-1][0] and client:
             iops = med("shoal", "iops")  # CPU per I/O is a share of the machine when both sides are busy
             notes.append(f"target {med('shoal', 'target_cpu_us_per_io') * iops / 1e6:.2f} and client "
